@@ -1,0 +1,150 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* The contract between the datapath program and the agent: map layouts, reason codes and the
+ * skb->cb[] layout used by BPF_PROG_TEST_RUN. nodecryptor/datapath/bpf/abi.py mirrors every
+ * definition here; tests/bpf/test_abi.py proves the two agree. Change both together, and bump
+ * NC_ABI_VERSION when a map layout changes (pins live in a directory named after it). */
+#ifndef NC_ABI_H
+#define NC_ABI_H
+
+#define NC_ABI_VERSION 1
+
+/* Destination value: what the agent knows about a remote prefix. */
+#define NC_KIND_NODE_IP 1
+#define NC_KIND_POD_CIDR 2
+#define NC_DST_F_CONTROL_PLANE (1 << 0) /* the prefix belongs to a control-plane node */
+#define NC_DST_F_UNCOVERED (1 << 1)     /* no WireGuard peer's allowed-IPs cover it */
+
+struct nc_lpm_v4 {
+	__u32 prefixlen; /* LPM trie keys start with the prefix length */
+	__u8 addr[4];    /* network byte order */
+};
+
+struct nc_lpm_v6 {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+struct nc_dst_info {
+	__u8 kind;  /* NC_KIND_* */
+	__u8 flags; /* NC_DST_F_* */
+	__u16 reserved;
+};
+
+/* Exempt ports: one entry per (protocol, port); ranges are expanded by the agent. */
+#define NC_EXEMPT_DPORT (1 << 0) /* towards control-plane nodes */
+#define NC_EXEMPT_SPORT (1 << 1) /* replies from the local control-plane node's own addresses */
+struct nc_port_key {
+	__u8 protocol; /* IPPROTO_TCP / _UDP / _SCTP */
+	__u8 pad;
+	__u16 port;    /* host byte order */
+};
+
+/* Local node addresses: the only sources whose exempt source ports may leave in the clear. */
+struct nc_addr_key {
+	__u8 family; /* 4 or 6 */
+	__u8 pad[3];
+	__u8 addr[16]; /* network byte order; IPv4 uses the first 4 bytes, the rest is zero */
+};
+
+#define NC_FAIL_OPEN 0
+#define NC_FAIL_CLOSED 1
+#define NC_ROLE_WORKER 0
+#define NC_ROLE_CONTROL_PLANE 1
+
+/* The single entry (key 0) of nc_config. A freshly created map is all zero: enabled == 0, so
+ * the program passes everything until the agent has written a complete configuration. */
+struct nc_config {
+	__u32 wg_ifindex;     /* redirect target (cilium_wg0) */
+	__u8 enabled;
+	__u8 local_role;      /* NC_ROLE_* */
+	__u8 fail_mode;       /* NC_FAIL_* */
+	__u8 wg_up;           /* device present and up, as the agent last saw it */
+	__u16 mss_v4;         /* clamp redirected IPv4 TCP SYN/SYN-ACK to this MSS; 0 = no clamp */
+	__u16 mss_v6;
+	__u16 wg_port;        /* WireGuard listen port (host byte order) */
+	__u16 pad0;
+	__u32 wg_mark;        /* (skb->mark & wg_mark_mask) == wg_mark: WireGuard's own output */
+	__u32 wg_mark_mask;
+	__u32 max_packet_v4;  /* redirected non-TCP packets above this are counted as oversize */
+	__u32 max_packet_v6;
+	__u64 agent_alive_ns; /* CLOCK_MONOTONIC (bpf_ktime_get_ns) of the agent's last reconcile */
+};
+
+/* Fragment tracking: a non-first fragment follows its first fragment's verdict. */
+struct nc_frag_key {
+	__u8 family;
+	__u8 protocol;
+	__u16 pad;
+	__u32 id;      /* IPv4 id (16 bit) or IPv6 fragment header id, network byte order */
+	__u8 src[16];
+	__u8 dst[16];
+};
+
+struct nc_frag_val {
+	__u32 reason; /* reason of the first fragment */
+};
+
+struct nc_counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* Reasons: every packet gets exactly one; the verdict follows from the reason
+ * (see NC_REASON_VERDICTS in abi.py). Indices into nc_counters. */
+enum nc_reason {
+	NC_R_DISABLED = 0,        /* pass: no configuration written yet */
+	NC_R_WG_MARK = 1,         /* pass: WireGuard's own (already encrypted) output */
+	NC_R_NOT_IP = 2,          /* pass: neither IPv4 nor IPv6 */
+	NC_R_NOT_CLUSTER = 3,     /* pass: destination is not a remote cluster prefix */
+	NC_R_ND = 4,              /* pass: ICMPv6 router/neighbour discovery (types 133-137) */
+	NC_R_WG_PORT = 5,         /* pass: UDP sport == dport == WireGuard port */
+	NC_R_EXEMPT_DPORT = 6,    /* exempt: to a control-plane node on an exempt port */
+	NC_R_EXEMPT_SPORT = 7,    /* exempt: reply from the local control-plane node's address */
+	NC_R_ENCRYPT = 8,         /* encrypt */
+	NC_R_FRAG_EXEMPT = 9,     /* exempt: non-first fragment of an exempt packet */
+	NC_R_FRAG_ENCRYPT = 10,   /* encrypt: non-first fragment of an encrypted packet */
+	NC_R_FRAG_UNKNOWN = 11,   /* encrypt: non-first fragment, first fragment not seen */
+	NC_R_WG_DOWN_DROP = 12,   /* drop: fail closed, WireGuard device absent or down */
+	NC_R_UNCOVERED_DROP = 13, /* drop: fail closed, no peer covers the destination */
+	NC_R_WG_DOWN_OPEN = 14,   /* pass: fail open, WireGuard device absent or down */
+	NC_R_UNCOVERED_OPEN = 15, /* pass: fail open, no peer covers the destination */
+	NC_R_MALFORMED = 16,      /* encrypt: cluster destination, headers truncated */
+	NC_R_MAX_VERDICT = 17,
+	/* Events: counted in addition to the verdict reason, never written to cb[]. */
+	NC_EV_MSS_CLAMPED = 17,   /* MSS option rewritten on a redirected SYN or SYN-ACK */
+	NC_EV_OVERSIZE = 18,      /* redirected non-TCP packet above max_packet_* */
+	NC_COUNTER_MAX = 19,
+};
+
+/* skb->cb[] as written by the program (read back from ctx_out by test-run). */
+#define NC_CB_MAGIC 0x4e430000 /* "NC" in the high half of cb[0] */
+#define NC_CB_REASON 0         /* cb[0] = NC_CB_MAGIC | reason */
+#define NC_CB_TARGET 1         /* cb[1] = redirect ifindex, 0 when not redirected */
+
+/* Map names as BCC creates and as the agent pins them. */
+#define NC_MAP_DST_V4 nc_dst_v4
+#define NC_MAP_DST_V6 nc_dst_v6
+#define NC_MAP_EXEMPT nc_exempt
+#define NC_MAP_LOCAL nc_local
+#define NC_MAP_CONFIG nc_config_map
+#define NC_MAP_COUNTERS nc_counters
+#define NC_MAP_FRAGS nc_frags
+
+/* Sizes come from the agent as -D cflags; these defaults let the file compile on its own. */
+#ifndef NC_DST_V4_MAX
+#define NC_DST_V4_MAX 65536
+#endif
+#ifndef NC_DST_V6_MAX
+#define NC_DST_V6_MAX 65536
+#endif
+#ifndef NC_EXEMPT_MAX
+#define NC_EXEMPT_MAX 4096
+#endif
+#ifndef NC_LOCAL_MAX
+#define NC_LOCAL_MAX 256
+#endif
+#ifndef NC_FRAGS_MAX
+#define NC_FRAGS_MAX 8192
+#endif
+
+#endif /* NC_ABI_H */

@@ -1,0 +1,137 @@
+"""Extract a NodeInfo from a CiliumNode object (as a JSON-shaped dict), entry by entry.
+
+Malformed input never raises and never discards the valid parts of an object: each invalid
+entry is skipped and reported as a Rejection, which the caller logs and counts.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from .model import NodeInfo
+
+WG_PUBKEY_ANNOTATION = "network.cilium.io/wg-pub-key"
+MAX_ADDRESSES = 64
+"""More addresses than this on one node is absurd; the rest are rejected."""
+MAX_POD_CIDRS = 64
+MAX_LABELS = 512
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """One invalid entry of one object."""
+
+    obj: str
+    field: str
+    value: str
+    why: str
+
+    def __str__(self) -> str:
+        return f"CiliumNode {self.obj!r} {self.field}: {self.why} (value {self.value})"
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def parse_ciliumnode(obj: object) -> tuple[NodeInfo | None, list[Rejection]]:
+    """Return (NodeInfo or None when the object has no usable name, rejections)."""
+    rejections: list[Rejection] = []
+    if not isinstance(obj, dict):
+        return None, [Rejection("?", "object", _short(obj), "not a JSON object")]
+    meta = obj.get("metadata")
+    name = meta.get("name") if isinstance(meta, dict) else None
+    if not isinstance(name, str) or not name or len(name) > 253:
+        return None, [Rejection("?", "metadata.name", _short(name), "missing or not a valid name")]
+
+    def reject(field: str, value: object, why: str) -> None:
+        rejections.append(Rejection(name, field, _short(value), why))
+
+    labels: list[tuple[str, str]] = []
+    raw_labels = meta.get("labels") or {}
+    if isinstance(raw_labels, dict):
+        for i, (k, v) in enumerate(raw_labels.items()):
+            if i >= MAX_LABELS:
+                reject("metadata.labels", len(raw_labels), f"more than {MAX_LABELS} labels")
+                break
+            if isinstance(k, str) and isinstance(v, str):
+                labels.append((k, v))
+            else:
+                reject(f"metadata.labels[{k!r}]", v, "label key and value must be strings")
+    else:
+        reject("metadata.labels", raw_labels, "not a map")
+
+    pubkey = None
+    annotations = meta.get("annotations") or {}
+    if isinstance(annotations, dict):
+        raw_key = annotations.get(WG_PUBKEY_ANNOTATION)
+        if isinstance(raw_key, str) and len(raw_key) == 44:
+            pubkey = raw_key
+        elif raw_key is not None:
+            reject(f"metadata.annotations[{WG_PUBKEY_ANNOTATION}]", raw_key,
+                   "not a base64 WireGuard public key")
+    spec = obj.get("spec")
+    if not isinstance(spec, dict):
+        if spec is not None:
+            reject("spec", spec, "not a map")
+        spec = {}
+
+    addresses = []
+    raw_addresses = spec.get("addresses") or []
+    if not isinstance(raw_addresses, list):
+        reject("spec.addresses", raw_addresses, "not a list")
+        raw_addresses = []
+    for i, entry in enumerate(raw_addresses):
+        field = f"spec.addresses[{i}]"
+        if i >= MAX_ADDRESSES:
+            reject("spec.addresses", len(raw_addresses), f"more than {MAX_ADDRESSES} addresses")
+            break
+        if not isinstance(entry, dict):
+            reject(field, entry, "not a map")
+            continue
+        ip, kind = entry.get("ip"), entry.get("type")
+        if not isinstance(kind, str) or not kind:
+            reject(field + ".type", kind, "missing or not a string")
+            continue
+        try:
+            if not isinstance(ip, str):
+                raise ValueError
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            reject(field + ".ip", ip, "not an IP address")
+            continue
+        if addr.is_unspecified or addr.is_multicast or addr.is_loopback:
+            reject(field + ".ip", ip, "unspecified, loopback or multicast address")
+            continue
+        addresses.append((kind, addr))
+
+    cidrs = []
+    ipam = spec.get("ipam") or {}
+    raw_cidrs = ipam.get("podCIDRs") if isinstance(ipam, dict) else None
+    if raw_cidrs is None:
+        raw_cidrs = []
+    if not isinstance(raw_cidrs, list):
+        reject("spec.ipam.podCIDRs", raw_cidrs, "not a list")
+        raw_cidrs = []
+    for i, text in enumerate(raw_cidrs):
+        field = f"spec.ipam.podCIDRs[{i}]"
+        if i >= MAX_POD_CIDRS:
+            reject("spec.ipam.podCIDRs", len(raw_cidrs), f"more than {MAX_POD_CIDRS} CIDRs")
+            break
+        try:
+            if not isinstance(text, str):
+                raise ValueError
+            net = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            reject(field, text, "not a CIDR")
+            continue
+        if net.prefixlen == 0:
+            reject(field, text, "a default route is not a pod CIDR")
+            continue
+        cidrs.append(net)
+
+    info = NodeInfo(name=name, labels=tuple(sorted(labels)), addresses=tuple(addresses),
+                    pod_cidrs=tuple(cidrs), wg_public_key=pubkey)
+    return info, rejections

@@ -1,0 +1,40 @@
+"""`nodecryptor plan`: compute and print the desired state for a node; changes nothing."""
+
+from __future__ import annotations
+
+from ..policy import compute_plan
+from .common import add_cluster, add_json, print_json, require_node_name, settings_from_args
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plan", help="print what would be encrypted on a node (changes nothing)",
+                       description="List the CiliumNodes once and print the plan for one node: "
+                                   "its role, its own addresses, the remote prefixes that are "
+                                   "encrypted and the exempt ports.")
+    add_cluster(p)
+    add_json(p)
+    p.set_defaults(func=handle)
+
+
+def handle(args) -> int:
+    from .. import k8s  # the only module that imports the kubernetes client
+
+    settings = settings_from_args(args)
+    require_node_name(settings)
+    snapshot, rejections = k8s.snapshot_once(settings)
+    plan = compute_plan(snapshot, settings.node_name, settings)
+    if args.json:
+        print_json(plan.to_json())
+        return 0
+    print(f"node {plan.node} ({plan.role})"
+          + ("" if plan.local_known else "  [no CiliumNode of this name: role assumed worker]"))
+    print("local addresses: " + (", ".join(map(str, plan.local_addresses)) or "-"))
+    print("exempt ports (to and from control-plane nodes): "
+          + (", ".join(map(str, plan.exempt_ports)) or "none"))
+    print(f"{len(plan.destinations)} encrypted destinations:")
+    print(f"  {'PREFIX':<44} {'NODE':<24} {'KIND':<9} CONTROL-PLANE")
+    for d in plan.destinations:
+        print(f"  {str(d.prefix):<44} {d.node:<24} {d.kind:<9} {'yes' if d.control_plane else 'no'}")
+    for rej in rejections:
+        print(f"skipped invalid entry: {rej}")
+    return 0

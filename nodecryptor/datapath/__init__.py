@@ -1,0 +1,1 @@
+"""Datapath backends. The reconcile loop knows only the ``Datapath`` protocol in ``base``."""

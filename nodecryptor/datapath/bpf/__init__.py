@@ -1,0 +1,1 @@
+"""The BPF datapath: a tc program compiled through BCC from bpf/, pinned maps, tcx attach."""

@@ -1,0 +1,220 @@
+"""Python mirror of bpf/include/nc_abi.h: map layouts, reason codes, cb[] layout.
+
+tests/bpf/test_abi.py compares every struct here with what the compiler derives from the C
+header (sizes and offsets), and every constant with its C value.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import enum
+from dataclasses import dataclass
+
+from ..base import VERDICT_DROP, VERDICT_ENCRYPT, VERDICT_EXEMPT, VERDICT_PASS
+
+ABI_VERSION = 1
+
+KIND_NODE_IP = 1
+KIND_POD_CIDR = 2
+DST_F_CONTROL_PLANE = 1 << 0
+DST_F_UNCOVERED = 1 << 1
+EXEMPT_DPORT = 1 << 0
+EXEMPT_SPORT = 1 << 1
+FAIL_OPEN = 0
+FAIL_CLOSED = 1
+ROLE_WORKER = 0
+ROLE_CONTROL_PLANE = 1
+
+CB_MAGIC = 0x4E430000
+CB_REASON = 0
+CB_TARGET = 1
+
+
+class LpmV4(C.Structure):
+    _fields_ = [("prefixlen", C.c_uint32), ("addr", C.c_uint8 * 4)]
+
+
+class LpmV6(C.Structure):
+    _fields_ = [("prefixlen", C.c_uint32), ("addr", C.c_uint8 * 16)]
+
+
+class DstInfo(C.Structure):
+    _fields_ = [("kind", C.c_uint8), ("flags", C.c_uint8), ("reserved", C.c_uint16)]
+
+
+class PortKey(C.Structure):
+    _fields_ = [("protocol", C.c_uint8), ("pad", C.c_uint8), ("port", C.c_uint16)]
+
+
+class AddrKey(C.Structure):
+    _fields_ = [("family", C.c_uint8), ("pad", C.c_uint8 * 3), ("addr", C.c_uint8 * 16)]
+
+
+class Config(C.Structure):
+    _fields_ = [
+        ("wg_ifindex", C.c_uint32),
+        ("enabled", C.c_uint8),
+        ("local_role", C.c_uint8),
+        ("fail_mode", C.c_uint8),
+        ("wg_up", C.c_uint8),
+        ("mss_v4", C.c_uint16),
+        ("mss_v6", C.c_uint16),
+        ("wg_port", C.c_uint16),
+        ("pad0", C.c_uint16),
+        ("wg_mark", C.c_uint32),
+        ("wg_mark_mask", C.c_uint32),
+        ("max_packet_v4", C.c_uint32),
+        ("max_packet_v6", C.c_uint32),
+        ("agent_alive_ns", C.c_uint64),
+    ]
+
+
+class FragKey(C.Structure):
+    _fields_ = [("family", C.c_uint8), ("protocol", C.c_uint8), ("pad", C.c_uint16),
+                ("id", C.c_uint32), ("src", C.c_uint8 * 16), ("dst", C.c_uint8 * 16)]
+
+
+class FragVal(C.Structure):
+    _fields_ = [("reason", C.c_uint32)]
+
+
+class Counter(C.Structure):
+    _fields_ = [("packets", C.c_uint64), ("bytes", C.c_uint64)]
+
+
+class Reason(enum.IntEnum):
+    DISABLED = 0
+    WG_MARK = 1
+    NOT_IP = 2
+    NOT_CLUSTER = 3
+    ND = 4
+    WG_PORT = 5
+    EXEMPT_DPORT = 6
+    EXEMPT_SPORT = 7
+    ENCRYPT = 8
+    FRAG_EXEMPT = 9
+    FRAG_ENCRYPT = 10
+    FRAG_UNKNOWN = 11
+    WG_DOWN_DROP = 12
+    UNCOVERED_DROP = 13
+    WG_DOWN_OPEN = 14
+    UNCOVERED_OPEN = 15
+    MALFORMED = 16
+
+
+MAX_VERDICT = 17
+
+
+class Event(enum.IntEnum):
+    MSS_CLAMPED = 17
+    OVERSIZE = 18
+
+
+COUNTER_MAX = 19
+
+# Reason names as they appear in explain output, metrics labels and bpf dump.
+REASON_NAMES = {
+    Reason.DISABLED: "disabled",
+    Reason.WG_MARK: "wireguard-output",
+    Reason.NOT_IP: "not-ip",
+    Reason.NOT_CLUSTER: "not-cluster-destination",
+    Reason.ND: "ipv6-neighbour-discovery",
+    Reason.WG_PORT: "wireguard-port",
+    Reason.EXEMPT_DPORT: "exempt-control-plane-port",
+    Reason.EXEMPT_SPORT: "exempt-control-plane-reply",
+    Reason.ENCRYPT: "cluster-destination",
+    Reason.FRAG_EXEMPT: "fragment-of-exempt",
+    Reason.FRAG_ENCRYPT: "fragment-of-encrypted",
+    Reason.FRAG_UNKNOWN: "fragment-first-unseen",
+    Reason.WG_DOWN_DROP: "wireguard-down-fail-closed",
+    Reason.UNCOVERED_DROP: "no-peer-covers-fail-closed",
+    Reason.WG_DOWN_OPEN: "wireguard-down-fail-open",
+    Reason.UNCOVERED_OPEN: "no-peer-covers-fail-open",
+    Reason.MALFORMED: "malformed-cluster-packet",
+}
+EVENT_NAMES = {Event.MSS_CLAMPED: "mss-clamped", Event.OVERSIZE: "oversize"}
+
+REASON_VERDICTS = {
+    Reason.DISABLED: VERDICT_PASS,
+    Reason.WG_MARK: VERDICT_PASS,
+    Reason.NOT_IP: VERDICT_PASS,
+    Reason.NOT_CLUSTER: VERDICT_PASS,
+    Reason.ND: VERDICT_PASS,
+    Reason.WG_PORT: VERDICT_PASS,
+    Reason.EXEMPT_DPORT: VERDICT_EXEMPT,
+    Reason.EXEMPT_SPORT: VERDICT_EXEMPT,
+    Reason.ENCRYPT: VERDICT_ENCRYPT,
+    Reason.FRAG_EXEMPT: VERDICT_EXEMPT,
+    Reason.FRAG_ENCRYPT: VERDICT_ENCRYPT,
+    Reason.FRAG_UNKNOWN: VERDICT_ENCRYPT,
+    Reason.WG_DOWN_DROP: VERDICT_DROP,
+    Reason.UNCOVERED_DROP: VERDICT_DROP,
+    Reason.WG_DOWN_OPEN: VERDICT_PASS,
+    Reason.UNCOVERED_OPEN: VERDICT_PASS,
+    Reason.MALFORMED: VERDICT_ENCRYPT,
+}
+
+# tc return codes. TCX_NEXT and TC_ACT_UNSPEC are both -1: "continue with the next program",
+# which is what every pass-through returns so Cilium's own program still runs.
+TC_ACT_UNSPEC = -1
+TCX_NEXT = -1
+TC_ACT_OK = 0
+TC_ACT_SHOT = 2
+TC_ACT_REDIRECT = 7
+
+# bpf_map_type values used here (include/uapi/linux/bpf.h)
+BPF_MAP_TYPE_HASH = 1
+BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_LRU_HASH = 9
+BPF_MAP_TYPE_LPM_TRIE = 11
+BPF_F_NO_PREALLOC = 1
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    """How a map must look; a pinned map that differs in any field is recreated."""
+
+    name: str
+    map_type: int
+    key: type
+    value: type
+    size_setting: str | None  # field of settings.MapSizes; None = fixed size below
+    fixed_entries: int = 0
+    flags: int = 0
+
+    @property
+    def key_size(self) -> int:
+        return C.sizeof(self.key)
+
+    @property
+    def value_size(self) -> int:
+        return C.sizeof(self.value)
+
+    def max_entries(self, sizes) -> int:
+        return getattr(sizes, self.size_setting) if self.size_setting else self.fixed_entries
+
+
+MAP_SPECS = (
+    MapSpec("nc_dst_v4", BPF_MAP_TYPE_LPM_TRIE, LpmV4, DstInfo, "destinations_v4",
+            flags=BPF_F_NO_PREALLOC),
+    MapSpec("nc_dst_v6", BPF_MAP_TYPE_LPM_TRIE, LpmV6, DstInfo, "destinations_v6",
+            flags=BPF_F_NO_PREALLOC),
+    MapSpec("nc_exempt", BPF_MAP_TYPE_HASH, PortKey, C.c_uint32, "exempt_ports"),
+    MapSpec("nc_local", BPF_MAP_TYPE_HASH, AddrKey, C.c_uint32, "local_addresses"),
+    MapSpec("nc_config_map", BPF_MAP_TYPE_ARRAY, C.c_uint32, Config, None, fixed_entries=1),
+    MapSpec("nc_counters", BPF_MAP_TYPE_PERCPU_ARRAY, C.c_uint32, Counter, None,
+            fixed_entries=COUNTER_MAX),
+    MapSpec("nc_frags", BPF_MAP_TYPE_LRU_HASH, FragKey, FragVal, "fragments"),
+)
+MAPS_BY_NAME = {m.name: m for m in MAP_SPECS}
+
+
+def pin_dir(bpffs: str) -> str:
+    """Versioned pin directory: a layout change gets a fresh directory instead of reusing
+    maps of the wrong shape."""
+    return f"{bpffs.rstrip('/')}/nodecryptor/v{ABI_VERSION}"
+
+
+def nodecryptor_root(bpffs: str) -> str:
+    return f"{bpffs.rstrip('/')}/nodecryptor"

@@ -1,0 +1,137 @@
+"""Plain, immutable data passed between the layers: what the Kubernetes sync extracted from
+CiliumNodes, what the policy decided, and what the runtime observed about WireGuard. No I/O."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Union
+
+from .ports import PortRange
+
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+ROLE_WORKER = "worker"
+ROLE_CONTROL_PLANE = "control-plane"
+KIND_NODE_IP = "node-ip"
+KIND_POD_CIDR = "pod-cidr"
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """The part of a CiliumNode the policy needs; never the whole object."""
+
+    name: str
+    labels: tuple[tuple[str, str], ...] = ()
+    addresses: tuple[tuple[str, IPAddress], ...] = ()
+    """(type, address) pairs from spec.addresses, e.g. ("InternalIP", 192.168.50.21)."""
+    pod_cidrs: tuple[IPNetwork, ...] = ()
+    wg_public_key: str | None = None
+
+    def label_map(self) -> dict[str, str]:
+        return dict(self.labels)
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A remote prefix whose traffic is encrypted."""
+
+    prefix: IPNetwork
+    node: str
+    kind: str  # KIND_NODE_IP | KIND_POD_CIDR
+    control_plane: bool
+
+    def sort_key(self):
+        return (self.prefix.version, self.prefix.network_address, self.prefix.prefixlen,
+                self.node, self.kind)
+
+    def to_json(self) -> dict:
+        return {"prefix": str(self.prefix), "node": self.node, "kind": self.kind,
+                "control_plane": self.control_plane}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Cluster-level decision for one node: what to encrypt and what to exempt."""
+
+    node: str
+    role: str
+    local_addresses: tuple[IPAddress, ...]
+    destinations: tuple[Destination, ...]
+    exempt_ports: tuple[PortRange, ...]
+    local_known: bool = True
+    """False when the local node's CiliumNode is not (yet) in the snapshot."""
+
+    def to_json(self) -> dict:
+        return {
+            "node": self.node,
+            "role": self.role,
+            "local_addresses": [str(a) for a in self.local_addresses],
+            "destinations": [d.to_json() for d in self.destinations],
+            "exempt_ports": [p.to_json() for p in self.exempt_ports],
+        }
+
+
+@dataclass(frozen=True)
+class WgPeer:
+    public_key: str
+    allowed_ips: tuple[IPNetwork, ...] = ()
+    endpoint: str | None = None
+    last_handshake: float | None = None
+    """Seconds since the epoch, None when there never was a handshake."""
+
+
+@dataclass(frozen=True)
+class WgState:
+    """What nodecryptor saw of the WireGuard device."""
+
+    ifname: str
+    ifindex: int = 0
+    present: bool = False
+    up: bool = False
+    mtu: int = 0
+    listen_port: int = 0
+    fwmark: int = 0
+    peers: tuple[WgPeer, ...] | None = None
+    """None when the peers could not be read (coverage is then unknown, not empty)."""
+    error: str | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self.present and self.up and self.ifindex > 0
+
+
+@dataclass(frozen=True)
+class Device:
+    """An underlay device nodecryptor attaches to."""
+
+    name: str
+    ifindex: int
+    mtu: int
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    """Everything a datapath backend needs to realise, derived purely from a Plan plus runtime
+    facts. Backends must make the kernel match this exactly (update, then prune)."""
+
+    plan: Plan
+    wg: WgState
+    devices: tuple[Device, ...]
+    fail_mode: str
+    enabled: bool
+    uncovered: frozenset[IPNetwork] = frozenset()
+    """Destinations no WireGuard peer's allowed-IPs cover."""
+    mss_v4: int = 0
+    mss_v6: int = 0
+    max_packet_v4: int = 0
+    """Largest inner IPv4 packet that crosses WireGuard without outer fragmentation."""
+    max_packet_v6: int = 0
+    wg_mark: int = 0x0E00
+    wg_mark_mask: int = 0x0F00
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def destinations(self) -> tuple[Destination, ...]:
+        return self.plan.destinations

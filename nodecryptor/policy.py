@@ -1,0 +1,157 @@
+"""The pure policy: which traffic of this node is encrypted, exempt, or left alone.
+
+``compute_plan`` turns a snapshot of the cluster (NodeInfo by name), the local node's name and
+the settings into a Plan. ``compute_desired`` adds what the runtime observed (the WireGuard
+device, the underlay devices) and derives the values the datapath needs: which destinations no
+peer covers, the TCP MSS to clamp to, the largest packet that crosses WireGuard unfragmented.
+Nothing here performs I/O; reading this module tells exactly what gets encrypted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+
+from .model import (KIND_NODE_IP, KIND_POD_CIDR, ROLE_CONTROL_PLANE, ROLE_WORKER, Destination,
+                    DesiredState, Device, IPNetwork, NodeInfo, Plan, WgState)
+from .settings import Settings
+
+# WireGuard's overhead on the wire: outer IP header + UDP (8) + WireGuard data header (16) +
+# Poly1305 tag (16). IPv4 outer = 20 + 8 + 32 = 60, IPv6 outer = 40 + 8 + 32 = 80.
+WG_OVERHEAD_V4_OUTER = 60
+WG_OVERHEAD_V6_OUTER = 80
+# WireGuard pads the plaintext up to a multiple of 16 bytes (bounded by the device MTU), so a
+# packet can grow by up to 15 bytes before encryption.
+WG_PADDING_SLACK = 15
+TCP_IPV4_HEADERS = 40  # IPv4 (20) + TCP (20)
+TCP_IPV6_HEADERS = 60  # IPv6 (40) + TCP (20)
+DEFAULT_WG_MARK = 0x0E00
+DEFAULT_WG_MARK_MASK = 0x0F00
+
+
+def is_control_plane(node: NodeInfo, selector_labels: Iterable[str]) -> bool:
+    """Control-plane when any selector label is present, whatever its value: kubeadm sets
+    ``node-role.kubernetes.io/control-plane=""``, k3s sets ``"true"``."""
+    labels = node.label_map()
+    return any(label in labels for label in selector_labels)
+
+
+def node_addresses(node: NodeInfo, address_types: Iterable[str]):
+    wanted = set(address_types)
+    seen = []
+    for kind, addr in node.addresses:
+        if kind in wanted and addr not in seen:
+            seen.append(addr)
+    return seen
+
+
+def compute_plan(snapshot: Mapping[str, NodeInfo], node_name: str, settings: Settings) -> Plan:
+    """Decide, for the node ``node_name``, which remote prefixes are encrypted."""
+    local = snapshot.get(node_name)
+    role = ROLE_WORKER
+    local_addresses: tuple = ()
+    if local is not None:
+        if is_control_plane(local, settings.control_plane_labels):
+            role = ROLE_CONTROL_PLANE
+        local_addresses = tuple(sorted(node_addresses(local, settings.address_types),
+                                       key=lambda a: (a.version, a)))
+    own_prefixes: set[IPNetwork] = {ipaddress.ip_network(a) for a in local_addresses}
+    if local is not None:
+        own_prefixes.update(local.pod_cidrs)
+
+    # prefix -> list of (node, kind, control_plane) claims
+    claims: dict[IPNetwork, list[tuple[str, str, bool]]] = {}
+    for name in sorted(snapshot):
+        if name == node_name:
+            continue
+        node = snapshot[name]
+        cp = is_control_plane(node, settings.control_plane_labels)
+        for addr in node_addresses(node, settings.address_types):
+            prefix = ipaddress.ip_network(addr)
+            claims.setdefault(prefix, []).append((name, KIND_NODE_IP, cp))
+        for cidr in node.pod_cidrs:
+            claims.setdefault(cidr, []).append((name, KIND_POD_CIDR, cp))
+
+    destinations = []
+    for prefix, owners in claims.items():
+        if prefix in own_prefixes:
+            # The local node's own address or pod CIDR (e.g. reused by a stale object) is
+            # never a remote destination.
+            continue
+        # Two nodes claiming one prefix is a transient state (an address moved). Exempting is
+        # the direction that can leak, so the prefix counts as control-plane only when every
+        # claimant is control-plane; a node address claim wins over a pod CIDR claim.
+        kind = KIND_NODE_IP if any(k == KIND_NODE_IP for _, k, _ in owners) else KIND_POD_CIDR
+        destinations.append(Destination(prefix=prefix, node=owners[0][0], kind=kind,
+                                        control_plane=all(cp for _, _, cp in owners)))
+    destinations.sort(key=Destination.sort_key)
+    return Plan(node=node_name, role=role, local_addresses=local_addresses,
+                destinations=tuple(destinations), exempt_ports=settings.exempt_ports,
+                local_known=local is not None)
+
+
+def uncovered_destinations(destinations: Iterable[Destination],
+                           wg: WgState) -> frozenset[IPNetwork]:
+    """Destinations that no peer's allowed-IPs contain. WireGuard drops (with ICMP
+    unreachable) what it cannot route to a peer, so these need the fail mode's treatment.
+    Unknown peers (None) mean unknown coverage: nothing is reported uncovered."""
+    if wg.peers is None:
+        return frozenset()
+    allowed: dict[int, set[IPNetwork]] = {4: set(), 6: set()}
+    for peer in wg.peers:
+        for net in peer.allowed_ips:
+            allowed[net.version].add(net)
+    lengths = {v: sorted({n.prefixlen for n in nets}, reverse=True) for v, nets in allowed.items()}
+    uncovered = set()
+    for dest in destinations:
+        prefix = dest.prefix
+        covered = any(plen <= prefix.prefixlen and prefix.supernet(new_prefix=plen) in
+                      allowed[prefix.version] for plen in lengths[prefix.version])
+        if not covered:
+            uncovered.add(prefix)
+    return frozenset(uncovered)
+
+
+def effective_wg_payload(wg_mtu: int, underlay_mtu: int, ipv6_outer: bool) -> int:
+    """Largest inner packet that leaves as one unfragmented WireGuard packet."""
+    outer = WG_OVERHEAD_V6_OUTER if ipv6_outer else WG_OVERHEAD_V4_OUTER
+    limit = underlay_mtu - outer - WG_PADDING_SLACK
+    return max(0, min(wg_mtu, limit) if wg_mtu > 0 else limit)
+
+
+def peers_use_ipv6(wg: WgState, plan: Plan) -> bool:
+    endpoints = [p.endpoint for p in (wg.peers or ()) if p.endpoint]
+    if endpoints:
+        return any(e.startswith("[") or e.count(":") > 1 for e in endpoints)
+    return bool(plan.local_addresses) and all(a.version == 6 for a in plan.local_addresses)
+
+
+def wg_mark_match(fwmark: int) -> tuple[int, int]:
+    """(value, mask) that identifies WireGuard's own encrypted packets. Cilium marks them
+    0x1E00 (1.13-1.17) or 0x0E00 (1.18+); masking with 0x0F00 covers both. A device with
+    another mark gets an exact match on that mark."""
+    if fwmark == 0 or (fwmark & DEFAULT_WG_MARK_MASK) == DEFAULT_WG_MARK:
+        return DEFAULT_WG_MARK, DEFAULT_WG_MARK_MASK
+    return fwmark, 0xFFFFFFFF
+
+
+def compute_desired(plan: Plan, wg: WgState, devices: Iterable[Device],
+                    settings: Settings) -> DesiredState:
+    devices = tuple(sorted(devices, key=lambda d: d.name))
+    underlay_mtu = min((d.mtu for d in devices if d.mtu > 0), default=1500)
+    payload = effective_wg_payload(wg.mtu, underlay_mtu, peers_use_ipv6(wg, plan))
+    mark, mask = wg_mark_match(wg.fwmark)
+    return DesiredState(
+        plan=plan,
+        wg=wg,
+        devices=devices,
+        fail_mode=settings.fail_mode,
+        enabled=True,
+        uncovered=uncovered_destinations(plan.destinations, wg),
+        mss_v4=max(0, payload - TCP_IPV4_HEADERS),
+        mss_v6=max(0, payload - TCP_IPV6_HEADERS),
+        max_packet_v4=payload,
+        max_packet_v6=payload,
+        wg_mark=mark,
+        wg_mark_mask=mask,
+    )

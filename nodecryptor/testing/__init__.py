@@ -1,0 +1,1 @@
+"""Test support shipped with the package because the lab reuses it (fake API server, netns)."""

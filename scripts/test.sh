@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Every test suite. Privileged and BPF tests run here too: on CI (CI=true) a missing kernel
+# feature fails them instead of skipping (see tests/conftest.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+.venv/bin/python -m pytest -q tests "$@"
