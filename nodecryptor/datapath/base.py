@@ -88,3 +88,36 @@ class FakeDatapath:
     def cleanup(self) -> None:
         self.cleaned = True
         self.current = None
+
+
+@dataclass(frozen=True)
+class PacketQuery:
+    """A packet described by an operator (``nodecryptor explain``) or a test case. Both
+    datapaths answer it with the same verdict words; see ``Explanation``."""
+
+    dst: str
+    src: str | None = None
+    """None: the local address the kernel would pick for ``dst``."""
+    proto: str = "tcp"  # tcp | udp | sctp | icmp | icmpv6
+    sport: int = 40000
+    dport: int = 80
+    mark: int = 0
+    device: str | None = None
+    """Underlay device the packet leaves through; None: the one the route to ``dst`` uses."""
+    icmp_type: int = 8
+    tcp_flags: str = "S"  # letters of SYN/ACK/FIN/RST/PSH, as in tcpdump
+
+
+@dataclass(frozen=True)
+class Explanation:
+    verdict: str  # VERDICT_*
+    reason: str
+    datapath: str  # "bpf" | "iprule"
+    device: str | None
+    details: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        out = {"verdict": self.verdict, "reason": self.reason, "datapath": self.datapath,
+               "device": self.device}
+        out.update(self.details)
+        return out
