@@ -1,0 +1,197 @@
+"""The reconcile loop: read inputs, decide (pure policy), act (one datapath call).
+
+Each pass takes a snapshot of the store, reads the WireGuard device and the underlay devices,
+computes the desired state and hands it to the datapath, which makes the kernel match it
+idempotently. Passes run when something changed (debounced), periodically to repair drift, and
+with exponential backoff after a failure. Nothing is applied before the first complete list of
+CiliumNodes; after that an unreachable API server leaves the last known state in force — the
+loop never removes protection because the API is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from . import devices as devices_mod
+from . import wireguard
+from .datapath.base import Datapath
+from .errors import DatapathError
+from .log import kv
+from .metrics import Metrics
+from .model import ROLE_CONTROL_PLANE, DesiredState, WgState
+from .policy import compute_desired, compute_plan, is_control_plane
+from .settings import Settings
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
+
+
+def read_rp_filter(ifname: str) -> dict[str, int | None]:
+    out: dict[str, int | None] = {}
+    for name in ("all", ifname):
+        try:
+            with open(f"/proc/sys/net/ipv4/conf/{name}/rp_filter") as f:
+                out[name] = int(f.read().strip())
+        except (OSError, ValueError):
+            out[name] = None
+    return out
+
+
+@dataclass
+class PassResult:
+    ok: bool
+    desired: DesiredState | None = None
+    error: str | None = None
+
+
+class Reconciler:
+    def __init__(self, settings: Settings, store: Store, datapath: Datapath,
+                 metrics: Metrics | None = None, *,
+                 read_wg: Callable[[str], WgState] = wireguard.read_state,
+                 resolve_devices: Callable = devices_mod.resolve,
+                 read_sysctl: Callable[[str], dict] = read_rp_filter,
+                 clock: Callable[[], float] = time.monotonic):
+        self.settings = settings
+        self.store = store
+        self.datapath = datapath
+        self.metrics = metrics
+        self._read_wg = read_wg
+        self._resolve_devices = resolve_devices
+        self._read_sysctl = read_sysctl
+        self._clock = clock
+        self.heartbeat: float = clock()
+        """Monotonic time of the last completed pass (successful or not): liveness."""
+        self.applied_once = False
+        self.last_error: str | None = None
+        self.last_desired: DesiredState | None = None
+        self.rp_filter_problem: str | None = None
+        self.failures = 0
+        self._last_uncovered = -1
+
+    # ---- one pass --------------------------------------------------------------------------
+    def reconcile_once(self) -> PassResult:
+        if not self.store.synced.is_set():
+            self.heartbeat = self._clock()
+            return PassResult(ok=False, error="waiting for the first list of CiliumNodes")
+        started = time.perf_counter()
+        try:
+            desired = self._desired()
+            self.datapath.apply(desired)
+        except (DatapathError, OSError) as e:
+            return self._failed(str(e), started)
+        except Exception as e:  # a bug must not kill the loop; it is logged with its trace
+            log.exception("reconcile pass failed unexpectedly")
+            return self._failed(f"{type(e).__name__}: {e}", started)
+        self.last_desired = desired
+        self.applied_once = True
+        self.last_error = None
+        self.failures = 0
+        self._record(desired, time.perf_counter() - started, ok=True)
+        return PassResult(ok=True, desired=desired)
+
+    def _desired(self) -> DesiredState:
+        snapshot = self.store.snapshot()
+        plan = compute_plan(snapshot, self.settings.node_name, self.settings)
+        if not plan.local_known:
+            log.warning("local node has no CiliumNode; treating it as a worker",
+                        extra=kv(node=self.settings.node_name))
+        wg = self._read_wg(self.settings.wg_interface)
+        node_addresses = [d.prefix.network_address for d in plan.destinations
+                          if d.kind == "node-ip"]
+        devices, _problems = self._resolve_devices(self.settings.devices, node_addresses,
+                                                   self.settings.wg_interface)
+        rp = self._read_sysctl(self.settings.wg_interface)
+        bad = {k: v for k, v in rp.items() if v not in (0, None)}
+        self.rp_filter_problem = (
+            "rp_filter must be 0 on 'all' and on the WireGuard device (decrypted packets arrive "
+            f"on a device without an IPv4 address): {bad}") if bad else None
+        desired = compute_desired(plan, wg, devices, self.settings)
+        if self.metrics:
+            self._export_inputs(snapshot, desired)
+        return desired
+
+    def _failed(self, error: str, started: float) -> PassResult:
+        self.failures += 1
+        self.last_error = error
+        log.error("reconcile failed; will retry", extra=kv(error=error, attempt=self.failures))
+        self._record(None, time.perf_counter() - started, ok=False)
+        return PassResult(ok=False, error=error)
+
+    def _record(self, desired: DesiredState | None, seconds: float, ok: bool) -> None:
+        self.heartbeat = self._clock()
+        if not self.metrics:
+            return
+        self.metrics.reconciles.labels(result="ok" if ok else "error").inc()
+        self.metrics.reconcile_duration.observe(seconds)
+        if ok:
+            self.metrics.last_apply.set(time.time())
+
+    def _export_inputs(self, snapshot, desired: DesiredState) -> None:
+        m = self.metrics
+        cp = sum(1 for n in snapshot.values()
+                 if is_control_plane(n, self.settings.control_plane_labels))
+        m.nodes.labels(role=ROLE_CONTROL_PLANE).set(cp)
+        m.nodes.labels(role="worker").set(len(snapshot) - cp)
+        counts = {(k, f): 0 for k in ("node-ip", "pod-cidr") for f in ("ipv4", "ipv6")}
+        for d in desired.destinations:
+            counts[(d.kind, f"ipv{d.prefix.version}")] += 1
+        for (kind, family), n in counts.items():
+            m.destinations.labels(kind=kind, family=family).set(n)
+        m.wg_up.set(1 if desired.wg.usable else 0)
+        m.wg_peers.set(len(desired.wg.peers or ()))
+        m.uncovered.set(len(desired.uncovered))
+        if len(desired.uncovered) != self._last_uncovered:
+            self._last_uncovered = len(desired.uncovered)
+            if desired.uncovered:
+                log.warning("destinations not covered by any WireGuard peer",
+                            extra=kv(count=len(desired.uncovered), fail_mode=desired.fail_mode,
+                                     sample=", ".join(sorted(map(str, desired.uncovered))[:5])))
+
+    # ---- the loop --------------------------------------------------------------------------
+    def run(self, stop: threading.Event, wake: threading.Event) -> None:
+        """Run passes until ``stop``. ``wake`` is set by the store and the link watcher."""
+        next_periodic = self._clock()
+        while not stop.is_set():
+            wake.clear()
+            result = self.reconcile_once()
+            if result.ok or not self.store.synced.is_set():
+                delay = self.settings.reconcile_seconds if result.ok else 0.2
+            else:
+                delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.failures - 1))
+                delay *= random.uniform(0.8, 1.2)
+            next_periodic = self._clock() + delay
+            while not stop.is_set():
+                remaining = next_periodic - self._clock()
+                if remaining <= 0:
+                    break
+                if wake.wait(min(remaining, 1.0)):
+                    # Debounce: let a burst of events settle, then reconcile once.
+                    stop.wait(self.settings.debounce_seconds)
+                    break
+
+    # ---- health ----------------------------------------------------------------------------
+    def alive(self, now: float | None = None) -> tuple[bool, str]:
+        age = (now if now is not None else self._clock()) - self.heartbeat
+        if age > self.settings.heartbeat_stale_seconds:
+            return False, f"no reconcile pass for {age:.0f}s"
+        return True, f"last pass {age:.1f}s ago"
+
+    def ready(self) -> tuple[bool, str]:
+        if not self.store.synced.is_set():
+            return False, "waiting for the first list of CiliumNodes"
+        if not self.applied_once:
+            return False, f"desired state not applied yet: {self.last_error or 'pending'}"
+        obs = self.datapath.observe()
+        if not obs.ready:
+            return False, f"datapath {obs.datapath} not ready: {obs.reason}"
+        if self.rp_filter_problem:
+            return False, self.rp_filter_problem
+        return True, "synced, applied and attached"
