@@ -17,10 +17,10 @@ def register(sub) -> None:
 
 
 def handle(args) -> int:
-    from .. import k8s  # the only module that imports the kubernetes client
-
     settings = settings_from_args(args)
     require_node_name(settings)
+    from .. import k8s  # the only module that imports the kubernetes client; loaded on use
+
     snapshot, rejections = k8s.snapshot_once(settings)
     plan = compute_plan(snapshot, settings.node_name, settings)
     if args.json:

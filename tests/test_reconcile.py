@@ -1,0 +1,135 @@
+"""The reconcile loop against the in-memory datapath: idempotency, retries, prune, outages."""
+
+import threading
+import time
+
+from nodecryptor.ciliumnode import parse_ciliumnode
+from nodecryptor.datapath.base import FakeDatapath
+from nodecryptor.metrics import Metrics
+from nodecryptor.model import Device, WgPeer, WgState
+from nodecryptor.reconcile import Reconciler
+from nodecryptor.settings import Settings
+from nodecryptor.store import Store
+from tests.cilium_objects import KUBEADM_CP, W1, W2, ciliumnode
+
+
+def info(obj):
+    return parse_ciliumnode(obj)[0]
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def make(datapath=None, wg=None, rp=None, settings=None):
+    store = Store()
+    wg_state = wg or WgState(ifname="cilium_wg0", ifindex=9, present=True, up=True, mtu=1420,
+                             listen_port=51871, fwmark=0xE00, peers=())
+    clock = Clock()
+    rec = Reconciler(settings or Settings(node_name="w1", reconcile_seconds=0.05,
+                                          debounce_seconds=0.01),
+                     store, datapath or FakeDatapath(), Metrics(),
+                     read_wg=lambda name: wg_state,
+                     resolve_devices=lambda names, addrs, exclude: ((Device("eth0", 2, 1500),), []),
+                     read_sysctl=lambda name: rp or {"all": 0, name: 0}, clock=clock)
+    return store, rec, clock
+
+
+def test_nothing_is_applied_before_the_first_full_list():
+    store, rec, _ = make()
+    store.upsert(info(W1))  # a watch event alone is not a complete picture
+    assert not rec.reconcile_once().ok
+    assert rec.datapath.apply_calls == 0
+    assert rec.ready() == (False, "waiting for the first list of CiliumNodes")
+
+
+def test_apply_is_idempotent_and_follows_changes():
+    store, rec, _ = make()
+    store.replace_all([info(KUBEADM_CP), info(W1), info(W2)])
+    assert rec.reconcile_once().ok and rec.reconcile_once().ok
+    dp = rec.datapath
+    assert dp.apply_calls == 2 and len(dp.applied) == 1  # same desired state twice
+    assert {d.node for d in dp.current.destinations} == {"cp1", "w2"}
+    store.delete("w2")  # prune: w2's prefixes leave the desired state
+    assert rec.reconcile_once().ok
+    assert {d.node for d in dp.current.destinations} == {"cp1"}
+    assert rec.ready() == (True, "synced, applied and attached")
+
+
+def test_failures_are_retried_and_reported():
+    store, rec, _ = make(datapath=FakeDatapath(fail_times=2))
+    store.replace_all([info(W1), info(W2)])
+    assert not rec.reconcile_once().ok
+    assert rec.failures == 1 and "injected failure" in rec.last_error
+    assert rec.ready()[0] is False
+    assert not rec.reconcile_once().ok and rec.failures == 2
+    assert rec.reconcile_once().ok and rec.failures == 0
+    m = rec.metrics.registry
+    assert m.get_sample_value("nodecryptor_reconciles_total", {"result": "error"}) == 2
+    assert m.get_sample_value("nodecryptor_reconciles_total", {"result": "ok"}) == 1
+
+
+def test_api_outage_keeps_the_last_state():
+    """The sync never clears the store on errors; the loop keeps applying the same state."""
+    store, rec, _ = make()
+    store.replace_all([info(KUBEADM_CP), info(W1), info(W2)])
+    rec.reconcile_once()
+    before = rec.datapath.current
+    for _ in range(3):  # API unreachable: no store updates arrive
+        assert rec.reconcile_once().ok
+    assert rec.datapath.current == before and len(before.destinations) == 8
+
+
+def test_liveness_tracks_the_heartbeat():
+    store, rec, clock = make()
+    store.replace_all([info(W1)])
+    rec.reconcile_once()
+    assert rec.alive()[0]
+    clock.now += rec.settings.heartbeat_stale_seconds + 1
+    ok, why = rec.alive()
+    assert not ok and "no reconcile pass" in why
+
+
+def test_rp_filter_makes_the_node_not_ready():
+    store, rec, _ = make(rp={"all": 1, "cilium_wg0": 0})
+    store.replace_all([info(W1), info(W2)])
+    assert rec.reconcile_once().ok
+    ok, why = rec.ready()
+    assert not ok and "rp_filter" in why
+
+
+def test_uncovered_destinations_are_counted():
+    peers = (WgPeer("k", tuple()),)
+    wg = WgState(ifname="cilium_wg0", ifindex=9, present=True, up=True, mtu=1420,
+                 listen_port=51871, fwmark=0xE00, peers=peers)
+    store, rec, _ = make(wg=wg)
+    store.replace_all([info(W1), info(W2)])
+    rec.reconcile_once()
+    assert rec.metrics.registry.get_sample_value("nodecryptor_uncovered_destinations") == 4
+    assert len(rec.datapath.current.uncovered) == 4
+
+
+def test_loop_reacts_to_changes_and_stops():
+    store, rec, _ = make()
+    rec._clock = time.monotonic
+    store.replace_all([info(W1)])
+    stop = threading.Event()
+    t = threading.Thread(target=rec.run, args=(stop, store.changed))
+    t.start()
+    try:
+        deadline = time.monotonic() + 5
+        store.upsert(info(ciliumnode("w7", "192.168.50.27", None, ["10.244.7.0/24"])))
+        while time.monotonic() < deadline:
+            cur = rec.datapath.current
+            if cur and any(d.node == "w7" for d in cur.destinations):
+                break
+            stop.wait(0.02)
+        assert any(d.node == "w7" for d in rec.datapath.current.destinations)
+    finally:
+        stop.set()
+        t.join(5)
+    assert not t.is_alive()
