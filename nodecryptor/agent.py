@@ -56,8 +56,15 @@ def run_agent(settings: Settings, stop: threading.Event | None = None) -> int:
         signal.signal(signal.SIGINT, on_signal)
 
     sync = CiliumNodeSync(settings, store, metrics)
-    watcher = LinkWatcher(store.changed, names=lambda: {settings.wg_interface,
-                                                          *(settings.devices or ())} or None)
+
+    def watched_links() -> set[str]:
+        # The WireGuard device plus whatever underlay devices the last pass attached to
+        # (detected ones included), so a re-created device triggers a re-attach.
+        last = reconciler.last_desired
+        return {settings.wg_interface, *settings.devices,
+                *(d.name for d in (last.devices if last else ()))}
+
+    watcher = LinkWatcher(store.changed, names=watched_links)
     threads = [threading.Thread(target=sync.run, args=(stop,), name="k8s-sync", daemon=True),
                threading.Thread(target=watcher.run, args=(stop,), name="netwatch", daemon=True)]
     for t in threads:
