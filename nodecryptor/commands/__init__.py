@@ -8,4 +8,8 @@ Add a command by creating its module and naming it here.
 COMMANDS = (
     "run",
     "plan",
+    "status",
+    "explain",
+    "cleanup",
+    "bpf",
 )

@@ -1,0 +1,96 @@
+"""`nodecryptor explain`: what the installed datapath does with one packet.
+
+With the BPF datapath the live attached program itself runs on a crafted packet
+(BPF_PROG_TEST_RUN), so the answer is the program's, not a re-implementation's.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from ..datapath.base import PacketQuery
+from ..errors import SettingsError
+from .common import add_bpffs, add_json, print_json, settings_from_args
+from .status import active_inspector
+
+PROTOCOLS = ("tcp", "udp", "sctp", "icmp", "icmpv6")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("explain", help="say whether a packet would be encrypted, and why",
+                       description="Describe a packet leaving this node and print the verdict "
+                                   "(encrypt, exempt, pass, drop) and the reason, as the "
+                                   "installed datapath decides it.",
+                       epilog="example: nodecryptor explain --dst 10.244.2.7 --dport 80 --json")
+    p.add_argument("--dst", required=True, metavar="IP", help="destination address")
+    p.add_argument("--src", default=None, metavar="IP",
+                   help="source address (default: the one the kernel picks for --dst)")
+    p.add_argument("--proto", default="tcp", metavar="PROTO",
+                   help="tcp, udp, sctp, icmp or icmpv6 (default: %(default)s)")
+    p.add_argument("--sport", default="40000", metavar="N", help="source port (default: 40000)")
+    p.add_argument("--dport", default="80", metavar="N", help="destination port (default: 80)")
+    p.add_argument("--mark", default="0", metavar="0xNNN", help="skb mark (default: 0)")
+    p.add_argument("--device", default=None, metavar="DEV",
+                   help="underlay device (default: the one the route to --dst uses)")
+    add_bpffs(p)
+    add_json(p)
+    p.set_defaults(func=handle)
+
+
+def _ip(flag: str, text: str):
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        raise SettingsError(flag, text, "not an IPv4 or IPv6 address") from None
+
+
+def _port(flag: str, text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise SettingsError(flag, text, "expected a port from 0 to 65535")
+    return int(text)
+
+
+def query_from_args(args) -> PacketQuery:
+    dst = _ip("--dst", args.dst)
+    src = _ip("--src", args.src) if args.src is not None else None
+    if src is not None and src.version != dst.version:
+        raise SettingsError("--src", args.src, f"not the address family of --dst {args.dst}")
+    proto = args.proto.lower()
+    if proto not in PROTOCOLS:
+        raise SettingsError("--proto", args.proto, "expected one of " + ", ".join(PROTOCOLS))
+    if (proto == "icmp" and dst.version == 6) or (proto == "icmpv6" and dst.version == 4):
+        raise SettingsError("--proto", args.proto, f"does not match the family of {args.dst}")
+    try:
+        mark = int(args.mark, 0)
+    except ValueError:
+        raise SettingsError("--mark", args.mark, "expected a number such as 0xe00") from None
+    if not 0 <= mark <= 0xFFFFFFFF:
+        raise SettingsError("--mark", args.mark, "must fit in 32 bits")
+    if args.device is not None and (not args.device or len(args.device) > 15
+                                    or "/" in args.device):
+        raise SettingsError("--device", args.device, "not a device name")
+    return PacketQuery(dst=str(dst), src=str(src) if src else None, proto=proto,
+                       sport=_port("--sport", args.sport), dport=_port("--dport", args.dport),
+                       mark=mark, device=args.device)
+
+
+def handle(args) -> int:
+    query = query_from_args(args)
+    settings = settings_from_args(args)
+    _, module = active_inspector(settings)
+    try:
+        explanation = module.explain(settings, query)
+    except LookupError as e:
+        raise SettingsError("--dst", args.dst, str(e)) from None
+    if args.json:
+        print_json(explanation.to_json())
+        return 0
+    d = explanation.details
+    print(f"{explanation.verdict}: {explanation.reason}")
+    print(f"  {d.get('src', query.src)} -> {query.dst} {query.proto} "
+          f"sport {query.sport} dport {query.dport} mark 0x{query.mark:x}")
+    print(f"  datapath {explanation.datapath}, device {explanation.device}"
+          + (f", program {d['prog_id']}" if d.get("prog_id") else "")
+          + (f", redirected to {d.get('redirect_device') or d['redirect_ifindex']}"
+             if d.get("redirect_ifindex") else ""))
+    return 0

@@ -1,0 +1,312 @@
+"""Attaching the program to the egress hook of underlay devices, and listing those hooks.
+
+tcx (kernel 6.6+) is preferred: a link at the HEAD of the egress chain (BPF_F_BEFORE without an
+anchor), pinned under ``<root>/links/<ifname>`` so the program keeps enforcing when the agent
+dies (fail-static). A restart swaps the program inside the same link (BPF_LINK_UPDATE), so the
+hook is never empty; a link whose device went away (ENOLINK, or a different ifindex because the
+device was re-created) is unpinned and replaced.
+
+Without tcx: a clsact qdisc and a direct-action bpf filter on egress at priority 1 with
+nodecryptor's own handle and name, replaced in place on restart. A filter that runs before it
+(same priority listed first, or any tcx program, since tcx runs before all clsact filters) can
+end classification with TC_ACT_OK, so it is reported as shadowing.
+
+Only nodecryptor's own objects are ever changed: links pinned under its root, filters with its
+handle *and* name. Every function takes plain values and returns plain data.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+from dataclasses import asdict, dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from ...log import kv
+from . import pins, syscall
+
+log = logging.getLogger(__name__)
+
+MODE_TCX = "tcx"
+MODE_TC = "tc"
+
+TC_HANDLE = 0x4E43  # "NC"
+TC_NAME = "nodecryptor"
+TC_PRIO = 1
+TC_EGRESS_PARENT = 0xFFFFFFF3  # clsact egress (ffff:fff3)
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """One device's hook as nodecryptor sees it."""
+
+    device: str
+    ifindex: int
+    mode: str  # MODE_TCX | MODE_TC
+    prog_id: int = 0
+    link_id: int = 0
+    handle: int = 0
+    prio: int = 0
+    position: int = 0
+    """Index of nodecryptor's program in the hook's chain (0 = runs first)."""
+    defunct: bool = False
+    shadowed_by: str = ""
+    """What runs before nodecryptor and could end classification (empty: nothing)."""
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        if self.mode == MODE_TCX:
+            out.pop("handle")
+            out.pop("prio")
+        else:
+            out.pop("link_id")
+            out["handle"] = f"0x{self.handle:x}"
+        return out
+
+
+def choose_mode(requested: str, tcx_ok: bool, tcx_why: str) -> tuple[str, str]:
+    """("tcx"|"tc", why) from the requested mode ("auto", "tcx", "tc") and the tcx probe."""
+    if requested == MODE_TC:
+        return MODE_TC, "legacy tc requested"
+    if tcx_ok:
+        return MODE_TCX, tcx_why
+    return MODE_TC, f"no tcx ({tcx_why}); legacy clsact filter"
+
+
+def ifindex_of(ifname: str) -> int:
+    """Current ifindex of a device in this network namespace; 0 when it does not exist."""
+    try:
+        return socket.if_nametoindex(ifname)
+    except OSError:
+        return 0
+
+
+# ---- tcx -----------------------------------------------------------------------------------
+
+def _tcx_position(ifindex: int, link_id: int) -> tuple[int, list[int]]:
+    chain = syscall.prog_query(ifindex, syscall.BPF_TCX_EGRESS)
+    ids = chain["link_ids"]
+    pos = ids.index(link_id) if link_id in ids else -1
+    return pos, chain["prog_ids"][:max(pos, 0)]
+
+
+def tcx_observe(bpffs: str, ifname: str) -> Attachment | None:
+    """The pinned link of ``ifname``; None when there is no pin."""
+    path = pins.link_path(bpffs, ifname)
+    try:
+        fd = syscall.obj_get(path)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return None
+        raise
+    try:
+        info = syscall.link_info(fd)
+    finally:
+        os.close(fd)
+    current = ifindex_of(ifname)
+    # A link whose device is gone reports ifindex 0; a re-created device has a new ifindex.
+    defunct = info.tcx_ifindex == 0 or info.tcx_ifindex != current
+    att = Attachment(device=ifname, ifindex=info.tcx_ifindex, mode=MODE_TCX,
+                     prog_id=info.prog_id, link_id=info.id, defunct=defunct)
+    if defunct:
+        return att
+    pos, before = _tcx_position(current, info.id)
+    shadow = (f"tcx program(s) {before} run before nodecryptor on {ifname} egress"
+              if pos > 0 else "")
+    return Attachment(**{**asdict(att), "position": pos, "shadowed_by": shadow})
+
+
+def tcx_attach(bpffs: str, ifname: str, prog_fd: int) -> Attachment:
+    """Make ``prog_fd`` the program of ``ifname``'s pinned tcx link: swap it in place when the
+    link is alive, else (re)create the link at the head of the chain and pin it."""
+    ifindex = ifindex_of(ifname)
+    if not ifindex:
+        raise OSError(errno.ENODEV, f"device {ifname!r} does not exist")
+    path = pins.link_path(bpffs, ifname)
+    current = tcx_observe(bpffs, ifname)
+    if current is not None and not current.defunct:
+        fd = syscall.obj_get(path)
+        try:
+            syscall.link_update(fd, prog_fd)
+            log.debug("tcx program swapped in place",
+                      extra=kv(device=ifname, link_id=current.link_id))
+            return tcx_observe(bpffs, ifname)
+        except OSError as e:
+            if e.errno != errno.ENOLINK:
+                raise
+        finally:
+            os.close(fd)
+    if current is not None:
+        log.info("pinned tcx link is defunct (device deleted or re-created); replacing it",
+                 extra=kv(device=ifname, old_link_id=current.link_id,
+                          old_ifindex=current.ifindex, ifindex=ifindex))
+        pins.unlink(path)
+    fd = syscall.tcx_link_create(prog_fd, ifindex, syscall.BPF_TCX_EGRESS, syscall.BPF_F_BEFORE)
+    try:
+        syscall.obj_pin(fd, path)
+    except OSError:
+        syscall.link_detach(fd)
+        raise
+    finally:
+        os.close(fd)
+    att = tcx_observe(bpffs, ifname)
+    log.info("tcx link created at the head of the egress chain",
+             extra=kv(device=ifname, ifindex=ifindex, link_id=att.link_id if att else 0))
+    return att
+
+
+def tcx_detach(bpffs: str, ifname: str) -> bool:
+    """Detach and unpin ``ifname``'s link. Missing is success (False)."""
+    path = pins.link_path(bpffs, ifname)
+    try:
+        fd = syscall.obj_get(path)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    try:
+        syscall.link_detach(fd)
+    except OSError as e:
+        # ENOLINK / EINVAL: already defunct, nothing attached any more.
+        if e.errno not in (errno.ENOLINK, errno.EINVAL):
+            raise
+    finally:
+        os.close(fd)
+    pins.unlink(path)
+    log.info("tcx link detached", extra=kv(device=ifname))
+    return True
+
+
+# ---- legacy tc -----------------------------------------------------------------------------
+
+def _filters(ipr: IPRoute, ifindex: int) -> list[dict]:
+    """Egress filters in classification order (headers without a handle left out)."""
+    out = []
+    for msg in ipr.get_filters(index=ifindex, parent=TC_EGRESS_PARENT):
+        if not msg["handle"]:
+            continue
+        name = msg.get_nested("TCA_OPTIONS", "TCA_BPF_NAME")
+        out.append({"prio": msg["info"] >> 16, "handle": msg["handle"],
+                    "kind": msg.get_attr("TCA_KIND"), "name": name})
+    return out
+
+
+def _is_ours(f: dict) -> bool:
+    return f["kind"] == "bpf" and f["handle"] == TC_HANDLE and f["name"] == TC_NAME
+
+
+def _tc_observe(ipr: IPRoute, ifname: str, ifindex: int, prog_id: int = 0) -> Attachment | None:
+    try:
+        filters = _filters(ipr, ifindex)
+    except NetlinkError as e:
+        if e.code in (errno.EINVAL, errno.ENOENT, errno.ENODEV):  # no clsact / no device
+            return None
+        raise
+    ours = [i for i, f in enumerate(filters) if _is_ours(f)]
+    if not ours:
+        return None
+    pos = ours[0]
+    shadows = [f"filter prio {f['prio']} handle 0x{f['handle']:x} ({f['kind']} {f['name'] or ''})"
+               .replace(" )", ")") for f in filters[:pos]]
+    ok, _ = syscall.tcx_supported()
+    if ok:
+        chain = syscall.prog_query(ifindex, syscall.BPF_TCX_EGRESS)
+        if chain["prog_ids"]:
+            shadows.append(f"tcx program(s) {chain['prog_ids']} (tcx runs before clsact)")
+    return Attachment(device=ifname, ifindex=ifindex, mode=MODE_TC, prog_id=prog_id,
+                      handle=TC_HANDLE, prio=TC_PRIO, position=pos,
+                      shadowed_by="; ".join(shadows))
+
+
+def tc_observe(ifname: str, prog_id: int = 0) -> Attachment | None:
+    ifindex = ifindex_of(ifname)
+    if not ifindex:
+        return None
+    with IPRoute() as ipr:
+        return _tc_observe(ipr, ifname, ifindex, prog_id)
+
+
+def tc_attach(ifname: str, prog_fd: int, prog_id: int = 0) -> Attachment:
+    """Ensure the clsact qdisc and replace nodecryptor's egress filter in place."""
+    ifindex = ifindex_of(ifname)
+    if not ifindex:
+        raise OSError(errno.ENODEV, f"device {ifname!r} does not exist")
+    with IPRoute() as ipr:
+        try:
+            ipr.tc("add", "clsact", ifindex)
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise
+        ipr.tc("replace-filter", "bpf", ifindex, TC_HANDLE, fd=prog_fd, name=TC_NAME,
+               parent=TC_EGRESS_PARENT, prio=TC_PRIO, direct_action=True)
+        att = _tc_observe(ipr, ifname, ifindex, prog_id)
+    log.debug("tc filter replaced", extra=kv(device=ifname, handle=hex(TC_HANDLE)))
+    return att
+
+
+def _tc_delete(ipr: IPRoute, ifindex: int) -> None:
+    try:
+        ipr.tc("del-filter", "bpf", ifindex, TC_HANDLE, parent=TC_EGRESS_PARENT, prio=TC_PRIO)
+    except NetlinkError as e:
+        if e.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
+            raise
+
+
+def tc_devices() -> dict[str, int]:
+    """Devices of this namespace that carry nodecryptor's filter: {ifname: ifindex}."""
+    found = {}
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            ifindex = link["index"]
+            try:
+                filters = _filters(ipr, ifindex)
+            except NetlinkError:
+                continue
+            if any(_is_ours(f) for f in filters):
+                found[link.get_attr("IFLA_IFNAME")] = ifindex
+    return found
+
+
+def tc_detach(ifname: str, ifindex: int | None = None) -> bool:
+    """Remove nodecryptor's filter (only one with its handle and name). Leaves the clsact qdisc:
+    other programs may use it. Missing is success (False)."""
+    ifindex = ifindex or ifindex_of(ifname)
+    if not ifindex:
+        return False
+    with IPRoute() as ipr:
+        try:
+            filters = _filters(ipr, ifindex)
+        except NetlinkError:
+            return False
+        if not any(_is_ours(f) for f in filters):
+            return False
+        _tc_delete(ipr, ifindex)
+    log.info("tc filter removed", extra=kv(device=ifname, handle=hex(TC_HANDLE)))
+    return True
+
+
+# ---- listing ---------------------------------------------------------------------------------
+
+def query(ifindex: int) -> dict:
+    """The whole egress hook of a device: the tcx chain in order (program and link ids, as
+    Debian's bpftool and iproute2 cannot show it) and the legacy clsact filters."""
+    out: dict = {"ifindex": ifindex, "tcx": None, "tc": []}
+    ok, why = syscall.tcx_supported()
+    if ok:
+        chain = syscall.prog_query(ifindex, syscall.BPF_TCX_EGRESS)
+        out["tcx"] = [{"position": i, "prog_id": p, "link_id": l}
+                      for i, (p, l) in enumerate(zip(chain["prog_ids"], chain["link_ids"]))]
+        out["tcx_revision"] = chain["revision"]
+    else:
+        out["tcx_unavailable"] = why
+    with IPRoute() as ipr:
+        try:
+            out["tc"] = [{**f, "handle": f"0x{f['handle']:x}", "ours": _is_ours(f)}
+                         for f in _filters(ipr, ifindex)]
+        except NetlinkError:
+            out["tc"] = []
+    return out

@@ -1,0 +1,106 @@
+"""Prometheus collector for the program's per-CPU counters, read from the pinned map at scrape
+time (nothing is copied between scrapes, so a scrape always shows the kernel's numbers).
+
+Metrics:
+  nodecryptor_datapath_packets_total{reason, verdict}   packets by verdict reason
+  nodecryptor_datapath_bytes_total{reason, verdict}     bytes by verdict reason
+  nodecryptor_datapath_events_total{event}              MSS clamps, oversize redirects
+  nodecryptor_datapath_read_errors_total                scrapes that could not read the map
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+
+from prometheus_client.core import CounterMetricFamily
+
+from ...log import kv
+from ...settings import Settings
+from . import abi, pins, syscall
+
+log = logging.getLogger(__name__)
+
+COUNTERS_MAP = "nc_counters"
+
+
+def read_counters(fd: int) -> dict[str, dict]:
+    """Sum the per-CPU counters of every index: {name: {"packets", "bytes", "kind",
+    "verdict"}} where kind is "reason" or "event"."""
+    out: dict[str, dict] = {}
+    for index in range(abi.COUNTER_MAX):
+        per_cpu = syscall.percpu_lookup(fd, ctypes.c_uint32(index), abi.Counter)
+        packets = sum(c.packets for c in per_cpu)
+        nbytes = sum(c.bytes for c in per_cpu)
+        if index < abi.MAX_VERDICT:
+            reason = abi.Reason(index)
+            out[abi.REASON_NAMES[reason]] = {"packets": packets, "bytes": nbytes,
+                                             "kind": "reason",
+                                             "verdict": abi.REASON_VERDICTS[reason]}
+        else:
+            event = abi.Event(index)
+            out[abi.EVENT_NAMES[event]] = {"packets": packets, "bytes": nbytes, "kind": "event",
+                                           "verdict": ""}
+    return out
+
+
+def read_pinned_counters(bpffs: str) -> dict[str, dict]:
+    fd = syscall.obj_get(pins.map_path(bpffs, COUNTERS_MAP), read_only=True)
+    try:
+        return read_counters(fd)
+    finally:
+        os.close(fd)
+
+
+class DatapathCollector:
+    """Reads the pinned counters map on every scrape; counts reads that fail."""
+
+    def __init__(self, settings: Settings):
+        self.bpffs = settings.bpffs
+        self._lock = threading.Lock()
+        self._read_errors = 0
+
+    def describe(self):
+        # Declaring no metrics up front keeps registration from triggering a map read.
+        return []
+
+    def collect(self):
+        packets = CounterMetricFamily("nodecryptor_datapath_packets",
+                                      "Packets seen by the BPF program, by verdict reason.",
+                                      labels=["reason", "verdict"])
+        nbytes = CounterMetricFamily("nodecryptor_datapath_bytes",
+                                     "Bytes seen by the BPF program, by verdict reason.",
+                                     labels=["reason", "verdict"])
+        events = CounterMetricFamily("nodecryptor_datapath_events",
+                                     "Datapath events counted besides the verdict (MSS clamped, "
+                                     "oversize packet redirected).", labels=["event"])
+        try:
+            counters = read_pinned_counters(self.bpffs)
+        except (OSError, ValueError) as e:
+            with self._lock:
+                self._read_errors += 1
+            log.debug("cannot read datapath counters", extra=kv(error=str(e), bpffs=self.bpffs))
+            counters = {}
+        for name, c in counters.items():
+            if c["kind"] == "reason":
+                packets.add_metric([name, c["verdict"]], c["packets"])
+                nbytes.add_metric([name, c["verdict"]], c["bytes"])
+            else:
+                events.add_metric([name], c["packets"])
+        errors = CounterMetricFamily("nodecryptor_datapath_read_errors",
+                                     "Scrapes that failed to read the BPF counters map.")
+        with self._lock:
+            errors.add_metric([], self._read_errors)
+        yield packets
+        yield nbytes
+        yield events
+        yield errors
+
+
+def register(registry, settings: Settings) -> DatapathCollector:
+    """Register a DatapathCollector on ``registry`` and return it."""
+    coll = DatapathCollector(settings)
+    registry.register(coll)
+    return coll

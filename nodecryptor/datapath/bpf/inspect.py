@@ -1,0 +1,237 @@
+"""What the inspection commands (status, explain, bpf dump, cleanup) know about the BPF
+datapath, learnt from pinned objects only: no compiler, no BCC, sub-second. They work while the
+agent runs, after it died, and on a node where it never ran (reporting "not active").
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import errno
+import os
+import time
+
+from pyroute2 import IPRoute
+
+from ...settings import Settings
+from ..base import VERDICT_PASS, Explanation, PacketQuery
+from . import abi, attach, collector, pins, syscall
+
+CONFIG_MAP = "nc_config_map"
+
+
+def active(settings: Settings) -> bool:
+    """True when nodecryptor's BPF datapath is installed here (links, program or maps
+    pinned under its root, or its legacy tc filter on a device)."""
+    if pins.pinned_link_names(settings.bpffs) or os.path.exists(pins.prog_path(settings.bpffs)):
+        return True
+    return bool(attach.tc_devices())
+
+
+def attachments(settings: Settings) -> tuple[str, list[attach.Attachment]]:
+    """(mode, attachments) of every device nodecryptor is attached to in this namespace."""
+    prog_id = pinned_prog_id(settings)
+    found = [a for a in (attach.tcx_observe(settings.bpffs, name)
+                         for name in pins.pinned_link_names(settings.bpffs)) if a]
+    found += [a for a in (attach.tc_observe(name, prog_id) for name in attach.tc_devices()) if a]
+    modes = sorted({a.mode for a in found})
+    return "+".join(modes), found
+
+
+def pinned_prog_id(settings: Settings) -> int:
+    try:
+        fd = syscall.obj_get(pins.prog_path(settings.bpffs))
+    except OSError:
+        return 0
+    try:
+        return syscall.prog_info(fd).id
+    finally:
+        os.close(fd)
+
+
+def read_config(settings: Settings) -> abi.Config | None:
+    try:
+        fd = syscall.obj_get(pins.map_path(settings.bpffs, CONFIG_MAP), read_only=True)
+    except OSError:
+        return None
+    try:
+        value = abi.Config()
+        return value if syscall.map_lookup(fd, ctypes.c_uint32(0), value) else None
+    finally:
+        os.close(fd)
+
+
+def _wireguard(ifname: str) -> dict:
+    try:
+        from ...wireguard import read_state
+    except ImportError:
+        read_state = None
+    if read_state is not None:
+        state = read_state(ifname)
+        out = {"ifname": state.ifname, "ifindex": state.ifindex, "present": state.present,
+               "up": state.up, "mtu": state.mtu, "listen_port": state.listen_port,
+               "fwmark": f"0x{state.fwmark:x}", "error": state.error,
+               "peers": None if state.peers is None else len(state.peers)}
+        return out
+    ifindex = attach.ifindex_of(ifname)
+    out = {"ifname": ifname, "ifindex": ifindex, "present": bool(ifindex)}
+    if ifindex:
+        with IPRoute() as ipr:
+            link = ipr.link("get", index=ifindex)[0]
+            out.update(up=bool(link["flags"] & 1), mtu=link.get_attr("IFLA_MTU"))
+    return out
+
+
+def status(settings: Settings) -> dict:
+    mode, atts = attachments(settings)
+    prog_id = pinned_prog_id(settings)
+    config = read_config(settings)
+    out: dict = {"datapath": "bpf", "active": bool(atts) or bool(prog_id), "mode": mode or None,
+                 "prog_id": prog_id, "pin_dir": pins.maps_dir(settings.bpffs),
+                 "devices": [a.to_json() for a in atts]}
+    problems = []
+    if not atts:
+        problems.append("not attached to any device")
+    for a in atts:
+        if a.defunct:
+            problems.append(f"tcx link on {a.device} is defunct (device deleted or re-created)")
+        elif a.shadowed_by:
+            problems.append(f"shadowed on {a.device}: {a.shadowed_by}")
+    wg = _wireguard(settings.wg_interface)
+    out["wireguard"] = wg
+    if config is None:
+        problems.append("configuration map not pinned or empty")
+    else:
+        age = (time.monotonic_ns() - config.agent_alive_ns) / 1e9 if config.agent_alive_ns else None
+        out["config"] = {"enabled": bool(config.enabled), "wg_ifindex": config.wg_ifindex,
+                         "wg_up": bool(config.wg_up), "wg_port": config.wg_port,
+                         "fail_mode": "closed" if config.fail_mode == abi.FAIL_CLOSED else "open",
+                         "local_role": ("control-plane" if config.local_role ==
+                                        abi.ROLE_CONTROL_PLANE else "worker"),
+                         "wg_mark": f"0x{config.wg_mark:x}",
+                         "wg_mark_mask": f"0x{config.wg_mark_mask:x}",
+                         "max_packet_v4": config.max_packet_v4,
+                         "max_packet_v6": config.max_packet_v6}
+        out["mss"] = {"v4": config.mss_v4, "v6": config.mss_v6}
+        out["agent_alive_age_seconds"] = round(age, 3) if age is not None else None
+        if not config.enabled:
+            problems.append("program disabled (no configuration written yet)")
+        if wg.get("ifindex") and config.wg_ifindex != wg["ifindex"]:
+            problems.append(f"program redirects to ifindex {config.wg_ifindex} but "
+                            f"{settings.wg_interface} is ifindex {wg['ifindex']}")
+        if age is not None and age > settings.heartbeat_stale_seconds:
+            # Still enforcing (fail-static), but nobody keeps the maps current.
+            problems.append(f"agent last applied {age:.0f}s ago")
+    try:
+        out["counters"] = {name: {"packets": c["packets"], "bytes": c["bytes"]}
+                           for name, c in collector.read_pinned_counters(settings.bpffs).items()}
+    except OSError as e:
+        out["counters_error"] = os.strerror(e.errno) if e.errno else str(e)
+    out["ready"] = not problems
+    out["reason"] = "; ".join(problems)
+    return out
+
+
+def dump(settings: Settings) -> dict:
+    """Decode every pinned map (maps.read) without compiling anything."""
+    pin_dir = pins.maps_dir(settings.bpffs)
+    if not os.path.isdir(pin_dir):
+        return {"pin_dir": pin_dir, "error": "no maps pinned (is the BPF datapath active?)"}
+    from . import maps
+    fds = maps.open_pinned(pin_dir)
+    try:
+        data = maps.read(fds)
+    finally:
+        for fd in (fds.values() if isinstance(fds, dict) else ()):
+            if isinstance(fd, int):
+                os.close(fd)
+    return {"pin_dir": pin_dir, "prog_id": pinned_prog_id(settings), "maps": data}
+
+
+def route_for(dst: str) -> tuple[str | None, str | None]:
+    """(preferred source address, output device) the kernel picks for ``dst``."""
+    with IPRoute() as ipr:
+        try:
+            routes = ipr.route("get", dst=dst)
+        except Exception as e:  # NetlinkError ENETUNREACH & co: the caller names the problem
+            raise LookupError(f"no route to {dst}: {e}") from e
+        if not routes:
+            raise LookupError(f"no route to {dst}")
+        route = routes[0]
+        src = route.get_attr("RTA_PREFSRC")
+        oif = route.get_attr("RTA_OIF")
+    device = socket_name(oif) if oif else None
+    return src, device
+
+
+def socket_name(ifindex: int) -> str | None:
+    import socket
+
+    try:
+        return socket.if_indextoname(ifindex)
+    except OSError:
+        return None
+
+
+def _prog_for_device(settings: Settings, device: str) -> tuple[int, str, int]:
+    """(prog_id, mode, link_id) of the program nodecryptor attached to ``device``; prog_id 0
+    when none is attached there."""
+    att = attach.tcx_observe(settings.bpffs, device)
+    if att is not None and not att.defunct:
+        return att.prog_id, attach.MODE_TCX, att.link_id
+    if attach.tc_observe(device) is not None:
+        return pinned_prog_id(settings), attach.MODE_TC, 0
+    return 0, "", 0
+
+
+def explain(settings: Settings, q: PacketQuery) -> Explanation:
+    """Run the live attached program on a packet built from ``q`` (BPF_PROG_TEST_RUN) and say
+    what it would do. Note: the run updates the program's counters like a real packet."""
+    from . import testrun
+
+    src, device = q.src, q.device
+    if src is None or device is None:
+        route_src, route_dev = route_for(q.dst)
+        src = src or route_src
+        device = device or route_dev
+    if src is None:
+        raise LookupError(f"no local source address for {q.dst}; pass --src")
+    q = dataclasses.replace(q, src=src, device=device)
+    base = {"src": src, "dst": q.dst, "proto": q.proto, "sport": q.sport, "dport": q.dport,
+            "mark": f"0x{q.mark:x}"}
+    ifindex = attach.ifindex_of(device) if device else 0
+    prog_id, mode, link_id = _prog_for_device(settings, device) if device else (0, "", 0)
+    if not prog_id:
+        return Explanation(VERDICT_PASS, f"not-attached: nodecryptor has no program on {device}",
+                           "bpf", device, base)
+    try:
+        prog_fd = syscall.prog_fd_by_id(prog_id)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return Explanation(VERDICT_PASS, f"program {prog_id} vanished", "bpf", device, base)
+        raise
+    try:
+        packet = testrun.packet_for_query(q, src)
+        result = testrun.run(prog_fd, packet, mark=q.mark, ifindex=ifindex)
+    finally:
+        os.close(prog_fd)
+    reason = result.reason
+    if isinstance(reason, int):
+        reason = abi.REASON_NAMES.get(abi.Reason(reason), str(reason))
+    details = {**base, "prog_id": prog_id, "mode": mode, "retval": result.retval}
+    if link_id:
+        details["link_id"] = link_id
+    if result.target:
+        details["redirect_ifindex"] = result.target
+        details["redirect_device"] = socket_name(result.target)
+    return Explanation(result.verdict, str(reason), "bpf", device, details)
+
+
+def cleanup(settings: Settings) -> dict:
+    """Remove every tcx link, tc filter and pin nodecryptor created; nothing else."""
+    links = [name for name in pins.pinned_link_names(settings.bpffs)
+             if attach.tcx_detach(settings.bpffs, name)]
+    filters = [name for name, ifindex in attach.tc_devices().items()
+               if attach.tc_detach(name, ifindex)]
+    removed = pins.remove_all(settings.bpffs)
+    return {"datapath": "bpf", "tcx_links": links, "tc_filters": filters, "pins": removed}
