@@ -1,0 +1,484 @@
+"""Kubernetes access: the only module that imports the ``kubernetes`` client.
+
+- ``load_client``: an ApiClient from ``--kubeconfig`` or the in-cluster service account.
+- ``snapshot_once``: one paginated list of CiliumNodes, for ``nodecryptor plan``.
+- ``CiliumNodeSync``: list, then watch from the list's resourceVersion, feeding the Store;
+  re-lists on 410 Gone and periodically; every request has a timeout, so a dead or stalled
+  connection never hangs the agent; errors back off exponentially with jitter. During an API
+  outage the store keeps its last content: an unreachable API says nothing about the cluster.
+- ``publish_wg_key``: merge-patch the WireGuard public-key annotation (the lab's Cilium stand-in).
+
+Every object goes through ``ciliumnode.parse_ciliumnode``; only the NodeInfo reaches the store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass
+
+import kubernetes.client
+import kubernetes.config
+import urllib3
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.incluster_config import InClusterConfigLoader
+from kubernetes.watch.watch import iter_resp_lines
+
+from .ciliumnode import WG_PUBKEY_ANNOTATION, Rejection, parse_ciliumnode
+from .errors import NodecryptorError
+from .log import kv
+from .metrics import Metrics
+from .model import NodeInfo
+from .settings import Settings
+from .store import Store
+
+log = logging.getLogger("nodecryptor.k8s")
+
+GROUP = "cilium.io"
+VERSION = "v2"
+PLURAL = "ciliumnodes"
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+"""Where the kubelet mounts the service-account token and CA (in-cluster configuration)."""
+
+
+class KubernetesError(NodecryptorError):
+    """Talking to the Kubernetes API failed."""
+
+
+class KubeConfigError(KubernetesError):
+    """No usable client configuration (kubeconfig or in-cluster service account)."""
+
+
+class ApiUnavailable(KubernetesError):
+    """The API server could not be reached, timed out, or answered with a server error.
+    ``cause`` is a short word for metrics: unreachable, stalled, dropped, server-error."""
+
+    def __init__(self, message: str, cause: str = "error"):
+        super().__init__(message)
+        self.cause = cause
+
+
+class ApiForbidden(KubernetesError):
+    """The API server rejected our credentials (401) or our permissions (403)."""
+
+
+class ApiGone(KubernetesError):
+    """410: the resourceVersion or continue token is older than the server's history."""
+
+
+# --------------------------------------------------------------------------------------------
+# Client and errors
+
+
+def load_client(settings: Settings) -> kubernetes.client.ApiClient:
+    """An ApiClient for ``settings.kubeconfig``, or the in-cluster service account when it is
+    None. Retries inside urllib3 are off: the sync's own backoff decides when to retry, and a
+    hidden retry would multiply every timeout."""
+    cfg = kubernetes.client.Configuration()
+    try:
+        if settings.kubeconfig:
+            kubernetes.config.load_kube_config(config_file=settings.kubeconfig,
+                                               client_configuration=cfg)
+        else:
+            InClusterConfigLoader(
+                token_filename=os.path.join(SERVICE_ACCOUNT_DIR, "token"),
+                cert_filename=os.path.join(SERVICE_ACCOUNT_DIR, "ca.crt"),
+            ).load_and_set(cfg)
+    except (kubernetes.config.ConfigException, OSError, ValueError, TypeError) as e:
+        where = (f"--kubeconfig {settings.kubeconfig!r}" if settings.kubeconfig else
+                 f"in-cluster configuration (service account in {SERVICE_ACCOUNT_DIR}, "
+                 f"KUBERNETES_SERVICE_HOST/PORT)")
+        raise KubeConfigError(f"cannot load {where}: {e}") from e
+    cfg.retries = False
+    return kubernetes.client.ApiClient(cfg)
+
+
+def _server(api: kubernetes.client.CustomObjectsApi) -> str:
+    return api.api_client.configuration.host
+
+
+def translate_error(err: Exception, server: str, what: str) -> KubernetesError:
+    """Map client and transport exceptions to nodecryptor's error classes."""
+    if isinstance(err, ApiException):
+        status = err.status or 0
+        detail = _status_message(err)
+        if status in (401, 403):
+            return ApiForbidden(f"{what}: the API server {server} refused access "
+                                f"({status} {err.reason}): {detail}")
+        if status == 410:
+            return ApiGone(f"{what}: {detail}")
+        if status == 404:
+            return KubernetesError(f"{what}: {server} has no ciliumnodes.cilium.io/v2 resource "
+                                   f"(is Cilium installed?): {detail}")
+        if status >= 500 or status in (0, 429):
+            return ApiUnavailable(f"{what}: the API server {server} answered {status} "
+                                  f"{err.reason}: {detail}", cause="server-error")
+        return KubernetesError(f"{what}: the API server {server} answered {status} "
+                               f"{err.reason}: {detail}")
+    if isinstance(err, urllib3.exceptions.ReadTimeoutError):
+        return ApiUnavailable(f"{what}: {server} sent nothing within the read timeout ({err})",
+                              cause="stalled")
+    if isinstance(err, urllib3.exceptions.ProtocolError):
+        return ApiUnavailable(f"{what}: the connection to {server} broke: {err}",
+                              cause="dropped")
+    return ApiUnavailable(f"{what}: cannot reach the API server {server}: {err}",
+                          cause="unreachable")
+
+
+def _status_message(err: ApiException) -> str:
+    try:
+        return str(json.loads(err.body).get("message") or err.body)
+    except (TypeError, ValueError, AttributeError):
+        return str(err.body or err.reason)
+
+
+# Errors a request can end with besides ApiException: connection refused or reset, timeouts,
+# TLS failures, a stream cut short, an unparsable body.
+_TRANSPORT_ERRORS = (urllib3.exceptions.HTTPError, OSError, ValueError)
+
+
+# --------------------------------------------------------------------------------------------
+# Listing
+
+
+@dataclass
+class ListResult:
+    nodes: dict[str, NodeInfo]
+    rejections: list[tuple[dict, list[Rejection]]]
+    """(object metadata, rejections) per object that had invalid entries."""
+    resource_version: str
+    pages: int
+
+
+def _list_all(api: kubernetes.client.CustomObjectsApi, page_size: int,
+              timeout: float) -> ListResult:
+    """Follow limit/continue to the end. Raises KubernetesError (ApiGone for a stale
+    continue token: the caller starts over)."""
+    nodes: dict[str, NodeInfo] = {}
+    rejected: list[tuple[dict, list[Rejection]]] = []
+    token: str | None = None
+    pages = 0
+    while True:
+        try:
+            page = api.list_cluster_custom_object(GROUP, VERSION, PLURAL, limit=page_size,
+                                                  _continue=token,
+                                                  _request_timeout=(timeout, timeout))
+        except ApiException as e:
+            raise translate_error(e, _server(api), "listing CiliumNodes") from e
+        except _TRANSPORT_ERRORS as e:
+            raise translate_error(e, _server(api), "listing CiliumNodes") from e
+        pages += 1
+        if not isinstance(page, dict) or not isinstance(page.get("items"), list):
+            raise ApiUnavailable(f"listing CiliumNodes: {_server(api)} sent no item list")
+        for obj in page["items"]:
+            info, rejections = parse_ciliumnode(obj)
+            if info is not None:
+                nodes[info.name] = info
+            if rejections:
+                rejected.append((_meta(obj), rejections))
+        meta = page.get("metadata") or {}
+        token = meta.get("continue") or None
+        if token is None:
+            return ListResult(nodes, rejected, str(meta.get("resourceVersion") or ""), pages)
+
+
+def _meta(obj: object) -> dict:
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def snapshot_once(settings: Settings) -> tuple[dict[str, NodeInfo], list[Rejection]]:
+    """List every CiliumNode once. Raises a KubernetesError naming the server and the cause
+    when the API is unreachable, refuses access, or has no CiliumNode resource."""
+    api_client = load_client(settings)
+    try:
+        api = kubernetes.client.CustomObjectsApi(api_client)
+        for attempt in range(3):
+            try:
+                result = _list_all(api, settings.list_page_size, settings.request_timeout_seconds)
+                break
+            except ApiGone:
+                # The snapshot behind a continue token was compacted: start the list over.
+                if attempt == 2:
+                    raise
+        return result.nodes, [r for _, rs in result.rejections for r in rs]
+    finally:
+        api_client.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Publishing the WireGuard key
+
+
+def publish_wg_key(settings: Settings, node_name: str, public_key: str) -> None:
+    """Set ``network.cilium.io/wg-pub-key`` on the CiliumNode ``node_name`` (merge patch)."""
+    api_client = load_client(settings)
+    try:
+        api = kubernetes.client.CustomObjectsApi(api_client)
+        body = {"metadata": {"annotations": {WG_PUBKEY_ANNOTATION: public_key}}}
+        what = f"publishing the WireGuard key on CiliumNode {node_name!r}"
+        timeout = settings.request_timeout_seconds
+        try:
+            api.patch_cluster_custom_object(GROUP, VERSION, PLURAL, node_name, body,
+                                            _request_timeout=(timeout, timeout))
+        except ApiException as e:
+            raise translate_error(e, _server(api), what) from e
+        except _TRANSPORT_ERRORS as e:
+            raise translate_error(e, _server(api), what) from e
+    finally:
+        api_client.close()
+
+
+# --------------------------------------------------------------------------------------------
+# The sync loop
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with jitter: initial, doubling up to ``maximum``; each delay is
+    drawn from [d·(1-jitter), d]. Bounded so a recovered API is noticed within ``maximum``."""
+
+    initial: float = 1.0
+    maximum: float = 60.0
+    jitter: float = 0.3
+
+    def delay(self, failures: int, rng: random.Random) -> float:
+        base = min(self.maximum, self.initial * (2 ** max(0, failures - 1)))
+        return base * (1.0 - self.jitter * rng.random())
+
+
+class _WatchEnded(Exception):
+    """Internal: the watch stopped for a reason that is not an error (resync due, stop)."""
+
+
+class CiliumNodeSync:
+    """Keeps ``store`` equal to the cluster's CiliumNodes (as NodeInfo).
+
+    ``backoff`` and ``read_timeout_margin`` (seconds added to the server-side watch timeout
+    for the client-side read timeout) are injectable so tests run fast; everything else comes
+    from Settings (list_page_size, watch_timeout_seconds, request_timeout_seconds,
+    resync_seconds).
+    """
+
+    def __init__(self, settings: Settings, store: Store, metrics: Metrics | None = None,
+                 backoff: Backoff = Backoff(), read_timeout_margin: float = 5.0,
+                 rng: random.Random | None = None):
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics
+        self.backoff = backoff
+        self.read_timeout_margin = read_timeout_margin
+        self._rng = rng or random.Random()
+        self._logged: dict[str, str] = {}
+        """name -> resourceVersion whose rejections were already logged and counted."""
+        self._lock = threading.Lock()
+        self._response = None
+        self.failures = 0
+        """Consecutive failed attempts (list or watch); 0 after a success."""
+        self._expiries = 0
+        """Consecutive 410s on watch without an event in between."""
+        self.lists = 0
+        """Complete lists so far (for tests and status)."""
+        self.resource_version: str | None = None
+        """Newest resourceVersion seen (list, event or bookmark); None forces a list."""
+
+    # Public entry point
+
+    def run(self, stop: threading.Event) -> None:
+        """List and watch until ``stop`` is set. Never raises for API trouble."""
+        api_client = load_client(self.settings)
+        api = kubernetes.client.CustomObjectsApi(api_client)
+        # Unblock a read in progress as soon as stop is set, instead of waiting for the
+        # read timeout (minutes in production).
+        closer = threading.Thread(target=self._close_on_stop, args=(stop,),
+                                  name="ciliumnode-sync-stop", daemon=True)
+        closer.start()
+        next_resync = 0.0
+        try:
+            while not stop.is_set():
+                try:
+                    if self.resource_version is None or time.monotonic() >= next_resync:
+                        if self.resource_version is not None:
+                            self._restart("resync")
+                        self.resource_version = self._relist(api)
+                        next_resync = time.monotonic() + self.settings.resync_seconds
+                    self._watch(api, stop, next_resync)
+                except ApiGone as e:
+                    # Our version fell out of the server's history: only a new list can
+                    # tell what we missed. Not a server fault, so no backoff the first time.
+                    log.info("CiliumNode watch expired; listing again", extra=kv(error=str(e)))
+                    self._restart("expired")
+                    self.resource_version = None
+                    self._expiries += 1
+                    if self._expiries > 1:
+                        # Expired again before any event arrived: do not spin on list.
+                        stop.wait(self.backoff.delay(self._expiries - 1, self._rng))
+                except KubernetesError as e:
+                    self._restart(getattr(e, "cause", "forbidden" if isinstance(e, ApiForbidden)
+                                          else "error"))
+                    self.failures += 1
+                    delay = self._sleep(stop)
+                    log.warning("CiliumNode sync failed; keeping the last known nodes",
+                                extra=kv(error=str(e), retry_in=f"{delay:.2f}s",
+                                         failures=self.failures, nodes=len(self.store)))
+        finally:
+            with self._lock:
+                self._response = None
+            api_client.close()
+
+    # Steps
+
+    def _relist(self, api) -> str:
+        started = time.monotonic()
+        try:
+            result = _list_all(api, self.settings.list_page_size,
+                               self.settings.request_timeout_seconds)
+        except ApiGone:
+            # A continue token expired in the middle of the list: start it over at once.
+            self._restart("list-expired")
+            result = _list_all(api, self.settings.list_page_size,
+                               self.settings.request_timeout_seconds)
+        for meta, rejections in result.rejections:
+            self._report(meta, rejections)
+        self._forget_logged(result.nodes)
+        self.store.replace_all(result.nodes.values())
+        self.lists += 1
+        self.failures = 0
+        if self.metrics is not None:
+            self.metrics.last_sync.set(time.time())
+        log.info("listed CiliumNodes", extra=kv(nodes=len(result.nodes), pages=result.pages,
+                                                 resource_version=result.resource_version,
+                                                 seconds=f"{time.monotonic() - started:.3f}"))
+        return result.resource_version
+
+    def _watch(self, api, stop: threading.Event, next_resync: float) -> None:
+        """Watch from ``self.resource_version`` until the server ends the stream, the resync
+        is due or stop is set, advancing the version with every event and bookmark, so a
+        failed watch resumes where it broke. Errors raise KubernetesError."""
+        rv = self.resource_version
+        remaining = max(1.0, next_resync - time.monotonic())
+        server_timeout = max(1, int(min(self.settings.watch_timeout_seconds, remaining)))
+        connect = self.settings.request_timeout_seconds
+        read = server_timeout + self.read_timeout_margin
+        what = f"watching CiliumNodes from resourceVersion {rv}"
+        try:
+            resp = api.list_cluster_custom_object(
+                GROUP, VERSION, PLURAL, watch=True, allow_watch_bookmarks=True,
+                resource_version=rv, timeout_seconds=server_timeout,
+                _preload_content=False, _request_timeout=(connect, read))
+        except ApiException as e:
+            raise translate_error(e, _server(api), what) from e
+        except _TRANSPORT_ERRORS as e:
+            raise translate_error(e, _server(api), what) from e
+        with self._lock:
+            self._response = resp
+        if stop.is_set():
+            resp.close()
+        events = 0
+        try:
+            for line in iter_resp_lines(resp):
+                if not line:
+                    continue
+                self.resource_version = self._handle_event(line, self.resource_version, what)
+                events += 1
+                if events == 1:
+                    # The watch works: the next error starts a new backoff.
+                    self.failures = self._expiries = 0
+                if stop.is_set() or time.monotonic() >= next_resync:
+                    break
+        except (ApiException, *_TRANSPORT_ERRORS) as e:
+            if stop.is_set():
+                return
+            raise translate_error(e, _server(api), what) from e
+        finally:
+            with self._lock:
+                self._response = None
+            resp.release_conn()
+            resp.close()
+        if not stop.is_set() and time.monotonic() < next_resync:
+            # The server ended the watch (its timeout): reconnect from where we are.
+            self.failures = 0
+            self._restart("timeout")
+
+    def _handle_event(self, line: str, rv: str, what: str) -> str:
+        try:
+            event = json.loads(line)
+            kind, obj = event["type"], event["object"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ApiUnavailable(f"{what}: unparsable event {line[:120]!r}: {e}") from None
+        meta = _meta(obj)
+        if kind == "ERROR":
+            code = obj.get("code") if isinstance(obj, dict) else None
+            message = obj.get("message") if isinstance(obj, dict) else obj
+            if code == 410:
+                raise ApiGone(f"{what}: {message}")
+            raise ApiUnavailable(f"{what}: the server sent an error event ({code}): {message}")
+        if kind == "BOOKMARK":
+            return str(meta.get("resourceVersion") or rv)
+        if kind in ("ADDED", "MODIFIED"):
+            info, rejections = parse_ciliumnode(obj)
+            if rejections:
+                self._report(meta, rejections)
+            if info is not None:
+                self.store.upsert(info)
+        elif kind == "DELETED":
+            name = meta.get("name")
+            if isinstance(name, str):
+                self.store.delete(name)
+                self._logged.pop(name, None)
+        else:
+            log.debug("ignoring watch event of unknown type", extra=kv(type=kind))
+        return str(meta.get("resourceVersion") or rv)
+
+    # Helpers
+
+    def _report(self, meta: dict, rejections: list[Rejection]) -> None:
+        """Log and count an object's rejections once per object version, so neither a
+        re-list nor a periodic resync repeats the same warning."""
+        name = str(meta.get("name") or "?")
+        version = str(meta.get("resourceVersion") or "")
+        if version and self._logged.get(name) == version:
+            return
+        if version:
+            self._logged[name] = version
+        for rej in rejections:
+            log.warning("skipping invalid CiliumNode entry",
+                        extra=kv(node=rej.obj, field=rej.field, value=rej.value, why=rej.why,
+                                 resource_version=version))
+        if self.metrics is not None:
+            self.metrics.record_rejections(rejections)
+
+    def _forget_logged(self, nodes: dict[str, NodeInfo]) -> None:
+        for name in [n for n in self._logged if n not in nodes]:
+            del self._logged[name]
+
+    def _restart(self, cause: str) -> None:
+        if self.metrics is not None:
+            self.metrics.watch_restarts.labels(cause=cause).inc()
+
+    def _sleep(self, stop: threading.Event) -> float:
+        delay = self.backoff.delay(max(1, self.failures), self._rng)
+        stop.wait(delay)
+        return delay
+
+    def _close_on_stop(self, stop: threading.Event) -> None:
+        stop.wait()
+        with self._lock:
+            resp = self._response
+        if resp is not None:
+            _abort(resp)
+
+
+def _abort(resp) -> None:
+    """Shut the socket under a streaming response so a blocked read returns now."""
+    conn = getattr(resp, "connection", None)
+    sock = getattr(conn, "sock", None)
+    if sock is not None:
+        try:
+            sock.shutdown(2)  # SHUT_RDWR
+        except OSError:
+            pass  # already closed
