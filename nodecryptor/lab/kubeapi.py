@@ -1,0 +1,59 @@
+"""A deliberately tiny kube-apiserver client for the lab's Cilium stand-in and scenarios.
+
+The stand-in plays Cilium, a separate program, so it does not borrow nodecryptor's own
+Kubernetes client (``nodecryptor.k8s``): the lab must keep working when that client has a bug,
+which is exactly what the lab is there to find. Four requests are all it needs.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import urllib.error
+import urllib.request
+
+CILIUMNODES = "/apis/cilium.io/v2/ciliumnodes"
+
+
+class ApiError(RuntimeError):
+    def __init__(self, method: str, path: str, status: int | None, why: str):
+        self.status = status
+        super().__init__(f"{method} {path}: {status or 'no response'} {why}")
+
+
+class KubeApi:
+    def __init__(self, server: str, token: str, timeout: float = 3.0):
+        self.server = server.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        # The lab's API uses a throw-away self-signed certificate when --tls is on.
+        self._ssl = ssl._create_unverified_context() if server.startswith("https") else None
+
+    def _request(self, method: str, path: str, body: dict | None = None,
+                 content_type: str = "application/json") -> dict:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.server + path, data=data, method=method, headers={
+            "Authorization": f"Bearer {self.token}", "Accept": "application/json",
+            "Content-Type": content_type})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout, context=self._ssl) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as e:
+            raise ApiError(method, path, e.code, e.read()[:200].decode(errors="replace")) from None
+        except (urllib.error.URLError, OSError) as e:
+            raise ApiError(method, path, None, str(getattr(e, "reason", e))) from None
+        return json.loads(raw) if raw else {}
+
+    def list_ciliumnodes(self) -> list[dict]:
+        return self._request("GET", CILIUMNODES).get("items", [])
+
+    def annotate(self, name: str, key: str, value: str | None) -> dict:
+        patch = {"metadata": {"annotations": {key: value}}}
+        return self._request("PATCH", f"{CILIUMNODES}/{name}", patch,
+                             content_type="application/merge-patch+json")
+
+    def create(self, obj: dict) -> dict:
+        return self._request("POST", CILIUMNODES, obj)
+
+    def delete(self, name: str) -> dict:
+        return self._request("DELETE", f"{CILIUMNODES}/{name}")

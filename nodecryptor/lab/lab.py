@@ -1,0 +1,365 @@
+"""Bring a lab up, drive its processes, and take it down again.
+
+``Lab.up`` builds the topology, starts the fake kube-apiserver inside the first control-plane
+node (on its node address, port 6443, as a real apiserver listens), a Cilium stand-in and
+nodecryptor on every node, echo servers on every node, pod and the external host, and waits
+until WireGuard peers are configured and every agent reports ready. ``Lab.down`` removes all of
+it (also after a failure half-way). Everything created is listed in a ``LabState`` first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from ..log import kv
+from . import topology as topo
+from .spec import (API_PORT, EXEMPT_TCP_PORTS, SERVICE_TCP_PORT, SERVICE_UDP_PORT, LabSpec,
+                   NodeSpec, ciliumnode_object)
+from .state import STATE_DIR, LabState, delete_netns, reap, reap_stale
+from .topology import LabError, NodeHandle, wait_for
+
+log = logging.getLogger(__name__)
+
+HEALTH_BIND = "127.0.0.1:9883"
+METRICS_BIND = "127.0.0.1:9884"
+API_TOKEN = "nodecryptor-lab"
+PY = sys.executable
+SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def child_env() -> dict[str, str]:
+    """Environment of the lab's Python processes: this source tree first on the path, so they
+    run the same code as the demo whatever their working directory (a stale editable install
+    can otherwise resolve ``nodecryptor`` to a namespace package outside the checkout)."""
+    path = os.environ.get("PYTHONPATH", "")
+    return dict(os.environ, PYTHONPATH=SOURCE_ROOT + (os.pathsep + path if path else ""))
+
+
+class Lab:
+    def __init__(self, spec: LabSpec, datapath: str = "bpf", wg_impl: str = "auto",
+                 progress: Callable[[str], None] | None = None, state_dir: str = STATE_DIR,
+                 republish_delay: float = 3.0, start_agents: bool = True):
+        if datapath not in ("bpf", "iprule"):
+            raise ValueError(f"datapath {datapath!r}: expected bpf or iprule")
+        self.spec = spec
+        self.datapath = datapath
+        self.wg_impl = wg_impl
+        self.progress = progress or (lambda msg: None)
+        self.state_dir = state_dir
+        self.republish_delay = republish_delay
+        self.start_agents = start_agents
+        """False: build everything but nodecryptor (shows what leaks without it)."""
+        self.state: LabState | None = None
+        self.workdir = ""
+        self.underlay = ""
+        self.external = ""
+        self.nodes: dict[str, NodeHandle] = {}
+        self.agents: dict[str, subprocess.Popen] = {}
+        self.standins: dict[str, subprocess.Popen] = {}
+        self.api_proc: subprocess.Popen | None = None
+        self.api_url = ""
+        self.build_seconds = 0.0
+
+    # ---------------------------------------------------------------- bring-up / tear-down
+
+    def up(self) -> "Lab":
+        start = time.monotonic()
+        stale = reap_stale(self.state_dir)
+        if stale:
+            self.progress(f"removed {len(stale)} lab(s) left by crashed runs")
+        self.state = LabState.new(self.state_dir)
+        try:
+            self._build()
+        except BaseException:
+            self.down()
+            raise
+        self.build_seconds = time.monotonic() - start
+        return self
+
+    def _build(self) -> None:
+        state = self.state
+        self.workdir = os.path.join(self.state_dir, f"{os.getpid()}-work")
+        os.makedirs(self.workdir, exist_ok=True)
+        state.add_directory(self.workdir)
+        self.progress(f"underlay bridge and {len(self.spec.nodes)} nodes "
+                      f"({', '.join(n.name for n in self.spec.nodes)})")
+        self.underlay = topo.build_underlay(state)
+        self.external = topo.build_external(state, self.underlay, self.spec)
+        for node in self.spec.nodes:
+            self.nodes[node.name] = topo.build_node(state, self.underlay, node, self.workdir)
+        for handle in self.nodes.values():
+            topo.route_pods(handle, self.spec)
+        self._start_servers()
+        self.progress("fake kube-apiserver on "
+                      f"{self.spec.control_plane[0].name} {self.spec.control_plane[0].ipv4}:"
+                      f"{API_PORT}")
+        self._start_api()
+        self.progress("Cilium stand-ins: cilium_wg0 and key exchange through the API")
+        for name in self.nodes:
+            self.start_standin(name)
+        self.wait_peers()
+        if self.start_agents:
+            self.progress(f"nodecryptor ({self.datapath} datapath) on every node")
+            for name in self.nodes:
+                self.start_agent(name)
+            for name in self.nodes:
+                self.wait_agent_ready(name)
+        state.info = {"datapath": self.datapath, "api": self.api_url, "underlay": self.underlay,
+                      "nodes": {n: {"netns": h.netns, "pod_netns": h.pod_netns,
+                                    "holder_pid": h.holder_pid, "bpffs": h.bpffs}
+                                for n, h in self.nodes.items()}}
+        state.save()
+
+    def down(self) -> None:
+        if self.state is not None:
+            reap(self.state)
+            self.state = None
+
+    def keep(self) -> None:
+        """Leave the lab up after this process exits (``nodecryptor demo --down`` removes it)."""
+        if self.state is not None:
+            self.state.kept = True
+            self.state.save()
+
+    def __enter__(self) -> "Lab":
+        return self.up()
+
+    def __exit__(self, *exc) -> None:
+        self.down()
+
+    # ---------------------------------------------------------------- processes
+
+    def spawn(self, argv: list[str], what: str, log_name: str,
+              node: str | None = None, netns: str | None = None) -> subprocess.Popen:
+        """Start a long-lived process inside ``node`` (its network and mount namespaces) or
+        ``netns``; its output goes to ``<workdir>/<log_name>.log``."""
+        if node is not None:
+            prefix = self.nodes[node].enter()
+        elif netns is not None:
+            prefix = ["ip", "netns", "exec", netns]
+        else:
+            prefix = []
+        path = os.path.join(self.workdir, f"{log_name}.log")
+        with open(path, "ab") as out:
+            # A session of its own: Ctrl-C at the terminal reaches only the demo, which then
+            # removes the lab in order, and a kept lab survives the demo's exit.
+            proc = subprocess.Popen(prefix + argv, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    cwd=self.workdir, env=child_env())
+        self.state.add_process(proc.pid, what)
+        return proc
+
+    def log_tail(self, log_name: str, lines: int = 15) -> str:
+        """The end of a process's log (the work directory goes away with the lab)."""
+        try:
+            with open(os.path.join(self.workdir, f"{log_name}.log"), errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError as e:
+            return f"(no log: {e})"
+
+    def stop(self, proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.state.forget_process(proc.pid)
+
+    def _start_servers(self) -> None:
+        def serve(tcp: tuple[int, ...], tcp6_only: tuple[int, ...] = ()) -> list[str]:
+            return [PY, "-m", "nodecryptor.lab.probe", "serve",
+                    "--tcp", ",".join(map(str, tcp)), "--tcp6-only", ",".join(map(str, tcp6_only)),
+                    "--udp", str(SERVICE_UDP_PORT)]
+        every = (SERVICE_TCP_PORT, *EXEMPT_TCP_PORTS)
+        self.spawn(serve(every), "echo server ext", "ext-echo", netns=self.external)
+        for name, handle in self.nodes.items():
+            self.start_echo(name)
+            self.spawn(serve(every), f"echo server {name} pod", f"{name}-pod-echo",
+                       netns=handle.pod_netns)
+        for name in self.nodes:
+            wait_for(lambda n=name: self._listening(self.nodes[n].netns, SERVICE_TCP_PORT), 10,
+                     f"echo server of {name}")
+
+    def start_echo(self, name: str) -> None:
+        every = (SERVICE_TCP_PORT, *EXEMPT_TCP_PORTS)
+        argv = [PY, "-m", "nodecryptor.lab.probe", "serve", "--udp", str(SERVICE_UDP_PORT)]
+        if name == self.spec.control_plane[0].name:
+            # The fake API owns IPv4 port 6443 here; an IPv6-only echo server answers 6443
+            # over IPv6 so both families' apiserver flows can be tried.
+            argv += ["--tcp", ",".join(str(p) for p in every if p != API_PORT),
+                     "--tcp6-only", str(API_PORT)]
+        else:
+            argv += ["--tcp", ",".join(map(str, every))]
+        self.spawn(argv, f"echo server {name}", f"{name}-echo", node=name)
+
+    @staticmethod
+    def _listening(netns: str, port: int) -> bool:
+        out = topo.sh("ss", "-Hltn", f"sport = :{port}", netns=netns, check=False).stdout
+        return bool(out.strip())
+
+    def _start_api(self) -> None:
+        cp = self.spec.control_plane[0]
+        objects = os.path.join(self.workdir, "ciliumnodes.json")
+        with open(objects, "w") as f:
+            json.dump([ciliumnode_object(n) for n in self.spec.nodes], f, indent=1)
+        kubeconfig = os.path.join(self.workdir, "kubeconfig")
+        self.api_proc = self.spawn(
+            [PY, "-m", "nodecryptor.testing.fakeapi", "--bind", f"{cp.ipv4}:{API_PORT}",
+             "--objects", objects, "--token", API_TOKEN, "--write-kubeconfig", kubeconfig],
+            "fake kube-apiserver", "apiserver", node=cp.name)
+        self.api_url = f"http://{cp.ipv4}:{API_PORT}"
+        wait_for(lambda: os.path.exists(kubeconfig) or self.api_proc.poll() is not None, 15,
+                 "the fake kube-apiserver")
+        if self.api_proc.poll() is not None:
+            raise LabError(f"fake kube-apiserver exited ({self.api_proc.returncode}):\n"
+                           + self.log_tail("apiserver"))
+        with open(kubeconfig) as f:
+            self.api_url = json.load(f)["clusters"][0]["cluster"]["server"]
+        for handle in self.nodes.values():
+            # One kubeconfig per node, as each kubelet/agent would have its own.
+            with open(kubeconfig) as src, open(os.path.join(handle.workdir, "kubeconfig"),
+                                                "w") as dst:
+                dst.write(src.read())
+
+    def start_standin(self, name: str) -> None:
+        self.standins[name] = self.spawn(
+            [PY, "-m", "nodecryptor.lab.standin", "--node", name, "--server", self.api_url,
+             "--token", API_TOKEN, "--wg-impl", self.wg_impl,
+             "--republish-delay", str(self.republish_delay)],
+            f"cilium stand-in {name}", f"{name}-standin", node=name)
+
+    def signal_standin(self, name: str, sig: int) -> None:
+        self.standins[name].send_signal(sig)
+
+    def wg_peers(self, name: str) -> dict[str, str]:
+        """public key -> endpoint of the peers ``name``'s cilium_wg0 has (empty if no device)."""
+        out = subprocess.run(self.nodes[name].enter() + ["wg", "show", "cilium_wg0", "endpoints"],
+                             capture_output=True, text=True, timeout=10).stdout
+        return dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)
+
+    def wg_public_key(self, name: str) -> str:
+        return subprocess.run(self.nodes[name].enter() + ["wg", "show", "cilium_wg0",
+                                                          "public-key"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+
+    def wait_peers(self, timeout: float = 30.0) -> None:
+        names = list(self.nodes)
+        for name in names:
+            wait_for(lambda n=name: len(self.wg_peers(n)) == len(names) - 1, timeout,
+                     f"WireGuard peers on {name}", interval=0.1)
+
+    def agent_argv(self, name: str) -> list[str]:
+        handle = self.nodes[name]
+        return [PY, "-m", "nodecryptor.cli", "run",
+                "--kubeconfig", os.path.join(handle.workdir, "kubeconfig"),
+                "--node-name", name, "--bpffs", handle.bpffs, "--datapath", self.datapath,
+                "--health-probe-bind-address", HEALTH_BIND,
+                "--metrics-server-bind-address", METRICS_BIND, "--log-format", "json"]
+
+    def start_agent(self, name: str) -> None:
+        self.agents[name] = self.spawn(self.agent_argv(name), f"nodecryptor {name}",
+                                       f"{name}-agent", node=name)
+
+    def stop_agent(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.agents.pop(name, None)
+        if proc is not None:
+            self.stop(proc, sig)
+
+    def agent_ready(self, name: str) -> bool:
+        return self.http_status(self.nodes[name].netns, f"http://{HEALTH_BIND}/readyz") == 200
+
+    def wait_agent_ready(self, name: str, timeout: float = 60.0) -> None:
+        proc = self.agents[name]
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise LabError(f"nodecryptor on {name} exited ({proc.returncode}):\n"
+                               + self.log_tail(f"{name}-agent"))
+            return self.agent_ready(name)
+        wait_for(ready, timeout, f"nodecryptor on {name} to become ready", interval=0.2)
+
+    # ---------------------------------------------------------------- commands in namespaces
+
+    def http_status(self, netns: str, url: str) -> int:
+        code = ("import sys,urllib.request as u\n"
+                "try:\n print(u.urlopen(sys.argv[1], timeout=2).status)\n"
+                "except Exception as e:\n print(getattr(e, 'code', 0))\n")
+        out = topo.sh(PY, "-c", code, url, netns=netns, check=False).stdout.strip()
+        return int(out) if out.isdigit() else 0
+
+    def nodecryptor(self, name: str, *args: str, timeout: float = 30.0) -> dict:
+        """Run an inspection command (``status``, ``bpf dump``) with ``--json`` on ``name``."""
+        argv = self.nodes[name].enter() + [PY, "-m", "nodecryptor.cli", *args, "--json"]
+        if args and args[0] in ("status", "bpf", "explain", "cleanup"):
+            argv += ["--bpffs", self.nodes[name].bpffs]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                              env=child_env())
+        if proc.returncode not in (0, 1) or not proc.stdout.strip():
+            raise LabError(f"nodecryptor {' '.join(args)} on {name} failed "
+                           f"({proc.returncode}): {proc.stderr.strip()[-300:]}")
+        return json.loads(proc.stdout)
+
+    def run_flows(self, netns: str, flows: list[dict]) -> list[dict]:
+        if not flows:
+            return []
+        proc = subprocess.run(["ip", "netns", "exec", netns, PY, "-m", "nodecryptor.lab.probe",
+                               "flows"], input=json.dumps(flows), capture_output=True,
+                              text=True, timeout=60, env=child_env())
+        if proc.returncode != 0:
+            raise LabError(f"probe in {netns} failed: {proc.stderr.strip()[-300:]}")
+        return json.loads(proc.stdout)
+
+    def netns_of(self, endpoint: str) -> str:
+        """``w1`` (the node), ``w1/pod`` (its pod) or ``ext`` (the external host)."""
+        if endpoint == "ext":
+            return self.external
+        name, _, pod = endpoint.partition("/")
+        handle = self.nodes[name]
+        return handle.pod_netns if pod else handle.netns
+
+    def address_of(self, endpoint: str, family: int) -> str:
+        if endpoint == "ext":
+            return str(self.spec.external(family))
+        name, _, pod = endpoint.partition("/")
+        node: NodeSpec = self.spec.node(name)
+        return str(node.pod_address(family) if pod else node.address(family))
+
+    def api(self):
+        from .kubeapi import KubeApi
+        return KubeApi(self.api_url, API_TOKEN)
+
+    def add_node(self, node: NodeSpec) -> NodeHandle:
+        """Join a node: namespaces, routes both ways, CiliumNode object, stand-in (no agent)."""
+        handle = topo.build_node(self.state, self.underlay, node, self.workdir)
+        self.nodes[node.name] = handle
+        self.spec = LabSpec(nodes=self.spec.nodes + (node,))
+        topo.route_pods(handle, self.spec)
+        for other in self.nodes.values():
+            topo.route_pods(other, self.spec)
+        log.debug("node added", extra=kv(node=node.name, netns=handle.netns))
+        return handle
+
+    def remove_node(self, name: str) -> None:
+        """Remove a node's processes and namespaces (its CiliumNode is the caller's business)."""
+        self.stop_agent(name)
+        proc = self.standins.pop(name, None)
+        if proc is not None:
+            self.stop(proc)
+        handle = self.nodes.pop(name)
+        self.spec = LabSpec(nodes=tuple(n for n in self.spec.nodes if n.name != name))
+        for other in self.nodes.values():
+            topo.unroute_pods(other, handle.spec)
+        for ns in (handle.pod_netns, handle.netns):
+            delete_netns(ns)  # also ends the node's holder and echo servers
+        self.state.netns = [n for n in self.state.netns
+                            if n not in (handle.pod_netns, handle.netns)]
+        self.state.save()

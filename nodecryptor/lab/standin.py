@@ -1,0 +1,249 @@
+"""The lab's Cilium stand-in: owns one node's ``cilium_wg0`` the way cilium-agent does.
+
+It creates the device (kernel WireGuard when ``ip link add type wireguard`` works, else
+``wireguard-go``) with Cilium's settings (listen port 51871, fwmark 0x0e00, MTU underlay - 80,
+rp_filter 0), publishes the public key in the node's CiliumNode annotation through the API, and
+keeps one peer per other node whose key is published: allowed-IPs = that node's addresses and
+pod CIDRs, endpoint = its IPv4 address and port 51871.
+
+Signals drive the scenarios: SIGUSR1 = reboot (the device is re-created with a fresh key, which
+is published only after ``--republish-delay`` seconds, like a cilium-agent that takes time to
+start); SIGUSR2 = remove the device, and on the next SIGUSR2 bring it back with the same key;
+SIGTERM = remove the device and exit.
+
+Run as ``python -m nodecryptor.lab.standin --node NAME --server URL --token TOKEN``, inside the
+node's namespaces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from ..ciliumnode import WG_PUBKEY_ANNOTATION, parse_ciliumnode
+from ..log import kv, setup
+from .kubeapi import ApiError, KubeApi
+from .spec import UNDERLAY_MTU, WG_FWMARK, WG_MTU, WG_PORT
+
+log = logging.getLogger("nodecryptor.lab.standin")
+
+UAPI_DIR = "/var/run/wireguard"
+
+
+def _run(*cmd: str, stdin: str | None = None, check: bool = True) -> str:
+    proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=10)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: {proc.stderr.strip()}")
+    return proc.stdout.strip()
+
+
+class WgDevice:
+    """One WireGuard device, kernel or userspace, with a private key held in memory."""
+
+    def __init__(self, ifname: str, impl: str, mtu: int):
+        self.ifname = ifname
+        self.impl = impl
+        self.mtu = mtu
+        self.userspace: subprocess.Popen | None = None
+        self.private_key = ""
+        self.public_key = ""
+
+    def new_key(self) -> None:
+        self.private_key = _run("wg", "genkey")
+        self.public_key = _run("wg", "pubkey", stdin=self.private_key + "\n")
+
+    def exists(self) -> bool:
+        return subprocess.run(["ip", "link", "show", self.ifname],
+                              capture_output=True).returncode == 0
+
+    def create(self) -> str:
+        """Create and configure the device; returns the implementation used."""
+        impl = self.impl
+        if impl in ("auto", "kernel"):
+            ok = subprocess.run(["ip", "link", "add", self.ifname, "type", "wireguard"],
+                                capture_output=True).returncode == 0
+            if ok:
+                impl = "kernel"
+            elif impl == "kernel":
+                raise RuntimeError(f"--wg-impl=kernel: cannot create {self.ifname} "
+                                   "(no WireGuard kernel module)")
+            else:
+                impl = "go"
+        if impl == "go":
+            env = dict(os.environ, WG_PROCESS_FOREGROUND="1",
+                       WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD="1", LOG_LEVEL="error")
+            self.userspace = subprocess.Popen(["wireguard-go", "-f", self.ifname], env=env,
+                                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            sock = os.path.join(UAPI_DIR, f"{self.ifname}.sock")
+            deadline = time.monotonic() + 5
+            while not (os.path.exists(sock) and self.exists()):
+                if self.userspace.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"wireguard-go did not create {self.ifname}")
+                time.sleep(0.02)
+        _run("wg", "set", self.ifname, "private-key", "/dev/stdin", "listen-port", str(WG_PORT),
+             "fwmark", hex(WG_FWMARK), stdin=self.private_key + "\n")
+        _run("ip", "link", "set", self.ifname, "mtu", str(self.mtu), "up")
+        _run("sysctl", "-q", "-w", f"net.ipv4.conf.{self.ifname}.rp_filter=0")
+        return impl
+
+    def delete(self) -> None:
+        subprocess.run(["ip", "link", "del", self.ifname], capture_output=True)
+        if self.userspace is not None:
+            self.userspace.terminate()
+            try:
+                self.userspace.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.userspace.kill()
+                self.userspace.wait()
+            self.userspace = None
+
+    def peers(self) -> dict[str, tuple[frozenset[str], str]]:
+        """public key -> (allowed-IPs, endpoint) as WireGuard has them now."""
+        out = _run("wg", "show", self.ifname, "dump", check=False)
+        peers = {}
+        for line in out.splitlines()[1:]:
+            cols = line.split("\t")
+            if len(cols) >= 4:
+                allowed = frozenset(a for a in cols[3].split(",") if a and a != "(none)")
+                peers[cols[0]] = (allowed, cols[2])
+        return peers
+
+
+def desired_peers(objects: list[dict], local: str) -> dict[str, tuple[frozenset[str], str]]:
+    """What Cilium would configure: one peer per other node with a published key."""
+    peers = {}
+    for obj in objects:
+        info, _ = parse_ciliumnode(obj)
+        if info is None or info.name == local or not info.wg_public_key:
+            continue
+        addrs = [a for _, a in info.addresses]
+        allowed = {str(ipaddress.ip_network(a)) for a in addrs}
+        allowed |= {str(c) for c in info.pod_cidrs}
+        v4 = [a for a in addrs if a.version == 4]
+        endpoint = f"{v4[0]}:{WG_PORT}" if v4 else (f"[{addrs[0]}]:{WG_PORT}" if addrs else "")
+        peers[info.wg_public_key] = (frozenset(allowed), endpoint)
+    return peers
+
+
+class StandIn:
+    def __init__(self, node: str, api: KubeApi, device: WgDevice, poll: float,
+                 republish_delay: float):
+        self.node = node
+        self.api = api
+        self.device = device
+        self.poll = poll
+        self.republish_delay = republish_delay
+        self.wake = threading.Event()
+        self.reboot_requested = False
+        self.toggle_requested = False
+        self.stop_requested = False
+        self.down = False
+        self.published = ""
+        self.publish_after = 0.0
+
+    def on_signal(self, signum, _frame) -> None:
+        if signum == signal.SIGUSR1:
+            self.reboot_requested = True
+        elif signum == signal.SIGUSR2:
+            self.toggle_requested = True
+        else:
+            self.stop_requested = True
+        self.wake.set()
+
+    def bring_up(self) -> None:
+        impl = self.device.create()
+        log.info("device created", extra=kv(ifname=self.device.ifname, impl=impl,
+                                            public_key=self.device.public_key))
+
+    def publish(self) -> None:
+        if self.published == self.device.public_key or time.monotonic() < self.publish_after:
+            return
+        self.api.annotate(self.node, WG_PUBKEY_ANNOTATION, self.device.public_key)
+        self.published = self.device.public_key
+        log.info("public key published", extra=kv(node=self.node, public_key=self.published))
+
+    def sync_peers(self) -> None:
+        want = desired_peers(self.api.list_ciliumnodes(), self.node)
+        have = self.device.peers()
+        for key in have.keys() - want.keys():
+            _run("wg", "set", self.device.ifname, "peer", key, "remove")
+            log.info("peer removed", extra=kv(public_key=key))
+        for key, (allowed, endpoint) in want.items():
+            if have.get(key) == (allowed, endpoint):
+                continue
+            _run("wg", "set", self.device.ifname, "peer", key,
+                 "allowed-ips", ",".join(sorted(allowed)), "endpoint", endpoint)
+            log.info("peer configured", extra=kv(public_key=key, endpoint=endpoint,
+                                                 allowed_ips=",".join(sorted(allowed))))
+
+    def handle_requests(self) -> None:
+        if self.reboot_requested:
+            self.reboot_requested = False
+            self.device.delete()
+            self.device.new_key()
+            self.bring_up()
+            self.down = False
+            self.publish_after = time.monotonic() + self.republish_delay
+            log.info("rebooted", extra=kv(republish_in=self.republish_delay))
+        if self.toggle_requested:
+            self.toggle_requested = False
+            if self.down:
+                self.bring_up()
+                self.down = False
+            else:
+                self.device.delete()
+                self.down = True
+                log.info("device removed", extra=kv(ifname=self.device.ifname))
+
+    def run(self) -> int:
+        self.device.new_key()
+        self.bring_up()
+        try:
+            while not self.stop_requested:
+                self.handle_requests()
+                if not self.down:
+                    try:
+                        self.publish()
+                        self.sync_peers()
+                    except (ApiError, RuntimeError) as e:
+                        log.warning("sync failed; retrying", extra=kv(error=str(e)))
+                self.wake.wait(self.poll)
+                self.wake.clear()
+        finally:
+            self.device.delete()
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m nodecryptor.lab.standin",
+                                description="Cilium stand-in of one lab node (see module doc).")
+    p.add_argument("--node", required=True)
+    p.add_argument("--server", required=True, help="API server URL")
+    p.add_argument("--token", required=True)
+    p.add_argument("--ifname", default="cilium_wg0")
+    p.add_argument("--wg-impl", choices=("auto", "kernel", "go"), default="auto")
+    p.add_argument("--mtu", type=int, default=WG_MTU,
+                   help=f"device MTU (default: underlay {UNDERLAY_MTU} - 80 = %(default)s)")
+    p.add_argument("--poll", type=float, default=0.25, help="seconds between API polls")
+    p.add_argument("--republish-delay", type=float, default=0.0,
+                   help="seconds between a reboot and publishing the new key")
+    p.add_argument("--log-format", choices=("text", "json"), default="text")
+    args = p.parse_args(argv)
+    setup(args.log_format)
+    standin = StandIn(args.node, KubeApi(args.server, args.token),
+                      WgDevice(args.ifname, args.wg_impl, args.mtu), args.poll,
+                      args.republish_delay)
+    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, standin.on_signal)
+    return standin.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
