@@ -1,0 +1,27 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* Per-CPU counters by reason, and the verdict record in skb->cb[] that BPF_PROG_TEST_RUN (and
+ * so `nodecryptor explain` and the packet-table tests) reads back from ctx_out. */
+#ifndef NC_LIB_COUNTERS_H
+#define NC_LIB_COUNTERS_H
+
+#include "maps.h"
+
+static __always_inline void nc_count(__u32 index, __u64 bytes)
+{
+	struct nc_counter *c = nc_counters.lookup(&index);
+
+	if (c) {
+		/* Per-CPU values: no other CPU writes this slot, plain adds are enough. */
+		c->packets += 1;
+		c->bytes += bytes;
+	}
+}
+
+static __always_inline void nc_record(struct __sk_buff *skb, __u32 reason, __u32 target)
+{
+	nc_count(reason, skb->len);
+	skb->cb[NC_CB_REASON] = NC_CB_MAGIC | reason;
+	skb->cb[NC_CB_TARGET] = target;
+}
+
+#endif /* NC_LIB_COUNTERS_H */

@@ -1,0 +1,60 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* nodecryptor: tc egress program on the underlay devices. Node-bound cluster traffic is
+ * redirected into Cilium's WireGuard device; bootstrap flows to and from control-plane nodes
+ * and everything that is not cluster traffic continue to the next program (Cilium's). The
+ * decision order is documented in docs and DESIGN.md section 3; each step lives in bpf/lib. */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+
+#include "nc_abi.h"
+#include "maps.h"
+#include "counters.h"
+#include "parse.h"
+#include "lookup.h"
+#include "exempt.h"
+#include "frag.h"
+#include "mss.h"
+#include "verdict.h"
+
+int nc_egress(struct __sk_buff *skb)
+{
+	__u32 zero = 0, reason;
+	struct nc_config *cfg = nc_config_map.lookup(&zero);
+	struct nc_dst_info *dst;
+	struct nc_pkt p = {};
+
+	if (!cfg || !cfg->enabled)
+		return nc_pass(skb, NC_R_DISABLED);
+	if ((skb->mark & cfg->wg_mark_mask) == cfg->wg_mark)
+		return nc_pass(skb, NC_R_WG_MARK);
+	if (nc_parse_l3(skb, &p) < 0)
+		return nc_pass(skb, NC_R_NOT_IP);
+	dst = nc_lookup_dst(&p);
+	if (!dst)
+		return nc_pass(skb, NC_R_NOT_CLUSTER);
+	if (p.family == 6)
+		nc_parse_ipv6_ext(skb, &p);
+	nc_parse_l4(skb, &p);
+
+	if (p.frag == NC_FRAG_LATER) {
+		reason = nc_frag_reason(&p);
+		if (reason == NC_R_FRAG_EXEMPT)
+			return nc_pass(skb, reason);
+		return nc_encrypt(skb, &p, dst, cfg, reason);
+	}
+	if (!p.l4_ok)
+		return nc_encrypt(skb, &p, dst, cfg, NC_R_MALFORMED);
+	if (p.proto == NC_IPPROTO_ICMPV6 && p.icmp_type >= 133 && p.icmp_type <= 137)
+		reason = NC_R_ND; /* redirecting neighbour discovery breaks IPv6 resolution */
+	else if (p.proto == NC_IPPROTO_UDP && p.sport == cfg->wg_port && p.dport == cfg->wg_port)
+		reason = NC_R_WG_PORT;
+	else
+		reason = nc_exempt_reason(&p, dst, cfg);
+	if (p.frag == NC_FRAG_FIRST)
+		nc_frag_remember(&p, reason);
+	if (reason != NC_R_ENCRYPT)
+		return nc_pass(skb, reason);
+	return nc_encrypt(skb, &p, dst, cfg, reason);
+}

@@ -1,0 +1,194 @@
+"""Compile and load the tc program in bpf/ through BCC. The only module that imports ``bcc``.
+
+``load`` returns a LoadedProgram: the program fd and id, and one fd per map of
+``abi.MAP_SPECS``. With a pin directory every map is reused from ``<pin_dir>/<name>`` when
+pinned there, and created and pinned there otherwise (the caller has removed pins of the wrong
+shape beforehand), so a restarted agent keeps the datapath's state. ``probe`` says whether this
+machine can do all of that, and why not.
+
+BCC rewrites map method calls (``nc_dst_v4.lookup(...)``) only in its main source buffer, not in
+included files, so the loader inlines bpf/nodecryptor.c's local includes (bpf/lib/*.h and
+bpf/include/nc_abi.h) into one text, keeping ``#line`` markers so compiler errors still name
+the original file and line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ...errors import DatapathError, NotSupported
+from ...log import kv
+from ...settings import Settings
+from . import abi, syscall
+
+log = logging.getLogger(__name__)
+
+ENTRY_FILE = "nodecryptor.c"
+ENTRY_FUNCTION = b"nc_egress"
+BPF_DIR_ENV = "NODECRYPTOR_BPF_DIR"
+_INCLUDE_RE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
+
+# Size cflags from settings.MapSizes, named as nc_abi.h expects them.
+_SIZE_DEFINES = {
+    "NC_DST_V4_MAX": "destinations_v4",
+    "NC_DST_V6_MAX": "destinations_v6",
+    "NC_EXEMPT_MAX": "exempt_ports",
+    "NC_LOCAL_MAX": "local_addresses",
+    "NC_FRAGS_MAX": "fragments",
+}
+
+
+def bpf_dir() -> Path:
+    """Where the C sources live: $NODECRYPTOR_BPF_DIR, else bpf/ at the repository root."""
+    override = os.environ.get(BPF_DIR_ENV)
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parents[3] / "bpf"
+
+
+def _search_path(root: Path) -> list[Path]:
+    return [root, root / "include", root / "lib"]
+
+
+def inline_source(root: Path | None = None) -> str:
+    """The entry file with every local ``#include "..."`` replaced by the file's text, once
+    (the headers' include guards are kept, so a second inclusion expands to nothing)."""
+    root = root or bpf_dir()
+    search = _search_path(root)
+    seen: set[Path] = set()
+
+    def expand(path: Path) -> list[str]:
+        out = [f'#line 1 "{path}"']
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            match = _INCLUDE_RE.match(line)
+            if not match:
+                out.append(line)
+                continue
+            target = next((d / match.group(1) for d in [path.parent] + search
+                           if (d / match.group(1)).is_file()), None)
+            if target is None:
+                raise DatapathError(f"{path}:{number}: include {match.group(1)!r} not found "
+                                    f"under {root}")
+            target = target.resolve()
+            if target not in seen:
+                seen.add(target)
+                out.extend(expand(target))
+            out.append(f'#line {number + 1} "{path}"')
+        return out
+
+    entry = root / ENTRY_FILE
+    if not entry.is_file():
+        raise DatapathError(f"BPF source {entry} not found (set {BPF_DIR_ENV} to the bpf/ "
+                            "directory)")
+    return "\n".join(expand(entry.resolve())) + "\n"
+
+
+def cflags(settings: Settings, pin_dir: str | None = None, root: Path | None = None) -> list[str]:
+    root = root or bpf_dir()
+    flags = [f"-I{d}" for d in _search_path(root)]
+    flags.append("-Wno-unused-function")
+    for define, attr in _SIZE_DEFINES.items():
+        value = getattr(settings.map_sizes, attr)
+        if not isinstance(value, int) or value <= 0:
+            raise DatapathError(f"map size {attr}={value!r} must be a positive integer")
+        flags.append(f"-D{define}={value}")
+    if pin_dir is not None:
+        if '"' in pin_dir or "\\" in pin_dir:
+            raise DatapathError(f"pin directory {pin_dir!r} may not contain quotes or "
+                                "backslashes (it becomes a C string literal)")
+        flags.append(f'-DNC_PIN_DIR="{pin_dir.rstrip("/")}"')
+    return flags
+
+
+@dataclass
+class LoadedProgram:
+    """A loaded program and its maps. Keeps the BCC module alive: closing it (or dropping the
+    last reference) closes the fds; pinned maps and an attached program stay in the kernel."""
+
+    prog_fd: int
+    prog_id: int
+    map_fds: dict[str, int]
+    compile_seconds: float = 0.0
+    pin_dir: str | None = None
+    _bpf: object = field(default=None, repr=False)
+
+    def close(self) -> None:
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None
+            self.prog_fd = -1
+            self.map_fds = {}
+
+
+def _import_bcc():
+    try:
+        import bcc  # the single import of bcc in nodecryptor
+    except Exception as e:  # ImportError, or libbcc.so failing to load (OSError)
+        raise NotSupported("BCC", f"cannot import bcc: {e}",
+                           minimum="Debian package python3-bpfcc") from e
+    return bcc
+
+
+def _headers_present() -> tuple[bool, str]:
+    release = os.uname().release
+    build = f"/lib/modules/{release}/build"
+    for path in (os.environ.get("BCC_KERNEL_SOURCE"), build, "/sys/kernel/kheaders.tar.xz"):
+        if path and os.path.exists(path):
+            return True, path
+    return False, (f"no kernel headers at {build} (nor BCC_KERNEL_SOURCE or "
+                   "/sys/kernel/kheaders.tar.xz); scripts/setup.sh links Debian's")
+
+
+def load(settings: Settings, pin_dir: str | None = None) -> LoadedProgram:
+    """Compile bpf/nodecryptor.c and load it as a SCHED_CLS program.
+
+    With ``pin_dir`` (an existing directory on a bpffs) maps are reused from it or pinned into
+    it. Raises NotSupported when BCC or headers are missing, DatapathError when compiling or
+    loading fails (the verifier's message is in BCC's stderr output).
+    """
+    bcc = _import_bcc()
+    ok, why = _headers_present()
+    if not ok:
+        raise NotSupported("BCC kernel headers", why)
+    if pin_dir is not None and not os.path.isdir(pin_dir):
+        raise DatapathError(f"pin directory {pin_dir} does not exist")
+    root = bpf_dir()
+    text = inline_source(root)
+    flags = cflags(settings, pin_dir, root)
+    started = time.monotonic()
+    try:
+        module = bcc.BPF(text=text.encode(), cflags=flags)
+    except Exception as e:  # BCC raises a bare Exception on compile errors
+        raise DatapathError(f"compiling {root / ENTRY_FILE} failed: {e}") from e
+    try:
+        fn = module.load_func(ENTRY_FUNCTION, bcc.BPF.SCHED_CLS)
+        map_fds = {spec.name: module[spec.name.encode()].map_fd for spec in abi.MAP_SPECS}
+    except Exception as e:  # verifier rejection, or a map missing from the source
+        module.cleanup()
+        raise DatapathError(f"loading {ENTRY_FUNCTION.decode()} failed: {e}") from e
+    elapsed = time.monotonic() - started
+    prog_id = syscall.prog_info(fn.fd).id
+    log.info("BPF program loaded", extra=kv(prog_id=prog_id, seconds=round(elapsed, 3),
+                                             pin_dir=pin_dir or "-"))
+    return LoadedProgram(prog_fd=fn.fd, prog_id=prog_id, map_fds=map_fds,
+                         compile_seconds=elapsed, pin_dir=pin_dir, _bpf=module)
+
+
+def probe(settings: Settings) -> tuple[bool, str]:
+    """Whether the BPF datapath can work here: bcc importable, kernel headers present, the
+    program compiles and the verifier accepts it (maps unpinned, released at once)."""
+    try:
+        loaded = load(settings, pin_dir=None)
+    except NotSupported as e:
+        return False, str(e)
+    except DatapathError as e:
+        return False, str(e)
+    try:
+        return True, f"compiled and loaded in {loaded.compile_seconds:.2f}s"
+    finally:
+        loaded.close()
