@@ -1,0 +1,260 @@
+"""Building blocks of the BPF backend tests: entering a network namespace from this process,
+tiny raw BPF programs (no compiler), a two-node lab joined by a veth underlay with a real
+WireGuard device (wireguard-go) on each side, a tcpdump capture, and the desired state the
+policy computes for node A.
+
+Everything created here is removed by the ``close()``/context-manager paths, also on failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes as C
+import ipaddress
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+from nodecryptor.datapath.bpf import syscall
+from nodecryptor.model import Device, NodeInfo, WgPeer, WgState
+from nodecryptor.policy import compute_desired, compute_plan
+from nodecryptor.settings import Settings
+from nodecryptor.testing import netns as netns_mod
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CP_LABEL = "node-role.kubernetes.io/control-plane"
+WG_PORT = 51871
+WG_MARK = 0xE00
+WG_IFNAME = "cilium_wg0"
+CLONE_NEWNET = 0x40000000
+
+_libc = C.CDLL(None, use_errno=True)
+
+
+@contextlib.contextmanager
+def in_netns(name: str):
+    """Run the block in network namespace ``name`` (this thread only), then come back."""
+    back = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if _libc.setns(target, CLONE_NEWNET) != 0:
+            raise OSError(C.get_errno(), f"setns {name}")
+        try:
+            yield
+        finally:
+            if _libc.setns(back, CLONE_NEWNET) != 0:
+                raise OSError(C.get_errno(), "setns back")
+    finally:
+        os.close(target)
+        os.close(back)
+
+
+# ---- raw programs ----------------------------------------------------------------------------
+
+class _ProgLoadAttr(C.Structure):
+    _fields_ = [("prog_type", C.c_uint32), ("insn_cnt", C.c_uint32), ("insns", C.c_uint64),
+                ("license", C.c_uint64), ("log_level", C.c_uint32), ("log_size", C.c_uint32),
+                ("log_buf", C.c_uint64), ("kern_version", C.c_uint32),
+                ("prog_flags", C.c_uint32), ("prog_name", C.c_char * 16),
+                ("prog_ifindex", C.c_uint32), ("expected_attach_type", C.c_uint32)]
+
+
+BPF_PROG_LOAD = 5
+BPF_PROG_TYPE_SCHED_CLS = 3
+
+
+def load_ret_prog(retval: int, name: str = "nc_test_ret") -> int:
+    """Load a SCHED_CLS program that only returns ``retval``; returns its fd."""
+    insns = (C.c_uint8 * 16)()
+    # r0 = retval (BPF_ALU64 | BPF_MOV | BPF_K), exit (BPF_JMP | BPF_EXIT)
+    mov = bytes([0xB7, 0x00, 0, 0]) + C.c_int32(retval).value.to_bytes(4, "little", signed=True)
+    ext = bytes([0x95, 0, 0, 0, 0, 0, 0, 0])
+    C.memmove(insns, mov + ext, 16)
+    lic = C.create_string_buffer(b"GPL")
+    attr = _ProgLoadAttr(prog_type=BPF_PROG_TYPE_SCHED_CLS, insn_cnt=2,
+                         insns=C.addressof(insns), license=C.addressof(lic),
+                         prog_name=name.encode()[:15])
+    return syscall._bpf(BPF_PROG_LOAD, attr)
+
+
+def prog_id(fd: int) -> int:
+    return syscall.prog_info(fd).id
+
+
+# ---- commands in a namespace -----------------------------------------------------------------
+
+def sh(*cmd: str, netns: str | None = None, check: bool = True) -> str:
+    return netns_mod.run(*cmd, netns=netns, check=check).stdout
+
+
+def nodecryptor_cli(*args: str, netns: str | None = None, mount_pid: int | None = None,
+                    timeout: float = 30.0) -> subprocess.CompletedProcess:
+    """Run the CLI the way an operator would, inside the node's namespaces (with
+    ``mount_pid`` also in its mount namespace, where its WireGuard UAPI socket is)."""
+    prefix: list[str] = []
+    if mount_pid:
+        prefix = ["nsenter", "-t", str(mount_pid), "-m", "-n"]
+    elif netns:
+        prefix = ["ip", "netns", "exec", netns]
+    return subprocess.run(prefix + [sys.executable, "-m", "nodecryptor.cli", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# ---- the two-node lab ------------------------------------------------------------------------
+
+@dataclass
+class Node:
+    name: str
+    netns: str
+    ip: str
+    pod_cidr: str
+    pod_ip: str
+    control_plane: bool = False
+    wg_pid: int = 0
+    wg_private: str = ""
+    wg_public: str = ""
+
+    def info(self) -> NodeInfo:
+        labels = ((CP_LABEL, ""),) if self.control_plane else ()
+        return NodeInfo(name=self.name, labels=labels,
+                        addresses=(("InternalIP", ipaddress.ip_address(self.ip)),),
+                        pod_cidrs=(ipaddress.ip_network(self.pod_cidr),),
+                        wg_public_key=self.wg_public)
+
+
+def _wg_keys() -> tuple[str, str]:
+    private = subprocess.run(["wg", "genkey"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    public = subprocess.run(["wg", "pubkey"], input=private, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    return private, public
+
+
+class TwoNodeLab:
+    """Node A (worker, where nodecryptor runs) and node B (control-plane) in two namespaces
+    joined by a veth pair ``eth0``/``eth0``, each with ``cilium_wg0`` from wireguard-go peering
+    the other (fwmark 0xe00 as Cilium 1.18 sets it). B's pod address lives on its loopback;
+    A routes B's pod CIDR via B's node address over eth0, as native routing does."""
+
+    def __init__(self, make_netns, wireguard: bool = True):
+        self.a = Node("node-a", make_netns("a"), "192.168.77.1", "10.244.1.0/24", "10.244.1.7")
+        self.b = Node("node-b", make_netns("b"), "192.168.77.2", "10.244.2.0/24", "10.244.2.7",
+                      control_plane=True)
+        self._procs: list[subprocess.Popen] = []
+        self._wg_tmp = tempfile.mkdtemp(prefix="nct-wg-")
+        try:
+            self._underlay()
+            if wireguard:
+                for node, peer in ((self.a, self.b), (self.b, self.a)):
+                    node.wg_private, node.wg_public = _wg_keys()
+                for node, peer in ((self.a, self.b), (self.b, self.a)):
+                    self._wireguard(node, peer)
+        except BaseException:
+            self.close()
+            raise
+
+    def _underlay(self) -> None:
+        a, b = self.a, self.b
+        sh("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", b.netns,
+           netns=a.netns)
+        for node in (a, b):
+            sh("ip", "addr", "add", f"{node.ip}/24", "dev", "eth0", netns=node.netns)
+            sh("ip", "link", "set", "eth0", "up", netns=node.netns)
+            sh("ip", "addr", "add", f"{node.pod_ip}/32", "dev", "lo", netns=node.netns)
+            for conf in ("all", "default"):
+                sh("sysctl", "-qw", f"net.ipv4.conf.{conf}.rp_filter=0", netns=node.netns)
+        sh("ip", "route", "add", b.pod_cidr, "via", b.ip, "dev", "eth0", netns=a.netns)
+        sh("ip", "route", "add", a.pod_cidr, "via", a.ip, "dev", "eth0", netns=b.netns)
+
+    def _wireguard(self, node: Node, peer: Node) -> None:
+        os.makedirs("/var/run/wireguard", exist_ok=True)
+        # ip netns exec gives the command its own mount namespace: a tmpfs on the UAPI socket
+        # directory keeps the two cilium_wg0 sockets apart.
+        log = open(os.path.join(self._wg_tmp, f"{node.name}.log"), "w")
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", node.netns, "sh", "-c",
+             f"mount -t tmpfs tmpfs /var/run/wireguard && exec wireguard-go -f {WG_IFNAME}"],
+            stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        self._procs.append(proc)
+        node.wg_pid = proc.pid
+        deadline = time.time() + 10
+        while not os.path.exists(f"/proc/{proc.pid}/root/var/run/wireguard/{WG_IFNAME}.sock"):
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"wireguard-go did not start in {node.netns}")
+            time.sleep(0.05)
+        keyfile = os.path.join(self._wg_tmp, f"{node.name}.key")
+        with open(keyfile, "w") as f:
+            f.write(node.wg_private)
+        subprocess.run(["nsenter", "-t", str(proc.pid), "-m", "-n", "wg", "set", WG_IFNAME,
+                        "listen-port", str(WG_PORT), "fwmark", hex(WG_MARK),
+                        "private-key", keyfile, "peer", peer.wg_public,
+                        "endpoint", f"{peer.ip}:{WG_PORT}",
+                        "allowed-ips", f"{peer.ip}/32,{peer.pod_cidr}"], check=True)
+        sh("ip", "link", "set", WG_IFNAME, "up", netns=node.netns)
+        sh("sysctl", "-qw", f"net.ipv4.conf.{WG_IFNAME}.rp_filter=0", netns=node.netns)
+
+    def close(self) -> None:
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        self._procs.clear()
+        subprocess.run(["rm", "-rf", self._wg_tmp])
+
+    # ---- what nodecryptor on A is given ----
+
+    def settings(self, bpffs: str, **kw) -> Settings:
+        return Settings(node_name=self.a.name, bpffs=bpffs, wg_interface=WG_IFNAME, **kw)
+
+    def desired(self, settings: Settings):
+        """The DesiredState the policy computes for A (run inside A's namespace)."""
+        import socket
+
+        snapshot = {n.name: n.info() for n in (self.a, self.b)}
+        plan = compute_plan(snapshot, self.a.name, settings)
+        peer = WgPeer(public_key=self.b.wg_public,
+                      allowed_ips=(ipaddress.ip_network(f"{self.b.ip}/32"),
+                                   ipaddress.ip_network(self.b.pod_cidr)),
+                      endpoint=f"{self.b.ip}:{WG_PORT}")
+        wg = WgState(ifname=WG_IFNAME, ifindex=socket.if_nametoindex(WG_IFNAME), present=True,
+                     up=True, mtu=1420, listen_port=WG_PORT, fwmark=WG_MARK, peers=(peer,))
+        device = Device(name="eth0", ifindex=socket.if_nametoindex("eth0"), mtu=1500)
+        return compute_desired(plan, wg, (device,), settings)
+
+
+class Capture:
+    """tcpdump on a device in a namespace, outgoing packets only, written to a pcap file."""
+
+    def __init__(self, netns: str, device: str, path: str, bpf_filter: str = "ip"):
+        self.path = path
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", netns, "tcpdump", "-i", device, "-Q", "out", "-nn", "-U",
+             "--immediate-mode", "-w", path, bpf_filter],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # tcpdump says "listening on" once the capture is armed.
+        line = self.proc.stderr.readline()
+        if "listening" not in line:
+            self.stop()
+            raise RuntimeError(f"tcpdump did not start: {line}")
+
+    def stop(self) -> list[str]:
+        if self.proc.poll() is None:
+            time.sleep(0.3)  # let the last packets reach the file
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.stderr.close()
+        out = subprocess.run(["tcpdump", "-nn", "-r", self.path], capture_output=True, text=True)
+        return out.stdout.splitlines()
