@@ -111,6 +111,8 @@ def translate_error(err: Exception, server: str, what: str) -> KubernetesError:
                                 f"({status} {err.reason}): {detail}")
         if status == 410:
             return ApiGone(f"{what}: {detail}")
+        if status == 404 and _status_details_name(err):
+            return KubernetesError(f"{what}: not found on {server} (404): {detail}")
         if status == 404:
             return KubernetesError(f"{what}: {server} has no ciliumnodes.cilium.io/v2 resource "
                                    f"(is Cilium installed?): {detail}")
@@ -127,6 +129,15 @@ def translate_error(err: Exception, server: str, what: str) -> KubernetesError:
                               cause="dropped")
     return ApiUnavailable(f"{what}: cannot reach the API server {server}: {err}",
                           cause="unreachable")
+
+
+def _status_details_name(err: ApiException) -> str | None:
+    """The object name of a Status body: present when one object, not the resource, is
+    missing."""
+    try:
+        return json.loads(err.body)["details"]["name"]
+    except (TypeError, ValueError, KeyError):
+        return None
 
 
 def _status_message(err: ApiException) -> str:

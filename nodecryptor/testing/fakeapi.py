@@ -476,7 +476,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         path = url.path.rstrip("/") or "/"
         fake.cluster.requests.append((method, self.path))
         try:
-            if self.headers.get("Authorization") != f"Bearer {fake.token}":
+            scheme, _, presented = (self.headers.get("Authorization") or "").partition(" ")
+            # The scheme is case-insensitive (the in-cluster loader sends "bearer").
+            if scheme.lower() != "bearer" or presented.strip() != fake.token:
                 raise ApiError(401, "Unauthorized", "Unauthorized")
             if path.startswith("/_fake/") and method == "POST":
                 self._send_json(200, fake.control(path[len("/_fake/"):], self._read_body()))

@@ -1,0 +1,105 @@
+"""Support for the Kubernetes tests: an in-process fake API server, a kubeconfig pointing at
+it, fast Settings, and a running CiliumNodeSync that is always stopped on teardown."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import pytest
+
+from nodecryptor import k8s
+from nodecryptor.metrics import Metrics
+from nodecryptor.settings import Settings
+from nodecryptor.store import Store
+from nodecryptor.testing.fakeapi import FakeApiServer, make_ciliumnode
+
+TOKEN = "test-token-k8s"
+
+
+def node(i: int, **kw) -> dict:
+    """Worker ``n<i>`` with addresses and pod CIDRs derived from ``i`` (up to 65,535)."""
+    hi, lo = divmod(i, 256)
+    return make_ciliumnode(f"n{i:05d}", ipv4=f"172.16.{hi}.{lo}", ipv6=f"fd50::{i:x}",
+                           pod_cidrs=[f"10.{hi}.{lo}.0/24"], **kw)
+
+
+def wait_for(cond, timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def restarts(metrics: Metrics, cause: str) -> float:
+    value = metrics.registry.get_sample_value("nodecryptor_watch_restarts_total",
+                                              {"cause": cause})
+    return value or 0.0
+
+
+@pytest.fixture
+def fake():
+    server = FakeApiServer(token=TOKEN, bookmark_interval=3600)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def kubeconfig(fake, tmp_path):
+    return fake.write_kubeconfig(str(tmp_path / "kubeconfig"))
+
+
+@pytest.fixture
+def settings(kubeconfig):
+    """Settings with timings small enough for tests (seconds, not minutes)."""
+    return Settings(kubeconfig=kubeconfig, list_page_size=50, watch_timeout_seconds=5,
+                    request_timeout_seconds=1.0, resync_seconds=3600)
+
+
+class Running:
+    """A CiliumNodeSync running in a thread."""
+
+    def __init__(self, settings: Settings, **kw):
+        self.store = Store()
+        self.metrics = Metrics()
+        kw.setdefault("backoff", k8s.Backoff(initial=0.05, maximum=0.4, jitter=0.2))
+        kw.setdefault("read_timeout_margin", 0.5)
+        self.sync = k8s.CiliumNodeSync(settings, self.store, self.metrics, **kw)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.sync.run, args=(self.stop,), daemon=True)
+
+    def start(self, wait_synced: bool = True) -> "Running":
+        self.thread.start()
+        if wait_synced:
+            assert self.store.synced.wait(10), "first list never completed"
+        return self
+
+    def halt(self) -> float:
+        started = time.monotonic()
+        self.stop.set()
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "sync did not stop"
+        return time.monotonic() - started
+
+
+@pytest.fixture
+def run_sync():
+    """Factory ``run_sync(settings, **CiliumNodeSync kwargs)``; all are stopped on teardown."""
+    started: list[Running] = []
+
+    def make(settings: Settings, wait_synced: bool = True, **kw) -> Running:
+        r = Running(settings, **kw)
+        started.append(r)
+        return r.start(wait_synced)
+
+    yield make
+    for r in started:
+        if r.thread.is_alive():
+            r.halt()
+
+
+def with_settings(settings: Settings, **changes) -> Settings:
+    return dataclasses.replace(settings, **changes)
