@@ -1,0 +1,188 @@
+"""``IpRuleDatapath``: the ip-rule fallback behind the ``Datapath`` protocol.
+
+Reconciles nodecryptor's priority band and routing table with ``spec.desired_rules`` and
+``spec.desired_routes``: missing rules first, then new and changed routes (replace is atomic),
+then stale routes, then stale rules, so a flow is never left without a decision while the
+state moves. Only rules inside the band and routes inside the table are ever read or changed.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from ...errors import DatapathError, NotSupported
+from ...log import kv
+from ...model import DesiredState
+from ...settings import Settings
+from ..base import Observation
+from . import kernel, noop
+from .spec import (MAIN_TABLE, OFFSET_LOOKUP, OFFSET_PROBE, RuleSpec, band, desired_routes,
+                   desired_rules)
+
+log = logging.getLogger(__name__)
+
+
+def remove_all(ipr, settings: Settings) -> dict:
+    """Delete every rule of the band, every route of the table and the noop route."""
+    rules = kernel.read_rules(ipr, band(settings))
+    routes = kernel.read_routes(ipr, settings.iprule_table)
+    # The catch-all lookup rule goes first so nothing is sent to a half-emptied table.
+    rules.sort(key=lambda r: r.priority != settings.iprule_priority_base + OFFSET_LOOKUP)
+    removed_rules = sum(kernel.delete_rule(ipr, r) for r in rules)
+    removed_routes = sum(kernel.delete_route(ipr, r, settings.iprule_table) for r in routes)
+    out = {"datapath": "iprule", "rules_removed": removed_rules,
+           "routes_removed": removed_routes}
+    out.update(noop.remove(ipr))
+    return out
+
+
+class IpRuleDatapath:
+    """Policy-routing datapath. The constructor does no I/O; ``start`` probes and opens.
+
+    ``netns`` runs every operation in that network namespace (tests; the agent uses its own).
+    """
+
+    name = "iprule"
+
+    def __init__(self, settings: Settings, metrics=None, netns: str | None = None):
+        self.settings = settings
+        self.metrics = metrics
+        self.netns = netns
+        self._ipr = None
+        self._applied = False
+        self._error = ""
+        self.last_apply: dict = {}
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> "IpRuleDatapath":
+        """Check that policy routing with protocol/port selectors works here; raise
+        NotSupported otherwise. Returns self."""
+        try:
+            ipr = kernel.open_route(self.netns)
+        except (OSError, NetlinkError) as e:
+            raise NotSupported("rtnetlink", f"cannot open a netlink socket: {e}") from e
+        try:
+            self._probe(ipr)
+        except NotSupported:
+            ipr.close()
+            raise
+        self._ipr = ipr
+        log.info("ip-rule datapath started", extra=kv(
+            band=f"{self.settings.iprule_priority_base}-"
+                 f"{self.settings.iprule_priority_base + 99}",
+            table=self.settings.iprule_table, netns=self.netns or "-"))
+        return self
+
+    def _probe(self, ipr) -> None:
+        try:
+            list(ipr.rule("dump"))
+        except NetlinkError as e:
+            raise NotSupported("policy routing", f"listing ip rules failed: {e}",
+                               minimum="CONFIG_IP_MULTIPLE_TABLES") from e
+        # A rule with ipproto and a port range, at the band's reserved probe priority: the
+        # exemptions need both (Linux 4.17); without ipproto a dport rule would match every
+        # protocol.
+        probe = RuleSpec(4, self.settings.iprule_priority_base + OFFSET_PROBE, MAIN_TABLE,
+                         dst="192.0.2.255/32", ip_proto=6, dport=(1, 1))
+        try:
+            kernel.add_rule(ipr, probe)
+            kernel.delete_rule(ipr, probe)
+        except DatapathError as e:
+            raise NotSupported("ip rule ipproto/dport selectors", str(e),
+                               minimum="Linux 4.17") from e
+
+    def _handle(self):
+        if self._ipr is None:
+            self.start()
+        return self._ipr
+
+    def close(self) -> None:
+        """Release the netlink handle; rules and routes stay and keep enforcing."""
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+
+    # -- Datapath protocol ---------------------------------------------------------------
+
+    def apply(self, desired: DesiredState) -> None:
+        ipr = self._handle()
+        table = self.settings.iprule_table
+        started = time.monotonic()
+        want_rules = set(desired_rules(desired, self.settings))
+        want_routes = {r.key: r for r in desired_routes(desired)}
+        try:
+            have_rules = set(kernel.read_rules(ipr, band(self.settings)))
+            have_routes = {r.key: r for r in kernel.read_routes(ipr, table)}
+            added_rules = sum(kernel.add_rule(ipr, r) for r in sorted(want_rules - have_rules))
+            changed = [r for k, r in want_routes.items() if have_routes.get(k) != r]
+            for route in changed:
+                kernel.set_route(ipr, route, table)
+            stale_routes = [r for k, r in have_routes.items() if k not in want_routes]
+            removed_routes = sum(kernel.delete_route(ipr, r, table) for r in stale_routes)
+            removed_rules = sum(kernel.delete_rule(ipr, r)
+                                for r in sorted(have_rules - want_rules))
+            noop_state = (noop.ensure(ipr) if self.settings.noop_route else
+                          (noop.remove(ipr) if noop.present(ipr) else {}))
+        except DatapathError as e:
+            self._error = str(e)
+            raise
+        except NetlinkError as e:  # an unexpected errno outside the kernel helpers
+            self._error = str(e)
+            raise DatapathError(f"ip-rule apply failed: {e}") from e
+        self._applied = True
+        self._error = ""
+        self.last_apply = {
+            "rules": len(want_rules), "routes": len(want_routes),
+            "rules_added": added_rules, "rules_removed": removed_rules,
+            "routes_set": len(changed), "routes_removed": removed_routes,
+            "seconds": round(time.monotonic() - started, 3),
+        }
+        if noop_state:
+            self.last_apply["noop"] = noop_state
+        log.info("ip-rule datapath applied", extra=kv(**self.last_apply))
+
+    def observe(self) -> Observation:
+        try:
+            ipr = self._handle()
+            rules = kernel.read_rules(ipr, band(self.settings))
+            routes = kernel.read_routes(ipr, self.settings.iprule_table)
+        except (DatapathError, NotSupported, NetlinkError) as e:
+            return Observation(datapath=self.name, attached=False, ready=False,
+                               reason=f"cannot read rules/routes: {e}")
+        lookup_prio = self.settings.iprule_priority_base + OFFSET_LOOKUP
+        lookup_families = sorted({r.family for r in rules if r.priority == lookup_prio})
+        attached = bool(lookup_families)
+        if not attached:
+            reason = "no lookup rule in the band (nothing applied yet)"
+        elif not self._applied:
+            reason = "rules found from an earlier run; not yet applied by this process"
+        else:
+            reason = self._error
+        kinds: dict[str, int] = {}
+        for route in routes:
+            kinds[route.kind] = kinds.get(route.kind, 0) + 1
+        return Observation(
+            datapath=self.name, attached=attached, ready=attached and self._applied
+            and not self._error, reason=reason,
+            details={"rules": len(rules), "routes": len(routes), "routes_by_kind": kinds,
+                     "table": self.settings.iprule_table,
+                     "priority_band": [self.settings.iprule_priority_base,
+                                       self.settings.iprule_priority_base + 99],
+                     "lookup_rule_families": lookup_families,
+                     "noop_route": noop.present(ipr), "last_apply": self.last_apply})
+
+    def cleanup(self) -> None:
+        ipr = self._handle()
+        try:
+            result = remove_all(ipr, self.settings)
+        except NetlinkError as e:
+            if e.code == errno.EPERM:
+                raise DatapathError(f"ip-rule cleanup needs CAP_NET_ADMIN: {e}") from e
+            raise DatapathError(f"ip-rule cleanup failed: {e}") from e
+        self._applied = False
+        log.info("ip-rule datapath removed", extra=kv(**result))

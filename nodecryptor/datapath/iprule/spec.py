@@ -1,0 +1,181 @@
+"""What the ip-rule datapath must install, derived purely from a DesiredState.
+
+No netlink here: ``desired_rules`` and ``desired_routes`` return plain, hashable specs that the
+kernel module compares with what it reads back, so the reconcile is a set difference.
+
+Layout of the priority band (``settings.iprule_priority_base`` = B, nodecryptor owns B..B+99):
+
+=========  ===============================================================  ==========
+priority   match                                                            lookup
+=========  ===============================================================  ==========
+B + 0      fwmark wg_mark/wg_mark_mask (WireGuard's own encrypted output)   main
+B + 5      ipproto udp sport P dport P, P = WireGuard listen port            main
+B + 10     to <control-plane node address> ipproto X dport <exempt range>   main
+B + 20     from <local node address> ipproto X sport <exempt range>          main
+           (control-plane nodes only: replies of the bootstrap services)
+B + 90     everything else                                                   own table
+B + 99     reserved for the start-up probe, never left installed
+=========  ===============================================================  ==========
+
+Rules exist per family. Their number grows with control-plane addresses × exempt ranges only;
+remote workers live as routes in the table. A lookup in the table that finds no route falls
+through to the next rule (main), which is what lets non-cluster traffic pass untouched.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from ...model import KIND_NODE_IP, ROLE_CONTROL_PLANE, DesiredState
+from ...settings import Settings
+
+MAIN_TABLE = 254
+OFFSET_WG_MARK = 0
+OFFSET_WG_PORT = 5
+OFFSET_EXEMPT_DPORT = 10
+OFFSET_EXEMPT_SPORT = 20
+OFFSET_LOOKUP = 90
+OFFSET_PROBE = 99
+BAND_WIDTH = 100
+
+ROUTE_UNICAST = "unicast"
+ROUTE_UNREACHABLE = "unreachable"
+
+UDP = 17
+FAMILIES = (4, 6)
+
+
+@dataclass(frozen=True, order=True)
+class RuleSpec:
+    """One fib rule, in the fields nodecryptor uses. ``purpose`` is for humans and is ignored
+    when comparing with what the kernel reports."""
+
+    family: int
+    priority: int
+    table: int
+    fwmark: int | None = None
+    fwmask: int | None = None
+    dst: str | None = None
+    """Prefix text such as "192.168.50.10/32", or None for any destination."""
+    src: str | None = None
+    ip_proto: int | None = None
+    sport: tuple[int, int] | None = None
+    dport: tuple[int, int] | None = None
+    purpose: str = field(default="", compare=False)
+
+    def describe(self) -> str:
+        """ip-rule(8)-like text, for status output and logs."""
+        parts = [f"{self.priority}:", "from", self.src or "all"]
+        if self.dst:
+            parts += ["to", self.dst]
+        if self.fwmark is not None:
+            parts += ["fwmark", f"{self.fwmark:#x}/{(self.fwmask or 0xFFFFFFFF):#x}"]
+        if self.ip_proto is not None:
+            parts += ["ipproto", str(self.ip_proto)]
+        for name, rng in (("sport", self.sport), ("dport", self.dport)):
+            if rng is not None:
+                parts += [name, str(rng[0]) if rng[0] == rng[1] else f"{rng[0]}-{rng[1]}"]
+        parts += ["lookup", "main" if self.table == MAIN_TABLE else str(self.table)]
+        return " ".join(parts)
+
+
+@dataclass(frozen=True, order=True)
+class RouteSpec:
+    """One route in nodecryptor's table. ``oif`` and ``prefsrc`` only for unicast routes."""
+
+    family: int
+    dst: str
+    kind: str = ROUTE_UNICAST  # ROUTE_UNICAST | ROUTE_UNREACHABLE
+    oif: int = 0
+    prefsrc: str | None = None
+
+    @property
+    def key(self) -> tuple[int, str]:
+        """Identity in the table: one route per prefix."""
+        return (self.family, self.dst)
+
+
+def band(settings: Settings) -> range:
+    return range(settings.iprule_priority_base, settings.iprule_priority_base + BAND_WIDTH)
+
+
+def _host_prefix(addr) -> str:
+    return f"{addr}/{32 if addr.version == 4 else 128}"
+
+
+def desired_rules(desired: DesiredState, settings: Settings) -> list[RuleSpec]:
+    """The complete rule set of the band for ``desired`` (empty when disabled)."""
+    if not desired.enabled:
+        return []
+    base = settings.iprule_priority_base
+    plan = desired.plan
+    rules: list[RuleSpec] = []
+    for family in FAMILIES:
+        # WireGuard's encrypted UDP must reach the underlay through main; without this it
+        # would be routed back into the WireGuard device. The mask covers Cilium's 0x1E00
+        # (<= 1.17) and 0x0E00 (>= 1.18) marks; the seed's exact match broke <= 1.17.
+        rules.append(RuleSpec(family, base + OFFSET_WG_MARK, MAIN_TABLE,
+                              fwmark=desired.wg_mark, fwmask=desired.wg_mark_mask,
+                              purpose="wireguard-output"))
+        port = desired.wg.listen_port
+        if port:
+            # Mirrors the BPF program: WireGuard-to-WireGuard UDP without a mark (e.g. a
+            # userspace implementation that does not set one) is never re-encrypted.
+            rules.append(RuleSpec(family, base + OFFSET_WG_PORT, MAIN_TABLE, ip_proto=UDP,
+                                  sport=(port, port), dport=(port, port),
+                                  purpose="wireguard-port"))
+        rules.append(RuleSpec(family, base + OFFSET_LOOKUP, settings.iprule_table,
+                              purpose="cluster-destinations"))
+    for dest in plan.destinations:
+        # Only the control-plane nodes' own addresses are bootstrap endpoints; their pod
+        # CIDRs are ordinary cluster destinations.
+        if not dest.control_plane or dest.kind != KIND_NODE_IP:
+            continue
+        for ports in plan.exempt_ports:
+            rules.append(RuleSpec(dest.prefix.version, base + OFFSET_EXEMPT_DPORT, MAIN_TABLE,
+                                  dst=str(dest.prefix), ip_proto=ports.proto_number,
+                                  dport=(ports.first, ports.last),
+                                  purpose="exempt-control-plane-port"))
+    if plan.role == ROLE_CONTROL_PLANE:
+        for addr in plan.local_addresses:
+            for ports in plan.exempt_ports:
+                # Matched by source address, never by "iif lo" alone: a pod's reply from an
+                # exempt port would otherwise leave in the clear too.
+                rules.append(RuleSpec(addr.version, base + OFFSET_EXEMPT_SPORT, MAIN_TABLE,
+                                      src=_host_prefix(addr), ip_proto=ports.proto_number,
+                                      sport=(ports.first, ports.last),
+                                      purpose="exempt-control-plane-reply"))
+    return sorted(set(rules))
+
+
+def desired_routes(desired: DesiredState) -> list[RouteSpec]:
+    """The complete content of nodecryptor's table for ``desired``.
+
+    WireGuard usable: one route per destination through it, with ``src`` set to the local node
+    address of the family (without it the kernel may pick another local address and the peer's
+    replies bypass WireGuard). Destinations no peer covers, and every destination while
+    WireGuard is absent or down, become ``unreachable`` in fail-closed mode and are left out in
+    fail-open mode (the lookup then falls through to main)."""
+    if not desired.enabled:
+        return []
+    closed = desired.fail_mode != "open"
+    usable = desired.wg.usable
+    prefsrc = {}
+    for addr in desired.plan.local_addresses:
+        prefsrc.setdefault(addr.version, str(addr))
+    routes = []
+    for dest in desired.destinations:
+        prefix = dest.prefix
+        if usable and prefix not in desired.uncovered:
+            routes.append(RouteSpec(prefix.version, str(prefix), ROUTE_UNICAST,
+                                    oif=desired.wg.ifindex,
+                                    prefsrc=prefsrc.get(prefix.version)))
+        elif closed:
+            routes.append(RouteSpec(prefix.version, str(prefix), ROUTE_UNREACHABLE))
+    return sorted(routes)
+
+
+def normalise_prefix(text: str) -> str:
+    """Canonical prefix text, so kernel output and specs compare equal."""
+    return str(ipaddress.ip_network(text, strict=False))

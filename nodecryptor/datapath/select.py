@@ -1,0 +1,135 @@
+"""Choosing the datapath: ``--datapath bpf|iprule|auto``.
+
+``bpf`` starts the BPF backend or fails (no silent fallback: an operator who asked for BPF must
+learn that it does not work). ``iprule`` starts the policy-routing backend. ``auto`` tries BPF
+and falls back to ip rules when BPF is not supported here (``NotSupported``), fails to start
+(``DatapathError``) or cannot even be imported (``ImportError``, e.g. no bcc). Whichever mode
+is chosen, the other mode's leftovers are removed once the chosen one has started, so a node
+never keeps enforcing with both.
+
+The reason for the choice is logged, exported as ``nodecryptor_datapath_info{datapath,
+reason}`` and written to ``$NODECRYPTOR_RUN_DIR/datapath.json`` (default /run/nodecryptor) so
+``nodecryptor status`` (another process) can show it.
+
+Test seam: ``NODECRYPTOR_DISABLE_BPF=1`` in the environment makes BPF report NotSupported
+without importing anything, which is how the fallback is exercised on machines that do have
+BCC.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+from ..errors import DatapathError, NotSupported, SettingsError
+from ..log import kv
+from ..settings import Settings
+from .base import Datapath
+
+log = logging.getLogger(__name__)
+
+DISABLE_BPF_ENV = "NODECRYPTOR_DISABLE_BPF"
+RUN_DIR_ENV = "NODECRYPTOR_RUN_DIR"
+DEFAULT_RUN_DIR = "/run/nodecryptor"
+MODES = ("auto", "bpf", "iprule")
+
+
+def _choice_path() -> str:
+    return os.path.join(os.environ.get(RUN_DIR_ENV, DEFAULT_RUN_DIR), "datapath.json")
+
+
+def record_choice(name: str, reason: str) -> None:
+    """Persist the choice for other processes; a read-only /run only loses the status line."""
+    path = _choice_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"datapath": name, "reason": reason, "since": time.time()}, f)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("cannot record the datapath choice", extra=kv(path=path, error=str(e)))
+
+
+def last_choice() -> dict | None:
+    """What the agent last chose, or None when nothing was recorded."""
+    try:
+        with open(_choice_path()) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _start_bpf(settings: Settings, metrics) -> Datapath:
+    if os.environ.get(DISABLE_BPF_ENV, "") not in ("", "0"):
+        raise NotSupported("bpf datapath", f"disabled by {DISABLE_BPF_ENV}")
+    # Imported here: the BPF backend pulls in bcc, which may be missing on this machine.
+    from .bpf.backend import BpfDatapath
+
+    return BpfDatapath(settings, metrics).start()
+
+
+def _start_iprule(settings: Settings, metrics, netns: str | None) -> Datapath:
+    from .iprule.backend import IpRuleDatapath
+
+    return IpRuleDatapath(settings, metrics, netns=netns).start()
+
+
+def _remove_bpf_state(settings: Settings) -> None:
+    """Remove an earlier BPF attachment (pins, links) before enforcing with ip rules."""
+    try:
+        from .bpf import inspect as bpf_inspect
+    except ImportError as e:
+        log.warning("cannot check for BPF leftovers", extra=kv(error=str(e)))
+        return
+    if bpf_inspect.active(settings):
+        result = bpf_inspect.cleanup(settings)
+        log.info("removed the BPF datapath before using ip rules", extra=kv(**{
+            k: v for k, v in result.items() if isinstance(v, (int, str, bool))}))
+
+
+def _remove_iprule_state(settings: Settings, netns: str | None) -> None:
+    from .iprule import inspect as iprule_inspect
+
+    if iprule_inspect.active(settings, netns):
+        result = iprule_inspect.cleanup(settings, netns)
+        log.info("removed the ip-rule datapath before using BPF", extra=kv(**result))
+
+
+def choose_datapath(settings: Settings, metrics=None,
+                    netns: str | None = None) -> tuple[Datapath, str]:
+    """Start the datapath ``settings.datapath`` asks for; return it and why it was chosen.
+
+    ``netns`` applies to the ip-rule backend only (tests); the BPF backend runs where the
+    agent runs."""
+    mode = settings.datapath
+    if mode not in MODES:
+        raise SettingsError("--datapath", mode, "expected auto, bpf or iprule")
+    if mode == "iprule":
+        datapath = _start_iprule(settings, metrics, netns)
+        reason = "requested: --datapath iprule"
+    elif mode == "bpf":
+        # No fallback: NotSupported propagates with the feature that is missing.
+        datapath = _start_bpf(settings, metrics)
+        reason = "requested: --datapath bpf"
+    else:
+        try:
+            datapath = _start_bpf(settings, metrics)
+            reason = "auto: BPF compiled, loaded and attached"
+        except (NotSupported, DatapathError, ImportError) as e:
+            why = f"{type(e).__name__}: {e}"
+            log.warning("BPF datapath unavailable, falling back to ip rules",
+                        extra=kv(reason=why))
+            datapath = _start_iprule(settings, metrics, netns)
+            reason = f"auto: fell back to ip rules because BPF is unavailable ({why})"
+    if datapath.name == "iprule":
+        _remove_bpf_state(settings)
+    else:
+        _remove_iprule_state(settings, netns)
+    log.info("datapath chosen", extra=kv(datapath=datapath.name, reason=reason))
+    if metrics is not None:
+        metrics.datapath.info({"datapath": datapath.name, "reason": reason})
+    record_choice(datapath.name, reason)
+    return datapath, reason
