@@ -1,0 +1,135 @@
+"""`nodecryptor plan --json` against the fake API server serving the bundled example cluster:
+the exact contract JSON, control-plane detection by label presence, normalised prefixes, and
+clear exit-2 errors for bad exempt-port specifications."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+import nodecryptor
+from nodecryptor.cli import main
+from nodecryptor.testing.fakeapi import FakeApiServer, load_objects, make_ciliumnode
+
+EXAMPLE = os.path.join(os.path.dirname(nodecryptor.__file__), "examples", "cluster.json")
+TCP_DEFAULT = [{"protocol": "tcp", "first": 2379, "last": 2380},
+               {"protocol": "tcp", "first": 6443, "last": 6443}]
+
+
+def dest(prefix, node, kind, control_plane=False):
+    return {"prefix": prefix, "node": node, "kind": kind, "control_plane": control_plane}
+
+
+@pytest.fixture
+def serve(tmp_path):
+    """``serve(objects) -> kubeconfig path`` of a fake API server holding ``objects``."""
+    servers = []
+
+    def start(objects) -> str:
+        server = FakeApiServer(token="plan-test", objects=objects).start()
+        servers.append(server)
+        return server.write_kubeconfig(str(tmp_path / f"kc{len(servers)}"))
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def plan_json(capsys, kubeconfig, node, *extra) -> dict:
+    rc = main(["plan", "--kubeconfig", kubeconfig, "--node-name", node, "--json", *extra])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    return json.loads(out)
+
+
+def test_bundled_example_plan_for_a_worker(serve, capsys):
+    got = plan_json(capsys, serve(load_objects(EXAMPLE)), "w1")
+    assert got == {
+        "node": "w1",
+        "role": "worker",
+        "local_addresses": ["192.168.50.11", "fd50::11"],
+        "destinations": [
+            dest("10.244.0.0/24", "cp1", "pod-cidr", True),
+            dest("10.244.2.0/24", "w2", "pod-cidr"),
+            dest("10.244.3.0/24", "w3", "pod-cidr"),
+            dest("192.168.50.10/32", "cp1", "node-ip", True),
+            dest("192.168.50.12/32", "w2", "node-ip"),
+            dest("192.168.50.13/32", "w3", "node-ip"),
+            dest("fd00:10:244::/64", "cp1", "pod-cidr", True),
+            dest("fd00:10:244:2::/64", "w2", "pod-cidr"),
+            dest("fd00:10:244:3::/64", "w3", "pod-cidr"),
+            dest("fd50::10/128", "cp1", "node-ip", True),
+            dest("fd50::12/128", "w2", "node-ip"),
+            dest("fd50::13/128", "w3", "node-ip"),
+        ],
+        "exempt_ports": TCP_DEFAULT,
+    }
+
+
+def test_bundled_example_plan_for_the_control_plane(serve, capsys):
+    got = plan_json(capsys, serve(load_objects(EXAMPLE)), "cp1",
+                    "--control-plane-exempt-ports", "6443,udp/8472")
+    assert got["role"] == "control-plane"  # kubeadm's label has an empty value
+    assert got["local_addresses"] == ["192.168.50.10", "fd50::10"]
+    assert all(not d["control_plane"] and d["node"] != "cp1" for d in got["destinations"])
+    assert len(got["destinations"]) == 3 * 4  # three workers, two addresses + two CIDRs each
+    assert got["exempt_ports"] == [{"protocol": "tcp", "first": 6443, "last": 6443},
+                                   {"protocol": "udp", "first": 8472, "last": 8472}]
+
+
+@pytest.mark.parametrize("style", ["kubeadm", "k3s", "master"])
+def test_every_control_plane_label_style(serve, capsys, style):
+    objects = [make_ciliumnode("cp", ipv4="192.0.2.1", control_plane=True, label_style=style),
+               make_ciliumnode("w", ipv4="192.0.2.2")]
+    kc = serve(objects)
+    assert plan_json(capsys, kc, "cp")["role"] == "control-plane"
+    assert plan_json(capsys, kc, "w")["destinations"] == [
+        dest("192.0.2.1/32", "cp", "node-ip", True)]
+
+
+def test_prefixes_are_normalised(serve, capsys):
+    objects = [make_ciliumnode("a", ipv4="192.0.2.1"),
+               make_ciliumnode("b", ipv6="FD50:0:0:0::00B",
+                               pod_cidrs=["10.244.5.7/24", "FD00:10:244:0005:0::1/64"])]
+    got = plan_json(capsys, serve(objects), "a")
+    assert [d["prefix"] for d in got["destinations"]] == [
+        "10.244.5.0/24", "fd00:10:244:5::/64", "fd50::b/128"]
+
+
+def test_unknown_local_node_is_a_worker_that_excludes_nothing(serve, capsys):
+    got = plan_json(capsys, serve(load_objects(EXAMPLE)), "not-in-cluster")
+    assert got["role"] == "worker" and got["local_addresses"] == []
+    assert len(got["destinations"]) == 4 * 4
+
+
+@pytest.mark.parametrize("value", ["0", "70000", "6443-2379", "abc", "icmp/5"])
+def test_bad_exempt_ports_exit_2_naming_flag_and_value(serve, capsys, value):
+    kc = serve(load_objects(EXAMPLE))
+    rc = main(["plan", "--kubeconfig", kc, "--node-name", "w1", "--json",
+               "--control-plane-exempt-ports", value])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "--control-plane-exempt-ports" in err and repr(value) in err
+
+
+def test_unreachable_api_exits_1_with_a_message(tmp_path, capsys):
+    server = FakeApiServer(token="plan-test").start()
+    kc = server.write_kubeconfig(str(tmp_path / "kc"))
+    server.stop()
+    rc = main(["plan", "--kubeconfig", kc, "--node-name", "w1", "--json"])
+    captured = capsys.readouterr()
+    assert rc == 1 and captured.out == ""
+    assert "cannot reach the API server http://127.0.0.1:" in captured.err
+
+
+def test_wrong_token_exits_1_naming_401(serve, capsys, tmp_path):
+    kc = serve(load_objects(EXAMPLE))
+    with open(kc) as f:
+        config = json.load(f)
+    config["users"][0]["user"]["token"] = "wrong"
+    bad = tmp_path / "bad-kc"
+    bad.write_text(json.dumps(config))
+    assert main(["plan", "--kubeconfig", str(bad), "--node-name", "w1", "--json"]) == 1
+    assert "401" in capsys.readouterr().err
