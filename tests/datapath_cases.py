@@ -25,6 +25,7 @@ Helpers turn a case into the inputs a datapath needs (``snapshot``, ``settings_f
 - ``truncate_l4``: True — the L4 header is cut after its first 4 bytes.
 - ``disabled``: True — the configuration says disabled (nothing written yet).
 - ``payload_len``: bytes of L4 payload (default 16).
+- ``vlan``: the frame carries an inline 802.1Q tag with this VLAN id.
 """
 
 from __future__ import annotations
@@ -300,6 +301,10 @@ CASES: list[Case] = [
        dst=W2_V4, dport=22, extra={"truncate_l4": True}),
     _c("v6-truncated-udp-header", "w1", _E, R_MALFORMED, False, "a malformed packet",
        dst=W2_POD_V6, proto="udp", extra={"truncate_l4": True}),
+    _c("v4-vlan-tagged-to-node", "w1", _E, R_ENCRYPT, dst=W2_V4, dport=22,
+       extra={"vlan": 100}),
+    _c("v6-vlan-tagged-to-cp-6443", "w1", _X, R_EXEMPT_DPORT, dst=CP1_V6, dport=6443,
+       extra={"vlan": 100}),
     _c("disabled-config", "w1", _P, R_DISABLED, False, "only the BPF config map can be disabled",
        dst=W2_V4, dport=22, extra={"disabled": True}),
 ]
