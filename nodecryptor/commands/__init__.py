@@ -12,4 +12,5 @@ COMMANDS = (
     "explain",
     "cleanup",
     "bpf",
+    "demo",
 )

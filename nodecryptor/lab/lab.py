@@ -178,7 +178,7 @@ class Lab:
         def serve(tcp: tuple[int, ...], tcp6_only: tuple[int, ...] = ()) -> list[str]:
             return [PY, "-m", "nodecryptor.lab.probe", "serve",
                     "--tcp", ",".join(map(str, tcp)), "--tcp6-only", ",".join(map(str, tcp6_only)),
-                    "--udp", str(SERVICE_UDP_PORT)]
+                    "--udp", f"{SERVICE_UDP_PORT},{API_PORT}"]
         every = (SERVICE_TCP_PORT, *EXEMPT_TCP_PORTS)
         self.spawn(serve(every), "echo server ext", "ext-echo", netns=self.external)
         for name, handle in self.nodes.items():
@@ -191,7 +191,8 @@ class Lab:
 
     def start_echo(self, name: str) -> None:
         every = (SERVICE_TCP_PORT, *EXEMPT_TCP_PORTS)
-        argv = [PY, "-m", "nodecryptor.lab.probe", "serve", "--udp", str(SERVICE_UDP_PORT)]
+        argv = [PY, "-m", "nodecryptor.lab.probe", "serve", "--udp",
+                f"{SERVICE_UDP_PORT},{API_PORT}"]
         if name == self.spec.control_plane[0].name:
             # The fake API owns IPv4 port 6443 here; an IPv6-only echo server answers 6443
             # over IPv6 so both families' apiserver flows can be tried.

@@ -1,0 +1,325 @@
+"""The end-to-end scenarios. Each takes an up-and-running Lab and returns a Result: a table of
+(flow or check, expected, observed) rows plus measured facts (times, packet counts).
+
+- ``matrix``: every kind of flow in both families, encrypted or exempt as the policy says.
+- ``bootstrap``: the first control-plane node "reboots" (new WireGuard key); while peers hold
+  the old key encrypted traffic to it fails but the API keeps working through the exemption,
+  the new key is published through that API, and encryption recovers.
+- ``restart``: nodecryptor is stopped (SIGTERM, then SIGKILL) and restarted on every node under
+  continuous traffic; nothing non-exempt may cross in the clear meanwhile.
+- ``wg-down``: cilium_wg0 disappears on one worker: cluster traffic is dropped (fail-closed),
+  nothing leaks, exempt and non-cluster flows still work; when it returns, traffic is encrypted.
+- ``churn``: a node joins and leaves through the API; every agent's maps or rules follow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+from .capture import Capture
+from .flows import (BLOCKED, CLEAR, ENCRYPTED, Flow, PortAllocator, Result, Row, leaks,
+                    observe)
+from .spec import API_PORT, SERVICE_TCP_PORT, SERVICE_UDP_PORT, ciliumnode_object, node_spec
+from .topology import LabError, wait_for
+
+NAMES = ("matrix", "bootstrap", "restart", "wg-down", "churn")
+FAMILIES = (4, 6)
+
+
+def _api_flow(lab, family: int) -> bool:
+    """The fake API listens on the first control-plane node's IPv4 address and speaks HTTP."""
+    return family == 4
+
+
+def matrix_flows(lab) -> list[Flow]:
+    spec = lab.spec
+    cp = spec.control_plane[0].name
+    w1, w2 = spec.workers[0].name, spec.workers[-1].name
+    flows = []
+    for fam in FAMILIES:
+        flows += [
+            Flow(w1, w2, fam, "tcp", SERVICE_TCP_PORT, ENCRYPTED, "node to node"),
+            Flow(w1, w2, fam, "udp", SERVICE_UDP_PORT, ENCRYPTED, "node to node"),
+            Flow(w1, w2, fam, "icmp", 0, ENCRYPTED, "node to node"),
+            Flow(w1, f"{w2}/pod", fam, "tcp", SERVICE_TCP_PORT, ENCRYPTED, "node to remote pod"),
+            Flow(f"{w1}/pod", w2, fam, "tcp", SERVICE_TCP_PORT, ENCRYPTED, "pod to remote node"),
+            Flow(f"{w1}/pod", f"{w2}/pod", fam, "tcp", SERVICE_TCP_PORT, ENCRYPTED, "pod to pod"),
+            Flow(w1, cp, fam, "tcp", API_PORT, CLEAR, "apiserver, exempt",
+                 connect_only=_api_flow(lab, fam)),
+            Flow(w1, cp, fam, "tcp", 2379, CLEAR, "etcd client, exempt"),
+            Flow(w1, cp, fam, "tcp", 2380, CLEAR, "etcd peer, exempt"),
+            Flow(f"{w1}/pod", cp, fam, "tcp", API_PORT, CLEAR, "pod to apiserver, exempt",
+                 connect_only=_api_flow(lab, fam)),
+            Flow(w1, cp, fam, "tcp", SERVICE_TCP_PORT, ENCRYPTED, "non-exempt port on cp"),
+            Flow(w1, cp, fam, "udp", API_PORT, ENCRYPTED, "exemption is TCP only"),
+            Flow(cp, w1, fam, "tcp", SERVICE_TCP_PORT, ENCRYPTED, "cp to worker"),
+            Flow(cp, w1, fam, "tcp", API_PORT, ENCRYPTED, "6443 on a worker is not exempt"),
+            Flow(w1, "ext", fam, "tcp", SERVICE_TCP_PORT, CLEAR, "not a cluster address"),
+        ]
+        if len(spec.control_plane) > 1:
+            other = spec.control_plane[1].name
+            flows.append(Flow(cp, other, fam, "tcp", 2380, CLEAR, "etcd between cp nodes"))
+            flows.append(Flow(other, cp, fam, "tcp", SERVICE_TCP_PORT, ENCRYPTED, "cp to cp"))
+    if spec.workers[0].name == spec.workers[-1].name:
+        flows = [f for f in flows if f.src.split("/")[0] != f.dst.split("/")[0]]
+    return flows
+
+
+def matrix(lab, ports: PortAllocator) -> Result:
+    result = Result("matrix", lab.datapath)
+    result.rows = observe(lab, matrix_flows(lab), ports, "matrix")
+    return result
+
+
+def _poll_flow(lab, flow: Flow, ports: PortAllocator, timeout: float) -> float | None:
+    """Seconds until ``flow`` gets through (tried repeatedly), or None at the deadline."""
+    start = time.monotonic()
+    deadline = start + timeout
+    while time.monotonic() < deadline:
+        req = {"id": 0, "proto": flow.proto, "dst": lab.address_of(flow.dst, flow.family),
+               "src": lab.address_of(flow.src, flow.family), "dport": flow.dport,
+               "sport": ports.take(), "timeout": 0.5}
+        if lab.run_flows(lab.netns_of(flow.src), [req])[0]["ok"]:
+            return time.monotonic() - start
+    return None
+
+
+def _annotation(lab, node: str) -> str:
+    for obj in lab.api().list_ciliumnodes():
+        if obj["metadata"]["name"] == node:
+            return (obj["metadata"].get("annotations") or {}).get(
+                "network.cilium.io/wg-pub-key", "")
+    return ""
+
+
+def bootstrap(lab, ports: PortAllocator) -> Result:
+    result = Result("bootstrap", lab.datapath)
+    cp = lab.spec.control_plane[0].name
+    w1 = lab.spec.workers[0].name
+    old_key = lab.wg_public_key(cp)
+    published_old = _annotation(lab, cp)
+    t0 = time.monotonic()
+    lab.signal_standin(cp, signal.SIGUSR1)
+    wait_for(lambda: lab.wg_public_key(cp) not in ("", old_key), 15,
+             f"{cp}'s WireGuard device to come back with a new key")
+    during = [
+        Flow(w1, cp, 4, "tcp", SERVICE_TCP_PORT, BLOCKED, "peers hold the old key"),
+        Flow(w1, cp, 4, "tcp", API_PORT, CLEAR, "apiserver through the exemption",
+             connect_only=True),
+        Flow(w1, cp, 6, "tcp", 2379, CLEAR, "etcd through the exemption"),
+    ]
+    rows = observe(lab, during, ports, "bootstrap-during", timeout=1.0)
+    still_old = _annotation(lab, cp) == published_old
+    result.rows += [Row("during: " + r.label, r.expected, r.observed, r.detail) for r in rows]
+    result.rows.append(Row(f"new key not yet published while the above ran", "yes",
+                           "yes" if still_old else "no",
+                           "" if still_old else "window too short: raise republish delay"))
+    new_key = wait_for(lambda: (k := _annotation(lab, cp)) not in ("", published_old) and k,
+                       30, f"{cp} to publish its new key")
+    t_pub = time.monotonic()
+    result.rows.append(Row(f"{cp} publishes its new key through the API", "yes",
+                           "yes" if new_key == lab.wg_public_key(cp) else "no"))
+    recover = {}
+    for fam in FAMILIES:
+        for src in [w.name for w in lab.spec.workers]:
+            flow = Flow(src, cp, fam, "tcp", SERVICE_TCP_PORT, ENCRYPTED)
+            took = _poll_flow(lab, flow, ports, 30)
+            recover[(src, fam)] = took
+    t_ok = time.monotonic()
+    result.rows.append(Row("encrypted connectivity to cp returns", "yes",
+                           "yes" if all(v is not None for v in recover.values()) else "no"))
+    after = [Flow(w.name, cp, fam, "tcp", SERVICE_TCP_PORT, ENCRYPTED, "after recovery")
+             for w in lab.spec.workers for fam in FAMILIES]
+    after += [Flow(cp, w.name, 4, "tcp", SERVICE_TCP_PORT, ENCRYPTED, "after recovery")
+              for w in lab.spec.workers]
+    result.rows += observe(lab, after, ports, "bootstrap-after")
+    result.facts["reboot to encrypted again"] = f"{t_ok - t0:.2f} s"
+    result.facts["key published to encrypted again"] = f"{t_ok - t_pub:.2f} s"
+    result.facts["republish delay (simulated agent start)"] = f"{lab.republish_delay:.1f} s"
+    return result
+
+
+class Traffic:
+    """Continuous flows from every node and pod to every other node and pod, in the background,
+    until stopped; counts attempts and failures."""
+
+    def __init__(self, lab, ports: PortAllocator):
+        self.lab = lab
+        self.ports = ports
+        self.stop_event = threading.Event()
+        self.attempts = 0
+        self.failures = 0
+        self.threads: list[threading.Thread] = []
+
+    def _loop(self, src: str) -> None:
+        lab = self.lab
+        targets = [n for n in lab.nodes if n != src.split("/")[0]]
+        while not self.stop_event.is_set():
+            batch = []
+            for i, dst in enumerate(targets):
+                for fam in FAMILIES:
+                    for end in (dst, f"{dst}/pod"):
+                        batch.append({"id": len(batch), "proto": "tcp",
+                                      "src": lab.address_of(src, fam),
+                                      "dst": lab.address_of(end, fam),
+                                      "dport": SERVICE_TCP_PORT, "sport": self.ports.take(),
+                                      "timeout": 1.0})
+            try:
+                results = lab.run_flows(lab.netns_of(src), batch)
+            except LabError:
+                results = [{"ok": False}] * len(batch)
+            self.attempts += len(results)
+            self.failures += sum(1 for r in results if not r["ok"])
+
+    def __enter__(self) -> "Traffic":
+        for name in self.lab.nodes:
+            for src in (name, f"{name}/pod"):
+                t = threading.Thread(target=self._loop, args=(src,), daemon=True)
+                t.start()
+                self.threads.append(t)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_event.set()
+        for t in self.threads:
+            t.join(timeout=30)
+
+
+def restart(lab, ports: PortAllocator) -> Result:
+    result = Result("restart", lab.datapath)
+    phases = []
+    path = os.path.join(lab.workdir, "restart.pcap")
+    with Capture(lab.underlay, path) as cap, Traffic(lab, ports) as traffic:
+        time.sleep(0.5)  # traffic is flowing before the first stop
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for name in list(lab.nodes):
+                begin = time.time()
+                lab.stop_agent(name, sig)
+                down_at = time.monotonic()
+                time.sleep(0.3)  # traffic keeps flowing while no agent runs
+                lab.start_agent(name)
+                lab.wait_agent_ready(name)
+                phases.append((name, sig, begin, time.time(), time.monotonic() - down_at))
+        packets = cap.stop()
+    leaked = leaks(packets, lab.spec)
+    for name, sig, begin, end, took in phases:
+        n = sum(1 for p in leaked if begin - 0.05 <= p.ts <= end + 0.05)
+        result.rows.append(Row(f"{signal.Signals(sig).name} nodecryptor on {name}, restart "
+                               f"({took:.1f} s to ready)", "0 clear", f"{n} clear"))
+    result.rows.append(Row("whole run: non-exempt packets in the clear", "0", str(len(leaked)),
+                           ", ".join(str(p) for p in leaked[:3])))
+    result.facts["flows tried during restarts"] = str(traffic.attempts)
+    result.facts["flows failed during restarts"] = str(traffic.failures)
+    result.facts["packets captured"] = str(len(packets))
+    return result
+
+
+def wg_down(lab, ports: PortAllocator) -> Result:
+    result = Result("wg-down", lab.datapath)
+    victim = lab.spec.workers[-1].name
+    other = lab.spec.workers[0].name if len(lab.spec.workers) > 1 else None
+    cp = lab.spec.control_plane[0].name
+    peer = other or cp
+    path = os.path.join(lab.workdir, "wg-down.pcap")
+    with Capture(lab.underlay, path) as cap:
+        lab.signal_standin(victim, signal.SIGUSR2)
+        wait_for(lambda: not lab.wg_public_key(victim), 10, f"cilium_wg0 to go on {victim}")
+        down = [
+            Flow(victim, peer, 4, "tcp", SERVICE_TCP_PORT, BLOCKED, "cilium_wg0 gone"),
+            Flow(victim, peer, 6, "tcp", SERVICE_TCP_PORT, BLOCKED, "cilium_wg0 gone"),
+            Flow(f"{victim}/pod", peer, 4, "tcp", SERVICE_TCP_PORT, BLOCKED, "cilium_wg0 gone"),
+            Flow(victim, f"{peer}/pod", 6, "tcp", SERVICE_TCP_PORT, BLOCKED, "cilium_wg0 gone"),
+            Flow(peer, victim, 4, "tcp", SERVICE_TCP_PORT, BLOCKED, "towards the node"),
+            Flow(victim, cp, 4, "tcp", API_PORT, CLEAR, "apiserver, exempt", connect_only=True),
+            Flow(victim, cp, 6, "tcp", 2380, CLEAR, "etcd, exempt"),
+            Flow(victim, "ext", 4, "tcp", SERVICE_TCP_PORT, CLEAR, "not a cluster address"),
+        ]
+        rows = observe(lab, down, ports, "wg-down-flows")
+        packets_down = cap.stop()
+    leaked = leaks(packets_down, lab.spec)
+    result.rows += [Row("down: " + r.label, r.expected, r.observed, r.detail) for r in rows]
+    result.rows.append(Row("down: non-exempt packets in the clear", "0", str(len(leaked)),
+                           ", ".join(str(p) for p in leaked[:3])))
+    lab.signal_standin(victim, signal.SIGUSR2)
+    wait_for(lambda: lab.wg_public_key(victim), 10, f"cilium_wg0 to return on {victim}")
+    took = _poll_flow(lab, Flow(victim, peer, 4, "tcp", SERVICE_TCP_PORT, ENCRYPTED), ports, 30)
+    result.facts["device back to traffic flowing"] = f"{took:.2f} s" if took is not None else \
+        "did not recover within 30 s"
+    back = [Flow(victim, peer, fam, "tcp", SERVICE_TCP_PORT, ENCRYPTED, "device back")
+            for fam in FAMILIES]
+    back += [Flow(peer, f"{victim}/pod", 4, "tcp", SERVICE_TCP_PORT, ENCRYPTED, "device back")]
+    result.rows += observe(lab, back, ports, "wg-down-back")
+    return result
+
+
+def _installed_text(lab, name: str) -> str:
+    """What the agent on ``name`` has installed, as searchable text."""
+    if lab.datapath == "bpf":
+        return json.dumps(lab.nodecryptor(name, "bpf", "dump"))
+    return json.dumps(lab.nodecryptor(name, "status"))
+
+
+def _follow_time(lab, nodes: list[str], needle: str, present: bool, timeout: float) -> float:
+    """Seconds until every agent in ``nodes`` has (or no longer has) ``needle`` installed."""
+    start = time.monotonic()
+    pending = set(nodes)
+    while pending:
+        pending = {n for n in pending if (needle in _installed_text(lab, n)) != present}
+        if pending and time.monotonic() - start > timeout:
+            raise LabError(f"{', '.join(sorted(pending))} did not "
+                           f"{'install' if present else 'remove'} {needle} within {timeout} s")
+    return time.monotonic() - start
+
+
+def churn(lab, ports: PortAllocator) -> Result:
+    result = Result("churn", lab.datapath)
+    index = max(n.index for n in lab.spec.nodes) + 1
+    new = node_spec(f"w{index - len(lab.spec.control_plane)}", index, control_plane=False)
+    existing = list(lab.nodes)
+    lab.add_node(new)
+    lab.start_echo(new.name)
+    api = lab.api()
+    api.create(ciliumnode_object(new))
+    lab.start_standin(new.name)
+    joined = {}
+    for what in (str(new.ipv4), str(new.pod_cidr_v4), str(new.pod_cidr_v6)):
+        joined[what] = _follow_time(lab, existing, what, True, 10)
+    worst = max(joined.values())
+    result.rows.append(Row(f"join {new.name}: every agent installs its address and pod CIDRs",
+                           "<= 1.0 s", "<= 1.0 s" if worst <= 1.0 else f"{worst:.2f} s",
+                           f"{worst:.2f} s"))
+    result.facts[f"join {new.name} visible on all agents"] = f"{worst:.2f} s"
+    lab.wait_peers()
+    lab.start_agent(new.name)
+    lab.wait_agent_ready(new.name)
+    peer = existing[-1]
+    result.rows += observe(lab, [
+        Flow(new.name, peer, 4, "tcp", SERVICE_TCP_PORT, ENCRYPTED, "new node"),
+        Flow(peer, f"{new.name}/pod", 6, "tcp", SERVICE_TCP_PORT, ENCRYPTED, "new node's pod"),
+    ], ports, "churn")
+    api.delete(new.name)
+    gone = _follow_time(lab, existing, str(new.pod_cidr_v4), False, 10)
+    result.rows.append(Row(f"leave {new.name}: every agent removes it", "<= 1.0 s",
+                           "<= 1.0 s" if gone <= 1.0 else f"{gone:.2f} s", f"{gone:.2f} s"))
+    result.facts[f"leave {new.name} visible on all agents"] = f"{gone:.2f} s"
+    lab.remove_node(new.name)
+    return result
+
+
+SCENARIOS = {"matrix": matrix, "bootstrap": bootstrap, "restart": restart, "wg-down": wg_down,
+             "churn": churn}
+
+
+def run_scenario(lab, name: str, ports: PortAllocator) -> Result:
+    """Run one scenario; an exception becomes a failed Result instead of ending the demo."""
+    start = time.monotonic()
+    try:
+        result = SCENARIOS[name](lab, ports)
+    except (LabError, OSError, RuntimeError, ValueError, KeyError) as e:
+        result = Result(name, lab.datapath, error=f"{type(e).__name__}: {e}")
+    result.seconds = time.monotonic() - start
+    return result
