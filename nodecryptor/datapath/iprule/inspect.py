@@ -23,6 +23,10 @@ from .spec import (OFFSET_EXEMPT_DPORT, OFFSET_EXEMPT_SPORT, OFFSET_LOOKUP, OFFS
 DATAPATH = "iprule"
 PROTOCOLS = {"tcp": 6, "udp": 17, "sctp": 132, "icmp": 1, "icmpv6": 58}
 PORTED = {6, 17, 132}
+# Protocols RTM_GETROUTE accepts in RTA_IP_PROTO; others (SCTP) are refused with EOPNOTSUPP,
+# so they are looked up without protocol and ports, and the band's protocol rules are matched
+# in user space (the kernel matches them on real packets).
+QUERYABLE = {6, 17, 1, 58}
 # Reason words as abi.REASON_NAMES spells them, so both datapaths explain alike.
 REASON_BY_OFFSET = {
     OFFSET_WG_MARK: (VERDICT_PASS, "wireguard-output"),
@@ -101,6 +105,19 @@ def _rule_matches(rule: RuleSpec, family: int, dst, src, proto: int, sport: int,
     return True
 
 
+def _with_protocol_rules(answer: dict, rules: list[RuleSpec], base: int, family: int, dst,
+                         src, proto: int, q: PacketQuery) -> dict:
+    """Complete a protocol-less kernel answer: a band rule for this protocol that matches and
+    comes before the catch-all lookup sends the packet to main."""
+    used = next((r for r in rules if r.ip_proto == proto and r.priority < base + OFFSET_LOOKUP
+                 and _rule_matches(r, family, dst, src, proto, q.sport, q.dport, q.mark)),
+                None)
+    if used is None:
+        return answer
+    return {"ok": True, "table": used.table, "oif": 0, "type": "unicast", "prefsrc": None,
+            "note": f"protocol {proto} matched in user space: {used.describe()}"}
+
+
 def explain(settings: Settings, q: PacketQuery, netns: str | None = None) -> Explanation:
     """Where the kernel would send ``q``, as a verdict. A ``src`` that is not a local address
     (a pod's) is looked up as a forwarded packet arriving on ``lo`` — nodecryptor's rules never
@@ -116,10 +133,12 @@ def explain(settings: Settings, q: PacketQuery, netns: str | None = None) -> Exp
         local = {ipaddress.ip_address(a) for a in kernel.local_addresses(ipr)}
         forwarded = src is not None and src not in local
         iif = kernel.link_index(ipr, "lo") if forwarded else 0
+        queryable = proto in QUERYABLE
         answer = kernel.query_route(ipr, family, str(dst), src=str(src) if src else None,
-                                    iif=iif, ip_proto=proto,
-                                    sport=q.sport if proto in PORTED else 0,
-                                    dport=q.dport if proto in PORTED else 0, mark=q.mark)
+                                    iif=iif, ip_proto=proto if queryable else 0,
+                                    sport=q.sport if queryable and proto in PORTED else 0,
+                                    dport=q.dport if queryable and proto in PORTED else 0,
+                                    mark=q.mark)
         rules = kernel.read_rules(ipr, band(settings))
         routes = kernel.read_routes(ipr, settings.iprule_table)
         names = kernel.link_names(ipr)
@@ -127,6 +146,8 @@ def explain(settings: Settings, q: PacketQuery, netns: str | None = None) -> Exp
         wg_up = bool(wg_index) and any(
             msg["flags"] & 1 for msg in ipr.get_links(wg_index))  # IFF_UP
     table_route = _longest_match(routes, dst)
+    if not queryable:
+        answer = _with_protocol_rules(answer, rules, base, family, dst, src, proto, q)
     details = {"kernel": answer, "lookup": "forwarded" if forwarded else "output",
                "table_route": (None if table_route is None else
                                {"dst": table_route.dst, "kind": table_route.kind})}

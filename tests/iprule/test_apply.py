@@ -1,0 +1,166 @@
+"""Reconcile behaviour of IpRuleDatapath in a namespace: exact rules and routes, idempotence,
+updates, fail modes, the noop route, and foreign rules/routes left untouched throughout."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from nodecryptor.datapath.iprule import inspect
+from nodecryptor.datapath.iprule.backend import IpRuleDatapath
+from nodecryptor.datapath.iprule.noop import NOOP_ADDRESS
+from tests.datapath_cases import CASES_BY_ID, desired_for, settings_for
+
+from .conftest import ip_routes, ip_rules, sh, snapshot_routes
+
+pytestmark = pytest.mark.privileged
+
+W1_RULES = [
+    "10300:\tfrom all fwmark 0xe00/0xf00 lookup main",
+    "10305:\tfrom all ipproto udp sport 51871 dport 51871 lookup main",
+    "10310:\tfrom all to 192.168.50.10 ipproto tcp dport 2379-2380 lookup main",
+    "10310:\tfrom all to 192.168.50.10 ipproto tcp dport 6443 lookup main",
+    "10390:\tfrom all lookup 2026",
+    "10300:\tfrom all fwmark 0xe00/0xf00 lookup main",
+    "10305:\tfrom all ipproto udp sport 51871 dport 51871 lookup main",
+    "10310:\tfrom all to fd00:50::10 ipproto tcp dport 2379-2380 lookup main",
+    "10310:\tfrom all to fd00:50::10 ipproto tcp dport 6443 lookup main",
+    "10390:\tfrom all lookup 2026",
+]
+
+
+def band_rules(ns: str) -> list[str]:
+    return [r for r in ip_rules(ns) if r.split(":")[0].isdigit()
+            and 10300 <= int(r.split(":")[0]) <= 10399]
+
+
+def test_worker_rules_routes_and_idempotence(node_ns, foreign_state):
+    ns, wg = node_ns("w1")
+    foreign_rules, foreign_routes = foreign_state(ns)
+    case = CASES_BY_ID["v4-node-to-remote-node"]
+    settings = settings_for(case)
+    datapath = IpRuleDatapath(settings, netns=ns).start()
+    try:
+        datapath.apply(desired_for(case, wg))
+        assert band_rules(ns) == W1_RULES
+        routes = ip_routes(ns, "2026")
+        assert len(routes) == 8
+        assert "192.168.50.22 dev cilium_wg0 proto static src 192.168.50.21" in routes
+        assert "10.244.0.0/24 dev cilium_wg0 proto static src 192.168.50.21" in routes
+        assert any(r.startswith("fd00:244:2::/64 dev cilium_wg0 proto static src fd00:50::21")
+                   for r in routes)
+        # Idempotent: a second apply changes nothing.
+        datapath.apply(desired_for(case, wg))
+        assert datapath.last_apply["rules_added"] == 0
+        assert datapath.last_apply["routes_set"] == 0
+        assert datapath.last_apply["routes_removed"] == 0
+        obs = datapath.observe()
+        assert obs.ready and obs.attached
+        assert obs.details["rules"] == 10 and obs.details["routes"] == 8
+        # Foreign rules and routes are still there, unchanged.
+        assert [r for r in ip_rules(ns) if r not in band_rules(ns)] == [
+            r for r in foreign_rules if r not in W1_RULES]
+        assert snapshot_routes(ns) == foreign_routes
+    finally:
+        datapath.close()
+    result = inspect.cleanup(settings, netns=ns)
+    assert result["rules_removed"] == 10 and result["routes_removed"] == 8
+    assert band_rules(ns) == []
+    assert ip_routes(ns, "2026") == []
+    assert ip_rules(ns) == [r for r in foreign_rules if r not in W1_RULES]
+    assert snapshot_routes(ns) == foreign_routes
+    assert not inspect.active(settings, netns=ns)
+
+
+def test_update_fail_modes_and_control_plane_replies(node_ns, foreign_state):
+    ns, wg = node_ns("cp1")
+    foreign_rules, foreign_routes = foreign_state(ns)
+    case = CASES_BY_ID["v4-cp-to-worker"]
+    settings = settings_for(case)
+    datapath = IpRuleDatapath(settings, netns=ns).start()
+    try:
+        desired = desired_for(case, wg)
+        datapath.apply(desired)
+        rules = band_rules(ns)
+        # A control-plane node: exempt replies by source address (never "iif lo").
+        assert "10320:\tfrom 192.168.50.10 ipproto tcp sport 6443 lookup main" in rules
+        assert "10320:\tfrom fd00:50::10 ipproto tcp sport 2379-2380 lookup main" in rules
+        assert not any("iif" in r for r in rules)
+        # No other control-plane node: no dport exemptions at all.
+        assert not any(r.startswith("10310:") for r in rules)
+        assert len(ip_routes(ns, "2026")) == 8
+
+        # WireGuard down, fail closed: the same prefixes become unreachable.
+        down = dataclasses.replace(desired, wg=dataclasses.replace(desired.wg, up=False))
+        datapath.apply(down)
+        routes = ip_routes(ns, "2026")
+        assert len(routes) == 8 and all(r.startswith("unreachable ") for r in routes)
+        assert band_rules(ns) == rules  # exemptions still pass
+
+        # Fail open: nothing in the table, traffic falls through to main.
+        datapath.apply(dataclasses.replace(down, fail_mode="open"))
+        assert ip_routes(ns, "2026") == []
+
+        # One destination uncovered, fail closed: only that one is unreachable.
+        uncovered = next(d.prefix for d in desired.destinations if str(d.prefix) ==
+                         "10.244.2.0/24")
+        datapath.apply(dataclasses.replace(desired, uncovered=frozenset({uncovered})))
+        routes = ip_routes(ns, "2026")
+        assert "unreachable 10.244.2.0/24 proto static" in routes
+        assert sum(r.startswith("unreachable") for r in routes) == 1
+
+        # A node leaves: its routes go, nothing else changes.
+        plan = dataclasses.replace(desired.plan, destinations=tuple(
+            d for d in desired.destinations if d.node != "w2"))
+        datapath.apply(dataclasses.replace(desired, plan=plan))
+        assert not any("192.168.50.22" in r or "10.244.2.0" in r for r in ip_routes(ns, "2026"))
+        assert len(ip_routes(ns, "2026")) == 4
+        assert datapath.last_apply["routes_removed"] == 4
+        assert snapshot_routes(ns) == foreign_routes
+    finally:
+        datapath.close()
+    inspect.cleanup(settings, netns=ns)
+    assert ip_rules(ns) == foreign_rules
+    assert snapshot_routes(ns) == foreign_routes
+
+
+def test_noop_route_is_compatibility_only(node_ns):
+    ns, wg = node_ns("w1")
+    case = CASES_BY_ID["v4-node-to-remote-node"]
+    settings = dataclasses.replace(settings_for(case), noop_route=True)
+    datapath = IpRuleDatapath(settings, netns=ns).start()
+    try:
+        datapath.apply(desired_for(case, wg))
+        main = sh(ns, "ip", "route", "show", "table", "main")
+        assert NOOP_ADDRESS in main
+        assert datapath.observe().details["noop_route"] is True
+        # Turning the flag off removes it again.
+        datapath.settings = settings_for(case)
+        datapath.apply(desired_for(case, wg))
+        assert NOOP_ADDRESS not in sh(ns, "ip", "route", "show", "table", "main")
+        datapath.settings = settings
+        datapath.apply(desired_for(case, wg))
+    finally:
+        datapath.close()
+    result = inspect.cleanup(settings, netns=ns)
+    assert result["noop_routes_removed"] == 1
+    assert NOOP_ADDRESS not in sh(ns, "ip", "route", "show", "table", "main")
+
+
+def test_status_reports_band_and_table(node_ns):
+    ns, wg = node_ns("w1")
+    case = CASES_BY_ID["v4-node-to-remote-node"]
+    settings = settings_for(case)
+    assert inspect.status(settings, netns=ns)["active"] is False
+    datapath = IpRuleDatapath(settings, netns=ns).start()
+    try:
+        datapath.apply(desired_for(case, wg))
+    finally:
+        datapath.close()
+    status = inspect.status(settings, netns=ns)
+    assert status["active"] is True
+    assert status["rule_count"] == 10 and status["route_count"] == 8
+    assert status["routes_by_kind"] == {"unicast": 8}
+    assert status["wireguard"]["ifindex"] == wg
+    inspect.cleanup(settings, netns=ns)
