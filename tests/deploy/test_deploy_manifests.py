@@ -1,0 +1,342 @@
+"""Offline checks of k8s/, the Dockerfile and .dockerignore: every object against the Kubernetes
+OpenAPI schema, and the properties the deployment promises (see docs/operator-guide.md)."""
+
+from __future__ import annotations
+
+import fnmatch
+import tomllib
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from deploy_manifests import (CRD_KINDS, DOCKERFILE, K8S, REPO, agent_container,
+                              agent_daemonset, all_docs, default_docs, docker_env,
+                              dockerfile, dockerignore_patterns, exec_form, expand_env, find,
+                              kustomizations, load_docs, manifest_files)
+from nodecryptor import __version__
+from nodecryptor.cli import build_parser
+from nodecryptor.commands.common import settings_from_args
+from nodecryptor.health import parse_bind
+
+# The newest Kubernetes release whose schema kubernetes-validate ships (pyproject pins >=1.37).
+K8S_VERSION = "1.37.0"
+DOCS = all_docs()
+IMAGE_NAME = "nodecryptor"
+
+# Taints a node-level agent must tolerate: kubeadm's control-plane taints (the old and the new
+# label), and the node-lifecycle taints, so that a not-ready node keeps its agent.
+TAINTS = [
+    ("node-role.kubernetes.io/control-plane", "", "NoSchedule"),
+    ("node-role.kubernetes.io/master", "", "NoSchedule"),
+    ("node.kubernetes.io/not-ready", "", "NoExecute"),
+    ("node.kubernetes.io/unreachable", "", "NoExecute"),
+    ("node.kubernetes.io/unschedulable", "", "NoSchedule"),
+    ("node.kubernetes.io/network-unavailable", "", "NoSchedule"),
+]
+
+
+# ---- schema ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda d: d.id)
+def test_manifest_valid(doc):
+    body = doc.body
+    assert {"apiVersion", "kind", "metadata"} <= body.keys()
+    assert body["metadata"].get("name")
+    if body["kind"] in CRD_KINDS:
+        # No OpenAPI schema for custom resources in kubernetes-validate: structural checks only.
+        assert body["apiVersion"] == "monitoring.coreos.com/v1"
+        assert body["spec"]["endpoints"] and body["spec"]["selector"]["matchLabels"]
+        return
+    kubernetes_validate.validate(body, K8S_VERSION, strict=True)
+
+
+def test_schema_validation_catches_mistakes():
+    """The validator is strict: an unknown field and a wrong type are both rejected."""
+    body = agent_daemonset()
+    body["spec"]["template"]["spec"]["hostNetwrok"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(body, K8S_VERSION, strict=True)
+
+
+def test_servicemonitor_selects_the_metrics_service():
+    monitor = find(DOCS, "ServiceMonitor")
+    service = find(DOCS, "Service", "nodecryptor-metrics")
+    labels = service["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    port_names = {p["name"] for p in service["spec"]["ports"]}
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} <= port_names
+    pod_labels = agent_daemonset()["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+
+
+# ---- kustomizations ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kustomization", kustomizations(), ids=lambda p: str(p.relative_to(REPO)))
+def test_kustomization_lists_every_file(kustomization):
+    kust = yaml.safe_load(kustomization.read_text())
+    assert kust["apiVersion"] == "kustomize.config.k8s.io/v1beta1"
+    assert kust["kind"] == "Kustomization"
+    listed = kust["resources"]
+    assert len(listed) == len(set(listed)), "a resource is listed twice"
+    here = kustomization.parent
+    files = {p.name for p in here.glob("*.yaml") if p.name != "kustomization.yaml"}
+    assert set(listed) == files, (f"{kustomization.relative_to(REPO)}: not listed "
+                                  f"{sorted(files - set(listed))}, missing {sorted(set(listed) - files)}")
+
+
+def test_every_manifest_belongs_to_one_kustomization():
+    covered = {k.parent / r for k in kustomizations()
+               for r in yaml.safe_load(k.read_text())["resources"]}
+    assert set(manifest_files()) == covered
+
+
+def test_default_installation_has_no_optional_pieces():
+    kinds = sorted(d.body["kind"] for d in default_docs())
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "DaemonSet", "ServiceAccount"]
+
+
+# ---- the agent DaemonSet -----------------------------------------------------------------------
+
+def _tolerates(tolerations: list[dict], key: str, value: str, effect: str) -> bool:
+    """Kubernetes' matching of a toleration against a taint."""
+    for t in tolerations:
+        if t.get("effect") and t["effect"] != effect:
+            continue
+        operator = t.get("operator", "Equal")
+        if not t.get("key"):
+            if operator == "Exists":
+                return True
+            continue
+        if t["key"] != key:
+            continue
+        if operator == "Exists" or t.get("value", "") == value:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("taint", TAINTS, ids=lambda t: t[0])
+def test_agent_runs_on_tainted_nodes(taint):
+    tolerations = agent_daemonset()["spec"]["template"]["spec"]["tolerations"]
+    assert _tolerates(tolerations, *taint)
+
+
+def test_toleration_matcher_rejects_unrelated_toleration():
+    only_gpu = [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert not _tolerates(only_gpu, "node-role.kubernetes.io/control-plane", "", "NoSchedule")
+
+
+def test_agent_pod_shape():
+    ds = agent_daemonset()
+    pod = ds["spec"]["template"]["spec"]
+    assert ds["metadata"]["namespace"] == "kube-system"
+    assert pod["hostNetwork"] is True
+    assert pod["priorityClassName"] == "system-node-critical"
+    assert pod["serviceAccountName"] == "nodecryptor"
+    strategy = ds["spec"]["updateStrategy"]
+    assert strategy["type"] == "RollingUpdate"
+    assert strategy["rollingUpdate"] == {"maxUnavailable": 1, "maxSurge": 0}
+    # The agent's shutdown joins two threads for at most 5 s each and removes nothing.
+    assert 10 < pod["terminationGracePeriodSeconds"] <= 30
+
+
+def test_node_name_from_downward_api():
+    container = agent_container()
+    env = {e["name"]: e for e in container["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert "--node-name=$(NODE_NAME)" in container["args"]
+
+
+def _parsed_agent_args():
+    container = agent_container()
+    assert "command" not in container, "the image's entry point must stay in charge"
+    argv = [expand_env(a, {"NODE_NAME": "worker-1"}) for a in container["args"]]
+    args = build_parser().parse_args(argv)
+    return args, settings_from_args(args)
+
+
+def test_agent_args_parse_with_the_real_cli():
+    args, settings = _parsed_agent_args()
+    assert args.command == "run"
+    assert settings.node_name == "worker-1"
+    assert settings.bpffs == "/sys/fs/bpf"
+    assert settings.fail_mode in ("open", "closed")
+
+
+def _mount(container: dict, volumes: dict, path: str) -> tuple[dict, dict]:
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == path)
+    return mount, volumes[mount["name"]]
+
+
+def test_host_mounts():
+    container = agent_container()
+    pod = agent_daemonset()["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    _, settings = _parsed_agent_args()
+
+    bpffs, vol = _mount(container, volumes, settings.bpffs)
+    assert vol["hostPath"]["path"] == "/sys/fs/bpf"
+    propagation = bpffs.get("mountPropagation")
+    assert propagation in ("HostToContainer", "Bidirectional")
+    if propagation == "Bidirectional":
+        assert container["securityContext"].get("privileged") is True, \
+            "Kubernetes allows Bidirectional propagation only in privileged containers"
+    assert not bpffs.get("readOnly")
+    for path in ("/lib/modules", "/usr/src"):
+        mount, vol = _mount(container, volumes, path)
+        assert mount["readOnly"] is True
+        assert vol["hostPath"]["path"] == path
+    if container["securityContext"].get("readOnlyRootFilesystem"):
+        _, tmp = _mount(container, volumes, "/tmp")
+        assert "emptyDir" in tmp
+
+
+def test_probes_use_the_agent_health_port():
+    container = agent_container()
+    _, settings = _parsed_agent_args()
+    _host, health_port = parse_bind(settings.health_bind)
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz"),
+                        ("startupProbe", "/healthz")):
+        get = container[probe]["httpGet"]
+        assert (get["path"], get["port"]) == (path, health_port), probe
+    startup = container["startupProbe"]
+    # The BCC compile took ~21 s in an emulated VM (DESIGN.md): allow five times that.
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 105
+    ports = {p["containerPort"] for p in container["ports"]}
+    assert health_port in ports
+
+
+def test_scrape_annotations_point_at_metrics_port():
+    annotations = agent_daemonset()["spec"]["template"]["metadata"]["annotations"]
+    _, settings = _parsed_agent_args()
+    _host, metrics_port = parse_bind(settings.metrics_bind)
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(metrics_port) == "8084"
+    assert annotations["prometheus.io/path"] == "/metrics"
+    assert metrics_port in {p["containerPort"] for p in agent_container()["ports"]}
+
+
+def test_security_context_is_capabilities_not_privileged():
+    sc = agent_container()["securityContext"]
+    assert not sc.get("privileged")
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert sorted(sc["capabilities"]["add"]) == ["BPF", "NET_ADMIN", "PERFMON"]
+    # Kubernetes rejects allowPrivilegeEscalation: false together with SYS_ADMIN.
+    assert "SYS_ADMIN" not in sc["capabilities"]["add"]
+    assert sc["allowPrivilegeEscalation"] is False
+
+
+def test_resources_cover_the_measured_compile():
+    resources = agent_container()["resources"]
+    mib = {"Mi": 1, "Gi": 1024}
+
+    def to_mib(q: str) -> int:
+        return int(q[:-2]) * mib[q[-2:]]
+
+    # 180 MiB peak RSS measured by tests/deploy/measure_startup.py.
+    assert to_mib(resources["requests"]["memory"]) >= 180
+    assert to_mib(resources["limits"]["memory"]) >= 2 * 180
+
+
+def test_image_tag_is_the_package_version():
+    for doc in DOCS:
+        spec = doc.body.get("spec", {}).get("template", {}).get("spec", {})
+        for c in spec.get("containers", []) + spec.get("initContainers", []):
+            name, _, tag = c["image"].rpartition(":")
+            if name == IMAGE_NAME:
+                assert tag == __version__, f"{doc.id}: {c['image']}"
+
+
+def test_cleanup_daemonset_runs_the_cleanup_command():
+    ds = find(DOCS, "DaemonSet", "nodecryptor-cleanup")
+    init = ds["spec"]["template"]["spec"]["initContainers"][0]
+    args = build_parser().parse_args(init["args"])
+    assert args.command == "cleanup"
+    assert args.bpffs == "/sys/fs/bpf"
+    assert sorted(init["securityContext"]["capabilities"]["add"]) == \
+        sorted(agent_container()["securityContext"]["capabilities"]["add"])
+
+
+# ---- RBAC ----------------------------------------------------------------------------------
+
+def test_rbac_reads_ciliumnodes_only():
+    docs = default_docs()
+    role = find(docs, "ClusterRole", "nodecryptor")
+    assert role["rules"] == [{"apiGroups": ["cilium.io"], "resources": ["ciliumnodes"],
+                              "verbs": ["get", "list", "watch"]}]
+    assert not any(d.body["kind"] in ("Role", "RoleBinding") for d in docs)
+    binding = find(docs, "ClusterRoleBinding", "nodecryptor")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
+                                  "kind": "ClusterRole", "name": "nodecryptor"}
+    account = find(docs, "ServiceAccount", "nodecryptor")
+    ds = agent_daemonset()
+    assert binding["subjects"] == [{"kind": "ServiceAccount",
+                                    "name": ds["spec"]["template"]["spec"]["serviceAccountName"],
+                                    "namespace": ds["metadata"]["namespace"]}]
+    assert account["metadata"]["namespace"] == ds["metadata"]["namespace"]
+
+
+# ---- the image -------------------------------------------------------------------------------
+
+def test_image_entry_point_runs_the_agent():
+    ins = dockerfile()
+    entry = [exec_form(i.value) for i in ins if i.keyword == "ENTRYPOINT"][-1]
+    cmd = [exec_form(i.value) for i in ins if i.keyword == "CMD"][-1]
+    assert entry + cmd == ["nodecryptor", "run"]
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["nodecryptor"] == "nodecryptor.cli:main"
+    # The DaemonSet keeps the entry point and starts with the same sub-command.
+    assert agent_container()["args"][0] == cmd[0]
+
+
+def test_image_contents():
+    ins = dockerfile()
+    assert ins[0].keyword == "FROM" and ins[0].value == "debian:bookworm-slim"
+    installs = " ".join(i.value for i in ins if i.keyword == "RUN" and "apt-get install" in i.value)
+    for package in ("python3", "python3-bpfcc", "iproute2"):
+        assert f" {package} " in f" {installs} ", package
+    assert "pip" in " ".join(i.value for i in ins if i.keyword == "RUN")
+    env = docker_env(ins)
+    # program.py finds the C sources through NODECRYPTOR_BPF_DIR once installed from a wheel.
+    bpf_dir = env["NODECRYPTOR_BPF_DIR"]
+    copies = [i.value.split() for i in ins if i.keyword == "COPY"]
+    assert ["bpf", bpf_dir] in copies
+    user = [i.value for i in ins if i.keyword == "USER"]
+    assert user and user[-1].split(":")[0] in ("0", "root")
+
+
+def _ignored(path: str, patterns: list[str]) -> bool:
+    ignored = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pat = pattern.lstrip("!").rstrip("/")
+        parts = path.split("/")
+        prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        if any(fnmatch.fnmatch(p, pat) or fnmatch.fnmatch(p, pat.replace("**/", "*/"))
+               or (pat.startswith("**/") and fnmatch.fnmatch(parts[-1], pat[3:]))
+               for p in prefixes):
+            ignored = not negate
+    return ignored
+
+
+def test_build_context_keeps_what_the_dockerfile_copies():
+    patterns = dockerignore_patterns()
+    sources = [src for i in dockerfile() if i.keyword == "COPY" for src in i.value.split()[:-1]]
+    assert sources
+    for src in sources:
+        assert (REPO / src).exists(), f"COPY {src}: no such file"
+        assert not _ignored(src, patterns), f"COPY {src} is excluded by .dockerignore"
+    for heavy in (".venv", ".git", "tests", "nodecryptor/__pycache__/x.pyc"):
+        assert _ignored(heavy, patterns), f"{heavy} would be sent to the image build"
+
+
+def test_readme_is_in_build_context():
+    # pyproject.toml names README.md as the readme; the pip install in the image needs it.
+    assert tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["readme"] == "README.md"
+    assert "README.md" in DOCKERFILE.read_text()
+
+
+def test_manifests_parse_as_yaml_documents():
+    for path in manifest_files():
+        assert load_docs(path), f"{path} holds no object"
+    assert K8S.joinpath("kustomization.yaml").exists()
