@@ -17,6 +17,7 @@ from deploy_manifests import (CRD_KINDS, DOCKERFILE, K8S, REPO, agent_container,
 from nodecryptor import __version__
 from nodecryptor.cli import build_parser
 from nodecryptor.commands.common import settings_from_args
+from nodecryptor.datapath import select
 from nodecryptor.health import parse_bind
 
 # The newest Kubernetes release whose schema kubernetes-validate ships (pyproject pins >=1.37).
@@ -187,8 +188,10 @@ def test_host_mounts():
         assert mount["readOnly"] is True
         assert vol["hostPath"]["path"] == path
     if container["securityContext"].get("readOnlyRootFilesystem"):
-        _, tmp = _mount(container, volumes, "/tmp")
-        assert "emptyDir" in tmp
+        # Where the agent writes: BCC's kheaders unpacking, and the datapath choice record.
+        for path in ("/tmp", select.DEFAULT_RUN_DIR):
+            _, vol = _mount(container, volumes, path)
+            assert "emptyDir" in vol, path
 
 
 def test_probes_use_the_agent_health_port():
