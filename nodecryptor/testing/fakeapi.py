@@ -214,7 +214,9 @@ class FakeCluster:
         if len(self.history) == self.history.maxlen:
             # The oldest retained event falls out: watching from before it is impossible.
             self.oldest_watchable_rv = self.history[0][0]
-        self.history.append((self.rv, kind, copy.deepcopy(obj)))
+        # Stored objects are never mutated after this point (writes replace them), so the
+        # history can share them with ``objects``.
+        self.history.append((self.rv, kind, obj))
         self.cond.notify_all()
 
     def _stamp(self, obj: dict, old: dict | None) -> dict:
@@ -291,7 +293,9 @@ class FakeCluster:
                 raise ApiError(404, "NotFound", f'ciliumnodes.cilium.io "{name}" not found', name)
             if not isinstance(patch, dict):
                 raise ApiError(400, "BadRequest", "a merge patch must be a JSON object", name)
-            merged = merge_patch(old, patch)
+            # merge_patch shares untouched subtrees with ``old``; stored objects must stay
+            # immutable, so the result is copied before it is stamped.
+            merged = copy.deepcopy(merge_patch(old, patch))
             if merged.get("metadata", {}).get("name") != name:
                 raise ApiError(422, "Invalid", "metadata.name cannot be changed by a patch", name)
             return self._write(name, merged, old)

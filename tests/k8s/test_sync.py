@@ -127,7 +127,7 @@ def test_frozen_watch_times_out_and_recovers(fake, settings, run_sync):
     fake.apply(node(2))
     started = time.monotonic()
     wait_for(lambda: restarts(r.metrics, "stalled") >= 1, timeout=5, what="read timeout")
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 4
     assert "n00002" not in r.store.snapshot()
     fake.freeze_watches(False)
     wait_for(lambda: "n00002" in r.store.snapshot(), what="recovery")
@@ -149,7 +149,7 @@ def test_stalled_list_times_out_and_recovers(fake, settings, run_sync):
     fake.stall_next(1, kind="list")
     started = time.monotonic()
     r = run_sync(with_settings(settings, request_timeout_seconds=0.3))
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 4
     assert names(r.store) == ["n00001"] and restarts(r.metrics, "stalled") == 1
     fake.release_stalls()
 
@@ -182,7 +182,7 @@ def test_5xx_burst_backs_off_then_converges(fake, settings, run_sync):
     assert names(r.store) == ["n00001"]
     assert restarts(r.metrics, "server-error") == 5
     # Five failures waited 0.05 + 0.1 + 0.2 + 0.4 + 0.8 s: the delay doubles each time.
-    assert 1.5 <= elapsed < 4, elapsed
+    assert 1.5 <= elapsed < 8, elapsed
     attempts = [p for m, p in fake.cluster.requests if "watch" not in p]
     assert len(attempts) == 6
 
@@ -222,7 +222,7 @@ def test_stop_is_prompt_during_a_long_watch(fake, settings, run_sync):
     fake.apply(node(1))
     r = run_sync(with_settings(settings, watch_timeout_seconds=300))
     wait_for(lambda: fake.open_watches == 1, what="the watch")
-    assert r.halt() < 1.0
+    assert r.halt() < 2.0  # not the 300 s read timeout
 
 
 def test_malformed_objects_are_partly_applied(fake, settings, run_sync):
