@@ -1,0 +1,161 @@
+"""program.load and maps.sync/read against the kernel: idempotent sync, add-before-prune,
+decoding back into the desired state, pinned maps surviving a reload, clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+
+import pytest
+
+import datapath_cases as dc
+from conftest import have_bcc, require
+from nodecryptor.datapath.bpf import abi, maps, program, syscall, testrun
+from nodecryptor.errors import DatapathError
+from nodecryptor.settings import MapSizes, Settings
+
+pytestmark = [pytest.mark.privileged, pytest.mark.bpf]
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    require(os.geteuid() == 0, "needs root")
+    ok, why = have_bcc()
+    require(ok, why)
+    prog = program.load(Settings())
+    yield prog
+    prog.close()
+
+
+def _clear(map_fds):
+    for name in ("nc_dst_v4", "nc_dst_v6", "nc_exempt", "nc_local"):
+        spec = abi.MAPS_BY_NAME[name]
+        for key in list(syscall.map_keys(map_fds[name], spec.key)):
+            syscall.map_delete(map_fds[name], key)
+
+
+def test_sync_is_idempotent_and_prunes(loaded):
+    _clear(loaded.map_fds)
+    worker = dc.desired_for(dc.CASES_BY_ID["v4-node-to-remote-node"])  # local node w1
+    first = maps.sync(loaded.map_fds, worker, now_ns=1)
+    # 8 destinations (cp1 and w2: node IP + pod CIDR, both families), 3 ports, 2 addresses
+    assert (first.added, first.removed) == (8 + 3 + 2, 0)
+    assert maps.sync(loaded.map_fds, worker, now_ns=2) == maps.SyncStats(0, 0, 0)
+
+    cp = dc.desired_for(dc.CASES_BY_ID["v4-cp-reply-6443-from-node-ip"])  # local node cp1
+    switched = maps.sync(loaded.map_fds, cp, now_ns=3)
+    # w1's four prefixes and addresses replace cp1's; w2 and the ports stay.
+    assert (switched.added, switched.removed) == (4 + 2, 4 + 2)
+    assert switched.updated == 1  # the config entry: role changed
+
+
+def test_read_decodes_the_desired_state(loaded):
+    desired = dc.desired_for(dc.CASES_BY_ID["v4-uncovered-fail-closed"])
+    maps.sync(loaded.map_fds, desired, now_ns=12345)
+    data = maps.read(loaded.map_fds)
+    by_prefix = {d["prefix"]: d for d in data["destinations"]}
+    assert set(by_prefix) == {str(d.prefix) for d in desired.destinations}
+    for dest in desired.destinations:
+        entry = by_prefix[str(dest.prefix)]
+        assert entry["kind"] == dest.kind
+        assert entry["control_plane"] == dest.control_plane
+        assert entry["uncovered"] == (dest.prefix in desired.uncovered)
+    assert [(r["protocol"], r["first"], r["last"]) for r in data["exempt_ports"]] == \
+        [(r.protocol, r.first, r.last) for r in desired.plan.exempt_ports]
+    assert data["local_addresses"] == [str(a) for a in desired.plan.local_addresses]
+    cfg = data["config"]
+    assert cfg["enabled"] and cfg["wg_up"]
+    assert (cfg["wg_ifindex"], cfg["local_role"], cfg["fail_mode"]) == (7, "worker", "closed")
+    assert (cfg["mss_v4"], cfg["mss_v6"], cfg["wg_port"]) == (dc.MSS_V4, dc.MSS_V6, dc.WG_PORT)
+    assert (cfg["wg_mark"], cfg["wg_mark_mask"]) == (0x0E00, 0x0F00)
+    assert cfg["agent_alive_ns"] == 12345
+    assert set(data["counters"]) == set(abi.REASON_NAMES.values()) | set(
+        abi.EVENT_NAMES.values())
+
+
+def test_new_destination_is_added_before_stale_one_is_removed(loaded, monkeypatch):
+    """A node's address moving to another prefix is never a moment without either."""
+    base = dc.desired_for(dc.CASES_BY_ID["v4-node-to-remote-node"])
+    maps.sync(loaded.map_fds, base)
+    moved = dataclasses.replace(base, plan=dataclasses.replace(
+        base.plan, destinations=tuple(
+            dataclasses.replace(d, prefix=ipaddress.ip_network("10.244.9.0/24"))
+            if str(d.prefix) == "10.244.2.0/24" else d for d in base.plan.destinations)))
+    calls = []
+    real_update, real_delete = syscall.map_update, syscall.map_delete
+    monkeypatch.setattr(syscall, "map_update",
+                        lambda fd, k, v, flags=0: (calls.append("update"),
+                                                   real_update(fd, k, v, flags))[1])
+    monkeypatch.setattr(syscall, "map_delete",
+                        lambda fd, k: (calls.append("delete"), real_delete(fd, k))[1])
+    stats = maps.sync(loaded.map_fds, moved)
+    assert (stats.added, stats.removed) == (1, 1)
+    # destination update, stale delete, then the config entry last
+    assert calls == ["update", "delete", "update"]
+
+
+def test_full_map_names_the_problem(bcc_settings_small):
+    loaded = program.load(bcc_settings_small)
+    try:
+        desired = dc.desired_for(dc.CASES_BY_ID["v4-node-to-remote-node"])
+        with pytest.raises(DatapathError, match="writing BPF maps failed"):
+            maps.sync(loaded.map_fds, desired)
+    finally:
+        loaded.close()
+
+
+@pytest.fixture
+def bcc_settings_small(loaded):
+    # Two IPv4 destinations fit, the worker's desired state has four.
+    return Settings(map_sizes=MapSizes(destinations_v4=2))
+
+
+def test_pinned_maps_survive_a_reload(loaded, bpffs):
+    pin_dir = os.path.join(bpffs, "v1")
+    os.mkdir(pin_dir)
+    case = dc.CASES_BY_ID["v4-node-to-remote-node"]
+    first = program.load(Settings(), pin_dir)
+    try:
+        maps.sync(first.map_fds, dc.desired_for(case))
+        ids = {name: syscall.map_info(fd).id for name, fd in first.map_fds.items()}
+        frame = testrun.build_frame(dc.source_address(case), case.query.dst, dport=22)
+    finally:
+        first.close()
+    assert sorted(os.listdir(pin_dir)) == sorted(abi.MAPS_BY_NAME)
+
+    second = program.load(Settings(), pin_dir)
+    try:
+        assert {name: syscall.map_info(fd).id for name, fd in second.map_fds.items()} == ids
+        # No sync: the new program enforces with the state the pinned maps kept.
+        result = testrun.run(second.prog_fd, frame)
+        assert result.reason_name == case.expected_reason
+        pinned = maps.open_pinned(pin_dir)
+        try:
+            assert maps.read(pinned)["destinations"] == maps.read(second.map_fds)["destinations"]
+        finally:
+            for fd in pinned.values():
+                os.close(fd)
+    finally:
+        second.close()
+
+
+def test_open_pinned_names_the_missing_pin(tmp_path):
+    with pytest.raises(DatapathError, match="nc_dst_v4"):
+        maps.open_pinned(str(tmp_path))
+
+
+def test_probe_reports_success(loaded):
+    ok, why = program.probe(Settings())
+    assert ok, why
+
+
+def test_probe_reports_a_compile_failure(loaded, tmp_path, monkeypatch):
+    broken = tmp_path / "bpf"
+    (broken / "include").mkdir(parents=True)
+    (broken / "lib").mkdir()
+    (broken / "nodecryptor.c").write_text("int nc_egress(struct __sk_buff *skb) { return x; }\n")
+    monkeypatch.setenv(program.BPF_DIR_ENV, str(broken))
+    ok, why = program.probe(Settings())
+    assert not ok
+    assert "compiling" in why
