@@ -100,8 +100,10 @@ def nodecryptor_cli(*args: str, netns: str | None = None, mount_pid: int | None 
         prefix = ["nsenter", "-t", str(mount_pid), "-m", "-n"]
     elif netns:
         prefix = ["ip", "netns", "exec", netns]
+    # PYTHONPATH: the editable install's finder does not resolve the package from every cwd.
+    env = {**os.environ, "PYTHONPATH": REPO}
     return subprocess.run(prefix + [sys.executable, "-m", "nodecryptor.cli", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+                          env=env, capture_output=True, text=True, timeout=timeout)
 
 
 # ---- the two-node lab ------------------------------------------------------------------------
@@ -157,18 +159,24 @@ class TwoNodeLab:
             self.close()
             raise
 
-    def _underlay(self) -> None:
+    def _underlay(self, first: bool = True) -> None:
         a, b = self.a, self.b
         sh("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", b.netns,
            netns=a.netns)
         for node in (a, b):
             sh("ip", "addr", "add", f"{node.ip}/24", "dev", "eth0", netns=node.netns)
             sh("ip", "link", "set", "eth0", "up", netns=node.netns)
-            sh("ip", "addr", "add", f"{node.pod_ip}/32", "dev", "lo", netns=node.netns)
-            for conf in ("all", "default"):
-                sh("sysctl", "-qw", f"net.ipv4.conf.{conf}.rp_filter=0", netns=node.netns)
+            if first:
+                sh("ip", "addr", "add", f"{node.pod_ip}/32", "dev", "lo", netns=node.netns)
+                for conf in ("all", "default"):
+                    sh("sysctl", "-qw", f"net.ipv4.conf.{conf}.rp_filter=0", netns=node.netns)
         sh("ip", "route", "add", b.pod_cidr, "via", b.ip, "dev", "eth0", netns=a.netns)
         sh("ip", "route", "add", a.pod_cidr, "via", a.ip, "dev", "eth0", netns=b.netns)
+
+    def recreate_underlay(self) -> None:
+        """Delete the veth pair and create it again (new ifindex), addresses and routes too."""
+        sh("ip", "link", "del", "eth0", netns=self.a.netns)
+        self._underlay(first=False)
 
     def _wireguard(self, node: Node, peer: Node) -> None:
         os.makedirs("/var/run/wireguard", exist_ok=True)
@@ -183,7 +191,8 @@ class TwoNodeLab:
         self._procs.append(proc)
         node.wg_pid = proc.pid
         deadline = time.time() + 10
-        while not os.path.exists(f"/proc/{proc.pid}/root/var/run/wireguard/{WG_IFNAME}.sock"):
+        # /var/run is an absolute symlink to /run, which would resolve in our own mount namespace.
+        while not os.path.exists(f"/proc/{proc.pid}/root/run/wireguard/{WG_IFNAME}.sock"):
             if proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"wireguard-go did not start in {node.netns}")
             time.sleep(0.05)
@@ -216,19 +225,43 @@ class TwoNodeLab:
         return Settings(node_name=self.a.name, bpffs=bpffs, wg_interface=WG_IFNAME, **kw)
 
     def desired(self, settings: Settings):
-        """The DesiredState the policy computes for A (run inside A's namespace)."""
-        import socket
+        """The DesiredState the policy computes for A (call inside A's namespace)."""
+        return desired_for(settings, self.a, self.b)
 
-        snapshot = {n.name: n.info() for n in (self.a, self.b)}
-        plan = compute_plan(snapshot, self.a.name, settings)
-        peer = WgPeer(public_key=self.b.wg_public,
-                      allowed_ips=(ipaddress.ip_network(f"{self.b.ip}/32"),
-                                   ipaddress.ip_network(self.b.pod_cidr)),
-                      endpoint=f"{self.b.ip}:{WG_PORT}")
-        wg = WgState(ifname=WG_IFNAME, ifindex=socket.if_nametoindex(WG_IFNAME), present=True,
-                     up=True, mtu=1420, listen_port=WG_PORT, fwmark=WG_MARK, peers=(peer,))
-        device = Device(name="eth0", ifindex=socket.if_nametoindex("eth0"), mtu=1500)
-        return compute_desired(plan, wg, (device,), settings)
+
+def desired_for(settings: Settings, a: Node, b: Node):
+    """What the agent on A would compute from the two CiliumNodes and A's devices."""
+    import socket
+
+    snapshot = {n.name: n.info() for n in (a, b)}
+    plan = compute_plan(snapshot, a.name, settings)
+    peer = WgPeer(public_key=b.wg_public,
+                  allowed_ips=(ipaddress.ip_network(f"{b.ip}/32"),
+                               ipaddress.ip_network(b.pod_cidr)),
+                  endpoint=f"{b.ip}:{WG_PORT}")
+    wg = WgState(ifname=WG_IFNAME, ifindex=socket.if_nametoindex(WG_IFNAME), present=True,
+                 up=True, mtu=1420, listen_port=WG_PORT, fwmark=WG_MARK, peers=(peer,))
+    device = Device(name="eth0", ifindex=socket.if_nametoindex("eth0"), mtu=1500)
+    return compute_desired(plan, wg, (device,), settings)
+
+
+def hold_datapath_main(argv: list[str]) -> int:
+    """``python bpf_backend_lab.py hold SPEC_JSON``: run inside node A's namespace, start the
+    BPF datapath, apply A's desired state, print "applied <prog_id>" and wait to be killed (the
+    stand-in for an agent that dies)."""
+    import json
+
+    from nodecryptor.datapath.bpf.backend import BpfDatapath
+
+    spec = json.loads(argv[0])
+    a, b = Node(**spec["a"]), Node(**spec["b"])
+    settings = Settings(node_name=a.name, bpffs=spec["bpffs"], wg_interface=WG_IFNAME)
+    datapath = BpfDatapath(settings)
+    datapath.start()
+    datapath.apply(desired_for(settings, a, b))
+    print(f"applied {datapath.prog_id}", flush=True)
+    while True:
+        time.sleep(3600)
 
 
 class Capture:
@@ -258,3 +291,9 @@ class Capture:
         self.proc.stderr.close()
         out = subprocess.run(["tcpdump", "-nn", "-r", self.path], capture_output=True, text=True)
         return out.stdout.splitlines()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["hold"]:
+        sys.exit(hold_datapath_main(sys.argv[2:]))
+    sys.exit(f"usage: {sys.argv[0]} hold SPEC_JSON")

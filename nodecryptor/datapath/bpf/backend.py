@@ -62,22 +62,17 @@ class BpfDatapath:
         from . import program  # the only module importing bcc; loaded only when BPF is wanted
 
         try:
-            ok, reason = program.probe(self.settings)
-        except Exception as e:  # the probe must not take the agent down; it says no instead
-            ok, reason = False, f"probe raised {type(e).__name__}: {e}"
-        if not ok:
-            raise NotSupported("bpf-program", reason)
-        try:
             pins.ensure_dirs(bpffs)
         except OSError as e:
             raise NotSupported("bpffs", f"cannot create {pins.root(bpffs)}: {e}") from e
         checks = pins.check_maps(self.settings)
         self._recreated = [{"map": c.name, "why": c.why} for c in checks if c.action == "recreate"]
+        # Loading is the probe: it compiles, passes the verifier and opens the pinned maps.
         try:
             self._loaded = program.load(self.settings, pins.maps_dir(bpffs))
         except NotSupported:
             raise
-        except Exception as e:  # BCC reports compile and verifier failures as plain Exception
+        except Exception as e:  # DatapathError from compile/verifier, or anything BCC raises
             raise NotSupported("bpf-program", f"compile/load failed: {e}") from e
         log.info("bpf program loaded",
                  extra=kv(prog_id=self._loaded.prog_id, mode=self.mode, why=self.mode_reason,
