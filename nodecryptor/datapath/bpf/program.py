@@ -179,6 +179,20 @@ def load(settings: Settings, pin_dir: str | None = None) -> LoadedProgram:
                          compile_seconds=elapsed, pin_dir=pin_dir, _bpf=module)
 
 
+EMPTY_PROGRAM = b"int nc_empty(struct __sk_buff *skb) { return TC_ACT_UNSPEC; }"
+
+
+def load_empty() -> LoadedProgram:
+    """A program that only returns TC_ACT_UNSPEC: the test-run harness floor that
+    benchmarks/bpf_cost.py subtracts. It has no maps."""
+    bcc = _import_bcc()
+    started = time.monotonic()
+    module = bcc.BPF(text=b"#include <uapi/linux/pkt_cls.h>\n" + EMPTY_PROGRAM)
+    fn = module.load_func(b"nc_empty", bcc.BPF.SCHED_CLS)
+    return LoadedProgram(prog_fd=fn.fd, prog_id=syscall.prog_info(fn.fd).id, map_fds={},
+                         compile_seconds=time.monotonic() - started, _bpf=module)
+
+
 def probe(settings: Settings) -> tuple[bool, str]:
     """Whether the BPF datapath can work here: bcc importable, kernel headers present, the
     program compiles and the verifier accepts it (maps unpinned, released at once)."""
