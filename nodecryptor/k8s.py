@@ -46,7 +46,10 @@ SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
 class KubernetesError(NodecryptorError):
-    """Talking to the Kubernetes API failed."""
+    """Talking to the Kubernetes API failed. ``cause`` is a short word for the
+    watch_restarts metric."""
+
+    cause = "error"
 
 
 class KubeConfigError(KubernetesError):
@@ -55,9 +58,9 @@ class KubeConfigError(KubernetesError):
 
 class ApiUnavailable(KubernetesError):
     """The API server could not be reached, timed out, or answered with a server error.
-    ``cause`` is a short word for metrics: unreachable, stalled, dropped, server-error."""
+    ``cause``: unreachable, stalled, dropped or server-error."""
 
-    def __init__(self, message: str, cause: str = "error"):
+    def __init__(self, message: str, cause: str = "server-error"):
         super().__init__(message)
         self.cause = cause
 
@@ -65,9 +68,13 @@ class ApiUnavailable(KubernetesError):
 class ApiForbidden(KubernetesError):
     """The API server rejected our credentials (401) or our permissions (403)."""
 
+    cause = "forbidden"
+
 
 class ApiGone(KubernetesError):
     """410: the resourceVersion or continue token is older than the server's history."""
+
+    cause = "expired"
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,6 +204,11 @@ def _list_all(api: kubernetes.client.CustomObjectsApi, page_size: int,
             return ListResult(nodes, rejected, str(meta.get("resourceVersion") or ""), pages)
 
 
+def _version(meta: dict, default: str | None) -> str | None:
+    value = meta.get("resourceVersion")
+    return str(value) if value else default
+
+
 def _meta(obj: object) -> dict:
     meta = obj.get("metadata") if isinstance(obj, dict) else None
     return meta if isinstance(meta, dict) else {}
@@ -262,10 +274,6 @@ class Backoff:
         return base * (1.0 - self.jitter * rng.random())
 
 
-class _WatchEnded(Exception):
-    """Internal: the watch stopped for a reason that is not an error (resync due, stop)."""
-
-
 class CiliumNodeSync:
     """Keeps ``store`` equal to the cluster's CiliumNodes (as NodeInfo).
 
@@ -300,7 +308,8 @@ class CiliumNodeSync:
     # Public entry point
 
     def run(self, stop: threading.Event) -> None:
-        """List and watch until ``stop`` is set. Never raises for API trouble."""
+        """List and watch until ``stop`` is set. API trouble never raises (it is logged,
+        counted and retried); only a missing client configuration does (KubeConfigError)."""
         api_client = load_client(self.settings)
         api = kubernetes.client.CustomObjectsApi(api_client)
         # Unblock a read in progress as soon as stop is set, instead of waiting for the
@@ -329,8 +338,7 @@ class CiliumNodeSync:
                         # Expired again before any event arrived: do not spin on list.
                         stop.wait(self.backoff.delay(self._expiries - 1, self._rng))
                 except KubernetesError as e:
-                    self._restart(getattr(e, "cause", "forbidden" if isinstance(e, ApiForbidden)
-                                          else "error"))
+                    self._restart(e.cause)
                     self.failures += 1
                     delay = self._sleep(stop)
                     log.warning("CiliumNode sync failed; keeping the last known nodes",
@@ -387,10 +395,10 @@ class CiliumNodeSync:
             raise translate_error(e, _server(api), what) from e
         with self._lock:
             self._response = resp
-        if stop.is_set():
-            resp.close()
         events = 0
         try:
+            if stop.is_set():  # set while we connected: the closer thread has already run
+                return
             for line in iter_resp_lines(resp):
                 if not line:
                     continue
@@ -415,7 +423,8 @@ class CiliumNodeSync:
             self.failures = 0
             self._restart("timeout")
 
-    def _handle_event(self, line: str, rv: str, what: str) -> str:
+    def _handle_event(self, line: str, rv: str | None, what: str) -> str | None:
+        """Apply one watch event to the store; return the resourceVersion it carries."""
         try:
             event = json.loads(line)
             kind, obj = event["type"], event["object"]
@@ -429,7 +438,7 @@ class CiliumNodeSync:
                 raise ApiGone(f"{what}: {message}")
             raise ApiUnavailable(f"{what}: the server sent an error event ({code}): {message}")
         if kind == "BOOKMARK":
-            return str(meta.get("resourceVersion") or rv)
+            return _version(meta, rv)
         if kind in ("ADDED", "MODIFIED"):
             info, rejections = parse_ciliumnode(obj)
             if rejections:
@@ -443,7 +452,7 @@ class CiliumNodeSync:
                 self._logged.pop(name, None)
         else:
             log.debug("ignoring watch event of unknown type", extra=kv(type=kind))
-        return str(meta.get("resourceVersion") or rv)
+        return _version(meta, rv)
 
     # Helpers
 
