@@ -20,20 +20,21 @@ from ...model import DesiredState
 from ...settings import Settings
 from ..base import Observation
 from . import kernel, noop
+from .bulk import RouteTable
 from .spec import (MAIN_TABLE, OFFSET_LOOKUP, OFFSET_PROBE, RuleSpec, band, desired_routes,
                    desired_rules)
 
 log = logging.getLogger(__name__)
 
 
-def remove_all(ipr, settings: Settings) -> dict:
+def remove_all(ipr, settings: Settings, netns: str | None = None) -> dict:
     """Delete every rule of the band, every route of the table and the noop route."""
     rules = kernel.read_rules(ipr, band(settings))
-    routes = kernel.read_routes(ipr, settings.iprule_table)
     # The catch-all lookup rule goes first so nothing is sent to a half-emptied table.
     rules.sort(key=lambda r: r.priority != settings.iprule_priority_base + OFFSET_LOOKUP)
     removed_rules = sum(kernel.delete_rule(ipr, r) for r in rules)
-    removed_routes = sum(kernel.delete_route(ipr, r, settings.iprule_table) for r in routes)
+    with RouteTable(settings.iprule_table, netns) as table:
+        removed_routes = table.delete_routes(table.read())
     out = {"datapath": "iprule", "rules_removed": removed_rules,
            "routes_removed": removed_routes}
     out.update(noop.remove(ipr))
@@ -111,19 +112,18 @@ class IpRuleDatapath:
 
     def apply(self, desired: DesiredState) -> None:
         ipr = self._handle()
-        table = self.settings.iprule_table
         started = time.monotonic()
         want_rules = set(desired_rules(desired, self.settings))
         want_routes = {r.key: r for r in desired_routes(desired)}
         try:
             have_rules = set(kernel.read_rules(ipr, band(self.settings)))
-            have_routes = {r.key: r for r in kernel.read_routes(ipr, table)}
             added_rules = sum(kernel.add_rule(ipr, r) for r in sorted(want_rules - have_rules))
-            changed = [r for k, r in want_routes.items() if have_routes.get(k) != r]
-            for route in changed:
-                kernel.set_route(ipr, route, table)
-            stale_routes = [r for k, r in have_routes.items() if k not in want_routes]
-            removed_routes = sum(kernel.delete_route(ipr, r, table) for r in stale_routes)
+            with RouteTable(self.settings.iprule_table, self.netns) as table:
+                have_routes = {r.key: r for r in table.read()}
+                changed = [r for k, r in want_routes.items() if have_routes.get(k) != r]
+                table.set_routes(changed)
+                removed_routes = table.delete_routes(
+                    [r for k, r in have_routes.items() if k not in want_routes])
             removed_rules = sum(kernel.delete_rule(ipr, r)
                                 for r in sorted(have_rules - want_rules))
             noop_state = (noop.ensure(ipr) if self.settings.noop_route else
@@ -150,7 +150,8 @@ class IpRuleDatapath:
         try:
             ipr = self._handle()
             rules = kernel.read_rules(ipr, band(self.settings))
-            routes = kernel.read_routes(ipr, self.settings.iprule_table)
+            with RouteTable(self.settings.iprule_table, self.netns) as table:
+                routes = table.read()
         except (DatapathError, NotSupported, NetlinkError) as e:
             return Observation(datapath=self.name, attached=False, ready=False,
                                reason=f"cannot read rules/routes: {e}")
@@ -179,7 +180,7 @@ class IpRuleDatapath:
     def cleanup(self) -> None:
         ipr = self._handle()
         try:
-            result = remove_all(ipr, self.settings)
+            result = remove_all(ipr, self.settings, self.netns)
         except NetlinkError as e:
             if e.code == errno.EPERM:
                 raise DatapathError(f"ip-rule cleanup needs CAP_NET_ADMIN: {e}") from e

@@ -17,6 +17,7 @@ from ..base import (VERDICT_DROP, VERDICT_ENCRYPT, VERDICT_EXEMPT, VERDICT_PASS,
                     PacketQuery)
 from . import kernel, noop
 from .backend import remove_all
+from .bulk import RouteTable
 from .spec import (OFFSET_EXEMPT_DPORT, OFFSET_EXEMPT_SPORT, OFFSET_LOOKUP, OFFSET_WG_MARK,
                    OFFSET_WG_PORT, ROUTE_UNICAST, RouteSpec, RuleSpec, band)
 
@@ -46,7 +47,8 @@ def active(settings: Settings, netns: str | None = None) -> bool:
 def status(settings: Settings, netns: str | None = None) -> dict:
     with kernel.open_route(netns) as ipr:
         rules = kernel.read_rules(ipr, band(settings))
-        routes = kernel.read_routes(ipr, settings.iprule_table)
+        with RouteTable(settings.iprule_table, netns) as table:
+            routes = table.read()
         wg_index = kernel.link_index(ipr, settings.wg_interface)
         noop_present = noop.present(ipr)
     kinds: dict[str, int] = {}
@@ -73,7 +75,7 @@ def status(settings: Settings, netns: str | None = None) -> dict:
 def cleanup(settings: Settings, netns: str | None = None) -> dict:
     """Remove every rule of the band, every route of the table and the noop route."""
     with kernel.open_route(netns) as ipr:
-        return remove_all(ipr, settings)
+        return remove_all(ipr, settings, netns)
 
 
 def _longest_match(routes: list[RouteSpec], dst) -> RouteSpec | None:
@@ -140,7 +142,8 @@ def explain(settings: Settings, q: PacketQuery, netns: str | None = None) -> Exp
                                     dport=q.dport if queryable and proto in PORTED else 0,
                                     mark=q.mark)
         rules = kernel.read_rules(ipr, band(settings))
-        routes = kernel.read_routes(ipr, settings.iprule_table)
+        with RouteTable(settings.iprule_table, netns) as table:
+            routes = table.read()
         names = kernel.link_names(ipr)
         wg_index = kernel.link_index(ipr, settings.wg_interface)
         wg_up = bool(wg_index) and any(

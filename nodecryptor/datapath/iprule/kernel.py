@@ -1,6 +1,8 @@
 """Netlink operations of the ip-rule datapath, one small function each.
 
-Every function takes an open pyroute2 ``IPRoute`` (which carries the network namespace), treats
+Routes of nodecryptor's table are handled in bulk by ``bulk``; rules, links and route queries
+live here. Every function takes an open pyroute2 ``IPRoute`` (which carries the network
+namespace), treats
 "exists" on add and "missing" on delete as success, raises ``DatapathError`` naming the object
 for anything else, and returns plain data (``spec.RuleSpec``/``RouteSpec``, dicts). Nothing
 here decides what should be installed; ``spec`` does.
@@ -18,12 +20,11 @@ from pyroute2.netlink.rtnl import RTM_GETROUTE
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from ...errors import DatapathError
-from .spec import ROUTE_UNICAST, ROUTE_UNREACHABLE, RouteSpec, RuleSpec
+from .spec import RuleSpec
 
 AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 FAMILY_OF_AF = {socket.AF_INET: 4, socket.AF_INET6: 6}
 FR_ACT_TO_TBL = 1
-RTN_UNICAST = 1
 RTN_TYPE_NAMES = {1: "unicast", 2: "local", 3: "broadcast", 6: "blackhole", 7: "unreachable",
                   8: "prohibit"}
 # rtm_flags of a route query: report the table the fib lookup used (otherwise the kernel
@@ -161,73 +162,6 @@ def delete_rule(ipr: IPRoute, rule: RuleSpec) -> bool:
         if e.code in MISSING:
             return False
         raise DatapathError(f"cannot delete ip rule '{rule.describe()}': {e}") from e
-    return True
-
-
-def route_from_msg(msg) -> RouteSpec | None:
-    family = FAMILY_OF_AF.get(msg["family"])
-    dst = msg.get_attr("RTA_DST")
-    if family is None:
-        return None
-    if dst is None:
-        dst = "0.0.0.0" if family == 4 else "::"
-    prefix = f"{dst}/{msg['dst_len']}"
-    if msg["type"] == RTN_UNICAST:
-        return RouteSpec(family, prefix, ROUTE_UNICAST, oif=msg.get_attr("RTA_OIF") or 0,
-                         prefsrc=msg.get_attr("RTA_PREFSRC"))
-    # Reject routes are compared by kind only (IPv6 attaches them to lo).
-    kind = ROUTE_UNREACHABLE if msg["type"] == 7 else RTN_TYPE_NAMES.get(msg["type"],
-                                                                         str(msg["type"]))
-    return RouteSpec(family, prefix, kind)
-
-
-def read_routes(ipr: IPRoute, table: int) -> list[RouteSpec]:
-    """Every route of ``table`` in both families."""
-    out = []
-    for family in (4, 6):
-        try:
-            messages = ipr.route("dump", family=AF[family], table=table)
-        except NetlinkError as e:
-            raise DatapathError(f"cannot list routes of table {table}: {e}") from e
-        for msg in messages:
-            if (msg.get_attr("RTA_TABLE") or msg["table"]) != table:
-                continue
-            route = route_from_msg(msg)
-            if route is not None:
-                out.append(route)
-    return sorted(out)
-
-
-def _route_args(route: RouteSpec, table: int) -> dict:
-    kw: dict = {"family": AF[route.family], "dst": route.dst, "table": table}
-    if route.kind == ROUTE_UNICAST:
-        kw["type"] = "unicast"
-        kw["oif"] = route.oif
-        if route.prefsrc:
-            kw["prefsrc"] = route.prefsrc
-    else:
-        kw["type"] = route.kind
-    return kw
-
-
-def set_route(ipr: IPRoute, route: RouteSpec, table: int) -> None:
-    """Create or atomically replace the route for ``route.dst`` in ``table``."""
-    try:
-        ipr.route("replace", **_route_args(route, table))
-    except NetlinkError as e:
-        raise DatapathError(f"cannot set route {route.kind} {route.dst} in table {table}: "
-                            f"{e}") from e
-
-
-def delete_route(ipr: IPRoute, route: RouteSpec, table: int) -> bool:
-    """Remove the route for ``route.dst`` from ``table`` (only that table)."""
-    try:
-        ipr.route("del", family=AF[route.family], dst=route.dst, table=table,
-                  type=route.kind if route.kind != ROUTE_UNICAST else "unicast")
-    except NetlinkError as e:
-        if e.code in MISSING:
-            return False
-        raise DatapathError(f"cannot delete route {route.dst} from table {table}: {e}") from e
     return True
 
 
