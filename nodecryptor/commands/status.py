@@ -60,8 +60,14 @@ def register(sub) -> None:
 
 def handle(args) -> int:
     settings = settings_from_args(args)
-    _, module = active_inspector(settings)
+    name, module = active_inspector(settings)
     report = module.status(settings)
+    from ..datapath.select import last_choice
+
+    choice = last_choice()
+    if choice is not None and choice.get("datapath") == name:
+        # Why the agent chose this datapath (a record of another mode would be stale).
+        report["agent_choice"] = choice
     if args.json:
         print_json(report)
         return 0

@@ -414,6 +414,15 @@ def test_inspection_commands_on_live_setup_without_agent(lab, bpffs, datapaths):
         assert st["wireguard"]["listen_port"] == WG_PORT
         assert st["counters"]["cluster-destination"]["packets"] >= 1  # explain's test runs
 
+        text = cli("status")
+        assert text.returncode == 0, text.stderr
+        assert "ready: yes" in text.stdout and "eth0" in text.stdout, text.stdout
+        text_dump = cli("bpf", "dump")
+        assert text_dump.returncode == 0 and f"{b.ip}/32" in text_dump.stdout, text_dump.stderr
+        text_explain = cli("explain", "--dst", b.ip, "--dport", "6443")
+        assert text_explain.stdout.startswith("exempt: exempt-control-plane-port")
+        print(text.stdout, text_dump.stdout, text_explain.stdout, sep="\n")
+
         done = cli("cleanup", "--json")
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["bpf"]["tcx_links"] == ["eth0"]

@@ -47,10 +47,11 @@ class BpfDatapath:
 
     # ---- start / probe -------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Probe and load. Raises NotSupported(feature, why) when BPF cannot be used."""
+    def start(self) -> "BpfDatapath":
+        """Probe and load; returns self. Raises NotSupported(feature, why) when BPF cannot be
+        used here."""
         if self._loaded is not None:
-            return
+            return self
         bpffs = self.settings.bpffs
         if not pins.is_bpffs(bpffs):
             raise NotSupported("bpffs", f"{bpffs} is not a mounted bpf filesystem "
@@ -82,6 +83,7 @@ class BpfDatapath:
         if self.metrics is not None and not self._collector_registered:
             collector.register(self.metrics.registry, self.settings)
             self._collector_registered = True
+        return self
 
     @property
     def prog_id(self) -> int:
