@@ -34,8 +34,9 @@ def cluster(workers: int, skip: frozenset[int] = frozenset()) -> dict[str, NodeI
         if i in skip:
             continue
         name = f"worker-{i:05d}"
+        address = ipaddress.ip_address(f"172.16.{i // 250}.{i % 250 + 1}")
         nodes[name] = NodeInfo(
-            name, addresses=(("InternalIP", ipaddress.ip_address(f"172.16.{i // 250}.{i % 250 + 1}")),),
+            name, addresses=(("InternalIP", address),),
             pod_cidrs=(ipaddress.ip_network(f"10.{100 + i // 256}.{i % 256}.0/24"),))
     return nodes
 

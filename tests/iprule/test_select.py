@@ -1,0 +1,103 @@
+"""Datapath selection: auto falls back to ip rules with the reason, bpf never falls back,
+and the mode not chosen is removed."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import pytest
+
+from nodecryptor.datapath import select
+from nodecryptor.datapath.iprule import inspect
+from nodecryptor.datapath.iprule.backend import IpRuleDatapath
+from nodecryptor.errors import NotSupported, SettingsError
+from nodecryptor.metrics import Metrics
+from tests.datapath_cases import CASES_BY_ID, desired_for, settings_for
+
+pytestmark = pytest.mark.privileged
+
+CASE = CASES_BY_ID["v4-node-to-remote-node"]
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    path = tmp_path / "run"
+    monkeypatch.setenv(select.RUN_DIR_ENV, str(path))
+    return path
+
+
+def info(metrics: Metrics) -> dict:
+    return {s.labels["datapath"]: s.labels["reason"]
+        for fam in metrics.registry.collect() if fam.name == "nodecryptor_datapath"
+        for s in fam.samples}
+
+
+def test_auto_falls_back_when_bpf_is_disabled(node_ns, bpffs, run_dir, monkeypatch):
+    ns, wg = node_ns("w1")
+    monkeypatch.setenv(select.DISABLE_BPF_ENV, "1")
+    settings = dataclasses.replace(settings_for(CASE), datapath="auto", bpffs=bpffs)
+    metrics = Metrics()
+    datapath, reason = select.choose_datapath(settings, metrics, netns=ns)
+    try:
+        assert isinstance(datapath, IpRuleDatapath)
+        assert "fell back to ip rules" in reason and select.DISABLE_BPF_ENV in reason
+        assert info(metrics) == {"iprule": reason}
+        assert select.last_choice()["reason"] == reason
+        datapath.apply(desired_for(CASE, wg))
+        status = inspect.status(settings, netns=ns)
+        assert status["active"] and status["selection"]["datapath"] == "iprule"
+        assert status["selection"]["reason"] == reason
+    finally:
+        datapath.close()
+        inspect.cleanup(settings, netns=ns)
+
+
+def test_auto_falls_back_when_bcc_cannot_be_imported(node_ns, bpffs, run_dir, monkeypatch):
+    ns, _ = node_ns("w1")
+    monkeypatch.delenv(select.DISABLE_BPF_ENV, raising=False)
+    # A None entry makes "import nodecryptor.datapath.bpf.backend" raise ImportError, as on a
+    # machine without bcc.
+    monkeypatch.setitem(sys.modules, "nodecryptor.datapath.bpf.backend", None)
+    settings = dataclasses.replace(settings_for(CASE), datapath="auto", bpffs=bpffs)
+    datapath, reason = select.choose_datapath(settings, None, netns=ns)
+    datapath.close()
+    assert datapath.name == "iprule"
+    assert "ModuleNotFoundError" in reason  # an ImportError subclass
+
+
+def test_bpf_requested_never_falls_back(node_ns, bpffs, run_dir, monkeypatch):
+    ns, _ = node_ns("w1")
+    monkeypatch.setenv(select.DISABLE_BPF_ENV, "1")
+    settings = dataclasses.replace(settings_for(CASE), datapath="bpf", bpffs=bpffs)
+    with pytest.raises(NotSupported) as err:
+        select.choose_datapath(settings, None, netns=ns)
+    assert select.DISABLE_BPF_ENV in str(err.value)
+    assert not inspect.active(settings, netns=ns)
+    assert select.last_choice() is None
+
+
+def test_unknown_mode_names_the_flag():
+    with pytest.raises(SettingsError) as err:
+        select.choose_datapath(dataclasses.replace(settings_for(CASE), datapath="ebpf"))
+    assert err.value.flag == "--datapath"
+
+
+def test_choosing_bpf_removes_ip_rules(node_ns, bpffs, run_dir, bcc_available, monkeypatch):
+    ns, wg = node_ns("w1")
+    monkeypatch.delenv(select.DISABLE_BPF_ENV, raising=False)
+    settings = dataclasses.replace(settings_for(CASE), bpffs=bpffs)
+    earlier = IpRuleDatapath(settings, netns=ns).start()
+    earlier.apply(desired_for(CASE, wg))
+    earlier.close()
+    assert inspect.active(settings, netns=ns)
+    datapath, reason = select.choose_datapath(dataclasses.replace(settings, datapath="auto"),
+                                              None, netns=ns)
+    try:
+        assert datapath.name == "bpf", reason
+        assert reason.startswith("auto: BPF")
+        assert not inspect.active(settings, netns=ns)
+        assert inspect.status(settings, netns=ns)["rule_count"] == 0
+    finally:
+        datapath.close()
+        datapath.cleanup()
