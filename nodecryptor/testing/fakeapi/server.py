@@ -1,183 +1,27 @@
-"""A small fake kube-apiserver that serves CiliumNodes over the real HTTP protocol.
-
-Tests run it in a thread; the network-namespace lab runs it as a process
-(``python -m nodecryptor.testing.fakeapi --bind 127.0.0.1:6443 --objects cluster.json
---token T --write-kubeconfig kc``). It speaks what the official Python client uses:
-
-- discovery: ``/version``, ``/api``, ``/apis``, ``/apis/cilium.io``, ``/apis/cilium.io/v2``;
-- bearer-token authentication (401 with a Status object without it);
-- ``ciliumnodes.cilium.io/v2``, cluster-scoped: GET one, LIST with ``limit``/``continue``
-  (a consistent snapshot per list; 410 Expired for a continue token older than the retained
-  history), WATCH as a chunked stream of JSON lines (ADDED, MODIFIED, DELETED, BOOKMARK, and
-  ERROR carrying a Status with code 410 when the requested resourceVersion was compacted away),
-  POST, PUT, PATCH (merge-patch) and DELETE;
-- one global, monotonically increasing resourceVersion and a bounded event history.
-
-Fault injection for tests (Python methods, also reachable as ``POST /_fake/<action>`` with the
-token): compact the history, make the next watch or continue token fail with 410, drop open
-watch connections, freeze them (open but silent), stall requests (accept and never answer),
-fail the next N requests with a status code, refuse connections by closing the listening
-socket, and advance the resourceVersion as writes to other resources would.
-
-Label and field selectors are ignored: nodecryptor does not use them.
-"""
+"""The HTTP side of the fake API server: request handler (discovery, auth, CRUD, list, watch)
+and FakeApiServer, the object tests and the lab use, with its fault injection."""
 
 from __future__ import annotations
 
-import argparse
 import base64
 import copy
-import datetime
 import http.server
-import ipaddress
 import json
 import logging
 import os
-import signal
 import socket
 import ssl
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import urllib.parse
-import uuid
-from collections import deque
 from dataclasses import dataclass, field
 
+from .cluster import ApiError, FakeCluster
+from .objects import API_VERSION, COLLECTION, GROUP, KIND, PLURAL, VERSION, status_object
+
 log = logging.getLogger("nodecryptor.fakeapi")
-
-GROUP = "cilium.io"
-VERSION = "v2"
-PLURAL = "ciliumnodes"
-KIND = "CiliumNode"
-API_VERSION = f"{GROUP}/{VERSION}"
-COLLECTION = f"/apis/{GROUP}/{VERSION}/{PLURAL}"
-WG_PUBKEY_ANNOTATION = "network.cilium.io/wg-pub-key"
-CONTROL_PLANE_LABEL = "node-role.kubernetes.io/control-plane"
-MASTER_LABEL = "node-role.kubernetes.io/master"
-MAX_SNAPSHOTS = 64
-"""Paginated lists in progress that the server remembers."""
-# Fixed namespace for uuid5 so that generated objects (and the bundled example) are stable.
-_UID_NAMESPACE = uuid.UUID("6c1f4b1e-2a53-4d0c-9a43-6e6f64656372")
-
-
-# --------------------------------------------------------------------------------------------
-# Objects as Cilium writes them
-
-
-def make_ciliumnode(name: str, ipv4: str | None = None, ipv6: str | None = None,
-                    pod_cidrs: list[str] | tuple[str, ...] = (), control_plane: bool = False,
-                    label_style: str = "kubeadm", wg_pub_key: str | None = None) -> dict:
-    """A CiliumNode shaped like the ones the Cilium agent writes for a Node.
-
-    ``label_style`` picks how the Node marks a control-plane node, which Cilium copies:
-    "kubeadm" (``node-role.kubernetes.io/control-plane: ""``), "k3s" (control-plane and master
-    both ``"true"``) or "master" (old kubeadm, ``node-role.kubernetes.io/master: ""``).
-    resourceVersion and creationTimestamp are filled in by the server when the object is
-    stored; uid, bootid and the owner's uid are derived from the name so output is stable.
-    """
-    if label_style not in ("kubeadm", "k3s", "master"):
-        raise ValueError(f"label_style {label_style!r}: expected kubeadm, k3s or master")
-    labels = {
-        "beta.kubernetes.io/arch": "amd64",
-        "beta.kubernetes.io/os": "linux",
-        "kubernetes.io/arch": "amd64",
-        "kubernetes.io/hostname": name,
-        "kubernetes.io/os": "linux",
-    }
-    if control_plane:
-        if label_style == "kubeadm":
-            labels[CONTROL_PLANE_LABEL] = ""
-            labels["node.kubernetes.io/exclude-from-external-load-balancers"] = ""
-        elif label_style == "k3s":
-            labels[CONTROL_PLANE_LABEL] = "true"
-            labels[MASTER_LABEL] = "true"
-        else:
-            labels[MASTER_LABEL] = ""
-    annotations = {}
-    if wg_pub_key is not None:
-        annotations[WG_PUBKEY_ANNOTATION] = wg_pub_key
-    addresses = []
-    for ip in (ipv4, ipv6):
-        if ip:
-            addresses.append({"type": "InternalIP", "ip": ip})
-    health: dict = {}
-    for cidr in pod_cidrs:
-        net = ipaddress.ip_network(cidr, strict=False)
-        # Cilium takes cilium_host's address (CiliumInternalIP) and the health endpoint's
-        # address from the node's pod CIDR; which host numbers is the allocator's choice.
-        if net.num_addresses > 4:
-            addresses.append({"type": "CiliumInternalIP", "ip": str(net.network_address + 1)})
-            health[f"ipv{net.version}"] = str(net.network_address + 2)
-    return {
-        "apiVersion": API_VERSION,
-        "kind": KIND,
-        "metadata": {
-            "name": name,
-            "labels": labels,
-            "annotations": annotations,
-            "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": name,
-                                 "uid": str(uuid.uuid5(_UID_NAMESPACE, "node/" + name))}],
-            "uid": str(uuid.uuid5(_UID_NAMESPACE, "ciliumnode/" + name)),
-        },
-        "spec": {
-            "addresses": addresses,
-            "alibaba-cloud": {},
-            "azure": {},
-            "bootid": str(uuid.uuid5(_UID_NAMESPACE, "boot/" + name)),
-            "encryption": {},
-            "eni": {},
-            "health": health,
-            "ingress": {},
-            "ipam": {"podCIDRs": list(pod_cidrs), "pools": {}},
-        },
-        "status": {"alibaba-cloud": {}, "azure": {}, "eni": {}, "ipam": {"operator-status": {}}},
-    }
-
-
-def status_object(code: int, reason: str, message: str, name: str | None = None) -> dict:
-    """A metav1.Status, the body of every error the API server returns."""
-    out = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-           "message": message, "reason": reason, "code": code}
-    if name is not None:
-        out["details"] = {"name": name, "group": GROUP, "kind": PLURAL}
-    return out
-
-
-def merge_patch(target: object, patch: object) -> object:
-    """JSON merge patch (RFC 7386): null deletes, objects merge, everything else replaces."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
-
-
-# --------------------------------------------------------------------------------------------
-# Cluster state
-
-
-class ApiError(Exception):
-    """An error the server answers with a Status object."""
-
-    def __init__(self, code: int, reason: str, message: str, name: str | None = None):
-        super().__init__(message)
-        self.status = status_object(code, reason, message, name)
-        self.code = code
-
-
-@dataclass
-class _Snapshot:
-    """The frozen result of a paginated list; continue tokens point into it."""
-
-    rv: int
-    items: list[dict]
 
 
 @dataclass
@@ -190,213 +34,6 @@ class _Faults:
     drop_generation: int = 0
     freeze_watches: bool = False
     stall_release: threading.Event = field(default_factory=threading.Event)
-
-
-class FakeCluster:
-    """CiliumNodes, resourceVersions and the event history, independent of HTTP."""
-
-    def __init__(self, history_limit: int = 1000):
-        self.cond = threading.Condition()
-        self.rv = 0
-        self.objects: dict[str, dict] = {}
-        self.history: deque[tuple[int, str, dict]] = deque(maxlen=history_limit)
-        self.oldest_watchable_rv = 0
-        """A watch may start from any rv >= this; older ones were compacted (410)."""
-        self.snapshots: dict[str, _Snapshot] = {}
-        self.expire_next_continues = 0
-        """Fault: this many continue tokens are answered with 410 Expired."""
-        self.requests: deque[tuple[str, str]] = deque(maxlen=10000)
-        """(method, path with query) of recent API requests, for tests to inspect."""
-
-    # Writes. Each one bumps the global resourceVersion and records an event.
-
-    def _record(self, kind: str, obj: dict) -> None:
-        if len(self.history) == self.history.maxlen:
-            # The oldest retained event falls out: watching from before it is impossible.
-            self.oldest_watchable_rv = self.history[0][0]
-        # Stored objects are never mutated after this point (writes replace them), so the
-        # history can share them with ``objects``.
-        self.history.append((self.rv, kind, obj))
-        self.cond.notify_all()
-
-    def _stamp(self, obj: dict, old: dict | None) -> dict:
-        self.rv += 1
-        meta = obj.setdefault("metadata", {})
-        meta["resourceVersion"] = str(self.rv)
-        if old is not None:
-            meta["uid"] = old["metadata"]["uid"]
-            meta["creationTimestamp"] = old["metadata"]["creationTimestamp"]
-        else:
-            meta.setdefault("uid", str(uuid.uuid4()))
-            now = datetime.datetime.now(datetime.timezone.utc)
-            meta.setdefault("creationTimestamp", now.strftime("%Y-%m-%dT%H:%M:%SZ"))
-        meta.setdefault("generation", 1)
-        return obj
-
-    @staticmethod
-    def _name_of(obj: object) -> str:
-        meta = obj.get("metadata") if isinstance(obj, dict) else None
-        name = meta.get("name") if isinstance(meta, dict) else None
-        if not isinstance(name, str) or not name:
-            raise ApiError(422, "Invalid", "CiliumNode.cilium.io is invalid: metadata.name: "
-                                           "Required value: name is required")
-        return name
-
-    def create(self, obj: dict) -> dict:
-        with self.cond:
-            name = self._name_of(obj)
-            if name in self.objects:
-                raise ApiError(409, "AlreadyExists",
-                               f'ciliumnodes.cilium.io "{name}" already exists', name)
-            obj = copy.deepcopy(obj)
-            obj.setdefault("apiVersion", API_VERSION)
-            obj.setdefault("kind", KIND)
-            obj["metadata"].pop("resourceVersion", None)
-            self.objects[name] = self._stamp(obj, None)
-            self._record("ADDED", obj)
-            return copy.deepcopy(obj)
-
-    def replace(self, name: str, obj: dict, check_rv: bool = True) -> dict:
-        """PUT semantics: the whole object; a stale resourceVersion is a 409 conflict."""
-        with self.cond:
-            if self._name_of(obj) != name:
-                raise ApiError(400, "BadRequest", "the name of the object does not match the "
-                                                  "name on the URL", name)
-            old = self.objects.get(name)
-            if old is None:
-                raise ApiError(404, "NotFound", f'ciliumnodes.cilium.io "{name}" not found', name)
-            given = obj.get("metadata", {}).get("resourceVersion")
-            if check_rv and given and given != old["metadata"]["resourceVersion"]:
-                raise ApiError(409, "Conflict", f'Operation cannot be fulfilled on '
-                               f'ciliumnodes.cilium.io "{name}": the object has been modified; '
-                               f'please apply your changes to the latest version and try again',
-                               name)
-            return self._write(name, copy.deepcopy(obj), old)
-
-    def _write(self, name: str, obj: dict, old: dict) -> dict:
-        obj["apiVersion"], obj["kind"] = API_VERSION, KIND
-        unchanged = {k: v for k, v in obj.items() if k != "metadata"} == \
-            {k: v for k, v in old.items() if k != "metadata"}
-        meta_new = {k: v for k, v in obj["metadata"].items() if k != "resourceVersion"}
-        meta_old = {k: v for k, v in old["metadata"].items() if k != "resourceVersion"}
-        if unchanged and meta_new == meta_old:
-            # Like the real server, a write that changes nothing does not bump the version.
-            return copy.deepcopy(old)
-        self.objects[name] = self._stamp(obj, old)
-        self._record("MODIFIED", obj)
-        return copy.deepcopy(obj)
-
-    def patch(self, name: str, patch: dict) -> dict:
-        with self.cond:
-            old = self.objects.get(name)
-            if old is None:
-                raise ApiError(404, "NotFound", f'ciliumnodes.cilium.io "{name}" not found', name)
-            if not isinstance(patch, dict):
-                raise ApiError(400, "BadRequest", "a merge patch must be a JSON object", name)
-            # merge_patch shares untouched subtrees with ``old``; stored objects must stay
-            # immutable, so the result is copied before it is stamped.
-            merged = copy.deepcopy(merge_patch(old, patch))
-            if merged.get("metadata", {}).get("name") != name:
-                raise ApiError(422, "Invalid", "metadata.name cannot be changed by a patch", name)
-            return self._write(name, merged, old)
-
-    def delete(self, name: str) -> dict:
-        with self.cond:
-            old = self.objects.pop(name, None)
-            if old is None:
-                raise ApiError(404, "NotFound", f'ciliumnodes.cilium.io "{name}" not found', name)
-            self.rv += 1
-            gone = copy.deepcopy(old)
-            gone["metadata"]["resourceVersion"] = str(self.rv)
-            self._record("DELETED", gone)
-            return gone
-
-    def apply(self, obj: dict) -> dict:
-        """Create or replace, for tests and the lab (no conflict check)."""
-        name = self._name_of(obj)
-        with self.cond:
-            if name in self.objects:
-                return self.replace(name, obj, check_rv=False)
-            return self.create(obj)
-
-    def advance(self, count: int = 1) -> None:
-        """Writes to other resources: the global resourceVersion moves on (as it does in
-        etcd for every write in the cluster) without any CiliumNode event."""
-        with self.cond:
-            self.rv += count
-            self.cond.notify_all()
-
-    def compact(self) -> None:
-        """Drop the whole history and every list snapshot: watches from any earlier
-        resourceVersion and all outstanding continue tokens now get 410."""
-        with self.cond:
-            self.history.clear()
-            self.oldest_watchable_rv = self.rv
-            self.snapshots.clear()
-
-    # Reads.
-
-    def get(self, name: str) -> dict:
-        with self.cond:
-            obj = self.objects.get(name)
-            if obj is None:
-                raise ApiError(404, "NotFound", f'ciliumnodes.cilium.io "{name}" not found', name)
-            return copy.deepcopy(obj)
-
-    def list_page(self, limit: int, token: str) -> dict:
-        with self.cond:
-            if token:
-                snap_id, start = self._decode_token(token)
-                snap = self.snapshots.get(snap_id)
-                if self.expire_next_continues > 0:
-                    self.expire_next_continues -= 1
-                    snap = None
-                if snap is None or snap.rv < self.oldest_watchable_rv:
-                    raise ApiError(410, "Expired", "The provided continue parameter is too old "
-                                                   "to display a consistent list result. You "
-                                                   "can start a new list without the continue "
-                                                   "parameter.")
-            else:
-                snap_id, start = uuid.uuid4().hex, 0
-                snap = _Snapshot(self.rv, [self.objects[n] for n in sorted(self.objects)])
-            end = len(snap.items) if limit <= 0 else min(len(snap.items), start + limit)
-            # Objects are replaced, never mutated in place, so sharing them is safe; the
-            # encoder serialises them outside the lock.
-            items = snap.items[start:end]
-            meta: dict = {"resourceVersion": str(snap.rv)}
-            if end < len(snap.items):
-                self.snapshots[snap_id] = snap
-                while len(self.snapshots) > MAX_SNAPSHOTS:
-                    # Abandoned lists: forget the oldest (its token then gets 410).
-                    del self.snapshots[next(iter(self.snapshots))]
-                meta["continue"] = self._encode_token(snap_id, end)
-                meta["remainingItemCount"] = len(snap.items) - end
-            else:
-                self.snapshots.pop(snap_id, None)
-            return {"apiVersion": API_VERSION, "kind": f"{KIND}List", "metadata": meta,
-                    "items": items}
-
-    @staticmethod
-    def _encode_token(snap_id: str, start: int) -> str:
-        raw = json.dumps({"s": snap_id, "i": start}).encode()
-        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-    @staticmethod
-    def _decode_token(token: str) -> tuple[str, int]:
-        try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-            data = json.loads(raw)
-            return str(data["s"]), int(data["i"])
-        except (ValueError, KeyError, TypeError):
-            raise ApiError(400, "BadRequest", f"invalid continue token {token!r}") from None
-
-    def bookmark(self) -> dict:
-        return {"type": "BOOKMARK", "object": {"apiVersion": API_VERSION, "kind": KIND,
-                                               "metadata": {"resourceVersion": str(self.rv)}}}
-
-
-# --------------------------------------------------------------------------------------------
-# HTTP
 
 
 def _discovery(path: str, host: str) -> dict | None:
@@ -445,10 +82,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._send_json(err.code, err.status)
 
     def _read_body(self) -> object:
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
         try:
-            return json.loads(raw or b"null")
+            return json.loads(self._body or b"null")
         except ValueError:
             raise ApiError(400, "BadRequest", "request body is not valid JSON") from None
 
@@ -479,6 +114,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
         path = url.path.rstrip("/") or "/"
         fake.cluster.requests.append((method, self.path))
+        # Read the body before anything can fail, so an error answer never leaves unread
+        # bytes that the next request on this keep-alive connection would trip over.
+        length = self.headers.get("Content-Length", "0")
+        self._body = self.rfile.read(int(length)) if length.isdigit() and int(length) else b""
         try:
             scheme, _, presented = (self.headers.get("Authorization") or "").partition(" ")
             # The scheme is case-insensitive (the in-cluster loader sends "bearer").
@@ -646,10 +285,6 @@ class _HttpServer(http.server.ThreadingHTTPServer):
 
     def handle_error(self, request, client_address):
         log.debug("connection from %s ended with an error", client_address, exc_info=True)
-
-
-# --------------------------------------------------------------------------------------------
-# The server object tests and the lab use
 
 
 class FakeApiServer:
@@ -941,69 +576,3 @@ def _shutdown(sock) -> None:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass  # already closed by its handler
-
-
-# --------------------------------------------------------------------------------------------
-# Standalone process
-
-
-def load_objects(path: str) -> list[dict]:
-    """A JSON list of objects, or a CiliumNodeList (``{"items": [...]}``)."""
-    with open(path) as f:
-        data = json.load(f)
-    items = data.get("items") if isinstance(data, dict) else data
-    if not isinstance(items, list):
-        raise ValueError(f"{path}: expected a JSON list of CiliumNodes or an object with items")
-    return items
-
-
-def _parse_bind(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"--bind {text!r}: expected HOST:PORT")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m nodecryptor.testing.fakeapi",
-        description="Serve CiliumNodes like a kube-apiserver, for tests and the lab.",
-        epilog="example:\n  python -m nodecryptor.testing.fakeapi --bind 127.0.0.1:6443 "
-               "--objects nodecryptor/examples/cluster.json --token t --write-kubeconfig kc",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bind", type=_parse_bind, default=("127.0.0.1", 0), metavar="HOST:PORT")
-    parser.add_argument("--objects", metavar="FILE.json", help="CiliumNodes to serve")
-    parser.add_argument("--token", default="nodecryptor-test", help="accepted bearer token")
-    parser.add_argument("--write-kubeconfig", metavar="PATH", help="write a kubeconfig here")
-    parser.add_argument("--tls", action="store_true", help="serve HTTPS with a self-signed "
-                                                           "certificate (CA in the kubeconfig)")
-    parser.add_argument("--bookmark-interval", type=float, default=60.0, metavar="SECONDS")
-    parser.add_argument("--history", type=int, default=1000, metavar="EVENTS",
-                        help="events retained for watches (default: %(default)s)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        objects = load_objects(args.objects) if args.objects else []
-    except (OSError, ValueError) as e:
-        print(f"fakeapi: --objects: {e}", file=sys.stderr)
-        return 2
-    host, port = args.bind
-    server = FakeApiServer(host, port, token=args.token, objects=objects, tls=args.tls,
-                           bookmark_interval=args.bookmark_interval,
-                           history_limit=args.history)
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
-    server.start()
-    if args.write_kubeconfig:
-        server.write_kubeconfig(args.write_kubeconfig)
-    print(f"ready url={server.url} objects={len(objects)}"
-          + (f" kubeconfig={args.write_kubeconfig}" if args.write_kubeconfig else ""), flush=True)
-    while not done.wait(0.5):
-        pass
-    server.stop()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,34 @@
+"""A small fake kube-apiserver that serves CiliumNodes over the real HTTP protocol.
+
+Tests run it in a thread; the network-namespace lab runs it as a process
+(``python -m nodecryptor.testing.fakeapi --bind 127.0.0.1:6443 --objects cluster.json
+--token T --write-kubeconfig kc``). It speaks what the official Python client uses:
+
+- discovery: ``/version``, ``/api``, ``/apis``, ``/apis/cilium.io``, ``/apis/cilium.io/v2``;
+- bearer-token authentication (401 with a Status object without it);
+- ``ciliumnodes.cilium.io/v2``, cluster-scoped: GET one, LIST with ``limit``/``continue``
+  (a consistent snapshot per list; 410 Expired for a continue token older than the retained
+  history), WATCH as a chunked stream of JSON lines (ADDED, MODIFIED, DELETED, BOOKMARK, and
+  ERROR carrying a Status with code 410 when the requested resourceVersion was compacted away),
+  POST, PUT, PATCH (merge-patch) and DELETE;
+- one global, monotonically increasing resourceVersion and a bounded event history.
+
+Fault injection for tests (Python methods, also reachable as ``POST /_fake/<action>`` with the
+token): compact the history, make the next watch or continue token fail with 410, drop open
+watch connections, freeze them (open but silent), stall requests (accept and never answer),
+fail the next N requests with a status code, refuse connections by closing the listening
+socket, and advance the resourceVersion as writes to other resources would.
+
+Label and field selectors are ignored: nodecryptor does not use them.
+"""
+
+
+from .cluster import ApiError, FakeCluster
+from .objects import (API_VERSION, COLLECTION, CONTROL_PLANE_LABEL, GROUP, KIND, MASTER_LABEL,
+                      PLURAL, VERSION, WG_PUBKEY_ANNOTATION, load_objects, make_ciliumnode,
+                      merge_patch, status_object)
+from .server import FakeApiServer
+
+__all__ = ["API_VERSION", "COLLECTION", "CONTROL_PLANE_LABEL", "GROUP", "KIND", "MASTER_LABEL",
+           "PLURAL", "VERSION", "WG_PUBKEY_ANNOTATION", "ApiError", "FakeApiServer",
+           "FakeCluster", "load_objects", "make_ciliumnode", "merge_patch", "status_object"]

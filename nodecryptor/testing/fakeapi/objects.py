@@ -1,0 +1,124 @@
+"""CiliumNode objects shaped as Cilium writes them, Status objects, and JSON merge patch."""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import json
+import uuid
+
+
+GROUP = "cilium.io"
+VERSION = "v2"
+PLURAL = "ciliumnodes"
+KIND = "CiliumNode"
+API_VERSION = f"{GROUP}/{VERSION}"
+COLLECTION = f"/apis/{GROUP}/{VERSION}/{PLURAL}"
+WG_PUBKEY_ANNOTATION = "network.cilium.io/wg-pub-key"
+CONTROL_PLANE_LABEL = "node-role.kubernetes.io/control-plane"
+MASTER_LABEL = "node-role.kubernetes.io/master"
+# Fixed namespace for uuid5 so that generated objects (and the bundled example) are stable.
+_UID_NAMESPACE = uuid.UUID("6c1f4b1e-2a53-4d0c-9a43-6e6f64656372")
+
+
+
+def make_ciliumnode(name: str, ipv4: str | None = None, ipv6: str | None = None,
+                    pod_cidrs: list[str] | tuple[str, ...] = (), control_plane: bool = False,
+                    label_style: str = "kubeadm", wg_pub_key: str | None = None) -> dict:
+    """A CiliumNode shaped like the ones the Cilium agent writes for a Node.
+
+    ``label_style`` picks how the Node marks a control-plane node, which Cilium copies:
+    "kubeadm" (``node-role.kubernetes.io/control-plane: ""``), "k3s" (control-plane and master
+    both ``"true"``) or "master" (old kubeadm, ``node-role.kubernetes.io/master: ""``).
+    resourceVersion and creationTimestamp are filled in by the server when the object is
+    stored; uid, bootid and the owner's uid are derived from the name so output is stable.
+    """
+    if label_style not in ("kubeadm", "k3s", "master"):
+        raise ValueError(f"label_style {label_style!r}: expected kubeadm, k3s or master")
+    labels = {
+        "beta.kubernetes.io/arch": "amd64",
+        "beta.kubernetes.io/os": "linux",
+        "kubernetes.io/arch": "amd64",
+        "kubernetes.io/hostname": name,
+        "kubernetes.io/os": "linux",
+    }
+    if control_plane:
+        if label_style == "kubeadm":
+            labels[CONTROL_PLANE_LABEL] = ""
+            labels["node.kubernetes.io/exclude-from-external-load-balancers"] = ""
+        elif label_style == "k3s":
+            labels[CONTROL_PLANE_LABEL] = "true"
+            labels[MASTER_LABEL] = "true"
+        else:
+            labels[MASTER_LABEL] = ""
+    annotations = {}
+    if wg_pub_key is not None:
+        annotations[WG_PUBKEY_ANNOTATION] = wg_pub_key
+    addresses = []
+    for ip in (ipv4, ipv6):
+        if ip:
+            addresses.append({"type": "InternalIP", "ip": ip})
+    health: dict = {}
+    for cidr in pod_cidrs:
+        net = ipaddress.ip_network(cidr, strict=False)
+        # Cilium takes cilium_host's address (CiliumInternalIP) and the health endpoint's
+        # address from the node's pod CIDR; which host numbers is the allocator's choice.
+        if net.num_addresses > 4:
+            addresses.append({"type": "CiliumInternalIP", "ip": str(net.network_address + 1)})
+            health[f"ipv{net.version}"] = str(net.network_address + 2)
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {
+            "name": name,
+            "labels": labels,
+            "annotations": annotations,
+            "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": name,
+                                 "uid": str(uuid.uuid5(_UID_NAMESPACE, "node/" + name))}],
+            "uid": str(uuid.uuid5(_UID_NAMESPACE, "ciliumnode/" + name)),
+        },
+        "spec": {
+            "addresses": addresses,
+            "alibaba-cloud": {},
+            "azure": {},
+            "bootid": str(uuid.uuid5(_UID_NAMESPACE, "boot/" + name)),
+            "encryption": {},
+            "eni": {},
+            "health": health,
+            "ingress": {},
+            "ipam": {"podCIDRs": list(pod_cidrs), "pools": {}},
+        },
+        "status": {"alibaba-cloud": {}, "azure": {}, "eni": {}, "ipam": {"operator-status": {}}},
+    }
+
+
+def status_object(code: int, reason: str, message: str, name: str | None = None) -> dict:
+    """A metav1.Status, the body of every error the API server returns."""
+    out = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code}
+    if name is not None:
+        out["details"] = {"name": name, "group": GROUP, "kind": PLURAL}
+    return out
+
+
+def merge_patch(target: object, patch: object) -> object:
+    """JSON merge patch (RFC 7386): null deletes, objects merge, everything else replaces."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def load_objects(path: str) -> list[dict]:
+    """A JSON list of objects, or a CiliumNodeList (``{"items": [...]}``)."""
+    with open(path) as f:
+        data = json.load(f)
+    items = data.get("items") if isinstance(data, dict) else data
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: expected a JSON list of CiliumNodes or an object with items")
+    return items
