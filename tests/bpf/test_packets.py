@@ -88,6 +88,17 @@ def test_case(loaded, case):
         assert testrun.parse_frame(result.data_out).dst == case.query.dst
 
 
+def test_more_ipv6_extension_headers_than_walked_is_malformed(loaded):
+    """Seven extension headers before TCP: the program walks six, so it cannot see the
+    ports and encrypts (a BPF-only case, kept out of the shared table)."""
+    case = dc.CASES_BY_ID["v6-six-ext-headers-to-cp-6443"]
+    maps.sync(loaded.map_fds, dc.desired_for(case, wg_ifindex=WG_IFINDEX))
+    six = case.extra["ipv6_ext"]
+    assert testrun.run(loaded.prog_fd, frame_for(case)).reason_name == dc.R_EXEMPT_DPORT
+    result = testrun.run(loaded.prog_fd, frame_for(case, ipv6_ext=six + ("dest",)))
+    assert (result.reason_name, result.target) == (dc.R_MALFORMED, WG_IFINDEX)
+
+
 def test_counter_bytes_are_frame_length(loaded):
     case = dc.CASES_BY_ID["v4-node-to-remote-node"]
     maps.sync(loaded.map_fds, dc.desired_for(case, wg_ifindex=WG_IFINDEX))
