@@ -26,10 +26,12 @@ log = logging.getLogger("nodecryptor.fakeapi")
 
 @dataclass
 class _Faults:
+    """Pending injected faults; FakeApiServer's methods set them, request handlers take them."""
+
     fail_remaining: int = 0
     fail_code: int = 500
     stall_remaining: int = 0
-    stall_kind: str = "any"  # "any" | "watch" | "list"
+    stall_kind: str = "any"  # "any" | "watch" | "list" | "write"
     expire_next_watches: int = 0
     drop_generation: int = 0
     freeze_watches: bool = False
@@ -124,7 +126,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if scheme.lower() != "bearer" or presented.strip() != fake.token:
                 raise ApiError(401, "Unauthorized", "Unauthorized")
             if path.startswith("/_fake/") and method == "POST":
-                self._send_json(200, fake.control(path[len("/_fake/"):], self._read_body()))
+                try:
+                    answer = fake.control(path[len("/_fake/"):], self._read_body())
+                except (ValueError, TypeError) as e:
+                    raise ApiError(400, "BadRequest", f"fake control: {e}") from None
+                self._send_json(200, answer)
                 return
             is_watch = (method == "GET" and path == COLLECTION
                         and query.get("watch", "").lower() in ("1", "true"))
@@ -253,9 +259,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                         self._chunk(json.dumps(cluster.bookmark()).encode() + b"\n")
                     next_bookmark = now + fake.bookmark_interval
             with cluster.cond:
-                if cluster.rv == seen:
+                frozen = fake.faults.freeze_watches
+                if frozen or cluster.rv == seen:
                     cluster.cond.wait(0.05)
-                if not fake.faults.freeze_watches:
+                if not frozen and cluster.rv != seen:
                     pending = [{"type": t, "object": o} for rv, t, o in cluster.history
                                if rv > seen]
                     seen = cluster.rv
