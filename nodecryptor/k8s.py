@@ -55,6 +55,8 @@ class KubernetesError(NodecryptorError):
 class KubeConfigError(KubernetesError):
     """No usable client configuration (kubeconfig or in-cluster service account)."""
 
+    cause = "config"
+
 
 class ApiUnavailable(KubernetesError):
     """The API server could not be reached, timed out, or answered with a server error.
@@ -308,10 +310,10 @@ class CiliumNodeSync:
     # Public entry point
 
     def run(self, stop: threading.Event) -> None:
-        """List and watch until ``stop`` is set. API trouble never raises (it is logged,
-        counted and retried); only a missing client configuration does (KubeConfigError)."""
-        api_client = load_client(self.settings)
-        api = kubernetes.client.CustomObjectsApi(api_client)
+        """List and watch until ``stop`` is set. Never raises: API trouble, and even a
+        client configuration that cannot be loaded (a service-account mount that is not there
+        yet), is logged, counted and retried with backoff while the store keeps its content."""
+        api_client = None
         # Unblock a read in progress as soon as stop is set, instead of waiting for the
         # read timeout (minutes in production).
         closer = threading.Thread(target=self._close_on_stop, args=(stop,),
@@ -321,6 +323,9 @@ class CiliumNodeSync:
         try:
             while not stop.is_set():
                 try:
+                    if api_client is None:
+                        api_client = load_client(self.settings)
+                        api = kubernetes.client.CustomObjectsApi(api_client)
                     if self.resource_version is None or time.monotonic() >= next_resync:
                         if self.resource_version is not None:
                             self._restart("resync")
@@ -347,7 +352,8 @@ class CiliumNodeSync:
         finally:
             with self._lock:
                 self._response = None
-            api_client.close()
+            if api_client is not None:
+                api_client.close()
 
     # Steps
 

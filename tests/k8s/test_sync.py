@@ -309,3 +309,14 @@ def test_publish_wg_key(fake, settings, run_sync):
     wait_for(lambda: r.store.snapshot()["n00001"].wg_public_key == key, what="key in store")
     with pytest.raises(k8s.KubernetesError, match="404"):
         k8s.publish_wg_key(settings, "absent", key)
+
+
+def test_unloadable_configuration_is_retried_not_fatal(fake, settings, run_sync, tmp_path):
+    fake.apply(node(1))
+    later = tmp_path / "appears-later"
+    r = run_sync(with_settings(settings, kubeconfig=str(later)), wait_synced=False)
+    wait_for(lambda: restarts(r.metrics, "config") >= 2, what="config retries")
+    assert r.thread.is_alive() and not r.store.synced.is_set()
+    fake.write_kubeconfig(str(later))
+    assert r.store.synced.wait(5)
+    assert names(r.store) == ["n00001"]
