@@ -68,6 +68,8 @@ def pair(netns):
     require(os.geteuid() == 0, "needs root")
     ok, why = have_bcc()
     require(ok, why)
+    ok, why = syscall.tcx_supported()
+    require(ok, f"tcx (kernel >= 6.6): {why}")
     a, b = netns("ska"), netns("skb")
     for peer_a, peer_b in (("u_a", "u_b"), ("w_a", "w_b")):
         sh(a, "ip", "link", "add", peer_a, "type", "veth", "peer", "name", peer_b, "netns", b)
