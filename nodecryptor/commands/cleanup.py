@@ -7,8 +7,6 @@ and routing table. Both datapaths are cleaned, so leftovers of an earlier mode g
 
 from __future__ import annotations
 
-import sys
-
 from .common import add_bpffs, add_json, print_json, settings_from_args
 from .status import iprule_inspect
 
@@ -40,5 +38,4 @@ def handle(args) -> int:
     print(f"bpf: detached {len(b['tcx_links'])} tcx link(s) {b['tcx_links']}, removed "
           f"{len(b['tc_filters'])} tc filter(s) {b['tc_filters']}, {len(b['pins'])} pin(s)")
     print(f"iprule: {report['iprule']}")
-    sys.stdout.flush()
     return 0

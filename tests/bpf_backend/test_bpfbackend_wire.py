@@ -26,6 +26,7 @@ from conftest import require
 
 from nodecryptor.datapath.bpf import abi, attach, pins, syscall
 from nodecryptor.datapath.bpf.backend import BpfDatapath
+from nodecryptor.metrics import Metrics
 
 pytestmark = [pytest.mark.privileged, pytest.mark.bpf]
 
@@ -158,15 +159,19 @@ def test_node_and_pod_traffic_leaves_encrypted_exempt_in_clear_cilium_never_sees
     rx = Receiver(b.netns, udp_ports=(7777, 7778), tcp_ports=(6443,))
     standin, standin_link = start_standin(a.netns)
     try:
+        metrics = Metrics()
         with in_netns(a.netns):
-            dp = datapaths(settings)
+            dp = datapaths(settings, metrics=metrics)
             dp.start()
             dp.apply(lab.desired(settings))
             obs = dp.observe()
+            dp.apply(lab.desired(settings))  # idempotent: same link, same program
+            again = dp.observe()
         assert obs.ready, obs.reason
         assert obs.details["mode"] == "tcx"
         [dev] = obs.details["devices"]
         assert (dev["device"], dev["mode"], dev["position"]) == ("eth0", "tcx", 0)
+        assert again.ready and again.details["devices"] == obs.details["devices"]
 
         cap = Capture(a.netns, "eth0", str(tmp_path / "a.pcap"))
         sender = udp_socket(a.netns)
@@ -200,13 +205,18 @@ def test_node_and_pod_traffic_leaves_encrypted_exempt_in_clear_cilium_never_sees
         assert counters["cluster-destination"] >= 10
         assert counters["exempt-control-plane-port"] >= 3
         assert counters["wireguard-output"] >= 10
+        scraped = metrics.registry.get_sample_value(
+            "nodecryptor_datapath_packets_total",
+            {"reason": "cluster-destination", "verdict": "encrypt"})
+        assert scraped >= counters["cluster-destination"]
     finally:
         os.close(standin_link)
         standin.cleanup()
         rx.close()
 
 
-def test_sigkilled_agent_leaves_datapath_enforcing(lab, bpffs, tmp_path):
+def test_sigkilled_agent_leaves_datapath_enforcing_and_successor_takes_over_link(
+        lab, bpffs, datapaths, tmp_path):
     a, b = lab.a, lab.b
     spec = json.dumps({"bpffs": bpffs, "a": asdict(a), "b": asdict(b)})
     holder = subprocess.Popen(["ip", "netns", "exec", a.netns, sys.executable,
@@ -247,6 +257,16 @@ def test_sigkilled_agent_leaves_datapath_enforcing(lab, bpffs, tmp_path):
         with in_netns(a.netns):
             att = attach.tcx_observe(bpffs, "eth0")
         assert att is not None and not att.defunct and att.position == 0
+        # The next agent takes over the same link and swaps its program in.
+        settings = lab.settings(bpffs)
+        with in_netns(a.netns):
+            successor = datapaths(settings)
+            successor.start()
+            successor.apply(lab.desired(settings))
+            obs = successor.observe()
+        assert obs.ready, obs.reason
+        dev = obs.details["devices"][0]
+        assert dev["link_id"] == att.link_id and dev["prog_id"] == successor.prog_id != att.prog_id
     finally:
         stop.set()
         if holder.poll() is None:

@@ -129,6 +129,8 @@ def tcx_attach(bpffs: str, ifname: str, prog_fd: int) -> Attachment:
     path = pins.link_path(bpffs, ifname)
     current = tcx_observe(bpffs, ifname)
     if current is not None and not current.defunct:
+        if current.prog_id == syscall.prog_info(prog_fd).id:
+            return current  # already running this program: nothing to do
         fd = syscall.obj_get(path)
         try:
             syscall.link_update(fd, prog_fd)
@@ -210,8 +212,8 @@ def _tc_observe(ipr: IPRoute, ifname: str, ifindex: int, prog_id: int = 0) -> At
     if not ours:
         return None
     pos = ours[0]
-    shadows = [f"filter prio {f['prio']} handle 0x{f['handle']:x} ({f['kind']} {f['name'] or ''})"
-               .replace(" )", ")") for f in filters[:pos]]
+    shadows = [f"filter prio {f['prio']} handle 0x{f['handle']:x} "
+               f"({' '.join(x for x in (f['kind'], f['name']) if x)})" for f in filters[:pos]]
     ok, _ = syscall.tcx_supported()
     if ok:
         chain = syscall.prog_query(ifindex, syscall.BPF_TCX_EGRESS)

@@ -114,7 +114,8 @@ class BpfDatapath:
                 failures.append(f"{name}: {e}")
         try:
             self._detach_others(set(wanted))
-            pins.pin_prog(self.settings.bpffs, self._loaded.prog_fd)
+            if inspect.pinned_prog_id(self.settings) != self._loaded.prog_id:
+                pins.pin_prog(self.settings.bpffs, self._loaded.prog_fd)
         except Exception as e:
             failures.append(f"detach/pin: {e}")
         self._last_error = "; ".join(failures)

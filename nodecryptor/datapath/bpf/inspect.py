@@ -9,6 +9,7 @@ import ctypes
 import dataclasses
 import errno
 import os
+import socket
 import time
 
 from pyroute2 import IPRoute
@@ -165,8 +166,6 @@ def route_for(dst: str) -> tuple[str | None, str | None]:
 
 
 def socket_name(ifindex: int) -> str | None:
-    import socket
-
     try:
         return socket.if_indextoname(ifindex)
     except OSError:
