@@ -16,10 +16,13 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 
 from ..log import kv
 from . import topology as topo
+from .kubeapi import KubeApi
 from .spec import (API_PORT, EXEMPT_TCP_PORTS, SERVICE_TCP_PORT, SERVICE_UDP_PORT, LabSpec,
                    NodeSpec, ciliumnode_object)
 from .state import STATE_DIR, LabState, delete_netns, reap, reap_stale
@@ -40,6 +43,18 @@ def child_env() -> dict[str, str]:
     can otherwise resolve ``nodecryptor`` to a namespace package outside the checkout)."""
     path = os.environ.get("PYTHONPATH", "")
     return dict(os.environ, PYTHONPATH=SOURCE_ROOT + (os.pathsep + path if path else ""))
+
+
+class NetnsApi:
+    """A KubeApi whose every request is made from inside one network namespace."""
+
+    def __init__(self, netns: str, api: KubeApi):
+        self._netns = netns
+        self._api = api
+
+    def __getattr__(self, name: str):
+        method = getattr(self._api, name)
+        return lambda *args, **kwargs: topo.call_in_netns(self._netns, method, *args, **kwargs)
 
 
 class Lab:
@@ -175,32 +190,30 @@ class Lab:
         self.state.forget_process(proc.pid)
 
     def _start_servers(self) -> None:
-        def serve(tcp: tuple[int, ...], tcp6_only: tuple[int, ...] = ()) -> list[str]:
-            return [PY, "-m", "nodecryptor.lab.probe", "serve",
-                    "--tcp", ",".join(map(str, tcp)), "--tcp6-only", ",".join(map(str, tcp6_only)),
-                    "--udp", f"{SERVICE_UDP_PORT},{API_PORT}"]
-        every = (SERVICE_TCP_PORT, *EXEMPT_TCP_PORTS)
-        self.spawn(serve(every), "echo server ext", "ext-echo", netns=self.external)
-        for name, handle in self.nodes.items():
+        self.spawn(self._echo_argv(), "echo server ext", "ext-echo", netns=self.external)
+        for name in self.nodes:
             self.start_echo(name)
-            self.spawn(serve(every), f"echo server {name} pod", f"{name}-pod-echo",
-                       netns=handle.pod_netns)
         for name in self.nodes:
             wait_for(lambda n=name: self._listening(self.nodes[n].netns, SERVICE_TCP_PORT), 10,
                      f"echo server of {name}")
 
-    def start_echo(self, name: str) -> None:
+    def _echo_argv(self, api_node: bool = False) -> list[str]:
         every = (SERVICE_TCP_PORT, *EXEMPT_TCP_PORTS)
         argv = [PY, "-m", "nodecryptor.lab.probe", "serve", "--udp",
                 f"{SERVICE_UDP_PORT},{API_PORT}"]
-        if name == self.spec.control_plane[0].name:
+        if api_node:
             # The fake API owns IPv4 port 6443 here; an IPv6-only echo server answers 6443
             # over IPv6 so both families' apiserver flows can be tried.
-            argv += ["--tcp", ",".join(str(p) for p in every if p != API_PORT),
-                     "--tcp6-only", str(API_PORT)]
-        else:
-            argv += ["--tcp", ",".join(map(str, every))]
-        self.spawn(argv, f"echo server {name}", f"{name}-echo", node=name)
+            return argv + ["--tcp", ",".join(str(p) for p in every if p != API_PORT),
+                           "--tcp6-only", str(API_PORT)]
+        return argv + ["--tcp", ",".join(map(str, every))]
+
+    def start_echo(self, name: str) -> None:
+        """Echo servers on node ``name`` and on its pod."""
+        api_node = name == self.spec.control_plane[0].name
+        self.spawn(self._echo_argv(api_node), f"echo server {name}", f"{name}-echo", node=name)
+        self.spawn(self._echo_argv(), f"echo server {name} pod", f"{name}-pod-echo",
+                   netns=self.nodes[name].pod_netns)
 
     @staticmethod
     def _listening(netns: str, port: int) -> bool:
@@ -226,10 +239,15 @@ class Lab:
         with open(kubeconfig) as f:
             self.api_url = json.load(f)["clusters"][0]["cluster"]["server"]
         for handle in self.nodes.values():
-            # One kubeconfig per node, as each kubelet/agent would have its own.
-            with open(kubeconfig) as src, open(os.path.join(handle.workdir, "kubeconfig"),
-                                                "w") as dst:
-                dst.write(src.read())
+            self._node_kubeconfig(handle)
+
+    def _node_kubeconfig(self, handle: NodeHandle) -> None:
+        """One kubeconfig per node, as each node's agent would have its own."""
+        with open(os.path.join(self.workdir, "kubeconfig")) as src:
+            text = src.read()
+        path = os.path.join(handle.workdir, "kubeconfig")
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as dst:
+            dst.write(text)
 
     def start_standin(self, name: str) -> None:
         self.standins[name] = self.spawn(
@@ -286,16 +304,28 @@ class Lab:
                 raise LabError(f"nodecryptor on {name} exited ({proc.returncode}):\n"
                                + self.log_tail(f"{name}-agent"))
             return self.agent_ready(name)
-        wait_for(ready, timeout, f"nodecryptor on {name} to become ready", interval=0.2)
+        try:
+            wait_for(ready, timeout, f"nodecryptor on {name} to become ready", interval=0.2)
+        except LabError as e:
+            if proc.poll() is not None:
+                raise
+            raise LabError(f"{e}; its log ends:\n" + self.log_tail(f"{name}-agent", 6)) from None
 
     # ---------------------------------------------------------------- commands in namespaces
 
     def http_status(self, netns: str, url: str) -> int:
-        code = ("import sys,urllib.request as u\n"
-                "try:\n print(u.urlopen(sys.argv[1], timeout=2).status)\n"
-                "except Exception as e:\n print(getattr(e, 'code', 0))\n")
-        out = topo.sh(PY, "-c", code, url, netns=netns, check=False).stdout.strip()
-        return int(out) if out.isdigit() else 0
+        """Status code of a GET of ``url`` from inside ``netns`` (0 when nothing answered)."""
+        def get() -> int:
+            # No proxy: the URL is inside the lab, whatever the environment says.
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            try:
+                with opener.open(url, timeout=2) as resp:
+                    return resp.status
+            except urllib.error.HTTPError as e:
+                return e.code
+            except (urllib.error.URLError, OSError):
+                return 0
+        return topo.call_in_netns(netns, get)
 
     def nodecryptor(self, name: str, *args: str, timeout: float = 30.0) -> dict:
         """Run an inspection command (``status``, ``bpf dump``) with ``--json`` on ``name``."""
@@ -308,6 +338,10 @@ class Lab:
             raise LabError(f"nodecryptor {' '.join(args)} on {name} failed "
                            f"({proc.returncode}): {proc.stderr.strip()[-300:]}")
         return json.loads(proc.stdout)
+
+    def run_in(self, name: str, *argv: str) -> str:
+        """Output of a short command run inside node ``name``."""
+        return topo.sh(*argv, netns=self.nodes[name].netns, check=False).stdout
 
     def run_flows(self, netns: str, flows: list[dict]) -> list[dict]:
         if not flows:
@@ -334,14 +368,16 @@ class Lab:
         node: NodeSpec = self.spec.node(name)
         return str(node.pod_address(family) if pod else node.address(family))
 
-    def api(self):
-        from .kubeapi import KubeApi
-        return KubeApi(self.api_url, API_TOKEN)
+    def api(self) -> "NetnsApi":
+        """The lab's API as seen from inside the API server's node (the host cannot reach it)."""
+        return NetnsApi(self.nodes[self.spec.control_plane[0].name].netns,
+                        KubeApi(self.api_url, API_TOKEN))
 
     def add_node(self, node: NodeSpec) -> NodeHandle:
         """Join a node: namespaces, routes both ways, CiliumNode object, stand-in (no agent)."""
         handle = topo.build_node(self.state, self.underlay, node, self.workdir)
         self.nodes[node.name] = handle
+        self._node_kubeconfig(handle)
         self.spec = LabSpec(nodes=self.spec.nodes + (node,))
         topo.route_pods(handle, self.spec)
         for other in self.nodes.values():
@@ -361,6 +397,7 @@ class Lab:
             topo.unroute_pods(other, handle.spec)
         for ns in (handle.pod_netns, handle.netns):
             delete_netns(ns)  # also ends the node's holder and echo servers
+        subprocess.run(["umount", "-l", handle.bpffs], capture_output=True)
         self.state.netns = [n for n in self.state.netns
                             if n not in (handle.pod_netns, handle.netns)]
         self.state.save()

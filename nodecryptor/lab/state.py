@@ -114,9 +114,12 @@ def reap(state: LabState, grace: float = 2.0) -> None:
     for name in reversed(state.netns):
         delete_netns(name)
     for path in reversed(state.directories):
-        # Only directories the lab made; a bpffs may still be mounted there by a crashed run.
-        subprocess.run(["umount", "-l", path], capture_output=True)
-        shutil.rmtree(path, ignore_errors=True)
+        # Only directories the lab made, newest first, so a node's bpffs mount is gone before
+        # its parent directory is removed (rmtree never descends into a live mount).
+        if os.path.ismount(path):
+            subprocess.run(["umount", "-l", path], capture_output=True)
+        if not os.path.ismount(path):
+            shutil.rmtree(path, ignore_errors=True)
     try:
         os.unlink(state.path)
     except FileNotFoundError:

@@ -4,14 +4,16 @@ Every function takes the namespaces explicitly and records what it creates in th
 before relying on it, so a failure half-way leaves nothing behind that ``state.reap`` does not
 know about. Each node also gets a *holder* process: a ``sleep`` inside the node's network
 namespace and a private mount namespace with its own tmpfs on /var/run/wireguard (wireguard-go
-keeps its UAPI socket there, and two nodes' ``cilium_wg0.sock`` would otherwise collide) and
-its own bpffs. Every long-lived process of the node is started inside the holder's namespaces.
+keeps its UAPI socket there, and two nodes' ``cilium_wg0.sock`` would otherwise collide). Each
+node also has a bpffs instance of its own. Every long-lived process of the node is started inside the holder's namespaces.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 
@@ -102,10 +104,19 @@ def build_pod(state: LabState, node: NodeSpec, node_ns: str) -> str:
     return pod
 
 
-def start_holder(state: LabState, node_ns: str, bpffs: str) -> int:
+def mount_bpffs(state: LabState, path: str) -> None:
+    """A bpffs instance of the node's own. It is mounted where the host sees it too, so the lab
+    can read the node's pinned maps directly (the holder's mount namespace, created after, has
+    it as well); the state lists it so a crashed run's mount is removed."""
+    os.makedirs(path, exist_ok=True)
+    state.add_directory(path)
+    sh("mount", "-t", "bpf", "bpf", path)
+
+
+def start_holder(state: LabState, node_ns: str) -> int:
     """Start the node's holder (see module docstring); returns its PID once mounts are done."""
     script = ("set -e; mkdir -p /var/run/wireguard; mount -t tmpfs lab-wg /var/run/wireguard; "
-              f"mount -t bpf bpf {bpffs}; echo ready; exec sleep infinity")
+              "echo ready; exec sleep infinity")
     proc = subprocess.Popen(
         ["ip", "netns", "exec", node_ns, "unshare", "-m", "--propagation", "private", "--",
          "sh", "-c", script],
@@ -128,8 +139,8 @@ def build_node(state: LabState, underlay: str, node: NodeSpec, workdir: str) -> 
     pod = build_pod(state, node, ns)
     node_dir = os.path.join(workdir, node.name)
     bpffs = os.path.join(node_dir, "bpffs")
-    os.makedirs(bpffs, exist_ok=True)
-    holder = start_holder(state, ns, bpffs)
+    mount_bpffs(state, bpffs)
+    holder = start_holder(state, ns)
     return NodeHandle(spec=node, netns=ns, pod_netns=pod, holder_pid=holder, bpffs=bpffs,
                       workdir=node_dir)
 
@@ -167,3 +178,34 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
         if time.monotonic() >= deadline:
             raise LabError(f"timed out after {timeout:.1f}s waiting for {what}")
         time.sleep(interval)
+
+
+CLONE_NEWNET = 0x40000000
+
+
+def call_in_netns(netns: str, fn, *args, **kwargs):
+    """Run ``fn`` on a fresh thread that first joins network namespace ``netns``: sockets it
+    opens live there. Only that thread changes namespace (setns(2) on CLONE_NEWNET is
+    per-thread), so the caller and the rest of the process stay where they are."""
+    outcome: dict = {}
+
+    def target() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        try:
+            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns into {netns}: {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            outcome["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # re-raised in the caller's thread below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, name=f"netns-{netns}")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
