@@ -16,7 +16,7 @@ need_root() {
 APT_PACKAGES=(
   python3 python3-venv python3-bpfcc bpfcc-tools libbpfcc
   linux-headers-amd64 iproute2 wireguard-tools wireguard-go tcpdump
-  iputils-ping netcat-openbsd socat ethtool util-linux procps make libcap2-bin
+  iputils-ping netcat-openbsd socat ethtool util-linux procps make libcap2-bin openssl
 )
 
 apt_install() {

@@ -1,14 +1,19 @@
 """Support for the Kubernetes tests: an in-process fake API server, a kubeconfig pointing at
-it, fast Settings, and a running CiliumNodeSync that is always stopped on teardown."""
+it, fast Settings, and a running CiliumNodeSync that is always stopped on teardown.
+
+Test modules import the fixtures from here rather than from a tests/k8s/conftest.py, which
+would shadow tests/conftest.py for ``from conftest import require``."""
 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import threading
 import time
 
 import pytest
 
+from conftest import require
 from nodecryptor import k8s
 from nodecryptor.metrics import Metrics
 from nodecryptor.settings import Settings
@@ -99,6 +104,11 @@ def run_sync():
     for r in started:
         if r.thread.is_alive():
             r.halt()
+
+
+def require_openssl() -> None:
+    """The fake's TLS certificate comes from the openssl CLI (scripts/setup.sh installs it)."""
+    require(shutil.which("openssl") is not None, "openssl CLI not installed")
 
 
 def with_settings(settings: Settings, **changes) -> Settings:

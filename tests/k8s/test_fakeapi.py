@@ -17,7 +17,8 @@ import pytest
 from nodecryptor import k8s
 from nodecryptor.testing.fakeapi import COLLECTION, FakeApiServer, make_ciliumnode
 
-from k8s_support import TOKEN, node, with_settings
+from k8s_support import require_openssl, TOKEN, node, with_settings
+from k8s_support import fake, kubeconfig, settings  # noqa: F401 - pytest fixtures
 
 
 def call(fake, path: str, method: str = "GET", body=None, token: str | None = TOKEN,
@@ -200,6 +201,7 @@ def test_control_endpoint(fake):
 
 
 def test_tls_kubeconfig_with_the_official_client(tmp_path, settings):
+    require_openssl()
     with FakeApiServer(token=TOKEN, tls=True, objects=[node(1), node(2)]) as tls_fake:
         assert tls_fake.url.startswith("https://")
         kc = tls_fake.write_kubeconfig(str(tmp_path / "tls-kubeconfig"))

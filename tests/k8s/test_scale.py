@@ -8,6 +8,7 @@ import time
 from nodecryptor.testing.fakeapi import FakeApiServer
 
 from k8s_support import TOKEN, node, with_settings
+from k8s_support import fake, kubeconfig, run_sync, settings  # noqa: F401 - pytest fixtures
 
 NODES = 5000
 BOUND_SECONDS = 15.0

@@ -12,7 +12,8 @@ from nodecryptor import k8s
 from nodecryptor.ciliumnode import parse_ciliumnode
 from nodecryptor.testing.fakeapi import make_ciliumnode
 
-from k8s_support import node, restarts, wait_for, with_settings
+from k8s_support import require_openssl, node, restarts, wait_for, with_settings
+from k8s_support import fake, kubeconfig, run_sync, settings  # noqa: F401 - pytest fixtures
 
 
 def names(store) -> list[str]:
@@ -266,6 +267,7 @@ def test_malformed_objects_are_partly_applied(fake, settings, run_sync):
 
 
 def test_in_cluster_configuration(monkeypatch, tmp_path):
+    require_openssl()
     from nodecryptor.settings import Settings
     from nodecryptor.testing.fakeapi import FakeApiServer
 
