@@ -45,9 +45,10 @@ def _setpriv(caps: list[str]) -> list[str]:
             f"--bounding-set={bounding}", "--"]
 
 
-def _cli(ns: str, caps: list[str], *argv: str) -> subprocess.CompletedProcess:
+def _cli(node, caps: list[str], *argv: str) -> subprocess.CompletedProcess:
     """`kubectl exec` stand-in: a command with the container's capabilities in the node."""
-    return subprocess.run(["ip", "netns", "exec", ns, *_setpriv(caps), _python(), "-B", "-m",
+    return subprocess.run(["ip", "netns", "exec", node["ns"], *_setpriv(caps), "env",
+                           f"NODECRYPTOR_RUN_DIR={node['run_dir']}", _python(), "-B", "-m",
                            "nodecryptor.cli", *argv],
                           capture_output=True, text=True, timeout=60, cwd=REPO)
 
@@ -85,37 +86,44 @@ def node(netns, bpffs, bcc_available, tmp_path):
     netns_mod.run("ip", "link", "set", "peer0", "up", netns=ns)
     netns_mod.run("sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", netns=ns)
     subprocess.run(["chmod", "0700", bpffs], check=True)
+    # The DaemonSet's /run/nodecryptor emptyDir: a small tmpfs, mounted before the agent's
+    # root is made read-only, and visible to the inspection commands like the emptyDir is to
+    # `kubectl exec`.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(run_dir)], check=True)
     kubeconfig = tmp_path / "kubeconfig"
-    api = subprocess.Popen(["ip", "netns", "exec", ns, _python(), "-m",
-                            "nodecryptor.testing.fakeapi", "--bind", "127.0.0.1:6443",
-                            "--objects", str(EXAMPLE), "--token", "deploy-test",
-                            "--write-kubeconfig", str(kubeconfig)],
-                           cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    procs = [api]
+    procs: list[subprocess.Popen] = []
     try:
+        api = subprocess.Popen(["ip", "netns", "exec", ns, _python(), "-m",
+                                "nodecryptor.testing.fakeapi", "--bind", "127.0.0.1:6443",
+                                "--objects", str(EXAMPLE), "--token", "deploy-test",
+                                "--write-kubeconfig", str(kubeconfig)],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+        procs.append(api)
         deadline = time.monotonic() + 20
         while not kubeconfig.exists():
             assert api.poll() is None, f"fake API server exited: {api.stderr.read()}"
             assert time.monotonic() < deadline, "fake API server did not write its kubeconfig"
             time.sleep(0.1)
-        yield {"ns": ns, "bpffs": bpffs, "kubeconfig": str(kubeconfig), "tmp": tmp_path,
+        yield {"ns": ns, "bpffs": bpffs, "kubeconfig": str(kubeconfig), "run_dir": run_dir,
                "procs": procs}
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
             proc.wait(timeout=10)
+        subprocess.run(["umount", str(run_dir)], check=False)
         # Whatever the test left attached is pinned in the private bpffs; the netns fixture
         # deletes the devices, the bpffs fixture unmounts the pins.
 
 
 def _start_agent(node, caps: list[str]) -> subprocess.Popen:
-    run_dir = node["tmp"] / "run"
-    run_dir.mkdir(exist_ok=True)
     argv = [_python(), "-B", "-m", "nodecryptor.cli",
             *_agent_argv(node["bpffs"], node["kubeconfig"])]
-    inner = (f"mount -t tmpfs -o size=1m tmpfs {run_dir} && mount -o remount,bind,ro / && "
-             f"exec {' '.join(_setpriv(caps))} env NODECRYPTOR_RUN_DIR={run_dir} "
+    inner = (f"mount -o remount,bind,ro / && "
+             f"exec {' '.join(_setpriv(caps))} env NODECRYPTOR_RUN_DIR={node['run_dir']} "
              + " ".join(argv))
     proc = subprocess.Popen(["ip", "netns", "exec", node["ns"], "unshare", "-m",
                              "--propagation", "private", "sh", "-c", inner],
@@ -143,20 +151,22 @@ def test_agent_ready_with_daemonset_security_context(node):
     _wait_ready(node, agent)
 
     # What an operator runs with `kubectl exec` (same capabilities as the agent).
-    status = _cli(node["ns"], caps, "status", "--json", f"--bpffs={node['bpffs']}")
+    status = _cli(node, caps, "status", "--json", f"--bpffs={node['bpffs']}")
     assert status.returncode == 0, status.stderr
     report = json.loads(status.stdout)
     assert report["datapath"] == "bpf", report
+    # The agent could record its choice under the read-only root (the emptyDir's purpose).
+    assert report["agent_choice"]["datapath"] == "bpf", report
     assert [d["device"] for d in report["devices"]] == ["eth0"]
     assert report["devices"][0]["mode"] == "tcx" and report["devices"][0]["position"] == 0
-    dump = _cli(node["ns"], caps, "bpf", "dump", "--json", f"--bpffs={node['bpffs']}")
+    dump = _cli(node, caps, "bpf", "dump", "--json", f"--bpffs={node['bpffs']}")
     assert dump.returncode == 0, dump.stderr
     dumped = json.loads(dump.stdout)
     prefixes = {d["prefix"] for d in dumped.get("maps", dumped)["destinations"]}
     assert {"192.168.50.12/32", "10.244.2.0/24"} <= prefixes, prefixes
     # Documented in docs/operator-guide.md: explain opens the program by id, which needs
     # CAP_SYS_ADMIN. When it stops doing so, update the note there and this assertion.
-    explain = _cli(node["ns"], caps, "explain", "--dst", "192.168.50.12", "--dport", "80",
+    explain = _cli(node, caps, "explain", "--dst", "192.168.50.12", "--dport", "80",
                    f"--bpffs={node['bpffs']}")
     assert explain.returncode != 0 and "Operation not permitted" in explain.stderr, \
         f"explain works without CAP_SYS_ADMIN now: update the guide's note ({explain.stdout})"
@@ -169,7 +179,7 @@ def test_agent_ready_with_daemonset_security_context(node):
     stopped_after = time.monotonic() - started
     assert stopped_after < grace
     # ...and leaves the datapath enforcing (fail-static).
-    after = json.loads(_cli(node["ns"], caps, "status", "--json",
+    after = json.loads(_cli(node, caps, "status", "--json",
                             f"--bpffs={node['bpffs']}").stdout)
     assert [d["device"] for d in after["devices"]] == ["eth0"]
 
@@ -178,7 +188,7 @@ def test_agent_ready_with_daemonset_security_context(node):
     init = cleanup_ds["spec"]["template"]["spec"]["initContainers"][0]
     cleanup_args = [f"--bpffs={node['bpffs']}" if a.startswith("--bpffs") else a
                     for a in init["args"]]
-    cleaned = _cli(node["ns"], init["securityContext"]["capabilities"]["add"], *cleanup_args,
+    cleaned = _cli(node, init["securityContext"]["capabilities"]["add"], *cleanup_args,
                    "--json")
     assert cleaned.returncode == 0, cleaned.stderr
     assert json.loads(cleaned.stdout)["bpf"]["tcx_links"] == ["eth0"]
