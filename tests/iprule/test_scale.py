@@ -53,9 +53,10 @@ def test_5000_workers_constant_rules_fast_apply(node_ns):
 
     datapath = IpRuleDatapath(settings, netns=ns).start()
     try:
-        started = time.monotonic()
-        datapath.apply(desired())
-        apply_seconds = time.monotonic() - started
+        want = desired()
+        started, cpu = time.monotonic(), time.process_time()
+        datapath.apply(want)
+        apply_seconds, apply_cpu = time.monotonic() - started, time.process_time() - cpu
         routes = int(sh(ns, "sh", "-c", "ip route show table 2026 | wc -l"))
         assert routes == 2 * WORKERS + 2  # each worker's address and pod CIDR, plus cp1's
 
@@ -65,9 +66,10 @@ def test_5000_workers_constant_rules_fast_apply(node_ns):
         assert rules == 8
 
         # Update: three workers leave, the set is re-applied.
-        started = time.monotonic()
-        datapath.apply(desired(skip=frozenset({7, 1234, 4999})))
-        update_seconds = time.monotonic() - started
+        want = desired(skip=frozenset({7, 1234, 4999}))
+        started, cpu = time.monotonic(), time.process_time()
+        datapath.apply(want)
+        update_seconds, update_cpu = time.monotonic() - started, time.process_time() - cpu
         assert datapath.last_apply["routes_removed"] == 6
         assert datapath.last_apply["routes_set"] == 0
         assert datapath.observe().details["rules"] == 8
@@ -77,8 +79,12 @@ def test_5000_workers_constant_rules_fast_apply(node_ns):
         assert datapath.observe().details["rules"] == 8
     finally:
         datapath.close()
-    print(f"\n5000 workers: apply {apply_seconds:.2f}s, update {update_seconds:.2f}s")
-    # Generous bounds for a 2-core VM shared with other test runs.
-    assert apply_seconds < 10
-    assert update_seconds < 5
+    print(f"\n5000 workers: apply {apply_seconds:.2f}s wall / {apply_cpu:.2f}s cpu, "
+          f"update {update_seconds:.2f}s wall / {update_cpu:.2f}s cpu")
+    # CPU time (user + system, which includes the kernel's netlink work done in this process)
+    # is the stable measure on a 2-core VM shared with other test runs; ~1 s when idle.
+    # The wall-clock bound is only a backstop against hangs under heavy load.
+    assert apply_cpu < 8
+    assert update_cpu < 5
+    assert apply_seconds < 60 and update_seconds < 60
     inspect.cleanup(settings, netns=ns)
