@@ -9,7 +9,8 @@ device was re-created) is unpinned and replaced.
 Without tcx: a clsact qdisc and a direct-action bpf filter on egress at priority 1 with
 nodecryptor's own handle and name, replaced in place on restart. A filter that runs before it
 (same priority listed first, or any tcx program, since tcx runs before all clsact filters) can
-end classification with TC_ACT_OK, so it is reported as shadowing.
+end classification with TC_ACT_OK, so it is reported as shadowing. In this mode Cilium's
+``bpf-filter-priority`` must be 2 or more, so its filter runs after nodecryptor's.
 
 Only nodecryptor's own objects are ever changed: links pinned under its root, filters with its
 handle *and* name. Every function takes plain values and returns plain data.
