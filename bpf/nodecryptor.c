@@ -1,8 +1,15 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /* nodecryptor: tc egress program on the underlay devices. Node-bound cluster traffic is
  * redirected into Cilium's WireGuard device; bootstrap flows to and from control-plane nodes
- * and everything that is not cluster traffic continue to the next program (Cilium's). The
- * decision order is documented in docs and DESIGN.md section 3; each step lives in bpf/lib. */
+ * and everything that is not cluster traffic continue to the next program (Cilium's).
+ *
+ * Decision order (first match wins; every packet gets one reason, counted in nc_counters):
+ * no config or disabled; WireGuard's own mark; not IPv4/IPv6; destination not a remote
+ * cluster prefix; later fragment (follows its first fragment); truncated L4 (encrypt);
+ * ICMPv6 neighbour discovery; UDP WireGuard port both ways; exempt destination port to a
+ * control-plane node address; exempt source port from the local control-plane node's own
+ * address; else encrypt — subject to the fail mode when WireGuard is down or no peer covers
+ * the destination. Each step lives in a header under bpf/lib. */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 #include <uapi/linux/ip.h>
