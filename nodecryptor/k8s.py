@@ -74,9 +74,12 @@ class ApiForbidden(KubernetesError):
 
 
 class ApiGone(KubernetesError):
-    """410: the resourceVersion or continue token is older than the server's history."""
+    """410: the resourceVersion or continue token is older than the server's history (or,
+    cause "too-large", newer than the server's: a restored or replaced server)."""
 
-    cause = "expired"
+    def __init__(self, message: str, cause: str = "expired"):
+        super().__init__(message)
+        self.cause = cause
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,6 +123,10 @@ def translate_error(err: Exception, server: str, what: str) -> KubernetesError:
                                 f"({status} {err.reason}): {detail}")
         if status == 410:
             return ApiGone(f"{what}: {detail}")
+        if status == 504 and "ResourceVersionTooLarge" in str(err.body):
+            # Our version is newer than the server's (it was restored or replaced): only a
+            # new list helps, as for 410.
+            return ApiGone(f"{what}: {detail}", cause="too-large")
         if status == 404 and _status_details_name(err):
             return KubernetesError(f"{what}: not found on {server} (404): {detail}")
         if status == 404:
@@ -336,7 +343,7 @@ class CiliumNodeSync:
                     # Our version fell out of the server's history: only a new list can
                     # tell what we missed. Not a server fault, so no backoff the first time.
                     log.info("CiliumNode watch expired; listing again", extra=kv(error=str(e)))
-                    self._restart("expired")
+                    self._restart(e.cause)
                     self.resource_version = None
                     self._expiries += 1
                     if self._expiries > 1:

@@ -228,3 +228,16 @@ def test_standalone_process_serves_and_exits_on_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_watch_from_a_future_version_is_504_too_large(fake):
+    fake.apply(node(1))
+    status, body = call(fake, f"{COLLECTION}?watch=true&resourceVersion=999")
+    assert (status, body["reason"]) == (504, "Timeout")
+    assert body["details"]["causes"][0]["reason"] == "ResourceVersionTooLarge"
+
+
+def test_initial_resource_version():
+    with FakeApiServer(token=TOKEN, initial_rv=5000, objects=[node(1)]) as f:
+        assert f.get("n00001")["metadata"]["resourceVersion"] == "5001"
+        assert watch_lines(f, "resourceVersion=4999&timeoutSeconds=1")[0]["type"] == "ERROR"

@@ -322,3 +322,22 @@ def test_unloadable_configuration_is_retried_not_fatal(fake, settings, run_sync,
     fake.write_kubeconfig(str(later))
     assert r.store.synced.wait(5)
     assert names(r.store) == ["n00001"]
+
+
+@pytest.mark.parametrize("initial_rv,cause", [(0, "too-large"), (10**12, "expired")])
+def test_replaced_api_server_forces_a_relist(fake, settings, run_sync, initial_rv, cause):
+    """A new API server on the same address whose versions are behind ours (504 Too large
+    resource version) or ahead with an empty history (410): either way, list again."""
+    from nodecryptor.testing.fakeapi import FakeApiServer
+
+    for i in range(5):
+        fake.apply(node(i))
+    r = run_sync(settings)
+    wait_for(lambda: fake.open_watches == 1, what="the watch")
+    fake.stop()
+    with FakeApiServer(port=fake.port, token=fake.token, initial_rv=initial_rv,
+                       objects=[node(1), node(9)]) as replacement:
+        wait_for(lambda: names(r.store) == ["n00001", "n00009"], what="convergence")
+        assert restarts(r.metrics, cause) == 1 and r.sync.lists == 2
+        replacement.apply(node(10))
+        wait_for(lambda: "n00010" in r.store.snapshot(), what="watch on the new server")

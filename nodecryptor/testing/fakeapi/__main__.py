@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 
 from .objects import load_objects
 from .server import FakeApiServer
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     host, port = args.bind
     server = FakeApiServer(host, port, token=args.token, objects=objects, tls=args.tls,
+                           initial_rv=int(time.time() * 1000),
                            bookmark_interval=args.bookmark_interval,
                            history_limit=args.history)
     done = threading.Event()

@@ -38,12 +38,16 @@ class _Snapshot:
 class FakeCluster:
     """CiliumNodes, resourceVersions and the event history, independent of HTTP."""
 
-    def __init__(self, history_limit: int = 1000):
+    def __init__(self, history_limit: int = 1000, initial_rv: int = 0):
         self.cond = threading.Condition()
-        self.rv = 0
+        self.rv = initial_rv
+        """A real apiserver's resourceVersions come from etcd and never go backwards, also
+        across apiserver restarts. A standalone fake starts from a time-based value so a
+        restarted fake answers a client's older resourceVersion with 410, as a real one does
+        once the history is compacted."""
         self.objects: dict[str, dict] = {}
         self.history: deque[tuple[int, str, dict]] = deque(maxlen=history_limit)
-        self.oldest_watchable_rv = 0
+        self.oldest_watchable_rv = initial_rv
         """A watch may start from any rv >= this; older ones were compacted (410)."""
         self.snapshots: dict[str, _Snapshot] = {}
         self.expire_next_continues = 0

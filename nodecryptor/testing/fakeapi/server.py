@@ -202,6 +202,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         rv_text = query.get("resourceVersion", "")
         if rv_text and not rv_text.isdigit():
             raise ApiError(400, "BadRequest", f"resourceVersion {rv_text!r} is not valid")
+        if rv_text and int(rv_text) > cluster.rv:
+            # A version from the future: the client talked to another (or an older
+            # incarnation of this) server. The real watch cache answers 504 with the cause
+            # ResourceVersionTooLarge, and clients list again.
+            err = ApiError(504, "Timeout", f"Too large resource version: {rv_text}, "
+                                           f"current: {cluster.rv}")
+            err.status["details"] = {"causes": [{"reason": "ResourceVersionTooLarge",
+                                                 "message": "Too large resource version"}],
+                                     "retryAfterSeconds": 1}
+            raise err
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
@@ -302,13 +312,13 @@ class FakeApiServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, token: str = "nodecryptor-test",
                  objects: list[dict] | tuple = (), history_limit: int = 1000,
-                 bookmark_interval: float = 60.0, tls: bool = False):
+                 bookmark_interval: float = 60.0, tls: bool = False, initial_rv: int = 0):
         self.host = host
         self.port = port
         self.token = token
         self.bookmark_interval = bookmark_interval
         """Seconds between BOOKMARK events on a watch that asked for them (real: ~60 s)."""
-        self.cluster = FakeCluster(history_limit)
+        self.cluster = FakeCluster(history_limit, initial_rv)
         self.faults = _Faults()
         self.stopping = threading.Event()
         self._lock = threading.Lock()
