@@ -21,6 +21,7 @@ import urllib.request
 from collections.abc import Callable
 
 from ..log import kv
+from . import probe
 from . import topology as topo
 from .kubeapi import KubeApi
 from .spec import (API_PORT, EXEMPT_TCP_PORTS, SERVICE_TCP_PORT, SERVICE_UDP_PORT, LabSpec,
@@ -60,7 +61,7 @@ class NetnsApi:
 class Lab:
     def __init__(self, spec: LabSpec, datapath: str = "bpf", wg_impl: str = "auto",
                  progress: Callable[[str], None] | None = None, state_dir: str = STATE_DIR,
-                 republish_delay: float = 3.0, start_agents: bool = True):
+                 republish_delay: float = 60.0, start_agents: bool = True):
         if datapath not in ("bpf", "iprule"):
             raise ValueError(f"datapath {datapath!r}: expected bpf or iprule")
         self.spec = spec
@@ -344,14 +345,12 @@ class Lab:
         return topo.sh(*argv, netns=self.nodes[name].netns, check=False).stdout
 
     def run_flows(self, netns: str, flows: list[dict]) -> list[dict]:
+        """Try ``flows`` (see ``probe.try_flow``) from inside ``netns``. Runs in this process,
+        on threads that joined the namespace: no interpreter start-up per batch, so polls and
+        continuous traffic are timed to the millisecond."""
         if not flows:
             return []
-        proc = subprocess.run(["ip", "netns", "exec", netns, PY, "-m", "nodecryptor.lab.probe",
-                               "flows"], input=json.dumps(flows), capture_output=True,
-                              text=True, timeout=60, env=child_env())
-        if proc.returncode != 0:
-            raise LabError(f"probe in {netns} failed: {proc.stderr.strip()[-300:]}")
-        return json.loads(proc.stdout)
+        return topo.call_in_netns(netns, probe.run_flows, flows)
 
     def netns_of(self, endpoint: str) -> str:
         """``w1`` (the node), ``w1/pod`` (its pod) or ``ext`` (the external host)."""

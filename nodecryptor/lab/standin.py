@@ -7,8 +7,8 @@ keeps one peer per other node whose key is published: allowed-IPs = that node's 
 pod CIDRs, endpoint = its IPv4 address and port 51871.
 
 Signals drive the scenarios: SIGUSR1 = reboot (the device is re-created with a fresh key, which
-is published only after ``--republish-delay`` seconds, like a cilium-agent that takes time to
-start); SIGUSR2 = remove the device, and on the next SIGUSR2 bring it back with the same key;
+is published only after ``--republish-delay`` seconds or on SIGHUP, whichever comes first, like
+a cilium-agent that takes time to start); SIGUSR2 = remove the device, and on the next SIGUSR2 bring it back with the same key;
 SIGTERM = remove the device and exit.
 
 Run as ``python -m nodecryptor.lab.standin --node NAME --server URL --token TOKEN``, inside the
@@ -151,6 +151,8 @@ class StandIn:
     def on_signal(self, signum, _frame) -> None:
         if signum == signal.SIGUSR1:
             self.reboot_requested = True
+        elif signum == signal.SIGHUP:
+            self.publish_after = 0.0
         elif signum == signal.SIGUSR2:
             self.toggle_requested = True
         else:
@@ -233,14 +235,15 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"device MTU (default: underlay {UNDERLAY_MTU} - 80 = %(default)s)")
     p.add_argument("--poll", type=float, default=0.25, help="seconds between API polls")
     p.add_argument("--republish-delay", type=float, default=0.0,
-                   help="seconds between a reboot and publishing the new key")
+                   help="seconds between a reboot and publishing the new key (SIGHUP "
+                        "publishes at once)")
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     args = p.parse_args(argv)
     setup(args.log_format)
     standin = StandIn(args.node, KubeApi(args.server, args.token),
                       WgDevice(args.ifname, args.wg_impl, args.mtu), args.poll,
                       args.republish_delay)
-    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, standin.on_signal)
     return standin.run()
 

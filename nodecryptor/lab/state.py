@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -64,7 +65,8 @@ class LabState:
         return cls(**data)
 
     def save(self) -> None:
-        tmp = self.path + ".tmp"
+        # A temporary file per thread: scenarios stop several processes at once.
+        tmp = f"{self.path}.{threading.get_ident()}.tmp"
         with open(tmp, "w") as f:
             json.dump(asdict(self), f, indent=1)
         os.replace(tmp, self.path)
