@@ -148,11 +148,13 @@ class BpfDatapath:
 
     # ---- observe ---------------------------------------------------------------------------
 
-    def attachments(self) -> list[attach.Attachment]:
-        if self._desired is None:
+    def attachments(self, desired: DesiredState | None = None) -> list[attach.Attachment]:
+        """Attachments on the devices of ``desired`` (default: the last applied state)."""
+        desired = desired if desired is not None else self._desired
+        if desired is None:
             return []
         found = []
-        for dev in self._desired.devices:
+        for dev in desired.devices:
             if self.mode == attach.MODE_TCX:
                 att = attach.tcx_observe(self.settings.bpffs, dev.name)
             else:
@@ -162,23 +164,26 @@ class BpfDatapath:
         return found
 
     def observe(self) -> Observation:
-        base = {"mode": self.mode, "mode_reason": self.mode_reason, "prog_id": self.prog_id,
+        # Called from the health server's thread too: work on a snapshot of the references.
+        loaded, desired = self._loaded, self._desired
+        base = {"mode": self.mode, "mode_reason": self.mode_reason,
+                "prog_id": loaded.prog_id if loaded is not None else 0,
                 "pin_dir": pins.maps_dir(self.settings.bpffs),
                 "maps_recreated": self._recreated}
-        if self._loaded is None:
+        if loaded is None:
             return Observation(datapath=self.name, attached=False, ready=False,
                                reason="bpf datapath not started", details=base)
-        if self._desired is None:
+        if desired is None:
             return Observation(datapath=self.name, attached=False, ready=False,
                                reason="no desired state applied yet", details=base)
         try:
-            atts = self.attachments()
+            atts = self.attachments(desired)
         except Exception as e:  # observe never raises for an expected condition
             return Observation(datapath=self.name, attached=False, ready=False,
                                reason=f"cannot read attachments: {e}", details=base)
         problems = []
         by_name = {a.device: a for a in atts}
-        for dev in self._desired.devices:
+        for dev in desired.devices:
             att = by_name.get(dev.name)
             if att is None:
                 problems.append(f"not attached to {dev.name}")
@@ -186,9 +191,9 @@ class BpfDatapath:
                 problems.append(f"tcx link on {dev.name} is defunct (device re-created?)")
             elif att.shadowed_by:
                 problems.append(f"shadowed on {dev.name}: {att.shadowed_by}")
-            elif att.prog_id and att.prog_id != self.prog_id:
-                problems.append(f"{dev.name} runs program {att.prog_id}, not {self.prog_id}")
-        if not self._desired.devices:
+            elif att.prog_id and att.prog_id != loaded.prog_id:
+                problems.append(f"{dev.name} runs program {att.prog_id}, not {loaded.prog_id}")
+        if not desired.devices:
             problems.append("no underlay device to attach to")
         if self._last_error:
             problems.append(f"last apply: {self._last_error}")
@@ -196,7 +201,7 @@ class BpfDatapath:
         try:
             counters = {name: c["packets"]
                         for name, c in collector.read_counters(
-                            self._loaded.map_fds["nc_counters"]).items()}
+                            loaded.map_fds["nc_counters"]).items()}
         except (OSError, KeyError) as e:
             base["counters_error"] = str(e)
         details = {**base, "devices": [a.to_json() for a in atts]}
