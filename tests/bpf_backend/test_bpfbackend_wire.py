@@ -25,7 +25,8 @@ from bpf_backend_lab import (WG_PORT, Capture, TwoNodeLab, in_netns, load_ret_pr
                              nodecryptor_cli, sh)
 from conftest import require
 
-from nodecryptor.datapath.bpf import abi, attach, pins, syscall
+from nodecryptor.datapath.base import PacketQuery
+from nodecryptor.datapath.bpf import abi, attach, inspect, pins, syscall
 from nodecryptor.datapath.bpf.backend import BpfDatapath
 from nodecryptor.metrics import Metrics
 
@@ -379,6 +380,12 @@ def test_legacy_tc_mode_attaches_filter_detects_shadowing_and_cleans_up(
         assert restarted.details["devices"] == [{**dev, "prog_id": dp.prog_id}]
         filters = sh("tc", "filter", "show", "dev", "eth0", "egress", netns=a.netns)
         assert filters.count("nodecryptor") == 1 and f"id {dp.prog_id} " in filters, filters
+        with in_netns(a.netns):  # inspection finds the program through its pin in this mode
+            why = inspect.explain(settings, PacketQuery(dst=b.ip, proto="udp", dport=7777))
+            st = inspect.status(settings)
+        assert (why.verdict, why.device, why.details["mode"], why.details["prog_id"]) == (
+            "encrypt", "eth0", "tc", dp.prog_id)
+        assert (st["mode"], st["prog_id"], st["ready"]) == ("tc", dp.prog_id, True), st["reason"]
 
         # A foreign filter classified before ours (same prio, listed first) shadows it.
         sh("tc", "filter", "add", "dev", "eth0", "egress", "prio", "1", "handle", "0x7", "bpf",
