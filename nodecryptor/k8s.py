@@ -89,7 +89,7 @@ class ApiGone(KubernetesError):
 def load_client(settings: Settings) -> kubernetes.client.ApiClient:
     """An ApiClient for ``settings.kubeconfig``, or the in-cluster service account when it is
     None. Retries inside urllib3 are off: the sync's own backoff decides when to retry, and a
-    hidden retry would multiply every timeout."""
+    hidden retry would multiply every timeout. Raises KubeConfigError."""
     cfg = kubernetes.client.Configuration()
     try:
         if settings.kubeconfig:
@@ -106,6 +106,9 @@ def load_client(settings: Settings) -> kubernetes.client.ApiClient:
                  f"KUBERNETES_SERVICE_HOST/PORT)")
         raise KubeConfigError(f"cannot load {where}: {e}") from e
     cfg.retries = False
+    # TCP keepalive (client-go's timings) notices a peer that vanished without a FIN or RST
+    # (a rebooted control-plane node) long before the watch's read timeout would.
+    cfg.keep_alive = True
     return kubernetes.client.ApiClient(cfg)
 
 

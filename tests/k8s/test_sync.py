@@ -341,3 +341,14 @@ def test_replaced_api_server_forces_a_relist(fake, settings, run_sync, initial_r
         assert restarts(r.metrics, cause) == 1 and r.sync.lists == 2
         replacement.apply(node(10))
         wait_for(lambda: "n00010" in r.store.snapshot(), what="watch on the new server")
+
+
+def test_watch_socket_has_tcp_keepalive(fake, settings, run_sync):
+    import socket
+
+    fake.apply(node(1))
+    r = run_sync(settings)
+    wait_for(lambda: r.sync._response is not None, what="the watch")
+    sock = r.sync._response.connection.sock
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
