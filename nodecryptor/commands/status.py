@@ -86,7 +86,7 @@ def print_text(report: dict) -> None:
     for d in devices:
         where = (f"link {d.get('link_id')}" if d.get("mode") == "tcx"
                  else f"handle {d.get('handle')} prio {d.get('prio')}")
-        print(f"  {d.get('device'):<16} ifindex {d.get('ifindex'):<5} {d.get('mode'):<4} {where}"
+        print(f"  {d.get('name') or d.get('device')!s:<16} ifindex {d.get('ifindex'):<5} {d.get('mode'):<4} {where}"
               f"  position {d.get('position')}"
               + ("  DEFUNCT" if d.get("defunct") else "")
               + (f"  shadowed by {d['shadowed_by']}" if d.get("shadowed_by") else ""))

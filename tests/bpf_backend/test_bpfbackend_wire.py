@@ -172,7 +172,7 @@ def test_node_and_pod_traffic_leaves_encrypted_exempt_in_clear_cilium_never_sees
         assert obs.ready, obs.reason
         assert obs.details["mode"] == "tcx"
         [dev] = obs.details["devices"]
-        assert (dev["device"], dev["mode"], dev["position"]) == ("eth0", "tcx", 0)
+        assert (dev["name"], dev["mode"], dev["position"]) == ("eth0", "tcx", 0)
         assert again.ready and again.details["devices"] == obs.details["devices"]
 
         cap = Capture(a.netns, "eth0", str(tmp_path / "a.pcap"))
@@ -461,7 +461,7 @@ def test_inspection_commands_on_live_setup_without_agent(lab, bpffs, datapaths):
         st = json.loads(status.stdout)
         assert st["ready"], st["reason"]
         assert (st["datapath"], st["mode"], st["prog_id"]) == ("bpf", "tcx", prog_id)
-        assert [d["device"] for d in st["devices"]] == ["eth0"]
+        assert [d["name"] for d in st["devices"]] == ["eth0"]
         assert st["mss"] == {"v4": 1380, "v6": 1360}
         assert st["wireguard"]["ifname"] == "cilium_wg0" and st["wireguard"]["up"]
         assert st["wireguard"]["listen_port"] == WG_PORT

@@ -59,7 +59,8 @@ class Attachment:
     """What runs before nodecryptor and could end classification (empty: nothing)."""
 
     def to_json(self) -> dict:
-        out = asdict(self)
+        out = {"name": self.device, **asdict(self)}
+        del out["device"]
         if self.mode == MODE_TCX:
             out.pop("handle")
             out.pop("prio")
