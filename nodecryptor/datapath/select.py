@@ -122,7 +122,11 @@ def choose_datapath(settings: Settings, metrics=None,
             why = f"{type(e).__name__}: {e}"
             log.warning("BPF datapath unavailable, falling back to ip rules",
                         extra=kv(reason=why))
-            datapath = _start_iprule(settings, metrics, netns)
+            try:
+                datapath = _start_iprule(settings, metrics, netns)
+            except NotSupported as iprule_error:
+                raise NotSupported("datapath", f"BPF: {why}; ip rules: {iprule_error}") \
+                    from iprule_error
             reason = f"auto: fell back to ip rules because BPF is unavailable ({why})"
     if datapath.name == "iprule":
         _remove_bpf_state(settings)

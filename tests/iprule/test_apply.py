@@ -96,6 +96,8 @@ def test_update_fail_modes_and_control_plane_replies(node_ns, foreign_state):
         datapath.apply(down)
         routes = ip_routes(ns, "2026")
         assert len(routes) == 8 and all(r.startswith("unreachable ") for r in routes)
+        datapath.apply(down)
+        assert datapath.last_apply["routes_set"] == 0  # reject routes compare equal too
         assert band_rules(ns) == rules  # exemptions still pass
 
         # Fail open: nothing in the table, traffic falls through to main.

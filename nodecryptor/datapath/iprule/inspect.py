@@ -15,6 +15,7 @@ import ipaddress
 from ...settings import Settings
 from ..base import (VERDICT_DROP, VERDICT_ENCRYPT, VERDICT_EXEMPT, VERDICT_PASS, Explanation,
                     PacketQuery)
+from ..select import last_choice
 from . import kernel, noop
 from .backend import remove_all
 from .bulk import RouteTable
@@ -55,8 +56,6 @@ def status(settings: Settings, netns: str | None = None) -> dict:
     for route in routes:
         kinds[route.kind] = kinds.get(route.kind, 0) + 1
     lookup = settings.iprule_priority_base + OFFSET_LOOKUP
-    from ..select import last_choice  # local import: select imports this package lazily too
-
     return {
         "datapath": DATAPATH,
         "active": any(r.priority == lookup for r in rules),
@@ -123,7 +122,8 @@ def _with_protocol_rules(answer: dict, rules: list[RuleSpec], base: int, family:
 def explain(settings: Settings, q: PacketQuery, netns: str | None = None) -> Explanation:
     """Where the kernel would send ``q``, as a verdict. A ``src`` that is not a local address
     (a pod's) is looked up as a forwarded packet arriving on ``lo`` — nodecryptor's rules never
-    match on the input interface, so any interface gives the same answer."""
+    match on the input interface, so any interface gives the same answer. ``q.device`` and
+    ``q.tcp_flags`` do not influence routing and are ignored."""
     dst = ipaddress.ip_address(q.dst)
     src = ipaddress.ip_address(q.src) if q.src else None
     family = dst.version

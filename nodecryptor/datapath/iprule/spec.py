@@ -24,7 +24,6 @@ through to the next rule (main), which is what lets non-cluster traffic pass unt
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 
 from ...model import KIND_NODE_IP, ROLE_CONTROL_PLANE, DesiredState
@@ -54,6 +53,8 @@ class RuleSpec:
     family: int
     priority: int
     table: int
+    """Table to look up; a negative value -N stands for a rule with fib action N (blackhole,
+    unreachable, ...), which nodecryptor never writes but must be able to remove from its band."""
     fwmark: int | None = None
     fwmask: int | None = None
     dst: str | None = None
@@ -174,8 +175,3 @@ def desired_routes(desired: DesiredState) -> list[RouteSpec]:
         elif closed:
             routes.append(RouteSpec(prefix.version, str(prefix), ROUTE_UNREACHABLE))
     return sorted(routes)
-
-
-def normalise_prefix(text: str) -> str:
-    """Canonical prefix text, so kernel output and specs compare equal."""
-    return str(ipaddress.ip_network(text, strict=False))
