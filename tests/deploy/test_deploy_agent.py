@@ -22,8 +22,8 @@ import time
 import pytest
 
 from conftest import require
-from deploy_manifests import REPO, agent_capabilities, agent_container, agent_daemonset, \
-    expand_env, find, all_docs
+from deploy_manifests import (GUIDE, REPO, agent_capabilities, agent_container,
+                              agent_daemonset, all_docs, expand_env, find)
 from nodecryptor.testing import netns as netns_mod
 
 pytestmark = [pytest.mark.privileged, pytest.mark.bpf]
@@ -32,6 +32,7 @@ NODE = "w1"
 NODE_ADDRESS = "192.168.50.11/24"
 EXAMPLE = REPO / "nodecryptor" / "examples" / "cluster.json"
 READY_WITHIN = 60.0
+EXPLAIN_NOTE = "`explain` on the BPF datapath opens the attached program by its id"
 
 
 def _python() -> str:
@@ -164,12 +165,18 @@ def test_agent_ready_with_daemonset_security_context(node):
     dumped = json.loads(dump.stdout)
     prefixes = {d["prefix"] for d in dumped.get("maps", dumped)["destinations"]}
     assert {"192.168.50.12/32", "10.244.2.0/24"} <= prefixes, prefixes
-    # Documented in docs/operator-guide.md: explain opens the program by id, which needs
-    # CAP_SYS_ADMIN. When it stops doing so, update the note there and this assertion.
-    explain = _cli(node, caps, "explain", "--dst", "192.168.50.12", "--dport", "80",
+    # The guide says whether `explain` works in the agent container (it needs CAP_SYS_ADMIN
+    # while it opens the program by id); this keeps that note true in both directions.
+    explain = _cli(node, caps, "explain", "--json", "--dst", "192.168.50.12", "--dport", "80",
                    f"--bpffs={node['bpffs']}")
-    assert explain.returncode != 0 and "Operation not permitted" in explain.stderr, \
-        f"explain works without CAP_SYS_ADMIN now: update the guide's note ({explain.stdout})"
+    note_present = EXPLAIN_NOTE in GUIDE.read_text()
+    if explain.returncode == 0:
+        assert json.loads(explain.stdout)["verdict"] == "drop"  # fail-closed, no WireGuard
+        assert not note_present, (f"explain now works with the DaemonSet's capabilities: "
+                                  f"remove the note '{EXPLAIN_NOTE}…' from {GUIDE}")
+    else:
+        assert "Operation not permitted" in explain.stderr, explain.stderr[-2000:]
+        assert note_present, f"explain fails in the agent container: {GUIDE} must say so"
 
     # SIGTERM, as the kubelet sends it: the agent ends within the grace period...
     grace = agent_daemonset()["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
