@@ -158,7 +158,7 @@ def test_node_and_pod_traffic_leaves_encrypted_exempt_in_clear_cilium_never_sees
         lab, bpffs, datapaths, tmp_path):
     a, b = lab.a, lab.b
     settings = lab.settings(bpffs)
-    rx = Receiver(b.netns, udp_ports=(7777, 7778), tcp_ports=(6443,))
+    rx = Receiver(b.netns, udp_ports=(7777, 7778), tcp_ports=(6443, 7779))
     standin, standin_link = start_standin(a.netns)
     try:
         metrics = Metrics()
@@ -176,6 +176,7 @@ def test_node_and_pod_traffic_leaves_encrypted_exempt_in_clear_cilium_never_sees
         assert again.ready and again.details["devices"] == obs.details["devices"]
 
         cap = Capture(a.netns, "eth0", str(tmp_path / "a.pcap"))
+        wg_cap = Capture(a.netns, "cilium_wg0", str(tmp_path / "wg.pcap"), "tcp")
         sender = udp_socket(a.netns)
         try:
             for i in range(5):
@@ -183,19 +184,27 @@ def test_node_and_pod_traffic_leaves_encrypted_exempt_in_clear_cilium_never_sees
                 sender.sendto(b"pod-%d" % i, (b.pod_ip, 7778))
                 time.sleep(0.02)
             tcp_exchange(a.netns, b.ip, 6443, b"bootstrap")
+            tcp_exchange(a.netns, b.ip, 7779, b"encrypted tcp")
             got_node, got_pod = rx.drain(7777, want=5), rx.drain(7778, want=5)
         finally:
             sender.close()
             lines = cap.stop()
+            wg_lines = wg_cap.stop()
+        # The redirected SYN had its MSS clamped for WireGuard's MTU (1420 - 40), not the
+        # underlay's 1460; the exempt connection never went through cilium_wg0.
+        [syn] = [l for l in wg_lines if f"> {b.ip}.7779: Flags [S]," in l]
+        assert "mss 1380" in syn, syn
+        assert not [l for l in wg_lines if ".6443" in l], wg_lines
         # Arrived on B, decrypted by WireGuard (WireGuard may drop what it queued before the
         # first handshake finished, so at least the later packets must be there).
         assert got_node and all(p.startswith(b"node-") for p in got_node)
         assert got_pod and all(p.startswith(b"pod-") for p in got_pod)
         # On A's wire: nothing to 7777/7778 in the clear, WireGuard UDP instead, 6443 in clear.
         assert not [l for l in lines if f"{b.ip}.7777" in l or f"{b.pod_ip}.7778" in l], lines
-        wg_lines = [l for l in lines if f"{a.ip}.{WG_PORT} > {b.ip}.{WG_PORT}: UDP" in l]
-        assert len(wg_lines) >= 10, lines
+        wg_udp = [l for l in lines if f"{a.ip}.{WG_PORT} > {b.ip}.{WG_PORT}: UDP" in l]
+        assert len(wg_udp) >= 10, lines
         assert [l for l in lines if f"> {b.ip}.6443: Flags [S]" in l], lines
+        assert not [l for l in lines if f"{b.ip}.7779" in l], lines
 
         seen = standin_seen(standin)
         assert not [k for k in seen if k[2] in (7777, 7778)], seen
