@@ -56,17 +56,20 @@ def test_routable_cases_match_the_bpf_verdicts(root, node_ns, local_node):
     ns, wg_index = node_ns(local_node)
     cases = [c for c in ROUTABLE if c.local_node == local_node]
     mismatches = []
-    for case in cases:
-        settings = settings_for(case)
-        datapath = IpRuleDatapath(settings, netns=ns).start()
-        try:
+    datapath = IpRuleDatapath(settings_for(cases[0]), netns=ns).start()
+    try:
+        results = []
+        for case in cases:
+            # One datapath re-applied per case: every case is also an update of the last one.
+            datapath.settings = settings = settings_for(case)
             # WireGuard "down" is realised in the kernel too, so explain sees the same state.
             state = "down" if case.extra.get("wg_down") else "up"
             sh(ns, "ip", "link", "set", WG_IFNAME, state)
             datapath.apply(desired_for(case, wg_index))
-            got = inspect.explain(settings, case.query, netns=ns)
-        finally:
-            datapath.close()
+            results.append((case, inspect.explain(settings, case.query, netns=ns)))
+    finally:
+        datapath.close()
+    for case, got in results:
         reason_ok = (got.reason == case.expected_reason
                      or case.expected_reason in REASON_UNKNOWABLE)
         if got.verdict != case.expected_verdict or not reason_ok:

@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ...model import KIND_NODE_IP, ROLE_CONTROL_PLANE, DesiredState
+from ...ports import PROTOCOL_NAMES
 from ...settings import Settings
 
 MAIN_TABLE = 254
@@ -73,7 +74,7 @@ class RuleSpec:
         if self.fwmark is not None:
             parts += ["fwmark", f"{self.fwmark:#x}/{(self.fwmask or 0xFFFFFFFF):#x}"]
         if self.ip_proto is not None:
-            parts += ["ipproto", str(self.ip_proto)]
+            parts += ["ipproto", PROTOCOL_NAMES.get(self.ip_proto, str(self.ip_proto))]
         for name, rng in (("sport", self.sport), ("dport", self.dport)):
             if rng is not None:
                 parts += [name, str(rng[0]) if rng[0] == rng[1] else f"{rng[0]}-{rng[1]}"]
