@@ -158,7 +158,7 @@ def test_agent_ready_with_daemonset_security_context(node):
     assert report["datapath"] == "bpf", report
     # The agent could record its choice under the read-only root (the emptyDir's purpose).
     assert report["agent_choice"]["datapath"] == "bpf", report
-    assert [d["device"] for d in report["devices"]] == ["eth0"]
+    assert [d["name"] for d in report["devices"]] == ["eth0"]
     assert report["devices"][0]["mode"] == "tcx" and report["devices"][0]["position"] == 0
     dump = _cli(node, caps, "bpf", "dump", "--json", f"--bpffs={node['bpffs']}")
     assert dump.returncode == 0, dump.stderr
@@ -188,7 +188,7 @@ def test_agent_ready_with_daemonset_security_context(node):
     # ...and leaves the datapath enforcing (fail-static).
     after = json.loads(_cli(node, caps, "status", "--json",
                             f"--bpffs={node['bpffs']}").stdout)
-    assert [d["device"] for d in after["devices"]] == ["eth0"]
+    assert [d["name"] for d in after["devices"]] == ["eth0"]
 
     # The clean-up DaemonSet's command, with its capabilities, removes it.
     cleanup_ds = find(all_docs(), "DaemonSet", "nodecryptor-cleanup")
