@@ -1,7 +1,8 @@
 """The real agent, started with the DaemonSet's arguments and inside the DaemonSet's security
 constraints, becomes ready with the BPF datapath; the inspection commands a user would run with
 `kubectl exec` work with the same capabilities; SIGTERM ends it well within the grace period and
-leaves the datapath enforcing; the clean-up DaemonSet's command then removes it.
+leaves the datapath enforcing; the clean-up DaemonSet's command then removes it. The same
+holds for the ip-rule fallback the agent picks when BPF is unavailable.
 
 The "node" is a network namespace with an `eth0` (a veth) holding w1's address from the bundled
 example cluster, which the fake API server serves on 127.0.0.1:6443 inside that namespace. The
@@ -120,11 +121,12 @@ def node(netns, bpffs, bcc_available, tmp_path):
         # deletes the devices, the bpffs fixture unmounts the pins.
 
 
-def _start_agent(node, caps: list[str]) -> subprocess.Popen:
+def _start_agent(node, caps: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     argv = [_python(), "-B", "-m", "nodecryptor.cli",
             *_agent_argv(node["bpffs"], node["kubeconfig"])]
+    extra = " ".join(f"{k}={v}" for k, v in (env or {}).items())
     inner = (f"mount -o remount,bind,ro / && "
-             f"exec {' '.join(_setpriv(caps))} env NODECRYPTOR_RUN_DIR={node['run_dir']} "
+             f"exec {' '.join(_setpriv(caps))} env NODECRYPTOR_RUN_DIR={node['run_dir']} {extra} "
              + " ".join(argv))
     proc = subprocess.Popen(["ip", "netns", "exec", node["ns"], "unshare", "-m",
                              "--propagation", "private", "sh", "-c", inner],
@@ -205,3 +207,34 @@ def test_agent_ready_with_daemonset_security_context(node):
                           "print(len(syscall.prog_query(int(open('/sys/class/net/eth0/ifindex')"
                           ".read()))['link_ids']))", netns=node["ns"]).stdout
     assert links.strip() == "0"
+
+
+def test_ip_rule_fallback_within_the_same_security_context(node):
+    """A node where BPF is unavailable (no kernel headers, say): with the DaemonSet's
+    `--datapath=auto`, the agent falls back to ip rules, which the same capabilities allow.
+    BPF is switched off with the selector's documented seam, NODECRYPTOR_DISABLE_BPF."""
+    caps = agent_capabilities()
+    agent = _start_agent(node, caps, env={"NODECRYPTOR_DISABLE_BPF": "1"})
+    _wait_ready(node, agent)
+
+    status = _cli(node, caps, "status", "--json", f"--bpffs={node['bpffs']}")
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["datapath"] == "iprule" and report["active"], report
+    assert report["rule_count"] > 0 and report["route_count"] > 0, report
+    # ip-rule explain asks the kernel's route lookup: no CAP_SYS_ADMIN needed. No WireGuard
+    # device and fail-closed: remote destinations get unreachable routes.
+    explain = _cli(node, caps, "explain", "--json", "--dst", "192.168.50.12", "--dport", "80",
+                   f"--bpffs={node['bpffs']}")
+    assert explain.returncode == 0, explain.stderr
+    assert json.loads(explain.stdout)["verdict"] == "drop", explain.stdout
+
+    grace = agent_daemonset()["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(timeout=grace) == 0, agent.stderr.read()[-3000:]
+    after = json.loads(_cli(node, caps, "status", "--json", f"--bpffs={node['bpffs']}").stdout)
+    assert after["active"] and after["rule_count"] == report["rule_count"]
+
+    cleaned = _cli(node, caps, "cleanup", "--json", f"--bpffs={node['bpffs']}")
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert json.loads(cleaned.stdout)["iprule"]["rules_removed"] == report["rule_count"]
