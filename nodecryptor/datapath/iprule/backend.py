@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import threading
 import time
 
 from pyroute2.netlink.exceptions import NetlinkError
@@ -54,6 +55,9 @@ class IpRuleDatapath:
         self.metrics = metrics
         self.netns = netns
         self._ipr = None
+        # /readyz calls observe() from the health server's thread while the reconcile thread
+        # may be applying; one pyroute2 handle (and its event loop) must not serve both.
+        self._lock = threading.RLock()
         self._applied = False
         self._error = ""
         self.last_apply: dict = {}
@@ -104,13 +108,18 @@ class IpRuleDatapath:
 
     def close(self) -> None:
         """Release the netlink handle; rules and routes stay and keep enforcing."""
-        if self._ipr is not None:
-            self._ipr.close()
-            self._ipr = None
+        with self._lock:
+            if self._ipr is not None:
+                self._ipr.close()
+                self._ipr = None
 
     # -- Datapath protocol ---------------------------------------------------------------
 
     def apply(self, desired: DesiredState) -> None:
+        with self._lock:
+            self._apply(desired)
+
+    def _apply(self, desired: DesiredState) -> None:
         ipr = self._handle()
         started = time.monotonic()
         want_rules = set(desired_rules(desired, self.settings))
@@ -147,6 +156,10 @@ class IpRuleDatapath:
         log.info("ip-rule datapath applied", extra=kv(**self.last_apply))
 
     def observe(self) -> Observation:
+        with self._lock:
+            return self._observe()
+
+    def _observe(self) -> Observation:
         try:
             ipr = self._handle()
             rules = kernel.read_rules(ipr, band(self.settings))
@@ -178,6 +191,10 @@ class IpRuleDatapath:
                      "noop_route": noop.present(ipr), "last_apply": self.last_apply})
 
     def cleanup(self) -> None:
+        with self._lock:
+            self._cleanup()
+
+    def _cleanup(self) -> None:
         ipr = self._handle()
         try:
             result = remove_all(ipr, self.settings, self.netns)
