@@ -144,6 +144,8 @@ def test_cleanup_removes_only_nodecryptor_objects(veth_ns, bpffs, progs, tcx):
             sh("tc", "qdisc", "add", "dev", "eth0", "clsact")
             sh("tc", "filter", "add", "dev", "eth0", "egress", "prio", "1", "handle", "0x4e43",
                "bpf", "bytecode", CBPF_ACCEPT)  # our handle, but not our name
+            with pytest.raises(OSError, match="foreign filter .* holds handle 0x4e43"):
+                attach.tc_attach("eth0", ours)  # never replaces somebody else's filter
             attach.tcx_attach(bpffs, "eth0", ours)
             attach.tc_attach("peer0", ours)
             pins.pin_prog(bpffs, ours)

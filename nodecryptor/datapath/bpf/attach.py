@@ -245,6 +245,17 @@ def tc_attach(ifname: str, prog_fd: int, prog_id: int = 0) -> Attachment:
         except NetlinkError as e:
             if e.code != errno.EEXIST:
                 raise
+        # "replace" would overwrite any filter with this handle and priority: refuse when it
+        # is not nodecryptor's (another tool picked the same handle).
+        try:
+            taken = [f for f in _filters(ipr, ifindex)
+                     if f["handle"] == TC_HANDLE and f["prio"] == TC_PRIO and not _is_ours(f)]
+        except NetlinkError:
+            taken = []
+        if taken:
+            raise OSError(errno.EEXIST, f"a foreign filter ({taken[0]['kind']} "
+                                        f"{taken[0]['name'] or 'unnamed'}) holds handle "
+                                        f"0x{TC_HANDLE:x} prio {TC_PRIO} on {ifname}")
         ipr.tc("replace-filter", "bpf", ifindex, TC_HANDLE, fd=prog_fd, name=TC_NAME,
                parent=TC_EGRESS_PARENT, prio=TC_PRIO, direct_action=True)
         att = _tc_observe(ipr, ifname, ifindex, prog_id)
