@@ -23,8 +23,9 @@ CONFIG_MAP = "nc_config_map"
 
 
 def active(settings: Settings) -> bool:
-    """True when nodecryptor's BPF datapath is installed here (links, program or maps
-    pinned under its root, or its legacy tc filter on a device)."""
+    """True when nodecryptor's BPF datapath is installed here: a link or the program pinned
+    under its root, or its legacy tc filter on a device. (Maps alone, left by an agent that
+    died before attaching, enforce nothing; ``cleanup`` removes them all the same.)"""
     if pins.pinned_link_names(settings.bpffs) or os.path.exists(pins.prog_path(settings.bpffs)):
         return True
     from . import attach
