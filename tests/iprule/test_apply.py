@@ -45,9 +45,11 @@ def test_worker_rules_routes_and_idempotence(node_ns, foreign_state):
         datapath.apply(desired_for(case, wg))
         assert band_rules(ns) == W1_RULES
         routes = ip_routes(ns, "2026")
-        assert len(routes) == 8
-        assert "192.168.50.22 dev cilium_wg0 proto static src 192.168.50.21" in routes
-        assert "10.244.0.0/24 dev cilium_wg0 proto static src 192.168.50.21" in routes
+        # Each destination through WireGuard, with a fail-closed guard under it.
+        assert len(routes) == 16
+        assert "192.168.50.22 dev cilium_wg0 proto static src 192.168.50.21 metric 100" in routes
+        assert "unreachable 192.168.50.22 proto static metric 200" in routes
+        assert "10.244.0.0/24 dev cilium_wg0 proto static src 192.168.50.21 metric 100" in routes
         assert any(r.startswith("fd00:244:2::/64 dev cilium_wg0 proto static src fd00:50::21")
                    for r in routes)
         # Idempotent: a second apply changes nothing.
@@ -57,7 +59,7 @@ def test_worker_rules_routes_and_idempotence(node_ns, foreign_state):
         assert datapath.last_apply["routes_removed"] == 0
         obs = datapath.observe()
         assert obs.ready and obs.attached
-        assert obs.details["rules"] == 10 and obs.details["routes"] == 8
+        assert obs.details["rules"] == 10 and obs.details["routes"] == 16
         # Foreign rules and routes are still there, unchanged.
         assert [r for r in ip_rules(ns) if r not in band_rules(ns)] == [
             r for r in foreign_rules if r not in W1_RULES]
@@ -65,7 +67,7 @@ def test_worker_rules_routes_and_idempotence(node_ns, foreign_state):
     finally:
         datapath.close()
     result = inspect.cleanup(settings, netns=ns)
-    assert result["rules_removed"] == 10 and result["routes_removed"] == 8
+    assert result["rules_removed"] == 10 and result["routes_removed"] == 16
     assert band_rules(ns) == []
     assert ip_routes(ns, "2026") == []
     assert ip_rules(ns) == [r for r in foreign_rules if r not in W1_RULES]
@@ -89,7 +91,7 @@ def test_update_fail_modes_and_control_plane_replies(node_ns, foreign_state):
         assert not any("iif" in r for r in rules)
         # No other control-plane node: no dport exemptions at all.
         assert not any(r.startswith("10310:") for r in rules)
-        assert len(ip_routes(ns, "2026")) == 8
+        assert len(ip_routes(ns, "2026")) == 16
 
         # WireGuard down, fail closed: the same prefixes become unreachable.
         down = dataclasses.replace(desired, wg=dataclasses.replace(desired.wg, up=False))
@@ -103,22 +105,27 @@ def test_update_fail_modes_and_control_plane_replies(node_ns, foreign_state):
         # Fail open: nothing in the table, traffic falls through to main.
         datapath.apply(dataclasses.replace(down, fail_mode="open"))
         assert ip_routes(ns, "2026") == []
+        # Fail open with WireGuard up: WireGuard routes only, no guards.
+        datapath.apply(dataclasses.replace(desired, fail_mode="open"))
+        routes = ip_routes(ns, "2026")
+        assert len(routes) == 8 and not any(r.startswith("unreachable") for r in routes)
 
         # One destination uncovered, fail closed: only that one is unreachable.
         uncovered = next(d.prefix for d in desired.destinations if str(d.prefix) ==
                          "10.244.2.0/24")
         datapath.apply(dataclasses.replace(desired, uncovered=frozenset({uncovered})))
         routes = ip_routes(ns, "2026")
-        assert "unreachable 10.244.2.0/24 proto static" in routes
-        assert sum(r.startswith("unreachable") for r in routes) == 1
+        assert "unreachable 10.244.2.0/24 proto static metric 200" in routes
+        assert not any(r.startswith("10.244.2.0/24 dev") for r in routes)
+        assert len(routes) == 15  # 7 through WireGuard + 8 guards
 
         # A node leaves: its routes go, nothing else changes.
         plan = dataclasses.replace(desired.plan, destinations=tuple(
             d for d in desired.destinations if d.node != "w2"))
         datapath.apply(dataclasses.replace(desired, plan=plan))
         assert not any("192.168.50.22" in r or "10.244.2.0" in r for r in ip_routes(ns, "2026"))
-        assert len(ip_routes(ns, "2026")) == 4
-        assert datapath.last_apply["routes_removed"] == 4
+        assert len(ip_routes(ns, "2026")) == 8
+        assert datapath.last_apply["routes_removed"] == 7
         assert snapshot_routes(ns) == foreign_routes
     finally:
         datapath.close()
@@ -162,7 +169,31 @@ def test_status_reports_band_and_table(node_ns):
         datapath.close()
     status = inspect.status(settings, netns=ns)
     assert status["active"] is True
-    assert status["rule_count"] == 10 and status["route_count"] == 8
-    assert status["routes_by_kind"] == {"unicast": 8}
+    assert status["rule_count"] == 10 and status["route_count"] == 16
+    assert status["routes_by_kind"] == {"unicast": 8, "unreachable": 8}
     assert status["wireguard"]["ifindex"] == wg
+    inspect.cleanup(settings, netns=ns)
+
+
+def test_wireguard_going_down_fails_closed_before_the_next_apply(node_ns):
+    """The kernel flushes routes through a device that goes down; the guards under them must
+    catch cluster traffic at once, not only when the agent re-applies."""
+    ns, wg = node_ns("w1")
+    case = CASES_BY_ID["v4-node-to-remote-node"]
+    settings = settings_for(case)
+    datapath = IpRuleDatapath(settings, netns=ns).start()
+    try:
+        datapath.apply(desired_for(case, wg))
+    finally:
+        datapath.close()
+    assert inspect.explain(settings, case.query, netns=ns).verdict == "encrypt"
+    sh(ns, "ip", "link", "set", "cilium_wg0", "down")
+    for dst in ("192.168.50.22", "10.244.2.7", "fd00:50::22", "fd00:244:2::7"):
+        got = inspect.explain(settings, dataclasses.replace(case.query, dst=dst), netns=ns)
+        assert (got.verdict, got.reason) == ("drop", "wireguard-down-fail-closed"), dst
+    # Exempt and non-cluster traffic are unaffected.
+    exempt = CASES_BY_ID["v4-worker-to-cp-6443"].query
+    assert inspect.explain(settings, exempt, netns=ns).verdict == "exempt"
+    outside = CASES_BY_ID["v4-not-cluster"].query
+    assert inspect.explain(settings, outside, netns=ns).verdict == "pass"
     inspect.cleanup(settings, netns=ns)

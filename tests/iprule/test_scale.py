@@ -57,7 +57,8 @@ def test_5000_workers_constant_rules_fast_apply(node_ns):
         datapath.apply(want)
         apply_seconds, apply_cpu = time.monotonic() - started, time.process_time() - cpu
         routes = int(sh(ns, "sh", "-c", "ip route show table 2026 | wc -l"))
-        assert routes == 2 * WORKERS + 2  # each worker's address and pod CIDR, plus cp1's
+        # Each worker's address and pod CIDR plus cp1's, each with its fail-closed guard.
+        assert routes == 2 * (2 * WORKERS + 2)
 
         # The rule count: per family the WireGuard mark, the WireGuard port and the lookup
         # rule (3 × 2), plus cp1's address × two exempt ranges (IPv4 only here) = 8.
@@ -69,7 +70,7 @@ def test_5000_workers_constant_rules_fast_apply(node_ns):
         started, cpu = time.monotonic(), time.process_time()
         datapath.apply(want)
         update_seconds, update_cpu = time.monotonic() - started, time.process_time() - cpu
-        assert datapath.last_apply["routes_removed"] == 6
+        assert datapath.last_apply["routes_removed"] == 12
         assert datapath.last_apply["routes_set"] == 0
         assert datapath.observe().details["rules"] == 8
 

@@ -29,7 +29,7 @@ RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
 NLM_F_REPLACE, NLM_F_CREATE, NLM_F_DUMP = 0x100, 0x400, 0x300
-RTA_DST, RTA_OIF, RTA_PREFSRC, RTA_TABLE = 1, 4, 7, 15
+RTA_DST, RTA_OIF, RTA_PRIORITY, RTA_PREFSRC, RTA_TABLE = 1, 4, 6, 7, 15
 RTPROT_STATIC = 4
 RT_SCOPE_UNIVERSE, RT_SCOPE_NOWHERE = 0, 255
 RTN_UNICAST, RTN_UNREACHABLE = 1, 7
@@ -64,6 +64,7 @@ def _route_body(route: RouteSpec, table: int, delete: bool) -> bytes:
                        protocol, scope, rtm_type, 0)
     body += _attr(RTA_TABLE, struct.pack("=I", table))
     body += _attr(RTA_DST, net.network_address.packed)
+    body += _attr(RTA_PRIORITY, struct.pack("=I", route.metric))
     if not delete and route.kind == ROUTE_UNICAST:
         body += _attr(RTA_OIF, struct.pack("=I", route.oif))
         if route.prefsrc:
@@ -151,7 +152,7 @@ class RouteTable:
         return self._batch(requests, (), "set")
 
     def delete_routes(self, routes: list[RouteSpec]) -> int:
-        """Delete each route's prefix from the table; a missing one is success."""
+        """Delete each (prefix, metric) from the table; a missing one is success."""
         flags = NLM_F_REQUEST | NLM_F_ACK
         requests = [(_message(RTM_DELROUTE, flags, 0, _route_body(r, self.table, True)), r)
                     for r in routes]
@@ -201,8 +202,9 @@ class RouteTable:
         raw = attrs.get(RTA_DST, b"\0" * (4 if version == 4 else 16))
         dst = f"{ipaddress.ip_address(raw)}/{dst_len}"
         kind = KIND_OF_TYPE.get(rtm_type, str(rtm_type))
+        metric = struct.unpack("=I", attrs[RTA_PRIORITY])[0] if RTA_PRIORITY in attrs else 0
         if kind != ROUTE_UNICAST:
-            return RouteSpec(version, dst, kind)
+            return RouteSpec(version, dst, kind, metric=metric)
         oif = struct.unpack("=I", attrs[RTA_OIF])[0] if RTA_OIF in attrs else 0
         prefsrc = str(ipaddress.ip_address(attrs[RTA_PREFSRC])) if RTA_PREFSRC in attrs else None
-        return RouteSpec(version, dst, ROUTE_UNICAST, oif=oif, prefsrc=prefsrc)
+        return RouteSpec(version, dst, ROUTE_UNICAST, oif=oif, prefsrc=prefsrc, metric=metric)

@@ -78,12 +78,14 @@ def cleanup(settings: Settings, netns: str | None = None) -> dict:
 
 
 def _longest_match(routes: list[RouteSpec], dst) -> RouteSpec | None:
-    best = None
+    """The route the table would use for ``dst``: longest prefix, then lowest metric."""
+    best, best_rank = None, None
     for route in routes:
         net = ipaddress.ip_network(route.dst)
-        if dst.version == net.version and dst in net and (
-                best is None or net.prefixlen > ipaddress.ip_network(best.dst).prefixlen):
-            best = route
+        if dst.version == net.version and dst in net:
+            rank = (-net.prefixlen, route.metric)
+            if best_rank is None or rank < best_rank:
+                best, best_rank = route, rank
     return best
 
 
@@ -153,7 +155,8 @@ def explain(settings: Settings, q: PacketQuery, netns: str | None = None) -> Exp
         answer = _with_protocol_rules(answer, rules, base, family, dst, src, proto, q)
     details = {"kernel": answer, "lookup": "forwarded" if forwarded else "output",
                "table_route": (None if table_route is None else
-                               {"dst": table_route.dst, "kind": table_route.kind})}
+                               {"dst": table_route.dst, "kind": table_route.kind,
+                                "metric": table_route.metric})}
     device = names.get(answer.get("oif", 0)) if answer.get("ok") else None
 
     if not answer["ok"]:

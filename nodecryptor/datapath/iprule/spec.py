@@ -41,6 +41,12 @@ BAND_WIDTH = 100
 
 ROUTE_UNICAST = "unicast"
 ROUTE_UNREACHABLE = "unreachable"
+# Route metrics in the table. In fail-closed mode every prefix also gets an ``unreachable``
+# guard with a worse metric: when WireGuard goes down the kernel flushes the routes through it
+# at once, and the guard takes over before the agent has even noticed; without it the lookup
+# would fall through to main and the traffic would leave in the clear until the next apply.
+METRIC_WIREGUARD = 100
+METRIC_GUARD = 200
 
 UDP = 17
 FAMILIES = (4, 6)
@@ -91,11 +97,12 @@ class RouteSpec:
     kind: str = ROUTE_UNICAST  # ROUTE_UNICAST | ROUTE_UNREACHABLE
     oif: int = 0
     prefsrc: str | None = None
+    metric: int = METRIC_WIREGUARD
 
     @property
-    def key(self) -> tuple[int, str]:
-        """Identity in the table: one route per prefix."""
-        return (self.family, self.dst)
+    def key(self) -> tuple[int, str, int]:
+        """Identity in the table: one route per prefix and metric."""
+        return (self.family, self.dst, self.metric)
 
 
 def band(settings: Settings) -> range:
@@ -158,7 +165,8 @@ def desired_routes(desired: DesiredState) -> list[RouteSpec]:
     address of the family (without it the kernel may pick another local address and the peer's
     replies bypass WireGuard). Destinations no peer covers, and every destination while
     WireGuard is absent or down, become ``unreachable`` in fail-closed mode and are left out in
-    fail-open mode (the lookup then falls through to main)."""
+    fail-open mode (the lookup then falls through to main). Fail-closed mode keeps the
+    ``unreachable`` guard (METRIC_GUARD) under every WireGuard route as well."""
     if not desired.enabled:
         return []
     closed = desired.fail_mode != "open"
@@ -173,6 +181,7 @@ def desired_routes(desired: DesiredState) -> list[RouteSpec]:
             routes.append(RouteSpec(prefix.version, str(prefix), ROUTE_UNICAST,
                                     oif=desired.wg.ifindex,
                                     prefsrc=prefsrc.get(prefix.version)))
-        elif closed:
-            routes.append(RouteSpec(prefix.version, str(prefix), ROUTE_UNREACHABLE))
+        if closed:
+            routes.append(RouteSpec(prefix.version, str(prefix), ROUTE_UNREACHABLE,
+                                    metric=METRIC_GUARD))
     return sorted(routes)
