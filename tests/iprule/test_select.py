@@ -101,3 +101,13 @@ def test_choosing_bpf_removes_ip_rules(node_ns, bpffs, run_dir, bcc_available, m
     finally:
         datapath.close()
         datapath.cleanup()
+
+
+@pytest.mark.parametrize("field,value", [("iprule_table", 254), ("iprule_table", 0),
+                                         ("iprule_priority_base", 32700),
+                                         ("iprule_priority_base", 0)])
+def test_band_and_table_settings_are_checked(field, value):
+    settings = dataclasses.replace(settings_for(CASE), **{field: value})
+    with pytest.raises(SettingsError) as err:
+        IpRuleDatapath(settings).start()
+    assert err.value.flag == field and err.value.value == value

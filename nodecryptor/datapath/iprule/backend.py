@@ -15,7 +15,7 @@ import time
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ...errors import DatapathError, NotSupported
+from ...errors import DatapathError, NotSupported, SettingsError
 from ...log import kv
 from ...model import DesiredState
 from ...settings import Settings
@@ -65,8 +65,9 @@ class IpRuleDatapath:
     # -- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> "IpRuleDatapath":
-        """Check that policy routing with protocol/port selectors works here; raise
-        NotSupported otherwise. Returns self."""
+        """Check the band and table settings and that policy routing with protocol/port
+        selectors works here; raise NotSupported otherwise. Returns self."""
+        self._check_settings()
         try:
             ipr = kernel.open_route(self.netns)
         except (OSError, NetlinkError) as e:
@@ -82,6 +83,18 @@ class IpRuleDatapath:
                  f"{self.settings.iprule_priority_base + 99}",
             table=self.settings.iprule_table, netns=self.netns or "-"))
         return self
+
+    def _check_settings(self) -> None:
+        table, base = self.settings.iprule_table, self.settings.iprule_priority_base
+        # unspec, default, main and local belong to the kernel and everybody else.
+        if table in (0, 253, 254, 255) or not 0 < table < 2**32:
+            raise SettingsError("iprule_table", table, "must be an unused table id, not "
+                                "0 (unspec), 253 (default), 254 (main) or 255 (local)")
+        # The whole band must sit between the local table's rule (0) and main's (32766).
+        if not 0 < base or base + OFFSET_PROBE >= 32766:
+            raise SettingsError("iprule_priority_base", base,
+                                f"the band {base}..{base + OFFSET_PROBE} must lie within "
+                                "1..32765")
 
     def _probe(self, ipr) -> None:
         try:
