@@ -46,6 +46,8 @@ class IpRuleDatapath:
     """Policy-routing datapath. The constructor does no I/O; ``start`` probes and opens.
 
     ``netns`` runs every operation in that network namespace (tests; the agent uses its own).
+    ``metrics`` is accepted for symmetry with the BPF backend; policy routing has no packet
+    counters, and rule/route counts are reported through ``observe()``.
     """
 
     name = "iprule"
