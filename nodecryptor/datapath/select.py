@@ -3,9 +3,14 @@
 ``bpf`` starts the BPF backend or fails (no silent fallback: an operator who asked for BPF must
 learn that it does not work). ``iprule`` starts the policy-routing backend. ``auto`` tries BPF
 and falls back to ip rules when BPF is not supported here (``NotSupported``), fails to start
-(``DatapathError``) or cannot even be imported (``ImportError``, e.g. no bcc). Whichever mode
-is chosen, the other mode's leftovers are removed once the chosen one has started, so a node
-never keeps enforcing with both.
+(``DatapathError``) or cannot even be imported (``ImportError``, e.g. no bcc).
+
+Whichever mode is chosen, the other mode's leftovers are removed right after the chosen one's
+first successful ``apply`` (``HandOver``), so a node never keeps enforcing with both. Not
+earlier: starting only loads, and the first apply waits for the first list of CiliumNodes; a
+pinned BPF program or installed rules from the previous run keep encrypting until then. The
+two may overlap briefly, which is harmless: traffic the rules route into WireGuard never
+reaches the underlay device the BPF program watches.
 
 The reason for the choice is logged, exported as ``nodecryptor_datapath_info{datapath,
 reason}`` and written to ``$NODECRYPTOR_RUN_DIR/datapath.json`` (default /run/nodecryptor) so
@@ -86,7 +91,7 @@ def _remove_bpf_state(settings: Settings) -> None:
         return
     if bpf_inspect.active(settings):
         result = bpf_inspect.cleanup(settings)
-        log.info("removed the BPF datapath before using ip rules", extra=kv(**{
+        log.info("removed the BPF datapath now that ip rules enforce", extra=kv(**{
             k: v for k, v in result.items() if isinstance(v, (int, str, bool))}))
 
 
@@ -95,7 +100,42 @@ def _remove_iprule_state(settings: Settings, netns: str | None) -> None:
 
     if iprule_inspect.active(settings, netns):
         result = iprule_inspect.cleanup(settings, netns)
-        log.info("removed the ip-rule datapath before using BPF", extra=kv(**result))
+        log.info("removed the ip-rule datapath now that BPF enforces", extra=kv(**result))
+
+
+class HandOver:
+    """The chosen datapath, which removes the other mode's state after its first successful
+    ``apply``. Everything else (including backend-specific attributes) is the wrapped
+    backend's; ``backend`` gives it unwrapped."""
+
+    def __init__(self, backend: Datapath, remove_other):
+        self.backend = backend
+        self.name = backend.name
+        self._remove_other = remove_other
+        self.handed_over = False
+
+    def apply(self, desired) -> None:
+        self.backend.apply(desired)
+        if not self.handed_over:
+            try:
+                self._remove_other()
+            except Exception as e:  # a failed removal must not fail the apply; retried next time
+                log.warning("cannot remove the other datapath's state yet",
+                            extra=kv(datapath=self.name, error=str(e)))
+                return
+            self.handed_over = True
+
+    def observe(self):
+        return self.backend.observe()
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def cleanup(self) -> None:
+        self.backend.cleanup()
+
+    def __getattr__(self, attr):
+        return getattr(self.backend, attr)
 
 
 def choose_datapath(settings: Settings, metrics=None,
@@ -117,7 +157,7 @@ def choose_datapath(settings: Settings, metrics=None,
     else:
         try:
             datapath = _start_bpf(settings, metrics)
-            reason = "auto: BPF compiled, loaded and attached"
+            reason = "auto: BPF program compiled and loaded"
         except (NotSupported, DatapathError, ImportError) as e:
             why = f"{type(e).__name__}: {e}"
             log.warning("BPF datapath unavailable, falling back to ip rules",
@@ -129,9 +169,9 @@ def choose_datapath(settings: Settings, metrics=None,
                     from iprule_error
             reason = f"auto: fell back to ip rules because BPF is unavailable ({why})"
     if datapath.name == "iprule":
-        _remove_bpf_state(settings)
+        datapath = HandOver(datapath, lambda: _remove_bpf_state(settings))
     else:
-        _remove_iprule_state(settings, netns)
+        datapath = HandOver(datapath, lambda: _remove_iprule_state(settings, netns))
     log.info("datapath chosen", extra=kv(datapath=datapath.name, reason=reason))
     if metrics is not None:
         metrics.datapath.info({"datapath": datapath.name, "reason": reason})

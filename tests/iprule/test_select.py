@@ -40,7 +40,8 @@ def test_auto_falls_back_when_bpf_is_disabled(node_ns, bpffs, run_dir, monkeypat
     metrics = Metrics()
     datapath, reason = select.choose_datapath(settings, metrics, netns=ns)
     try:
-        assert isinstance(datapath, IpRuleDatapath)
+        assert isinstance(datapath, select.HandOver)
+        assert isinstance(datapath.backend, IpRuleDatapath)
         assert "fell back to ip rules" in reason and select.DISABLE_BPF_ENV in reason
         assert info(metrics) == {"iprule": reason}
         assert select.last_choice()["reason"] == reason
@@ -96,6 +97,13 @@ def test_choosing_bpf_removes_ip_rules(node_ns, bpffs, run_dir, bcc_available, m
     try:
         assert datapath.name == "bpf", reason
         assert reason.startswith("auto: BPF")
+        # The old rules keep enforcing until BPF has applied once ...
+        assert inspect.active(settings, netns=ns)
+        # No devices: the BPF backend runs in this process's namespace (the host's), and it
+        # must attach nowhere there; the map sync is the apply that counts.
+        datapath.apply(desired_for(CASE, wg, devices=()))
+        # ... and are gone right after.
+        assert datapath.handed_over
         assert not inspect.active(settings, netns=ns)
         assert inspect.status(settings, netns=ns)["rule_count"] == 0
     finally:
