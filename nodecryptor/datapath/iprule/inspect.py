@@ -39,10 +39,13 @@ REASON_BY_OFFSET = {
 
 
 def active(settings: Settings, netns: str | None = None) -> bool:
-    """True when nodecryptor's catch-all lookup rule is installed."""
+    """True when anything of the ip-rule datapath is installed: a rule in the band or a route
+    in the table (also a half-removed state, which cleanup must still find)."""
     with kernel.open_route(netns) as ipr:
-        lookup = settings.iprule_priority_base + OFFSET_LOOKUP
-        return any(r.priority == lookup for r in kernel.read_rules(ipr, band(settings)))
+        if kernel.read_rules(ipr, band(settings)):
+            return True
+    with RouteTable(settings.iprule_table, netns) as table:
+        return bool(table.read())
 
 
 def status(settings: Settings, netns: str | None = None) -> dict:
