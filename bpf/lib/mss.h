@@ -13,20 +13,29 @@
 #define NC_TCPOPT_NOP 1
 #define NC_TCPOPT_MSS 2
 
+/* Copies the options' 32-bit word ``w`` (when the header has it) into opts[]. */
+#define NC_OPT_WORD(w)                                                                  \
+	if (words > (w) &&                                                              \
+	    nc_skb_load_bytes(skb, p->l4_off + 20 + 4 * (w), &opts[4 * (w)], 4) < 0)     \
+		return 0;
+
 /* Returns 1 when the MSS option was lowered to ``limit``. Invalidates packet pointers. */
 static __always_inline int nc_clamp_mss(struct __sk_buff *skb, const struct nc_pkt *p,
 					__u16 limit)
 {
 	__u8 opts[NC_TCP_OPT_MAX] = {};
-	__u32 len = p->tcp_doff;
+	__u32 words = p->tcp_doff / 4;
 	int next = 0, found = -1;
 	__u16 old_mss = 0;
 
-	if (!limit || !(p->tcp_flags & NC_TCP_FLAG_SYN) || len <= 20 || len > 60)
+	if (!limit || !(p->tcp_flags & NC_TCP_FLAG_SYN) || words <= 5)
 		return 0;
-	len -= 20;
-	if (nc_skb_load_bytes(skb, p->l4_off + 20, opts, len) < 0)
-		return 0;
+	words -= 5; /* 32-bit words of options after the 20-byte header */
+	/* Word by word, each load of constant size at a constant stack offset, written out
+	 * rather than as a loop: a single load of variable length needs bounds tracking that the
+	 * 6.1 verifier loses across a spill, and clang does not unroll a loop with early exits. */
+	NC_OPT_WORD(0) NC_OPT_WORD(1) NC_OPT_WORD(2) NC_OPT_WORD(3) NC_OPT_WORD(4)
+	NC_OPT_WORD(5) NC_OPT_WORD(6) NC_OPT_WORD(7) NC_OPT_WORD(8) NC_OPT_WORD(9)
 	/* A state machine over constant offsets (the loop is unrolled): ``next`` is where the
 	 * next option starts; bytes past the options are zero, which reads as end-of-list. */
 #pragma unroll
