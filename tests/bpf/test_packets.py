@@ -4,6 +4,7 @@ every crafted packet, checking verdict, reason, return code, redirect target and
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -126,7 +127,6 @@ def test_oversize_counted_for_redirected_non_tcp(loaded, proto, oversize):
 
 def test_mss_clamp_not_applied_when_disabled_by_zero(loaded):
     case = dc.CASES_BY_ID["v4-syn-mss-clamped"]
-    import dataclasses
     desired = dataclasses.replace(dc.desired_for(case, wg_ifindex=WG_IFINDEX), mss_v4=0)
     maps.sync(loaded.map_fds, desired)
     result = testrun.run(loaded.prog_fd, frame_for(case))
