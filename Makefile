@@ -1,5 +1,5 @@
 # The two commands of the README. Both run the idempotent set-up first.
-.PHONY: setup demo test test-unit test-privileged lint clean
+.PHONY: setup demo test test-unit test-privileged lint clean vm-test
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,6 +12,11 @@ demo: setup
 
 test: setup
 	bash scripts/test.sh
+
+# nodecryptor against kernel WireGuard in a Debian 6.1 qemu guest (vm-tests/README.md).
+vm-test: setup
+	bash scripts/setup-vm.sh
+	$(PY) -m pytest -q tests/vm
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

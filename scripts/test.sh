@@ -3,4 +3,5 @@
 # feature fails them instead of skipping (see tests/conftest.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/setup-vm.sh
 .venv/bin/python -m pytest -q tests "$@"
