@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /* Header parsing into struct nc_pkt: Ethernet (one optional 802.1Q/802.1ad tag), IPv4 or
- * IPv6 with up to NC_IPV6_EXT_MAX extension headers, then the first bytes of L4. Everything is
- * read with bpf_skb_load_bytes, which also reaches headers outside the linear area and keeps
- * the verifier's job simple on old and new kernels alike. */
+ * IPv6 with up to NC_IPV6_EXT_MAX extension headers, then the first bytes of L4. Every read
+ * copies a fixed-size header into the stack (nc_load), so the decision code never holds packet
+ * pointers and the verifier's job stays simple on old and new kernels alike. */
 #ifndef NC_LIB_PARSE_H
 #define NC_LIB_PARSE_H
 
@@ -33,6 +33,27 @@
 
 #define NC_TCP_FLAG_SYN 0x02
 
+/* Headers are copied straight from the linear packet data when they lie there (a bounds check
+ * and a copy) and through bpf_skb_load_bytes otherwise (paged data, or beyond the first
+ * NC_DIRECT_MAX_OFF bytes). The helper call costs ~14 ns here, three of them a third of the
+ * program's cost; ``len`` is a constant at every call site, so the copy is inlined. */
+#define NC_DIRECT_MAX_OFF 256
+static __always_inline int nc_load(struct __sk_buff *skb, __u32 off, void *to, const __u32 len)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+
+	if (off < NC_DIRECT_MAX_OFF) {
+		void *from = data + off;
+
+		if (from + len <= end) {
+			__builtin_memcpy(to, from, len);
+			return 0;
+		}
+	}
+	return nc_skb_load_bytes(skb, off, to, len);
+}
+
 /* Parse outcome: what the decision needs, in host byte order except addresses. */
 struct nc_pkt {
 	__u32 l3_off;
@@ -61,11 +82,11 @@ static __always_inline int nc_parse_l3(struct __sk_buff *skb, struct nc_pkt *p)
 	__u16 proto;
 	__u32 off = NC_ETH_HLEN;
 
-	if (nc_skb_load_bytes(skb, 12, &proto, sizeof(proto)) < 0)
+	if (nc_load(skb, 12, &proto, sizeof(proto)) < 0)
 		return -1;
 	proto = bpf_ntohs(proto);
 	if (proto == NC_ETH_P_8021Q || proto == NC_ETH_P_8021AD) {
-		if (nc_skb_load_bytes(skb, 16, &proto, sizeof(proto)) < 0)
+		if (nc_load(skb, 16, &proto, sizeof(proto)) < 0)
 			return -1;
 		proto = bpf_ntohs(proto);
 		off += NC_VLAN_HLEN;
@@ -76,7 +97,7 @@ static __always_inline int nc_parse_l3(struct __sk_buff *skb, struct nc_pkt *p)
 		struct iphdr ip;
 		__u16 frag;
 
-		if (nc_skb_load_bytes(skb, off, &ip, sizeof(ip)) < 0 || ip.ihl < 5 ||
+		if (nc_load(skb, off, &ip, sizeof(ip)) < 0 || ip.ihl < 5 ||
 		    ip.version != 4)
 			return -1;
 		p->family = 4;
@@ -96,7 +117,7 @@ static __always_inline int nc_parse_l3(struct __sk_buff *skb, struct nc_pkt *p)
 	if (proto == NC_ETH_P_IPV6) {
 		struct ipv6hdr ip6;
 
-		if (nc_skb_load_bytes(skb, off, &ip6, sizeof(ip6)) < 0 || ip6.version != 6)
+		if (nc_load(skb, off, &ip6, sizeof(ip6)) < 0 || ip6.version != 6)
 			return -1;
 		p->family = 6;
 		p->proto = ip6.nexthdr;
@@ -122,7 +143,7 @@ static __always_inline void nc_parse_ipv6_ext(struct __sk_buff *skb, struct nc_p
 		if (nh != NC_IPPROTO_HOPOPTS && nh != NC_IPPROTO_ROUTING &&
 		    nh != NC_IPPROTO_DSTOPTS && nh != NC_IPPROTO_FRAGMENT && nh != NC_IPPROTO_AH)
 			break;
-		if (nc_skb_load_bytes(skb, off, hdr, sizeof(hdr)) < 0)
+		if (nc_load(skb, off, hdr, sizeof(hdr)) < 0)
 			return;
 		if (nh == NC_IPPROTO_FRAGMENT) {
 			__u16 frag = ((__u16)hdr[2] << 8) | hdr[3];
@@ -164,7 +185,7 @@ static __always_inline void nc_parse_l4(struct __sk_buff *skb, struct nc_pkt *p)
 		return;
 	switch (p->proto) {
 	case NC_IPPROTO_TCP:
-		if (nc_skb_load_bytes(skb, p->l4_off, hdr, 20) < 0)
+		if (nc_load(skb, p->l4_off, hdr, 20) < 0)
 			return;
 		p->tcp_flags = hdr[13];
 		p->tcp_doff = (hdr[12] >> 4) * 4;
@@ -172,16 +193,16 @@ static __always_inline void nc_parse_l4(struct __sk_buff *skb, struct nc_pkt *p)
 			return;
 		break;
 	case NC_IPPROTO_UDP:
-		if (nc_skb_load_bytes(skb, p->l4_off, hdr, 8) < 0)
+		if (nc_load(skb, p->l4_off, hdr, 8) < 0)
 			return;
 		break;
 	case NC_IPPROTO_SCTP:
-		if (nc_skb_load_bytes(skb, p->l4_off, hdr, 12) < 0)
+		if (nc_load(skb, p->l4_off, hdr, 12) < 0)
 			return;
 		break;
 	case NC_IPPROTO_ICMP:
 	case NC_IPPROTO_ICMPV6:
-		if (nc_skb_load_bytes(skb, p->l4_off, hdr, 4) < 0)
+		if (nc_load(skb, p->l4_off, hdr, 4) < 0)
 			return;
 		p->icmp_type = hdr[0];
 		p->l4_ok = 1;

@@ -100,6 +100,22 @@ def test_more_ipv6_extension_headers_than_walked_is_malformed(loaded):
     assert (result.reason_name, result.target) == (dc.R_MALFORMED, WG_IFINDEX)
 
 
+def test_headers_beyond_the_direct_read_window(loaded):
+    """A 328-byte hop-by-hop header puts TCP past the bytes the program reads directly: the
+    ports then come through bpf_skb_load_bytes, with the same verdicts."""
+    for case_id in ("v6-worker-to-cp-6443", "v6-worker-to-cp-2381"):
+        case = dc.CASES_BY_ID[case_id]
+        maps.sync(loaded.map_fds, dc.desired_for(case, wg_ifindex=WG_IFINDEX))
+        src = dc.source_address(case)
+        tcp = testrun.tcp_segment(src, case.query.dst, case.query.sport, case.query.dport)
+        options = b"\x01\xff" + bytes(255) + b"\x01\x43" + bytes(67)  # two PadN options
+        hop = bytes([testrun.IPPROTO_TCP, 40]) + options  # (40 + 1) * 8 = 328 bytes
+        frame = testrun.ethernet(testrun.ETH_P_IPV6, testrun.ipv6_packet(
+            src, case.query.dst, testrun.IPPROTO_HOPOPTS, hop + tcp))
+        result = testrun.run(loaded.prog_fd, frame)
+        assert result.reason_name == case.expected_reason, case_id
+
+
 def test_counter_bytes_are_frame_length(loaded):
     case = dc.CASES_BY_ID["v4-node-to-remote-node"]
     maps.sync(loaded.map_fds, dc.desired_for(case, wg_ifindex=WG_IFINDEX))
