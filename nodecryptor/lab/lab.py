@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from ..log import kv
 from . import probe
+from .flows import PortAllocator
 from . import topology as topo
 from .kubeapi import KubeApi
 from .spec import (API_PORT, EXEMPT_TCP_PORTS, SERVICE_TCP_PORT, SERVICE_UDP_PORT, LabSpec,
@@ -82,6 +83,9 @@ class Lab:
         self.api_proc: subprocess.Popen | None = None
         self.api_url = ""
         self.build_seconds = 0.0
+        self.children: list[subprocess.Popen] = []
+        self.ports = PortAllocator(first=33000, last=34000)
+        """Source ports of the lab's own checks, apart from the scenarios' range."""
 
     # ---------------------------------------------------------------- bring-up / tear-down
 
@@ -127,6 +131,7 @@ class Lab:
                 self.start_agent(name)
             for name in self.nodes:
                 self.wait_agent_ready(name)
+            self.warm_up()
         state.info = {"datapath": self.datapath, "api": self.api_url, "underlay": self.underlay,
                       "nodes": {n: {"netns": h.netns, "pod_netns": h.pod_netns,
                                     "holder_pid": h.holder_pid, "bpffs": h.bpffs}
@@ -137,6 +142,14 @@ class Lab:
         if self.state is not None:
             reap(self.state)
             self.state = None
+        # Collect the exit status of every child, so none lingers as a zombie in this process.
+        for proc in self.children + [h.holder for h in self.nodes.values()]:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.children.clear()
 
     def keep(self) -> None:
         """Leave the lab up after this process exits (``nodecryptor demo --down`` removes it)."""
@@ -170,6 +183,7 @@ class Lab:
                                     stderr=subprocess.STDOUT, start_new_session=True,
                                     cwd=self.workdir, env=child_env())
         self.state.add_process(proc.pid, what)
+        self.children.append(proc)
         return proc
 
     def log_tail(self, log_name: str, lines: int = 15) -> str:
@@ -276,6 +290,20 @@ class Lab:
         for name in names:
             wait_for(lambda n=name: len(self.wg_peers(n)) == len(names) - 1, timeout,
                      f"WireGuard peers on {name}", interval=0.1)
+
+    def warm_up(self, timeout: float = 20.0) -> None:
+        """Make first contact between every pair of nodes, one pair at a time, so each pair has
+        its WireGuard session before scenarios send flows in parallel (simultaneous first
+        handshakes from both ends can stall wireguard-go until its 5 s handshake retry)."""
+        names = list(self.nodes)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                req = {"id": 0, "proto": "tcp", "src": str(self.spec.node(a).ipv4),
+                       "dst": str(self.spec.node(b).ipv4), "dport": SERVICE_TCP_PORT,
+                       "timeout": 0.5}
+                wait_for(lambda r=req, n=a: self.run_flows(self.nodes[n].netns, [
+                    dict(r, sport=self.ports.take())])[0]["ok"], timeout,
+                    f"first encrypted contact {a} -> {b}")
 
     def agent_argv(self, name: str) -> list[str]:
         handle = self.nodes[name]
@@ -396,6 +424,7 @@ class Lab:
             topo.unroute_pods(other, handle.spec)
         for ns in (handle.pod_netns, handle.netns):
             delete_netns(ns)  # also ends the node's holder and echo servers
+        handle.holder.wait(timeout=10)
         subprocess.run(["umount", "-l", handle.bpffs], capture_output=True)
         self.state.netns = [n for n in self.state.netns
                             if n not in (handle.pod_netns, handle.netns)]

@@ -31,9 +31,13 @@ class NodeHandle:
     spec: NodeSpec
     netns: str
     pod_netns: str
-    holder_pid: int
+    holder: subprocess.Popen
     bpffs: str
     workdir: str
+
+    @property
+    def holder_pid(self) -> int:
+        return self.holder.pid
 
     def enter(self) -> list[str]:
         """argv prefix that runs a command inside this node (network + private mounts)."""
@@ -113,7 +117,7 @@ def mount_bpffs(state: LabState, path: str) -> None:
     sh("mount", "-t", "bpf", "bpf", path)
 
 
-def start_holder(state: LabState, node_ns: str) -> int:
+def start_holder(state: LabState, node_ns: str) -> subprocess.Popen:
     """Start the node's holder (see module docstring); returns its PID once mounts are done."""
     script = ("set -e; mkdir -p /var/run/wireguard; mount -t tmpfs lab-wg /var/run/wireguard; "
               "echo ready; exec sleep infinity")
@@ -129,7 +133,7 @@ def start_holder(state: LabState, node_ns: str) -> int:
         raise LabError(f"holder of {node_ns} did not start: {line or err.strip()}")
     proc.stdout.close()
     proc.stderr.close()
-    return proc.pid
+    return proc
 
 
 def build_node(state: LabState, underlay: str, node: NodeSpec, workdir: str) -> NodeHandle:
@@ -141,7 +145,7 @@ def build_node(state: LabState, underlay: str, node: NodeSpec, workdir: str) -> 
     bpffs = os.path.join(node_dir, "bpffs")
     mount_bpffs(state, bpffs)
     holder = start_holder(state, ns)
-    return NodeHandle(spec=node, netns=ns, pod_netns=pod, holder_pid=holder, bpffs=bpffs,
+    return NodeHandle(spec=node, netns=ns, pod_netns=pod, holder=holder, bpffs=bpffs,
                       workdir=node_dir)
 
 

@@ -1,0 +1,103 @@
+"""End-to-end: the lab with nodecryptor on every node, every scenario, both datapaths.
+
+One lab per datapath (module-scoped fixture); scenarios run in the order the demo runs them.
+A failing scenario prints its whole table. Waits are polls with deadlines, never fixed sleeps
+that a slow machine could outrun.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import have_bcc, require
+
+from nodecryptor.lab import report, state
+from nodecryptor.lab.flows import PortAllocator
+from nodecryptor.lab.lab import Lab
+from nodecryptor.lab.scenarios import run_scenario
+from nodecryptor.lab.spec import make_spec
+
+pytestmark = [pytest.mark.e2e, pytest.mark.privileged, pytest.mark.slow]
+
+
+def require_lab_tools(datapath: str) -> None:
+    require(os.geteuid() == 0, "needs root (network namespaces, bpffs, tcpdump)")
+    require(shutil.which("tcpdump") is not None, "tcpdump not installed")
+    require(shutil.which("wg") is not None, "wireguard-tools (wg) not installed")
+    require(shutil.which("wireguard-go") is not None, "wireguard-go not installed")
+    if datapath == "bpf":
+        ok, why = have_bcc()
+        require(ok, why)
+
+
+@pytest.fixture(scope="module", params=["bpf", "iprule"])
+def lab(request):
+    require_lab_tools(request.param)
+    the_lab = Lab(make_spec(3), datapath=request.param)
+    the_lab.up()
+    try:
+        yield the_lab
+    finally:
+        the_lab.down()
+
+
+@pytest.fixture(scope="module")
+def ports():
+    return PortAllocator()
+
+
+@pytest.mark.parametrize("scenario", ["matrix", "bootstrap", "restart", "wg-down", "churn"])
+def test_scenario(lab, ports, scenario):
+    result = run_scenario(lab, scenario, ports)
+    assert result.ok, "\n" + report.table(result)
+
+
+def lab_leftovers(state_path: str, netns: list[str]) -> list[str]:
+    left = [n for n in netns if os.path.exists(f"/run/netns/{n}")]
+    if os.path.exists(state_path):
+        left.append(state_path)
+    return left
+
+
+def test_down_removes_everything(tmp_path):
+    require_lab_tools("iprule")
+    lab = Lab(make_spec(2), datapath="iprule", state_dir=str(tmp_path), start_agents=False)
+    lab.up()
+    netns = list(lab.state.netns)
+    pids = [p for p, _, _ in lab.state.processes]
+    workdir, path = lab.workdir, lab.state.path
+    bpffs = [h.bpffs for h in lab.nodes.values()]
+    lab.down()
+    assert lab_leftovers(path, netns) == []
+    assert not os.path.exists(workdir)
+    assert not any(os.path.ismount(b) for b in bpffs)
+    assert [p for p in pids if state.process_start_time(p) is not None] == []
+
+
+def test_next_run_removes_a_crashed_lab(tmp_path):
+    """A demo killed with SIGKILL (no clean-up at all) leaves its state file; the next lab
+    built in the same state directory removes what it lists."""
+    require_lab_tools("iprule")
+    code = ("import os, sys\n"
+            "from nodecryptor.lab.lab import Lab\n"
+            "from nodecryptor.lab.spec import make_spec\n"
+            f"lab = Lab(make_spec(2), datapath='iprule', state_dir={str(tmp_path)!r}, "
+            "start_agents=False).up()\n"
+            "print(lab.state.path, ' '.join(lab.state.netns), flush=True)\n"
+            "os.kill(os.getpid(), 9)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    path, *netns = proc.stdout.split()
+    try:
+        assert all(os.path.exists(f"/run/netns/{n}") for n in netns)
+        removed = state.reap_stale(str(tmp_path))
+        assert removed == [path]
+        assert lab_leftovers(path, netns) == []
+    finally:
+        for leftover in state.list_states(str(tmp_path)):
+            state.reap(leftover)
