@@ -3,6 +3,7 @@ what crossed the underlay in the clear, and remove the lab again (see nodecrypto
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -59,21 +60,28 @@ def _raise_interrupt(signum, _frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _nodecryptor_command() -> str:
+    """How to call this nodecryptor from a shell inside a node (the venv is not on PATH)."""
+    script = os.path.join(os.path.dirname(sys.executable), "nodecryptor")
+    return script if os.path.exists(script) else f"{sys.executable} -m nodecryptor.cli"
+
+
 def _explore_help(lab) -> str:
+    nc = _nodecryptor_command()
     lines = ["lab kept up. Enter a node (network and its private mounts):"]
     for name, h in lab.nodes.items():
         lines.append(f"  {name:<4} nsenter -t {h.holder_pid} -m -n bash     "
                      f"(network only: ip netns exec {h.netns} bash)")
     first = next(iter(lab.nodes.values()))
     peer = list(lab.nodes.values())[-1].spec
-    lines += ["then, inside a node (bpffs of each node: <workdir>/<node>/bpffs):",
-              f"  nodecryptor status --bpffs {first.bpffs}",
-              f"  nodecryptor bpf dump --bpffs {first.bpffs}",
-              f"  nodecryptor explain --bpffs {first.bpffs} --dst {peer.ipv4} --proto tcp "
-              f"--dport 8080",
-              f"  wg show cilium_wg0",
+    lines += [f"then, inside a node ({lab.datapath} datapath; each node has its own bpffs, "
+              f"shown here for {first.spec.name}):",
+              f"  {nc} status --bpffs {first.bpffs}",
+              f"  {nc} bpf dump --bpffs {first.bpffs}",
+              f"  {nc} explain --bpffs {first.bpffs} --dst {peer.ipv4} --proto tcp --dport 8080",
+              "  wg show cilium_wg0",
               f"watch the underlay: ip netns exec {lab.underlay} tcpdump -ni any",
-              "remove it: nodecryptor demo --down"]
+              f"remove it: {nc} demo --down"]
     return "\n".join(lines)
 
 

@@ -71,6 +71,8 @@ class Lab:
         self.progress = progress or (lambda msg: None)
         self.state_dir = state_dir
         self.republish_delay = republish_delay
+        """After a simulated reboot a stand-in publishes its new key when the scenario says so
+        (SIGHUP), or after this many seconds as a safety net."""
         self.start_agents = start_agents
         """False: build everything but nodecryptor (shows what leaks without it)."""
         self.state: LabState | None = None

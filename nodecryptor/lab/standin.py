@@ -8,8 +8,8 @@ pod CIDRs, endpoint = its IPv4 address and port 51871.
 
 Signals drive the scenarios: SIGUSR1 = reboot (the device is re-created with a fresh key, which
 is published only after ``--republish-delay`` seconds or on SIGHUP, whichever comes first, like
-a cilium-agent that takes time to start); SIGUSR2 = remove the device, and on the next SIGUSR2 bring it back with the same key;
-SIGTERM = remove the device and exit.
+a cilium-agent that takes time to start); SIGUSR2 = remove the device, and on the next SIGUSR2
+bring it back with the same key; SIGTERM = remove the device and exit.
 
 Run as ``python -m nodecryptor.lab.standin --node NAME --server URL --token TOKEN``, inside the
 node's namespaces.

@@ -5,7 +5,8 @@ before relying on it, so a failure half-way leaves nothing behind that ``state.r
 know about. Each node also gets a *holder* process: a ``sleep`` inside the node's network
 namespace and a private mount namespace with its own tmpfs on /var/run/wireguard (wireguard-go
 keeps its UAPI socket there, and two nodes' ``cilium_wg0.sock`` would otherwise collide). Each
-node also has a bpffs instance of its own. Every long-lived process of the node is started inside the holder's namespaces.
+node also has a bpffs instance of its own. Every long-lived process of the node is started
+inside the holder's namespaces.
 """
 
 from __future__ import annotations
