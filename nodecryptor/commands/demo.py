@@ -56,7 +56,7 @@ def _progress(msg: str) -> None:
 
 
 def _raise_interrupt(signum, _frame):
-    # SIGTERM and SIGHUP end the demo like Ctrl-C does, so every finally block removes the lab.
+    # Every such signal ends the demo like Ctrl-C does, so every finally block removes the lab.
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -108,7 +108,9 @@ def handle(args) -> int:
         datapaths = datapaths[:1]
     names = NAMES if args.scenario == "all" else (() if args.scenario == "none"
                                                   else (args.scenario,))
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    # SIGINT too: a shell starts background jobs with SIGINT ignored, and Python then installs
+    # no KeyboardInterrupt handler of its own.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupt)
     started = time.monotonic()
     results, timings = [], {}
