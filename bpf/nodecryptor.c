@@ -59,7 +59,7 @@ int nc_egress(struct __sk_buff *skb)
 		reason = NC_R_WG_PORT;
 	else
 		reason = nc_exempt_reason(&p, dst, cfg);
-	if (p.frag == NC_FRAG_FIRST)
+	if (p.frag == NC_FRAG_FIRST && !nc_dry_run(skb))
 		nc_frag_remember(&p, reason);
 	if (reason != NC_R_ENCRYPT)
 		return nc_pass(skb, reason);

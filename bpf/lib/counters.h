@@ -6,20 +6,28 @@
 
 #include "maps.h"
 
-static __always_inline void nc_count(__u32 index, __u64 bytes)
+static __always_inline int nc_dry_run(struct __sk_buff *skb)
 {
-	struct nc_counter *c = nc_counters.lookup(&index);
+	return skb->cb[NC_CB_DRY_RUN] == NC_DRY_RUN_MAGIC;
+}
 
+static __always_inline void nc_count(struct __sk_buff *skb, __u32 index)
+{
+	struct nc_counter *c;
+
+	if (nc_dry_run(skb))
+		return;
+	c = nc_counters.lookup(&index);
 	if (c) {
 		/* Per-CPU values: no other CPU writes this slot, plain adds are enough. */
 		c->packets += 1;
-		c->bytes += bytes;
+		c->bytes += skb->len;
 	}
 }
 
 static __always_inline void nc_record(struct __sk_buff *skb, __u32 reason, __u32 target)
 {
-	nc_count(reason, skb->len);
+	nc_count(skb, reason);
 	skb->cb[NC_CB_REASON] = NC_CB_MAGIC | reason;
 	skb->cb[NC_CB_TARGET] = target;
 }

@@ -41,11 +41,11 @@ static __always_inline int nc_encrypt(struct __sk_buff *skb, const struct nc_pkt
 
 	if (p->l4_ok && p->frag != NC_FRAG_LATER && p->proto == NC_IPPROTO_TCP) {
 		if (nc_clamp_mss(skb, p, p->family == 4 ? cfg->mss_v4 : cfg->mss_v6))
-			nc_count(NC_EV_MSS_CLAMPED, skb->len);
+			nc_count(skb, NC_EV_MSS_CLAMPED);
 	} else {
 		max_packet = p->family == 4 ? cfg->max_packet_v4 : cfg->max_packet_v6;
 		if (max_packet && skb->len > p->l3_off + max_packet)
-			nc_count(NC_EV_OVERSIZE, skb->len);
+			nc_count(skb, NC_EV_OVERSIZE);
 	}
 	/* WireGuard is an L3 device: the kernel strips the Ethernet header on redirect, but an
 	 * inline VLAN tag would stay in front of the IP header. */

@@ -11,7 +11,7 @@ import pytest
 
 import datapath_cases as dc
 from conftest import have_bcc, require
-from nodecryptor.datapath.base import VERDICT_DROP, VERDICT_ENCRYPT
+from nodecryptor.datapath.base import VERDICT_DROP, VERDICT_ENCRYPT, VERDICT_EXEMPT
 from nodecryptor.datapath.bpf import abi, maps, program, testrun
 from nodecryptor.settings import Settings
 
@@ -163,3 +163,24 @@ def test_explain_frame_matches_case_verdict(loaded):
         assert result.reason_name == case.expected_reason, case.id
         checked += 1
     assert checked >= 30
+
+
+def test_dry_run_decides_but_changes_no_state(loaded):
+    """`nodecryptor explain` runs the live program dry: same verdict, no counter change, and a
+    first fragment is not remembered (a later fragment still finds its first unseen)."""
+    case = dc.CASES_BY_ID["v4-later-fragment-of-exempt"]
+    maps.sync(loaded.map_fds, dc.desired_for(case, wg_ifindex=WG_IFINDEX))
+    first = frame_for(case, frag=dict(case.extra["frag"], offset=0, more=True))
+    before = maps.read_counters(loaded.map_fds)
+    dry = testrun.run(loaded.prog_fd, first, dry_run=True)
+    assert maps.read_counters(loaded.map_fds) == before
+    assert dry.verdict == testrun.run(loaded.prog_fd, first).verdict == VERDICT_EXEMPT
+    assert maps.read_counters(loaded.map_fds) != before  # the real run counted
+
+    later = frame_for(case)
+    other_id = dict(case.extra["frag"], id=0x7A7A)  # used by no other case
+    testrun.run(loaded.prog_fd, frame_for(case, frag=dict(other_id, offset=0, more=True)),
+                dry_run=True)
+    unseen = testrun.run(loaded.prog_fd, frame_for(case, frag=other_id))
+    assert unseen.reason_name == "fragment-first-unseen"
+    assert testrun.run(loaded.prog_fd, later).reason_name == case.expected_reason

@@ -474,7 +474,8 @@ def test_inspection_commands_on_live_setup_without_agent(lab, bpffs, datapaths):
         assert st["mss"] == {"v4": 1380, "v6": 1360}
         assert st["wireguard"]["ifname"] == "cilium_wg0" and st["wireguard"]["up"]
         assert st["wireguard"]["listen_port"] == WG_PORT
-        assert st["counters"]["cluster-destination"]["packets"] >= 1  # explain's test runs
+        # explain ran the live program several times above, dry: no real traffic was counted
+        assert st["counters"]["cluster-destination"]["packets"] == 0
 
         text = cli("status")
         assert text.returncode == 0, text.stderr

@@ -33,7 +33,6 @@ NODE = "w1"
 NODE_ADDRESS = "192.168.50.11/24"
 EXAMPLE = REPO / "nodecryptor" / "examples" / "cluster.json"
 READY_WITHIN = 60.0
-EXPLAIN_NOTE = "`explain` on the BPF datapath opens the attached program by its id"
 
 
 def _python() -> str:
@@ -167,18 +166,12 @@ def test_agent_ready_with_daemonset_security_context(node):
     dumped = json.loads(dump.stdout)
     prefixes = {d["prefix"] for d in dumped.get("maps", dumped)["destinations"]}
     assert {"192.168.50.12/32", "10.244.2.0/24"} <= prefixes, prefixes
-    # The guide says whether `explain` works in the agent container (it needs CAP_SYS_ADMIN
-    # while it opens the program by id); this keeps that note true in both directions.
+    # explain opens the pinned program, so the DaemonSet's capabilities suffice (opening by
+    # id would need CAP_SYS_ADMIN).
     explain = _cli(node, caps, "explain", "--json", "--dst", "192.168.50.12", "--dport", "80",
                    f"--bpffs={node['bpffs']}")
-    note_present = EXPLAIN_NOTE in GUIDE.read_text()
-    if explain.returncode == 0:
-        assert json.loads(explain.stdout)["verdict"] == "drop"  # fail-closed, no WireGuard
-        assert not note_present, (f"explain now works with the DaemonSet's capabilities: "
-                                  f"remove the note '{EXPLAIN_NOTE}…' from {GUIDE}")
-    else:
-        assert "Operation not permitted" in explain.stderr, explain.stderr[-2000:]
-        assert note_present, f"explain fails in the agent container: {GUIDE} must say so"
+    assert explain.returncode == 0, explain.stderr[-2000:]
+    assert json.loads(explain.stdout)["verdict"] == "drop"  # fail-closed, no WireGuard
 
     # SIGTERM, as the kubelet sends it: the agent ends within the grace period...
     grace = agent_daemonset()["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]

@@ -199,9 +199,23 @@ def _prog_for_device(settings: Settings, device: str) -> tuple[int, str, int]:
     return 0, "", 0
 
 
+def _open_prog(settings: Settings, prog_id: int) -> int:
+    """An fd of the attached program. The pinned program is opened when it is the attached
+    one: opening a pin needs no more than the agent's capabilities, while opening by id
+    (BPF_PROG_GET_FD_BY_ID) needs CAP_SYS_ADMIN."""
+    try:
+        fd = syscall.obj_get(pins.prog_path(settings.bpffs))
+    except OSError:
+        return syscall.prog_fd_by_id(prog_id)
+    if syscall.prog_info(fd).id == prog_id:
+        return fd
+    os.close(fd)
+    return syscall.prog_fd_by_id(prog_id)
+
+
 def explain(settings: Settings, q: PacketQuery) -> Explanation:
     """Run the live attached program on a packet built from ``q`` (BPF_PROG_TEST_RUN) and say
-    what it would do. Note: the run updates the program's counters like a real packet."""
+    what it would do. The run is marked dry: no counter or fragment state changes."""
     from . import attach, testrun
 
     src, device = q.src, q.device
@@ -220,14 +234,16 @@ def explain(settings: Settings, q: PacketQuery) -> Explanation:
         return Explanation(VERDICT_PASS, f"not-attached: nodecryptor has no program on {device}",
                            "bpf", device, base)
     try:
-        prog_fd = syscall.prog_fd_by_id(prog_id)
+        prog_fd = _open_prog(settings, prog_id)
     except OSError as e:
         if e.errno == errno.ENOENT:
             return Explanation(VERDICT_PASS, f"program {prog_id} vanished", "bpf", device, base)
         raise
     try:
         packet = testrun.packet_for_query(q, src)
-        result = testrun.run(prog_fd, packet, mark=q.mark, ifindex=ifindex)
+        # dry_run: the live program decides as usual but counts nothing, so asking does not
+        # show up in the metrics of real traffic.
+        result = testrun.run(prog_fd, packet, mark=q.mark, ifindex=ifindex, dry_run=True)
     finally:
         os.close(prog_fd)
     reason = result.reason

@@ -274,20 +274,25 @@ class Result:
         return abi.REASON_NAMES[self.reason]
 
 
-def skb_context(mark: int = 0, ifindex: int = 0) -> bytes:
+def skb_context(mark: int = 0, ifindex: int = 0, dry_run: bool = False) -> bytes:
     ctx = bytearray(SKB_CTX_SIZE)
     struct.pack_into("<I", ctx, SKB_OFF_MARK, mark & 0xFFFFFFFF)
     struct.pack_into("<I", ctx, SKB_OFF_IFINDEX, ifindex)
+    if dry_run:
+        struct.pack_into("<I", ctx, SKB_OFF_CB + 4 * abi.CB_DRY_RUN, abi.DRY_RUN_MAGIC)
     return bytes(ctx)
 
 
-def run(prog_fd: int, packet: bytes, mark: int = 0, ifindex: int = 0) -> Result:
+def run(prog_fd: int, packet: bytes, mark: int = 0, ifindex: int = 0,
+        dry_run: bool = False) -> Result:
     """Run ``packet`` through the program once. ``ifindex`` must name an existing device of
-    the caller's network namespace (0: loopback). Counters are updated like for a real
-    packet. Raises DatapathError when the program recorded no verdict."""
+    the caller's network namespace (0: loopback). Counters and the fragment LRU are updated
+    like for a real packet unless ``dry_run`` (used on the live program by ``explain``).
+    Raises DatapathError when the program recorded no verdict."""
     try:
         retval, data_out, ctx_out, _ = syscall.prog_test_run(
-            prog_fd, packet, ctx_in=skb_context(mark, ifindex), ctx_out_size=SKB_CTX_SIZE)
+            prog_fd, packet, ctx_in=skb_context(mark, ifindex, dry_run),
+            ctx_out_size=SKB_CTX_SIZE)
     except OSError as e:
         raise DatapathError(f"BPF_PROG_TEST_RUN failed: {e.strerror}") from e
     cb0, cb1 = struct.unpack_from("<II", ctx_out, SKB_OFF_CB + 4 * abi.CB_REASON)
