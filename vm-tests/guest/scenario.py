@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import select
+import shutil
 import subprocess
 import sys
 import time
@@ -197,6 +198,10 @@ def run_datapath(kind: str, driver: DriverClient, lab, procs, workdir: str,
             res["apply"] = driver.request(op="apply", clamp=True)
         res["observe"] = driver.request(op="observe")
         res["tc_egress"] = tc_egress(lab.a)
+        res["a_rules"] = subprocess.run(["ip", "-n", lab.a, "rule", "show"], capture_output=True,
+                                        text=True).stdout
+        res["a_routes"] = subprocess.run(["ip", "-n", lab.a, "route", "show", "table", "all"],
+                                         capture_output=True, text=True).stdout
         with timed(timings, f"{kind}_flows"):
             res["flows"] = check_flows(lab, procs, workdir, kind)
         with timed(timings, f"{kind}_exempt"):
@@ -258,6 +263,10 @@ def scenario(out: dict, datapaths: list[str], workdir: str, logdir: str) -> None
         if lab is not None:
             lab_mod.destroy(lab)
         subprocess.run(["umount", BPFFS], check=False)
+        # The captures go to the shared result directory for a look with tcpdump -r / wireshark.
+        for name in os.listdir(workdir):
+            if name.endswith(".pcap"):
+                shutil.copy(os.path.join(workdir, name), logdir)
 
 
 def check_wireguard(lab) -> dict:

@@ -55,7 +55,11 @@ class Capture:
     def __init__(self, procs: Processes, ns: str, dev: str, path: str,
                  direction: str | None = None, snaplen: int = 128):
         self.procs, self.path = procs, path
-        cmd = ["tcpdump", "-i", dev, "-nn", "-U", "-s", str(snaplen), "-w", path]
+        # --immediate-mode: without it libpcap hands packets over in blocks retired every
+        # second, and a capture stopped sooner loses the last block (short phases came back
+        # empty). -U writes each packet to the file as it arrives.
+        cmd = ["tcpdump", "-i", dev, "-nn", "--immediate-mode", "-U", "-s", str(snaplen),
+               "-w", path]
         if direction:
             cmd += ["-Q", direction]
         self.proc = procs.start(ns, *cmd)
