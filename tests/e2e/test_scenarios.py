@@ -7,6 +7,7 @@ that a slow machine could outrun.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -101,3 +102,32 @@ def test_next_run_removes_a_crashed_lab(tmp_path):
     finally:
         for leftover in state.list_states(str(tmp_path)):
             state.reap(leftover)
+
+
+def test_matrix_sees_the_leaks_without_nodecryptor():
+    """The observation can fail: without nodecryptor every cluster flow crosses in the clear,
+    and the matrix must say so row by row (exempt and external rows stay as expected)."""
+    require_lab_tools("iprule")
+    with Lab(make_spec(3), datapath="iprule", start_agents=False) as bare:
+        result = run_scenario(bare, "matrix", PortAllocator())
+    encrypted_rows = [r for r in result.rows if r.expected == "encrypted"]
+    assert encrypted_rows and all(r.observed == "clear" for r in encrypted_rows), \
+        report.table(result)
+    assert all(r.ok for r in result.rows if r.expected == "clear"), report.table(result)
+    assert not result.ok
+
+
+def test_demo_command_json(tmp_path):
+    """`nodecryptor demo` end to end as a user runs it: JSON results, exit 0, nothing left."""
+    require_lab_tools("iprule")
+    before = set(os.listdir(state.STATE_DIR)) if os.path.isdir(state.STATE_DIR) else set()
+    proc = subprocess.run([sys.executable, "-m", "nodecryptor.cli", "demo", "--scenario",
+                           "matrix", "--datapath", "iprule", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["ok"] and out["results"][0]["scenario"] == "matrix"
+    assert {"lab build (iprule)", "demo total"} <= out["timings_seconds"].keys()
+    assert "[demo] building the lab" in proc.stderr  # progress goes to stderr
+    after = set(os.listdir(state.STATE_DIR)) if os.path.isdir(state.STATE_DIR) else set()
+    assert after <= before
