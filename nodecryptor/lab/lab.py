@@ -107,7 +107,7 @@ class Lab:
 
     def _build(self) -> None:
         state = self.state
-        self.workdir = os.path.join(self.state_dir, f"{os.getpid()}-work")
+        self.workdir = os.path.join(self.state_dir, f"{state.name}-work")
         os.makedirs(self.workdir, exist_ok=True)
         state.add_directory(self.workdir)
         self.progress(f"underlay bridge and {len(self.spec.nodes)} nodes "

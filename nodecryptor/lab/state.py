@@ -1,7 +1,8 @@
 """Bookkeeping of everything a lab created, so a crashed or kept lab can be removed later.
 
-Each lab writes ``<STATE_DIR>/<pid>.json`` listing its namespaces, processes (with their start
-time, so a recycled PID is never killed) and directories. The file is rewritten after every
+Each lab writes ``<STATE_DIR>/<pid>-<n>.json`` listing its namespaces, processes (with their
+start time, so a recycled PID is never killed) and directories. The file is rewritten after every
+
 creation, so a crash leaves an accurate list. ``reap_stale`` removes labs whose owner process
 is gone, unless they were kept on purpose (``--keep``); ``reap`` removes one lab. Nothing that
 is not listed in a state file is ever touched.
@@ -51,10 +52,23 @@ class LabState:
 
     @classmethod
     def new(cls, state_dir: str = STATE_DIR) -> "LabState":
+        """A state file of its own, ``<pid>-<n>.json``: one process may run several labs."""
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
-        state = cls(owner_pid=os.getpid(), path=os.path.join(state_dir, f"{os.getpid()}.json"))
-        state.save()
-        return state
+        for n in range(1000):
+            path = os.path.join(state_dir, f"{os.getpid()}-{n}.json")
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                continue
+            state = cls(owner_pid=os.getpid(), path=path)
+            state.save()
+            return state
+        raise RuntimeError(f"no free lab state file name in {state_dir}")
+
+    @property
+    def name(self) -> str:
+        """``<pid>-<n>``: names this lab's work directory too."""
+        return os.path.basename(self.path)[:-len(".json")]
 
     @classmethod
     def load(cls, path: str) -> "LabState":
