@@ -2,7 +2,6 @@
 
 Each lab writes ``<STATE_DIR>/<pid>-<n>.json`` listing its namespaces, processes (with their
 start time, so a recycled PID is never killed) and directories. The file is rewritten after every
-
 creation, so a crash leaves an accurate list. ``reap_stale`` removes labs whose owner process
 is gone, unless they were kept on purpose (``--keep``); ``reap`` removes one lab. Nothing that
 is not listed in a state file is ever touched.
