@@ -23,6 +23,7 @@ import sys
 import time
 import traceback
 
+from nodecryptor import log as nclog
 from nodecryptor import policy, wireguard
 from nodecryptor.model import Device, NodeInfo, WgPeer, WgState
 from nodecryptor.settings import Settings
@@ -154,6 +155,8 @@ class Driver:
 
 
 def main() -> int:
+    # The agent's own structured logs (compile times, attach mode) go to the driver log.
+    nclog.setup("text", "info", stream=sys.stderr)
     driver = Driver()
     ops = {"start": driver.start, "apply": driver.apply, "observe": driver.observe,
            "cleanup": driver.cleanup, "hello": lambda _req: {"ok": True},

@@ -191,6 +191,9 @@ def run_datapath(kind: str, driver: DriverClient, lab, procs, workdir: str,
         with timed(timings, f"{kind}_start"):
             res["start"] = driver.request(op="start", datapath=kind, nodes=lab.nodes(),
                                           local="node-a", device="eth0", bpffs=BPFFS)
+        # The agent logs each compile+load with its duration (the probe and the real load).
+        res["start"]["load_log"] = [line for line in driver.log_tail(60)
+                                    if "program loaded" in line.lower()]
         if "real_backend_error" in res["start"]:
             # BCC prints the verifier's log on stderr; its last lines name the rejected insn.
             res["start"]["driver_log_tail"] = driver.log_tail()
