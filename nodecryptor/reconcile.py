@@ -164,6 +164,10 @@ class Reconciler:
             result = self.reconcile_once()
             if result.ok or not self.store.synced.is_set():
                 delay = self.settings.reconcile_seconds if result.ok else 0.2
+                if result.ok and (result.desired.uncovered or not result.desired.wg.usable):
+                    # Waiting for Cilium to add a peer or bring the device back: neither
+                    # raises an event this loop hears, so look again soon.
+                    delay = min(delay, self.settings.coverage_recheck_seconds)
             else:
                 delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.failures - 1))
                 delay *= random.uniform(0.8, 1.2)

@@ -84,6 +84,12 @@ class Settings:
     reconcile_seconds: float = 30.0
     """Seconds between full reconciles even when nothing changed (repairs drift)."""
 
+    coverage_recheck_seconds: float = 1.0
+    """Seconds between passes while WireGuard is unusable or some destination is not covered by
+    any peer. Peer changes raise no netlink event, and a node can join (CiliumNode seen) before
+    Cilium has added its peer; without this, its traffic stayed dropped (fail-closed) until the
+    next periodic pass."""
+
     debounce_seconds: float = 0.2
     """Quiet time after a change before reconciling, so bursts of events apply once."""
 

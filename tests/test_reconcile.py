@@ -1,5 +1,6 @@
 """The reconcile loop against the in-memory datapath: idempotency, retries, prune, outages."""
 
+import dataclasses
 import threading
 import time
 
@@ -133,3 +134,50 @@ def test_loop_reacts_to_changes_and_stops():
         stop.set()
         t.join(5)
     assert not t.is_alive()
+
+
+def test_peer_added_without_any_event_is_picked_up_soon():
+    """WireGuard peer changes raise no event. While something is uncovered the loop re-checks
+    on its own, instead of waiting for the (long) periodic pass."""
+    import ipaddress
+
+    states = {"wg": WgState(ifname="cilium_wg0", ifindex=9, present=True, up=True, mtu=1420,
+                            listen_port=51871, fwmark=0xE00, peers=())}
+    settings = Settings(node_name="w1", reconcile_seconds=300, coverage_recheck_seconds=0.05)
+    store = Store()
+    rec = Reconciler(settings, store, FakeDatapath(), Metrics(),
+                     read_wg=lambda name: states["wg"],
+                     resolve_devices=lambda n, a, e: ((Device("eth0", 2, 1500),), []),
+                     read_sysctl=lambda name: {"all": 0, name: 0})
+    store.replace_all([info(W1), info(W2)])
+    stop = threading.Event()
+    t = threading.Thread(target=rec.run, args=(stop, threading.Event()))  # no wake-ups at all
+    t.start()
+    try:
+        deadline = time.monotonic() + 5
+        while rec.datapath.current is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(rec.datapath.current.uncovered) == 4
+        nets = ("192.168.50.22/32", "fd50::22/128", "10.244.2.0/24", "fd00:10:244:2::/64")
+        states["wg"] = dataclasses.replace(states["wg"], peers=(
+            WgPeer("k", tuple(ipaddress.ip_network(n) for n in nets)),))
+        while rec.datapath.current.uncovered and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert rec.datapath.current.uncovered == frozenset()
+    finally:
+        stop.set()
+        t.join(5)
+
+
+def test_fully_covered_state_waits_for_the_periodic_pass():
+    store, rec, _ = make(settings=Settings(node_name="w1", reconcile_seconds=300,
+                                           coverage_recheck_seconds=0.01))
+    rec._clock = time.monotonic
+    store.replace_all([info(W1)])  # no remote nodes: nothing can be uncovered
+    stop = threading.Event()
+    t = threading.Thread(target=rec.run, args=(stop, threading.Event()))
+    t.start()
+    time.sleep(0.5)
+    stop.set()
+    t.join(5)
+    assert rec.datapath.apply_calls == 1
