@@ -316,26 +316,36 @@ def _cli_text(lab, name: str) -> str:
     return json.dumps(lab.nodecryptor(name, "status")) + _installed_text(lab, name)
 
 
-def _follow_time(lab, nodes: list[str], needles: list[str], present: bool,
-                 since: float, timeout: float = 10.0) -> dict[str, float]:
-    """For each node (polled in parallel): seconds from ``since`` until its datapath holds all
-    ``needles`` (or none of them, when ``present`` is false). Raises at the deadline."""
+def _seconds_until(nodes: list[str], check, since: float, timeout: float,
+                   interval: float) -> tuple[dict[str, float], list[str]]:
+    """Poll ``check(node)`` for every node in parallel; return the seconds from ``since`` until
+    it first held, per node, and the nodes for which it never did within ``timeout``."""
     took: dict[str, float] = {}
 
     def poll(name: str) -> None:
         while time.monotonic() - since < timeout:
-            text = _installed_text(lab, name)
-            if all((n in text) == present for n in needles):
+            if check(name):
                 took[name] = time.monotonic() - since
                 return
-            time.sleep(0.01)
+            time.sleep(interval)
 
     threads = [threading.Thread(target=poll, args=(n,)) for n in nodes]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    missing = sorted(set(nodes) - took.keys())
+    return took, sorted(set(nodes) - took.keys())
+
+
+def _follow_time(lab, nodes: list[str], needles: list[str], present: bool,
+                 since: float, timeout: float = 10.0) -> dict[str, float]:
+    """For each node: seconds from ``since`` until its datapath holds all ``needles`` (or none
+    of them, when ``present`` is false). Raises at the deadline."""
+    def holds(name: str) -> bool:
+        text = _installed_text(lab, name)
+        return all((n in text) == present for n in needles)
+
+    took, missing = _seconds_until(nodes, holds, since, timeout, 0.01)
     if missing:
         raise LabError(f"{', '.join(missing)} did not {'install' if present else 'remove'} "
                        f"{', '.join(needles)} within {timeout} s")
@@ -361,21 +371,7 @@ def _follow_covered(lab, nodes: list[str], new, since: float,
                        for d in dump.get("maps", {}).get("destinations", []))
         return f"{new.ipv4} dev cilium_wg0" in _installed_text(lab, name)
 
-    took: dict[str, float] = {}
-
-    def poll(name: str) -> None:
-        while time.monotonic() - since < timeout:
-            if covered(name):
-                took[name] = time.monotonic() - since
-                return
-            time.sleep(0.02)
-
-    threads = [threading.Thread(target=poll, args=(n,)) for n in nodes]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    missing = sorted(set(nodes) - took.keys())
+    took, missing = _seconds_until(nodes, covered, since, timeout, 0.02)
     if missing:
         raise LabError(f"{', '.join(missing)} still treat {new.name} as uncovered "
                        f"{timeout} s after its WireGuard peer was configured")

@@ -11,10 +11,8 @@ inside the holder's namespaces.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import subprocess
-import threading
 import time
 from dataclasses import dataclass
 
@@ -185,32 +183,7 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
         time.sleep(interval)
 
 
-CLONE_NEWNET = 0x40000000
-
-
 def call_in_netns(netns: str, fn, *args, **kwargs):
-    """Run ``fn`` on a fresh thread that first joins network namespace ``netns``: sockets it
-    opens live there. Only that thread changes namespace (setns(2) on CLONE_NEWNET is
-    per-thread), so the caller and the rest of the process stay where they are."""
-    outcome: dict = {}
-
-    def target() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        try:
-            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns into {netns}: {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            outcome["value"] = fn(*args, **kwargs)
-        except BaseException as e:  # re-raised in the caller's thread below
-            outcome["error"] = e
-
-    thread = threading.Thread(target=target, name=f"netns-{netns}")
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome.get("value")
+    """Run ``fn`` on a fresh thread inside network namespace ``netns`` (sockets it opens live
+    there); the caller's thread stays where it is."""
+    return netns_mod.call_in(netns, fn, *args, **kwargs)

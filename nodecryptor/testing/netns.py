@@ -6,9 +6,12 @@ recognised (``cleanup_stale``) without touching anybody else's namespaces.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import itertools
 import os
 import subprocess
+import threading
 
 PREFIX = "nct-"
 _counter = itertools.count()
@@ -51,3 +54,49 @@ def cleanup_stale() -> list[str]:
             delete(name)
             removed.append(name)
     return removed
+
+
+CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def entered(name: str):
+    """Run the block with this thread in network namespace ``name``, then come back. setns(2)
+    on a network namespace changes only the calling thread, so the rest of the process stays
+    where it is; sockets opened in the block live in ``name``."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    back = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(target, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into {name}: {os.strerror(err)}")
+        try:
+            yield
+        finally:
+            if libc.setns(back, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns back from {name}: {os.strerror(err)}")
+    finally:
+        os.close(target)
+        os.close(back)
+
+
+def call_in(name: str, fn, *args, **kwargs):
+    """Run ``fn`` on a fresh thread inside network namespace ``name``; return its result or
+    re-raise its exception in the caller's thread."""
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            with entered(name):
+                outcome["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # handed to the caller below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, name=f"netns-{name}")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")

@@ -9,8 +9,6 @@ underlay peer's MAC, so B accepts what arrives there). A's underlay egress runs 
 
 from __future__ import annotations
 
-import contextlib
-import ctypes as C
 import ipaddress
 import json
 import os
@@ -20,6 +18,7 @@ import threading
 import pytest
 
 from conftest import have_bcc, require
+from nodecryptor.testing.netns import entered as netns_entered
 from nodecryptor.datapath.bpf import maps, program, syscall
 from nodecryptor.model import (KIND_NODE_IP, ROLE_WORKER, DesiredState, Destination, Plan,
                                WgState)
@@ -31,27 +30,10 @@ pytestmark = [pytest.mark.privileged, pytest.mark.bpf]
 
 A_IP, B_IP, B_OTHER_IP = "192.168.77.1", "192.168.77.2", "192.168.77.3"
 MSS = 1000
-CLONE_NEWNET = 0x40000000
 TCP_MAXSEG = 2
-_libc = C.CDLL(None, use_errno=True)
 
 
-@contextlib.contextmanager
-def in_netns(name: str):
-    """This thread in network namespace ``name`` for the block (setns is per thread)."""
-    back = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        if _libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(C.get_errno(), f"setns into {name}")
-        try:
-            yield
-        finally:
-            if _libc.setns(back, CLONE_NEWNET) != 0:
-                raise OSError(C.get_errno(), "setns back")
-    finally:
-        os.close(target)
-        os.close(back)
+in_netns = netns_entered  # this thread in a network namespace for a block
 
 
 def sh(ns: str, *cmd: str) -> str:

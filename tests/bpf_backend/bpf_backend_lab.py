@@ -8,7 +8,6 @@ Everything created here is removed by the ``close()``/context-manager paths, als
 
 from __future__ import annotations
 
-import contextlib
 import ctypes as C
 import ipaddress
 import os
@@ -19,6 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from nodecryptor.testing.netns import entered as netns_entered
 from nodecryptor.datapath.bpf import syscall
 from nodecryptor.model import Device, NodeInfo, WgPeer, WgState
 from nodecryptor.policy import compute_desired, compute_plan
@@ -30,27 +30,10 @@ CP_LABEL = "node-role.kubernetes.io/control-plane"
 WG_PORT = 51871
 WG_MARK = 0xE00
 WG_IFNAME = "cilium_wg0"
-CLONE_NEWNET = 0x40000000
-
-_libc = C.CDLL(None, use_errno=True)
 
 
-@contextlib.contextmanager
-def in_netns(name: str):
-    """Run the block in network namespace ``name`` (this thread only), then come back."""
-    back = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        if _libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(C.get_errno(), f"setns {name}")
-        try:
-            yield
-        finally:
-            if _libc.setns(back, CLONE_NEWNET) != 0:
-                raise OSError(C.get_errno(), "setns back")
-    finally:
-        os.close(target)
-        os.close(back)
+
+in_netns = netns_entered  # this thread in a network namespace for a block
 
 
 # ---- raw programs ----------------------------------------------------------------------------
