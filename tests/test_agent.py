@@ -177,6 +177,8 @@ def test_agent_lifecycle(node):
     wait_for("readiness", lambda: node.probe("/readyz") == (200, {
         "ok": True, "reason": "synced, applied and attached"}))
     assert node.probe("/healthz")[0] == 200
+    status = node.cli("status", "--json", "--wg-interface", node.wg)
+    assert (status["datapath"], status["ready"]) == (node.datapath, True), status
     want = {"192.168.77.10/32", "192.168.77.12/32", "192.168.77.13/32"}
     wait_for("remote node prefixes", lambda: want <= node.installed_prefixes())
 

@@ -59,9 +59,18 @@ def status(settings: Settings, netns: str | None = None) -> dict:
     for route in routes:
         kinds[route.kind] = kinds.get(route.kind, 0) + 1
     lookup = settings.iprule_priority_base + OFFSET_LOOKUP
+    families = {r.family for r in rules if r.priority == lookup}
+    ready, reason = True, ""
+    if not families:
+        ready, reason = False, "no lookup rule in nodecryptor's band: nothing is sent to its table"
+    elif not wg_index:
+        ready, reason = False, (f"WireGuard device {settings.wg_interface!r} absent: cluster "
+                                "traffic is dropped (fail-closed) or clear (fail-open)")
     return {
         "datapath": DATAPATH,
-        "active": any(r.priority == lookup for r in rules),
+        "active": bool(families),
+        "ready": ready,
+        "reason": reason,
         "selection": last_choice(),
         "priority_band": [settings.iprule_priority_base, settings.iprule_priority_base + 99],
         "table": settings.iprule_table,
