@@ -101,15 +101,23 @@ def _read_uapi(ifname: str, uapi_dir: str) -> tuple[int, int, list[WgPeer]] | No
     return parse_uapi(b"".join(chunks).decode())
 
 
-def _decode_allowed(entry) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """pyroute2 returns allowed-IPs with the address as raw bytes (or text in some versions)."""
-    family = entry.get_attr("WGALLOWEDIP_A_FAMILY")
-    raw = entry.get_attr("WGALLOWEDIP_A_IPADDR")
-    cidr = entry.get_attr("WGALLOWEDIP_A_CIDR_MASK")
+def decode_address(family: int, raw) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An allowed-IP address as pyroute2 hands it over: raw bytes, colon-separated hex bytes
+    (pyroute2 0.9.7 on kernel WireGuard: ``"c0:a8:32:02"``), or address text."""
+    size = 4 if family == socket.AF_INET else 16
     if isinstance(raw, (bytes, bytearray)):
-        addr = ipaddress.ip_address(bytes(raw[:4] if family == socket.AF_INET else raw[:16]))
-    else:
-        addr = ipaddress.ip_address(str(raw).split("/")[0])
+        return ipaddress.ip_address(bytes(raw[:size]))
+    text = str(raw).split("/")[0]
+    parts = text.split(":")
+    if len(parts) == size and all(len(p) == 2 for p in parts):
+        return ipaddress.ip_address(bytes.fromhex("".join(parts)))
+    return ipaddress.ip_address(text)
+
+
+def _decode_allowed(entry) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    family = entry.get_attr("WGALLOWEDIP_A_FAMILY")
+    addr = decode_address(family, entry.get_attr("WGALLOWEDIP_A_IPADDR"))
+    cidr = entry.get_attr("WGALLOWEDIP_A_CIDR_MASK")
     return ipaddress.ip_network(f"{addr}/{cidr}", strict=False)
 
 

@@ -107,3 +107,17 @@ def test_wireguard_go_device(netns, wireguard_go, tmp_path):
             os.unlink(f"/var/run/wireguard/{ifname}.sock")
     gone = read_in(ns, ifname)
     assert not gone["present"] and gone["error"] == "device absent"
+
+
+@pytest.mark.parametrize("family,raw,expected", [
+    (2, "c0:a8:32:02", "192.168.50.2"),              # pyroute2 0.9.7, kernel WireGuard
+    (2, b"\x0a\xf4\x02\x00", "10.244.2.0"),
+    (2, "10.244.2.0", "10.244.2.0"),
+    (10, ":".join(["fd", "00"] + ["00"] * 13 + ["22"]), "fd00::22"),
+    (10, bytes.fromhex("fd500000000000000000000000000022"), "fd50::22"),
+    (10, "fd50::22", "fd50::22"),
+    (10, "fd50:0:0:0:0:0:0:22", "fd50::22"),        # 8 groups of text is not hex bytes
+])
+def test_allowed_ip_address_forms(family, raw, expected):
+    from nodecryptor.wireguard import decode_address
+    assert str(decode_address(family, raw)) == expected

@@ -111,8 +111,10 @@ def test_matrix_sees_the_leaks_without_nodecryptor():
     with Lab(make_spec(3), datapath="iprule", start_agents=False) as bare:
         result = run_scenario(bare, "matrix", PortAllocator())
     encrypted_rows = [r for r in result.rows if r.expected == "encrypted"]
-    assert encrypted_rows and all(r.observed == "clear" for r in encrypted_rows), \
-        report.table(result)
+    # Every such flow crossed the underlay in the clear. "leaked" is the same finding for a
+    # flow whose reply did not come back in time (seen for a short IPv6 ping on a loaded host).
+    assert encrypted_rows and all(r.observed in ("clear", "leaked") and not r.ok
+                                  for r in encrypted_rows), report.table(result)
     assert all(r.ok for r in result.rows if r.expected == "clear"), report.table(result)
     assert not result.ok
 

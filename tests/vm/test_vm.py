@@ -150,10 +150,6 @@ def test_real_bpf_program_loads_on_61(vm):
     assert datapath(vm, "bpf")["observe"]["details"]["mode"] == "tc"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "nodecryptor/wireguard.py _decode_allowed: pyroute2 0.9.7 returns kernel WireGuard's "
-    "WGALLOWEDIP_A_IPADDR as colon-separated hex ('c0:a8:32:02'), which ip_address() rejects. "
-    "Remove this mark once the reader decodes it."))
 @pytest.mark.parametrize("kind", DATAPATHS)
 def test_wireguard_reader_reads_kernel_wireguard(vm, kind):
     apply = datapath(vm, kind)["apply"]
