@@ -78,8 +78,10 @@ class WgPeer:
     public_key: str
     allowed_ips: tuple[IPNetwork, ...] = ()
     endpoint: str | None = None
-    last_handshake: float | None = None
-    """Seconds since the epoch, None when there never was a handshake."""
+    last_handshake: float | None = field(default=None, compare=False)
+    """Seconds since the epoch, None when there never was a handshake. Not compared: it
+    changes every few minutes per peer and means nothing to the datapath, so it must not make
+    two otherwise equal states differ (the reconcile loop skips passes on equal inputs)."""
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from .log import kv
 from .metrics import Metrics
 from .model import ROLE_CONTROL_PLANE, DesiredState, WgState
 from .policy import compute_desired, compute_plan, is_control_plane
+from .policy import node_addresses as policy_node_addresses
 from .settings import Settings
 from .store import Store
 
@@ -56,7 +57,7 @@ class Reconciler:
     def __init__(self, settings: Settings, store: Store, datapath: Datapath,
                  metrics: Metrics | None = None, *,
                  read_wg: Callable[[str], WgState] = wireguard.read_state,
-                 resolve_devices: Callable = devices_mod.resolve,
+                 resolve_devices: Callable | None = None,
                  read_sysctl: Callable[[str], dict] = read_rp_filter,
                  clock: Callable[[], float] = time.monotonic):
         self.settings = settings
@@ -64,7 +65,8 @@ class Reconciler:
         self.datapath = datapath
         self.metrics = metrics
         self._read_wg = read_wg
-        self._resolve_devices = resolve_devices
+        self._resolve_devices = resolve_devices or devices_mod.DeviceResolver(
+            refresh_seconds=settings.reconcile_seconds, clock=clock)
         self._read_sysctl = read_sysctl
         self._clock = clock
         self.heartbeat: float = clock()
@@ -75,15 +77,25 @@ class Reconciler:
         self.rp_filter_problem: str | None = None
         self.failures = 0
         self._last_uncovered = -1
+        self._last_inputs: tuple | None = None
+        """Inputs of the last successful pass; a pass that is not forced and sees the same
+        inputs skips planning and applying (the datapath already holds that state)."""
 
     # ---- one pass --------------------------------------------------------------------------
-    def reconcile_once(self) -> PassResult:
+    def reconcile_once(self, force: bool = True) -> PassResult:
+        """One pass. ``force=False`` (re-checks and event wake-ups from the loop) returns early
+        when the inputs are those of the last successful pass; forced passes (the periodic
+        one, and every direct call) always apply, which repairs drift in the kernel."""
         if not self.store.synced.is_set():
             self.heartbeat = self._clock()
             return PassResult(ok=False, error="waiting for the first list of CiliumNodes")
         started = time.perf_counter()
         try:
-            desired = self._desired()
+            inputs = self._inputs()
+            if not force and inputs == self._last_inputs and self.last_desired is not None:
+                self.heartbeat = self._clock()
+                return PassResult(ok=True, desired=self.last_desired)
+            desired = self._desired(*inputs)
             self.datapath.apply(desired)
         except (DatapathError, OSError) as e:
             return self._failed(str(e), started)
@@ -91,24 +103,33 @@ class Reconciler:
             log.exception("reconcile pass failed unexpectedly")
             return self._failed(f"{type(e).__name__}: {e}", started)
         self.last_desired = desired
+        self._last_inputs = inputs
         self.applied_once = True
         self.last_error = None
         self.failures = 0
         self._record(desired, time.perf_counter() - started, ok=True)
         return PassResult(ok=True, desired=desired)
 
-    def _desired(self) -> DesiredState:
+    def _inputs(self) -> tuple:
+        """Everything a pass depends on, cheap to read and comparable: the store version and
+        snapshot, the WireGuard device, the underlay devices and rp_filter."""
+        version = self.store.version
         snapshot = self.store.snapshot()
+        node_addresses = [addr for name, node in snapshot.items()
+                          if name != self.settings.node_name
+                          for addr in policy_node_addresses(node, self.settings.address_types)]
+        wg = self._read_wg(self.settings.wg_interface)
+        devices, _problems = self._resolve_devices(self.settings.devices, node_addresses,
+                                                   self.settings.wg_interface)
+        rp = tuple(sorted(self._read_sysctl(self.settings.wg_interface).items()))
+        return version, snapshot, wg, devices, rp
+
+    def _desired(self, _version, snapshot, wg, devices, rp_items) -> DesiredState:
         plan = compute_plan(snapshot, self.settings.node_name, self.settings)
         if not plan.local_known:
             log.warning("local node has no CiliumNode; treating it as a worker",
                         extra=kv(node=self.settings.node_name))
-        wg = self._read_wg(self.settings.wg_interface)
-        node_addresses = [d.prefix.network_address for d in plan.destinations
-                          if d.kind == "node-ip"]
-        devices, _problems = self._resolve_devices(self.settings.devices, node_addresses,
-                                                   self.settings.wg_interface)
-        rp = self._read_sysctl(self.settings.wg_interface)
+        rp = dict(rp_items)
         bad = {k: v for k, v in rp.items() if v not in (0, None)}
         self.rp_filter_problem = (
             "rp_filter must be 0 on 'all' and on the WireGuard device (decrypted packets arrive "
@@ -159,9 +180,13 @@ class Reconciler:
     def run(self, stop: threading.Event, wake: threading.Event) -> None:
         """Run passes until ``stop``. ``wake`` is set by the store and the link watcher."""
         next_periodic = self._clock()
+        next_forced = self._clock()
         while not stop.is_set():
             wake.clear()
-            result = self.reconcile_once()
+            force = self._clock() >= next_forced or self.failures > 0
+            result = self.reconcile_once(force=force)
+            if force and result.ok:
+                next_forced = self._clock() + self.settings.reconcile_seconds
             if result.ok or not self.store.synced.is_set():
                 delay = self.settings.reconcile_seconds if result.ok else 0.2
                 if result.ok and (result.desired.uncovered or not result.desired.wg.usable):

@@ -181,3 +181,38 @@ def test_fully_covered_state_waits_for_the_periodic_pass():
     stop.set()
     t.join(5)
     assert rec.datapath.apply_calls == 1
+
+
+def test_unforced_pass_with_unchanged_inputs_skips_planning_and_applying():
+    store, rec, _ = make()
+    store.replace_all([info(KUBEADM_CP), info(W1), info(W2)])
+    assert rec.reconcile_once(force=False).ok  # first pass: nothing applied yet -> applies
+    assert rec.datapath.apply_calls == 1
+    assert rec.reconcile_once(force=False).ok and rec.datapath.apply_calls == 1
+    assert rec.reconcile_once(force=True).ok and rec.datapath.apply_calls == 2  # repair pass
+    store.delete("w2")  # a real change applies even when not forced
+    assert rec.reconcile_once(force=False).ok and rec.datapath.apply_calls == 3
+
+
+def test_handshake_times_do_not_count_as_a_change():
+    a = WgPeer("k", (), endpoint="192.168.50.22:51871", last_handshake=100.0)
+    b = WgPeer("k", (), endpoint="192.168.50.22:51871", last_handshake=250.0)
+    assert a == b and WgPeer("k2", ()) != a
+
+
+def test_device_resolver_remembers_route_lookups(root):
+    import ipaddress
+
+    from nodecryptor.devices import DeviceResolver
+    clock = Clock()
+    resolver = DeviceResolver(refresh_seconds=30, clock=clock)
+    addrs = [ipaddress.ip_address(f"127.0.0.{i}") for i in range(2, 12)]
+    devices, problems = resolver((), addrs, "cilium_wg0")
+    assert (devices, problems, resolver.lookups) == ((), [], 10)  # loopback is never underlay
+    resolver((), addrs, "cilium_wg0")
+    assert resolver.lookups == 10  # remembered
+    resolver((), addrs + [ipaddress.ip_address("127.0.0.99")], "cilium_wg0")
+    assert resolver.lookups == 11  # only the new address
+    clock.now += 31
+    resolver((), addrs, "cilium_wg0")
+    assert resolver.lookups == 21  # refreshed after refresh_seconds
