@@ -8,7 +8,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	$(VENV)/bin/nodecryptor demo
+	$(VENV)/bin/nodecryptor-demo
 
 test: setup
 	bash scripts/test.sh

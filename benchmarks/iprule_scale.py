@@ -31,7 +31,7 @@ from nodecryptor.datapath.iprule.backend import IpRuleDatapath  # noqa: E402
 from nodecryptor.model import NodeInfo, WgState  # noqa: E402
 from nodecryptor.policy import compute_desired, compute_plan  # noqa: E402
 from nodecryptor.settings import Settings  # noqa: E402
-from nodecryptor.testing import netns  # noqa: E402
+from nodecryptor_testkit import netns  # noqa: E402
 
 LOCAL = "192.168.50.21"
 OUTSIDE = "198.51.100.7"

@@ -16,7 +16,6 @@ EPILOG = """examples:
   nodecryptor status --json                                 what is installed on this node
   nodecryptor bpf dump                                      decode the pinned BPF maps
   nodecryptor explain --dst 10.244.2.7 --proto tcp --dport 80
-  nodecryptor demo                                          the network-namespace lab
 """
 
 

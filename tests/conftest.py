@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from nodecryptor.testing import netns as netns_mod
+from nodecryptor_testkit import netns as netns_mod
 
 ON_CI = os.environ.get("CI", "").lower() == "true"
 

@@ -15,8 +15,8 @@ import urllib.request
 
 import pytest
 
-from nodecryptor.testing.fakeapi import make_ciliumnode
-from nodecryptor.testing import netns as netns_mod
+from nodecryptor_testkit.fakeapi import make_ciliumnode
+from nodecryptor_testkit import netns as netns_mod
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NODECRYPTOR = os.path.join(os.path.dirname(sys.executable), "nodecryptor")
@@ -103,7 +103,7 @@ class Node:
         path.write_text(json.dumps(objects))
         if os.path.exists(self.kubeconfig):
             os.unlink(self.kubeconfig)
-        self.start("api", [sys.executable, "-m", "nodecryptor.testing.fakeapi", "--bind",
+        self.start("api", [sys.executable, "-m", "nodecryptor_testkit.fakeapi", "--bind",
                            "192.168.77.10:6443", "--objects", str(path), "--token", "t0k",
                            "--write-kubeconfig", self.kubeconfig], ns=self.api_ns,
                    log=str(self.tmp / "api.log"))

@@ -44,7 +44,7 @@ def test_policy_layer_performs_no_io():
 
 
 def test_pyroute2_only_in_kernel_facing_modules():
-    allowed_prefixes = ("nodecryptor/datapath/", "nodecryptor/lab/", "nodecryptor/testing/")
+    allowed_prefixes = ("nodecryptor/datapath/", "nodecryptor_testkit/lab/", "nodecryptor_testkit/")
     allowed = {"nodecryptor/wireguard.py", "nodecryptor/devices.py", "nodecryptor/netwatch.py"}
     offenders = {p for p in importers("pyroute2")
                  if p not in allowed and not p.startswith(allowed_prefixes)}

@@ -11,7 +11,7 @@ import pytest
 
 import nodecryptor
 from nodecryptor.cli import main
-from nodecryptor.testing.fakeapi import FakeApiServer, load_objects, make_ciliumnode
+from nodecryptor_testkit.fakeapi import FakeApiServer, load_objects, make_ciliumnode
 
 EXAMPLE = os.path.join(os.path.dirname(nodecryptor.__file__), "examples", "cluster.json")
 TCP_DEFAULT = [{"protocol": "tcp", "first": 2379, "last": 2380},

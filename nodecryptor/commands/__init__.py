@@ -12,5 +12,4 @@ COMMANDS = (
     "explain",
     "cleanup",
     "bpf",
-    "demo",
 )

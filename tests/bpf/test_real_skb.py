@@ -18,13 +18,13 @@ import threading
 import pytest
 
 from conftest import have_bcc, require
-from nodecryptor.testing.netns import entered as netns_entered
+from nodecryptor_testkit.netns import entered as netns_entered
 from nodecryptor.datapath.bpf import maps, program, syscall
 from nodecryptor.model import (KIND_NODE_IP, ROLE_WORKER, DesiredState, Destination, Plan,
                                WgState)
 from nodecryptor.ports import parse_port_spec
 from nodecryptor.settings import Settings
-from nodecryptor.testing import netns as netns_mod
+from nodecryptor_testkit import netns as netns_mod
 
 pytestmark = [pytest.mark.privileged, pytest.mark.bpf]
 

@@ -18,12 +18,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from nodecryptor.testing.netns import entered as netns_entered
+from nodecryptor_testkit.netns import entered as netns_entered
 from nodecryptor.datapath.bpf import syscall
 from nodecryptor.model import Device, NodeInfo, WgPeer, WgState
 from nodecryptor.policy import compute_desired, compute_plan
 from nodecryptor.settings import Settings
-from nodecryptor.testing import netns as netns_mod
+from nodecryptor_testkit import netns as netns_mod
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CP_LABEL = "node-role.kubernetes.io/control-plane"

@@ -25,7 +25,7 @@ import pytest
 from conftest import require
 from deploy_manifests import (GUIDE, REPO, agent_capabilities, agent_container,
                               agent_daemonset, all_docs, expand_env, find)
-from nodecryptor.testing import netns as netns_mod
+from nodecryptor_testkit import netns as netns_mod
 
 pytestmark = [pytest.mark.privileged, pytest.mark.bpf]
 
@@ -97,7 +97,7 @@ def node(netns, bpffs, bcc_available, tmp_path):
     procs: list[subprocess.Popen] = []
     try:
         api = subprocess.Popen(["ip", "netns", "exec", ns, _python(), "-m",
-                                "nodecryptor.testing.fakeapi", "--bind", "127.0.0.1:6443",
+                                "nodecryptor_testkit.fakeapi", "--bind", "127.0.0.1:6443",
                                 "--objects", str(EXAMPLE), "--token", "deploy-test",
                                 "--write-kubeconfig", str(kubeconfig)],
                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import require
 from deploy_manifests import REPO, agent_capabilities
-from nodecryptor.testing import netns as netns_mod
+from nodecryptor_testkit import netns as netns_mod
 
 pytestmark = [pytest.mark.privileged, pytest.mark.bpf]
 

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from nodecryptor.lab import capture, flows, spec, state, standin
-from nodecryptor.testing import netns as netns_mod
+from nodecryptor_testkit.lab import capture, flows, spec, state, standin
+from nodecryptor_testkit import netns as netns_mod
 
 
 def ip4(src: str, dst: str, proto: int, payload: bytes, frag_offset: int = 0) -> bytes:
@@ -160,8 +160,8 @@ def test_standin_desired_peers_like_cilium():
 def test_reap_stale_removes_a_dead_owners_lab_but_not_a_live_or_kept_one(tmp_path, root):
     # A "crashed run": a child process records a namespace and a sleeping process, then dies.
     code = ("import subprocess, sys\n"
-            "from nodecryptor.lab.state import LabState\n"
-            "from nodecryptor.testing import netns\n"
+            "from nodecryptor_testkit.lab.state import LabState\n"
+            "from nodecryptor_testkit import netns\n"
             f"s = LabState.new({str(tmp_path)!r})\n"
             "s.add_netns(netns.create('crash'))\n"
             "p = subprocess.Popen(['sleep', '600'], start_new_session=True,\n"

@@ -16,11 +16,11 @@ import sys
 import pytest
 from conftest import have_bcc, require
 
-from nodecryptor.lab import report, state
-from nodecryptor.lab.flows import PortAllocator
-from nodecryptor.lab.lab import Lab
-from nodecryptor.lab.scenarios import run_scenario
-from nodecryptor.lab.spec import make_spec
+from nodecryptor_testkit.lab import report, state
+from nodecryptor_testkit.lab.flows import PortAllocator
+from nodecryptor_testkit.lab.lab import Lab
+from nodecryptor_testkit.lab.scenarios import run_scenario
+from nodecryptor_testkit.lab.spec import make_spec
 
 pytestmark = [pytest.mark.e2e, pytest.mark.privileged, pytest.mark.slow]
 
@@ -84,8 +84,8 @@ def test_next_run_removes_a_crashed_lab(tmp_path):
     built in the same state directory removes what it lists."""
     require_lab_tools("iprule")
     code = ("import os, sys\n"
-            "from nodecryptor.lab.lab import Lab\n"
-            "from nodecryptor.lab.spec import make_spec\n"
+            "from nodecryptor_testkit.lab.lab import Lab\n"
+            "from nodecryptor_testkit.lab.spec import make_spec\n"
             f"lab = Lab(make_spec(2), datapath='iprule', state_dir={str(tmp_path)!r}, "
             "start_agents=False).up()\n"
             "print(lab.state.path, ' '.join(lab.state.netns), flush=True)\n"
@@ -120,10 +120,10 @@ def test_matrix_sees_the_leaks_without_nodecryptor():
 
 
 def test_demo_command_json(tmp_path):
-    """`nodecryptor demo` end to end as a user runs it: JSON results, exit 0, nothing left."""
+    """`nodecryptor-demo` end to end as a user runs it: JSON results, exit 0, nothing left."""
     require_lab_tools("iprule")
     before = set(os.listdir(state.STATE_DIR)) if os.path.isdir(state.STATE_DIR) else set()
-    proc = subprocess.run([sys.executable, "-m", "nodecryptor.cli", "demo", "--scenario",
+    proc = subprocess.run([sys.executable, "-m", "nodecryptor_testkit.demo", "--scenario",
                            "matrix", "--datapath", "iprule", "--json"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

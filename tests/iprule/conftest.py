@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from nodecryptor.testing.netns import run
+from nodecryptor_testkit.netns import run
 
 from tests.datapath_cases import WG_IFNAME, snapshot
 

@@ -18,7 +18,7 @@ from nodecryptor import k8s
 from nodecryptor.metrics import Metrics
 from nodecryptor.settings import Settings
 from nodecryptor.store import Store
-from nodecryptor.testing.fakeapi import FakeApiServer, make_ciliumnode
+from nodecryptor_testkit.fakeapi import FakeApiServer, make_ciliumnode
 
 TOKEN = "test-token-k8s"
 

@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 from nodecryptor import k8s
-from nodecryptor.testing.fakeapi import COLLECTION, FakeApiServer, make_ciliumnode
+from nodecryptor_testkit.fakeapi import COLLECTION, FakeApiServer, make_ciliumnode
 
 from k8s_support import require_openssl, TOKEN, node, with_settings
 from k8s_support import fake, kubeconfig, settings  # noqa: F401 - pytest fixtures
@@ -213,7 +213,7 @@ def test_standalone_process_serves_and_exits_on_sigterm(tmp_path):
     kc = tmp_path / "kc"
     objects = os.path.join(os.path.dirname(k8s.__file__), "examples", "cluster.json")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nodecryptor.testing.fakeapi", "--bind", "127.0.0.1:0",
+        [sys.executable, "-m", "nodecryptor_testkit.fakeapi", "--bind", "127.0.0.1:0",
          "--objects", objects, "--token", "t0k", "--write-kubeconfig", str(kc)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

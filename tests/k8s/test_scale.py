@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from nodecryptor.testing.fakeapi import FakeApiServer
+from nodecryptor_testkit.fakeapi import FakeApiServer
 
 from k8s_support import TOKEN, node, with_settings
 from k8s_support import fake, kubeconfig, run_sync, settings  # noqa: F401 - pytest fixtures

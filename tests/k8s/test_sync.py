@@ -10,7 +10,7 @@ import pytest
 
 from nodecryptor import k8s
 from nodecryptor.ciliumnode import parse_ciliumnode
-from nodecryptor.testing.fakeapi import make_ciliumnode
+from nodecryptor_testkit.fakeapi import make_ciliumnode
 
 from k8s_support import require_openssl, node, restarts, wait_for, with_settings
 from k8s_support import fake, kubeconfig, run_sync, settings  # noqa: F401 - pytest fixtures
@@ -269,7 +269,7 @@ def test_malformed_objects_are_partly_applied(fake, settings, run_sync):
 def test_in_cluster_configuration(monkeypatch, tmp_path):
     require_openssl()
     from nodecryptor.settings import Settings
-    from nodecryptor.testing.fakeapi import FakeApiServer
+    from nodecryptor_testkit.fakeapi import FakeApiServer
 
     with FakeApiServer(token="sa-token", tls=True, objects=[node(1)]) as tls_fake:
         sa = tmp_path / "serviceaccount"
@@ -328,7 +328,7 @@ def test_unloadable_configuration_is_retried_not_fatal(fake, settings, run_sync,
 def test_replaced_api_server_forces_a_relist(fake, settings, run_sync, initial_rv, cause):
     """A new API server on the same address whose versions are behind ours (504 Too large
     resource version) or ahead with an empty history (410): either way, list again."""
-    from nodecryptor.testing.fakeapi import FakeApiServer
+    from nodecryptor_testkit.fakeapi import FakeApiServer
 
     for i in range(5):
         fake.apply(node(i))

@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 
-from nodecryptor.testing import netns
+from nodecryptor_testkit import netns
 
 WG_PORT = 51871
 WG_FWMARK = 0xE00

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import time
 
-from nodecryptor.testing import netns
+from nodecryptor_testkit import netns
 
 import pcap
 

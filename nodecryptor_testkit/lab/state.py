@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
-from ..log import kv
+from nodecryptor.log import kv
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def reap_stale(state_dir: str = STATE_DIR) -> list[str]:
 
 
 def reap_kept(state_dir: str = STATE_DIR) -> list[str]:
-    """Remove labs left up by ``--keep`` (what ``nodecryptor demo --down`` does)."""
+    """Remove labs left up by ``--keep`` (what ``nodecryptor-demo --down`` does)."""
     removed = []
     for state in list_states(state_dir):
         if state.kept:

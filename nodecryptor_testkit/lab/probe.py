@@ -4,7 +4,7 @@
 dual-stack socket per port). ``flows`` reads a JSON list of flows on stdin, tries them in
 parallel and prints one JSON result per flow. Each flow uses its own fixed source port, so the
 capture can tell exactly which packets on the underlay belong to it. Run inside a namespace as
-``python -m nodecryptor.lab.probe serve|flows ...``.
+``python -m nodecryptor_testkit.lab.probe serve|flows ...``.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def run_flows(flows: list[dict], parallel: int = 16) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nodecryptor.lab.probe")
+    p = argparse.ArgumentParser(prog="python -m nodecryptor_testkit.lab.probe")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="echo servers")
     s.add_argument("--tcp", default="", help="comma-separated TCP ports")

@@ -1,31 +1,32 @@
-"""`nodecryptor demo`: build the network-namespace lab, run the end-to-end scenarios, print
-what crossed the underlay in the clear, and remove the lab again (see nodecryptor.lab)."""
+"""`nodecryptor-demo` (what `make demo` runs): build the network-namespace lab, run the
+end-to-end scenarios, print what crossed the underlay in the clear, and remove the lab again
+(see nodecryptor_testkit.lab). Development only: it is not part of the agent package or image."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import sys
 import time
 
-from .common import print_json
+from nodecryptor.commands.common import print_json
+from nodecryptor.errors import SettingsError
 
 SCENARIO_CHOICES = ("all", "none", "matrix", "bootstrap", "restart", "wg-down", "churn")
 
 EPILOG = """examples:
-  nodecryptor demo                                   every scenario, both datapaths
-  nodecryptor demo --scenario matrix --datapath bpf  one scenario, one datapath
-  nodecryptor demo --nodes 5 --control-planes 2      a bigger lab with two control-plane nodes
-  nodecryptor demo --scenario none --keep            build a lab and leave it up to explore
-  nodecryptor demo --down                            remove a lab left up by --keep
+  nodecryptor-demo                                   every scenario, both datapaths
+  nodecryptor-demo --scenario matrix --datapath bpf  one scenario, one datapath
+  nodecryptor-demo --nodes 5 --control-planes 2      a bigger lab with two control-plane nodes
+  nodecryptor-demo --scenario none --keep            build a lab and leave it up to explore
+  nodecryptor-demo --down                            remove a lab left up by --keep
 """
 
 
-def register(sub) -> None:
-    import argparse
-
-    p = sub.add_parser(
-        "demo", help="run the network-namespace lab and its end-to-end scenarios",
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nodecryptor-demo",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Build a Cilium-like cluster from network namespaces (an underlay bridge, "
                     "nodes with pods, WireGuard through a Cilium stand-in, a fake kube-apiserver "
@@ -48,7 +49,18 @@ def register(sub) -> None:
                         "explore it")
     p.add_argument("--down", action="store_true", help="remove a lab left up by --keep")
     p.add_argument("--json", action="store_true", help="print the results as JSON at the end")
-    p.set_defaults(func=handle)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return handle(args)
+    except SettingsError as e:
+        print(f"nodecryptor-demo: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 def _progress(msg: str) -> None:
@@ -66,6 +78,11 @@ def _nodecryptor_command() -> str:
     return script if os.path.exists(script) else f"{sys.executable} -m nodecryptor.cli"
 
 
+def _demo_command() -> str:
+    script = os.path.join(os.path.dirname(sys.executable), "nodecryptor-demo")
+    return script if os.path.exists(script) else f"{sys.executable} -m nodecryptor_testkit.demo"
+
+
 def _explore_help(lab) -> str:
     nc = _nodecryptor_command()
     lines = ["lab kept up. Enter a node (network and its private mounts):"]
@@ -81,18 +98,17 @@ def _explore_help(lab) -> str:
               f"  {nc} explain --bpffs {first.bpffs} --dst {peer.ipv4} --proto tcp --dport 8080",
               "  wg show cilium_wg0",
               f"watch the underlay: ip netns exec {lab.underlay} tcpdump -ni any",
-              f"remove it: {nc} demo --down"]
+              f"remove it: {_demo_command()} --down"]
     return "\n".join(lines)
 
 
 def handle(args) -> int:
-    from ..errors import SettingsError
-    from ..lab import report, state
-    from ..lab.flows import PortAllocator
-    from ..lab.lab import Lab
-    from ..lab.scenarios import NAMES, run_scenario
-    from ..lab.spec import make_spec
-    from ..lab.topology import LabError
+    from .lab import report, state
+    from .lab.flows import PortAllocator
+    from .lab.lab import Lab
+    from .lab.scenarios import NAMES, run_scenario
+    from .lab.spec import make_spec
+    from .lab.topology import LabError
 
     if args.down:
         removed = state.reap_kept()
@@ -123,7 +139,7 @@ def handle(args) -> int:
             try:
                 lab.up()
             except LabError as e:
-                print(f"nodecryptor demo: building the lab failed: {e}", file=sys.stderr)
+                print(f"nodecryptor-demo: building the lab failed: {e}", file=sys.stderr)
                 return 1
             timings[f"lab build ({datapath})"] = lab.build_seconds
             _progress(f"lab up in {lab.build_seconds:.1f} s")
@@ -148,3 +164,7 @@ def handle(args) -> int:
     else:
         print(report.summary(results, timings))
     return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

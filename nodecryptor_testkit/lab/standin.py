@@ -11,7 +11,7 @@ is published only after ``--republish-delay`` seconds or on SIGHUP, whichever co
 a cilium-agent that takes time to start); SIGUSR2 = remove the device, and on the next SIGUSR2
 bring it back with the same key; SIGTERM = remove the device and exit.
 
-Run as ``python -m nodecryptor.lab.standin --node NAME --server URL --token TOKEN``, inside the
+Run as ``python -m nodecryptor_testkit.lab.standin --node NAME --server URL --token TOKEN``, inside the
 node's namespaces.
 """
 
@@ -27,12 +27,12 @@ import sys
 import threading
 import time
 
-from ..ciliumnode import WG_PUBKEY_ANNOTATION, parse_ciliumnode
-from ..log import kv, setup
+from nodecryptor.ciliumnode import WG_PUBKEY_ANNOTATION, parse_ciliumnode
+from nodecryptor.log import kv, setup
 from .kubeapi import ApiError, KubeApi
 from .spec import UNDERLAY_MTU, WG_FWMARK, WG_MTU, WG_PORT
 
-log = logging.getLogger("nodecryptor.lab.standin")
+log = logging.getLogger("nodecryptor_testkit.lab.standin")
 
 UAPI_DIR = "/var/run/wireguard"
 
@@ -224,7 +224,7 @@ class StandIn:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nodecryptor.lab.standin",
+    p = argparse.ArgumentParser(prog="python -m nodecryptor_testkit.lab.standin",
                                 description="Cilium stand-in of one lab node (see module doc).")
     p.add_argument("--node", required=True)
     p.add_argument("--server", required=True, help="API server URL")

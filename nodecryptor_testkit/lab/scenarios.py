@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 
-from ..settings import Settings
+from nodecryptor.settings import Settings
 from .capture import Capture
 from .flows import (BLOCKED, CLEAR, ENCRYPTED, Flow, PortAllocator, Result, Row, leaks,
                     observe)
@@ -301,7 +301,7 @@ def _installed_text(lab, name: str) -> str:
     cheaply (the pinned BPF maps, or nodecryptor's own route table) so a change is timed to a
     few milliseconds rather than to the start-up time of a CLI process."""
     if lab.datapath == "bpf":
-        from ..datapath.bpf import inspect as bpf_inspect
+        from nodecryptor.datapath.bpf import inspect as bpf_inspect
         return json.dumps(bpf_inspect.dump(Settings(bpffs=lab.nodes[name].bpffs)), default=str)
     table = str(Settings().iprule_table)
     return "\n".join(lab.run_in(name, "ip", fam, "route", "show", "table", table)
@@ -365,7 +365,7 @@ def _follow_covered(lab, nodes: list[str], new, since: float,
 
     def covered(name: str) -> bool:
         if lab.datapath == "bpf":
-            from ..datapath.bpf import inspect as bpf_inspect
+            from nodecryptor.datapath.bpf import inspect as bpf_inspect
             dump = bpf_inspect.dump(Settings(bpffs=lab.nodes[name].bpffs))
             return any(d.get("prefix") == prefix and not d.get("uncovered")
                        for d in dump.get("maps", {}).get("destinations", []))

@@ -16,7 +16,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from ..testing import netns as netns_mod
+from .. import netns as netns_mod
 from .spec import UNDERLAY_MTU, UNDERLAY_V4, UNDERLAY_V6, LabSpec, NodeSpec
 from .state import LabState
 

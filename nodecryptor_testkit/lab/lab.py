@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 
-from ..log import kv
+from nodecryptor.log import kv
 from . import probe
 from .flows import PortAllocator
 from . import topology as topo
@@ -154,7 +154,7 @@ class Lab:
         self.children.clear()
 
     def keep(self) -> None:
-        """Leave the lab up after this process exits (``nodecryptor demo --down`` removes it)."""
+        """Leave the lab up after this process exits (``nodecryptor-demo --down`` removes it)."""
         if self.state is not None:
             self.state.kept = True
             self.state.save()
@@ -216,7 +216,7 @@ class Lab:
 
     def _echo_argv(self, api_node: bool = False) -> list[str]:
         every = (SERVICE_TCP_PORT, *EXEMPT_TCP_PORTS)
-        argv = [PY, "-m", "nodecryptor.lab.probe", "serve", "--udp",
+        argv = [PY, "-m", "nodecryptor_testkit.lab.probe", "serve", "--udp",
                 f"{SERVICE_UDP_PORT},{API_PORT}"]
         if api_node:
             # The fake API owns IPv4 port 6443 here; an IPv6-only echo server answers 6443
@@ -244,7 +244,7 @@ class Lab:
             json.dump([ciliumnode_object(n) for n in self.spec.nodes], f, indent=1)
         kubeconfig = os.path.join(self.workdir, "kubeconfig")
         self.api_proc = self.spawn(
-            [PY, "-m", "nodecryptor.testing.fakeapi", "--bind", f"{cp.ipv4}:{API_PORT}",
+            [PY, "-m", "nodecryptor_testkit.fakeapi", "--bind", f"{cp.ipv4}:{API_PORT}",
              "--objects", objects, "--token", API_TOKEN, "--write-kubeconfig", kubeconfig],
             "fake kube-apiserver", "apiserver", node=cp.name)
         self.api_url = f"http://{cp.ipv4}:{API_PORT}"
@@ -268,7 +268,7 @@ class Lab:
 
     def start_standin(self, name: str) -> None:
         self.standins[name] = self.spawn(
-            [PY, "-m", "nodecryptor.lab.standin", "--node", name, "--server", self.api_url,
+            [PY, "-m", "nodecryptor_testkit.lab.standin", "--node", name, "--server", self.api_url,
              "--token", API_TOKEN, "--wg-impl", self.wg_impl,
              "--republish-delay", str(self.republish_delay)],
             f"cilium stand-in {name}", f"{name}-standin", node=name)

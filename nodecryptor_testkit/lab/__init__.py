@@ -3,7 +3,7 @@
 Each node is a network namespace on a shared underlay bridge, with pods behind veths, a
 WireGuard device named like Cilium's, a Cilium stand-in that exchanges WireGuard keys through a
 fake kube-apiserver, and nodecryptor running for real. Scenarios send traffic and watch the
-underlay with tcpdump to show what crossed in the clear. ``nodecryptor demo`` drives it.
+underlay with tcpdump to show what crossed in the clear. ``nodecryptor-demo`` (make demo) drives it.
 
 Modules: ``spec`` (pure address plan), ``state`` (what was created, for crash clean-up),
 ``topology`` (namespaces, links, addresses, routes), ``standin`` (the Cilium stand-in),

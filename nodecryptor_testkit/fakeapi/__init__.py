@@ -1,7 +1,7 @@
 """A small fake kube-apiserver that serves CiliumNodes over the real HTTP protocol.
 
 Tests run it in a thread; the network-namespace lab runs it as a process
-(``python -m nodecryptor.testing.fakeapi --bind 127.0.0.1:6443 --objects cluster.json
+(``python -m nodecryptor_testkit.fakeapi --bind 127.0.0.1:6443 --objects cluster.json
 --token T --write-kubeconfig kc``). It speaks what the official Python client uses:
 
 - discovery: ``/version``, ``/api``, ``/apis``, ``/apis/cilium.io``, ``/apis/cilium.io/v2``;

@@ -1,4 +1,4 @@
-"""``python -m nodecryptor.testing.fakeapi``: the fake API server as a process (the lab's
+"""``python -m nodecryptor_testkit.fakeapi``: the fake API server as a process (the lab's
 kube-apiserver). Prints one ``ready url=...`` line when serving; exits 0 on SIGTERM."""
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ def _parse_bind(text: str) -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m nodecryptor.testing.fakeapi",
+        prog="python -m nodecryptor_testkit.fakeapi",
         description="Serve CiliumNodes like a kube-apiserver, for tests and the lab.",
-        epilog="example:\n  python -m nodecryptor.testing.fakeapi --bind 127.0.0.1:6443 "
+        epilog="example:\n  python -m nodecryptor_testkit.fakeapi --bind 127.0.0.1:6443 "
                "--objects nodecryptor/examples/cluster.json --token t --write-kubeconfig kc",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bind", type=_parse_bind, default=("127.0.0.1", 0), metavar="HOST:PORT")

@@ -1,1 +1,0 @@
-"""Test support shipped with the package because the lab reuses it (fake API server, netns)."""
