@@ -17,14 +17,13 @@ from .log import kv
 from .metrics import Metrics
 from .netwatch import LinkWatcher
 from .reconcile import Reconciler
-from .settings import Settings
+from .settings import Settings, require_node_name
 from .store import Store
 
 log = logging.getLogger("nodecryptor.agent")
 
 
 def run_agent(settings: Settings, stop: threading.Event | None = None) -> int:
-    from .commands.common import require_node_name
     from .datapath.select import choose_datapath
     from .k8s import CiliumNodeSync
 

@@ -6,7 +6,6 @@
   re-lists on 410 Gone and periodically; every request has a timeout, so a dead or stalled
   connection never hangs the agent; errors back off exponentially with jitter. During an API
   outage the store keeps its last content: an unreachable API says nothing about the cluster.
-- ``publish_wg_key``: merge-patch the WireGuard public-key annotation (the lab's Cilium stand-in).
 
 Every object goes through ``ciliumnode.parse_ciliumnode``; only the NodeInfo reaches the store.
 """
@@ -241,29 +240,6 @@ def snapshot_once(settings: Settings) -> tuple[dict[str, NodeInfo], list[Rejecti
                 if attempt == 2:
                     raise
         return result.nodes, [r for _, rs in result.rejections for r in rs]
-    finally:
-        api_client.close()
-
-
-# --------------------------------------------------------------------------------------------
-# Publishing the WireGuard key
-
-
-def publish_wg_key(settings: Settings, node_name: str, public_key: str) -> None:
-    """Set ``network.cilium.io/wg-pub-key`` on the CiliumNode ``node_name`` (merge patch)."""
-    api_client = load_client(settings)
-    try:
-        api = kubernetes.client.CustomObjectsApi(api_client)
-        body = {"metadata": {"annotations": {WG_PUBKEY_ANNOTATION: public_key}}}
-        what = f"publishing the WireGuard key on CiliumNode {node_name!r}"
-        timeout = settings.request_timeout_seconds
-        try:
-            api.patch_cluster_custom_object(GROUP, VERSION, PLURAL, node_name, body,
-                                            _request_timeout=(timeout, timeout))
-        except ApiException as e:
-            raise translate_error(e, _server(api), what) from e
-        except _TRANSPORT_ERRORS as e:
-            raise translate_error(e, _server(api), what) from e
     finally:
         api_client.close()
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Union
 
 from .ports import PortRange
+from .settings import FailMode
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -121,7 +122,7 @@ class DesiredState:
     plan: Plan
     wg: WgState
     devices: tuple[Device, ...]
-    fail_mode: str
+    fail_mode: FailMode
     enabled: bool
     uncovered: frozenset[IPNetwork] = frozenset()
     """Destinations no WireGuard peer's allowed-IPs cover."""
@@ -130,6 +131,10 @@ class DesiredState:
     max_packet_v4: int = 0
     """Largest inner IPv4 packet that crosses WireGuard without outer fragmentation."""
     max_packet_v6: int = 0
+    wg_port: int = 0
+    """UDP port WireGuard's own traffic uses at both ends; never re-encrypted. Resolved by the
+    policy (the device's listen port, else Cilium's fixed 51871), so both backends exempt the
+    same port."""
     wg_mark: int = 0x0E00
     wg_mark_mask: int = 0x0F00
     extra: dict = field(default_factory=dict, compare=False, hash=False)

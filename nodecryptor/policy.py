@@ -25,6 +25,9 @@ WG_OVERHEAD_V6_OUTER = 80
 WG_PADDING_SLACK = 15
 TCP_IPV4_HEADERS = 40  # IPv4 (20) + TCP (20)
 TCP_IPV6_HEADERS = 60  # IPv6 (40) + TCP (20)
+# Cilium's WireGuard always listens here; used while the device's port cannot be read (device
+# absent, or peers unreadable), so the datapath never re-encrypts WireGuard's own UDP.
+DEFAULT_WG_PORT = 51871
 DEFAULT_WG_MARK = 0x0E00
 DEFAULT_WG_MARK_MASK = 0x0F00
 
@@ -152,6 +155,7 @@ def compute_desired(plan: Plan, wg: WgState, devices: Iterable[Device],
         mss_v6=max(0, payload - TCP_IPV6_HEADERS),
         max_packet_v4=payload,
         max_packet_v6=payload,
+        wg_port=wg.listen_port or DEFAULT_WG_PORT,
         wg_mark=mark,
         wg_mark_mask=mask,
     )

@@ -9,8 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PROTOCOLS = {"tcp": 6, "udp": 17, "sctp": 132}
+# The one table of IP protocol numbers nodecryptor names. Every layer (port specifications,
+# rule specs, packet queries, the BPF test run, status output) reads it from here.
+IP_PROTOCOLS = {"tcp": 6, "udp": 17, "sctp": 132, "icmp": 1, "icmpv6": 58}
+IP_PROTOCOL_NAMES = {v: k for k, v in IP_PROTOCOLS.items()}
+# Protocols with ports, the ones an exemption can name.
+PROTOCOLS = {name: IP_PROTOCOLS[name] for name in ("tcp", "udp", "sctp")}
 PROTOCOL_NAMES = {v: k for k, v in PROTOCOLS.items()}
+PORTED_NUMBERS = frozenset(PROTOCOLS.values())
 
 
 @dataclass(frozen=True, order=True)

@@ -4,10 +4,32 @@ and why). The CLI only translates flags into this object; nothing else reads fla
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
+from .errors import SettingsError
 from .ports import PortRange, parse_port_spec
 
 DEFAULT_EXEMPT_PORTS = "2379-2380,6443"
+
+
+class FailMode(StrEnum):
+    """What happens to cluster traffic that cannot be encrypted (``--fail-mode``)."""
+
+    CLOSED = "closed"
+    """Dropped; the bootstrap exemptions still pass."""
+    OPEN = "open"
+    """Sent in the clear, as if nodecryptor were not installed."""
+
+
+class DatapathMode(StrEnum):
+    """Which datapath enforces (``--datapath``); BPF and IPRULE also name the backends."""
+
+    AUTO = "auto"
+    """BPF when it compiles, loads and attaches; otherwise ip rules."""
+    BPF = "bpf"
+    """The tc BPF program, or fail."""
+    IPRULE = "iprule"
+    """Policy routing into the WireGuard device."""
 
 
 @dataclass(frozen=True)
@@ -50,8 +72,9 @@ class Settings:
     address_types: tuple[str, ...] = ("InternalIP",)
     """CiliumNode spec.addresses types that count as node addresses to encrypt towards."""
 
-    datapath: str = "auto"
-    """"bpf", "iprule", or "auto" (BPF when it compiles, loads and attaches; else ip rules)."""
+    datapath: DatapathMode = DatapathMode.AUTO
+    """DatapathMode.BPF, IPRULE, or AUTO (BPF when it compiles, loads and attaches; else ip
+    rules)."""
 
     wg_interface: str = "cilium_wg0"
     """Cilium's WireGuard device."""
@@ -59,12 +82,17 @@ class Settings:
     devices: tuple[str, ...] = ()
     """Underlay devices to attach to. Empty: detected from the routes to remote node addresses."""
 
-    fail_mode: str = "closed"
-    """"closed": cluster traffic that cannot be encrypted (WireGuard down or absent, destination
-    no peer covers) is dropped; exemptions still pass. "open": it leaves in the clear."""
+    fail_mode: FailMode = FailMode.CLOSED
+    """CLOSED: cluster traffic that cannot be encrypted (WireGuard down or absent, destination
+    no peer covers) is dropped; exemptions still pass. OPEN: it leaves in the clear."""
 
     bpffs: str = "/sys/fs/bpf"
     """bpffs mount; nodecryptor keeps every pin under <bpffs>/nodecryptor/."""
+
+    run_dir: str = "/run/nodecryptor"
+    """Directory where the agent records which datapath it chose and why (``datapath.json``),
+    for ``nodecryptor status`` in another process. The DaemonSet mounts a small emptyDir here;
+    a read-only directory only loses that status line."""
 
     kubeconfig: str | None = None
     """Path to a kubeconfig; None means in-cluster service-account configuration."""
@@ -121,3 +149,22 @@ class Settings:
 
     log_level: str = "info"
     """debug, info, warning or error."""
+
+    def __post_init__(self):
+        # Plain strings (from code or JSON) become the enums, so every later comparison is
+        # between enum members; an unknown value names the flag.
+        for name, enum, flag in (("fail_mode", FailMode, "--fail-mode"),
+                                 ("datapath", DatapathMode, "--datapath")):
+            value = getattr(self, name)
+            if not isinstance(value, enum):
+                try:
+                    object.__setattr__(self, name, enum(value))
+                except ValueError:
+                    raise SettingsError(flag, value, "expected one of "
+                                        + ", ".join(m.value for m in enum)) from None
+
+
+def require_node_name(settings: Settings) -> None:
+    """The agent and ``plan`` act for one node; without its name nothing can be decided."""
+    if not settings.node_name:
+        raise SettingsError("--node-name", "", "required (or set NODE_NAME)")

@@ -3,5 +3,7 @@
 # feature fails them instead of skipping (see tests/conftest.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Layering contracts (pyproject.toml, [tool.importlinter]) first: a broken contract fails here.
+.venv/bin/lint-imports
 bash scripts/setup-vm.sh
 .venv/bin/python -m pytest -q tests "$@"

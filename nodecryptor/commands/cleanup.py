@@ -1,36 +1,44 @@
-"""`nodecryptor cleanup`: remove everything nodecryptor installed on this node.
+"""`nodecryptor cleanup`: remove everything nodecryptor installed on this node, or, with
+``--proof-of-concept``, only what the original Go proof of concept left behind.
 
-Removes only nodecryptor's own objects: tcx links pinned under its root, tc filters with its
-handle and name, its pins; and (through the ip-rule datapath's inspection module) its ip rules
-and routing table. Both datapaths are cleaned, so leftovers of an earlier mode go too.
+Without the flag it removes only nodecryptor's own objects: tcx links pinned under its root, tc
+filters with its handle and name, its pins, its ip rules and routing table. Both datapaths are
+cleaned, so leftovers of an earlier mode go too.
+
+With the flag it removes the proof of concept's ip rules, its table-100 route and its ``noop``
+dummy device, matched exactly (``datapath.iprule.proof_of_concept``), and leaves nodecryptor
+enforcing: this is the migration step, run while the agent runs.
 """
 
 from __future__ import annotations
 
 from .common import add_bpffs, add_json, print_json, settings_from_args
-from .status import iprule_inspect
 
 
 def register(sub) -> None:
     p = sub.add_parser("cleanup", help="remove nodecryptor's links, filters, pins and rules",
                        description="Remove every kernel object nodecryptor created on this node "
                                    "(and nothing else). Stop the agent first, or it re-creates "
-                                   "them. Traffic to remote nodes then leaves unencrypted.")
+                                   "them. Traffic to remote nodes then leaves unencrypted.",
+                       epilog="migration: `nodecryptor cleanup --proof-of-concept` removes only "
+                              "the original Go proof of concept's ip rules (priorities 0, 200, "
+                              "201, 210, 220), its table-100 route and its noop device, and "
+                              "leaves nodecryptor running; see the operator guide.")
     add_bpffs(p)
+    p.add_argument("--proof-of-concept", action="store_true",
+                   help="remove only the Go proof of concept's rules, route and noop device; "
+                        "nodecryptor's own objects stay")
     add_json(p)
     p.set_defaults(func=handle)
 
 
 def handle(args) -> int:
-    from ..datapath.bpf import inspect as bpf_inspect
-
     settings = settings_from_args(args)
-    report = {"bpf": bpf_inspect.cleanup(settings)}
-    iprule = iprule_inspect()
-    if iprule is None:
-        report["iprule"] = {"skipped": "no ip-rule inspection module in this build"}
-    else:
-        report["iprule"] = iprule.cleanup(settings)
+    if args.proof_of_concept:
+        return _proof_of_concept(args)
+    from ..datapath.detect import inspectors
+
+    report = {str(name): module.cleanup(settings) for name, module in inspectors().items()}
     if args.json:
         print_json(report)
         return 0
@@ -39,3 +47,21 @@ def handle(args) -> int:
           f"{len(b['tc_filters'])} tc filter(s) {b['tc_filters']}, {len(b['pins'])} pin(s)")
     print(f"iprule: {report['iprule']}")
     return 0
+
+
+def _proof_of_concept(args) -> int:
+    from ..datapath.iprule import proof_of_concept  # netlink; loaded on use
+
+    removed = proof_of_concept.remove()
+    if args.json:
+        print_json(removed)
+    else:
+        print(f"proof of concept: removed {len(removed['rules'])} rule(s), "
+              f"{len(removed['routes'])} route(s)"
+              + (f", device {removed['noop_device']}" if removed["noop_device"] else ""))
+        for item in removed["rules"] + removed["routes"]:
+            print(f"  {item}")
+        for item in removed["left_in_place"]:
+            print(f"  left in place (remove by hand): {item}")
+    # Left-over proof-of-concept rules mean the migration is not finished.
+    return 1 if removed["left_in_place"] else 0

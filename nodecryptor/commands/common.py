@@ -10,7 +10,8 @@ import sys
 from ..errors import SettingsError
 from ..log import LEVELS
 from ..ports import PortSpecError, parse_port_spec
-from ..settings import DEFAULT_EXEMPT_PORTS, Settings
+from ..settings import DEFAULT_EXEMPT_PORTS, DatapathMode, FailMode, Settings
+from ..settings import require_node_name  # noqa: F401  (re-exported for the commands)
 
 
 def parse_bool(text: str) -> bool:
@@ -56,6 +57,26 @@ def add_cluster(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
 
 
+def add_run_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", default=Settings.run_dir, metavar="DIR",
+                   help="where the agent records which datapath it chose and why "
+                        "(default: %(default)s)")
+
+
+def add_datapath(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--datapath", choices=[m.value for m in DatapathMode],
+                   default=DatapathMode.AUTO.value,
+                   help="auto: BPF when it compiles, loads and attaches, else ip rules; "
+                        "bpf: fail instead of falling back (default: %(default)s)")
+
+
+def add_fail_mode(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fail-mode", choices=[m.value for m in FailMode],
+                   default=FailMode.CLOSED.value,
+                   help="closed: drop cluster traffic that cannot be encrypted; open: let it "
+                        "out in the clear (default: %(default)s)")
+
+
 def _bind(flag: str, value: str) -> str:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
@@ -85,7 +106,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     for attr, key in (("kubeconfig", "kubeconfig"), ("bpffs", "bpffs"),
                       ("log_format", "log_format"), ("log_level", "log_level"),
                       ("datapath", "datapath"), ("wg_interface", "wg_interface"),
-                      ("fail_mode", "fail_mode")):
+                      ("fail_mode", "fail_mode"), ("run_dir", "run_dir")):
         if getattr(args, attr, None) is not None:
             kw[key] = getattr(args, attr)
     if getattr(args, "devices", None):
@@ -102,11 +123,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if getattr(args, "noop_route", None) is not None:
         kw["noop_route"] = bool(args.noop_route)
     return Settings(**kw)
-
-
-def require_node_name(settings: Settings) -> None:
-    if not settings.node_name:
-        raise SettingsError("--node-name", "", "required (or set NODE_NAME)")
 
 
 def print_json(obj) -> None:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import ipaddress
 
+from ..datapath import detect
 from ..datapath.base import PacketQuery
 from ..errors import SettingsError
+from ..ports import IP_PROTOCOLS
 from .common import add_bpffs, add_json, print_json, settings_from_args
-from .status import active_inspector
 
-PROTOCOLS = ("tcp", "udp", "sctp", "icmp", "icmpv6")
+PROTOCOLS = tuple(IP_PROTOCOLS)
 
 
 def register(sub) -> None:
@@ -77,7 +78,7 @@ def query_from_args(args) -> PacketQuery:
 def handle(args) -> int:
     query = query_from_args(args)
     settings = settings_from_args(args)
-    _, module = active_inspector(settings)
+    _, module = detect.installed(settings)
     try:
         explanation = module.explain(settings, query)
     except LookupError as e:

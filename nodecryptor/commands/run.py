@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .common import add_bpffs, add_cluster, add_logging, parse_bool, settings_from_args
+from .common import (add_bpffs, add_cluster, add_datapath, add_fail_mode, add_logging,
+                     add_run_dir, parse_bool, settings_from_args)
 
 
 def register(sub) -> None:
@@ -19,17 +20,14 @@ def register(sub) -> None:
     p.add_argument("--noop-route", nargs="?", const=True, default=False, type=parse_bool,
                    metavar="BOOL", help="create the seed's dummy device and route "
                                         "(compatibility; ip-rule datapath only)")
-    p.add_argument("--datapath", choices=("auto", "bpf", "iprule"), default="auto",
-                   help="auto: BPF when it compiles, loads and attaches, else ip rules; "
-                        "bpf: fail instead of falling back (default: %(default)s)")
+    add_datapath(p)
     p.add_argument("--wg-interface", default="cilium_wg0", metavar="IFNAME",
                    help="Cilium's WireGuard device (default: %(default)s)")
     p.add_argument("--devices", default=None, metavar="DEVS",
                    help="comma-separated underlay devices; default: detected from the routes "
                         "to remote node addresses")
-    p.add_argument("--fail-mode", choices=("open", "closed"), default="closed",
-                   help="closed: drop cluster traffic that cannot be encrypted; open: let it "
-                        "out in the clear (default: %(default)s)")
+    add_fail_mode(p)
+    add_run_dir(p)
     p.set_defaults(func=handle)
 
 

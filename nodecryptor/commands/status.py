@@ -1,45 +1,15 @@
 """`nodecryptor status`: what is installed on this node and whether it enforces.
 
-Works from pinned objects and netlink only (no compiler), whether or not the agent runs. Finds
-the active datapath itself: BPF when nodecryptor's pins/filters exist, else the ip-rule one.
+Works from pinned objects and netlink only (no compiler), whether or not the agent runs. The
+datapath layer finds the active datapath (``datapath.detect``); this command also reports the
+original Go proof of concept's ip rules when they are still on the node (migration).
 """
 
 from __future__ import annotations
 
-import importlib
-
-from ..errors import NodecryptorError
-from .common import add_bpffs, add_json, print_json, settings_from_args
-
-
-class NoDatapath(NodecryptorError):
-    """No nodecryptor datapath is installed, or the active one has no inspection module."""
-
-
-def iprule_inspect():
-    """The ip-rule datapath's inspection module, or None when this build has none."""
-    try:
-        return importlib.import_module("nodecryptor.datapath.iprule.inspect")
-    except ModuleNotFoundError as e:
-        if e.name != "nodecryptor.datapath.iprule.inspect":
-            raise
-        return None
-
-
-def active_inspector(settings):
-    """The inspection module of the datapath installed on this node: (name, module)."""
-    from ..datapath.bpf import inspect as bpf_inspect
-
-    if bpf_inspect.active(settings):
-        return "bpf", bpf_inspect
-    iprule = iprule_inspect()
-    if iprule is None:
-        raise NoDatapath("the BPF datapath is not active here and this build has no ip-rule "
-                         "inspection module (nodecryptor.datapath.iprule.inspect)")
-    if iprule.active(settings):
-        return "iprule", iprule
-    raise NoDatapath("no nodecryptor datapath is active on this node "
-                     f"(no pins under {settings.bpffs}/nodecryptor, no nodecryptor ip rules)")
+from ..datapath import detect
+from ..datapath.choice import last_choice
+from .common import add_bpffs, add_json, add_run_dir, print_json, settings_from_args
 
 
 def add_wg(p) -> None:
@@ -54,25 +24,55 @@ def register(sub) -> None:
                                    "counters. Reads pinned objects only; changes nothing.")
     add_bpffs(p)
     add_wg(p)
+    add_run_dir(p)
     add_json(p)
     p.set_defaults(func=handle)
 
 
 def handle(args) -> int:
-    settings = settings_from_args(args)
-    name, module = active_inspector(settings)
-    report = module.status(settings)
-    from ..datapath.select import last_choice
+    from ..datapath.iprule import proof_of_concept  # netlink; loaded on use
 
-    choice = last_choice()
+    settings = settings_from_args(args)
+    poc = proof_of_concept.report(proof_of_concept.find())
+    try:
+        name, module = detect.installed(settings)
+    except detect.NoDatapath as e:
+        if not poc["present"]:
+            raise
+        # Nothing of nodecryptor yet, but the proof of concept is here: say so (exit 1).
+        report = {"datapath": None, "active": False, "ready": False, "reason": str(e),
+                  "proof_of_concept": poc}
+        if args.json:
+            print_json(report)
+        else:
+            print(f"datapath: none ({e})")
+            print_proof_of_concept(poc)
+        return 1
+    report = module.status(settings)
+    choice = last_choice(settings)
     if choice is not None and choice.get("datapath") == name:
         # Why the agent chose this datapath (a record of another mode would be stale).
         report["agent_choice"] = choice
+    report["proof_of_concept"] = poc
     if args.json:
         print_json(report)
         return 0
     print_text(report)
     return 0
+
+
+def print_proof_of_concept(poc: dict) -> None:
+    if not poc["present"]:
+        return
+    print("proof of concept: its state is still on this node; once nodecryptor enforces, "
+          "remove it with `nodecryptor cleanup --proof-of-concept`")
+    for item in poc["rules"] + poc["routes"]:
+        print(f"  {item}")
+    if poc["noop_device"]:
+        print(f"  dummy device {poc['noop_device']['name']}")
+    for item in poc["left_in_place"]:
+        print(f"  {item}  (a foreign rule at the same priority is listed first; "
+              "cleanup leaves this one, remove it by hand)")
 
 
 def print_text(report: dict) -> None:
@@ -108,5 +108,7 @@ def print_text(report: dict) -> None:
             print(f"  {name:<32} {c['packets']:>12} pkts {c['bytes']:>14} bytes")
     for key, value in report.items():
         if key not in {"datapath", "mode", "prog_id", "ready", "reason", "devices", "wireguard",
-                       "mss", "agent_alive_age_seconds", "counters", "config", "active"}:
+                       "mss", "agent_alive_age_seconds", "counters", "config", "active",
+                       "proof_of_concept"}:
             print(f"{key}: {value}")
+    print_proof_of_concept(report.get("proof_of_concept") or {"present": False})

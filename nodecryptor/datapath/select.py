@@ -13,63 +13,28 @@ two may overlap briefly, which is harmless: traffic the rules route into WireGua
 reaches the underlay device the BPF program watches.
 
 The reason for the choice is logged, exported as ``nodecryptor_datapath_info{datapath,
-reason}`` and written to ``$NODECRYPTOR_RUN_DIR/datapath.json`` (default /run/nodecryptor) so
-``nodecryptor status`` (another process) can show it.
-
-Test seam: ``NODECRYPTOR_DISABLE_BPF=1`` in the environment makes BPF report NotSupported
-without importing anything, which is how the fallback is exercised on machines that do have
-BCC.
+reason}`` and recorded in ``settings.run_dir`` (``choice.record_choice``) so ``nodecryptor
+status`` (another process) can show it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import time
+from collections.abc import Callable
 
-from ..errors import DatapathError, NotSupported, SettingsError
+from ..errors import DatapathError, NotSupported
 from ..log import kv
-from ..settings import Settings
+from ..settings import DatapathMode, Settings
 from .base import Datapath
+from .choice import record_choice
 
 log = logging.getLogger(__name__)
 
-DISABLE_BPF_ENV = "NODECRYPTOR_DISABLE_BPF"
-RUN_DIR_ENV = "NODECRYPTOR_RUN_DIR"
-DEFAULT_RUN_DIR = "/run/nodecryptor"
-MODES = ("auto", "bpf", "iprule")
+BackendStarter = Callable[[Settings, object], Datapath]
+"""Starts the BPF backend: (settings, metrics) -> a started Datapath."""
 
 
-def _choice_path() -> str:
-    return os.path.join(os.environ.get(RUN_DIR_ENV, DEFAULT_RUN_DIR), "datapath.json")
-
-
-def record_choice(name: str, reason: str) -> None:
-    """Persist the choice for other processes; a read-only /run only loses the status line."""
-    path = _choice_path()
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"datapath": name, "reason": reason, "since": time.time()}, f)
-        os.replace(tmp, path)
-    except OSError as e:
-        log.warning("cannot record the datapath choice", extra=kv(path=path, error=str(e)))
-
-
-def last_choice() -> dict | None:
-    """What the agent last chose, or None when nothing was recorded."""
-    try:
-        with open(_choice_path()) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def _start_bpf(settings: Settings, metrics) -> Datapath:
-    if os.environ.get(DISABLE_BPF_ENV, "") not in ("", "0"):
-        raise NotSupported("bpf datapath", f"disabled by {DISABLE_BPF_ENV}")
+def start_bpf(settings: Settings, metrics) -> Datapath:
     # Imported here: the BPF backend pulls in bcc, which may be missing on this machine.
     from .bpf.backend import BpfDatapath
 
@@ -138,25 +103,24 @@ class HandOver:
         return getattr(self.backend, attr)
 
 
-def choose_datapath(settings: Settings, metrics=None,
-                    netns: str | None = None) -> tuple[Datapath, str]:
+def choose_datapath(settings: Settings, metrics=None, netns: str | None = None,
+                    bpf_starter: BackendStarter = start_bpf) -> tuple[Datapath, str]:
     """Start the datapath ``settings.datapath`` asks for; return it and why it was chosen.
 
-    ``netns`` applies to the ip-rule backend only (tests); the BPF backend runs where the
-    agent runs."""
+    ``netns`` applies to the ip-rule backend only; the BPF backend runs where the agent runs.
+    ``bpf_starter`` starts the BPF backend; whatever it raises (NotSupported, DatapathError,
+    ImportError) is what ``auto`` falls back on."""
     mode = settings.datapath
-    if mode not in MODES:
-        raise SettingsError("--datapath", mode, "expected auto, bpf or iprule")
-    if mode == "iprule":
+    if mode is DatapathMode.IPRULE:
         datapath = _start_iprule(settings, metrics, netns)
         reason = "requested: --datapath iprule"
-    elif mode == "bpf":
+    elif mode is DatapathMode.BPF:
         # No fallback: NotSupported propagates with the feature that is missing.
-        datapath = _start_bpf(settings, metrics)
+        datapath = bpf_starter(settings, metrics)
         reason = "requested: --datapath bpf"
     else:
         try:
-            datapath = _start_bpf(settings, metrics)
+            datapath = bpf_starter(settings, metrics)
             reason = "auto: BPF program compiled and loaded"
         except (NotSupported, DatapathError, ImportError) as e:
             why = f"{type(e).__name__}: {e}"
@@ -168,12 +132,12 @@ def choose_datapath(settings: Settings, metrics=None,
                 raise NotSupported("datapath", f"BPF: {why}; ip rules: {iprule_error}") \
                     from iprule_error
             reason = f"auto: fell back to ip rules because BPF is unavailable ({why})"
-    if datapath.name == "iprule":
+    if datapath.name == DatapathMode.IPRULE:
         datapath = HandOver(datapath, lambda: _remove_bpf_state(settings))
     else:
         datapath = HandOver(datapath, lambda: _remove_iprule_state(settings, netns))
     log.info("datapath chosen", extra=kv(datapath=datapath.name, reason=reason))
     if metrics is not None:
         metrics.datapath.info({"datapath": datapath.name, "reason": reason})
-    record_choice(datapath.name, reason)
+    record_choice(settings, datapath.name, reason)
     return datapath, reason

@@ -79,8 +79,9 @@ def desired_config(wg_ifindex: int) -> DesiredState:
                 exempt_ports=parse_port_spec("6443"))
     wg = WgState(ifname="w_a", ifindex=wg_ifindex, present=True, up=True, mtu=1420,
                  listen_port=51871)
-    return DesiredState(plan=plan, wg=wg, devices=(), fail_mode="closed", enabled=True,
-                        mss_v4=MSS, mss_v6=MSS, max_packet_v4=1420, max_packet_v6=1420)
+    return DesiredState(plan=plan, wg=wg, devices=(), fail_mode=FailMode.CLOSED, enabled=True,
+                        mss_v4=MSS, mss_v6=MSS, max_packet_v4=1420, max_packet_v6=1420,
+                        wg_port=51871)
 
 
 def tcp_exchange(a: str, b: str, dst: str, payload: bytes) -> tuple[int, bytes]:

@@ -15,6 +15,7 @@ device: the agent then enforces fail-closed, which does not affect readiness.
 from __future__ import annotations
 
 import json
+import pathlib
 import signal
 import subprocess
 import sys
@@ -48,9 +49,10 @@ def _setpriv(caps: list[str]) -> list[str]:
 
 def _cli(node, caps: list[str], *argv: str) -> subprocess.CompletedProcess:
     """`kubectl exec` stand-in: a command with the container's capabilities in the node."""
-    return subprocess.run(["ip", "netns", "exec", node["ns"], *_setpriv(caps), "env",
-                           f"NODECRYPTOR_RUN_DIR={node['run_dir']}", _python(), "-B", "-m",
-                           "nodecryptor.cli", *argv],
+    if argv and argv[0] == "status":
+        argv = (*argv, f"--run-dir={node['run_dir']}")
+    return subprocess.run(["ip", "netns", "exec", node["ns"], *_setpriv(caps), _python(), "-B",
+                           "-m", "nodecryptor.cli", *argv],
                           capture_output=True, text=True, timeout=60, cwd=REPO)
 
 
@@ -79,7 +81,7 @@ def _agent_argv(bpffs: str, kubeconfig: str) -> list[str]:
 
 @pytest.fixture
 def node(netns, bpffs, bcc_available, tmp_path):
-    require(EXAMPLE.exists(), "bundled example cluster not written yet")
+    assert EXAMPLE.exists(), f"the bundled example cluster {EXAMPLE} is part of the package"
     ns = netns("agent")
     netns_mod.run("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0", netns=ns)
     netns_mod.run("ip", "addr", "add", NODE_ADDRESS, "dev", "eth0", netns=ns)
@@ -120,13 +122,15 @@ def node(netns, bpffs, bcc_available, tmp_path):
         # deletes the devices, the bpffs fixture unmounts the pins.
 
 
-def _start_agent(node, caps: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+def _start_agent(node, caps: list[str], hide_kernel_headers: bool = False) -> subprocess.Popen:
+    """The agent in a private mount namespace with a read-only root. ``hide_kernel_headers``
+    mounts an empty tmpfs over /lib/modules there first: a node without kernel headers, on
+    which BCC cannot compile (this kernel has no /sys/kernel/kheaders.tar.xz either)."""
     argv = [_python(), "-B", "-m", "nodecryptor.cli",
-            *_agent_argv(node["bpffs"], node["kubeconfig"])]
-    extra = " ".join(f"{k}={v}" for k, v in (env or {}).items())
-    inner = (f"mount -o remount,bind,ro / && "
-             f"exec {' '.join(_setpriv(caps))} env NODECRYPTOR_RUN_DIR={node['run_dir']} {extra} "
-             + " ".join(argv))
+            *_agent_argv(node["bpffs"], node["kubeconfig"]), f"--run-dir={node['run_dir']}"]
+    hide = "mount -t tmpfs -o size=1m,ro none /lib/modules && " if hide_kernel_headers else ""
+    inner = (f"{hide}mount -o remount,bind,ro / && "
+             f"exec {' '.join(_setpriv(caps))} " + " ".join(argv))
     proc = subprocess.Popen(["ip", "netns", "exec", node["ns"], "unshare", "-m",
                              "--propagation", "private", "sh", "-c", inner],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -203,17 +207,20 @@ def test_agent_ready_with_daemonset_security_context(node):
 
 
 def test_ip_rule_fallback_within_the_same_security_context(node):
-    """A node where BPF is unavailable (no kernel headers, say): with the DaemonSet's
-    `--datapath=auto`, the agent falls back to ip rules, which the same capabilities allow.
-    BPF is switched off with the selector's documented seam, NODECRYPTOR_DISABLE_BPF."""
+    """A node without kernel headers, where BCC cannot compile: with the DaemonSet's
+    `--datapath=auto`, the agent falls back to ip rules, which the same capabilities allow."""
+    require(not pathlib.Path("/sys/kernel/kheaders.tar.xz").exists(),
+            "this kernel carries its headers (kheaders); hiding /lib/modules cannot take BCC's "
+            "headers away")
     caps = agent_capabilities()
-    agent = _start_agent(node, caps, env={"NODECRYPTOR_DISABLE_BPF": "1"})
+    agent = _start_agent(node, caps, hide_kernel_headers=True)
     _wait_ready(node, agent)
 
     status = _cli(node, caps, "status", "--json", f"--bpffs={node['bpffs']}")
     assert status.returncode == 0, status.stderr
     report = json.loads(status.stdout)
     assert report["datapath"] == "iprule" and report["active"], report
+    assert "fell back to ip rules" in report["agent_choice"]["reason"], report
     assert report["rule_count"] > 0 and report["route_count"] > 0, report
     # ip-rule explain asks the kernel's route lookup: no CAP_SYS_ADMIN needed. No WireGuard
     # device and fail-closed: remote destinations get unreachable routes.

@@ -17,7 +17,7 @@ from deploy_manifests import (CRD_KINDS, DOCKERFILE, K8S, REPO, agent_container,
 from nodecryptor import __version__
 from nodecryptor.cli import build_parser
 from nodecryptor.commands.common import settings_from_args
-from nodecryptor.datapath import select
+from nodecryptor.settings import Settings
 from nodecryptor.health import parse_bind
 
 # The newest Kubernetes release whose schema kubernetes-validate ships (pyproject pins >=1.37).
@@ -189,7 +189,7 @@ def test_host_mounts():
         assert vol["hostPath"]["path"] == path
     if container["securityContext"].get("readOnlyRootFilesystem"):
         # Where the agent writes: BCC's kheaders unpacking, and the datapath choice record.
-        for path in ("/tmp", select.DEFAULT_RUN_DIR):
+        for path in ("/tmp", Settings.run_dir):
             _, vol = _mount(container, volumes, path)
             assert "emptyDir" in vol, path
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from nodecryptor.datapath import select
+from nodecryptor.datapath.choice import last_choice
 from nodecryptor.datapath.iprule import inspect
 from nodecryptor.datapath.iprule.backend import IpRuleDatapath
 from nodecryptor.errors import NotSupported, SettingsError
@@ -21,10 +22,13 @@ CASE = CASES_BY_ID["v4-node-to-remote-node"]
 
 
 @pytest.fixture
-def run_dir(tmp_path, monkeypatch):
-    path = tmp_path / "run"
-    monkeypatch.setenv(select.RUN_DIR_ENV, str(path))
-    return path
+def run_dir(tmp_path):
+    return str(tmp_path / "run")
+
+
+def bpf_unavailable(settings, metrics):
+    """A BPF starter that fails as on a node without kernel headers."""
+    raise NotSupported("bpf datapath", "no kernel headers (test)")
 
 
 def info(metrics: Metrics) -> dict:
@@ -33,22 +37,22 @@ def info(metrics: Metrics) -> dict:
         for s in fam.samples}
 
 
-def test_auto_falls_back_when_bpf_is_disabled(node_ns, bpffs, run_dir, monkeypatch):
+def test_auto_falls_back_when_bpf_is_unavailable(node_ns, bpffs, run_dir):
     ns, wg = node_ns("w1")
-    monkeypatch.setenv(select.DISABLE_BPF_ENV, "1")
-    settings = dataclasses.replace(settings_for(CASE), datapath="auto", bpffs=bpffs)
+    settings = dataclasses.replace(settings_for(CASE), datapath="auto", bpffs=bpffs,
+                                   run_dir=run_dir)
     metrics = Metrics()
-    datapath, reason = select.choose_datapath(settings, metrics, netns=ns)
+    datapath, reason = select.choose_datapath(settings, metrics, netns=ns,
+                                              bpf_starter=bpf_unavailable)
     try:
         assert isinstance(datapath, select.HandOver)
         assert isinstance(datapath.backend, IpRuleDatapath)
-        assert "fell back to ip rules" in reason and select.DISABLE_BPF_ENV in reason
+        assert "fell back to ip rules" in reason and "no kernel headers (test)" in reason
         assert info(metrics) == {"iprule": reason}
-        assert select.last_choice()["reason"] == reason
+        choice = last_choice(settings)
+        assert (choice["datapath"], choice["reason"]) == ("iprule", reason)
         datapath.apply(desired_for(CASE, wg))
-        status = inspect.status(settings, netns=ns)
-        assert status["active"] and status["selection"]["datapath"] == "iprule"
-        assert status["selection"]["reason"] == reason
+        assert inspect.status(settings, netns=ns)["active"]
     finally:
         datapath.close()
         inspect.cleanup(settings, netns=ns)
@@ -56,38 +60,39 @@ def test_auto_falls_back_when_bpf_is_disabled(node_ns, bpffs, run_dir, monkeypat
 
 def test_auto_falls_back_when_bcc_cannot_be_imported(node_ns, bpffs, run_dir, monkeypatch):
     ns, _ = node_ns("w1")
-    monkeypatch.delenv(select.DISABLE_BPF_ENV, raising=False)
     # A None entry makes "import nodecryptor.datapath.bpf.backend" raise ImportError, as on a
     # machine without bcc.
     monkeypatch.setitem(sys.modules, "nodecryptor.datapath.bpf.backend", None)
-    settings = dataclasses.replace(settings_for(CASE), datapath="auto", bpffs=bpffs)
+    settings = dataclasses.replace(settings_for(CASE), datapath="auto", bpffs=bpffs,
+                                   run_dir=run_dir)
     datapath, reason = select.choose_datapath(settings, None, netns=ns)
     datapath.close()
     assert datapath.name == "iprule"
     assert "ModuleNotFoundError" in reason  # an ImportError subclass
 
 
-def test_bpf_requested_never_falls_back(node_ns, bpffs, run_dir, monkeypatch):
+def test_bpf_requested_never_falls_back(node_ns, bpffs, run_dir):
     ns, _ = node_ns("w1")
-    monkeypatch.setenv(select.DISABLE_BPF_ENV, "1")
-    settings = dataclasses.replace(settings_for(CASE), datapath="bpf", bpffs=bpffs)
+    settings = dataclasses.replace(settings_for(CASE), datapath="bpf", bpffs=bpffs,
+                                   run_dir=run_dir)
     with pytest.raises(NotSupported) as err:
-        select.choose_datapath(settings, None, netns=ns)
-    assert select.DISABLE_BPF_ENV in str(err.value)
+        select.choose_datapath(settings, None, netns=ns, bpf_starter=bpf_unavailable)
+    assert "no kernel headers (test)" in str(err.value)
     assert not inspect.active(settings, netns=ns)
-    assert select.last_choice() is None
+    assert last_choice(settings) is None
 
 
-def test_unknown_mode_names_the_flag():
+@pytest.mark.parametrize("field,flag", [("datapath", "--datapath"),
+                                        ("fail_mode", "--fail-mode")])
+def test_unknown_mode_names_the_flag(field, flag):
     with pytest.raises(SettingsError) as err:
-        select.choose_datapath(dataclasses.replace(settings_for(CASE), datapath="ebpf"))
-    assert err.value.flag == "--datapath"
+        dataclasses.replace(settings_for(CASE), **{field: "ebpf"})
+    assert (err.value.flag, err.value.value) == (flag, "ebpf")
 
 
-def test_choosing_bpf_removes_ip_rules(node_ns, bpffs, run_dir, bcc_available, monkeypatch):
+def test_choosing_bpf_removes_ip_rules(node_ns, bpffs, run_dir, bcc_available):
     ns, wg = node_ns("w1")
-    monkeypatch.delenv(select.DISABLE_BPF_ENV, raising=False)
-    settings = dataclasses.replace(settings_for(CASE), bpffs=bpffs)
+    settings = dataclasses.replace(settings_for(CASE), bpffs=bpffs, run_dir=run_dir)
     earlier = IpRuleDatapath(settings, netns=ns).start()
     earlier.apply(desired_for(CASE, wg))
     earlier.close()

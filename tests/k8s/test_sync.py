@@ -9,15 +9,23 @@ import time
 import pytest
 
 from nodecryptor import k8s
-from nodecryptor.ciliumnode import parse_ciliumnode
+from nodecryptor.ciliumnode import WG_PUBKEY_ANNOTATION, parse_ciliumnode
 from nodecryptor_testkit.fakeapi import make_ciliumnode
+from nodecryptor_testkit.lab.kubeapi import KubeApi
 
-from k8s_support import require_openssl, node, restarts, wait_for, with_settings
+from k8s_support import TOKEN, require_openssl, node, restarts, wait_for, with_settings
 from k8s_support import fake, kubeconfig, run_sync, settings  # noqa: F401 - pytest fixtures
 
 
 def names(store) -> list[str]:
     return sorted(store.snapshot())
+
+
+def requests_seen(fake) -> list[str]:
+    """The fake's request log as "list" and "watch" words, in order (other requests left
+    out), so a test asserts on what reached the server, not on the client's counters."""
+    return ["watch" if "watch=" in path else "list" for method, path in fake.cluster.requests
+            if method == "GET" and "/ciliumnodes" in path]
 
 
 def test_paginated_list_of_1200_objects(fake, settings, run_sync):
@@ -79,17 +87,27 @@ def test_410_on_watch_relists_and_converges(fake, settings, run_sync):
     wait_for(lambda: names(r.store) == ["n00002", "n00003"], what="convergence")
     assert restarts(r.metrics, "expired") == 1
     assert r.sync.lists == 2
+    # On the wire: list, watch, the watch answered 410, a second list, then a new watch.
+    seen = requests_seen(fake)
+    assert seen.count("list") == 2, seen
+    second = seen.index("list", 1)
+    assert "watch" in seen[1:second], seen
 
 
 def test_injected_410_error_event(fake, settings, run_sync):
     fake.apply(node(1))
     r = run_sync(settings)
     wait_for(lambda: fake.open_watches == 1, what="the watch")
+    before = requests_seen(fake)
+    assert before == ["list", "watch"], before
     fake.expire_next_watch()
     fake.drop_watches()
     wait_for(lambda: r.sync.lists == 2, what="re-list after 410")
     fake.apply(node(2))
     wait_for(lambda: "n00002" in r.store.snapshot(), what="watch after re-list")
+    # The server saw the re-watch answered with 410, then a list, then a watch again.
+    after = requests_seen(fake)[len(before):]
+    assert after[:3] == ["watch", "list", "watch"], after
 
 
 def test_stale_continue_token_restarts_the_list(fake, settings, run_sync):
@@ -302,15 +320,15 @@ def test_missing_kubeconfig_names_the_flag(settings, tmp_path):
         k8s.snapshot_once(with_settings(settings, kubeconfig=missing))
 
 
-def test_publish_wg_key(fake, settings, run_sync):
+def test_key_published_by_merge_patch_reaches_the_store(fake, settings, run_sync):
+    """Cilium publishes a node's new WireGuard key as a merge patch of one annotation (the
+    lab's stand-in does the same); the watch must deliver it."""
     fake.apply(node(1))
     r = run_sync(settings)
     key = "Zm9vYmFyZm9vYmFyZm9vYmFyZm9vYmFyZm9vYmFyZm8="
-    k8s.publish_wg_key(settings, "n00001", key)
-    assert fake.get("n00001")["metadata"]["annotations"]["network.cilium.io/wg-pub-key"] == key
+    KubeApi(fake.url, token=TOKEN).annotate("n00001", WG_PUBKEY_ANNOTATION, key)
+    assert fake.get("n00001")["metadata"]["annotations"][WG_PUBKEY_ANNOTATION] == key
     wait_for(lambda: r.store.snapshot()["n00001"].wg_public_key == key, what="key in store")
-    with pytest.raises(k8s.KubernetesError, match="404"):
-        k8s.publish_wg_key(settings, "absent", key)
 
 
 def test_unloadable_configuration_is_retried_not_fatal(fake, settings, run_sync, tmp_path):

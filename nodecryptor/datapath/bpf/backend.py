@@ -16,7 +16,7 @@ import time
 from ...errors import DatapathError, NotSupported
 from ...log import kv
 from ...model import DesiredState
-from ...settings import Settings
+from ...settings import DatapathMode, Settings
 from ..base import Observation
 from . import attach, collector, inspect, pins, syscall
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 class BpfDatapath:
     """``Datapath`` implementation on a tc egress program (tcx link or clsact filter)."""
 
-    name = "bpf"
+    name = DatapathMode.BPF
 
     def __init__(self, settings: Settings, metrics=None, attach_mode: str = "auto"):
         """``attach_mode``: "auto" (tcx when the kernel has it), "tcx" or "tc" (legacy clsact

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from ...errors import DatapathError
 from ...model import KIND_NODE_IP, ROLE_CONTROL_PLANE, DesiredState
 from ...ports import PROTOCOL_NAMES
+from ...settings import FailMode
 from . import abi, syscall
 
-DEFAULT_WG_PORT = 51871
 """Cilium's WireGuard port, used when the device's port could not be read."""
 
 _KIND_NAMES = {abi.KIND_NODE_IP: "node-ip", abi.KIND_POD_CIDR: "pod-cidr"}
@@ -111,11 +111,11 @@ def desired_config(desired: DesiredState, now_ns: int) -> abi.Config:
         enabled=1 if desired.enabled else 0,
         local_role=(abi.ROLE_CONTROL_PLANE if desired.plan.role == ROLE_CONTROL_PLANE
                     else abi.ROLE_WORKER),
-        fail_mode=abi.FAIL_OPEN if desired.fail_mode == "open" else abi.FAIL_CLOSED,
+        fail_mode=abi.FAIL_OPEN if desired.fail_mode == FailMode.OPEN else abi.FAIL_CLOSED,
         wg_up=1 if wg.usable else 0,
         mss_v4=desired.mss_v4,
         mss_v6=desired.mss_v6,
-        wg_port=wg.listen_port or DEFAULT_WG_PORT,
+        wg_port=desired.wg_port,
         wg_mark=desired.wg_mark,
         wg_mark_mask=desired.wg_mark_mask,
         max_packet_v4=desired.max_packet_v4,

@@ -15,6 +15,7 @@ import struct
 from dataclasses import dataclass
 
 from ...errors import DatapathError
+from ...ports import IP_PROTOCOLS
 from ..base import PacketQuery
 from . import abi, syscall
 
@@ -29,8 +30,7 @@ IPPROTO_ICMPV6 = 58
 IPPROTO_NONE = 59
 IPPROTO_DSTOPTS = 60
 IPPROTO_SCTP = 132
-PROTO_NUMBERS = {"tcp": IPPROTO_TCP, "udp": IPPROTO_UDP, "sctp": IPPROTO_SCTP,
-                 "icmp": IPPROTO_ICMP, "icmpv6": IPPROTO_ICMPV6}
+PROTO_NUMBERS = IP_PROTOCOLS
 EXT_HEADERS = {"hop": IPPROTO_HOPOPTS, "routing": IPPROTO_ROUTING, "dest": IPPROTO_DSTOPTS,
                "frag": IPPROTO_FRAGMENT, "ah": IPPROTO_AH}
 ETH_P_IP = 0x0800

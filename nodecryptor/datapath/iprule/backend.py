@@ -18,7 +18,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from ...errors import DatapathError, NotSupported, SettingsError
 from ...log import kv
 from ...model import DesiredState
-from ...settings import Settings
+from ...settings import DatapathMode, Settings
 from ..base import Observation
 from . import kernel, noop
 from .bulk import RouteTable
@@ -50,7 +50,7 @@ class IpRuleDatapath:
     counters, and rule/route counts are reported through ``observe()``.
     """
 
-    name = "iprule"
+    name = DatapathMode.IPRULE
 
     def __init__(self, settings: Settings, metrics=None, netns: str | None = None):
         self.settings = settings

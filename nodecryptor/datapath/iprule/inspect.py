@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import ipaddress
 
-from ...settings import Settings
+from ...ports import IP_PROTOCOLS, PORTED_NUMBERS
+from ...settings import FailMode, Settings
 from ..base import (VERDICT_DROP, VERDICT_ENCRYPT, VERDICT_EXEMPT, VERDICT_PASS, Explanation,
                     PacketQuery)
-from ..select import last_choice
 from . import kernel, noop
 from .backend import remove_all
 from .bulk import RouteTable
@@ -23,8 +23,7 @@ from .spec import (OFFSET_EXEMPT_DPORT, OFFSET_EXEMPT_SPORT, OFFSET_LOOKUP, OFFS
                    OFFSET_WG_PORT, ROUTE_UNICAST, RouteSpec, RuleSpec, band)
 
 DATAPATH = "iprule"
-PROTOCOLS = {"tcp": 6, "udp": 17, "sctp": 132, "icmp": 1, "icmpv6": 58}
-PORTED = {6, 17, 132}
+PORTED = PORTED_NUMBERS
 # Protocols RTM_GETROUTE accepts in RTA_IP_PROTO; others (SCTP) are refused with EOPNOTSUPP,
 # so they are looked up without protocol and ports, and the band's protocol rules are matched
 # in user space (the kernel matches them on real packets).
@@ -71,7 +70,6 @@ def status(settings: Settings, netns: str | None = None) -> dict:
         "active": bool(families),
         "ready": ready,
         "reason": reason,
-        "selection": last_choice(),
         "priority_band": [settings.iprule_priority_base, settings.iprule_priority_base + 99],
         "table": settings.iprule_table,
         "rule_count": len(rules),
@@ -141,7 +139,7 @@ def explain(settings: Settings, q: PacketQuery, netns: str | None = None) -> Exp
     dst = ipaddress.ip_address(q.dst)
     src = ipaddress.ip_address(q.src) if q.src else None
     family = dst.version
-    proto = PROTOCOLS.get(q.proto)
+    proto = IP_PROTOCOLS.get(q.proto)
     if proto is None:
         raise ValueError(f"unknown protocol {q.proto!r} (tcp, udp, sctp, icmp or icmpv6)")
     base = settings.iprule_priority_base
@@ -192,7 +190,7 @@ def explain(settings: Settings, q: PacketQuery, netns: str | None = None) -> Exp
     if table_route is None:
         # Not in the table: not a cluster destination, or fail-open left it out.
         reason = "not-cluster-destination"
-        if settings.fail_mode == "open" and not wg_up:
+        if settings.fail_mode == FailMode.OPEN and not wg_up:
             reason = "not-cluster-destination-or-wireguard-down-fail-open"
         return Explanation(VERDICT_PASS, reason, DATAPATH, device, details)
     if used is not None:

@@ -9,7 +9,7 @@ Layout of the priority band (``settings.iprule_priority_base`` = B, nodecryptor 
 priority   match                                                            lookup
 =========  ===============================================================  ==========
 B + 0      fwmark wg_mark/wg_mark_mask (WireGuard's own encrypted output)   main
-B + 5      ipproto udp sport P dport P, P = WireGuard listen port            main
+B + 5      ipproto udp sport P dport P, P = desired.wg_port                  main
 B + 10     to <control-plane node address> ipproto X dport <exempt range>   main
 B + 20     from <local node address> ipproto X sport <exempt range>          main
            (control-plane nodes only: replies of the bootstrap services)
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from ...model import KIND_NODE_IP, ROLE_CONTROL_PLANE, DesiredState
 from ...ports import PROTOCOL_NAMES
-from ...settings import Settings
+from ...settings import FailMode, Settings
 
 MAIN_TABLE = 254
 OFFSET_WG_MARK = 0
@@ -127,7 +127,7 @@ def desired_rules(desired: DesiredState, settings: Settings) -> list[RuleSpec]:
         rules.append(RuleSpec(family, base + OFFSET_WG_MARK, MAIN_TABLE,
                               fwmark=desired.wg_mark, fwmask=desired.wg_mark_mask,
                               purpose="wireguard-output"))
-        port = desired.wg.listen_port
+        port = desired.wg_port
         if port:
             # Mirrors the BPF program: WireGuard-to-WireGuard UDP without a mark (e.g. a
             # userspace implementation that does not set one) is never re-encrypted.
@@ -169,7 +169,7 @@ def desired_routes(desired: DesiredState) -> list[RouteSpec]:
     ``unreachable`` guard (METRIC_GUARD) under every WireGuard route as well."""
     if not desired.enabled:
         return []
-    closed = desired.fail_mode != "open"
+    closed = desired.fail_mode != FailMode.OPEN
     usable = desired.wg.usable
     prefsrc = {}
     for addr in desired.plan.local_addresses:

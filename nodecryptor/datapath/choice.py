@@ -1,0 +1,44 @@
+"""The record of which datapath the agent chose and why, kept in ``settings.run_dir`` so that
+``nodecryptor status`` (another process) can show it. Written by the selection, read by the
+status command; the two never import each other."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+from ..log import kv
+from ..settings import Settings
+
+log = logging.getLogger(__name__)
+
+CHOICE_FILE = "datapath.json"
+
+
+def choice_path(settings: Settings) -> str:
+    return os.path.join(settings.run_dir, CHOICE_FILE)
+
+
+def record_choice(settings: Settings, name: str, reason: str) -> None:
+    """Persist the choice for other processes; a read-only run directory only loses the
+    status line, never the agent."""
+    path = choice_path(settings)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"datapath": str(name), "reason": reason, "since": time.time()}, f)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("cannot record the datapath choice", extra=kv(path=path, error=str(e)))
+
+
+def last_choice(settings: Settings) -> dict | None:
+    """What the agent last chose, or None when nothing was recorded."""
+    try:
+        with open(choice_path(settings)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
