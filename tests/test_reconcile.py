@@ -74,13 +74,15 @@ def test_failures_are_retried_and_reported():
     assert m.get_sample_value("nodecryptor_reconciles_total", {"result": "ok"}) == 1
 
 
-def test_api_outage_keeps_the_last_state():
-    """The sync never clears the store on errors; the loop keeps applying the same state."""
+def test_passes_without_store_updates_keep_the_last_state():
+    """Passes that find no new store content (what an API outage looks like from the loop:
+    the sync stops updating the store, it never clears it) re-apply the same state. The outage
+    itself, with the real sync and a killed API server, is tests/test_agent.py's."""
     store, rec, _ = make()
     store.replace_all([info(KUBEADM_CP), info(W1), info(W2)])
     rec.reconcile_once()
     before = rec.datapath.current
-    for _ in range(3):  # API unreachable: no store updates arrive
+    for _ in range(3):
         assert rec.reconcile_once().ok
     assert rec.datapath.current == before and len(before.destinations) == 8
 

@@ -437,7 +437,7 @@ def test_inspection_commands_on_live_setup_without_agent(lab, bpffs, datapaths):
         assert dump.returncode == 0, dump.stderr
         maps = json.loads(dump.stdout)["maps"]
         prefixes = {d["prefix"] for d in maps["destinations"]}
-        assert {f"{b.ip}/32", b.pod_cidr} <= prefixes
+        assert prefixes == {f"{b.ip}/32", b.pod_cidr}
         assert maps["config"]["mss_v4"] == 1380
         print(f"bpf dump --json took {dump_seconds:.3f}s (python start-up included)")
         assert dump_seconds < 3.0
