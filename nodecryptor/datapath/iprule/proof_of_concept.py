@@ -159,24 +159,21 @@ def _as_poc_rule(msg) -> PocRule | None:
 
 
 def _ambiguous(rule: PocRule, earlier: list) -> bool:
-    """True when a foreign rule listed before ``rule`` at its priority has all of ``rule``'s
-    selectors too: the kernel deletes the first rule matching a request, which would be that
-    one. Such a rule is left for the operator instead."""
+    """True when a foreign rule listed before ``rule`` at its priority also matches the delete
+    request for ``rule``. The kernel compares only the fields a request sets and removes the
+    first rule that matches, which would be that one; ``rule`` is then left for the operator."""
     req = rule.request()
     for msg in earlier:
         if (msg.get_attr("FRA_PRIORITY") or 0) != rule.priority or \
                 FAMILIES.get(msg["family"]) != rule.family:
             continue
-        if (msg.get_attr("FRA_TABLE") or msg["table"]) != rule.table:
-            continue
-        dst = msg.get_attr("FRA_DST")
-        same = ((dst is None and "dst" not in req) or
-                (dst == req.get("dst") and msg["dst_len"] == req.get("dst_len")))
-        same = same and msg.get_attr("FRA_IIFNAME") == req.get("iifname")
-        same = same and msg.get_attr("FRA_SPORT_RANGE") == req.get("sport_range")
-        same = same and msg.get_attr("FRA_DPORT_RANGE") == req.get("dport_range")
-        same = same and msg.get_attr("FRA_FWMARK") == req.get("fwmark")
-        if same:
+        seen = {"table": msg.get_attr("FRA_TABLE") or msg["table"],
+                "dst": msg.get_attr("FRA_DST"), "dst_len": msg["dst_len"],
+                "iifname": msg.get_attr("FRA_IIFNAME"),
+                "sport_range": msg.get_attr("FRA_SPORT_RANGE"),
+                "dport_range": msg.get_attr("FRA_DPORT_RANGE"),
+                "fwmark": msg.get_attr("FRA_FWMARK"), "fwmask": msg.get_attr("FRA_FWMASK")}
+        if all(seen[k] == v for k, v in req.items() if k in seen):
             return True
     return False
 
@@ -196,6 +193,7 @@ def _wg_default_routes(ipr: IPRoute) -> list[dict]:
                 continue
             found.append({"family": family, "oif": index,
                           "priority": msg.get_attr("RTA_PRIORITY"),
+                          "scope": msg["scope"], "proto": msg["proto"],
                           "describe": f"default dev {POC_WG_DEVICE} table {POC_TABLE}"
                                       + ("" if family == 4 else " (IPv6)")})
     return found
@@ -289,8 +287,10 @@ def remove(netns: str | None = None) -> dict:
                 continue
             removed["rules"].append(rule.describe())
         for route in found["routes"]:
+            # Every field as dumped: the kernel then deletes this route and no other.
             kw = {"family": kernel.AF[route["family"]], "table": POC_TABLE, "dst_len": 0,
-                  "oif": route["oif"], "type": "unicast"}
+                  "oif": route["oif"], "type": "unicast", "scope": route["scope"],
+                  "proto": route["proto"]}
             if route["priority"] is not None:
                 kw["priority"] = route["priority"]
             try:
