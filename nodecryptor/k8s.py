@@ -27,7 +27,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config.incluster_config import InClusterConfigLoader
 from kubernetes.watch.watch import iter_resp_lines
 
-from .ciliumnode import WG_PUBKEY_ANNOTATION, Rejection, parse_ciliumnode
+from .ciliumnode import Rejection, parse_ciliumnode
 from .errors import NodecryptorError
 from .log import kv
 from .metrics import Metrics

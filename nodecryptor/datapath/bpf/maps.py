@@ -22,8 +22,6 @@ from ...ports import PROTOCOL_NAMES
 from ...settings import FailMode
 from . import abi, syscall
 
-"""Cilium's WireGuard port, used when the device's port could not be read."""
-
 _KIND_NAMES = {abi.KIND_NODE_IP: "node-ip", abi.KIND_POD_CIDR: "pod-cidr"}
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 
 from ...ports import IP_PROTOCOLS, PORTED_NUMBERS
-from ...settings import FailMode, Settings
+from ...settings import DatapathMode, FailMode, Settings
 from ..base import (VERDICT_DROP, VERDICT_ENCRYPT, VERDICT_EXEMPT, VERDICT_PASS, Explanation,
                     PacketQuery)
 from . import kernel, noop
@@ -22,7 +22,7 @@ from .bulk import RouteTable
 from .spec import (OFFSET_EXEMPT_DPORT, OFFSET_EXEMPT_SPORT, OFFSET_LOOKUP, OFFSET_WG_MARK,
                    OFFSET_WG_PORT, ROUTE_UNICAST, RouteSpec, RuleSpec, band)
 
-DATAPATH = "iprule"
+DATAPATH = DatapathMode.IPRULE
 PORTED = PORTED_NUMBERS
 # Protocols RTM_GETROUTE accepts in RTA_IP_PROTO; others (SCTP) are refused with EOPNOTSUPP,
 # so they are looked up without protocol and ports, and the band's protocol rules are matched
