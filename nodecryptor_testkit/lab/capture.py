@@ -17,6 +17,8 @@ import subprocess
 import time
 from dataclasses import dataclass
 
+from nodecryptor.ports import IP_PROTOCOLS, PORTED_NUMBERS
+
 from .spec import WG_PORT
 
 LINKTYPE_ETHERNET = 1
@@ -61,10 +63,10 @@ class Packet:
 def _transport(proto: int, data: bytes, src, dst, fragment: bool) -> Packet | None:
     if fragment:
         return Packet(src, dst, proto, fragment=True)
-    if proto in (6, 17, 132) and len(data) >= 4:
+    if proto in PORTED_NUMBERS and len(data) >= 4:
         sport, dport = struct.unpack_from("!HH", data)
         return Packet(src, dst, proto, sport, dport)
-    if proto in (1, 58) and data:
+    if proto in (IP_PROTOCOLS["icmp"], IP_PROTOCOLS["icmpv6"]) and data:
         return Packet(src, dst, proto, icmp_type=data[0])
     return Packet(src, dst, proto)
 

@@ -16,6 +16,8 @@ import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from nodecryptor.ports import IP_PROTOCOLS
+
 from .capture import Capture, Packet
 from .spec import EXEMPT_TCP_PORTS, LabSpec
 
@@ -28,7 +30,7 @@ BLOCKED = "blocked"
 LEAKED = "leaked"
 """Did not get through, but some of it crossed in the clear."""
 
-PROTO_NUMBERS = {"tcp": 6, "udp": 17}
+PROTO_NUMBERS = {name: IP_PROTOCOLS[name] for name in ("tcp", "udp")}  # what the lab sends
 
 
 @dataclass(frozen=True)
