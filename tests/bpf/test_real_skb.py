@@ -23,7 +23,7 @@ from nodecryptor.datapath.bpf import maps, program, syscall
 from nodecryptor.model import (KIND_NODE_IP, ROLE_WORKER, DesiredState, Destination, Plan,
                                WgState)
 from nodecryptor.ports import parse_port_spec
-from nodecryptor.settings import Settings
+from nodecryptor.settings import FailMode, Settings
 from nodecryptor_testkit import netns as netns_mod
 
 pytestmark = [pytest.mark.privileged, pytest.mark.bpf]
