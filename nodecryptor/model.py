@@ -19,15 +19,40 @@ KIND_POD_CIDR = "pod-cidr"
 
 
 @dataclass(frozen=True)
+class Rejection:
+    """One entry of one object that nodecryptor does not use, or a conflict it reports.
+
+    ``reason`` is one of ``admission.REASONS`` (a small fixed set: the metric label);
+    ``why`` is the human-readable detail."""
+
+    obj: str
+    field: str
+    value: str
+    why: str
+    reason: str = "malformed"
+
+    def __str__(self) -> str:
+        return f"CiliumNode {self.obj!r} {self.field}: {self.why} (value {self.value})"
+
+    def to_json(self) -> dict:
+        return {"node": self.obj, "field": self.field, "value": self.value,
+                "reason": self.reason, "detail": self.why}
+
+
+@dataclass(frozen=True)
 class NodeInfo:
     """The part of a CiliumNode the policy needs; never the whole object."""
 
     name: str
     labels: tuple[tuple[str, str], ...] = ()
+    """The CiliumNode's labels: any Cilium agent can write them (untrusted)."""
     addresses: tuple[tuple[str, IPAddress], ...] = ()
     """(type, address) pairs from spec.addresses, e.g. ("InternalIP", 192.168.50.21)."""
     pod_cidrs: tuple[IPNetwork, ...] = ()
     wg_public_key: str | None = None
+    node_labels: tuple[tuple[str, str], ...] | None = None
+    """Role labels of the v1 Node of the same name, which the NodeRestriction admission plugin
+    protects from kubelets; None while that Node is not known. Merged in by the Store."""
 
     def label_map(self) -> dict[str, str]:
         return dict(self.labels)
@@ -62,6 +87,9 @@ class Plan:
     exempt_ports: tuple[PortRange, ...]
     local_known: bool = True
     """False when the local node's CiliumNode is not (yet) in the snapshot."""
+    rejected: tuple[Rejection, ...] = field(default=(), compare=False)
+    """Claims admission rejected, and conflicts (see admission.py). Not compared: the
+    destinations already say everything the datapath needs."""
 
     def to_json(self) -> dict:
         return {
@@ -70,6 +98,7 @@ class Plan:
             "local_addresses": [str(a) for a in self.local_addresses],
             "destinations": [d.to_json() for d in self.destinations],
             "exempt_ports": [p.to_json() for p in self.exempt_ports],
+            "rejected": [r.to_json() for r in self.rejected],
         }
 
 
