@@ -87,6 +87,8 @@ class Plan:
     exempt_ports: tuple[PortRange, ...]
     local_known: bool = True
     """False when the local node's CiliumNode is not (yet) in the snapshot."""
+    local_pod_cidrs: tuple[IPNetwork, ...] = ()
+    """The local node's own pod CIDRs (never destinations)."""
     rejected: tuple[Rejection, ...] = field(default=(), compare=False)
     """Claims admission rejected, and conflicts (see admission.py). Not compared: the
     destinations already say everything the datapath needs."""

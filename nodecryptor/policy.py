@@ -117,7 +117,9 @@ def compute_plan(snapshot: Mapping[str, NodeInfo], node_name: str, settings: Set
     destinations.sort(key=Destination.sort_key)
     return Plan(node=node_name, role=role, local_addresses=local_addresses,
                 destinations=tuple(destinations), exempt_ports=settings.exempt_ports,
-                local_known=local is not None, rejected=admission.rejected)
+                local_known=local is not None,
+                local_pod_cidrs=tuple(dict.fromkeys(local.pod_cidrs)) if local else (),
+                rejected=admission.rejected)
 
 
 def uncovered_destinations(destinations: Iterable[Destination],
