@@ -152,8 +152,9 @@ def admit(claims: Iterable[Claim], local_prefixes: Iterable[IPNetwork], limits: 
         if claim.field == FIELD_POD_CIDRS:
             limit = limits.min_prefix(prefix.version)
             if prefix.prefixlen < limit:
-                rejected.append(claim.reject("too-broad", f"/{prefix.prefixlen} is broader than "
-                                                          f"the IPv{prefix.version} limit /{limit}"))
+                rejected.append(claim.reject(
+                    "too-broad", f"/{prefix.prefixlen} is broader than the IPv{prefix.version} "
+                                 f"limit /{limit}"))
                 continue
             ranges = [r for r in limits.cluster_pod_cidrs if r.version == prefix.version]
             if ranges and not any(prefix.subnet_of(r) for r in ranges):

@@ -1,4 +1,5 @@
-"""Extract a NodeInfo from a CiliumNode object (as a JSON-shaped dict), entry by entry.
+"""Extract a NodeInfo from a CiliumNode object (as a JSON-shaped dict), entry by entry, and the
+role labels from a v1 Node.
 
 Malformed input never raises and never discards the valid parts of an object: each invalid
 entry is skipped and reported as a Rejection, which the caller logs and counts. Addresses and
@@ -11,10 +12,10 @@ from __future__ import annotations
 import ipaddress
 
 from .admission import special_purpose
-from .model import NodeInfo, Rejection
+from .model import NodeInfo, NodeRoleLabels, Rejection
 
 __all__ = ["MAX_ADDRESSES", "MAX_LABELS", "MAX_POD_CIDRS", "WG_PUBKEY_ANNOTATION", "Rejection",
-           "parse_ciliumnode"]
+           "parse_ciliumnode", "parse_node_roles"]
 
 WG_PUBKEY_ANNOTATION = "network.cilium.io/wg-pub-key"
 MAX_ADDRESSES = 64
@@ -130,3 +131,22 @@ def parse_ciliumnode(obj: object) -> tuple[NodeInfo | None, list[Rejection]]:
     info = NodeInfo(name=name, labels=tuple(sorted(labels)), addresses=tuple(addresses),
                     pod_cidrs=tuple(cidrs), wg_public_key=pubkey)
     return info, rejections
+
+
+def parse_node_roles(obj: object, role_labels: tuple[str, ...]
+                     ) -> tuple[NodeRoleLabels | None, list[Rejection]]:
+    """From a v1 Node (or its PartialObjectMetadata), return its name and the labels among
+    ``role_labels`` it carries (None when it has no usable name). Only the role labels are
+    kept: other label changes then never wake the reconcile loop."""
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    name = meta.get("name") if isinstance(meta, dict) else None
+    if not isinstance(name, str) or not name or len(name) > 253:
+        return None, [Rejection("?", "Node metadata.name", _short(name),
+                                "missing or not a valid name")]
+    labels = meta.get("labels") or {}
+    if not isinstance(labels, dict):
+        return NodeRoleLabels(name), [Rejection(name, "Node metadata.labels", _short(labels),
+                                                "not a map")]
+    kept = tuple(sorted((k, v) for k, v in labels.items()
+                        if k in role_labels and isinstance(v, str)))
+    return NodeRoleLabels(name, kept), []

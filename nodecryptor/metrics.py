@@ -27,6 +27,10 @@ class Metrics:
         self.watch_restarts = Counter(f"{PREFIX}_watch_restarts_total",
                                       "Restarts of the CiliumNode watch, by cause.", ["cause"],
                                       registry=r)
+        self.node_watch_restarts = Counter(
+            f"{PREFIX}_node_watch_restarts_total",
+            "Restarts of the v1 Node watch (control-plane role labels), by cause.", ["cause"],
+            registry=r)
         self.last_sync = Gauge(f"{PREFIX}_last_sync_timestamp_seconds",
                                "Unix time of the last complete list of CiliumNodes.", registry=r)
         self.last_apply = Gauge(f"{PREFIX}_last_apply_timestamp_seconds",

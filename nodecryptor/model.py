@@ -59,6 +59,14 @@ class NodeInfo:
 
 
 @dataclass(frozen=True)
+class NodeRoleLabels:
+    """The role labels of one v1 Node (only those among the control-plane selectors)."""
+
+    name: str
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class Destination:
     """A remote prefix whose traffic is encrypted."""
 
