@@ -182,15 +182,17 @@ def _reject_covering(claims: list[Claim]) -> tuple[list[Claim], list[Rejection]]
     """Reject every claim that strictly contains a claim of another node. Sorted by start
     address, the claims inside a prefix follow it; honest claims do not nest, so the scan
     after each prefix is short (a hostile supernet is bounded by the breadth limit)."""
-    spans = sorted(((_span(c.prefix), c.prefix.prefixlen, i) for i, c in enumerate(claims)))
-    starts = [(s[0], s[1]) for s, _, _ in spans]
+    # Ties broken by content, not input order, so the reported detail is deterministic.
+    spans = sorted(((_span(c.prefix), c.prefix.prefixlen, c.node, c.kind, i)
+                    for i, c in enumerate(claims)))
+    starts = [(s[0][0], s[0][1]) for s in spans]
     keep, rejected = [], []
     for claim in claims:
         version, first, last = _span(claim.prefix)
         inner = None
         j = bisect.bisect_left(starts, (version, first))
         while j < len(spans) and starts[j] <= (version, last):
-            (_, _, other_last), other_len, k = spans[j]
+            (_, _, other_last), other_len, _, _, k = spans[j]
             other = claims[k]
             if (other.node != claim.node and other_last <= last
                     and other_len > claim.prefix.prefixlen):
