@@ -4,6 +4,7 @@ and FakeApiServer, the object tests and the lab use, with its fault injection.""
 from __future__ import annotations
 
 import base64
+import collections
 import copy
 import http.server
 import json
@@ -241,6 +242,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         Accept header asks for it; writes come from the test or lab through FakeApiServer."""
         nodes = self.server.fake.nodes
         accept = self.headers.get("Accept") or ""
+        self.server.fake.node_requests.append((method, self.path, accept))
         if method != "GET":
             raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on {path} here")
         if path == NODE_COLLECTION and is_watch:
@@ -301,7 +303,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         generation = fake.faults.drop_generation
         bookmark_generation = fake.bookmark_generation
         with cluster.cond:
-            expire = fake.take_expire()
+            # The count-based expiry fault is aimed at CiliumNode watches only.
+            expire = fake.take_expire() if cluster is fake.cluster else False
             if not expire and rv_text not in ("", "0"):
                 expire = int(rv_text) < cluster.oldest_watchable_rv
             if expire:
@@ -395,6 +398,9 @@ class FakeApiServer:
         self.nodes = FakeCluster(history_limit, initial_rv, NODE_RESOURCE,
                                  shared_with=self.cluster)
         """v1 Nodes, sharing the CiliumNodes' resourceVersion counter as etcd does."""
+        self.node_requests: collections.deque[tuple[str, str, str]] = collections.deque(
+            maxlen=10000)
+        """(method, path with query, Accept header) of recent Node requests."""
         self.faults = _Faults()
         self.stopping = threading.Event()
         self._lock = threading.Lock()
