@@ -32,7 +32,7 @@ from __future__ import annotations
 import bisect
 import ipaddress
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .model import KIND_NODE_IP, IPNetwork, Rejection
 
@@ -101,6 +101,11 @@ class Claim:
     kind: str  # KIND_NODE_IP | KIND_POD_CIDR
     prefix: IPNetwork
     control_plane: bool
+    span: tuple[int, int, int] = field(init=False, repr=False, compare=False)
+    """(version, first, last address as integers): cheap to compare and to hash."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "span", _span(self.prefix))
 
     def reject(self, reason: str, detail: str) -> Rejection:
         return Rejection(self.node, self.field, str(self.prefix), detail, reason)
@@ -120,17 +125,19 @@ class Limits:
 
 @dataclass(frozen=True)
 class Admission:
-    admitted: tuple[Claim, ...]
+    admitted: tuple[tuple[Claim, ...], ...]
+    """The admitted claims, grouped by prefix (several nodes may claim one prefix)."""
     rejected: tuple[Rejection, ...]
     """Rejections and conflicts (duplicate claims, which stay admitted), in a stable order."""
 
 
 def _span(prefix: IPNetwork) -> tuple[int, int, int]:
-    return (prefix.version, int(prefix.network_address), int(prefix.broadcast_address))
+    first = int(prefix.network_address)
+    return (prefix.version, first, first | ((1 << (prefix.max_prefixlen - prefix.prefixlen)) - 1))
 
 
-def _overlapping(prefix: IPNetwork, spans: Sequence[tuple[int, int, int]]) -> bool:
-    version, first, last = _span(prefix)
+def _overlapping(span: tuple[int, int, int], spans: Sequence[tuple[int, int, int]]) -> bool:
+    version, first, last = span
     return any(v == version and first <= l and f <= last for v, f, l in spans)
 
 
@@ -165,7 +172,7 @@ def admit(claims: Iterable[Claim], local_prefixes: Iterable[IPNetwork], limits: 
             rejected.append(claim.reject("broadcast", "the broadcast address of the local "
                                                       "node's underlay subnet"))
             continue
-        if _overlapping(prefix, local_spans):
+        if _overlapping(claim.span, local_spans):
             rejected.append(claim.reject("overlaps-local-node", "overlaps the local node's own "
                                                                 "addresses or pod CIDRs"))
             continue
@@ -173,9 +180,12 @@ def admit(claims: Iterable[Claim], local_prefixes: Iterable[IPNetwork], limits: 
 
     survivors, covering = _reject_covering(survivors)
     rejected.extend(covering)
-    rejected.extend(_duplicates(survivors))
+    groups: dict[tuple[int, int, int], list[Claim]] = {}
+    for claim in survivors:
+        groups.setdefault(claim.span, []).append(claim)
+    rejected.extend(_duplicates(groups.values()))
     rejected.sort(key=lambda r: (r.obj, r.field, r.value, r.reason))
-    return Admission(admitted=tuple(survivors), rejected=tuple(rejected))
+    return Admission(admitted=tuple(tuple(g) for g in groups.values()), rejected=tuple(rejected))
 
 
 def _reject_covering(claims: list[Claim]) -> tuple[list[Claim], list[Rejection]]:
@@ -183,12 +193,12 @@ def _reject_covering(claims: list[Claim]) -> tuple[list[Claim], list[Rejection]]
     address, the claims inside a prefix follow it; honest claims do not nest, so the scan
     after each prefix is short (a hostile supernet is bounded by the breadth limit)."""
     # Ties broken by content, not input order, so the reported detail is deterministic.
-    spans = sorted(((_span(c.prefix), c.prefix.prefixlen, c.node, c.kind, i)
+    spans = sorted(((c.span, c.prefix.prefixlen, c.node, c.kind, i)
                     for i, c in enumerate(claims)))
     starts = [(s[0][0], s[0][1]) for s in spans]
     keep, rejected = [], []
     for claim in claims:
-        version, first, last = _span(claim.prefix)
+        version, first, last = claim.span
         inner = None
         j = bisect.bisect_left(starts, (version, first))
         while j < len(spans) and starts[j] <= (version, last):
@@ -207,12 +217,11 @@ def _reject_covering(claims: list[Claim]) -> tuple[list[Claim], list[Rejection]]
     return keep, rejected
 
 
-def _duplicates(claims: list[Claim]) -> list[Rejection]:
-    by_prefix: dict[IPNetwork, list[Claim]] = {}
-    for claim in claims:
-        by_prefix.setdefault(claim.prefix, []).append(claim)
+def _duplicates(groups: Iterable[list[Claim]]) -> list[Rejection]:
     conflicts = []
-    for prefix, owners in by_prefix.items():
+    for owners in groups:
+        if len(owners) < 2:
+            continue
         nodes = sorted({c.node for c in owners})
         if len(nodes) < 2:
             continue

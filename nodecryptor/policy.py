@@ -97,11 +97,8 @@ def compute_plan(snapshot: Mapping[str, NodeInfo], node_name: str, settings: Set
             claims.append(Claim(name, FIELD_POD_CIDRS, KIND_POD_CIDR, cidr, cp))
     admission = admit(claims, own_prefixes, admission_limits(settings), underlay_networks)
 
-    by_prefix: dict[IPNetwork, list[Claim]] = {}
-    for claim in admission.admitted:
-        by_prefix.setdefault(claim.prefix, []).append(claim)
     destinations = []
-    for prefix, owners in by_prefix.items():
+    for owners in admission.admitted:
         # A prefix several nodes claim stays one encrypted destination. It is exempt (a
         # control-plane node address) when a control-plane node claims it as its node
         # address: a worker claiming the same address cannot switch the bootstrap exemption
@@ -112,7 +109,7 @@ def compute_plan(snapshot: Mapping[str, NodeInfo], node_name: str, settings: Set
             control_plane = owner.control_plane
         else:
             control_plane = all(c.control_plane for c in owners)
-        destinations.append(Destination(prefix=prefix, node=owner.node, kind=kind,
+        destinations.append(Destination(prefix=owner.prefix, node=owner.node, kind=kind,
                                         control_plane=control_plane))
     destinations.sort(key=Destination.sort_key)
     return Plan(node=node_name, role=role, local_addresses=local_addresses,
