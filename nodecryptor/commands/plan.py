@@ -41,5 +41,7 @@ def handle(args) -> int:
     for d in plan.destinations:
         print(f"  {str(d.prefix):<44} {d.node:<24} {d.kind:<9} {'yes' if d.control_plane else 'no'}")
     for rej in rejected:
-        print(f"rejected ({rej.reason}): {rej}")
+        # A duplicate claim is kept (encrypted) and only reported.
+        what = "conflict" if rej.reason == "duplicate-claim" else "rejected"
+        print(f"{what} ({rej.reason}): {rej}")
     return 0
