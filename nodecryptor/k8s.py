@@ -10,7 +10,8 @@
   role labels (``--role-source node``, the default).
 - ``publish_wg_key``: merge-patch the WireGuard public-key annotation (the lab's Cilium stand-in).
 
-Every object goes through ``ciliumnode.parse_ciliumnode``; only the NodeInfo reaches the store.
+Every object goes through ``ciliumnode.parse_ciliumnode`` (or ``parse_node_roles`` for a
+Node); only the NodeInfo (or the Node's role labels) reaches the store.
 """
 
 from __future__ import annotations

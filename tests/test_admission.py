@@ -378,3 +378,29 @@ def test_property_admission_is_order_independent_and_complete(raw):
     rejected_keys = {(r.obj, r.value) for r in first.rejected if r.reason != "duplicate-claim"}
     for c in claims:
         assert (c in admitted) != ((c.node, str(c.prefix)) in rejected_keys)
+
+
+def test_reconcile_reports_each_rejection_once_across_passes():
+    from nodecryptor.datapath.base import FakeDatapath
+    from nodecryptor.model import Device
+    from nodecryptor.reconcile import Reconciler
+    from nodecryptor.store import Store
+
+    store = Store()
+    evil = ciliumnode("evil", "192.168.50.66", pod_cidrs=["10.0.0.0/8", "10.244.1.0/25"])
+    store.replace_all(trusted(KUBEADM_CP, W1, evil).values())
+    metrics = Metrics()
+    wg = WgState(ifname="cilium_wg0", ifindex=9, present=True, up=True, mtu=1420,
+                 listen_port=51871, fwmark=0xE00, peers=())
+    rec = Reconciler(Settings(node_name="w1"), store, FakeDatapath(), metrics,
+                     read_wg=lambda name: wg,
+                     resolve_devices=lambda names, addrs, exclude: ((Device("eth0", 2, 1500),),
+                                                                    []),
+                     read_sysctl=lambda name: {"all": 0, name: 0})
+    for _ in range(3):
+        assert rec.reconcile_once(force=True).ok
+    counts = {r: metrics.registry.get_sample_value("nodecryptor_rejected_claims_total",
+                                                   {"reason": r}) for r in REASONS}
+    assert counts["too-broad"] == 1 and counts["overlaps-local-node"] == 1
+    assert sum(counts.values()) == 2
+    assert "10.0.0.0/8" not in {str(d.prefix) for d in rec.last_desired.destinations}
