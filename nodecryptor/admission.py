@@ -146,8 +146,8 @@ def admit(claims: Iterable[Claim], local_prefixes: Iterable[IPNetwork], limits: 
     """Split remote ``claims`` into admitted and rejected ones.
 
     ``local_prefixes``: the local node's own addresses (as host prefixes) and pod CIDRs.
-    ``underlay_networks``: the local node's underlay subnets when known, whose broadcast
-    addresses are no node address. Class rules (``special_purpose``) already ran at parse time.
+    ``underlay_networks``: the local node's underlay subnets when known (the agent reads them
+    from its underlay devices), whose broadcast addresses are no node address. Class rules (``special_purpose``) already ran at parse time.
     """
     local_spans = [_span(p) for p in local_prefixes]
     broadcasts = {n.broadcast_address for n in underlay_networks

@@ -150,6 +150,9 @@ class Device:
     name: str
     ifindex: int
     mtu: int
+    networks: tuple[IPNetwork, ...] = ()
+    """The subnets of the device's own addresses (admission rejects their broadcast address
+    as another node's address)."""
 
 
 @dataclass(frozen=True)

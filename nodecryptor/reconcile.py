@@ -128,7 +128,8 @@ class Reconciler:
         return version, snapshot, wg, devices, rp
 
     def _desired(self, _version, snapshot, wg, devices, rp_items) -> DesiredState:
-        plan = compute_plan(snapshot, self.settings.node_name, self.settings)
+        plan = compute_plan(snapshot, self.settings.node_name, self.settings,
+                            underlay_networks=[n for d in devices for n in d.networks])
         self._rejections.report(plan.rejected)
         if not plan.local_known:
             log.warning("local node has no CiliumNode; treating it as a worker",

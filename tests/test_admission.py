@@ -404,3 +404,30 @@ def test_reconcile_reports_each_rejection_once_across_passes():
     assert counts["too-broad"] == 1 and counts["overlaps-local-node"] == 1
     assert sum(counts.values()) == 2
     assert "10.0.0.0/8" not in {str(d.prefix) for d in rec.last_desired.destinations}
+
+
+def test_agent_knows_its_underlay_subnets_and_rejects_their_broadcast():
+    from pyroute2 import IPRoute
+
+    from nodecryptor import devices
+    from nodecryptor.datapath.base import FakeDatapath
+    from nodecryptor.model import Device
+    from nodecryptor.reconcile import Reconciler
+    from nodecryptor.store import Store
+
+    with IPRoute() as ipr:  # device detection reads the subnets of a device's addresses
+        assert net("127.0.0.0/8") in devices._device(ipr, ifname="lo").networks
+
+    store = Store()
+    store.replace_all(trusted(W1, ciliumnode("evil", "192.168.50.255"), W2).values())
+    wg = WgState(ifname="cilium_wg0", ifindex=9, present=True, up=True, mtu=1420,
+                 listen_port=51871, fwmark=0xE00, peers=())
+    eth0 = Device("eth0", 2, 1500, networks=(net("192.168.50.0/24"),))
+    rec = Reconciler(Settings(node_name="w1"), store, FakeDatapath(), Metrics(),
+                     read_wg=lambda name: wg,
+                     resolve_devices=lambda names, addrs, exclude: ((eth0,), []),
+                     read_sysctl=lambda name: {"all": 0, name: 0})
+    desired = rec.reconcile_once().desired
+    assert "192.168.50.255/32" not in {str(d.prefix) for d in desired.destinations}
+    assert "192.168.50.22/32" in {str(d.prefix) for d in desired.destinations}
+    assert [(r.obj, r.reason) for r in desired.plan.rejected] == [("evil", "broadcast")]
