@@ -17,7 +17,7 @@ from .log import kv
 from .metrics import Metrics
 from .netwatch import LinkWatcher
 from .reconcile import Reconciler
-from .settings import Settings, require_node_name
+from .settings import RoleSource, Settings, require_node_name
 from .store import Store
 
 log = logging.getLogger("nodecryptor.agent")
@@ -25,7 +25,7 @@ log = logging.getLogger("nodecryptor.agent")
 
 def run_agent(settings: Settings, stop: threading.Event | None = None) -> int:
     from .datapath.select import choose_datapath
-    from .k8s import CiliumNodeSync
+    from .k8s import CiliumNodeSync, NodeRoleSync
 
     logmod.setup(settings.log_format, settings.log_level)
     require_node_name(settings)
@@ -66,6 +66,11 @@ def run_agent(settings: Settings, stop: threading.Event | None = None) -> int:
     watcher = LinkWatcher(store.changed, names=watched_links)
     threads = [threading.Thread(target=sync.run, args=(stop,), name="k8s-sync", daemon=True),
                threading.Thread(target=watcher.run, args=(stop,), name="netwatch", daemon=True)]
+    if settings.role_source == RoleSource.NODE:
+        # Control-plane roles from the v1 Nodes' labels (see NodeRoleSync).
+        roles = NodeRoleSync(settings, store, metrics)
+        threads.append(threading.Thread(target=roles.run, args=(stop,), name="k8s-node-roles",
+                                        daemon=True))
     for t in threads:
         t.start()
     log.info("agent started", extra=kv(node=settings.node_name, datapath=datapath.name,

@@ -1,15 +1,21 @@
-"""Extract a NodeInfo from a CiliumNode object (as a JSON-shaped dict), entry by entry.
+"""Extract a NodeInfo from a CiliumNode object (as a JSON-shaped dict), entry by entry, and the
+role labels from a v1 Node.
 
 Malformed input never raises and never discards the valid parts of an object: each invalid
-entry is skipped and reported as a Rejection, which the caller logs and counts.
+entry is skipped and reported as a Rejection, which the caller logs and counts. Addresses and
+pod CIDRs of a special-purpose class (loopback, link-local, ...) are rejected here too, by
+``admission.special_purpose``: the admission rules and their reasons live in admission.py.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
 
-from .model import NodeInfo
+from .admission import special_purpose
+from .model import NodeInfo, NodeRoleLabels, Rejection
+
+__all__ = ["MAX_ADDRESSES", "MAX_LABELS", "MAX_POD_CIDRS", "WG_PUBKEY_ANNOTATION", "Rejection",
+           "parse_ciliumnode", "parse_node_roles"]
 
 WG_PUBKEY_ANNOTATION = "network.cilium.io/wg-pub-key"
 MAX_ADDRESSES = 64
@@ -18,21 +24,8 @@ MAX_POD_CIDRS = 64
 MAX_LABELS = 512
 
 
-@dataclass(frozen=True)
-class Rejection:
-    """One invalid entry of one object."""
-
-    obj: str
-    field: str
-    value: str
-    why: str
-
-    def __str__(self) -> str:
-        return f"CiliumNode {self.obj!r} {self.field}: {self.why} (value {self.value})"
-
-
 def _short(value: object) -> str:
-    text = repr(value)
+    text = value if isinstance(value, str) else repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -46,8 +39,8 @@ def parse_ciliumnode(obj: object) -> tuple[NodeInfo | None, list[Rejection]]:
     if not isinstance(name, str) or not name or len(name) > 253:
         return None, [Rejection("?", "metadata.name", _short(name), "missing or not a valid name")]
 
-    def reject(field: str, value: object, why: str) -> None:
-        rejections.append(Rejection(name, field, _short(value), why))
+    def reject(field: str, value: object, why: str, reason: str = "malformed") -> None:
+        rejections.append(Rejection(name, field, _short(value), why, reason))
 
     labels: list[tuple[str, str]] = []
     raw_labels = meta.get("labels") or {}
@@ -102,8 +95,10 @@ def parse_ciliumnode(obj: object) -> tuple[NodeInfo | None, list[Rejection]]:
         except ValueError:
             reject(field + ".ip", ip, "not an IP address")
             continue
-        if addr.is_unspecified or addr.is_multicast or addr.is_loopback:
-            reject(field + ".ip", ip, "unspecified, loopback or multicast address")
+        special = special_purpose(ipaddress.ip_network(addr))
+        if special is not None:
+            reject(field + ".ip", ip, f"not a node address: {special[0]} ({special[1]})",
+                   special[0])
             continue
         addresses.append((kind, addr))
 
@@ -127,11 +122,31 @@ def parse_ciliumnode(obj: object) -> tuple[NodeInfo | None, list[Rejection]]:
         except ValueError:
             reject(field, text, "not a CIDR")
             continue
-        if net.prefixlen == 0:
-            reject(field, text, "a default route is not a pod CIDR")
+        special = special_purpose(net)
+        if special is not None:
+            reject(field, text, f"not a pod CIDR: {special[0]} ({special[1]})", special[0])
             continue
         cidrs.append(net)
 
     info = NodeInfo(name=name, labels=tuple(sorted(labels)), addresses=tuple(addresses),
                     pod_cidrs=tuple(cidrs), wg_public_key=pubkey)
     return info, rejections
+
+
+def parse_node_roles(obj: object, role_labels: tuple[str, ...]
+                     ) -> tuple[NodeRoleLabels | None, list[Rejection]]:
+    """From a v1 Node (or its PartialObjectMetadata), return its name and the labels among
+    ``role_labels`` it carries (None when it has no usable name). Only the role labels are
+    kept: other label changes then never wake the reconcile loop."""
+    meta = obj.get("metadata") if isinstance(obj, dict) else None
+    name = meta.get("name") if isinstance(meta, dict) else None
+    if not isinstance(name, str) or not name or len(name) > 253:
+        return None, [Rejection("?", "Node metadata.name", _short(name),
+                                "missing or not a valid name")]
+    labels = meta.get("labels") or {}
+    if not isinstance(labels, dict):
+        return NodeRoleLabels(name), [Rejection(name, "Node metadata.labels", _short(labels),
+                                                "not a map")]
+    kept = tuple(sorted((k, v) for k, v in labels.items()
+                        if k in role_labels and isinstance(v, str)))
+    return NodeRoleLabels(name, kept), []

@@ -6,6 +6,7 @@ WireGuard device and loopback), so multi-homed nodes get every device that matte
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 
@@ -26,7 +27,22 @@ def _device(ipr: IPRoute, ifindex: int | None = None, ifname: str | None = None)
         return None
     msg = links[0]
     return Device(name=msg.get_attr("IFLA_IFNAME"), ifindex=msg["index"],
-                  mtu=msg.get_attr("IFLA_MTU") or 0)
+                  mtu=msg.get_attr("IFLA_MTU") or 0, networks=_networks(ipr, msg["index"]))
+
+
+def _networks(ipr: IPRoute, ifindex: int) -> tuple:
+    """Subnets of the device's addresses (link-local ones left out); () when unreadable."""
+    try:
+        found = []
+        for msg in ipr.get_addr(index=ifindex):
+            address = msg.get_attr("IFA_ADDRESS")
+            if address:
+                net = ipaddress.ip_interface(f"{address}/{msg['prefixlen']}").network
+                if not net.is_link_local:
+                    found.append(net)
+        return tuple(sorted(set(found), key=lambda n: (n.version, n)))
+    except Exception:
+        return ()
 
 
 def _route_oif(ipr: IPRoute, addr, problems: list[str]) -> int | None:

@@ -6,12 +6,16 @@
   re-lists on 410 Gone and periodically; every request has a timeout, so a dead or stalled
   connection never hangs the agent; errors back off exponentially with jitter. During an API
   outage the store keeps its last content: an unreachable API says nothing about the cluster.
+- ``NodeRoleSync``: the same loop over the v1 Nodes, metadata only, for the control-plane
+  role labels (``--role-source node``, the default).
 
-Every object goes through ``ciliumnode.parse_ciliumnode``; only the NodeInfo reaches the store.
+Every object goes through ``ciliumnode.parse_ciliumnode`` (or ``parse_node_roles`` for a
+Node); only the NodeInfo (or the Node's role labels) reaches the store.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -27,12 +31,12 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config.incluster_config import InClusterConfigLoader
 from kubernetes.watch.watch import iter_resp_lines
 
-from .ciliumnode import Rejection, parse_ciliumnode
+from .ciliumnode import Rejection, parse_ciliumnode, parse_node_roles
 from .errors import NodecryptorError
 from .log import kv
 from .metrics import Metrics
 from .model import NodeInfo
-from .settings import Settings
+from .settings import RoleSource, Settings
 from .store import Store
 
 log = logging.getLogger("nodecryptor.k8s")
@@ -184,9 +188,10 @@ class ListResult:
 
 
 def _list_all(api: kubernetes.client.CustomObjectsApi, page_size: int,
-              timeout: float) -> ListResult:
-    """Follow limit/continue to the end. Raises KubernetesError (ApiGone for a stale
-    continue token: the caller starts over)."""
+              timeout: float, parse=parse_ciliumnode, noun: str = "CiliumNodes") -> ListResult:
+    """Follow limit/continue to the end, turning each item into a value with a ``name`` by
+    ``parse``. Raises KubernetesError (ApiGone for a stale continue token: the caller starts
+    over)."""
     nodes: dict[str, NodeInfo] = {}
     rejected: list[tuple[dict, list[Rejection]]] = []
     token: str | None = None
@@ -197,14 +202,14 @@ def _list_all(api: kubernetes.client.CustomObjectsApi, page_size: int,
                                                   _continue=token,
                                                   _request_timeout=(timeout, timeout))
         except ApiException as e:
-            raise translate_error(e, _server(api), "listing CiliumNodes") from e
+            raise translate_error(e, _server(api), f"listing {noun}") from e
         except _TRANSPORT_ERRORS as e:
-            raise translate_error(e, _server(api), "listing CiliumNodes") from e
+            raise translate_error(e, _server(api), f"listing {noun}") from e
         pages += 1
         if not isinstance(page, dict) or not isinstance(page.get("items"), list):
-            raise ApiUnavailable(f"listing CiliumNodes: {_server(api)} sent no item list")
+            raise ApiUnavailable(f"listing {noun}: {_server(api)} sent no item list")
         for obj in page["items"]:
-            info, rejections = parse_ciliumnode(obj)
+            info, rejections = parse(obj)
             if info is not None:
                 nodes[info.name] = info
             if rejections:
@@ -226,22 +231,35 @@ def _meta(obj: object) -> dict:
 
 
 def snapshot_once(settings: Settings) -> tuple[dict[str, NodeInfo], list[Rejection]]:
-    """List every CiliumNode once. Raises a KubernetesError naming the server and the cause
-    when the API is unreachable, refuses access, or has no CiliumNode resource."""
+    """List every CiliumNode once, and with ``role_source`` "node" every Node's role labels,
+    merged as the agent's store merges them. Raises a KubernetesError naming the server and
+    the cause when the API is unreachable, refuses access, or has no CiliumNode resource."""
     api_client = load_client(settings)
     try:
-        api = kubernetes.client.CustomObjectsApi(api_client)
-        for attempt in range(3):
-            try:
-                result = _list_all(api, settings.list_page_size, settings.request_timeout_seconds)
-                break
-            except ApiGone:
-                # The snapshot behind a continue token was compacted: start the list over.
-                if attempt == 2:
-                    raise
-        return result.nodes, [r for _, rs in result.rejections for r in rs]
+        result = _list_retrying(kubernetes.client.CustomObjectsApi(api_client), settings)
+        nodes = result.nodes
+        if settings.role_source == RoleSource.NODE:
+            roles = _list_retrying(
+                NodeMetadataApi(api_client), settings, "Nodes",
+                lambda obj: parse_node_roles(obj, settings.control_plane_labels)).nodes
+            nodes = {name: dataclasses.replace(info, node_labels=roles[name].labels)
+                     if name in roles else info for name, info in nodes.items()}
+        return nodes, [r for _, rs in result.rejections for r in rs]
     finally:
         api_client.close()
+
+
+def _list_retrying(api, settings: Settings, noun: str = "CiliumNodes",
+                   parse=parse_ciliumnode) -> ListResult:
+    for attempt in range(3):
+        try:
+            return _list_all(api, settings.list_page_size, settings.request_timeout_seconds,
+                             parse, noun)
+        except ApiGone:
+            # The snapshot behind a continue token was compacted: start the list over.
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,7 +329,7 @@ class CiliumNodeSync:
                 try:
                     if api_client is None:
                         api_client = load_client(self.settings)
-                        api = kubernetes.client.CustomObjectsApi(api_client)
+                        api = self._make_api(api_client)
                     if self.resource_version is None or time.monotonic() >= next_resync:
                         if self.resource_version is not None:
                             self._restart("resync")
@@ -321,7 +339,7 @@ class CiliumNodeSync:
                 except ApiGone as e:
                     # Our version fell out of the server's history: only a new list can
                     # tell what we missed. Not a server fault, so no backoff the first time.
-                    log.info("CiliumNode watch expired; listing again", extra=kv(error=str(e)))
+                    log.info(f"{self.kind} watch expired; listing again", extra=kv(error=str(e)))
                     self._restart(e.cause)
                     self.resource_version = None
                     self._expiries += 1
@@ -332,7 +350,7 @@ class CiliumNodeSync:
                     self._restart(e.cause)
                     self.failures += 1
                     delay = self._sleep(stop)
-                    log.warning("CiliumNode sync failed; keeping the last known nodes",
+                    log.warning(f"{self.kind} sync failed; keeping the last known nodes",
                                 extra=kv(error=str(e), retry_in=f"{delay:.2f}s",
                                          failures=self.failures, nodes=len(self.store)))
         finally:
@@ -347,21 +365,21 @@ class CiliumNodeSync:
         started = time.monotonic()
         try:
             result = _list_all(api, self.settings.list_page_size,
-                               self.settings.request_timeout_seconds)
+                               self.settings.request_timeout_seconds, self._parse, self.noun)
         except ApiGone:
             # A continue token expired in the middle of the list: start it over at once.
             self._restart("list-expired")
             result = _list_all(api, self.settings.list_page_size,
-                               self.settings.request_timeout_seconds)
+                               self.settings.request_timeout_seconds, self._parse, self.noun)
         for meta, rejections in result.rejections:
             self._report(meta, rejections)
         self._forget_logged(result.nodes)
-        self.store.replace_all(result.nodes.values())
+        self._install(result.nodes)
         self.lists += 1
         self.failures = 0
         if self.metrics is not None:
             self.metrics.last_sync.set(time.time())
-        log.info("listed CiliumNodes", extra=kv(nodes=len(result.nodes), pages=result.pages,
+        log.info(f"listed {self.noun}", extra=kv(nodes=len(result.nodes), pages=result.pages,
                                                  resource_version=result.resource_version,
                                                  seconds=f"{time.monotonic() - started:.3f}"))
         return result.resource_version
@@ -375,7 +393,7 @@ class CiliumNodeSync:
         server_timeout = max(1, int(min(self.settings.watch_timeout_seconds, remaining)))
         connect = self.settings.request_timeout_seconds
         read = server_timeout + self.read_timeout_margin
-        what = f"watching CiliumNodes from resourceVersion {rv}"
+        what = f"watching {self.noun} from resourceVersion {rv}"
         try:
             resp = api.list_cluster_custom_object(
                 GROUP, VERSION, PLURAL, watch=True, allow_watch_bookmarks=True,
@@ -432,19 +450,39 @@ class CiliumNodeSync:
         if kind == "BOOKMARK":
             return _version(meta, rv)
         if kind in ("ADDED", "MODIFIED"):
-            info, rejections = parse_ciliumnode(obj)
+            info, rejections = self._parse(obj)
             if rejections:
                 self._report(meta, rejections)
             if info is not None:
-                self.store.upsert(info)
+                self._upsert(info)
         elif kind == "DELETED":
             name = meta.get("name")
             if isinstance(name, str):
-                self.store.delete(name)
+                self._remove(name)
                 self._logged.pop(name, None)
         else:
             log.debug("ignoring watch event of unknown type", extra=kv(type=kind))
         return _version(meta, rv)
+
+    # What is synced: CiliumNodes into the store (NodeRoleSync overrides these)
+
+    kind = "CiliumNode"
+    noun = "CiliumNodes"
+
+    def _make_api(self, api_client: kubernetes.client.ApiClient):
+        return kubernetes.client.CustomObjectsApi(api_client)
+
+    def _parse(self, obj: object):
+        return parse_ciliumnode(obj)
+
+    def _install(self, items: dict) -> None:
+        self.store.replace_all(items.values())
+
+    def _upsert(self, item) -> None:
+        self.store.upsert(item)
+
+    def _remove(self, name: str) -> None:
+        self.store.delete(name)
 
     # Helpers
 
@@ -458,7 +496,7 @@ class CiliumNodeSync:
         if version:
             self._logged[name] = version
         for rej in rejections:
-            log.warning("skipping invalid CiliumNode entry",
+            log.warning(f"skipping invalid {self.kind} entry",
                         extra=kv(node=rej.obj, field=rej.field, value=rej.value, why=rej.why,
                                  resource_version=version))
         if self.metrics is not None:
@@ -483,6 +521,81 @@ class CiliumNodeSync:
             resp = self._response
         if resp is not None:
             _abort(resp)
+
+
+# --------------------------------------------------------------------------------------------
+# Control-plane roles from the v1 Nodes
+
+NODE_METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+NODE_METADATA_WATCH = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+"""Accept headers that make the API server send Nodes as metadata only (PartialObjectMetadata:
+names, labels, annotations; no spec, no status), a fraction of a full Node. A list asks for the
+List kind, a watch for the per-object kind, as client-go's metadata client does."""
+
+
+class NodeMetadataApi:
+    """List and watch of v1 Nodes as metadata only, offered under the call CiliumNodeSync's
+    list/watch loop makes (``list_cluster_custom_object``), so that loop - pagination,
+    bookmarks, re-list on 410, timeouts, backoff - serves both resources. ``group``,
+    ``version`` and ``plural`` are ignored: this object only ever reads /api/v1/nodes."""
+
+    def __init__(self, api_client: kubernetes.client.ApiClient):
+        self.api_client = api_client
+        self._core = kubernetes.client.CoreV1Api(api_client)
+
+    def list_cluster_custom_object(self, _group, _version, _plural, watch: bool = False,
+                                   _preload_content: bool = True, **kwargs):
+        accept = NODE_METADATA_WATCH if watch else NODE_METADATA_LIST
+        # Always the raw response: the client's model classes would turn 10,000 items into
+        # objects only to be read back as dicts.
+        resp = self._core.list_node(watch=True if watch else None, _preload_content=False,
+                                    _headers={"Accept": accept}, **kwargs)
+        if not _preload_content:
+            return resp
+        try:
+            return json.loads(resp.data)
+        finally:
+            resp.release_conn()
+
+
+class NodeRoleSync(CiliumNodeSync):
+    """Keeps the store's role labels equal to the v1 Nodes' (``Settings.role_source`` "node").
+
+    The labels ``node-role.kubernetes.io/*`` on a Node are protected by the NodeRestriction
+    admission plugin: a kubelet cannot set them, unlike a CiliumNode's labels, which every
+    Cilium agent may write. Only the selector labels are kept (see ``parse_node_roles``), so
+    the steady stream of Node updates wakes nothing. Until its Node is known, a node is a
+    worker. Reuses CiliumNodeSync's list/watch loop with a metadata-only request."""
+
+    kind = "Node"
+    noun = "Nodes"
+
+    def __init__(self, settings: Settings, store: Store, metrics: Metrics | None = None,
+                 **kwargs):
+        # The base class's metrics describe the CiliumNode sync; this one counts its restarts
+        # in a counter of its own.
+        super().__init__(settings, store, None, **kwargs)
+        self.role_metrics = metrics
+        store.expect_node_labels()
+
+    def _make_api(self, api_client: kubernetes.client.ApiClient):
+        return NodeMetadataApi(api_client)
+
+    def _parse(self, obj: object):
+        return parse_node_roles(obj, self.settings.control_plane_labels)
+
+    def _install(self, items: dict) -> None:
+        self.store.replace_node_labels({name: r.labels for name, r in items.items()})
+
+    def _upsert(self, item) -> None:
+        self.store.set_node_labels(item.name, item.labels)
+
+    def _remove(self, name: str) -> None:
+        self.store.delete_node_labels(name)
+
+    def _restart(self, cause: str) -> None:
+        if self.role_metrics is not None:
+            self.role_metrics.node_watch_restarts.labels(cause=cause).inc()
 
 
 def _abort(resp) -> None:

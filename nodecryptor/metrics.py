@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from .admission import REASONS
+
 PREFIX = "nodecryptor"
 
 
@@ -25,6 +27,10 @@ class Metrics:
         self.watch_restarts = Counter(f"{PREFIX}_watch_restarts_total",
                                       "Restarts of the CiliumNode watch, by cause.", ["cause"],
                                       registry=r)
+        self.node_watch_restarts = Counter(
+            f"{PREFIX}_node_watch_restarts_total",
+            "Restarts of the v1 Node watch (control-plane role labels), by cause.", ["cause"],
+            registry=r)
         self.last_sync = Gauge(f"{PREFIX}_last_sync_timestamp_seconds",
                                "Unix time of the last complete list of CiliumNodes.", registry=r)
         self.last_apply = Gauge(f"{PREFIX}_last_apply_timestamp_seconds",
@@ -42,9 +48,23 @@ class Metrics:
                                 "CiliumNode entries skipped as invalid, by field.", ["field"],
                                 registry=r)
         self.ready = Gauge(f"{PREFIX}_ready", "1 when /readyz reports ready.", registry=r)
+        self.rejected_claims = Counter(
+            f"{PREFIX}_rejected_claims_total",
+            "CiliumNode entries rejected and claim conflicts reported, by reason; each is "
+            "counted once while it persists.", ["reason"], registry=r)
+        for reason in REASONS:
+            self.rejected_claims.labels(reason=reason)
 
     def record_rejections(self, rejections) -> None:
+        """Entries the parser skipped (counted by field, and by reason)."""
         for rej in rejections:
             # The field without list indices keeps the label set small.
             field = rej.field.split("[")[0]
             self.rejected.labels(field=field).inc()
+        self.record_claim_rejections(rejections)
+
+    def record_claim_rejections(self, rejections) -> None:
+        for rej in rejections:
+            # An unknown reason would grow the label set: count it as malformed.
+            reason = rej.reason if rej.reason in REASONS else "malformed"
+            self.rejected_claims.labels(reason=reason).inc()

@@ -20,18 +20,51 @@ KIND_POD_CIDR = "pod-cidr"
 
 
 @dataclass(frozen=True)
+class Rejection:
+    """One entry of one object that nodecryptor does not use, or a conflict it reports.
+
+    ``reason`` is one of ``admission.REASONS`` (a small fixed set: the metric label);
+    ``why`` is the human-readable detail."""
+
+    obj: str
+    field: str
+    value: str
+    why: str
+    reason: str = "malformed"
+
+    def __str__(self) -> str:
+        return f"CiliumNode {self.obj!r} {self.field}: {self.why} (value {self.value})"
+
+    def to_json(self) -> dict:
+        return {"node": self.obj, "field": self.field, "value": self.value,
+                "reason": self.reason, "detail": self.why}
+
+
+@dataclass(frozen=True)
 class NodeInfo:
     """The part of a CiliumNode the policy needs; never the whole object."""
 
     name: str
     labels: tuple[tuple[str, str], ...] = ()
+    """The CiliumNode's labels: any Cilium agent can write them (untrusted)."""
     addresses: tuple[tuple[str, IPAddress], ...] = ()
     """(type, address) pairs from spec.addresses, e.g. ("InternalIP", 192.168.50.21)."""
     pod_cidrs: tuple[IPNetwork, ...] = ()
     wg_public_key: str | None = None
+    node_labels: tuple[tuple[str, str], ...] | None = None
+    """Role labels of the v1 Node of the same name, which the NodeRestriction admission plugin
+    protects from kubelets; None while that Node is not known. Merged in by the Store."""
 
     def label_map(self) -> dict[str, str]:
         return dict(self.labels)
+
+
+@dataclass(frozen=True)
+class NodeRoleLabels:
+    """The role labels of one v1 Node (only those among the control-plane selectors)."""
+
+    name: str
+    labels: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -63,6 +96,11 @@ class Plan:
     exempt_ports: tuple[PortRange, ...]
     local_known: bool = True
     """False when the local node's CiliumNode is not (yet) in the snapshot."""
+    local_pod_cidrs: tuple[IPNetwork, ...] = ()
+    """The local node's own pod CIDRs (never destinations)."""
+    rejected: tuple[Rejection, ...] = field(default=(), compare=False)
+    """Claims admission rejected, and conflicts (see admission.py). Not compared: the
+    destinations already say everything the datapath needs."""
 
     def to_json(self) -> dict:
         return {
@@ -71,6 +109,7 @@ class Plan:
             "local_addresses": [str(a) for a in self.local_addresses],
             "destinations": [d.to_json() for d in self.destinations],
             "exempt_ports": [p.to_json() for p in self.exempt_ports],
+            "rejected": [r.to_json() for r in self.rejected],
         }
 
 
@@ -112,6 +151,9 @@ class Device:
     name: str
     ifindex: int
     mtu: int
+    networks: tuple[IPNetwork, ...] = ()
+    """The subnets of the device's own addresses (admission rejects their broadcast address
+    as another node's address)."""
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,10 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 
+from .admission import FIELD_ADDRESSES, FIELD_POD_CIDRS, Claim, Limits, admit, owner_of
 from .model import (KIND_NODE_IP, KIND_POD_CIDR, ROLE_CONTROL_PLANE, ROLE_WORKER, Destination,
                     DesiredState, Device, IPNetwork, NodeInfo, Plan, WgState)
-from .settings import Settings
+from .settings import RoleSource, Settings
 
 # WireGuard's overhead on the wire: outer IP header + UDP (8) + WireGuard data header (16) +
 # Poly1305 tag (16). IPv4 outer = 20 + 8 + 32 = 60, IPv6 outer = 40 + 8 + 32 = 80.
@@ -32,11 +33,23 @@ DEFAULT_WG_MARK = 0x0E00
 DEFAULT_WG_MARK_MASK = 0x0F00
 
 
-def is_control_plane(node: NodeInfo, selector_labels: Iterable[str]) -> bool:
+def is_control_plane(node: NodeInfo, selector_labels: Iterable[str],
+                     role_source: RoleSource = RoleSource.NODE) -> bool:
     """Control-plane when any selector label is present, whatever its value: kubeadm sets
-    ``node-role.kubernetes.io/control-plane=""``, k3s sets ``"true"``."""
-    labels = node.label_map()
+    ``node-role.kubernetes.io/control-plane=""``, k3s sets ``"true"``.
+
+    The labels come from the trusted source (``Settings.role_source``): by default the v1
+    Node's (``node.node_labels``, None until that Node is known: a worker, so its traffic is
+    encrypted); with ``ciliumnode`` the CiliumNode's own labels."""
+    if role_source == RoleSource.CILIUMNODE:
+        labels = node.label_map()
+    else:
+        labels = dict(node.node_labels or ())
     return any(label in labels for label in selector_labels)
+
+
+def node_is_control_plane(node: NodeInfo, settings: Settings) -> bool:
+    return is_control_plane(node, settings.control_plane_labels, settings.role_source)
 
 
 def node_addresses(node: NodeInfo, address_types: Iterable[str]):
@@ -48,13 +61,25 @@ def node_addresses(node: NodeInfo, address_types: Iterable[str]):
     return seen
 
 
-def compute_plan(snapshot: Mapping[str, NodeInfo], node_name: str, settings: Settings) -> Plan:
-    """Decide, for the node ``node_name``, which remote prefixes are encrypted."""
+def admission_limits(settings: Settings) -> Limits:
+    return Limits(min_prefix_v4=settings.pod_cidr_min_prefix_v4,
+                  min_prefix_v6=settings.pod_cidr_min_prefix_v6,
+                  cluster_pod_cidrs=settings.cluster_pod_cidrs)
+
+
+def compute_plan(snapshot: Mapping[str, NodeInfo], node_name: str, settings: Settings,
+                 underlay_networks: Iterable[IPNetwork] = ()) -> Plan:
+    """Decide, for the node ``node_name``, which remote prefixes are encrypted.
+
+    Every remote address and pod CIDR is a claim that ``admission.admit`` accepts or rejects;
+    the rejections (and conflicts) travel in ``Plan.rejected``. ``underlay_networks``: the
+    local node's underlay subnets, when the caller knows them (their broadcast addresses are
+    rejected as node addresses)."""
     local = snapshot.get(node_name)
     role = ROLE_WORKER
     local_addresses: tuple = ()
     if local is not None:
-        if is_control_plane(local, settings.control_plane_labels):
+        if node_is_control_plane(local, settings):
             role = ROLE_CONTROL_PLANE
         local_addresses = tuple(sorted(node_addresses(local, settings.address_types),
                                        key=lambda a: (a.version, a)))
@@ -62,35 +87,39 @@ def compute_plan(snapshot: Mapping[str, NodeInfo], node_name: str, settings: Set
     if local is not None:
         own_prefixes.update(local.pod_cidrs)
 
-    # prefix -> list of (node, kind, control_plane) claims
-    claims: dict[IPNetwork, list[tuple[str, str, bool]]] = {}
+    claims: list[Claim] = []
     for name in sorted(snapshot):
         if name == node_name:
             continue
         node = snapshot[name]
-        cp = is_control_plane(node, settings.control_plane_labels)
+        cp = node_is_control_plane(node, settings)
         for addr in node_addresses(node, settings.address_types):
-            prefix = ipaddress.ip_network(addr)
-            claims.setdefault(prefix, []).append((name, KIND_NODE_IP, cp))
-        for cidr in node.pod_cidrs:
-            claims.setdefault(cidr, []).append((name, KIND_POD_CIDR, cp))
+            claims.append(Claim(name, FIELD_ADDRESSES, KIND_NODE_IP, ipaddress.ip_network(addr),
+                                cp))
+        for cidr in dict.fromkeys(node.pod_cidrs):
+            claims.append(Claim(name, FIELD_POD_CIDRS, KIND_POD_CIDR, cidr, cp))
+    admission = admit(claims, own_prefixes, admission_limits(settings), underlay_networks)
 
     destinations = []
-    for prefix, owners in claims.items():
-        if prefix in own_prefixes:
-            # The local node's own address or pod CIDR (e.g. reused by a stale object) is
-            # never a remote destination.
-            continue
-        # Two nodes claiming one prefix is a transient state (an address moved). Exempting is
-        # the direction that can leak, so the prefix counts as control-plane only when every
-        # claimant is control-plane; a node address claim wins over a pod CIDR claim.
-        kind = KIND_NODE_IP if any(k == KIND_NODE_IP for _, k, _ in owners) else KIND_POD_CIDR
-        destinations.append(Destination(prefix=prefix, node=owners[0][0], kind=kind,
-                                        control_plane=all(cp for _, _, cp in owners)))
+    for owners in admission.admitted:
+        # A prefix several nodes claim stays one encrypted destination. It is exempt (a
+        # control-plane node address) when a control-plane node claims it as its node
+        # address: a worker claiming the same address cannot switch the bootstrap exemption
+        # off. A pod CIDR counts as control-plane only when every claimant is.
+        owner = owner_of(owners)
+        kind = owner.kind
+        if kind == KIND_NODE_IP:
+            control_plane = owner.control_plane
+        else:
+            control_plane = all(c.control_plane for c in owners)
+        destinations.append(Destination(prefix=owner.prefix, node=owner.node, kind=kind,
+                                        control_plane=control_plane))
     destinations.sort(key=Destination.sort_key)
     return Plan(node=node_name, role=role, local_addresses=local_addresses,
                 destinations=tuple(destinations), exempt_ports=settings.exempt_ports,
-                local_known=local is not None)
+                local_known=local is not None,
+                local_pod_cidrs=tuple(dict.fromkeys(local.pod_cidrs)) if local else (),
+                rejected=admission.rejected)
 
 
 def uncovered_destinations(destinations: Iterable[Destination],

@@ -26,6 +26,7 @@ from .metrics import Metrics
 from .model import ROLE_CONTROL_PLANE, DesiredState, WgState
 from .policy import compute_desired, compute_plan, is_control_plane
 from .policy import node_addresses as policy_node_addresses
+from .rejectlog import RejectionLog
 from .settings import Settings
 from .store import Store
 
@@ -80,6 +81,8 @@ class Reconciler:
         self._last_inputs: tuple | None = None
         """Inputs of the last successful pass; a pass that is not forced and sees the same
         inputs skips planning and applying (the datapath already holds that state)."""
+        self._rejections = RejectionLog(metrics)
+        """Admission's rejections, logged and counted once each."""
 
     # ---- one pass --------------------------------------------------------------------------
     def reconcile_once(self, force: bool = True) -> PassResult:
@@ -125,7 +128,9 @@ class Reconciler:
         return version, snapshot, wg, devices, rp
 
     def _desired(self, _version, snapshot, wg, devices, rp_items) -> DesiredState:
-        plan = compute_plan(snapshot, self.settings.node_name, self.settings)
+        plan = compute_plan(snapshot, self.settings.node_name, self.settings,
+                            underlay_networks=[n for d in devices for n in d.networks])
+        self._rejections.report(plan.rejected)
         if not plan.local_known:
             log.warning("local node has no CiliumNode; treating it as a worker",
                         extra=kv(node=self.settings.node_name))
@@ -158,7 +163,8 @@ class Reconciler:
     def _export_inputs(self, snapshot, desired: DesiredState) -> None:
         m = self.metrics
         cp = sum(1 for n in snapshot.values()
-                 if is_control_plane(n, self.settings.control_plane_labels))
+                 if is_control_plane(n, self.settings.control_plane_labels,
+                                     self.settings.role_source))
         m.nodes.labels(role=ROLE_CONTROL_PLANE).set(cp)
         m.nodes.labels(role="worker").set(len(snapshot) - cp)
         counts = {(k, f): 0 for k in ("node-ip", "pod-cidr") for f in ("ipv4", "ipv6")}

@@ -3,13 +3,24 @@ and why). The CLI only translates flags into this object; nothing else reads fla
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Union
 
 from .errors import SettingsError
 from .ports import PortRange, parse_port_spec
 
 DEFAULT_EXEMPT_PORTS = "2379-2380,6443"
+
+
+class RoleSource(StrEnum):
+    """Which object the control-plane role labels are read from (``--role-source``)."""
+
+    NODE = "node"
+    """The v1 Node: NodeRestriction keeps kubelets from setting node-role labels."""
+    CILIUMNODE = "ciliumnode"
+    """The CiliumNode: any Cilium agent may rewrite it (clusters without NodeRestriction)."""
 
 
 class FailMode(StrEnum):
@@ -71,6 +82,27 @@ class Settings:
 
     address_types: tuple[str, ...] = ("InternalIP",)
     """CiliumNode spec.addresses types that count as node addresses to encrypt towards."""
+
+    role_source: RoleSource = RoleSource.NODE
+    """Where the control-plane labels are read: "node" (default), the v1 Node objects, whose
+    node-role.kubernetes.io/* labels the NodeRestriction admission plugin keeps kubelets from
+    setting; or "ciliumnode", the CiliumNode objects, which any Cilium agent may rewrite (only
+    for clusters without NodeRestriction). Until a node's Node is known it is a worker: its
+    traffic is encrypted, the safe direction."""
+
+    pod_cidr_min_prefix_v4: int = 16
+    """Shortest prefix length accepted for an IPv4 pod CIDR of another node. Node pod CIDRs
+    are /24-/26 in practice; anything broader than /16 would cover addresses outside the
+    cluster."""
+
+    pod_cidr_min_prefix_v6: int = 48
+    """Shortest prefix length accepted for an IPv6 pod CIDR (nodes get /64-/120)."""
+
+    cluster_pod_cidrs: tuple[Union[ipaddress.IPv4Network, ipaddress.IPv6Network], ...] = ()
+    """The cluster's pod ranges (Cilium's cluster-pool CIDRs, kube-controller-manager's
+    --cluster-cidr). A pod CIDR of a family listed here must lie inside one of that family's
+    ranges; a family without a range is not checked (only the breadth limit applies to it), so
+    naming only the IPv4 range never drops IPv6 encryption."""
 
     datapath: DatapathMode = DatapathMode.AUTO
     """DatapathMode.BPF, IPRULE, or AUTO (BPF when it compiles, loads and attaches; else ip
@@ -154,7 +186,8 @@ class Settings:
         # Plain strings (from code or JSON) become the enums, so every later comparison is
         # between enum members; an unknown value names the flag.
         for name, enum, flag in (("fail_mode", FailMode, "--fail-mode"),
-                                 ("datapath", DatapathMode, "--datapath")):
+                                 ("datapath", DatapathMode, "--datapath"),
+                                 ("role_source", RoleSource, "--role-source")):
             value = getattr(self, name)
             if not isinstance(value, enum):
                 try:

@@ -1,56 +1,133 @@
 """Thread-safe store of the cluster as the policy sees it: NodeInfo by node name.
 
-The Kubernetes sync writes it; the reconcile loop reads snapshots. ``changed`` wakes the loop.
+The Kubernetes sync writes it: CiliumNodes (parsed into NodeInfo) and, when roles come from the
+v1 Nodes, each Node's role labels, which the store merges into the NodeInfo of the same name
+(``NodeInfo.node_labels``). The reconcile loop reads snapshots. ``changed`` wakes the loop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from .model import NodeInfo
+
+Labels = tuple[tuple[str, str], ...]
+
+LIST_CILIUMNODES = "ciliumnodes"
+LIST_NODES = "nodes"
 
 
 class Store:
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._parsed: dict[str, NodeInfo] = {}
+        """NodeInfo as parsed from the CiliumNodes."""
+        self._node_labels: dict[str, Labels] = {}
+        """Role labels of the v1 Nodes by name (only while roles come from Nodes)."""
         self._nodes: dict[str, NodeInfo] = {}
+        """``_parsed`` with the Node labels merged in: what snapshots return."""
+        self._awaiting = {LIST_CILIUMNODES}
         self.changed = threading.Event()
         self.synced = threading.Event()
-        """Set after the first complete list; the loop applies nothing before it."""
+        """Set after the first complete list of every source the store waits for (CiliumNodes,
+        and Nodes after ``expect_node_labels``); the loop applies nothing before it."""
         self.version = 0
         self.last_sync: float = 0.0
+
+    # CiliumNodes
 
     def replace_all(self, nodes: Iterable[NodeInfo]) -> None:
         """Install the result of a complete list (objects absent from it are gone)."""
         fresh = {n.name: n for n in nodes}
         with self._lock:
-            if fresh != self._nodes:
-                self._nodes = fresh
-                self.version += 1
-                self.changed.set()
+            self._parsed = fresh
+            self._rebuild()
             self.last_sync = time.time()
-        self.synced.set()
+            self._listed(LIST_CILIUMNODES)
         self.changed.set()
 
     def upsert(self, node: NodeInfo) -> None:
         with self._lock:
-            if self._nodes.get(node.name) != node:
-                self._nodes[node.name] = node
-                self.version += 1
-                self.changed.set()
+            self._parsed[node.name] = node
+            self._put(node.name)
 
     def delete(self, name: str) -> None:
         with self._lock:
-            if self._nodes.pop(name, None) is not None:
-                self.version += 1
-                self.changed.set()
+            self._parsed.pop(name, None)
+            self._put(name)
+
+    # v1 Node role labels
+
+    def expect_node_labels(self) -> None:
+        """Roles come from the Nodes: wait for their first list too before ``synced``, so the
+        first pass does not briefly treat every control-plane node as a worker."""
+        with self._lock:
+            if not self.synced.is_set():
+                self._awaiting.add(LIST_NODES)
+
+    def replace_node_labels(self, labels: Mapping[str, Labels]) -> None:
+        """Install the role labels of a complete list of Nodes."""
+        with self._lock:
+            self._node_labels = dict(labels)
+            self._rebuild()
+            self._listed(LIST_NODES)
+        self.changed.set()
+
+    def set_node_labels(self, name: str, labels: Labels) -> None:
+        with self._lock:
+            if self._node_labels.get(name) != labels:
+                self._node_labels[name] = labels
+                self._put(name)
+
+    def delete_node_labels(self, name: str) -> None:
+        with self._lock:
+            if self._node_labels.pop(name, None) is not None:
+                self._put(name)
+
+    # Reads
 
     def snapshot(self) -> dict[str, NodeInfo]:
         with self._lock:
             return dict(self._nodes)
 
+    def node_labels_count(self) -> int:
+        with self._lock:
+            return len(self._node_labels)
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._nodes)
+
+    # Internals (lock held)
+
+    def _merged(self, name: str) -> NodeInfo | None:
+        node = self._parsed.get(name)
+        labels = self._node_labels.get(name)
+        if node is None or labels is None:
+            return node
+        return dataclasses.replace(node, node_labels=labels)
+
+    def _put(self, name: str) -> None:
+        merged = self._merged(name)
+        if self._nodes.get(name) == merged:
+            return
+        if merged is None:
+            del self._nodes[name]
+        else:
+            self._nodes[name] = merged
+        self.version += 1
+        self.changed.set()
+
+    def _rebuild(self) -> None:
+        fresh = {name: self._merged(name) for name in self._parsed}
+        if fresh != self._nodes:
+            self._nodes = fresh
+            self.version += 1
+
+    def _listed(self, source: str) -> None:
+        self._awaiting.discard(source)
+        if not self._awaiting:
+            self.synced.set()

@@ -316,12 +316,13 @@ assert len(CASES_BY_ID) == len(CASES), "case ids must be unique"
 
 
 def snapshot() -> dict[str, NodeInfo]:
-    """CLUSTER parsed the way the agent parses it."""
+    """CLUSTER parsed the way the agent parses it; each node's v1 Node (the trusted role
+    source) carries the same labels as its CiliumNode."""
     out = {}
     for obj in CLUSTER:
         info, rejections = parse_ciliumnode(obj)
         assert info is not None and not rejections, rejections
-        out[info.name] = info
+        out[info.name] = dataclasses.replace(info, node_labels=info.labels)
     return out
 
 

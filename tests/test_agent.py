@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from nodecryptor_testkit.fakeapi import make_ciliumnode
+from nodecryptor_testkit.fakeapi import make_ciliumnode, make_node
 from nodecryptor_testkit import netns as netns_mod
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +26,8 @@ pytestmark = [pytest.mark.privileged, pytest.mark.slow]
 
 def cluster(workers=("w1", "w2", "w3")):
     objs = [make_ciliumnode("cp1", ipv4="192.168.77.10", ipv6="fd77::10",
-                            pod_cidrs=["10.77.0.0/24"], control_plane=True)]
+                            pod_cidrs=["10.77.0.0/24"], control_plane=True),
+            make_node("cp1", control_plane=True)]  # the trusted source of the role
     for i, name in enumerate(workers, start=1):
         objs.append(make_ciliumnode(name, ipv4=f"192.168.77.{10 + i}", ipv6=f"fd77::{10 + i}",
                                     pod_cidrs=[f"10.77.{i}.0/24"]))

@@ -11,7 +11,7 @@ import pytest
 
 import nodecryptor
 from nodecryptor.cli import main
-from nodecryptor_testkit.fakeapi import FakeApiServer, load_objects, make_ciliumnode
+from nodecryptor_testkit.fakeapi import FakeApiServer, load_objects, make_ciliumnode, make_node
 
 EXAMPLE = os.path.join(os.path.dirname(nodecryptor.__file__), "examples", "cluster.json")
 TCP_DEFAULT = [{"protocol": "tcp", "first": 2379, "last": 2380},
@@ -65,6 +65,7 @@ def test_bundled_example_plan_for_a_worker(serve, capsys):
             dest("fd50::13/128", "w3", "node-ip"),
         ],
         "exempt_ports": TCP_DEFAULT,
+        "rejected": [],
     }
 
 
@@ -82,11 +83,63 @@ def test_bundled_example_plan_for_the_control_plane(serve, capsys):
 @pytest.mark.parametrize("style", ["kubeadm", "k3s", "master"])
 def test_every_control_plane_label_style(serve, capsys, style):
     objects = [make_ciliumnode("cp", ipv4="192.0.2.1", control_plane=True, label_style=style),
-               make_ciliumnode("w", ipv4="192.0.2.2")]
+               make_node("cp", control_plane=True, label_style=style),
+               make_ciliumnode("w", ipv4="192.0.2.2"), make_node("w")]
     kc = serve(objects)
     assert plan_json(capsys, kc, "cp")["role"] == "control-plane"
     assert plan_json(capsys, kc, "w")["destinations"] == [
         dest("192.0.2.1/32", "cp", "node-ip", True)]
+
+
+def test_role_comes_from_the_node_unless_told_otherwise(serve, capsys):
+    # Finding 2 of issue 9: any Cilium agent can label a CiliumNode control-plane; the v1
+    # Node's role labels are protected by NodeRestriction.
+    objects = [make_ciliumnode("cp", ipv4="192.0.2.1", control_plane=True),
+               make_node("cp", control_plane=True),
+               make_ciliumnode("w", ipv4="192.0.2.2", control_plane=True),  # forged
+               make_node("w"),
+               make_ciliumnode("x", ipv4="192.0.2.3")]  # no Node yet: a worker
+    kc = serve(objects)
+    got = plan_json(capsys, kc, "x")
+    assert got["destinations"] == [dest("192.0.2.1/32", "cp", "node-ip", True),
+                                   dest("192.0.2.2/32", "w", "node-ip", False)]
+    got = plan_json(capsys, kc, "x", "--role-source", "ciliumnode")
+    assert got["destinations"] == [dest("192.0.2.1/32", "cp", "node-ip", True),
+                                   dest("192.0.2.2/32", "w", "node-ip", True)]
+
+
+def test_rejections_are_listed_with_their_reason(serve, capsys):
+    # Finding 9 of issue 9: plan --json used to drop every rejection.
+    hostile = make_ciliumnode("evil", ipv4="169.254.169.254",
+                              pod_cidrs=["0.0.0.0/1", "10.0.0.0/8", "10.244.9.0/24"])
+    hostile["spec"]["addresses"].append({"type": "InternalIP", "ip": "192.168.50.10"})
+    objects = load_objects(EXAMPLE) + [hostile]
+    got = plan_json(capsys, serve(objects), "w1", "--cluster-pod-cidrs", "10.244.0.0/16")
+    rejected = {(r["node"], r["field"].split("[")[0], r["value"], r["reason"])
+                for r in got["rejected"]}
+    assert rejected == {
+        ("evil", "spec.addresses", "169.254.169.254", "link-local"),
+        ("evil", "spec.addresses", "0.0.0.1", "unspecified"),  # its CiliumInternalIP
+        ("evil", "spec.ipam.podCIDRs", "0.0.0.0/1", "unspecified"),
+        ("evil", "spec.ipam.podCIDRs", "10.0.0.0/8", "too-broad"),
+        ("evil", "spec.addresses", "192.168.50.10/32", "duplicate-claim"),
+    }
+    assert all(set(r) >= {"node", "field", "value", "reason"} for r in got["rejected"])
+    # The control-plane node's address keeps its exemption; evil's own pod CIDR is kept.
+    assert dest("192.168.50.10/32", "cp1", "node-ip", True) in got["destinations"]
+    assert dest("10.244.9.0/24", "evil", "pod-cidr") in got["destinations"]
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--role-source", "kubelet"), ("--cluster-pod-cidrs", "10.244.0.1/16"),
+    ("--cluster-pod-cidrs", "nonsense"), ("--cluster-pod-cidrs", "0.0.0.0/0"),
+    ("--pod-cidr-min-prefix-v4", "0"), ("--pod-cidr-min-prefix-v4", "33"),
+    ("--pod-cidr-min-prefix-v6", "٤٨"), ("--pod-cidr-min-prefix-v6", "x"),
+])
+def test_bad_admission_flags_exit_2_naming_flag_and_value(capsys, flag, value):
+    rc = main(["plan", "--kubeconfig", "/nonexistent", "--node-name", "w1", flag, value])
+    err = capsys.readouterr().err
+    assert rc == 2 and flag in err and repr(value) in err
 
 
 def test_prefixes_are_normalised(serve, capsys):

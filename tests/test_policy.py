@@ -1,3 +1,4 @@
+import dataclasses
 import ipaddress
 
 import pytest
@@ -14,10 +15,12 @@ from tests.cilium_objects import (CP_LABEL, K3S_CP, KUBEADM_CP, LEGACY_MASTER, N
 
 
 def snapshot(*objs):
+    """NodeInfo by name, each with a v1 Node carrying the same labels as its CiliumNode (the
+    trusted role source; tests/test_admission.py covers the two sources disagreeing)."""
     out = {}
     for obj in objs:
         info, _ = parse_ciliumnode(obj)
-        out[info.name] = info
+        out[info.name] = dataclasses.replace(info, node_labels=info.labels)
     return out
 
 
@@ -43,6 +46,7 @@ def test_worker_plan_matches_the_contract():
         ],
         "exempt_ports": [{"protocol": "tcp", "first": 2379, "last": 2380},
                          {"protocol": "tcp", "first": 6443, "last": 6443}],
+        "rejected": [],
     }
 
 
@@ -87,11 +91,13 @@ def test_local_prefixes_never_become_destinations():
     assert "192.168.50.21/32" not in prefixes and "10.244.1.0/24" not in prefixes
 
 
-def test_duplicate_prefix_is_control_plane_only_when_every_claimant_is():
+def test_a_worker_claiming_a_control_plane_address_cannot_switch_its_exemption_off():
+    # Finding 3 of issue 9: this used to turn the exemption off (bootstrap broke).
     worker_with_cp_ip = ciliumnode("w9", "192.168.50.10", None, [])
     plan = compute_plan(snapshot(KUBEADM_CP, worker_with_cp_ip, W1), "w1", SETTINGS)
     dest = [d for d in plan.destinations if str(d.prefix) == "192.168.50.10/32"]
-    assert len(dest) == 1 and dest[0].control_plane is False
+    assert len(dest) == 1 and dest[0].control_plane is True and dest[0].node == "cp1"
+    assert [(r.obj, r.reason) for r in plan.rejected] == [("w9", "duplicate-claim")]
 
 
 def test_prefixes_are_normalised():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import sys
@@ -10,7 +11,8 @@ import sys
 from ..errors import SettingsError
 from ..log import LEVELS
 from ..ports import PortSpecError, parse_port_spec
-from ..settings import DEFAULT_EXEMPT_PORTS, DatapathMode, FailMode, Settings
+from ..settings import (DEFAULT_EXEMPT_PORTS, DatapathMode, RoleSource,
+                        FailMode, Settings)
 from ..settings import require_node_name  # noqa: F401  (re-exported for the commands)
 
 
@@ -55,6 +57,19 @@ def add_cluster(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address-types", default="InternalIP", metavar="TYPES",
                    help="comma-separated CiliumNode address types treated as node addresses "
                         "(default: %(default)s)")
+    p.add_argument("--role-source", default=RoleSource.NODE.value, metavar="SOURCE",
+                   help="where control-plane labels are read: node (the v1 Node objects, "
+                        "protected by NodeRestriction) or ciliumnode (writable by every Cilium "
+                        "agent; only without NodeRestriction) (default: %(default)s)")
+    p.add_argument("--cluster-pod-cidrs", default=None, metavar="CIDRS",
+                   help="comma-separated pod ranges of the cluster; pod CIDRs outside them are "
+                        "rejected (default: not checked)")
+    p.add_argument("--pod-cidr-min-prefix-v4", default="16", metavar="LEN",
+                   help="shortest prefix length accepted for an IPv4 pod CIDR "
+                        "(default: %(default)s)")
+    p.add_argument("--pod-cidr-min-prefix-v6", default="48", metavar="LEN",
+                   help="shortest prefix length accepted for an IPv6 pod CIDR "
+                        "(default: %(default)s)")
 
 
 def add_run_dir(p: argparse.ArgumentParser) -> None:
@@ -82,6 +97,43 @@ def _bind(flag: str, value: str) -> str:
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise SettingsError(flag, value, "expected [HOST]:PORT with a port from 1 to 65535")
     return value
+
+
+def _prefix_length(flag: str, text: str, family: int) -> int:
+    top = 32 if family == 4 else 128
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= top:
+        raise SettingsError(flag, text, f"expected a prefix length from 1 to {top}")
+    return int(text)
+
+
+def _cluster_cidrs(flag: str, text: str) -> tuple:
+    cidrs = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        try:
+            if not item.isascii():
+                raise ValueError
+            net = ipaddress.ip_network(item, strict=True)
+        except ValueError:
+            raise SettingsError(flag, text, f"{item!r} is not a CIDR with its host bits "
+                                            f"zero, such as 10.244.0.0/16") from None
+        if net.prefixlen == 0:
+            raise SettingsError(flag, text, f"{item} would accept every pod CIDR")
+        cidrs.append(net)
+    return tuple(dict.fromkeys(cidrs))
+
+
+def _admission_settings(args: argparse.Namespace, kw: dict) -> None:
+    if getattr(args, "role_source", None) is not None:
+        kw["role_source"] = args.role_source  # Settings turns it into a RoleSource or names the flag
+    if getattr(args, "cluster_pod_cidrs", None):
+        kw["cluster_pod_cidrs"] = _cluster_cidrs("--cluster-pod-cidrs", args.cluster_pod_cidrs)
+    for family in (4, 6):
+        text = getattr(args, f"pod_cidr_min_prefix_v{family}", None)
+        if text is not None:
+            kw[f"pod_cidr_min_prefix_v{family}"] = _prefix_length(
+                f"--pod-cidr-min-prefix-v{family}", text, family)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -122,6 +174,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                                    args.metrics_server_bind_address)
     if getattr(args, "noop_route", None) is not None:
         kw["noop_route"] = bool(args.noop_route)
+    _admission_settings(args, kw)
     return Settings(**kw)
 
 

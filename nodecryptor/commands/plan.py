@@ -10,7 +10,8 @@ def register(sub) -> None:
     p = sub.add_parser("plan", help="print what would be encrypted on a node (changes nothing)",
                        description="List the CiliumNodes once and print the plan for one node: "
                                    "its role, its own addresses, the remote prefixes that are "
-                                   "encrypted and the exempt ports.")
+                                   "encrypted, the exempt ports, and every CiliumNode entry "
+                                   "that was rejected or conflicts, with the reason.")
     add_cluster(p)
     add_json(p)
     p.set_defaults(func=handle)
@@ -23,8 +24,12 @@ def handle(args) -> int:
 
     snapshot, rejections = k8s.snapshot_once(settings)
     plan = compute_plan(snapshot, settings.node_name, settings)
+    # What the parser skipped, then what admission rejected or reported as a conflict.
+    rejected = list(rejections) + list(plan.rejected)
     if args.json:
-        print_json(plan.to_json())
+        out = plan.to_json()
+        out["rejected"] = [r.to_json() for r in rejected]
+        print_json(out)
         return 0
     print(f"node {plan.node} ({plan.role})"
           + ("" if plan.local_known else "  [no CiliumNode of this name: role assumed worker]"))
@@ -35,6 +40,8 @@ def handle(args) -> int:
     print(f"  {'PREFIX':<44} {'NODE':<24} {'KIND':<9} CONTROL-PLANE")
     for d in plan.destinations:
         print(f"  {str(d.prefix):<44} {d.node:<24} {d.kind:<9} {'yes' if d.control_plane else 'no'}")
-    for rej in rejections:
-        print(f"skipped invalid entry: {rej}")
+    for rej in rejected:
+        # A duplicate claim is kept (encrypted) and only reported.
+        what = "conflict" if rej.reason == "duplicate-claim" else "rejected"
+        print(f"{what} ({rej.reason}): {rej}")
     return 0

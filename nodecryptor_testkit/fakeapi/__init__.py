@@ -1,4 +1,4 @@
-"""A small fake kube-apiserver that serves CiliumNodes over the real HTTP protocol.
+"""A small fake kube-apiserver that serves CiliumNodes and v1 Nodes over the real HTTP protocol.
 
 Tests run it in a thread; the network-namespace lab runs it as a process
 (``python -m nodecryptor_testkit.fakeapi --bind 127.0.0.1:6443 --objects cluster.json
@@ -11,13 +11,20 @@ Tests run it in a thread; the network-namespace lab runs it as a process
   history), WATCH as a chunked stream of JSON lines (ADDED, MODIFIED, DELETED, BOOKMARK, and
   ERROR carrying a Status with code 410 when the requested resourceVersion was compacted away),
   POST, PUT, PATCH (merge-patch) and DELETE;
-- one global, monotonically increasing resourceVersion and a bounded event history.
+- ``nodes`` (v1, cluster-scoped): GET one, LIST with ``limit``/``continue`` and WATCH, each as
+  metadata only (``PartialObjectMetadata``/``PartialObjectMetadataList``) when the Accept header
+  asks for it as the real server negotiates it (406 for a form it cannot produce); created
+  with ``FakeApiServer.apply`` of an object whose kind is Node (also from ``--objects``);
+- one global, monotonically increasing resourceVersion (shared by both resources, as etcd's
+  revision is) and a bounded event history per resource.
 
 Fault injection for tests (Python methods, also reachable as ``POST /_fake/<action>`` with the
 token): compact the history, make the next watch or continue token fail with 410, drop open
 watch connections, freeze them (open but silent), stall requests (accept and never answer),
 fail the next N requests with a status code, refuse connections by closing the listening
-socket, and advance the resourceVersion as writes to other resources would.
+socket, and advance the resourceVersion as writes to other resources would. The count-based
+faults (stall, fail, expire) are aimed at CiliumNode requests only; freezing or dropping
+watches and refusing connections hit Node requests too.
 
 Label and field selectors are ignored: nodecryptor does not use them.
 """
@@ -25,10 +32,12 @@ Label and field selectors are ignored: nodecryptor does not use them.
 
 from .cluster import ApiError, FakeCluster
 from .objects import (API_VERSION, COLLECTION, CONTROL_PLANE_LABEL, GROUP, KIND, MASTER_LABEL,
-                      PLURAL, VERSION, WG_PUBKEY_ANNOTATION, load_objects, make_ciliumnode,
-                      merge_patch, status_object)
+                      NODE_COLLECTION, PLURAL, VERSION, WG_PUBKEY_ANNOTATION, load_objects,
+                      make_ciliumnode, make_node, merge_patch, partial_object_metadata,
+                      status_object)
 from .server import FakeApiServer
 
 __all__ = ["API_VERSION", "COLLECTION", "CONTROL_PLANE_LABEL", "GROUP", "KIND", "MASTER_LABEL",
            "PLURAL", "VERSION", "WG_PUBKEY_ANNOTATION", "ApiError", "FakeApiServer",
-           "FakeCluster", "load_objects", "make_ciliumnode", "merge_patch", "status_object"]
+           "FakeCluster", "NODE_COLLECTION", "load_objects", "make_ciliumnode", "make_node",
+           "merge_patch", "partial_object_metadata", "status_object"]

@@ -1,4 +1,5 @@
-"""The fake API server's state: CiliumNodes, the global resourceVersion, the bounded event
+"""The fake API server's state: CiliumNodes (and v1 Nodes), the global resourceVersion, the
+bounded event
 history and the snapshots behind continue tokens. No HTTP here."""
 
 from __future__ import annotations
@@ -13,6 +14,26 @@ from collections import deque
 from dataclasses import dataclass
 
 from .objects import API_VERSION, KIND, merge_patch, status_object
+
+
+@dataclass(frozen=True)
+class Resource:
+    """What a FakeCluster stores: the kind, its apiVersion and its name in error messages."""
+
+    kind: str
+    api_version: str
+    qualified: str  # "ciliumnodes.cilium.io", "nodes"
+
+
+CILIUMNODE_RESOURCE = Resource(KIND, API_VERSION, "ciliumnodes.cilium.io")
+NODE_RESOURCE = Resource("Node", "v1", "nodes")
+
+
+class _Clock:
+    """The global resourceVersion: etcd's revision, shared by every resource."""
+
+    def __init__(self, rv: int):
+        self.rv = rv
 
 MAX_SNAPSHOTS = 64
 """Paginated lists in progress that the server remembers."""
@@ -36,11 +57,17 @@ class _Snapshot:
 
 
 class FakeCluster:
-    """CiliumNodes, resourceVersions and the event history, independent of HTTP."""
+    """Objects of one resource (CiliumNodes unless told), resourceVersions and the event
+    history, independent of HTTP. ``shared_with``: another FakeCluster whose resourceVersion
+    counter, lock and request log this one shares, as resources share etcd's revision."""
 
-    def __init__(self, history_limit: int = 1000, initial_rv: int = 0):
-        self.cond = threading.Condition()
-        self.rv = initial_rv
+    def __init__(self, history_limit: int = 1000, initial_rv: int = 0,
+                 resource: Resource = CILIUMNODE_RESOURCE,
+                 shared_with: "FakeCluster | None" = None):
+        self.resource = resource
+        self._clock = shared_with._clock if shared_with is not None else _Clock(initial_rv)
+        self.cond = shared_with.cond if shared_with is not None else threading.Condition()
+        initial_rv = self._clock.rv
         """A real apiserver's resourceVersions come from etcd and never go backwards, also
         across apiserver restarts. A standalone fake starts from a time-based value so a
         restarted fake answers a client's older resourceVersion with 410, as a real one does
@@ -52,8 +79,17 @@ class FakeCluster:
         self.snapshots: dict[str, _Snapshot] = {}
         self.expire_next_continues = 0
         """Fault: this many continue tokens are answered with 410 Expired."""
-        self.requests: deque[tuple[str, str]] = deque(maxlen=10000)
+        self.requests: deque[tuple[str, str]] = (
+            shared_with.requests if shared_with is not None else deque(maxlen=10000))
         """(method, path with query) of recent API requests, for tests to inspect."""
+
+    @property
+    def rv(self) -> int:
+        return self._clock.rv
+
+    @rv.setter
+    def rv(self, value: int) -> None:
+        self._clock.rv = value
 
     # Writes. Each one bumps the global resourceVersion and records an event.
 
@@ -80,12 +116,15 @@ class FakeCluster:
         meta.setdefault("generation", 1)
         return obj
 
+    def _not_found(self, name: str) -> ApiError:
+        return ApiError(404, "NotFound", f'{self.resource.qualified} "{name}" not found', name)
+
     @staticmethod
     def _name_of(obj: object) -> str:
         meta = obj.get("metadata") if isinstance(obj, dict) else None
         name = meta.get("name") if isinstance(meta, dict) else None
         if not isinstance(name, str) or not name:
-            raise ApiError(422, "Invalid", "CiliumNode.cilium.io is invalid: metadata.name: "
+            raise ApiError(422, "Invalid", "the object is invalid: metadata.name: "
                                            "Required value: name is required")
         return name
 
@@ -94,10 +133,10 @@ class FakeCluster:
             name = self._name_of(obj)
             if name in self.objects:
                 raise ApiError(409, "AlreadyExists",
-                               f'ciliumnodes.cilium.io "{name}" already exists', name)
+                               f'{self.resource.qualified} "{name}" already exists', name)
             obj = copy.deepcopy(obj)
-            obj.setdefault("apiVersion", API_VERSION)
-            obj.setdefault("kind", KIND)
+            obj.setdefault("apiVersion", self.resource.api_version)
+            obj.setdefault("kind", self.resource.kind)
             obj["metadata"].pop("resourceVersion", None)
             self.objects[name] = self._stamp(obj, None)
             self._record("ADDED", obj)
@@ -111,17 +150,17 @@ class FakeCluster:
                                                   "name on the URL", name)
             old = self.objects.get(name)
             if old is None:
-                raise ApiError(404, "NotFound", f'ciliumnodes.cilium.io "{name}" not found', name)
+                raise self._not_found(name)
             given = obj.get("metadata", {}).get("resourceVersion")
             if check_rv and given and given != old["metadata"]["resourceVersion"]:
                 raise ApiError(409, "Conflict", f'Operation cannot be fulfilled on '
-                               f'ciliumnodes.cilium.io "{name}": the object has been modified; '
+                               f'{self.resource.qualified} "{name}": the object has been modified; '
                                f'please apply your changes to the latest version and try again',
                                name)
             return self._write(name, copy.deepcopy(obj), old)
 
     def _write(self, name: str, obj: dict, old: dict) -> dict:
-        obj["apiVersion"], obj["kind"] = API_VERSION, KIND
+        obj["apiVersion"], obj["kind"] = self.resource.api_version, self.resource.kind
         unchanged = {k: v for k, v in obj.items() if k != "metadata"} == \
             {k: v for k, v in old.items() if k != "metadata"}
         meta_new = {k: v for k, v in obj["metadata"].items() if k != "resourceVersion"}
@@ -137,7 +176,7 @@ class FakeCluster:
         with self.cond:
             old = self.objects.get(name)
             if old is None:
-                raise ApiError(404, "NotFound", f'ciliumnodes.cilium.io "{name}" not found', name)
+                raise self._not_found(name)
             if not isinstance(patch, dict):
                 raise ApiError(400, "BadRequest", "a merge patch must be a JSON object", name)
             # merge_patch shares untouched subtrees with ``old``; stored objects must stay
@@ -151,7 +190,7 @@ class FakeCluster:
         with self.cond:
             old = self.objects.pop(name, None)
             if old is None:
-                raise ApiError(404, "NotFound", f'ciliumnodes.cilium.io "{name}" not found', name)
+                raise self._not_found(name)
             self.rv += 1
             gone = copy.deepcopy(old)
             gone["metadata"]["resourceVersion"] = str(self.rv)
@@ -187,7 +226,7 @@ class FakeCluster:
         with self.cond:
             obj = self.objects.get(name)
             if obj is None:
-                raise ApiError(404, "NotFound", f'ciliumnodes.cilium.io "{name}" not found', name)
+                raise self._not_found(name)
             return copy.deepcopy(obj)
 
     def list_page(self, limit: int, token: str) -> dict:
@@ -220,7 +259,8 @@ class FakeCluster:
                 meta["remainingItemCount"] = len(snap.items) - end
             else:
                 self.snapshots.pop(snap_id, None)
-            return {"apiVersion": API_VERSION, "kind": f"{KIND}List", "metadata": meta,
+            return {"apiVersion": self.resource.api_version, "kind": f"{self.resource.kind}List",
+                    "metadata": meta,
                     "items": items}
 
     @staticmethod
@@ -238,5 +278,6 @@ class FakeCluster:
             raise ApiError(400, "BadRequest", f"invalid continue token {token!r}") from None
 
     def bookmark(self) -> dict:
-        return {"type": "BOOKMARK", "object": {"apiVersion": API_VERSION, "kind": KIND,
+        return {"type": "BOOKMARK", "object": {"apiVersion": self.resource.api_version,
+                                               "kind": self.resource.kind,
                                                "metadata": {"resourceVersion": str(self.rv)}}}

@@ -92,6 +92,57 @@ def make_ciliumnode(name: str, ipv4: str | None = None, ipv6: str | None = None,
     }
 
 
+NODE_COLLECTION = "/api/v1/nodes"
+META_API_VERSION = "meta.k8s.io/v1"
+
+
+def make_node(name: str, control_plane: bool = False, label_style: str = "kubeadm",
+              ipv4: str | None = None, ipv6: str | None = None) -> dict:
+    """A v1 Node shaped like the ones a kubelet registers (and kubeadm labels). Its
+    ``node-role.kubernetes.io/*`` labels are what NodeRestriction keeps kubelets from setting;
+    nodecryptor reads the control-plane role from them. ``label_style`` as in
+    make_ciliumnode."""
+    if label_style not in ("kubeadm", "k3s", "master"):
+        raise ValueError(f"label_style {label_style!r}: expected kubeadm, k3s or master")
+    labels = {"beta.kubernetes.io/arch": "amd64", "beta.kubernetes.io/os": "linux",
+              "kubernetes.io/arch": "amd64", "kubernetes.io/hostname": name,
+              "kubernetes.io/os": "linux"}
+    if control_plane:
+        if label_style == "kubeadm":
+            labels[CONTROL_PLANE_LABEL] = ""
+            labels["node.kubernetes.io/exclude-from-external-load-balancers"] = ""
+        elif label_style == "k3s":
+            labels[CONTROL_PLANE_LABEL] = "true"
+            labels[MASTER_LABEL] = "true"
+        else:
+            labels[MASTER_LABEL] = ""
+    addresses = [{"type": "InternalIP", "address": ip} for ip in (ipv4, ipv6) if ip]
+    addresses.append({"type": "Hostname", "address": name})
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "labels": labels,
+            "annotations": {"node.alpha.kubernetes.io/ttl": "0",
+                            "volumes.kubernetes.io/controller-managed-attach-detach": "true"},
+            "uid": str(uuid.uuid5(_UID_NAMESPACE, "node/" + name)),
+        },
+        "spec": {"taints": [{"key": "node-role.kubernetes.io/control-plane",
+                             "effect": "NoSchedule"}]} if control_plane else {},
+        "status": {"addresses": addresses,
+                   "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],
+                   "nodeInfo": {"kubeletVersion": "v1.33.0", "architecture": "amd64"}},
+    }
+
+
+def partial_object_metadata(obj: dict) -> dict:
+    """The metadata-only form of ``obj``, as the API server sends it to a client that asked
+    for ``as=PartialObjectMetadata``: no spec, no status."""
+    return {"apiVersion": META_API_VERSION, "kind": "PartialObjectMetadata",
+            "metadata": obj.get("metadata", {})}
+
+
 def status_object(code: int, reason: str, message: str, name: str | None = None) -> dict:
     """A metav1.Status, the body of every error the API server returns."""
     out = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",

@@ -4,6 +4,7 @@ and FakeApiServer, the object tests and the lab use, with its fault injection.""
 from __future__ import annotations
 
 import base64
+import collections
 import copy
 import http.server
 import json
@@ -18,8 +19,39 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 
-from .cluster import ApiError, FakeCluster
-from .objects import API_VERSION, COLLECTION, GROUP, KIND, PLURAL, VERSION, status_object
+from .cluster import NODE_RESOURCE, ApiError, FakeCluster
+from .objects import (API_VERSION, COLLECTION, GROUP, KIND, META_API_VERSION, NODE_COLLECTION,
+                      PLURAL, VERSION, partial_object_metadata, status_object)
+
+LIST_VIEW = "PartialObjectMetadataList"
+OBJECT_VIEW = "PartialObjectMetadata"
+
+
+def metadata_view(accept: str, want: str) -> str | None:
+    """Content negotiation of the metadata-only form, as the real server does it: the first
+    Accept clause the server can produce wins. A clause ``application/json`` (or none) gives
+    the full object (None); ``as=<want>;g=meta.k8s.io;v=v1`` gives the metadata form (``want``
+    is PartialObjectMetadataList for a list, PartialObjectMetadata for a watch or a get). A
+    header of nothing but other ``as=`` clauses is 406 Not Acceptable."""
+    if not accept.strip():
+        return None
+    for clause in accept.split(","):
+        media, *raw = [part.strip() for part in clause.split(";")]
+        params = dict(p.split("=", 1) for p in raw if "=" in p)
+        if media not in ("application/json", "*/*", "application/*"):
+            continue
+        if "as" not in params:
+            return None
+        if (params.get("as"), params.get("g"), params.get("v")) == (want, "meta.k8s.io", "v1"):
+            return want
+    raise ApiError(406, "NotAcceptable", f"only the following media types are accepted: "
+                                         f"application/json, application/json;as={want};"
+                                         f"g=meta.k8s.io;v=v1")
+
+
+def as_metadata_list(page: dict) -> dict:
+    return {"apiVersion": META_API_VERSION, "kind": LIST_VIEW, "metadata": page["metadata"],
+            "items": [partial_object_metadata(o) for o in page["items"]]}
 
 log = logging.getLogger("nodecryptor.fakeapi")
 
@@ -46,6 +78,12 @@ def _discovery(path: str, host: str) -> dict | None:
     if path == "/api":
         return {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs":
                 [{"clientCIDR": "0.0.0.0/0", "serverAddress": host}]}
+    if path == "/api/v1":
+        return {"kind": "APIResourceList", "groupVersion": "v1",
+                "resources": [{"name": "nodes", "singularName": "node", "namespaced": False,
+                               "kind": "Node", "shortNames": ["no"],
+                               "verbs": ["create", "delete", "get", "list", "patch", "update",
+                                         "watch"]}]}
     group = {"name": GROUP, "versions": [{"groupVersion": API_VERSION, "version": VERSION}],
              "preferredVersion": {"groupVersion": API_VERSION, "version": VERSION}}
     if path == "/apis":
@@ -132,8 +170,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     raise ApiError(400, "BadRequest", f"fake control: {e}") from None
                 self._send_json(200, answer)
                 return
-            is_watch = (method == "GET" and path == COLLECTION
-                        and query.get("watch", "").lower() in ("1", "true"))
+            watch_asked = query.get("watch", "").lower() in ("1", "true")
+            is_watch = method == "GET" and path == COLLECTION and watch_asked
+            if path == NODE_COLLECTION or path.startswith(NODE_COLLECTION + "/"):
+                # v1 Nodes take no count-based fault (stall, fail, expire): those stay aimed
+                # at the CiliumNode requests the tests count. Freezing and dropping watches
+                # and refusing connections hit every request.
+                self._route_nodes(method, path, query, method == "GET" and watch_asked)
+                return
             if fake.take_stall("watch" if is_watch else "list" if method == "GET" else "write"):
                 # Accept the request and never answer, like a hung server or a black hole.
                 while not (fake.stopping.is_set() or fake.faults.stall_release.is_set()):
@@ -193,9 +237,33 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         raise ApiError(404, "NotFound", "the server could not find the requested resource")
 
-    def _watch(self, query: dict) -> None:
+    def _route_nodes(self, method: str, path: str, query: dict, is_watch: bool) -> None:
+        """v1 Nodes: list (paginated), watch and get, each also as metadata only when the
+        Accept header asks for it; writes come from the test or lab through FakeApiServer."""
+        nodes = self.server.fake.nodes
+        accept = self.headers.get("Accept") or ""
+        self.server.fake.node_requests.append((method, self.path, accept))
+        if method != "GET":
+            raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on {path} here")
+        if path == NODE_COLLECTION and is_watch:
+            self._watch(query, nodes, metadata_view(accept, OBJECT_VIEW) is not None)
+        elif path == NODE_COLLECTION:
+            limit = query.get("limit", "0")
+            if not limit.isdigit():
+                raise ApiError(400, "BadRequest", f"limit {limit!r} is not a number")
+            page = nodes.list_page(int(limit), query.get("continue", ""))
+            self._send_json(200, as_metadata_list(page)
+                            if metadata_view(accept, LIST_VIEW) else page)
+        else:
+            name = urllib.parse.unquote(path[len(NODE_COLLECTION) + 1:])
+            obj = nodes.get(name)
+            self._send_json(200, partial_object_metadata(obj)
+                            if metadata_view(accept, OBJECT_VIEW) else obj)
+
+    def _watch(self, query: dict, cluster: FakeCluster | None = None,
+               metadata_only: bool = False) -> None:
         fake = self.server.fake
-        cluster = fake.cluster
+        cluster = cluster if cluster is not None else fake.cluster
         bookmarks = query.get("allowWatchBookmarks", "").lower() in ("1", "true")
         timeout = query.get("timeoutSeconds", "")
         deadline = time.monotonic() + (int(timeout) if timeout.isdigit() else 1800)
@@ -218,17 +286,25 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         fake.watch_opened()
         try:
-            self._stream_events(cluster, rv_text, bookmarks, deadline)
+            self._stream_events(cluster, rv_text, bookmarks, deadline, metadata_only)
         finally:
             fake.watch_closed()
 
     def _stream_events(self, cluster: FakeCluster, rv_text: str, bookmarks: bool,
-                       deadline: float) -> None:
+                       deadline: float, metadata_only: bool = False) -> None:
         fake = self.server.fake
+
+        def encode(events: list[dict]) -> bytes:
+            if metadata_only:
+                events = [{"type": e["type"], "object": partial_object_metadata(e["object"])}
+                          if e["type"] != "ERROR" else e for e in events]
+            return b"".join(json.dumps(e).encode() + b"\n" for e in events)
+
         generation = fake.faults.drop_generation
         bookmark_generation = fake.bookmark_generation
         with cluster.cond:
-            expire = fake.take_expire()
+            # The count-based expiry fault is aimed at CiliumNode watches only.
+            expire = fake.take_expire() if cluster is fake.cluster else False
             if not expire and rv_text not in ("", "0"):
                 expire = int(rv_text) < cluster.oldest_watchable_rv
             if expire:
@@ -244,7 +320,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                            if rv > int(rv_text)]
             seen = cluster.rv
         if expire:
-            self._chunk(json.dumps(pending[0]).encode() + b"\n")
+            self._chunk(encode(pending[:1]))
             self._chunk(b"")
             return
         next_bookmark = time.monotonic() + fake.bookmark_interval
@@ -256,7 +332,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return
             if not fake.faults.freeze_watches:
                 if pending:
-                    self._chunk(b"".join(json.dumps(e).encode() + b"\n" for e in pending))
+                    self._chunk(encode(pending))
                     pending = []
                 now = time.monotonic()
                 if now >= deadline:
@@ -266,7 +342,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                   or fake.bookmark_generation != bookmark_generation):
                     bookmark_generation = fake.bookmark_generation
                     with cluster.cond:
-                        self._chunk(json.dumps(cluster.bookmark()).encode() + b"\n")
+                        self._chunk(encode([cluster.bookmark()]))
                     next_bookmark = now + fake.bookmark_interval
             with cluster.cond:
                 frozen = fake.faults.freeze_watches
@@ -319,6 +395,12 @@ class FakeApiServer:
         self.bookmark_interval = bookmark_interval
         """Seconds between BOOKMARK events on a watch that asked for them (real: ~60 s)."""
         self.cluster = FakeCluster(history_limit, initial_rv)
+        self.nodes = FakeCluster(history_limit, initial_rv, NODE_RESOURCE,
+                                 shared_with=self.cluster)
+        """v1 Nodes, sharing the CiliumNodes' resourceVersion counter as etcd does."""
+        self.node_requests: collections.deque[tuple[str, str, str]] = collections.deque(
+            maxlen=10000)
+        """(method, path with query, Accept header) of recent Node requests."""
         self.faults = _Faults()
         self.stopping = threading.Event()
         self._lock = threading.Lock()
@@ -334,7 +416,7 @@ class FakeApiServer:
         if tls:
             self._make_tls()
         for obj in objects:
-            self.cluster.apply(obj)
+            self.apply(obj)
 
     # Lifecycle
 
@@ -437,7 +519,13 @@ class FakeApiServer:
     # Objects
 
     def apply(self, obj: dict) -> dict:
+        """Create or replace a CiliumNode, or a v1 Node (``kind: Node``)."""
+        if isinstance(obj, dict) and obj.get("kind") == "Node":
+            return self.nodes.apply(obj)
         return self.cluster.apply(obj)
+
+    def delete_node(self, name: str) -> dict:
+        return self.nodes.delete(name)
 
     def delete(self, name: str) -> dict:
         return self.cluster.delete(name)
@@ -453,6 +541,7 @@ class FakeApiServer:
 
     def compact(self) -> None:
         self.cluster.compact()
+        self.nodes.compact()
 
     def advance(self, count: int = 1) -> None:
         self.cluster.advance(count)

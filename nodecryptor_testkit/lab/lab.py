@@ -26,7 +26,7 @@ from .flows import PortAllocator
 from . import topology as topo
 from .kubeapi import KubeApi
 from .spec import (API_PORT, EXEMPT_TCP_PORTS, SERVICE_TCP_PORT, SERVICE_UDP_PORT, LabSpec,
-                   NodeSpec, ciliumnode_object)
+                   NodeSpec, ciliumnode_object, node_object)
 from .state import STATE_DIR, LabState, delete_netns, reap, reap_stale
 from .topology import LabError, NodeHandle, wait_for
 
@@ -241,7 +241,9 @@ class Lab:
         cp = self.spec.control_plane[0]
         objects = os.path.join(self.workdir, "ciliumnodes.json")
         with open(objects, "w") as f:
-            json.dump([ciliumnode_object(n) for n in self.spec.nodes], f, indent=1)
+            # A Node per node too: the agents take the control-plane role from Node labels.
+            json.dump([ciliumnode_object(n) for n in self.spec.nodes]
+                      + [node_object(n) for n in self.spec.nodes], f, indent=1)
         kubeconfig = os.path.join(self.workdir, "kubeconfig")
         self.api_proc = self.spawn(
             [PY, "-m", "nodecryptor_testkit.fakeapi", "--bind", f"{cp.ipv4}:{API_PORT}",

@@ -115,6 +115,18 @@ def make_spec(nodes: int = 3, control_planes: int = 1) -> LabSpec:
     return LabSpec(nodes=tuple(specs))
 
 
+def node_object(node: NodeSpec) -> dict:
+    """The v1 Node as a kubelet registers it and kubeadm labels it: nodecryptor reads the
+    control-plane role from these labels (NodeRestriction keeps kubelets from setting them)."""
+    labels = {"kubernetes.io/hostname": node.name, "kubernetes.io/os": "linux"}
+    if node.control_plane:
+        labels["node-role.kubernetes.io/control-plane"] = ""  # kubeadm: empty value
+    return {"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": node.name, "labels": labels},
+            "status": {"addresses": [{"type": "InternalIP", "address": str(node.ipv4)},
+                                     {"type": "InternalIP", "address": str(node.ipv6)}]}}
+
+
 def ciliumnode_object(node: NodeSpec, wg_pub_key: str | None = None) -> dict:
     """The CiliumNode as Cilium (and kubeadm's labels) would shape it."""
     labels = {"kubernetes.io/hostname": node.name, "kubernetes.io/os": "linux"}

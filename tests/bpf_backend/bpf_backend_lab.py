@@ -105,7 +105,8 @@ class Node:
 
     def info(self) -> NodeInfo:
         labels = ((CP_LABEL, ""),) if self.control_plane else ()
-        return NodeInfo(name=self.name, labels=labels,
+        # The v1 Node (the trusted role source) carries the same labels as the CiliumNode.
+        return NodeInfo(name=self.name, labels=labels, node_labels=labels,
                         addresses=(("InternalIP", ipaddress.ip_address(self.ip)),),
                         pod_cidrs=(ipaddress.ip_network(self.pod_cidr),),
                         wg_public_key=self.wg_public)

@@ -262,10 +262,12 @@ def test_cleanup_daemonset_runs_the_cleanup_command():
 
 # ---- RBAC ----------------------------------------------------------------------------------
 
-def test_rbac_reads_ciliumnodes_only():
+def test_rbac_reads_ciliumnodes_and_nodes_only():
     docs = default_docs()
     role = find(docs, "ClusterRole", "nodecryptor")
     assert role["rules"] == [{"apiGroups": ["cilium.io"], "resources": ["ciliumnodes"],
+                              "verbs": ["get", "list", "watch"]},
+                             {"apiGroups": [""], "resources": ["nodes"],
                               "verbs": ["get", "list", "watch"]}]
     assert not any(d.body["kind"] in ("Role", "RoleBinding") for d in docs)
     binding = find(docs, "ClusterRoleBinding", "nodecryptor")

@@ -23,7 +23,7 @@ CP_LABEL = "node-role.kubernetes.io/control-plane"
 
 def cluster(workers: int, skip: frozenset[int] = frozenset()) -> dict[str, NodeInfo]:
     nodes = {
-        "cp1": NodeInfo("cp1", labels=((CP_LABEL, ""),),
+        "cp1": NodeInfo("cp1", labels=((CP_LABEL, ""),), node_labels=((CP_LABEL, ""),),
                         addresses=(("InternalIP", ipaddress.ip_address("192.168.50.10")),),
                         pod_cidrs=(ipaddress.ip_network("10.244.0.0/24"),)),
         "w1": NodeInfo("w1", addresses=(("InternalIP",

@@ -24,6 +24,7 @@ through to the next rule (main), which is what lets non-cluster traffic pass unt
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 from ...model import KIND_NODE_IP, ROLE_CONTROL_PLANE, DesiredState
@@ -158,6 +159,12 @@ def desired_rules(desired: DesiredState, settings: Settings) -> list[RuleSpec]:
     return sorted(set(rules))
 
 
+def local_prefixes(desired: DesiredState) -> list:
+    """The local node's own addresses (host prefixes) and pod CIDRs."""
+    plan = desired.plan
+    return [ipaddress.ip_network(a) for a in plan.local_addresses] + list(plan.local_pod_cidrs)
+
+
 def desired_routes(desired: DesiredState) -> list[RouteSpec]:
     """The complete content of nodecryptor's table for ``desired``.
 
@@ -166,7 +173,8 @@ def desired_routes(desired: DesiredState) -> list[RouteSpec]:
     replies bypass WireGuard). Destinations no peer covers, and every destination while
     WireGuard is absent or down, become ``unreachable`` in fail-closed mode and are left out in
     fail-open mode (the lookup then falls through to main). Fail-closed mode keeps the
-    ``unreachable`` guard (METRIC_GUARD) under every WireGuard route as well."""
+    ``unreachable`` guard (METRIC_GUARD) under every WireGuard route as well. No route ever
+    overlaps the local node's own addresses or pod CIDRs."""
     if not desired.enabled:
         return []
     closed = desired.fail_mode != FailMode.OPEN
@@ -174,9 +182,18 @@ def desired_routes(desired: DesiredState) -> list[RouteSpec]:
     prefsrc = {}
     for addr in desired.plan.local_addresses:
         prefsrc.setdefault(addr.version, str(addr))
+    local = [(p.version, int(p.network_address), int(p.broadcast_address))
+             for p in local_prefixes(desired)]
     routes = []
     for dest in desired.destinations:
         prefix = dest.prefix
+        first, last = int(prefix.network_address), int(prefix.broadcast_address)
+        if any(v == prefix.version and f <= last and first <= l for v, f, l in local):
+            # Admission already rejects such claims; this guard keeps the table from ever
+            # capturing the local node's own traffic whatever a plan says: the lookup rule
+            # runs before main, so a route covering the local pod CIDR would send
+            # host-to-local-pod traffic (kubelet probes, forwarding) into WireGuard or drop it.
+            continue
         if usable and prefix not in desired.uncovered:
             routes.append(RouteSpec(prefix.version, str(prefix), ROUTE_UNICAST,
                                     oif=desired.wg.ifindex,
