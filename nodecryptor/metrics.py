@@ -4,6 +4,7 @@ a fresh one. Datapath counters are read at scrape time by collectors the backend
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import choose_encoder
 
 PREFIX = "nodecryptor"
 
@@ -42,9 +43,30 @@ class Metrics:
                                 "CiliumNode entries skipped as invalid, by field.", ["field"],
                                 registry=r)
         self.ready = Gauge(f"{PREFIX}_ready", "1 when /readyz reports ready.", registry=r)
+        self.watch_stalls = Counter(f"{PREFIX}_k8s_watch_stalls_total",
+                                    "CiliumNode watches (or watch requests) abandoned because "
+                                    "the API server sent nothing for the stall threshold.",
+                                    registry=r)
 
     def record_rejections(self, rejections) -> None:
         for rej in rejections:
             # The field without list indices keeps the label set small.
             field = rej.field.split("[")[0]
             self.rejected.labels(field=field).inc()
+
+
+def metrics_server(registry: CollectorRegistry, bind: str, *,
+                   flag: str = "--metrics-server-bind-address", max_connections: int = 64,
+                   request_seconds: float = 5.0):
+    """/metrics for ``registry`` on ``bind``, on the hardened endpoint server rather than
+    prometheus_client's own (a thread per connection, no deadlines). Listening starts now (a
+    bad address raises SettingsError naming ``flag``); call ``start()`` to answer."""
+    from .httpserver import EndpointServer, Request, Response
+
+    def handle(request: Request) -> Response:
+        encoder, content_type = choose_encoder(request.headers.get("accept"))
+        return Response(200, content_type, encoder(registry))
+
+    return EndpointServer(bind, {"/metrics": handle}, flag=flag,
+                          max_connections=max_connections, request_seconds=request_seconds,
+                          name="metrics")

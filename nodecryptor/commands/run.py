@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .common import add_bpffs, add_cluster, add_logging, parse_bool, settings_from_args
+from .common import (add_bpffs, add_cluster, add_logging, parse_bool, settings_from_args,
+                     validate_run)
 
 
 def register(sub) -> None:
@@ -37,4 +38,5 @@ def handle(args) -> int:
     from ..agent import run_agent
 
     settings = settings_from_args(args)
+    validate_run(settings)  # configuration errors exit 2 before anything is touched
     return run_agent(settings)
