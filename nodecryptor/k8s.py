@@ -115,6 +115,21 @@ def _check_kubeconfig_file(path: str) -> None:
         raise KubeConfigError(f"larger than {MAX_KUBECONFIG_BYTES >> 20} MiB: not a kubeconfig")
     if b"\0" in head:
         raise KubeConfigError("binary content, not a YAML kubeconfig")
+    try:
+        doc = yaml.safe_load(head.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise KubeConfigError("not UTF-8 text, so not a YAML kubeconfig") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise KubeConfigError(f"not YAML: {getattr(e, 'problem', None) or e}{where}") from None
+    if doc is None:
+        raise KubeConfigError("the file is empty")
+    if not isinstance(doc, dict):
+        raise KubeConfigError(f"YAML, but a {type(doc).__name__}, not a kubeconfig (a mapping "
+                              f"with clusters, users, contexts and current-context)")
+    if not doc.get("current-context"):
+        raise KubeConfigError("no current-context set")
 
 
 def _load_config(settings: Settings, cfg: kubernetes.client.Configuration) -> None:

@@ -35,6 +35,9 @@ class _Faults:
     expire_next_watches: int = 0
     drop_generation: int = 0
     freeze_watches: bool = False
+    frozen: bool = False
+    """The whole server hangs: every request is accepted and never answered, open watches go
+    silent (a stopped process, or a black hole behind a load balancer)."""
     stall_release: threading.Event = field(default_factory=threading.Event)
 
 
@@ -134,6 +137,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return
             is_watch = (method == "GET" and path == COLLECTION
                         and query.get("watch", "").lower() in ("1", "true"))
+            if fake.faults.frozen:
+                # Frozen: hold the request unanswered until thawed, then drop it unanswered.
+                while fake.faults.frozen and not fake.stopping.is_set():
+                    fake.stopping.wait(0.05)
+                self.close_connection = True
+                return
             if fake.take_stall("watch" if is_watch else "list" if method == "GET" else "write"):
                 # Accept the request and never answer, like a hung server or a black hole.
                 while not (fake.stopping.is_set() or fake.faults.stall_release.is_set()):
@@ -254,7 +263,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
-            if not fake.faults.freeze_watches:
+            if not (fake.faults.freeze_watches or fake.faults.frozen):
                 if pending:
                     self._chunk(b"".join(json.dumps(e).encode() + b"\n" for e in pending))
                     pending = []
@@ -269,7 +278,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                         self._chunk(json.dumps(cluster.bookmark()).encode() + b"\n")
                     next_bookmark = now + fake.bookmark_interval
             with cluster.cond:
-                frozen = fake.faults.freeze_watches
+                frozen = fake.faults.freeze_watches or fake.faults.frozen
                 if frozen or cluster.rv == seen:
                     cluster.cond.wait(0.05)
                 if not frozen and cluster.rv != seen:
@@ -489,6 +498,12 @@ class FakeApiServer:
         frozen: the connection stays open but dead, as behind a black-holing middlebox."""
         self.faults.freeze_watches = frozen
 
+    def freeze(self, frozen: bool = True) -> None:
+        """Hang the whole server: connections are still accepted, but no request is answered
+        and open watches send nothing, until ``freeze(False)``. Requests that arrived while
+        frozen are then dropped unanswered. ``POST /_fake/freeze`` still answers."""
+        self.faults.frozen = frozen
+
     def stall_next(self, count: int = 1, kind: str = "any") -> None:
         """The next ``count`` requests of ``kind`` ("any", "watch", "list", "write") are
         accepted and never answered, until release_stalls() or stop()."""
@@ -565,6 +580,8 @@ class FakeApiServer:
             self.drop_watches()
         elif action == "bookmark":
             self.send_bookmark()
+        elif action == "freeze":
+            self.freeze(bool(args.get("frozen", True)))
         elif action == "freeze-watches":
             self.freeze_watches(bool(args.get("frozen", True)))
         elif action == "stall-next":
