@@ -102,7 +102,12 @@ class Reconciler:
             desired = self._desired(*inputs)
             try:
                 self.datapath.apply(desired)
-            finally:
+            except BaseException:
+                self._observe()
+                raise
+            # Observing can cost as much as applying (the ip-rule datapath dumps its table):
+            # on forced passes (every reconcile_seconds), and while not ready, is enough.
+            if force or not self._observation[0]:
                 self._observe()
         except (DatapathError, OSError) as e:
             return self._failed(str(e), started)
