@@ -163,6 +163,9 @@ class EndpointServer:
         return self
 
     def stop(self) -> None:
+        """Stop answering and close every socket. Idempotent."""
+        if self._stopping.is_set():
+            return
         self._stopping.set()
         try:
             os.write(self._wake_w, b"x")
