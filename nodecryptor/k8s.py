@@ -137,7 +137,7 @@ def _load_config(settings: Settings, cfg: kubernetes.client.Configuration) -> No
     KubeConfigError whose message says what is wrong (not where: callers add that)."""
     try:
         if settings.kubeconfig is not None:
-            _check_kubeconfig_file(settings.kubeconfig)
+            _check_kubeconfig_file(os.path.expanduser(settings.kubeconfig))
             kubernetes.config.load_kube_config(config_file=settings.kubeconfig,
                                                client_configuration=cfg)
         else:

@@ -44,8 +44,9 @@ class Metrics:
                                 registry=r)
         self.ready = Gauge(f"{PREFIX}_ready", "1 when /readyz reports ready.", registry=r)
         self.watch_stalls = Counter(f"{PREFIX}_k8s_watch_stalls_total",
-                                    "CiliumNode watches (or watch requests) abandoned because "
-                                    "the API server sent nothing for the stall threshold.",
+                                    "CiliumNode watch or list requests abandoned because the "
+                                    "API server sent nothing within their read timeout (the "
+                                    "stall threshold for a watch).",
                                     registry=r)
 
     def record_rejections(self, rejections) -> None:

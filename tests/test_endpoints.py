@@ -302,3 +302,43 @@ def test_in_process_agent_applies_changes_during_a_flood(tmp_path, floods):
             stop.set()
             runner.join(CLIENT_TIMEOUT)
         assert not runner.is_alive()
+
+
+@pytest.mark.parametrize("text,expected", [
+    (":8083", ("", 8083)),
+    ("127.0.0.1:8083", ("127.0.0.1", 8083)),
+    ("[::1]:8084", ("::1", 8084)),
+    ("[::]:1", ("::", 1)),
+    ("0.0.0.0:65535", ("0.0.0.0", 65535)),
+])
+def test_bind_addresses_parse(text, expected):
+    from nodecryptor.httpserver import parse_bind
+
+    assert parse_bind(text) == expected
+
+
+@pytest.mark.parametrize("text", ["8083", "nonsense:80", "1.2.3.4.5:80", "localhost:80",
+                                  "::1:8083", "[1.2.3.4]:80", "[::1]", ":65536", ":-1", ":",
+                                  ":٦٤٤٣", ":²", ": 80", "[fe80::1:80"])
+def test_bad_bind_addresses_are_value_errors(text):
+    from nodecryptor.httpserver import parse_bind
+
+    with pytest.raises(ValueError):
+        parse_bind(text)
+
+
+@pytest.mark.parametrize("spec", ["٦٤٤٣", "²", "6443-٦٤٤٤", "udp/²"])
+def test_port_specs_are_ascii_only(spec):
+    from nodecryptor.ports import PortSpecError, parse_port_spec
+
+    with pytest.raises(PortSpecError):  # a clear error, never int()'s ValueError on "²"
+        parse_port_spec(spec)
+
+
+def test_overlapping_binds():
+    from nodecryptor.httpserver import binds_overlap
+
+    assert binds_overlap(("", 9000), ("127.0.0.1", 9000))
+    assert binds_overlap(("10.0.0.1", 9000), ("10.0.0.1", 9000))
+    assert not binds_overlap(("10.0.0.1", 9000), ("10.0.0.2", 9000))
+    assert not binds_overlap(("", 9000), ("", 9001))
