@@ -87,13 +87,14 @@ class Agent:
                                     daemon=True),
                    threading.Thread(target=watcher.run, args=(stop,), name="netwatch",
                                     daemon=True)]
+        for t in threads:
+            t.start()
+        # Checks are wired after the threads started: a thread not started yet is not dead.
         self._alive = all_of(reconciler.alive, thread_check(threads[0], sync.alive),
                              thread_check(threads[1]))
         self._ready = reconciler.ready
         self.health.start()
         self.metrics_http.start()
-        for t in threads:
-            t.start()
         log.info("agent started", extra=kv(node=settings.node_name, datapath=datapath.name,
                                            health=settings.health_bind,
                                            metrics=settings.metrics_bind))

@@ -342,3 +342,40 @@ def test_overlapping_binds():
     assert binds_overlap(("10.0.0.1", 9000), ("10.0.0.1", 9000))
     assert not binds_overlap(("10.0.0.1", 9000), ("10.0.0.2", 9000))
     assert not binds_overlap(("", 9000), ("", 9001))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.parametrize("failure", ["dies", "hangs"])
+def test_agent_liveness_fails_when_the_sync_dies_or_hangs(failure, tmp_path, monkeypatch):
+    """The agent's wiring: a sync thread that exits (a bug, say) or stops stepping turns
+    /healthz red while the reconcile loop itself is fine."""
+    from nodecryptor import k8s
+
+    def broken_run(self, stop):
+        if failure == "dies":
+            raise RuntimeError("simulated bug in the sync")
+        stop.wait()  # blocked forever, never stepping
+
+    monkeypatch.setattr(k8s.CiliumNodeSync, "run", broken_run)
+    with FakeApiServer(token="t") as fake:
+        settings = Settings(node_name="w1", kubeconfig=fake.write_kubeconfig(
+                                str(tmp_path / "kubeconfig")),
+                            health_bind="127.0.0.1:0", metrics_bind="127.0.0.1:0",
+                            sync_stale_seconds=1.0)
+        agent = Agent(settings)
+        stop = threading.Event()
+        runner = threading.Thread(target=agent.run, args=(FakeDatapath(), stop), daemon=True)
+        runner.start()
+        try:
+            deadline = time.monotonic() + CLIENT_TIMEOUT
+            while True:
+                status, body, _ = get(agent.health.port, "/healthz")
+                if status == 503:
+                    break
+                assert time.monotonic() < deadline, f"/healthz stayed green: {body!r}"
+                time.sleep(0.1)
+            reason = json.loads(body)["reason"]
+            assert ("k8s-sync has exited" if failure == "dies" else "no progress") in reason
+        finally:
+            stop.set()
+            runner.join(CLIENT_TIMEOUT)
