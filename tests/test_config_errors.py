@@ -62,23 +62,25 @@ def files(tmp_path):
 KUBECONFIG_CASES = ["missing", "directory", "fifo", "under-a-file", "garbage", "binary",
                     "latin1", "scalar", "list", "empty", "no-context", "dangling-context"]
 
+HEALTH, METRICS = "--health-probe-bind-address", "--metrics-server-bind-address"
+
 # (extra argv for `run`, flag, value expected in the message)
 RUN_FLAG_CASES = [
-    (["--health-probe-bind-address", "nonsense:80"], "--health-probe-bind-address", "nonsense:80"),
-    (["--health-probe-bind-address", "1.2.3.4.5:80"], "--health-probe-bind-address", "1.2.3.4.5:80"),
-    (["--health-probe-bind-address", "8083"], "--health-probe-bind-address", "8083"),
-    (["--health-probe-bind-address", ":0"], "--health-probe-bind-address", ":0"),
-    (["--health-probe-bind-address", "::1:8083"], "--health-probe-bind-address", "::1:8083"),
-    (["--metrics-server-bind-address", ":70000"], "--metrics-server-bind-address", ":70000"),
-    (["--metrics-server-bind-address", "[1.2.3.4]:80"], "--metrics-server-bind-address",
+    ([HEALTH, "nonsense:80"], HEALTH, "nonsense:80"),
+    ([HEALTH, "1.2.3.4.5:80"], HEALTH, "1.2.3.4.5:80"),
+    ([HEALTH, "8083"], HEALTH, "8083"),
+    ([HEALTH, ":0"], HEALTH, ":0"),
+    ([HEALTH, "::1:8083"], HEALTH, "::1:8083"),
+    ([METRICS, ":70000"], METRICS, ":70000"),
+    ([METRICS, "[1.2.3.4]:80"], METRICS,
      "[1.2.3.4]:80"),
-    (["--metrics-server-bind-address", ":٨٠٨٤"], "--metrics-server-bind-address", ":٨٠٨٤"),
-    (["--metrics-server-bind-address", ":²"], "--metrics-server-bind-address", ":²"),
-    (["--health-probe-bind-address", ":9000", "--metrics-server-bind-address", "127.0.0.1:9000"],
-     "--metrics-server-bind-address", "127.0.0.1:9000"),
+    ([METRICS, ":٨٠٨٤"], METRICS, ":٨٠٨٤"),
+    ([METRICS, ":²"], METRICS, ":²"),
+    ([HEALTH, ":9000", METRICS, "127.0.0.1:9000"],
+     METRICS, "127.0.0.1:9000"),
     # Passes parsing but cannot be bound (not an address of this namespace): still exit 2,
     # still before a datapath is chosen.
-    (["--health-probe-bind-address", "192.0.2.1:8083"], "--health-probe-bind-address",
+    ([HEALTH, "192.0.2.1:8083"], HEALTH,
      "192.0.2.1:8083"),
     (["--control-plane-exempt-ports", "٦٤٤٣"], "--control-plane-exempt-ports", "٦٤٤٣"),
     (["--control-plane-exempt-ports", "²"], "--control-plane-exempt-ports", "²"),
