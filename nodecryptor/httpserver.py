@@ -198,9 +198,10 @@ class EndpointServer:
         timeout = 1.0
         if self._conns:
             timeout = max(0.0, min(timeout, min(c.deadline for c in self._conns.values()) - now))
+        accept = False
         for key, events in self._sel.select(timeout):
             if key.data == "accept":
-                self._accept()
+                accept = True
             elif key.data == "wake":
                 return
             else:
@@ -210,13 +211,20 @@ class EndpointServer:
                         self._read(conn)
                     elif events & selectors.EVENT_WRITE and conn.writing:
                         self._write(conn)
+        if accept:
+            # After the reads: a connection whose request is waiting is answered before a
+            # burst of newcomers can push it out.
+            self._accept()
         now = time.monotonic()
         for conn in [c for c in self._conns.values() if c.deadline <= now]:
             self.timed_out += 1
             self._close(conn)
 
     def _accept(self) -> None:
-        for _ in range(256):  # bounded, so reads and writes get their turn during a flood
+        # At most half the cap per turn: a connection accepted in one turn survives the next
+        # turn's accepts, and reads come first in a turn, so a request that has arrived is
+        # answered before newcomers can push its connection out, however fast they come.
+        for _ in range(max(1, self.max_connections // 2)):
             try:
                 sock, _addr = self._listener.accept()
             except (BlockingIOError, InterruptedError):

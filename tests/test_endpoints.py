@@ -379,3 +379,44 @@ def test_agent_liveness_fails_when_the_sync_dies_or_hangs(failure, tmp_path, mon
         finally:
             stop.set()
             runner.join(CLIENT_TIMEOUT)
+
+
+def test_a_reconnect_storm_does_not_lock_out_a_real_client():
+    """Attackers that open connections as fast as they can (each held idle, so every new one
+    evicts an older one) cannot push out a client that sends its request right away."""
+    server = EndpointServer("127.0.0.1:0", {"/healthz": lambda r: Response(200, "text/plain",
+                                                                           b"ok")},
+                            max_connections=16, request_seconds=5.0).start()
+    stop = threading.Event()
+    opened = [0]
+
+    def storm():
+        held = []
+        while not stop.is_set():
+            try:
+                held.append(socket.create_connection(("127.0.0.1", server.port), timeout=5))
+                opened[0] += 1
+            except OSError:
+                continue
+            if len(held) > 200:
+                held.pop(0).close()
+        for s in held:
+            s.close()
+
+    attackers = [threading.Thread(target=storm, daemon=True) for _ in range(3)]
+    for t in attackers:
+        t.start()
+    try:
+        slowest = 0.0
+        for _ in range(20):
+            status, body, seconds = get(server.port, "/healthz")
+            assert (status, body) == (200, b"ok")
+            slowest = max(slowest, seconds)
+        print(f"20 requests during a storm of {opened[0]} connections: slowest "
+              f"{slowest * 1000:.1f} ms, {server.evicted} evicted")
+        assert server.evicted > 0
+    finally:
+        stop.set()
+        for t in attackers:
+            t.join(10)
+        server.stop()
