@@ -1,11 +1,15 @@
 """Kubernetes access: the only module that imports the ``kubernetes`` client.
 
-- ``load_client``: an ApiClient from ``--kubeconfig`` or the in-cluster service account.
+- ``load_client``: an ApiClient from ``--kubeconfig`` or the in-cluster service account;
+  ``check_config``: the same loading without a client, so commands refuse an unusable
+  configuration before they change anything.
 - ``snapshot_once``: one paginated list of CiliumNodes, for ``nodecryptor plan``.
 - ``CiliumNodeSync``: list, then watch from the list's resourceVersion, feeding the Store;
-  re-lists on 410 Gone and periodically; every request has a timeout, so a dead or stalled
-  connection never hangs the agent; errors back off exponentially with jitter. During an API
-  outage the store keeps its last content: an unreachable API says nothing about the cluster.
+  re-lists on 410 Gone and periodically; every request has a timeout, and a watch that stays
+  silent for ``watch_stall_seconds`` is abandoned as stalled and resumed, so a dead or frozen
+  API server never hangs the agent for long; errors back off exponentially with jitter. During
+  an API outage the store keeps its last content: an unreachable API says nothing about the
+  cluster.
 - ``publish_wg_key``: merge-patch the WireGuard public-key annotation (the lab's Cilium stand-in).
 
 Every object goes through ``ciliumnode.parse_ciliumnode``; only the NodeInfo reaches the store.
