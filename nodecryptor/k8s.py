@@ -605,9 +605,13 @@ class CiliumNodeSync:
         self.heartbeat = time.monotonic()
 
     def alive(self, now: float | None = None) -> tuple[bool, str]:
-        """Liveness of the loop (not of the API server: an outage keeps it turning)."""
+        """Liveness of the loop (not of the API server: an outage keeps it turning). The
+        longest step a healthy loop takes is a connect plus a silent watch read, so a stall
+        threshold raised above the default also raises the limit."""
+        s = self.settings
+        limit = max(s.sync_stale_seconds, s.watch_stall_seconds + s.request_timeout_seconds + 30)
         age = (now if now is not None else time.monotonic()) - self.heartbeat
-        if age > self.settings.sync_stale_seconds:
+        if age > limit:
             return False, f"CiliumNode sync made no progress for {age:.0f}s"
         return True, f"CiliumNode sync stepped {age:.1f}s ago"
 

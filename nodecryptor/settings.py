@@ -107,7 +107,8 @@ class Settings:
     deadline, and then ends it; so that a quiet, healthy watch is never taken for a stalled
     one, the agent asks for ``timeoutSeconds`` a few seconds below this value. The price is a
     new watch request per node every ~50 s (10,000 nodes: ~200 per second, served from the
-    API server's watch cache); raise it to trade detection time for fewer requests."""
+    API server's watch cache); raise it (flag --watch-stall-seconds) to trade detection time
+    for fewer requests."""
 
     sync_stale_seconds: float = 150.0
     """/healthz fails when the CiliumNode sync loop has not turned for this long (or its thread

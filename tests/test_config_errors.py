@@ -98,6 +98,11 @@ RUN_FLAG_CASES = [
     (["--log-format", "xml"], "--log-format", "xml"),
     (["--log-level", "loud"], "--log-level", "loud"),
     (["--noop-route=maybe"], "--noop-route", "maybe"),
+    (["--watch-stall-seconds", "5"], "--watch-stall-seconds", "5"),
+    (["--watch-stall-seconds", "1e2"], "--watch-stall-seconds", "1e2"),
+    (["--watch-stall-seconds", "nan"], "--watch-stall-seconds", "nan"),
+    (["--watch-stall-seconds", "٥٥"], "--watch-stall-seconds", "٥٥"),
+    (["--watch-stall-seconds", "301"], "--watch-stall-seconds", "301"),
 ]
 
 

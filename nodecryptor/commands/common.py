@@ -78,6 +78,16 @@ def _bind(flag: str, value: str) -> str:
     return value
 
 
+def _seconds(flag: str, value: str, low: float, high: float) -> float:
+    # ASCII decimal only: float() would also take "1e2", "inf", "nan" and other scripts' digits.
+    if not re.fullmatch(r"[0-9]+(\.[0-9]+)?", value):
+        raise SettingsError(flag, value, "not a number of seconds")
+    seconds = float(value)
+    if not low <= seconds <= high:
+        raise SettingsError(flag, value, f"outside {low:g}-{high:g} seconds")
+    return seconds
+
+
 def _ifname(flag: str, value: str, name: str) -> str:
     """Linux interface names: 1-15 bytes, no "/", ":" or whitespace, not "." or ".."."""
     if (not name or len(name.encode()) > 15 or name in (".", "..")
@@ -149,6 +159,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                             f"the same port as {HEALTH_FLAG} {kw['health_bind']!r}")
     if getattr(args, "noop_route", None) is not None:
         kw["noop_route"] = bool(args.noop_route)
+    if getattr(args, "watch_stall_seconds", None) is not None:
+        kw["watch_stall_seconds"] = _seconds("--watch-stall-seconds", args.watch_stall_seconds,
+                                             10, 300)
     return Settings(**kw)
 
 

@@ -28,6 +28,11 @@ def register(sub) -> None:
     p.add_argument("--devices", default=None, metavar="DEVS",
                    help="comma-separated underlay devices; default: detected from the routes "
                         "to remote node addresses")
+    p.add_argument("--watch-stall-seconds", default="55", metavar="SECONDS",
+                   help="a CiliumNode watch silent for this long is abandoned as stalled and "
+                        "resumed; watches are renewed a few seconds sooner, so lower means "
+                        "faster detection and more watch requests; 10-300 "
+                        "(default: %(default)s)")
     p.add_argument("--fail-mode", choices=("open", "closed"), default="closed",
                    help="closed: drop cluster traffic that cannot be encrypted; open: let it "
                         "out in the clear (default: %(default)s)")

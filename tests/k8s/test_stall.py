@@ -90,3 +90,16 @@ def test_sync_liveness_follows_its_heartbeat(settings):
     assert sync.alive()[0]
     ok, why = sync.alive(now=sync.heartbeat + 101)
     assert not ok and "no progress for 101s" in why
+
+
+def test_a_raised_stall_threshold_raises_the_liveness_limit(settings):
+    """A healthy loop may sit in a silent watch read for the whole stall threshold after a
+    connect: liveness must not fail it for that."""
+    from nodecryptor import k8s
+    from nodecryptor.store import Store
+
+    sync = k8s.CiliumNodeSync(with_settings(settings, watch_stall_seconds=300,
+                                            request_timeout_seconds=15,
+                                            sync_stale_seconds=150), Store())
+    assert sync.alive(now=sync.heartbeat + 340)[0]
+    assert not sync.alive(now=sync.heartbeat + 346)[0]
