@@ -607,9 +607,10 @@ class CiliumNodeSync:
     def alive(self, now: float | None = None) -> tuple[bool, str]:
         """Liveness of the loop (not of the API server: an outage keeps it turning). The
         longest step a healthy loop takes is a connect plus a silent watch read, so a stall
-        threshold raised above the default also raises the limit."""
+        threshold raised above the default also raises the limit (with half again as margin)."""
         s = self.settings
-        limit = max(s.sync_stale_seconds, s.watch_stall_seconds + s.request_timeout_seconds + 30)
+        limit = max(s.sync_stale_seconds,
+                    1.5 * (s.watch_stall_seconds + s.request_timeout_seconds))
         age = (now if now is not None else time.monotonic()) - self.heartbeat
         if age > limit:
             return False, f"CiliumNode sync made no progress for {age:.0f}s"

@@ -361,7 +361,8 @@ def test_agent_liveness_fails_when_the_sync_dies_or_hangs(failure, tmp_path, mon
         settings = Settings(node_name="w1", kubeconfig=fake.write_kubeconfig(
                                 str(tmp_path / "kubeconfig")),
                             health_bind="127.0.0.1:0", metrics_bind="127.0.0.1:0",
-                            sync_stale_seconds=1.0)
+                            sync_stale_seconds=1.0, watch_stall_seconds=0.5,
+                            request_timeout_seconds=0.5)
         agent = Agent(settings)
         stop = threading.Event()
         runner = threading.Thread(target=agent.run, args=(FakeDatapath(), stop), daemon=True)

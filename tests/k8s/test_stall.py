@@ -101,5 +101,5 @@ def test_a_raised_stall_threshold_raises_the_liveness_limit(settings):
     sync = k8s.CiliumNodeSync(with_settings(settings, watch_stall_seconds=300,
                                             request_timeout_seconds=15,
                                             sync_stale_seconds=150), Store())
-    assert sync.alive(now=sync.heartbeat + 340)[0]
-    assert not sync.alive(now=sync.heartbeat + 346)[0]
+    assert sync.alive(now=sync.heartbeat + 470)[0]  # 1.5 x (300 + 15) = 472.5
+    assert not sync.alive(now=sync.heartbeat + 473)[0]
