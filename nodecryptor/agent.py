@@ -1,20 +1,24 @@
 """Wiring of the agent (`nodecryptor run`): store, Kubernetes sync, datapath selection,
 reconcile loop, link watcher, health and metrics endpoints, and an orderly shutdown that
-leaves the datapath enforcing (fail-static)."""
+leaves the datapath enforcing (fail-static).
+
+Start-up order matters: everything that can be wrong with the configuration (flags, the
+kubeconfig or service account, the bind addresses) is found before a datapath is chosen, so a
+configuration error exits 2 without compiling, pinning or attaching anything."""
 
 from __future__ import annotations
 
 import logging
 import signal
 import threading
-
-from prometheus_client import start_http_server
+import time
 
 from . import log as logmod
+from .datapath.base import Datapath
 from .errors import NotSupported
-from .health import HealthServer, parse_bind
+from .health import Check, HealthServer, all_of
 from .log import kv
-from .metrics import Metrics
+from .metrics import Metrics, metrics_server
 from .netwatch import LinkWatcher
 from .reconcile import Reconciler
 from .settings import RoleSource, Settings, require_node_name
@@ -23,28 +27,120 @@ from .store import Store
 log = logging.getLogger("nodecryptor.agent")
 
 
+def thread_check(thread: threading.Thread, progress: Check | None = None) -> Check:
+    """Liveness of one of the agent's threads: it is running and (when given) its own
+    progress check passes. A thread that died is never hidden behind a green probe."""
+
+    def check() -> tuple[bool, str]:
+        if not thread.is_alive():
+            return False, f"thread {thread.name} has exited"
+        return progress() if progress is not None else (True, f"{thread.name} running")
+
+    return check
+
+
+class Agent:
+    """The agent's parts around one datapath. Constructing it binds the health and metrics
+    sockets (SettingsError naming the flag when an address cannot be used); ``run`` serves
+    them and runs the loops until ``stop``."""
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None):
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.store = Store()
+        self.reconciler: Reconciler | None = None
+        self._alive: Check = lambda: (False, "starting")
+        self._ready: Check = lambda: (False, "starting")
+        limits = {"max_connections": settings.endpoint_max_connections,
+                  "request_seconds": settings.endpoint_request_seconds}
+        self.health = HealthServer(settings.health_bind, lambda: self._alive(),
+                                   lambda: self._ready(),
+                                   on_ready=lambda ok: self.metrics.ready.set(1 if ok else 0),
+                                   **limits)
+        try:
+            self.metrics_http = metrics_server(self.metrics.registry, settings.metrics_bind,
+                                               **limits)
+        except BaseException:
+            self.health.stop()
+            raise
+
+    def close(self) -> None:
+        self.health.stop()
+        self.metrics_http.stop()
+
+    def run(self, datapath: Datapath, stop: threading.Event) -> int:
+        from .k8s import CiliumNodeSync, NodeRoleSync
+
+        settings = self.settings
+        reconciler = self.reconciler = Reconciler(settings, self.store, datapath, self.metrics)
+        sync = CiliumNodeSync(settings, self.store, self.metrics)
+
+        def watched_links() -> set[str]:
+            # The WireGuard device plus whatever underlay devices the last pass attached to
+            # (detected ones included), so a re-created device triggers a re-attach.
+            last = reconciler.last_desired
+            return {settings.wg_interface, *settings.devices,
+                    *(d.name for d in (last.devices if last else ()))}
+
+        watcher = LinkWatcher(self.store.changed, names=watched_links)
+        threads = [threading.Thread(target=sync.run, args=(stop,), name="k8s-sync",
+                                    daemon=True),
+                   threading.Thread(target=watcher.run, args=(stop,), name="netwatch",
+                                    daemon=True)]
+        checks = [reconciler.alive, thread_check(threads[0], sync.alive),
+                  thread_check(threads[1])]
+        if settings.role_source == RoleSource.NODE:
+            # Control-plane roles from the v1 Nodes' labels (see NodeRoleSync).
+            roles = NodeRoleSync(settings, self.store, self.metrics)
+            threads.append(threading.Thread(target=roles.run, args=(stop,),
+                                            name="k8s-node-roles", daemon=True))
+            checks.append(thread_check(threads[-1], roles.alive))
+        for t in threads:
+            t.start()
+        # Checks are wired after the threads started: a thread not started yet is not dead.
+        self._alive = all_of(*checks)
+        self._ready = reconciler.ready
+        self.health.start()
+        self.metrics_http.start()
+        log.info("agent started", extra=kv(node=settings.node_name, datapath=datapath.name,
+                                           health=settings.health_bind,
+                                           metrics=settings.metrics_bind))
+        try:
+            reconciler.run(stop, self.store.changed)
+        finally:
+            stop.set()
+            deadline = time.monotonic() + 5
+            for t in threads:
+                t.join(timeout=max(0.1, deadline - time.monotonic()))
+            self.close()
+            # Leave links, filters, rules and pinned maps in place: the node keeps enforcing
+            # the last applied state until the next agent takes over (fail-static).
+            datapath.close()
+            log.info("agent stopped; datapath left enforcing")
+        return 0
+
+
 def run_agent(settings: Settings, stop: threading.Event | None = None) -> int:
+    """Run the agent until SIGTERM/SIGINT (or ``stop``). Configuration errors raise
+    SettingsError before anything on the node is changed; the caller validated the flags and
+    the client configuration (nodecryptor.commands.common.validate_run)."""
     from .datapath.select import choose_datapath
-    from .k8s import CiliumNodeSync, NodeRoleSync
 
     logmod.setup(settings.log_format, settings.log_level)
     require_node_name(settings)
     stop = stop or threading.Event()
-    metrics = Metrics()
-    store = Store()
+    agent = Agent(settings)  # binds the endpoints: a busy or bad address fails here
 
     try:
-        datapath, why = choose_datapath(settings, metrics)
+        datapath, why = choose_datapath(settings, agent.metrics)
     except NotSupported as e:
+        agent.close()
         log.error("no usable datapath", extra=kv(error=str(e), datapath=settings.datapath))
         return 1
+    except BaseException:
+        agent.close()
+        raise
     log.info("datapath selected", extra=kv(datapath=datapath.name, reason=why))
-
-    reconciler = Reconciler(settings, store, datapath, metrics)
-    health = HealthServer(settings.health_bind, reconciler.alive, reconciler.ready,
-                          on_ready=lambda ok: metrics.ready.set(1 if ok else 0)).start()
-    host, port = parse_bind(settings.metrics_bind)
-    metrics_http, _ = start_http_server(port, addr=host or "0.0.0.0", registry=metrics.registry)
 
     def on_signal(signum, _frame):
         log.info("stopping", extra=kv(signal=signal.Signals(signum).name))
@@ -53,38 +149,4 @@ def run_agent(settings: Settings, stop: threading.Event | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-
-    sync = CiliumNodeSync(settings, store, metrics)
-
-    def watched_links() -> set[str]:
-        # The WireGuard device plus whatever underlay devices the last pass attached to
-        # (detected ones included), so a re-created device triggers a re-attach.
-        last = reconciler.last_desired
-        return {settings.wg_interface, *settings.devices,
-                *(d.name for d in (last.devices if last else ()))}
-
-    watcher = LinkWatcher(store.changed, names=watched_links)
-    threads = [threading.Thread(target=sync.run, args=(stop,), name="k8s-sync", daemon=True),
-               threading.Thread(target=watcher.run, args=(stop,), name="netwatch", daemon=True)]
-    if settings.role_source == RoleSource.NODE:
-        # Control-plane roles from the v1 Nodes' labels (see NodeRoleSync).
-        roles = NodeRoleSync(settings, store, metrics)
-        threads.append(threading.Thread(target=roles.run, args=(stop,), name="k8s-node-roles",
-                                        daemon=True))
-    for t in threads:
-        t.start()
-    log.info("agent started", extra=kv(node=settings.node_name, datapath=datapath.name,
-                                       health=settings.health_bind, metrics=settings.metrics_bind))
-    try:
-        reconciler.run(stop, store.changed)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=5)
-        health.stop()
-        metrics_http.shutdown()
-        # Leave links, filters, rules and pinned maps in place: the node keeps enforcing the
-        # last applied state until the next agent takes over (fail-static).
-        datapath.close()
-        log.info("agent stopped; datapath left enforcing")
-    return 0
+    return agent.run(datapath, stop)

@@ -1,62 +1,69 @@
-"""HTTP endpoints: /healthz (liveness: the reconcile loop's heartbeat is fresh) and /readyz
-(first full sync applied and datapath attached). Neither calls the API server, so an API outage
-never restarts or unreadies a node that keeps enforcing its last known state."""
+"""HTTP endpoints: /healthz (liveness: the agent's loops are alive and turning) and /readyz
+(first full sync applied and datapath attached, as the reconcile loop last saw it). Neither
+calls the API server, so an API outage never restarts or unreadies a node that keeps enforcing
+its last known state; neither touches netlink or a lock ``apply`` holds, so a flood of probes
+cannot slow the reconcile loop (see nodecryptor.httpserver for the connection limits)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
+
+from .httpserver import EndpointServer, Request, Response, parse_bind
 
 log = logging.getLogger(__name__)
 
 Check = Callable[[], tuple[bool, str]]
 
+__all__ = ["Check", "HealthServer", "all_of", "parse_bind"]
 
-def parse_bind(bind: str) -> tuple[str, int]:
-    host, _, port = bind.rpartition(":")
-    return host.strip("[]") or "", int(port)
+
+def all_of(*checks: Check) -> Check:
+    """A check that passes when every one of ``checks`` does; the reason is the first
+    failure's, or every reason joined when all pass."""
+
+    def check() -> tuple[bool, str]:
+        reasons = []
+        for c in checks:
+            ok, reason = c()
+            if not ok:
+                return False, reason
+            reasons.append(reason)
+        return True, "; ".join(reasons)
+
+    return check
 
 
 class HealthServer:
-    def __init__(self, bind: str, alive: Check, ready: Check, on_ready: Callable[[bool], None] | None = None):
-        checks = {"/healthz": alive, "/readyz": ready}
+    """/healthz and /readyz on ``bind``. Listening starts in the constructor (a bad address
+    raises SettingsError naming ``flag``); answering starts with ``start()``."""
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server's naming)
-                check = checks.get(self.path.split("?")[0])
-                if check is None:
-                    self.send_error(404)
-                    return
+    def __init__(self, bind: str, alive: Check, ready: Check,
+                 on_ready: Callable[[bool], None] | None = None, *,
+                 flag: str = "--health-probe-bind-address", max_connections: int = 64,
+                 request_seconds: float = 5.0):
+        def endpoint(check: Check, report: Callable[[bool], None] | None):
+            def handle(_request: Request) -> Response:
                 ok, reason = check()
-                if on_ready and self.path.startswith("/readyz"):
-                    on_ready(ok)
+                if report is not None:
+                    report(ok)
                 body = json.dumps({"ok": ok, "reason": reason}).encode()
-                self.send_response(200 if ok else 503)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                return Response(200 if ok else 503, "application/json", body)
+            return handle
 
-            def log_message(self, fmt, *args):
-                log.debug("health request: " + fmt % args)
-
-        host, port = parse_bind(bind)
-        self.server = ThreadingHTTPServer((host, port), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, name="health",
-                                       daemon=True)
+        self.server = EndpointServer(
+            bind, {"/healthz": endpoint(alive, None), "/readyz": endpoint(ready, on_ready)},
+            flag=flag, max_connections=max_connections, request_seconds=request_seconds,
+            name="health")
 
     @property
     def port(self) -> int:
-        return self.server.server_address[1]
+        return self.server.port
 
     def start(self) -> "HealthServer":
-        self.thread.start()
+        self.server.start()
         return self
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.stop()

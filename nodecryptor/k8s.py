@@ -1,11 +1,15 @@
 """Kubernetes access: the only module that imports the ``kubernetes`` client.
 
-- ``load_client``: an ApiClient from ``--kubeconfig`` or the in-cluster service account.
+- ``load_client``: an ApiClient from ``--kubeconfig`` or the in-cluster service account;
+  ``check_config``: the same loading without a client, so commands refuse an unusable
+  configuration before they change anything.
 - ``snapshot_once``: one paginated list of CiliumNodes, for ``nodecryptor plan``.
 - ``CiliumNodeSync``: list, then watch from the list's resourceVersion, feeding the Store;
-  re-lists on 410 Gone and periodically; every request has a timeout, so a dead or stalled
-  connection never hangs the agent; errors back off exponentially with jitter. During an API
-  outage the store keeps its last content: an unreachable API says nothing about the cluster.
+  re-lists on 410 Gone and periodically; every request has a timeout, and a watch that stays
+  silent for ``watch_stall_seconds`` is abandoned as stalled and resumed, so a dead or frozen
+  API server never hangs the agent for long; errors back off exponentially with jitter. During
+  an API outage the store keeps its last content: an unreachable API says nothing about the
+  cluster.
 - ``NodeRoleSync``: the same loop over the v1 Nodes, metadata only, for the control-plane
   role labels (``--role-source node``, the default).
 
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 import kubernetes.client
 import kubernetes.config
 import urllib3
+import yaml
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.incluster_config import InClusterConfigLoader
 from kubernetes.watch.watch import iter_resp_lines
@@ -89,13 +94,57 @@ class ApiGone(KubernetesError):
 # Client and errors
 
 
-def load_client(settings: Settings) -> kubernetes.client.ApiClient:
-    """An ApiClient for ``settings.kubeconfig``, or the in-cluster service account when it is
-    None. Retries inside urllib3 are off: the sync's own backoff decides when to retry, and a
-    hidden retry would multiply every timeout. Raises KubeConfigError."""
-    cfg = kubernetes.client.Configuration()
+MAX_KUBECONFIG_BYTES = 16 << 20
+"""A kubeconfig larger than this is refused rather than parsed (it is not one)."""
+
+# What loading a broken kubeconfig raises, besides ConfigException: file errors, YAML errors
+# (binary content is a UnicodeDecodeError, a ValueError), and TypeError, AttributeError or
+# KeyError when the YAML is valid but not a kubeconfig-shaped mapping.
+_CONFIG_ERRORS = (kubernetes.config.ConfigException, OSError, ValueError, TypeError,
+                  AttributeError, KeyError, yaml.YAMLError)
+
+
+def _check_kubeconfig_file(path: str) -> None:
+    """Clear messages for the file-level faults the client reports obscurely (a missing
+    file is "No configuration found", a directory an IsADirectoryError)."""
+    if not os.path.exists(path):
+        raise KubeConfigError("the file does not exist")
+    if os.path.isdir(path):
+        raise KubeConfigError("it is a directory, not a kubeconfig file")
+    if not os.path.isfile(path):
+        raise KubeConfigError("it is not a regular file")
     try:
-        if settings.kubeconfig:
+        with open(path, "rb") as f:
+            head = f.read(MAX_KUBECONFIG_BYTES + 1)
+    except OSError as e:
+        raise KubeConfigError(f"cannot read it: {e.strerror or e}") from None
+    if len(head) > MAX_KUBECONFIG_BYTES:
+        raise KubeConfigError(f"larger than {MAX_KUBECONFIG_BYTES >> 20} MiB: not a kubeconfig")
+    if b"\0" in head:
+        raise KubeConfigError("binary content, not a YAML kubeconfig")
+    try:
+        doc = yaml.safe_load(head.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise KubeConfigError("not UTF-8 text, so not a YAML kubeconfig") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise KubeConfigError(f"not YAML: {getattr(e, 'problem', None) or e}{where}") from None
+    if doc is None:
+        raise KubeConfigError("the file is empty")
+    if not isinstance(doc, dict):
+        raise KubeConfigError(f"YAML, but a {type(doc).__name__}, not a kubeconfig (a mapping "
+                              f"with clusters, users, contexts and current-context)")
+    if not doc.get("current-context"):
+        raise KubeConfigError("no current-context set")
+
+
+def _load_config(settings: Settings, cfg: kubernetes.client.Configuration) -> None:
+    """Fill ``cfg`` from ``settings.kubeconfig`` or the in-cluster service account. Raises
+    KubeConfigError whose message says what is wrong (not where: callers add that)."""
+    try:
+        if settings.kubeconfig is not None:
+            _check_kubeconfig_file(os.path.expanduser(settings.kubeconfig))
             kubernetes.config.load_kube_config(config_file=settings.kubeconfig,
                                                client_configuration=cfg)
         else:
@@ -103,11 +152,34 @@ def load_client(settings: Settings) -> kubernetes.client.ApiClient:
                 token_filename=os.path.join(SERVICE_ACCOUNT_DIR, "token"),
                 cert_filename=os.path.join(SERVICE_ACCOUNT_DIR, "ca.crt"),
             ).load_and_set(cfg)
-    except (kubernetes.config.ConfigException, OSError, ValueError, TypeError) as e:
-        where = (f"--kubeconfig {settings.kubeconfig!r}" if settings.kubeconfig else
-                 f"in-cluster configuration (service account in {SERVICE_ACCOUNT_DIR}, "
-                 f"KUBERNETES_SERVICE_HOST/PORT)")
-        raise KubeConfigError(f"cannot load {where}: {e}") from e
+    except KubeConfigError:
+        raise
+    except _CONFIG_ERRORS as e:
+        raise KubeConfigError(str(e).replace("\n", " ") or type(e).__name__) from e
+
+
+def config_source(settings: Settings) -> str:
+    return (f"--kubeconfig {settings.kubeconfig!r}" if settings.kubeconfig is not None else
+            f"in-cluster configuration (service account in {SERVICE_ACCOUNT_DIR}, "
+            f"KUBERNETES_SERVICE_HOST/PORT)")
+
+
+def check_config(settings: Settings) -> None:
+    """Load the client configuration without contacting the API server, so a command can
+    refuse an unusable kubeconfig or a missing service account before it changes anything.
+    Raises KubeConfigError saying what is wrong."""
+    _load_config(settings, kubernetes.client.Configuration())
+
+
+def load_client(settings: Settings) -> kubernetes.client.ApiClient:
+    """An ApiClient for ``settings.kubeconfig``, or the in-cluster service account when it is
+    None. Retries inside urllib3 are off: the sync's own backoff decides when to retry, and a
+    hidden retry would multiply every timeout. Raises KubeConfigError."""
+    cfg = kubernetes.client.Configuration()
+    try:
+        _load_config(settings, cfg)
+    except KubeConfigError as e:
+        raise KubeConfigError(f"cannot load {config_source(settings)}: {e}") from e
     cfg.retries = False
     # TCP keepalive (client-go's timings) notices a peer that vanished without a FIN or RST
     # (a rebooted control-plane node) long before the watch's read timeout would.
@@ -188,10 +260,11 @@ class ListResult:
 
 
 def _list_all(api: kubernetes.client.CustomObjectsApi, page_size: int,
-              timeout: float, parse=parse_ciliumnode, noun: str = "CiliumNodes") -> ListResult:
+              timeout: float, parse=parse_ciliumnode, noun: str = "CiliumNodes",
+              on_page=None) -> ListResult:
     """Follow limit/continue to the end, turning each item into a value with a ``name`` by
-    ``parse``. Raises KubernetesError (ApiGone for a stale continue token: the caller starts
-    over)."""
+    ``parse`` and calling ``on_page`` after every page (progress for the liveness check).
+    Raises KubernetesError (ApiGone for a stale continue token: the caller starts over)."""
     nodes: dict[str, NodeInfo] = {}
     rejected: list[tuple[dict, list[Rejection]]] = []
     token: str | None = None
@@ -206,6 +279,8 @@ def _list_all(api: kubernetes.client.CustomObjectsApi, page_size: int,
         except _TRANSPORT_ERRORS as e:
             raise translate_error(e, _server(api), f"listing {noun}") from e
         pages += 1
+        if on_page is not None:
+            on_page()
         if not isinstance(page, dict) or not isinstance(page.get("items"), list):
             raise ApiUnavailable(f"listing {noun}: {_server(api)} sent no item list")
         for obj in page["items"]:
@@ -284,9 +359,12 @@ class CiliumNodeSync:
     """Keeps ``store`` equal to the cluster's CiliumNodes (as NodeInfo).
 
     ``backoff`` and ``read_timeout_margin`` (seconds added to the server-side watch timeout
-    for the client-side read timeout) are injectable so tests run fast; everything else comes
-    from Settings (list_page_size, watch_timeout_seconds, request_timeout_seconds,
-    resync_seconds).
+    for the client-side read timeout, which never exceeds ``watch_stall_seconds``) are
+    injectable so tests run fast; everything else comes from Settings (list_page_size,
+    watch_timeout_seconds, watch_stall_seconds, request_timeout_seconds, resync_seconds).
+
+    ``heartbeat`` (monotonic) advances whenever the loop makes a step (a request, an event or
+    bookmark, a retry); ``alive()`` turns it into a liveness check for /healthz.
     """
 
     def __init__(self, settings: Settings, store: Store, metrics: Metrics | None = None,
@@ -310,6 +388,8 @@ class CiliumNodeSync:
         """Complete lists so far (for tests and status)."""
         self.resource_version: str | None = None
         """Newest resourceVersion seen (list, event or bookmark); None forces a list."""
+        self.heartbeat = time.monotonic()
+        """Monotonic time of the loop's last step: liveness, independent of the API's health."""
 
     # Public entry point
 
@@ -326,6 +406,7 @@ class CiliumNodeSync:
         next_resync = 0.0
         try:
             while not stop.is_set():
+                self.heartbeat = time.monotonic()
                 try:
                     if api_client is None:
                         api_client = load_client(self.settings)
@@ -353,6 +434,15 @@ class CiliumNodeSync:
                     log.warning(f"{self.kind} sync failed; keeping the last known nodes",
                                 extra=kv(error=str(e), retry_in=f"{delay:.2f}s",
                                          failures=self.failures, nodes=len(self.store)))
+                except Exception as e:
+                    # A bug (or a client library surprise) must not end the sync silently
+                    # while the node keeps reporting healthy: log it with its trace, count it,
+                    # back off and carry on with the store as it is.
+                    log.exception(f"{self.kind} sync failed unexpectedly; retrying",
+                                  extra=kv(error=f"{type(e).__name__}: {e}"))
+                    self._restart("internal-error")
+                    self.failures += 1
+                    self._sleep(stop)
         finally:
             with self._lock:
                 self._response = None
@@ -365,12 +455,14 @@ class CiliumNodeSync:
         started = time.monotonic()
         try:
             result = _list_all(api, self.settings.list_page_size,
-                               self.settings.request_timeout_seconds, self._parse, self.noun)
+                               self.settings.request_timeout_seconds, self._parse, self.noun,
+                               self._beat)
         except ApiGone:
             # A continue token expired in the middle of the list: start it over at once.
             self._restart("list-expired")
             result = _list_all(api, self.settings.list_page_size,
-                               self.settings.request_timeout_seconds, self._parse, self.noun)
+                               self.settings.request_timeout_seconds, self._parse, self.noun,
+                               self._beat)
         for meta, rejections in result.rejections:
             self._report(meta, rejections)
         self._forget_logged(result.nodes)
@@ -387,12 +479,19 @@ class CiliumNodeSync:
     def _watch(self, api, stop: threading.Event, next_resync: float) -> None:
         """Watch from ``self.resource_version`` until the server ends the stream, the resync
         is due or stop is set, advancing the version with every event and bookmark, so a
-        failed watch resumes where it broke. Errors raise KubernetesError."""
+        failed watch resumes where it broke. Errors raise KubernetesError.
+
+        Stall detection: the read timeout (waiting for the response, then between any two
+        reads of the stream) is at most ``watch_stall_seconds``, and the server is asked to
+        end the watch a little before that, so a healthy server always sends something (its
+        pre-deadline bookmark, the end of the stream) in time and silence means a stall."""
         rv = self.resource_version
         remaining = max(1.0, next_resync - time.monotonic())
-        server_timeout = max(1, int(min(self.settings.watch_timeout_seconds, remaining)))
+        stall = self.settings.watch_stall_seconds
+        server_timeout = max(1, int(min(self.settings.watch_timeout_seconds, remaining,
+                                        stall - min(5.0, stall / 2))))
         connect = self.settings.request_timeout_seconds
-        read = server_timeout + self.read_timeout_margin
+        read = min(server_timeout + self.read_timeout_margin, stall)
         what = f"watching {self.noun} from resourceVersion {rv}"
         try:
             resp = api.list_cluster_custom_object(
@@ -412,6 +511,7 @@ class CiliumNodeSync:
             for line in iter_resp_lines(resp):
                 if not line:
                     continue
+                self.heartbeat = time.monotonic()
                 self.resource_version = self._handle_event(line, self.resource_version, what)
                 events += 1
                 if events == 1:
@@ -509,11 +609,29 @@ class CiliumNodeSync:
     def _restart(self, cause: str) -> None:
         if self.metrics is not None:
             self.metrics.watch_restarts.labels(cause=cause).inc()
+            if cause == "stalled":
+                self.metrics.watch_stalls.inc()
 
     def _sleep(self, stop: threading.Event) -> float:
         delay = self.backoff.delay(max(1, self.failures), self._rng)
+        self.heartbeat = time.monotonic()
         stop.wait(delay)
         return delay
+
+    def _beat(self) -> None:
+        self.heartbeat = time.monotonic()
+
+    def alive(self, now: float | None = None) -> tuple[bool, str]:
+        """Liveness of the loop (not of the API server: an outage keeps it turning). The
+        longest step a healthy loop takes is a connect plus a silent watch read, so a stall
+        threshold raised above the default also raises the limit (with half again as margin)."""
+        s = self.settings
+        limit = max(s.sync_stale_seconds,
+                    1.5 * (s.watch_stall_seconds + s.request_timeout_seconds))
+        age = (now if now is not None else time.monotonic()) - self.heartbeat
+        if age > limit:
+            return False, f"{self.kind} sync made no progress for {age:.0f}s"
+        return True, f"{self.kind} sync stepped {age:.1f}s ago"
 
     def _close_on_stop(self, stop: threading.Event) -> None:
         stop.wait()

@@ -4,6 +4,7 @@ a fresh one. Datapath counters are read at scrape time by collectors the backend
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import choose_encoder
 
 from .admission import REASONS
 
@@ -54,6 +55,11 @@ class Metrics:
             "counted once while it persists.", ["reason"], registry=r)
         for reason in REASONS:
             self.rejected_claims.labels(reason=reason)
+        self.watch_stalls = Counter(f"{PREFIX}_k8s_watch_stalls_total",
+                                    "CiliumNode watch or list requests abandoned because the "
+                                    "API server sent nothing within their read timeout (the "
+                                    "stall threshold for a watch).",
+                                    registry=r)
 
     def record_rejections(self, rejections) -> None:
         """Entries the parser skipped (counted by field, and by reason)."""
@@ -68,3 +74,20 @@ class Metrics:
             # An unknown reason would grow the label set: count it as malformed.
             reason = rej.reason if rej.reason in REASONS else "malformed"
             self.rejected_claims.labels(reason=reason).inc()
+
+
+def metrics_server(registry: CollectorRegistry, bind: str, *,
+                   flag: str = "--metrics-server-bind-address", max_connections: int = 64,
+                   request_seconds: float = 5.0):
+    """/metrics for ``registry`` on ``bind``, on the hardened endpoint server rather than
+    prometheus_client's own (a thread per connection, no deadlines). Listening starts now (a
+    bad address raises SettingsError naming ``flag``); call ``start()`` to answer."""
+    from .httpserver import EndpointServer, Request, Response
+
+    def handle(request: Request) -> Response:
+        encoder, content_type = choose_encoder(request.headers.get("accept"))
+        return Response(200, content_type, encoder(registry))
+
+    return EndpointServer(bind, {"/metrics": handle}, flag=flag,
+                          max_connections=max_connections, request_seconds=request_seconds,
+                          name="metrics")

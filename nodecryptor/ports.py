@@ -52,7 +52,9 @@ class PortSpecError(ValueError):
 
 
 def _port(text: str, entry: str) -> int:
-    if not text.isdigit():
+    # str.isdigit() accepts every script's digits ("٦٤٤٣", and "²", which int() rejects):
+    # a port is ASCII decimal digits only.
+    if not (text.isascii() and text.isdigit()):
         raise PortSpecError(entry, f"{text!r} is not a port number")
     value = int(text)
     if not 1 <= value <= 65535:

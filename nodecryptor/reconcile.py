@@ -78,6 +78,10 @@ class Reconciler:
         self.rp_filter_problem: str | None = None
         self.failures = 0
         self._last_uncovered = -1
+        self._observation: tuple[bool, str] = (False, "no pass has applied anything yet")
+        """The datapath's own report (ready, why not) as the reconcile thread last read it.
+        /readyz answers from it: observing can mean a netlink dump under the datapath's lock,
+        which a probe flood must never get to repeat."""
         self._last_inputs: tuple | None = None
         """Inputs of the last successful pass; a pass that is not forced and sees the same
         inputs skips planning and applying (the datapath already holds that state)."""
@@ -99,7 +103,15 @@ class Reconciler:
                 self.heartbeat = self._clock()
                 return PassResult(ok=True, desired=self.last_desired)
             desired = self._desired(*inputs)
-            self.datapath.apply(desired)
+            try:
+                self.datapath.apply(desired)
+            except BaseException:
+                self._observe()
+                raise
+            # Observing can cost as much as applying (the ip-rule datapath dumps its table):
+            # on forced passes (every reconcile_seconds), and while not ready, is enough.
+            if force or not self._observation[0]:
+                self._observe()
         except (DatapathError, OSError) as e:
             return self._failed(str(e), started)
         except Exception as e:  # a bug must not kill the loop; it is logged with its trace
@@ -143,6 +155,16 @@ class Reconciler:
         if self.metrics:
             self._export_inputs(snapshot, desired)
         return desired
+
+    def _observe(self) -> None:
+        try:
+            obs = self.datapath.observe()
+        except Exception as e:  # observe should not raise; if it does, say so in readiness
+            log.exception("observing the datapath failed")
+            self._observation = (False, f"cannot observe the datapath: {type(e).__name__}: {e}")
+            return
+        self._observation = (obs.ready, "" if obs.ready
+                             else f"datapath {obs.datapath} not ready: {obs.reason}")
 
     def _failed(self, error: str, started: float) -> PassResult:
         self.failures += 1
@@ -220,13 +242,15 @@ class Reconciler:
         return True, f"last pass {age:.1f}s ago"
 
     def ready(self) -> tuple[bool, str]:
+        """Readiness from what the loop last saw (cheap, lock-free: the health server calls
+        it); the datapath is observed by the loop after every pass that applied."""
         if not self.store.synced.is_set():
             return False, "waiting for the first list of CiliumNodes"
         if not self.applied_once:
             return False, f"desired state not applied yet: {self.last_error or 'pending'}"
-        obs = self.datapath.observe()
-        if not obs.ready:
-            return False, f"datapath {obs.datapath} not ready: {obs.reason}"
+        observed_ready, why = self._observation
+        if not observed_ready:
+            return False, why
         if self.rp_filter_problem:
             return False, self.rp_filter_problem
         return True, "synced, applied and attached"

@@ -154,8 +154,36 @@ class Settings:
     """Quiet time after a change before reconciling, so bursts of events apply once."""
 
     watch_timeout_seconds: int = 300
-    """Server-side watch timeout; the client reads with a timeout a little above this so a
-    stalled connection is noticed."""
+    """Upper bound of the server-side watch timeout (``timeoutSeconds``). Watches usually end
+    sooner, a few seconds before ``watch_stall_seconds``; see there."""
+
+    watch_stall_seconds: float = 55.0
+    """A watch, or the request opening it, that delivers nothing (no event, bookmark or end of
+    stream) for this many seconds is abandoned as stalled: counted
+    (nodecryptor_k8s_watch_stalls_total) and opened again from the last resourceVersion while
+    the store keeps its content. This catches an API server that accepts connections but never
+    answers, or freezes mid-watch, within a minute instead of the watch timeout.
+    kube-apiserver sends a bookmark only about once a minute, but also just before a watch's
+    deadline, and then ends it; so that a quiet, healthy watch is never taken for a stalled
+    one, the agent asks for ``timeoutSeconds`` a few seconds below this value. The price is a
+    new watch request per node every ~50 s (10,000 nodes: ~200 per second, served from the
+    API server's watch cache); raise it (flag --watch-stall-seconds) to trade detection time
+    for fewer requests."""
+
+    sync_stale_seconds: float = 150.0
+    """/healthz fails when the CiliumNode sync loop has not turned for this long (or its thread
+    is gone). Every step of the loop is bounded (request timeouts, the stall threshold, a
+    backoff of at most 60 s), so a healthy loop, even during an API outage, turns well within
+    this; a loop that does not is stuck, and a restart is the remedy."""
+
+    endpoint_max_connections: int = 64
+    """Open connections each endpoint server (health, metrics) keeps; accepting one more closes
+    the oldest, so a flood of idle connections cannot lock out the kubelet's probe and file
+    descriptors stay bounded."""
+
+    endpoint_request_seconds: float = 5.0
+    """Seconds a connection to the health or metrics endpoint gets to send a complete request
+    (and again to read the answer), however slowly it sends: slow clients are closed."""
 
     request_timeout_seconds: float = 15.0
     """Client-side timeout of list requests and of connecting."""

@@ -70,3 +70,9 @@ def test_help_ends_with_examples(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "examples:" in capsys.readouterr().out
+
+
+def test_watch_stall_seconds_flag():
+    assert settings_for(["run", "--node-name", "w1"]).watch_stall_seconds == 55.0
+    assert settings_for(["run", "--node-name", "w1",
+                         "--watch-stall-seconds", "120.5"]).watch_stall_seconds == 120.5

@@ -6,9 +6,11 @@ import argparse
 import ipaddress
 import json
 import os
+import re
 import sys
 
 from ..errors import SettingsError
+from ..httpserver import binds_overlap, parse_bind
 from ..log import LEVELS
 from ..ports import PortSpecError, parse_port_spec
 from ..settings import (DEFAULT_EXEMPT_PORTS, DatapathMode, RoleSource,
@@ -92,10 +94,58 @@ def add_fail_mode(p: argparse.ArgumentParser) -> None:
                         "out in the clear (default: %(default)s)")
 
 
+HEALTH_FLAG = "--health-probe-bind-address"
+METRICS_FLAG = "--metrics-server-bind-address"
+
+# RFC 1123 subdomain, as Kubernetes requires of node names.
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+# A label key: optional DNS-subdomain prefix and "/", then a name of up to 63 characters.
+_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+_ADDRESS_TYPE = re.compile(r"[A-Za-z][A-Za-z0-9]*")
+
+
 def _bind(flag: str, value: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise SettingsError(flag, value, "expected [HOST]:PORT with a port from 1 to 65535")
+    try:
+        _host, port = parse_bind(value)
+    except ValueError as e:
+        raise SettingsError(flag, value, f"expected [HOST]:PORT: {e}") from None
+    if port == 0:
+        raise SettingsError(flag, value, "port 0 would listen on a random port no probe finds")
+    return value
+
+
+def _seconds(flag: str, value: str, low: float, high: float) -> float:
+    # ASCII decimal only: float() would also take "1e2", "inf", "nan" and other scripts' digits.
+    if not re.fullmatch(r"[0-9]+(\.[0-9]+)?", value):
+        raise SettingsError(flag, value, "not a number of seconds")
+    seconds = float(value)
+    if not low <= seconds <= high:
+        raise SettingsError(flag, value, f"outside {low:g}-{high:g} seconds")
+    return seconds
+
+
+def _ifname(flag: str, value: str, name: str) -> str:
+    """Linux interface names: 1-15 bytes, no "/", ":" or whitespace, not "." or ".."."""
+    if (not name or len(name.encode()) > 15 or name in (".", "..")
+            or any(c in name for c in "/:") or any(c.isspace() for c in name)):
+        raise SettingsError(flag, value, f"{name!r} is not a network device name")
+    return name
+
+
+def _node_name(value: str) -> str:
+    if value and (len(value) > 253 or not _DNS_SUBDOMAIN.fullmatch(value)):
+        raise SettingsError("--node-name", value, "not a Kubernetes node name (lower-case "
+                                                  "letters, digits, '-' and '.', at most 253)")
+    return value
+
+
+def _label_key(value: str) -> str:
+    prefix, slash, name = value.rpartition("/")
+    ok = bool(_LABEL_NAME.fullmatch(name)) and (
+        not slash or (len(prefix) <= 253 and bool(_DNS_SUBDOMAIN.fullmatch(prefix))))
+    if not ok:
+        raise SettingsError("--control-plane-label", value,
+                            "not a label key ([PREFIX/]NAME, NAME at most 63 characters)")
     return value
 
 
@@ -146,36 +196,74 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         except PortSpecError as e:
             raise SettingsError("--control-plane-exempt-ports", spec, str(e)) from None
     if getattr(args, "control_plane_label", None):
-        kw["control_plane_labels"] = tuple(args.control_plane_label)
+        kw["control_plane_labels"] = tuple(_label_key(v) for v in args.control_plane_label)
     if getattr(args, "address_types", None) is not None:
         types = tuple(t.strip() for t in args.address_types.split(",") if t.strip())
         if not types:
             raise SettingsError("--address-types", args.address_types, "no address type given")
+        for t in types:
+            if not _ADDRESS_TYPE.fullmatch(t):
+                raise SettingsError("--address-types", args.address_types,
+                                    f"{t!r} is not an address type (such as InternalIP)")
         kw["address_types"] = types
     if hasattr(args, "node_name"):
         name = args.node_name or os.environ.get("NODE_NAME", "")
-        kw["node_name"] = name
+        kw["node_name"] = _node_name(name)
     for attr, key in (("kubeconfig", "kubeconfig"), ("bpffs", "bpffs"),
                       ("log_format", "log_format"), ("log_level", "log_level"),
                       ("datapath", "datapath"), ("wg_interface", "wg_interface"),
                       ("fail_mode", "fail_mode"), ("run_dir", "run_dir")):
         if getattr(args, attr, None) is not None:
             kw[key] = getattr(args, attr)
+    if getattr(args, "wg_interface", None) is not None:
+        _ifname("--wg-interface", args.wg_interface, args.wg_interface)
     if getattr(args, "devices", None):
         devices = tuple(d.strip() for d in args.devices.split(",") if d.strip())
         for d in devices:
-            if len(d) > 15 or "/" in d or " " in d:
-                raise SettingsError("--devices", args.devices, f"{d!r} is not a device name")
+            _ifname("--devices", args.devices, d)
         kw["devices"] = devices
     if getattr(args, "health_probe_bind_address", None) is not None:
-        kw["health_bind"] = _bind("--health-probe-bind-address", args.health_probe_bind_address)
+        kw["health_bind"] = _bind(HEALTH_FLAG, args.health_probe_bind_address)
     if getattr(args, "metrics_server_bind_address", None) is not None:
-        kw["metrics_bind"] = _bind("--metrics-server-bind-address",
-                                   args.metrics_server_bind_address)
+        kw["metrics_bind"] = _bind(METRICS_FLAG, args.metrics_server_bind_address)
+    if "health_bind" in kw and "metrics_bind" in kw and binds_overlap(
+            parse_bind(kw["health_bind"]), parse_bind(kw["metrics_bind"])):
+        raise SettingsError(METRICS_FLAG, kw["metrics_bind"],
+                            f"the same port as {HEALTH_FLAG} {kw['health_bind']!r}")
     if getattr(args, "noop_route", None) is not None:
         kw["noop_route"] = bool(args.noop_route)
     _admission_settings(args, kw)
+    if getattr(args, "watch_stall_seconds", None) is not None:
+        kw["watch_stall_seconds"] = _seconds("--watch-stall-seconds", args.watch_stall_seconds,
+                                             10, 300)
     return Settings(**kw)
+
+
+def check_cluster_config(settings: Settings) -> None:
+    """Refuse, as a flag error, a kubeconfig that cannot be loaded (missing, unreadable, a
+    directory, not YAML, binary, no current context) or, without --kubeconfig, a missing
+    in-cluster service account. Reads files only: the API server is not contacted, and an
+    unreachable one is a runtime fault the agent retries."""
+    from .. import k8s  # the only module that imports the kubernetes client
+
+    try:
+        k8s.check_config(settings)
+    except k8s.KubeConfigError as e:
+        if settings.kubeconfig is not None:
+            raise SettingsError("--kubeconfig", settings.kubeconfig, str(e)) from None
+        raise SettingsError("--kubeconfig", "(unset)",
+                            f"no kubeconfig given and no usable in-cluster service account "
+                            f"(token in {k8s.SERVICE_ACCOUNT_DIR}, KUBERNETES_SERVICE_HOST/"
+                            f"PORT): {e}") from None
+
+
+def validate_run(settings: Settings) -> None:
+    """Everything `nodecryptor run` can check before it touches the node: the node name,
+    the bpffs directory and the client configuration (flags were checked while parsing)."""
+    require_node_name(settings)
+    if not os.path.isdir(settings.bpffs):
+        raise SettingsError("--bpffs", settings.bpffs, "not an existing directory")
+    check_cluster_config(settings)
 
 
 def print_json(obj) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ..policy import compute_plan
-from .common import add_cluster, add_json, print_json, require_node_name, settings_from_args
+from .common import (add_cluster, add_json, check_cluster_config, print_json, require_node_name,
+                     settings_from_args)
 
 
 def register(sub) -> None:
@@ -20,6 +21,7 @@ def register(sub) -> None:
 def handle(args) -> int:
     settings = settings_from_args(args)
     require_node_name(settings)
+    check_cluster_config(settings)
     from .. import k8s  # the only module that imports the kubernetes client; loaded on use
 
     snapshot, rejections = k8s.snapshot_once(settings)

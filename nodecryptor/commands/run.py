@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .common import (add_bpffs, add_cluster, add_datapath, add_fail_mode, add_logging,
-                     add_run_dir, parse_bool, settings_from_args)
+                     add_run_dir, parse_bool, settings_from_args, validate_run)
 
 
 def register(sub) -> None:
@@ -26,6 +26,11 @@ def register(sub) -> None:
     p.add_argument("--devices", default=None, metavar="DEVS",
                    help="comma-separated underlay devices; default: detected from the routes "
                         "to remote node addresses")
+    p.add_argument("--watch-stall-seconds", default="55", metavar="SECONDS",
+                   help="a CiliumNode watch silent for this long is abandoned as stalled and "
+                        "resumed; watches are renewed a few seconds sooner, so lower means "
+                        "faster detection and more watch requests; 10-300 "
+                        "(default: %(default)s)")
     add_fail_mode(p)
     add_run_dir(p)
     p.set_defaults(func=handle)
@@ -35,4 +40,5 @@ def handle(args) -> int:
     from ..agent import run_agent
 
     settings = settings_from_args(args)
+    validate_run(settings)  # configuration errors exit 2 before anything is touched
     return run_agent(settings)

@@ -20,7 +20,8 @@ Tests run it in a thread; the network-namespace lab runs it as a process
 
 Fault injection for tests (Python methods, also reachable as ``POST /_fake/<action>`` with the
 token): compact the history, make the next watch or continue token fail with 410, drop open
-watch connections, freeze them (open but silent), stall requests (accept and never answer),
+watch connections, freeze them (open but silent), freeze the whole server (connections
+accepted, nothing answered), stall requests (accept and never answer),
 fail the next N requests with a status code, refuse connections by closing the listening
 socket, and advance the resourceVersion as writes to other resources would. The count-based
 faults (stall, fail, expire) are aimed at CiliumNode requests only; freezing or dropping

@@ -67,6 +67,9 @@ class _Faults:
     expire_next_watches: int = 0
     drop_generation: int = 0
     freeze_watches: bool = False
+    frozen: bool = False
+    """The whole server hangs: every request is accepted and never answered, open watches go
+    silent (a stopped process, or a black hole behind a load balancer)."""
     stall_release: threading.Event = field(default_factory=threading.Event)
 
 
@@ -172,6 +175,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return
             watch_asked = query.get("watch", "").lower() in ("1", "true")
             is_watch = method == "GET" and path == COLLECTION and watch_asked
+            if fake.faults.frozen:
+                # Frozen: hold the request unanswered until thawed, then drop it unanswered.
+                while fake.faults.frozen and not fake.stopping.is_set():
+                    fake.stopping.wait(0.05)
+                self.close_connection = True
+                return
             if path == NODE_COLLECTION or path.startswith(NODE_COLLECTION + "/"):
                 # v1 Nodes take no count-based fault (stall, fail, expire): those stay aimed
                 # at the CiliumNode requests the tests count. Freezing and dropping watches
@@ -330,7 +339,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
-            if not fake.faults.freeze_watches:
+            if not (fake.faults.freeze_watches or fake.faults.frozen):
                 if pending:
                     self._chunk(encode(pending))
                     pending = []
@@ -345,7 +354,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                         self._chunk(encode([cluster.bookmark()]))
                     next_bookmark = now + fake.bookmark_interval
             with cluster.cond:
-                frozen = fake.faults.freeze_watches
+                frozen = fake.faults.freeze_watches or fake.faults.frozen
                 if frozen or cluster.rv == seen:
                     cluster.cond.wait(0.05)
                 if not frozen and cluster.rv != seen:
@@ -578,6 +587,12 @@ class FakeApiServer:
         frozen: the connection stays open but dead, as behind a black-holing middlebox."""
         self.faults.freeze_watches = frozen
 
+    def freeze(self, frozen: bool = True) -> None:
+        """Hang the whole server: connections are still accepted, but no request is answered
+        and open watches send nothing, until ``freeze(False)``. Requests that arrived while
+        frozen are then dropped unanswered. ``POST /_fake/freeze`` still answers."""
+        self.faults.frozen = frozen
+
     def stall_next(self, count: int = 1, kind: str = "any") -> None:
         """The next ``count`` requests of ``kind`` ("any", "watch", "list", "write") are
         accepted and never answered, until release_stalls() or stop()."""
@@ -654,6 +669,8 @@ class FakeApiServer:
             self.drop_watches()
         elif action == "bookmark":
             self.send_bookmark()
+        elif action == "freeze":
+            self.freeze(bool(args.get("frozen", True)))
         elif action == "freeze-watches":
             self.freeze_watches(bool(args.get("frozen", True)))
         elif action == "stall-next":
