@@ -132,6 +132,11 @@ class DesiredState:
     max_packet_v6: int = 0
     wg_mark: int = 0x0E00
     wg_mark_mask: int = 0x0F00
+    cilium_pod_cidrs: tuple[IPNetwork, ...] = ()
+    """Local pod CIDRs whose traffic to remote pod CIDRs is left to Cilium (nodecryptor/cilium.py);
+    empty when nodecryptor takes that traffic over or Cilium runs in tunnel mode."""
+    cilium: object = field(default=None, compare=False, hash=False)
+    """cilium.CiliumFacts the desired state was derived with (None: not detected)."""
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property

@@ -101,6 +101,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                                    args.metrics_server_bind_address)
     if getattr(args, "noop_route", None) is not None:
         kw["noop_route"] = bool(args.noop_route)
+    if getattr(args, "take_over_pod_to_pod", None) is not None:
+        kw["take_over_pod_to_pod"] = bool(args.take_over_pod_to_pod)
     return Settings(**kw)
 
 

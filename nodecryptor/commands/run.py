@@ -30,6 +30,10 @@ def register(sub) -> None:
     p.add_argument("--fail-mode", choices=("open", "closed"), default="closed",
                    help="closed: drop cluster traffic that cannot be encrypted; open: let it "
                         "out in the clear (default: %(default)s)")
+    p.add_argument("--take-over-pod-to-pod", nargs="?", const=True, default=False,
+                   type=parse_bool, metavar="BOOL",
+                   help="redirect local-pod to remote-pod traffic into WireGuard here instead "
+                        "of leaving it to Cilium, which encrypts it itself (default: false)")
     p.set_defaults(func=handle)
 
 
