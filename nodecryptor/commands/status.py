@@ -68,11 +68,25 @@ def handle(args) -> int:
     if choice is not None and choice.get("datapath") == name:
         # Why the agent chose this datapath (a record of another mode would be stale).
         report["agent_choice"] = choice
+    add_cilium(report, settings, name)
     if args.json:
         print_json(report)
         return 0
     print_text(report)
     return 0
+
+
+def add_cilium(report: dict, settings, datapath: str) -> None:
+    """The Cilium-facing facts and every device's whole egress chain (cilium_probe.py)."""
+    from ..cilium_probe import status_report
+
+    extra = status_report(settings, datapath, report.get("devices") or [],
+                          report.get("prog_id") or 0)
+    report["cilium"] = extra["cilium"]
+    report["chains"] = extra["chains"]
+    if extra["problem"]:
+        report["ready"] = False
+        report["reason"] = "; ".join(r for r in (report.get("reason"), extra["problem"]) if r)
 
 
 def print_text(report: dict) -> None:
@@ -100,6 +114,19 @@ def print_text(report: dict) -> None:
         print(f"mss clamp: ipv4 {mss.get('v4')}  ipv6 {mss.get('v6')}")
     if report.get("agent_alive_age_seconds") is not None:
         print(f"agent last applied: {report['agent_alive_age_seconds']:.1f}s ago")
+    cil = report.get("cilium") or {}
+    if cil:
+        src = cil.get("sources", {})
+        print(f"cilium: routing {cil['routing_mode']} ({src.get('routing_mode')}); "
+              f"wireguard port {cil['wg_port']} fwmark {cil['wg_fwmark']} mtu {cil['wg_mtu']}; "
+              f"node IPs in allowed-IPs: {'yes' if cil['node_ips_in_allowed_ips'] else 'no'}"
+              + ("" if cil.get("node_ips_in_allowed_ips_known") else " (unknown)")
+              + f" ({src.get('node_ips_in_allowed_ips')})")
+    from ..datapath.chain import describe
+
+    for ch in report.get("chains") or []:
+        for line in describe(ch):
+            print(line)
     counters = report.get("counters") or {}
     nonzero = {k: v for k, v in counters.items() if v.get("packets")}
     if counters:
@@ -108,5 +135,6 @@ def print_text(report: dict) -> None:
             print(f"  {name:<32} {c['packets']:>12} pkts {c['bytes']:>14} bytes")
     for key, value in report.items():
         if key not in {"datapath", "mode", "prog_id", "ready", "reason", "devices", "wireguard",
-                       "mss", "agent_alive_age_seconds", "counters", "config", "active"}:
+                       "mss", "agent_alive_age_seconds", "counters", "config", "active",
+                       "cilium", "chains"}:
             print(f"{key}: {value}")

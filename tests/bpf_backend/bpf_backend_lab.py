@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 from nodecryptor_testkit.netns import entered as netns_entered
+from nodecryptor import cilium
 from nodecryptor.datapath.bpf import syscall
 from nodecryptor.model import Device, NodeInfo, WgPeer, WgState
 from nodecryptor.policy import compute_desired, compute_plan
@@ -225,7 +226,10 @@ def desired_for(settings: Settings, a: Node, b: Node):
     wg = WgState(ifname=WG_IFNAME, ifindex=socket.if_nametoindex(WG_IFNAME), present=True,
                  up=True, mtu=1420, listen_port=WG_PORT, fwmark=WG_MARK, peers=(peer,))
     device = Device(name="eth0", ifindex=socket.if_nametoindex("eth0"), mtu=1500)
-    return compute_desired(plan, wg, (device,), settings)
+    desired = compute_desired(plan, wg, (device,), settings)
+    # As the reconciler does: A's pod CIDR to B's pod CIDR stays Cilium's (nodecryptor/cilium.py).
+    facts = cilium.detect(wg, (), [ipaddress.ip_address(b.ip)], [ipaddress.ip_network(b.pod_cidr)])
+    return cilium.apply(desired, snapshot, facts, settings.take_over_pod_to_pod)
 
 
 def hold_datapath_main(argv: list[str]) -> int:
