@@ -41,6 +41,10 @@ struct sd_config {
 #define SD_C_NETDEV_WG 2      /* pod-to-pod packets it redirected into cilium_wg0 */
 #define SD_C_MAX 3
 
+/* The kernel's four-argument signature (BCC 0.26 declares an older three-argument one). */
+static long (*sd_redirect_neigh)(u32 ifindex, void *params, int plen, u64 flags) =
+	(void *)BPF_FUNC_redirect_neigh;
+
 BPF_F_TABLE("lpm_trie", struct sd_lpm4, u32, sd_local4, 64, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("lpm_trie", struct sd_lpm6, u32, sd_local6, 64, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("lpm_trie", struct sd_lpm4, u32, sd_remote4, 1024, BPF_F_NO_PREALLOC);
@@ -96,7 +100,7 @@ int cil_from_container(struct __sk_buff *skb)
 	skb->cb[3] = 0x00000050;
 	skb->cb[4] = 0x12345678;
 	sd_count(SD_C_LXC_REDIRECT);
-	return bpf_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
+	return sd_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
 }
 
 int cil_to_netdev(struct __sk_buff *skb)
