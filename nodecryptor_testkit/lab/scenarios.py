@@ -512,8 +512,25 @@ def cilium_restart(lab, ports: PortAllocator) -> Result:
         Flow(w1, f"{cp}/pod", fam, "tcp", SERVICE_TCP_PORT, ENCRYPTED,
              "node to remote pod after the reloads") for fam in FAMILIES], ports,
         "cilium-restart-after")
+    if lab.routing == "native":
+        # What the stand-in counted before its last reload (logged by standin_datapath.py):
+        # pod packets it sent to eth0 with dirty cb[], and pod-to-pod packets its
+        # cil_to_netdev redirected into cilium_wg0 itself.
+        logged = lab.log_tail(f"{w1}-standin", 200)
+        line = [x for x in logged.splitlines() if "datapath reloaded in place" in x][-1:]
+        fields = dict(part.split("=", 1) for part in (line[0].split() if line else [])
+                      if "=" in part)
+        for key in ("lxc_redirect", "netdev_to_wireguard"):
+            result.rows.append(Row(f"{w1}: Cilium stand-in {key} packets between reloads",
+                                   "> 0", "> 0" if int(fields.get(key, "0")) > 0 else "0",
+                                   line[0] if line else "no reload logged"))
     status = lab.nodecryptor(w1, "status")
     cil = status.get("cilium") or {}
+    if lab.datapath == "bpf" and lab.routing == "native":
+        counted = (status.get("counters") or {}).get("cilium-pod-to-pod", {}).get("packets", 0)
+        result.rows.append(Row(f"{w1}: nodecryptor passed pod-to-pod to Cilium "
+                               "(cilium-pod-to-pod counter)", "> 0",
+                               "> 0" if counted else "0"))
     result.rows.append(Row(f"{w1}: status --json cilium.routing_mode", lab.routing,
                            str(cil.get("routing_mode")), cil.get("sources", {}).get(
                                "routing_mode", "")))

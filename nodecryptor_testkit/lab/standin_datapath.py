@@ -94,6 +94,7 @@ class StandinDatapath:
     def reload(self) -> dict:
         """A Cilium restart: new programs, same links. Returns the link ids before and after."""
         before = self.link_ids()
+        counted = self.counters()
         module, fns = self._load()
         self._fill(module)
         self._attach(fns, first=False)
@@ -102,7 +103,7 @@ class StandinDatapath:
         self.reloads += 1
         after = self.link_ids()
         log.info("datapath reloaded in place", extra=kv(links_before=before, links_after=after,
-                                                        reloads=self.reloads))
+                                                        reloads=self.reloads, **counted))
         return {"before": before, "after": after}
 
     def _attach(self, fns: dict, first: bool) -> None:
