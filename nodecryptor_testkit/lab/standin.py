@@ -144,21 +144,24 @@ def desired_peers(objects: list[dict], local: str,
     return peers
 
 
-def pod_cidrs(objects: list[dict], local: str) -> tuple[list, list, list]:
-    """(local pod CIDRs, remote pod CIDRs, [(remote IPv4, its pod CIDRs)])."""
-    own, remote, nodes = [], [], []
+def pod_cidrs(objects: list[dict], local: str) -> tuple[list, list, list, list]:
+    """(local pod CIDRs, remote pod CIDRs, [(remote IPv4, its addresses, its pod CIDRs)],
+    local addresses)."""
+    own, remote, nodes, own_ips = [], [], [], []
     for obj in objects:
         info, _ = parse_ciliumnode(obj)
         if info is None:
             continue
+        addrs = tuple(a for _, a in info.addresses)
         if info.name == local:
             own += list(info.pod_cidrs)
+            own_ips += list(addrs)
             continue
         remote += list(info.pod_cidrs)
-        v4 = [a for _, a in info.addresses if a.version == 4]
+        v4 = [a for a in addrs if a.version == 4]
         if v4:
-            nodes.append((v4[0], tuple(info.pod_cidrs)))
-    return own, remote, nodes
+            nodes.append((v4[0], addrs, tuple(info.pod_cidrs)))
+    return own, remote, nodes, own_ips
 
 
 class StandIn:
@@ -223,16 +226,15 @@ class StandIn:
                                                  allowed_ips=",".join(sorted(allowed))))
 
     def sync_datapath(self, objects: list[dict]) -> None:
-        own, remote, nodes = pod_cidrs(objects, self.node)
+        own, remote, nodes, own_ips = pod_cidrs(objects, self.node)
         if self.datapath is not None:
             self.datapath.sync(own, remote)
         if self.routing == "tunnel":
-            me = [info for info, _ in map(parse_ciliumnode, objects)
-                  if info is not None and info.name == self.node]
-            v4 = [a for _, a in me[0].addresses if a.version == 4] if me else []
+            v4 = [a for a in own_ips if a.version == 4]
             if v4:
-                standin_tunnel.ensure_device(v4[0], self.device.mtu - standin_tunnel.VXLAN_OVERHEAD)
-                standin_tunnel.sync(nodes)
+                standin_tunnel.ensure_device(v4[0],
+                                             self.device.mtu - standin_tunnel.VXLAN_OVERHEAD)
+                standin_tunnel.sync(own_ips, own, nodes)
 
     def handle_requests(self) -> None:
         if self.restart_requested:

@@ -6,6 +6,12 @@ No learning and no flooding: every remote node's VXLAN MAC is derived from its I
 its node address, so a route ``<remote pod CIDR> via <its pod gateway> dev cilium_vxlan onlink``
 needs no ARP across the tunnel. The device has no ``dev eth0`` binding: its UDP is routed like
 any node traffic, so nodecryptor's datapath (BPF on eth0, or its ip rules) encrypts it.
+
+As in Cilium's tunnel mode, pods reach remote node addresses through the tunnel too (a rule
+``from <local pod CIDR> lookup TABLE`` ahead of nodecryptor's band; the table holds the remote
+node addresses via the tunnel), and routes into the tunnel carry the node's own address as
+source. So nothing with a pod source address travels between nodes outside the tunnel, where
+WireGuard (whose allowed-IPs hold node addresses only) would drop it.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from .spec import VXLAN_PORT
 IFNAME = "cilium_vxlan"
 VNI = 2
 VXLAN_OVERHEAD = 50
+TABLE = 2005
+RULE_PRIORITY = 100
 
 
 def _ip(*args: str, check: bool = True) -> str:
@@ -44,21 +52,41 @@ def _gateway(cidr):
     return cidr.network_address + 1
 
 
-def sync(remotes: list[tuple]) -> None:
-    """``remotes``: (node IPv4, pod CIDRs) of every other node. Idempotent ("replace")."""
+def sync(own_ips, own_pods, remotes: list[tuple]) -> None:
+    """``own_ips``/``own_pods``: this node's addresses and pod CIDRs; ``remotes``: (IPv4,
+    addresses, pod CIDRs) of every other node. Idempotent ("replace")."""
     fdb = subprocess.run(["bridge", "fdb", "show", "dev", IFNAME], capture_output=True,
                          text=True).stdout
-    for ipv4, pod_cidrs in remotes:
+    src = {a.version: str(a) for a in reversed(list(own_ips))}
+    for ipv4, addrs, pod_cidrs in remotes:
         mac = mac_of(ipv4)
         if f"{mac} dst {ipv4}" not in fdb:
             subprocess.run(["bridge", "fdb", "append", mac, "dev", IFNAME, "dst", str(ipv4)],
                            capture_output=True)
+        gateways = {}
         for cidr in pod_cidrs:
             fam = "-4" if cidr.version == 4 else "-6"
-            gw = str(_gateway(cidr))
+            gw = gateways[cidr.version] = str(_gateway(cidr))
             _ip(fam, "neigh", "replace", gw, "lladdr", mac, "dev", IFNAME, "nud", "permanent")
-            _ip(fam, "route", "replace", str(cidr), "via", gw, "dev", IFNAME, "onlink")
+            _ip(fam, "route", "replace", str(cidr), "via", gw, "dev", IFNAME, "onlink",
+                *(("src", src[cidr.version]) if cidr.version in src else ()))
+        for addr in addrs:
+            if addr.version in gateways:
+                fam = "-4" if addr.version == 4 else "-6"
+                _ip(fam, "route", "replace", str(addr), "via", gateways[addr.version], "dev",
+                    IFNAME, "onlink", "table", str(TABLE))
+    rules = _ip("rule", "show", "pref", str(RULE_PRIORITY)) + \
+        _ip("-6", "rule", "show", "pref", str(RULE_PRIORITY))
+    for cidr in own_pods:
+        if f"from {cidr} lookup {TABLE}" not in rules:
+            _ip("-4" if cidr.version == 4 else "-6", "rule", "add", "pref", str(RULE_PRIORITY),
+                "from", str(cidr), "lookup", str(TABLE))
 
 
 def delete() -> None:
     subprocess.run(["ip", "link", "del", IFNAME], capture_output=True)
+    for fam in ("-4", "-6"):
+        while subprocess.run(["ip", fam, "rule", "del", "pref", str(RULE_PRIORITY)],
+                             capture_output=True).returncode == 0:
+            pass
+        subprocess.run(["ip", fam, "route", "flush", "table", str(TABLE)], capture_output=True)
