@@ -64,7 +64,8 @@ def _key(net) -> C.Structure:
 
 
 class StandinDatapath:
-    def __init__(self, underlay: str, pod_dev: str, wg_ifname: str, native: bool):
+    def __init__(self, underlay: str, pod_dev: str | None, wg_ifname: str, native: bool):
+        """``pod_dev`` None: no pod on this node (the VM's node A), only cil_to_netdev."""
         self.underlay = underlay
         self.pod_dev = pod_dev
         self.wg_ifname = wg_ifname
@@ -112,6 +113,8 @@ class StandinDatapath:
                  ("lxc", self.pod_dev, fns["cil_from_container"], syscall.BPF_TCX_INGRESS,
                   CLSACT_INGRESS, 1))
         for hook, dev, fn, attach_type, parent, prio in hooks:
+            if dev is None:
+                continue
             ifindex = _ifindex(dev)
             if not ifindex:
                 raise RuntimeError(f"stand-in datapath: device {dev} does not exist")
@@ -133,7 +136,15 @@ class StandinDatapath:
                            name=fn.name.decode(), parent=parent, prio=prio, direct_action=True)
 
     def link_ids(self) -> dict[str, int]:
+        """tcx link ids by hook (empty with legacy tc filters, which are replaced in place)."""
         return {hook: syscall.link_info(fd).id for hook, fd in self.links.items()}
+
+    def prog_ids(self) -> dict[str, int]:
+        if self.module is None:
+            return {}
+        return {name: syscall.prog_info(self.module.funcs[name.encode()].fd).id
+                for name in ("cil_to_netdev", "cil_from_container")
+                if name.encode() in self.module.funcs}
 
     # ---- maps ----
     def sync(self, local, remote) -> None:
@@ -170,7 +181,7 @@ class StandinDatapath:
         if not self.tcx:
             for dev, parent, prio in ((self.underlay, CLSACT_EGRESS, 2),
                                       (self.pod_dev, CLSACT_INGRESS, 1)):
-                ifindex = _ifindex(dev)
+                ifindex = _ifindex(dev) if dev else 0
                 if ifindex:
                     with IPRoute() as ipr:
                         try:
