@@ -9,10 +9,12 @@ fwmark and MTU, each with where it came from. ``apply`` adjusts a DesiredState t
   ``cil_to_netdev`` redirects it into cilium_wg0 with an identity mark). Unless
   ``Settings.take_over_pod_to_pod``, the local pod CIDRs go to the datapath so it passes that
   traffic on to Cilium untouched (reason ``cilium-pod-to-pod``).
-* **Tunnel mode.** With VXLAN/Geneve, peers' allowed-IPs hold node addresses only (Cilium >=
-  1.17): remote pod CIDRs are reached through Cilium's tunnel device, whose UDP goes to the
-  remote node address and is encrypted as node traffic. Pod CIDRs are therefore no destinations
-  of their own (never "uncovered", never dropped for it).
+* **Tunnel mode**, recognised by Cilium's tunnel device (``cilium_vxlan``/``cilium_geneve``;
+  peers' allowed-IPs are reported as evidence but never decide alone, see ``detect``). With
+  VXLAN/Geneve, peers' allowed-IPs hold node addresses only (Cilium >= 1.17): remote pod CIDRs
+  are reached through the tunnel device, whose UDP goes to the remote node address and is
+  encrypted as node traffic. Pod CIDRs are therefore no destinations of their own (never
+  "uncovered", never dropped for it).
 * **Node addresses outside allowed-IPs** (Cilium before cilium/cilium#30975): WireGuard cannot
   carry node traffic at all; the agent reports not-ready naming it (``readiness_problem``).
 """
@@ -125,20 +127,26 @@ def detect(wg: WgState, tunnel_devices: Iterable[str] = (),
             in_allowed = any(_covered(c, allowed) for c in candidates)
             in_src = f"{name} peers' allowed-IPs compared with {what}"
 
-    present = [d for d in tunnel_devices]
+    present = list(tunnel_devices)
     pods = list(pod_cidrs) if pod_cidrs is not None else None
-    if present:
-        mode, mode_src = ROUTING_TUNNEL, f"tunnel device {present[0]} present"
-    elif not wg.peers:
-        mode, mode_src = ROUTING_NATIVE, "default: no tunnel device, no peers to judge from"
+    if not wg.peers:
+        evidence = "no peers to judge allowed-IPs from"
     elif pods is not None and any(_overlaps(c, allowed) for c in pods):
-        mode, mode_src = ROUTING_NATIVE, "peers' allowed-IPs include remote pod CIDRs"
+        evidence = "peers' allowed-IPs include remote pod CIDRs"
     elif pods is None and any(net.prefixlen < net.max_prefixlen for net in allowed):
-        mode, mode_src = ROUTING_NATIVE, "peers' allowed-IPs include prefixes wider than hosts"
-    elif in_allowed and (pods is None or pods):
-        mode, mode_src = ROUTING_TUNNEL, "peers' allowed-IPs hold node addresses only"
+        evidence = "peers' allowed-IPs include prefixes wider than hosts"
+    elif in_allowed:
+        evidence = "peers' allowed-IPs hold node addresses only"
     else:
-        mode, mode_src = ROUTING_NATIVE, "default: no tunnel device, allowed-IPs inconclusive"
+        evidence = "peers' allowed-IPs inconclusive"
+    # The tunnel device decides. Allowed-IPs alone are not enough: with native routing, Cilium
+    # versions that add pod IPs one by one leave node addresses only while no remote pod
+    # exists, and taking that for tunnel mode would drop pod CIDRs from the destinations (host
+    # traffic to the first new remote pod would then leave in the clear until the next pass).
+    if present:
+        mode, mode_src = ROUTING_TUNNEL, f"tunnel device {present[0]} present; {evidence}"
+    else:
+        mode, mode_src = ROUTING_NATIVE, f"no tunnel device ({', '.join(TUNNEL_DEVICES)}); {evidence}"
     return CiliumFacts(routing_mode=mode, routing_mode_source=mode_src,
                        node_ips_in_allowed_ips=in_allowed, node_ips_source=in_src,
                        wg_port=port, wg_port_source=port_src, wg_fwmark=fwmark,

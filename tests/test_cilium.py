@@ -37,11 +37,22 @@ def test_native_routing_from_allowed_ips():
     assert cilium.readiness_problem(f) is None
 
 
-def test_tunnel_from_allowed_ips_and_from_device():
+def test_tunnel_mode_is_decided_by_the_tunnel_device():
+    f = cilium.detect(_wg(TUNNEL), ("cilium_vxlan",), NODE_IPS, PODS)
+    assert f.routing_mode == "tunnel" and f.tunnel_device == "cilium_vxlan"
+    assert "node addresses only" in f.routing_mode_source
+    g = cilium.detect(_wg(TUNNEL), ("cilium_geneve",), NODE_IPS, PODS)
+    assert g.routing_mode == "tunnel" and g.tunnel_device == "cilium_geneve"
+
+
+def test_node_only_allowed_ips_without_tunnel_device_stay_native():
+    """Native routing with per-pod allowed-IPs and no remote pod yet looks like this: taking it
+    for tunnel mode would remove pod CIDRs from the destinations and let host traffic to the
+    first new remote pod leave in the clear."""
     f = cilium.detect(_wg(TUNNEL), (), NODE_IPS, PODS)
-    assert f.routing_mode == "tunnel" and "node addresses only" in f.routing_mode_source
-    g = cilium.detect(_wg(NATIVE), ("cilium_vxlan",), NODE_IPS, PODS)
-    assert g.routing_mode == "tunnel" and g.tunnel_device == "cilium_vxlan"
+    assert f.routing_mode == "native" and "node addresses only" in f.routing_mode_source
+    d = dc.desired_for(dc.CASES_BY_ID["v4-node-to-remote-pod"])
+    assert any(x.kind == KIND_POD_CIDR for x in d.destinations)
 
 
 def test_node_ips_missing_from_allowed_ips_is_not_ready():
@@ -61,8 +72,10 @@ def test_unknown_without_peers_is_not_a_readiness_problem():
 
 
 def test_status_without_cluster_uses_endpoints():
-    assert cilium.detect(_wg(TUNNEL)).routing_mode == "tunnel"
+    assert cilium.detect(_wg(TUNNEL), ("cilium_vxlan",)).routing_mode == "tunnel"
+    assert "node addresses only" in cilium.detect(_wg(TUNNEL)).routing_mode_source
     assert cilium.detect(_wg(NATIVE)).routing_mode == "native"
+    assert "wider than hosts" in cilium.detect(_wg(NATIVE)).routing_mode_source
     f = cilium.detect(_wg(OLD))
     assert f.node_ips_in_allowed_ips is False and "endpoint" in f.node_ips_source
 
