@@ -146,7 +146,8 @@ def detect(wg: WgState, tunnel_devices: Iterable[str] = (),
     if present:
         mode, mode_src = ROUTING_TUNNEL, f"tunnel device {present[0]} present; {evidence}"
     else:
-        mode, mode_src = ROUTING_NATIVE, f"no tunnel device ({', '.join(TUNNEL_DEVICES)}); {evidence}"
+        devices = ", ".join(TUNNEL_DEVICES)
+        mode, mode_src = ROUTING_NATIVE, f"no tunnel device ({devices}); {evidence}"
     return CiliumFacts(routing_mode=mode, routing_mode_source=mode_src,
                        node_ips_in_allowed_ips=in_allowed, node_ips_source=in_src,
                        wg_port=port, wg_port_source=port_src, wg_fwmark=fwmark,

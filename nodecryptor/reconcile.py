@@ -151,9 +151,9 @@ class Reconciler:
         last = self.last_desired.cilium if self.last_desired is not None else None
         if last is None or (last.routing_mode, last.node_ips_in_allowed_ips) != \
                 (facts.routing_mode, facts.node_ips_in_allowed_ips):
-            log.info("cilium detected", extra=kv(routing_mode=facts.routing_mode,
-                                                 why=facts.routing_mode_source,
-                                                 node_ips_in_allowed_ips=facts.node_ips_in_allowed_ips))
+            log.info("cilium detected",
+                     extra=kv(routing_mode=facts.routing_mode, why=facts.routing_mode_source,
+                              node_ips_in_allowed_ips=facts.node_ips_in_allowed_ips))
         return cilium.apply(desired, snapshot, facts, self.settings.take_over_pod_to_pod)
 
     def _failed(self, error: str, started: float) -> PassResult:

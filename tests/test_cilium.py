@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 
 from nodecryptor import cilium
@@ -125,4 +124,3 @@ def test_take_over_setting_from_flag():
     assert settings_from_args(p.parse_args(["run", "--node-name", "n",
                                             "--take-over-pod-to-pod"])).take_over_pod_to_pod
     assert Settings().take_over_pod_to_pod is False
-    assert dataclasses.fields(Settings)
