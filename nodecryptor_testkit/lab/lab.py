@@ -141,7 +141,8 @@ class Lab:
             for name in self.nodes:
                 self.wait_agent_ready(name)
             self.warm_up()
-        state.info = {"datapath": self.datapath, "routing": self.routing, "api": self.api_url, "underlay": self.underlay,
+        state.info = {"datapath": self.datapath, "routing": self.routing, "api": self.api_url,
+                      "underlay": self.underlay,
                       "nodes": {n: {"netns": h.netns, "pod_netns": h.pod_netns,
                                     "holder_pid": h.holder_pid, "bpffs": h.bpffs}
                                 for n, h in self.nodes.items()}}
