@@ -5,7 +5,7 @@
  *
  * Decision order (first match wins; every packet gets one reason, counted in nc_counters):
  * no config or disabled; WireGuard's own mark; not IPv4/IPv6; destination not a remote
- * cluster prefix; later fragment (follows its first fragment); truncated L4 (encrypt);
+ * cluster prefix; local pod to remote pod CIDR (Cilium's own, unless taken over); later fragment (follows its first fragment); truncated L4 (encrypt);
  * ICMPv6 neighbour discovery; UDP WireGuard port both ways; exempt destination port to a
  * control-plane node address; exempt source port from the local control-plane node's own
  * address; else encrypt — subject to the fail mode when WireGuard is down or no peer covers
@@ -24,6 +24,7 @@
 #include "frag.h"
 #include "mss.h"
 #include "verdict.h"
+#include "cilium.h"
 
 int nc_egress(struct __sk_buff *skb)
 {
@@ -41,6 +42,8 @@ int nc_egress(struct __sk_buff *skb)
 	dst = nc_lookup_dst(&p);
 	if (!dst)
 		return nc_pass(skb, NC_R_NOT_CLUSTER);
+	if (nc_cilium_owns(&p, dst))
+		return nc_pass(skb, NC_R_CILIUM_POD); /* Cilium encrypts it, with its identity */
 	if (p.family == 6)
 		nc_parse_ipv6_ext(skb, &p);
 	nc_parse_l4(skb, &p);

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 import time
 
 from pyroute2 import IPRoute
 
+from .cilium import TUNNEL_DEVICES
 from .log import kv
 from .model import Device
 
@@ -115,3 +117,15 @@ class DeviceResolver:
                 log.warning("device detection", extra=kv(problems="; ".join(problems[:10]),
                                                          count=len(problems)))
         return tuple(sorted(found.values(), key=lambda d: d.name)), problems
+
+
+def tunnel_devices() -> tuple[str, ...]:
+    """Names of Cilium's tunnel devices present here, in TUNNEL_DEVICES order."""
+    present = []
+    for name in TUNNEL_DEVICES:
+        try:
+            socket.if_nametoindex(name)
+        except OSError:
+            continue
+        present.append(name)
+    return tuple(present)

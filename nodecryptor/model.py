@@ -17,6 +17,8 @@ ROLE_WORKER = "worker"
 ROLE_CONTROL_PLANE = "control-plane"
 KIND_NODE_IP = "node-ip"
 KIND_POD_CIDR = "pod-cidr"
+DEFAULT_WG_PORT = 51871
+"""Cilium's WireGuard listen port, used when the device's own cannot be read."""
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,11 @@ class DesiredState:
     same port."""
     wg_mark: int = 0x0E00
     wg_mark_mask: int = 0x0F00
+    cilium_pod_cidrs: tuple[IPNetwork, ...] = ()
+    """Local pod CIDRs whose traffic to remote pod CIDRs is left to Cilium (nodecryptor/cilium.py);
+    empty when nodecryptor takes that traffic over or Cilium runs in tunnel mode."""
+    cilium: object = field(default=None, compare=False, hash=False)
+    """cilium.CiliumFacts the desired state was derived with (None: not detected)."""
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property

@@ -13,8 +13,8 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 
 from .admission import FIELD_ADDRESSES, FIELD_POD_CIDRS, Claim, Limits, admit, owner_of
-from .model import (KIND_NODE_IP, KIND_POD_CIDR, ROLE_CONTROL_PLANE, ROLE_WORKER, Destination,
-                    DesiredState, Device, IPNetwork, NodeInfo, Plan, WgState)
+from .model import (DEFAULT_WG_PORT, KIND_NODE_IP, KIND_POD_CIDR, ROLE_CONTROL_PLANE,
+                    ROLE_WORKER, Destination, DesiredState, Device, IPNetwork, NodeInfo, Plan, WgState)
 from .settings import RoleSource, Settings
 
 # WireGuard's overhead on the wire: outer IP header + UDP (8) + WireGuard data header (16) +
@@ -28,7 +28,6 @@ TCP_IPV4_HEADERS = 40  # IPv4 (20) + TCP (20)
 TCP_IPV6_HEADERS = 60  # IPv6 (40) + TCP (20)
 # Cilium's WireGuard always listens here; used while the device's port cannot be read (device
 # absent, or peers unreadable), so the datapath never re-encrypts WireGuard's own UDP.
-DEFAULT_WG_PORT = 51871
 DEFAULT_WG_MARK = 0x0E00
 DEFAULT_WG_MARK_MASK = 0x0F00
 

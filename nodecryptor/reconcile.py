@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from . import cilium
 from . import devices as devices_mod
 from . import wireguard
 from .datapath.base import Datapath
@@ -24,7 +25,7 @@ from .errors import DatapathError
 from .log import kv
 from .metrics import Metrics
 from .model import ROLE_CONTROL_PLANE, DesiredState, WgState
-from .policy import compute_desired, compute_plan, is_control_plane
+from .policy import admission_limits, compute_desired, compute_plan, is_control_plane
 from .policy import node_addresses as policy_node_addresses
 from .rejectlog import RejectionLog
 from .settings import Settings
@@ -60,6 +61,7 @@ class Reconciler:
                  read_wg: Callable[[str], WgState] = wireguard.read_state,
                  resolve_devices: Callable | None = None,
                  read_sysctl: Callable[[str], dict] = read_rp_filter,
+                 read_tunnel: Callable[[], tuple] = devices_mod.tunnel_devices,
                  clock: Callable[[], float] = time.monotonic):
         self.settings = settings
         self.store = store
@@ -69,6 +71,7 @@ class Reconciler:
         self._resolve_devices = resolve_devices or devices_mod.DeviceResolver(
             refresh_seconds=settings.reconcile_seconds, clock=clock)
         self._read_sysctl = read_sysctl
+        self._read_tunnel = read_tunnel
         self._clock = clock
         self.heartbeat: float = clock()
         """Monotonic time of the last completed pass (successful or not): liveness."""
@@ -137,9 +140,9 @@ class Reconciler:
         devices, _problems = self._resolve_devices(self.settings.devices, node_addresses,
                                                    self.settings.wg_interface)
         rp = tuple(sorted(self._read_sysctl(self.settings.wg_interface).items()))
-        return version, snapshot, wg, devices, rp
+        return version, snapshot, wg, devices, rp, self._read_tunnel()
 
-    def _desired(self, _version, snapshot, wg, devices, rp_items) -> DesiredState:
+    def _desired(self, _version, snapshot, wg, devices, rp_items, tunnel=()) -> DesiredState:
         plan = compute_plan(snapshot, self.settings.node_name, self.settings,
                             underlay_networks=[n for d in devices for n in d.networks])
         self._rejections.report(plan.rejected)
@@ -152,6 +155,7 @@ class Reconciler:
             "rp_filter must be 0 on 'all' and on the WireGuard device (decrypted packets arrive "
             f"on a device without an IPv4 address): {bad}") if bad else None
         desired = compute_desired(plan, wg, devices, self.settings)
+        desired = self._with_cilium(desired, snapshot, wg, tunnel)
         if self.metrics:
             self._export_inputs(snapshot, desired)
         return desired
@@ -165,6 +169,20 @@ class Reconciler:
             return
         self._observation = (obs.ready, "" if obs.ready
                              else f"datapath {obs.datapath} not ready: {obs.reason}")
+
+    def _with_cilium(self, desired, snapshot, wg, tunnel) -> DesiredState:
+        """Cilium's routing mode and own traffic (nodecryptor/cilium.py)."""
+        node_ips, pod_cidrs = cilium.remote_inventory(snapshot, self.settings.node_name,
+                                                      self.settings.address_types)
+        facts = cilium.detect(wg, tunnel, node_ips, pod_cidrs)
+        last = self.last_desired.cilium if self.last_desired is not None else None
+        if last is None or (last.routing_mode, last.node_ips_in_allowed_ips) != \
+                (facts.routing_mode, facts.node_ips_in_allowed_ips):
+            log.info("cilium detected",
+                     extra=kv(routing_mode=facts.routing_mode, why=facts.routing_mode_source,
+                              node_ips_in_allowed_ips=facts.node_ips_in_allowed_ips))
+        return cilium.apply(desired, facts, self.settings.take_over_pod_to_pod,
+                            admission_limits(self.settings))
 
     def _failed(self, error: str, started: float) -> PassResult:
         self.failures += 1
@@ -253,4 +271,8 @@ class Reconciler:
             return False, why
         if self.rp_filter_problem:
             return False, self.rp_filter_problem
+        problem = cilium.readiness_problem(self.last_desired.cilium if self.last_desired
+                                           else None)
+        if problem:
+            return False, problem
         return True, "synced, applied and attached"

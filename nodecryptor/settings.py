@@ -201,6 +201,11 @@ class Settings:
     iprule_table: int = 2026
     """Routing table id nodecryptor owns in ip-rule mode; no other table is ever modified."""
 
+    take_over_pod_to_pod: bool = False
+    """Redirect local-pod to remote-pod traffic into WireGuard in nodecryptor instead of leaving
+    it to Cilium (which encrypts it itself, with its identity mark, policy and Hubble). Off by
+    default; see the operator guide for the trade-off."""
+
     map_sizes: MapSizes = field(default_factory=MapSizes)
     """Capacity of the BPF maps."""
 

@@ -13,12 +13,14 @@ import time
 from nodecryptor.commands.common import print_json
 from nodecryptor.errors import SettingsError
 
-SCENARIO_CHOICES = ("all", "none", "matrix", "bootstrap", "restart", "wg-down", "churn")
+SCENARIO_CHOICES = ("all", "none", "matrix", "bootstrap", "restart", "wg-down", "churn",
+                    "cilium-restart")
 
 EPILOG = """examples:
   nodecryptor-demo                                   every scenario, both datapaths
   nodecryptor-demo --scenario matrix --datapath bpf  one scenario, one datapath
   nodecryptor-demo --nodes 5 --control-planes 2      a bigger lab with two control-plane nodes
+  nodecryptor-demo --routing tunnel --scenario matrix  Cilium in tunnel mode (VXLAN)
   nodecryptor-demo --scenario none --keep            build a lab and leave it up to explore
   nodecryptor-demo --down                            remove a lab left up by --keep
 """
@@ -44,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wg-impl", choices=("auto", "kernel", "go"), default="auto",
                    help="WireGuard implementation; auto: kernel if available, else "
                         "wireguard-go (default: %(default)s)")
+    p.add_argument("--routing", choices=("native", "tunnel"), default="native",
+                   help="Cilium routing mode the stand-ins play: native routing, or tunnel "
+                        "mode (pod traffic in VXLAN, peers' allowed-IPs node addresses only) "
+                        "(default: %(default)s)")
     p.add_argument("--keep", action="store_true",
                    help="leave the lab up afterwards (first datapath only) and print how to "
                         "explore it")
@@ -132,10 +138,11 @@ def handle(args) -> int:
     results, timings = [], {}
     ports = PortAllocator()
     for datapath in datapaths:
-        lab = Lab(spec, datapath=datapath, wg_impl=args.wg_impl, progress=_progress)
+        lab = Lab(spec, datapath=datapath, wg_impl=args.wg_impl, progress=_progress,
+                  routing=args.routing)
         kept = False
         try:
-            _progress(f"building the lab for the {datapath} datapath")
+            _progress(f"building the lab for the {datapath} datapath ({args.routing} routing)")
             try:
                 lab.up()
             except LabError as e:

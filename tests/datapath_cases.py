@@ -26,6 +26,11 @@ Helpers turn a case into the inputs a datapath needs (``snapshot``, ``settings_f
 - ``disabled``: True — the configuration says disabled (nothing written yet).
 - ``payload_len``: bytes of L4 payload (default 16).
 - ``vlan``: the frame carries an inline 802.1Q tag with this VLAN id.
+- ``take_over``: True — ``--take-over-pod-to-pod``: nodecryptor redirects local-pod to
+  remote-pod traffic itself instead of leaving it to Cilium.
+- ``tunnel``: True — Cilium runs in tunnel mode: peers' allowed-IPs hold node addresses only
+  and ``cilium_vxlan`` exists.
+- ``wg_mtu``: the MTU of cilium_wg0 (default WG_MTU).
 """
 
 from __future__ import annotations
@@ -34,11 +39,12 @@ import dataclasses
 import ipaddress
 from dataclasses import dataclass, field
 
+from nodecryptor import cilium
 from nodecryptor.ciliumnode import parse_ciliumnode
 from nodecryptor.datapath.base import (VERDICT_DROP, VERDICT_ENCRYPT, VERDICT_EXEMPT,
                                        VERDICT_PASS, PacketQuery)
 from nodecryptor.model import DesiredState, Device, NodeInfo, WgPeer, WgState
-from nodecryptor.policy import compute_desired, compute_plan
+from nodecryptor.policy import admission_limits, compute_desired, compute_plan
 from nodecryptor.settings import Settings
 
 CP_LABEL = "node-role.kubernetes.io/control-plane"
@@ -49,6 +55,12 @@ UNDERLAY = Device(name="eth0", ifindex=2, mtu=1500)
 # With WG_MTU 1420 on a 1500-byte underlay: payload min(1420, 1500 - 60 - 15) = 1420.
 MSS_V4 = 1380
 MSS_V6 = 1360
+# Cilium since cilium/cilium#45940 sizes cilium_wg0 as the device MTU - 95: 1405 on 1500.
+# Payload min(1405, 1500 - 60 - 15 = 1425) = 1405: MSS 1405 - 40 and 1405 - 60.
+WG_MTU_95 = 1405
+MSS_V4_95 = 1365
+MSS_V6_95 = 1345
+VXLAN_PORT = 8472
 
 # Reason names (abi.REASON_NAMES values), spelled out so this table does not depend on the
 # BPF package and the ip-rule tests can import it on machines without BCC.
@@ -69,6 +81,7 @@ R_UNCOVERED_DROP = "no-peer-covers-fail-closed"
 R_WG_DOWN_OPEN = "wireguard-down-fail-open"
 R_UNCOVERED_OPEN = "no-peer-covers-fail-open"
 R_MALFORMED = "malformed-cluster-packet"
+R_CILIUM_POD = "cilium-pod-to-pod"
 
 # Public keys as Cilium publishes them (base64 of 32 bytes); their values do not matter here.
 _KEYS = {
@@ -157,6 +170,8 @@ _E, _X, _P, _D = VERDICT_ENCRYPT, VERDICT_EXEMPT, VERDICT_PASS, VERDICT_DROP
 _MARK_WHY = "a mark-only difference: WireGuard's own output is recognised by its fwmark"
 _FRAG_WHY = "a non-first fragment carries no ports; routing decided on the whole datagram"
 _ND_WHY = "ip rules cannot match ICMPv6 types"
+_GUARD_WHY = ("ip rules: a fail-closed unreachable guard cannot be suppressed, so the pods' rule "
+              "does not reach main (documented; tests/iprule/test_cilium_pod.py)")
 
 CASES: list[Case] = [
     # --- IPv4 from a worker ------------------------------------------------------------------
@@ -309,6 +324,50 @@ CASES: list[Case] = [
        extra={"vlan": 100}),
     _c("disabled-config", "w1", _P, R_DISABLED, False, "only the BPF config map can be disabled",
        dst=W2_V4, dport=22, extra={"disabled": True}),
+    # --- Cilium's own traffic: local pod to remote pod CIDR stays Cilium's -----------------
+    _c("v4-pod-to-remote-pod-cilium", "w1", _P, R_CILIUM_POD, src=W1_POD_V4, dst=W2_POD_V4,
+       dport=8080),
+    _c("v6-pod-to-remote-pod-cilium", "w1", _P, R_CILIUM_POD, src=W1_POD_V6, dst=W2_POD_V6,
+       dport=8080),
+    _c("v4-pod-to-cp-pod-6443-cilium", "w1", _P, R_CILIUM_POD, src=W1_POD_V4, dst=CP1_POD_V4,
+       dport=6443),
+    _c("v4-pod-to-remote-pod-wg-down-cilium", "w1", _P, R_CILIUM_POD, False, _GUARD_WHY,
+       src=W1_POD_V4, dst=W2_POD_V4, dport=8080,
+       extra={"wg_down": True, "fail_mode": "closed"}),
+    _c("v4-pod-to-remote-pod-later-fragment-cilium", "w1", _P, R_CILIUM_POD, False, _FRAG_WHY,
+       src=W1_POD_V4, dst=W2_POD_V4, proto="udp",
+       extra={"frag": {"offset": 1480, "more": False, "id": 0x1116}}),
+    _c("v4-pod-to-remote-pod-taken-over", "w1", _E, R_ENCRYPT, src=W1_POD_V4, dst=W2_POD_V4,
+       dport=8080, extra={"take_over": True}),
+    _c("v6-pod-to-remote-pod-taken-over", "w1", _E, R_ENCRYPT, src=W1_POD_V6, dst=W2_POD_V6,
+       dport=8080, extra={"take_over": True}),
+    _c("v4-pod-to-remote-node-with-pod-rule", "w1", _E, R_ENCRYPT, src=W1_POD_V4, dst=W2_V4,
+       dport=22),
+    _c("v6-pod-to-remote-node-with-pod-rule", "w1", _E, R_ENCRYPT, src=W1_POD_V6, dst=W2_V6,
+       dport=22),
+    _c("v4-pod-to-cp-6443-exempt-with-pod-rule", "w1", _X, R_EXEMPT_DPORT, src=W1_POD_V4,
+       dst=CP1_V4, dport=6443),
+    _c("v4-pod-to-outside-with-pod-rule", "w1", _P, R_NOT_CLUSTER, src=W1_POD_V4,
+       dst=OUTSIDE_V4, dport=443),
+    # --- tunnel mode: pod CIDRs are reached through Cilium's tunnel, node IPs encrypted ------
+    _c("v4-tunnel-vxlan-to-remote-node", "w1", _E, R_ENCRYPT, dst=W2_V4, proto="udp",
+       sport=41000, dport=VXLAN_PORT, extra={"tunnel": True}),
+    _c("v6-tunnel-node-to-remote-node", "w1", _E, R_ENCRYPT, dst=W2_V6, dport=22,
+       extra={"tunnel": True}),
+    _c("v4-tunnel-pod-cidr-not-dropped", "w1", _P, R_NOT_CLUSTER, dst=W2_POD_V4, dport=8080,
+       extra={"tunnel": True, "fail_mode": "closed"}),
+    _c("v4-tunnel-pod-to-pod-not-dropped", "w1", _P, R_NOT_CLUSTER, src=W1_POD_V4,
+       dst=W2_POD_V4, dport=8080, extra={"tunnel": True, "fail_mode": "closed"}),
+    _c("v4-tunnel-worker-to-cp-6443", "w1", _X, R_EXEMPT_DPORT, dst=CP1_V4, dport=6443,
+       extra={"tunnel": True}),
+    # --- MSS with cilium_wg0 at device MTU - 95 (1405 on a 1500-byte underlay) --------------
+    _c("v4-syn-mss-clamped-wg-mtu-1405", "w1", _E, R_ENCRYPT, dst=W2_V4, dport=8080,
+       extra={"tcp_mss": 1460, "expect_mss": MSS_V4_95, "wg_mtu": WG_MTU_95}),
+    _c("v6-syn-mss-clamped-wg-mtu-1405", "w1", _E, R_ENCRYPT, dst=W2_V6, dport=8080,
+       extra={"tcp_mss": 1440, "expect_mss": MSS_V6_95, "wg_mtu": WG_MTU_95}),
+    _c("v4-syn-ack-mss-clamped-wg-mtu-1405", "w1", _E, R_ENCRYPT, dst=W2_POD_V4, sport=8080,
+       dport=40000, tcp_flags="SA", extra={"tcp_mss": 1460, "expect_mss": MSS_V4_95,
+                                           "wg_mtu": WG_MTU_95}),
 ]
 
 CASES_BY_ID = {c.id: c for c in CASES}
@@ -328,7 +387,8 @@ def snapshot() -> dict[str, NodeInfo]:
 
 def settings_for(case: Case) -> Settings:
     return Settings(node_name=case.local_node, wg_interface=WG_IFNAME,
-                    fail_mode=case.extra.get("fail_mode", "closed"))
+                    fail_mode=case.extra.get("fail_mode", "closed"),
+                    take_over_pod_to_pod=bool(case.extra.get("take_over")))
 
 
 def _node_prefixes(node: NodeInfo):
@@ -346,12 +406,16 @@ def wg_state_for(case: Case, ifindex: int = 7) -> WgState:
         if name == case.local_node:
             continue
         allowed = _node_prefixes(node)
+        if case.extra.get("tunnel"):
+            # Cilium >= 1.17 in tunnel mode: node addresses only.
+            allowed = tuple(a for a in allowed if a not in node.pod_cidrs)
         if case.extra.get("uncovered") and any(dst in net for net in allowed):
             continue
         peers.append(WgPeer(public_key=node.wg_public_key or "", allowed_ips=allowed,
                             endpoint=f"{node.addresses[0][1]}:{WG_PORT}"))
     up = not case.extra.get("wg_down", False)
-    return WgState(ifname=WG_IFNAME, ifindex=ifindex, present=True, up=up, mtu=WG_MTU,
+    return WgState(ifname=WG_IFNAME, ifindex=ifindex, present=True, up=up,
+                   mtu=case.extra.get("wg_mtu", WG_MTU),
                    listen_port=WG_PORT, fwmark=0x0E00, peers=tuple(peers))
 
 
@@ -360,7 +424,14 @@ def desired_for(case: Case, wg_ifindex: int = 7,
     """The DesiredState the agent computes for the case's local node."""
     settings = settings_for(case)
     plan = compute_plan(snapshot(), case.local_node, settings)
-    desired = compute_desired(plan, wg_state_for(case, wg_ifindex), devices, settings)
+    wg = wg_state_for(case, wg_ifindex)
+    desired = compute_desired(plan, wg, devices, settings)
+    # As the reconciler does: Cilium's routing mode and own pod-to-pod traffic.
+    snap = snapshot()
+    node_ips, pod_cidrs = cilium.remote_inventory(snap, case.local_node, settings.address_types)
+    tunnel = ("cilium_vxlan",) if case.extra.get("tunnel") else ()
+    facts = cilium.detect(wg, tunnel, node_ips, pod_cidrs)
+    desired = cilium.apply(desired, facts, settings.take_over_pod_to_pod, admission_limits(settings))
     if case.extra.get("disabled"):
         desired = dataclasses.replace(desired, enabled=False)
     return desired

@@ -9,7 +9,8 @@ import dataclasses
 import pytest
 
 from nodecryptor.datapath.iprule.spec import OFFSET_WG_PORT, desired_rules
-from nodecryptor.policy import DEFAULT_WG_PORT, compute_desired, compute_plan
+from nodecryptor.model import DEFAULT_WG_PORT
+from nodecryptor.policy import compute_desired, compute_plan
 from nodecryptor.settings import FailMode, Settings
 from tests.datapath_cases import CASES_BY_ID, UNDERLAY, snapshot, wg_state_for
 

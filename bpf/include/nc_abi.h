@@ -109,11 +109,12 @@ enum nc_reason {
 	NC_R_WG_DOWN_OPEN = 14,   /* pass: fail open, WireGuard device absent or down */
 	NC_R_UNCOVERED_OPEN = 15, /* pass: fail open, no peer covers the destination */
 	NC_R_MALFORMED = 16,      /* encrypt: cluster destination, headers truncated */
-	NC_R_MAX_VERDICT = 17,
+	NC_R_CILIUM_POD = 17,     /* pass: local pod to remote pod CIDR, Cilium encrypts it */
+	NC_R_MAX_VERDICT = 18,
 	/* Events: counted in addition to the verdict reason, never written to cb[]. */
-	NC_EV_MSS_CLAMPED = 17,   /* MSS option rewritten on a redirected SYN or SYN-ACK */
-	NC_EV_OVERSIZE = 18,      /* redirected non-TCP packet above max_packet_* */
-	NC_COUNTER_MAX = 19,
+	NC_EV_MSS_CLAMPED = 18,   /* MSS option rewritten on a redirected SYN or SYN-ACK */
+	NC_EV_OVERSIZE = 19,      /* redirected non-TCP packet above max_packet_* */
+	NC_COUNTER_MAX = 20,
 };
 
 /* skb->cb[] as written by the program (read back from ctx_out by test-run). */
@@ -134,6 +135,8 @@ enum nc_reason {
 #define NC_MAP_CONFIG nc_config_map
 #define NC_MAP_COUNTERS nc_counters
 #define NC_MAP_FRAGS nc_frags
+#define NC_MAP_PODS_V4 nc_pods_v4 /* local pod CIDRs: Cilium's own pod-to-pod traffic */
+#define NC_MAP_PODS_V6 nc_pods_v6
 
 /* Sizes come from the agent as -D cflags; these defaults let the file compile on its own. */
 #ifndef NC_DST_V4_MAX
@@ -150,6 +153,9 @@ enum nc_reason {
 #endif
 #ifndef NC_FRAGS_MAX
 #define NC_FRAGS_MAX 8192
+#endif
+#ifndef NC_PODS_MAX
+#define NC_PODS_MAX 64 /* local pod CIDRs per family; a node has one or a few */
 #endif
 
 #endif /* NC_ABI_H */

@@ -236,6 +236,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if getattr(args, "watch_stall_seconds", None) is not None:
         kw["watch_stall_seconds"] = _seconds("--watch-stall-seconds", args.watch_stall_seconds,
                                              10, 300)
+    if getattr(args, "take_over_pod_to_pod", None) is not None:
+        kw["take_over_pod_to_pod"] = bool(args.take_over_pod_to_pod)
     return Settings(**kw)
 
 

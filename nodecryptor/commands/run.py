@@ -33,6 +33,10 @@ def register(sub) -> None:
                         "(default: %(default)s)")
     add_fail_mode(p)
     add_run_dir(p)
+    p.add_argument("--take-over-pod-to-pod", nargs="?", const=True, default=False,
+                   type=parse_bool, metavar="BOOL",
+                   help="redirect local-pod to remote-pod traffic into WireGuard here instead "
+                        "of leaving it to Cilium, which encrypts it itself (default: false)")
     p.set_defaults(func=handle)
 
 

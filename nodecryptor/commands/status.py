@@ -54,6 +54,7 @@ def handle(args) -> int:
         # Why the agent chose this datapath (a record of another mode would be stale).
         report["agent_choice"] = choice
     report["proof_of_concept"] = poc
+    add_cilium(report, settings, name)
     if args.json:
         print_json(report)
         return 0
@@ -73,6 +74,19 @@ def print_proof_of_concept(poc: dict) -> None:
     for item in poc["left_in_place"]:
         print(f"  {item}  (a foreign rule at the same priority is listed first; "
               "cleanup leaves this one, remove it by hand)")
+
+
+def add_cilium(report: dict, settings, datapath: str) -> None:
+    """The Cilium-facing facts and every device's whole egress chain (cilium_probe.py)."""
+    from ..cilium_probe import status_report
+
+    extra = status_report(settings, datapath, report.get("devices") or [],
+                          report.get("prog_id") or 0)
+    report["cilium"] = extra["cilium"]
+    report["chains"] = extra["chains"]
+    if extra["problem"]:
+        report["ready"] = False
+        report["reason"] = "; ".join(r for r in (report.get("reason"), extra["problem"]) if r)
 
 
 def print_text(report: dict) -> None:
@@ -100,6 +114,19 @@ def print_text(report: dict) -> None:
         print(f"mss clamp: ipv4 {mss.get('v4')}  ipv6 {mss.get('v6')}")
     if report.get("agent_alive_age_seconds") is not None:
         print(f"agent last applied: {report['agent_alive_age_seconds']:.1f}s ago")
+    cil = report.get("cilium") or {}
+    if cil:
+        src = cil.get("sources", {})
+        print(f"cilium: routing {cil['routing_mode']} ({src.get('routing_mode')}); "
+              f"wireguard port {cil['wg_port']} fwmark {cil['wg_fwmark']} mtu {cil['wg_mtu']}; "
+              f"node IPs in allowed-IPs: {'yes' if cil['node_ips_in_allowed_ips'] else 'no'}"
+              + ("" if cil.get("node_ips_in_allowed_ips_known") else " (unknown)")
+              + f" ({src.get('node_ips_in_allowed_ips')})")
+    from ..datapath.chain import describe
+
+    for ch in report.get("chains") or []:
+        for line in describe(ch):
+            print(line)
     counters = report.get("counters") or {}
     nonzero = {k: v for k, v in counters.items() if v.get("packets")}
     if counters:
@@ -109,6 +136,6 @@ def print_text(report: dict) -> None:
     for key, value in report.items():
         if key not in {"datapath", "mode", "prog_id", "ready", "reason", "devices", "wireguard",
                        "mss", "agent_alive_age_seconds", "counters", "config", "active",
-                       "proof_of_concept"}:
+                       "proof_of_concept", "cilium", "chains"}:
             print(f"{key}: {value}")
     print_proof_of_concept(report.get("proof_of_concept") or {"present": False})

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from nodecryptor.ports import IP_PROTOCOLS, PORTED_NUMBERS
 
-from .spec import WG_PORT
+from .spec import VXLAN_PORT, WG_PORT
 
 LINKTYPE_ETHERNET = 1
 LINKTYPE_LINUX_SLL = 113
@@ -43,6 +43,9 @@ class Packet:
     """A non-first fragment (no transport header)."""
     ts: float = 0.0
     """Capture time, seconds since the epoch."""
+    tunnelled: bool = False
+    """Decoded from inside a VXLAN packet that crossed the underlay in the clear (tunnel mode):
+    the addresses are the inner ones, so a clear pod flow inside the tunnel is still seen."""
 
     @property
     def wireguard(self) -> bool:
@@ -65,6 +68,11 @@ def _transport(proto: int, data: bytes, src, dst, fragment: bool) -> Packet | No
         return Packet(src, dst, proto, fragment=True)
     if proto in PORTED_NUMBERS and len(data) >= 4:
         sport, dport = struct.unpack_from("!HH", data)
+        if proto == 17 and dport == VXLAN_PORT and len(data) >= 16:
+            # UDP (8) + VXLAN (8) + the inner Ethernet frame.
+            inner = decode_frame(LINKTYPE_ETHERNET, data[16:])
+            if inner is not None:
+                return dataclasses.replace(inner, tunnelled=True)
         return Packet(src, dst, proto, sport, dport)
     if proto in (IP_PROTOCOLS["icmp"], IP_PROTOCOLS["icmpv6"]) and data:
         return Packet(src, dst, proto, icmp_type=data[0])

@@ -25,8 +25,8 @@ from . import probe
 from .flows import PortAllocator
 from . import topology as topo
 from .kubeapi import KubeApi
-from .spec import (API_PORT, EXEMPT_TCP_PORTS, SERVICE_TCP_PORT, SERVICE_UDP_PORT, LabSpec,
-                   NodeSpec, ciliumnode_object, node_object)
+from .spec import (API_PORT, EXEMPT_TCP_PORTS, ROUTING_MODES, SERVICE_TCP_PORT,
+                   SERVICE_UDP_PORT, LabSpec, NodeSpec, ciliumnode_object, node_object)
 from .state import STATE_DIR, LabState, delete_netns, reap, reap_stale
 from .topology import LabError, NodeHandle, wait_for
 
@@ -62,9 +62,15 @@ class NetnsApi:
 class Lab:
     def __init__(self, spec: LabSpec, datapath: str = "bpf", wg_impl: str = "auto",
                  progress: Callable[[str], None] | None = None, state_dir: str = STATE_DIR,
-                 republish_delay: float = 60.0, start_agents: bool = True):
+                 republish_delay: float = 60.0, start_agents: bool = True,
+                 routing: str = "native"):
         if datapath not in ("bpf", "iprule"):
             raise ValueError(f"datapath {datapath!r}: expected bpf or iprule")
+        if routing not in ROUTING_MODES:
+            raise ValueError(f"routing {routing!r}: expected one of {', '.join(ROUTING_MODES)}")
+        self.routing = routing
+        """Cilium's routing mode the stand-ins play: "native" (pod CIDRs routed over the
+        underlay) or "tunnel" (pod traffic in VXLAN, peers' allowed-IPs node addresses only)."""
         self.spec = spec
         self.datapath = datapath
         self.wg_impl = wg_impl
@@ -116,8 +122,9 @@ class Lab:
         self.external = topo.build_external(state, self.underlay, self.spec)
         for node in self.spec.nodes:
             self.nodes[node.name] = topo.build_node(state, self.underlay, node, self.workdir)
-        for handle in self.nodes.values():
-            topo.route_pods(handle, self.spec)
+        if self.routing == "native":  # in tunnel mode the stand-ins route pods into VXLAN
+            for handle in self.nodes.values():
+                topo.route_pods(handle, self.spec)
         self._start_servers()
         self.progress("fake kube-apiserver on "
                       f"{self.spec.control_plane[0].name} {self.spec.control_plane[0].ipv4}:"
@@ -134,7 +141,8 @@ class Lab:
             for name in self.nodes:
                 self.wait_agent_ready(name)
             self.warm_up()
-        state.info = {"datapath": self.datapath, "api": self.api_url, "underlay": self.underlay,
+        state.info = {"datapath": self.datapath, "routing": self.routing, "api": self.api_url,
+                      "underlay": self.underlay,
                       "nodes": {n: {"netns": h.netns, "pod_netns": h.pod_netns,
                                     "holder_pid": h.holder_pid, "bpffs": h.bpffs}
                                 for n, h in self.nodes.items()}}
@@ -272,11 +280,17 @@ class Lab:
         self.standins[name] = self.spawn(
             [PY, "-m", "nodecryptor_testkit.lab.standin", "--node", name, "--server", self.api_url,
              "--token", API_TOKEN, "--wg-impl", self.wg_impl,
-             "--republish-delay", str(self.republish_delay)],
+             "--republish-delay", str(self.republish_delay), "--routing", self.routing],
             f"cilium stand-in {name}", f"{name}-standin", node=name)
 
     def signal_standin(self, name: str, sig: int) -> None:
         self.standins[name].send_signal(sig)
+
+    def egress_chain(self, name: str, device: str = "eth0") -> dict:
+        """Every program on ``device``'s egress hook of node ``name``, in order (names, ids)."""
+        from nodecryptor.datapath.chain import egress_chain
+
+        return topo.call_in_netns(self.nodes[name].netns, egress_chain, device)
 
     def wg_peers(self, name: str) -> dict[str, str]:
         """public key -> endpoint of the peers ``name``'s cilium_wg0 has (empty if no device)."""
@@ -410,9 +424,10 @@ class Lab:
         self.nodes[node.name] = handle
         self._node_kubeconfig(handle)
         self.spec = LabSpec(nodes=self.spec.nodes + (node,))
-        topo.route_pods(handle, self.spec)
-        for other in self.nodes.values():
-            topo.route_pods(other, self.spec)
+        if self.routing == "native":
+            topo.route_pods(handle, self.spec)
+            for other in self.nodes.values():
+                topo.route_pods(other, self.spec)
         log.debug("node added", extra=kv(node=node.name, netns=handle.netns))
         return handle
 

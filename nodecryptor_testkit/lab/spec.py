@@ -15,8 +15,11 @@ UNDERLAY_V6 = ipaddress.ip_network("fd50::/64")
 UNDERLAY_MTU = 1500
 WG_PORT = 51871
 WG_FWMARK = 0x0E00
-# Cilium sizes cilium_wg0 as the underlay MTU minus 80 (before 1.19.5).
-WG_MTU = UNDERLAY_MTU - 80
+# Cilium sizes cilium_wg0 as the underlay MTU minus 95 (cilium/cilium#45940; minus 80 before).
+WG_MTU = UNDERLAY_MTU - 95
+VXLAN_PORT = 8472
+"""Cilium's VXLAN port in tunnel mode (the lab's stand-in encapsulates pod traffic on it)."""
+ROUTING_MODES = ("native", "tunnel")
 API_PORT = 6443
 EXEMPT_TCP_PORTS = (2379, 2380, 6443)
 SERVICE_TCP_PORT = 8080

@@ -1,12 +1,20 @@
 """The lab's Cilium stand-in: owns one node's ``cilium_wg0`` the way cilium-agent does.
 
 It creates the device (kernel WireGuard when ``ip link add type wireguard`` works, else
-``wireguard-go``) with Cilium's settings (listen port 51871, fwmark 0x0e00, MTU underlay - 80,
+``wireguard-go``) with Cilium's settings (listen port 51871, fwmark 0x0e00, MTU underlay - 95,
 rp_filter 0), publishes the public key in the node's CiliumNode annotation through the API, and
 keeps one peer per other node whose key is published: allowed-IPs = that node's addresses and
 pod CIDRs, endpoint = its IPv4 address and port 51871.
 
-Signals drive the scenarios: SIGUSR1 = reboot (the device is re-created with a fresh key, which
+Like Cilium's datapath it also loads BPF programs (standin_datapath.py): ``cil_to_netdev`` at
+the tail of eth0's tcx egress chain, which redirects local-pod to remote-pod traffic into
+cilium_wg0 with an identity mark, and ``cil_from_container`` on the pod's veth, which sends that
+traffic to eth0 with ``cb[]`` left dirty. ``--routing tunnel`` makes it a tunnel-mode Cilium:
+peers' allowed-IPs hold node addresses only and pod traffic goes through ``cilium_vxlan``
+(standin_tunnel.py).
+
+Signals drive the scenarios: SIGWINCH = restart of the Cilium agent (the programs are reloaded
+into the same links); SIGUSR1 = reboot (the device is re-created with a fresh key, which
 is published only after ``--republish-delay`` seconds or on SIGHUP, whichever comes first, like
 a cilium-agent that takes time to start); SIGUSR2 = remove the device, and on the next SIGUSR2
 bring it back with the same key; SIGTERM = remove the device and exit.
@@ -30,7 +38,8 @@ import time
 from nodecryptor.ciliumnode import WG_PUBKEY_ANNOTATION, parse_ciliumnode
 from nodecryptor.log import kv, setup
 from .kubeapi import ApiError, KubeApi
-from .spec import UNDERLAY_MTU, WG_FWMARK, WG_MTU, WG_PORT
+from . import standin_tunnel
+from .spec import ROUTING_MODES, UNDERLAY_MTU, WG_FWMARK, WG_MTU, WG_PORT
 
 log = logging.getLogger("nodecryptor_testkit.lab.standin")
 
@@ -116,8 +125,10 @@ class WgDevice:
         return peers
 
 
-def desired_peers(objects: list[dict], local: str) -> dict[str, tuple[frozenset[str], str]]:
-    """What Cilium would configure: one peer per other node with a published key."""
+def desired_peers(objects: list[dict], local: str,
+                  tunnel: bool = False) -> dict[str, tuple[frozenset[str], str]]:
+    """What Cilium would configure: one peer per other node with a published key. In tunnel
+    mode (Cilium >= 1.17) the allowed-IPs hold the node addresses only."""
     peers = {}
     for obj in objects:
         info, _ = parse_ciliumnode(obj)
@@ -125,16 +136,37 @@ def desired_peers(objects: list[dict], local: str) -> dict[str, tuple[frozenset[
             continue
         addrs = [a for _, a in info.addresses]
         allowed = {str(ipaddress.ip_network(a)) for a in addrs}
-        allowed |= {str(c) for c in info.pod_cidrs}
+        if not tunnel:
+            allowed |= {str(c) for c in info.pod_cidrs}
         v4 = [a for a in addrs if a.version == 4]
         endpoint = f"{v4[0]}:{WG_PORT}" if v4 else (f"[{addrs[0]}]:{WG_PORT}" if addrs else "")
         peers[info.wg_public_key] = (frozenset(allowed), endpoint)
     return peers
 
 
+def pod_cidrs(objects: list[dict], local: str) -> tuple[list, list, list, list]:
+    """(local pod CIDRs, remote pod CIDRs, [(remote IPv4, its addresses, its pod CIDRs)],
+    local addresses)."""
+    own, remote, nodes, own_ips = [], [], [], []
+    for obj in objects:
+        info, _ = parse_ciliumnode(obj)
+        if info is None:
+            continue
+        addrs = tuple(a for _, a in info.addresses)
+        if info.name == local:
+            own += list(info.pod_cidrs)
+            own_ips += list(addrs)
+            continue
+        remote += list(info.pod_cidrs)
+        v4 = [a for a in addrs if a.version == 4]
+        if v4:
+            nodes.append((v4[0], addrs, tuple(info.pod_cidrs)))
+    return own, remote, nodes, own_ips
+
+
 class StandIn:
     def __init__(self, node: str, api: KubeApi, device: WgDevice, poll: float,
-                 republish_delay: float):
+                 republish_delay: float, datapath=None, routing: str = "native"):
         self.node = node
         self.api = api
         self.device = device
@@ -147,6 +179,10 @@ class StandIn:
         self.down = False
         self.published = ""
         self.publish_after = 0.0
+        self.datapath = datapath
+        """standin_datapath.StandinDatapath, or None (no BPF programs)."""
+        self.routing = routing
+        self.restart_requested = False
 
     def on_signal(self, signum, _frame) -> None:
         if signum == signal.SIGUSR1:
@@ -155,6 +191,8 @@ class StandIn:
             self.publish_after = 0.0
         elif signum == signal.SIGUSR2:
             self.toggle_requested = True
+        elif signum == signal.SIGWINCH:
+            self.restart_requested = True
         else:
             self.stop_requested = True
         self.wake.set()
@@ -172,7 +210,9 @@ class StandIn:
         log.info("public key published", extra=kv(node=self.node, public_key=self.published))
 
     def sync_peers(self) -> None:
-        want = desired_peers(self.api.list_ciliumnodes(), self.node)
+        objects = self.api.list_ciliumnodes()
+        self.sync_datapath(objects)
+        want = desired_peers(objects, self.node, tunnel=self.routing == "tunnel")
         have = self.device.peers()
         for key in have.keys() - want.keys():
             _run("wg", "set", self.device.ifname, "peer", key, "remove")
@@ -185,7 +225,22 @@ class StandIn:
             log.info("peer configured", extra=kv(public_key=key, endpoint=endpoint,
                                                  allowed_ips=",".join(sorted(allowed))))
 
+    def sync_datapath(self, objects: list[dict]) -> None:
+        own, remote, nodes, own_ips = pod_cidrs(objects, self.node)
+        if self.datapath is not None:
+            self.datapath.sync(own, remote)
+        if self.routing == "tunnel":
+            v4 = [a for a in own_ips if a.version == 4]
+            if v4:
+                standin_tunnel.ensure_device(v4[0],
+                                             self.device.mtu - standin_tunnel.VXLAN_OVERHEAD)
+                standin_tunnel.sync(own_ips, own, nodes)
+
     def handle_requests(self) -> None:
+        if self.restart_requested:
+            self.restart_requested = False
+            if self.datapath is not None:
+                self.datapath.reload()
         if self.reboot_requested:
             self.reboot_requested = False
             self.device.delete()
@@ -208,6 +263,10 @@ class StandIn:
         self.device.new_key()
         self.bring_up()
         try:
+            if self.datapath is not None:
+                self.datapath.start()
+                log.info("datapath attached", extra=kv(links=self.datapath.link_ids(),
+                                                       tcx=self.datapath.tcx))
             while not self.stop_requested:
                 self.handle_requests()
                 if not self.down:
@@ -219,6 +278,9 @@ class StandIn:
                 self.wake.wait(self.poll)
                 self.wake.clear()
         finally:
+            if self.datapath is not None:
+                self.datapath.close()
+            standin_tunnel.delete()
             self.device.delete()
         return 0
 
@@ -232,18 +294,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ifname", default="cilium_wg0")
     p.add_argument("--wg-impl", choices=("auto", "kernel", "go"), default="auto")
     p.add_argument("--mtu", type=int, default=WG_MTU,
-                   help=f"device MTU (default: underlay {UNDERLAY_MTU} - 80 = %(default)s)")
+                   help=f"device MTU (default: underlay {UNDERLAY_MTU} - 95 = %(default)s)")
     p.add_argument("--poll", type=float, default=0.25, help="seconds between API polls")
     p.add_argument("--republish-delay", type=float, default=0.0,
                    help="seconds between a reboot and publishing the new key (SIGHUP "
                         "publishes at once)")
+    p.add_argument("--routing", choices=ROUTING_MODES, default="native",
+                   help="native routing, or tunnel mode (VXLAN, node-only allowed-IPs)")
+    p.add_argument("--underlay", default="eth0", help="device of cil_to_netdev (tcx egress)")
+    p.add_argument("--pod-dev", default="pod0",
+                   help="the pod's veth, where cil_from_container runs (tcx ingress)")
+    p.add_argument("--no-bpf", action="store_true", help="load no BPF programs")
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     args = p.parse_args(argv)
     setup(args.log_format)
+    datapath = None
+    if not args.no_bpf:
+        from .standin_datapath import StandinDatapath
+
+        datapath = StandinDatapath(args.underlay, args.pod_dev, args.ifname,
+                                   native=args.routing == "native")
     standin = StandIn(args.node, KubeApi(args.server, args.token),
                       WgDevice(args.ifname, args.wg_impl, args.mtu), args.poll,
-                      args.republish_delay)
-    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+                      args.republish_delay, datapath=datapath, routing=args.routing)
+    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP, signal.SIGTERM, signal.SIGINT,
+                signal.SIGWINCH):
         signal.signal(sig, standin.on_signal)
     return standin.run()
 

@@ -62,6 +62,7 @@ CONSTANTS = {
     "BPF_MAP_TYPE_LRU_HASH": abi.BPF_MAP_TYPE_LRU_HASH,
     "BPF_MAP_TYPE_LPM_TRIE": abi.BPF_MAP_TYPE_LPM_TRIE,
     "BPF_F_NO_PREALLOC": abi.BPF_F_NO_PREALLOC,
+    "NC_PODS_MAX": abi.PODS_MAX,
 }
 CONSTANTS.update({f"NC_R_{r.name}": r.value for r in abi.Reason})
 CONSTANTS.update({f"NC_EV_{e.name}": e.value for e in abi.Event})
@@ -70,7 +71,8 @@ CONSTANTS.update({f"NC_EV_{e.name}": e.value for e in abi.Event})
 MAP_NAME_MACROS = {"NC_MAP_DST_V4": "nc_dst_v4", "NC_MAP_DST_V6": "nc_dst_v6",
                    "NC_MAP_EXEMPT": "nc_exempt", "NC_MAP_LOCAL": "nc_local",
                    "NC_MAP_CONFIG": "nc_config_map", "NC_MAP_COUNTERS": "nc_counters",
-                   "NC_MAP_FRAGS": "nc_frags"}
+                   "NC_MAP_FRAGS": "nc_frags", "NC_MAP_PODS_V4": "nc_pods_v4",
+                   "NC_MAP_PODS_V6": "nc_pods_v6"}
 
 
 def _c_probes() -> list[tuple[str, str, int]]:
@@ -138,7 +140,7 @@ def test_layouts_and_constants_match_c(bcc_module):
 def test_map_name_macros_match_specs():
     header = (program.bpf_dir() / "include" / "nc_abi.h").read_text()
     for macro, name in MAP_NAME_MACROS.items():
-        assert f"#define {macro} {name}\n" in header
+        assert f"#define {macro} {name}" in header
     assert set(MAP_NAME_MACROS.values()) == set(abi.MAPS_BY_NAME)
 
 

@@ -29,7 +29,7 @@ def loaded():
 
 
 def _clear(map_fds):
-    for name in ("nc_dst_v4", "nc_dst_v6", "nc_exempt", "nc_local"):
+    for name in ("nc_dst_v4", "nc_dst_v6", "nc_exempt", "nc_local", "nc_pods_v4", "nc_pods_v6"):
         spec = abi.MAPS_BY_NAME[name]
         for key in list(syscall.map_keys(map_fds[name], spec.key)):
             syscall.map_delete(map_fds[name], key)
@@ -39,14 +39,16 @@ def test_sync_is_idempotent_and_prunes(loaded):
     _clear(loaded.map_fds)
     worker = dc.desired_for(dc.CASES_BY_ID["v4-node-to-remote-node"])  # local node w1
     first = maps.sync(loaded.map_fds, worker, now_ns=1)
-    # 8 destinations (cp1 and w2: node IP + pod CIDR, both families), 3 ports, 2 addresses
-    assert (first.added, first.removed) == (8 + 3 + 2, 0)
+    # 8 destinations (cp1 and w2: node IP + pod CIDR, both families), 3 ports, 2 addresses,
+    # 2 local pod CIDRs whose pod-to-pod traffic is Cilium's (nc_pods_v4/v6)
+    assert (first.added, first.removed) == (8 + 3 + 2 + 2, 0)
     assert maps.sync(loaded.map_fds, worker, now_ns=2) == maps.SyncStats(0, 0, 0)
 
     cp = dc.desired_for(dc.CASES_BY_ID["v4-cp-reply-6443-from-node-ip"])  # local node cp1
     switched = maps.sync(loaded.map_fds, cp, now_ns=3)
-    # w1's four prefixes and addresses replace cp1's; w2 and the ports stay.
-    assert (switched.added, switched.removed) == (4 + 2, 4 + 2)
+    # w1's four prefixes, addresses and local pod CIDRs replace cp1's; w2 and the ports stay.
+    assert (switched.added, switched.removed) == (4 + 2 + 2, 4 + 2 + 2)
+    assert maps.read(loaded.map_fds)["cilium_pod_cidrs"] == ["10.244.0.0/24", "fd00:244::/64"]
     assert switched.updated == 1  # the config entry: role changed
 
 

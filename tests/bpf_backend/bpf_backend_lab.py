@@ -19,9 +19,10 @@ import time
 from dataclasses import dataclass
 
 from nodecryptor_testkit.netns import entered as netns_entered
+from nodecryptor import cilium
 from nodecryptor.datapath.bpf import syscall
 from nodecryptor.model import Device, NodeInfo, WgPeer, WgState
-from nodecryptor.policy import compute_desired, compute_plan
+from nodecryptor.policy import admission_limits, compute_desired, compute_plan
 from nodecryptor.settings import Settings
 from nodecryptor_testkit import netns as netns_mod
 
@@ -226,7 +227,10 @@ def desired_for(settings: Settings, a: Node, b: Node):
     wg = WgState(ifname=WG_IFNAME, ifindex=socket.if_nametoindex(WG_IFNAME), present=True,
                  up=True, mtu=1420, listen_port=WG_PORT, fwmark=WG_MARK, peers=(peer,))
     device = Device(name="eth0", ifindex=socket.if_nametoindex("eth0"), mtu=1500)
-    return compute_desired(plan, wg, (device,), settings)
+    desired = compute_desired(plan, wg, (device,), settings)
+    # As the reconciler does: A's pod CIDR to B's pod CIDR stays Cilium's (nodecryptor/cilium.py).
+    facts = cilium.detect(wg, (), [ipaddress.ip_address(b.ip)], [ipaddress.ip_network(b.pod_cidr)])
+    return cilium.apply(desired, facts, settings.take_over_pod_to_pod, admission_limits(settings))
 
 
 def hold_datapath_main(argv: list[str]) -> int:

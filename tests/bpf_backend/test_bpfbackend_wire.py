@@ -23,6 +23,7 @@ from dataclasses import asdict
 import pytest
 from bpf_backend_lab import (WG_PORT, Capture, TwoNodeLab, in_netns, load_ret_prog,
                              nodecryptor_cli, sh)
+from bpf_backend_lab import prog_id as prog_id_of
 from conftest import require
 
 from nodecryptor.datapath.base import PacketQuery
@@ -461,6 +462,12 @@ def test_inspection_commands_on_live_setup_without_agent(lab, bpffs, datapaths):
         assert (wg["verdict"], wg["reason"]) == ("pass", "wireguard-output")
         other = explain("--dst", "192.168.77.99", "--dport", "80")
         assert (other["verdict"], other["reason"]) == ("pass", "not-cluster-destination")
+        # The contract of issue 11: local pod to remote pod is Cilium's own, passed on.
+        p2p = explain("--src", a.pod_ip, "--dst", b.pod_ip, "--dport", "80")
+        assert (p2p["verdict"], p2p["reason"]) == ("pass", "cilium-pod-to-pod")
+        assert "cilium" in p2p["reason"]
+        p2n = explain("--src", a.pod_ip, "--dst", b.ip, "--dport", "80")
+        assert p2n["verdict"] == "encrypt"
 
         bad = cli("explain", "--dst", b.ip, "--sport", "65536")
         assert bad.returncode == 2 and "--sport" in bad.stderr and "65536" in bad.stderr
@@ -474,12 +481,24 @@ def test_inspection_commands_on_live_setup_without_agent(lab, bpffs, datapaths):
         assert st["mss"] == {"v4": 1380, "v6": 1360}
         assert st["wireguard"]["ifname"] == "cilium_wg0" and st["wireguard"]["up"]
         assert st["wireguard"]["listen_port"] == WG_PORT
+        cil = st["cilium"]
+        assert (cil["routing_mode"], cil["wg_port"], cil["wg_fwmark"], cil["wg_mtu"],
+                cil["node_ips_in_allowed_ips"]) == ("native", WG_PORT, "0xe00", 1420, True), cil
+        assert set(cil["sources"]) >= {"routing_mode", "wg_port", "wg_fwmark", "wg_mtu",
+                                       "node_ips_in_allowed_ips"}
+        assert cil["attach"] == [{"device": "eth0", "mode": "tcx", "position": 0,
+                                  "runs_behind_nodecryptor": ["foreign_next"]}]
+        [chain] = st["chains"]
+        assert [(e["name"], e["prog_id"], e["nodecryptor"]) for e in chain["tcx"]] == [
+            ("nc_egress", prog_id, True), ("foreign_next", prog_id_of(foreign), False)]
         # explain ran the live program several times above, dry: no real traffic was counted
         assert st["counters"]["cluster-destination"]["packets"] == 0
 
         text = cli("status")
         assert text.returncode == 0, text.stderr
         assert "ready: yes" in text.stdout and "eth0" in text.stdout, text.stdout
+        assert "cilium: routing native" in text.stdout, text.stdout
+        assert f"nc_egress(id {prog_id})* -> foreign_next" in text.stdout, text.stdout
         text_dump = cli("bpf", "dump")
         assert text_dump.returncode == 0 and f"{b.ip}/32" in text_dump.stdout, text_dump.stderr
         text_explain = cli("explain", "--dst", b.ip, "--dport", "6443")

@@ -203,7 +203,7 @@ def test_probes_use_the_agent_health_port():
         get = container[probe]["httpGet"]
         assert (get["path"], get["port"]) == (path, health_port), probe
     startup = container["startupProbe"]
-    # The BCC compile took ~21 s in an emulated VM (DESIGN.md): allow five times that.
+    # The BCC compile took ~21 s in an emulated VM (vm-tests/README.md): allow five times that.
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 105
     ports = {p["containerPort"] for p in container["ports"]}
     assert health_port in ports

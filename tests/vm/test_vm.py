@@ -127,7 +127,10 @@ def test_bpf_uses_legacy_clsact_on_61(vm):
     assert res["start"]["tcx"]["supported"] is False, res["start"]["tcx"]
     filters = res["tc_egress"]
     assert "bpf" in filters and "direct-action" in filters and "pref 1 " in filters, filters
-    assert res["tc_egress_after_cleanup"].strip() == "", "filter left after cleanup"
+    # cleanup removed nodecryptor's filter and left Cilium's (the stand-in's) alone.
+    after = res["tc_egress_after_cleanup"]
+    assert "nodecryptor" not in after and "pref 1 " not in after, after
+    assert "cil_to_netdev" in after and "pref 2 " in after, after
 
 
 def test_bpf_without_mss_clamping_fragments_the_peer_sending(vm):
@@ -164,3 +167,29 @@ def test_bpf_counters_account_for_the_traffic(vm):
     assert counters.get("exempt-control-plane-port", 0) > 0, counters
     assert counters.get("mss-clamped", 0) > 0, counters
     assert counters.get("wireguard-output", 0) > 0, counters
+
+
+def _filter_lines(text: str) -> list[str]:
+    """The filters themselves (tc also prints a header line per priority, without a handle)."""
+    return [line for line in text.splitlines() if line.startswith("filter") and " handle " in line]
+
+
+def test_cilium_standin_runs_behind_nodecryptor_and_reloads_in_place(vm):
+    """The Cilium stand-in (nodecryptor_testkit/lab/standin_datapath.py) attaches where Cilium
+    does without tcx: a clsact egress filter at prio 2, behind nodecryptor's prio 1. A Cilium
+    restart replaces its filter in place with a new program: nodecryptor's stays first, and the
+    checks that ran after the reload (exemption, MTU) passed above."""
+    cil = vm["cilium"]
+    assert cil["start"]["ok"] and cil["start"]["tcx"] is False, cil["start"]
+    assert "cil_to_netdev" in cil["tc_egress_start"], cil["tc_egress_start"]
+    res = datapath(vm, "bpf")
+    reload = res["cilium_reload"]
+    assert reload["ok"], reload
+    assert reload["prog_ids"]["cil_to_netdev"] != cil["start"]["prog_ids"]["cil_to_netdev"]
+    lines = _filter_lines(res["tc_egress_after_cilium_reload"])
+    assert len(lines) == 2, lines
+    assert "pref 1 " in lines[0] and "nodecryptor" in lines[0], lines
+    assert "pref 2 " in lines[1] and "cil_to_netdev" in lines[1], lines
+    assert f"id {reload['prog_ids']['cil_to_netdev']} " in lines[1], lines
+    assert res["exempt"] and res["mtu_clamped"], "checks after the reload did not run"
+    assert "cil_to_netdev" not in cil["tc_egress_after_stop"], cil["tc_egress_after_stop"]

@@ -8,7 +8,9 @@ and Python with pyroute2 is imported once (~20 s under TCG) for both datapaths.
 Requests: {"op": "start", "datapath": "bpf"|"iprule", "nodes": [...], "local": name,
 "device": underlay, "bpffs": path}, {"op": "apply", "clamp": bool}, {"op": "observe"},
 {"op": "cleanup"} (removes the datapath; another "start" may follow), {"op": "hello"} (answered
-once imports are done), {"op": "quit"}.
+once imports are done), {"op": "cilium", "action": "start"|"reload"|"stop"} (the lab's Cilium
+stand-in, nodecryptor_testkit/lab/standin_datapath.py: cil_to_netdev behind nodecryptor, a
+clsact filter at prio 2 on a kernel without tcx, reloaded in place), {"op": "quit"}.
 Every reply is {"ok": bool, ...}; an error reply carries "error" and the traceback's last line.
 """
 
@@ -29,6 +31,7 @@ from nodecryptor.model import Device, NodeInfo, WgPeer, WgState
 from nodecryptor.settings import Settings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
 
 
 def node_from_json(obj: dict) -> NodeInfo:
@@ -57,6 +60,7 @@ class Driver:
         self.local = ""
         self.device = ""
         self.wg_error = ""
+        self.cilium_dp = None
 
     def start(self, req: dict) -> dict:
         self.settings = Settings(node_name=req["local"], bpffs=req["bpffs"],
@@ -147,6 +151,29 @@ class Driver:
                 "details": json.loads(json.dumps(obs.details, default=str)),
                 "counters": obs.counters}
 
+    def cilium(self, req: dict) -> dict:
+        """The Cilium stand-in on the underlay: start (tail of the hook), reload in place, stop."""
+        action = req["action"]
+        started = time.monotonic()
+        if action == "start":
+            if REPO not in sys.path:
+                sys.path.insert(0, REPO)
+            from nodecryptor_testkit.lab.standin_datapath import StandinDatapath as Cilium
+
+            self.cilium_dp = Cilium(req.get("device", "eth0"), None, "cilium_wg0", native=True)
+            self.cilium_dp.start()
+            out = {"tcx": self.cilium_dp.tcx, "links": self.cilium_dp.link_ids()}
+        elif action == "reload":
+            out = self.cilium_dp.reload()
+        else:
+            if self.cilium_dp is not None:
+                self.cilium_dp.close()
+                self.cilium_dp = None
+            return {"ok": True}
+        out.update(ok=True, seconds=round(time.monotonic() - started, 2),
+                   prog_ids=self.cilium_dp.prog_ids())
+        return out
+
     def cleanup(self, _req: dict) -> dict:
         if self.datapath is not None:
             self.datapath.cleanup()
@@ -160,6 +187,7 @@ def main() -> int:
     driver = Driver()
     ops = {"start": driver.start, "apply": driver.apply, "observe": driver.observe,
            "cleanup": driver.cleanup, "hello": lambda _req: {"ok": True},
+           "cilium": driver.cilium,
            "quit": lambda _req: {"ok": True}}
     for line in sys.stdin:
         req = json.loads(line)

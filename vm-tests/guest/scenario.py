@@ -206,6 +206,13 @@ def run_datapath(kind: str, driver: DriverClient, lab, procs, workdir: str,
                                          capture_output=True, text=True).stdout
         with timed(timings, f"{kind}_flows"):
             res["flows"] = check_flows(lab, procs, workdir, kind)
+        if kind == "bpf":
+            # A Cilium restart: its programs are reloaded into the same hook (filter replaced
+            # in place); nodecryptor's filter must stay first and traffic keep working (the
+            # checks below run after it).
+            with timed(timings, "cilium_reload"):
+                res["cilium_reload"] = driver.request(op="cilium", action="reload")
+            res["tc_egress_after_cilium_reload"] = tc_egress(lab.a)
         with timed(timings, f"{kind}_exempt"):
             res["exempt"] = check_exempt(lab, procs, workdir, kind)
         with timed(timings, f"{kind}_mtu_clamped"):
@@ -257,8 +264,14 @@ def scenario(out: dict, datapaths: list[str], workdir: str, logdir: str) -> None
             driver = DriverClient(lab.a, procs, os.path.join(logdir, "driver.log"))
             # Answered once Python and nodecryptor are imported: ~20 s under TCG.
             driver.request(op="hello", timeout=180)
+        # Cilium's cil_to_netdev stand-in at the tail of A's egress hook, for every datapath.
+        with timed(timings, "cilium_start"):
+            out["cilium"] = {"start": driver.request(op="cilium", action="start"),
+                             "tc_egress_start": tc_egress(lab.a)}
         for kind in datapaths:
             out["datapaths"][kind] = run_datapath(kind, driver, lab, procs, workdir, timings)
+        out["cilium"]["stop"] = driver.request(op="cilium", action="stop", timeout=60)
+        out["cilium"]["tc_egress_after_stop"] = tc_egress(lab.a)
         driver.request(op="quit", timeout=30)
     finally:
         procs.stop_all()

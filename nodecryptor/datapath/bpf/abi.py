@@ -102,17 +102,20 @@ class Reason(enum.IntEnum):
     WG_DOWN_OPEN = 14
     UNCOVERED_OPEN = 15
     MALFORMED = 16
+    CILIUM_POD = 17
 
 
-MAX_VERDICT = 17
+MAX_VERDICT = 18
 
 
 class Event(enum.IntEnum):
-    MSS_CLAMPED = 17
-    OVERSIZE = 18
+    MSS_CLAMPED = 18
+    OVERSIZE = 19
 
 
-COUNTER_MAX = 19
+COUNTER_MAX = 20
+PODS_MAX = 64
+"""Entries of each local pod CIDR trie (nc_pods_v4/v6): a node has one or a few pod CIDRs."""
 
 # Reason names as they appear in explain output, metrics labels and bpf dump.
 REASON_NAMES = {
@@ -133,6 +136,7 @@ REASON_NAMES = {
     Reason.WG_DOWN_OPEN: "wireguard-down-fail-open",
     Reason.UNCOVERED_OPEN: "no-peer-covers-fail-open",
     Reason.MALFORMED: "malformed-cluster-packet",
+    Reason.CILIUM_POD: "cilium-pod-to-pod",
 }
 EVENT_NAMES = {Event.MSS_CLAMPED: "mss-clamped", Event.OVERSIZE: "oversize"}
 
@@ -154,6 +158,7 @@ REASON_VERDICTS = {
     Reason.WG_DOWN_OPEN: VERDICT_PASS,
     Reason.UNCOVERED_OPEN: VERDICT_PASS,
     Reason.MALFORMED: VERDICT_ENCRYPT,
+    Reason.CILIUM_POD: VERDICT_PASS,
 }
 
 # tc return codes. TCX_NEXT and TC_ACT_UNSPEC are both -1: "continue with the next program",
@@ -208,6 +213,11 @@ MAP_SPECS = (
     MapSpec("nc_counters", BPF_MAP_TYPE_PERCPU_ARRAY, C.c_uint32, Counter, None,
             fixed_entries=COUNTER_MAX),
     MapSpec("nc_frags", BPF_MAP_TYPE_LRU_HASH, FragKey, FragVal, "fragments"),
+    # bpf/lib/cilium.h: local pod CIDRs whose traffic to remote pod CIDRs is Cilium's.
+    MapSpec("nc_pods_v4", BPF_MAP_TYPE_LPM_TRIE, LpmV4, C.c_uint32, None,
+            fixed_entries=PODS_MAX, flags=BPF_F_NO_PREALLOC),
+    MapSpec("nc_pods_v6", BPF_MAP_TYPE_LPM_TRIE, LpmV6, C.c_uint32, None,
+            fixed_entries=PODS_MAX, flags=BPF_F_NO_PREALLOC),
 )
 MAPS_BY_NAME = {m.name: m for m in MAP_SPECS}
 

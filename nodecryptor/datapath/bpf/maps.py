@@ -102,6 +102,16 @@ def desired_locals(desired: DesiredState) -> dict[bytes, bytes]:
     return {bytes(_addr_key(a)): one for a in desired.plan.local_addresses}
 
 
+def desired_cilium_pods(desired: DesiredState) -> dict[int, dict[bytes, bytes]]:
+    """{4 or 6: {key: value}} for nc_pods_v4/v6: the local pod CIDRs whose traffic to remote
+    pod CIDRs the program leaves to Cilium (bpf/lib/cilium.h). Empty when taken over."""
+    out: dict[int, dict[bytes, bytes]] = {4: {}, 6: {}}
+    one = bytes(C.c_uint32(1))
+    for cidr in desired.cilium_pod_cidrs:
+        out[cidr.version][bytes(_dst_key(cidr))] = one
+    return out
+
+
 def desired_config(desired: DesiredState, now_ns: int) -> abi.Config:
     wg = desired.wg
     return abi.Config(
@@ -172,6 +182,8 @@ def sync(map_fds: dict[str, int], desired: DesiredState, now_ns: int | None = No
         (abi.MAPS_BY_NAME["nc_exempt"], desired_ports(desired)),
         (abi.MAPS_BY_NAME["nc_local"], desired_locals(desired)),
     ]
+    pods = desired_cilium_pods(desired)
+    tables += [(abi.MAPS_BY_NAME["nc_pods_v4"], pods[4]), (abi.MAPS_BY_NAME["nc_pods_v6"], pods[6])]
     added = updated = removed = 0
     try:
         current = [_current(_fd(map_fds, spec.name), spec) for spec, _ in tables]
@@ -251,6 +263,15 @@ def read_local_addresses(map_fds: dict[str, int]) -> list[str]:
     return sorted(out, key=lambda a: (ipaddress.ip_address(a).version, ipaddress.ip_address(a)))
 
 
+def read_cilium_pods(map_fds: dict[str, int]) -> list[str]:
+    """Local pod CIDRs whose pod-to-pod traffic is left to Cilium."""
+    out = []
+    for name in ("nc_pods_v4", "nc_pods_v6"):
+        spec = abi.MAPS_BY_NAME[name]
+        out += [_prefix_of(k) for k in syscall.map_keys(_fd(map_fds, name), spec.key)]
+    return out
+
+
 def read_config(map_fds: dict[str, int]) -> dict:
     cfg = abi.Config()
     syscall.map_lookup(_fd(map_fds, "nc_config_map"), C.c_uint32(0), cfg)
@@ -290,6 +311,7 @@ def read(map_fds: dict[str, int]) -> dict:
             "destinations": read_destinations(map_fds),
             "exempt_ports": read_exempt_ports(map_fds),
             "local_addresses": read_local_addresses(map_fds),
+            "cilium_pod_cidrs": read_cilium_pods(map_fds),
             "counters": read_counters(map_fds),
             "fragments_tracked": sum(1 for _ in syscall.map_keys(_fd(map_fds, frag_spec.name),
                                                                   frag_spec.key)),

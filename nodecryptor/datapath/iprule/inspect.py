@@ -19,8 +19,8 @@ from ..base import (VERDICT_DROP, VERDICT_ENCRYPT, VERDICT_EXEMPT, VERDICT_PASS,
 from . import kernel, noop
 from .backend import remove_all
 from .bulk import RouteTable
-from .spec import (OFFSET_EXEMPT_DPORT, OFFSET_EXEMPT_SPORT, OFFSET_LOOKUP, OFFSET_WG_MARK,
-                   OFFSET_WG_PORT, ROUTE_UNICAST, RouteSpec, RuleSpec, band)
+from .spec import (OFFSET_CILIUM_POD, OFFSET_EXEMPT_DPORT, OFFSET_EXEMPT_SPORT, OFFSET_LOOKUP,
+                   OFFSET_WG_MARK, OFFSET_WG_PORT, ROUTE_UNICAST, RouteSpec, RuleSpec, band)
 
 DATAPATH = DatapathMode.IPRULE
 PORTED = PORTED_NUMBERS
@@ -34,6 +34,7 @@ REASON_BY_OFFSET = {
     OFFSET_WG_PORT: (VERDICT_PASS, "wireguard-port"),
     OFFSET_EXEMPT_DPORT: (VERDICT_EXEMPT, "exempt-control-plane-port"),
     OFFSET_EXEMPT_SPORT: (VERDICT_EXEMPT, "exempt-control-plane-reply"),
+    OFFSET_CILIUM_POD: (VERDICT_PASS, "cilium-pod-to-pod"),
 }
 
 
@@ -182,7 +183,10 @@ def explain(settings: Settings, q: PacketQuery, netns: str | None = None) -> Exp
                                details)
         return Explanation(VERDICT_DROP, "table-route-not-through-wireguard", DATAPATH,
                            device, details)
-    used = next((r for r in rules if r.priority != base + OFFSET_LOOKUP and _rule_matches(
+    # Rules that look up nodecryptor's own table did not decide here: the answer came from
+    # elsewhere (e.g. the pod rule's suppressed lookup fell through to the next rule).
+    used = next((r for r in rules if r.priority != base + OFFSET_LOOKUP
+                 and r.table != settings.iprule_table and _rule_matches(
         r, family, dst, src, proto, q.sport, q.dport, q.mark)), None)
     details["rule"] = used.describe() if used else None
     if used is not None and used.priority - base == OFFSET_WG_MARK:

@@ -90,6 +90,7 @@ def rule_from_msg(msg) -> RuleSpec | None:
     fwmark = msg.get_attr("FRA_FWMARK")
     fwmask = msg.get_attr("FRA_FWMASK")
     ip_proto = msg.get_attr("FRA_IP_PROTO") or None
+    suppress = msg.get_attr("FRA_SUPPRESS_PREFIXLEN")
     return RuleSpec(
         family=family,
         priority=msg.get_attr("FRA_PRIORITY") or 0,
@@ -101,6 +102,9 @@ def rule_from_msg(msg) -> RuleSpec | None:
         ip_proto=ip_proto,
         sport=_parse_range(msg.get_attr("FRA_SPORT_RANGE")),
         dport=_parse_range(msg.get_attr("FRA_DPORT_RANGE")),
+        # The kernel reports 0xffffffff (-1) for "not set".
+        suppress_prefixlen=(suppress if suppress is not None and suppress != 0xFFFFFFFF
+                            else None),
     )
 
 
@@ -140,6 +144,8 @@ def _rule_args(rule: RuleSpec) -> dict:
         kw["sport_range"] = _range_text(rule.sport)
     if rule.dport is not None:
         kw["dport_range"] = _range_text(rule.dport)
+    if rule.suppress_prefixlen is not None:
+        kw["suppress_prefixlen"] = rule.suppress_prefixlen
     return kw
 
 

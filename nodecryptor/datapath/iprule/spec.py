@@ -13,6 +13,12 @@ B + 5      ipproto udp sport P dport P, P = desired.wg_port                  mai
 B + 10     to <control-plane node address> ipproto X dport <exempt range>   main
 B + 20     from <local node address> ipproto X sport <exempt range>          main
            (control-plane nodes only: replies of the bootstrap services)
+B + 30     from <local pod CIDR>, routes of prefix length < 32 (128)        own table
+           suppressed (suppress_prefixlength 31/127): pods' traffic to remote
+           node addresses is encrypted
+B + 31     from <local pod CIDR>: everything else, incl. remote pod CIDRs   main
+           (Cilium encrypts pod-to-pod itself; absent with
+           --take-over-pod-to-pod and in tunnel mode)
 B + 90     everything else                                                   own table
 B + 99     reserved for the start-up probe, never left installed
 =========  ===============================================================  ==========
@@ -36,6 +42,8 @@ OFFSET_WG_MARK = 0
 OFFSET_WG_PORT = 5
 OFFSET_EXEMPT_DPORT = 10
 OFFSET_EXEMPT_SPORT = 20
+OFFSET_CILIUM_NODES = 30
+OFFSET_CILIUM_POD = 31
 OFFSET_LOOKUP = 90
 OFFSET_PROBE = 99
 BAND_WIDTH = 100
@@ -71,6 +79,8 @@ class RuleSpec:
     ip_proto: int | None = None
     sport: tuple[int, int] | None = None
     dport: tuple[int, int] | None = None
+    suppress_prefixlen: int | None = None
+    """Routes of this prefix length or shorter found by the lookup are ignored."""
     purpose: str = field(default="", compare=False)
 
     def describe(self) -> str:
@@ -86,6 +96,8 @@ class RuleSpec:
             if rng is not None:
                 parts += [name, str(rng[0]) if rng[0] == rng[1] else f"{rng[0]}-{rng[1]}"]
         parts += ["lookup", "main" if self.table == MAIN_TABLE else str(self.table)]
+        if self.suppress_prefixlen is not None:
+            parts += ["suppress_prefixlength", str(self.suppress_prefixlen)]
         return " ".join(parts)
 
 
@@ -156,6 +168,7 @@ def desired_rules(desired: DesiredState, settings: Settings) -> list[RuleSpec]:
                                       src=_host_prefix(addr), ip_proto=ports.proto_number,
                                       sport=(ports.first, ports.last),
                                       purpose="exempt-control-plane-reply"))
+    rules += cilium_pod_rules(desired, settings)
     return sorted(set(rules))
 
 
@@ -163,6 +176,21 @@ def local_prefixes(desired: DesiredState) -> list:
     """The local node's own addresses (host prefixes) and pod CIDRs."""
     plan = desired.plan
     return [ipaddress.ip_network(a) for a in plan.local_addresses] + list(plan.local_pod_cidrs)
+
+
+def cilium_pod_rules(desired: DesiredState, settings: Settings) -> list[RuleSpec]:
+    """Leave local-pod to remote-pod traffic to Cilium (nodecryptor/cilium.py): per local pod
+    CIDR, first the own table restricted to host routes (remote node addresses; pod CIDRs are
+    never host routes), then main. Two rules per local pod CIDR, whatever the cluster size."""
+    base = settings.iprule_priority_base
+    rules = []
+    for cidr in desired.cilium_pod_cidrs:
+        rules.append(RuleSpec(cidr.version, base + OFFSET_CILIUM_NODES, settings.iprule_table,
+                              src=str(cidr), suppress_prefixlen=cidr.max_prefixlen - 1,
+                              purpose="pod-to-remote-node"))
+        rules.append(RuleSpec(cidr.version, base + OFFSET_CILIUM_POD, MAIN_TABLE,
+                              src=str(cidr), purpose="cilium-pod-to-pod"))
+    return rules
 
 
 def desired_routes(desired: DesiredState) -> list[RouteSpec]:

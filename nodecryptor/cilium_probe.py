@@ -1,0 +1,73 @@
+"""The Cilium-facing part of `nodecryptor status`: the facts of nodecryptor/cilium.py as this
+node shows them (WireGuard device, tunnel devices, what the installed datapath holds) and every
+underlay device's whole egress chain."""
+
+from __future__ import annotations
+
+import os
+
+
+def _known_destinations(settings, datapath: str) -> tuple[list, list]:
+    """(remote node addresses, remote pod CIDRs) as the installed datapath holds them: the
+    pinned destination tries (BPF) or nodecryptor's route table (ip rules). Host prefixes are
+    node addresses; wider ones pod CIDRs. Empty lists when unreadable."""
+    import ipaddress
+
+    prefixes = []
+    try:
+        if datapath == "bpf":
+            from .datapath.bpf import abi, pins, syscall
+
+            for name in ("nc_dst_v4", "nc_dst_v6"):
+                spec = abi.MAPS_BY_NAME[name]
+                fd = syscall.obj_get(pins.map_path(settings.bpffs, name), read_only=True)
+                try:
+                    for key, _ in syscall.map_items(fd, spec.key, spec.value):
+                        size = 4 if isinstance(key, abi.LpmV4) else 16
+                        addr = ipaddress.ip_address(bytes(key.addr)[:size])
+                        prefixes.append(ipaddress.ip_network(f"{addr}/{key.prefixlen}",
+                                                             strict=False))
+                finally:
+                    os.close(fd)
+        else:
+            from .datapath.iprule.bulk import RouteTable
+
+            with RouteTable(settings.iprule_table) as table:
+                prefixes = [ipaddress.ip_network(r.dst) for r in table.read()]
+    except (OSError, ImportError):
+        return [], []
+    nodes = sorted({p.network_address for p in prefixes if p.prefixlen == p.max_prefixlen},
+                   key=lambda a: (a.version, a))
+    pods = sorted({p for p in prefixes if p.prefixlen < p.max_prefixlen},
+                  key=lambda n: (n.version, n))
+    return nodes, pods
+
+
+def status_report(settings, datapath: str, devices: list[dict], own_prog_id: int = 0) -> dict:
+    """The ``"cilium"`` object and the egress chains of ``nodecryptor status``: what was
+    detected about Cilium and where each fact came from, observed now (the agent need not run).
+    ``devices`` are the status report's attachments (name, mode, position)."""
+    from . import cilium
+    from .datapath import chain as chain_mod
+    from .devices import tunnel_devices
+    from .wireguard import read_state
+
+    wg = read_state(settings.wg_interface)
+    nodes, pods = _known_destinations(settings, datapath)
+    facts = cilium.detect(wg, tunnel_devices(), nodes or None, pods or None)
+    chains = [chain_mod.egress_chain(d.get("name") or d.get("device"), own_prog_id)
+              for d in devices if d.get("name") or d.get("device")]
+    out = facts.to_json()
+    out["attach"] = []
+    for d, ch in zip(devices, chains):
+        entries = ch.get("tcx") if d.get("mode") == "tcx" else ch.get("tc")
+        ours = next((e for e in entries or () if e["nodecryptor"]), None)
+        behind = [e.get("name") or f"prog {e.get('prog_id')}" for e in entries or ()
+                  if ours is not None and e["position"] > ours["position"]]
+        out["attach"].append({"device": ch["device"], "mode": d.get("mode"),
+                              "position": ours["position"] if ours else d.get("position"),
+                              "runs_behind_nodecryptor": behind})
+    out["sources"]["attach"] = ("BPF_PROG_QUERY on each device's tcx egress hook and its "
+                                "clsact filters")
+    return {"cilium": out, "chains": chains,
+            "problem": cilium.readiness_problem(facts)}
