@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-vm.sh
+bash scripts/setup-image.sh
 .venv/bin/python -m pytest -q tests "$@"
