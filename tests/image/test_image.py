@@ -352,3 +352,20 @@ def test_matrix_scenario_passes_with_the_agent_from_the_image(lab):
     # own for the node, and the container is still the one running.
     assert podman("container", "inspect", "--format", "{{.State.Running}}",
                   CONTAINER_NAME).stdout.strip() == "true"
+
+
+# Last: it restarts the node's agent, which changes the node's datapath.
+@pytest.mark.xfail(strict=True, reason=(
+    "known bug: BCC 0.26 reopens a pinned map by its id (BPF_MAP_GET_FD_BY_ID), which the "
+    "kernel allows only with CAP_SYS_ADMIN; under the DaemonSet's capabilities a restarted "
+    "agent cannot reuse its pins ('could not open bpf map: nc_frags, error: Operation not "
+    "permitted') and --datapath=auto falls back to ip rules"))
+def test_restarted_agent_from_the_image_keeps_the_bpf_datapath(lab):
+    """A rolling update: the agent restarts with the previous agent's pins in place."""
+    lab.stop_agent(NODE)
+    lab.start_agent(NODE)
+    lab.wait_agent_ready(NODE)
+    out = exec_in_agent(lab, "nodecryptor", "status", "--json", "--bpffs=/sys/fs/bpf")
+    assert out.returncode == 0, out.stderr
+    status = json.loads(out.stdout)
+    assert status["datapath"] == "bpf", status.get("agent_choice")
