@@ -225,8 +225,14 @@ if [[ -n "$old" && "$old" != "$new" ]]; then
 fi
 
 log "saving dist/nodecryptor-image.tar"
-rm -f "$dist/nodecryptor-image.tar.partial"
-podman save --quiet --format oci-archive -o "$dist/nodecryptor-image.tar.partial" "$image"
+# podman writes the blobs deterministically but stamps the archive's own entries with the time
+# of saving; repacked with SOURCE_DATE_EPOCH, the same image gives the same archive.
+mkdir "$work/oci"
+podman save --quiet --format oci-archive -o "$work/saved.tar" "$image"
+tar -C "$work/oci" -xf "$work/saved.tar"
+rm "$work/saved.tar"
+(cd "$work/oci" && tar --sort=name --mtime="@$SOURCE_DATE_EPOCH" --owner=0 --group=0 \
+   --numeric-owner --format=gnu -cf "$dist/nodecryptor-image.tar.partial" oci-layout index.json blobs)
 mv "$dist/nodecryptor-image.tar.partial" "$dist/nodecryptor-image.tar"
 cp "$work/packages.txt" "$dist/nodecryptor-packages.txt"
 echo "$hash" > "$dist/nodecryptor-image.inputs"
