@@ -3,7 +3,8 @@ test runs the image exactly as the DaemonSet would: host network, the capabiliti
 no other, read-only root, its seccomp/AppArmor and privilege-escalation settings, user, memory
 limit, grace period, environment and volumes. Everything is read from the manifest; a field this
 module does not know how to translate raises, so a change to the manifest cannot be silently
-ignored by the test.
+ignored by the test; the fields that do not change how the container runs on its node
+(scheduling, probes, the image reference) are listed below with the reason they are skipped.
 
 The caller supplies where each hostPath volume is on the machine the container runs on (the lab
 node's own bpffs instead of /sys/fs/bpf) and a scratch directory for emptyDir volumes.
@@ -15,6 +16,20 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+# Fields that have no effect on how the container runs on its node, and why.
+_POD_IGNORED = {
+    "serviceAccountName",  # API credentials: the lab hands the agent a kubeconfig instead
+    "priorityClassName", "tolerations",  # scheduling
+}
+_POD_TRANSLATED = {"hostNetwork", "hostPID", "hostIPC", "terminationGracePeriodSeconds",
+                   "containers", "volumes"}
+_CONTAINER_IGNORED = {
+    "image", "imagePullPolicy",  # the image under test is given
+    "ports",  # informational with the host network
+    "startupProbe", "livenessProbe", "readinessProbe",  # the lab polls /readyz itself
+}
+_CONTAINER_TRANSLATED = {"name", "args", "env", "resources", "securityContext", "volumeMounts"}
 
 # Kubernetes mount propagation -> the bind option that gives the same behaviour.
 _PROPAGATION = {None: "rprivate", "None": "rprivate", "HostToContainer": "rslave",
@@ -102,9 +117,19 @@ def translate(daemonset: dict, container_name: str, node_name: str,
     a hostPath without an entry raises (a new host mount must be considered by the test).
     emptyDir volumes on disk become directories under ``scratch``; in memory, a tmpfs."""
     pod = daemonset["spec"]["template"]["spec"]
+    unknown = set(pod) - _POD_IGNORED - _POD_TRANSLATED
+    if unknown:
+        raise Untranslatable(f"pod spec fields {sorted(unknown)}")
+    if len(pod["containers"]) != 1:
+        raise Untranslatable(f"{len(pod['containers'])} containers: expected the agent alone")
     container = next(c for c in pod["containers"] if c["name"] == container_name)
-    if "command" in container:
-        raise Untranslatable("command (the image's entry point is what the test checks)")
+    unknown = set(container) - _CONTAINER_IGNORED - _CONTAINER_TRANSLATED
+    if unknown:
+        # "command" among them: the image's entry point is what the test checks.
+        raise Untranslatable(f"container fields {sorted(unknown)}")
+    if set(container.get("resources", {})) - {"requests", "limits"} \
+            or set(container.get("resources", {}).get("limits", {})) - {"memory"}:
+        raise Untranslatable(f"resources {container['resources']}")
     run = ContainerRun()
     if pod.get("hostNetwork"):
         run.options.append("--network=host")
@@ -125,6 +150,9 @@ def translate(daemonset: dict, container_name: str, node_name: str,
 
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     for mount in container.get("volumeMounts", []):
+        unknown = set(mount) - {"name", "mountPath", "readOnly", "mountPropagation"}
+        if unknown:
+            raise Untranslatable(f"volumeMount {mount['name']}: {sorted(unknown)}")
         volume = volumes[mount["name"]]
         target = mount["mountPath"]
         if "hostPath" in volume:

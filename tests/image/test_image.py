@@ -248,9 +248,16 @@ def test_translation_takes_everything_from_the_manifest(tmp_path):
     # A host path the test was not told about, or a privileged container, is refused.
     with pytest.raises(Untranslatable):
         translate(ds, "nodecryptor", "w9", {"/sys/fs/bpf": str(tmp_path)}, tmp_path)
-    container["securityContext"]["privileged"] = True
-    with pytest.raises(Untranslatable):
-        translate(ds, "nodecryptor", "w9", paths, tmp_path)
+    for change in (lambda: container["securityContext"].update(privileged=True),
+                   lambda: container.update(command=["/bin/sh"]),
+                   lambda: ds["spec"]["template"]["spec"].update(hostPID=True),
+                   lambda: ds["spec"]["template"]["spec"].update(
+                       securityContext={"sysctls": []})):
+        ds = image_lab.daemonset()
+        container = ds["spec"]["template"]["spec"]["containers"][0]
+        change()
+        with pytest.raises(Untranslatable):
+            translate(ds, "nodecryptor", "w9", paths, tmp_path)
 
 
 # ---- on a lab node ----------------------------------------------------------------------------
