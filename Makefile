@@ -1,5 +1,5 @@
 # The two commands of the README. Both run the idempotent set-up first.
-.PHONY: setup demo test test-unit test-privileged lint clean vm-test
+.PHONY: setup demo test test-unit test-privileged lint clean vm-test image
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -18,5 +18,12 @@ vm-test: setup
 	bash scripts/setup-vm.sh
 	$(PY) -m pytest -q tests/vm
 
+# The agent image from Debian packages and locked wheels, built on this machine (no registry):
+# localhost/nodecryptor:dev in podman's storage and dist/nodecryptor-image.tar (OCI archive).
+# Does nothing when both are up to date; see scripts/build-image.sh.
+image: setup
+	bash scripts/setup-image.sh
+	bash scripts/build-image.sh
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache dist

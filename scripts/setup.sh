@@ -72,11 +72,14 @@ make_venv() {
   if [[ -d /usr/lib/python3/dist-packages/bcc ]]; then
     ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
   fi
-  local stamp="$venv/.installed-$(sha256sum "$repo/pyproject.toml" | cut -c1-16)"
+  # Two distributions, both editable: the agent (with the test tools as its extra) and the
+  # development-only testkit (lab, fake API server, nodecryptor-demo).
+  local stamp="$venv/.installed-$(cat "$repo/pyproject.toml" "$repo/nodecryptor_testkit/pyproject.toml" \
+                                  | sha256sum | cut -c1-16)"
   if [[ ! -e "$stamp" ]]; then
-    log "installing nodecryptor (editable) with test extras"
+    log "installing nodecryptor and nodecryptor-testkit (editable) with test extras"
     "$venv/bin/pip" install -q --upgrade pip >/dev/null
-    "$venv/bin/pip" install -q -e "$repo[test]"
+    "$venv/bin/pip" install -q -e "$repo[test]" -e "$repo/nodecryptor_testkit"
     rm -f "$venv"/.installed-*
     touch "$stamp"
   else

@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 # Layering contracts (pyproject.toml, [tool.importlinter]) first: a broken contract fails here.
 .venv/bin/lint-imports
 bash scripts/setup-vm.sh
+bash scripts/setup-image.sh
 .venv/bin/python -m pytest -q tests "$@"

@@ -63,7 +63,9 @@ class Lab:
     def __init__(self, spec: LabSpec, datapath: str = "bpf", wg_impl: str = "auto",
                  progress: Callable[[str], None] | None = None, state_dir: str = STATE_DIR,
                  republish_delay: float = 60.0, start_agents: bool = True,
-                 routing: str = "native"):
+                 routing: str = "native",
+                 agent_commands: dict[str, Callable[[NodeHandle, list[str]], list[str]]]
+                 | None = None):
         if datapath not in ("bpf", "iprule"):
             raise ValueError(f"datapath {datapath!r}: expected bpf or iprule")
         if routing not in ROUTING_MODES:
@@ -81,6 +83,10 @@ class Lab:
         (SIGHUP), or after this many seconds as a safety net."""
         self.start_agents = start_agents
         """False: build everything but nodecryptor (shows what leaks without it)."""
+        self.agent_commands = dict(agent_commands or {})
+        """node name -> f(node, the agent's usual argv) giving the argv that starts that node's
+        agent instead (e.g. in a container). It runs in the host's namespaces: f enters the
+        node's network namespace itself."""
         self.state: LabState | None = None
         self.workdir = ""
         self.underlay = ""
@@ -332,8 +338,11 @@ class Lab:
                 "--metrics-server-bind-address", METRICS_BIND, "--log-format", "json"]
 
     def start_agent(self, name: str) -> None:
-        self.agents[name] = self.spawn(self.agent_argv(name), f"nodecryptor {name}",
-                                       f"{name}-agent", node=name)
+        argv, node = self.agent_argv(name), name
+        custom = self.agent_commands.get(name)
+        if custom is not None:
+            argv, node = custom(self.nodes[name], argv), None
+        self.agents[name] = self.spawn(argv, f"nodecryptor {name}", f"{name}-agent", node=node)
 
     def stop_agent(self, name: str, sig: int = signal.SIGTERM) -> None:
         proc = self.agents.pop(name, None)

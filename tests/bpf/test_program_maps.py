@@ -157,7 +157,7 @@ def test_probe_reports_a_compile_failure(loaded, tmp_path, monkeypatch):
     (broken / "include").mkdir(parents=True)
     (broken / "lib").mkdir()
     (broken / "nodecryptor.c").write_text("int nc_egress(struct __sk_buff *skb) { return x; }\n")
-    monkeypatch.setenv(program.BPF_DIR_ENV, str(broken))
+    monkeypatch.setattr(program, "bpf_dir", lambda: broken)
     ok, why = program.probe(Settings())
     assert not ok
     assert "compiling" in why

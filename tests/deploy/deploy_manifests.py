@@ -1,10 +1,8 @@
-"""Loading of the deployment files (k8s/, Dockerfile, .dockerignore, the operator guide) for the
+"""Loading of the deployment files (k8s/, the operator guide) for the
 tests in this directory. Reading only; no test logic here."""
 
 from __future__ import annotations
 
-import json
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,8 +10,6 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
-DOCKERFILE = REPO / "Dockerfile"
-DOCKERIGNORE = REPO / ".dockerignore"
 GUIDE = REPO / "docs" / "operator-guide.md"
 
 # Kinds defined by CustomResourceDefinitions: the Kubernetes OpenAPI schema does not know them.
@@ -81,52 +77,3 @@ def expand_env(arg: str, env: dict[str, str]) -> str:
     for key, value in env.items():
         arg = arg.replace(f"$({key})", value)
     return arg
-
-
-@dataclass(frozen=True)
-class Instruction:
-    keyword: str
-    value: str
-
-
-def dockerfile() -> list[Instruction]:
-    """Dockerfile instructions with continuation lines joined and comments dropped."""
-    out: list[Instruction] = []
-    pending = ""
-    for raw in DOCKERFILE.read_text().splitlines():
-        line = raw.strip()
-        if not pending and (not line or line.startswith("#")):
-            continue
-        if line.startswith("#"):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        line = pending + line
-        pending = ""
-        keyword, _, value = line.partition(" ")
-        out.append(Instruction(keyword.upper(), value.strip()))
-    return out
-
-
-def exec_form(value: str) -> list[str]:
-    """The argv of an ENTRYPOINT/CMD; the shell form is wrapped the way Docker does."""
-    if value.startswith("["):
-        return json.loads(value)
-    return ["/bin/sh", "-c", value]
-
-
-def docker_env(instructions: list[Instruction]) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for ins in instructions:
-        if ins.keyword == "ENV":
-            for token in shlex.split(ins.value):
-                key, sep, value = token.partition("=")
-                if sep:
-                    env[key] = value
-    return env
-
-
-def dockerignore_patterns() -> list[str]:
-    return [line.strip() for line in DOCKERIGNORE.read_text().splitlines()
-            if line.strip() and not line.startswith("#")]

@@ -1,19 +1,15 @@
-"""Offline checks of k8s/, the Dockerfile and .dockerignore: every object against the Kubernetes
+"""Offline checks of k8s/: every object against the Kubernetes
 OpenAPI schema, and the properties the deployment promises (see docs/operator-guide.md)."""
 
 from __future__ import annotations
-
-import fnmatch
-import tomllib
 
 import kubernetes_validate
 import pytest
 import yaml
 
-from deploy_manifests import (CRD_KINDS, DOCKERFILE, K8S, REPO, agent_container,
-                              agent_daemonset, all_docs, default_docs, docker_env,
-                              dockerfile, dockerignore_patterns, exec_form, expand_env, find,
-                              kustomizations, load_docs, manifest_files)
+from deploy_manifests import (CRD_KINDS, K8S, REPO, agent_container, agent_daemonset,
+                              all_docs, default_docs, expand_env, find, kustomizations,
+                              load_docs, manifest_files)
 from nodecryptor import __version__
 from nodecryptor.cli import build_parser
 from nodecryptor.commands.common import settings_from_args
@@ -279,66 +275,6 @@ def test_rbac_reads_ciliumnodes_and_nodes_only():
                                     "name": ds["spec"]["template"]["spec"]["serviceAccountName"],
                                     "namespace": ds["metadata"]["namespace"]}]
     assert account["metadata"]["namespace"] == ds["metadata"]["namespace"]
-
-
-# ---- the image -------------------------------------------------------------------------------
-
-def test_image_entry_point_runs_the_agent():
-    ins = dockerfile()
-    entry = [exec_form(i.value) for i in ins if i.keyword == "ENTRYPOINT"][-1]
-    cmd = [exec_form(i.value) for i in ins if i.keyword == "CMD"][-1]
-    assert entry + cmd == ["nodecryptor", "run"]
-    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["nodecryptor"] == "nodecryptor.cli:main"
-    # The DaemonSet keeps the entry point and starts with the same sub-command.
-    assert agent_container()["args"][0] == cmd[0]
-
-
-def test_image_contents():
-    ins = dockerfile()
-    assert ins[0].keyword == "FROM" and ins[0].value == "debian:bookworm-slim"
-    installs = " ".join(i.value for i in ins if i.keyword == "RUN" and "apt-get install" in i.value)
-    for package in ("python3", "python3-bpfcc", "iproute2"):
-        assert f" {package} " in f" {installs} ", package
-    assert "pip" in " ".join(i.value for i in ins if i.keyword == "RUN")
-    env = docker_env(ins)
-    # program.py finds the C sources through NODECRYPTOR_BPF_DIR once installed from a wheel.
-    bpf_dir = env["NODECRYPTOR_BPF_DIR"]
-    copies = [i.value.split() for i in ins if i.keyword == "COPY"]
-    assert ["bpf", bpf_dir] in copies
-    user = [i.value for i in ins if i.keyword == "USER"]
-    assert user and user[-1].split(":")[0] in ("0", "root")
-
-
-def _ignored(path: str, patterns: list[str]) -> bool:
-    ignored = False
-    for pattern in patterns:
-        negate = pattern.startswith("!")
-        pat = pattern.lstrip("!").rstrip("/")
-        parts = path.split("/")
-        prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
-        if any(fnmatch.fnmatch(p, pat) or fnmatch.fnmatch(p, pat.replace("**/", "*/"))
-               or (pat.startswith("**/") and fnmatch.fnmatch(parts[-1], pat[3:]))
-               for p in prefixes):
-            ignored = not negate
-    return ignored
-
-
-def test_build_context_keeps_what_the_dockerfile_copies():
-    patterns = dockerignore_patterns()
-    sources = [src for i in dockerfile() if i.keyword == "COPY" for src in i.value.split()[:-1]]
-    assert sources
-    for src in sources:
-        assert (REPO / src).exists(), f"COPY {src}: no such file"
-        assert not _ignored(src, patterns), f"COPY {src} is excluded by .dockerignore"
-    for heavy in (".venv", ".git", "tests", "nodecryptor/__pycache__/x.pyc"):
-        assert _ignored(heavy, patterns), f"{heavy} would be sent to the image build"
-
-
-def test_readme_is_in_build_context():
-    # pyproject.toml names README.md as the readme; the pip install in the image needs it.
-    assert tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["readme"] == "README.md"
-    assert "README.md" in DOCKERFILE.read_text()
 
 
 def test_manifests_parse_as_yaml_documents():

@@ -14,6 +14,7 @@ the original file and line.
 
 from __future__ import annotations
 
+import importlib.resources
 import logging
 import os
 import re
@@ -30,7 +31,6 @@ log = logging.getLogger(__name__)
 
 ENTRY_FILE = "nodecryptor.c"
 ENTRY_FUNCTION = b"nc_egress"
-BPF_DIR_ENV = "NODECRYPTOR_BPF_DIR"
 _INCLUDE_RE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 
 # Size cflags from settings.MapSizes, named as nc_abi.h expects them.
@@ -44,11 +44,14 @@ _SIZE_DEFINES = {
 
 
 def bpf_dir() -> Path:
-    """Where the C sources live: $NODECRYPTOR_BPF_DIR, else bpf/ at the repository root."""
-    override = os.environ.get(BPF_DIR_ENV)
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parents[3] / "bpf"
+    """Where the C sources live: ``csrc/`` beside this module, package data of the installed
+    package. In a source checkout ``csrc`` is a link to the repository's top-level ``bpf/``."""
+    root = importlib.resources.files(__package__) / "csrc"
+    # BCC takes include directories as paths, so the package must be installed as files (it
+    # is: from a wheel, or editable), not imported from a zip archive.
+    if not isinstance(root, Path):
+        raise DatapathError(f"BPF sources {root} are not on a file system")
+    return root
 
 
 def _search_path(root: Path) -> list[Path]:
@@ -83,8 +86,8 @@ def inline_source(root: Path | None = None) -> str:
 
     entry = root / ENTRY_FILE
     if not entry.is_file():
-        raise DatapathError(f"BPF source {entry} not found (set {BPF_DIR_ENV} to the bpf/ "
-                            "directory)")
+        raise DatapathError(f"BPF source {entry} not found (the package is installed without "
+                            "its package data)")
     return "\n".join(expand(entry.resolve())) + "\n"
 
 
