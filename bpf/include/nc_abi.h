@@ -120,11 +120,10 @@ enum nc_reason {
 #define NC_CB_MAGIC 0x4e430000 /* "NC" in the high half of cb[0] */
 #define NC_CB_REASON 0         /* cb[0] = NC_CB_MAGIC | reason */
 #define NC_CB_TARGET 1         /* cb[1] = redirect ifindex, 0 when not redirected */
-/* cb[2] == NC_DRY_RUN_MAGIC, set by the caller in test-run's ctx_in (`nodecryptor explain` on
- * the live program): decide as usual but count nothing and remember no fragment, so asking
- * never changes the metrics or the fragment state of real traffic. */
-#define NC_CB_DRY_RUN 2
-#define NC_DRY_RUN_MAGIC 0x4e434452 /* "NCDR" */
+/* Nothing in cb[] is ever read: cb[] arriving at the head of the underlay's chain holds what
+ * earlier programs (Cilium's bpf_lxc) stored there. A dry run (`nodecryptor explain`) is a
+ * second entry point compiled from the same source with the same maps, nc_explain, which
+ * counts nothing and remembers no fragment; the attached nc_egress has no dry-run path. */
 
 /* Map names as BCC creates and as the agent pins them. */
 #define NC_MAP_DST_V4 nc_dst_v4

@@ -115,7 +115,8 @@ class BpfDatapath:
         try:
             self._detach_others(set(wanted))
             if inspect.pinned_prog_id(self.settings) != self._loaded.prog_id:
-                pins.pin_prog(self.settings.bpffs, self._loaded.prog_fd)
+                pins.pin_prog(self.settings.bpffs, self._loaded.prog_fd,
+                              self._loaded.explain_fd)
         except Exception as e:
             failures.append(f"detach/pin: {e}")
         self._last_error = "; ".join(failures)

@@ -213,9 +213,29 @@ def _open_prog(settings: Settings, prog_id: int) -> int:
     return syscall.prog_fd_by_id(prog_id)
 
 
+def _open_explain_prog(settings: Settings, prog_fd: int) -> int | None:
+    """An fd of the dry-run twin of the attached program (``prog_fd``): the pinned
+    ``prog-explain``, accepted only when it uses exactly the attached program's maps. None
+    when there is no such pin (an agent from before the twin existed, or a restart between
+    attaching and pinning)."""
+    try:
+        fd = syscall.obj_get(pins.explain_prog_path(settings.bpffs))
+    except OSError:
+        return None
+    try:
+        if syscall.prog_map_ids(fd) == syscall.prog_map_ids(prog_fd):
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
 def explain(settings: Settings, q: PacketQuery) -> Explanation:
-    """Run the live attached program on a packet built from ``q`` (BPF_PROG_TEST_RUN) and say
-    what it would do. The run is marked dry: no counter or fragment state changes."""
+    """Run the dry-run twin of the program attached to the device on a packet built from
+    ``q`` (BPF_PROG_TEST_RUN) and say what it would do. The twin decides with the live maps
+    but changes no counter or fragment state; whether a run is dry is a property of the
+    program, never of the packet (skb->cb[] of real traffic is not trusted)."""
     from . import attach, testrun
 
     src, device = q.src, q.device
@@ -240,16 +260,24 @@ def explain(settings: Settings, q: PacketQuery) -> Explanation:
             return Explanation(VERDICT_PASS, f"program {prog_id} vanished", "bpf", device, base)
         raise
     try:
-        packet = testrun.packet_for_query(q, src)
-        # dry_run: the live program decides as usual but counts nothing, so asking does not
-        # show up in the metrics of real traffic.
-        result = testrun.run(prog_fd, packet, mark=q.mark, ifindex=ifindex, dry_run=True)
+        explain_fd = _open_explain_prog(settings, prog_fd)
+        try:
+            # Without the twin the attached program itself answers: same verdict, but the
+            # one packet is counted (explain frames are never fragments, so nothing else).
+            run_fd = explain_fd if explain_fd is not None else prog_fd
+            packet = testrun.packet_for_query(q, src)
+            result = testrun.run(run_fd, packet, mark=q.mark, ifindex=ifindex)
+            explain_id = syscall.prog_info(explain_fd).id if explain_fd is not None else 0
+        finally:
+            if explain_fd is not None:
+                os.close(explain_fd)
     finally:
         os.close(prog_fd)
     reason = result.reason
     if isinstance(reason, int):
         reason = abi.REASON_NAMES.get(abi.Reason(reason), str(reason))
-    details = {**base, "prog_id": prog_id, "mode": mode, "retval": result.retval}
+    details = {**base, "prog_id": prog_id, "mode": mode, "retval": result.retval,
+               "explain_prog_id": explain_id, "counted": explain_id == 0}
     if link_id:
         details["link_id"] = link_id
     if result.target:

@@ -7,6 +7,7 @@ Layout under ``<bpffs>/nodecryptor/`` (the root every command owns, nothing outs
     links/<ifname>        tcx links, one per underlay device
     prog                  the program currently attached (lets inspection commands find it in
                           legacy tc mode too, where no link exists)
+    prog-explain          its dry-run twin (same maps, changes no state), run by `explain`
 
 Maps are derived state: the agent repopulates them on every apply, so a pinned map whose type,
 key size, value size, capacity or flags differ from ``abi.MAP_SPECS`` is unlinked and the loader
@@ -47,6 +48,10 @@ def link_path(bpffs: str, ifname: str) -> str:
 
 def prog_path(bpffs: str) -> str:
     return os.path.join(root(bpffs), "prog")
+
+
+def explain_prog_path(bpffs: str) -> str:
+    return os.path.join(root(bpffs), "prog-explain")
 
 
 def map_path(bpffs: str, name: str) -> str:
@@ -144,11 +149,13 @@ def open_pinned_maps(bpffs: str) -> dict[str, int]:
     return fds
 
 
-def pin_prog(bpffs: str, prog_fd: int) -> None:
-    """(Re)pin the attached program. A brief window without the pin only affects inspection."""
-    path = prog_path(bpffs)
-    unlink(path)
-    syscall.obj_pin(prog_fd, path)
+def pin_prog(bpffs: str, prog_fd: int, explain_fd: int = -1) -> None:
+    """(Re)pin the attached program and its dry-run twin. A brief window without the pins only
+    affects inspection."""
+    for fd, path in ((explain_fd, explain_prog_path(bpffs)), (prog_fd, prog_path(bpffs))):
+        unlink(path)
+        if fd >= 0:
+            syscall.obj_pin(fd, path)
 
 
 def pinned_link_names(bpffs: str) -> list[str]:

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 ENTRY_FILE = "nodecryptor.c"
 ENTRY_FUNCTION = b"nc_egress"
+EXPLAIN_FUNCTION = b"nc_explain"
+"""The dry-run twin of ENTRY_FUNCTION (same source, same maps; counts nothing, remembers no
+fragment), loaded with it and run by ``nodecryptor explain``; never attached."""
 BPF_DIR_ENV = "NODECRYPTOR_BPF_DIR"
 _INCLUDE_RE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 
@@ -107,12 +110,15 @@ def cflags(settings: Settings, pin_dir: str | None = None, root: Path | None = N
 
 @dataclass
 class LoadedProgram:
-    """A loaded program and its maps. Keeps the BCC module alive: closing it (or dropping the
-    last reference) closes the fds; pinned maps and an attached program stay in the kernel."""
+    """A loaded program, its dry-run twin and their maps. Keeps the BCC module alive: closing it
+    (or dropping the last reference) closes the fds; pinned maps and an attached program stay
+    in the kernel."""
 
     prog_fd: int
     prog_id: int
     map_fds: dict[str, int]
+    explain_fd: int = -1
+    explain_id: int = 0
     compile_seconds: float = 0.0
     pin_dir: str | None = None
     _bpf: object = field(default=None, repr=False)
@@ -122,6 +128,7 @@ class LoadedProgram:
             self._bpf.cleanup()
             self._bpf = None
             self.prog_fd = -1
+            self.explain_fd = -1
             self.map_fds = {}
 
 
@@ -167,6 +174,7 @@ def load(settings: Settings, pin_dir: str | None = None) -> LoadedProgram:
         raise DatapathError(f"compiling {root / ENTRY_FILE} failed: {e}") from e
     try:
         fn = module.load_func(ENTRY_FUNCTION, bcc.BPF.SCHED_CLS)
+        dry = module.load_func(EXPLAIN_FUNCTION, bcc.BPF.SCHED_CLS)
         map_fds = {spec.name: module[spec.name.encode()].map_fd for spec in abi.MAP_SPECS}
     except Exception as e:  # verifier rejection, or a map missing from the source
         module.cleanup()
@@ -176,6 +184,7 @@ def load(settings: Settings, pin_dir: str | None = None) -> LoadedProgram:
     log.info("BPF program loaded", extra=kv(prog_id=prog_id, seconds=round(elapsed, 3),
                                              pin_dir=pin_dir or "-"))
     return LoadedProgram(prog_fd=fn.fd, prog_id=prog_id, map_fds=map_fds,
+                         explain_fd=dry.fd, explain_id=syscall.prog_info(dry.fd).id,
                          compile_seconds=elapsed, pin_dir=pin_dir, _bpf=module)
 
 

@@ -162,6 +162,15 @@ def prog_info(fd: int) -> ProgInfo:
     return _info(fd, ProgInfo())
 
 
+def prog_map_ids(fd: int) -> list[int]:
+    """Ids of the maps a program uses (two BPF_OBJ_GET_INFO_BY_FD calls: count, then ids)."""
+    count = prog_info(fd).nr_map_ids
+    ids = (C.c_uint32 * max(count, 1))()
+    info = ProgInfo(nr_map_ids=count, map_ids=C.addressof(ids))
+    _info(fd, info)
+    return sorted(ids[:min(count, info.nr_map_ids)])
+
+
 def map_info(fd: int) -> MapInfo:
     return _info(fd, MapInfo())
 
