@@ -64,6 +64,8 @@ class BpfDatapath:
 
         try:
             pins.ensure_dirs(bpffs)
+        except pins.UnsafePinDir:
+            raise  # a DatapathError naming path, owner and mode: auto falls back, saying why
         except OSError as e:
             raise NotSupported("bpffs", f"cannot create {pins.root(bpffs)}: {e}") from e
         checks = pins.check_maps(self.settings)

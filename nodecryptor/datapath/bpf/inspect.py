@@ -215,7 +215,8 @@ def _open_prog(settings: Settings, prog_id: int) -> int:
 
 def _open_explain_prog(settings: Settings, prog_fd: int) -> int | None:
     """An fd of the dry-run twin of the attached program (``prog_fd``): the pinned
-    ``prog-explain``, accepted only when it uses exactly the attached program's maps. None
+    ``prog-explain``, accepted only when every map it reads is one of the attached program's
+    (it has no counters map: it never counts). None
     when there is no such pin (an agent from before the twin existed, or a restart between
     attaching and pinning)."""
     try:
@@ -223,7 +224,8 @@ def _open_explain_prog(settings: Settings, prog_fd: int) -> int | None:
     except OSError:
         return None
     try:
-        if syscall.prog_map_ids(fd) == syscall.prog_map_ids(prog_fd):
+        theirs = set(syscall.prog_map_ids(fd))
+        if theirs and theirs <= set(syscall.prog_map_ids(prog_fd)):
             return fd
     except OSError:
         pass

@@ -19,8 +19,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 from dataclasses import dataclass
 
+from ...errors import DatapathError
 from ...log import kv
 from ...settings import Settings
 from . import abi, syscall
@@ -72,9 +74,40 @@ def is_bpffs(path: str) -> bool:
     return (buf.f_type & 0xFFFFFFFF) == BPF_FS_MAGIC
 
 
+class UnsafePinDir(DatapathError):
+    """A pin directory that someone other than root could write to. Whoever can write there
+    can unlink the tcx link pin, which is the link's only reference: the program detaches and
+    cluster traffic leaves in the clear."""
+
+
+def check_dir(path: str) -> None:
+    """Raise UnsafePinDir unless ``path`` is a real directory (not a symlink) owned by root and
+    not writable by group or others."""
+    st = os.lstat(path)
+    mode = stat.S_IMODE(st.st_mode)
+    problems = []
+    if not stat.S_ISDIR(st.st_mode):
+        problems.append("not a directory")
+    if st.st_uid != 0:
+        problems.append(f"owned by uid {st.st_uid}, not root")
+    if mode & 0o022:
+        problems.append("writable by group or others")
+    if problems:
+        raise UnsafePinDir(f"refusing pin directory {path} (owner uid {st.st_uid}, mode "
+                           f"{mode:04o}): {', '.join(problems)}; nodecryptor's pin directories "
+                           "must be root-owned and not group/other writable (remove it, or "
+                           "chown root and chmod 0700)")
+
+
 def ensure_dirs(bpffs: str) -> None:
+    """Create nodecryptor's pin directories 0700, or check the existing ones (UnsafePinDir
+    when another user owns one or could write to it)."""
     for d in (root(bpffs), maps_dir(bpffs), links_dir(bpffs)):
-        os.makedirs(d, mode=0o700, exist_ok=True)
+        try:
+            os.mkdir(d, mode=0o700)
+        except FileExistsError:
+            pass
+        check_dir(d)
 
 
 def unlink(path: str) -> bool:
