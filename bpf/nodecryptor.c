@@ -39,7 +39,7 @@ static __always_inline int nc_decide(struct __sk_buff *skb, const int dry)
 		return nc_pass(skb, NC_R_WG_MARK, dry);
 	if (nc_parse_l3(skb, &p) < 0)
 		return nc_pass(skb, NC_R_NOT_IP, dry);
-	dst = nc_lookup_dst(&p);
+	dst = nc_lookup_dst(&p, cfg);
 	if (!dst)
 		return nc_pass(skb, NC_R_NOT_CLUSTER, dry);
 	if (p.family == 6)

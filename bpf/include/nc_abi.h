@@ -6,7 +6,7 @@
 #ifndef NC_ABI_H
 #define NC_ABI_H
 
-#define NC_ABI_VERSION 1
+#define NC_ABI_VERSION 2
 
 /* Destination value: what the agent knows about a remote prefix. */
 #define NC_KIND_NODE_IP 1
@@ -14,9 +14,15 @@
 #define NC_DST_F_CONTROL_PLANE (1 << 0) /* the prefix belongs to a control-plane node */
 #define NC_DST_F_UNCOVERED (1 << 1)     /* no WireGuard peer's allowed-IPs cover it */
 
+/* Destination keys: an exact-match hash per family holds every prefix as (length, address
+ * masked to the length). The program looks the destination up once per prefix length in use,
+ * longest first (the lengths are listed in nc_config), so the first hit is the longest match.
+ * A cluster has few distinct lengths (/32 and /128 node addresses, one or two pod CIDR sizes):
+ * a hash lookup costs the same at 100 and at 100,000 entries, an LPM trie walk grows with
+ * depth (issue 12). */
 struct nc_lpm_v4 {
-	__u32 prefixlen; /* LPM trie keys start with the prefix length */
-	__u8 addr[4];    /* network byte order */
+	__u32 prefixlen;
+	__u8 addr[4];    /* network byte order, host bits zero */
 };
 
 struct nc_lpm_v6 {
@@ -30,14 +36,35 @@ struct nc_dst_info {
 	__u16 reserved;
 };
 
-/* Exempt ports: one entry per (protocol, port); ranges are expanded by the agent. */
+/* Exempt ports: up to NC_EXEMPT_RANGES_MAX (protocol, first, last) ranges, scanned in order
+ * (a range costs the same as a single port; 1-65535 is one entry). */
 #define NC_EXEMPT_DPORT (1 << 0) /* towards control-plane nodes */
 #define NC_EXEMPT_SPORT (1 << 1) /* replies from the local control-plane node's own addresses */
-struct nc_port_key {
+#define NC_EXEMPT_RANGES_MAX 16
+struct nc_port_range {
 	__u8 protocol; /* IPPROTO_TCP / _UDP / _SCTP */
-	__u8 pad;
-	__u16 port;    /* host byte order */
+	__u8 flags;    /* NC_EXEMPT_* */
+	__u16 first;   /* host byte order, inclusive */
+	__u16 last;
+	__u16 pad;
 };
+
+struct nc_exempt_ranges {
+	__u32 count;   /* ranges in use, from r[0] */
+	__u32 pad;
+	struct nc_port_range r[NC_EXEMPT_RANGES_MAX];
+};
+
+/* Summary of the destination maps: one bit per IPv4 /16 and one per 16-bit fold of an IPv6
+ * address's first 32 bits, set when some destination prefix overlaps it. A clear bit proves
+ * the destination is no cluster prefix with one array read, so traffic to the rest of the
+ * world never pays for the hash lookups. Always a superset: the agent sets bits before adding
+ * entries and clears them only after removing them. */
+#define NC_SUMMARY_WORDS 1024 /* 65,536 bits per family */
+#define NC_SUMMARY_V6_BASE NC_SUMMARY_WORDS
+
+#define NC_PLEN_V4_MAX 33  /* distinct prefix lengths /0../32 */
+#define NC_PLEN_V6_MAX 129
 
 /* Local node addresses: the only sources whose exempt source ports may leave in the clear. */
 struct nc_addr_key {
@@ -68,6 +95,12 @@ struct nc_config {
 	__u32 max_packet_v4;  /* redirected non-TCP packets above this are counted as oversize */
 	__u32 max_packet_v6;
 	__u64 agent_alive_ns; /* CLOCK_MONOTONIC (bpf_ktime_get_ns) of the agent's last reconcile */
+	__u8 n_plen_v4;       /* prefix lengths in nc_dst_v4, listed longest first below */
+	__u8 n_plen_v6;
+	__u8 pad1[6];
+	__u8 plen_v4[NC_PLEN_V4_MAX];
+	__u8 plen_v6[NC_PLEN_V6_MAX];
+	__u8 pad2[6];
 };
 
 /* Fragment tracking: a non-first fragment follows its first fragment's verdict. */
@@ -133,16 +166,14 @@ enum nc_reason {
 #define NC_MAP_CONFIG nc_config_map
 #define NC_MAP_COUNTERS nc_counters
 #define NC_MAP_FRAGS nc_frags
+#define NC_MAP_SUMMARY nc_summary
 
 /* Sizes come from the agent as -D cflags; these defaults let the file compile on its own. */
 #ifndef NC_DST_V4_MAX
-#define NC_DST_V4_MAX 65536
+#define NC_DST_V4_MAX 16384
 #endif
 #ifndef NC_DST_V6_MAX
-#define NC_DST_V6_MAX 65536
-#endif
-#ifndef NC_EXEMPT_MAX
-#define NC_EXEMPT_MAX 4096
+#define NC_DST_V6_MAX 16384
 #endif
 #ifndef NC_LOCAL_MAX
 #define NC_LOCAL_MAX 256

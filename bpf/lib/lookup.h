@@ -7,19 +7,101 @@
 #include "maps.h"
 #include "parse.h"
 
-/* Longest-prefix match of the destination; NULL when it is not a remote cluster prefix. */
-static __always_inline struct nc_dst_info *nc_lookup_dst(const struct nc_pkt *p)
+/* Whether the summary bit of the destination is set (see nc_abi.h): when it is clear, no
+ * destination prefix overlaps the address and the hash lookups are skipped. */
+static __always_inline int nc_summary_maybe(const struct nc_pkt *p)
 {
-	if (p->family == 4) {
-		struct nc_lpm_v4 key = {.prefixlen = 32};
+	__u32 index = ((__u32)p->dst[0] << 8) | p->dst[1], key;
+	__u64 *word;
 
-		__builtin_memcpy(key.addr, p->dst, 4);
-		return nc_dst_v4.lookup(&key);
+	if (p->family == 6)
+		index ^= ((__u32)p->dst[2] << 8) | p->dst[3];
+	key = (index >> 6) + (p->family == 6 ? NC_SUMMARY_V6_BASE : 0);
+	word = nc_summary.lookup(&key);
+	return word && ((*word >> (index & 63)) & 1);
+}
+
+/* Host-order mask of the first ``bits`` bits of a 32-bit word (bits may be <= 0 or >= 32). */
+static __always_inline __u32 nc_mask32(int bits)
+{
+	if (bits <= 0)
+		return 0;
+	if (bits >= 32)
+		return 0xFFFFFFFF;
+	return 0xFFFFFFFF << (32 - bits);
+}
+
+static __always_inline struct nc_dst_info *nc_lookup_v4(const struct nc_pkt *p,
+							 const struct nc_config *cfg)
+{
+	struct nc_lpm_v4 key = {};
+	struct nc_dst_info *info;
+	__u32 addr, n = cfg->n_plen_v4;
+
+	__builtin_memcpy(&addr, p->dst, 4);
+	addr = bpf_ntohl(addr);
+#pragma clang loop unroll(disable)
+	for (__u32 i = 0; i < NC_PLEN_V4_MAX; i++) {
+		if (i >= n)
+			break;
+		__u32 plen = cfg->plen_v4[i];
+		__u32 masked = bpf_htonl(addr & nc_mask32(plen));
+
+		key.prefixlen = plen;
+		__builtin_memcpy(key.addr, &masked, 4);
+		info = nc_dst_v4.lookup(&key);
+		if (info)
+			return info;
 	}
-	struct nc_lpm_v6 key = {.prefixlen = 128};
+	return NULL;
+}
 
-	__builtin_memcpy(key.addr, p->dst, 16);
-	return nc_dst_v6.lookup(&key);
+static __always_inline struct nc_dst_info *nc_lookup_v6(const struct nc_pkt *p,
+							 const struct nc_config *cfg)
+{
+	struct nc_lpm_v6 key = {};
+	struct nc_dst_info *info;
+	__u32 w0, w1, w2, w3, n = cfg->n_plen_v6;
+
+	__builtin_memcpy(&w0, p->dst, 4);
+	__builtin_memcpy(&w1, p->dst + 4, 4);
+	__builtin_memcpy(&w2, p->dst + 8, 4);
+	__builtin_memcpy(&w3, p->dst + 12, 4);
+	w0 = bpf_ntohl(w0);
+	w1 = bpf_ntohl(w1);
+	w2 = bpf_ntohl(w2);
+	w3 = bpf_ntohl(w3);
+#pragma clang loop unroll(disable)
+	for (__u32 i = 0; i < NC_PLEN_V6_MAX; i++) {
+		if (i >= n)
+			break;
+		int plen = cfg->plen_v6[i];
+		__u32 m0 = bpf_htonl(w0 & nc_mask32(plen));
+		__u32 m1 = bpf_htonl(w1 & nc_mask32(plen - 32));
+		__u32 m2 = bpf_htonl(w2 & nc_mask32(plen - 64));
+		__u32 m3 = bpf_htonl(w3 & nc_mask32(plen - 96));
+
+		key.prefixlen = plen;
+		__builtin_memcpy(key.addr, &m0, 4);
+		__builtin_memcpy(key.addr + 4, &m1, 4);
+		__builtin_memcpy(key.addr + 8, &m2, 4);
+		__builtin_memcpy(key.addr + 12, &m3, 4);
+		info = nc_dst_v6.lookup(&key);
+		if (info)
+			return info;
+	}
+	return NULL;
+}
+
+/* Longest-prefix match of the destination; NULL when it is not a remote cluster prefix. */
+static __always_inline struct nc_dst_info *nc_lookup_dst(const struct nc_pkt *p,
+							  const struct nc_config *cfg)
+{
+	if (!nc_summary_maybe(p))
+		return NULL;
+	if (p->family == 4)
+		return nc_lookup_v4(p, cfg);
+	return nc_lookup_v6(p, cfg);
 }
 
 /* Whether the source address is one of the local node's own addresses. */
@@ -36,13 +118,24 @@ static __always_inline int nc_src_is_local(const struct nc_pkt *p)
 	return nc_local.lookup(&key) != NULL;
 }
 
-/* NC_EXEMPT_* bits of (protocol, port), 0 when the port is not exempt. */
+/* NC_EXEMPT_* bits of (protocol, port): the union over the exempt ranges that contain it. */
 static __always_inline __u32 nc_port_flags(__u8 protocol, __u16 port)
 {
-	struct nc_port_key key = {.protocol = protocol, .pad = 0, .port = port};
-	__u32 *flags = nc_exempt.lookup(&key);
+	__u32 zero = 0, flags = 0, n;
+	struct nc_exempt_ranges *x = nc_exempt.lookup(&zero);
 
-	return flags ? *flags : 0;
+	if (!x)
+		return 0;
+	n = x->count;
+	/* Fully unrolled, every index a constant: no variable offset into the map value. */
+#pragma unroll
+	for (int i = 0; i < NC_EXEMPT_RANGES_MAX; i++) {
+		const struct nc_port_range *r = &x->r[i];
+
+		if (i < n && r->protocol == protocol && port >= r->first && port <= r->last)
+			flags |= r->flags;
+	}
+	return flags;
 }
 
 #endif /* NC_LIB_LOOKUP_H */

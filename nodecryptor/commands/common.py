@@ -10,7 +10,7 @@ import sys
 from ..errors import SettingsError
 from ..log import LEVELS
 from ..ports import PortSpecError, parse_port_spec
-from ..settings import DEFAULT_EXEMPT_PORTS, Settings
+from ..settings import DEFAULT_EXEMPT_PORTS, MAX_EXEMPT_PORT_RANGES, Settings
 
 
 def parse_bool(text: str) -> bool:
@@ -72,6 +72,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             kw["exempt_ports"] = parse_port_spec(spec)
         except PortSpecError as e:
             raise SettingsError("--control-plane-exempt-ports", spec, str(e)) from None
+        if len(kw["exempt_ports"]) > MAX_EXEMPT_PORT_RANGES:
+            raise SettingsError("--control-plane-exempt-ports", spec,
+                                f"{len(kw['exempt_ports'])} separate ranges after merging; the "
+                                f"datapath holds at most {MAX_EXEMPT_PORT_RANGES} (use ranges "
+                                "such as 2379-2380)")
     if getattr(args, "control_plane_label", None):
         kw["control_plane_labels"] = tuple(args.control_plane_label)
     if getattr(args, "address_types", None) is not None:

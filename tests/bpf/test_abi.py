@@ -15,7 +15,7 @@ import pytest
 
 from conftest import have_bcc, require
 from nodecryptor.datapath.bpf import abi, program, syscall, testrun
-from nodecryptor.settings import MapSizes, Settings
+from nodecryptor.settings import MAX_EXEMPT_PORT_RANGES, MapSizes, Settings
 
 pytestmark = [pytest.mark.privileged, pytest.mark.bpf]
 
@@ -24,7 +24,8 @@ STRUCTS = {
     abi.LpmV4: "nc_lpm_v4",
     abi.LpmV6: "nc_lpm_v6",
     abi.DstInfo: "nc_dst_info",
-    abi.PortKey: "nc_port_key",
+    abi.PortRange: "nc_port_range",
+    abi.ExemptRanges: "nc_exempt_ranges",
     abi.AddrKey: "nc_addr_key",
     abi.Config: "nc_config",
     abi.FragKey: "nc_frag_key",
@@ -58,7 +59,11 @@ CONSTANTS = {
     "BPF_MAP_TYPE_ARRAY": abi.BPF_MAP_TYPE_ARRAY,
     "BPF_MAP_TYPE_PERCPU_ARRAY": abi.BPF_MAP_TYPE_PERCPU_ARRAY,
     "BPF_MAP_TYPE_LRU_HASH": abi.BPF_MAP_TYPE_LRU_HASH,
-    "BPF_MAP_TYPE_LPM_TRIE": abi.BPF_MAP_TYPE_LPM_TRIE,
+    "NC_EXEMPT_RANGES_MAX": abi.EXEMPT_RANGES_MAX,
+    "NC_SUMMARY_WORDS": abi.SUMMARY_WORDS,
+    "NC_SUMMARY_V6_BASE": abi.SUMMARY_V6_BASE,
+    "NC_PLEN_V4_MAX": abi.PLEN_V4_MAX,
+    "NC_PLEN_V6_MAX": abi.PLEN_V6_MAX,
     "BPF_F_NO_PREALLOC": abi.BPF_F_NO_PREALLOC,
 }
 CONSTANTS.update({f"NC_R_{r.name}": r.value for r in abi.Reason})
@@ -68,7 +73,7 @@ CONSTANTS.update({f"NC_EV_{e.name}": e.value for e in abi.Event})
 MAP_NAME_MACROS = {"NC_MAP_DST_V4": "nc_dst_v4", "NC_MAP_DST_V6": "nc_dst_v6",
                    "NC_MAP_EXEMPT": "nc_exempt", "NC_MAP_LOCAL": "nc_local",
                    "NC_MAP_CONFIG": "nc_config_map", "NC_MAP_COUNTERS": "nc_counters",
-                   "NC_MAP_FRAGS": "nc_frags"}
+                   "NC_MAP_FRAGS": "nc_frags", "NC_MAP_SUMMARY": "nc_summary"}
 
 
 def _c_probes() -> list[tuple[str, str, int]]:
@@ -140,6 +145,11 @@ def test_map_name_macros_match_specs():
     assert set(MAP_NAME_MACROS.values()) == set(abi.MAPS_BY_NAME)
 
 
+def test_exempt_flag_limit_is_the_program_limit():
+    """--control-plane-exempt-ports is validated against what nc_exempt holds."""
+    assert MAX_EXEMPT_PORT_RANGES == abi.EXEMPT_RANGES_MAX
+
+
 def test_reason_tables_complete():
     assert set(abi.REASON_NAMES) == set(abi.Reason) == set(abi.REASON_VERDICTS)
     assert set(abi.EVENT_NAMES) == set(abi.Event)
@@ -148,8 +158,8 @@ def test_reason_tables_complete():
 
 
 def test_program_maps_match_specs(bcc_module):
-    sizes = MapSizes(destinations_v4=1000, destinations_v6=2000, exempt_ports=300,
-                     local_addresses=40, fragments=500)
+    sizes = MapSizes(destinations_v4=1000, destinations_v6=2000, local_addresses=40,
+                     fragments=500)
     loaded = program.load(Settings(map_sizes=sizes))
     try:
         for spec in abi.MAP_SPECS:

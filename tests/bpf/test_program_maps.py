@@ -29,7 +29,7 @@ def loaded():
 
 
 def _clear(map_fds):
-    for name in ("nc_dst_v4", "nc_dst_v6", "nc_exempt", "nc_local"):
+    for name in ("nc_dst_v4", "nc_dst_v6", "nc_local"):
         spec = abi.MAPS_BY_NAME[name]
         for key in list(syscall.map_keys(map_fds[name], spec.key)):
             syscall.map_delete(map_fds[name], key)
@@ -39,8 +39,8 @@ def test_sync_is_idempotent_and_prunes(loaded):
     _clear(loaded.map_fds)
     worker = dc.desired_for(dc.CASES_BY_ID["v4-node-to-remote-node"])  # local node w1
     first = maps.sync(loaded.map_fds, worker, now_ns=1)
-    # 8 destinations (cp1 and w2: node IP + pod CIDR, both families), 3 ports, 2 addresses
-    assert (first.added, first.removed) == (8 + 3 + 2, 0)
+    # 8 destinations (cp1 and w2: node IP + pod CIDR, both families), 2 addresses
+    assert (first.added, first.removed) == (8 + 2, 0)
     assert maps.sync(loaded.map_fds, worker, now_ns=2) == maps.SyncStats(0, 0, 0)
 
     cp = dc.desired_for(dc.CASES_BY_ID["v4-cp-reply-6443-from-node-ip"])  # local node cp1
@@ -91,16 +91,21 @@ def test_new_destination_is_added_before_stale_one_is_removed(loaded, monkeypatc
                         lambda fd, k: (calls.append("delete"), real_delete(fd, k))[1])
     stats = maps.sync(loaded.map_fds, moved)
     assert (stats.added, stats.removed) == (1, 1)
-    # destination update, stale delete, then the config entry last
-    assert calls == ["update", "delete", "update"]
+    # destination update, the config entry, then the stale delete (the summary bits did not
+    # change: both prefixes are in 10.244.0.0/16)
+    assert calls == ["update", "update", "delete"]
 
 
 def test_full_map_names_the_problem(bcc_settings_small):
     loaded = program.load(bcc_settings_small)
     try:
         desired = dc.desired_for(dc.CASES_BY_ID["v4-node-to-remote-node"])
-        with pytest.raises(DatapathError, match="writing BPF maps failed"):
+        with pytest.raises(maps.CapacityError,
+                           match="IPv4 destinations: 4 entries needed .* capacity 2"):
             maps.sync(loaded.map_fds, desired)
+        # refused before any write: the program still has no configuration
+        assert maps.read(loaded.map_fds)["destinations"] == []
+        assert not maps.read_config(loaded.map_fds)["enabled"]
     finally:
         loaded.close()
 

@@ -22,7 +22,7 @@ NOBODY = 65534
 
 def test_directories_are_created_0700_and_root_owned(bpffs):
     pins.ensure_dirs(bpffs)
-    for path in (pins.root(bpffs), pins.maps_dir(bpffs), pins.links_dir(bpffs)):
+    for path in (pins.root(bpffs), pins.abi_dir(bpffs), pins.links_dir(bpffs)):
         st = os.lstat(path)
         assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o700), path
     pins.ensure_dirs(bpffs)  # existing safe directories are fine
@@ -30,7 +30,7 @@ def test_directories_are_created_0700_and_root_owned(bpffs):
 
 def _precreate(bpffs, which, uid=0, mode=0o700):
     pins.ensure_dirs(bpffs)
-    path = {"root": pins.root(bpffs), "maps": pins.maps_dir(bpffs),
+    path = {"root": pins.root(bpffs), "maps": pins.abi_dir(bpffs),
             "links": pins.links_dir(bpffs)}[which]
     os.chown(path, uid, -1)
     os.chmod(path, mode)

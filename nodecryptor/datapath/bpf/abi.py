@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..base import VERDICT_DROP, VERDICT_ENCRYPT, VERDICT_EXEMPT, VERDICT_PASS
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 KIND_NODE_IP = 1
 KIND_POD_CIDR = 2
@@ -20,6 +20,11 @@ DST_F_CONTROL_PLANE = 1 << 0
 DST_F_UNCOVERED = 1 << 1
 EXEMPT_DPORT = 1 << 0
 EXEMPT_SPORT = 1 << 1
+EXEMPT_RANGES_MAX = 16
+SUMMARY_WORDS = 1024
+SUMMARY_V6_BASE = SUMMARY_WORDS
+PLEN_V4_MAX = 33
+PLEN_V6_MAX = 129
 FAIL_OPEN = 0
 FAIL_CLOSED = 1
 ROLE_WORKER = 0
@@ -42,8 +47,14 @@ class DstInfo(C.Structure):
     _fields_ = [("kind", C.c_uint8), ("flags", C.c_uint8), ("reserved", C.c_uint16)]
 
 
-class PortKey(C.Structure):
-    _fields_ = [("protocol", C.c_uint8), ("pad", C.c_uint8), ("port", C.c_uint16)]
+class PortRange(C.Structure):
+    _fields_ = [("protocol", C.c_uint8), ("flags", C.c_uint8), ("first", C.c_uint16),
+                ("last", C.c_uint16), ("pad", C.c_uint16)]
+
+
+class ExemptRanges(C.Structure):
+    _fields_ = [("count", C.c_uint32), ("pad", C.c_uint32),
+                ("r", PortRange * EXEMPT_RANGES_MAX)]
 
 
 class AddrKey(C.Structure):
@@ -66,6 +77,12 @@ class Config(C.Structure):
         ("max_packet_v4", C.c_uint32),
         ("max_packet_v6", C.c_uint32),
         ("agent_alive_ns", C.c_uint64),
+        ("n_plen_v4", C.c_uint8),
+        ("n_plen_v6", C.c_uint8),
+        ("pad1", C.c_uint8 * 6),
+        ("plen_v4", C.c_uint8 * PLEN_V4_MAX),
+        ("plen_v6", C.c_uint8 * PLEN_V6_MAX),
+        ("pad2", C.c_uint8 * 6),
     ]
 
 
@@ -167,7 +184,6 @@ BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LRU_HASH = 9
-BPF_MAP_TYPE_LPM_TRIE = 11
 BPF_F_NO_PREALLOC = 1
 
 
@@ -179,7 +195,8 @@ class MapSpec:
     map_type: int
     key: type
     value: type
-    size_setting: str | None  # field of settings.MapSizes; None = fixed size below
+    size_setting: str | None
+    """Field of settings.MapSizes giving the (initial) capacity; None = fixed size below."""
     fixed_entries: int = 0
     flags: int = 0
 
@@ -196,23 +213,27 @@ class MapSpec:
 
 
 MAP_SPECS = (
-    MapSpec("nc_dst_v4", BPF_MAP_TYPE_LPM_TRIE, LpmV4, DstInfo, "destinations_v4",
+    MapSpec("nc_dst_v4", BPF_MAP_TYPE_HASH, LpmV4, DstInfo, "destinations_v4",
             flags=BPF_F_NO_PREALLOC),
-    MapSpec("nc_dst_v6", BPF_MAP_TYPE_LPM_TRIE, LpmV6, DstInfo, "destinations_v6",
+    MapSpec("nc_dst_v6", BPF_MAP_TYPE_HASH, LpmV6, DstInfo, "destinations_v6",
             flags=BPF_F_NO_PREALLOC),
-    MapSpec("nc_exempt", BPF_MAP_TYPE_HASH, PortKey, C.c_uint32, "exempt_ports"),
+    MapSpec("nc_exempt", BPF_MAP_TYPE_ARRAY, C.c_uint32, ExemptRanges, None, fixed_entries=1),
     MapSpec("nc_local", BPF_MAP_TYPE_HASH, AddrKey, C.c_uint32, "local_addresses"),
     MapSpec("nc_config_map", BPF_MAP_TYPE_ARRAY, C.c_uint32, Config, None, fixed_entries=1),
     MapSpec("nc_counters", BPF_MAP_TYPE_PERCPU_ARRAY, C.c_uint32, Counter, None,
             fixed_entries=COUNTER_MAX),
     MapSpec("nc_frags", BPF_MAP_TYPE_LRU_HASH, FragKey, FragVal, "fragments"),
+    MapSpec("nc_summary", BPF_MAP_TYPE_ARRAY, C.c_uint32, C.c_uint64, None,
+            fixed_entries=2 * SUMMARY_WORDS),
 )
+DESTINATION_MAPS = {4: "nc_dst_v4", 6: "nc_dst_v6"}
+"""The maps whose capacity follows the cluster (grown by loading a new generation)."""
 MAPS_BY_NAME = {m.name: m for m in MAP_SPECS}
 
 
-def pin_dir(bpffs: str) -> str:
-    """Versioned pin directory: a layout change gets a fresh directory instead of reusing
-    maps of the wrong shape."""
+def abi_dir(bpffs: str) -> str:
+    """Versioned directory: a layout change starts from a fresh directory instead of meeting
+    maps of the wrong shape. The maps live in generation directories below it (pins.py)."""
     return f"{bpffs.rstrip('/')}/nodecryptor/v{ABI_VERSION}"
 
 

@@ -56,14 +56,17 @@ def pinned_prog_id(settings: Settings) -> int:
         os.close(fd)
 
 
-def read_config(settings: Settings) -> abi.Config | None:
+def read_config(settings: Settings) -> dict | None:
+    """The pinned configuration entry, decoded by maps.decode_config; None when absent."""
     try:
         fd = syscall.obj_get(pins.map_path(settings.bpffs, CONFIG_MAP), read_only=True)
     except OSError:
         return None
     try:
+        from .maps import decode_config
+
         value = abi.Config()
-        return value if syscall.map_lookup(fd, ctypes.c_uint32(0), value) else None
+        return decode_config(value) if syscall.map_lookup(fd, ctypes.c_uint32(0), value) else None
     finally:
         os.close(fd)
 
@@ -115,22 +118,19 @@ def status(settings: Settings) -> dict:
     if config is None:
         problems.append("configuration map not pinned or empty")
     else:
-        age = (time.monotonic_ns() - config.agent_alive_ns) / 1e9 if config.agent_alive_ns else None
-        out["config"] = {"enabled": bool(config.enabled), "wg_ifindex": config.wg_ifindex,
-                         "wg_up": bool(config.wg_up), "wg_port": config.wg_port,
-                         "fail_mode": "closed" if config.fail_mode == abi.FAIL_CLOSED else "open",
-                         "local_role": ("control-plane" if config.local_role ==
-                                        abi.ROLE_CONTROL_PLANE else "worker"),
-                         "wg_mark": f"0x{config.wg_mark:x}",
-                         "wg_mark_mask": f"0x{config.wg_mark_mask:x}",
-                         "max_packet_v4": config.max_packet_v4,
-                         "max_packet_v6": config.max_packet_v6}
-        out["mss"] = {"v4": config.mss_v4, "v6": config.mss_v6}
+        alive_ns = config["agent_alive_ns"]
+        age = (time.monotonic_ns() - alive_ns) / 1e9 if alive_ns else None
+        out["config"] = {key: config[key] for key in (
+            "enabled", "wg_ifindex", "wg_up", "wg_port", "fail_mode", "local_role",
+            "max_packet_v4", "max_packet_v6", "prefix_lengths")}
+        out["config"].update(wg_mark=f"0x{config['wg_mark']:x}",
+                             wg_mark_mask=f"0x{config['wg_mark_mask']:x}")
+        out["mss"] = {"v4": config["mss_v4"], "v6": config["mss_v6"]}
         out["agent_alive_age_seconds"] = round(age, 3) if age is not None else None
-        if not config.enabled:
+        if not config["enabled"]:
             problems.append("program disabled (no configuration written yet)")
-        if wg.get("ifindex") and config.wg_ifindex != wg["ifindex"]:
-            problems.append(f"program redirects to ifindex {config.wg_ifindex} but "
+        if wg.get("ifindex") and config["wg_ifindex"] != wg["ifindex"]:
+            problems.append(f"program redirects to ifindex {config['wg_ifindex']} but "
                             f"{settings.wg_interface} is ifindex {wg['ifindex']}")
         if age is not None and age > settings.heartbeat_stale_seconds:
             # Still enforcing (fail-static), but nobody keeps the maps current.

@@ -1,11 +1,19 @@
 """Writing a DesiredState into the program's maps, and reading the maps back, with raw bpf(2)
 only (no compiler): the agent syncs through here and ``nodecryptor bpf dump`` reads through here.
 
-``sync`` is an idempotent diff against what the maps hold. Order matters for traffic in
-flight: new and changed destinations, exempt ports and local addresses are written before stale
-entries are deleted (a destination never falls out of the tries while it is still wanted), and
-the configuration entry is written last, so a program that sees ``enabled`` sees complete
-tables.
+``sync`` is an idempotent diff against what the maps hold, checked against the maps' capacity
+before anything is written (``CapacityError``: the caller grows the maps instead). Order matters
+for traffic in flight, and makes an interrupted sync leave a superset of the previous state:
+
+1. summary bits of new destinations are set (the summary stays a superset);
+2. new and changed destinations and local addresses are written;
+3. the exempt ranges, then the configuration entry (prefix lengths to look up, ``enabled``), so
+   a program that sees a prefix length or ``enabled`` finds complete tables;
+4. stale destinations and addresses are deleted (never before the new ones exist);
+5. the summary is made exact.
+
+This module is also the one place that decodes the maps (``read``, ``decode_config``) for
+``bpf dump``, ``status`` and the agent.
 """
 
 from __future__ import annotations
@@ -25,6 +33,16 @@ DEFAULT_WG_PORT = 51871
 """Cilium's WireGuard port, used when the device's port could not be read."""
 
 _KIND_NAMES = {abi.KIND_NODE_IP: "node-ip", abi.KIND_POD_CIDR: "pod-cidr"}
+
+
+class CapacityError(DatapathError):
+    """The maps cannot hold the desired state next to the entries they hold now. Raised by
+    ``sync`` before it writes anything."""
+
+    def __init__(self, family: int, needed: int, capacity: int):
+        self.family, self.needed, self.capacity = family, needed, capacity
+        super().__init__(f"IPv{family} destinations: {needed} entries needed during the update, "
+                         f"map capacity {capacity}")
 
 
 @dataclass(frozen=True)
@@ -87,16 +105,64 @@ def desired_destinations(desired: DesiredState) -> dict[int, dict[bytes, bytes]]
     return out
 
 
-def desired_ports(desired: DesiredState) -> dict[bytes, bytes]:
-    """Exempt (protocol, port) entries, ranges expanded. Every exempt port is exempt both as
+def destination_counts(desired: DesiredState) -> dict[int, int]:
+    """Destinations by family, what the destination maps must hold."""
+    counts = {4: 0, 6: 0}
+    for dest in desired.destinations:
+        counts[dest.prefix.version] += 1
+    return counts
+
+
+def desired_exempt(desired: DesiredState) -> abi.ExemptRanges:
+    """The exempt ranges as the program scans them. Every exempt port is exempt both as
     destination (towards control-plane nodes) and as source (replies of the local
     control-plane node); the program applies each only where it belongs."""
-    out: dict[bytes, bytes] = {}
-    flags = bytes(C.c_uint32(abi.EXEMPT_DPORT | abi.EXEMPT_SPORT))
-    for rng in desired.plan.exempt_ports:
-        for port in range(rng.first, rng.last + 1):
-            out[bytes(abi.PortKey(protocol=rng.proto_number, port=port))] = flags
+    ranges = desired.plan.exempt_ports
+    if len(ranges) > abi.EXEMPT_RANGES_MAX:
+        raise DatapathError(f"{len(ranges)} exempt port ranges; the program holds at most "
+                            f"{abi.EXEMPT_RANGES_MAX}")
+    out = abi.ExemptRanges(count=len(ranges))
+    for i, rng in enumerate(ranges):
+        out.r[i] = abi.PortRange(protocol=rng.proto_number,
+                                 flags=abi.EXEMPT_DPORT | abi.EXEMPT_SPORT,
+                                 first=rng.first, last=rng.last)
     return out
+
+
+def prefix_lengths(desired: DesiredState, family: int) -> list[int]:
+    """Distinct prefix lengths of one family, longest first: the order the program tries."""
+    return sorted({d.prefix.prefixlen for d in desired.destinations
+                   if d.prefix.version == family}, reverse=True)
+
+
+def _fold(top32: int) -> int:
+    return (top32 >> 16) ^ (top32 & 0xFFFF)
+
+
+def summary_bits(prefix) -> range | list[int]:
+    """Summary bit indices (0..65535, per family) a prefix overlaps; see nc_abi.h."""
+    net = int(prefix.network_address)
+    if prefix.version == 4:
+        top = net >> 16
+        if prefix.prefixlen >= 16:
+            return [top]
+        return range(top, top + (1 << (16 - prefix.prefixlen)))
+    top = net >> 96
+    if prefix.prefixlen >= 32:
+        return [_fold(top)]
+    if prefix.prefixlen <= 16:
+        return range(1 << 16)  # every fold value occurs
+    return sorted({_fold(t) for t in range(top, top + (1 << (32 - prefix.prefixlen)))})
+
+
+def desired_summary(desired: DesiredState) -> list[int]:
+    """The summary map's words: v4 bits in words 0..1023, v6 bits in 1024..2047."""
+    words = [0] * (2 * abi.SUMMARY_WORDS)
+    for dest in desired.destinations:
+        base = 0 if dest.prefix.version == 4 else abi.SUMMARY_V6_BASE
+        for bit in summary_bits(dest.prefix):
+            words[base + (bit >> 6)] |= 1 << (bit & 63)
+    return words
 
 
 def desired_locals(desired: DesiredState) -> dict[bytes, bytes]:
@@ -106,6 +172,7 @@ def desired_locals(desired: DesiredState) -> dict[bytes, bytes]:
 
 def desired_config(desired: DesiredState, now_ns: int) -> abi.Config:
     wg = desired.wg
+    v4, v6 = prefix_lengths(desired, 4), prefix_lengths(desired, 6)
     return abi.Config(
         wg_ifindex=wg.ifindex if wg.present else 0,
         enabled=1 if desired.enabled else 0,
@@ -121,6 +188,10 @@ def desired_config(desired: DesiredState, now_ns: int) -> abi.Config:
         max_packet_v4=desired.max_packet_v4,
         max_packet_v6=desired.max_packet_v6,
         agent_alive_ns=now_ns,
+        n_plen_v4=len(v4),
+        n_plen_v6=len(v6),
+        plen_v4=(C.c_uint8 * abi.PLEN_V4_MAX)(*v4),
+        plen_v6=(C.c_uint8 * abi.PLEN_V6_MAX)(*v6),
     )
 
 
@@ -161,27 +232,64 @@ def _fd(map_fds: dict[str, int], name: str) -> int:
         raise DatapathError(f"map {name} missing from the loaded program's maps") from None
 
 
-def sync(map_fds: dict[str, int], desired: DesiredState, now_ns: int | None = None) -> SyncStats:
+def _read_summary(fd: int) -> list[int]:
+    value = C.c_uint64()
+    out = []
+    for i in range(2 * abi.SUMMARY_WORDS):
+        out.append(value.value if syscall.map_lookup(fd, C.c_uint32(i), value) else 0)
+    return out
+
+
+def _write_summary(fd: int, have: list[int], want: list[int]) -> None:
+    for i, (old, new) in enumerate(zip(have, want)):
+        if old != new:
+            syscall.map_update(fd, C.c_uint32(i), C.c_uint64(new))
+
+
+def sync(map_fds: dict[str, int], desired: DesiredState, now_ns: int | None = None,
+         capacities: dict[int, int] | None = None) -> SyncStats:
     """Make the maps hold exactly ``desired``. Idempotent; a second call changes nothing but
-    the config entry's agent_alive_ns. Raises DatapathError when the kernel refuses a write
-    (e.g. a full map), with the map named."""
+    the config entry's agent_alive_ns. ``capacities`` ({4: n, 6: n}, default: read from the
+    maps) bounds what the destination maps may hold while old and new entries coexist:
+    CapacityError, before any write, when that is exceeded. Raises DatapathError when the
+    kernel refuses a write, with the map named; what was written until then is a superset
+    of the previous state (see the module docstring)."""
     if now_ns is None:
         now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # what bpf_ktime_get_ns reads
     dests = desired_destinations(desired)
     tables = [
         (abi.MAPS_BY_NAME["nc_dst_v4"], dests[4]),
         (abi.MAPS_BY_NAME["nc_dst_v6"], dests[6]),
-        (abi.MAPS_BY_NAME["nc_exempt"], desired_ports(desired)),
         (abi.MAPS_BY_NAME["nc_local"], desired_locals(desired)),
     ]
     added = updated = removed = 0
     try:
         current = [_current(_fd(map_fds, spec.name), spec) for spec, _ in tables]
+        for family, (want, have) in zip((4, 6), zip(dests.values(), current)):
+            fd = _fd(map_fds, abi.DESTINATION_MAPS[family])
+            capacity = (capacities or {}).get(family) or syscall.map_info(fd).max_entries
+            needed = len(have.keys() | want.keys())
+            if needed > capacity:
+                raise CapacityError(family, needed, capacity)
+        local_spec = abi.MAPS_BY_NAME["nc_local"]
+        local_cap = syscall.map_info(_fd(map_fds, local_spec.name)).max_entries
+        if len(current[2].keys() | tables[2][1].keys()) > local_cap:
+            raise DatapathError(f"{len(tables[2][1])} local addresses; the map holds "
+                                f"{local_cap}")
+        summary_fd = _fd(map_fds, "nc_summary")
+        summary_have = _read_summary(summary_fd)
+        summary_want = desired_summary(desired)
+        summary_union = [a | b for a, b in zip(summary_have, summary_want)]
+        _write_summary(summary_fd, summary_have, summary_union)
         for (spec, want), have in zip(tables, current):
             a, u = _upsert(_fd(map_fds, spec.name), spec, want, have)
             added, updated = added + a, updated + u
-        for (spec, want), have in zip(tables, current):
-            removed += _prune(_fd(map_fds, spec.name), spec, want, have)
+        exempt_fd = _fd(map_fds, "nc_exempt")
+        old_exempt, new_exempt = abi.ExemptRanges(), desired_exempt(desired)
+        syscall.map_lookup(exempt_fd, C.c_uint32(0), old_exempt)
+        if bytes(old_exempt) != bytes(new_exempt):
+            syscall.map_update(exempt_fd, C.c_uint32(0), new_exempt)
+            updated += 1
         config_spec = abi.MAPS_BY_NAME["nc_config_map"]
         fd = _fd(map_fds, config_spec.name)
         old = abi.Config()
@@ -190,15 +298,28 @@ def sync(map_fds: dict[str, int], desired: DesiredState, now_ns: int | None = No
         syscall.map_update(fd, C.c_uint32(0), new)
         if _config_differs(old, new):
             updated += 1
+        for (spec, want), have in zip(tables, current):
+            removed += _prune(_fd(map_fds, spec.name), spec, want, have)
+        _write_summary(summary_fd, summary_union, summary_want)
     except OSError as e:
         raise DatapathError(f"writing BPF maps failed: {os.strerror(e.errno)}") from e
     return SyncStats(added, updated, removed)
 
 
+def copy_counters(src_fd: int, dst_fd: int) -> None:
+    """Carry the per-CPU counters over to a new generation of maps, so a growth or a restart
+    does not reset nodecryptor_datapath_packets_total."""
+    for index in range(abi.COUNTER_MAX):
+        key = C.c_uint32(index)
+        values = syscall.percpu_lookup(src_fd, key, abi.Counter)
+        syscall.percpu_update(dst_fd, key, values)
+
+
 def _config_differs(old: abi.Config, new: abi.Config) -> bool:
     """Compare all fields but the heartbeat, which changes on every sync."""
-    return any(getattr(old, name) != getattr(new, name)
-               for name, _ in abi.Config._fields_ if name != "agent_alive_ns")
+    a, b = abi.Config.from_buffer_copy(bytes(old)), abi.Config.from_buffer_copy(bytes(new))
+    a.agent_alive_ns = b.agent_alive_ns = 0
+    return bytes(a) != bytes(b)
 
 
 # ---- reading -------------------------------------------------------------------------------
@@ -224,24 +345,15 @@ def read_destinations(map_fds: dict[str, int]) -> list[dict]:
 
 
 def read_exempt_ports(map_fds: dict[str, int]) -> list[dict]:
-    """Exempt entries collapsed back into ranges of equal protocol and flags."""
-    spec = abi.MAPS_BY_NAME["nc_exempt"]
-    entries = sorted((k.protocol, k.port, v.value)
-                     for k, v in syscall.map_items(_fd(map_fds, spec.name), spec.key, spec.value))
-    ranges: list[dict] = []
-    for proto, port, flags in entries:
-        last = ranges[-1] if ranges else None
-        if (last and last["_proto"] == proto and last["_flags"] == flags
-                and last["last"] == port - 1):
-            last["last"] = port
-            continue
-        ranges.append({"_proto": proto, "_flags": flags,
-                       "protocol": PROTOCOL_NAMES.get(proto, str(proto)), "first": port,
-                       "last": port, "dport": bool(flags & abi.EXEMPT_DPORT),
-                       "sport": bool(flags & abi.EXEMPT_SPORT)})
-    for r in ranges:
-        del r["_proto"], r["_flags"]
-    return ranges
+    ranges = abi.ExemptRanges()
+    syscall.map_lookup(_fd(map_fds, "nc_exempt"), C.c_uint32(0), ranges)
+    out = []
+    for r in ranges.r[:min(ranges.count, abi.EXEMPT_RANGES_MAX)]:
+        out.append({"protocol": PROTOCOL_NAMES.get(r.protocol, str(r.protocol)),
+                    "first": r.first, "last": r.last,
+                    "dport": bool(r.flags & abi.EXEMPT_DPORT),
+                    "sport": bool(r.flags & abi.EXEMPT_SPORT)})
+    return out
 
 
 def read_local_addresses(map_fds: dict[str, int]) -> list[str]:
@@ -253,21 +365,31 @@ def read_local_addresses(map_fds: dict[str, int]) -> list[str]:
     return sorted(out, key=lambda a: (ipaddress.ip_address(a).version, ipaddress.ip_address(a)))
 
 
-def read_config(map_fds: dict[str, int]) -> dict:
-    cfg = abi.Config()
-    syscall.map_lookup(_fd(map_fds, "nc_config_map"), C.c_uint32(0), cfg)
-    out = {name: getattr(cfg, name) for name, _ in abi.Config._fields_ if name != "pad0"}
+def decode_config(cfg: abi.Config) -> dict:
+    """The configuration entry as plain data: the one decoding of it (``bpf dump``, ``status``
+    and the agent all read it through here)."""
+    out = {name: getattr(cfg, name) for name, _ in abi.Config._fields_
+           if not name.startswith(("pad", "plen_", "n_plen_"))}
     out["local_role"] = ("control-plane" if cfg.local_role == abi.ROLE_CONTROL_PLANE
                          else "worker")
     out["fail_mode"] = "open" if cfg.fail_mode == abi.FAIL_OPEN else "closed"
     out["enabled"] = bool(cfg.enabled)
     out["wg_up"] = bool(cfg.wg_up)
+    out["prefix_lengths"] = {
+        "v4": list(cfg.plen_v4[:min(cfg.n_plen_v4, abi.PLEN_V4_MAX)]),
+        "v6": list(cfg.plen_v6[:min(cfg.n_plen_v6, abi.PLEN_V6_MAX)])}
     return out
 
 
-def read_counters(map_fds: dict[str, int]) -> dict[str, dict]:
-    """{reason or event name: {"packets", "bytes", "kind", "verdict"}}, summed over CPUs."""
-    fd = _fd(map_fds, "nc_counters")
+def read_config(map_fds: dict[str, int]) -> dict:
+    cfg = abi.Config()
+    syscall.map_lookup(_fd(map_fds, "nc_config_map"), C.c_uint32(0), cfg)
+    return decode_config(cfg)
+
+
+def counters_of(fd: int) -> dict[str, dict]:
+    """{reason or event name: {"packets", "bytes", "kind", "verdict"}} of a counters map fd,
+    summed over CPUs; kind is "reason" or "event". The collector reads through here too."""
     out: dict[str, dict] = {}
     for index in range(abi.COUNTER_MAX):
         per_cpu = syscall.percpu_lookup(fd, C.c_uint32(index), abi.Counter)
@@ -283,11 +405,18 @@ def read_counters(map_fds: dict[str, int]) -> dict[str, dict]:
     return out
 
 
+def read_counters(map_fds: dict[str, int]) -> dict[str, dict]:
+    return counters_of(_fd(map_fds, "nc_counters"))
+
+
 def read(map_fds: dict[str, int]) -> dict:
     """Every map decoded (what ``nodecryptor bpf dump`` prints)."""
     try:
         frag_spec = abi.MAPS_BY_NAME["nc_frags"]
+        capacity = {f"v{family}": syscall.map_info(_fd(map_fds, name)).max_entries
+                    for family, name in abi.DESTINATION_MAPS.items()}
         return {
+            "destination_capacity": capacity,
             "config": read_config(map_fds),
             "destinations": read_destinations(map_fds),
             "exempt_ports": read_exempt_ports(map_fds),

@@ -1,10 +1,9 @@
 """Compile and load the tc program in bpf/ through BCC. The only module that imports ``bcc``.
 
 ``load`` returns a LoadedProgram: the program fd and id, and one fd per map of
-``abi.MAP_SPECS``. With a pin directory every map is reused from ``<pin_dir>/<name>`` when
-pinned there, and created and pinned there otherwise (the caller has removed pins of the wrong
-shape beforehand), so a restarted agent keeps the datapath's state. ``probe`` says whether this
-machine can do all of that, and why not.
+``abi.MAP_SPECS``, plus the dry-run twin used by ``explain``. With a pin directory (the agent
+passes a fresh generation directory, see pins.py) every map is created and pinned there.
+``probe`` says whether this machine can do all of that, and why not.
 
 BCC rewrites map method calls (``nc_dst_v4.lookup(...)``) only in its main source buffer, not in
 included files, so the loader inlines bpf/nodecryptor.c's local includes (bpf/lib/*.h and
@@ -40,7 +39,6 @@ _INCLUDE_RE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 _SIZE_DEFINES = {
     "NC_DST_V4_MAX": "destinations_v4",
     "NC_DST_V6_MAX": "destinations_v6",
-    "NC_EXEMPT_MAX": "exempt_ports",
     "NC_LOCAL_MAX": "local_addresses",
     "NC_FRAGS_MAX": "fragments",
 }
@@ -119,6 +117,8 @@ class LoadedProgram:
     map_fds: dict[str, int]
     explain_fd: int = -1
     explain_id: int = 0
+    capacities: dict[int, int] = field(default_factory=dict)
+    """Destination map capacity by family (4, 6)."""
     compile_seconds: float = 0.0
     pin_dir: str | None = None
     _bpf: object = field(default=None, repr=False)
@@ -185,6 +185,8 @@ def load(settings: Settings, pin_dir: str | None = None) -> LoadedProgram:
                                              pin_dir=pin_dir or "-"))
     return LoadedProgram(prog_fd=fn.fd, prog_id=prog_id, map_fds=map_fds,
                          explain_fd=dry.fd, explain_id=syscall.prog_info(dry.fd).id,
+                         capacities={4: settings.map_sizes.destinations_v4,
+                                     6: settings.map_sizes.destinations_v6},
                          compile_seconds=elapsed, pin_dir=pin_dir, _bpf=module)
 
 

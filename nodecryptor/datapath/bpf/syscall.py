@@ -273,6 +273,20 @@ def percpu_lookup(fd: int, key, value_type: type) -> list:
             for i in range(ncpu)]
 
 
+def percpu_update(fd: int, key, values: list) -> None:
+    """Per-CPU map update: one value per possible CPU (each rounded up to 8 bytes)."""
+    ncpu = possible_cpus()
+    if not values:
+        return
+    value_type = type(values[0])
+    stride = (C.sizeof(value_type) + 7) & ~7
+    buf = (C.c_uint8 * (stride * ncpu))()
+    for i, value in enumerate(values[:ncpu]):
+        C.memmove(C.addressof(buf) + i * stride, C.addressof(value), C.sizeof(value_type))
+    _bpf(BPF_MAP_UPDATE_ELEM, _MapElemAttr(map_fd=fd, key=C.addressof(key),
+                                           value=C.addressof(buf)))
+
+
 # ---- programs, tcx links -------------------------------------------------------------------
 
 def prog_test_run(prog_fd: int, data: bytes, ctx_in: bytes | None = None,
