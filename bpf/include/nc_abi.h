@@ -55,13 +55,29 @@ struct nc_exempt_ranges {
 	struct nc_port_range r[NC_EXEMPT_RANGES_MAX];
 };
 
-/* Summary of the destination maps: one bit per IPv4 /16 and one per 16-bit fold of an IPv6
- * address's first 32 bits, set when some destination prefix overlaps it. A clear bit proves
- * the destination is no cluster prefix with one array read, so traffic to the rest of the
- * world never pays for the hash lookups. Always a superset: the agent sets bits before adding
- * entries and clears them only after removing them. */
+/* Filters in front of the destination maps, one array of 64-bit words (nc_summary), always a
+ * superset of the maps: the agent sets bits before adding entries and clears them only after
+ * removing them.
+ *
+ * Summary: one bit per IPv4 /16 and one per 16-bit fold of an IPv6 address's first 32 bits,
+ * set when some destination prefix overlaps it. A clear bit proves the destination is no
+ * cluster prefix with one array read, so traffic to the rest of the world never pays for a
+ * hash lookup.
+ *
+ * Bloom: per family 2^20 bits, bit nc_bloom_hash(prefix length, masked address) set for
+ * every entry of the destination map. A clear bit skips the hash lookup of that prefix
+ * length: a packet to a pod pays for the pod CIDR's lookup only, not also for a /32 miss. */
 #define NC_SUMMARY_WORDS 1024 /* 65,536 bits per family */
 #define NC_SUMMARY_V6_BASE NC_SUMMARY_WORDS
+#define NC_BLOOM_BITS 20
+#define NC_BLOOM_WORDS (1 << (NC_BLOOM_BITS - 6))
+#define NC_BLOOM_V4_BASE (2 * NC_SUMMARY_WORDS)
+#define NC_BLOOM_V6_BASE (NC_BLOOM_V4_BASE + NC_BLOOM_WORDS)
+#define NC_FILTER_WORDS (NC_BLOOM_V6_BASE + NC_BLOOM_WORDS)
+#define NC_HASH_K0 0x9E3779B1 /* Fibonacci hashing; the agent computes the same (maps.py) */
+#define NC_HASH_K1 0x85EBCA77
+#define NC_HASH_K2 0xC2B2AE3D
+#define NC_HASH_K3 0x27D4EB2F
 
 #define NC_PLEN_V4_MAX 33  /* distinct prefix lengths /0../32 */
 #define NC_PLEN_V6_MAX 129

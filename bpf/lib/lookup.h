@@ -21,6 +21,20 @@ static __always_inline int nc_summary_maybe(const struct nc_pkt *p)
 	return word && ((*word >> (index & 63)) & 1);
 }
 
+/* Whether bit ``hash`` of a family's bloom filter (``base``) is set. */
+static __always_inline int nc_bloom_maybe(__u32 hash, __u32 base)
+{
+	__u32 key = base + (hash >> 6);
+	__u64 *word = nc_summary.lookup(&key);
+
+	return word && ((*word >> (hash & 63)) & 1);
+}
+
+static __always_inline __u32 nc_bloom_hash(__u32 mixed)
+{
+	return (mixed * NC_HASH_K0) >> (32 - NC_BLOOM_BITS);
+}
+
 /* Host-order mask of the first ``bits`` bits of a 32-bit word (bits may be <= 0 or >= 32). */
 static __always_inline __u32 nc_mask32(int bits)
 {
@@ -45,10 +59,15 @@ static __always_inline struct nc_dst_info *nc_lookup_v4(const struct nc_pkt *p,
 		if (i >= n)
 			break;
 		__u32 plen = cfg->plen_v4[i];
-		__u32 masked = bpf_htonl(addr & nc_mask32(plen));
+		__u32 host = addr & nc_mask32(plen);
+		__u32 masked = bpf_htonl(host);
 
+		/* The key is written on both paths of the bloom test: the verifier then sees one
+		 * stack state per iteration and prunes, instead of walking 2^n paths. */
 		key.prefixlen = plen;
 		__builtin_memcpy(key.addr, &masked, 4);
+		if (!nc_bloom_maybe(nc_bloom_hash(host + plen), NC_BLOOM_V4_BASE))
+			continue;
 		info = nc_dst_v4.lookup(&key);
 		if (info)
 			return info;
@@ -76,16 +95,19 @@ static __always_inline struct nc_dst_info *nc_lookup_v6(const struct nc_pkt *p,
 		if (i >= n)
 			break;
 		int plen = cfg->plen_v6[i];
-		__u32 m0 = bpf_htonl(w0 & nc_mask32(plen));
-		__u32 m1 = bpf_htonl(w1 & nc_mask32(plen - 32));
-		__u32 m2 = bpf_htonl(w2 & nc_mask32(plen - 64));
-		__u32 m3 = bpf_htonl(w3 & nc_mask32(plen - 96));
+		__u32 h0 = w0 & nc_mask32(plen), h1 = w1 & nc_mask32(plen - 32);
+		__u32 h2 = w2 & nc_mask32(plen - 64), h3 = w3 & nc_mask32(plen - 96);
+		__u32 m0 = bpf_htonl(h0), m1 = bpf_htonl(h1), m2 = bpf_htonl(h2), m3 = bpf_htonl(h3);
+		__u32 mixed = (h0 * NC_HASH_K0) ^ (h1 * NC_HASH_K1) ^ (h2 * NC_HASH_K2) ^
+			      (h3 * NC_HASH_K3) ^ (__u32)plen;
 
 		key.prefixlen = plen;
 		__builtin_memcpy(key.addr, &m0, 4);
 		__builtin_memcpy(key.addr + 4, &m1, 4);
 		__builtin_memcpy(key.addr + 8, &m2, 4);
 		__builtin_memcpy(key.addr + 12, &m3, 4);
+		if (!nc_bloom_maybe(nc_bloom_hash(mixed), NC_BLOOM_V6_BASE))
+			continue;
 		info = nc_dst_v6.lookup(&key);
 		if (info)
 			return info;

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import random
 
 import pytest
 
@@ -13,6 +14,7 @@ import datapath_cases as dc
 from conftest import have_bcc, require
 from nodecryptor.datapath.bpf import abi, maps, program, syscall, testrun
 from nodecryptor.errors import DatapathError
+from nodecryptor.model import KIND_POD_CIDR, Destination
 from nodecryptor.settings import MapSizes, Settings
 
 pytestmark = [pytest.mark.privileged, pytest.mark.bpf]
@@ -164,3 +166,61 @@ def test_probe_reports_a_compile_failure(loaded, tmp_path, monkeypatch):
     ok, why = program.probe(Settings())
     assert not ok
     assert "compiling" in why
+
+
+def _random_destinations(rng: random.Random, family: int, count: int):
+    """Prefixes of many lengths, some nested in others (so the longest match matters)."""
+    bits = 32 if family == 4 else 128
+    lengths = [bits, bits, 24, 16, 20, 28, 1, 9] if family == 4 else \
+        [bits, bits, 64, 48, 56, 80, 112, 17, 31, 33]
+    prefixes = set()
+    while len(prefixes) < count:
+        plen = rng.choice(lengths)
+        if prefixes and rng.random() < 0.4:  # nest inside an existing prefix
+            outer = rng.choice(sorted(prefixes, key=str))
+            if outer.prefixlen < bits:
+                plen = rng.randint(outer.prefixlen + 1, bits)
+                addr = int(outer.network_address) | rng.getrandbits(bits - outer.prefixlen)
+                prefixes.add(ipaddress.ip_network((addr, plen), strict=False))
+                continue
+        addr = rng.getrandbits(bits)
+        prefixes.add(ipaddress.ip_network((addr, plen), strict=False))
+    return sorted(prefixes, key=lambda p: (p.prefixlen, int(p.network_address)))
+
+
+def test_lookup_is_longest_prefix_match_through_filters_and_hashes(loaded):
+    """Random destination sets of many prefix lengths, nested: every probe address gets the
+    value of its longest matching prefix (made visible by the uncovered flag, which turns
+    encrypt into drop), and addresses outside every prefix are not cluster destinations. This
+    checks the summary and bloom filters (computed in Python, read in C), the masking and the
+    longest-first order together."""
+    rng = random.Random(2026)
+    base = dc.desired_for(dc.CASES_BY_ID["v4-node-to-remote-node"], wg_ifindex=7)
+    for family in (4, 6):
+        prefixes = _random_destinations(rng, family, 300)
+        uncovered = frozenset(p for p in prefixes if rng.random() < 0.5)
+        dests = tuple(Destination(p, "n", KIND_POD_CIDR, False) for p in prefixes)
+        desired = dataclasses.replace(base, uncovered=uncovered, plan=dataclasses.replace(
+            base.plan, destinations=dests, exempt_ports=()))
+        maps.sync(loaded.map_fds, desired)
+        src = "192.0.2.1" if family == 4 else "2001:db8:ffff::1"
+        probes = []
+        for p in rng.sample(prefixes, 150):
+            host_bits = p.max_prefixlen - p.prefixlen
+            probes.append(ipaddress.ip_address(int(p.network_address) |
+                                               (rng.getrandbits(host_bits) if host_bits else 0)))
+        probes += [ipaddress.ip_address(rng.getrandbits(p.max_prefixlen)) for p in prefixes[:150]]
+        wrong = []
+        for addr in probes:
+            matches = [p for p in prefixes if addr in p]
+            if not matches:
+                want = "not-cluster-destination"
+            else:
+                longest = max(matches, key=lambda p: p.prefixlen)
+                want = ("no-peer-covers-fail-closed" if longest in uncovered
+                        else "cluster-destination")
+            got = testrun.run(loaded.prog_fd, testrun.build_frame(src, str(addr), dport=9)
+                              ).reason_name
+            if got != want:
+                wrong.append((str(addr), want, got))
+        assert wrong == [], f"IPv{family}: {wrong[:5]}"

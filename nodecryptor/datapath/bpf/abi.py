@@ -23,6 +23,15 @@ EXEMPT_SPORT = 1 << 1
 EXEMPT_RANGES_MAX = 16
 SUMMARY_WORDS = 1024
 SUMMARY_V6_BASE = SUMMARY_WORDS
+BLOOM_BITS = 20
+BLOOM_WORDS = 1 << (BLOOM_BITS - 6)
+BLOOM_V4_BASE = 2 * SUMMARY_WORDS
+BLOOM_V6_BASE = BLOOM_V4_BASE + BLOOM_WORDS
+FILTER_WORDS = BLOOM_V6_BASE + BLOOM_WORDS
+HASH_K0 = 0x9E3779B1
+HASH_K1 = 0x85EBCA77
+HASH_K2 = 0xC2B2AE3D
+HASH_K3 = 0x27D4EB2F
 PLEN_V4_MAX = 33
 PLEN_V6_MAX = 129
 FAIL_OPEN = 0
@@ -185,6 +194,7 @@ BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LRU_HASH = 9
 BPF_F_NO_PREALLOC = 1
+BPF_F_MMAPABLE = 1 << 10
 
 
 @dataclass(frozen=True)
@@ -224,7 +234,7 @@ MAP_SPECS = (
             fixed_entries=COUNTER_MAX),
     MapSpec("nc_frags", BPF_MAP_TYPE_LRU_HASH, FragKey, FragVal, "fragments"),
     MapSpec("nc_summary", BPF_MAP_TYPE_ARRAY, C.c_uint32, C.c_uint64, None,
-            fixed_entries=2 * SUMMARY_WORDS),
+            fixed_entries=FILTER_WORDS, flags=BPF_F_MMAPABLE),
 )
 DESTINATION_MAPS = {4: "nc_dst_v4", 6: "nc_dst_v6"}
 """The maps whose capacity follows the cluster (grown by loading a new generation)."""

@@ -5,12 +5,13 @@ only (no compiler): the agent syncs through here and ``nodecryptor bpf dump`` re
 before anything is written (``CapacityError``: the caller grows the maps instead). Order matters
 for traffic in flight, and makes an interrupted sync leave a superset of the previous state:
 
-1. summary bits of new destinations are set (the summary stays a superset);
+1. filter bits (summary and bloom, see nc_abi.h) of new destinations are set (the filters
+   stay a superset of the maps);
 2. new and changed destinations and local addresses are written;
 3. the exempt ranges, then the configuration entry (prefix lengths to look up, ``enabled``), so
    a program that sees a prefix length or ``enabled`` finds complete tables;
 4. stale destinations and addresses are deleted (never before the new ones exist);
-5. the summary is made exact.
+5. the filters are made exact.
 
 This module is also the one place that decodes the maps (``read``, ``decode_config``) for
 ``bpf dump``, ``status`` and the agent.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import ctypes as C
 import ipaddress
+import mmap
 import os
 import time
 from dataclasses import dataclass
@@ -155,13 +157,33 @@ def summary_bits(prefix) -> range | list[int]:
     return sorted({_fold(t) for t in range(top, top + (1 << (32 - prefix.prefixlen)))})
 
 
-def desired_summary(desired: DesiredState) -> list[int]:
-    """The summary map's words: v4 bits in words 0..1023, v6 bits in 1024..2047."""
-    words = [0] * (2 * abi.SUMMARY_WORDS)
+_U32 = 0xFFFFFFFF
+
+
+def bloom_bit(prefix) -> int:
+    """The bloom filter bit of one destination entry, as nc_bloom_hash computes it."""
+    net, plen = int(prefix.network_address), prefix.prefixlen
+    if prefix.version == 4:
+        mixed = (net + plen) & _U32
+    else:
+        words = [(net >> shift) & _U32 for shift in (96, 64, 32, 0)]
+        mixed = plen
+        for word, k in zip(words, (abi.HASH_K0, abi.HASH_K1, abi.HASH_K2, abi.HASH_K3)):
+            mixed ^= (word * k) & _U32
+    return ((mixed * abi.HASH_K0) & _U32) >> (32 - abi.BLOOM_BITS)
+
+
+def desired_filter(desired: DesiredState) -> list[int]:
+    """The words of nc_summary: the summary bits (v4 words 0..1023, v6 1024..2047), then the
+    bloom filters (v4, v6) of the destination entries."""
+    words = [0] * abi.FILTER_WORDS
     for dest in desired.destinations:
-        base = 0 if dest.prefix.version == 4 else abi.SUMMARY_V6_BASE
+        v4 = dest.prefix.version == 4
+        base = 0 if v4 else abi.SUMMARY_V6_BASE
         for bit in summary_bits(dest.prefix):
             words[base + (bit >> 6)] |= 1 << (bit & 63)
+        bit = bloom_bit(dest.prefix)
+        words[(abi.BLOOM_V4_BASE if v4 else abi.BLOOM_V6_BASE) + (bit >> 6)] |= 1 << (bit & 63)
     return words
 
 
@@ -232,18 +254,27 @@ def _fd(map_fds: dict[str, int], name: str) -> int:
         raise DatapathError(f"map {name} missing from the loaded program's maps") from None
 
 
-def _read_summary(fd: int) -> list[int]:
-    value = C.c_uint64()
-    out = []
-    for i in range(2 * abi.SUMMARY_WORDS):
-        out.append(value.value if syscall.map_lookup(fd, C.c_uint32(i), value) else 0)
-    return out
+class _Filter:
+    """nc_summary mapped into memory (BPF_F_MMAPABLE): read and rewritten word by word
+    without a syscall per word; each aligned 8-byte store is seen whole by the program."""
 
+    def __init__(self, fd: int):
+        size = abi.FILTER_WORDS * 8
+        size += -size % mmap.PAGESIZE
+        self._mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.words = memoryview(self._mm).cast("Q")
 
-def _write_summary(fd: int, have: list[int], want: list[int]) -> None:
-    for i, (old, new) in enumerate(zip(have, want)):
-        if old != new:
-            syscall.map_update(fd, C.c_uint32(i), C.c_uint64(new))
+    def read(self) -> list[int]:
+        return self.words[:abi.FILTER_WORDS].tolist()
+
+    def write(self, have: list[int], want: list[int]) -> None:
+        for i, (old, new) in enumerate(zip(have, want)):
+            if old != new:
+                self.words[i] = new
+
+    def close(self) -> None:
+        self.words.release()
+        self._mm.close()
 
 
 def sync(map_fds: dict[str, int], desired: DesiredState, now_ns: int | None = None,
@@ -263,6 +294,7 @@ def sync(map_fds: dict[str, int], desired: DesiredState, now_ns: int | None = No
         (abi.MAPS_BY_NAME["nc_local"], desired_locals(desired)),
     ]
     added = updated = removed = 0
+    filters = None
     try:
         current = [_current(_fd(map_fds, spec.name), spec) for spec, _ in tables]
         for family, (want, have) in zip((4, 6), zip(dests.values(), current)):
@@ -276,11 +308,11 @@ def sync(map_fds: dict[str, int], desired: DesiredState, now_ns: int | None = No
         if len(current[2].keys() | tables[2][1].keys()) > local_cap:
             raise DatapathError(f"{len(tables[2][1])} local addresses; the map holds "
                                 f"{local_cap}")
-        summary_fd = _fd(map_fds, "nc_summary")
-        summary_have = _read_summary(summary_fd)
-        summary_want = desired_summary(desired)
-        summary_union = [a | b for a, b in zip(summary_have, summary_want)]
-        _write_summary(summary_fd, summary_have, summary_union)
+        filters = _Filter(_fd(map_fds, "nc_summary"))
+        filter_have = filters.read()
+        filter_want = desired_filter(desired)
+        filter_union = [a | b for a, b in zip(filter_have, filter_want)]
+        filters.write(filter_have, filter_union)
         for (spec, want), have in zip(tables, current):
             a, u = _upsert(_fd(map_fds, spec.name), spec, want, have)
             added, updated = added + a, updated + u
@@ -300,9 +332,12 @@ def sync(map_fds: dict[str, int], desired: DesiredState, now_ns: int | None = No
             updated += 1
         for (spec, want), have in zip(tables, current):
             removed += _prune(_fd(map_fds, spec.name), spec, want, have)
-        _write_summary(summary_fd, summary_union, summary_want)
+        filters.write(filter_union, filter_want)
     except OSError as e:
         raise DatapathError(f"writing BPF maps failed: {os.strerror(e.errno)}") from e
+    finally:
+        if filters is not None:
+            filters.close()
     return SyncStats(added, updated, removed)
 
 
