@@ -64,12 +64,12 @@ struct nc_exempt_ranges {
  * cluster prefix with one array read, so traffic to the rest of the world never pays for a
  * hash lookup.
  *
- * Bloom: per family 2^20 bits, bit nc_bloom_hash(prefix length, masked address) set for
- * every entry of the destination map. A clear bit skips the hash lookup of that prefix
+ * Bloom: per family 2^22 bits (512 KiB), two bits (two hashes of prefix length and masked
+ * address, nc_bloom_maybe) set for every entry of the destination map. A clear bit skips the hash lookup of that prefix
  * length: a packet to a pod pays for the pod CIDR's lookup only, not also for a /32 miss. */
 #define NC_SUMMARY_WORDS 1024 /* 65,536 bits per family */
 #define NC_SUMMARY_V6_BASE NC_SUMMARY_WORDS
-#define NC_BLOOM_BITS 20
+#define NC_BLOOM_BITS 22
 #define NC_BLOOM_WORDS (1 << (NC_BLOOM_BITS - 6))
 #define NC_BLOOM_V4_BASE (2 * NC_SUMMARY_WORDS)
 #define NC_BLOOM_V6_BASE (NC_BLOOM_V4_BASE + NC_BLOOM_WORDS)

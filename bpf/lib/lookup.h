@@ -22,7 +22,7 @@ static __always_inline int nc_summary_maybe(const struct nc_pkt *p)
 }
 
 /* Whether bit ``hash`` of a family's bloom filter (``base``) is set. */
-static __always_inline int nc_bloom_maybe(__u32 hash, __u32 base)
+static __always_inline int nc_bloom_bit(__u32 hash, __u32 base)
 {
 	__u32 key = base + (hash >> 6);
 	__u64 *word = nc_summary.lookup(&key);
@@ -30,9 +30,12 @@ static __always_inline int nc_bloom_maybe(__u32 hash, __u32 base)
 	return word && ((*word >> (hash & 63)) & 1);
 }
 
-static __always_inline __u32 nc_bloom_hash(__u32 mixed)
+/* Both bloom bits of an entry (two hashes of the mixed key): with 100,000 entries in 2^22
+ * bits, one bit alone let 2.4 % of the addresses pay for a useless lookup, two let 0.2 %. */
+static __always_inline int nc_bloom_maybe(__u32 mixed, __u32 base)
 {
-	return (mixed * NC_HASH_K0) >> (32 - NC_BLOOM_BITS);
+	return nc_bloom_bit((mixed * NC_HASH_K0) >> (32 - NC_BLOOM_BITS), base) &&
+	       nc_bloom_bit((mixed * NC_HASH_K2) >> (32 - NC_BLOOM_BITS), base);
 }
 
 /* Host-order mask of the first ``bits`` bits of a 32-bit word (bits may be <= 0 or >= 32). */
@@ -66,7 +69,7 @@ static __always_inline struct nc_dst_info *nc_lookup_v4(const struct nc_pkt *p,
 		 * stack state per iteration and prunes, instead of walking 2^n paths. */
 		key.prefixlen = plen;
 		__builtin_memcpy(key.addr, &masked, 4);
-		if (!nc_bloom_maybe(nc_bloom_hash(host + plen), NC_BLOOM_V4_BASE))
+		if (!nc_bloom_maybe(host + plen, NC_BLOOM_V4_BASE))
 			continue;
 		info = nc_dst_v4.lookup(&key);
 		if (info)
@@ -106,7 +109,7 @@ static __always_inline struct nc_dst_info *nc_lookup_v6(const struct nc_pkt *p,
 		__builtin_memcpy(key.addr + 4, &m1, 4);
 		__builtin_memcpy(key.addr + 8, &m2, 4);
 		__builtin_memcpy(key.addr + 12, &m3, 4);
-		if (!nc_bloom_maybe(nc_bloom_hash(mixed), NC_BLOOM_V6_BASE))
+		if (!nc_bloom_maybe(mixed, NC_BLOOM_V6_BASE))
 			continue;
 		info = nc_dst_v6.lookup(&key);
 		if (info)

@@ -160,8 +160,8 @@ def summary_bits(prefix) -> range | list[int]:
 _U32 = 0xFFFFFFFF
 
 
-def bloom_bit(prefix) -> int:
-    """The bloom filter bit of one destination entry, as nc_bloom_hash computes it."""
+def bloom_bits(prefix) -> tuple[int, int]:
+    """The two bloom filter bits of one destination entry, as nc_bloom_maybe computes them."""
     net, plen = int(prefix.network_address), prefix.prefixlen
     if prefix.version == 4:
         mixed = (net + plen) & _U32
@@ -170,7 +170,8 @@ def bloom_bit(prefix) -> int:
         mixed = plen
         for word, k in zip(words, (abi.HASH_K0, abi.HASH_K1, abi.HASH_K2, abi.HASH_K3)):
             mixed ^= (word * k) & _U32
-    return ((mixed * abi.HASH_K0) & _U32) >> (32 - abi.BLOOM_BITS)
+    shift = 32 - abi.BLOOM_BITS
+    return ((mixed * abi.HASH_K0) & _U32) >> shift, ((mixed * abi.HASH_K2) & _U32) >> shift
 
 
 def desired_filter(desired: DesiredState) -> list[int]:
@@ -182,8 +183,9 @@ def desired_filter(desired: DesiredState) -> list[int]:
         base = 0 if v4 else abi.SUMMARY_V6_BASE
         for bit in summary_bits(dest.prefix):
             words[base + (bit >> 6)] |= 1 << (bit & 63)
-        bit = bloom_bit(dest.prefix)
-        words[(abi.BLOOM_V4_BASE if v4 else abi.BLOOM_V6_BASE) + (bit >> 6)] |= 1 << (bit & 63)
+        bloom = abi.BLOOM_V4_BASE if v4 else abi.BLOOM_V6_BASE
+        for bit in bloom_bits(dest.prefix):
+            words[bloom + (bit >> 6)] |= 1 << (bit & 63)
     return words
 
 
