@@ -30,7 +30,7 @@ static __always_inline int nc_decide(struct __sk_buff *skb, const int dry)
 {
 	__u32 zero = 0, reason;
 	struct nc_config *cfg = nc_config_map.lookup(&zero);
-	struct nc_dst_info *dst;
+	struct nc_dst_info dst_info = {}, *dst = &dst_info;
 	struct nc_pkt p = {};
 
 	if (!cfg || !cfg->enabled)
@@ -39,8 +39,7 @@ static __always_inline int nc_decide(struct __sk_buff *skb, const int dry)
 		return nc_pass(skb, NC_R_WG_MARK, dry);
 	if (nc_parse_l3(skb, &p) < 0)
 		return nc_pass(skb, NC_R_NOT_IP, dry);
-	dst = nc_lookup_dst(&p, cfg);
-	if (!dst)
+	if (!nc_lookup_dst(&p, cfg, dst))
 		return nc_pass(skb, NC_R_NOT_CLUSTER, dry);
 	if (p.family == 6)
 		nc_parse_ipv6_ext(skb, &p);

@@ -48,8 +48,8 @@ static __always_inline __u32 nc_mask32(int bits)
 	return 0xFFFFFFFF << (32 - bits);
 }
 
-static __always_inline struct nc_dst_info *nc_lookup_v4(const struct nc_pkt *p,
-							 const struct nc_config *cfg)
+static __always_inline int nc_lookup_v4(const struct nc_pkt *p, const struct nc_config *cfg,
+					struct nc_dst_info *out)
 {
 	struct nc_lpm_v4 key = {};
 	struct nc_dst_info *info;
@@ -58,7 +58,7 @@ static __always_inline struct nc_dst_info *nc_lookup_v4(const struct nc_pkt *p,
 	__builtin_memcpy(&addr, p->dst, 4);
 	addr = bpf_ntohl(addr);
 #pragma clang loop unroll(disable)
-	for (__u32 i = 0; i < NC_PLEN_V4_MAX; i++) {
+	for (__u32 i = 0; i < NC_PLEN_SLOTS; i++) {
 		if (i >= n)
 			break;
 		__u32 plen = cfg->plen_v4[i];
@@ -72,14 +72,24 @@ static __always_inline struct nc_dst_info *nc_lookup_v4(const struct nc_pkt *p,
 		if (!nc_bloom_maybe(host + plen, NC_BLOOM_V4_BASE))
 			continue;
 		info = nc_dst_v4.lookup(&key);
-		if (info)
-			return info;
+		if (info) {
+			*out = *info;
+			return 1;
+		}
 	}
-	return NULL;
+	if (!cfg->lpm_v4)
+		return 0;
+	key.prefixlen = 32;
+	__builtin_memcpy(key.addr, p->dst, 4);
+	info = nc_dst_lpm_v4.lookup(&key);
+	if (!info)
+		return 0;
+	*out = *info;
+	return 1;
 }
 
-static __always_inline struct nc_dst_info *nc_lookup_v6(const struct nc_pkt *p,
-							 const struct nc_config *cfg)
+static __always_inline int nc_lookup_v6(const struct nc_pkt *p, const struct nc_config *cfg,
+					struct nc_dst_info *out)
 {
 	struct nc_lpm_v6 key = {};
 	struct nc_dst_info *info;
@@ -94,7 +104,7 @@ static __always_inline struct nc_dst_info *nc_lookup_v6(const struct nc_pkt *p,
 	w2 = bpf_ntohl(w2);
 	w3 = bpf_ntohl(w3);
 #pragma clang loop unroll(disable)
-	for (__u32 i = 0; i < NC_PLEN_V6_MAX; i++) {
+	for (__u32 i = 0; i < NC_PLEN_SLOTS; i++) {
 		if (i >= n)
 			break;
 		int plen = cfg->plen_v6[i];
@@ -112,21 +122,34 @@ static __always_inline struct nc_dst_info *nc_lookup_v6(const struct nc_pkt *p,
 		if (!nc_bloom_maybe(mixed, NC_BLOOM_V6_BASE))
 			continue;
 		info = nc_dst_v6.lookup(&key);
-		if (info)
-			return info;
+		if (info) {
+			*out = *info;
+			return 1;
+		}
 	}
-	return NULL;
+	if (!cfg->lpm_v6)
+		return 0;
+	key.prefixlen = 128;
+	__builtin_memcpy(key.addr, p->dst, 16);
+	info = nc_dst_lpm_v6.lookup(&key);
+	if (!info)
+		return 0;
+	*out = *info;
+	return 1;
 }
 
-/* Longest-prefix match of the destination; NULL when it is not a remote cluster prefix. */
-static __always_inline struct nc_dst_info *nc_lookup_dst(const struct nc_pkt *p,
-							  const struct nc_config *cfg)
+/* Longest-prefix match of the destination into ``out``; 0 when it is not a remote cluster
+ * prefix. The value is copied out of the map: a map value pointer from a different lookup in
+ * every loop iteration would keep the verifier from merging the states after the loop, and it
+ * would walk the rest of the program once per iteration (12 times the instructions). */
+static __always_inline int nc_lookup_dst(const struct nc_pkt *p, const struct nc_config *cfg,
+					 struct nc_dst_info *out)
 {
 	if (!nc_summary_maybe(p))
-		return NULL;
+		return 0;
 	if (p->family == 4)
-		return nc_lookup_v4(p, cfg);
-	return nc_lookup_v6(p, cfg);
+		return nc_lookup_v4(p, cfg, out);
+	return nc_lookup_v6(p, cfg, out);
 }
 
 /* Whether the source address is one of the local node's own addresses. */

@@ -26,6 +26,11 @@ NC_MAP("hash", struct nc_lpm_v4, struct nc_dst_info, nc_dst_v4, NC_DST_V4_MAX,
        BPF_F_NO_PREALLOC);
 NC_MAP("hash", struct nc_lpm_v6, struct nc_dst_info, nc_dst_v6, NC_DST_V6_MAX,
        BPF_F_NO_PREALLOC);
+/* Entries whose prefix length did not get a hash slot (rare; LPM tries need NO_PREALLOC). */
+NC_MAP("lpm_trie", struct nc_lpm_v4, struct nc_dst_info, nc_dst_lpm_v4, NC_DST_V4_MAX,
+       BPF_F_NO_PREALLOC);
+NC_MAP("lpm_trie", struct nc_lpm_v6, struct nc_dst_info, nc_dst_lpm_v6, NC_DST_V6_MAX,
+       BPF_F_NO_PREALLOC);
 NC_MAP("array", __u32, struct nc_exempt_ranges, nc_exempt, 1, 0);
 NC_MAP("hash", struct nc_addr_key, __u32, nc_local, NC_LOCAL_MAX, 0);
 NC_MAP("array", __u32, struct nc_config, nc_config_map, 1, 0);

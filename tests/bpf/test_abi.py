@@ -72,8 +72,8 @@ CONSTANTS = {
     "NC_HASH_K2": abi.HASH_K2,
     "NC_HASH_K3": abi.HASH_K3,
     "BPF_F_MMAPABLE": abi.BPF_F_MMAPABLE,
-    "NC_PLEN_V4_MAX": abi.PLEN_V4_MAX,
-    "NC_PLEN_V6_MAX": abi.PLEN_V6_MAX,
+    "NC_PLEN_SLOTS": abi.PLEN_SLOTS,
+    "BPF_MAP_TYPE_LPM_TRIE": abi.BPF_MAP_TYPE_LPM_TRIE,
     "BPF_F_NO_PREALLOC": abi.BPF_F_NO_PREALLOC,
 }
 CONSTANTS.update({f"NC_R_{r.name}": r.value for r in abi.Reason})
@@ -83,7 +83,8 @@ CONSTANTS.update({f"NC_EV_{e.name}": e.value for e in abi.Event})
 MAP_NAME_MACROS = {"NC_MAP_DST_V4": "nc_dst_v4", "NC_MAP_DST_V6": "nc_dst_v6",
                    "NC_MAP_EXEMPT": "nc_exempt", "NC_MAP_LOCAL": "nc_local",
                    "NC_MAP_CONFIG": "nc_config_map", "NC_MAP_COUNTERS": "nc_counters",
-                   "NC_MAP_FRAGS": "nc_frags", "NC_MAP_SUMMARY": "nc_summary"}
+                   "NC_MAP_FRAGS": "nc_frags", "NC_MAP_SUMMARY": "nc_summary",
+                   "NC_MAP_DST_LPM_V4": "nc_dst_lpm_v4", "NC_MAP_DST_LPM_V6": "nc_dst_lpm_v6"}
 
 
 def _c_probes() -> list[tuple[str, str, int]]:

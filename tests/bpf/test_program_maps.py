@@ -31,7 +31,7 @@ def loaded():
 
 
 def _clear(map_fds):
-    for name in ("nc_dst_v4", "nc_dst_v6", "nc_local"):
+    for name in ("nc_dst_v4", "nc_dst_v6", "nc_dst_lpm_v4", "nc_dst_lpm_v6", "nc_local"):
         spec = abi.MAPS_BY_NAME[name]
         for key in list(syscall.map_keys(map_fds[name], spec.key)):
             syscall.map_delete(map_fds[name], key)
@@ -152,6 +152,14 @@ def test_open_pinned_names_the_missing_pin(tmp_path):
         maps.open_pinned(str(tmp_path))
 
 
+def test_verifier_work_stays_far_below_its_limit(loaded):
+    """The lookup loops are walked by the verifier once per slot for every state reaching
+    them; the kernel gives up at 1,000,000 instructions (older kernels prune less). Keep a
+    wide margin so a small change cannot make the program unloadable."""
+    for fd in (loaded.prog_fd, loaded.explain_fd):
+        assert 0 < syscall.prog_verified_insns(fd) < 400_000
+
+
 def test_probe_reports_success(loaded):
     ok, why = program.probe(Settings())
     assert ok, why
@@ -171,8 +179,10 @@ def test_probe_reports_a_compile_failure(loaded, tmp_path, monkeypatch):
 def _random_destinations(rng: random.Random, family: int, count: int):
     """Prefixes of many lengths, some nested in others (so the longest match matters)."""
     bits = 32 if family == 4 else 128
+    # IPv6: more distinct lengths than hash slots, so the shortest go to the LPM trie.
     lengths = [bits, bits, 24, 16, 20, 28, 1, 9] if family == 4 else \
-        [bits, bits, 64, 48, 56, 80, 112, 17, 31, 33]
+        [bits, bits, 64, 48, 56, 80, 112, 17, 31, 33, 40, 44, 52, 60, 68, 72, 76, 88, 96,
+         100, 104, 120]
     prefixes = set()
     while len(prefixes) < count:
         plen = rng.choice(lengths)
@@ -203,6 +213,9 @@ def test_lookup_is_longest_prefix_match_through_filters_and_hashes(loaded):
         desired = dataclasses.replace(base, uncovered=uncovered, plan=dataclasses.replace(
             base.plan, destinations=dests, exempt_ports=()))
         maps.sync(loaded.map_fds, desired)
+        lengths = {p.prefixlen for p in prefixes}
+        assert maps.read_config(loaded.map_fds)["lpm"][f"v{family}"] == (
+            len(lengths) > abi.PLEN_SLOTS)
         src = "192.0.2.1" if family == 4 else "2001:db8:ffff::1"
         probes = []
         for p in rng.sample(prefixes, 150):

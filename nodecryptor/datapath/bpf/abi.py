@@ -32,8 +32,7 @@ HASH_K0 = 0x9E3779B1
 HASH_K1 = 0x85EBCA77
 HASH_K2 = 0xC2B2AE3D
 HASH_K3 = 0x27D4EB2F
-PLEN_V4_MAX = 33
-PLEN_V6_MAX = 129
+PLEN_SLOTS = 8
 FAIL_OPEN = 0
 FAIL_CLOSED = 1
 ROLE_WORKER = 0
@@ -88,10 +87,11 @@ class Config(C.Structure):
         ("agent_alive_ns", C.c_uint64),
         ("n_plen_v4", C.c_uint8),
         ("n_plen_v6", C.c_uint8),
-        ("pad1", C.c_uint8 * 6),
-        ("plen_v4", C.c_uint8 * PLEN_V4_MAX),
-        ("plen_v6", C.c_uint8 * PLEN_V6_MAX),
-        ("pad2", C.c_uint8 * 6),
+        ("lpm_v4", C.c_uint8),
+        ("lpm_v6", C.c_uint8),
+        ("pad1", C.c_uint32),
+        ("plen_v4", C.c_uint8 * PLEN_SLOTS),
+        ("plen_v6", C.c_uint8 * PLEN_SLOTS),
     ]
 
 
@@ -193,6 +193,7 @@ BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LRU_HASH = 9
+BPF_MAP_TYPE_LPM_TRIE = 11
 BPF_F_NO_PREALLOC = 1
 BPF_F_MMAPABLE = 1 << 10
 
@@ -227,6 +228,10 @@ MAP_SPECS = (
             flags=BPF_F_NO_PREALLOC),
     MapSpec("nc_dst_v6", BPF_MAP_TYPE_HASH, LpmV6, DstInfo, "destinations_v6",
             flags=BPF_F_NO_PREALLOC),
+    MapSpec("nc_dst_lpm_v4", BPF_MAP_TYPE_LPM_TRIE, LpmV4, DstInfo, "destinations_v4",
+            flags=BPF_F_NO_PREALLOC),
+    MapSpec("nc_dst_lpm_v6", BPF_MAP_TYPE_LPM_TRIE, LpmV6, DstInfo, "destinations_v6",
+            flags=BPF_F_NO_PREALLOC),
     MapSpec("nc_exempt", BPF_MAP_TYPE_ARRAY, C.c_uint32, ExemptRanges, None, fixed_entries=1),
     MapSpec("nc_local", BPF_MAP_TYPE_HASH, AddrKey, C.c_uint32, "local_addresses"),
     MapSpec("nc_config_map", BPF_MAP_TYPE_ARRAY, C.c_uint32, Config, None, fixed_entries=1),
@@ -238,6 +243,8 @@ MAP_SPECS = (
 )
 DESTINATION_MAPS = {4: "nc_dst_v4", 6: "nc_dst_v6"}
 """The maps whose capacity follows the cluster (grown by loading a new generation)."""
+LPM_MAPS = {4: "nc_dst_lpm_v4", 6: "nc_dst_lpm_v6"}
+"""Entries of prefix lengths beyond the PLEN_SLOTS longest of their family (same capacity)."""
 MAPS_BY_NAME = {m.name: m for m in MAP_SPECS}
 
 

@@ -92,9 +92,13 @@ def _addr_key(addr) -> abi.AddrKey:
     return key
 
 
-def desired_destinations(desired: DesiredState) -> dict[int, dict[bytes, bytes]]:
-    """{4 or 6: {key bytes: value bytes}} for the two LPM tries."""
-    out: dict[int, dict[bytes, bytes]] = {4: {}, 6: {}}
+def desired_destinations(desired: DesiredState) -> dict[str, dict[bytes, bytes]]:
+    """{map name: {key bytes: value bytes}} for the destination hashes and LPM tries: an entry
+    goes to its family's hash when its prefix length has a slot (the PLEN_SLOTS longest
+    lengths of the family), else to the family's trie."""
+    out: dict[str, dict[bytes, bytes]] = {
+        name: {} for name in (*abi.DESTINATION_MAPS.values(), *abi.LPM_MAPS.values())}
+    slots = {family: set(prefix_lengths(desired, family)[:abi.PLEN_SLOTS]) for family in (4, 6)}
     for dest in desired.destinations:
         flags = 0
         if dest.control_plane:
@@ -103,7 +107,10 @@ def desired_destinations(desired: DesiredState) -> dict[int, dict[bytes, bytes]]
             flags |= abi.DST_F_UNCOVERED
         kind = abi.KIND_NODE_IP if dest.kind == KIND_NODE_IP else abi.KIND_POD_CIDR
         value = abi.DstInfo(kind=kind, flags=flags)
-        out[dest.prefix.version][bytes(_dst_key(dest.prefix))] = bytes(value)
+        family = dest.prefix.version
+        table = (abi.DESTINATION_MAPS if dest.prefix.prefixlen in slots[family]
+                 else abi.LPM_MAPS)[family]
+        out[table][bytes(_dst_key(dest.prefix))] = bytes(value)
     return out
 
 
@@ -197,6 +204,7 @@ def desired_locals(desired: DesiredState) -> dict[bytes, bytes]:
 def desired_config(desired: DesiredState, now_ns: int) -> abi.Config:
     wg = desired.wg
     v4, v6 = prefix_lengths(desired, 4), prefix_lengths(desired, 6)
+    slots = abi.PLEN_SLOTS
     return abi.Config(
         wg_ifindex=wg.ifindex if wg.present else 0,
         enabled=1 if desired.enabled else 0,
@@ -212,10 +220,12 @@ def desired_config(desired: DesiredState, now_ns: int) -> abi.Config:
         max_packet_v4=desired.max_packet_v4,
         max_packet_v6=desired.max_packet_v6,
         agent_alive_ns=now_ns,
-        n_plen_v4=len(v4),
-        n_plen_v6=len(v6),
-        plen_v4=(C.c_uint8 * abi.PLEN_V4_MAX)(*v4),
-        plen_v6=(C.c_uint8 * abi.PLEN_V6_MAX)(*v6),
+        n_plen_v4=min(len(v4), slots),
+        n_plen_v6=min(len(v6), slots),
+        lpm_v4=1 if len(v4) > slots else 0,
+        lpm_v6=1 if len(v6) > slots else 0,
+        plen_v4=(C.c_uint8 * slots)(*v4[:slots]),
+        plen_v6=(C.c_uint8 * slots)(*v6[:slots]),
     )
 
 
@@ -290,26 +300,25 @@ def sync(map_fds: dict[str, int], desired: DesiredState, now_ns: int | None = No
     if now_ns is None:
         now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # what bpf_ktime_get_ns reads
     dests = desired_destinations(desired)
-    tables = [
-        (abi.MAPS_BY_NAME["nc_dst_v4"], dests[4]),
-        (abi.MAPS_BY_NAME["nc_dst_v6"], dests[6]),
-        (abi.MAPS_BY_NAME["nc_local"], desired_locals(desired)),
-    ]
+    tables = [(abi.MAPS_BY_NAME[name], want) for name, want in dests.items()]
+    tables.append((abi.MAPS_BY_NAME["nc_local"], desired_locals(desired)))
     added = updated = removed = 0
     filters = None
     try:
         current = [_current(_fd(map_fds, spec.name), spec) for spec, _ in tables]
-        for family, (want, have) in zip((4, 6), zip(dests.values(), current)):
-            fd = _fd(map_fds, abi.DESTINATION_MAPS[family])
-            capacity = (capacities or {}).get(family) or syscall.map_info(fd).max_entries
+        family_of = {name: f for maps_ in (abi.DESTINATION_MAPS, abi.LPM_MAPS)
+                     for f, name in maps_.items()}
+        for (spec, want), have in zip(tables, current):
             needed = len(have.keys() | want.keys())
-            if needed > capacity:
-                raise CapacityError(family, needed, capacity)
-        local_spec = abi.MAPS_BY_NAME["nc_local"]
-        local_cap = syscall.map_info(_fd(map_fds, local_spec.name)).max_entries
-        if len(current[2].keys() | tables[2][1].keys()) > local_cap:
-            raise DatapathError(f"{len(tables[2][1])} local addresses; the map holds "
-                                f"{local_cap}")
+            if spec.name in family_of:
+                family = family_of[spec.name]
+                capacity = ((capacities or {}).get(family)
+                            or syscall.map_info(_fd(map_fds, spec.name)).max_entries)
+                if needed > capacity:
+                    raise CapacityError(family, needed, capacity)
+            elif needed > syscall.map_info(_fd(map_fds, spec.name)).max_entries:
+                raise DatapathError(f"{len(want)} local addresses; the map holds "
+                                    f"{syscall.map_info(_fd(map_fds, spec.name)).max_entries}")
         filters = _Filter(_fd(map_fds, "nc_summary"))
         filter_have = filters.read()
         filter_want = desired_filter(desired)
@@ -369,7 +378,7 @@ def _prefix_of(key) -> str:
 
 def read_destinations(map_fds: dict[str, int]) -> list[dict]:
     out = []
-    for name in ("nc_dst_v4", "nc_dst_v6"):
+    for name in (*abi.DESTINATION_MAPS.values(), *abi.LPM_MAPS.values()):
         spec = abi.MAPS_BY_NAME[name]
         for key, value in syscall.map_items(_fd(map_fds, name), spec.key, spec.value):
             out.append({"prefix": _prefix_of(key),
@@ -406,15 +415,16 @@ def decode_config(cfg: abi.Config) -> dict:
     """The configuration entry as plain data: the one decoding of it (``bpf dump``, ``status``
     and the agent all read it through here)."""
     out = {name: getattr(cfg, name) for name, _ in abi.Config._fields_
-           if not name.startswith(("pad", "plen_", "n_plen_"))}
+           if not name.startswith(("pad", "plen_", "n_plen_", "lpm_"))}
     out["local_role"] = ("control-plane" if cfg.local_role == abi.ROLE_CONTROL_PLANE
                          else "worker")
     out["fail_mode"] = "open" if cfg.fail_mode == abi.FAIL_OPEN else "closed"
     out["enabled"] = bool(cfg.enabled)
     out["wg_up"] = bool(cfg.wg_up)
     out["prefix_lengths"] = {
-        "v4": list(cfg.plen_v4[:min(cfg.n_plen_v4, abi.PLEN_V4_MAX)]),
-        "v6": list(cfg.plen_v6[:min(cfg.n_plen_v6, abi.PLEN_V6_MAX)])}
+        "v4": list(cfg.plen_v4[:min(cfg.n_plen_v4, abi.PLEN_SLOTS)]),
+        "v6": list(cfg.plen_v6[:min(cfg.n_plen_v6, abi.PLEN_SLOTS)])}
+    out["lpm"] = {"v4": bool(cfg.lpm_v4), "v6": bool(cfg.lpm_v6)}
     return out
 
 

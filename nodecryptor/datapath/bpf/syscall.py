@@ -162,6 +162,14 @@ def prog_info(fd: int) -> ProgInfo:
     return _info(fd, ProgInfo())
 
 
+_PROG_INFO_VERIFIED_INSNS = 216  # offsetof(struct bpf_prog_info, verified_insns), Linux 5.16+
+
+
+def prog_verified_insns(fd: int) -> int:
+    """Instructions the verifier processed to accept the program (0 before Linux 5.16)."""
+    return int.from_bytes(bytes(prog_info(fd))[_PROG_INFO_VERIFIED_INSNS:][:4], "little")
+
+
 def prog_map_ids(fd: int) -> list[int]:
     """Ids of the maps a program uses (two BPF_OBJ_GET_INFO_BY_FD calls: count, then ids)."""
     count = prog_info(fd).nr_map_ids
