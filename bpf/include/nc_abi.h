@@ -123,6 +123,7 @@ struct nc_config {
 	__u32 pad1;
 	__u8 plen_v4[NC_PLEN_SLOTS];
 	__u8 plen_v6[NC_PLEN_SLOTS];
+	__u32 mask_v6[4 * NC_PLEN_SLOTS]; /* per slot the netmask of plen_v6[i], network order */
 };
 
 /* Fragment tracking: a non-first fragment follows its first fragment's verdict. */

@@ -95,24 +95,22 @@ static __always_inline int nc_lookup_v6(const struct nc_pkt *p, const struct nc_
 	struct nc_dst_info *info;
 	__u32 w0, w1, w2, w3, n = cfg->n_plen_v6;
 
+	/* Masked in network order with the netmasks the agent precomputed: no byte swaps or
+	 * branches per slot. The bloom hash mixes the words as loaded (maps.bloom_bits does the
+	 * same in the machine's byte order). */
 	__builtin_memcpy(&w0, p->dst, 4);
 	__builtin_memcpy(&w1, p->dst + 4, 4);
 	__builtin_memcpy(&w2, p->dst + 8, 4);
 	__builtin_memcpy(&w3, p->dst + 12, 4);
-	w0 = bpf_ntohl(w0);
-	w1 = bpf_ntohl(w1);
-	w2 = bpf_ntohl(w2);
-	w3 = bpf_ntohl(w3);
 #pragma clang loop unroll(disable)
 	for (__u32 i = 0; i < NC_PLEN_SLOTS; i++) {
 		if (i >= n)
 			break;
-		int plen = cfg->plen_v6[i];
-		__u32 h0 = w0 & nc_mask32(plen), h1 = w1 & nc_mask32(plen - 32);
-		__u32 h2 = w2 & nc_mask32(plen - 64), h3 = w3 & nc_mask32(plen - 96);
-		__u32 m0 = bpf_htonl(h0), m1 = bpf_htonl(h1), m2 = bpf_htonl(h2), m3 = bpf_htonl(h3);
-		__u32 mixed = (h0 * NC_HASH_K0) ^ (h1 * NC_HASH_K1) ^ (h2 * NC_HASH_K2) ^
-			      (h3 * NC_HASH_K3) ^ (__u32)plen;
+		__u32 plen = cfg->plen_v6[i];
+		__u32 m0 = w0 & cfg->mask_v6[4 * i], m1 = w1 & cfg->mask_v6[4 * i + 1];
+		__u32 m2 = w2 & cfg->mask_v6[4 * i + 2], m3 = w3 & cfg->mask_v6[4 * i + 3];
+		__u32 mixed = (m0 * NC_HASH_K0) ^ (m1 * NC_HASH_K1) ^ (m2 * NC_HASH_K2) ^
+			      (m3 * NC_HASH_K3) ^ plen;
 
 		key.prefixlen = plen;
 		__builtin_memcpy(key.addr, &m0, 4);

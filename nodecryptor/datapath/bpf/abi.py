@@ -92,6 +92,7 @@ class Config(C.Structure):
         ("pad1", C.c_uint32),
         ("plen_v4", C.c_uint8 * PLEN_SLOTS),
         ("plen_v6", C.c_uint8 * PLEN_SLOTS),
+        ("mask_v6", C.c_uint32 * (4 * PLEN_SLOTS)),
     ]
 
 

@@ -23,6 +23,7 @@ import ctypes as C
 import ipaddress
 import mmap
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -173,7 +174,9 @@ def bloom_bits(prefix) -> tuple[int, int]:
     if prefix.version == 4:
         mixed = (net + plen) & _U32
     else:
-        words = [(net >> shift) & _U32 for shift in (96, 64, 32, 0)]
+        # The program mixes the address words as it loads them: in the machine's byte order.
+        packed = prefix.network_address.packed
+        words = [int.from_bytes(packed[i:i + 4], sys.byteorder) for i in range(0, 16, 4)]
         mixed = plen
         for word, k in zip(words, (abi.HASH_K0, abi.HASH_K1, abi.HASH_K2, abi.HASH_K3)):
             mixed ^= (word * k) & _U32
@@ -226,7 +229,18 @@ def desired_config(desired: DesiredState, now_ns: int) -> abi.Config:
         lpm_v6=1 if len(v6) > slots else 0,
         plen_v4=(C.c_uint8 * slots)(*v4[:slots]),
         plen_v6=(C.c_uint8 * slots)(*v6[:slots]),
+        mask_v6=(C.c_uint32 * (4 * slots))(*_netmask_words(v6[:slots])),
     )
+
+
+def _netmask_words(lengths: list[int]) -> list[int]:
+    """Per IPv6 prefix length the four 32-bit words of its netmask as the program loads them
+    (network order bytes read in the machine's byte order)."""
+    out = []
+    for plen in lengths:
+        packed = ipaddress.IPv6Network(f"::/{plen}").netmask.packed
+        out += [int.from_bytes(packed[i:i + 4], sys.byteorder) for i in range(0, 16, 4)]
+    return out
 
 
 # ---- diffing -------------------------------------------------------------------------------
