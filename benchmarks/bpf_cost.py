@@ -1,23 +1,35 @@
 """Cost of the nodecryptor tc program per packet, measured with BPF_PROG_TEST_RUN ``repeat``.
 
-Compares an empty program (the harness floor) with nodecryptor's program holding 100, 10,000
-and 50,000 destinations (half /32 node addresses, half /24 pod CIDRs), for a packet that hits
-a node address, one that hits a pod CIDR, and one that misses (not a cluster destination).
-Also reports how long compile+load and a full maps.sync take. Needs root, BCC and headers.
+For each cluster size N (``--sizes``) the maps hold N remote nodes, each with a node address and
+a pod CIDR in both families (IPv4 /32 + /24, IPv6 /128 + /64; nodes 0-2 are control-plane).
+Cases, for IPv4 and IPv6:
 
-    sudo .venv/bin/python benchmarks/bpf_cost.py [--repeat 200000] [--rounds 5]
+    empty     an empty tc program (the harness floor), same frame as "miss"
+    miss      a destination outside the cluster (what most traffic of a node is)
+    hit-node  a redirect to a node address
+    hit-pod   a redirect to an address in a pod CIDR
+    exempt    TCP 6443 to a control-plane node (passes in the clear)
 
-The numbers are the kernel's own average over ``repeat`` runs; the median of ``rounds`` is
-printed. Test-run does not perform the redirect, so the cost of WireGuard itself is not in it.
+The empty program and nodecryptor's program are measured alternately within every round, so
+drift of the machine (frequency, other load) affects both alike; the median of ``--rounds``
+kernel averages over ``--repeat`` runs is reported, and the margin over "empty" of the same
+size and family. Test-run does not perform the redirect, so WireGuard's own cost is not in it.
+Needs root, BCC and kernel headers.
+
+    .venv/bin/python benchmarks/bpf_cost.py [--sizes 0,100,1000,10000,50000] [--quick]
+                                            [--json PATH]
+
+``--json PATH`` writes a list of rows ``{"case", "family", "nodes", "ns"}`` (the per-packet
+section of benchmarks/results/latest.json); ``machine()`` describes the machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -26,29 +38,41 @@ from nodecryptor.datapath.bpf import maps, program, testrun
 from nodecryptor.model import (KIND_NODE_IP, KIND_POD_CIDR, ROLE_WORKER, DesiredState,
                                Destination, Plan, WgState)
 from nodecryptor.ports import parse_port_spec
-from nodecryptor.settings import Settings
+from nodecryptor.settings import MapSizes, Settings
 
-LOCAL_V4 = "192.0.2.1"
-MISS_V4 = "198.51.100.7"
-SIZES = (100, 10_000, 50_000)
+LOCAL = {4: "192.0.2.1", 6: "2001:db8:ffff::1"}
+MISS = {4: "198.51.100.7", 6: "2001:db8:77::7"}
+NODE_BASE = {4: int(ipaddress.IPv4Address("172.16.0.0")),
+             6: int(ipaddress.IPv6Address("fd00:50::"))}
+POD_BASE = {4: int(ipaddress.IPv4Address("10.0.0.0")), 6: int(ipaddress.IPv6Address("fd00:244::"))}
+CONTROL_PLANE_NODES = 3
+CASES = ("empty", "miss", "hit-node", "hit-pod", "exempt")
+EXPECTED_REASON = {"miss": "not-cluster-destination", "hit-node": "cluster-destination",
+                   "hit-pod": "cluster-destination", "exempt": "exempt-control-plane-port"}
+DEFAULT_SIZES = "0,100,1000,10000,50000"
 
 
-def synthetic_desired(count: int) -> DesiredState:
-    """``count`` destinations: node i has 172.16.0.0/12 + i as /32 and 10.(i)/24 as pod CIDR."""
-    nodes = count // 2
-    node_base = int(ipaddress.IPv4Address("172.16.0.1"))
-    pod_base = int(ipaddress.IPv4Address("10.0.0.0"))
+def node_address(family: int, i: int):
+    return ipaddress.ip_address(NODE_BASE[family] + i + 1)
+
+
+def pod_cidr(family: int, i: int):
+    if family == 4:
+        return ipaddress.ip_network((POD_BASE[4] + (i << 8), 24))
+    return ipaddress.ip_network((POD_BASE[6] + (i << 64), 64))
+
+
+def synthetic_desired(nodes: int) -> DesiredState:
+    """``nodes`` remote nodes, each with a node address and a pod CIDR in both families."""
     destinations = []
     for i in range(nodes):
-        name = f"node-{i}"
-        destinations.append(Destination(
-            prefix=ipaddress.ip_network(ipaddress.IPv4Address(node_base + i)), node=name,
-            kind=KIND_NODE_IP, control_plane=i < 3))
-        destinations.append(Destination(
-            prefix=ipaddress.ip_network((pod_base + (i << 8), 24)), node=name,
-            kind=KIND_POD_CIDR, control_plane=i < 3))
+        for family in (4, 6):
+            cp = i < CONTROL_PLANE_NODES
+            destinations.append(Destination(ipaddress.ip_network(node_address(family, i)),
+                                            f"node-{i}", KIND_NODE_IP, cp))
+            destinations.append(Destination(pod_cidr(family, i), f"node-{i}", KIND_POD_CIDR, cp))
     plan = Plan(node="bench", role=ROLE_WORKER,
-                local_addresses=(ipaddress.ip_address(LOCAL_V4),),
+                local_addresses=tuple(ipaddress.ip_address(a) for a in LOCAL.values()),
                 destinations=tuple(destinations), exempt_ports=parse_port_spec("2379-2380,6443"))
     wg = WgState(ifname="cilium_wg0", ifindex=7, present=True, up=True, mtu=1420,
                  listen_port=51871, peers=None)
@@ -56,12 +80,21 @@ def synthetic_desired(count: int) -> DesiredState:
                         mss_v4=1380, mss_v6=1360, max_packet_v4=1420, max_packet_v6=1420)
 
 
-def per_packet_ns(prog_fd: int, frame: bytes, repeat: int, rounds: int) -> float:
-    return statistics.median(testrun.time_per_packet(prog_fd, frame, repeat)
-                             for _ in range(rounds))
+def frames(family: int, nodes: int) -> dict[str, bytes]:
+    """The frame of every case that applies at this size (hits need at least one node)."""
+    def tcp(dst, dport=8080):
+        return testrun.build_frame(LOCAL[family], str(dst), dport=dport, tcp_flags="A",
+                                   payload_len=64)
+    out = {"empty": tcp(MISS[family], 443), "miss": tcp(MISS[family], 443)}
+    if nodes:
+        middle = nodes // 2
+        out["hit-node"] = tcp(node_address(family, middle))
+        out["hit-pod"] = tcp(pod_cidr(family, middle).network_address + 9)
+        out["exempt"] = tcp(node_address(family, 0), 6443)
+    return out
 
 
-def machine() -> str:
+def machine() -> dict:
     cpu = "?"
     try:
         with open("/proc/cpuinfo") as f:
@@ -69,56 +102,104 @@ def machine() -> str:
                         if line.startswith("model name")), "?")
     except OSError:
         pass
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"kernel {platform.release()}, {os.cpu_count()} CPUs ({cpu}), "
-            f"python {platform.python_version()}, load average {load}")
+    return {"kernel": platform.release(), "cpus": os.cpu_count(), "cpu": cpu,
+            "python": platform.python_version(),
+            "load_average": [round(x, 2) for x in os.getloadavg()]}
+
+
+def machine_line(m: dict) -> str:
+    return (f"machine: kernel {m['kernel']}, {m['cpus']} CPUs ({m['cpu']}), python "
+            f"{m['python']}, load average {' '.join(map(str, m['load_average']))}")
+
+
+def measure(progs: dict[str, int], cases: dict[str, bytes], repeat: int,
+            rounds: int) -> dict[str, float]:
+    """Median ns per case; every round runs every case once, the empty program alternating
+    with nodecryptor's."""
+    samples: dict[str, list[float]] = {case: [] for case in cases}
+    for _ in range(rounds):
+        for case, frame in cases.items():
+            fd = progs["empty"] if case == "empty" else progs["nodecryptor"]
+            samples[case].append(testrun.time_per_packet(fd, frame, repeat))
+    return {case: statistics.median(values) for case, values in samples.items()}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeat", type=int, default=200_000, help="test-run repeat count")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds per measurement")
+    parser.add_argument("--sizes", default=DEFAULT_SIZES,
+                        help="comma-separated cluster sizes in nodes (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer iterations (repeat 20,000, 3 rounds)")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="test-run repeat count (default 200,000; --quick 20,000)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds per measurement (default 7; --quick 3)")
+    parser.add_argument("--json", metavar="PATH", help="write the rows as JSON to PATH")
     args = parser.parse_args(argv)
+    try:
+        sizes = sorted({int(x) for x in args.sizes.split(",") if x.strip()})
+        if any(n < 0 for n in sizes):
+            raise ValueError
+    except ValueError:
+        print(f"invalid value {args.sizes!r} for --sizes: expected comma-separated counts",
+              file=sys.stderr)
+        return 2
+    repeat = args.repeat or (20_000 if args.quick else 200_000)
+    rounds = args.rounds or (3 if args.quick else 7)
     if os.geteuid() != 0:
         print("needs root (BPF_PROG_LOAD, BPF_PROG_TEST_RUN)", file=sys.stderr)
         return 1
 
-    print(f"machine: {machine()}")
+    info = machine()
+    print(machine_line(info))
+    largest = 2 * max(sizes, default=0)  # destinations per family
+    capacity = 1 << max(14, (largest + largest // 4).bit_length())
+    settings = Settings(map_sizes=MapSizes(destinations_v4=capacity, destinations_v6=capacity,
+                                           destinations_max=capacity))
     empty = program.load_empty()
     started = time.monotonic()
-    loaded = program.load(Settings())
-    load_s = time.monotonic() - started
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"compile+load: {load_s:.2f} s, peak RSS of this process {rss_mb:.0f} MB")
-
-    hit_node = testrun.build_frame(LOCAL_V4, "172.16.0.2", dport=8080, tcp_flags="A",
-                                   payload_len=64)
-    hit_pod = testrun.build_frame(LOCAL_V4, "10.0.1.9", dport=8080, tcp_flags="A",
-                                  payload_len=64)
-    miss = testrun.build_frame(LOCAL_V4, MISS_V4, dport=443, tcp_flags="A", payload_len=64)
-    floor = per_packet_ns(empty.prog_fd, hit_node, args.repeat, args.rounds)
-    print(f"empty program (harness floor): {floor:.1f} ns/packet")
-    print()
-    print(f"{'destinations':>12} {'sync s':>8} {'hit /32 ns':>11} {'hit /24 ns':>11} "
-          f"{'miss ns':>8}   (ns above the floor: /32, /24, miss)")
-    for count in SIZES:
-        desired = synthetic_desired(count)
+    loaded = program.load(settings)
+    print(f"compile+load: {time.monotonic() - started:.2f} s; repeat {repeat}, rounds {rounds}; "
+          f"map capacity {capacity} per family")
+    progs = {"empty": empty.prog_fd, "nodecryptor": loaded.prog_fd}
+    rows = []
+    print(f"\n{'nodes':>7} {'family':>6} {'sync s':>7}  " +
+          "  ".join(f"{c:>13}" for c in CASES) + "   (ns/packet, +margin over empty)")
+    for nodes in sizes:
+        desired = synthetic_desired(nodes)
         started = time.monotonic()
-        maps.sync(loaded.map_fds, desired)
+        maps.sync(loaded.map_fds, desired, capacities=loaded.capacities)
         sync_s = time.monotonic() - started
-        for frame, want in ((hit_node, "cluster-destination"),
-                            (hit_pod, "cluster-destination"),
-                            (miss, "not-cluster-destination")):
-            got = testrun.run(loaded.prog_fd, frame).reason_name
-            if got != want:
-                raise SystemExit(f"benchmark frame classified {got}, expected {want}")
-        node_ns = per_packet_ns(loaded.prog_fd, hit_node, args.repeat, args.rounds)
-        pod_ns = per_packet_ns(loaded.prog_fd, hit_pod, args.repeat, args.rounds)
-        miss_ns = per_packet_ns(loaded.prog_fd, miss, args.repeat, args.rounds)
-        print(f"{count:>12} {sync_s:>8.2f} {node_ns:>11.1f} {pod_ns:>11.1f} {miss_ns:>8.1f}"
-              f"   (+{node_ns - floor:.0f}, +{pod_ns - floor:.0f}, +{miss_ns - floor:.0f})")
+        for family in (4, 6):
+            cases = frames(family, nodes)
+            for case, frame in cases.items():
+                if case == "empty":
+                    continue
+                got = testrun.run(loaded.prog_fd, frame).reason_name
+                if got != EXPECTED_REASON[case]:
+                    raise SystemExit(f"{case} IPv{family} frame at {nodes} nodes classified "
+                                     f"{got}, expected {EXPECTED_REASON[case]}")
+            ns = measure(progs, cases, repeat, rounds)
+            cells = []
+            for case in CASES:
+                if case not in ns:
+                    cells.append(f"{'-':>13}")
+                    continue
+                rows.append({"case": case, "family": family, "nodes": nodes,
+                             "ns": round(ns[case], 1)})
+                margin = "" if case == "empty" else f" +{ns[case] - ns['empty']:.0f}"
+                cells.append(f"{ns[case]:>7.1f}{margin:>6}")
+            print(f"{nodes:>7} {'IPv' + str(family):>6} {sync_s:>7.2f}  " + "  ".join(cells))
     loaded.close()
     empty.close()
+    if args.json:
+        directory = os.path.dirname(args.json)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+            f.write("\n")
+        print(f"\nwrote {len(rows)} rows to {args.json}")
     return 0
 
 

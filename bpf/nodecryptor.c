@@ -26,24 +26,24 @@
 #include "verdict.h"
 #include "cilium.h"
 
-int nc_egress(struct __sk_buff *skb)
+/* ``dry`` is a constant: the two entry points below are compiled as separate programs. */
+static __always_inline int nc_decide(struct __sk_buff *skb, const int dry)
 {
 	__u32 zero = 0, reason;
 	struct nc_config *cfg = nc_config_map.lookup(&zero);
-	struct nc_dst_info *dst;
+	struct nc_dst_info dst_info = {}, *dst = &dst_info;
 	struct nc_pkt p = {};
 
 	if (!cfg || !cfg->enabled)
-		return nc_pass(skb, NC_R_DISABLED);
+		return nc_pass(skb, NC_R_DISABLED, dry);
 	if ((skb->mark & cfg->wg_mark_mask) == cfg->wg_mark)
-		return nc_pass(skb, NC_R_WG_MARK);
+		return nc_pass(skb, NC_R_WG_MARK, dry);
 	if (nc_parse_l3(skb, &p) < 0)
-		return nc_pass(skb, NC_R_NOT_IP);
-	dst = nc_lookup_dst(&p);
-	if (!dst)
-		return nc_pass(skb, NC_R_NOT_CLUSTER);
+		return nc_pass(skb, NC_R_NOT_IP, dry);
+	if (!nc_lookup_dst(&p, cfg, dst))
+		return nc_pass(skb, NC_R_NOT_CLUSTER, dry);
 	if (nc_cilium_owns(&p, dst))
-		return nc_pass(skb, NC_R_CILIUM_POD); /* Cilium encrypts it, with its identity */
+		return nc_pass(skb, NC_R_CILIUM_POD, dry); /* Cilium encrypts it, with its identity */
 	if (p.family == 6)
 		nc_parse_ipv6_ext(skb, &p);
 	nc_parse_l4(skb, &p);
@@ -51,20 +51,34 @@ int nc_egress(struct __sk_buff *skb)
 	if (p.frag == NC_FRAG_LATER) {
 		reason = nc_frag_reason(&p);
 		if (reason == NC_R_FRAG_EXEMPT)
-			return nc_pass(skb, reason);
-		return nc_encrypt(skb, &p, dst, cfg, reason);
+			return nc_pass(skb, reason, dry);
+		return nc_encrypt(skb, &p, dst, cfg, reason, dry);
 	}
 	if (!p.l4_ok)
-		return nc_encrypt(skb, &p, dst, cfg, NC_R_MALFORMED);
+		return nc_encrypt(skb, &p, dst, cfg, NC_R_MALFORMED, dry);
 	if (p.proto == NC_IPPROTO_ICMPV6 && p.icmp_type >= 133 && p.icmp_type <= 137)
 		reason = NC_R_ND; /* redirecting neighbour discovery breaks IPv6 resolution */
 	else if (p.proto == NC_IPPROTO_UDP && p.sport == cfg->wg_port && p.dport == cfg->wg_port)
 		reason = NC_R_WG_PORT;
 	else
 		reason = nc_exempt_reason(&p, dst, cfg);
-	if (p.frag == NC_FRAG_FIRST && !nc_dry_run(skb))
+	if (p.frag == NC_FRAG_FIRST && !dry)
 		nc_frag_remember(&p, reason);
 	if (reason != NC_R_ENCRYPT)
-		return nc_pass(skb, reason);
-	return nc_encrypt(skb, &p, dst, cfg, reason);
+		return nc_pass(skb, reason, dry);
+	return nc_encrypt(skb, &p, dst, cfg, reason, dry);
+}
+
+/* Attached to the underlay devices: counts every packet and remembers first fragments. */
+int nc_egress(struct __sk_buff *skb)
+{
+	return nc_decide(skb, 0);
+}
+
+/* Never attached; `nodecryptor explain` runs it with BPF_PROG_TEST_RUN on the live maps. It
+ * decides exactly as nc_egress does but changes no state, so asking does not show up in the
+ * metrics or the fragment memory of real traffic. */
+int nc_explain(struct __sk_buff *skb)
+{
+	return nc_decide(skb, 1);
 }

@@ -4,7 +4,7 @@ underlay device's whole egress chain."""
 
 from __future__ import annotations
 
-import os
+from .errors import DatapathError
 
 
 def _known_destinations(settings, datapath: str) -> tuple[list, list]:
@@ -16,25 +16,15 @@ def _known_destinations(settings, datapath: str) -> tuple[list, list]:
     prefixes = []
     try:
         if datapath == "bpf":
-            from .datapath.bpf import abi, pins, syscall
+            from .datapath.bpf.inspect import destinations
 
-            for name in ("nc_dst_v4", "nc_dst_v6"):
-                spec = abi.MAPS_BY_NAME[name]
-                fd = syscall.obj_get(pins.map_path(settings.bpffs, name), read_only=True)
-                try:
-                    for key, _ in syscall.map_items(fd, spec.key, spec.value):
-                        size = 4 if isinstance(key, abi.LpmV4) else 16
-                        addr = ipaddress.ip_address(bytes(key.addr)[:size])
-                        prefixes.append(ipaddress.ip_network(f"{addr}/{key.prefixlen}",
-                                                             strict=False))
-                finally:
-                    os.close(fd)
+            prefixes = [ipaddress.ip_network(d["prefix"]) for d in destinations(settings)]
         else:
             from .datapath.iprule.bulk import RouteTable
 
             with RouteTable(settings.iprule_table) as table:
                 prefixes = [ipaddress.ip_network(r.dst) for r in table.read()]
-    except (OSError, ImportError):
+    except (OSError, ImportError, DatapathError):
         return [], []
     nodes = sorted({p.network_address for p in prefixes if p.prefixlen == p.max_prefixlen},
                    key=lambda a: (a.version, a))

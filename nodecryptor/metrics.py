@@ -48,6 +48,14 @@ class Metrics:
         self.rejected = Counter(f"{PREFIX}_invalid_entries_total",
                                 "CiliumNode entries skipped as invalid, by field.", ["field"],
                                 registry=r)
+        self.capacity_refused = Counter(
+            f"{PREFIX}_capacity_refused_total",
+            "Desired states refused as a whole because they exceed the datapath's hard "
+            "capacity (the previous state keeps enforcing).", registry=r)
+        self.datapath_capacity = Gauge(
+            f"{PREFIX}_datapath_capacity",
+            "Destination entries the BPF maps hold at most now, by family (grows with the "
+            "cluster up to the hard cap).", ["family"], registry=r)
         self.ready = Gauge(f"{PREFIX}_ready", "1 when /readyz reports ready.", registry=r)
         self.rejected_claims = Counter(
             f"{PREFIX}_rejected_claims_total",

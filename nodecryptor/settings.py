@@ -14,6 +14,11 @@ from .ports import PortRange, parse_port_spec
 DEFAULT_EXEMPT_PORTS = "2379-2380,6443"
 
 
+MAX_EXEMPT_PORT_RANGES = 16
+"""Exempt port ranges (after merging) the BPF program scans; a range costs the same as one
+port, so ``1-65535`` is one entry. ``--control-plane-exempt-ports`` is checked against it."""
+
+
 class RoleSource(StrEnum):
     """Which object the control-plane role labels are read from (``--role-source``)."""
 
@@ -45,15 +50,22 @@ class DatapathMode(StrEnum):
 
 @dataclass(frozen=True)
 class MapSizes:
-    """Capacity of the BPF maps. Defaults fit 10,000 nodes with dual-stack pod CIDRs."""
+    """Capacity of the BPF maps. The destination maps start at the initial size, are sized
+    from the desired state with head-room and grow (a new generation of maps, then an atomic
+    program swap) as the cluster grows, up to ``destinations_max``."""
 
-    destinations_v4: int = 65536
-    """IPv4 destination prefixes (node addresses + pod CIDRs). 10,000 nodes × (1 node IP + up to
-    4 pod CIDRs) = 50,000 fits with head-room for churn while stale entries are pruned."""
-    destinations_v6: int = 65536
-    """IPv6 destination prefixes, sized like the IPv4 map for dual-stack clusters."""
-    exempt_ports: int = 4096
-    """(protocol, port) pairs; ranges are expanded port by port."""
+    destinations_v4: int = 16384
+    """Initial capacity of the IPv4 destination map (node addresses + pod CIDRs). A restarted
+    agent starts from the capacity the previous one had grown to."""
+    destinations_v6: int = 16384
+    """Initial capacity of the IPv6 destination map."""
+    destinations_max: int = 262144
+    """Hard cap per family. A desired state with more destinations of one family is refused as
+    a whole (the previous state keeps enforcing, readiness false): 50,000 nodes with one
+    address and four pod CIDRs each fit. Kernel memory is about 100 bytes per entry in use."""
+    headroom_percent: int = 25
+    """Spare capacity added when the maps are (re)sized, so joining nodes rarely force a
+    growth; capacities are powers of two."""
     local_addresses: int = 256
     """Addresses of the local node (both families)."""
     fragments: int = 8192

@@ -31,6 +31,9 @@ Helpers turn a case into the inputs a datapath needs (``snapshot``, ``settings_f
 - ``tunnel``: True — Cilium runs in tunnel mode: peers' allowed-IPs hold node addresses only
   and ``cilium_vxlan`` exists.
 - ``wg_mtu``: the MTU of cilium_wg0 (default WG_MTU).
+- ``cb``: the frame arrives with skb->cb[0..4] holding these words, as Cilium's ``bpf_lxc``
+  leaves them on pod packets it redirects to the underlay (a first fragment sent for
+  ``first_fragment_seen`` carries them too). The verdict must not depend on them.
 """
 
 from __future__ import annotations
@@ -172,6 +175,13 @@ _FRAG_WHY = "a non-first fragment carries no ports; routing decided on the whole
 _ND_WHY = "ip rules cannot match ICMPv6 types"
 _GUARD_WHY = ("ip rules: a fail-closed unreachable guard cannot be suppressed, so the pods' rule "
               "does not reach main (documented; tests/iprule/test_cilium_pod.py)")
+
+# skb->cb[0..4] as a pod packet may reach the head of the underlay's chain: words Cilium's
+# bpf_lxc stored with ctx_store_meta (an identity, an ifindex, IPv6 address words), with the
+# value nodecryptor once took for its dry-run marker in cb[2] ("NCDR") and, in cb[0], a word that
+# looks like nodecryptor's own verdict record (magic | not-cluster-destination).
+LXC_CB = (0x4E430003, 0x00003E8D, 0x4E434452, 0xFD000244, 0x00000007)
+LXC_CB_RANDOM = (0x9F3A51C2, 0x00000002, 0x4E434452, 0x7D2E0C11, 0xFFFFFFFF)
 
 CASES: list[Case] = [
     # --- IPv4 from a worker ------------------------------------------------------------------
@@ -368,6 +378,22 @@ CASES: list[Case] = [
     _c("v4-syn-ack-mss-clamped-wg-mtu-1405", "w1", _E, R_ENCRYPT, dst=W2_POD_V4, sport=8080,
        dport=40000, tcp_flags="SA", extra={"tcp_mss": 1460, "expect_mss": MSS_V4_95,
                                            "wg_mtu": WG_MTU_95}),
+    # --- skb->cb[] left dirty by an earlier program: counted, fragments remembered ----------
+    _c("v4-dirty-cb-pod-to-remote-node", "w1", _E, R_ENCRYPT, dst=W2_V4, src=W1_POD_V4,
+       dport=10250, extra={"cb": LXC_CB}),
+    _c("v6-dirty-cb-to-remote-pod", "w1", _E, R_ENCRYPT, dst=W2_POD_V6, dport=8080,
+       extra={"cb": LXC_CB_RANDOM}),
+    _c("v4-dirty-cb-not-cluster", "w1", _P, R_NOT_CLUSTER, dst=OUTSIDE_V4, dport=443,
+       extra={"cb": LXC_CB}),
+    _c("v4-dirty-cb-first-fragment-to-cp-6443", "w1", _X, R_EXEMPT_DPORT, dst=CP1_V4,
+       dport=6443, extra={"frag": {"offset": 0, "more": True, "id": 0x1116}, "cb": LXC_CB}),
+    _c("v4-dirty-cb-later-fragment-of-exempt", "w1", _X, R_FRAG_EXEMPT, False, _FRAG_WHY,
+       dst=CP1_V4, dport=6443, extra={"frag": {"offset": 1480, "more": False, "id": 0x1117},
+                                      "first_fragment_seen": True, "cb": LXC_CB}),
+    _c("v6-dirty-cb-later-fragment-of-exempt", "w1", _X, R_FRAG_EXEMPT, False, _FRAG_WHY,
+       dst=CP1_V6, dport=6443, extra={"frag": {"offset": 1448, "more": False,
+                                               "id": 0x22220005},
+                                      "first_fragment_seen": True, "cb": LXC_CB_RANDOM}),
 ]
 
 CASES_BY_ID = {c.id: c for c in CASES}

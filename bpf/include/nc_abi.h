@@ -6,7 +6,7 @@
 #ifndef NC_ABI_H
 #define NC_ABI_H
 
-#define NC_ABI_VERSION 1
+#define NC_ABI_VERSION 2
 
 /* Destination value: what the agent knows about a remote prefix. */
 #define NC_KIND_NODE_IP 1
@@ -14,9 +14,15 @@
 #define NC_DST_F_CONTROL_PLANE (1 << 0) /* the prefix belongs to a control-plane node */
 #define NC_DST_F_UNCOVERED (1 << 1)     /* no WireGuard peer's allowed-IPs cover it */
 
+/* Destination keys: an exact-match hash per family holds every prefix as (length, address
+ * masked to the length). The program looks the destination up once per prefix length in use,
+ * longest first (the lengths are listed in nc_config), so the first hit is the longest match.
+ * A cluster has few distinct lengths (/32 and /128 node addresses, one or two pod CIDR sizes):
+ * a hash lookup costs the same at 100 and at 100,000 entries, an LPM trie walk grows with
+ * depth (issue 12). */
 struct nc_lpm_v4 {
-	__u32 prefixlen; /* LPM trie keys start with the prefix length */
-	__u8 addr[4];    /* network byte order */
+	__u32 prefixlen;
+	__u8 addr[4];    /* network byte order, host bits zero */
 };
 
 struct nc_lpm_v6 {
@@ -30,14 +36,56 @@ struct nc_dst_info {
 	__u16 reserved;
 };
 
-/* Exempt ports: one entry per (protocol, port); ranges are expanded by the agent. */
+/* Exempt ports: up to NC_EXEMPT_RANGES_MAX (protocol, first, last) ranges, scanned in order
+ * (a range costs the same as a single port; 1-65535 is one entry). */
 #define NC_EXEMPT_DPORT (1 << 0) /* towards control-plane nodes */
 #define NC_EXEMPT_SPORT (1 << 1) /* replies from the local control-plane node's own addresses */
-struct nc_port_key {
+#define NC_EXEMPT_RANGES_MAX 16
+struct nc_port_range {
 	__u8 protocol; /* IPPROTO_TCP / _UDP / _SCTP */
-	__u8 pad;
-	__u16 port;    /* host byte order */
+	__u8 flags;    /* NC_EXEMPT_* */
+	__u16 first;   /* host byte order, inclusive */
+	__u16 last;
+	__u16 pad;
 };
+
+struct nc_exempt_ranges {
+	__u32 count;   /* ranges in use, from r[0] */
+	__u32 pad;
+	struct nc_port_range r[NC_EXEMPT_RANGES_MAX];
+};
+
+/* Filters in front of the destination maps, one array of 64-bit words (nc_summary), always a
+ * superset of the maps: the agent sets bits before adding entries and clears them only after
+ * removing them.
+ *
+ * Summary: one bit per IPv4 /16 and one per 16-bit fold of an IPv6 address's first 32 bits,
+ * set when some destination prefix overlaps it. A clear bit proves the destination is no
+ * cluster prefix with one array read, so traffic to the rest of the world never pays for a
+ * hash lookup.
+ *
+ * Bloom: per family 2^22 bits (512 KiB), two bits (two hashes of prefix length and masked
+ * address, nc_bloom_maybe) set for every entry of the destination map. A clear bit skips the hash lookup of that prefix
+ * length: a packet to a pod pays for the pod CIDR's lookup only, not also for a /32 miss. */
+#define NC_SUMMARY_WORDS 1024 /* 65,536 bits per family */
+#define NC_SUMMARY_V6_BASE NC_SUMMARY_WORDS
+#define NC_BLOOM_BITS 22
+#define NC_BLOOM_WORDS (1 << (NC_BLOOM_BITS - 6))
+#define NC_BLOOM_V4_BASE (2 * NC_SUMMARY_WORDS)
+#define NC_BLOOM_V6_BASE (NC_BLOOM_V4_BASE + NC_BLOOM_WORDS)
+#define NC_FILTER_WORDS (NC_BLOOM_V6_BASE + NC_BLOOM_WORDS)
+#define NC_HASH_K0 0x9E3779B1 /* Fibonacci hashing; the agent computes the same (maps.py) */
+#define NC_HASH_K1 0x85EBCA77
+#define NC_HASH_K2 0xC2B2AE3D
+#define NC_HASH_K3 0x27D4EB2F
+
+/* Prefix lengths looked up in the hashes, per family (a cluster uses two to four: node
+ * addresses and one or a few pod CIDR sizes). Every slot is one loop iteration the verifier
+ * walks for every state reaching the loop: one slot per possible length (33 + 129) took
+ * 800,000 of its 1,000,000 instructions, 8 slots take about 190,000. Entries of further
+ * (shorter) lengths go to the family's LPM trie, looked up after every slot, so the longest
+ * match still wins. */
+#define NC_PLEN_SLOTS 8
 
 /* Local node addresses: the only sources whose exempt source ports may leave in the clear. */
 struct nc_addr_key {
@@ -68,6 +116,14 @@ struct nc_config {
 	__u32 max_packet_v4;  /* redirected non-TCP packets above this are counted as oversize */
 	__u32 max_packet_v6;
 	__u64 agent_alive_ns; /* CLOCK_MONOTONIC (bpf_ktime_get_ns) of the agent's last reconcile */
+	__u8 n_plen_v4;       /* prefix lengths in nc_dst_v4, listed longest first below */
+	__u8 n_plen_v6;
+	__u8 lpm_v4;          /* nc_dst_lpm_v4 holds entries (lengths beyond the slots) */
+	__u8 lpm_v6;
+	__u32 pad1;
+	__u8 plen_v4[NC_PLEN_SLOTS];
+	__u8 plen_v6[NC_PLEN_SLOTS];
+	__u32 mask_v6[4 * NC_PLEN_SLOTS]; /* per slot the netmask of plen_v6[i], network order */
 };
 
 /* Fragment tracking: a non-first fragment follows its first fragment's verdict. */
@@ -121,11 +177,10 @@ enum nc_reason {
 #define NC_CB_MAGIC 0x4e430000 /* "NC" in the high half of cb[0] */
 #define NC_CB_REASON 0         /* cb[0] = NC_CB_MAGIC | reason */
 #define NC_CB_TARGET 1         /* cb[1] = redirect ifindex, 0 when not redirected */
-/* cb[2] == NC_DRY_RUN_MAGIC, set by the caller in test-run's ctx_in (`nodecryptor explain` on
- * the live program): decide as usual but count nothing and remember no fragment, so asking
- * never changes the metrics or the fragment state of real traffic. */
-#define NC_CB_DRY_RUN 2
-#define NC_DRY_RUN_MAGIC 0x4e434452 /* "NCDR" */
+/* Nothing in cb[] is ever read: cb[] arriving at the head of the underlay's chain holds what
+ * earlier programs (Cilium's bpf_lxc) stored there. A dry run (`nodecryptor explain`) is a
+ * second entry point compiled from the same source with the same maps, nc_explain, which
+ * counts nothing and remembers no fragment; the attached nc_egress has no dry-run path. */
 
 /* Map names as BCC creates and as the agent pins them. */
 #define NC_MAP_DST_V4 nc_dst_v4
@@ -137,16 +192,16 @@ enum nc_reason {
 #define NC_MAP_FRAGS nc_frags
 #define NC_MAP_PODS_V4 nc_pods_v4 /* local pod CIDRs: Cilium's own pod-to-pod traffic */
 #define NC_MAP_PODS_V6 nc_pods_v6
+#define NC_MAP_SUMMARY nc_summary
+#define NC_MAP_DST_LPM_V4 nc_dst_lpm_v4
+#define NC_MAP_DST_LPM_V6 nc_dst_lpm_v6
 
 /* Sizes come from the agent as -D cflags; these defaults let the file compile on its own. */
 #ifndef NC_DST_V4_MAX
-#define NC_DST_V4_MAX 65536
+#define NC_DST_V4_MAX 16384
 #endif
 #ifndef NC_DST_V6_MAX
-#define NC_DST_V6_MAX 65536
-#endif
-#ifndef NC_EXEMPT_MAX
-#define NC_EXEMPT_MAX 4096
+#define NC_DST_V6_MAX 16384
 #endif
 #ifndef NC_LOCAL_MAX
 #define NC_LOCAL_MAX 256

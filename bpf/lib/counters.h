@@ -6,16 +6,14 @@
 
 #include "maps.h"
 
-static __always_inline int nc_dry_run(struct __sk_buff *skb)
-{
-	return skb->cb[NC_CB_DRY_RUN] == NC_DRY_RUN_MAGIC;
-}
-
-static __always_inline void nc_count(struct __sk_buff *skb, __u32 index)
+/* ``dry`` is a compile-time constant at every call site (0 in nc_egress, 1 in nc_explain), so
+ * each entry point is its own straight-line program: no packet field decides whether a packet
+ * is counted. */
+static __always_inline void nc_count(struct __sk_buff *skb, __u32 index, const int dry)
 {
 	struct nc_counter *c;
 
-	if (nc_dry_run(skb))
+	if (dry)
 		return;
 	c = nc_counters.lookup(&index);
 	if (c) {
@@ -25,9 +23,10 @@ static __always_inline void nc_count(struct __sk_buff *skb, __u32 index)
 	}
 }
 
-static __always_inline void nc_record(struct __sk_buff *skb, __u32 reason, __u32 target)
+static __always_inline void nc_record(struct __sk_buff *skb, __u32 reason, __u32 target,
+				      const int dry)
 {
-	nc_count(skb, reason);
+	nc_count(skb, reason, dry);
 	skb->cb[NC_CB_REASON] = NC_CB_MAGIC | reason;
 	skb->cb[NC_CB_TARGET] = target;
 }

@@ -21,15 +21,22 @@
 	BPF_F_TABLE(type, key, value, name, max, flags)
 #endif
 
-/* LPM tries cannot be preallocated: the kernel rejects them without BPF_F_NO_PREALLOC. */
-NC_MAP("lpm_trie", struct nc_lpm_v4, struct nc_dst_info, nc_dst_v4, NC_DST_V4_MAX,
+/* Not preallocated: memory follows the entries in use, not the capacity the agent grows to. */
+NC_MAP("hash", struct nc_lpm_v4, struct nc_dst_info, nc_dst_v4, NC_DST_V4_MAX,
        BPF_F_NO_PREALLOC);
-NC_MAP("lpm_trie", struct nc_lpm_v6, struct nc_dst_info, nc_dst_v6, NC_DST_V6_MAX,
+NC_MAP("hash", struct nc_lpm_v6, struct nc_dst_info, nc_dst_v6, NC_DST_V6_MAX,
        BPF_F_NO_PREALLOC);
-NC_MAP("hash", struct nc_port_key, __u32, nc_exempt, NC_EXEMPT_MAX, 0);
+/* Entries whose prefix length did not get a hash slot (rare; LPM tries need NO_PREALLOC). */
+NC_MAP("lpm_trie", struct nc_lpm_v4, struct nc_dst_info, nc_dst_lpm_v4, NC_DST_V4_MAX,
+       BPF_F_NO_PREALLOC);
+NC_MAP("lpm_trie", struct nc_lpm_v6, struct nc_dst_info, nc_dst_lpm_v6, NC_DST_V6_MAX,
+       BPF_F_NO_PREALLOC);
+NC_MAP("array", __u32, struct nc_exempt_ranges, nc_exempt, 1, 0);
 NC_MAP("hash", struct nc_addr_key, __u32, nc_local, NC_LOCAL_MAX, 0);
 NC_MAP("array", __u32, struct nc_config, nc_config_map, 1, 0);
 NC_MAP("percpu_array", __u32, struct nc_counter, nc_counters, NC_COUNTER_MAX, 0);
 NC_MAP("lru_hash", struct nc_frag_key, struct nc_frag_val, nc_frags, NC_FRAGS_MAX, 0);
+/* Memory-mapped: the agent reads and rewrites the filter words without a syscall each. */
+NC_MAP("array", __u32, __u64, nc_summary, NC_FILTER_WORDS, BPF_F_MMAPABLE);
 
 #endif /* NC_LIB_MAPS_H */

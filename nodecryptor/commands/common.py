@@ -13,8 +13,8 @@ from ..errors import SettingsError
 from ..httpserver import binds_overlap, parse_bind
 from ..log import LEVELS
 from ..ports import PortSpecError, parse_port_spec
-from ..settings import (DEFAULT_EXEMPT_PORTS, DatapathMode, RoleSource,
-                        FailMode, Settings)
+from ..settings import (DEFAULT_EXEMPT_PORTS, MAX_EXEMPT_PORT_RANGES, DatapathMode, FailMode,
+                        RoleSource, Settings)
 from ..settings import require_node_name  # noqa: F401  (re-exported for the commands)
 
 
@@ -195,6 +195,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             kw["exempt_ports"] = parse_port_spec(spec)
         except PortSpecError as e:
             raise SettingsError("--control-plane-exempt-ports", spec, str(e)) from None
+        if len(kw["exempt_ports"]) > MAX_EXEMPT_PORT_RANGES:
+            raise SettingsError("--control-plane-exempt-ports", spec,
+                                f"{len(kw['exempt_ports'])} separate ranges after merging; the "
+                                f"datapath holds at most {MAX_EXEMPT_PORT_RANGES} (use ranges "
+                                "such as 2379-2380)")
     if getattr(args, "control_plane_label", None):
         kw["control_plane_labels"] = tuple(_label_key(v) for v in args.control_plane_label)
     if getattr(args, "address_types", None) is not None:

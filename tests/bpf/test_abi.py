@@ -15,7 +15,7 @@ import pytest
 
 from conftest import have_bcc, require
 from nodecryptor.datapath.bpf import abi, program, syscall, testrun
-from nodecryptor.settings import MapSizes, Settings
+from nodecryptor.settings import MAX_EXEMPT_PORT_RANGES, MapSizes, Settings
 
 pytestmark = [pytest.mark.privileged, pytest.mark.bpf]
 
@@ -24,7 +24,8 @@ STRUCTS = {
     abi.LpmV4: "nc_lpm_v4",
     abi.LpmV6: "nc_lpm_v6",
     abi.DstInfo: "nc_dst_info",
-    abi.PortKey: "nc_port_key",
+    abi.PortRange: "nc_port_range",
+    abi.ExemptRanges: "nc_exempt_ranges",
     abi.AddrKey: "nc_addr_key",
     abi.Config: "nc_config",
     abi.FragKey: "nc_frag_key",
@@ -48,8 +49,6 @@ CONSTANTS = {
     "NC_CB_MAGIC": abi.CB_MAGIC,
     "NC_CB_REASON": abi.CB_REASON,
     "NC_CB_TARGET": abi.CB_TARGET,
-    "NC_CB_DRY_RUN": abi.CB_DRY_RUN,
-    "NC_DRY_RUN_MAGIC": abi.DRY_RUN_MAGIC,
     "NC_R_MAX_VERDICT": abi.MAX_VERDICT,
     "NC_COUNTER_MAX": abi.COUNTER_MAX,
     "TC_ACT_UNSPEC": abi.TC_ACT_UNSPEC,
@@ -60,6 +59,20 @@ CONSTANTS = {
     "BPF_MAP_TYPE_ARRAY": abi.BPF_MAP_TYPE_ARRAY,
     "BPF_MAP_TYPE_PERCPU_ARRAY": abi.BPF_MAP_TYPE_PERCPU_ARRAY,
     "BPF_MAP_TYPE_LRU_HASH": abi.BPF_MAP_TYPE_LRU_HASH,
+    "NC_EXEMPT_RANGES_MAX": abi.EXEMPT_RANGES_MAX,
+    "NC_SUMMARY_WORDS": abi.SUMMARY_WORDS,
+    "NC_SUMMARY_V6_BASE": abi.SUMMARY_V6_BASE,
+    "NC_BLOOM_BITS": abi.BLOOM_BITS,
+    "NC_BLOOM_WORDS": abi.BLOOM_WORDS,
+    "NC_BLOOM_V4_BASE": abi.BLOOM_V4_BASE,
+    "NC_BLOOM_V6_BASE": abi.BLOOM_V6_BASE,
+    "NC_FILTER_WORDS": abi.FILTER_WORDS,
+    "NC_HASH_K0": abi.HASH_K0,
+    "NC_HASH_K1": abi.HASH_K1,
+    "NC_HASH_K2": abi.HASH_K2,
+    "NC_HASH_K3": abi.HASH_K3,
+    "BPF_F_MMAPABLE": abi.BPF_F_MMAPABLE,
+    "NC_PLEN_SLOTS": abi.PLEN_SLOTS,
     "BPF_MAP_TYPE_LPM_TRIE": abi.BPF_MAP_TYPE_LPM_TRIE,
     "BPF_F_NO_PREALLOC": abi.BPF_F_NO_PREALLOC,
     "NC_PODS_MAX": abi.PODS_MAX,
@@ -72,7 +85,8 @@ MAP_NAME_MACROS = {"NC_MAP_DST_V4": "nc_dst_v4", "NC_MAP_DST_V6": "nc_dst_v6",
                    "NC_MAP_EXEMPT": "nc_exempt", "NC_MAP_LOCAL": "nc_local",
                    "NC_MAP_CONFIG": "nc_config_map", "NC_MAP_COUNTERS": "nc_counters",
                    "NC_MAP_FRAGS": "nc_frags", "NC_MAP_PODS_V4": "nc_pods_v4",
-                   "NC_MAP_PODS_V6": "nc_pods_v6"}
+                   "NC_MAP_PODS_V6": "nc_pods_v6", "NC_MAP_SUMMARY": "nc_summary",
+                   "NC_MAP_DST_LPM_V4": "nc_dst_lpm_v4", "NC_MAP_DST_LPM_V6": "nc_dst_lpm_v6"}
 
 
 def _c_probes() -> list[tuple[str, str, int]]:
@@ -144,6 +158,11 @@ def test_map_name_macros_match_specs():
     assert set(MAP_NAME_MACROS.values()) == set(abi.MAPS_BY_NAME)
 
 
+def test_exempt_flag_limit_is_the_program_limit():
+    """--control-plane-exempt-ports is validated against what nc_exempt holds."""
+    assert MAX_EXEMPT_PORT_RANGES == abi.EXEMPT_RANGES_MAX
+
+
 def test_reason_tables_complete():
     assert set(abi.REASON_NAMES) == set(abi.Reason) == set(abi.REASON_VERDICTS)
     assert set(abi.EVENT_NAMES) == set(abi.Event)
@@ -152,8 +171,8 @@ def test_reason_tables_complete():
 
 
 def test_program_maps_match_specs(bcc_module):
-    sizes = MapSizes(destinations_v4=1000, destinations_v6=2000, exempt_ports=300,
-                     local_addresses=40, fragments=500)
+    sizes = MapSizes(destinations_v4=1000, destinations_v6=2000, local_addresses=40,
+                     fragments=500)
     loaded = program.load(Settings(map_sizes=sizes))
     try:
         for spec in abi.MAP_SPECS:

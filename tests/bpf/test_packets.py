@@ -116,12 +116,13 @@ def test_case(loaded, case):
     maps.sync(loaded.map_fds, dc.desired_for(case, wg_ifindex=WG_IFINDEX))
     before = packets(maps.read_counters(loaded.map_fds))
     runs = 1
+    cb = case.extra.get("cb", ())
     if case.extra.get("first_fragment_seen"):
         first = dict(case.extra["frag"], offset=0, more=True)
-        testrun.run(loaded.prog_fd, frame_for(case, frag=first), mark=case.query.mark)
+        testrun.run(loaded.prog_fd, frame_for(case, frag=first), mark=case.query.mark, cb=cb)
         runs += 1
     frame = frame_for(case)
-    result = testrun.run(loaded.prog_fd, frame, mark=case.query.mark)
+    result = testrun.run(loaded.prog_fd, frame, mark=case.query.mark, cb=cb)
     after = packets(maps.read_counters(loaded.map_fds))
 
     assert (result.verdict, result.reason_name) == (case.expected_verdict,
@@ -221,22 +222,41 @@ def test_explain_frame_matches_case_verdict(loaded):
     assert checked >= 30
 
 
-def test_dry_run_decides_but_changes_no_state(loaded):
-    """`nodecryptor explain` runs the live program dry: same verdict, no counter change, and a
-    first fragment is not remembered (a later fragment still finds its first unseen)."""
+def test_explain_program_decides_but_changes_no_state(loaded):
+    """`nodecryptor explain` runs the dry-run twin (nc_explain) on the live maps: same verdict,
+    no counter change, and a first fragment is not remembered (a later fragment still finds
+    its first unseen)."""
     case = dc.CASES_BY_ID["v4-later-fragment-of-exempt"]
     maps.sync(loaded.map_fds, dc.desired_for(case, wg_ifindex=WG_IFINDEX))
     first = frame_for(case, frag=dict(case.extra["frag"], offset=0, more=True))
     before = maps.read_counters(loaded.map_fds)
-    dry = testrun.run(loaded.prog_fd, first, dry_run=True)
+    dry = testrun.run(loaded.explain_fd, first)
     assert maps.read_counters(loaded.map_fds) == before
     assert dry.verdict == testrun.run(loaded.prog_fd, first).verdict == VERDICT_EXEMPT
     assert maps.read_counters(loaded.map_fds) != before  # the real run counted
 
     later = frame_for(case)
     other_id = dict(case.extra["frag"], id=0x7A7A)  # used by no other case
-    testrun.run(loaded.prog_fd, frame_for(case, frag=dict(other_id, offset=0, more=True)),
-                dry_run=True)
+    testrun.run(loaded.explain_fd, frame_for(case, frag=dict(other_id, offset=0, more=True)))
     unseen = testrun.run(loaded.prog_fd, frame_for(case, frag=other_id))
     assert unseen.reason_name == "fragment-first-unseen"
     assert testrun.run(loaded.prog_fd, later).reason_name == case.expected_reason
+
+
+@pytest.mark.parametrize("cb", [(), dc.LXC_CB, dc.LXC_CB_RANDOM, (0, 0, 0x4E434452, 0, 0)],
+                         ids=["clean", "lxc", "random", "old-marker-only"])
+def test_verdicts_do_not_depend_on_cb(loaded, cb):
+    """Every case of the table gives the same verdict, reason and counter change whatever an
+    earlier program left in skb->cb[], on both entry points (explain counts nothing)."""
+    for case in dc.CASES:
+        if case.extra.get("first_fragment_seen") or case.extra.get("ethertype"):
+            continue
+        maps.sync(loaded.map_fds, dc.desired_for(case, wg_ifindex=WG_IFINDEX))
+        frame = frame_for(case)
+        before = packets(maps.read_counters(loaded.map_fds))
+        live = testrun.run(loaded.prog_fd, frame, mark=case.query.mark, cb=cb)
+        counted = packets(maps.read_counters(loaded.map_fds))
+        dry = testrun.run(loaded.explain_fd, frame, mark=case.query.mark, cb=cb)
+        assert packets(maps.read_counters(loaded.map_fds)) == counted, case.id
+        assert live.reason_name == dry.reason_name == case.expected_reason, case.id
+        assert counted[case.expected_reason] - before[case.expected_reason] == 1, case.id

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import random
 
 import pytest
 
@@ -13,6 +14,7 @@ import datapath_cases as dc
 from conftest import have_bcc, require
 from nodecryptor.datapath.bpf import abi, maps, program, syscall, testrun
 from nodecryptor.errors import DatapathError
+from nodecryptor.model import KIND_POD_CIDR, Destination
 from nodecryptor.settings import MapSizes, Settings
 
 pytestmark = [pytest.mark.privileged, pytest.mark.bpf]
@@ -29,7 +31,8 @@ def loaded():
 
 
 def _clear(map_fds):
-    for name in ("nc_dst_v4", "nc_dst_v6", "nc_exempt", "nc_local", "nc_pods_v4", "nc_pods_v6"):
+    for name in ("nc_dst_v4", "nc_dst_v6", "nc_dst_lpm_v4", "nc_dst_lpm_v6", "nc_local",
+                 "nc_pods_v4", "nc_pods_v6"):
         spec = abi.MAPS_BY_NAME[name]
         for key in list(syscall.map_keys(map_fds[name], spec.key)):
             syscall.map_delete(map_fds[name], key)
@@ -39,9 +42,9 @@ def test_sync_is_idempotent_and_prunes(loaded):
     _clear(loaded.map_fds)
     worker = dc.desired_for(dc.CASES_BY_ID["v4-node-to-remote-node"])  # local node w1
     first = maps.sync(loaded.map_fds, worker, now_ns=1)
-    # 8 destinations (cp1 and w2: node IP + pod CIDR, both families), 3 ports, 2 addresses,
+    # 8 destinations (cp1 and w2: node IP + pod CIDR, both families), 2 addresses,
     # 2 local pod CIDRs whose pod-to-pod traffic is Cilium's (nc_pods_v4/v6)
-    assert (first.added, first.removed) == (8 + 3 + 2 + 2, 0)
+    assert (first.added, first.removed) == (8 + 2 + 2, 0)
     assert maps.sync(loaded.map_fds, worker, now_ns=2) == maps.SyncStats(0, 0, 0)
 
     cp = dc.desired_for(dc.CASES_BY_ID["v4-cp-reply-6443-from-node-ip"])  # local node cp1
@@ -93,16 +96,21 @@ def test_new_destination_is_added_before_stale_one_is_removed(loaded, monkeypatc
                         lambda fd, k: (calls.append("delete"), real_delete(fd, k))[1])
     stats = maps.sync(loaded.map_fds, moved)
     assert (stats.added, stats.removed) == (1, 1)
-    # destination update, stale delete, then the config entry last
-    assert calls == ["update", "delete", "update"]
+    # destination update, the config entry, then the stale delete (the summary bits did not
+    # change: both prefixes are in 10.244.0.0/16)
+    assert calls == ["update", "update", "delete"]
 
 
 def test_full_map_names_the_problem(bcc_settings_small):
     loaded = program.load(bcc_settings_small)
     try:
         desired = dc.desired_for(dc.CASES_BY_ID["v4-node-to-remote-node"])
-        with pytest.raises(DatapathError, match="writing BPF maps failed"):
+        with pytest.raises(maps.CapacityError,
+                           match="IPv4 destinations: 4 entries needed .* capacity 2"):
             maps.sync(loaded.map_fds, desired)
+        # refused before any write: the program still has no configuration
+        assert maps.read(loaded.map_fds)["destinations"] == []
+        assert not maps.read_config(loaded.map_fds)["enabled"]
     finally:
         loaded.close()
 
@@ -147,6 +155,14 @@ def test_open_pinned_names_the_missing_pin(tmp_path):
         maps.open_pinned(str(tmp_path))
 
 
+def test_verifier_work_stays_far_below_its_limit(loaded):
+    """The lookup loops are walked by the verifier once per slot for every state reaching
+    them; the kernel gives up at 1,000,000 instructions (older kernels prune less). Keep a
+    wide margin so a small change cannot make the program unloadable."""
+    for fd in (loaded.prog_fd, loaded.explain_fd):
+        assert 0 < syscall.prog_verified_insns(fd) < 400_000
+
+
 def test_probe_reports_success(loaded):
     ok, why = program.probe(Settings())
     assert ok, why
@@ -161,3 +177,66 @@ def test_probe_reports_a_compile_failure(loaded, tmp_path, monkeypatch):
     ok, why = program.probe(Settings())
     assert not ok
     assert "compiling" in why
+
+
+def _random_destinations(rng: random.Random, family: int, count: int):
+    """Prefixes of many lengths, some nested in others (so the longest match matters)."""
+    bits = 32 if family == 4 else 128
+    # IPv6: more distinct lengths than hash slots, so the shortest go to the LPM trie.
+    lengths = [bits, bits, 24, 16, 20, 28, 1, 9] if family == 4 else \
+        [bits, bits, 64, 48, 56, 80, 112, 17, 31, 33, 40, 44, 52, 60, 68, 72, 76, 88, 96,
+         100, 104, 120]
+    prefixes = set()
+    while len(prefixes) < count:
+        plen = rng.choice(lengths)
+        if prefixes and rng.random() < 0.4:  # nest inside an existing prefix
+            outer = rng.choice(sorted(prefixes, key=str))
+            if outer.prefixlen < bits:
+                plen = rng.randint(outer.prefixlen + 1, bits)
+                addr = int(outer.network_address) | rng.getrandbits(bits - outer.prefixlen)
+                prefixes.add(ipaddress.ip_network((addr, plen), strict=False))
+                continue
+        addr = rng.getrandbits(bits)
+        prefixes.add(ipaddress.ip_network((addr, plen), strict=False))
+    return sorted(prefixes, key=lambda p: (p.prefixlen, int(p.network_address)))
+
+
+def test_lookup_is_longest_prefix_match_through_filters_and_hashes(loaded):
+    """Random destination sets of many prefix lengths, nested: every probe address gets the
+    value of its longest matching prefix (made visible by the uncovered flag, which turns
+    encrypt into drop), and addresses outside every prefix are not cluster destinations. This
+    checks the summary and bloom filters (computed in Python, read in C), the masking and the
+    longest-first order together."""
+    rng = random.Random(2026)
+    base = dc.desired_for(dc.CASES_BY_ID["v4-node-to-remote-node"], wg_ifindex=7)
+    for family in (4, 6):
+        prefixes = _random_destinations(rng, family, 300)
+        uncovered = frozenset(p for p in prefixes if rng.random() < 0.5)
+        dests = tuple(Destination(p, "n", KIND_POD_CIDR, False) for p in prefixes)
+        desired = dataclasses.replace(base, uncovered=uncovered, plan=dataclasses.replace(
+            base.plan, destinations=dests, exempt_ports=()))
+        maps.sync(loaded.map_fds, desired)
+        lengths = {p.prefixlen for p in prefixes}
+        assert maps.read_config(loaded.map_fds)["lpm"][f"v{family}"] == (
+            len(lengths) > abi.PLEN_SLOTS)
+        src = "192.0.2.1" if family == 4 else "2001:db8:ffff::1"
+        probes = []
+        for p in rng.sample(prefixes, 150):
+            host_bits = p.max_prefixlen - p.prefixlen
+            probes.append(ipaddress.ip_address(int(p.network_address) |
+                                               (rng.getrandbits(host_bits) if host_bits else 0)))
+        probes += [ipaddress.ip_address(rng.getrandbits(p.max_prefixlen)) for p in prefixes[:150]]
+        wrong = []
+        for addr in probes:
+            matches = [p for p in prefixes if addr in p]
+            if not matches:
+                want = "not-cluster-destination"
+            else:
+                longest = max(matches, key=lambda p: p.prefixlen)
+                want = ("no-peer-covers-fail-closed" if longest in uncovered
+                        else "cluster-destination")
+            got = testrun.run(loaded.prog_fd, testrun.build_frame(src, str(addr), dport=9)
+                              ).reason_name
+            if got != want:
+                wrong.append((str(addr), want, got))
+        assert wrong == [], f"IPv{family}: {wrong[:5]}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import stat
 
 import pytest
 from bpf_backend_lab import in_netns, load_ret_prog, prog_id, sh
@@ -14,7 +15,7 @@ from conftest import require
 from prometheus_client import CollectorRegistry
 
 from nodecryptor.datapath.bpf import abi, attach, collector, inspect, pins, syscall
-from nodecryptor.settings import MapSizes, Settings
+from nodecryptor.settings import Settings
 
 pytestmark = pytest.mark.privileged
 
@@ -164,34 +165,39 @@ def test_cleanup_removes_only_nodecryptor_objects(veth_ns, bpffs, progs, tcx):
             os.unlink(foreign_pin)
 
 
-def _pin_map(bpffs: str, spec: abi.MapSpec, max_entries: int) -> None:
+def _pin_map_at(path: str, spec: abi.MapSpec, max_entries: int) -> None:
     fd = syscall.map_create(spec.map_type, spec.key_size, spec.value_size, max_entries,
                             spec.flags, spec.name)
     try:
-        syscall.obj_pin(fd, pins.map_path(bpffs, spec.name))
+        syscall.obj_pin(fd, path)
     finally:
         os.close(fd)
 
 
-def test_pinned_map_of_wrong_shape_is_unlinked_and_right_one_reused(bpffs, caplog):
-    sizes = MapSizes(destinations_v4=1024)
-    settings = Settings(bpffs=bpffs, map_sizes=sizes)
+def test_generations_switch_current_and_remove_stale(bpffs):
+    """Each start or growth pins maps into a new generation; ``current`` moves to it once it
+    is attached and the older generations (and other ABI versions' directories) go."""
     pins.ensure_dirs(bpffs)
-    dst_v4, exempt = abi.MAPS_BY_NAME["nc_dst_v4"], abi.MAPS_BY_NAME["nc_exempt"]
-    _pin_map(bpffs, dst_v4, 4096)  # capacity differs from settings
-    _pin_map(bpffs, exempt, exempt.max_entries(sizes))
-
-    with caplog.at_level("WARNING"):
-        checks = {c.name: c for c in pins.check_maps(settings)}
-
-    assert checks["nc_dst_v4"].action == "recreate"
-    assert "max_entries 4096 != 1024" in checks["nc_dst_v4"].why
-    assert not os.path.exists(pins.map_path(bpffs, "nc_dst_v4"))
-    logged = [r.fields for r in caplog.records if hasattr(r, "fields")]
-    assert [f["map"] for f in logged] == ["nc_dst_v4"] and "max_entries" in logged[0]["why"]
-    assert checks["nc_exempt"].action == "reuse"
-    assert os.path.exists(pins.map_path(bpffs, "nc_exempt"))
-    assert checks["nc_local"].action == "absent"
+    spec = abi.MAPS_BY_NAME["nc_config_map"]
+    old_abi = os.path.join(pins.root(bpffs), "v1")
+    os.mkdir(old_abi, 0o700)
+    numbers = []
+    for _ in range(3):
+        number, path = pins.new_generation(bpffs)
+        numbers.append(number)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
+        _pin_map_at(os.path.join(path, spec.name), spec, 1)
+    assert pins.generations(bpffs) == numbers == [1, 2, 3]
+    assert pins.current_generation(bpffs) is None
+    pins.set_current(bpffs, 2)
+    assert pins.current_generation(bpffs) == 2
+    assert os.path.exists(pins.map_path(bpffs, spec.name))
+    pins.set_current(bpffs, 3)
+    removed = pins.remove_stale(bpffs, keep=3)
+    assert sorted(removed) == sorted([pins.generation_dir(bpffs, 1),
+                                      pins.generation_dir(bpffs, 2), old_abi])
+    assert pins.generations(bpffs) == [3] and pins.current_generation(bpffs) == 3
+    assert pins.new_generation(bpffs)[0] == 4
     assert pins.remove_all(bpffs) and not os.path.exists(pins.root(bpffs))
 
 
@@ -204,7 +210,9 @@ def test_collector_reads_counters_at_scrape_time_and_counts_failed_reads(bpffs):
     ncpu = syscall.possible_cpus()
     values = (abi.Counter * ncpu)(*[abi.Counter(packets=3, bytes=300) for _ in range(ncpu)])
     syscall.map_update(fd, ctypes.c_uint32(abi.Reason.ENCRYPT), values)
-    syscall.obj_pin(fd, pins.map_path(bpffs, spec.name))
+    number, path = pins.new_generation(bpffs)
+    syscall.obj_pin(fd, os.path.join(path, spec.name))
+    pins.set_current(bpffs, number)
     os.close(fd)
     registry = CollectorRegistry()
     collector.register(registry, settings)

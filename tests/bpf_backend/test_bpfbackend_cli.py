@@ -45,3 +45,19 @@ def test_constructor_does_no_io_and_start_refuses_without_bpffs(tmp_path):
     assert info.value.feature == "bpffs" and str(tmp_path) in info.value.why
     with pytest.raises(ValueError, match="attach_mode"):
         BpfDatapath(Settings(), attach_mode="xdp")
+
+
+@pytest.mark.parametrize("spec", ["1-65535", "1-65535,udp/1-65535,sctp/1-65535",
+                                  ",".join(str(p) for p in range(1000, 1032, 2))])
+def test_exempt_port_spec_that_fits_is_accepted(spec, capsys):
+    # plan fails later for want of a cluster, but not on the flag
+    main(["plan", "--node-name", "w1", "--control-plane-exempt-ports", spec,
+          "--kubeconfig", "/nonexistent"])
+    assert "--control-plane-exempt-ports" not in capsys.readouterr().err
+
+
+def test_exempt_port_spec_beyond_the_datapath_exits_2_naming_flag_and_value(capsys):
+    spec = ",".join(str(p) for p in range(1000, 1034, 2))  # 17 separate ranges
+    assert main(["plan", "--node-name", "w1", "--control-plane-exempt-ports", spec]) == 2
+    err = capsys.readouterr().err
+    assert "--control-plane-exempt-ports" in err and repr(spec) in err and "16" in err, err

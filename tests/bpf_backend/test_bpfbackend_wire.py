@@ -27,7 +27,7 @@ from bpf_backend_lab import prog_id as prog_id_of
 from conftest import require
 
 from nodecryptor.datapath.base import PacketQuery
-from nodecryptor.datapath.bpf import abi, attach, inspect, pins, syscall
+from nodecryptor.datapath.bpf import abi, attach, collector, inspect, pins, syscall
 from nodecryptor.datapath.bpf.backend import BpfDatapath
 from nodecryptor.metrics import Metrics
 
@@ -288,16 +288,18 @@ def test_sigkilled_agent_leaves_datapath_enforcing_and_successor_takes_over_link
         rx.close()
 
 
-def test_restart_swaps_program_in_same_link_recreates_bad_maps_and_reattaches_new_device(
+def test_restart_swaps_program_in_same_link_new_generation_and_reattaches_new_device(
         lab, bpffs, datapaths):
     a, b = lab.a, lab.b
     settings = lab.settings(bpffs)
     pins.ensure_dirs(bpffs)
-    # A pinned map of the wrong capacity (an older agent with other sizes left it).
+    # Left by an agent of the previous ABI version: removed once this one is attached.
+    old_abi = os.path.join(pins.root(bpffs), "v1")
+    os.mkdir(old_abi, 0o700)
     spec = abi.MAPS_BY_NAME["nc_dst_v4"]
     fd = syscall.map_create(spec.map_type, spec.key_size, spec.value_size, 16, spec.flags,
                             spec.name)
-    syscall.obj_pin(fd, pins.map_path(bpffs, spec.name))
+    syscall.obj_pin(fd, os.path.join(old_abi, spec.name))
     os.close(fd)
     rx = Receiver(b.netns, udp_ports=(7777,))
     sender = udp_socket(a.netns)
@@ -307,22 +309,31 @@ def test_restart_swaps_program_in_same_link_recreates_bad_maps_and_reattaches_ne
             first.start()
             first.apply(lab.desired(settings))
             obs1 = first.observe()
-        assert [m["map"] for m in obs1.details["maps_recreated"]] == ["nc_dst_v4"]
-        fd = syscall.obj_get(pins.map_path(bpffs, spec.name))
-        try:
-            assert syscall.map_info(fd).max_entries == settings.map_sizes.destinations_v4
-        finally:
-            os.close(fd)
+        assert obs1.ready, obs1.reason
+        gen1 = obs1.details["generation"]
+        assert pins.current_generation(bpffs) == gen1 and pins.generations(bpffs) == [gen1]
+        assert not os.path.exists(old_abi)
+        assert obs1.details["capacity"] == {"ipv4": settings.map_sizes.destinations_v4,
+                                            "ipv6": settings.map_sizes.destinations_v6}
+        sender.sendto(b"before-restart", (b.ip, 7777))
+        assert rx.drain(7777, want=1)
+        counted = collector.read_pinned_counters(bpffs)["cluster-destination"]["packets"]
+        assert counted >= 1
         link1, prog1 = obs1.details["devices"][0]["link_id"], obs1.details["prog_id"]
         first.close()
 
         with in_netns(a.netns):
             second = datapaths(settings)
             second.start()
+            # Loaded into a new generation; the links still run the first program.
+            assert pins.current_generation(bpffs) == gen1
             second.apply(lab.desired(settings))
             obs2 = second.observe()
         assert obs2.ready, obs2.reason
-        assert obs2.details["maps_recreated"] == []
+        assert obs2.details["generation"] == gen1 + 1 == pins.current_generation(bpffs)
+        assert pins.generations(bpffs) == [gen1 + 1]
+        # counters carried over to the new generation
+        assert collector.read_pinned_counters(bpffs)["cluster-destination"]["packets"] >= counted
         dev2 = obs2.details["devices"][0]
         assert dev2["link_id"] == link1 and dev2["prog_id"] == obs2.details["prog_id"] != prog1
         sender.sendto(b"after-restart", (b.ip, 7777))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..base import VERDICT_DROP, VERDICT_ENCRYPT, VERDICT_EXEMPT, VERDICT_PASS
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 KIND_NODE_IP = 1
 KIND_POD_CIDR = 2
@@ -20,6 +20,19 @@ DST_F_CONTROL_PLANE = 1 << 0
 DST_F_UNCOVERED = 1 << 1
 EXEMPT_DPORT = 1 << 0
 EXEMPT_SPORT = 1 << 1
+EXEMPT_RANGES_MAX = 16
+SUMMARY_WORDS = 1024
+SUMMARY_V6_BASE = SUMMARY_WORDS
+BLOOM_BITS = 22
+BLOOM_WORDS = 1 << (BLOOM_BITS - 6)
+BLOOM_V4_BASE = 2 * SUMMARY_WORDS
+BLOOM_V6_BASE = BLOOM_V4_BASE + BLOOM_WORDS
+FILTER_WORDS = BLOOM_V6_BASE + BLOOM_WORDS
+HASH_K0 = 0x9E3779B1
+HASH_K1 = 0x85EBCA77
+HASH_K2 = 0xC2B2AE3D
+HASH_K3 = 0x27D4EB2F
+PLEN_SLOTS = 8
 FAIL_OPEN = 0
 FAIL_CLOSED = 1
 ROLE_WORKER = 0
@@ -28,8 +41,6 @@ ROLE_CONTROL_PLANE = 1
 CB_MAGIC = 0x4E430000
 CB_REASON = 0
 CB_TARGET = 1
-CB_DRY_RUN = 2
-DRY_RUN_MAGIC = 0x4E434452
 
 
 class LpmV4(C.Structure):
@@ -44,8 +55,14 @@ class DstInfo(C.Structure):
     _fields_ = [("kind", C.c_uint8), ("flags", C.c_uint8), ("reserved", C.c_uint16)]
 
 
-class PortKey(C.Structure):
-    _fields_ = [("protocol", C.c_uint8), ("pad", C.c_uint8), ("port", C.c_uint16)]
+class PortRange(C.Structure):
+    _fields_ = [("protocol", C.c_uint8), ("flags", C.c_uint8), ("first", C.c_uint16),
+                ("last", C.c_uint16), ("pad", C.c_uint16)]
+
+
+class ExemptRanges(C.Structure):
+    _fields_ = [("count", C.c_uint32), ("pad", C.c_uint32),
+                ("r", PortRange * EXEMPT_RANGES_MAX)]
 
 
 class AddrKey(C.Structure):
@@ -68,6 +85,14 @@ class Config(C.Structure):
         ("max_packet_v4", C.c_uint32),
         ("max_packet_v6", C.c_uint32),
         ("agent_alive_ns", C.c_uint64),
+        ("n_plen_v4", C.c_uint8),
+        ("n_plen_v6", C.c_uint8),
+        ("lpm_v4", C.c_uint8),
+        ("lpm_v6", C.c_uint8),
+        ("pad1", C.c_uint32),
+        ("plen_v4", C.c_uint8 * PLEN_SLOTS),
+        ("plen_v6", C.c_uint8 * PLEN_SLOTS),
+        ("mask_v6", C.c_uint32 * (4 * PLEN_SLOTS)),
     ]
 
 
@@ -176,6 +201,7 @@ BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_LRU_HASH = 9
 BPF_MAP_TYPE_LPM_TRIE = 11
 BPF_F_NO_PREALLOC = 1
+BPF_F_MMAPABLE = 1 << 10
 
 
 @dataclass(frozen=True)
@@ -186,7 +212,8 @@ class MapSpec:
     map_type: int
     key: type
     value: type
-    size_setting: str | None  # field of settings.MapSizes; None = fixed size below
+    size_setting: str | None
+    """Field of settings.MapSizes giving the (initial) capacity; None = fixed size below."""
     fixed_entries: int = 0
     flags: int = 0
 
@@ -203,11 +230,15 @@ class MapSpec:
 
 
 MAP_SPECS = (
-    MapSpec("nc_dst_v4", BPF_MAP_TYPE_LPM_TRIE, LpmV4, DstInfo, "destinations_v4",
+    MapSpec("nc_dst_v4", BPF_MAP_TYPE_HASH, LpmV4, DstInfo, "destinations_v4",
             flags=BPF_F_NO_PREALLOC),
-    MapSpec("nc_dst_v6", BPF_MAP_TYPE_LPM_TRIE, LpmV6, DstInfo, "destinations_v6",
+    MapSpec("nc_dst_v6", BPF_MAP_TYPE_HASH, LpmV6, DstInfo, "destinations_v6",
             flags=BPF_F_NO_PREALLOC),
-    MapSpec("nc_exempt", BPF_MAP_TYPE_HASH, PortKey, C.c_uint32, "exempt_ports"),
+    MapSpec("nc_dst_lpm_v4", BPF_MAP_TYPE_LPM_TRIE, LpmV4, DstInfo, "destinations_v4",
+            flags=BPF_F_NO_PREALLOC),
+    MapSpec("nc_dst_lpm_v6", BPF_MAP_TYPE_LPM_TRIE, LpmV6, DstInfo, "destinations_v6",
+            flags=BPF_F_NO_PREALLOC),
+    MapSpec("nc_exempt", BPF_MAP_TYPE_ARRAY, C.c_uint32, ExemptRanges, None, fixed_entries=1),
     MapSpec("nc_local", BPF_MAP_TYPE_HASH, AddrKey, C.c_uint32, "local_addresses"),
     MapSpec("nc_config_map", BPF_MAP_TYPE_ARRAY, C.c_uint32, Config, None, fixed_entries=1),
     MapSpec("nc_counters", BPF_MAP_TYPE_PERCPU_ARRAY, C.c_uint32, Counter, None,
@@ -218,13 +249,19 @@ MAP_SPECS = (
             fixed_entries=PODS_MAX, flags=BPF_F_NO_PREALLOC),
     MapSpec("nc_pods_v6", BPF_MAP_TYPE_LPM_TRIE, LpmV6, C.c_uint32, None,
             fixed_entries=PODS_MAX, flags=BPF_F_NO_PREALLOC),
+    MapSpec("nc_summary", BPF_MAP_TYPE_ARRAY, C.c_uint32, C.c_uint64, None,
+            fixed_entries=FILTER_WORDS, flags=BPF_F_MMAPABLE),
 )
+DESTINATION_MAPS = {4: "nc_dst_v4", 6: "nc_dst_v6"}
+"""The maps whose capacity follows the cluster (grown by loading a new generation)."""
+LPM_MAPS = {4: "nc_dst_lpm_v4", 6: "nc_dst_lpm_v6"}
+"""Entries of prefix lengths beyond the PLEN_SLOTS longest of their family (same capacity)."""
 MAPS_BY_NAME = {m.name: m for m in MAP_SPECS}
 
 
-def pin_dir(bpffs: str) -> str:
-    """Versioned pin directory: a layout change gets a fresh directory instead of reusing
-    maps of the wrong shape."""
+def abi_dir(bpffs: str) -> str:
+    """Versioned directory: a layout change starts from a fresh directory instead of meeting
+    maps of the wrong shape. The maps live in generation directories below it (pins.py)."""
     return f"{bpffs.rstrip('/')}/nodecryptor/v{ABI_VERSION}"
 
 

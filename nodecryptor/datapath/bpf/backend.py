@@ -2,15 +2,29 @@
 state and the program attached to the desired underlay devices.
 
 Lifecycle: ``BpfDatapath(settings)`` does no I/O; ``start()`` probes (bpffs, tcx or clsact,
-compile and load) and raises ``NotSupported`` when BPF cannot be used, so the agent can fall
-back to ip rules; ``apply()`` is idempotent; ``close()`` leaves links, filters and pins in
-place, so the node keeps enforcing while no agent runs (fail-static); ``cleanup()`` removes
-everything nodecryptor created and nothing else.
+compile and load into a fresh generation of maps, see pins.py) and raises ``NotSupported`` when
+BPF cannot be used, so the agent can fall back to ip rules; ``apply()`` is idempotent;
+``close()`` leaves links, filters and pins in place, so the node keeps enforcing while no agent
+runs (fail-static); ``cleanup()`` removes everything nodecryptor created and nothing else.
+
+Capacity fails closed, all in ``apply``:
+
+- a desired state with more destinations of one family than ``MapSizes.destinations_max`` is
+  refused as a whole before anything is written: the previous state keeps enforcing, readiness
+  is false and says so, ``nodecryptor_capacity_refused_total`` counts it;
+- when the loaded maps cannot hold old and new entries side by side, a new generation sized
+  from the desired state (with head-room) is loaded and filled completely, and only then
+  swapped into the links (BPF_LINK_UPDATE, or tc filter replace): a failure on the way leaves
+  the running program and its maps untouched;
+- a generation is attached only after its configuration was written, so a node that once
+  enforced never runs a program that passes everything as ``disabled``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import time
 
 from ...errors import DatapathError, NotSupported
@@ -18,7 +32,7 @@ from ...log import kv
 from ...model import DesiredState
 from ...settings import DatapathMode, Settings
 from ..base import Observation
-from . import attach, collector, inspect, pins, syscall
+from . import abi, attach, collector, inspect, pins, syscall
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +55,12 @@ class BpfDatapath:
         self._loaded = None
         self._desired: DesiredState | None = None
         self._swept = False
-        self._recreated: list[dict] = []
+        self._generation = 0
+        self._attached_generation: int | None = None
+        """Generation the links run: the previous agent's at start, ours after a swap."""
+        self._retired = None
+        """The previously attached LoadedProgram after a growth, closed once swapped out."""
+        self._capacity_problem = ""
         self._last_error = ""
         self._collector_registered = False
 
@@ -60,30 +79,124 @@ class BpfDatapath:
         if self.attach_mode == attach.MODE_TCX and not tcx_ok:
             raise NotSupported("tcx", tcx_why, minimum="Linux 6.6")
         self.mode, self.mode_reason = attach.choose_mode(self.attach_mode, tcx_ok, tcx_why)
-        from . import program  # the only module importing bcc; loaded only when BPF is wanted
-
         try:
             pins.ensure_dirs(bpffs)
+        except pins.UnsafePinDir:
+            raise  # a DatapathError naming path, owner and mode: auto falls back, saying why
         except OSError as e:
             raise NotSupported("bpffs", f"cannot create {pins.root(bpffs)}: {e}") from e
-        checks = pins.check_maps(self.settings)
-        self._recreated = [{"map": c.name, "why": c.why} for c in checks if c.action == "recreate"]
-        # Loading is the probe: it compiles, passes the verifier and opens the pinned maps.
-        try:
-            self._loaded = program.load(self.settings, pins.maps_dir(bpffs))
-        except NotSupported:
-            raise
-        except Exception as e:  # DatapathError from compile/verifier, or anything BCC raises
-            raise NotSupported("bpf-program", f"compile/load failed: {e}") from e
+        # Start from the capacity the previous agent grew to, so a restart does not regrow.
+        capacities = self._pinned_capacities()
+        self._attached_generation = pins.current_generation(bpffs)
+        self._loaded = self._load_generation(capacities)
         log.info("bpf program loaded",
                  extra=kv(prog_id=self._loaded.prog_id, mode=self.mode, why=self.mode_reason,
-                          pin_dir=pins.maps_dir(bpffs),
-                          maps_reused=[c.name for c in checks if c.action == "reuse"],
-                          maps_recreated=[c.name for c in checks if c.action == "recreate"]))
+                          pin_dir=self._loaded.pin_dir, capacity_v4=capacities[4],
+                          capacity_v6=capacities[6]))
         if self.metrics is not None and not self._collector_registered:
             collector.register(self.metrics.registry, self.settings)
             self._collector_registered = True
         return self
+
+    # ---- generations ---------------------------------------------------------------------
+
+    def _pinned_capacities(self) -> dict[int, int]:
+        sizes = self.settings.map_sizes
+        out = {4: sizes.destinations_v4, 6: sizes.destinations_v6}
+        for family, name in abi.DESTINATION_MAPS.items():
+            try:
+                fd = syscall.obj_get(pins.map_path(self.settings.bpffs, name), read_only=True)
+            except OSError:
+                continue
+            try:
+                out[family] = max(out[family], syscall.map_info(fd).max_entries)
+            finally:
+                os.close(fd)
+        return out
+
+    def _load_generation(self, capacities: dict[int, int]):
+        """Compile and load the program into a new, empty generation directory."""
+        from . import program  # the only module importing bcc; loaded only when BPF is wanted
+
+        number, path = pins.new_generation(self.settings.bpffs)
+        sizes = dataclasses.replace(self.settings.map_sizes, destinations_v4=capacities[4],
+                                    destinations_v6=capacities[6])
+        try:
+            loaded = program.load(dataclasses.replace(self.settings, map_sizes=sizes), path)
+        except NotSupported:
+            pins.remove_generation(self.settings.bpffs, number)
+            raise
+        except Exception as e:  # DatapathError from compile/verifier, or anything BCC raises
+            pins.remove_generation(self.settings.bpffs, number)
+            raise NotSupported("bpf-program", f"compile/load failed: {e}") from e
+        self._generation = number
+        return loaded
+
+    def _capacity_for(self, count: int, minimum: int) -> int:
+        """A power of two with head-room above ``count``, at least ``minimum``, at most the
+        hard cap."""
+        sizes = self.settings.map_sizes
+        want = max(minimum, count + count * sizes.headroom_percent // 100, 1)
+        return min(1 << (want - 1).bit_length(), max(sizes.destinations_max, count))
+
+    def _grow(self, desired: DesiredState, error) -> None:
+        """Load a generation that holds ``desired`` and fill it completely; the running
+        program is not touched (it is swapped in by the attach step)."""
+        from . import maps
+
+        counts = maps.destination_counts(desired)
+        sizes = self.settings.map_sizes
+        capacities = {4: self._capacity_for(counts[4], sizes.destinations_v4),
+                      6: self._capacity_for(counts[6], sizes.destinations_v6)}
+        old, old_generation = self._loaded, self._generation
+        log.info("destination maps too small; loading a larger generation",
+                 extra=kv(why=str(error), ipv4=counts[4], ipv6=counts[6],
+                          capacity_v4=capacities[4], capacity_v6=capacities[6]))
+        try:
+            new = self._load_generation(capacities)
+        except NotSupported as e:
+            raise DatapathError(f"growing the maps failed: {e}") from e
+        try:
+            maps.sync(new.map_fds, desired, now_ns=time.monotonic_ns(),
+                      capacities=new.capacities)
+        except Exception:
+            new.close()
+            pins.remove_generation(self.settings.bpffs, self._generation)
+            self._generation = old_generation
+            raise
+        self._loaded = new
+        if self._attached_generation != old_generation:
+            # Loaded by this agent but never attached: nothing runs it.
+            old.close()
+            pins.remove_generation(self.settings.bpffs, old_generation)
+        else:
+            self._retired = old
+        self._export_capacity()
+
+    def _export_capacity(self) -> None:
+        if self.metrics is not None and self._loaded is not None:
+            for family, capacity in self._loaded.capacities.items():
+                self.metrics.datapath_capacity.labels(family=f"ipv{family}").set(capacity)
+
+    def _refuse_if_over_cap(self, desired: DesiredState) -> None:
+        from . import maps
+
+        counts = maps.destination_counts(desired)
+        cap = self.settings.map_sizes.destinations_max
+        over = {f: n for f, n in counts.items() if n > cap}
+        if not over:
+            self._capacity_problem = ""
+            return
+        problem = ("desired state refused as a whole: " + ", ".join(
+            f"{n} IPv{f} destinations exceed the hard cap of {cap}" for f, n in over.items())
+            + "; the previous state keeps enforcing")
+        if problem != self._capacity_problem:
+            log.error("datapath capacity exceeded",
+                      extra=kv(ipv4=counts[4], ipv6=counts[6], hard_cap=cap))
+        self._capacity_problem = problem
+        if self.metrics is not None:
+            self.metrics.capacity_refused.inc()
+        raise DatapathError(problem)
 
     @property
     def prog_id(self) -> int:
@@ -97,13 +210,26 @@ class BpfDatapath:
         from . import maps
 
         try:
-            # CLOCK_MONOTONIC, the clock bpf_ktime_get_ns reads: the agent-alive timestamp.
-            maps.sync(self._loaded.map_fds, desired, now_ns=time.monotonic_ns())
+            self._refuse_if_over_cap(desired)
+        except DatapathError as e:
+            self._last_error = str(e)
+            raise
+        try:
+            try:
+                # CLOCK_MONOTONIC, the clock bpf_ktime_get_ns reads: the agent-alive timestamp.
+                maps.sync(self._loaded.map_fds, desired, now_ns=time.monotonic_ns(),
+                          capacities=self._loaded.capacities)
+            except maps.CapacityError as e:
+                self._grow(desired, e)
         except Exception as e:  # any failure here is retried by the reconcile loop
             self._last_error = f"map sync: {e}"
             raise DatapathError(f"bpf datapath: map sync failed: {e}") from e
+        self._export_capacity()
         self._desired = desired
         wanted = [d.name for d in desired.devices]
+        new_generation = self._attached_generation != self._generation
+        if new_generation:
+            self._carry_counters()
         failures = []
         for name in wanted:
             try:
@@ -115,12 +241,46 @@ class BpfDatapath:
         try:
             self._detach_others(set(wanted))
             if inspect.pinned_prog_id(self.settings) != self._loaded.prog_id:
-                pins.pin_prog(self.settings.bpffs, self._loaded.prog_fd)
+                pins.pin_prog(self.settings.bpffs, self._loaded.prog_fd,
+                              self._loaded.explain_fd)
         except Exception as e:
             failures.append(f"detach/pin: {e}")
         self._last_error = "; ".join(failures)
         if failures:
             raise DatapathError(f"bpf datapath: attach failed on {self._last_error}")
+        if new_generation:
+            self._switch_generation()
+
+    def _carry_counters(self) -> None:
+        """Copy the counters of the attached generation into the new one just before the
+        swap, so the metrics do not reset."""
+        from . import maps
+
+        try:
+            fd = syscall.obj_get(pins.map_path(self.settings.bpffs, "nc_counters"),
+                                 read_only=True)
+        except OSError:
+            return  # first start, or an agent of another ABI version: start from zero
+        try:
+            maps.copy_counters(fd, self._loaded.map_fds["nc_counters"])
+        except OSError as e:
+            log.warning("cannot carry the counters over", extra=kv(error=str(e)))
+        finally:
+            os.close(fd)
+
+    def _switch_generation(self) -> None:
+        """After every device runs the new program: point ``current`` at its maps and remove
+        the older generations (programs still using them keep them alive)."""
+        bpffs = self.settings.bpffs
+        pins.set_current(bpffs, self._generation)
+        removed = pins.remove_stale(bpffs, keep=self._generation)
+        self._attached_generation = self._generation
+        if self._retired is not None:
+            self._retired.close()
+            self._retired = None
+        log.info("map generation attached",
+                 extra=kv(generation=self._generation, prog_id=self._loaded.prog_id,
+                          removed=len(removed)))
 
     def _attach(self, ifname: str) -> attach.Attachment:
         if self.mode == attach.MODE_TCX:
@@ -168,8 +328,10 @@ class BpfDatapath:
         loaded, desired = self._loaded, self._desired
         base = {"mode": self.mode, "mode_reason": self.mode_reason,
                 "prog_id": loaded.prog_id if loaded is not None else 0,
-                "pin_dir": pins.maps_dir(self.settings.bpffs),
-                "maps_recreated": self._recreated}
+                "pin_dir": loaded.pin_dir if loaded is not None else "",
+                "generation": self._generation,
+                "capacity": ({f"ipv{f}": c for f, c in loaded.capacities.items()}
+                             if loaded is not None else {})}
         if loaded is None:
             return Observation(datapath=self.name, attached=False, ready=False,
                                reason="bpf datapath not started", details=base)
@@ -195,7 +357,9 @@ class BpfDatapath:
                 problems.append(f"{dev.name} runs program {att.prog_id}, not {loaded.prog_id}")
         if not desired.devices:
             problems.append("no underlay device to attach to")
-        if self._last_error:
+        if self._capacity_problem:
+            problems.append(self._capacity_problem)
+        elif self._last_error:
             problems.append(f"last apply: {self._last_error}")
         counters = {}
         try:
@@ -213,6 +377,9 @@ class BpfDatapath:
 
     def close(self) -> None:
         """Close the agent's fds; pinned links/program/maps keep the datapath enforcing."""
+        if self._retired is not None:
+            self._retired.close()
+            self._retired = None
         if self._loaded is not None:
             self._loaded.close()
             self._loaded = None

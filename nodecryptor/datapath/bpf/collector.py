@@ -10,7 +10,6 @@ Metrics:
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import threading
@@ -19,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily
 
 from ...log import kv
 from ...settings import Settings
-from . import abi, pins, syscall
+from . import pins, syscall
 
 log = logging.getLogger(__name__)
 
@@ -28,22 +27,10 @@ COUNTERS_MAP = "nc_counters"
 
 def read_counters(fd: int) -> dict[str, dict]:
     """Sum the per-CPU counters of every index: {name: {"packets", "bytes", "kind",
-    "verdict"}} where kind is "reason" or "event"."""
-    out: dict[str, dict] = {}
-    for index in range(abi.COUNTER_MAX):
-        per_cpu = syscall.percpu_lookup(fd, ctypes.c_uint32(index), abi.Counter)
-        packets = sum(c.packets for c in per_cpu)
-        nbytes = sum(c.bytes for c in per_cpu)
-        if index < abi.MAX_VERDICT:
-            reason = abi.Reason(index)
-            out[abi.REASON_NAMES[reason]] = {"packets": packets, "bytes": nbytes,
-                                             "kind": "reason",
-                                             "verdict": abi.REASON_VERDICTS[reason]}
-        else:
-            event = abi.Event(index)
-            out[abi.EVENT_NAMES[event]] = {"packets": packets, "bytes": nbytes, "kind": "event",
-                                           "verdict": ""}
-    return out
+    "verdict"}} where kind is "reason" or "event" (decoded in maps.py, their one home)."""
+    from . import maps
+
+    return maps.counters_of(fd)
 
 
 def read_pinned_counters(bpffs: str) -> dict[str, dict]:

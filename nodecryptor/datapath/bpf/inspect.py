@@ -56,14 +56,17 @@ def pinned_prog_id(settings: Settings) -> int:
         os.close(fd)
 
 
-def read_config(settings: Settings) -> abi.Config | None:
+def read_config(settings: Settings) -> dict | None:
+    """The pinned configuration entry, decoded by maps.decode_config; None when absent."""
     try:
         fd = syscall.obj_get(pins.map_path(settings.bpffs, CONFIG_MAP), read_only=True)
     except OSError:
         return None
     try:
+        from .maps import decode_config
+
         value = abi.Config()
-        return value if syscall.map_lookup(fd, ctypes.c_uint32(0), value) else None
+        return decode_config(value) if syscall.map_lookup(fd, ctypes.c_uint32(0), value) else None
     finally:
         os.close(fd)
 
@@ -115,22 +118,19 @@ def status(settings: Settings) -> dict:
     if config is None:
         problems.append("configuration map not pinned or empty")
     else:
-        age = (time.monotonic_ns() - config.agent_alive_ns) / 1e9 if config.agent_alive_ns else None
-        out["config"] = {"enabled": bool(config.enabled), "wg_ifindex": config.wg_ifindex,
-                         "wg_up": bool(config.wg_up), "wg_port": config.wg_port,
-                         "fail_mode": "closed" if config.fail_mode == abi.FAIL_CLOSED else "open",
-                         "local_role": ("control-plane" if config.local_role ==
-                                        abi.ROLE_CONTROL_PLANE else "worker"),
-                         "wg_mark": f"0x{config.wg_mark:x}",
-                         "wg_mark_mask": f"0x{config.wg_mark_mask:x}",
-                         "max_packet_v4": config.max_packet_v4,
-                         "max_packet_v6": config.max_packet_v6}
-        out["mss"] = {"v4": config.mss_v4, "v6": config.mss_v6}
+        alive_ns = config["agent_alive_ns"]
+        age = (time.monotonic_ns() - alive_ns) / 1e9 if alive_ns else None
+        out["config"] = {key: config[key] for key in (
+            "enabled", "wg_ifindex", "wg_up", "wg_port", "fail_mode", "local_role",
+            "max_packet_v4", "max_packet_v6", "prefix_lengths")}
+        out["config"].update(wg_mark=f"0x{config['wg_mark']:x}",
+                             wg_mark_mask=f"0x{config['wg_mark_mask']:x}")
+        out["mss"] = {"v4": config["mss_v4"], "v6": config["mss_v6"]}
         out["agent_alive_age_seconds"] = round(age, 3) if age is not None else None
-        if not config.enabled:
+        if not config["enabled"]:
             problems.append("program disabled (no configuration written yet)")
-        if wg.get("ifindex") and config.wg_ifindex != wg["ifindex"]:
-            problems.append(f"program redirects to ifindex {config.wg_ifindex} but "
+        if wg.get("ifindex") and config["wg_ifindex"] != wg["ifindex"]:
+            problems.append(f"program redirects to ifindex {config['wg_ifindex']} but "
                             f"{settings.wg_interface} is ifindex {wg['ifindex']}")
         if age is not None and age > settings.heartbeat_stale_seconds:
             # Still enforcing (fail-static), but nobody keeps the maps current.
@@ -159,6 +159,21 @@ def dump(settings: Settings) -> dict:
             if isinstance(fd, int):
                 os.close(fd)
     return {"pin_dir": pin_dir, "prog_id": pinned_prog_id(settings), "maps": data}
+
+
+def destinations(settings: Settings) -> list[dict]:
+    """The pinned destination entries (maps.read_destinations); empty when none are pinned."""
+    pin_dir = pins.maps_dir(settings.bpffs)
+    if not os.path.isdir(pin_dir):
+        return []
+    from . import maps
+    fds = maps.open_pinned(pin_dir)
+    try:
+        return maps.read_destinations(fds)
+    finally:
+        for fd in (fds.values() if isinstance(fds, dict) else ()):
+            if isinstance(fd, int):
+                os.close(fd)
 
 
 def route_for(dst: str) -> tuple[str | None, str | None]:
@@ -213,9 +228,31 @@ def _open_prog(settings: Settings, prog_id: int) -> int:
     return syscall.prog_fd_by_id(prog_id)
 
 
+def _open_explain_prog(settings: Settings, prog_fd: int) -> int | None:
+    """An fd of the dry-run twin of the attached program (``prog_fd``): the pinned
+    ``prog-explain``, accepted only when every map it reads is one of the attached program's
+    (it has no counters map: it never counts). None
+    when there is no such pin (an agent from before the twin existed, or a restart between
+    attaching and pinning)."""
+    try:
+        fd = syscall.obj_get(pins.explain_prog_path(settings.bpffs))
+    except OSError:
+        return None
+    try:
+        theirs = set(syscall.prog_map_ids(fd))
+        if theirs and theirs <= set(syscall.prog_map_ids(prog_fd)):
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
 def explain(settings: Settings, q: PacketQuery) -> Explanation:
-    """Run the live attached program on a packet built from ``q`` (BPF_PROG_TEST_RUN) and say
-    what it would do. The run is marked dry: no counter or fragment state changes."""
+    """Run the dry-run twin of the program attached to the device on a packet built from
+    ``q`` (BPF_PROG_TEST_RUN) and say what it would do. The twin decides with the live maps
+    but changes no counter or fragment state; whether a run is dry is a property of the
+    program, never of the packet (skb->cb[] of real traffic is not trusted)."""
     from . import attach, testrun
 
     src, device = q.src, q.device
@@ -240,16 +277,24 @@ def explain(settings: Settings, q: PacketQuery) -> Explanation:
             return Explanation(VERDICT_PASS, f"program {prog_id} vanished", "bpf", device, base)
         raise
     try:
-        packet = testrun.packet_for_query(q, src)
-        # dry_run: the live program decides as usual but counts nothing, so asking does not
-        # show up in the metrics of real traffic.
-        result = testrun.run(prog_fd, packet, mark=q.mark, ifindex=ifindex, dry_run=True)
+        explain_fd = _open_explain_prog(settings, prog_fd)
+        try:
+            # Without the twin the attached program itself answers: same verdict, but the
+            # one packet is counted (explain frames are never fragments, so nothing else).
+            run_fd = explain_fd if explain_fd is not None else prog_fd
+            packet = testrun.packet_for_query(q, src)
+            result = testrun.run(run_fd, packet, mark=q.mark, ifindex=ifindex)
+            explain_id = syscall.prog_info(explain_fd).id if explain_fd is not None else 0
+        finally:
+            if explain_fd is not None:
+                os.close(explain_fd)
     finally:
         os.close(prog_fd)
     reason = result.reason
     if isinstance(reason, int):
         reason = abi.REASON_NAMES.get(abi.Reason(reason), str(reason))
-    details = {**base, "prog_id": prog_id, "mode": mode, "retval": result.retval}
+    details = {**base, "prog_id": prog_id, "mode": mode, "retval": result.retval,
+               "explain_prog_id": explain_id, "counted": explain_id == 0}
     if link_id:
         details["link_id"] = link_id
     if result.target:

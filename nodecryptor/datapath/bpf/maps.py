@@ -1,18 +1,29 @@
 """Writing a DesiredState into the program's maps, and reading the maps back, with raw bpf(2)
 only (no compiler): the agent syncs through here and ``nodecryptor bpf dump`` reads through here.
 
-``sync`` is an idempotent diff against what the maps hold. Order matters for traffic in
-flight: new and changed destinations, exempt ports and local addresses are written before stale
-entries are deleted (a destination never falls out of the tries while it is still wanted), and
-the configuration entry is written last, so a program that sees ``enabled`` sees complete
-tables.
+``sync`` is an idempotent diff against what the maps hold, checked against the maps' capacity
+before anything is written (``CapacityError``: the caller grows the maps instead). Order matters
+for traffic in flight, and makes an interrupted sync leave a superset of the previous state:
+
+1. filter bits (summary and bloom, see nc_abi.h) of new destinations are set (the filters
+   stay a superset of the maps);
+2. new and changed destinations and local addresses are written;
+3. the exempt ranges, then the configuration entry (prefix lengths to look up, ``enabled``), so
+   a program that sees a prefix length or ``enabled`` finds complete tables;
+4. stale destinations and addresses are deleted (never before the new ones exist);
+5. the filters are made exact.
+
+This module is also the one place that decodes the maps (``read``, ``decode_config``) for
+``bpf dump``, ``status`` and the agent.
 """
 
 from __future__ import annotations
 
 import ctypes as C
 import ipaddress
+import mmap
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -23,6 +34,16 @@ from ...settings import FailMode
 from . import abi, syscall
 
 _KIND_NAMES = {abi.KIND_NODE_IP: "node-ip", abi.KIND_POD_CIDR: "pod-cidr"}
+
+
+class CapacityError(DatapathError):
+    """The maps cannot hold the desired state next to the entries they hold now. Raised by
+    ``sync`` before it writes anything."""
+
+    def __init__(self, family: int, needed: int, capacity: int):
+        self.family, self.needed, self.capacity = family, needed, capacity
+        super().__init__(f"IPv{family} destinations: {needed} entries needed during the update, "
+                         f"map capacity {capacity}")
 
 
 @dataclass(frozen=True)
@@ -70,9 +91,13 @@ def _addr_key(addr) -> abi.AddrKey:
     return key
 
 
-def desired_destinations(desired: DesiredState) -> dict[int, dict[bytes, bytes]]:
-    """{4 or 6: {key bytes: value bytes}} for the two LPM tries."""
-    out: dict[int, dict[bytes, bytes]] = {4: {}, 6: {}}
+def desired_destinations(desired: DesiredState) -> dict[str, dict[bytes, bytes]]:
+    """{map name: {key bytes: value bytes}} for the destination hashes and LPM tries: an entry
+    goes to its family's hash when its prefix length has a slot (the PLEN_SLOTS longest
+    lengths of the family), else to the family's trie."""
+    out: dict[str, dict[bytes, bytes]] = {
+        name: {} for name in (*abi.DESTINATION_MAPS.values(), *abi.LPM_MAPS.values())}
+    slots = {family: set(prefix_lengths(desired, family)[:abi.PLEN_SLOTS]) for family in (4, 6)}
     for dest in desired.destinations:
         flags = 0
         if dest.control_plane:
@@ -81,20 +106,95 @@ def desired_destinations(desired: DesiredState) -> dict[int, dict[bytes, bytes]]
             flags |= abi.DST_F_UNCOVERED
         kind = abi.KIND_NODE_IP if dest.kind == KIND_NODE_IP else abi.KIND_POD_CIDR
         value = abi.DstInfo(kind=kind, flags=flags)
-        out[dest.prefix.version][bytes(_dst_key(dest.prefix))] = bytes(value)
+        family = dest.prefix.version
+        table = (abi.DESTINATION_MAPS if dest.prefix.prefixlen in slots[family]
+                 else abi.LPM_MAPS)[family]
+        out[table][bytes(_dst_key(dest.prefix))] = bytes(value)
     return out
 
 
-def desired_ports(desired: DesiredState) -> dict[bytes, bytes]:
-    """Exempt (protocol, port) entries, ranges expanded. Every exempt port is exempt both as
+def destination_counts(desired: DesiredState) -> dict[int, int]:
+    """Destinations by family, what the destination maps must hold."""
+    counts = {4: 0, 6: 0}
+    for dest in desired.destinations:
+        counts[dest.prefix.version] += 1
+    return counts
+
+
+def desired_exempt(desired: DesiredState) -> abi.ExemptRanges:
+    """The exempt ranges as the program scans them. Every exempt port is exempt both as
     destination (towards control-plane nodes) and as source (replies of the local
     control-plane node); the program applies each only where it belongs."""
-    out: dict[bytes, bytes] = {}
-    flags = bytes(C.c_uint32(abi.EXEMPT_DPORT | abi.EXEMPT_SPORT))
-    for rng in desired.plan.exempt_ports:
-        for port in range(rng.first, rng.last + 1):
-            out[bytes(abi.PortKey(protocol=rng.proto_number, port=port))] = flags
+    ranges = desired.plan.exempt_ports
+    if len(ranges) > abi.EXEMPT_RANGES_MAX:
+        raise DatapathError(f"{len(ranges)} exempt port ranges; the program holds at most "
+                            f"{abi.EXEMPT_RANGES_MAX}")
+    out = abi.ExemptRanges(count=len(ranges))
+    for i, rng in enumerate(ranges):
+        out.r[i] = abi.PortRange(protocol=rng.proto_number,
+                                 flags=abi.EXEMPT_DPORT | abi.EXEMPT_SPORT,
+                                 first=rng.first, last=rng.last)
     return out
+
+
+def prefix_lengths(desired: DesiredState, family: int) -> list[int]:
+    """Distinct prefix lengths of one family, longest first: the order the program tries."""
+    return sorted({d.prefix.prefixlen for d in desired.destinations
+                   if d.prefix.version == family}, reverse=True)
+
+
+def _fold(top32: int) -> int:
+    return (top32 >> 16) ^ (top32 & 0xFFFF)
+
+
+def summary_bits(prefix) -> range | list[int]:
+    """Summary bit indices (0..65535, per family) a prefix overlaps; see nc_abi.h."""
+    net = int(prefix.network_address)
+    if prefix.version == 4:
+        top = net >> 16
+        if prefix.prefixlen >= 16:
+            return [top]
+        return range(top, top + (1 << (16 - prefix.prefixlen)))
+    top = net >> 96
+    if prefix.prefixlen >= 32:
+        return [_fold(top)]
+    if prefix.prefixlen <= 16:
+        return range(1 << 16)  # every fold value occurs
+    return sorted({_fold(t) for t in range(top, top + (1 << (32 - prefix.prefixlen)))})
+
+
+_U32 = 0xFFFFFFFF
+
+
+def bloom_bits(prefix) -> tuple[int, int]:
+    """The two bloom filter bits of one destination entry, as nc_bloom_maybe computes them."""
+    net, plen = int(prefix.network_address), prefix.prefixlen
+    if prefix.version == 4:
+        mixed = (net + plen) & _U32
+    else:
+        # The program mixes the address words as it loads them: in the machine's byte order.
+        packed = prefix.network_address.packed
+        words = [int.from_bytes(packed[i:i + 4], sys.byteorder) for i in range(0, 16, 4)]
+        mixed = plen
+        for word, k in zip(words, (abi.HASH_K0, abi.HASH_K1, abi.HASH_K2, abi.HASH_K3)):
+            mixed ^= (word * k) & _U32
+    shift = 32 - abi.BLOOM_BITS
+    return ((mixed * abi.HASH_K0) & _U32) >> shift, ((mixed * abi.HASH_K2) & _U32) >> shift
+
+
+def desired_filter(desired: DesiredState) -> list[int]:
+    """The words of nc_summary: the summary bits (v4 words 0..1023, v6 1024..2047), then the
+    bloom filters (v4, v6) of the destination entries."""
+    words = [0] * abi.FILTER_WORDS
+    for dest in desired.destinations:
+        v4 = dest.prefix.version == 4
+        base = 0 if v4 else abi.SUMMARY_V6_BASE
+        for bit in summary_bits(dest.prefix):
+            words[base + (bit >> 6)] |= 1 << (bit & 63)
+        bloom = abi.BLOOM_V4_BASE if v4 else abi.BLOOM_V6_BASE
+        for bit in bloom_bits(dest.prefix):
+            words[bloom + (bit >> 6)] |= 1 << (bit & 63)
+    return words
 
 
 def desired_locals(desired: DesiredState) -> dict[bytes, bytes]:
@@ -114,6 +214,8 @@ def desired_cilium_pods(desired: DesiredState) -> dict[int, dict[bytes, bytes]]:
 
 def desired_config(desired: DesiredState, now_ns: int) -> abi.Config:
     wg = desired.wg
+    v4, v6 = prefix_lengths(desired, 4), prefix_lengths(desired, 6)
+    slots = abi.PLEN_SLOTS
     return abi.Config(
         wg_ifindex=wg.ifindex if wg.present else 0,
         enabled=1 if desired.enabled else 0,
@@ -129,7 +231,24 @@ def desired_config(desired: DesiredState, now_ns: int) -> abi.Config:
         max_packet_v4=desired.max_packet_v4,
         max_packet_v6=desired.max_packet_v6,
         agent_alive_ns=now_ns,
+        n_plen_v4=min(len(v4), slots),
+        n_plen_v6=min(len(v6), slots),
+        lpm_v4=1 if len(v4) > slots else 0,
+        lpm_v6=1 if len(v6) > slots else 0,
+        plen_v4=(C.c_uint8 * slots)(*v4[:slots]),
+        plen_v6=(C.c_uint8 * slots)(*v6[:slots]),
+        mask_v6=(C.c_uint32 * (4 * slots))(*_netmask_words(v6[:slots])),
     )
+
+
+def _netmask_words(lengths: list[int]) -> list[int]:
+    """Per IPv6 prefix length the four 32-bit words of its netmask as the program loads them
+    (network order bytes read in the machine's byte order)."""
+    out = []
+    for plen in lengths:
+        packed = ipaddress.IPv6Network(f"::/{plen}").netmask.packed
+        out += [int.from_bytes(packed[i:i + 4], sys.byteorder) for i in range(0, 16, 4)]
+    return out
 
 
 # ---- diffing -------------------------------------------------------------------------------
@@ -169,29 +288,76 @@ def _fd(map_fds: dict[str, int], name: str) -> int:
         raise DatapathError(f"map {name} missing from the loaded program's maps") from None
 
 
-def sync(map_fds: dict[str, int], desired: DesiredState, now_ns: int | None = None) -> SyncStats:
+class _Filter:
+    """nc_summary mapped into memory (BPF_F_MMAPABLE): read and rewritten word by word
+    without a syscall per word; each aligned 8-byte store is seen whole by the program."""
+
+    def __init__(self, fd: int):
+        size = abi.FILTER_WORDS * 8
+        size += -size % mmap.PAGESIZE
+        self._mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.words = memoryview(self._mm).cast("Q")
+
+    def read(self) -> list[int]:
+        return self.words[:abi.FILTER_WORDS].tolist()
+
+    def write(self, have: list[int], want: list[int]) -> None:
+        for i, (old, new) in enumerate(zip(have, want)):
+            if old != new:
+                self.words[i] = new
+
+    def close(self) -> None:
+        self.words.release()
+        self._mm.close()
+
+
+def sync(map_fds: dict[str, int], desired: DesiredState, now_ns: int | None = None,
+         capacities: dict[int, int] | None = None) -> SyncStats:
     """Make the maps hold exactly ``desired``. Idempotent; a second call changes nothing but
-    the config entry's agent_alive_ns. Raises DatapathError when the kernel refuses a write
-    (e.g. a full map), with the map named."""
+    the config entry's agent_alive_ns. ``capacities`` ({4: n, 6: n}, default: read from the
+    maps) bounds what the destination maps may hold while old and new entries coexist:
+    CapacityError, before any write, when that is exceeded. Raises DatapathError when the
+    kernel refuses a write, with the map named; what was written until then is a superset
+    of the previous state (see the module docstring)."""
     if now_ns is None:
         now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # what bpf_ktime_get_ns reads
     dests = desired_destinations(desired)
-    tables = [
-        (abi.MAPS_BY_NAME["nc_dst_v4"], dests[4]),
-        (abi.MAPS_BY_NAME["nc_dst_v6"], dests[6]),
-        (abi.MAPS_BY_NAME["nc_exempt"], desired_ports(desired)),
-        (abi.MAPS_BY_NAME["nc_local"], desired_locals(desired)),
-    ]
+    tables = [(abi.MAPS_BY_NAME[name], want) for name, want in dests.items()]
+    tables.append((abi.MAPS_BY_NAME["nc_local"], desired_locals(desired)))
     pods = desired_cilium_pods(desired)
-    tables += [(abi.MAPS_BY_NAME["nc_pods_v4"], pods[4]), (abi.MAPS_BY_NAME["nc_pods_v6"], pods[6])]
+    tables += [(abi.MAPS_BY_NAME["nc_pods_v4"], pods[4]),
+               (abi.MAPS_BY_NAME["nc_pods_v6"], pods[6])]
     added = updated = removed = 0
+    filters = None
     try:
         current = [_current(_fd(map_fds, spec.name), spec) for spec, _ in tables]
+        family_of = {name: f for maps_ in (abi.DESTINATION_MAPS, abi.LPM_MAPS)
+                     for f, name in maps_.items()}
+        for (spec, want), have in zip(tables, current):
+            needed = len(have.keys() | want.keys())
+            if spec.name in family_of:
+                family = family_of[spec.name]
+                capacity = ((capacities or {}).get(family)
+                            or syscall.map_info(_fd(map_fds, spec.name)).max_entries)
+                if needed > capacity:
+                    raise CapacityError(family, needed, capacity)
+            elif needed > (held := syscall.map_info(_fd(map_fds, spec.name)).max_entries):
+                raise DatapathError(f"{len(want)} entries for {spec.name}; the map holds "
+                                    f"{held}")
+        filters = _Filter(_fd(map_fds, "nc_summary"))
+        filter_have = filters.read()
+        filter_want = desired_filter(desired)
+        filter_union = [a | b for a, b in zip(filter_have, filter_want)]
+        filters.write(filter_have, filter_union)
         for (spec, want), have in zip(tables, current):
             a, u = _upsert(_fd(map_fds, spec.name), spec, want, have)
             added, updated = added + a, updated + u
-        for (spec, want), have in zip(tables, current):
-            removed += _prune(_fd(map_fds, spec.name), spec, want, have)
+        exempt_fd = _fd(map_fds, "nc_exempt")
+        old_exempt, new_exempt = abi.ExemptRanges(), desired_exempt(desired)
+        syscall.map_lookup(exempt_fd, C.c_uint32(0), old_exempt)
+        if bytes(old_exempt) != bytes(new_exempt):
+            syscall.map_update(exempt_fd, C.c_uint32(0), new_exempt)
+            updated += 1
         config_spec = abi.MAPS_BY_NAME["nc_config_map"]
         fd = _fd(map_fds, config_spec.name)
         old = abi.Config()
@@ -200,15 +366,31 @@ def sync(map_fds: dict[str, int], desired: DesiredState, now_ns: int | None = No
         syscall.map_update(fd, C.c_uint32(0), new)
         if _config_differs(old, new):
             updated += 1
+        for (spec, want), have in zip(tables, current):
+            removed += _prune(_fd(map_fds, spec.name), spec, want, have)
+        filters.write(filter_union, filter_want)
     except OSError as e:
         raise DatapathError(f"writing BPF maps failed: {os.strerror(e.errno)}") from e
+    finally:
+        if filters is not None:
+            filters.close()
     return SyncStats(added, updated, removed)
+
+
+def copy_counters(src_fd: int, dst_fd: int) -> None:
+    """Carry the per-CPU counters over to a new generation of maps, so a growth or a restart
+    does not reset nodecryptor_datapath_packets_total."""
+    for index in range(abi.COUNTER_MAX):
+        key = C.c_uint32(index)
+        values = syscall.percpu_lookup(src_fd, key, abi.Counter)
+        syscall.percpu_update(dst_fd, key, values)
 
 
 def _config_differs(old: abi.Config, new: abi.Config) -> bool:
     """Compare all fields but the heartbeat, which changes on every sync."""
-    return any(getattr(old, name) != getattr(new, name)
-               for name, _ in abi.Config._fields_ if name != "agent_alive_ns")
+    a, b = abi.Config.from_buffer_copy(bytes(old)), abi.Config.from_buffer_copy(bytes(new))
+    a.agent_alive_ns = b.agent_alive_ns = 0
+    return bytes(a) != bytes(b)
 
 
 # ---- reading -------------------------------------------------------------------------------
@@ -221,7 +403,7 @@ def _prefix_of(key) -> str:
 
 def read_destinations(map_fds: dict[str, int]) -> list[dict]:
     out = []
-    for name in ("nc_dst_v4", "nc_dst_v6"):
+    for name in (*abi.DESTINATION_MAPS.values(), *abi.LPM_MAPS.values()):
         spec = abi.MAPS_BY_NAME[name]
         for key, value in syscall.map_items(_fd(map_fds, name), spec.key, spec.value):
             out.append({"prefix": _prefix_of(key),
@@ -234,24 +416,15 @@ def read_destinations(map_fds: dict[str, int]) -> list[dict]:
 
 
 def read_exempt_ports(map_fds: dict[str, int]) -> list[dict]:
-    """Exempt entries collapsed back into ranges of equal protocol and flags."""
-    spec = abi.MAPS_BY_NAME["nc_exempt"]
-    entries = sorted((k.protocol, k.port, v.value)
-                     for k, v in syscall.map_items(_fd(map_fds, spec.name), spec.key, spec.value))
-    ranges: list[dict] = []
-    for proto, port, flags in entries:
-        last = ranges[-1] if ranges else None
-        if (last and last["_proto"] == proto and last["_flags"] == flags
-                and last["last"] == port - 1):
-            last["last"] = port
-            continue
-        ranges.append({"_proto": proto, "_flags": flags,
-                       "protocol": PROTOCOL_NAMES.get(proto, str(proto)), "first": port,
-                       "last": port, "dport": bool(flags & abi.EXEMPT_DPORT),
-                       "sport": bool(flags & abi.EXEMPT_SPORT)})
-    for r in ranges:
-        del r["_proto"], r["_flags"]
-    return ranges
+    ranges = abi.ExemptRanges()
+    syscall.map_lookup(_fd(map_fds, "nc_exempt"), C.c_uint32(0), ranges)
+    out = []
+    for r in ranges.r[:min(ranges.count, abi.EXEMPT_RANGES_MAX)]:
+        out.append({"protocol": PROTOCOL_NAMES.get(r.protocol, str(r.protocol)),
+                    "first": r.first, "last": r.last,
+                    "dport": bool(r.flags & abi.EXEMPT_DPORT),
+                    "sport": bool(r.flags & abi.EXEMPT_SPORT)})
+    return out
 
 
 def read_local_addresses(map_fds: dict[str, int]) -> list[str]:
@@ -272,21 +445,32 @@ def read_cilium_pods(map_fds: dict[str, int]) -> list[str]:
     return out
 
 
-def read_config(map_fds: dict[str, int]) -> dict:
-    cfg = abi.Config()
-    syscall.map_lookup(_fd(map_fds, "nc_config_map"), C.c_uint32(0), cfg)
-    out = {name: getattr(cfg, name) for name, _ in abi.Config._fields_ if name != "pad0"}
+def decode_config(cfg: abi.Config) -> dict:
+    """The configuration entry as plain data: the one decoding of it (``bpf dump``, ``status``
+    and the agent all read it through here)."""
+    out = {name: getattr(cfg, name) for name, _ in abi.Config._fields_
+           if not name.startswith(("pad", "plen_", "n_plen_", "lpm_"))}
     out["local_role"] = ("control-plane" if cfg.local_role == abi.ROLE_CONTROL_PLANE
                          else "worker")
     out["fail_mode"] = "open" if cfg.fail_mode == abi.FAIL_OPEN else "closed"
     out["enabled"] = bool(cfg.enabled)
     out["wg_up"] = bool(cfg.wg_up)
+    out["prefix_lengths"] = {
+        "v4": list(cfg.plen_v4[:min(cfg.n_plen_v4, abi.PLEN_SLOTS)]),
+        "v6": list(cfg.plen_v6[:min(cfg.n_plen_v6, abi.PLEN_SLOTS)])}
+    out["lpm"] = {"v4": bool(cfg.lpm_v4), "v6": bool(cfg.lpm_v6)}
     return out
 
 
-def read_counters(map_fds: dict[str, int]) -> dict[str, dict]:
-    """{reason or event name: {"packets", "bytes", "kind", "verdict"}}, summed over CPUs."""
-    fd = _fd(map_fds, "nc_counters")
+def read_config(map_fds: dict[str, int]) -> dict:
+    cfg = abi.Config()
+    syscall.map_lookup(_fd(map_fds, "nc_config_map"), C.c_uint32(0), cfg)
+    return decode_config(cfg)
+
+
+def counters_of(fd: int) -> dict[str, dict]:
+    """{reason or event name: {"packets", "bytes", "kind", "verdict"}} of a counters map fd,
+    summed over CPUs; kind is "reason" or "event". The collector reads through here too."""
     out: dict[str, dict] = {}
     for index in range(abi.COUNTER_MAX):
         per_cpu = syscall.percpu_lookup(fd, C.c_uint32(index), abi.Counter)
@@ -302,11 +486,18 @@ def read_counters(map_fds: dict[str, int]) -> dict[str, dict]:
     return out
 
 
+def read_counters(map_fds: dict[str, int]) -> dict[str, dict]:
+    return counters_of(_fd(map_fds, "nc_counters"))
+
+
 def read(map_fds: dict[str, int]) -> dict:
     """Every map decoded (what ``nodecryptor bpf dump`` prints)."""
     try:
         frag_spec = abi.MAPS_BY_NAME["nc_frags"]
+        capacity = {f"v{family}": syscall.map_info(_fd(map_fds, name)).max_entries
+                    for family, name in abi.DESTINATION_MAPS.items()}
         return {
+            "destination_capacity": capacity,
             "config": read_config(map_fds),
             "destinations": read_destinations(map_fds),
             "exempt_ports": read_exempt_ports(map_fds),

@@ -1,27 +1,30 @@
-"""Where nodecryptor keeps its pinned BPF objects, and the check that pinned maps still have
-the shape the program expects.
+"""Where nodecryptor keeps its pinned BPF objects, and the safety of those directories.
 
-Layout under ``<bpffs>/nodecryptor/`` (the root every command owns, nothing outside it):
+Layout under ``<bpffs>/nodecryptor/`` (the root every command owns, nothing outside it; every
+directory root-owned 0700, see ``check_dir``):
 
-    v<ABI>/<map name>     maps (versioned: a layout change starts from a fresh directory)
-    links/<ifname>        tcx links, one per underlay device
-    prog                  the program currently attached (lets inspection commands find it in
-                          legacy tc mode too, where no link exists)
+    v<ABI>/g<N>/<map name>  one generation of maps; a layout change gets a new v<ABI> directory
+    v<ABI>/current          symlink to the generation the attached program uses
+    links/<ifname>          tcx links, one per underlay device
+    prog                    the program currently attached (lets inspection commands find it in
+                            legacy tc mode too, where no link exists)
+    prog-explain            its dry-run twin (same maps, changes no state), run by `explain`
 
-Maps are derived state: the agent repopulates them on every apply, so a pinned map whose type,
-key size, value size, capacity or flags differ from ``abi.MAP_SPECS`` is unlinked and the loader
-creates a new one. Reusing it would be worse: BCC reuses a pinned map without checking it.
+Maps are derived state: every agent start and every growth of the destination maps loads the
+program into a fresh generation, fills it completely from the desired state, and only then swaps
+the program inside the attached links; ``current`` then moves and older generations are
+removed. The attached program keeps its own maps alive, so a crash at any step leaves the
+previous generation enforcing.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-from dataclasses import dataclass
+import re
+import stat
 
-from ...log import kv
-from ...settings import Settings
+from ...errors import DatapathError
 from . import abi, syscall
 
 log = logging.getLogger(__name__)
@@ -33,8 +36,101 @@ def root(bpffs: str) -> str:
     return abi.nodecryptor_root(bpffs)
 
 
+def abi_dir(bpffs: str) -> str:
+    return abi.abi_dir(bpffs)
+
+
 def maps_dir(bpffs: str) -> str:
-    return abi.pin_dir(bpffs)
+    """The maps of the attached program, through the ``current`` symlink (which does not
+    exist until a generation was attached)."""
+    return os.path.join(abi_dir(bpffs), CURRENT)
+
+
+CURRENT = "current"
+_GENERATION = re.compile(r"^g([0-9]+)$")
+
+
+def generation_dir(bpffs: str, number: int) -> str:
+    return os.path.join(abi_dir(bpffs), f"g{number}")
+
+
+def generations(bpffs: str) -> list[int]:
+    """Generation numbers present, ascending."""
+    try:
+        names = os.listdir(abi_dir(bpffs))
+    except FileNotFoundError:
+        return []
+    return sorted(int(m.group(1)) for m in map(_GENERATION.match, names) if m)
+
+
+def current_generation(bpffs: str) -> int | None:
+    try:
+        match = _GENERATION.match(os.readlink(maps_dir(bpffs)))
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def new_generation(bpffs: str) -> tuple[int, str]:
+    """Create the next generation directory (0700): (number, path)."""
+    number = max(generations(bpffs), default=0) + 1
+    path = generation_dir(bpffs, number)
+    os.mkdir(path, mode=0o700)
+    check_dir(path)
+    return number, path
+
+
+def set_current(bpffs: str, number: int) -> None:
+    """Point ``current`` at generation ``number`` (a new symlink renamed over the old one, so
+    readers see either)."""
+    tmp = os.path.join(abi_dir(bpffs), f"{CURRENT}-new")
+    unlink(tmp)
+    os.symlink(f"g{number}", tmp)
+    os.rename(tmp, maps_dir(bpffs))
+
+
+def remove_generation(bpffs: str, number: int) -> None:
+    """Unpin one generation's maps (programs using them keep them alive) and remove its
+    directory. Missing is fine."""
+    _remove_tree(generation_dir(bpffs, number))
+
+
+def remove_stale(bpffs: str, keep: int) -> list[str]:
+    """Remove every generation but ``keep`` and the directories of other ABI versions (left by
+    an agent of another version; its program holds its own maps). Returns what was removed."""
+    removed = []
+    for number in generations(bpffs):
+        if number != keep:
+            remove_generation(bpffs, number)
+            removed.append(generation_dir(bpffs, number))
+    top = root(bpffs)
+    mine = os.path.basename(abi_dir(bpffs))
+    for name in os.listdir(top):
+        if re.match(r"^v[0-9]+$", name) and name != mine:
+            _remove_tree(os.path.join(top, name))
+            removed.append(os.path.join(top, name))
+    return removed
+
+
+def _remove_tree(top: str) -> list[str]:
+    removed: list[str] = []
+    if not os.path.isdir(top) or os.path.islink(top):
+        return removed
+    for dirpath, dirnames, filenames in os.walk(top, topdown=False):
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            path = os.path.join(dirpath, name)
+            if unlink(path):
+                removed.append(path)
+        for name in dirnames:
+            try:
+                os.rmdir(os.path.join(dirpath, name))
+            except (FileNotFoundError, NotADirectoryError):
+                pass
+    try:
+        os.rmdir(top)
+    except FileNotFoundError:
+        pass
+    return removed
 
 
 def links_dir(bpffs: str) -> str:
@@ -47,6 +143,10 @@ def link_path(bpffs: str, ifname: str) -> str:
 
 def prog_path(bpffs: str) -> str:
     return os.path.join(root(bpffs), "prog")
+
+
+def explain_prog_path(bpffs: str) -> str:
+    return os.path.join(root(bpffs), "prog-explain")
 
 
 def map_path(bpffs: str, name: str) -> str:
@@ -67,9 +167,40 @@ def is_bpffs(path: str) -> bool:
     return (buf.f_type & 0xFFFFFFFF) == BPF_FS_MAGIC
 
 
+class UnsafePinDir(DatapathError):
+    """A pin directory that someone other than root could write to. Whoever can write there
+    can unlink the tcx link pin, which is the link's only reference: the program detaches and
+    cluster traffic leaves in the clear."""
+
+
+def check_dir(path: str) -> None:
+    """Raise UnsafePinDir unless ``path`` is a real directory (not a symlink) owned by root and
+    not writable by group or others."""
+    st = os.lstat(path)
+    mode = stat.S_IMODE(st.st_mode)
+    problems = []
+    if not stat.S_ISDIR(st.st_mode):
+        problems.append("not a directory")
+    if st.st_uid != 0:
+        problems.append(f"owned by uid {st.st_uid}, not root")
+    if mode & 0o022:
+        problems.append("writable by group or others")
+    if problems:
+        raise UnsafePinDir(f"refusing pin directory {path} (owner uid {st.st_uid}, mode "
+                           f"{mode:04o}): {', '.join(problems)}; nodecryptor's pin directories "
+                           "must be root-owned and not group/other writable (remove it, or "
+                           "chown root and chmod 0700)")
+
+
 def ensure_dirs(bpffs: str) -> None:
-    for d in (root(bpffs), maps_dir(bpffs), links_dir(bpffs)):
-        os.makedirs(d, mode=0o700, exist_ok=True)
+    """Create nodecryptor's pin directories 0700, or check the existing ones (UnsafePinDir
+    when another user owns one or could write to it)."""
+    for d in (root(bpffs), abi_dir(bpffs), links_dir(bpffs)):
+        try:
+            os.mkdir(d, mode=0o700)
+        except FileExistsError:
+            pass
+        check_dir(d)
 
 
 def unlink(path: str) -> bool:
@@ -81,74 +212,13 @@ def unlink(path: str) -> bool:
         return False
 
 
-@dataclass(frozen=True)
-class MapCheck:
-    name: str
-    action: str  # "reuse" | "absent" | "recreate"
-    why: str = ""
-
-
-def _mismatch(spec: abi.MapSpec, info: syscall.MapInfo, settings: Settings) -> str:
-    want = {"type": spec.map_type, "key_size": spec.key_size, "value_size": spec.value_size,
-            "max_entries": spec.max_entries(settings.map_sizes), "flags": spec.flags}
-    have = {"type": info.type, "key_size": info.key_size, "value_size": info.value_size,
-            "max_entries": info.max_entries, "flags": info.map_flags}
-    diffs = [f"{k} {have[k]} != {want[k]}" for k in want if have[k] != want[k]]
-    return ", ".join(diffs)
-
-
-def check_maps(settings: Settings, fix: bool = True) -> list[MapCheck]:
-    """Compare every pinned map with its spec; with ``fix`` unlink the ones that differ (or
-    cannot be opened as a map) so the loader creates them afresh. Returns one MapCheck per
-    spec."""
-    results = []
-    for spec in abi.MAP_SPECS:
-        path = map_path(settings.bpffs, spec.name)
-        if not os.path.exists(path):
-            results.append(MapCheck(spec.name, "absent"))
-            continue
-        try:
-            fd = syscall.obj_get(path)
-        except OSError as e:
-            why = f"cannot open pin: {os.strerror(e.errno)}"
-        else:
-            try:
-                why = _mismatch(spec, syscall.map_info(fd), settings)
-            except OSError as e:  # EINVAL: the pin is not a map
-                why = f"not a map: {os.strerror(e.errno)}"
-            finally:
-                os.close(fd)
-        if not why:
-            results.append(MapCheck(spec.name, "reuse"))
-            continue
-        results.append(MapCheck(spec.name, "recreate", why))
-        if fix:
-            unlink(path)
-            log.warning("pinned map differs from its spec; unlinked, it will be recreated and "
-                        "repopulated", extra=kv(map=spec.name, path=path, why=why))
-    return results
-
-
-def open_pinned_maps(bpffs: str) -> dict[str, int]:
-    """Open every pinned map by name (read-write). Caller closes the fds. Missing maps are
-    left out."""
-    fds: dict[str, int] = {}
-    for spec in abi.MAP_SPECS:
-        try:
-            fds[spec.name] = syscall.obj_get(map_path(bpffs, spec.name))
-        except OSError as e:
-            if e.errno != errno.ENOENT:
-                for fd in fds.values():
-                    os.close(fd)
-                raise
-    return fds
-
-
-def pin_prog(bpffs: str, prog_fd: int) -> None:
-    """(Re)pin the attached program. A brief window without the pin only affects inspection."""
-    path = prog_path(bpffs)
-    unlink(path)
-    syscall.obj_pin(prog_fd, path)
+def pin_prog(bpffs: str, prog_fd: int, explain_fd: int = -1) -> None:
+    """(Re)pin the attached program and its dry-run twin. A brief window without the pins only
+    affects inspection."""
+    for fd, path in ((explain_fd, explain_prog_path(bpffs)), (prog_fd, prog_path(bpffs))):
+        unlink(path)
+        if fd >= 0:
+            syscall.obj_pin(fd, path)
 
 
 def pinned_link_names(bpffs: str) -> list[str]:
@@ -161,22 +231,4 @@ def pinned_link_names(bpffs: str) -> list[str]:
 def remove_all(bpffs: str) -> list[str]:
     """Unlink every pin under nodecryptor's root and remove its directories. Touches nothing
     outside the root. Returns the removed paths."""
-    top = root(bpffs)
-    removed: list[str] = []
-    if not os.path.isdir(top):
-        return removed
-    for dirpath, dirnames, filenames in os.walk(top, topdown=False):
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            if unlink(path):
-                removed.append(path)
-        for name in dirnames:
-            try:
-                os.rmdir(os.path.join(dirpath, name))
-            except FileNotFoundError:
-                pass
-    try:
-        os.rmdir(top)
-    except FileNotFoundError:
-        pass
-    return removed
+    return _remove_tree(root(bpffs))

@@ -1,10 +1,9 @@
 """Compile and load the tc program in bpf/ through BCC. The only module that imports ``bcc``.
 
 ``load`` returns a LoadedProgram: the program fd and id, and one fd per map of
-``abi.MAP_SPECS``. With a pin directory every map is reused from ``<pin_dir>/<name>`` when
-pinned there, and created and pinned there otherwise (the caller has removed pins of the wrong
-shape beforehand), so a restarted agent keeps the datapath's state. ``probe`` says whether this
-machine can do all of that, and why not.
+``abi.MAP_SPECS``, plus the dry-run twin used by ``explain``. With a pin directory (the agent
+passes a fresh generation directory, see pins.py) every map is created and pinned there.
+``probe`` says whether this machine can do all of that, and why not.
 
 BCC rewrites map method calls (``nc_dst_v4.lookup(...)``) only in its main source buffer, not in
 included files, so the loader inlines bpf/nodecryptor.c's local includes (bpf/lib/*.h and
@@ -31,13 +30,15 @@ log = logging.getLogger(__name__)
 
 ENTRY_FILE = "nodecryptor.c"
 ENTRY_FUNCTION = b"nc_egress"
+EXPLAIN_FUNCTION = b"nc_explain"
+"""The dry-run twin of ENTRY_FUNCTION (same source, same maps; counts nothing, remembers no
+fragment), loaded with it and run by ``nodecryptor explain``; never attached."""
 _INCLUDE_RE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 
 # Size cflags from settings.MapSizes, named as nc_abi.h expects them.
 _SIZE_DEFINES = {
     "NC_DST_V4_MAX": "destinations_v4",
     "NC_DST_V6_MAX": "destinations_v6",
-    "NC_EXEMPT_MAX": "exempt_ports",
     "NC_LOCAL_MAX": "local_addresses",
     "NC_FRAGS_MAX": "fragments",
 }
@@ -110,12 +111,17 @@ def cflags(settings: Settings, pin_dir: str | None = None, root: Path | None = N
 
 @dataclass
 class LoadedProgram:
-    """A loaded program and its maps. Keeps the BCC module alive: closing it (or dropping the
-    last reference) closes the fds; pinned maps and an attached program stay in the kernel."""
+    """A loaded program, its dry-run twin and their maps. Keeps the BCC module alive: closing it
+    (or dropping the last reference) closes the fds; pinned maps and an attached program stay
+    in the kernel."""
 
     prog_fd: int
     prog_id: int
     map_fds: dict[str, int]
+    explain_fd: int = -1
+    explain_id: int = 0
+    capacities: dict[int, int] = field(default_factory=dict)
+    """Destination map capacity by family (4, 6)."""
     compile_seconds: float = 0.0
     pin_dir: str | None = None
     _bpf: object = field(default=None, repr=False)
@@ -125,6 +131,7 @@ class LoadedProgram:
             self._bpf.cleanup()
             self._bpf = None
             self.prog_fd = -1
+            self.explain_fd = -1
             self.map_fds = {}
 
 
@@ -170,6 +177,7 @@ def load(settings: Settings, pin_dir: str | None = None) -> LoadedProgram:
         raise DatapathError(f"compiling {root / ENTRY_FILE} failed: {e}") from e
     try:
         fn = module.load_func(ENTRY_FUNCTION, bcc.BPF.SCHED_CLS)
+        dry = module.load_func(EXPLAIN_FUNCTION, bcc.BPF.SCHED_CLS)
         map_fds = {spec.name: module[spec.name.encode()].map_fd for spec in abi.MAP_SPECS}
     except Exception as e:  # verifier rejection, or a map missing from the source
         module.cleanup()
@@ -179,6 +187,9 @@ def load(settings: Settings, pin_dir: str | None = None) -> LoadedProgram:
     log.info("BPF program loaded", extra=kv(prog_id=prog_id, seconds=round(elapsed, 3),
                                              pin_dir=pin_dir or "-"))
     return LoadedProgram(prog_fd=fn.fd, prog_id=prog_id, map_fds=map_fds,
+                         explain_fd=dry.fd, explain_id=syscall.prog_info(dry.fd).id,
+                         capacities={4: settings.map_sizes.destinations_v4,
+                                     6: settings.map_sizes.destinations_v6},
                          compile_seconds=elapsed, pin_dir=pin_dir, _bpf=module)
 
 

@@ -162,6 +162,23 @@ def prog_info(fd: int) -> ProgInfo:
     return _info(fd, ProgInfo())
 
 
+_PROG_INFO_VERIFIED_INSNS = 216  # offsetof(struct bpf_prog_info, verified_insns), Linux 5.16+
+
+
+def prog_verified_insns(fd: int) -> int:
+    """Instructions the verifier processed to accept the program (0 before Linux 5.16)."""
+    return int.from_bytes(bytes(prog_info(fd))[_PROG_INFO_VERIFIED_INSNS:][:4], "little")
+
+
+def prog_map_ids(fd: int) -> list[int]:
+    """Ids of the maps a program uses (two BPF_OBJ_GET_INFO_BY_FD calls: count, then ids)."""
+    count = prog_info(fd).nr_map_ids
+    ids = (C.c_uint32 * max(count, 1))()
+    info = ProgInfo(nr_map_ids=count, map_ids=C.addressof(ids))
+    _info(fd, info)
+    return sorted(ids[:min(count, info.nr_map_ids)])
+
+
 def map_info(fd: int) -> MapInfo:
     return _info(fd, MapInfo())
 
@@ -262,6 +279,20 @@ def percpu_lookup(fd: int, key, value_type: type) -> list:
                                            value=C.addressof(buf)))
     return [value_type.from_buffer_copy(bytes(buf[i * stride:i * stride + C.sizeof(value_type)]))
             for i in range(ncpu)]
+
+
+def percpu_update(fd: int, key, values: list) -> None:
+    """Per-CPU map update: one value per possible CPU (each rounded up to 8 bytes)."""
+    ncpu = possible_cpus()
+    if not values:
+        return
+    value_type = type(values[0])
+    stride = (C.sizeof(value_type) + 7) & ~7
+    buf = (C.c_uint8 * (stride * ncpu))()
+    for i, value in enumerate(values[:ncpu]):
+        C.memmove(C.addressof(buf) + i * stride, C.addressof(value), C.sizeof(value_type))
+    _bpf(BPF_MAP_UPDATE_ELEM, _MapElemAttr(map_fd=fd, key=C.addressof(key),
+                                           value=C.addressof(buf)))
 
 
 # ---- programs, tcx links -------------------------------------------------------------------

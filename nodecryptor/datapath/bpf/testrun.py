@@ -274,24 +274,31 @@ class Result:
         return abi.REASON_NAMES[self.reason]
 
 
-def skb_context(mark: int = 0, ifindex: int = 0, dry_run: bool = False) -> bytes:
+SKB_CB_WORDS = 5  # cb[0..4], the part of skb->cb[] a tc program sees
+
+
+def skb_context(mark: int = 0, ifindex: int = 0, cb: tuple[int, ...] = ()) -> bytes:
+    """``cb``: initial skb->cb[] words, as an earlier program on the hook may have left them."""
+    if len(cb) > SKB_CB_WORDS:
+        raise ValueError(f"cb has {SKB_CB_WORDS} words, got {len(cb)}")
     ctx = bytearray(SKB_CTX_SIZE)
     struct.pack_into("<I", ctx, SKB_OFF_MARK, mark & 0xFFFFFFFF)
     struct.pack_into("<I", ctx, SKB_OFF_IFINDEX, ifindex)
-    if dry_run:
-        struct.pack_into("<I", ctx, SKB_OFF_CB + 4 * abi.CB_DRY_RUN, abi.DRY_RUN_MAGIC)
+    for i, word in enumerate(cb):
+        struct.pack_into("<I", ctx, SKB_OFF_CB + 4 * i, word & 0xFFFFFFFF)
     return bytes(ctx)
 
 
 def run(prog_fd: int, packet: bytes, mark: int = 0, ifindex: int = 0,
-        dry_run: bool = False) -> Result:
+        cb: tuple[int, ...] = ()) -> Result:
     """Run ``packet`` through the program once. ``ifindex`` must name an existing device of
-    the caller's network namespace (0: loopback). Counters and the fragment LRU are updated
-    like for a real packet unless ``dry_run`` (used on the live program by ``explain``).
+    the caller's network namespace (0: loopback). ``cb`` pre-fills skb->cb[] (the program
+    must not care). The attached entry point (nc_egress) updates counters and the fragment LRU
+    like for a real packet; the explain entry point (nc_explain) changes no state.
     Raises DatapathError when the program recorded no verdict."""
     try:
         retval, data_out, ctx_out, _ = syscall.prog_test_run(
-            prog_fd, packet, ctx_in=skb_context(mark, ifindex, dry_run),
+            prog_fd, packet, ctx_in=skb_context(mark, ifindex, cb),
             ctx_out_size=SKB_CTX_SIZE)
     except OSError as e:
         raise DatapathError(f"BPF_PROG_TEST_RUN failed: {e.strerror}") from e
