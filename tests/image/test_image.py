@@ -370,13 +370,11 @@ def test_matrix_scenario_passes_with_the_agent_from_the_image(lab):
 
 
 # Last: it restarts the node's agent, which changes the node's datapath.
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "known bug: BCC 0.26 reopens a pinned map by its id (BPF_MAP_GET_FD_BY_ID), which the "
-    "kernel allows only with CAP_SYS_ADMIN; under the DaemonSet's capabilities a restarted "
-    "agent cannot reuse its pins ('could not open bpf map: nc_frags, error: Operation not "
-    "permitted') and --datapath=auto falls back to ip rules"))
 def test_restarted_agent_from_the_image_keeps_the_bpf_datapath(lab):
-    """A rolling update: the agent restarts with the previous agent's pins in place."""
+    """A rolling update: the agent restarts with the previous agent's pins in place, under the
+    DaemonSet's capabilities (no CAP_SYS_ADMIN), and stays on BPF. Each start loads its program
+    into a fresh generation of maps instead of reopening pinned maps by id (which the kernel
+    allows only with CAP_SYS_ADMIN); this test failed while the loader did that."""
     lab.stop_agent(NODE)
     lab.start_agent(NODE)
     lab.wait_agent_ready(NODE)
