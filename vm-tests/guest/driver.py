@@ -35,9 +35,13 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 
 
 def node_from_json(obj: dict) -> NodeInfo:
+    # The guest has no API server: the labels stand for the node's CiliumNode and its v1 Node
+    # alike (roles come from the Node's labels by default, --role-source node).
+    labels = tuple(sorted(obj.get("labels", {}).items()))
     return NodeInfo(
         name=obj["name"],
-        labels=tuple(sorted(obj.get("labels", {}).items())),
+        labels=labels,
+        node_labels=labels,
         addresses=tuple(("InternalIP", ipaddress.ip_address(a)) for a in obj["addresses"]),
         pod_cidrs=tuple(ipaddress.ip_network(c) for c in obj.get("pod_cidrs", ())),
         wg_public_key=obj.get("wg_public_key"))
