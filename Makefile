@@ -18,5 +18,14 @@ vm-test: setup
 	bash scripts/setup-vm.sh
 	$(PY) -m pytest -q tests/vm
 
+# Benchmark suite (docs/performance.md): tables on stdout, JSON in benchmarks/results/.
+# bench: every size, longer runs; bench-quick: 0 and 10,000 nodes, a few minutes.
+.PHONY: bench bench-quick
+bench: setup
+	$(PY) benchmarks/suite.py --mode full
+
+bench-quick: setup
+	$(PY) benchmarks/suite.py --mode quick
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
