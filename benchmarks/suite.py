@@ -37,9 +37,9 @@ from benchlib import results  # noqa: E402
 
 MODES = {
     # datapath sizes, seconds per cell, rounds; control-plane sizes, churn seconds
-    "full": {"sizes": [0, 100, 1_000, 10_000, 50_000], "seconds": 1.0, "rounds": 3,
+    "full": {"sizes": [0, 100, 1_000, 10_000, 50_000], "seconds": 0.4, "rounds": 7,
              "cp_sizes": [1_000, 10_000], "churn_s": 20.0, "pp_quick": False},
-    "quick": {"sizes": [0, 10_000], "seconds": 0.5, "rounds": 2,
+    "quick": {"sizes": [0, 10_000], "seconds": 0.2, "rounds": 5,
               "cp_sizes": [10_000], "churn_s": 5.0, "pp_quick": True},
     # The test suite's form: the smallest sizes, to check that everything runs and the JSON
     # holds the contract; its numbers mean nothing.
@@ -138,7 +138,8 @@ def run_control_plane(sizes: list[int], churn_s: float, notes: dict,
             rows.append(res.row())
             detail["runs"][f"{datapath}/{nodes}"] = {
                 "cpu_ms_per_event": round(res.cpu_ms_per_event, 2), "changes": res.changes,
-                "unseen_after_timeout": res.unseen, "profile": res.profile or None}
+                "unseen_after_timeout": res.unseen, "profile": res.profile or None,
+                "startup_log": res.startup}
             log(f"  control plane {datapath} {nodes}: {res.row()} cpu/event "
                 f"{res.cpu_ms_per_event:.1f} ms, unseen {res.unseen}/{res.changes}")
     notes["control_plane"] = detail

@@ -9,8 +9,9 @@ Measured for one datapath and one cluster size:
 * ``peak_rss_mb``: VmHWM at the end of the run (the peak over its whole life);
 * ``cpu_ms_per_event``: the agent's user+system CPU during the churn divided by the changes;
 * event -> datapath latency under churn (``p50_ms``, ``p99_ms``): CiliumNodes are created and
-  deleted through the API at a fixed rate; each change is timed from just before its HTTP
-  request until the node's address is seen in (or gone from) the kernel datapath:
+  deleted through the API at a fixed rate (every other change deletes the oldest churn node
+  already seen in the datapath, when there is one); each change is timed from just before its
+  HTTP request until the node's address is seen in (or gone from) the kernel datapath:
   - BPF: the live pinned program is asked with BPF_PROG_TEST_RUN (dry run, the mechanism of
     ``nodecryptor explain``) whether a TCP packet to the address is redirected;
   - ip rules: the kernel's own route lookup (RTM_GETROUTE, ``ip route get``) in the agent's
@@ -25,10 +26,12 @@ The WireGuard device is a real ``wireguard-go`` device with one peer whose allow
 
 from __future__ import annotations
 
+import calendar
 import errno
 import http.client
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -93,6 +96,15 @@ def _cpu_seconds(pid: int) -> float:
         fields = f.read().rsplit(")", 1)[1].split()
     # fields[11], [12] are utime and stime (fields 14 and 15 of proc(5), counted from 1)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _py_spy() -> str:
+    """py-spy from the venv (pip install py-spy) or the PATH."""
+    local = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    found = local if os.path.exists(local) else shutil.which("py-spy")
+    if not found:
+        raise RuntimeError("--profile-dir needs py-spy (.venv/bin/pip install py-spy)")
+    return found
 
 
 class _InNetns:
@@ -198,6 +210,8 @@ class Result:
     unseen: int = 0
     latencies_ms: list = field(default_factory=list)
     profile: str = ""
+    startup: list = field(default_factory=list)
+    """[(seconds after spawn, log message)] of the agent's log up to readiness."""
 
     def row(self) -> dict:
         return {"datapath": self.datapath, "nodes": self.nodes, "ready_s": round(self.ready_s, 3),
@@ -312,7 +326,33 @@ class Bench:
         except Exception:  # connection refused while starting, 503 while not ready
             return False
 
+    def startup_phases(self, spawned_wall: float, ready_s: float) -> list:
+        """The agent's own log lines up to readiness, as (seconds after spawn, message): where
+        the start-up time goes (compile, list, first apply) without a profiler."""
+        phases = []
+        try:
+            with open(os.path.join(self.tmp, "agent.log"), errors="replace") as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                        ts = rec["ts"]
+                        wall = calendar.timegm(time.strptime(ts[:19], "%Y-%m-%dT%H:%M:%S"))
+                        wall += float("0" + ts[19:].rstrip("Z")) if ts[19:20] == "." else 0.0
+                    except (ValueError, KeyError, TypeError):
+                        continue
+                    offset = wall - spawned_wall
+                    if offset > ready_s + 0.5:
+                        break
+                    extra = {k: v for k, v in rec.items()
+                             if k in ("nodes", "pages", "seconds", "routes", "datapath")}
+                    phases.append([round(offset, 2), rec.get("msg", "")
+                                   + (f" {json.dumps(extra)}" if extra else "")])
+        except OSError:
+            pass
+        return phases
+
     def start_agent(self, agent_ns_worker: _InNetns) -> float:
+        self.spawned_wall = time.time()
         started = time.monotonic()
         agent = self._spawn("agent", self.agent_ns,
                             [NODECRYPTOR, "run", "--kubeconfig", self.kubeconfig,
@@ -332,6 +372,7 @@ class Bench:
         probe = None
         try:
             res.ready_s = self.start_agent(agent_worker)
+            res.startup = self.startup_phases(self.spawned_wall, res.ready_s)
             pid = self.procs["agent"].pid
             self.log(f"  control plane {self.datapath} {self.nodes} nodes: ready in "
                      f"{res.ready_s:.2f} s")
@@ -344,7 +385,7 @@ class Bench:
                 check = lambda addr: agent_worker.call(lambda: probe.present(addr))  # noqa: E731
             spy = None
             if profile:
-                spy = subprocess.Popen(["py-spy", "record", "-p", str(pid), "-o", profile,
+                spy = subprocess.Popen([_py_spy(), "record", "-p", str(pid), "-o", profile,
                                         "-f", "speedscope", "-d", str(int(churn_seconds) + 2)],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             cpu0 = _cpu_seconds(pid)
@@ -391,7 +432,8 @@ class Bench:
                     raise RuntimeError(f"{method} {url}: HTTP {resp.status}")
             api_worker.call(go)
 
-        pending: list = []  # [want_present, address, posted_at]
+        pending: list = []  # [want_present, address, posted_at, churn index]
+        seen_created: set[int] = set()
         lock = threading.Lock()
         latencies: list[float] = []
         done = threading.Event()
@@ -407,12 +449,14 @@ class Bench:
                         item = pending[0] if pending else None
                     if item is None:
                         break
-                    want, addr, posted = item
+                    want, addr, posted, index = item
                     if present(addr) != want:
                         break
                     latencies.append((time.monotonic() - posted) * 1000)
                     with lock:
                         pending.pop(0)
+                        if want:
+                            seen_created.add(index)
                 if done.is_set() and time.monotonic() > done_at[0] + SETTLE_TIMEOUT_S:
                     return
                 time.sleep(POLL_S)
@@ -420,7 +464,10 @@ class Bench:
         done_at = [0.0]
         poller = threading.Thread(target=poll, daemon=True)
         poller.start()
-        live: list[tuple[int, float]] = []  # (k, created_at) oldest first
+        # Churn nodes alive, oldest first. Only a node whose creation was already seen in the
+        # datapath is deleted: a node created and deleted within one reconcile pass would
+        # never be visible, and its creation could not be timed.
+        live: list[int] = []
         k = 0
         changes = 0
         start = time.monotonic()
@@ -432,20 +479,21 @@ class Bench:
                     break
                 if due > now:
                     time.sleep(due - now)
-                deletable = live and time.monotonic() - live[0][1] >= 1.0
-                if changes % 2 == 1 and deletable:
-                    victim, _ = live.pop(0)
+                with lock:
+                    victim = next((v for v in live if v in seen_created), None)
+                if changes % 2 == 1 and victim is not None:
+                    live.remove(victim)
                     posted = time.monotonic()
                     request("DELETE", f"{path}/churn-{victim}")
                     with lock:
-                        pending.append([False, churn_v4(victim), posted])
+                        pending.append([False, churn_v4(victim), posted, victim])
                 else:
                     obj = churn_object(k)
                     posted = time.monotonic()
                     request("POST", path, obj)
                     with lock:
-                        pending.append([True, churn_v4(k), posted])
-                    live.append((k, posted))
+                        pending.append([True, churn_v4(k), posted, k])
+                    live.append(k)
                     k += 1
                 changes += 1
         finally:
@@ -455,7 +503,7 @@ class Bench:
             api_worker.call(conn.close)
         unseen = len(pending)
         gave_up = time.monotonic()
-        latencies.extend((gave_up - posted) * 1000 for _, _, posted in pending)
+        latencies.extend((gave_up - posted) * 1000 for _, _, posted, _ in pending)
         return latencies, unseen, changes
 
     # ---- teardown --------------------------------------------------------------------------
