@@ -119,16 +119,20 @@ def _ip_batch(ns: str, family: int, lines: list[str]) -> None:
 
 
 def install_seed(ns: str, nodes: int, wg_ifname: str = WG_IFNAME) -> None:
-    """The proof of concept's rules: table 100 holds ``default dev cilium_wg0``; one rule per
-    remote pod CIDR (priority 200) and per remote node address (priority 220) looks it up; a
-    fwmark rule keeps WireGuard's own packets in main."""
+    """The proof of concept's layout: table 100 holds ``default dev cilium_wg0``; a fwmark rule
+    keeps WireGuard's own packets in main; one rule per remote pod CIDR, then one per remote
+    node address, looks table 100 up (the seed used priorities 200 and 220; see
+    ``rulefill`` for why the numbers differ here and why the walk does not)."""
+    from nodecryptor_testkit import netns
+
+    from . import rulefill
+
     for family in (4, 6):
-        lines = [f"route add default dev {wg_ifname} table {SEED_TABLE}",
-                 "rule add fwmark 0xe00 lookup main priority 0"]
-        for kind, prefix in prefixes(nodes, family):
-            prio = SEED_PRIO_POD if kind == "pod" else SEED_PRIO_NODE
-            lines.append(f"rule add to {prefix} lookup {SEED_TABLE} priority {prio}")
-        _ip_batch(ns, family, lines)
+        _ip_batch(ns, family, [f"route add default dev {wg_ifname} table {SEED_TABLE}",
+                               "rule add fwmark 0xe00 lookup main priority 0"])
+        walk = ([p for kind, p in prefixes(nodes, family) if kind == "pod"]
+                + [p for kind, p in prefixes(nodes, family) if kind == "node"])
+        netns.call_in(ns, rulefill.add_rules, walk, SEED_TABLE)
 
 
 def install_seed_prefixes(ns: str, prefix_list: list[str], wg_ifname: str = WG_IFNAME) -> None:
