@@ -115,6 +115,7 @@ def run_datapath(sizes: list[int], seconds: float, rounds: int, notes: dict) -> 
                 res = rate.measure_size(sender, nodes, seconds, rounds, tmp, log=log)
                 rows += res.rows
                 detail["sizes"][str(nodes)] = {"setup_s": res.setup_s,
+                                               "ratio_range_over_rounds": res.spread,
                                                "delivered_per_sent": res.delivery,
                                                "send_errors": res.errors}
     finally:

@@ -148,6 +148,8 @@ class SizeResult:
     setup_s: dict = field(default_factory=dict)
     delivery: dict = field(default_factory=dict)
     errors: dict = field(default_factory=dict)
+    spread: dict = field(default_factory=dict)
+    """Lowest and highest per-round ratio to the baseline: how noisy the median is."""
 
 
 def measure_size(sender: Sender, nodes: int, seconds: float, rounds: int, tmpdir: str,
@@ -195,11 +197,13 @@ def measure_size(sender: Sender, nodes: int, seconds: float, rounds: int, tmpdir
             base = pps[("baseline", traffic)]
             for config in CONFIGS:
                 series = pps[(config, traffic)]
-                ratio = statistics.median(x / b for x, b in zip(series, base) if b > 0)
+                ratios = [x / b for x, b in zip(series, base) if b > 0]
+                ratio = statistics.median(ratios)
                 result.rows.append({"config": config, "traffic": traffic, "nodes": nodes,
                                     "pps": round(statistics.median(series), 1),
                                     "ratio_to_baseline": round(ratio, 4)})
                 key = f"{config}/{traffic}"
+                result.spread[key] = [round(min(ratios), 3), round(max(ratios), 3)]
                 sent_n = sent_total[(config, traffic)]
                 result.delivery[key] = round(delivered_total[(config, traffic)] / sent_n, 4) \
                     if sent_n else 0.0
