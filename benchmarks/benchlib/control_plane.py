@@ -385,8 +385,11 @@ class Bench:
                 check = lambda addr: agent_worker.call(lambda: probe.present(addr))  # noqa: E731
             spy = None
             if profile:
-                spy = subprocess.Popen([_py_spy(), "record", "-p", str(pid), "-o", profile,
-                                        "-f", "speedscope", "-d", str(int(churn_seconds) + 2)],
+                # --gil: only samples holding the GIL, i.e. Python actually computing (a
+                # thread blocked in select() or a socket read does not count).
+                spy = subprocess.Popen([_py_spy(), "record", "--gil", "-p", str(pid), "-o",
+                                        profile, "-f", "speedscope", "-d",
+                                        str(int(churn_seconds) + 2)],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             cpu0 = _cpu_seconds(pid)
             lat, unseen, changes = self._churn(api_worker, check, churn_seconds, rate)
