@@ -7,7 +7,10 @@
  * cost the benchmark is about.
  *
  *   sender DST_IP PORT SECONDS [PAYLOAD_BYTES]
- *   -> "sent=N errors=E seconds=S"  (errors: datagrams refused by the kernel)
+ *   -> "sent=N errors=E seconds=S cpu=C"
+ *      errors: sendmmsg calls the kernel refused in part or whole; seconds: wall time;
+ *      cpu: user + system CPU time of this process, which includes the kernel's work on the
+ *      packets done in its context (routing, tc egress programs, the veth transfer).
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -16,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -94,6 +98,10 @@ int main(int argc, char **argv)
         }
         t = now();
     }
-    printf("sent=%llu errors=%llu seconds=%.6f\n", sent, errors, t - start);
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    double cpu = ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 + ru.ru_stime.tv_sec
+                 + ru.ru_stime.tv_usec / 1e6;
+    printf("sent=%llu errors=%llu seconds=%.6f cpu=%.6f\n", sent, errors, t - start, cpu);
     return 0;
 }

@@ -116,6 +116,7 @@ def run_datapath(sizes: list[int], seconds: float, rounds: int, notes: dict) -> 
                 rows += res.rows
                 detail["sizes"][str(nodes)] = {"setup_s": res.setup_s,
                                                "ratio_range_over_rounds": res.spread,
+                                               "wall_clock_pps": res.wall_pps,
                                                "delivered_per_sent": res.delivery,
                                                "send_errors": res.errors}
     finally:
@@ -215,10 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mode: {args.mode}; {notes['elapsed_s']:.0f} s; results: {path} (and {latest})")
     if doc["datapath"]:
         ceiling = notes["datapath"]["sender_ceiling"]["pps"]
-        print(f"\nDatapath packet rate, IPv4 UDP, packets/s and ratio to baseline measured "
-              f"side by side (median of {mode['rounds']} alternating rounds of "
-              f"{mode['seconds']:g} s). Sender ceiling (route to a device that drops at tc "
-              f"egress): {ceiling:,.0f} packets/s. cilium_wg0 is a veth stand-in.")
+        print(f"\nDatapath packet rate, IPv4 UDP, packets per second of sender CPU time and "
+              f"ratio to baseline measured side by side (median of {mode['rounds']} "
+              f"alternating rounds of {mode['seconds']:g} s). Sender ceiling (route to a "
+              f"device that drops at tc egress): {ceiling:,.0f} packets/s. cilium_wg0 is a "
+              f"veth stand-in.")
         print(results.datapath_table(doc["datapath"]))
     print("\nPer-packet cost (BPF_PROG_TEST_RUN), ns per packet and margin over the empty "
           "program:")

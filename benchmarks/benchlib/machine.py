@@ -39,6 +39,21 @@ def _gcc_version() -> str:
         return ""
 
 
+def _irq_time_accounting() -> str:
+    """Whether softirq time is charged to the interrupted task (the datapath benchmark's rate
+    per CPU-second relies on it): "off" (charged, as here), "on", or "unknown"."""
+    import gzip
+
+    try:
+        with gzip.open("/proc/config.gz", "rt") as f:
+            for line in f:
+                if line.startswith("CONFIG_IRQ_TIME_ACCOUNTING=y"):
+                    return "on"
+        return "off"
+    except OSError:
+        return "unknown"
+
+
 def describe() -> dict:
     """The machine at the start of a run; ``finish`` adds the load at the end."""
     return {
@@ -48,6 +63,7 @@ def describe() -> dict:
         "memory_mb": _mem_total_mb(),
         "python": platform.python_version(),
         "gcc": _gcc_version(),
+        "irq_time_accounting": _irq_time_accounting(),
         "hostname": platform.node(),
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "load_start": [round(x, 2) for x in os.getloadavg()],

@@ -17,10 +17,17 @@ class Sent:
     sent: int
     errors: int
     seconds: float
+    cpu: float
 
     @property
     def pps(self) -> float:
+        """Packets per second of wall-clock time."""
         return self.sent / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def pps_cpu(self) -> float:
+        """Packets per second of the sender's CPU time: the rate of one dedicated core."""
+        return self.sent / self.cpu if self.cpu > 0 else 0.0
 
 
 class Sender:
@@ -42,7 +49,8 @@ class Sender:
         if out.returncode != 0:
             raise RuntimeError(f"sender in {ns} to {dst} failed: {out.stderr.strip()}")
         fields = dict(part.split("=", 1) for part in out.stdout.split())
-        return Sent(int(fields["sent"]), int(fields["errors"]), float(fields["seconds"]))
+        return Sent(int(fields["sent"]), int(fields["errors"]), float(fields["seconds"]),
+                    float(fields["cpu"]))
 
     def close(self) -> None:
         shutil.rmtree(self._dir, ignore_errors=True)
