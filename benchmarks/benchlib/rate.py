@@ -9,14 +9,15 @@ One set of namespaces per configuration:
 
 The node's ``eth0`` has ARP off (no neighbour resolution in the measurement; frames carry the
 sender's own MAC as destination) and a default route to the receiver, whose IP layer drops
-every frame at once as addressed to another host (counted as received by the veth first). Traffic, IPv4 UDP with
-an 18-byte payload from the compiled sender on an unconnected socket (one route lookup per
-datagram). The rate reported is packets per second of the sender's CPU time (user + system):
-the whole path runs in the sending process's context (the syscall, routing, the tc egress
-program, the veth transfer and, on a kernel without CONFIG_IRQ_TIME_ACCOUNTING, the softirq
-that forwards and drops the packet), so this is the rate one dedicated core reaches, and it
-does not move when the machine's other load preempts the sender. Wall-clock rates are kept in
-the notes.
+every frame at once as addressed to another host (its veth counts the frame first).
+
+Traffic: IPv4 UDP with an 18-byte payload from the compiled sender on an unconnected socket
+(one route lookup per datagram). The rate reported is packets per second of the sender's CPU
+time (user + system): the whole path runs in the sending process's context (the syscall,
+routing, the tc egress program, the veth transfer and, on a kernel without
+CONFIG_IRQ_TIME_ACCOUNTING, the softirq that forwards and drops the packet), so this is the
+rate one dedicated core reaches, and it does not move when the machine's other load preempts
+the sender. Wall-clock rates are kept in the notes.
 
 * ``non-cluster``: from the node to 198.51.100.7 (what every node carries);
 * ``forwarded``: from the pod namespace to 198.51.100.7, routed by the node (its one route
