@@ -184,9 +184,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile_dir:
         os.makedirs(args.profile_dir, exist_ok=True)
 
-    from nodecryptor_testkit import netns
-
-    netns.cleanup_stale()
     machine = machine_mod.describe()
     log(f"machine: {machine_mod.line(machine)}")
     log(f"mode {args.mode}: {json.dumps(mode)}")
