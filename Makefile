@@ -20,12 +20,17 @@ vm-test: setup
 
 # Benchmark suite (docs/performance.md): tables on stdout, JSON in benchmarks/results/.
 # bench: every size, longer runs; bench-quick: 0 and 10,000 nodes, a few minutes.
-.PHONY: bench bench-quick
-bench: setup
+# The packet sender (benchmarks/sender.c) is compiled at run time: gcc and libc headers.
+.PHONY: bench bench-quick bench-deps
+bench: setup bench-deps
 	$(PY) benchmarks/suite.py --mode full
 
-bench-quick: setup
+bench-quick: setup bench-deps
 	$(PY) benchmarks/suite.py --mode quick
+
+bench-deps:
+	@dpkg -s gcc libc6-dev >/dev/null 2>&1 || { apt-get update -qq && \
+	  apt-get install -y -qq --no-install-recommends gcc libc6-dev >/dev/null; }
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
