@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+from conftest import require
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
@@ -127,6 +129,7 @@ def test_bad_flags_exit_2_naming_the_flag(args, flag):
 @pytest.mark.slow
 def test_smoke_run_writes_the_contract(tmp_path, bcc_available, wireguard_go):
     """~30 s: the suite at 0 and 100 nodes, 0.1 s cells, 1 s of churn. Checks shape only."""
+    require(shutil.which("gcc") is not None, "gcc not installed (make bench-deps)")
     proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "suite.py"),
                            "--smoke", "--results-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
