@@ -92,6 +92,15 @@ def run_per_packet(sizes: list[int], quick: bool, notes: dict,
             return []
         with open(out) as f:
             rows = json.load(f)
+        problems = results.contract_problems({"machine": {"checked": True}, "datapath": [],
+                                              "per_packet": rows, "control_plane": []})
+        if problems or not rows:
+            # Keep the other sections: a bad section must not cost the whole run.
+            notes["per_packet"] = {"status": "failed",
+                                   "reason": "bpf_cost.py --json broke the contract: "
+                                             + ("; ".join(problems[:5]) or "no rows"),
+                                   "command": "benchmarks/bpf_cost.py " + " ".join(argv[2:])}
+            return []
         notes["per_packet"] = {"status": "ok", "seconds": round(time.monotonic() - started, 1),
                                "command": "benchmarks/bpf_cost.py " + " ".join(argv[2:]),
                                "what": "BPF_PROG_TEST_RUN, kernel-measured ns per packet; "

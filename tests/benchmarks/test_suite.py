@@ -111,6 +111,28 @@ def test_per_packet_rows_are_read_from_the_json(tmp_path):
     assert notes["per_packet"]["status"] == "ok"
 
 
+def test_per_packet_rows_breaking_the_contract_fail_only_that_section(tmp_path):
+    rows = [{"case": "empty", "family": 4, "nodes": 0, "ns": 20.5, "extra": 1}]
+    script = fake_bpf_cost(tmp_path, "import json, sys\n"
+                                     "a = sys.argv\n"
+                                     "json.dump(%r, open(a[a.index('--json') + 1], 'w'))\n" % rows)
+    notes: dict = {}
+    assert suite.run_per_packet([0], False, notes, script=script) == []
+    assert notes["per_packet"]["status"] == "failed"
+    assert "contract" in notes["per_packet"]["reason"]
+
+
+def test_targets_use_the_empty_program_of_any_size_as_floor():
+    doc = valid_doc()
+    doc["per_packet"] = [{"case": "empty", "family": 4, "nodes": 0, "ns": 20.0},
+                         {"case": "miss", "family": 4, "nodes": 10_000, "ns": 30.0},
+                         {"case": "hit-node", "family": 4, "nodes": 10_000, "ns": 100.0}]
+    got = {name: (ok, value) for name, ok, value in results.targets(doc)}
+    assert got["per-packet miss IPv4 at 10,000 nodes <= +15 ns"] == (True, "+10.0 ns")
+    assert got["per-packet hit-node IPv4 at 10,000 nodes <= +60 ns"] == (False, "+80.0 ns")
+    assert got["per-packet hit-pod IPv4 at 10,000 nodes <= +60 ns"][0] is None
+
+
 @pytest.mark.parametrize("args, flag", [(["--only", "datapath,bogus"], "--only"),
                                         (["--sizes", "10,x"], "--sizes"),
                                         (["--cp-sizes", "-5"], "--cp-sizes"),
