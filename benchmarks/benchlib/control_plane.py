@@ -27,11 +27,9 @@ The WireGuard device is a real ``wireguard-go`` device with one peer whose allow
 from __future__ import annotations
 
 import calendar
-import errno
 import http.client
 import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -45,7 +43,7 @@ from dataclasses import dataclass, field
 from nodecryptor_testkit import netns
 from nodecryptor_testkit.fakeapi import make_ciliumnode
 
-from . import cluster
+from . import cluster, observe
 
 API_V4, AGENT_V4 = "192.168.77.10", "192.168.77.11"
 API_V6, AGENT_V6 = "fd77::10", "fd77::11"
@@ -78,122 +76,6 @@ def cluster_objects(nodes: int) -> list[dict]:
                                     pod_cidrs=[cluster.pod_v4(i), cluster.pod_v6(i)],
                                     control_plane=i < 3))
     return objs
-
-
-def _proc_status(pid: int) -> dict[str, int]:
-    """VmRSS / VmHWM in kB."""
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0])
-    return out
-
-
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    # fields[11], [12] are utime and stime (fields 14 and 15 of proc(5), counted from 1)
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _py_spy() -> str:
-    """py-spy from the venv (pip install py-spy) or the PATH."""
-    local = os.path.join(os.path.dirname(sys.executable), "py-spy")
-    found = local if os.path.exists(local) else shutil.which("py-spy")
-    if not found:
-        raise RuntimeError("--profile-dir needs py-spy (.venv/bin/pip install py-spy)")
-    return found
-
-
-class _InNetns:
-    """A worker thread living in a network namespace that runs submitted calls (sockets it
-    opens belong to that namespace)."""
-
-    def __init__(self, ns: str):
-        self._calls: list = []
-        self._cv = threading.Condition()
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, args=(ns,), daemon=True)
-        self._thread.start()
-
-    def _run(self, ns: str) -> None:
-        with netns.entered(ns):
-            while True:
-                with self._cv:
-                    while not self._calls and not self._stop:
-                        self._cv.wait()
-                    if self._stop and not self._calls:
-                        return
-                    fn, box, done = self._calls.pop(0)
-                try:
-                    box["value"] = fn()
-                except BaseException as e:  # handed back to the caller
-                    box["error"] = e
-                done.set()
-
-    def call(self, fn):
-        box: dict = {}
-        done = threading.Event()
-        with self._cv:
-            self._calls.append((fn, box, done))
-            self._cv.notify()
-        done.wait()
-        if "error" in box:
-            raise box["error"]
-        return box.get("value")
-
-    def close(self) -> None:
-        with self._cv:
-            self._stop = True
-            self._cv.notify()
-        self._thread.join(5)
-
-
-class _BpfProbe:
-    """Asks the live pinned program whether a packet to an address is redirected."""
-
-    def __init__(self, bpffs: str):
-        from nodecryptor.datapath.bpf import pins, syscall
-
-        self._fd = syscall.obj_get(pins.prog_path(bpffs))
-        self._frames: dict[str, bytes] = {}
-
-    def present(self, addr: str) -> bool:
-        from nodecryptor.datapath.bpf import testrun
-
-        frame = self._frames.get(addr)
-        if frame is None:
-            frame = self._frames[addr] = testrun.build_frame(AGENT_V4, addr, dport=8080,
-                                                             tcp_flags="A")
-        return testrun.run(self._fd, frame, dry_run=True).verdict == "encrypt"
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-
-class _RouteProbe:
-    """Asks the kernel's route lookup in the agent's namespace (call from inside it)."""
-
-    def __init__(self, wg_ifname: str):
-        from pyroute2 import IPRoute
-
-        self._ipr = IPRoute()
-        self._wg = self._ipr.link_lookup(ifname=wg_ifname)[0]
-
-    def present(self, addr: str) -> bool:
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        try:
-            routes = self._ipr.route("get", dst=addr)
-        except NetlinkError as e:
-            # fail-closed "unreachable" route in nodecryptor's table: installed, not covered
-            return e.code in (errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EACCES)
-        return bool(routes) and routes[0].get_attr("RTA_OIF") == self._wg
-
-    def close(self) -> None:
-        self._ipr.close()
 
 
 @dataclass
@@ -351,7 +233,7 @@ class Bench:
             pass
         return phases
 
-    def start_agent(self, agent_ns_worker: _InNetns) -> float:
+    def start_agent(self, agent_ns_worker: observe.InNetns) -> float:
         self.spawned_wall = time.time()
         started = time.monotonic()
         agent = self._spawn("agent", self.agent_ns,
@@ -367,8 +249,8 @@ class Bench:
     def run(self, churn_seconds: float, rate: float = 50.0, settle_s: float = 2.0,
             profile: str | None = None) -> Result:
         res = Result(self.datapath, self.nodes)
-        agent_worker = _InNetns(self.agent_ns)
-        api_worker = _InNetns(self.api_ns)
+        agent_worker = observe.InNetns(self.agent_ns)
+        api_worker = observe.InNetns(self.api_ns)
         probe = None
         try:
             res.ready_s = self.start_agent(agent_worker)
@@ -378,22 +260,22 @@ class Bench:
                      f"{res.ready_s:.2f} s")
             time.sleep(settle_s)
             if self.datapath == "bpf":
-                probe = _BpfProbe(self.bpffs)
+                probe = observe.BpfProbe(self.bpffs, AGENT_V4)
                 check = probe.present
             else:
-                probe = agent_worker.call(lambda: _RouteProbe(self.wg))
+                probe = agent_worker.call(lambda: observe.RouteProbe(self.wg))
                 check = lambda addr: agent_worker.call(lambda: probe.present(addr))  # noqa: E731
             spy = None
             if profile:
                 # --gil: only samples holding the GIL, i.e. Python actually computing (a
                 # thread blocked in select() or a socket read does not count).
-                spy = subprocess.Popen([_py_spy(), "record", "--gil", "-p", str(pid), "-o",
+                spy = subprocess.Popen([observe.py_spy(), "record", "--gil", "-p", str(pid), "-o",
                                         profile, "-f", "speedscope", "-d",
                                         str(int(churn_seconds) + 2)],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            cpu0 = _cpu_seconds(pid)
+            cpu0 = observe.cpu_seconds(pid)
             lat, unseen, changes = self._churn(api_worker, check, churn_seconds, rate)
-            cpu1 = _cpu_seconds(pid)
+            cpu1 = observe.cpu_seconds(pid)
             if spy is not None:
                 spy.wait(60)
                 res.profile = profile
@@ -404,10 +286,10 @@ class Bench:
             time.sleep(settle_s)
             samples = []
             for _ in range(5):
-                samples.append(_proc_status(pid)["VmRSS"] / 1024)
+                samples.append(observe.proc_status(pid)["VmRSS"] / 1024)
                 time.sleep(0.2)
             res.rss_mb = statistics.median(samples)
-            res.peak_rss_mb = _proc_status(pid)["VmHWM"] / 1024
+            res.peak_rss_mb = observe.proc_status(pid)["VmHWM"] / 1024
         finally:
             if probe is not None:
                 if self.datapath == "bpf":
@@ -418,7 +300,7 @@ class Bench:
             api_worker.close()
         return res
 
-    def _churn(self, api_worker: _InNetns, present, seconds: float, rate: float):
+    def _churn(self, api_worker: observe.InNetns, present, seconds: float, rate: float):
         """Create and delete CiliumNodes at ``rate`` per second for ``seconds``; return
         (latencies in ms, changes never seen, number of changes)."""
         conn = api_worker.call(lambda: http.client.HTTPConnection(API_V4, 6443, timeout=10))
