@@ -25,5 +25,19 @@ image: setup
 	bash scripts/setup-image.sh
 	bash scripts/build-image.sh
 
+# Benchmark suite (docs/performance.md): tables on stdout, JSON in benchmarks/results/.
+# bench: every size, longer runs; bench-quick: 0 and 10,000 nodes, a few minutes.
+# The packet sender (benchmarks/sender.c) is compiled at run time: gcc and libc headers.
+.PHONY: bench bench-quick bench-deps
+bench: setup bench-deps
+	$(PY) benchmarks/suite.py --mode full
+
+bench-quick: setup bench-deps
+	$(PY) benchmarks/suite.py --mode quick
+
+bench-deps:
+	@dpkg -s gcc libc6-dev >/dev/null 2>&1 || { apt-get update -qq && \
+	  apt-get install -y -qq --no-install-recommends gcc libc6-dev >/dev/null; }
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache dist

@@ -19,15 +19,16 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from nodecryptor.datapath.iprule.backend import IpRuleDatapath  # noqa: E402
+from benchlib import cluster as bench_cluster  # noqa: E402
+from benchlib import machine as bench_machine  # noqa: E402
 from nodecryptor.model import NodeInfo, WgState  # noqa: E402
 from nodecryptor.policy import compute_desired, compute_plan  # noqa: E402
 from nodecryptor.settings import Settings  # noqa: E402
@@ -35,8 +36,6 @@ from nodecryptor_testkit import netns  # noqa: E402
 
 LOCAL = "192.168.50.21"
 OUTSIDE = "198.51.100.7"
-SEED_TABLE = 100
-SEED_PRIORITY = 220
 
 SENDER = """
 import socket, sys, time
@@ -84,11 +83,7 @@ def prepare(ns: str) -> int:
 
 def install_seed(ns: str, prefixes: list[str]) -> None:
     """The seed's layout: table 100 = default via the WireGuard device, one rule each."""
-    lines = [f"route add default dev cilium_wg0 table {SEED_TABLE}",
-             "rule add fwmark 0xe00 lookup main priority 0"]
-    lines += [f"rule add to {p} lookup {SEED_TABLE} priority {SEED_PRIORITY}" for p in prefixes]
-    subprocess.run(["ip", "netns", "exec", ns, "ip", "-batch", "-"], input="\n".join(lines),
-                   text=True, check=True)
+    bench_cluster.install_seed_prefixes(ns, prefixes)
 
 
 def install_nodecryptor(ns: str, wg_index: int, count: int) -> IpRuleDatapath:
@@ -104,10 +99,7 @@ def install_nodecryptor(ns: str, wg_index: int, count: int) -> IpRuleDatapath:
     plan = compute_plan(nodes, "local", settings)
     wg = WgState(ifname="cilium_wg0", ifindex=wg_index, present=True, up=True,
                  listen_port=51871, fwmark=0xE00)
-    datapath = IpRuleDatapath(settings, netns=ns).start()
-    datapath.apply(compute_desired(plan, wg, (), settings))
-    datapath.close()
-    return datapath
+    return bench_cluster.install_iprule(ns, compute_desired(plan, wg, (), settings), settings)
 
 
 def rate(ns: str, dst: str, seconds: float) -> tuple[float, int]:
@@ -144,15 +136,7 @@ def measure(layout: str, count: int, seconds: float) -> dict:
 
 
 def machine() -> str:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.node()} Linux {platform.release()}, {os.cpu_count()} CPUs, {model}"
+    return bench_machine.line(bench_machine.describe())
 
 
 def main() -> int:
