@@ -153,15 +153,16 @@ class IpRuleDatapath:
                                 for r in sorted(have_rules - want_rules))
             if self.settings.noop_route:
                 noop_state = noop.ensure(ipr)
+                self._noop_checked = False  # a later pass without the flag removes it
             elif not self._noop_checked:
-                # A leftover of an earlier agent run with --noop-route is removed once. Nothing
-                # else creates the route, so later passes skip the check: it dumps the whole
-                # main table, which at 10,000 nodes was 44 % of the agent's busy time under
-                # churn (benchmarks/suite.py control plane, py-spy).
+                # A leftover (of an earlier agent run with --noop-route) is removed once. Only
+                # that flag creates the route, so later passes skip the check: it dumps the
+                # whole main table, which at 10,000 nodes was 44 % of the agent's busy time
+                # under churn (benchmarks/suite.py control plane, py-spy).
                 noop_state = noop.remove(ipr) if noop.present(ipr) else {}
+                self._noop_checked = True
             else:
                 noop_state = {}
-            self._noop_checked = True
         except DatapathError as e:
             self._error = str(e)
             raise
