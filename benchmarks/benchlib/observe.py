@@ -85,26 +85,31 @@ class InNetns:
 
 
 class BpfProbe:
-    """Asks the live pinned program whether a packet to an address is redirected."""
+    """Asks the live program's dry-run twin (the pinned ``prog-explain``: same maps, changes
+    no counter or fragment state) whether a packet to an address is redirected. The pin is
+    opened for every question: a growing agent moves to a new generation of maps and pins a
+    new twin with it."""
 
     def __init__(self, bpffs: str, src: str):
-        from nodecryptor.datapath.bpf import pins, syscall
-
+        self._bpffs = bpffs
         self._src = src
-        self._fd = syscall.obj_get(pins.prog_path(bpffs))
         self._frames: dict[str, bytes] = {}
 
     def present(self, addr: str) -> bool:
-        from nodecryptor.datapath.bpf import testrun
+        from nodecryptor.datapath.bpf import pins, syscall, testrun
 
         frame = self._frames.get(addr)
         if frame is None:
             frame = self._frames[addr] = testrun.build_frame(self._src, addr, dport=8080,
                                                              tcp_flags="A")
-        return testrun.run(self._fd, frame, dry_run=True).verdict == "encrypt"
+        fd = syscall.obj_get(pins.explain_prog_path(self._bpffs))
+        try:
+            return testrun.run(fd, frame).verdict == "encrypt"
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
-        os.close(self._fd)
+        pass
 
 
 class RouteProbe:
