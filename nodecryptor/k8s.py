@@ -37,7 +37,9 @@ from kubernetes.config.incluster_config import InClusterConfigLoader
 from kubernetes.watch.watch import iter_resp_lines
 
 from .ciliumnode import Rejection, parse_ciliumnode, parse_node_roles
-from .errors import NodecryptorError
+from .backoff import Backoff
+from .k8s_errors import (ApiForbidden, ApiGone, ApiUnavailable, KubeConfigError,
+                         KubernetesError)
 from .log import kv
 from .metrics import Metrics
 from .model import NodeInfo
@@ -51,43 +53,6 @@ VERSION = "v2"
 PLURAL = "ciliumnodes"
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 """Where the kubelet mounts the service-account token and CA (in-cluster configuration)."""
-
-
-class KubernetesError(NodecryptorError):
-    """Talking to the Kubernetes API failed. ``cause`` is a short word for the
-    watch_restarts metric."""
-
-    cause = "error"
-
-
-class KubeConfigError(KubernetesError):
-    """No usable client configuration (kubeconfig or in-cluster service account)."""
-
-    cause = "config"
-
-
-class ApiUnavailable(KubernetesError):
-    """The API server could not be reached, timed out, or answered with a server error.
-    ``cause``: unreachable, stalled, dropped or server-error."""
-
-    def __init__(self, message: str, cause: str = "server-error"):
-        super().__init__(message)
-        self.cause = cause
-
-
-class ApiForbidden(KubernetesError):
-    """The API server rejected our credentials (401) or our permissions (403)."""
-
-    cause = "forbidden"
-
-
-class ApiGone(KubernetesError):
-    """410: the resourceVersion or continue token is older than the server's history (or,
-    cause "too-large", newer than the server's: a restored or replaced server)."""
-
-    def __init__(self, message: str, cause: str = "expired"):
-        super().__init__(message)
-        self.cause = cause
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,20 +304,6 @@ def _list_retrying(api, settings: Settings, noun: str = "CiliumNodes",
 
 # --------------------------------------------------------------------------------------------
 # The sync loop
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential backoff with jitter: initial, doubling up to ``maximum``; each delay is
-    drawn from [d·(1-jitter), d]. Bounded so a recovered API is noticed within ``maximum``."""
-
-    initial: float = 1.0
-    maximum: float = 60.0
-    jitter: float = 0.3
-
-    def delay(self, failures: int, rng: random.Random) -> float:
-        base = min(self.maximum, self.initial * (2 ** max(0, failures - 1)))
-        return base * (1.0 - self.jitter * rng.random())
 
 
 class CiliumNodeSync:
