@@ -226,6 +226,7 @@ def desired_config(desired: DesiredState, now_ns: int) -> abi.Config:
         mss_v4=desired.mss_v4,
         mss_v6=desired.mss_v6,
         wg_port=desired.wg_port,
+        ingress_mode=_INGRESS_MODES.get(desired.ingress_enforcement, abi.INGRESS_AUDIT),
         wg_mark=desired.wg_mark,
         wg_mark_mask=desired.wg_mark_mask,
         max_packet_v4=desired.max_packet_v4,
@@ -239,6 +240,11 @@ def desired_config(desired: DesiredState, now_ns: int) -> abi.Config:
         plen_v6=(C.c_uint8 * slots)(*v6[:slots]),
         mask_v6=(C.c_uint32 * (4 * slots))(*_netmask_words(v6[:slots])),
     )
+
+
+_INGRESS_MODES = {"off": abi.INGRESS_OFF, "audit": abi.INGRESS_AUDIT,
+                  "enforce": abi.INGRESS_ENFORCE}
+_INGRESS_NAMES = {v: k for k, v in _INGRESS_MODES.items()}
 
 
 def _netmask_words(lengths: list[int]) -> list[int]:
@@ -454,6 +460,7 @@ def decode_config(cfg: abi.Config) -> dict:
                          else "worker")
     out["fail_mode"] = "open" if cfg.fail_mode == abi.FAIL_OPEN else "closed"
     out["enabled"] = bool(cfg.enabled)
+    out["ingress_mode"] = _INGRESS_NAMES.get(cfg.ingress_mode, f"unknown-{cfg.ingress_mode}")
     out["wg_up"] = bool(cfg.wg_up)
     out["prefix_lengths"] = {
         "v4": list(cfg.plen_v4[:min(cfg.n_plen_v4, abi.PLEN_SLOTS)]),
@@ -476,7 +483,7 @@ def counters_of(fd: int) -> dict[str, dict]:
         per_cpu = syscall.percpu_lookup(fd, C.c_uint32(index), abi.Counter)
         entry = {"packets": sum(c.packets for c in per_cpu),
                  "bytes": sum(c.bytes for c in per_cpu)}
-        if index < abi.MAX_VERDICT:
+        if index in abi.REASON_VALUES:
             reason = abi.Reason(index)
             entry.update(kind="reason", verdict=abi.REASON_VERDICTS[reason])
             out[abi.REASON_NAMES[reason]] = entry
