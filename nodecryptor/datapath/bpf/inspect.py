@@ -26,11 +26,12 @@ def active(settings: Settings) -> bool:
     """True when nodecryptor's BPF datapath is installed here: a link or the program pinned
     under its root, or its legacy tc filter on a device. (Maps alone, left by an agent that
     died before attaching, enforce nothing; ``cleanup`` removes them all the same.)"""
-    if pins.pinned_link_names(settings.bpffs) or os.path.exists(pins.prog_path(settings.bpffs)):
+    if (pins.pinned_link_names(settings.bpffs) or os.path.exists(pins.prog_path(settings.bpffs))
+            or pins.pinned_link_names(settings.bpffs, "ingress")):
         return True
     from . import attach
 
-    return bool(attach.tc_devices())
+    return bool(attach.tc_devices()) or bool(attach.tc_devices("ingress"))
 
 
 def attachments(settings: Settings) -> tuple[str, list]:
@@ -311,5 +312,11 @@ def cleanup(settings: Settings) -> dict:
              if attach.tcx_detach(settings.bpffs, name)]
     filters = [name for name, ifindex in attach.tc_devices().items()
                if attach.tc_detach(name, ifindex)]
+    # The ingress program's hooks (issue 15).
+    in_links = [name for name in pins.pinned_link_names(settings.bpffs, "ingress")
+                if attach.tcx_detach(settings.bpffs, name, "ingress")]
+    in_filters = [name for name, ifindex in attach.tc_devices("ingress").items()
+                  if attach.tc_detach(name, ifindex, "ingress")]
     removed = pins.remove_all(settings.bpffs)
-    return {"datapath": "bpf", "tcx_links": links, "tc_filters": filters, "pins": removed}
+    return {"datapath": "bpf", "tcx_links": links, "tc_filters": filters, "pins": removed,
+            "ingress_tcx_links": in_links, "ingress_tc_filters": in_filters}
