@@ -11,8 +11,12 @@ import ipaddress
 import socket
 
 import pytest
-from bpf_backend_lab import in_netns
+import json
+
+from bpf_backend_lab import in_netns, nodecryptor_cli
 from test_bpfbackend_wire import Receiver, datapaths, lab, tcp_exchange, udp_socket  # noqa: F401
+
+from bpf_backend_lab import WG_PORT
 
 from nodecryptor.datapath.bpf import abi, attach, inspect, maps, pins, syscall
 
@@ -77,6 +81,34 @@ def test_enforce_refuses_peer_clear_text_audit_meters_it_bootstrap_works_in_both
         assert config["ingress_mode"] == "audit"
         assert counters["ingress-cleartext-audited"] >= 5
         assert _leaks(bpffs)[(b.ip, 17, 7777)] >= 10
+
+        # The contract's commands, as an operator runs them on A.
+        cli = lambda *args: nodecryptor_cli(*args, "--bpffs", bpffs, mount_pid=a.wg_pid)
+        res = cli("status", "--leaks", "--json")
+        assert res.returncode == 0, res.stderr
+        report = json.loads(res.stdout)
+        assert report["ingress_enforcement"] == "audit"
+        [row] = [r for r in report["leaks"] if (r["src"], r["dport"]) == (b.ip, 7777)]
+        assert row["protocol"] == "udp" and row["packets"] >= 10
+        for argv, want in (
+                (("--src", b.ip, "--dst", a.ip, "--proto", "udp", "--dport", "7777"),
+                 ("pass", "ingress-cleartext-audited")),
+                (("--src", b.ip, "--dst", a.ip, "--proto", "tcp", "--sport", "6443",
+                  "--dport", "1"), ("pass", "ingress-cleartext-audited")),
+                (("--src", "198.51.100.9", "--dst", a.ip, "--proto", "tcp"),
+                 ("pass", "ingress-not-from-cluster-peer")),
+                (("--src", b.ip, "--dst", a.ip, "--proto", "udp", "--sport", str(WG_PORT),
+                  "--dport", str(WG_PORT)), ("pass", "ingress-wireguard-port"))):
+            res = cli("explain", "--direction", "ingress", *argv, "--json")
+            assert res.returncode == 0, res.stderr
+            got = json.loads(res.stdout)
+            assert (got["verdict"], got["reason"]) == want, argv
+        bad = cli("explain", "--direction", "sideways", "--dst", a.ip)
+        assert bad.returncode == 2 and "--direction" in bad.stderr
+        from nodecryptor.datapath.bpf import collector
+        totals = collector.cleartext_totals(collector.read_pinned_counters(bpffs))
+        assert totals[("ingress", "audit")] >= 5 and totals[("ingress", "drop")] >= 5
+        assert totals[("egress", "exempt")] >= 2 and totals[("ingress", "exempt")] >= 2
 
         # MSS: B's clear SYN advertises 1460; A's replies go through WireGuard, so the MSS A
         # uses towards B must be at most the clamp (1420 - 40).
