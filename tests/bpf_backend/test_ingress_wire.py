@@ -129,3 +129,42 @@ def test_enforce_refuses_peer_clear_text_audit_meters_it_bootstrap_works_in_both
     finally:
         rx_a.close()
         rx_b.close()
+
+
+def _flows(bpffs: str) -> dict:
+    import os
+    spec = abi.MAPS_BY_NAME["nc_flows"]
+    fd = syscall.obj_get(pins.map_path(bpffs, "nc_flows"), read_only=True)
+    try:
+        return {(str(ipaddress.ip_address(bytes(k.remote)[:4])), k.remote_port): v.origin
+                for k, v in syscall.map_items(fd, spec.key, spec.value)}
+    finally:
+        os.close(fd)
+
+
+def test_restart_carries_exempt_flows_and_leaks_into_the_new_generation(lab, bpffs, datapaths):
+    """An agent restart loads a new map generation; the established bootstrap flow and the
+    leak meter come along, so the replies of an established exempt connection stay exempt."""
+    a, b = lab.a, lab.b
+    rx_b = Receiver(b.netns, tcp_ports=(6443,))
+    try:
+        settings = lab.settings(bpffs, ingress_enforcement="enforce")
+        with in_netns(a.netns):
+            first = datapaths(settings)
+            first.start()
+            first.apply(lab.desired(settings))
+        tcp_exchange(a.netns, b.ip, 6443, b"before restart")
+        _send_udp(b.netns, a.ip, 7777, n=2)
+        before = _flows(bpffs)
+        assert (b.ip, 6443) in before and before[(b.ip, 6443)] == abi.FLOW_OUTBOUND
+        generation = pins.current_generation(bpffs)
+        first.close()
+        with in_netns(a.netns):
+            second = datapaths(settings)
+            second.start()
+            second.apply(lab.desired(settings))
+        assert pins.current_generation(bpffs) != generation
+        assert _flows(bpffs) == before
+        assert _leaks(bpffs)[(b.ip, 17, 7777)] == 2
+    finally:
+        rx_b.close()

@@ -269,6 +269,18 @@ class BpfDatapath:
             log.warning("cannot carry the counters over", extra=kv(error=str(e)))
         finally:
             os.close(fd)
+        for name in maps.CARRIED_LRUS:
+            try:
+                fd = syscall.obj_get(pins.map_path(self.settings.bpffs, name), read_only=True)
+            except OSError:
+                continue  # a generation from before the map existed
+            try:
+                copied = maps.copy_entries(fd, self._loaded.map_fds[name], name)
+                log.info("map entries carried over", extra=kv(map=name, entries=copied))
+            except OSError as e:
+                log.warning("cannot carry map entries over", extra=kv(map=name, error=str(e)))
+            finally:
+                os.close(fd)
 
     def _switch_generation(self) -> None:
         """After every device runs the new program: point ``current`` at its maps and remove

@@ -386,10 +386,27 @@ def sync(map_fds: dict[str, int], desired: DesiredState, now_ns: int | None = No
 def copy_counters(src_fd: int, dst_fd: int) -> None:
     """Carry the per-CPU counters over to a new generation of maps, so a growth or a restart
     does not reset nodecryptor_datapath_packets_total."""
-    for index in range(abi.COUNTER_MAX):
+    # An older generation may have fewer counters (reasons are appended): copy what it has.
+    for index in range(min(abi.COUNTER_MAX, syscall.map_info(src_fd).max_entries)):
         key = C.c_uint32(index)
         values = syscall.percpu_lookup(src_fd, key, abi.Counter)
         syscall.percpu_update(dst_fd, key, values)
+
+
+CARRIED_LRUS = ("nc_flows", "nc_leaks")
+"""LRU maps whose entries a new generation inherits: the exempt flows (an agent restart must
+not break established bootstrap connections) and the leak meter."""
+
+
+def copy_entries(src_fd: int, dst_fd: int, name: str) -> int:
+    """Copy every entry of map ``name`` from one generation to the next; returns the count.
+    Entries that change while copying are refreshed by their next packet (bpf/lib/flows.h)."""
+    spec = abi.MAPS_BY_NAME[name]
+    copied = 0
+    for key, value in syscall.map_items(src_fd, spec.key, spec.value):
+        syscall.map_update(dst_fd, key, value)
+        copied += 1
+    return copied
 
 
 def _config_differs(old: abi.Config, new: abi.Config) -> bool:
