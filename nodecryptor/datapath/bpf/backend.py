@@ -96,6 +96,8 @@ class BpfDatapath:
         if self.metrics is not None and not self._collector_registered:
             collector.register(self.metrics.registry, self.settings)
             self._collector_registered = True
+        if self.metrics is not None:
+            self.metrics.ingress_supported.set(1)
         return self
 
     # ---- generations ---------------------------------------------------------------------
