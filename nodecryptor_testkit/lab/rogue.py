@@ -114,9 +114,10 @@ def rogue(lab, ports: PortAllocator) -> Result:
             _send(rogue_ns, src, dst, mode)
             got = _received(sock)
             if lab.datapath != "bpf":
-                result.rows.append(Row(f"rogue {src} -> {dst} udp/{ROGUE_PORT} ({mode})",
-                                       "arrives (unsupported)", "arrives" if got else
-                                       "refused"))
+                result.rows.append(Row(f"rogue {src} -> {dst} udp/{ROGUE_PORT} ({mode}, "
+                                       "unsupported)", "arrives",
+                                       "arrives" if got else "refused",
+                                       f"{got}/{DATAGRAMS} datagrams received"))
                 status = lab.nodecryptor(target.name, "status")
                 ingress = status.get("ingress_enforcement", {})
                 result.rows.append(Row(f"{target.name}: status ingress_enforcement.supported",
