@@ -84,6 +84,10 @@ def test_enforce_refuses_peer_clear_text_audit_meters_it_bootstrap_works_in_both
 
         # The contract's commands, as an operator runs them on A.
         cli = lambda *args: nodecryptor_cli(*args, "--bpffs", bpffs, mount_pid=a.wg_pid)
+        res = cli("status", "--json")
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["ingress_enforcement"] == {
+            "supported": True, "mode": "audit", "attached": ["eth0"]}
         res = cli("status", "--leaks", "--json")
         assert res.returncode == 0, res.stderr
         report = json.loads(res.stdout)

@@ -127,6 +127,9 @@ def status(settings: Settings) -> dict:
         out["config"].update(wg_mark=f"0x{config['wg_mark']:x}",
                              wg_mark_mask=f"0x{config['wg_mark_mask']:x}")
         out["mss"] = {"v4": config["mss_v4"], "v6": config["mss_v6"]}
+        out["ingress_enforcement"] = {
+            "supported": True, "mode": config["ingress_mode"],
+            "attached": pins.pinned_link_names(settings.bpffs, "ingress")}
         out["agent_alive_age_seconds"] = round(age, 3) if age is not None else None
         if not config["enabled"]:
             problems.append("program disabled (no configuration written yet)")

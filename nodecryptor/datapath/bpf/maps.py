@@ -530,6 +530,10 @@ def read(map_fds: dict[str, int]) -> dict:
             "counters": read_counters(map_fds),
             "fragments_tracked": sum(1 for _ in syscall.map_keys(_fd(map_fds, frag_spec.name),
                                                                   frag_spec.key)),
+            "exempt_flows_tracked": sum(1 for _ in syscall.map_keys(
+                _fd(map_fds, "nc_flows"), abi.MAPS_BY_NAME["nc_flows"].key)),
+            "leaks_tracked": sum(1 for _ in syscall.map_keys(
+                _fd(map_fds, "nc_leaks"), abi.MAPS_BY_NAME["nc_leaks"].key)),
         }
     except OSError as e:
         raise DatapathError(f"reading BPF maps failed: {os.strerror(e.errno)}") from e
