@@ -9,7 +9,8 @@
  * ICMPv6 neighbour discovery; UDP WireGuard port both ways; exempt destination port to a
  * control-plane node address; exempt source port from the local control-plane node's own
  * address; else encrypt — subject to the fail mode when WireGuard is down or no peer covers
- * the destination. Each step lives in a header under bpf/lib. */
+ * the destination. An exempt source port needs the flow a peer opened (bpf/lib/flows.h).
+ * Each step lives in a header under bpf/lib; the ingress decision in bpf/lib/ingress.h. */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 #include <uapi/linux/ip.h>
@@ -25,6 +26,8 @@
 #include "mss.h"
 #include "verdict.h"
 #include "cilium.h"
+#include "flows.h"
+#include "ingress.h"
 
 /* ``dry`` is a constant: the two entry points below are compiled as separate programs. */
 static __always_inline int nc_decide(struct __sk_buff *skb, const int dry)
@@ -61,7 +64,7 @@ static __always_inline int nc_decide(struct __sk_buff *skb, const int dry)
 	else if (p.proto == NC_IPPROTO_UDP && p.sport == cfg->wg_port && p.dport == cfg->wg_port)
 		reason = NC_R_WG_PORT;
 	else
-		reason = nc_exempt_reason(&p, dst, cfg);
+		reason = nc_flow_egress(skb, &p, nc_exempt_reason(&p, dst, cfg), dry);
 	if (p.frag == NC_FRAG_FIRST && !dry)
 		nc_frag_remember(&p, reason);
 	if (reason != NC_R_ENCRYPT)
@@ -81,4 +84,18 @@ int nc_egress(struct __sk_buff *skb)
 int nc_explain(struct __sk_buff *skb)
 {
 	return nc_decide(skb, 1);
+}
+
+/* Attached to the underlay devices' ingress: clear text arriving from cluster peers
+ * (bpf/lib/ingress.h). */
+int nc_ingress(struct __sk_buff *skb)
+{
+	return nc_in_decide(skb, 0);
+}
+
+/* The dry-run twin of nc_ingress for `nodecryptor explain --direction ingress`: changes no
+ * state (no counter, flow, fragment or leak entry). */
+int nc_explain_ingress(struct __sk_buff *skb)
+{
+	return nc_in_decide(skb, 1);
 }

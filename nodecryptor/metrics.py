@@ -57,6 +57,11 @@ class Metrics:
             "Destination entries the BPF maps hold at most now, by family (grows with the "
             "cluster up to the hard cap).", ["family"], registry=r)
         self.ready = Gauge(f"{PREFIX}_ready", "1 when /readyz reports ready.", registry=r)
+        self.ingress_supported = Gauge(
+            f"{PREFIX}_ingress_enforcement_supported",
+            "1 when the active datapath classifies clear text arriving from cluster peers "
+            "(BPF), 0 when it cannot (ip rules: --ingress-enforcement has no effect).",
+            registry=r)
         self.rejected_claims = Counter(
             f"{PREFIX}_rejected_claims_total",
             "CiliumNode entries rejected and claim conflicts reported, by reason; each is "

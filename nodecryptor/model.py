@@ -187,6 +187,8 @@ class DesiredState:
     cilium: object = field(default=None, compare=False, hash=False)
     """cilium.CiliumFacts the desired state was derived with (None: not detected)."""
     extra: dict = field(default_factory=dict, compare=False, hash=False)
+    ingress_enforcement: str = "audit"
+    """settings.IngressEnforcement value: what nc_ingress does with clear text from peers."""
 
     @property
     def destinations(self) -> tuple[Destination, ...]:

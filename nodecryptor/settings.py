@@ -37,6 +37,18 @@ class FailMode(StrEnum):
     """Sent in the clear, as if nodecryptor were not installed."""
 
 
+class IngressEnforcement(StrEnum):
+    """What the ingress program does with clear text from cluster peers
+    (``--ingress-enforcement``; the rollout path is audit everywhere, then enforce)."""
+
+    OFF = "off"
+    """Passed and not counted as a leak."""
+    AUDIT = "audit"
+    """Passed, counted and listed (``status --leaks``)."""
+    ENFORCE = "enforce"
+    """Dropped, counted and listed; the bootstrap flows still pass."""
+
+
 class DatapathMode(StrEnum):
     """Which datapath enforces (``--datapath``); BPF and IPRULE also name the backends."""
 
@@ -127,6 +139,7 @@ class Settings:
     """Underlay devices to attach to. Empty: detected from the routes to remote node addresses."""
 
     fail_mode: FailMode = FailMode.CLOSED
+    ingress_enforcement: IngressEnforcement = IngressEnforcement.AUDIT
     """CLOSED: cluster traffic that cannot be encrypted (WireGuard down or absent, destination
     no peer covers) is dropped; exemptions still pass. OPEN: it leaves in the clear."""
 
@@ -231,6 +244,8 @@ class Settings:
         # Plain strings (from code or JSON) become the enums, so every later comparison is
         # between enum members; an unknown value names the flag.
         for name, enum, flag in (("fail_mode", FailMode, "--fail-mode"),
+                                 ("ingress_enforcement", IngressEnforcement,
+                                  "--ingress-enforcement"),
                                  ("datapath", DatapathMode, "--datapath"),
                                  ("role_source", RoleSource, "--role-source")):
             value = getattr(self, name)

@@ -31,6 +31,8 @@ Helpers turn a case into the inputs a datapath needs (``snapshot``, ``settings_f
 - ``tunnel``: True — Cilium runs in tunnel mode: peers' allowed-IPs hold node addresses only
   and ``cilium_vxlan`` exists.
 - ``wg_mtu``: the MTU of cilium_wg0 (default WG_MTU).
+- ``inbound_flow``: True — the peer opened this connection to the local control-plane node's
+  exempt port (the BPF tests seed nc_flows with it, as nc_ingress would on the request).
 - ``cb``: the frame arrives with skb->cb[0..4] holding these words, as Cilium's ``bpf_lxc``
   leaves them on pod packets it redirects to the underlay (a first fragment sent for
   ``first_fragment_seen`` carries them too). The verdict must not depend on them.
@@ -173,6 +175,8 @@ _E, _X, _P, _D = VERDICT_ENCRYPT, VERDICT_EXEMPT, VERDICT_PASS, VERDICT_DROP
 _MARK_WHY = "a mark-only difference: WireGuard's own output is recognised by its fwmark"
 _FRAG_WHY = "a non-first fragment carries no ports; routing decided on the whole datagram"
 _ND_WHY = "ip rules cannot match ICMPv6 types"
+_FLOW_WHY = ("ip rules have no connection state: the ip-rule datapath exempts replies by source "
+             "port alone (documented)")
 _GUARD_WHY = ("ip rules: a fail-closed unreachable guard cannot be suppressed, so the pods' rule "
               "does not reach main (documented; tests/iprule/test_cilium_pod.py)")
 
@@ -215,17 +219,23 @@ CASES: list[Case] = [
     _c("v4-sctp", "w1", _E, R_ENCRYPT, dst=W2_V4, proto="sctp", sport=5000, dport=5001),
     # --- IPv4 from the control-plane node ----------------------------------------------------
     _c("v4-cp-reply-6443-from-node-ip", "cp1", _X, R_EXEMPT_SPORT, dst=W1_V4, src=CP1_V4,
-       sport=6443, dport=40000, tcp_flags="SA"),
+       sport=6443, dport=40000, tcp_flags="SA", extra={"inbound_flow": True}),
     _c("v4-cp-reply-6443-to-worker-pod", "cp1", _X, R_EXEMPT_SPORT, dst=W1_POD_V4, src=CP1_V4,
-       sport=6443, dport=40000, tcp_flags="A"),
+       sport=6443, dport=40000, tcp_flags="A", extra={"inbound_flow": True}),
     _c("v4-cp-reply-6443-from-pod-ip", "cp1", _E, R_ENCRYPT, dst=W1_V4, src=CP1_POD_V4,
        sport=6443, dport=40000, tcp_flags="SA"),
     _c("v4-cp-reply-2380-from-node-ip", "cp1", _X, R_EXEMPT_SPORT, dst=W2_V4, src=CP1_V4,
-       sport=2380, dport=40000, tcp_flags="A"),
+       sport=2380, dport=40000, tcp_flags="A", extra={"inbound_flow": True}),
     _c("v4-cp-reply-2381-from-node-ip", "cp1", _E, R_ENCRYPT, dst=W2_V4, src=CP1_V4,
        sport=2381, dport=40000, tcp_flags="A"),
     _c("v4-cp-reply-udp-6443", "cp1", _E, R_ENCRYPT, dst=W1_V4, src=CP1_V4, proto="udp",
        sport=6443, dport=40000),
+    # Issue 15: a local process using source port 6443 towards any cluster destination is not
+    # a reply to a flow a peer opened: encrypted (ip rules have no connection state).
+    _c("v4-cp-sport-6443-without-flow", "cp1", _E, R_ENCRYPT, False, _FLOW_WHY, dst=W1_V4,
+       src=CP1_V4, sport=6443, dport=22),
+    _c("v4-cp-sport-2379-to-worker-pod-without-flow", "cp1", _E, R_ENCRYPT, False, _FLOW_WHY,
+       dst=W1_POD_V4, src=CP1_V4, sport=2379, dport=8080),
     _c("v4-cp-to-worker-dport-6443", "cp1", _E, R_ENCRYPT, dst=W1_V4, src=CP1_V4, dport=6443),
     _c("v4-cp-to-worker", "cp1", _E, R_ENCRYPT, dst=W2_V4, src=CP1_V4, dport=10250),
     # --- IPv6 --------------------------------------------------------------------------------
@@ -242,7 +252,7 @@ CASES: list[Case] = [
     _c("v6-six-ext-headers-to-cp-6443", "w1", _X, R_EXEMPT_DPORT, dst=CP1_V6, dport=6443,
        extra={"ipv6_ext": ("hop", "dest", "routing", "ah", "dest", "dest")}),
     _c("v6-cp-reply-6443-ext-from-node-ip", "cp1", _X, R_EXEMPT_SPORT, dst=W1_V6, src=CP1_V6,
-       sport=6443, dport=40000, tcp_flags="SA", extra={"ipv6_ext": ("dest",)}),
+       sport=6443, dport=40000, tcp_flags="SA", extra={"ipv6_ext": ("dest",), "inbound_flow": True}),
     _c("v6-cp-reply-6443-from-pod-ip", "cp1", _E, R_ENCRYPT, dst=W1_V6, src="fd00:244::5",
        sport=6443, dport=40000, tcp_flags="SA"),
     _c("v6-nd-133-router-solicitation", "w1", _P, R_ND, False, _ND_WHY, dst=W2_V6,

@@ -95,6 +95,7 @@ RUN_FLAG_CASES = [
     (["--address-types", "Internal-IP"], "--address-types", "Internal-IP"),
     (["--datapath", "ebpf"], "--datapath", "ebpf"),
     (["--fail-mode", "sometimes"], "--fail-mode", "sometimes"),
+    (["--ingress-enforcement", "strict"], "--ingress-enforcement", "strict"),
     (["--log-format", "xml"], "--log-format", "xml"),
     (["--log-level", "loud"], "--log-level", "loud"),
     (["--noop-route=maybe"], "--noop-route", "maybe"),

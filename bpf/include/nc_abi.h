@@ -98,6 +98,9 @@ struct nc_addr_key {
 #define NC_FAIL_CLOSED 1
 #define NC_ROLE_WORKER 0
 #define NC_ROLE_CONTROL_PLANE 1
+#define NC_INGRESS_OFF 0     /* clear text from cluster peers passes, not counted as a leak */
+#define NC_INGRESS_AUDIT 1   /* passes, counted and listed in nc_leaks */
+#define NC_INGRESS_ENFORCE 2 /* dropped, counted and listed in nc_leaks */
 
 /* The single entry (key 0) of nc_config. A freshly created map is all zero: enabled == 0, so
  * the program passes everything until the agent has written a complete configuration. */
@@ -110,7 +113,8 @@ struct nc_config {
 	__u16 mss_v4;         /* clamp redirected IPv4 TCP SYN/SYN-ACK to this MSS; 0 = no clamp */
 	__u16 mss_v6;
 	__u16 wg_port;        /* WireGuard listen port (host byte order) */
-	__u16 pad0;
+	__u8 ingress_mode;    /* NC_INGRESS_*: what nc_ingress does with clear text from peers */
+	__u8 pad0;
 	__u32 wg_mark;        /* (skb->mark & wg_mark_mask) == wg_mark: WireGuard's own output */
 	__u32 wg_mark_mask;
 	__u32 max_packet_v4;  /* redirected non-TCP packets above this are counted as oversize */
@@ -138,6 +142,40 @@ struct nc_frag_key {
 
 struct nc_frag_val {
 	__u32 reason; /* reason of the first fragment */
+};
+
+/* Exempt bootstrap flows (bpf/lib/flows.h), one entry per connection in the local node's
+ * orientation, so the egress and the ingress program find the same entry: ``local`` is the
+ * local node's address and port, ``remote`` the peer's. */
+#define NC_FLOW_INBOUND 1  /* a peer opened it to an exempt port the local node serves */
+#define NC_FLOW_OUTBOUND 2 /* the local node opened it to a control-plane node's exempt port */
+struct nc_flow_key {
+	__u8 family;
+	__u8 protocol;
+	__u16 local_port;  /* host byte order */
+	__u16 remote_port;
+	__u16 pad;
+	__u8 local[16];    /* network byte order; IPv4 uses the first 4 bytes */
+	__u8 remote[16];
+};
+
+struct nc_flow_val {
+	__u32 origin;      /* NC_FLOW_* */
+	__u32 pad;
+};
+
+/* Clear text from cluster peers seen by nc_ingress in audit or enforce (nc_leaks, an LRU: the
+ * most recent sources survive, memory stays bounded). */
+struct nc_leak_key {
+	__u8 family;
+	__u8 protocol;
+	__u16 dport;       /* host byte order; 0 for protocols without ports */
+	__u8 src[16];
+};
+
+struct nc_leak_val {
+	__u64 last_ns;     /* bpf_ktime_get_ns of the last packet */
+	__u64 packets;
 };
 
 struct nc_counter {
@@ -170,7 +208,22 @@ enum nc_reason {
 	/* Events: counted in addition to the verdict reason, never written to cb[]. */
 	NC_EV_MSS_CLAMPED = 18,   /* MSS option rewritten on a redirected SYN or SYN-ACK */
 	NC_EV_OVERSIZE = 19,      /* redirected non-TCP packet above max_packet_* */
-	NC_COUNTER_MAX = 20,
+	/* Ingress (nc_ingress, bpf/lib/ingress.h): reasons for packets arriving on the underlay. */
+	NC_R_IN_DISABLED = 20,    /* pass: no configuration written yet */
+	NC_R_IN_NOT_CLUSTER = 21, /* pass: not IP, not from a cluster peer, or not to this node */
+	NC_R_IN_ND = 22,          /* pass: ICMPv6 router/neighbour discovery */
+	NC_R_IN_WG_PORT = 23,     /* pass: UDP to the WireGuard listen port */
+	NC_R_IN_EXEMPT_REQUEST = 24, /* exempt: to an exempt port the local control plane serves */
+	NC_R_IN_EXEMPT_REPLY = 25,   /* exempt: reply of an exempt flow the local node opened */
+	NC_R_IN_FRAG_EXEMPT = 26, /* exempt: non-first fragment of an exempt or passed packet */
+	NC_R_IN_LEAK_OFF = 27,    /* pass: clear text from a peer, enforcement off */
+	NC_R_IN_LEAK_AUDIT = 28,  /* pass: clear text from a peer, audited */
+	NC_R_IN_LEAK_DROP = 29,   /* drop: clear text from a peer, enforced */
+	/* Events (continued). */
+	NC_EV_REPLY_NO_FLOW = 30, /* egress: exempt-port reply without a flow entry, encrypted */
+	NC_EV_FLOW_ADDED = 31,    /* an exempt flow entered nc_flows (added minus held = evicted) */
+	NC_EV_IN_MSS_CLAMPED = 32,/* MSS option lowered on a SYN or SYN-ACK arriving from a peer */
+	NC_COUNTER_MAX = 33,
 };
 
 /* skb->cb[] as written by the program (read back from ctx_out by test-run). */
@@ -195,6 +248,8 @@ enum nc_reason {
 #define NC_MAP_SUMMARY nc_summary
 #define NC_MAP_DST_LPM_V4 nc_dst_lpm_v4
 #define NC_MAP_DST_LPM_V6 nc_dst_lpm_v6
+#define NC_MAP_FLOWS nc_flows
+#define NC_MAP_LEAKS nc_leaks
 
 /* Sizes come from the agent as -D cflags; these defaults let the file compile on its own. */
 #ifndef NC_DST_V4_MAX
@@ -208,6 +263,12 @@ enum nc_reason {
 #endif
 #ifndef NC_FRAGS_MAX
 #define NC_FRAGS_MAX 8192
+#endif
+#ifndef NC_FLOWS_MAX
+#define NC_FLOWS_MAX 65536 /* exempt bootstrap connections remembered (LRU) */
+#endif
+#ifndef NC_LEAKS_MAX
+#define NC_LEAKS_MAX 1024 /* most recent clear-text (source, port, protocol) from peers */
 #endif
 #ifndef NC_PODS_MAX
 #define NC_PODS_MAX 64 /* local pod CIDRs per family; a node has one or a few */

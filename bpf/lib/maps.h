@@ -36,6 +36,9 @@ NC_MAP("hash", struct nc_addr_key, __u32, nc_local, NC_LOCAL_MAX, 0);
 NC_MAP("array", __u32, struct nc_config, nc_config_map, 1, 0);
 NC_MAP("percpu_array", __u32, struct nc_counter, nc_counters, NC_COUNTER_MAX, 0);
 NC_MAP("lru_hash", struct nc_frag_key, struct nc_frag_val, nc_frags, NC_FRAGS_MAX, 0);
+/* Exempt bootstrap flows (flows.h) and the leak meter (ingress.h); LRU: bounded memory. */
+NC_MAP("lru_hash", struct nc_flow_key, struct nc_flow_val, nc_flows, NC_FLOWS_MAX, 0);
+NC_MAP("lru_hash", struct nc_leak_key, struct nc_leak_val, nc_leaks, NC_LEAKS_MAX, 0);
 /* Memory-mapped: the agent reads and rewrites the filter words without a syscall each. */
 NC_MAP("array", __u32, __u64, nc_summary, NC_FILTER_WORDS, BPF_F_MMAPABLE);
 

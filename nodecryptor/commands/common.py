@@ -14,6 +14,7 @@ from ..httpserver import binds_overlap, parse_bind
 from ..log import LEVELS
 from ..ports import PortSpecError, parse_port_spec
 from ..settings import (DEFAULT_EXEMPT_PORTS, MAX_EXEMPT_PORT_RANGES, DatapathMode, FailMode,
+                        IngressEnforcement,
                         RoleSource, Settings)
 from ..settings import require_node_name  # noqa: F401  (re-exported for the commands)
 
@@ -92,6 +93,14 @@ def add_fail_mode(p: argparse.ArgumentParser) -> None:
                    default=FailMode.CLOSED.value,
                    help="closed: drop cluster traffic that cannot be encrypted; open: let it "
                         "out in the clear (default: %(default)s)")
+
+
+def add_ingress_enforcement(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ingress-enforcement", choices=[m.value for m in IngressEnforcement],
+                   default=IngressEnforcement.AUDIT.value,
+                   help="clear text arriving from cluster peers: off: pass; audit: pass and "
+                        "count (status --leaks); enforce: drop and count. Roll out with audit "
+                        "everywhere, read the leak meter, then enforce (default: %(default)s)")
 
 
 HEALTH_FLAG = "--health-probe-bind-address"
@@ -217,7 +226,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     for attr, key in (("kubeconfig", "kubeconfig"), ("bpffs", "bpffs"),
                       ("log_format", "log_format"), ("log_level", "log_level"),
                       ("datapath", "datapath"), ("wg_interface", "wg_interface"),
-                      ("fail_mode", "fail_mode"), ("run_dir", "run_dir")):
+                      ("fail_mode", "fail_mode"), ("run_dir", "run_dir"),
+                      ("ingress_enforcement", "ingress_enforcement")):
         if getattr(args, attr, None) is not None:
             kw[key] = getattr(args, attr)
     if getattr(args, "wg_interface", None) is not None:

@@ -31,6 +31,10 @@ def register(sub) -> None:
     p.add_argument("--sport", default="40000", metavar="N", help="source port (default: 40000)")
     p.add_argument("--dport", default="80", metavar="N", help="destination port (default: 80)")
     p.add_argument("--mark", default="0", metavar="0xNNN", help="skb mark (default: 0)")
+    p.add_argument("--direction", default="egress", metavar="DIR",
+                   help="egress: a packet leaving this node; ingress: a packet arriving from "
+                        "--src (a peer) for --dst (a local address), as the ingress program "
+                        "decides it: pass, exempt or drop (default: %(default)s)")
     p.add_argument("--device", default=None, metavar="DEV",
                    help="underlay device (default: the one the route to --dst uses)")
     add_bpffs(p)
@@ -75,12 +79,37 @@ def query_from_args(args) -> PacketQuery:
                        mark=mark, device=args.device)
 
 
+DIRECTIONS = ("egress", "ingress")
+
+
+def _explain_ingress(module, settings, query):
+    """The ingress verdict; a datapath without an ingress program says so instead of
+    guessing (the ip-rule datapath cannot classify arriving packets)."""
+    from ..datapath.base import VERDICT_PASS, Explanation
+
+    fn = getattr(module, "explain_ingress", None)
+    if fn is None:
+        return Explanation(VERDICT_PASS, "ingress-unsupported: this datapath does not classify "
+                           "arriving packets (clear text from peers is neither counted nor "
+                           "dropped)", str(getattr(module, "DATAPATH", "iprule")), None,
+                           {"direction": "ingress", "src": query.src, "dst": query.dst})
+    return fn(settings, query)
+
+
 def handle(args) -> int:
+    direction = getattr(args, "direction", "egress")
+    if direction not in DIRECTIONS:
+        raise SettingsError("--direction", direction, "expected egress or ingress")
     query = query_from_args(args)
+    if direction == "ingress" and query.src is None:
+        raise SettingsError("--src", "", "--direction ingress needs the peer's address")
     settings = settings_from_args(args)
     _, module = detect.installed(settings)
     try:
-        explanation = module.explain(settings, query)
+        if direction == "ingress":
+            explanation = _explain_ingress(module, settings, query)
+        else:
+            explanation = module.explain(settings, query)
     except LookupError as e:
         raise SettingsError("--dst", args.dst, str(e)) from None
     if args.json:

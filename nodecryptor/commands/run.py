@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import (add_bpffs, add_cluster, add_datapath, add_fail_mode, add_logging,
+from .common import (add_bpffs, add_cluster, add_datapath, add_fail_mode, add_ingress_enforcement, add_logging,
                      add_run_dir, parse_bool, settings_from_args, validate_run)
 
 
@@ -32,6 +32,7 @@ def register(sub) -> None:
                         "faster detection and more watch requests; 10-300 "
                         "(default: %(default)s)")
     add_fail_mode(p)
+    add_ingress_enforcement(p)
     add_run_dir(p)
     p.add_argument("--take-over-pod-to-pod", nargs="?", const=True, default=False,
                    type=parse_bool, metavar="BOOL",

@@ -26,7 +26,32 @@ def register(sub) -> None:
     add_wg(p)
     add_run_dir(p)
     add_json(p)
+    p.add_argument("--leaks", action="store_true",
+                   help="list the most recent clear text from cluster peers seen by the "
+                        "ingress program (source, protocol, port, packets, last seen)")
     p.set_defaults(func=handle)
+
+
+def handle_leaks(args, settings, module) -> int:
+    """``status --leaks``: the ingress leak meter; a datapath without one says so."""
+    reader = getattr(module, "read_leaks", None)
+    if reader is None:
+        report = {"datapath": str(getattr(module, "DATAPATH", "")), "supported": False,
+                  "reason": "this datapath does not classify arriving packets", "leaks": []}
+    else:
+        report = reader(settings)
+    if args.json:
+        print_json(report)
+        return 0
+    if not report["supported"]:
+        print(f"leaks: not available ({report['reason']})")
+        return 0
+    print(f"ingress enforcement: {report['ingress_enforcement']}; "
+          f"{report['entries']} clear-text source(s) remembered (at most {report['capacity']})")
+    for r in report["leaks"]:
+        print(f"  {r['src']:<39} {r['protocol']:<6} dport {r['dport']:<5} "
+              f"packets {r['packets']:<8} last {r['seconds_ago']}s ago")
+    return 0
 
 
 def handle(args) -> int:
@@ -48,6 +73,8 @@ def handle(args) -> int:
             print(f"datapath: none ({e})")
             print_proof_of_concept(poc)
         return 1
+    if getattr(args, "leaks", False):
+        return handle_leaks(args, settings, module)
     report = module.status(settings)
     choice = last_choice(settings)
     if choice is not None and choice.get("datapath") == name:

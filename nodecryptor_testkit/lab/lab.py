@@ -98,6 +98,8 @@ class Lab:
         self.api_url = ""
         self.build_seconds = 0.0
         self.children: list[subprocess.Popen] = []
+        self.ingress_enforcement: str | None = None
+        """--ingress-enforcement given to agents started from now on (None: the default)."""
         self.ports = PortAllocator(first=33000, last=34000)
         """Source ports of the lab's own checks, apart from the scenarios' range."""
 
@@ -335,7 +337,9 @@ class Lab:
                 "--kubeconfig", os.path.join(handle.workdir, "kubeconfig"),
                 "--node-name", name, "--bpffs", handle.bpffs, "--datapath", self.datapath,
                 "--health-probe-bind-address", HEALTH_BIND,
-                "--metrics-server-bind-address", METRICS_BIND, "--log-format", "json"]
+                "--metrics-server-bind-address", METRICS_BIND, "--log-format", "json",
+                *(("--ingress-enforcement", self.ingress_enforcement)
+                  if self.ingress_enforcement else ())]
 
     def start_agent(self, name: str) -> None:
         argv, node = self.agent_argv(name), name

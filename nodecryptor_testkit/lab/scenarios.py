@@ -14,6 +14,8 @@
   (BPF_LINK_UPDATE), several times, under continuous traffic: nodecryptor stays at the head of
   the chain, Cilium's links keep their ids, nothing non-exempt crosses in the clear, and
   pod-to-pod traffic (Cilium's own) is still encrypted afterwards.
+- ``rogue`` (lab/rogue.py): a host impersonating a worker sends clear text to another worker:
+  audited and listed in ``audit``, refused in ``enforce``; bootstrap flows work in both.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from .flows import (BLOCKED, CLEAR, ENCRYPTED, Flow, PortAllocator, Result, Row,
 from .spec import API_PORT, SERVICE_TCP_PORT, SERVICE_UDP_PORT, ciliumnode_object, node_spec
 from .topology import LabError, wait_for
 
-NAMES = ("matrix", "bootstrap", "restart", "wg-down", "churn", "cilium-restart")
+NAMES = ("matrix", "bootstrap", "restart", "wg-down", "churn", "cilium-restart", "rogue")
 FAMILIES = (4, 6)
 
 
@@ -550,8 +552,14 @@ def cilium_restart(lab, ports: PortAllocator) -> Result:
     return result
 
 
+def _rogue(lab, ports: PortAllocator) -> Result:
+    from .rogue import rogue  # its own module; it reuses bootstrap() above
+
+    return rogue(lab, ports)
+
+
 SCENARIOS = {"matrix": matrix, "bootstrap": bootstrap, "restart": restart, "wg-down": wg_down,
-             "churn": churn, "cilium-restart": cilium_restart}
+             "churn": churn, "cilium-restart": cilium_restart, "rogue": _rogue}
 
 
 def run_scenario(lab, name: str, ports: PortAllocator) -> Result:

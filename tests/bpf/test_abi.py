@@ -31,6 +31,10 @@ STRUCTS = {
     abi.FragKey: "nc_frag_key",
     abi.FragVal: "nc_frag_val",
     abi.Counter: "nc_counter",
+    abi.FlowKey: "nc_flow_key",
+    abi.FlowVal: "nc_flow_val",
+    abi.LeakKey: "nc_leak_key",
+    abi.LeakVal: "nc_leak_val",
 }
 
 # C constant → Python value
@@ -76,6 +80,13 @@ CONSTANTS = {
     "BPF_MAP_TYPE_LPM_TRIE": abi.BPF_MAP_TYPE_LPM_TRIE,
     "BPF_F_NO_PREALLOC": abi.BPF_F_NO_PREALLOC,
     "NC_PODS_MAX": abi.PODS_MAX,
+    "NC_INGRESS_OFF": abi.INGRESS_OFF,
+    "NC_INGRESS_AUDIT": abi.INGRESS_AUDIT,
+    "NC_INGRESS_ENFORCE": abi.INGRESS_ENFORCE,
+    "NC_FLOW_INBOUND": abi.FLOW_INBOUND,
+    "NC_FLOW_OUTBOUND": abi.FLOW_OUTBOUND,
+    "NC_FLOWS_MAX": abi.FLOWS_MAX,
+    "NC_LEAKS_MAX": abi.LEAKS_MAX,
 }
 CONSTANTS.update({f"NC_R_{r.name}": r.value for r in abi.Reason})
 CONSTANTS.update({f"NC_EV_{e.name}": e.value for e in abi.Event})
@@ -86,7 +97,8 @@ MAP_NAME_MACROS = {"NC_MAP_DST_V4": "nc_dst_v4", "NC_MAP_DST_V6": "nc_dst_v6",
                    "NC_MAP_CONFIG": "nc_config_map", "NC_MAP_COUNTERS": "nc_counters",
                    "NC_MAP_FRAGS": "nc_frags", "NC_MAP_PODS_V4": "nc_pods_v4",
                    "NC_MAP_PODS_V6": "nc_pods_v6", "NC_MAP_SUMMARY": "nc_summary",
-                   "NC_MAP_DST_LPM_V4": "nc_dst_lpm_v4", "NC_MAP_DST_LPM_V6": "nc_dst_lpm_v6"}
+                   "NC_MAP_DST_LPM_V4": "nc_dst_lpm_v4", "NC_MAP_DST_LPM_V6": "nc_dst_lpm_v6",
+                   "NC_MAP_FLOWS": "nc_flows", "NC_MAP_LEAKS": "nc_leaks"}
 
 
 def _c_probes() -> list[tuple[str, str, int]]:
@@ -167,7 +179,11 @@ def test_reason_tables_complete():
     assert set(abi.REASON_NAMES) == set(abi.Reason) == set(abi.REASON_VERDICTS)
     assert set(abi.EVENT_NAMES) == set(abi.Event)
     assert len(set(abi.REASON_NAMES.values()) | set(abi.EVENT_NAMES.values())) == abi.COUNTER_MAX
-    assert max(abi.Reason) + 1 == abi.MAX_VERDICT == min(abi.Event)
+    # Every counter index is exactly one reason or one event; the ingress reasons and later
+    # events were appended after the first events (issue 15).
+    indices = sorted([int(r) for r in abi.Reason] + [int(e) for e in abi.Event])
+    assert indices == list(range(abi.COUNTER_MAX))
+    assert max(r for r in abi.Reason if abi.direction_of(r) == "egress") + 1 == abi.MAX_VERDICT
 
 
 def test_program_maps_match_specs(bcc_module):

@@ -37,6 +37,15 @@ FAIL_OPEN = 0
 FAIL_CLOSED = 1
 ROLE_WORKER = 0
 ROLE_CONTROL_PLANE = 1
+INGRESS_OFF = 0
+INGRESS_AUDIT = 1
+INGRESS_ENFORCE = 2
+FLOW_INBOUND = 1
+FLOW_OUTBOUND = 2
+FLOWS_MAX = 65536
+"""Exempt bootstrap connections nc_flows remembers (LRU; bpf/lib/flows.h)."""
+LEAKS_MAX = 1024
+"""(source, port, protocol) entries of the leak meter nc_leaks (LRU)."""
 
 CB_MAGIC = 0x4E430000
 CB_REASON = 0
@@ -79,7 +88,8 @@ class Config(C.Structure):
         ("mss_v4", C.c_uint16),
         ("mss_v6", C.c_uint16),
         ("wg_port", C.c_uint16),
-        ("pad0", C.c_uint16),
+        ("ingress_mode", C.c_uint8),
+        ("pad0", C.c_uint8),
         ("wg_mark", C.c_uint32),
         ("wg_mark_mask", C.c_uint32),
         ("max_packet_v4", C.c_uint32),
@@ -105,6 +115,25 @@ class FragVal(C.Structure):
     _fields_ = [("reason", C.c_uint32)]
 
 
+class FlowKey(C.Structure):
+    _fields_ = [("family", C.c_uint8), ("protocol", C.c_uint8), ("local_port", C.c_uint16),
+                ("remote_port", C.c_uint16), ("pad", C.c_uint16),
+                ("local", C.c_uint8 * 16), ("remote", C.c_uint8 * 16)]
+
+
+class FlowVal(C.Structure):
+    _fields_ = [("origin", C.c_uint32), ("pad", C.c_uint32)]
+
+
+class LeakKey(C.Structure):
+    _fields_ = [("family", C.c_uint8), ("protocol", C.c_uint8), ("dport", C.c_uint16),
+                ("src", C.c_uint8 * 16)]
+
+
+class LeakVal(C.Structure):
+    _fields_ = [("last_ns", C.c_uint64), ("packets", C.c_uint64)]
+
+
 class Counter(C.Structure):
     _fields_ = [("packets", C.c_uint64), ("bytes", C.c_uint64)]
 
@@ -128,17 +157,42 @@ class Reason(enum.IntEnum):
     UNCOVERED_OPEN = 15
     MALFORMED = 16
     CILIUM_POD = 17
+    # ingress (nc_ingress), appended after the first events
+    IN_DISABLED = 20
+    IN_NOT_CLUSTER = 21
+    IN_ND = 22
+    IN_WG_PORT = 23
+    IN_EXEMPT_REQUEST = 24
+    IN_EXEMPT_REPLY = 25
+    IN_FRAG_EXEMPT = 26
+    IN_LEAK_OFF = 27
+    IN_LEAK_AUDIT = 28
+    IN_LEAK_DROP = 29
 
 
 MAX_VERDICT = 18
+"""The end of the first block of reasons (the egress ones); the ingress reasons follow the
+first events, so a reason is any member of Reason, not every index below a bound."""
 
 
 class Event(enum.IntEnum):
     MSS_CLAMPED = 18
     OVERSIZE = 19
+    REPLY_NO_FLOW = 30
+    FLOW_ADDED = 31
+    IN_MSS_CLAMPED = 32
 
 
-COUNTER_MAX = 20
+COUNTER_MAX = 33
+INGRESS_REASONS = frozenset(r for r in Reason if r.name.startswith("IN_"))
+"""Reasons of the ingress program; the others are the egress program's."""
+REASON_VALUES = frozenset(int(r) for r in Reason)
+
+
+def direction_of(reason: Reason) -> str:
+    return "ingress" if reason in INGRESS_REASONS else "egress"
+
+
 PODS_MAX = 64
 """Entries of each local pod CIDR trie (nc_pods_v4/v6): a node has one or a few pod CIDRs."""
 
@@ -162,8 +216,21 @@ REASON_NAMES = {
     Reason.UNCOVERED_OPEN: "no-peer-covers-fail-open",
     Reason.MALFORMED: "malformed-cluster-packet",
     Reason.CILIUM_POD: "cilium-pod-to-pod",
+    Reason.IN_DISABLED: "ingress-disabled",
+    Reason.IN_NOT_CLUSTER: "ingress-not-from-cluster-peer",
+    Reason.IN_ND: "ingress-ipv6-neighbour-discovery",
+    Reason.IN_WG_PORT: "ingress-wireguard-port",
+    Reason.IN_EXEMPT_REQUEST: "ingress-exempt-control-plane-request",
+    Reason.IN_EXEMPT_REPLY: "ingress-exempt-control-plane-reply",
+    Reason.IN_FRAG_EXEMPT: "ingress-fragment-of-passed",
+    Reason.IN_LEAK_OFF: "ingress-cleartext-enforcement-off",
+    Reason.IN_LEAK_AUDIT: "ingress-cleartext-audited",
+    Reason.IN_LEAK_DROP: "ingress-cleartext-dropped",
 }
-EVENT_NAMES = {Event.MSS_CLAMPED: "mss-clamped", Event.OVERSIZE: "oversize"}
+EVENT_NAMES = {Event.MSS_CLAMPED: "mss-clamped", Event.OVERSIZE: "oversize",
+               Event.REPLY_NO_FLOW: "exempt-reply-without-flow",
+               Event.FLOW_ADDED: "exempt-flow-added",
+               Event.IN_MSS_CLAMPED: "ingress-mss-clamped"}
 
 REASON_VERDICTS = {
     Reason.DISABLED: VERDICT_PASS,
@@ -184,6 +251,29 @@ REASON_VERDICTS = {
     Reason.UNCOVERED_OPEN: VERDICT_PASS,
     Reason.MALFORMED: VERDICT_ENCRYPT,
     Reason.CILIUM_POD: VERDICT_PASS,
+    Reason.IN_DISABLED: VERDICT_PASS,
+    Reason.IN_NOT_CLUSTER: VERDICT_PASS,
+    Reason.IN_ND: VERDICT_PASS,
+    Reason.IN_WG_PORT: VERDICT_PASS,
+    Reason.IN_EXEMPT_REQUEST: VERDICT_EXEMPT,
+    Reason.IN_EXEMPT_REPLY: VERDICT_EXEMPT,
+    Reason.IN_FRAG_EXEMPT: VERDICT_EXEMPT,
+    Reason.IN_LEAK_OFF: VERDICT_PASS,
+    Reason.IN_LEAK_AUDIT: VERDICT_PASS,
+    Reason.IN_LEAK_DROP: VERDICT_DROP,
+}
+
+# nodecryptor_cleartext_packets_total{direction, verdict}: cluster traffic seen in the clear.
+# Bounded labels: two directions, three verdicts.
+CLEARTEXT_VERDICTS = {
+    Reason.EXEMPT_DPORT: ("egress", "exempt"),
+    Reason.EXEMPT_SPORT: ("egress", "exempt"),
+    Reason.FRAG_EXEMPT: ("egress", "exempt"),
+    Reason.IN_EXEMPT_REQUEST: ("ingress", "exempt"),
+    Reason.IN_EXEMPT_REPLY: ("ingress", "exempt"),
+    Reason.IN_FRAG_EXEMPT: ("ingress", "exempt"),
+    Reason.IN_LEAK_AUDIT: ("ingress", "audit"),
+    Reason.IN_LEAK_DROP: ("ingress", "drop"),
 }
 
 # tc return codes. TCX_NEXT and TC_ACT_UNSPEC are both -1: "continue with the next program",
@@ -249,6 +339,9 @@ MAP_SPECS = (
             fixed_entries=PODS_MAX, flags=BPF_F_NO_PREALLOC),
     MapSpec("nc_pods_v6", BPF_MAP_TYPE_LPM_TRIE, LpmV6, C.c_uint32, None,
             fixed_entries=PODS_MAX, flags=BPF_F_NO_PREALLOC),
+    # bpf/lib/flows.h and ingress.h: exempt bootstrap flows and the leak meter.
+    MapSpec("nc_flows", BPF_MAP_TYPE_LRU_HASH, FlowKey, FlowVal, None, fixed_entries=FLOWS_MAX),
+    MapSpec("nc_leaks", BPF_MAP_TYPE_LRU_HASH, LeakKey, LeakVal, None, fixed_entries=LEAKS_MAX),
     MapSpec("nc_summary", BPF_MAP_TYPE_ARRAY, C.c_uint32, C.c_uint64, None,
             fixed_entries=FILTER_WORDS, flags=BPF_F_MMAPABLE),
 )

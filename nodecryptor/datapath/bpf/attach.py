@@ -39,6 +39,19 @@ TC_HANDLE = 0x4E43  # "NC"
 TC_NAME = "nodecryptor"
 TC_PRIO = 1
 TC_EGRESS_PARENT = 0xFFFFFFF3  # clsact egress (ffff:fff3)
+TC_INGRESS_PARENT = 0xFFFFFFF2  # clsact ingress (ffff:fff2)
+EGRESS = "egress"
+INGRESS = "ingress"
+"""Directions: the egress program (nc_egress) and, since issue 15, the ingress program
+(nc_ingress) are attached with the same discipline; every function takes ``direction``."""
+
+
+def _tcx_type(direction: str) -> int:
+    return syscall.BPF_TCX_INGRESS if direction == INGRESS else syscall.BPF_TCX_EGRESS
+
+
+def _tc_parent(direction: str) -> int:
+    return TC_INGRESS_PARENT if direction == INGRESS else TC_EGRESS_PARENT
 
 
 @dataclass(frozen=True)
@@ -89,16 +102,16 @@ def ifindex_of(ifname: str) -> int:
 
 # ---- tcx -----------------------------------------------------------------------------------
 
-def _tcx_position(ifindex: int, link_id: int) -> tuple[int, list[int]]:
-    chain = syscall.prog_query(ifindex, syscall.BPF_TCX_EGRESS)
+def _tcx_position(ifindex: int, link_id: int, direction: str = EGRESS) -> tuple[int, list[int]]:
+    chain = syscall.prog_query(ifindex, _tcx_type(direction))
     ids = chain["link_ids"]
     pos = ids.index(link_id) if link_id in ids else -1
     return pos, chain["prog_ids"][:max(pos, 0)]
 
 
-def tcx_observe(bpffs: str, ifname: str) -> Attachment | None:
+def tcx_observe(bpffs: str, ifname: str, direction: str = EGRESS) -> Attachment | None:
     """The pinned link of ``ifname``; None when there is no pin."""
-    path = pins.link_path(bpffs, ifname)
+    path = pins.link_path(bpffs, ifname, direction)
     try:
         fd = syscall.obj_get(path)
     except OSError as e:
@@ -116,20 +129,20 @@ def tcx_observe(bpffs: str, ifname: str) -> Attachment | None:
                      prog_id=info.prog_id, link_id=info.id, defunct=defunct)
     if defunct:
         return att
-    pos, before = _tcx_position(current, info.id)
-    shadow = (f"tcx program(s) {before} run before nodecryptor on {ifname} egress"
+    pos, before = _tcx_position(current, info.id, direction)
+    shadow = (f"tcx program(s) {before} run before nodecryptor on {ifname} {direction}"
               if pos > 0 else "")
     return Attachment(**{**asdict(att), "position": pos, "shadowed_by": shadow})
 
 
-def tcx_attach(bpffs: str, ifname: str, prog_fd: int) -> Attachment:
+def tcx_attach(bpffs: str, ifname: str, prog_fd: int, direction: str = EGRESS) -> Attachment:
     """Make ``prog_fd`` the program of ``ifname``'s pinned tcx link: swap it in place when the
     link is alive, else (re)create the link at the head of the chain and pin it."""
     ifindex = ifindex_of(ifname)
     if not ifindex:
         raise OSError(errno.ENODEV, f"device {ifname!r} does not exist")
-    path = pins.link_path(bpffs, ifname)
-    current = tcx_observe(bpffs, ifname)
+    path = pins.link_path(bpffs, ifname, direction)
+    current = tcx_observe(bpffs, ifname, direction)
     if current is not None and not current.defunct:
         if current.prog_id == syscall.prog_info(prog_fd).id:
             return current  # already running this program: nothing to do
@@ -138,7 +151,7 @@ def tcx_attach(bpffs: str, ifname: str, prog_fd: int) -> Attachment:
             syscall.link_update(fd, prog_fd)
             log.debug("tcx program swapped in place",
                       extra=kv(device=ifname, link_id=current.link_id))
-            return tcx_observe(bpffs, ifname)
+            return tcx_observe(bpffs, ifname, direction)
         except OSError as e:
             if e.errno != errno.ENOLINK:
                 raise
@@ -149,7 +162,7 @@ def tcx_attach(bpffs: str, ifname: str, prog_fd: int) -> Attachment:
                  extra=kv(device=ifname, old_link_id=current.link_id,
                           old_ifindex=current.ifindex, ifindex=ifindex))
         pins.unlink(path)
-    fd = syscall.tcx_link_create(prog_fd, ifindex, syscall.BPF_TCX_EGRESS, syscall.BPF_F_BEFORE)
+    fd = syscall.tcx_link_create(prog_fd, ifindex, _tcx_type(direction), syscall.BPF_F_BEFORE)
     try:
         syscall.obj_pin(fd, path)
     except OSError:
@@ -157,15 +170,16 @@ def tcx_attach(bpffs: str, ifname: str, prog_fd: int) -> Attachment:
         raise
     finally:
         os.close(fd)
-    att = tcx_observe(bpffs, ifname)
-    log.info("tcx link created at the head of the egress chain",
-             extra=kv(device=ifname, ifindex=ifindex, link_id=att.link_id if att else 0))
+    att = tcx_observe(bpffs, ifname, direction)
+    log.info("tcx link created at the head of the chain",
+             extra=kv(device=ifname, direction=direction, ifindex=ifindex,
+                      link_id=att.link_id if att else 0))
     return att
 
 
-def tcx_detach(bpffs: str, ifname: str) -> bool:
+def tcx_detach(bpffs: str, ifname: str, direction: str = EGRESS) -> bool:
     """Detach and unpin ``ifname``'s link. Missing is success (False)."""
-    path = pins.link_path(bpffs, ifname)
+    path = pins.link_path(bpffs, ifname, direction)
     try:
         fd = syscall.obj_get(path)
     except OSError as e:
@@ -181,16 +195,16 @@ def tcx_detach(bpffs: str, ifname: str) -> bool:
     finally:
         os.close(fd)
     pins.unlink(path)
-    log.info("tcx link detached", extra=kv(device=ifname))
+    log.info("tcx link detached", extra=kv(device=ifname, direction=direction))
     return True
 
 
 # ---- legacy tc -----------------------------------------------------------------------------
 
-def _filters(ipr: IPRoute, ifindex: int) -> list[dict]:
-    """Egress filters in classification order (headers without a handle left out)."""
+def _filters(ipr: IPRoute, ifindex: int, direction: str = EGRESS) -> list[dict]:
+    """The hook's filters in classification order (headers without a handle left out)."""
     out = []
-    for msg in ipr.get_filters(index=ifindex, parent=TC_EGRESS_PARENT):
+    for msg in ipr.get_filters(index=ifindex, parent=_tc_parent(direction)):
         if not msg["handle"]:
             continue
         name = msg.get_nested("TCA_OPTIONS", "TCA_BPF_NAME")
@@ -203,9 +217,10 @@ def _is_ours(f: dict) -> bool:
     return f["kind"] == "bpf" and f["handle"] == TC_HANDLE and f["name"] == TC_NAME
 
 
-def _tc_observe(ipr: IPRoute, ifname: str, ifindex: int, prog_id: int = 0) -> Attachment | None:
+def _tc_observe(ipr: IPRoute, ifname: str, ifindex: int, prog_id: int = 0,
+                direction: str = EGRESS) -> Attachment | None:
     try:
-        filters = _filters(ipr, ifindex)
+        filters = _filters(ipr, ifindex, direction)
     except NetlinkError as e:
         if e.code in (errno.EINVAL, errno.ENOENT, errno.ENODEV):  # no clsact / no device
             return None
@@ -218,7 +233,7 @@ def _tc_observe(ipr: IPRoute, ifname: str, ifindex: int, prog_id: int = 0) -> At
                f"({' '.join(x for x in (f['kind'], f['name']) if x)})" for f in filters[:pos]]
     ok, _ = syscall.tcx_supported()
     if ok:
-        chain = syscall.prog_query(ifindex, syscall.BPF_TCX_EGRESS)
+        chain = syscall.prog_query(ifindex, _tcx_type(direction))
         if chain["prog_ids"]:
             shadows.append(f"tcx program(s) {chain['prog_ids']} (tcx runs before clsact)")
     return Attachment(device=ifname, ifindex=ifindex, mode=MODE_TC, prog_id=prog_id,
@@ -226,16 +241,17 @@ def _tc_observe(ipr: IPRoute, ifname: str, ifindex: int, prog_id: int = 0) -> At
                       shadowed_by="; ".join(shadows))
 
 
-def tc_observe(ifname: str, prog_id: int = 0) -> Attachment | None:
+def tc_observe(ifname: str, prog_id: int = 0, direction: str = EGRESS) -> Attachment | None:
     ifindex = ifindex_of(ifname)
     if not ifindex:
         return None
     with IPRoute() as ipr:
-        return _tc_observe(ipr, ifname, ifindex, prog_id)
+        return _tc_observe(ipr, ifname, ifindex, prog_id, direction)
 
 
-def tc_attach(ifname: str, prog_fd: int, prog_id: int = 0) -> Attachment:
-    """Ensure the clsact qdisc and replace nodecryptor's egress filter in place."""
+def tc_attach(ifname: str, prog_fd: int, prog_id: int = 0,
+              direction: str = EGRESS) -> Attachment:
+    """Ensure the clsact qdisc and replace nodecryptor's filter of ``direction`` in place."""
     ifindex = ifindex_of(ifname)
     if not ifindex:
         raise OSError(errno.ENODEV, f"device {ifname!r} does not exist")
@@ -248,7 +264,7 @@ def tc_attach(ifname: str, prog_fd: int, prog_id: int = 0) -> Attachment:
         # "replace" would overwrite any filter with this handle and priority: refuse when it
         # is not nodecryptor's (another tool picked the same handle).
         try:
-            taken = [f for f in _filters(ipr, ifindex)
+            taken = [f for f in _filters(ipr, ifindex, direction)
                      if f["handle"] == TC_HANDLE and f["prio"] == TC_PRIO and not _is_ours(f)]
         except NetlinkError:
             taken = []
@@ -257,28 +273,29 @@ def tc_attach(ifname: str, prog_fd: int, prog_id: int = 0) -> Attachment:
                                         f"{taken[0]['name'] or 'unnamed'}) holds handle "
                                         f"0x{TC_HANDLE:x} prio {TC_PRIO} on {ifname}")
         ipr.tc("replace-filter", "bpf", ifindex, TC_HANDLE, fd=prog_fd, name=TC_NAME,
-               parent=TC_EGRESS_PARENT, prio=TC_PRIO, direct_action=True)
-        att = _tc_observe(ipr, ifname, ifindex, prog_id)
+               parent=_tc_parent(direction), prio=TC_PRIO, direct_action=True)
+        att = _tc_observe(ipr, ifname, ifindex, prog_id, direction)
     log.debug("tc filter replaced", extra=kv(device=ifname, handle=hex(TC_HANDLE)))
     return att
 
 
-def _tc_delete(ipr: IPRoute, ifindex: int) -> None:
+def _tc_delete(ipr: IPRoute, ifindex: int, direction: str = EGRESS) -> None:
     try:
-        ipr.tc("del-filter", "bpf", ifindex, TC_HANDLE, parent=TC_EGRESS_PARENT, prio=TC_PRIO)
+        ipr.tc("del-filter", "bpf", ifindex, TC_HANDLE, parent=_tc_parent(direction),
+               prio=TC_PRIO)
     except NetlinkError as e:
         if e.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
             raise
 
 
-def tc_devices() -> dict[str, int]:
+def tc_devices(direction: str = EGRESS) -> dict[str, int]:
     """Devices of this namespace that carry nodecryptor's filter: {ifname: ifindex}."""
     found = {}
     with IPRoute() as ipr:
         for link in ipr.get_links():
             ifindex = link["index"]
             try:
-                filters = _filters(ipr, ifindex)
+                filters = _filters(ipr, ifindex, direction)
             except NetlinkError:
                 continue
             if any(_is_ours(f) for f in filters):
@@ -286,7 +303,7 @@ def tc_devices() -> dict[str, int]:
     return found
 
 
-def tc_detach(ifname: str, ifindex: int | None = None) -> bool:
+def tc_detach(ifname: str, ifindex: int | None = None, direction: str = EGRESS) -> bool:
     """Remove nodecryptor's filter (only one with its handle and name). Leaves the clsact qdisc:
     other programs may use it. Missing is success (False)."""
     ifindex = ifindex or ifindex_of(ifname)
@@ -294,13 +311,14 @@ def tc_detach(ifname: str, ifindex: int | None = None) -> bool:
         return False
     with IPRoute() as ipr:
         try:
-            filters = _filters(ipr, ifindex)
+            filters = _filters(ipr, ifindex, direction)
         except NetlinkError:
             return False
         if not any(_is_ours(f) for f in filters):
             return False
-        _tc_delete(ipr, ifindex)
-    log.info("tc filter removed", extra=kv(device=ifname, handle=hex(TC_HANDLE)))
+        _tc_delete(ipr, ifindex, direction)
+    log.info("tc filter removed", extra=kv(device=ifname, direction=direction,
+                                           handle=hex(TC_HANDLE)))
     return True
 
 

@@ -96,6 +96,8 @@ class BpfDatapath:
         if self.metrics is not None and not self._collector_registered:
             collector.register(self.metrics.registry, self.settings)
             self._collector_registered = True
+        if self.metrics is not None:
+            self.metrics.ingress_supported.set(1)
         return self
 
     # ---- generations ---------------------------------------------------------------------
@@ -243,6 +245,8 @@ class BpfDatapath:
             if inspect.pinned_prog_id(self.settings) != self._loaded.prog_id:
                 pins.pin_prog(self.settings.bpffs, self._loaded.prog_fd,
                               self._loaded.explain_fd)
+                pins.pin_ingress_progs(self.settings.bpffs, self._loaded.ingress_fd,
+                                       self._loaded.explain_ingress_fd)
         except Exception as e:
             failures.append(f"detach/pin: {e}")
         self._last_error = "; ".join(failures)
@@ -267,6 +271,18 @@ class BpfDatapath:
             log.warning("cannot carry the counters over", extra=kv(error=str(e)))
         finally:
             os.close(fd)
+        for name in maps.CARRIED_LRUS:
+            try:
+                fd = syscall.obj_get(pins.map_path(self.settings.bpffs, name), read_only=True)
+            except OSError:
+                continue  # a generation from before the map existed
+            try:
+                copied = maps.copy_entries(fd, self._loaded.map_fds[name], name)
+                log.info("map entries carried over", extra=kv(map=name, entries=copied))
+            except OSError as e:
+                log.warning("cannot carry map entries over", extra=kv(map=name, error=str(e)))
+            finally:
+                os.close(fd)
 
     def _switch_generation(self) -> None:
         """After every device runs the new program: point ``current`` at its maps and remove
@@ -283,27 +299,33 @@ class BpfDatapath:
                           removed=len(removed)))
 
     def _attach(self, ifname: str) -> attach.Attachment:
+        # Ingress first: the egress swap moves the generation, and both programs of one load
+        # share its maps (issue 15: nc_ingress, same discipline as egress).
+        loaded = self._loaded
         if self.mode == attach.MODE_TCX:
-            return attach.tcx_attach(self.settings.bpffs, ifname, self._loaded.prog_fd)
-        return attach.tc_attach(ifname, self._loaded.prog_fd, self._loaded.prog_id)
+            attach.tcx_attach(self.settings.bpffs, ifname, loaded.ingress_fd, attach.INGRESS)
+            return attach.tcx_attach(self.settings.bpffs, ifname, loaded.prog_fd)
+        attach.tc_attach(ifname, loaded.ingress_fd, loaded.ingress_id, attach.INGRESS)
+        return attach.tc_attach(ifname, loaded.prog_fd, loaded.prog_id)
 
     def _detach_others(self, wanted: set[str]) -> None:
         bpffs = self.settings.bpffs
-        if self.mode == attach.MODE_TCX:
-            for name in pins.pinned_link_names(bpffs):
-                if name not in wanted:
-                    attach.tcx_detach(bpffs, name)
-            if not self._swept:
-                # Left over from a legacy-tc run (mode switch): remove once after start.
-                for name, ifindex in attach.tc_devices().items():
-                    attach.tc_detach(name, ifindex)
-        else:
-            for name, ifindex in attach.tc_devices().items():
-                if name not in wanted:
-                    attach.tc_detach(name, ifindex)
-            if not self._swept:
-                for name in pins.pinned_link_names(bpffs):
-                    attach.tcx_detach(bpffs, name)
+        for d in (attach.EGRESS, attach.INGRESS):
+            if self.mode == attach.MODE_TCX:
+                for name in pins.pinned_link_names(bpffs, d):
+                    if name not in wanted:
+                        attach.tcx_detach(bpffs, name, d)
+                if not self._swept:
+                    # Left over from a legacy-tc run (mode switch): remove once after start.
+                    for name, ifindex in attach.tc_devices(d).items():
+                        attach.tc_detach(name, ifindex, d)
+            else:
+                for name, ifindex in attach.tc_devices(d).items():
+                    if name not in wanted:
+                        attach.tc_detach(name, ifindex, d)
+                if not self._swept:
+                    for name in pins.pinned_link_names(bpffs, d):
+                        attach.tcx_detach(bpffs, name, d)
         self._swept = True
 
     # ---- observe ---------------------------------------------------------------------------

@@ -6,6 +6,10 @@ Metrics:
   nodecryptor_datapath_bytes_total{reason, verdict}     bytes by verdict reason
   nodecryptor_datapath_events_total{event}              MSS clamps, oversize redirects
   nodecryptor_datapath_read_errors_total                scrapes that could not read the map
+  nodecryptor_cleartext_packets_total{direction, verdict}
+      cluster traffic seen in the clear (issue 15): egress/exempt, ingress/exempt,
+      ingress/audit (an audited leak), ingress/drop (a refused leak); summed from the
+      reasons of abi.CLEARTEXT_VERDICTS, so the series are fixed (four)
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from prometheus_client.core import CounterMetricFamily
 
 from ...log import kv
 from ...settings import Settings
-from . import pins, syscall
+from . import abi, pins, syscall
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,15 @@ def read_pinned_counters(bpffs: str) -> dict[str, dict]:
         return read_counters(fd)
     finally:
         os.close(fd)
+
+
+def cleartext_totals(counters: dict[str, dict]) -> dict[tuple[str, str], int]:
+    """{(direction, verdict): packets} of nodecryptor_cleartext_packets_total, every series
+    present (zero when nothing was seen)."""
+    out = {key: 0 for key in sorted(set(abi.CLEARTEXT_VERDICTS.values()))}
+    for reason, key in abi.CLEARTEXT_VERDICTS.items():
+        out[key] += counters.get(abi.REASON_NAMES[reason], {}).get("packets", 0)
+    return out
 
 
 class DatapathCollector:
@@ -76,6 +89,13 @@ class DatapathCollector:
                 nbytes.add_metric([name, c["verdict"]], c["bytes"])
             else:
                 events.add_metric([name], c["packets"])
+        cleartext = CounterMetricFamily(
+            "nodecryptor_cleartext_packets",
+            "Cluster traffic seen in the clear: exempt bootstrap flows, audited and dropped "
+            "leaks from peers.", labels=["direction", "verdict"])
+        if counters:
+            for (direction, verdict), value in cleartext_totals(counters).items():
+                cleartext.add_metric([direction, verdict], value)
         errors = CounterMetricFamily("nodecryptor_datapath_read_errors",
                                      "Scrapes that failed to read the BPF counters map.")
         with self._lock:
@@ -83,6 +103,7 @@ class DatapathCollector:
         yield packets
         yield nbytes
         yield events
+        yield cleartext
         yield errors
 
 

@@ -26,11 +26,12 @@ def active(settings: Settings) -> bool:
     """True when nodecryptor's BPF datapath is installed here: a link or the program pinned
     under its root, or its legacy tc filter on a device. (Maps alone, left by an agent that
     died before attaching, enforce nothing; ``cleanup`` removes them all the same.)"""
-    if pins.pinned_link_names(settings.bpffs) or os.path.exists(pins.prog_path(settings.bpffs)):
+    if (pins.pinned_link_names(settings.bpffs) or os.path.exists(pins.prog_path(settings.bpffs))
+            or pins.pinned_link_names(settings.bpffs, "ingress")):
         return True
     from . import attach
 
-    return bool(attach.tc_devices())
+    return bool(attach.tc_devices()) or bool(attach.tc_devices("ingress"))
 
 
 def attachments(settings: Settings) -> tuple[str, list]:
@@ -126,6 +127,9 @@ def status(settings: Settings) -> dict:
         out["config"].update(wg_mark=f"0x{config['wg_mark']:x}",
                              wg_mark_mask=f"0x{config['wg_mark_mask']:x}")
         out["mss"] = {"v4": config["mss_v4"], "v6": config["mss_v6"]}
+        out["ingress_enforcement"] = {
+            "supported": True, "mode": config["ingress_mode"],
+            "attached": pins.pinned_link_names(settings.bpffs, "ingress")}
         out["agent_alive_age_seconds"] = round(age, 3) if age is not None else None
         if not config["enabled"]:
             problems.append("program disabled (no configuration written yet)")
@@ -311,5 +315,91 @@ def cleanup(settings: Settings) -> dict:
              if attach.tcx_detach(settings.bpffs, name)]
     filters = [name for name, ifindex in attach.tc_devices().items()
                if attach.tc_detach(name, ifindex)]
+    # The ingress program's hooks (issue 15).
+    in_links = [name for name in pins.pinned_link_names(settings.bpffs, "ingress")
+                if attach.tcx_detach(settings.bpffs, name, "ingress")]
+    in_filters = [name for name, ifindex in attach.tc_devices("ingress").items()
+                  if attach.tc_detach(name, ifindex, "ingress")]
     removed = pins.remove_all(settings.bpffs)
-    return {"datapath": "bpf", "tcx_links": links, "tc_filters": filters, "pins": removed}
+    return {"datapath": "bpf", "tcx_links": links, "tc_filters": filters, "pins": removed,
+            "ingress_tcx_links": in_links, "ingress_tc_filters": in_filters}
+
+
+def explain_ingress(settings: Settings, q: PacketQuery) -> Explanation:
+    """What nc_ingress does with a packet arriving from ``q.src`` for ``q.dst`` (a local
+    address): the pinned dry-run twin (``prog-explain-ingress``) runs on the live maps and
+    changes no counter, flow, fragment or leak entry. Verdicts: pass (an audited leak is a pass
+    whose reason says so), exempt, drop."""
+    from . import testrun
+
+    if q.src is None:
+        raise LookupError("--direction ingress needs --src (the peer the packet comes from)")
+    base = {"direction": "ingress", "src": q.src, "dst": q.dst, "proto": q.proto,
+            "sport": q.sport, "dport": q.dport}
+    prog_id = pinned_prog_id(settings)
+    if not prog_id:
+        return Explanation(VERDICT_PASS, "not-attached: nodecryptor has no program pinned",
+                           "bpf", None, base)
+    try:
+        fd = syscall.obj_get(pins.explain_ingress_prog_path(settings.bpffs))
+    except OSError:
+        return Explanation(VERDICT_PASS, "not-attached: no ingress program pinned (an agent "
+                           "from before issue 15)", "bpf", None, base)
+    try:
+        prog_fd = _open_prog(settings, prog_id)
+        try:
+            # The twin must read the attached program's maps, not a stale generation's.
+            if not set(syscall.prog_map_ids(fd)) <= set(syscall.prog_map_ids(prog_fd)):
+                return Explanation(VERDICT_PASS, "not-attached: the pinned ingress twin belongs "
+                                   "to another map generation", "bpf", None, base)
+        finally:
+            os.close(prog_fd)
+        result = testrun.run(fd, testrun.packet_for_query(q, q.src))
+        twin_id = syscall.prog_info(fd).id
+    finally:
+        os.close(fd)
+    reason = abi.REASON_NAMES.get(abi.Reason(result.reason), str(result.reason))
+    details = {**base, "prog_id": prog_id, "explain_prog_id": twin_id, "retval": result.retval,
+               "counted": False}
+    devices = pins.pinned_link_names(settings.bpffs, "ingress")
+    return Explanation(result.verdict, reason, "bpf", ",".join(devices) or None, details)
+
+
+LEAKS_MAP = "nc_leaks"
+
+
+def read_leaks(settings: Settings, limit: int = 100) -> dict:
+    """The leak meter (nc_leaks, an LRU of abi.LEAKS_MAX entries): the most recent clear-text
+    (source, protocol, destination port) from cluster peers, newest first, with packets and
+    seconds since the last one; plus the ingress mode the program runs with."""
+    import ipaddress
+
+    spec = abi.MAPS_BY_NAME[LEAKS_MAP]
+    try:
+        fd = syscall.obj_get(pins.map_path(settings.bpffs, LEAKS_MAP), read_only=True)
+    except OSError as e:
+        return {"datapath": "bpf", "supported": False,
+                "reason": f"no leak meter pinned ({os.strerror(e.errno)}): no agent of issue "
+                          "15 or later has run here", "leaks": []}
+    try:
+        items = list(syscall.map_items(fd, spec.key, spec.value))
+    finally:
+        os.close(fd)
+    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # what bpf_ktime_get_ns reads
+    protocols = {6: "tcp", 17: "udp", 132: "sctp", 1: "icmp", 58: "icmpv6"}
+    rows = []
+    for key, val in items:
+        size = 4 if key.family == 4 else 16
+        rows.append({"src": str(ipaddress.ip_address(bytes(key.src)[:size])),
+                     "protocol": protocols.get(key.protocol, str(key.protocol)),
+                     "dport": key.dport, "packets": val.packets,
+                     "seconds_ago": round(max(0, now - val.last_ns) / 1e9, 1),
+                     "_last": val.last_ns})
+    rows.sort(key=lambda r: r["_last"], reverse=True)
+    for r in rows:
+        del r["_last"]
+    config = read_config(settings) or {}
+    return {"datapath": "bpf", "supported": True,
+            "ingress_enforcement": config.get("ingress_mode", "unknown"),
+            "capacity": abi.LEAKS_MAX,
+            "entries": len(rows), "leaks": rows[:limit]}

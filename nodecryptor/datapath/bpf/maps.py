@@ -226,6 +226,7 @@ def desired_config(desired: DesiredState, now_ns: int) -> abi.Config:
         mss_v4=desired.mss_v4,
         mss_v6=desired.mss_v6,
         wg_port=desired.wg_port,
+        ingress_mode=_INGRESS_MODES.get(desired.ingress_enforcement, abi.INGRESS_AUDIT),
         wg_mark=desired.wg_mark,
         wg_mark_mask=desired.wg_mark_mask,
         max_packet_v4=desired.max_packet_v4,
@@ -239,6 +240,11 @@ def desired_config(desired: DesiredState, now_ns: int) -> abi.Config:
         plen_v6=(C.c_uint8 * slots)(*v6[:slots]),
         mask_v6=(C.c_uint32 * (4 * slots))(*_netmask_words(v6[:slots])),
     )
+
+
+_INGRESS_MODES = {"off": abi.INGRESS_OFF, "audit": abi.INGRESS_AUDIT,
+                  "enforce": abi.INGRESS_ENFORCE}
+_INGRESS_NAMES = {v: k for k, v in _INGRESS_MODES.items()}
 
 
 def _netmask_words(lengths: list[int]) -> list[int]:
@@ -380,10 +386,27 @@ def sync(map_fds: dict[str, int], desired: DesiredState, now_ns: int | None = No
 def copy_counters(src_fd: int, dst_fd: int) -> None:
     """Carry the per-CPU counters over to a new generation of maps, so a growth or a restart
     does not reset nodecryptor_datapath_packets_total."""
-    for index in range(abi.COUNTER_MAX):
+    # An older generation may have fewer counters (reasons are appended): copy what it has.
+    for index in range(min(abi.COUNTER_MAX, syscall.map_info(src_fd).max_entries)):
         key = C.c_uint32(index)
         values = syscall.percpu_lookup(src_fd, key, abi.Counter)
         syscall.percpu_update(dst_fd, key, values)
+
+
+CARRIED_LRUS = ("nc_flows", "nc_leaks")
+"""LRU maps whose entries a new generation inherits: the exempt flows (an agent restart must
+not break established bootstrap connections) and the leak meter."""
+
+
+def copy_entries(src_fd: int, dst_fd: int, name: str) -> int:
+    """Copy every entry of map ``name`` from one generation to the next; returns the count.
+    Entries that change while copying are refreshed by their next packet (bpf/lib/flows.h)."""
+    spec = abi.MAPS_BY_NAME[name]
+    copied = 0
+    for key, value in syscall.map_items(src_fd, spec.key, spec.value):
+        syscall.map_update(dst_fd, key, value)
+        copied += 1
+    return copied
 
 
 def _config_differs(old: abi.Config, new: abi.Config) -> bool:
@@ -454,6 +477,7 @@ def decode_config(cfg: abi.Config) -> dict:
                          else "worker")
     out["fail_mode"] = "open" if cfg.fail_mode == abi.FAIL_OPEN else "closed"
     out["enabled"] = bool(cfg.enabled)
+    out["ingress_mode"] = _INGRESS_NAMES.get(cfg.ingress_mode, f"unknown-{cfg.ingress_mode}")
     out["wg_up"] = bool(cfg.wg_up)
     out["prefix_lengths"] = {
         "v4": list(cfg.plen_v4[:min(cfg.n_plen_v4, abi.PLEN_SLOTS)]),
@@ -476,7 +500,7 @@ def counters_of(fd: int) -> dict[str, dict]:
         per_cpu = syscall.percpu_lookup(fd, C.c_uint32(index), abi.Counter)
         entry = {"packets": sum(c.packets for c in per_cpu),
                  "bytes": sum(c.bytes for c in per_cpu)}
-        if index < abi.MAX_VERDICT:
+        if index in abi.REASON_VALUES:
             reason = abi.Reason(index)
             entry.update(kind="reason", verdict=abi.REASON_VERDICTS[reason])
             out[abi.REASON_NAMES[reason]] = entry
@@ -506,6 +530,10 @@ def read(map_fds: dict[str, int]) -> dict:
             "counters": read_counters(map_fds),
             "fragments_tracked": sum(1 for _ in syscall.map_keys(_fd(map_fds, frag_spec.name),
                                                                   frag_spec.key)),
+            "exempt_flows_tracked": sum(1 for _ in syscall.map_keys(
+                _fd(map_fds, "nc_flows"), abi.MAPS_BY_NAME["nc_flows"].key)),
+            "leaks_tracked": sum(1 for _ in syscall.map_keys(
+                _fd(map_fds, "nc_leaks"), abi.MAPS_BY_NAME["nc_leaks"].key)),
         }
     except OSError as e:
         raise DatapathError(f"reading BPF maps failed: {os.strerror(e.errno)}") from e

@@ -6,9 +6,11 @@ directory root-owned 0700, see ``check_dir``):
     v<ABI>/g<N>/<map name>  one generation of maps; a layout change gets a new v<ABI> directory
     v<ABI>/current          symlink to the generation the attached program uses
     links/<ifname>          tcx links, one per underlay device
+    links-ingress/<ifname>  tcx links of the ingress program (issue 15), one per underlay device
     prog                    the program currently attached (lets inspection commands find it in
                             legacy tc mode too, where no link exists)
     prog-explain            its dry-run twin (same maps, changes no state), run by `explain`
+    prog-ingress            the ingress program (nc_ingress), and prog-explain-ingress its twin
 
 Maps are derived state: every agent start and every growth of the destination maps loads the
 program into a fresh generation, fills it completely from the desired state, and only then swaps
@@ -133,12 +135,12 @@ def _remove_tree(top: str) -> list[str]:
     return removed
 
 
-def links_dir(bpffs: str) -> str:
-    return os.path.join(root(bpffs), "links")
+def links_dir(bpffs: str, direction: str = "egress") -> str:
+    return os.path.join(root(bpffs), "links" if direction == "egress" else "links-ingress")
 
 
-def link_path(bpffs: str, ifname: str) -> str:
-    return os.path.join(links_dir(bpffs), ifname)
+def link_path(bpffs: str, ifname: str, direction: str = "egress") -> str:
+    return os.path.join(links_dir(bpffs, direction), ifname)
 
 
 def prog_path(bpffs: str) -> str:
@@ -147,6 +149,16 @@ def prog_path(bpffs: str) -> str:
 
 def explain_prog_path(bpffs: str) -> str:
     return os.path.join(root(bpffs), "prog-explain")
+
+
+def ingress_prog_path(bpffs: str) -> str:
+    """The attached ingress program (nc_ingress)."""
+    return os.path.join(root(bpffs), "prog-ingress")
+
+
+def explain_ingress_prog_path(bpffs: str) -> str:
+    """Its dry-run twin, run by ``explain --direction ingress``."""
+    return os.path.join(root(bpffs), "prog-explain-ingress")
 
 
 def map_path(bpffs: str, name: str) -> str:
@@ -195,7 +207,7 @@ def check_dir(path: str) -> None:
 def ensure_dirs(bpffs: str) -> None:
     """Create nodecryptor's pin directories 0700, or check the existing ones (UnsafePinDir
     when another user owns one or could write to it)."""
-    for d in (root(bpffs), abi_dir(bpffs), links_dir(bpffs)):
+    for d in (root(bpffs), abi_dir(bpffs), links_dir(bpffs), links_dir(bpffs, "ingress")):
         try:
             os.mkdir(d, mode=0o700)
         except FileExistsError:
@@ -221,9 +233,18 @@ def pin_prog(bpffs: str, prog_fd: int, explain_fd: int = -1) -> None:
             syscall.obj_pin(fd, path)
 
 
-def pinned_link_names(bpffs: str) -> list[str]:
+def pin_ingress_progs(bpffs: str, prog_fd: int, explain_fd: int) -> None:
+    """(Re)pin the ingress program and its dry-run twin (inspection only, as pin_prog)."""
+    for fd, path in ((explain_fd, explain_ingress_prog_path(bpffs)),
+                     (prog_fd, ingress_prog_path(bpffs))):
+        unlink(path)
+        if fd >= 0:
+            syscall.obj_pin(fd, path)
+
+
+def pinned_link_names(bpffs: str, direction: str = "egress") -> list[str]:
     try:
-        return sorted(os.listdir(links_dir(bpffs)))
+        return sorted(os.listdir(links_dir(bpffs, direction)))
     except FileNotFoundError:
         return []
 

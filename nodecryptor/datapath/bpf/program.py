@@ -33,6 +33,10 @@ ENTRY_FUNCTION = b"nc_egress"
 EXPLAIN_FUNCTION = b"nc_explain"
 """The dry-run twin of ENTRY_FUNCTION (same source, same maps; counts nothing, remembers no
 fragment), loaded with it and run by ``nodecryptor explain``; never attached."""
+INGRESS_FUNCTION = b"nc_ingress"
+"""Attached to the underlay devices' ingress (bpf/lib/ingress.h); same maps."""
+EXPLAIN_INGRESS_FUNCTION = b"nc_explain_ingress"
+"""The dry-run twin of INGRESS_FUNCTION (``nodecryptor explain --direction ingress``)."""
 _INCLUDE_RE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 
 # Size cflags from settings.MapSizes, named as nc_abi.h expects them.
@@ -120,6 +124,9 @@ class LoadedProgram:
     map_fds: dict[str, int]
     explain_fd: int = -1
     explain_id: int = 0
+    ingress_fd: int = -1
+    ingress_id: int = 0
+    explain_ingress_fd: int = -1
     capacities: dict[int, int] = field(default_factory=dict)
     """Destination map capacity by family (4, 6)."""
     compile_seconds: float = 0.0
@@ -132,6 +139,8 @@ class LoadedProgram:
             self._bpf = None
             self.prog_fd = -1
             self.explain_fd = -1
+            self.ingress_fd = -1
+            self.explain_ingress_fd = -1
             self.map_fds = {}
 
 
@@ -178,16 +187,20 @@ def load(settings: Settings, pin_dir: str | None = None) -> LoadedProgram:
     try:
         fn = module.load_func(ENTRY_FUNCTION, bcc.BPF.SCHED_CLS)
         dry = module.load_func(EXPLAIN_FUNCTION, bcc.BPF.SCHED_CLS)
+        ingress = module.load_func(INGRESS_FUNCTION, bcc.BPF.SCHED_CLS)
+        dry_ingress = module.load_func(EXPLAIN_INGRESS_FUNCTION, bcc.BPF.SCHED_CLS)
         map_fds = {spec.name: module[spec.name.encode()].map_fd for spec in abi.MAP_SPECS}
     except Exception as e:  # verifier rejection, or a map missing from the source
         module.cleanup()
-        raise DatapathError(f"loading {ENTRY_FUNCTION.decode()} failed: {e}") from e
+        raise DatapathError(f"loading the programs of {ENTRY_FILE} failed: {e}") from e
     elapsed = time.monotonic() - started
     prog_id = syscall.prog_info(fn.fd).id
     log.info("BPF program loaded", extra=kv(prog_id=prog_id, seconds=round(elapsed, 3),
                                              pin_dir=pin_dir or "-"))
     return LoadedProgram(prog_fd=fn.fd, prog_id=prog_id, map_fds=map_fds,
                          explain_fd=dry.fd, explain_id=syscall.prog_info(dry.fd).id,
+                         ingress_fd=ingress.fd, ingress_id=syscall.prog_info(ingress.fd).id,
+                         explain_ingress_fd=dry_ingress.fd,
                          capacities={4: settings.map_sizes.destinations_v4,
                                      6: settings.map_sizes.destinations_v6},
                          compile_seconds=elapsed, pin_dir=pin_dir, _bpf=module)

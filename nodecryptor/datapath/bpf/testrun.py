@@ -303,7 +303,7 @@ def run(prog_fd: int, packet: bytes, mark: int = 0, ifindex: int = 0,
     except OSError as e:
         raise DatapathError(f"BPF_PROG_TEST_RUN failed: {e.strerror}") from e
     cb0, cb1 = struct.unpack_from("<II", ctx_out, SKB_OFF_CB + 4 * abi.CB_REASON)
-    if cb0 & 0xFFFF0000 != abi.CB_MAGIC or (cb0 & 0xFFFF) >= abi.MAX_VERDICT:
+    if cb0 & 0xFFFF0000 != abi.CB_MAGIC or (cb0 & 0xFFFF) not in abi.REASON_VALUES:
         raise DatapathError(f"program recorded no verdict (cb[0]={cb0:#x}, retval {retval})")
     reason = abi.Reason(cb0 & 0xFFFF)
     return Result(retval=retval, reason=reason, verdict=abi.REASON_VERDICTS[reason],

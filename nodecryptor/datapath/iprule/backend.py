@@ -42,6 +42,17 @@ def remove_all(ipr, settings: Settings, netns: str | None = None) -> dict:
     return out
 
 
+def ingress_report(settings: Settings) -> dict:
+    """Ingress enforcement (issue 15) is a BPF-only feature: policy routing decides where a
+    packet leaves, it cannot classify what arrives. Reported as unsupported, never pretended;
+    with ``enforce`` requested the node is not ready, since nothing is being refused."""
+    requested = str(settings.ingress_enforcement)
+    reason = ("ingress enforcement unsupported: the ip-rule datapath cannot classify arriving "
+              f"packets (--ingress-enforcement={requested} has no effect)")
+    return {"supported": False, "requested": requested, "reason": reason,
+            "blocks_readiness": requested == "enforce"}
+
+
 class IpRuleDatapath:
     """Policy-routing datapath. The constructor does no I/O; ``start`` probes and opens.
 
@@ -81,6 +92,8 @@ class IpRuleDatapath:
             ipr.close()
             raise
         self._ipr = ipr
+        if self.metrics is not None:
+            self.metrics.ingress_supported.set(0)
         log.info("ip-rule datapath started", extra=kv(
             band=f"{self.settings.iprule_priority_base}-"
                  f"{self.settings.iprule_priority_base + 99}",
@@ -203,18 +216,23 @@ class IpRuleDatapath:
             reason = "rules found from an earlier run; not yet applied by this process"
         else:
             reason = self._error
+        ingress = ingress_report(self.settings)
+        if attached and self._applied and not self._error and ingress["blocks_readiness"]:
+            reason = ingress["reason"]
         kinds: dict[str, int] = {}
         for route in routes:
             kinds[route.kind] = kinds.get(route.kind, 0) + 1
         return Observation(
             datapath=self.name, attached=attached, ready=attached and self._applied
-            and not self._error, reason=reason,
+            and not self._error and not ingress["blocks_readiness"], reason=reason,
             details={"rules": len(rules), "routes": len(routes), "routes_by_kind": kinds,
                      "table": self.settings.iprule_table,
                      "priority_band": [self.settings.iprule_priority_base,
                                        self.settings.iprule_priority_base + 99],
                      "lookup_rule_families": lookup_families,
-                     "noop_route": noop.present(ipr), "last_apply": self.last_apply})
+                     "noop_route": noop.present(ipr), "last_apply": self.last_apply,
+                     "ingress_enforcement": {k: v for k, v in ingress.items()
+                                             if k != "blocks_readiness"}})
 
     def cleanup(self) -> None:
         with self._lock:

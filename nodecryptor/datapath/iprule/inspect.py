@@ -66,11 +66,15 @@ def status(settings: Settings, netns: str | None = None) -> dict:
     elif not wg_index:
         ready, reason = False, (f"WireGuard device {settings.wg_interface!r} absent: cluster "
                                 "traffic is dropped (fail-closed) or clear (fail-open)")
+    from .backend import ingress_report
+
+    ingress = ingress_report(settings)
     return {
         "datapath": DATAPATH,
         "active": bool(families),
         "ready": ready,
         "reason": reason,
+        "ingress_enforcement": {k: v for k, v in ingress.items() if k != "blocks_readiness"},
         "priority_band": [settings.iprule_priority_base, settings.iprule_priority_base + 99],
         "table": settings.iprule_table,
         "rule_count": len(rules),
