@@ -19,7 +19,11 @@ TCP_DEFAULT = [{"protocol": "tcp", "first": 2379, "last": 2380},
 
 
 def dest(prefix, node, kind, control_plane=False):
-    return {"prefix": prefix, "node": node, "kind": kind, "control_plane": control_plane}
+    # The built-in policy (default ports) exempts a control-plane node's own addresses.
+    exempt = [dict(r, policy="control-plane-bootstrap") for r in TCP_DEFAULT] \
+        if control_plane and kind == "node-ip" else []
+    return {"prefix": prefix, "node": node, "kind": kind, "control_plane": control_plane,
+            "exempt_ports": exempt}
 
 
 @pytest.fixture
@@ -65,6 +69,7 @@ def test_bundled_example_plan_for_a_worker(serve, capsys):
             dest("fd50::13/128", "w3", "node-ip"),
         ],
         "exempt_ports": TCP_DEFAULT,
+        "serves": [],
         "rejected": [],
     }
 
