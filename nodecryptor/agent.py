@@ -69,7 +69,7 @@ class Agent:
         self.metrics_http.stop()
 
     def run(self, datapath: Datapath, stop: threading.Event) -> int:
-        from .k8s import CiliumNodeSync, NodeRoleSync
+        from .k8s import CiliumNodeSync, ExemptionSync, NodeRoleSync
 
         settings = self.settings
         reconciler = self.reconciler = Reconciler(settings, self.store, datapath, self.metrics)
@@ -95,6 +95,11 @@ class Agent:
             threads.append(threading.Thread(target=roles.run, args=(stop,),
                                             name="k8s-node-roles", daemon=True))
             checks.append(thread_check(threads[-1], roles.alive))
+        # EncryptionExemption policies (exemptions.py); a missing CRD is retried, not fatal.
+        policies = self.exemption_sync = ExemptionSync(settings, self.store, self.metrics)
+        threads.append(threading.Thread(target=policies.run, args=(stop,),
+                                        name="k8s-exemptions", daemon=True))
+        checks.append(thread_check(threads[-1], policies.alive))
         for t in threads:
             t.start()
         # Checks are wired after the threads started: a thread not started yet is not dead.

@@ -140,11 +140,14 @@ class Reconciler:
         devices, _problems = self._resolve_devices(self.settings.devices, node_addresses,
                                                    self.settings.wg_interface)
         rp = tuple(sorted(self._read_sysctl(self.settings.wg_interface).items()))
-        return version, snapshot, wg, devices, rp, self._read_tunnel()
+        return (version, snapshot, wg, devices, rp, self._read_tunnel(),
+                self.store.exemptions())
 
-    def _desired(self, _version, snapshot, wg, devices, rp_items, tunnel=()) -> DesiredState:
+    def _desired(self, _version, snapshot, wg, devices, rp_items, tunnel=(),
+                 policies=()) -> DesiredState:
         plan = compute_plan(snapshot, self.settings.node_name, self.settings,
-                            underlay_networks=[n for d in devices for n in d.networks])
+                            underlay_networks=[n for d in devices for n in d.networks],
+                            policies=policies)
         self._rejections.report(plan.rejected)
         if not plan.local_known:
             log.warning("local node has no CiliumNode; treating it as a worker",
