@@ -76,7 +76,7 @@ def test_worker_rules_routes_and_idempotence(node_ns, foreign_state):
     finally:
         datapath.close()
     result = inspect.cleanup(settings, netns=ns)
-    assert result["rules_removed"] == 14 and result["routes_removed"] == 16
+    assert result["rules_removed"] == 16 and result["routes_removed"] == 16
     assert band_rules(ns) == []
     assert ip_routes(ns, "2026") == []
     assert ip_rules(ns) == [r for r in foreign_rules if r not in W1_RULES]
