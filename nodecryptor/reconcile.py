@@ -27,6 +27,7 @@ from .metrics import Metrics
 from .model import ROLE_CONTROL_PLANE, DesiredState, WgState
 from .policy import admission_limits, compute_desired, compute_plan, is_control_plane
 from .policy import node_addresses as policy_node_addresses
+from . import exemption_record
 from .rejectlog import RejectionLog
 from .settings import Settings
 from .store import Store
@@ -111,6 +112,7 @@ class Reconciler:
             except BaseException:
                 self._observe()
                 raise
+            self._record_exemptions(desired)
             # Observing can cost as much as applying (the ip-rule datapath dumps its table):
             # on forced passes (every reconcile_seconds), and while not ready, is enough.
             if force or not self._observation[0]:
@@ -162,6 +164,14 @@ class Reconciler:
         if self.metrics:
             self._export_inputs(snapshot, desired)
         return desired
+
+    def _record_exemptions(self, desired: DesiredState) -> None:
+        """Names of the applied policies for ``nodecryptor explain`` (exemption_record.py);
+        written only when they change."""
+        summary = exemption_record.summarize(desired)
+        if summary != getattr(self, "_exemption_summary", None):
+            exemption_record.write(self.settings, summary)
+            self._exemption_summary = summary
 
     def _observe(self) -> None:
         try:

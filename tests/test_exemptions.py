@@ -255,3 +255,29 @@ def test_policy_for_names_the_first_matching_policy():
               ex.PolicyRange("tcp", 2379, 2379, "etcd")]
     assert ex.policy_for(ranges, "tcp", 2379) == "control-plane-bootstrap"
     assert ex.policy_for(ranges, "udp", 2379) is None
+
+
+@pytest.mark.parametrize("case_id,policy", [
+    ("v4-worker-to-cp-6443", "control-plane-bootstrap"),
+    ("v4-policy-worker-to-labelled-worker", "storage"),
+    ("v6-policy-worker-to-labelled-worker", "storage"),
+    ("v4-policy-reply-to-client", "storage"),
+    ("v4-policy-reply-to-client-pod", "storage"),
+    ("v4-cp-reply-6443-from-node-ip", "control-plane-bootstrap"),
+    ("v4-policy-reply-to-non-client", None),
+    ("v4-policy-port-to-cp", None),
+])
+def test_explain_names_the_policy_from_the_agents_record(tmp_path, case_id, policy):
+    """The record the reconciler writes (exemption_record.py) maps an exempt verdict back to
+    the policy, for either direction."""
+    from nodecryptor import exemption_record
+    from tests import datapath_cases as dc
+
+    case = dc.CASES_BY_ID[case_id]
+    settings = Settings(node_name=case.local_node, run_dir=str(tmp_path))
+    exemption_record.write(settings, exemption_record.summarize(dc.desired_for(case)))
+    record = exemption_record.read(settings)
+    q = case.query
+    reply = case.expected_reason == dc.R_EXEMPT_SPORT or q.sport != 40000
+    port = q.sport if reply else q.dport
+    assert exemption_record.policy_of(record, reply, q.dst, q.proto, port) == policy
