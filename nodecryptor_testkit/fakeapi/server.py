@@ -701,6 +701,13 @@ class FakeApiServer:
             self.release_stalls()
         elif action == "fail-next":
             self.fail_next(int(args.get("count", 1)), int(args.get("code", 500)))
+        elif action == "apply":
+            # Create or replace any object (v1 Nodes included, which the HTTP API here only
+            # serves read-only), e.g. to relabel a Node from another process.
+            obj = args.get("object")
+            if not isinstance(obj, dict):
+                raise ValueError("apply needs {\"object\": {...}}")
+            self.apply(obj)
         elif action == "exemptions-installed":
             self.exemptions_installed = bool(args.get("installed", True))
         elif action == "refuse":
