@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .model import Rejection
-from .ports import PROTOCOLS, PortRange, merge_ranges
+from .ports import PortRange, merge_ranges
 from .settings import RoleSource, Settings
 
 KIND = "EncryptionExemption"
