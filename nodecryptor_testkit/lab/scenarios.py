@@ -536,6 +536,12 @@ def exemption(lab, ports: PortAllocator) -> Result:
                      "another port of the labelled worker"),
             ]
         result.rows += observe(lab, flows, ports, "exemption-on")
+        # The operator's view: explain names the policy behind the exempt verdict.
+        got = lab.nodecryptor(w1.name, "explain", "--dst", str(w2.ipv4), "--src", str(w1.ipv4),
+                              "--dport", str(SERVICE_TCP_PORT))
+        result.rows.append(Row(f"nodecryptor explain on {w1.name}: {w2.name} tcp/"
+                               f"{SERVICE_TCP_PORT}", f"exempt by {EXEMPTION_POLICY}",
+                               f"{got.get('verdict')} by {got.get('policy')}"))
         since = time.monotonic()
         _relabel(api, w2.name, None)
         took, missing = _seconds_until(others, lambda n: not _exempts_to(lab, n, w2), since,
