@@ -152,3 +152,15 @@ def test_exemption_watch_survives_410_and_bookmarks(fake, syncs):
     fake.drop_watches()
     fake.apply(make_exemption("after-410", {}, [{"port": 1}]))
     wait_for(lambda: [p.name for p in s.store.exemptions()] == ["after-410"], what="relist")
+
+
+def test_readiness_notes_a_missing_crd_without_failing():
+    from types import SimpleNamespace
+
+    from nodecryptor.agent import Agent
+    policies = SimpleNamespace(crd_missing=True)
+    check = Agent._with_exemption_note(lambda: (True, "synced"), policies)
+    ok, why = check()
+    assert ok and "CRD not installed" in why
+    policies.crd_missing = False
+    assert check() == (True, "synced")
