@@ -339,8 +339,10 @@ def evaluate(policies: Iterable[ExemptionPolicy], snapshot: Mapping, local_name:
 
     to_node: dict[str, tuple[PolicyRange, ...]] = {}
     clients: dict[str, frozenset[str]] = {}
+    # A local node without a CiliumNode serves nothing (it is a worker, as for the role), but
+    # it is still a client: its traffic to serving nodes keeps the exemption it had.
     serving = [p for p in kept if local_known and p.node_selector.matches(local_labels)]
-    users = [p for p in kept if local_known and client(p, local_labels)]
+    users = [p for p in kept if client(p, local_labels)]
     for name in sorted(snapshot):
         if name == local_name:
             continue

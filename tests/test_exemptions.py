@@ -281,3 +281,12 @@ def test_explain_names_the_policy_from_the_agents_record(tmp_path, case_id, poli
     reply = case.expected_reason == dc.R_EXEMPT_SPORT or q.sport != 40000
     port = q.sport if reply else q.dport
     assert exemption_record.policy_of(record, reply, q.dst, q.proto, port) == policy
+
+
+def test_a_local_node_without_ciliumnode_is_a_client_but_serves_nothing():
+    cluster = {n: v for n, v in CLUSTER.items() if n != "w2"}
+    plan = compute_plan(cluster, "w2", Settings(node_name="w2"),
+                        policies=parsed(policy("all", {}, [{"port": 7946}])))
+    assert not plan.local_known
+    assert exempt_by_node(plan)["cp1"] == ["all:tcp/7946-7946"] + BUILTIN
+    assert plan.serves == ()
