@@ -700,8 +700,9 @@ class NodeRoleSync(CiliumNodeSync):
 
     The labels ``node-role.kubernetes.io/*`` on a Node are protected by the NodeRestriction
     admission plugin: a kubelet cannot set them, unlike a CiliumNode's labels, which every
-    Cilium agent may write. Only the selector labels are kept (see ``parse_node_roles``), so
-    the steady stream of Node updates wakes nothing. Until its Node is known, a node is a
+    Cilium agent may write. Every label is read; the store keeps only the selector labels and
+    the keys exemption policies name (``Store.set_role_label_keys``), so the steady stream of
+    Node updates wakes nothing. Until its Node is known, a node is a
     worker. Reuses CiliumNodeSync's list/watch loop with a metadata-only request."""
 
     kind = "Node"
