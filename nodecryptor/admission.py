@@ -60,6 +60,8 @@ REASONS: dict[str, str] = {
                          "inside stay encrypted",
     "duplicate-claim": "the same prefix is claimed by several nodes; it stays encrypted (and "
                        "exempt when a control-plane node claims it as its node address)",
+    "exemption-limit": "an EncryptionExemption beyond the limits on policies or port ranges "
+                       "(exemptions.py); rejected whole",
 }
 
 # Special-purpose ranges, most specific first so that an address inside several (::1 is in

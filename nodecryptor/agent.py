@@ -68,8 +68,19 @@ class Agent:
         self.health.stop()
         self.metrics_http.stop()
 
+    @staticmethod
+    def _with_exemption_note(ready, policies):
+        """Readiness with a note while the EncryptionExemption CRD is missing: not a reason
+        to be unready (the built-in policy applies), but worth seeing in /readyz."""
+        def check() -> tuple[bool, str]:
+            ok, why = ready()
+            if policies.crd_missing:
+                why += "; EncryptionExemption CRD not installed: only the built-in policy applies"
+            return ok, why
+        return check
+
     def run(self, datapath: Datapath, stop: threading.Event) -> int:
-        from .k8s import CiliumNodeSync, NodeRoleSync
+        from .k8s import CiliumNodeSync, ExemptionSync, NodeRoleSync
 
         settings = self.settings
         reconciler = self.reconciler = Reconciler(settings, self.store, datapath, self.metrics)
@@ -95,11 +106,16 @@ class Agent:
             threads.append(threading.Thread(target=roles.run, args=(stop,),
                                             name="k8s-node-roles", daemon=True))
             checks.append(thread_check(threads[-1], roles.alive))
+        # EncryptionExemption policies (exemptions.py); a missing CRD is retried, not fatal.
+        policies = self.exemption_sync = ExemptionSync(settings, self.store, self.metrics)
+        threads.append(threading.Thread(target=policies.run, args=(stop,),
+                                        name="k8s-exemptions", daemon=True))
+        checks.append(thread_check(threads[-1], policies.alive))
         for t in threads:
             t.start()
         # Checks are wired after the threads started: a thread not started yet is not dead.
         self._alive = all_of(*checks)
-        self._ready = reconciler.ready
+        self._ready = self._with_exemption_note(reconciler.ready, policies)
         self.health.start()
         self.metrics_http.start()
         log.info("agent started", extra=kv(node=settings.node_name, datapath=datapath.name,

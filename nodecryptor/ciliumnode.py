@@ -133,11 +133,12 @@ def parse_ciliumnode(obj: object) -> tuple[NodeInfo | None, list[Rejection]]:
     return info, rejections
 
 
-def parse_node_roles(obj: object, role_labels: tuple[str, ...]
+def parse_node_roles(obj: object, role_labels: tuple[str, ...] | None
                      ) -> tuple[NodeRoleLabels | None, list[Rejection]]:
     """From a v1 Node (or its PartialObjectMetadata), return its name and the labels among
     ``role_labels`` it carries (None when it has no usable name). Only the role labels are
-    kept: other label changes then never wake the reconcile loop."""
+    kept: other label changes then never wake the reconcile loop. ``role_labels`` None keeps
+    every label (the agent's store then keeps the keys the exemption policies name)."""
     meta = obj.get("metadata") if isinstance(obj, dict) else None
     name = meta.get("name") if isinstance(meta, dict) else None
     if not isinstance(name, str) or not name or len(name) > 253:
@@ -148,5 +149,6 @@ def parse_node_roles(obj: object, role_labels: tuple[str, ...]
         return NodeRoleLabels(name), [Rejection(name, "Node metadata.labels", _short(labels),
                                                 "not a map")]
     kept = tuple(sorted((k, v) for k, v in labels.items()
-                        if k in role_labels and isinstance(v, str)))
+                        if (role_labels is None or k in role_labels)
+                        and isinstance(k, str) and isinstance(v, str)))
     return NodeRoleLabels(name, kept), []

@@ -11,7 +11,9 @@
   an API outage the store keeps its last content: an unreachable API says nothing about the
   cluster.
 - ``NodeRoleSync``: the same loop over the v1 Nodes, metadata only, for the control-plane
-  role labels (``--role-source node``, the default).
+  role labels (``--role-source node``, the default) and the labels exemption policies select.
+- ``ExemptionSync``: the same loop over ``encryptionexemptions.nodecryptor.io/v1alpha1``
+  (exemptions.py); a missing CRD is reported and retried, the built-in policy still applies.
 
 Every object goes through ``ciliumnode.parse_ciliumnode`` (or ``parse_node_roles`` for a
 Node); only the NodeInfo (or the Node's role labels) reaches the store.
@@ -36,6 +38,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config.incluster_config import InClusterConfigLoader
 from kubernetes.watch.watch import iter_resp_lines
 
+from . import exemptions
 from .ciliumnode import Rejection, parse_ciliumnode, parse_node_roles
 from .backoff import Backoff
 from .k8s_errors import (ApiForbidden, ApiGone, ApiUnavailable, KubeConfigError,
@@ -281,12 +284,28 @@ def snapshot_once(settings: Settings) -> tuple[dict[str, NodeInfo], list[Rejecti
         if settings.role_source == RoleSource.NODE:
             roles = _list_retrying(
                 NodeMetadataApi(api_client), settings, "Nodes",
-                lambda obj: parse_node_roles(obj, settings.control_plane_labels)).nodes
+                lambda obj: parse_node_roles(obj, None)).nodes
             nodes = {name: dataclasses.replace(info, node_labels=roles[name].labels)
                      if name in roles else info for name, info in nodes.items()}
         return nodes, [r for _, rs in result.rejections for r in rs]
     finally:
         api_client.close()
+
+
+def exemptions_once(settings: Settings) -> tuple[tuple, list[Rejection], str | None]:
+    """List the EncryptionExemptions once: (policies, rejections, note). ``note`` says why
+    none could be listed (the CRD is not installed), which only leaves the built-in policy."""
+    api_client = load_client(settings)
+    try:
+        result = _list_retrying(ResourceApi(api_client, exemptions.GROUP, exemptions.VERSION,
+                                            exemptions.PLURAL), settings,
+                                "EncryptionExemptions", exemptions.parse_exemption)
+    except ResourceMissing as e:
+        return (), [], str(e)
+    finally:
+        api_client.close()
+    return (tuple(result.nodes[n] for n in sorted(result.nodes)),
+            [r for _, rs in result.rejections for r in rs], None)
 
 
 def _list_retrying(api, settings: Settings, noun: str = "CiliumNodes",
@@ -632,8 +651,9 @@ class NodeRoleSync(CiliumNodeSync):
 
     The labels ``node-role.kubernetes.io/*`` on a Node are protected by the NodeRestriction
     admission plugin: a kubelet cannot set them, unlike a CiliumNode's labels, which every
-    Cilium agent may write. Only the selector labels are kept (see ``parse_node_roles``), so
-    the steady stream of Node updates wakes nothing. Until its Node is known, a node is a
+    Cilium agent may write. Every label is read; the store keeps only the selector labels and
+    the keys exemption policies name (``Store.set_role_label_keys``), so the steady stream of
+    Node updates wakes nothing. Until its Node is known, a node is a
     worker. Reuses CiliumNodeSync's list/watch loop with a metadata-only request."""
 
     kind = "Node"
@@ -646,12 +666,15 @@ class NodeRoleSync(CiliumNodeSync):
         super().__init__(settings, store, None, **kwargs)
         self.role_metrics = metrics
         store.expect_node_labels()
+        # Every label is read; the store keeps the role labels and the keys the exemption
+        # policies' selectors name.
+        store.set_role_label_keys(settings.control_plane_labels)
 
     def _make_api(self, api_client: kubernetes.client.ApiClient):
         return NodeMetadataApi(api_client)
 
     def _parse(self, obj: object):
-        return parse_node_roles(obj, self.settings.control_plane_labels)
+        return parse_node_roles(obj, None)
 
     def _install(self, items: dict) -> None:
         self.store.replace_node_labels({name: r.labels for name, r in items.items()})
@@ -665,6 +688,117 @@ class NodeRoleSync(CiliumNodeSync):
     def _restart(self, cause: str) -> None:
         if self.role_metrics is not None:
             self.role_metrics.node_watch_restarts.labels(cause=cause).inc()
+
+
+# --------------------------------------------------------------------------------------------
+# EncryptionExemption policies
+
+
+class ResourceMissing(KubernetesError):
+    """404 on a whole resource: its CustomResourceDefinition is not installed."""
+
+    cause = "crd-missing"
+
+
+class ResourceApi:
+    """A custom resource other than CiliumNodes, under the call CiliumNodeSync's loop makes
+    (its group, version and plural arguments are replaced by this object's). A 404 on the
+    resource (not on one object) becomes ResourceMissing."""
+
+    def __init__(self, api_client: kubernetes.client.ApiClient, group: str, version: str,
+                 plural: str):
+        self.api_client = api_client
+        self._api = kubernetes.client.CustomObjectsApi(api_client)
+        self.resource = (group, version, plural)
+
+    def list_cluster_custom_object(self, _group, _version, _plural, **kwargs):
+        try:
+            return self._api.list_cluster_custom_object(*self.resource, **kwargs)
+        except ApiException as e:
+            if e.status == 404 and not _status_details_name(e):
+                group, version, plural = self.resource
+                raise ResourceMissing(f"{_server(self)} has no {plural}.{group}/{version} "
+                                      f"resource (the CRD is not installed): "
+                                      f"{_status_message(e)}") from None
+            raise
+
+
+class ExemptionSync(CiliumNodeSync):
+    """Keeps the store's EncryptionExemption policies equal to the cluster's, with
+    CiliumNodeSync's loop (pagination, bookmarks, re-list on 410, stall detection, backoff).
+    A missing CRD is logged, shown by nodecryptor_exemption_crd_missing and retried with
+    backoff; the store's policies stay as they were (none at start: the built-in policy
+    alone applies). The store is never held unsynced by this sync."""
+
+    kind = "EncryptionExemption"
+    noun = "EncryptionExemptions"
+
+    def __init__(self, settings: Settings, store: Store, metrics: Metrics | None = None,
+                 **kwargs):
+        super().__init__(settings, store, None, **kwargs)
+        self.exemption_metrics = metrics
+        self.crd_missing = False
+
+    def _make_api(self, api_client: kubernetes.client.ApiClient):
+        return ResourceApi(api_client, exemptions.GROUP, exemptions.VERSION, exemptions.PLURAL)
+
+    def _parse(self, obj: object):
+        return exemptions.parse_exemption(obj)
+
+    def _install(self, items: dict) -> None:
+        self._set_missing(False)
+        self.store.replace_exemptions(items.values())
+
+    def _upsert(self, item) -> None:
+        self.store.upsert_exemption(item)
+
+    def _remove(self, name: str) -> None:
+        self.store.delete_exemption(name)
+
+    def _handle_event(self, line: str, rv, what: str):
+        # A policy that turns malformed is rejected whole: it must stop applying, as a
+        # re-list would drop it.
+        try:
+            event = json.loads(line)
+            obj = event.get("object") if isinstance(event, dict) else None
+            if event.get("type") in ("ADDED", "MODIFIED"):
+                policy, _ = exemptions.parse_exemption(obj)
+                name = _meta(obj).get("name")
+                if policy is None and isinstance(name, str):
+                    self.store.delete_exemption(name)
+        except (ValueError, AttributeError):
+            pass  # the base class reports it
+        return super()._handle_event(line, rv, what)
+
+    def _report(self, meta: dict, rejections: list[Rejection]) -> None:
+        name = str(meta.get("name") or "?")
+        version = str(meta.get("resourceVersion") or "")
+        if version and self._logged.get(name) == version:
+            return
+        if version:
+            self._logged[name] = version
+        for rej in rejections:
+            log.warning("rejecting EncryptionExemption", extra=kv(
+                policy=rej.obj, field=rej.field, value=rej.value, why=rej.why,
+                resource_version=version))
+        if self.exemption_metrics is not None:
+            self.exemption_metrics.record_claim_rejections(rejections)
+
+    def _restart(self, cause: str) -> None:
+        if cause == ResourceMissing.cause:
+            if not self.crd_missing:
+                log.warning("the EncryptionExemption CRD is not installed; only the built-in "
+                            "policy applies; retrying")
+            self._set_missing(True)
+        if self.exemption_metrics is not None:
+            self.exemption_metrics.exemption_watch_restarts.labels(cause=cause).inc()
+
+    def _set_missing(self, missing: bool) -> None:
+        if self.crd_missing and not missing:
+            log.info("the EncryptionExemption CRD is installed; policies apply")
+        self.crd_missing = missing
+        if self.exemption_metrics is not None:
+            self.exemption_metrics.exemption_crd_missing.set(1 if missing else 0)
 
 
 def _abort(resp) -> None:

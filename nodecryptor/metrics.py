@@ -74,6 +74,14 @@ class Metrics:
                                     "stall threshold for a watch).",
                                     registry=r)
 
+        self.exemption_crd_missing = Gauge(
+            f"{PREFIX}_exemption_crd_missing",
+            "1 while the EncryptionExemption CRD is not installed (only the built-in policy "
+            "applies).", registry=r)
+        self.exemption_watch_restarts = Counter(
+            f"{PREFIX}_exemption_watch_restarts_total",
+            "EncryptionExemption list/watch restarts, by cause.", ["cause"], registry=r)
+
     def record_rejections(self, rejections) -> None:
         """Entries the parser skipped (counted by field, and by reason)."""
         for rej in rejections:

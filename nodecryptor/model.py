@@ -33,11 +33,18 @@ class Rejection:
     value: str
     why: str
     reason: str = "malformed"
+    kind: str = "CiliumNode"
+    """The kind of object: CiliumNode, or EncryptionExemption (exemptions.py)."""
 
     def __str__(self) -> str:
-        return f"CiliumNode {self.obj!r} {self.field}: {self.why} (value {self.value})"
+        return f"{self.kind} {self.obj!r} {self.field}: {self.why} (value {self.value})"
 
     def to_json(self) -> dict:
+        if self.kind != "CiliumNode":
+            # Not a node: the object's name under "name" (today's CiliumNode entries keep
+            # their fields unchanged).
+            return {"kind": self.kind, "name": self.obj, "field": self.field,
+                    "value": self.value, "reason": self.reason, "detail": self.why}
         return {"node": self.obj, "field": self.field, "value": self.value,
                 "reason": self.reason, "detail": self.why}
 
@@ -77,6 +84,12 @@ class Destination:
     node: str
     kind: str  # KIND_NODE_IP | KIND_POD_CIDR
     control_plane: bool
+    exempt_ports: tuple = ()
+    """exemptions.PolicyRange: destination ports that stay in the clear towards this prefix
+    (node addresses only; the built-in policy's for a control-plane node included)."""
+    client_of: frozenset[str] = frozenset()
+    """Names of the policies the local node serves that this prefix's node is a client of:
+    replies from the local node's addresses on their ports stay in the clear."""
 
     def sort_key(self):
         return (self.prefix.version, self.prefix.network_address, self.prefix.prefixlen,
@@ -84,7 +97,8 @@ class Destination:
 
     def to_json(self) -> dict:
         return {"prefix": str(self.prefix), "node": self.node, "kind": self.kind,
-                "control_plane": self.control_plane}
+                "control_plane": self.control_plane,
+                "exempt_ports": [r.to_json() for r in self.exempt_ports]}
 
 
 @dataclass(frozen=True)
@@ -103,6 +117,10 @@ class Plan:
     rejected: tuple[Rejection, ...] = field(default=(), compare=False)
     """Claims admission rejected, and conflicts (see admission.py). Not compared: the
     destinations already say everything the datapath needs."""
+    serves: tuple = ()
+    """exemptions.PolicyRange: ranges the local node serves (source-port exemptions)."""
+    policies: tuple[str, ...] = ()
+    """Names of the exemption policies in force, in datapath bit order (bit i = policies[i])."""
 
     def to_json(self) -> dict:
         return {
@@ -111,6 +129,7 @@ class Plan:
             "local_addresses": [str(a) for a in self.local_addresses],
             "destinations": [d.to_json() for d in self.destinations],
             "exempt_ports": [p.to_json() for p in self.exempt_ports],
+            "serves": [r.to_json() for r in self.serves],
             "rejected": [r.to_json() for r in self.rejected],
         }
 

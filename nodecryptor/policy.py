@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 
+from . import exemptions as ex
 from .admission import FIELD_ADDRESSES, FIELD_POD_CIDRS, Claim, Limits, admit, owner_of
 from .model import (DEFAULT_WG_PORT, KIND_NODE_IP, KIND_POD_CIDR, ROLE_CONTROL_PLANE,
                     ROLE_WORKER, Destination, DesiredState, Device, IPNetwork, NodeInfo, Plan, WgState)
@@ -40,10 +41,7 @@ def is_control_plane(node: NodeInfo, selector_labels: Iterable[str],
     The labels come from the trusted source (``Settings.role_source``): by default the v1
     Node's (``node.node_labels``, None until that Node is known: a worker, so its traffic is
     encrypted); with ``ciliumnode`` the CiliumNode's own labels."""
-    if role_source == RoleSource.CILIUMNODE:
-        labels = node.label_map()
-    else:
-        labels = dict(node.node_labels or ())
+    labels = ex.trusted_labels(node, role_source)
     return any(label in labels for label in selector_labels)
 
 
@@ -67,13 +65,15 @@ def admission_limits(settings: Settings) -> Limits:
 
 
 def compute_plan(snapshot: Mapping[str, NodeInfo], node_name: str, settings: Settings,
-                 underlay_networks: Iterable[IPNetwork] = ()) -> Plan:
+                 underlay_networks: Iterable[IPNetwork] = (),
+                 policies: Iterable[ex.ExemptionPolicy] = ()) -> Plan:
     """Decide, for the node ``node_name``, which remote prefixes are encrypted.
 
     Every remote address and pod CIDR is a claim that ``admission.admit`` accepts or rejects;
     the rejections (and conflicts) travel in ``Plan.rejected``. ``underlay_networks``: the
     local node's underlay subnets, when the caller knows them (their broadcast addresses are
-    rejected as node addresses)."""
+    rejected as node addresses). ``policies``: the parsed EncryptionExemptions (the built-in
+    one is added from the settings; see exemptions.py)."""
     local = snapshot.get(node_name)
     role = ROLE_WORKER
     local_addresses: tuple = ()
@@ -99,6 +99,7 @@ def compute_plan(snapshot: Mapping[str, NodeInfo], node_name: str, settings: Set
             claims.append(Claim(name, FIELD_POD_CIDRS, KIND_POD_CIDR, cidr, cp))
     admission = admit(claims, own_prefixes, admission_limits(settings), underlay_networks)
 
+    exemptions = ex.evaluate(policies, snapshot, node_name, settings)
     destinations = []
     for owners in admission.admitted:
         # A prefix several nodes claim stays one encrypted destination. It is exempt (a
@@ -111,14 +112,46 @@ def compute_plan(snapshot: Mapping[str, NodeInfo], node_name: str, settings: Set
             control_plane = owner.control_plane
         else:
             control_plane = all(c.control_plane for c in owners)
+        exempt, client_of = _exempt(owners, kind, control_plane, exemptions)
         destinations.append(Destination(prefix=owner.prefix, node=owner.node, kind=kind,
-                                        control_plane=control_plane))
+                                        control_plane=control_plane, exempt_ports=exempt,
+                                        client_of=client_of))
     destinations.sort(key=Destination.sort_key)
     return Plan(node=node_name, role=role, local_addresses=local_addresses,
                 destinations=tuple(destinations), exempt_ports=settings.exempt_ports,
                 local_known=local is not None,
                 local_pod_cidrs=tuple(dict.fromkeys(local.pod_cidrs)) if local else (),
-                rejected=admission.rejected)
+                rejected=admission.rejected + exemptions.rejected,
+                serves=exemptions.serves,
+                policies=tuple(p.name for p in exemptions.policies))
+
+
+def _exempt(owners, kind: str, control_plane: bool, exemptions: ex.Exemptions):
+    """(exempt ranges, policies the prefix's node is a client of) for one admitted prefix.
+
+    Only node addresses are ever exempt as destinations (traffic to pods never is). The
+    built-in policy follows the control-plane attribution (admission rule 4); any other
+    policy applies to a prefix several nodes claim only when it applies to every claimant, so
+    a node cannot gain an exemption by claiming a selected node's address. The client sets
+    (replies from the local node) follow the same rule, for every kind of prefix."""
+    nodes = {c.node for c in owners}
+    builtin = ex.BUILTIN_NAME
+
+    def common(per_node):
+        sets = [set(per_node(n)) for n in nodes]
+        return set.intersection(*sets) if sets else set()
+
+    ranges: set = set()
+    if kind == KIND_NODE_IP:
+        ranges = {r for r in common(lambda n: exemptions.to_node.get(n, ()))
+                  if r.policy != builtin}
+        if control_plane:
+            ranges |= {r for p in exemptions.policies if p.builtin for r in ex._ranges(p)}
+    client_of = common(lambda n: exemptions.clients.get(n, frozenset()))
+    order = {p.name: i for i, p in enumerate(exemptions.policies)}
+    ordered = tuple(sorted(ranges, key=lambda r: (order.get(r.policy, 99), r.protocol,
+                                                   r.first, r.last)))
+    return ordered, frozenset(client_of)
 
 
 def uncovered_destinations(destinations: Iterable[Destination],

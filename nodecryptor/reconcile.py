@@ -27,6 +27,7 @@ from .metrics import Metrics
 from .model import ROLE_CONTROL_PLANE, DesiredState, WgState
 from .policy import admission_limits, compute_desired, compute_plan, is_control_plane
 from .policy import node_addresses as policy_node_addresses
+from . import exemption_record
 from .rejectlog import RejectionLog
 from .settings import Settings
 from .store import Store
@@ -111,6 +112,7 @@ class Reconciler:
             except BaseException:
                 self._observe()
                 raise
+            self._record_exemptions(desired)
             # Observing can cost as much as applying (the ip-rule datapath dumps its table):
             # on forced passes (every reconcile_seconds), and while not ready, is enough.
             if force or not self._observation[0]:
@@ -140,11 +142,14 @@ class Reconciler:
         devices, _problems = self._resolve_devices(self.settings.devices, node_addresses,
                                                    self.settings.wg_interface)
         rp = tuple(sorted(self._read_sysctl(self.settings.wg_interface).items()))
-        return version, snapshot, wg, devices, rp, self._read_tunnel()
+        return (version, snapshot, wg, devices, rp, self._read_tunnel(),
+                self.store.exemptions())
 
-    def _desired(self, _version, snapshot, wg, devices, rp_items, tunnel=()) -> DesiredState:
+    def _desired(self, _version, snapshot, wg, devices, rp_items, tunnel=(),
+                 policies=()) -> DesiredState:
         plan = compute_plan(snapshot, self.settings.node_name, self.settings,
-                            underlay_networks=[n for d in devices for n in d.networks])
+                            underlay_networks=[n for d in devices for n in d.networks],
+                            policies=policies)
         self._rejections.report(plan.rejected)
         if not plan.local_known:
             log.warning("local node has no CiliumNode; treating it as a worker",
@@ -159,6 +164,14 @@ class Reconciler:
         if self.metrics:
             self._export_inputs(snapshot, desired)
         return desired
+
+    def _record_exemptions(self, desired: DesiredState) -> None:
+        """Names of the applied policies for ``nodecryptor explain`` (exemption_record.py);
+        written only when they change."""
+        summary = exemption_record.summarize(desired)
+        if summary != getattr(self, "_exemption_summary", None):
+            exemption_record.write(self.settings, summary)
+            self._exemption_summary = summary
 
     def _observe(self) -> None:
         try:

@@ -26,6 +26,11 @@ class RejectionLog:
         new = sorted(current - self._active, key=lambda r: (r.obj, r.field, r.value, r.reason))
         self._active = current
         for rej in new:
+            if rej.kind != "CiliumNode":
+                log.warning(f"{rej.kind} rejected", extra=kv(
+                    name=rej.obj, field=rej.field, value=rej.value, reason=rej.reason,
+                    why=rej.why))
+                continue
             log.warning("CiliumNode claim rejected" if rej.reason != "duplicate-claim"
                         else "CiliumNode claim conflict",
                         extra=kv(node=rej.obj, field=rej.field, value=rej.value,

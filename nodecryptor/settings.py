@@ -15,8 +15,10 @@ DEFAULT_EXEMPT_PORTS = "2379-2380,6443"
 
 
 MAX_EXEMPT_PORT_RANGES = 16
-"""Exempt port ranges (after merging) the BPF program scans; a range costs the same as one
-port, so ``1-65535`` is one entry. ``--control-plane-exempt-ports`` is checked against it."""
+"""Exempt port ranges (after merging) of one exemption policy, the built-in one
+(``--control-plane-exempt-ports``) included; a range costs the same as one port, so
+``1-65535`` is one entry. All policies together hold at most 64 (exemptions.MAX_RANGES, what
+the BPF program scans)."""
 
 
 class RoleSource(StrEnum):

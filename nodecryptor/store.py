@@ -29,6 +29,12 @@ class Store:
         """Role labels of the v1 Nodes by name (only while roles come from Nodes)."""
         self._nodes: dict[str, NodeInfo] = {}
         """``_parsed`` with the Node labels merged in: what snapshots return."""
+        self._exemptions: dict[str, object] = {}
+        """Parsed EncryptionExemption policies by name (exemptions.ExemptionPolicy)."""
+        self._role_keys: frozenset[str] | None = None
+        """Label keys of the Nodes the policy reads (role labels, plus the keys the
+        exemption policies' selectors name); None keeps every label. Other Node label changes
+        then change no NodeInfo and wake nothing."""
         self._awaiting = {LIST_CILIUMNODES}
         self.changed = threading.Event()
         self.synced = threading.Event()
@@ -68,6 +74,14 @@ class Store:
             if not self.synced.is_set():
                 self._awaiting.add(LIST_NODES)
 
+    def set_role_label_keys(self, keys: Iterable[str]) -> None:
+        """Keep only these keys (and those the exemption policies' selectors name) of the
+        Node labels in the snapshots."""
+        with self._lock:
+            self._role_keys = frozenset(keys)
+            self._rebuild()
+        self.changed.set()
+
     def replace_node_labels(self, labels: Mapping[str, Labels]) -> None:
         """Install the role labels of a complete list of Nodes."""
         with self._lock:
@@ -87,6 +101,34 @@ class Store:
             if self._node_labels.pop(name, None) is not None:
                 self._put(name)
 
+    # EncryptionExemption policies (exemptions.py); they never hold up ``synced``: a
+    # missing CRD leaves only the built-in policy.
+
+    def replace_exemptions(self, policies: Iterable) -> None:
+        with self._lock:
+            fresh = {p.name: p for p in policies}
+            if fresh == self._exemptions:
+                return
+            self._exemptions = fresh
+            self._exemptions_changed()
+
+    def upsert_exemption(self, policy) -> None:
+        with self._lock:
+            if self._exemptions.get(policy.name) == policy:
+                return
+            self._exemptions[policy.name] = policy
+            self._exemptions_changed()
+
+    def delete_exemption(self, name: str) -> None:
+        with self._lock:
+            if self._exemptions.pop(name, None) is None:
+                return
+            self._exemptions_changed()
+
+    def exemptions(self) -> tuple:
+        with self._lock:
+            return tuple(self._exemptions[n] for n in sorted(self._exemptions))
+
     # Reads
 
     def snapshot(self) -> dict[str, NodeInfo]:
@@ -103,11 +145,27 @@ class Store:
 
     # Internals (lock held)
 
-    def _merged(self, name: str) -> NodeInfo | None:
+    def _exemptions_changed(self) -> None:
+        self.version += 1
+        self._rebuild()  # the selectors may name other label keys
+        self.changed.set()
+
+    def _wanted_keys(self) -> frozenset[str] | None:
+        if self._role_keys is None:
+            return None
+        keys = set(self._role_keys)
+        for policy in self._exemptions.values():
+            keys |= policy.label_keys()
+        return frozenset(keys)
+
+    def _merged(self, name: str, keys: frozenset[str] | None = None) -> NodeInfo | None:
         node = self._parsed.get(name)
         labels = self._node_labels.get(name)
         if node is None or labels is None:
             return node
+        keys = self._wanted_keys() if keys is None else keys
+        if keys is not None:
+            labels = tuple((k, v) for k, v in labels if k in keys)
         return dataclasses.replace(node, node_labels=labels)
 
     def _put(self, name: str) -> None:
@@ -122,7 +180,8 @@ class Store:
         self.changed.set()
 
     def _rebuild(self) -> None:
-        fresh = {name: self._merged(name) for name in self._parsed}
+        keys = self._wanted_keys()
+        fresh = {name: self._merged(name, keys) for name in self._parsed}
         if fresh != self._nodes:
             self._nodes = fresh
             self.version += 1

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 
 from nodecryptor import cilium
 from nodecryptor.ciliumnode import parse_ciliumnode
+from nodecryptor.exemptions import parse_exemption
 from nodecryptor.datapath.base import (VERDICT_DROP, VERDICT_ENCRYPT, VERDICT_EXEMPT,
                                        VERDICT_PASS, PacketQuery)
 from nodecryptor.model import DesiredState, Device, NodeInfo, WgPeer, WgState
@@ -53,6 +54,18 @@ from nodecryptor.policy import admission_limits, compute_desired, compute_plan
 from nodecryptor.settings import Settings
 
 CP_LABEL = "node-role.kubernetes.io/control-plane"
+STORAGE_LABEL = "storage.example.com/iscsi"
+STORAGE_PORT = 3260
+# An EncryptionExemption (exemptions.py): w2 (the labelled worker) serves TCP 3260 to the
+# workers; control-plane nodes are no clients. Every case's plan includes it.
+POLICIES_OBJ = [{
+    "apiVersion": "nodecryptor.io/v1alpha1", "kind": "EncryptionExemption",
+    "metadata": {"name": "storage"},
+    "spec": {"nodeSelector": {"matchLabels": {STORAGE_LABEL: "yes"}},
+             "clientNodeSelector": {"matchExpressions": [{"key": CP_LABEL,
+                                                          "operator": "DoesNotExist"}]},
+             "ports": [{"port": STORAGE_PORT}]},
+}]
 WG_PORT = 51871
 WG_IFNAME = "cilium_wg0"
 WG_MTU = 1420
@@ -97,7 +110,7 @@ _KEYS = {
 
 
 def _ciliumnode(name: str, ipv4: str, ipv6: str, internal_ip: str, pod_v4: str, pod_v6: str,
-                control_plane: bool) -> dict:
+                control_plane: bool, **extra_labels: str) -> dict:
     labels = {
         "kubernetes.io/arch": "amd64",
         "kubernetes.io/hostname": name,
@@ -106,6 +119,7 @@ def _ciliumnode(name: str, ipv4: str, ipv6: str, internal_ip: str, pod_v4: str, 
     if control_plane:
         labels[CP_LABEL] = ""  # kubeadm sets the label with an empty value
         labels["node.kubernetes.io/exclude-from-external-load-balancers"] = ""
+    labels.update(extra_labels)
     return {
         "apiVersion": "cilium.io/v2",
         "kind": "CiliumNode",
@@ -138,7 +152,7 @@ CLUSTER = [
     _ciliumnode("w1", "192.168.50.21", "fd00:50::21", "10.244.1.1", "10.244.1.0/24",
                 "fd00:244:1::/64", control_plane=False),
     _ciliumnode("w2", "192.168.50.22", "fd00:50::22", "10.244.2.1", "10.244.2.0/24",
-                "fd00:244:2::/64", control_plane=False),
+                "fd00:244:2::/64", control_plane=False, **{STORAGE_LABEL: "yes"}),
 ]
 
 # Addresses used by the cases, named for readability.
@@ -268,6 +282,36 @@ CASES: list[Case] = [
     _c("v6-nd-136-after-hop-by-hop", "w1", _P, R_ND, False, _ND_WHY, dst=W2_V6, proto="icmpv6",
        icmp_type=136, extra={"ipv6_ext": ("hop",)}),
     _c("v6-icmpv6-echo", "w1", _E, R_ENCRYPT, dst=W2_V6, proto="icmpv6", icmp_type=128),
+    # --- EncryptionExemption "storage": w2 serves TCP 3260 to the workers -------------------
+    _c("v4-policy-worker-to-labelled-worker", "w1", _X, R_EXEMPT_DPORT, dst=W2_V4,
+       dport=STORAGE_PORT),
+    _c("v6-policy-worker-to-labelled-worker", "w1", _X, R_EXEMPT_DPORT, dst=W2_V6,
+       dport=STORAGE_PORT),
+    _c("v4-policy-pod-to-labelled-worker", "w1", _X, R_EXEMPT_DPORT, dst=W2_V4,
+       src=W1_POD_V4, dport=STORAGE_PORT),
+    _c("v4-policy-port-to-unlabelled-worker", "w2", _E, R_ENCRYPT, dst=W1_V4,
+       src=W2_V4, dport=STORAGE_PORT),
+    _c("v4-policy-port-to-cp", "w1", _E, R_ENCRYPT, dst=CP1_V4, dport=STORAGE_PORT),
+    _c("v4-policy-to-labelled-workers-pod", "w1", _E, R_ENCRYPT, dst=W2_POD_V4,
+       dport=STORAGE_PORT),
+    _c("v4-policy-udp-not-exempt", "w1", _E, R_ENCRYPT, dst=W2_V4, proto="udp",
+       dport=STORAGE_PORT),
+    _c("v4-policy-non-client-cp-to-labelled-worker", "cp1", _E, R_ENCRYPT, dst=W2_V4,
+       src=CP1_V4, dport=STORAGE_PORT),
+    _c("v4-policy-reply-to-client", "w2", _X, R_EXEMPT_SPORT, dst=W1_V4, src=W2_V4,
+       sport=STORAGE_PORT, dport=40000, tcp_flags="SA", extra={"inbound_flow": True}),
+    _c("v6-policy-reply-to-client", "w2", _X, R_EXEMPT_SPORT, dst=W1_V6, src=W2_V6,
+       sport=STORAGE_PORT, dport=40000, tcp_flags="SA", extra={"inbound_flow": True}),
+    _c("v4-policy-reply-to-client-pod", "w2", _X, R_EXEMPT_SPORT, dst=W1_POD_V4, src=W2_V4,
+       sport=STORAGE_PORT, dport=40000, tcp_flags="A", extra={"inbound_flow": True}),
+    _c("v4-policy-reply-to-non-client", "w2", _E, R_ENCRYPT, dst=CP1_V4, src=W2_V4,
+       sport=STORAGE_PORT, dport=40000, tcp_flags="SA"),
+    _c("v4-policy-reply-from-pod", "w2", _E, R_ENCRYPT, dst=W1_V4, src=W2_POD_V4,
+       sport=STORAGE_PORT, dport=40000, tcp_flags="SA"),
+    _c("v4-policy-client-sport-not-exempt", "w1", _E, R_ENCRYPT, dst=W2_V4, src=W1_V4,
+       sport=STORAGE_PORT, dport=40000, tcp_flags="SA"),
+    _c("v4-policy-builtin-still-exempt-on-serving-node", "w2", _X, R_EXEMPT_DPORT, dst=CP1_V4,
+       src=W2_V4, dport=6443),
     _c("v6-not-cluster", "w1", _P, R_NOT_CLUSTER, dst=OUTSIDE_V6, dport=443),
     _c("v6-wireguard-port", "w1", _P, R_WG_PORT, dst=W2_V6, proto="udp", sport=WG_PORT,
        dport=WG_PORT),
@@ -421,6 +465,15 @@ def snapshot() -> dict[str, NodeInfo]:
     return out
 
 
+def policies() -> list:
+    out = []
+    for obj in POLICIES_OBJ:
+        policy, rejections = parse_exemption(obj)
+        assert policy is not None, rejections
+        out.append(policy)
+    return out
+
+
 def settings_for(case: Case) -> Settings:
     return Settings(node_name=case.local_node, wg_interface=WG_IFNAME,
                     fail_mode=case.extra.get("fail_mode", "closed"),
@@ -459,7 +512,7 @@ def desired_for(case: Case, wg_ifindex: int = 7,
                 devices: tuple[Device, ...] = (UNDERLAY,)) -> DesiredState:
     """The DesiredState the agent computes for the case's local node."""
     settings = settings_for(case)
-    plan = compute_plan(snapshot(), case.local_node, settings)
+    plan = compute_plan(snapshot(), case.local_node, settings, policies=policies())
     wg = wg_state_for(case, wg_ifindex)
     desired = compute_desired(plan, wg, devices, settings)
     # As the reconciler does: Cilium's routing mode and own pod-to-pod traffic.

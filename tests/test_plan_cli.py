@@ -19,7 +19,11 @@ TCP_DEFAULT = [{"protocol": "tcp", "first": 2379, "last": 2380},
 
 
 def dest(prefix, node, kind, control_plane=False):
-    return {"prefix": prefix, "node": node, "kind": kind, "control_plane": control_plane}
+    # The built-in policy (default ports) exempts a control-plane node's own addresses.
+    exempt = [dict(r, policy="control-plane-bootstrap") for r in TCP_DEFAULT] \
+        if control_plane and kind == "node-ip" else []
+    return {"prefix": prefix, "node": node, "kind": kind, "control_plane": control_plane,
+            "exempt_ports": exempt}
 
 
 @pytest.fixture
@@ -65,6 +69,7 @@ def test_bundled_example_plan_for_a_worker(serve, capsys):
             dest("fd50::13/128", "w3", "node-ip"),
         ],
         "exempt_ports": TCP_DEFAULT,
+        "serves": [],
         "rejected": [],
     }
 
@@ -186,3 +191,39 @@ def test_wrong_token_exits_1_naming_401(serve, capsys, tmp_path):
     bad.write_text(json.dumps(config))
     assert main(["plan", "--kubeconfig", str(bad), "--node-name", "w1", "--json"]) == 1
     assert "401" in capsys.readouterr().err
+
+
+def test_plan_lists_policy_exemptions_serves_and_rejected_policies(serve, capsys):
+    from nodecryptor_testkit.fakeapi import make_exemption
+    objects = load_objects(EXAMPLE)
+    for obj in objects:
+        if obj.get("kind") == "Node" and obj["metadata"]["name"] == "w2":
+            obj["metadata"]["labels"]["storage"] = "yes"
+    objects += [make_exemption("storage", {"matchLabels": {"storage": "yes"}},
+                               [{"port": 3260}]),
+                make_exemption("broken", {}, [{"port": 3260, "endPort": 1}])]
+    kubeconfig = serve(objects)
+    got = plan_json(capsys, kubeconfig, "w1")
+    by_prefix = {d["prefix"]: d["exempt_ports"] for d in got["destinations"]}
+    assert by_prefix["192.168.50.12/32"] == [{"protocol": "tcp", "first": 3260, "last": 3260,
+                                              "policy": "storage"}]
+    assert by_prefix["192.168.50.13/32"] == [] and by_prefix["10.244.2.0/24"] == []
+    assert got["serves"] == []
+    assert got["rejected"] == [{"kind": "EncryptionExemption", "name": "broken",
+                                "field": "spec.ports[0].endPort", "value": "1",
+                                "reason": "malformed", "detail": "below port 3260"}]
+    got = plan_json(capsys, kubeconfig, "w2")
+    assert got["serves"] == [{"protocol": "tcp", "first": 3260, "last": 3260,
+                              "policy": "storage"}]
+
+
+def test_plan_without_the_crd_keeps_the_builtin_policy(tmp_path, capsys):
+    server = FakeApiServer(token="plan-test", objects=load_objects(EXAMPLE)).start()
+    try:
+        server.exemptions_installed = False
+        got = plan_json(capsys, server.write_kubeconfig(str(tmp_path / "kc")), "w1")
+    finally:
+        server.stop()
+    assert "not installed" in got["exemptions_note"]
+    assert {d["prefix"]: d["exempt_ports"] for d in got["destinations"]}[
+        "192.168.50.10/32"] == [dict(r, policy="control-plane-bootstrap") for r in TCP_DEFAULT]

@@ -25,6 +25,15 @@ def snapshot(*objs):
 
 
 SETTINGS = Settings(node_name="w1")
+BUILTIN_RANGES = [{"protocol": "tcp", "first": 2379, "last": 2380,
+                   "policy": "control-plane-bootstrap"},
+                  {"protocol": "tcp", "first": 6443, "last": 6443,
+                   "policy": "control-plane-bootstrap"}]
+
+
+def dest(prefix, node, kind, control_plane, exempt=()):
+    return {"prefix": prefix, "node": node, "kind": kind, "control_plane": control_plane,
+            "exempt_ports": list(exempt)}
 
 
 def test_worker_plan_matches_the_contract():
@@ -34,18 +43,18 @@ def test_worker_plan_matches_the_contract():
         "role": "worker",
         "local_addresses": ["192.168.50.21", "fd50::21"],
         "destinations": [
-            {"prefix": "10.244.0.0/24", "node": "cp1", "kind": "pod-cidr", "control_plane": True},
-            {"prefix": "10.244.2.0/24", "node": "w2", "kind": "pod-cidr", "control_plane": False},
-            {"prefix": "192.168.50.10/32", "node": "cp1", "kind": "node-ip", "control_plane": True},
-            {"prefix": "192.168.50.22/32", "node": "w2", "kind": "node-ip", "control_plane": False},
-            {"prefix": "fd00:10:244::/64", "node": "cp1", "kind": "pod-cidr", "control_plane": True},
-            {"prefix": "fd00:10:244:2::/64", "node": "w2", "kind": "pod-cidr",
-             "control_plane": False},
-            {"prefix": "fd50::10/128", "node": "cp1", "kind": "node-ip", "control_plane": True},
-            {"prefix": "fd50::22/128", "node": "w2", "kind": "node-ip", "control_plane": False},
+            dest("10.244.0.0/24", "cp1", "pod-cidr", True),
+            dest("10.244.2.0/24", "w2", "pod-cidr", False),
+            dest("192.168.50.10/32", "cp1", "node-ip", True, BUILTIN_RANGES),
+            dest("192.168.50.22/32", "w2", "node-ip", False),
+            dest("fd00:10:244::/64", "cp1", "pod-cidr", True),
+            dest("fd00:10:244:2::/64", "w2", "pod-cidr", False),
+            dest("fd50::10/128", "cp1", "node-ip", True, BUILTIN_RANGES),
+            dest("fd50::22/128", "w2", "node-ip", False),
         ],
         "exempt_ports": [{"protocol": "tcp", "first": 2379, "last": 2380},
                          {"protocol": "tcp", "first": 6443, "last": 6443}],
+        "serves": [],
         "rejected": [],
     }
 

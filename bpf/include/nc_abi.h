@@ -6,7 +6,7 @@
 #ifndef NC_ABI_H
 #define NC_ABI_H
 
-#define NC_ABI_VERSION 2
+#define NC_ABI_VERSION 3
 
 /* Destination value: what the agent knows about a remote prefix. */
 #define NC_KIND_NODE_IP 1
@@ -30,23 +30,33 @@ struct nc_lpm_v6 {
 	__u8 addr[16];
 };
 
+/* Exemption policies (EncryptionExemption, the built-in control-plane-bootstrap included)
+ * each have a bit 0..NC_POLICIES_MAX-1, assigned by the agent per desired state. A destination
+ * carries two masks, so the per-packet cost does not depend on the number of policies: */
 struct nc_dst_info {
 	__u8 kind;  /* NC_KIND_* */
 	__u8 flags; /* NC_DST_F_* */
 	__u16 reserved;
+	__u32 serves;  /* policies this destination's node serves, the local node a client:
+			* destination ports exempt (node addresses only) */
+	__u32 clients; /* policies the local node serves, this destination's node a client:
+			* source ports exempt on replies from the local node's own addresses */
 };
 
-/* Exempt ports: up to NC_EXEMPT_RANGES_MAX (protocol, first, last) ranges, scanned in order
- * (a range costs the same as a single port; 1-65535 is one entry). */
-#define NC_EXEMPT_DPORT (1 << 0) /* towards control-plane nodes */
-#define NC_EXEMPT_SPORT (1 << 1) /* replies from the local control-plane node's own addresses */
-#define NC_EXEMPT_RANGES_MAX 16
+/* Exempt ports: up to NC_EXEMPT_RANGES_MAX (protocol, first, last, policy) ranges, scanned in
+ * order (a range costs the same as a single port; 1-65535 is one entry). A range exempts a
+ * packet only when its policy's bit is in the destination's relevant mask. */
+#define NC_EXEMPT_DPORT (1 << 0) /* as destination port (to a serving node) */
+#define NC_EXEMPT_SPORT (1 << 1) /* as source port (replies of the local serving node) */
+#define NC_EXEMPT_RANGES_MAX 64
+#define NC_POLICIES_MAX 32
 struct nc_port_range {
 	__u8 protocol; /* IPPROTO_TCP / _UDP / _SCTP */
 	__u8 flags;    /* NC_EXEMPT_* */
 	__u16 first;   /* host byte order, inclusive */
 	__u16 last;
-	__u16 pad;
+	__u8 policy;   /* policy bit, < NC_POLICIES_MAX */
+	__u8 pad;
 };
 
 struct nc_exempt_ranges {
@@ -192,8 +202,8 @@ enum nc_reason {
 	NC_R_NOT_CLUSTER = 3,     /* pass: destination is not a remote cluster prefix */
 	NC_R_ND = 4,              /* pass: ICMPv6 router/neighbour discovery (types 133-137) */
 	NC_R_WG_PORT = 5,         /* pass: UDP sport == dport == WireGuard port */
-	NC_R_EXEMPT_DPORT = 6,    /* exempt: to a control-plane node on an exempt port */
-	NC_R_EXEMPT_SPORT = 7,    /* exempt: reply from the local control-plane node's address */
+	NC_R_EXEMPT_DPORT = 6,    /* exempt: to a serving node's address on a policy's port */
+	NC_R_EXEMPT_SPORT = 7,    /* exempt: reply from the local serving node's address */
 	NC_R_ENCRYPT = 8,         /* encrypt */
 	NC_R_FRAG_EXEMPT = 9,     /* exempt: non-first fragment of an exempt packet */
 	NC_R_FRAG_ENCRYPT = 10,   /* encrypt: non-first fragment of an encrypted packet */

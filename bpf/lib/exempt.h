@@ -1,7 +1,9 @@
 /* SPDX-License-Identifier: Apache-2.0 */
-/* The narrow bootstrap exemption: flows to a control-plane node's own address on an exempt
- * destination port, and replies from the local control-plane node's own address on an exempt
- * source port. Everything else to a cluster destination is encrypted. */
+/* The narrow exemptions of the policies (EncryptionExemption, the built-in control-plane
+ * bootstrap included): flows to a serving node's own address on one of its policies' ports
+ * (the local node a client), and replies from the local serving node's own address on one of
+ * its policies' ports to a client node. Everything else to a cluster destination is
+ * encrypted. */
 #ifndef NC_LIB_EXEMPT_H
 #define NC_LIB_EXEMPT_H
 
@@ -19,14 +21,15 @@ static __always_inline __u32 nc_exempt_reason(const struct nc_pkt *p,
 {
 	if (!nc_has_ports(p->proto))
 		return NC_R_ENCRYPT;
-	/* Only the node's own address: a pod on a control-plane node listening on an exempt
-	 * port is ordinary pod traffic and stays encrypted. */
-	if ((dst->flags & NC_DST_F_CONTROL_PLANE) && dst->kind == NC_KIND_NODE_IP &&
-	    (nc_port_flags(p->proto, p->dport) & NC_EXEMPT_DPORT))
+	/* Only the node's own address: a pod on a serving node listening on an exempt port is
+	 * ordinary pod traffic and stays encrypted. */
+	if (dst->serves && dst->kind == NC_KIND_NODE_IP &&
+	    (nc_port_policies(p->proto, p->dport, NC_EXEMPT_DPORT) & dst->serves))
 		return NC_R_EXEMPT_DPORT;
 	/* Never on the source port alone: a pod's reply from an exempt port would leak. */
-	if (cfg->local_role == NC_ROLE_CONTROL_PLANE &&
-	    (nc_port_flags(p->proto, p->sport) & NC_EXEMPT_SPORT) && nc_src_is_local(p))
+	if (dst->clients &&
+	    (nc_port_policies(p->proto, p->sport, NC_EXEMPT_SPORT) & dst->clients) &&
+	    nc_src_is_local(p))
 		return NC_R_EXEMPT_SPORT;
 	return NC_R_ENCRYPT;
 }

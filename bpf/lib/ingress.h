@@ -151,12 +151,16 @@ static __always_inline int nc_in_decide(struct __sk_buff *skb, const int dry)
 		reason = NC_R_IN_ND;
 	else if (p.proto == NC_IPPROTO_UDP && p.dport == cfg->wg_port)
 		reason = NC_R_IN_WG_PORT;
-	else if (nc_has_ports(p.proto) && to_node && cfg->local_role == NC_ROLE_CONTROL_PLANE &&
-		 (nc_port_flags(p.proto, p.dport) & NC_EXEMPT_SPORT))
-		reason = NC_R_IN_EXEMPT_REQUEST; /* the ports whose replies egress may exempt */
+	/* A request from a client of a policy the local node serves, to one of that policy's
+	 * ports on a local node address: the ports whose replies egress may exempt. */
+	else if (nc_has_ports(p.proto) && to_node && src_info.clients &&
+		 (nc_port_policies(p.proto, p.dport, NC_EXEMPT_SPORT) & src_info.clients))
+		reason = NC_R_IN_EXEMPT_REQUEST;
+	/* A reply from a serving node's own address on one of its policies' ports, for a
+	 * connection this node opened (remembered by egress). */
 	else if (nc_has_ports(p.proto) && to_node && src_info.kind == NC_KIND_NODE_IP &&
-		 (src_info.flags & NC_DST_F_CONTROL_PLANE) &&
-		 (nc_port_flags(p.proto, p.sport) & NC_EXEMPT_DPORT) &&
+		 src_info.serves &&
+		 (nc_port_policies(p.proto, p.sport, NC_EXEMPT_DPORT) & src_info.serves) &&
 		 nc_flow_is(&p, 0, NC_FLOW_OUTBOUND))
 		reason = NC_R_IN_EXEMPT_REPLY;
 	if (reason == NC_R_IN_EXEMPT_REQUEST)

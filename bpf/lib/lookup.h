@@ -164,10 +164,10 @@ static __always_inline int nc_src_is_local(const struct nc_pkt *p)
 	return nc_local.lookup(&key) != NULL;
 }
 
-/* NC_EXEMPT_* bits of (protocol, port): the union over the exempt ranges that contain it. */
-static __always_inline __u32 nc_port_flags(__u8 protocol, __u16 port)
+/* Policy bits of the exempt ranges holding (protocol, port) with ``flag`` (NC_EXEMPT_*). */
+static __always_inline __u32 nc_port_policies(__u8 protocol, __u16 port, __u8 flag)
 {
-	__u32 zero = 0, flags = 0, n;
+	__u32 zero = 0, policies = 0, n;
 	struct nc_exempt_ranges *x = nc_exempt.lookup(&zero);
 
 	if (!x)
@@ -178,10 +178,11 @@ static __always_inline __u32 nc_port_flags(__u8 protocol, __u16 port)
 	for (int i = 0; i < NC_EXEMPT_RANGES_MAX; i++) {
 		const struct nc_port_range *r = &x->r[i];
 
-		if (i < n && r->protocol == protocol && port >= r->first && port <= r->last)
-			flags |= r->flags;
+		if (i < n && r->protocol == protocol && (r->flags & flag) && port >= r->first &&
+		    port <= r->last)
+			policies |= 1U << (r->policy & (NC_POLICIES_MAX - 1));
 	}
-	return flags;
+	return policies;
 }
 
 #endif /* NC_LIB_LOOKUP_H */

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import ipaddress
 
+from .. import exemption_record
 from ..datapath import detect
 from ..datapath.base import PacketQuery
 from ..errors import SettingsError
 from ..ports import IP_PROTOCOLS
-from .common import add_bpffs, add_json, print_json, settings_from_args
+from .common import add_bpffs, add_json, add_run_dir, print_json, settings_from_args
 
 PROTOCOLS = tuple(IP_PROTOCOLS)
 
@@ -38,6 +39,7 @@ def register(sub) -> None:
     p.add_argument("--device", default=None, metavar="DEV",
                    help="underlay device (default: the one the route to --dst uses)")
     add_bpffs(p)
+    add_run_dir(p)  # where the agent records the names of the exemption policies
     add_json(p)
     p.set_defaults(func=handle)
 
@@ -112,6 +114,7 @@ def handle(args) -> int:
             explanation = module.explain(settings, query)
     except LookupError as e:
         raise SettingsError("--dst", args.dst, str(e)) from None
+    _name_policy(settings, query, explanation)
     if args.json:
         print_json(explanation.to_json())
         return 0
@@ -123,4 +126,26 @@ def handle(args) -> int:
           + (f", program {d['prog_id']}" if d.get("prog_id") else "")
           + (f", redirected to {d.get('redirect_device') or d['redirect_ifindex']}"
              if d.get("redirect_ifindex") else ""))
+    if d.get("policy"):
+        print(f"  exemption policy {d['policy']}")
     return 0
+
+
+# Exempt reasons of both datapaths: a destination port to a serving node, a reply's source
+# port from the local serving node.
+_EXEMPT_REASONS = {"exempt-control-plane-port": False, "exempt-control-plane-reply": True}
+
+
+def _name_policy(settings, query: PacketQuery, explanation) -> None:
+    """Name the EncryptionExemption (or the built-in policy) behind an exempt verdict, from
+    the agent's record of the policies it applied (the datapaths hold bits, not names)."""
+    reply = _EXEMPT_REASONS.get(explanation.reason)
+    if reply is None:
+        return
+    record = exemption_record.read(settings)
+    if record is None:
+        return
+    port = query.sport if reply else query.dport
+    name = exemption_record.policy_of(record, reply, query.dst, query.proto, port)
+    if name:
+        explanation.details["policy"] = name

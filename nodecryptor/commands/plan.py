@@ -25,12 +25,15 @@ def handle(args) -> int:
     from .. import k8s  # the only module that imports the kubernetes client; loaded on use
 
     snapshot, rejections = k8s.snapshot_once(settings)
-    plan = compute_plan(snapshot, settings.node_name, settings)
+    policies, policy_rejections, note = k8s.exemptions_once(settings)
+    plan = compute_plan(snapshot, settings.node_name, settings, policies=policies)
     # What the parser skipped, then what admission rejected or reported as a conflict.
-    rejected = list(rejections) + list(plan.rejected)
+    rejected = list(rejections) + list(policy_rejections) + list(plan.rejected)
     if args.json:
         out = plan.to_json()
         out["rejected"] = [r.to_json() for r in rejected]
+        if note:
+            out["exemptions_note"] = note
         print_json(out)
         return 0
     print(f"node {plan.node} ({plan.role})"
@@ -41,7 +44,13 @@ def handle(args) -> int:
     print(f"{len(plan.destinations)} encrypted destinations:")
     print(f"  {'PREFIX':<44} {'NODE':<24} {'KIND':<9} CONTROL-PLANE")
     for d in plan.destinations:
-        print(f"  {str(d.prefix):<44} {d.node:<24} {d.kind:<9} {'yes' if d.control_plane else 'no'}")
+        print(f"  {str(d.prefix):<44} {d.node:<24} {d.kind:<9} {'yes' if d.control_plane else 'no'}"
+              + "".join(f"\n      exempt {r.protocol}/{r.first}-{r.last} ({r.policy})"
+                        for r in d.exempt_ports))
+    for r in plan.serves:
+        print(f"serves {r.protocol}/{r.first}-{r.last} in the clear ({r.policy})")
+    if note:
+        print(f"exemption policies: {note}")
     for rej in rejected:
         # A duplicate claim is kept (encrypted) and only reported.
         what = "conflict" if rej.reason == "duplicate-claim" else "rejected"

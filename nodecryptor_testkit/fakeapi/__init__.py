@@ -15,6 +15,10 @@ Tests run it in a thread; the network-namespace lab runs it as a process
   metadata only (``PartialObjectMetadata``/``PartialObjectMetadataList``) when the Accept header
   asks for it as the real server negotiates it (406 for a form it cannot produce); created
   with ``FakeApiServer.apply`` of an object whose kind is Node (also from ``--objects``);
+- ``encryptionexemptions.nodecryptor.io/v1alpha1``, cluster-scoped: as CiliumNodes (list,
+  watch, create, update, patch, delete; ``FakeApiServer.apply`` of an EncryptionExemption);
+  ``exemptions_installed = False`` (control action ``exemptions-installed``) answers 404 as
+  a cluster without the CRD does;
 - one global, monotonically increasing resourceVersion (shared by both resources, as etcd's
   revision is) and a bounded event history per resource.
 
@@ -34,11 +38,11 @@ Label and field selectors are ignored: nodecryptor does not use them.
 from .cluster import ApiError, FakeCluster
 from .objects import (API_VERSION, COLLECTION, CONTROL_PLANE_LABEL, GROUP, KIND, MASTER_LABEL,
                       NODE_COLLECTION, PLURAL, VERSION, WG_PUBKEY_ANNOTATION, load_objects,
-                      make_ciliumnode, make_node, merge_patch, partial_object_metadata,
-                      status_object)
+                      make_ciliumnode, make_exemption, make_node, merge_patch,
+                      partial_object_metadata, status_object)
 from .server import FakeApiServer
 
 __all__ = ["API_VERSION", "COLLECTION", "CONTROL_PLANE_LABEL", "GROUP", "KIND", "MASTER_LABEL",
            "PLURAL", "VERSION", "WG_PUBKEY_ANNOTATION", "ApiError", "FakeApiServer",
-           "FakeCluster", "NODE_COLLECTION", "load_objects", "make_ciliumnode", "make_node",
-           "merge_patch", "partial_object_metadata", "status_object"]
+           "FakeCluster", "NODE_COLLECTION", "load_objects", "make_ciliumnode", "make_exemption",
+           "make_node", "merge_patch", "partial_object_metadata", "status_object"]

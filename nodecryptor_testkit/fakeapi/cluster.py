@@ -27,6 +27,8 @@ class Resource:
 
 CILIUMNODE_RESOURCE = Resource(KIND, API_VERSION, "ciliumnodes.cilium.io")
 NODE_RESOURCE = Resource("Node", "v1", "nodes")
+EXEMPTION_RESOURCE = Resource("EncryptionExemption", "nodecryptor.io/v1alpha1",
+                              "encryptionexemptions.nodecryptor.io")
 
 
 class _Clock:

@@ -93,6 +93,18 @@ def make_ciliumnode(name: str, ipv4: str | None = None, ipv6: str | None = None,
 
 
 NODE_COLLECTION = "/api/v1/nodes"
+EXEMPTION_COLLECTION = "/apis/nodecryptor.io/v1alpha1/encryptionexemptions"
+
+
+def make_exemption(name: str, node_selector: dict | None = None, ports: list | None = None,
+                   client_selector: dict | None = None) -> dict:
+    """An EncryptionExemption (nodecryptor.io/v1alpha1)."""
+    spec: dict = {"nodeSelector": node_selector if node_selector is not None else {},
+                  "ports": ports if ports is not None else [{"port": 9345}]}
+    if client_selector is not None:
+        spec["clientNodeSelector"] = client_selector
+    return {"apiVersion": "nodecryptor.io/v1alpha1", "kind": "EncryptionExemption",
+            "metadata": {"name": name}, "spec": spec}
 META_API_VERSION = "meta.k8s.io/v1"
 
 

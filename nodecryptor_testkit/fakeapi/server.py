@@ -19,8 +19,8 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 
-from .cluster import NODE_RESOURCE, ApiError, FakeCluster
-from .objects import (API_VERSION, COLLECTION, GROUP, KIND, META_API_VERSION, NODE_COLLECTION,
+from .cluster import EXEMPTION_RESOURCE, NODE_RESOURCE, ApiError, FakeCluster
+from .objects import (API_VERSION, COLLECTION, EXEMPTION_COLLECTION, GROUP, KIND, META_API_VERSION, NODE_COLLECTION,
                       PLURAL, VERSION, partial_object_metadata, status_object)
 
 LIST_VIEW = "PartialObjectMetadataList"
@@ -187,6 +187,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 # and refusing connections hit every request.
                 self._route_nodes(method, path, query, method == "GET" and watch_asked)
                 return
+            if path == EXEMPTION_COLLECTION or path.startswith(EXEMPTION_COLLECTION + "/"):
+                # EncryptionExemptions: like CiliumNodes, but count-based faults stay aimed
+                # at the CiliumNode requests; 404 while the CRD is "not installed".
+                if not fake.exemptions_installed:
+                    raise ApiError(404, "NotFound",
+                                   "the server could not find the requested resource")
+                self._route(method, path, query, method == "GET" and watch_asked
+                            and path == EXEMPTION_COLLECTION, fake.exemptions,
+                            EXEMPTION_COLLECTION)
+                return
             if fake.take_stall("watch" if is_watch else "list" if method == "GET" else "write"):
                 # Accept the request and never answer, like a hung server or a black hole.
                 while not (fake.stopping.is_set() or fake.faults.stall_release.is_set()):
@@ -204,16 +214,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             log.debug("client went away: %s", e)
             self.close_connection = True
 
-    def _route(self, method: str, path: str, query: dict, is_watch: bool) -> None:
-        cluster = self.server.fake.cluster
-        if method == "GET":
+    def _route(self, method: str, path: str, query: dict, is_watch: bool,
+               cluster: FakeCluster | None = None, collection: str = COLLECTION) -> None:
+        cluster = cluster if cluster is not None else self.server.fake.cluster
+        if method == "GET" and collection == COLLECTION:
             doc = _discovery(path, self.server.fake.host_port)
             if doc is not None:
                 self._send_json(200, doc)
                 return
-        if path == COLLECTION:
+        if path == collection:
             if is_watch:
-                self._watch(query)
+                self._watch(query, cluster)
             elif method == "GET":
                 limit = query.get("limit", "0")
                 if not limit.isdigit():
@@ -224,8 +235,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             else:
                 raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on {path}")
             return
-        if path.startswith(COLLECTION + "/") and "/" not in path[len(COLLECTION) + 1:]:
-            name = urllib.parse.unquote(path[len(COLLECTION) + 1:])
+        if path.startswith(collection + "/") and "/" not in path[len(collection) + 1:]:
+            name = urllib.parse.unquote(path[len(collection) + 1:])
             if method == "GET":
                 self._send_json(200, cluster.get(name))
             elif method == "PUT":
@@ -407,6 +418,11 @@ class FakeApiServer:
         self.nodes = FakeCluster(history_limit, initial_rv, NODE_RESOURCE,
                                  shared_with=self.cluster)
         """v1 Nodes, sharing the CiliumNodes' resourceVersion counter as etcd does."""
+        self.exemptions = FakeCluster(history_limit, initial_rv, EXEMPTION_RESOURCE,
+                                      shared_with=self.cluster)
+        """EncryptionExemptions (nodecryptor.io/v1alpha1)."""
+        self.exemptions_installed = True
+        """False: every EncryptionExemption request answers 404, as without the CRD."""
         self.node_requests: collections.deque[tuple[str, str, str]] = collections.deque(
             maxlen=10000)
         """(method, path with query, Accept header) of recent Node requests."""
@@ -531,7 +547,12 @@ class FakeApiServer:
         """Create or replace a CiliumNode, or a v1 Node (``kind: Node``)."""
         if isinstance(obj, dict) and obj.get("kind") == "Node":
             return self.nodes.apply(obj)
+        if isinstance(obj, dict) and obj.get("kind") == "EncryptionExemption":
+            return self.exemptions.apply(obj)
         return self.cluster.apply(obj)
+
+    def delete_exemption(self, name: str) -> dict:
+        return self.exemptions.delete(name)
 
     def delete_node(self, name: str) -> dict:
         return self.nodes.delete(name)
@@ -551,6 +572,7 @@ class FakeApiServer:
     def compact(self) -> None:
         self.cluster.compact()
         self.nodes.compact()
+        self.exemptions.compact()
 
     def advance(self, count: int = 1) -> None:
         self.cluster.advance(count)
@@ -679,6 +701,15 @@ class FakeApiServer:
             self.release_stalls()
         elif action == "fail-next":
             self.fail_next(int(args.get("count", 1)), int(args.get("code", 500)))
+        elif action == "apply":
+            # Create or replace any object (v1 Nodes included, which the HTTP API here only
+            # serves read-only), e.g. to relabel a Node from another process.
+            obj = args.get("object")
+            if not isinstance(obj, dict):
+                raise ValueError("apply needs {\"object\": {...}}")
+            self.apply(obj)
+        elif action == "exemptions-installed":
+            self.exemptions_installed = bool(args.get("installed", True))
         elif action == "refuse":
             seconds = float(args.get("seconds", 5))
             # Reopen from a timer: once the listener is closed this endpoint is unreachable.

@@ -2,7 +2,7 @@
 
 The stand-in plays Cilium, a separate program, so it does not borrow nodecryptor's own
 Kubernetes client (``nodecryptor.k8s``): the lab must keep working when that client has a bug,
-which is exactly what the lab is there to find. Four requests are all it needs.
+which is exactly what the lab is there to find. A few requests are all it needs.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import urllib.error
 import urllib.request
 
 CILIUMNODES = "/apis/cilium.io/v2/ciliumnodes"
+EXEMPTIONS = "/apis/nodecryptor.io/v1alpha1/encryptionexemptions"
+NODES = "/api/v1/nodes"
 
 
 class ApiError(RuntimeError):
@@ -60,3 +62,17 @@ class KubeApi:
 
     def delete(self, name: str) -> dict:
         return self._request("DELETE", f"{CILIUMNODES}/{name}")
+
+    def create_exemption(self, obj: dict) -> dict:
+        return self._request("POST", EXEMPTIONS, obj)
+
+    def delete_exemption(self, name: str) -> dict:
+        return self._request("DELETE", f"{EXEMPTIONS}/{name}")
+
+    def get_node(self, name: str) -> dict:
+        return self._request("GET", f"{NODES}/{name}")
+
+    def put_node(self, obj: dict) -> dict:
+        """Replace a v1 Node (the lab's fake API takes Node writes through its control
+        endpoint; a kubelet or an administrator's kubectl would PATCH the Node)."""
+        return self._request("POST", "/_fake/apply", {"object": obj})

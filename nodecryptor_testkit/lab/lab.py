@@ -338,8 +338,14 @@ class Lab:
                 "--node-name", name, "--bpffs", handle.bpffs, "--datapath", self.datapath,
                 "--health-probe-bind-address", HEALTH_BIND,
                 "--metrics-server-bind-address", METRICS_BIND, "--log-format", "json",
+                # Each node's own records (datapath choice, exemption policy names), not the
+                # host's /run/nodecryptor, which every node's agent would share.
+                "--run-dir", self.run_dir(name),
                 *(("--ingress-enforcement", self.ingress_enforcement)
                   if self.ingress_enforcement else ())]
+
+    def run_dir(self, name: str) -> str:
+        return os.path.join(self.nodes[name].workdir, "run")
 
     def start_agent(self, name: str) -> None:
         argv, node = self.agent_argv(name), name
@@ -392,6 +398,8 @@ class Lab:
         argv = self.nodes[name].enter() + [PY, "-m", "nodecryptor.cli", *args, "--json"]
         if args and args[0] in ("status", "bpf", "explain", "cleanup"):
             argv += ["--bpffs", self.nodes[name].bpffs]
+        if args and args[0] in ("status", "explain"):
+            argv += ["--run-dir", self.run_dir(name)]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                               env=child_env())
         if proc.returncode not in (0, 1) or not proc.stdout.strip():

@@ -14,6 +14,7 @@ import os
 import pytest
 
 from conftest import have_bcc, require
+from nodecryptor import exemptions
 from nodecryptor.datapath.bpf import abi, program, syscall, testrun
 from nodecryptor.settings import MAX_EXEMPT_PORT_RANGES, MapSizes, Settings
 
@@ -64,6 +65,7 @@ CONSTANTS = {
     "BPF_MAP_TYPE_PERCPU_ARRAY": abi.BPF_MAP_TYPE_PERCPU_ARRAY,
     "BPF_MAP_TYPE_LRU_HASH": abi.BPF_MAP_TYPE_LRU_HASH,
     "NC_EXEMPT_RANGES_MAX": abi.EXEMPT_RANGES_MAX,
+    "NC_POLICIES_MAX": abi.POLICIES_MAX,
     "NC_SUMMARY_WORDS": abi.SUMMARY_WORDS,
     "NC_SUMMARY_V6_BASE": abi.SUMMARY_V6_BASE,
     "NC_BLOOM_BITS": abi.BLOOM_BITS,
@@ -171,8 +173,11 @@ def test_map_name_macros_match_specs():
 
 
 def test_exempt_flag_limit_is_the_program_limit():
-    """--control-plane-exempt-ports is validated against what nc_exempt holds."""
-    assert MAX_EXEMPT_PORT_RANGES == abi.EXEMPT_RANGES_MAX
+    """--control-plane-exempt-ports (the built-in policy) is validated against one policy's
+    range limit, and the policies' limits are what nc_exempt and the masks hold."""
+    assert MAX_EXEMPT_PORT_RANGES == exemptions.MAX_RANGES_PER_POLICY
+    assert exemptions.MAX_RANGES == abi.EXEMPT_RANGES_MAX
+    assert exemptions.MAX_POLICIES == abi.POLICIES_MAX == 32  # one bit each of a __u32
 
 
 def test_reason_tables_complete():

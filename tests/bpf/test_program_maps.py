@@ -49,10 +49,13 @@ def test_sync_is_idempotent_and_prunes(loaded):
 
     cp = dc.desired_for(dc.CASES_BY_ID["v4-cp-reply-6443-from-node-ip"])  # local node cp1
     switched = maps.sync(loaded.map_fds, cp, now_ns=3)
-    # w1's four prefixes, addresses and local pod CIDRs replace cp1's; w2 and the ports stay.
+    # w1's four prefixes, addresses and local pod CIDRs replace cp1's; w2's prefixes stay.
     assert (switched.added, switched.removed) == (4 + 2 + 2, 4 + 2 + 2)
     assert maps.read(loaded.map_fds)["cilium_pod_cidrs"] == ["10.244.0.0/24", "fd00:244::/64"]
-    assert switched.updated == 1  # the config entry: role changed
+    # The config entry (role changed), the exempt ranges (cp1 does not use the "storage"
+    # policy), and w2's four prefixes, whose policy masks change: w1 used w2's storage port,
+    # cp1 serves the built-in policy to w2.
+    assert switched.updated == 1 + 1 + 4
 
 
 def test_read_decodes_the_desired_state(loaded):
@@ -67,7 +70,14 @@ def test_read_decodes_the_desired_state(loaded):
         assert entry["control_plane"] == dest.control_plane
         assert entry["uncovered"] == (dest.prefix in desired.uncovered)
     assert [(r["protocol"], r["first"], r["last"]) for r in data["exempt_ports"]] == \
-        [(r.protocol, r.first, r.last) for r in desired.plan.exempt_ports]
+        [(r.protocol, r.first, r.last) for r in maps.policy_ranges(desired)]
+    bits = maps.policy_bits(desired)
+    assert [desired.plan.policies[r["policy_bit"]] for r in data["exempt_ports"]] == \
+        [r.policy for r in maps.policy_ranges(desired)]
+    for dest in desired.destinations:
+        entry = by_prefix[str(dest.prefix)]
+        assert entry["serves_mask"] == sum({1 << bits[r.policy] for r in dest.exempt_ports})
+        assert entry["clients_mask"] == sum(1 << bits[n] for n in dest.client_of)
     assert data["local_addresses"] == [str(a) for a in desired.plan.local_addresses]
     cfg = data["config"]
     assert cfg["enabled"] and cfg["wg_up"]

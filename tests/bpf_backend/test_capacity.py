@@ -26,6 +26,7 @@ from nodecryptor.datapath.base import VERDICT_ENCRYPT, VERDICT_EXEMPT
 from nodecryptor.datapath.bpf import attach, pins, syscall, testrun
 from nodecryptor.datapath.bpf.backend import BpfDatapath
 from nodecryptor.errors import DatapathError
+from nodecryptor.exemptions import BUILTIN_NAME, PolicyRange
 from nodecryptor.metrics import Metrics
 from nodecryptor.model import (KIND_NODE_IP, KIND_POD_CIDR, ROLE_WORKER, DesiredState,
                                Destination, Device, Plan, WgState)
@@ -78,16 +79,21 @@ def pod_net(family: int, i: int):
 
 def desired(ifindex: dict, nodes: range, exempt: str = "2379-2380,6443") -> DesiredState:
     """Nodes ``nodes`` (node 0 control-plane), each with a node address and a pod CIDR in both
-    families."""
+    families. The built-in policy exempts ``exempt`` to node 0's addresses, as compute_plan
+    would put it on them."""
+    ports = parse_port_spec(exempt)
+    builtin = tuple(PolicyRange(r.protocol, r.first, r.last, BUILTIN_NAME) for r in ports)
     dests = []
     for i in nodes:
         for family in (4, 6):
             dests.append(Destination(ipaddress.ip_network(node_addr(family, i)), f"n{i}",
-                                     KIND_NODE_IP, i == 0))
+                                     KIND_NODE_IP, i == 0,
+                                     exempt_ports=builtin if i == 0 else ()))
             dests.append(Destination(pod_net(family, i), f"n{i}", KIND_POD_CIDR, i == 0))
     plan = Plan(node="local", role=ROLE_WORKER,
                 local_addresses=(ipaddress.ip_address(LOCAL_V4), ipaddress.ip_address(LOCAL_V6)),
-                destinations=tuple(dests), exempt_ports=parse_port_spec(exempt))
+                destinations=tuple(dests), exempt_ports=ports,
+                policies=(BUILTIN_NAME,) if ports else ())
     wg = WgState(ifname="cilium_wg0", ifindex=ifindex["cilium_wg0"], present=True, up=True,
                  mtu=1420, listen_port=51871, peers=None)
     return DesiredState(plan=plan, wg=wg, devices=(Device("eth0", ifindex["eth0"], 1500),),

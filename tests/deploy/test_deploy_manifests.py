@@ -3,6 +3,7 @@ OpenAPI schema, and the properties the deployment promises (see docs/operator-gu
 
 from __future__ import annotations
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -10,7 +11,7 @@ import yaml
 from deploy_manifests import (CRD_KINDS, K8S, REPO, agent_container, agent_daemonset,
                               all_docs, default_docs, expand_env, find, kustomizations,
                               load_docs, manifest_files)
-from nodecryptor import __version__
+from nodecryptor import __version__, exemptions
 from nodecryptor.cli import build_parser
 from nodecryptor.commands.common import settings_from_args
 from nodecryptor.settings import Settings
@@ -40,6 +41,10 @@ def test_manifest_valid(doc):
     body = doc.body
     assert {"apiVersion", "kind", "metadata"} <= body.keys()
     assert body["metadata"].get("name")
+    if body["kind"] == "EncryptionExemption":
+        # Our own resource: the CRD's schema, and the agent's parser, must both accept it.
+        validate_exemption(body)
+        return
     if body["kind"] in CRD_KINDS:
         # No OpenAPI schema for custom resources in kubernetes-validate: structural checks only.
         assert body["apiVersion"] == "monitoring.coreos.com/v1"
@@ -67,6 +72,82 @@ def test_servicemonitor_selects_the_metrics_service():
     assert service["spec"]["selector"].items() <= pod_labels.items()
 
 
+# ---- the EncryptionExemption CRD -------------------------------------------------------------
+
+def crd_schema() -> dict:
+    crd = find(default_docs(), "CustomResourceDefinition", "encryptionexemptions.nodecryptor.io")
+    [version] = crd["spec"]["versions"]
+    return version["schema"]["openAPIV3Schema"]
+
+
+def validate_exemption(body: dict) -> None:
+    """The CRD's structural schema (jsonschema ignores the x-kubernetes-* keys), its CEL
+    rules as the agent checks them, and the agent's own parser."""
+    jsonschema.validate(body, crd_schema())
+    policy, rejections = exemptions.parse_exemption(body)
+    assert policy is not None, rejections
+
+
+def test_crd_matches_the_contract():
+    crd = find(default_docs(), "CustomResourceDefinition", "encryptionexemptions.nodecryptor.io")
+    spec = crd["spec"]
+    assert (spec["group"], spec["scope"], spec["names"]["kind"], spec["names"]["plural"]) == \
+        ("nodecryptor.io", "Cluster", "EncryptionExemption", "encryptionexemptions")
+    [version] = spec["versions"]
+    assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
+    assert {c["name"] for c in version["additionalPrinterColumns"]} >= {"Nodes", "Port", "Age"}
+    props = crd_schema()["properties"]["spec"]
+    assert props["required"] == ["nodeSelector", "ports"]
+    ports = props["properties"]["ports"]
+    assert ports["maxItems"] == exemptions.MAX_RANGES_PER_POLICY
+    assert ports["items"]["properties"]["protocol"]["enum"] == ["TCP", "UDP", "SCTP"]
+    assert any("endPort >= self.port" in v["rule"]
+               for v in ports["items"]["x-kubernetes-validations"])
+    expr = props["properties"]["nodeSelector"]["properties"]["matchExpressions"]["items"]
+    assert expr["properties"]["operator"]["enum"] == list(exemptions.OPERATORS)
+
+    def described(schema: dict, path: str) -> None:
+        # kubectl explain shows these; every field under spec has one.
+        assert schema.get("description"), f"{path} has no description"
+        for name, sub in (schema.get("properties") or {}).items():
+            described(sub, f"{path}.{name}")
+        if "items" in schema and schema["items"].get("properties"):
+            for name, sub in schema["items"]["properties"].items():
+                described(sub, f"{path}[].{name}")
+    described(props, "spec")
+
+
+@pytest.mark.parametrize("body", [
+    {"spec": {"ports": [{"port": 1}]}},                                   # no nodeSelector
+    {"spec": {"nodeSelector": {}, "ports": []}},                          # no ports
+    {"spec": {"nodeSelector": {}, "ports": [{"port": 0}]}},
+    {"spec": {"nodeSelector": {}, "ports": [{"port": 1, "protocol": "ICMP"}]}},
+    {"spec": {"nodeSelector": {"matchExpressions": [{"key": "a", "operator": "Gt"}]},
+              "ports": [{"port": 1}]}},
+])
+def test_crd_schema_refuses_mistakes(body):
+    body = {"apiVersion": "nodecryptor.io/v1alpha1", "kind": "EncryptionExemption",
+            "metadata": {"name": "x"}, **body}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(body, crd_schema())
+
+
+def test_every_distribution_has_an_example():
+    examples = {d.path.parent.name: d.body for d in all_docs()
+                if d.body["kind"] == "EncryptionExemption"}
+    assert set(examples) == {"kubeadm", "rke2", "k3s-embedded-etcd"}
+    ports = {d.path.parent.name: set() for d in all_docs()
+             if d.body["kind"] == "EncryptionExemption"}
+    for d in all_docs():
+        if d.body["kind"] == "EncryptionExemption":
+            policy, _ = exemptions.parse_exemption(d.body)
+            ports[d.path.parent.name] |= {str(r) for r in policy.ports}
+    # The distributions' documented bootstrap ports (see each file's comment).
+    assert ports == {"kubeadm": {"6443", "2379-2380"},
+                     "rke2": {"9345", "6443", "2379-2380"},
+                     "k3s-embedded-etcd": {"6443", "2379-2380"}}
+
+
 # ---- kustomizations ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kustomization", kustomizations(), ids=lambda p: str(p.relative_to(REPO)))
@@ -90,7 +171,8 @@ def test_every_manifest_belongs_to_one_kustomization():
 
 def test_default_installation_has_no_optional_pieces():
     kinds = sorted(d.body["kind"] for d in default_docs())
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "DaemonSet", "ServiceAccount"]
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
+                     "DaemonSet", "ServiceAccount"]
 
 
 # ---- the agent DaemonSet -----------------------------------------------------------------------
@@ -258,12 +340,15 @@ def test_cleanup_daemonset_runs_the_cleanup_command():
 
 # ---- RBAC ----------------------------------------------------------------------------------
 
-def test_rbac_reads_ciliumnodes_and_nodes_only():
+def test_rbac_reads_ciliumnodes_nodes_and_exemptions_only():
     docs = default_docs()
     role = find(docs, "ClusterRole", "nodecryptor")
     assert role["rules"] == [{"apiGroups": ["cilium.io"], "resources": ["ciliumnodes"],
                               "verbs": ["get", "list", "watch"]},
                              {"apiGroups": [""], "resources": ["nodes"],
+                              "verbs": ["get", "list", "watch"]},
+                             {"apiGroups": ["nodecryptor.io"],
+                              "resources": ["encryptionexemptions"],
                               "verbs": ["get", "list", "watch"]}]
     assert not any(d.body["kind"] in ("Role", "RoleBinding") for d in docs)
     binding = find(docs, "ClusterRoleBinding", "nodecryptor")

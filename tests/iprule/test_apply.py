@@ -21,6 +21,8 @@ W1_RULES = [
     "10305:\tfrom all ipproto udp sport 51871 dport 51871 lookup main",
     "10310:\tfrom all to 192.168.50.10 ipproto tcp dport 2379-2380 lookup main",
     "10310:\tfrom all to 192.168.50.10 ipproto tcp dport 6443 lookup main",
+    # The "storage" EncryptionExemption (tests/datapath_cases.py): w2 serves TCP 3260.
+    "10310:\tfrom all to 192.168.50.22 ipproto tcp dport 3260 lookup main",
     # Cilium's own pod-to-pod traffic (nodecryptor/cilium.py): pods reach remote node
     # addresses (host routes) through the table, everything else through main.
     "10330:\tfrom 10.244.1.0/24 lookup 2026 suppress_prefixlength 31",
@@ -30,6 +32,7 @@ W1_RULES = [
     "10305:\tfrom all ipproto udp sport 51871 dport 51871 lookup main",
     "10310:\tfrom all to fd00:50::10 ipproto tcp dport 2379-2380 lookup main",
     "10310:\tfrom all to fd00:50::10 ipproto tcp dport 6443 lookup main",
+    "10310:\tfrom all to fd00:50::22 ipproto tcp dport 3260 lookup main",
     "10330:\tfrom fd00:244:1::/64 lookup 2026 suppress_prefixlength 127",
     "10331:\tfrom fd00:244:1::/64 lookup main",
     "10390:\tfrom all lookup 2026",
@@ -65,7 +68,7 @@ def test_worker_rules_routes_and_idempotence(node_ns, foreign_state):
         assert datapath.last_apply["routes_removed"] == 0
         obs = datapath.observe()
         assert obs.ready and obs.attached
-        assert obs.details["rules"] == 14 and obs.details["routes"] == 16
+        assert obs.details["rules"] == 16 and obs.details["routes"] == 16
         # Foreign rules and routes are still there, unchanged.
         assert [r for r in ip_rules(ns) if r not in band_rules(ns)] == [
             r for r in foreign_rules if r not in W1_RULES]
@@ -73,7 +76,7 @@ def test_worker_rules_routes_and_idempotence(node_ns, foreign_state):
     finally:
         datapath.close()
     result = inspect.cleanup(settings, netns=ns)
-    assert result["rules_removed"] == 14 and result["routes_removed"] == 16
+    assert result["rules_removed"] == 16 and result["routes_removed"] == 16
     assert band_rules(ns) == []
     assert ip_routes(ns, "2026") == []
     assert ip_rules(ns) == [r for r in foreign_rules if r not in W1_RULES]
@@ -175,7 +178,7 @@ def test_status_reports_band_and_table(node_ns):
         datapath.close()
     status = inspect.status(settings, netns=ns)
     assert status["active"] is True
-    assert status["rule_count"] == 14 and status["route_count"] == 16
+    assert status["rule_count"] == 16 and status["route_count"] == 16
     assert status["routes_by_kind"] == {"unicast": 8, "unreachable": 8}
     assert status["wireguard"]["ifindex"] == wg
     inspect.cleanup(settings, netns=ns)

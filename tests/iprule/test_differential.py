@@ -81,4 +81,5 @@ def test_routable_cases_match_the_bpf_verdicts(root, node_ns, local_node):
             mismatches.append((case.id, case.expected_verdict, case.expected_reason,
                                got.verdict, got.reason, got.details))
     assert [m[:5] for m in mismatches] == []
-    assert len(cases) >= 10
+    # w2 is the local node only of the exemption-policy rows (it serves "storage").
+    assert len(cases) >= (5 if local_node == "w2" else 10)

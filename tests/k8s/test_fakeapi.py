@@ -241,3 +241,30 @@ def test_initial_resource_version():
     with FakeApiServer(token=TOKEN, initial_rv=5000, objects=[node(1)]) as f:
         assert f.get("n00001")["metadata"]["resourceVersion"] == "5001"
         assert watch_lines(f, "resourceVersion=4999&timeoutSeconds=1")[0]["type"] == "ERROR"
+
+
+def test_fake_serves_encryptionexemptions_and_can_pretend_the_crd_is_missing(fake):
+    from nodecryptor_testkit.fakeapi import make_exemption
+    path = "/apis/nodecryptor.io/v1alpha1/encryptionexemptions"
+    status, created = call(fake, path, "POST", make_exemption("a", {}, [{"port": 1}]))
+    assert status == 201 and created["kind"] == "EncryptionExemption"
+    rv = created["metadata"]["resourceVersion"]
+    status, listed = call(fake, path)
+    assert status == 200 and [o["metadata"]["name"] for o in listed["items"]] == ["a"]
+    changed = dict(created, spec={"nodeSelector": {}, "ports": [{"port": 2}]})
+    status, replaced = call(fake, f"{path}/a", "PUT", changed)
+    assert status == 200 and replaced["metadata"]["resourceVersion"] != rv
+    req = urllib.request.Request(f"{fake.url}{path}?watch=true&resourceVersion={rv}"
+                                 "&timeoutSeconds=1")
+    req.add_header("Authorization", f"Bearer {TOKEN}")
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        events = [json.loads(line) for line in resp.read().splitlines() if line.strip()]
+    assert [e["type"] for e in events] == ["MODIFIED"]
+    assert call(fake, f"{path}/a", "DELETE")[0] == 200
+    assert call(fake, f"{path}/a")[0] == 404
+    # Not installed: the whole resource is 404, without an object name in the Status.
+    fake.exemptions_installed = False
+    status, body = call(fake, path)
+    assert status == 404 and "name" not in (body.get("details") or {})
+    # CiliumNodes are unaffected.
+    assert call(fake, COLLECTION)[0] == 200

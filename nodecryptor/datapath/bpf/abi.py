@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..base import VERDICT_DROP, VERDICT_ENCRYPT, VERDICT_EXEMPT, VERDICT_PASS
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 KIND_NODE_IP = 1
 KIND_POD_CIDR = 2
@@ -20,7 +20,8 @@ DST_F_CONTROL_PLANE = 1 << 0
 DST_F_UNCOVERED = 1 << 1
 EXEMPT_DPORT = 1 << 0
 EXEMPT_SPORT = 1 << 1
-EXEMPT_RANGES_MAX = 16
+EXEMPT_RANGES_MAX = 64
+POLICIES_MAX = 32
 SUMMARY_WORDS = 1024
 SUMMARY_V6_BASE = SUMMARY_WORDS
 BLOOM_BITS = 22
@@ -61,12 +62,13 @@ class LpmV6(C.Structure):
 
 
 class DstInfo(C.Structure):
-    _fields_ = [("kind", C.c_uint8), ("flags", C.c_uint8), ("reserved", C.c_uint16)]
+    _fields_ = [("kind", C.c_uint8), ("flags", C.c_uint8), ("reserved", C.c_uint16),
+                ("serves", C.c_uint32), ("clients", C.c_uint32)]
 
 
 class PortRange(C.Structure):
     _fields_ = [("protocol", C.c_uint8), ("flags", C.c_uint8), ("first", C.c_uint16),
-                ("last", C.c_uint16), ("pad", C.c_uint16)]
+                ("last", C.c_uint16), ("policy", C.c_uint8), ("pad", C.c_uint8)]
 
 
 class ExemptRanges(C.Structure):

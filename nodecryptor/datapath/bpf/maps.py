@@ -98,6 +98,7 @@ def desired_destinations(desired: DesiredState) -> dict[str, dict[bytes, bytes]]
     out: dict[str, dict[bytes, bytes]] = {
         name: {} for name in (*abi.DESTINATION_MAPS.values(), *abi.LPM_MAPS.values())}
     slots = {family: set(prefix_lengths(desired, family)[:abi.PLEN_SLOTS]) for family in (4, 6)}
+    bits = policy_bits(desired)
     for dest in desired.destinations:
         flags = 0
         if dest.control_plane:
@@ -105,7 +106,13 @@ def desired_destinations(desired: DesiredState) -> dict[str, dict[bytes, bytes]]
         if dest.prefix in desired.uncovered:
             flags |= abi.DST_F_UNCOVERED
         kind = abi.KIND_NODE_IP if dest.kind == KIND_NODE_IP else abi.KIND_POD_CIDR
-        value = abi.DstInfo(kind=kind, flags=flags)
+        serves = 0
+        for r in dest.exempt_ports:
+            serves |= 1 << bits[r.policy]
+        clients = 0
+        for name in dest.client_of:
+            clients |= 1 << bits[name]
+        value = abi.DstInfo(kind=kind, flags=flags, serves=serves, clients=clients)
         family = dest.prefix.version
         table = (abi.DESTINATION_MAPS if dest.prefix.prefixlen in slots[family]
                  else abi.LPM_MAPS)[family]
@@ -121,19 +128,44 @@ def destination_counts(desired: DesiredState) -> dict[int, int]:
     return counts
 
 
+def policy_bits(desired: DesiredState) -> dict[str, int]:
+    """Policy name -> its bit in the destination masks and exempt ranges (the plan's order)."""
+    names = desired.plan.policies
+    if len(names) > abi.POLICIES_MAX:
+        raise DatapathError(f"{len(names)} exemption policies; the program holds at most "
+                            f"{abi.POLICIES_MAX}")
+    return {name: i for i, name in enumerate(names)}
+
+
+def policy_ranges(desired: DesiredState) -> list:
+    """Every exemption policy's ranges (exemptions.PolicyRange) in bit order: what nc_exempt
+    holds, one entry each."""
+    plan = desired.plan
+    seen: dict = {}
+    for r in plan.serves:
+        seen.setdefault(r, None)
+    for dest in plan.destinations:
+        for r in dest.exempt_ports:
+            seen.setdefault(r, None)
+    bits = policy_bits(desired)
+    return sorted(seen, key=lambda r: (bits[r.policy], r.protocol, r.first, r.last))
+
+
 def desired_exempt(desired: DesiredState) -> abi.ExemptRanges:
-    """The exempt ranges as the program scans them. Every exempt port is exempt both as
-    destination (towards control-plane nodes) and as source (replies of the local
-    control-plane node); the program applies each only where it belongs."""
-    ranges = desired.plan.exempt_ports
+    """The exempt ranges as the program scans them, each tagged with its policy's bit. Every
+    range is exempt both as destination port (towards the policy's serving nodes, when the
+    destination's ``serves`` mask has the bit) and as source port (replies from the local
+    node's addresses, when the destination's ``clients`` mask has it)."""
+    ranges = policy_ranges(desired)
     if len(ranges) > abi.EXEMPT_RANGES_MAX:
         raise DatapathError(f"{len(ranges)} exempt port ranges; the program holds at most "
                             f"{abi.EXEMPT_RANGES_MAX}")
+    bits = policy_bits(desired)
     out = abi.ExemptRanges(count=len(ranges))
     for i, rng in enumerate(ranges):
-        out.r[i] = abi.PortRange(protocol=rng.proto_number,
+        out.r[i] = abi.PortRange(protocol=rng.range.proto_number,
                                  flags=abi.EXEMPT_DPORT | abi.EXEMPT_SPORT,
-                                 first=rng.first, last=rng.last)
+                                 first=rng.first, last=rng.last, policy=bits[rng.policy])
     return out
 
 
@@ -432,7 +464,8 @@ def read_destinations(map_fds: dict[str, int]) -> list[dict]:
             out.append({"prefix": _prefix_of(key),
                         "kind": _KIND_NAMES.get(value.kind, f"unknown-{value.kind}"),
                         "control_plane": bool(value.flags & abi.DST_F_CONTROL_PLANE),
-                        "uncovered": bool(value.flags & abi.DST_F_UNCOVERED)})
+                        "uncovered": bool(value.flags & abi.DST_F_UNCOVERED),
+                        "serves_mask": value.serves, "clients_mask": value.clients})
     out.sort(key=lambda d: (ipaddress.ip_network(d["prefix"]).version,
                             ipaddress.ip_network(d["prefix"])))
     return out
@@ -446,7 +479,8 @@ def read_exempt_ports(map_fds: dict[str, int]) -> list[dict]:
         out.append({"protocol": PROTOCOL_NAMES.get(r.protocol, str(r.protocol)),
                     "first": r.first, "last": r.last,
                     "dport": bool(r.flags & abi.EXEMPT_DPORT),
-                    "sport": bool(r.flags & abi.EXEMPT_SPORT)})
+                    "sport": bool(r.flags & abi.EXEMPT_SPORT),
+                    "policy_bit": r.policy})
     return out
 
 

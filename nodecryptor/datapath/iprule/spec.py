@@ -10,9 +10,11 @@ priority   match                                                            look
 =========  ===============================================================  ==========
 B + 0      fwmark wg_mark/wg_mark_mask (WireGuard's own encrypted output)   main
 B + 5      ipproto udp sport P dport P, P = desired.wg_port                  main
-B + 10     to <control-plane node address> ipproto X dport <exempt range>   main
-B + 20     from <local node address> ipproto X sport <exempt range>          main
-           (control-plane nodes only: replies of the bootstrap services)
+B + 10     to <serving node address> ipproto X dport <exempt range>         main
+           (exemption policies, the built-in control-plane one included)
+B + 20     from <local node address> [to <client prefix>] ipproto X sport   main
+           <exempt range> (serving nodes only: replies of the exempt services;
+           "to" only for policies with a client selector leaving some out)
 B + 30     from <local pod CIDR>, routes of prefix length < 32 (128)        own table
            suppressed (suppress_prefixlength 31/127): pods' traffic to remote
            node addresses is encrypted
@@ -23,7 +25,8 @@ B + 90     everything else                                                   own
 B + 99     reserved for the start-up probe, never left installed
 =========  ===============================================================  ==========
 
-Rules exist per family. Their number grows with control-plane addresses × exempt ranges only;
+Rules exist per family. Their number grows with serving node addresses × exempt ranges (and,
+on a serving node, client prefixes × ranges of policies restricted to some clients) only;
 remote workers live as routes in the table. A lookup in the table that finds no route falls
 through to the next rule (main), which is what lets non-cluster traffic pass untouched.
 """
@@ -33,8 +36,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from ...model import KIND_NODE_IP, ROLE_CONTROL_PLANE, DesiredState
-from ...ports import PROTOCOL_NAMES
+from ...model import KIND_NODE_IP, DesiredState
+from ...ports import PROTOCOL_NAMES, PROTOCOLS
 from ...settings import FailMode, Settings
 
 MAIN_TABLE = 254
@@ -149,27 +152,55 @@ def desired_rules(desired: DesiredState, settings: Settings) -> list[RuleSpec]:
                                   purpose="wireguard-port"))
         rules.append(RuleSpec(family, base + OFFSET_LOOKUP, settings.iprule_table,
                               purpose="cluster-destinations"))
-    for dest in plan.destinations:
-        # Only the control-plane nodes' own addresses are bootstrap endpoints; their pod
-        # CIDRs are ordinary cluster destinations.
-        if not dest.control_plane or dest.kind != KIND_NODE_IP:
-            continue
-        for ports in plan.exempt_ports:
-            rules.append(RuleSpec(dest.prefix.version, base + OFFSET_EXEMPT_DPORT, MAIN_TABLE,
-                                  dst=str(dest.prefix), ip_proto=ports.proto_number,
-                                  dport=(ports.first, ports.last),
-                                  purpose="exempt-control-plane-port"))
-    if plan.role == ROLE_CONTROL_PLANE:
-        for addr in plan.local_addresses:
-            for ports in plan.exempt_ports:
-                # Matched by source address, never by "iif lo" alone: a pod's reply from an
-                # exempt port would otherwise leave in the clear too.
-                rules.append(RuleSpec(addr.version, base + OFFSET_EXEMPT_SPORT, MAIN_TABLE,
-                                      src=_host_prefix(addr), ip_proto=ports.proto_number,
-                                      sport=(ports.first, ports.last),
-                                      purpose="exempt-control-plane-reply"))
+    rules += exemption_rules(desired, settings)
     rules += cilium_pod_rules(desired, settings)
     return sorted(set(rules))
+
+
+def _ranges(exempt) -> list[tuple[int, int, int]]:
+    """(protocol number, first, last) of policy ranges, without duplicates (overlapping
+    policies: one rule per range is enough)."""
+    return sorted({(PROTOCOLS[r.protocol], r.first, r.last) for r in exempt})
+
+
+def exemption_rules(desired: DesiredState, settings: Settings) -> list[RuleSpec]:
+    """The policies' exemptions (exemptions.py), the built-in control-plane-bootstrap
+    included: ``to <serving node address> ipproto P dport A-B`` for every node address the
+    local node is a client of (pod CIDRs are never exempt), and ``from <local address>
+    ipproto P sport A-B`` for the ranges the local node serves - without ``to`` when every
+    destination is a client of the policy, else once per client destination prefix. The rule
+    count grows with (selected node addresses × their ranges) + (local addresses × served
+    ranges × restricted client prefixes); see the operator guide's limits."""
+    base = settings.iprule_priority_base
+    plan = desired.plan
+    rules: list[RuleSpec] = []
+    for dest in plan.destinations:
+        if dest.kind != KIND_NODE_IP:
+            continue
+        for proto, first, last in _ranges(dest.exempt_ports):
+            rules.append(RuleSpec(dest.prefix.version, base + OFFSET_EXEMPT_DPORT, MAIN_TABLE,
+                                  dst=str(dest.prefix), ip_proto=proto, dport=(first, last),
+                                  purpose="exempt-control-plane-port"))
+    everyone = {r.policy for r in plan.serves
+                if all(r.policy in d.client_of for d in plan.destinations)}
+    for addr in plan.local_addresses:
+        # Matched by source address, never by "iif lo" alone: a pod's reply from an exempt
+        # port would otherwise leave in the clear too.
+        src = _host_prefix(addr)
+        for proto, first, last in _ranges(r for r in plan.serves if r.policy in everyone):
+            rules.append(RuleSpec(addr.version, base + OFFSET_EXEMPT_SPORT, MAIN_TABLE,
+                                  src=src, ip_proto=proto, sport=(first, last),
+                                  purpose="exempt-control-plane-reply"))
+        for dest in plan.destinations:
+            if dest.prefix.version != addr.version:
+                continue
+            restricted = [r for r in plan.serves
+                          if r.policy not in everyone and r.policy in dest.client_of]
+            for proto, first, last in _ranges(restricted):
+                rules.append(RuleSpec(addr.version, base + OFFSET_EXEMPT_SPORT, MAIN_TABLE,
+                                      src=src, dst=str(dest.prefix), ip_proto=proto,
+                                      sport=(first, last), purpose="exempt-control-plane-reply"))
+    return rules
 
 
 def local_prefixes(desired: DesiredState) -> list:
