@@ -7,6 +7,7 @@ directory shared read-write (``vng --rwdir``). qemu runs in a process group of i
 killed on timeout, so nothing outlives the harness.
 
     python vm-tests/harness.py [--out result.json] [--datapaths bpf,iprule] [--timeout 420]
+    python vm-tests/harness.py --load-only     # only: does the 6.1 verifier accept the program?
 
 Set-up (kernel image, matching headers, qemu, virtme-ng): ``bash scripts/setup-vm.sh``.
 """
@@ -134,19 +135,64 @@ def run(datapaths: str = "bpf,iprule", timeout: float = DEFAULT_TIMEOUT,
     return result
 
 
+def load_only(timeout: float = DEFAULT_TIMEOUT, keep_dir: str | None = None) -> dict:
+    """Boot the guest and only compile + load bpf/nodecryptor.c (guest/loadcheck.py): whether
+    the 6.1 verifier accepts the program, in one boot and no scenario. On a rejection the
+    result's ``log_tail`` holds the end of the verifier's log."""
+    kernel = find_kernel()
+    result_dir = keep_dir or tempfile.mkdtemp(prefix="nc-vm-")
+    os.makedirs(result_dir, exist_ok=True)
+    out_path = os.path.join(result_dir, "loadcheck.json")
+    err_path = os.path.join(result_dir, "loadcheck.log")
+    for path in (out_path, err_path):
+        if os.path.exists(path):
+            os.unlink(path)
+    guest_cmd = (f"PYTHONDONTWRITEBYTECODE=1 {GUEST_PYTHON} "
+                 f"{os.path.join(HERE, 'guest', 'loadcheck.py')} >{out_path} 2>{err_path}")
+    cmd = vng_command(kernel, result_dir, guest_cmd, cpus=min(2, os.cpu_count() or 1))
+    env = dict(os.environ, PATH=f"{os.path.dirname(VNG)}:{os.environ.get('PATH', '')}")
+    started = time.monotonic()
+    with open(os.path.join(result_dir, "console.log"), "w") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise HarnessError(f"VM did not finish within {timeout:.0f}s")
+    try:
+        with open(out_path) as f:
+            result = json.loads(f.read().strip().splitlines()[-1])
+    except (OSError, IndexError, ValueError) as e:
+        raise HarnessError(f"guest wrote no load-check result ({e}); see {result_dir}")
+    if not result.get("ok") and os.path.exists(err_path):
+        with open(err_path, errors="replace") as f:
+            result["log_tail"] = f.read().splitlines()[-12:]
+    result["host"] = {"wall_seconds": round(time.monotonic() - started, 2),
+                      "kernel": kernel.version, "result_dir": result_dir}
+    return result
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description="Run the nodecryptor scenario in a 6.1 VM.")
     ap.add_argument("--out", help="write the result JSON here (default: stdout)")
     ap.add_argument("--datapaths", default="bpf,iprule")
     ap.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
     ap.add_argument("--keep-dir", help="directory for result and console log")
+    ap.add_argument("--load-only", action="store_true",
+                    help="only compile and load bpf/nodecryptor.c in the guest (exit 1 if the "
+                         "verifier rejects it)")
     args = ap.parse_args()
     missing = missing_prerequisites()
     if missing:
         print("cannot run the VM harness:\n  " + "\n  ".join(missing), file=sys.stderr)
         return 2
     try:
-        result = run(args.datapaths, args.timeout, args.keep_dir)
+        if args.load_only:
+            result = load_only(args.timeout, args.keep_dir)
+        else:
+            result = run(args.datapaths, args.timeout, args.keep_dir)
     except HarnessError as e:
         print(f"vm harness: {e}", file=sys.stderr)
         return 1
@@ -156,7 +202,7 @@ def main() -> int:
             f.write(text + "\n")
     else:
         print(text)
-    return 0
+    return 0 if result.get("ok", True) else 1
 
 
 if __name__ == "__main__":

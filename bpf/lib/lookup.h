@@ -48,6 +48,22 @@ static __always_inline __u32 nc_mask32(int bits)
 	return 0xFFFFFFFF << (32 - bits);
 }
 
+/* Prefix-length slot loops: the index the verifier sees bounded right before it is used. Left
+ * alone, clang folds ``i < n`` and ``i < NC_PLEN_SLOTS`` into one down-counter of
+ * min(n, NC_PLEN_SLOTS) iterations and reads the map value through a pointer that advances
+ * beside it. Linux 6.1's verifier cannot relate the two (it does not narrow the counter on
+ * ``!= 0`` while 0 lies inside its range), walks the pointer past the end of nc_config and
+ * rejects the program with EACCES; newer verifiers narrow it and accepted. The empty asm makes
+ * clang forget what it knows about ``slot``, so the test against the constant after it is
+ * emitted as written and the access is indexed by a register bounded on every kernel. */
+#define NC_SLOT_OR_BREAK(slot, i, n)                                                        \
+	__u32 slot = (i);                                                                   \
+	if (slot >= (n))                                                                    \
+		break;                                                                      \
+	asm volatile("" : "+r"(slot));                                                      \
+	if (slot >= NC_PLEN_SLOTS)                                                          \
+		break
+
 static __always_inline int nc_lookup_v4(const struct nc_pkt *p, const struct nc_config *cfg,
 					struct nc_dst_info *out)
 {
@@ -59,9 +75,8 @@ static __always_inline int nc_lookup_v4(const struct nc_pkt *p, const struct nc_
 	addr = bpf_ntohl(addr);
 #pragma clang loop unroll(disable)
 	for (__u32 i = 0; i < NC_PLEN_SLOTS; i++) {
-		if (i >= n)
-			break;
-		__u32 plen = cfg->plen_v4[i];
+		NC_SLOT_OR_BREAK(slot, i, n);
+		__u32 plen = cfg->plen_v4[slot];
 		__u32 host = addr & nc_mask32(plen);
 		__u32 masked = bpf_htonl(host);
 
@@ -104,11 +119,10 @@ static __always_inline int nc_lookup_v6(const struct nc_pkt *p, const struct nc_
 	__builtin_memcpy(&w3, p->dst + 12, 4);
 #pragma clang loop unroll(disable)
 	for (__u32 i = 0; i < NC_PLEN_SLOTS; i++) {
-		if (i >= n)
-			break;
-		__u32 plen = cfg->plen_v6[i];
-		__u32 m0 = w0 & cfg->mask_v6[4 * i], m1 = w1 & cfg->mask_v6[4 * i + 1];
-		__u32 m2 = w2 & cfg->mask_v6[4 * i + 2], m3 = w3 & cfg->mask_v6[4 * i + 3];
+		NC_SLOT_OR_BREAK(slot, i, n);
+		__u32 plen = cfg->plen_v6[slot];
+		__u32 m0 = w0 & cfg->mask_v6[4 * slot], m1 = w1 & cfg->mask_v6[4 * slot + 1];
+		__u32 m2 = w2 & cfg->mask_v6[4 * slot + 2], m3 = w3 & cfg->mask_v6[4 * slot + 3];
 		__u32 mixed = (m0 * NC_HASH_K0) ^ (m1 * NC_HASH_K1) ^ (m2 * NC_HASH_K2) ^
 			      (m3 * NC_HASH_K3) ^ plen;
 

@@ -189,6 +189,23 @@ def test_probe_reports_a_compile_failure(loaded, tmp_path, monkeypatch):
     assert "compiling" in why
 
 
+def test_load_error_names_the_verifiers_reason(loaded, tmp_path, monkeypatch, capfd):
+    """libbcc raises only EACCES on a rejection; the error carries the end of the verifier's
+    log (the rejected instruction and why), and the log still reaches stderr."""
+    broken = tmp_path / "bpf"
+    (broken / "include").mkdir(parents=True)
+    (broken / "lib").mkdir()
+    (broken / "nodecryptor.c").write_text(
+        "int nc_egress(struct __sk_buff *skb) { return *(int *)(long)skb->data; }\n")
+    monkeypatch.setattr(program, "bpf_dir", lambda: broken)
+    with pytest.raises(DatapathError) as info:
+        program.load(Settings())
+    message = str(info.value)
+    assert "loading nc_egress failed" in message
+    assert "verifier: " in message and "invalid access to packet" in message, message
+    assert "invalid access to packet" in capfd.readouterr().err
+
+
 def _random_destinations(rng: random.Random, family: int, count: int):
     """Prefixes of many lengths, some nested in others (so the longest match matters)."""
     bits = 32 if family == 4 else 128

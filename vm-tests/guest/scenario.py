@@ -188,14 +188,17 @@ def run_datapath(kind: str, driver: DriverClient, lab, procs, workdir: str,
     res: dict = {"errors": []}
     try:
         with timed(timings, f"{kind}_start"):
-            res["start"] = driver.request(op="start", datapath=kind, nodes=lab.nodes(),
-                                          local="node-a", device="eth0", bpffs=BPFFS)
+            try:
+                res["start"] = driver.request(op="start", datapath=kind, nodes=lab.nodes(),
+                                              local="node-a", device="eth0", bpffs=BPFFS)
+            except RuntimeError as e:
+                # BCC prints the verifier's log on stderr; its last lines name the rejected
+                # instruction and why, so the failing tests show them with the load error.
+                tail = "\n".join(driver.log_tail(8))
+                raise RuntimeError(f"{e}\ndriver log tail:\n{tail}") from e
         # The agent logs each compile+load with its duration (the probe and the real load).
         res["start"]["load_log"] = [line for line in driver.log_tail(60)
                                     if "program loaded" in line.lower()]
-        if "real_backend_error" in res["start"]:
-            # BCC prints the verifier's log on stderr; its last lines name the rejected insn.
-            res["start"]["driver_log_tail"] = driver.log_tail()
         with timed(timings, f"{kind}_apply"):
             res["apply"] = driver.request(op="apply", clamp=True)
         res["observe"] = driver.request(op="observe")

@@ -17,6 +17,8 @@ import importlib.resources
 import logging
 import os
 import re
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,15 +186,19 @@ def load(settings: Settings, pin_dir: str | None = None) -> LoadedProgram:
         module = bcc.BPF(text=text.encode(), cflags=flags)
     except Exception as e:  # BCC raises a bare Exception on compile errors
         raise DatapathError(f"compiling {root / ENTRY_FILE} failed: {e}") from e
+    name = ENTRY_FUNCTION
     try:
-        fn = module.load_func(ENTRY_FUNCTION, bcc.BPF.SCHED_CLS)
-        dry = module.load_func(EXPLAIN_FUNCTION, bcc.BPF.SCHED_CLS)
-        ingress = module.load_func(INGRESS_FUNCTION, bcc.BPF.SCHED_CLS)
-        dry_ingress = module.load_func(EXPLAIN_INGRESS_FUNCTION, bcc.BPF.SCHED_CLS)
+        fn = _load_func(module, name, bcc.BPF.SCHED_CLS)
+        name = EXPLAIN_FUNCTION
+        dry = _load_func(module, name, bcc.BPF.SCHED_CLS)
+        name = INGRESS_FUNCTION
+        ingress = _load_func(module, name, bcc.BPF.SCHED_CLS)
+        name = EXPLAIN_INGRESS_FUNCTION
+        dry_ingress = _load_func(module, name, bcc.BPF.SCHED_CLS)
         map_fds = {spec.name: module[spec.name.encode()].map_fd for spec in abi.MAP_SPECS}
     except Exception as e:  # verifier rejection, or a map missing from the source
         module.cleanup()
-        raise DatapathError(f"loading the programs of {ENTRY_FILE} failed: {e}") from e
+        raise DatapathError(f"loading {name.decode()} failed: {e}") from e
     elapsed = time.monotonic() - started
     prog_id = syscall.prog_info(fn.fd).id
     log.info("BPF program loaded", extra=kv(prog_id=prog_id, seconds=round(elapsed, 3),
@@ -204,6 +210,39 @@ def load(settings: Settings, pin_dir: str | None = None) -> LoadedProgram:
                          capacities={4: settings.map_sizes.destinations_v4,
                                      6: settings.map_sizes.destinations_v6},
                          compile_seconds=elapsed, pin_dir=pin_dir, _bpf=module)
+
+
+VERIFIER_TAIL_LINES = 4
+
+
+class _Rejected(Exception):
+    """load_func failed; the message carries the end of the verifier's log."""
+
+
+def _load_func(module, name: bytes, prog_type):
+    """``module.load_func`` with the verifier's verdict in the exception. On a rejection libbcc
+    only raises "Permission denied" and prints the verifier's log on fd 2; fd 2 is sent to a
+    temporary file for the call, then everything is written back to it unchanged, and the last
+    lines (the rejected instruction and the reason) go into the error message."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            return module.load_func(name, prog_type)
+        except Exception as e:
+            error = e
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = captured.read()
+            view = memoryview(text)
+            while view:
+                view = view[os.write(2, view):]
+    lines = [line for line in text.decode(errors="replace").splitlines() if line.strip()]
+    tail = " | ".join(lines[-VERIFIER_TAIL_LINES:])
+    raise _Rejected(f"{error}; verifier: {tail}" if tail else str(error)) from error
 
 
 EMPTY_PROGRAM = b"int nc_empty(struct __sk_buff *skb) { return TC_ACT_UNSPEC; }"
