@@ -90,7 +90,8 @@ def test_every_manifest_belongs_to_one_kustomization():
 
 def test_default_installation_has_no_optional_pieces():
     kinds = sorted(d.body["kind"] for d in default_docs())
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "DaemonSet", "ServiceAccount"]
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "DaemonSet", "Role", "RoleBinding",
+                     "ServiceAccount"]
 
 
 # ---- the agent DaemonSet -----------------------------------------------------------------------
@@ -258,14 +259,25 @@ def test_cleanup_daemonset_runs_the_cleanup_command():
 
 # ---- RBAC ----------------------------------------------------------------------------------
 
-def test_rbac_reads_ciliumnodes_and_nodes_only():
+def test_rbac_reads_ciliumnodes_and_nodes_writes_only_node_status_and_events():
     docs = default_docs()
     role = find(docs, "ClusterRole", "nodecryptor")
+    # The only write on Nodes is `patch` on the status subresource (NodeEncryptionReady):
+    # never `patch nodes`, which would let the agent rewrite the role labels.
     assert role["rules"] == [{"apiGroups": ["cilium.io"], "resources": ["ciliumnodes"],
                               "verbs": ["get", "list", "watch"]},
                              {"apiGroups": [""], "resources": ["nodes"],
-                              "verbs": ["get", "list", "watch"]}]
-    assert not any(d.body["kind"] in ("Role", "RoleBinding") for d in docs)
+                              "verbs": ["get", "list", "watch"]},
+                             {"apiGroups": [""], "resources": ["nodes/status"],
+                              "verbs": ["patch"]}]
+    # Events: create only, in "default" (where Node events live), through a Role.
+    [events] = [d.body for d in docs if d.body["kind"] == "Role"]
+    assert events["metadata"]["namespace"] == "default"
+    assert events["rules"] == [{"apiGroups": [""], "resources": ["events"], "verbs": ["create"]}]
+    [events_binding] = [d.body for d in docs if d.body["kind"] == "RoleBinding"]
+    assert events_binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
+                                         "kind": "Role", "name": events["metadata"]["name"]}
+    assert events_binding["metadata"]["namespace"] == "default"
     binding = find(docs, "ClusterRoleBinding", "nodecryptor")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
                                   "kind": "ClusterRole", "name": "nodecryptor"}
@@ -274,6 +286,7 @@ def test_rbac_reads_ciliumnodes_and_nodes_only():
     assert binding["subjects"] == [{"kind": "ServiceAccount",
                                     "name": ds["spec"]["template"]["spec"]["serviceAccountName"],
                                     "namespace": ds["metadata"]["namespace"]}]
+    assert events_binding["subjects"] == binding["subjects"]
     assert account["metadata"]["namespace"] == ds["metadata"]["namespace"]
 
 
