@@ -231,9 +231,9 @@ UNCOVERED_HOLD = 60.0
 """Seconds destinations must stay uncovered before the condition says so. A joining node's
 destinations are uncovered on every other node until Cilium adds its peer (seconds): without
 the hold, each join would flip the condition of the whole cluster twice."""
-KEY_MISMATCH_HOLD = 120.0
+KEY_MISMATCH_HOLD = 60.0
 """The same for a key mismatch: after a node's reboot Cilium updates the annotation and every
-peer within seconds; a mismatch that outlives two minutes is the stale-key failure."""
+peer within seconds; a mismatch that outlives a minute is the stale-key failure."""
 
 
 @dataclass(frozen=True)

@@ -60,3 +60,10 @@ class KubeApi:
 
     def delete(self, name: str) -> dict:
         return self._request("DELETE", f"{CILIUMNODES}/{name}")
+
+    def get_node(self, name: str) -> dict:
+        return self._request("GET", f"/api/v1/nodes/{name}")
+
+    def fake_control(self, action: str, body: dict | None = None) -> dict:
+        """A fault-injection or bookkeeping action of the fake API server (``/_fake/``)."""
+        return self._request("POST", f"/_fake/{action}", body or {})

@@ -10,6 +10,12 @@
 - ``wg-down``: cilium_wg0 disappears on one worker: cluster traffic is dropped (fail-closed),
   nothing leaks, exempt and non-cluster flows still work; when it returns, traffic is encrypted.
 - ``churn``: a node joins and leaves through the API; every agent's maps or rules follow.
+- ``peer-health``: a node reboots with a new WireGuard key and publishes it while the other
+  nodes' Cilium stand-ins are paused (their peers keep the old key, cilium/cilium#25492): the
+  other agents report ``key-mismatch`` and their NodeEncryptionReady says PeerKeyMismatch; the
+  stand-ins resume and it returns to EncryptionReady. Then cilium_wg0 goes on one node:
+  False/WireGuardDown within seconds, and True again when it is back. The PATCHes of
+  nodes/status are counted from the fake API server's own count.
 - ``cilium-restart``: every Cilium stand-in reloads its programs into its existing tcx links
   (BPF_LINK_UPDATE), several times, under continuous traffic: nodecryptor stays at the head of
   the chain, Cilium's links keep their ids, nothing non-exempt crosses in the clear, and
@@ -31,7 +37,7 @@ from .flows import (BLOCKED, CLEAR, ENCRYPTED, Flow, PortAllocator, Result, Row,
 from .spec import API_PORT, SERVICE_TCP_PORT, SERVICE_UDP_PORT, ciliumnode_object, node_spec
 from .topology import LabError, wait_for
 
-NAMES = ("matrix", "bootstrap", "restart", "wg-down", "churn", "cilium-restart")
+NAMES = ("matrix", "bootstrap", "restart", "wg-down", "churn", "cilium-restart", "peer-health")
 FAMILIES = (4, 6)
 
 
@@ -388,6 +394,7 @@ def _follow_covered(lab, nodes: list[str], new, since: float,
 
 def churn(lab, ports: PortAllocator) -> Result:
     result = Result("churn", lab.datapath)
+    churn_started, patches0 = time.monotonic(), _patches(lab.api())
     index = max(n.index for n in lab.spec.nodes) + 1
     new = node_spec(f"w{index - len(lab.spec.control_plane)}", index, control_plane=False)
     existing = list(lab.nodes)
@@ -453,6 +460,10 @@ def churn(lab, ports: PortAllocator) -> Result:
     result.facts[f"leave {new.name}: API delete to removed on every node"] = \
         ", ".join(f"{n} {t * 1000:.0f} ms" for n, t in sorted(gone.items()))
     lab.remove_node(new.name)
+    seconds = time.monotonic() - churn_started
+    count = _patches(lab.api()) - patches0
+    result.facts["NodeEncryptionReady writes (nodes/status PATCHes) during churn"] = \
+        f"{count} in {seconds:.0f} s on {len(existing) + 1} nodes ({count / seconds:.3f}/s)"
     return result
 
 
@@ -550,8 +561,89 @@ def cilium_restart(lab, ports: PortAllocator) -> Result:
     return result
 
 
+def _condition(api, name: str) -> dict:
+    node = api.get_node(name)
+    for c in (node.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "NodeEncryptionReady":
+            return c
+    return {}
+
+
+def _patches(api) -> int:
+    return int(api.fake_control("status-patches")["patches"])
+
+
+def _wait_condition(api, nodes: list[str], want, timeout: float) -> float | None:
+    """Seconds until every node's condition satisfies ``want``; None on timeout."""
+    start = time.monotonic()
+    try:
+        wait_for(lambda: all(want(_condition(api, n)) for n in nodes), timeout,
+                 "NodeEncryptionReady", interval=0.2)
+    except LabError:
+        return None
+    return time.monotonic() - start
+
+
+def peer_health(lab, ports: PortAllocator) -> Result:
+    from nodecryptor.peerhealth import KEY_MISMATCH_HOLD
+
+    result = Result("peer-health", lab.datapath)
+    api = lab.api()
+    names = [n.name for n in lab.spec.nodes]
+    victim = lab.spec.workers[-1].name
+    others = [n for n in names if n != victim]
+    started, patches0 = time.monotonic(), _patches(api)
+
+    def row(label: str, took: float | None, limit: float) -> None:
+        result.rows.append(Row(label, f"<= {limit:.0f} s",
+                               f"<= {limit:.0f} s" if took is not None and took <= limit
+                               else "timed out" if took is None else f"{took:.1f} s",
+                               "" if took is None else f"{took:.1f} s"))
+
+    took = _wait_condition(api, names, lambda c: c.get("status") == "True", 60)
+    row("every node: NodeEncryptionReady=True", took, 60)
+    # A stale peer after a reboot: the other nodes' Cilium (stand-ins) stop following the
+    # annotations, the victim reboots with a new key and publishes it.
+    for n in others:
+        lab.signal_standin(n, signal.SIGSTOP)
+    try:
+        old_key = lab.wg_public_key(victim)
+        lab.signal_standin(victim, signal.SIGUSR1)
+        wait_for(lambda: lab.wg_public_key(victim) not in ("", old_key), 15,
+                 f"{victim}'s device to come back with a new key")
+        lab.signal_standin(victim, signal.SIGHUP)
+        wait_for(lambda: _annotation(lab, victim) not in ("", old_key), 15,
+                 f"{victim} to publish its new key")
+        limit = KEY_MISMATCH_HOLD + 30
+        took = _wait_condition(api, others, lambda c: c.get("reason") == "PeerKeyMismatch"
+                               and victim in (c.get("message") or ""), limit)
+        row(f"other nodes: PeerKeyMismatch naming {victim} (hold {KEY_MISMATCH_HOLD:.0f} s)",
+            took, limit)
+        sample = _condition(api, others[0])
+        result.facts[f"{others[0]} condition during the mismatch"] = \
+            f"{sample.get('status')}/{sample.get('reason')}: {sample.get('message')}"
+    finally:
+        for n in others:
+            lab.signal_standin(n, signal.SIGCONT)
+    took = _wait_condition(api, others, lambda c: c.get("reason") == "EncryptionReady", 60)
+    row("stand-ins resume: other nodes back to EncryptionReady", took, 60)
+    # WireGuard down on one node, then back.
+    _wait_condition(api, [victim], lambda c: c.get("status") == "True", 60)
+    lab.signal_standin(victim, signal.SIGUSR2)
+    took = _wait_condition(api, [victim], lambda c: c.get("reason") == "WireGuardDown", 30)
+    row(f"{victim}: cilium_wg0 removed -> False/WireGuardDown", took, 20)
+    lab.signal_standin(victim, signal.SIGUSR2)
+    took = _wait_condition(api, [victim], lambda c: c.get("status") == "True", 60)
+    row(f"{victim}: cilium_wg0 back -> True", took, 30)
+    seconds = time.monotonic() - started
+    count = _patches(api) - patches0
+    result.facts["nodes/status PATCHes during the scenario"] = \
+        f"{count} in {seconds:.0f} s on {len(names)} nodes ({count / seconds:.3f}/s)"
+    return result
+
+
 SCENARIOS = {"matrix": matrix, "bootstrap": bootstrap, "restart": restart, "wg-down": wg_down,
-             "churn": churn, "cilium-restart": cilium_restart}
+             "churn": churn, "cilium-restart": cilium_restart, "peer-health": peer_health}
 
 
 def run_scenario(lab, name: str, ports: PortAllocator) -> Result:
