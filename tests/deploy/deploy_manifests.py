@@ -13,7 +13,8 @@ K8S = REPO / "k8s"
 GUIDE = REPO / "docs" / "operator-guide.md"
 
 # Kinds defined by CustomResourceDefinitions: the Kubernetes OpenAPI schema does not know them.
-CRD_KINDS = {"ServiceMonitor": "monitoring.coreos.com/v1 (Prometheus Operator CRD)"}
+CRD_KINDS = {"ServiceMonitor": "monitoring.coreos.com/v1 (Prometheus Operator CRD)",
+             "PrometheusRule": "monitoring.coreos.com/v1 (Prometheus Operator CRD)"}
 
 
 @dataclass(frozen=True)

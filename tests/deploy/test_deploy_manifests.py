@@ -43,6 +43,13 @@ def test_manifest_valid(doc):
     if body["kind"] in CRD_KINDS:
         # No OpenAPI schema for custom resources in kubernetes-validate: structural checks only.
         assert body["apiVersion"] == "monitoring.coreos.com/v1"
+        if body["kind"] == "PrometheusRule":
+            for group in body["spec"]["groups"]:
+                assert group["name"] and group["rules"]
+                for rule in group["rules"]:
+                    assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}
+                    assert rule["alert"] and rule["expr"]
+            return
         assert body["spec"]["endpoints"] and body["spec"]["selector"]["matchLabels"]
         return
     kubernetes_validate.validate(body, K8S_VERSION, strict=True)
@@ -54,6 +61,28 @@ def test_schema_validation_catches_mistakes():
     body["spec"]["template"]["spec"]["hostNetwrok"] = True
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(body, K8S_VERSION, strict=True)
+
+
+def test_alert_rules_use_only_metrics_the_agent_exports():
+    """Every metric an alert expression names exists, and no rule groups by a per-peer
+    label (there is none: the series count must not grow with the cluster)."""
+    import re
+
+    from prometheus_client import CollectorRegistry
+
+    from nodecryptor.metrics import Metrics
+
+    exported = {m.name for m in Metrics(CollectorRegistry()).registry.collect()}
+    exported |= {f"{n}_total" for n in exported}
+    rule = find(DOCS, "PrometheusRule")
+    for group in rule["spec"]["groups"]:
+        for r in group["rules"]:
+            for name in re.findall(r"\bnodecryptor_[a-z_]+", r["expr"]):
+                assert name in exported, f"{r['alert']}: {name} is not an agent metric"
+            assert "peer=" not in r["expr"] and "node=" not in r["expr"]
+    states = re.findall(r'state="([a-z-]+)"', str(rule))
+    from nodecryptor.peerhealth import STATES
+    assert set(states) <= set(STATES) and states
 
 
 def test_servicemonitor_selects_the_metrics_service():
