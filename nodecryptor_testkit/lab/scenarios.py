@@ -611,9 +611,16 @@ def peer_health(lab, ports: PortAllocator) -> Result:
         lab.signal_standin(victim, signal.SIGUSR1)
         wait_for(lambda: lab.wg_public_key(victim) not in ("", old_key), 15,
                  f"{victim}'s device to come back with a new key")
-        lab.signal_standin(victim, signal.SIGHUP)
-        wait_for(lambda: _annotation(lab, victim) not in ("", old_key), 15,
-                 f"{victim} to publish its new key")
+        # SIGHUP releases the held-back key; one that lands between the new device and the
+        # stand-in arming its hold is lost, so repeat it until the key is published.
+        def published() -> bool:
+            if _annotation(lab, victim) not in ("", old_key):
+                return True
+            lab.signal_standin(victim, signal.SIGHUP)
+            time.sleep(0.5)
+            return False
+
+        wait_for(published, 15, f"{victim} to publish its new key")
         limit = KEY_MISMATCH_HOLD + 30
         took = _wait_condition(api, others, lambda c: c.get("reason") == "PeerKeyMismatch"
                                and victim in (c.get("message") or ""), limit)
