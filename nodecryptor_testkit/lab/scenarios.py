@@ -599,6 +599,7 @@ def peer_health(lab, ports: PortAllocator) -> Result:
                                f"<= {limit:.0f} s" if took is not None and took <= limit
                                else "timed out" if took is None else f"{took:.1f} s",
                                "" if took is None else f"{took:.1f} s"))
+        result.facts[label] = "timed out" if took is None else f"{took:.1f} s"
 
     took = _wait_condition(api, names, lambda c: c.get("status") == "True", 60)
     row("every node: NodeEncryptionReady=True", took, 60)
