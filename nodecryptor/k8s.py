@@ -825,9 +825,9 @@ class NodeConditionWriter:
                 self._not_before = self._clock() + delay
                 log.exception("node condition writer failed unexpectedly",
                               extra=kv(error=f"{type(e).__name__}: {e}"))
-            self._wake.wait(max(0.05, delay))
-            if stop.is_set():
-                break
+            # Re-check at least every second: ``stop`` is noticed promptly, and ``step`` does
+            # no I/O unless a write is due.
+            self._wake.wait(min(max(0.05, delay), 1.0))
         if api_client is not None:
             api_client.close()
 

@@ -51,7 +51,7 @@ def handle(args) -> int:
     from ..datapath.iprule import proof_of_concept  # netlink; loaded on use
 
     settings = settings_from_args(args)
-    if args.peers or args.cluster:
+    if getattr(args, "peers", False) or getattr(args, "cluster", False):
         from . import status_peers
 
         return (status_peers.peers if args.peers else status_peers.cluster)(args, settings)
