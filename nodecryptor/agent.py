@@ -111,6 +111,21 @@ class Agent:
         threads.append(threading.Thread(target=policies.run, args=(stop,),
                                         name="k8s-exemptions", daemon=True))
         checks.append(thread_check(threads[-1], policies.alive))
+        # NodeEncryptionReady and peer health (nodecryptor.peermonitor): two more threads, so
+        # neither an API outage (the writer) nor a device read (the monitor) ever waits on, or
+        # delays, the reconcile loop.
+        from .k8s import NodeConditionWriter
+        from .peerhealth import CONDITION_TYPE
+        from .peermonitor import PeerMonitor
+
+        writer = NodeConditionWriter(settings, CONDITION_TYPE, self.metrics)
+        monitor = PeerMonitor(settings, self.store, reconciler, sync, writer.submit,
+                              self.metrics)
+        for target, name, progress in ((writer.run, "node-condition", None),
+                                       (monitor.run, "peer-health", monitor.alive)):
+            threads.append(threading.Thread(target=target, args=(stop,), name=name,
+                                            daemon=True))
+            checks.append(thread_check(threads[-1], progress))
         for t in threads:
             t.start()
         # Checks are wired after the threads started: a thread not started yet is not dead.
@@ -130,7 +145,8 @@ class Agent:
                 t.join(timeout=max(0.1, deadline - time.monotonic()))
             self.close()
             # Leave links, filters, rules and pinned maps in place: the node keeps enforcing
-            # the last applied state until the next agent takes over (fail-static).
+            # the last applied state until the next agent takes over (fail-static). The
+            # NodeEncryptionReady condition is left as it is for the same reason.
             datapath.close()
             log.info("agent stopped; datapath left enforcing")
         return 0

@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import choose_encoder
 
 from .admission import REASONS
+from .peerhealth import STATES as PEER_STATES
 
 PREFIX = "nodecryptor"
 
@@ -81,6 +82,26 @@ class Metrics:
         self.exemption_watch_restarts = Counter(
             f"{PREFIX}_exemption_watch_restarts_total",
             "EncryptionExemption list/watch restarts, by cause.", ["cause"], registry=r)
+        # Peer health (nodecryptor.peerhealth): per state, never per peer, so the series
+        # count does not grow with the cluster (every node exports them).
+        self.peers = Gauge(f"{PREFIX}_peers", "Remote nodes by WireGuard peer state.", ["state"],
+                           registry=r)
+        self.peer_transitions = Counter(f"{PREFIX}_peer_transitions_total",
+                                        "Remote nodes entering a peer state.", ["state"],
+                                        registry=r)
+        for state in PEER_STATES:
+            self.peers.labels(state=state)
+            self.peer_transitions.labels(state=state)
+        self.oldest_handshake = Gauge(
+            f"{PREFIX}_peer_oldest_handshake_age_seconds",
+            "Age of the oldest WireGuard handshake among peers that carry traffic (0: none).",
+            registry=r)
+        self.condition_writes = Counter(
+            f"{PREFIX}_node_condition_writes_total",
+            "PATCHes of the NodeEncryptionReady condition, by result (ok, error).", ["result"],
+            registry=r)
+        for result in ("ok", "error"):
+            self.condition_writes.labels(result=result)
 
     def record_rejections(self, rejections) -> None:
         """Entries the parser skipped (counted by field, and by reason)."""

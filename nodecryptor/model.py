@@ -143,6 +143,11 @@ class WgPeer:
     """Seconds since the epoch, None when there never was a handshake. Not compared: it
     changes every few minutes per peer and means nothing to the datapath, so it must not make
     two otherwise equal states differ (the reconcile loop skips passes on equal inputs)."""
+    rx_bytes: int = field(default=0, compare=False)
+    """Bytes received from this peer since the device was configured (not compared, as
+    ``last_handshake``: traffic counters change constantly and mean nothing to the datapath)."""
+    tx_bytes: int = field(default=0, compare=False)
+    """Bytes sent to this peer; peer health (nodecryptor.peerhealth) watches it grow."""
 
 
 @dataclass(frozen=True)

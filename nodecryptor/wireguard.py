@@ -55,7 +55,8 @@ def parse_uapi(text: str) -> tuple[int, int, list[WgPeer]]:
         if current is not None:
             peers.append(WgPeer(public_key=current["key"], allowed_ips=tuple(current["allowed"]),
                                 endpoint=current.get("endpoint"),
-                                last_handshake=current.get("handshake")))
+                                last_handshake=current.get("handshake"),
+                                rx_bytes=current.get("rx", 0), tx_bytes=current.get("tx", 0)))
 
     for line in text.splitlines():
         key, sep, value = line.partition("=")
@@ -78,6 +79,8 @@ def parse_uapi(text: str) -> tuple[int, int, list[WgPeer]]:
             current["endpoint"] = value
         elif key == "last_handshake_time_sec":
             current["handshake"] = float(value) if int(value) else None
+        elif key in ("rx_bytes", "tx_bytes"):
+            current[key[:2]] = int(value)
     finish()
     return listen_port, fwmark, peers
 
@@ -148,7 +151,9 @@ def _read_genl(ifname: str) -> tuple[int, int, list[WgPeer]] | None:
                 addr, port = endpoint.get("addr"), endpoint.get("port")
                 endpoint = f"[{addr}]:{port}" if addr and ":" in str(addr) else f"{addr}:{port}"
             peers.append(WgPeer(public_key=str(key), allowed_ips=allowed,
-                                endpoint=str(endpoint) if endpoint else None, last_handshake=seconds))
+                                endpoint=str(endpoint) if endpoint else None, last_handshake=seconds,
+                                rx_bytes=int(peer.get_attr("WGPEER_A_RX_BYTES") or 0),
+                                tx_bytes=int(peer.get_attr("WGPEER_A_TX_BYTES") or 0)))
     return listen_port, fwmark, peers
 
 

@@ -29,7 +29,25 @@ def register(sub) -> None:
     p.add_argument("--leaks", action="store_true",
                    help="list the most recent clear text from cluster peers seen by the "
                         "ingress program (source, protocol, port, packets, last seen)")
+    add_peer_options(p)
     p.set_defaults(func=handle)
+
+
+def add_peer_options(p) -> None:
+    """--peers and --cluster (nodecryptor/commands/status_peers.py)."""
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--peers", action="store_true",
+                      help="list every WireGuard peer: node, state, key match, last handshake, "
+                           "allowed-IPs coverage, rx/tx bytes")
+    what.add_argument("--cluster", action="store_true",
+                      help="every Node's NodeEncryptionReady condition, with a summary "
+                           "(exit 1 unless all are ready)")
+    p.add_argument("--kubeconfig", default=None, metavar="PATH",
+                   help="for --cluster, and --peers when the agent's table is missing: "
+                        "kubeconfig file (default: in-cluster service account)")
+    p.add_argument("--node-name", default=None, metavar="NAME",
+                   help="for --peers without the agent's table: the local node "
+                        "(default: $NODE_NAME)")
 
 
 def handle_leaks(args, settings, module) -> int:
@@ -58,6 +76,10 @@ def handle(args) -> int:
     from ..datapath.iprule import proof_of_concept  # netlink; loaded on use
 
     settings = settings_from_args(args)
+    if getattr(args, "peers", False) or getattr(args, "cluster", False):
+        from . import status_peers
+
+        return (status_peers.peers if args.peers else status_peers.cluster)(args, settings)
     poc = proof_of_concept.report(proof_of_concept.find())
     try:
         name, module = detect.installed(settings)

@@ -19,6 +19,11 @@ Tests run it in a thread; the network-namespace lab runs it as a process
   watch, create, update, patch, delete; ``FakeApiServer.apply`` of an EncryptionExemption);
   ``exemptions_installed = False`` (control action ``exemptions-installed``) answers 404 as
   a cluster without the CRD does;
+- ``nodes/<name>/status``: PATCH as strategic merge (``status.conditions`` merged by ``type``)
+  or JSON merge patch (the list replaced), 400 for a malformed body, 404 for an unknown node,
+  415 for another content type (nodestatus.py); ``fail_status_next`` injects 409 conflicts or
+  server errors; accepted patches are kept in ``status_patches``;
+- core/v1 Events: POST ``/api/v1/namespaces/<ns>/events`` (kept in ``events``);
 - one global, monotonically increasing resourceVersion (shared by both resources, as etcd's
   revision is) and a bounded event history per resource.
 

@@ -20,6 +20,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 
 from .cluster import EXEMPTION_RESOURCE, NODE_RESOURCE, ApiError, FakeCluster
+from .nodestatus import patch_status
 from .objects import (API_VERSION, COLLECTION, EXEMPTION_COLLECTION, GROUP, KIND, META_API_VERSION, NODE_COLLECTION,
                       PLURAL, VERSION, partial_object_metadata, status_object)
 
@@ -181,6 +182,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     fake.stopping.wait(0.05)
                 self.close_connection = True
                 return
+            if (method == "POST" and path.startswith("/api/v1/namespaces/")
+                    and path.endswith("/events") and path.count("/") == 5):
+                self._create_event(path.split("/")[4])
+                return
             if path == NODE_COLLECTION or path.startswith(NODE_COLLECTION + "/"):
                 # v1 Nodes take no count-based fault (stall, fail, expire): those stay aimed
                 # at the CiliumNode requests the tests count. Freezing and dropping watches
@@ -263,6 +268,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         nodes = self.server.fake.nodes
         accept = self.headers.get("Accept") or ""
         self.server.fake.node_requests.append((method, self.path, accept))
+        if method == "PATCH" and path.endswith("/status"):
+            self._patch_node_status(urllib.parse.unquote(
+                path[len(NODE_COLLECTION) + 1:-len("/status")]))
+            return
         if method != "GET":
             raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on {path} here")
         if path == NODE_COLLECTION and is_watch:
@@ -279,6 +288,39 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             obj = nodes.get(name)
             self._send_json(200, partial_object_metadata(obj)
                             if metadata_view(accept, OBJECT_VIEW) else obj)
+
+    def _patch_node_status(self, name: str) -> None:
+        fake = self.server.fake
+        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+        body = self._read_body()
+        with fake.nodes.cond:
+            code = fake.take_status_fault()
+            if code == 409:
+                raise ApiError(409, "Conflict", f'Operation cannot be fulfilled on nodes "{name}": '
+                               f'the object has been modified; please apply your changes to the '
+                               f'latest version and try again', name)
+            if code:
+                raise ApiError(code, "InternalError" if code == 500 else "ServiceUnavailable",
+                               f"injected failure {code}")
+            old = fake.nodes.objects.get(name)
+            if old is None:
+                raise ApiError(404, "NotFound", f'nodes "{name}" not found', name)
+            new = patch_status(old, ctype, body)
+            fake.status_patches.append((name, ctype, copy.deepcopy(body)))
+            self._send_json(200, fake.nodes.replace(name, new, check_rv=False))
+
+    def _create_event(self, namespace: str) -> None:
+        body = self._read_body()
+        if not isinstance(body, dict) or not isinstance(body.get("involvedObject"), dict) \
+                or not body.get("reason"):
+            raise ApiError(422, "Invalid", "Event: involvedObject and reason are required")
+        fake = self.server.fake
+        event = copy.deepcopy(body)
+        meta = event.setdefault("metadata", {})
+        meta["namespace"] = namespace
+        meta.setdefault("name", f"{meta.get('generateName') or 'event.'}{len(fake.events)}")
+        fake.events.append(event)
+        self._send_json(201, event)
 
     def _watch(self, query: dict, cluster: FakeCluster | None = None,
                metadata_only: bool = False) -> None:
@@ -427,6 +469,12 @@ class FakeApiServer:
             maxlen=10000)
         """(method, path with query, Accept header) of recent Node requests."""
         self.faults = _Faults()
+        self.status_faults: collections.deque[int] = collections.deque()
+        """Status codes the next PATCHes of nodes/<name>/status answer with (409, 500...)."""
+        self.status_patches: list[tuple[str, str, object]] = []
+        """(node, content type, body) of every accepted nodes/<name>/status PATCH."""
+        self.events: list[dict] = []
+        """core/v1 Events created (any namespace)."""
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._sockets: set = set()
@@ -676,6 +724,14 @@ class FakeApiServer:
         with self._lock:
             return self._open_watches
 
+    def fail_status_next(self, count: int, code: int = 409) -> None:
+        """Answer the next ``count`` PATCHes of nodes/<name>/status with ``code``."""
+        with self.nodes.cond:
+            self.status_faults.extend([code] * count)
+
+    def take_status_fault(self) -> int:
+        return self.status_faults.popleft() if self.status_faults else 0
+
     def control(self, action: str, body: object) -> dict:
         """``POST /_fake/<action>`` for a fake running in another process."""
         args = body if isinstance(body, dict) else {}
@@ -710,6 +766,11 @@ class FakeApiServer:
             self.apply(obj)
         elif action == "exemptions-installed":
             self.exemptions_installed = bool(args.get("installed", True))
+        elif action == "fail-status-next":
+            self.fail_status_next(int(args.get("count", 1)), int(args.get("code", 409)))
+        elif action == "status-patches":
+            return {"ok": True, "action": action, "patches": len(self.status_patches),
+                    "events": len(self.events)}
         elif action == "refuse":
             seconds = float(args.get("seconds", 5))
             # Reopen from a timer: once the listener is closed this endpoint is unreachable.

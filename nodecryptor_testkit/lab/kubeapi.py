@@ -72,6 +72,10 @@ class KubeApi:
     def get_node(self, name: str) -> dict:
         return self._request("GET", f"{NODES}/{name}")
 
+    def fake_control(self, action: str, body: dict | None = None) -> dict:
+        """A fault-injection or bookkeeping action of the fake API server (``/_fake/``)."""
+        return self._request("POST", f"/_fake/{action}", body or {})
+
     def put_node(self, obj: dict) -> dict:
         """Replace a v1 Node (the lab's fake API takes Node writes through its control
         endpoint; a kubelet or an administrator's kubectl would PATCH the Node)."""

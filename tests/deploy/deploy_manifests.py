@@ -14,7 +14,8 @@ GUIDE = REPO / "docs" / "operator-guide.md"
 
 # Kinds defined by CustomResourceDefinitions: the Kubernetes OpenAPI schema does not know them.
 CRD_KINDS = {"ServiceMonitor": "monitoring.coreos.com/v1 (Prometheus Operator CRD)",
-             "EncryptionExemption": "nodecryptor.io/v1alpha1 (k8s/crd-encryptionexemption.yaml)"}
+             "EncryptionExemption": "nodecryptor.io/v1alpha1 (k8s/crd-encryptionexemption.yaml)",
+             "PrometheusRule": "monitoring.coreos.com/v1 (Prometheus Operator CRD)"}
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,13 @@ def test_manifest_valid(doc):
     if body["kind"] in CRD_KINDS:
         # No OpenAPI schema for custom resources in kubernetes-validate: structural checks only.
         assert body["apiVersion"] == "monitoring.coreos.com/v1"
+        if body["kind"] == "PrometheusRule":
+            for group in body["spec"]["groups"]:
+                assert group["name"] and group["rules"]
+                for rule in group["rules"]:
+                    assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}
+                    assert rule["alert"] and rule["expr"]
+            return
         assert body["spec"]["endpoints"] and body["spec"]["selector"]["matchLabels"]
         return
     kubernetes_validate.validate(body, K8S_VERSION, strict=True)
@@ -59,6 +66,28 @@ def test_schema_validation_catches_mistakes():
     body["spec"]["template"]["spec"]["hostNetwrok"] = True
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(body, K8S_VERSION, strict=True)
+
+
+def test_alert_rules_use_only_metrics_the_agent_exports():
+    """Every metric an alert expression names exists, and no rule groups by a per-peer
+    label (there is none: the series count must not grow with the cluster)."""
+    import re
+
+    from prometheus_client import CollectorRegistry
+
+    from nodecryptor.metrics import Metrics
+
+    exported = {m.name for m in Metrics(CollectorRegistry()).registry.collect()}
+    exported |= {f"{n}_total" for n in exported}
+    rule = find(DOCS, "PrometheusRule")
+    for group in rule["spec"]["groups"]:
+        for r in group["rules"]:
+            for name in re.findall(r"\bnodecryptor_[a-z_]+", r["expr"]):
+                assert name in exported, f"{r['alert']}: {name} is not an agent metric"
+            assert "peer=" not in r["expr"] and "node=" not in r["expr"]
+    states = re.findall(r'state="([a-z-]+)"', str(rule))
+    from nodecryptor.peerhealth import STATES
+    assert set(states) <= set(STATES) and states
 
 
 def test_servicemonitor_selects_the_metrics_service():
@@ -172,7 +201,7 @@ def test_every_manifest_belongs_to_one_kustomization():
 def test_default_installation_has_no_optional_pieces():
     kinds = sorted(d.body["kind"] for d in default_docs())
     assert kinds == ["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
-                     "DaemonSet", "ServiceAccount"]
+                     "DaemonSet", "Role", "RoleBinding", "ServiceAccount"]
 
 
 # ---- the agent DaemonSet -----------------------------------------------------------------------
@@ -340,17 +369,28 @@ def test_cleanup_daemonset_runs_the_cleanup_command():
 
 # ---- RBAC ----------------------------------------------------------------------------------
 
-def test_rbac_reads_ciliumnodes_nodes_and_exemptions_only():
+def test_rbac_reads_ciliumnodes_nodes_and_exemptions_writes_only_node_status_and_events():
     docs = default_docs()
     role = find(docs, "ClusterRole", "nodecryptor")
+    # The only write on Nodes is `patch` on the status subresource (NodeEncryptionReady):
+    # never `patch nodes`, which would let the agent rewrite the role labels.
     assert role["rules"] == [{"apiGroups": ["cilium.io"], "resources": ["ciliumnodes"],
                               "verbs": ["get", "list", "watch"]},
                              {"apiGroups": [""], "resources": ["nodes"],
                               "verbs": ["get", "list", "watch"]},
                              {"apiGroups": ["nodecryptor.io"],
                               "resources": ["encryptionexemptions"],
-                              "verbs": ["get", "list", "watch"]}]
-    assert not any(d.body["kind"] in ("Role", "RoleBinding") for d in docs)
+                              "verbs": ["get", "list", "watch"]},
+                             {"apiGroups": [""], "resources": ["nodes/status"],
+                              "verbs": ["patch"]}]
+    # Events: create only, in "default" (where Node events live), through a Role.
+    [events] = [d.body for d in docs if d.body["kind"] == "Role"]
+    assert events["metadata"]["namespace"] == "default"
+    assert events["rules"] == [{"apiGroups": [""], "resources": ["events"], "verbs": ["create"]}]
+    [events_binding] = [d.body for d in docs if d.body["kind"] == "RoleBinding"]
+    assert events_binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
+                                         "kind": "Role", "name": events["metadata"]["name"]}
+    assert events_binding["metadata"]["namespace"] == "default"
     binding = find(docs, "ClusterRoleBinding", "nodecryptor")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
                                   "kind": "ClusterRole", "name": "nodecryptor"}
@@ -359,6 +399,7 @@ def test_rbac_reads_ciliumnodes_nodes_and_exemptions_only():
     assert binding["subjects"] == [{"kind": "ServiceAccount",
                                     "name": ds["spec"]["template"]["spec"]["serviceAccountName"],
                                     "namespace": ds["metadata"]["namespace"]}]
+    assert events_binding["subjects"] == binding["subjects"]
     assert account["metadata"]["namespace"] == ds["metadata"]["namespace"]
 
 

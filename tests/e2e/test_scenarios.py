@@ -52,7 +52,7 @@ def ports():
 
 
 @pytest.mark.parametrize("scenario", ["matrix", "bootstrap", "restart", "wg-down", "churn",
-                                      "exemption", "cilium-restart"])
+                                      "exemption", "cilium-restart", "peer-health"])
 def test_scenario(lab, ports, scenario):
     result = run_scenario(lab, scenario, ports)
     assert result.ok, "\n" + report.table(result)

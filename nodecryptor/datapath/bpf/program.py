@@ -18,7 +18,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,25 +220,32 @@ class _Rejected(Exception):
 
 def _load_func(module, name: bytes, prog_type):
     """``module.load_func`` with the verifier's verdict in the exception. On a rejection libbcc
-    only raises "Permission denied" and prints the verifier's log on fd 2; fd 2 is sent to a
-    temporary file for the call, then everything is written back to it unchanged, and the last
-    lines (the rejected instruction and the reason) go into the error message."""
+    only raises "Permission denied" and prints the verifier's log on fd 2; fd 2 is sent to an
+    anonymous in-memory file for the call (memfd: the DaemonSet's root filesystem is read-only
+    and has no writable temporary directory), then everything is written back to it unchanged,
+    and the last lines (the rejected instruction and the reason) go into the error message."""
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
+    captured = os.memfd_create("nodecryptor-verifier-log", os.MFD_CLOEXEC)
+    try:
+        os.dup2(captured, 2)
         try:
             return module.load_func(name, prog_type)
         except Exception as e:
             error = e
         finally:
             os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            text = captured.read()
+            os.lseek(captured, 0, os.SEEK_SET)
+            chunks = []
+            while chunk := os.read(captured, 1 << 16):
+                chunks.append(chunk)
+            text = b"".join(chunks)
             view = memoryview(text)
             while view:
                 view = view[os.write(2, view):]
+    finally:
+        os.close(saved)
+        os.close(captured)
     lines = [line for line in text.decode(errors="replace").splitlines() if line.strip()]
     tail = " | ".join(lines[-VERIFIER_TAIL_LINES:])
     raise _Rejected(f"{error}; verifier: {tail}" if tail else str(error)) from error
