@@ -35,6 +35,7 @@ import sys
 import time
 
 from nodecryptor.datapath.bpf import maps, program, testrun
+from nodecryptor.exemptions import BUILTIN_NAME, PolicyRange
 from nodecryptor.model import (KIND_NODE_IP, KIND_POD_CIDR, ROLE_WORKER, DesiredState,
                                Destination, Plan, WgState)
 from nodecryptor.ports import parse_port_spec
@@ -62,18 +63,26 @@ def pod_cidr(family: int, i: int):
     return ipaddress.ip_network((POD_BASE[6] + (i << 64), 64))
 
 
+EXEMPT_PORTS = parse_port_spec("2379-2380,6443")
+BOOTSTRAP = tuple(PolicyRange(r.protocol, r.first, r.last, BUILTIN_NAME) for r in EXEMPT_PORTS)
+
+
 def synthetic_desired(nodes: int) -> DesiredState:
     """``nodes`` remote nodes, each with a node address and a pod CIDR in both families."""
     destinations = []
     for i in range(nodes):
         for family in (4, 6):
             cp = i < CONTROL_PLANE_NODES
+            # A control-plane node's address carries the built-in bootstrap policy's ports,
+            # as policy.compute_plan gives it (its pod CIDR never does).
             destinations.append(Destination(ipaddress.ip_network(node_address(family, i)),
-                                            f"node-{i}", KIND_NODE_IP, cp))
+                                            f"node-{i}", KIND_NODE_IP, cp,
+                                            exempt_ports=BOOTSTRAP if cp else ()))
             destinations.append(Destination(pod_cidr(family, i), f"node-{i}", KIND_POD_CIDR, cp))
     plan = Plan(node="bench", role=ROLE_WORKER,
                 local_addresses=tuple(ipaddress.ip_address(a) for a in LOCAL.values()),
-                destinations=tuple(destinations), exempt_ports=parse_port_spec("2379-2380,6443"))
+                destinations=tuple(destinations), exempt_ports=EXEMPT_PORTS,
+                policies=(BUILTIN_NAME,))
     wg = WgState(ifname="cilium_wg0", ifindex=7, present=True, up=True, mtu=1420,
                  listen_port=51871, peers=None)
     return DesiredState(plan=plan, wg=wg, devices=(), fail_mode="closed", enabled=True,
