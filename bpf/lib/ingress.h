@@ -11,7 +11,8 @@
  * node serves (remembers the flow); reply of an exempt flow the local node opened; else a
  * leak, which the ingress mode passes uncounted (off), passes and meters (audit) or drops and
  * meters (enforce). SYN and SYN-ACK that pass in the clear get their MSS clamped: the replies
- * this node sends to such a peer go through WireGuard. */
+ * this node sends to such a peer go through WireGuard. The same program on cilium_wg0's
+ * ingress (skb->ifindex is the WireGuard device) only clamps the MSS (nc_in_tunnel). */
 #ifndef NC_LIB_INGRESS_H
 #define NC_LIB_INGRESS_H
 
@@ -114,6 +115,28 @@ static __always_inline int nc_in_leak(struct __sk_buff *skb, struct nc_pkt *p,
 	return nc_pass(skb, NC_R_IN_LEAK_OFF, dry);
 }
 
+/* On cilium_wg0's ingress: what a peer sent through the tunnel, decrypted (no link-layer
+ * header). Encrypted by definition, so nothing is classified or counted as a reason; only the
+ * MSS of a peer's SYN or SYN-ACK is clamped: this node's segments to a peer that does not
+ * clamp (no nodecryptor, or an ip-rule node) would otherwise be sized for the underlay and
+ * fragment after WireGuard. The underlay's ingress never sees these handshakes in the clear. */
+static __always_inline int nc_in_tunnel(struct __sk_buff *skb, const struct nc_config *cfg,
+					const int dry)
+{
+	struct nc_dst_info src_info = {};
+	struct nc_pkt p = {};
+
+	if (nc_parse_l3_raw(skb, &p) < 0 || !nc_lookup_src(&p, cfg, &src_info))
+		return TC_ACT_UNSPEC;
+	if (p.family == 6)
+		nc_parse_ipv6_ext(skb, &p);
+	nc_parse_l4(skb, &p);
+	if (p.l4_ok && p.frag != NC_FRAG_LATER && p.proto == NC_IPPROTO_TCP &&
+	    nc_clamp_mss(skb, &p, p.family == 4 ? cfg->mss_v4 : cfg->mss_v6))
+		nc_count(skb, NC_EV_IN_MSS_CLAMPED, dry);
+	return TC_ACT_UNSPEC;
+}
+
 static __always_inline int nc_in_decide(struct __sk_buff *skb, const int dry)
 {
 	__u32 zero = 0, reason;
@@ -126,6 +149,8 @@ static __always_inline int nc_in_decide(struct __sk_buff *skb, const int dry)
 
 	if (!cfg || !cfg->enabled)
 		return nc_pass(skb, NC_R_IN_DISABLED, dry);
+	if (cfg->wg_ifindex && skb->ifindex == cfg->wg_ifindex)
+		return nc_in_tunnel(skb, cfg, dry);
 	if (nc_parse_l3(skb, &p) < 0)
 		return nc_pass(skb, NC_R_IN_NOT_CLUSTER, dry);
 	if (!nc_lookup_src(&p, cfg, &src_info))

@@ -79,23 +79,11 @@ struct nc_pkt {
 	__u8 dst[16];
 };
 
-/* Reads Ethernet and the IP header. Returns 0 when the packet is IPv4/IPv6 with a complete
- * fixed header, -1 otherwise (not IP, or too short to know the destination). */
-static __always_inline int nc_parse_l3(struct __sk_buff *skb, struct nc_pkt *p)
+/* Reads the IP header of ethertype ``proto`` at ``off``. Returns 0 when the packet is
+ * IPv4/IPv6 with a complete fixed header, -1 otherwise. */
+static __always_inline int nc_parse_ip(struct __sk_buff *skb, struct nc_pkt *p, __u16 proto,
+				       __u32 off)
 {
-	__u16 proto;
-	__u32 off = NC_ETH_HLEN;
-
-	if (nc_load(skb, 12, &proto, sizeof(proto)) < 0)
-		return -1;
-	proto = bpf_ntohs(proto);
-	if (proto == NC_ETH_P_8021Q || proto == NC_ETH_P_8021AD) {
-		if (nc_load(skb, 16, &proto, sizeof(proto)) < 0)
-			return -1;
-		proto = bpf_ntohs(proto);
-		off += NC_VLAN_HLEN;
-		p->vlan = 1;
-	}
 	p->l3_off = off;
 	if (proto == NC_ETH_P_IP) {
 		struct iphdr ip;
@@ -131,6 +119,33 @@ static __always_inline int nc_parse_l3(struct __sk_buff *skb, struct nc_pkt *p)
 		return 0;
 	}
 	return -1;
+}
+
+/* Reads Ethernet and the IP header. Returns 0 when the packet is IPv4/IPv6 with a complete
+ * fixed header, -1 otherwise (not IP, or too short to know the destination). */
+static __always_inline int nc_parse_l3(struct __sk_buff *skb, struct nc_pkt *p)
+{
+	__u16 proto;
+	__u32 off = NC_ETH_HLEN;
+
+	if (nc_load(skb, 12, &proto, sizeof(proto)) < 0)
+		return -1;
+	proto = bpf_ntohs(proto);
+	if (proto == NC_ETH_P_8021Q || proto == NC_ETH_P_8021AD) {
+		if (nc_load(skb, 16, &proto, sizeof(proto)) < 0)
+			return -1;
+		proto = bpf_ntohs(proto);
+		off += NC_VLAN_HLEN;
+		p->vlan = 1;
+	}
+	return nc_parse_ip(skb, p, proto, off);
+}
+
+/* The same on an L3 device without a link-layer header (WireGuard): the packet starts with
+ * the IP header and skb->protocol names it. */
+static __always_inline int nc_parse_l3_raw(struct __sk_buff *skb, struct nc_pkt *p)
+{
+	return nc_parse_ip(skb, p, bpf_ntohs(skb->protocol), 0);
 }
 
 /* Walks IPv6 extension headers up to the L4 header (or a non-first fragment's payload).

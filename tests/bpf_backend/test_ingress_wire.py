@@ -55,7 +55,8 @@ def test_enforce_refuses_peer_clear_text_audit_meters_it_bootstrap_works_in_both
             dp.start()
             dp.apply(lab.desired(settings))
             att = attach.tcx_observe(bpffs, "eth0", attach.INGRESS)
-            assert pins.pinned_link_names(bpffs, "ingress") == ["eth0"]
+            # cilium_wg0 too: the MSS clamp of handshakes peers send through the tunnel.
+            assert pins.pinned_link_names(bpffs, "ingress") == ["cilium_wg0", "eth0"]
         assert att is not None and att.position == 0 and not att.defunct
 
         # enforce: B's clear text never reaches A's socket; A's 6443 connection to B works.
@@ -87,7 +88,7 @@ def test_enforce_refuses_peer_clear_text_audit_meters_it_bootstrap_works_in_both
         res = cli("status", "--json")
         assert res.returncode == 0, res.stderr
         assert json.loads(res.stdout)["ingress_enforcement"] == {
-            "supported": True, "mode": "audit", "attached": ["eth0"]}
+            "supported": True, "mode": "audit", "attached": ["cilium_wg0", "eth0"]}
         res = cli("status", "--leaks", "--json")
         assert res.returncode == 0, res.stderr
         report = json.loads(res.stdout)
@@ -127,7 +128,7 @@ def test_enforce_refuses_peer_clear_text_audit_meters_it_bootstrap_works_in_both
             assert dp.observe().counters["ingress-mss-clamped"] >= 1
             dp.close()
             report = inspect.cleanup(settings)
-            assert report["ingress_tcx_links"] == ["eth0"]
+            assert report["ingress_tcx_links"] == ["cilium_wg0", "eth0"]
             chain = syscall.prog_query(attach.ifindex_of("eth0"), syscall.BPF_TCX_INGRESS)
         assert chain["prog_ids"] == []
     finally:

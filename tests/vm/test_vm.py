@@ -113,8 +113,11 @@ def test_apiserver_port_to_control_plane_stays_clear(vm, kind):
 
 
 @pytest.mark.parametrize("kind", DATAPATHS)
-@pytest.mark.parametrize("transfer", ("a_to_pod", "b_to_a"))
+@pytest.mark.parametrize("transfer", ("a_to_pod", "b_to_a", "a_to_b"))
 def test_no_outer_fragments_with_mss_clamping(vm, kind, transfer):
+    """Host to host in both directions with nodecryptor on A only: b_to_a is fixed by A's
+    egress clamp of its own SYN, a_to_b by A's ingress clamp of B's SYN-ACK (B clamps
+    nothing and advertises 1460)."""
     res = datapath(vm, kind)["mtu_clamped"][transfer]
     assert res["transfer"]["ok"], res["transfer"]
     assert res["wireguard_packets"] > 100, res
@@ -131,6 +134,29 @@ def test_bpf_uses_legacy_clsact_on_61(vm):
     after = res["tc_egress_after_cleanup"]
     assert "nodecryptor" not in after and "pref 1 " not in after, after
     assert "cil_to_netdev" in after and "pref 2 " in after, after
+
+
+def test_bpf_ingress_program_on_legacy_clsact_ingress(vm):
+    """6.1 has no tcx: nc_ingress is a clsact ingress filter pref 1 on the underlay and on
+    cilium_wg0 (where the peer's SYN-ACK arrives, decrypted), removed by cleanup()."""
+    res = datapath(vm, "bpf")
+    for dev, filters in res["tc_ingress"].items():
+        assert "nodecryptor" in filters and "direct-action" in filters, (dev, filters)
+        assert "pref 1 " in filters, (dev, filters)
+    for dev, filters in res["tc_ingress_after_cleanup"].items():
+        assert "nodecryptor" not in filters, (dev, filters)
+
+
+def test_bpf_ingress_clamps_the_peers_syn_ack(vm):
+    """A → B is the direction only the ingress clamp can fix; without clamping it fragments
+    (the control), with clamping the ingress program counted its clamps."""
+    res = datapath(vm, "bpf")
+    unclamped = res["mtu_unclamped"]["a_to_b"]
+    assert unclamped["transfer"]["ok"], unclamped["transfer"]
+    assert unclamped["fragmented_percent"] > 50, unclamped
+    assert res["mtu_clamped"]["a_to_b"]["mss_peer_advertised"] == [1460], res["mtu_clamped"]
+    counters = res["observe_end"]["counters"]
+    assert counters.get("ingress-mss-clamped", 0) > 0, counters
 
 
 def test_bpf_without_mss_clamping_fragments_the_peer_sending(vm):

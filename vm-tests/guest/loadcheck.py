@@ -30,7 +30,9 @@ def main() -> int:
     else:
         result.update(ok=True, verified_insns={
             "nc_egress": syscall.prog_verified_insns(loaded.prog_fd),
-            "nc_explain": syscall.prog_verified_insns(loaded.explain_fd)})
+            "nc_explain": syscall.prog_verified_insns(loaded.explain_fd),
+            "nc_ingress": syscall.prog_verified_insns(loaded.ingress_fd),
+            "nc_explain_ingress": syscall.prog_verified_insns(loaded.explain_ingress_fd)})
         loaded.close()
     result["seconds"] = round(time.monotonic() - started, 2)
     print(json.dumps(result), flush=True)

@@ -9,7 +9,8 @@ for each datapath (BPF first, then ip rules) applies nodecryptor on node A throu
           leave A's underlay only as WireGuard UDP 51871 and arrive decrypted on B's cilium_wg0;
 - exempt: TCP 6443 to control-plane node B is delivered and stays in the clear;
 - mtu:    bulk iperf3 transfers (A → pod, B → A, A → B), counting outer IP fragments of the
-          sending direction on A's underlay, with the MSS clamped and (BPF only) without.
+          sending direction on A's underlay, with the MSS clamped and (BPF only) without. B
+          does not clamp, so A → B is fixed only by A's ingress clamp of B's SYN-ACK.
 
 A baseline without any datapath first proves the capture does see clear-text traffic, so a
 zero count later means something. The scenario records facts; tests/vm/test_vm.py judges them.
@@ -178,9 +179,19 @@ def measure_mtu(lab, procs, workdir: str, tag: str, transfers=TRANSFERS) -> dict
     return out
 
 
+def tc_filters(ns: str, dev: str, direction: str) -> str:
+    return subprocess.run(["ip", "netns", "exec", ns, "tc", "filter", "show", "dev", dev,
+                           direction], capture_output=True, text=True).stdout
+
+
 def tc_egress(ns: str) -> str:
-    return subprocess.run(["ip", "netns", "exec", ns, "tc", "filter", "show", "dev", "eth0",
-                           "egress"], capture_output=True, text=True).stdout
+    return tc_filters(ns, "eth0", "egress")
+
+
+def tc_ingress(ns: str) -> dict:
+    """nodecryptor's ingress hooks on A: the underlay (clear text from peers) and cilium_wg0
+    (what peers sent through the tunnel, decrypted)."""
+    return {dev: tc_filters(ns, dev, "ingress") for dev in ("eth0", WG_IFNAME)}
 
 
 def run_datapath(kind: str, driver: DriverClient, lab, procs, workdir: str,
@@ -203,6 +214,7 @@ def run_datapath(kind: str, driver: DriverClient, lab, procs, workdir: str,
             res["apply"] = driver.request(op="apply", clamp=True)
         res["observe"] = driver.request(op="observe")
         res["tc_egress"] = tc_egress(lab.a)
+        res["tc_ingress"] = tc_ingress(lab.a)
         res["a_rules"] = subprocess.run(["ip", "-n", lab.a, "rule", "show"], capture_output=True,
                                         text=True).stdout
         res["a_routes"] = subprocess.run(["ip", "-n", lab.a, "route", "show", "table", "all"],
@@ -235,6 +247,7 @@ def run_datapath(kind: str, driver: DriverClient, lab, procs, workdir: str,
         except Exception as e:  # the lab's namespaces are deleted anyway
             res["errors"].append(f"cleanup: {e}")
     res["tc_egress_after_cleanup"] = tc_egress(lab.a)
+    res["tc_ingress_after_cleanup"] = tc_ingress(lab.a)
     return res
 
 

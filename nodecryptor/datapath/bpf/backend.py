@@ -240,8 +240,18 @@ class BpfDatapath:
                 failures.append(f"{name}: {e.strerror or e}")
             except Exception as e:  # pyroute2 NetlinkError and friends
                 failures.append(f"{name}: {e}")
+        # cilium_wg0's ingress: the program clamps the MSS of handshakes peers send through
+        # the tunnel (issue 15); absent until Cilium creates it, attached on a later apply.
+        tunnel = desired.wg.ifname if desired.wg.present and desired.wg.ifindex else ""
+        if tunnel:
+            try:
+                self._attach_ingress(tunnel)
+            except OSError as e:
+                failures.append(f"{tunnel} ingress: {e.strerror or e}")
+            except Exception as e:  # pyroute2 NetlinkError and friends
+                failures.append(f"{tunnel} ingress: {e}")
         try:
-            self._detach_others(set(wanted))
+            self._detach_others(set(wanted), {tunnel} - {""})
             if inspect.pinned_prog_id(self.settings) != self._loaded.prog_id:
                 pins.pin_prog(self.settings.bpffs, self._loaded.prog_fd,
                               self._loaded.explain_fd)
@@ -302,18 +312,27 @@ class BpfDatapath:
         # Ingress first: the egress swap moves the generation, and both programs of one load
         # share its maps (issue 15: nc_ingress, same discipline as egress).
         loaded = self._loaded
+        self._attach_ingress(ifname)
         if self.mode == attach.MODE_TCX:
-            attach.tcx_attach(self.settings.bpffs, ifname, loaded.ingress_fd, attach.INGRESS)
             return attach.tcx_attach(self.settings.bpffs, ifname, loaded.prog_fd)
-        attach.tc_attach(ifname, loaded.ingress_fd, loaded.ingress_id, attach.INGRESS)
         return attach.tc_attach(ifname, loaded.prog_fd, loaded.prog_id)
 
-    def _detach_others(self, wanted: set[str]) -> None:
+    def _attach_ingress(self, ifname: str) -> attach.Attachment:
+        loaded = self._loaded
+        if self.mode == attach.MODE_TCX:
+            return attach.tcx_attach(self.settings.bpffs, ifname, loaded.ingress_fd,
+                                     attach.INGRESS)
+        return attach.tc_attach(ifname, loaded.ingress_fd, loaded.ingress_id, attach.INGRESS)
+
+    def _detach_others(self, wanted: set[str], ingress_only: set[str] = frozenset()) -> None:
+        """Remove nodecryptor's hooks from devices no longer wanted; ``ingress_only`` devices
+        (cilium_wg0) keep their ingress program."""
         bpffs = self.settings.bpffs
         for d in (attach.EGRESS, attach.INGRESS):
+            wanted_d = wanted | ingress_only if d == attach.INGRESS else wanted
             if self.mode == attach.MODE_TCX:
                 for name in pins.pinned_link_names(bpffs, d):
-                    if name not in wanted:
+                    if name not in wanted_d:
                         attach.tcx_detach(bpffs, name, d)
                 if not self._swept:
                     # Left over from a legacy-tc run (mode switch): remove once after start.
@@ -321,7 +340,7 @@ class BpfDatapath:
                         attach.tc_detach(name, ifindex, d)
             else:
                 for name, ifindex in attach.tc_devices(d).items():
-                    if name not in wanted:
+                    if name not in wanted_d:
                         attach.tc_detach(name, ifindex, d)
                 if not self._swept:
                     for name in pins.pinned_link_names(bpffs, d):
