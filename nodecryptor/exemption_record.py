@@ -15,6 +15,7 @@ import os
 
 from .exemptions import PolicyRange, policy_for
 from .log import kv
+from .runfiles import write_json
 from .model import DesiredState
 from .settings import Settings
 
@@ -47,11 +48,7 @@ def write(settings: Settings, summary: dict) -> None:
     ``explain``, never the agent."""
     path = record_path(settings)
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(summary, f)
-        os.replace(tmp, path)
+        write_json(path, summary)
     except OSError as e:
         log.warning("cannot record the exemption policies", extra=kv(path=path, error=str(e)))
 

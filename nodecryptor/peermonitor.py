@@ -21,6 +21,7 @@ from typing import Callable
 from . import peerhealth as ph
 from . import wireguard
 from .log import kv
+from .runfiles import write_json
 from .metrics import Metrics
 from .model import WgState
 from .settings import Settings
@@ -151,11 +152,7 @@ class PeerMonitor:
                               "reason": cond.reason, "message": cond.message},
                 "peers": [v.as_dict() for v in views]}
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(data, f)
-            os.replace(tmp, path)
+            write_json(path, data)
         except OSError as e:
             log.debug("cannot record the peer table", extra=kv(path=path, error=str(e)))
 

@@ -10,6 +10,7 @@ import os
 import time
 
 from ..log import kv
+from ..runfiles import write_json
 from ..settings import Settings
 
 log = logging.getLogger(__name__)
@@ -26,11 +27,7 @@ def record_choice(settings: Settings, name: str, reason: str) -> None:
     status line, never the agent."""
     path = choice_path(settings)
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"datapath": str(name), "reason": reason, "since": time.time()}, f)
-        os.replace(tmp, path)
+        write_json(path, {"datapath": str(name), "reason": reason, "since": time.time()})
     except OSError as e:
         log.warning("cannot record the datapath choice", extra=kv(path=path, error=str(e)))
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import socket
 import time
 
 from ...errors import DatapathError, NotSupported
@@ -243,6 +244,8 @@ class BpfDatapath:
         # cilium_wg0's ingress: the program clamps the MSS of handshakes peers send through
         # the tunnel (issue 15); absent until Cilium creates it, attached on a later apply.
         tunnel = desired.wg.ifname if desired.wg.present and desired.wg.ifindex else ""
+        if tunnel and not _link_exists(tunnel):
+            tunnel = ""  # gone since it was read: the link watcher wakes the next pass
         if tunnel:
             try:
                 self._attach_ingress(tunnel)
@@ -434,3 +437,10 @@ class BpfDatapath:
         self._desired = None
         self._swept = False
 
+
+def _link_exists(name: str) -> bool:
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
