@@ -351,7 +351,13 @@ def test_agent_liveness_fails_when_the_sync_dies_or_hangs(failure, tmp_path, mon
     /healthz red while the reconcile loop itself is fine."""
     from nodecryptor import k8s
 
+    healthy_run = k8s.CiliumNodeSync.run
+
     def broken_run(self, stop):
+        if type(self) is not k8s.CiliumNodeSync:
+            # The Node-role and exemption syncs reuse this loop (subclasses): they stay
+            # healthy, so the probe's reason names the CiliumNode sync alone.
+            return healthy_run(self, stop)
         if failure == "dies":
             raise RuntimeError("simulated bug in the sync")
         stop.wait()  # blocked forever, never stepping

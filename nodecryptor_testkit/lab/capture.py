@@ -41,6 +41,9 @@ class Packet:
     icmp_type: int = -1
     fragment: bool = False
     """A non-first fragment (no transport header)."""
+    frag_id: int = -1
+    """The IP identification of a fragmented datagram (any of its fragments), else -1: ties a
+    non-first fragment to its first one."""
     ts: float = 0.0
     """Capture time, seconds since the epoch."""
     tunnelled: bool = False
@@ -63,9 +66,17 @@ class Packet:
             f" type {self.icmp_type}" if self.icmp_type >= 0 else "")
 
 
-def _transport(proto: int, data: bytes, src, dst, fragment: bool) -> Packet | None:
+def _transport(proto: int, data: bytes, src, dst, fragment: bool,
+               frag_id: int = -1) -> Packet | None:
     if fragment:
-        return Packet(src, dst, proto, fragment=True)
+        return Packet(src, dst, proto, fragment=True, frag_id=frag_id)
+    packet = _first(proto, data, src, dst)
+    if packet is not None and frag_id >= 0 and not packet.tunnelled:
+        packet = dataclasses.replace(packet, frag_id=frag_id)
+    return packet
+
+
+def _first(proto: int, data: bytes, src, dst) -> Packet | None:
     if proto in PORTED_NUMBERS and len(data) >= 4:
         sport, dport = struct.unpack_from("!HH", data)
         if proto == 17 and dport == VXLAN_PORT and len(data) >= 16:
@@ -85,23 +96,26 @@ def decode_ip(data: bytes) -> Packet | None:
     version = data[0] >> 4
     if version == 4 and len(data) >= 20:
         ihl = (data[0] & 0x0F) * 4
-        frag = struct.unpack_from("!H", data, 6)[0]
+        ident, frag = struct.unpack_from("!HH", data, 4)
         src = ipaddress.IPv4Address(data[12:16])
         dst = ipaddress.IPv4Address(data[16:20])
-        return _transport(data[9], data[ihl:], src, dst, fragment=(frag & 0x1FFF) != 0)
+        fragmented = (frag & 0x3FFF) != 0  # more-fragments flag or an offset
+        return _transport(data[9], data[ihl:], src, dst, fragment=(frag & 0x1FFF) != 0,
+                          frag_id=ident if fragmented else -1)
     if version == 6 and len(data) >= 40:
         src = ipaddress.IPv6Address(data[8:24])
         dst = ipaddress.IPv6Address(data[24:40])
-        proto, offset, fragment = data[6], 40, False
+        proto, offset, fragment, frag_id = data[6], 40, False, -1
         for _ in range(8):
             if proto in IPV6_EXT_HEADERS and len(data) >= offset + 2:
                 proto, offset = data[offset], offset + (data[offset + 1] + 1) * 8
             elif proto == 44 and len(data) >= offset + 8:
                 fragment = (struct.unpack_from("!H", data, offset + 2)[0] >> 3) != 0
+                frag_id = struct.unpack_from("!I", data, offset + 4)[0]
                 proto, offset = data[offset], offset + 8
             else:
                 break
-        return _transport(proto, data[offset:], src, dst, fragment)
+        return _transport(proto, data[offset:], src, dst, fragment, frag_id)
     return None
 
 

@@ -100,6 +100,25 @@ def test_read_pcap_decodes_both_families(tmp_path, linktype, wrap):
     assert pkts[4].fragment and pkts[4].sport == 0
 
 
+def test_later_fragments_of_a_wireguard_datagram_are_not_leaks(tmp_path):
+    """A WireGuard datagram fragmented on the underlay: only its first fragment carries the
+    UDP header. Its later fragments (same addresses and IP id) are encrypted, not clear text;
+    the later fragment of a clear UDP datagram, or of another id, still is a leak."""
+    more = 0x2000  # IPv4 more-fragments flag
+    frames = [eth(0x0800, ip4(src, dst, 17, payload, frag_offset=off))
+              for src, dst, payload, off in (
+                  ("192.168.50.11", "192.168.50.12", ports(51871, 51871), more),  # WG, first
+                  ("192.168.50.11", "192.168.50.12", b"tail", 185),               # its rest
+                  ("192.168.50.11", "192.168.50.13", ports(40000, 5353), more),   # clear, first
+                  ("192.168.50.11", "192.168.50.13", b"tail", 185))]              # its rest
+    path = tmp_path / "f.pcap"
+    path.write_bytes(pcap(capture.LINKTYPE_ETHERNET, frames))
+    pkts = capture.read_pcap(str(path))
+    assert [p.frag_id for p in pkts] == [1, 1, 1, 1]  # ip4() writes IP id 1
+    assert pkts[0].wireguard and pkts[1].fragment and pkts[3].fragment
+    assert flows.leaks(pkts, spec.make_spec(3)) == pkts[2:]
+
+
 def test_read_pcap_nanosecond_and_truncated(tmp_path):
     frame = eth(0x0800, ip4("192.168.50.12", "192.168.50.13", 6, ports(1, 2)))
     raw = pcap(capture.LINKTYPE_ETHERNET, [frame, frame], nanos=True)
