@@ -755,8 +755,11 @@ def peer_health(lab, ports: PortAllocator) -> Result:
     finally:
         for n in others:
             lab.signal_standin(n, signal.SIGCONT)
-    took = _wait_condition(api, others, lambda c: c.get("reason") == "EncryptionReady", 60)
-    row("stand-ins resume: other nodes back to EncryptionReady", took, 60)
+    # The resumed stand-ins first re-establish their own (stopped) API watches with backoff
+    # before they rewrite the stale peer; under a loaded CI machine that alone took over 60 s
+    # once, so the bound is the stand-ins' recovery plus the agents' 10 s write interval.
+    took = _wait_condition(api, others, lambda c: c.get("reason") == "EncryptionReady", 180)
+    row("stand-ins resume: other nodes back to EncryptionReady", took, 180)
     # WireGuard down on one node, then back.
     _wait_condition(api, [victim], lambda c: c.get("status") == "True", 60)
     lab.signal_standin(victim, signal.SIGUSR2)
