@@ -91,20 +91,24 @@ class PortAllocator:
             return next(self._ports)
 
 
+def not_wireguard_or_nd(packets: list[Packet]) -> list[Packet]:
+    """``packets`` less WireGuard's own UDP and IPv6 neighbour discovery. The later fragments
+    of a WireGuard datagram (fragmented on the underlay, e.g. a TCP segment that did not fit
+    after encryption) carry no UDP header: they are tied to their first fragment, which does,
+    by addresses and IP id. They are encrypted, not clear text."""
+    wireguard_datagrams = {(p.src, p.dst, p.proto, p.frag_id) for p in packets
+                           if p.wireguard and p.frag_id >= 0}
+    return [p for p in packets
+            if not (p.wireguard or p.neighbour_discovery
+                    or (p.fragment
+                        and (p.src, p.dst, p.proto, p.frag_id) in wireguard_datagrams))]
+
+
 def _packets_of(flow_src: str, flow_dst: str, proto: str, sport: int, dport: int,
                 packets: list[Packet]) -> list[Packet]:
     src, dst = ipaddress.ip_address(flow_src), ipaddress.ip_address(flow_dst)
-    # The later fragments of a WireGuard datagram (fragmented on the underlay, e.g. a TCP
-    # segment that did not fit after encryption) carry no UDP header: tie them to their first
-    # fragment, which does. They are encrypted, not clear text.
-    wireguard_datagrams = {(p.src, p.dst, p.proto, p.frag_id) for p in packets
-                           if p.wireguard and p.frag_id >= 0}
     out = []
-    for p in packets:
-        if p.wireguard or p.neighbour_discovery:
-            continue
-        if p.fragment and (p.src, p.dst, p.proto, p.frag_id) in wireguard_datagrams:
-            continue
+    for p in not_wireguard_or_nd(packets):
         if {p.src, p.dst} != {src, dst}:
             continue
         if proto == "icmp":
@@ -185,17 +189,8 @@ def leaks(packets: list[Packet], spec: LabSpec,
     def in_cluster(addr) -> bool:
         return any(addr in n for n in nets if n.version == addr.version)
 
-    # The later fragments of a WireGuard datagram (fragmented on the underlay, e.g. a TCP
-    # segment that did not fit after encryption) carry no UDP header: tie them to their first
-    # fragment, which does. They are encrypted, not clear text.
-    wireguard_datagrams = {(p.src, p.dst, p.proto, p.frag_id) for p in packets
-                           if p.wireguard and p.frag_id >= 0}
     out = []
-    for p in packets:
-        if p.wireguard or p.neighbour_discovery:
-            continue
-        if p.fragment and (p.src, p.dst, p.proto, p.frag_id) in wireguard_datagrams:
-            continue
+    for p in not_wireguard_or_nd(packets):
         if not (in_cluster(p.src) and in_cluster(p.dst)):
             continue
         if p.proto == 6 and ((p.dst in cp_addrs and p.dport in exempt_ports)
