@@ -566,6 +566,10 @@ class CiliumNodeSync:
             return
         if version:
             self._logged[name] = version
+        self._log_rejections(rejections, version)
+
+    def _log_rejections(self, rejections: list[Rejection], version: str) -> None:
+        """Say and count one object version's rejections (once: see ``_report``)."""
         for rej in rejections:
             log.warning(f"skipping invalid {self.kind} entry",
                         extra=kv(node=rej.obj, field=rej.field, value=rej.value, why=rej.why,
@@ -771,13 +775,8 @@ class ExemptionSync(CiliumNodeSync):
             pass  # the base class reports it
         return super()._handle_event(line, rv, what)
 
-    def _report(self, meta: dict, rejections: list[Rejection]) -> None:
-        name = str(meta.get("name") or "?")
-        version = str(meta.get("resourceVersion") or "")
-        if version and self._logged.get(name) == version:
-            return
-        if version:
-            self._logged[name] = version
+    def _log_rejections(self, rejections: list[Rejection], version: str) -> None:
+        # A malformed policy is rejected whole; counted with the claim rejections.
         for rej in rejections:
             log.warning("rejecting EncryptionExemption", extra=kv(
                 policy=rej.obj, field=rej.field, value=rej.value, why=rej.why,
