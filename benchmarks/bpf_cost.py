@@ -35,11 +35,11 @@ import sys
 import time
 
 from nodecryptor.datapath.bpf import maps, program, testrun
-from nodecryptor.exemptions import BUILTIN_NAME, PolicyRange
-from nodecryptor.model import (KIND_NODE_IP, KIND_POD_CIDR, ROLE_WORKER, DesiredState,
+from nodecryptor.policy.exemptions import BUILTIN_NAME, PolicyRange
+from nodecryptor.core.model import (KIND_NODE_IP, KIND_POD_CIDR, ROLE_WORKER, DesiredState,
                                Destination, Plan, WgState)
-from nodecryptor.ports import parse_port_spec
-from nodecryptor.settings import MapSizes, Settings
+from nodecryptor.core.ports import parse_port_spec
+from nodecryptor.core.settings import MapSizes, Settings
 
 LOCAL = {4: "192.0.2.1", 6: "2001:db8:ffff::1"}
 MISS = {4: "198.51.100.7", 6: "2001:db8:77::7"}

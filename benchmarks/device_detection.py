@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nodecryptor.devices import DeviceResolver  # noqa: E402
+from nodecryptor.node.devices import DeviceResolver  # noqa: E402
 from nodecryptor_testkit import netns  # noqa: E402
 
 

@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import cluster as bench_cluster  # noqa: E402
 from benchlib import machine as bench_machine  # noqa: E402
-from nodecryptor.model import NodeInfo, WgState  # noqa: E402
-from nodecryptor.policy import compute_desired, compute_plan  # noqa: E402
-from nodecryptor.settings import Settings  # noqa: E402
+from nodecryptor.core.model import NodeInfo, WgState  # noqa: E402
+from nodecryptor.policy.plan import compute_desired, compute_plan  # noqa: E402
+from nodecryptor.core.settings import Settings  # noqa: E402
 from nodecryptor_testkit import netns  # noqa: E402
 
 LOCAL = "192.168.50.21"

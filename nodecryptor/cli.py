@@ -6,9 +6,9 @@ import argparse
 import importlib
 import sys
 
-from . import __version__
-from .commands import COMMANDS
-from .errors import NodecryptorError, SettingsError
+from nodecryptor import __version__
+from nodecryptor.commands import COMMANDS
+from nodecryptor.core.errors import NodecryptorError, SettingsError
 
 EPILOG = """examples:
   nodecryptor run --node-name "$NODE_NAME"                 run the agent (as the DaemonSet does)

@@ -11,7 +11,7 @@ import sys
 import time
 
 from nodecryptor.commands.common import print_json
-from nodecryptor.errors import SettingsError
+from nodecryptor.core.errors import SettingsError
 
 SCENARIO_CHOICES = ("all", "none", "matrix", "bootstrap", "restart", "wg-down", "churn",
                     "exemption", "cilium-restart", "rogue", "peer-health")

@@ -44,14 +44,14 @@ import dataclasses
 import ipaddress
 from dataclasses import dataclass, field
 
-from nodecryptor import cilium
-from nodecryptor.ciliumnode import parse_ciliumnode
-from nodecryptor.exemptions import parse_exemption
+from nodecryptor.policy import cilium
+from nodecryptor.policy.ciliumnode import parse_ciliumnode
+from nodecryptor.policy.exemptions import parse_exemption
 from nodecryptor.datapath.base import (VERDICT_DROP, VERDICT_ENCRYPT, VERDICT_EXEMPT,
                                        VERDICT_PASS, PacketQuery)
-from nodecryptor.model import DesiredState, Device, NodeInfo, WgPeer, WgState
-from nodecryptor.policy import admission_limits, compute_desired, compute_plan
-from nodecryptor.settings import Settings
+from nodecryptor.core.model import DesiredState, Device, NodeInfo, WgPeer, WgState
+from nodecryptor.policy.plan import admission_limits, compute_desired, compute_plan
+from nodecryptor.core.settings import Settings
 
 CP_LABEL = "node-role.kubernetes.io/control-plane"
 STORAGE_LABEL = "storage.example.com/iscsi"

@@ -10,14 +10,14 @@ import ipaddress
 import pytest
 from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
 
-from nodecryptor.admission import REASONS, Claim, Limits, admit, special_purpose
-from nodecryptor.ciliumnode import parse_ciliumnode, parse_node_roles
+from nodecryptor.policy.admission import REASONS, Claim, Limits, admit, special_purpose
+from nodecryptor.policy.ciliumnode import parse_ciliumnode, parse_node_roles
 from nodecryptor.datapath.iprule.spec import desired_routes
-from nodecryptor.metrics import Metrics
-from nodecryptor.model import KIND_NODE_IP, KIND_POD_CIDR, NodeInfo, Rejection, WgState
-from nodecryptor.policy import compute_desired, compute_plan
-from nodecryptor.rejectlog import RejectionLog
-from nodecryptor.settings import Settings
+from nodecryptor.observe.metrics import Metrics
+from nodecryptor.core.model import KIND_NODE_IP, KIND_POD_CIDR, NodeInfo, Rejection, WgState
+from nodecryptor.policy.plan import compute_desired, compute_plan
+from nodecryptor.observe.rejectlog import RejectionLog
+from nodecryptor.core.settings import Settings
 
 from tests.cilium_objects import CP_LABEL, KUBEADM_CP, W1, W2, ciliumnode
 
@@ -240,7 +240,7 @@ def test_every_reason_is_documented_and_bounded():
 def test_iprule_never_routes_over_the_local_node_whatever_the_plan_says():
     plan = compute_plan(trusted(KUBEADM_CP, W1, W2), "w1", SETTINGS)
     # A plan from elsewhere (or a future bug) with destinations over w1's own prefixes.
-    from nodecryptor.model import Destination
+    from nodecryptor.core.model import Destination
     bad = tuple(Destination(net(p), "evil", KIND_POD_CIDR, False)
                 for p in ("10.244.0.0/16", "10.244.1.0/25", "192.168.50.0/24", "fd50::/64"))
     plan = dataclasses.replace(plan, destinations=plan.destinations + bad)
@@ -382,9 +382,9 @@ def test_property_admission_is_order_independent_and_complete(raw):
 
 def test_reconcile_reports_each_rejection_once_across_passes():
     from nodecryptor.datapath.base import FakeDatapath
-    from nodecryptor.model import Device
-    from nodecryptor.reconcile import Reconciler
-    from nodecryptor.store import Store
+    from nodecryptor.core.model import Device
+    from nodecryptor.agent.reconcile import Reconciler
+    from nodecryptor.cluster.store import Store
 
     store = Store()
     evil = ciliumnode("evil", "192.168.50.66", pod_cidrs=["10.0.0.0/8", "10.244.1.0/25"])
@@ -409,11 +409,11 @@ def test_reconcile_reports_each_rejection_once_across_passes():
 def test_agent_knows_its_underlay_subnets_and_rejects_their_broadcast():
     from pyroute2 import IPRoute
 
-    from nodecryptor import devices
+    from nodecryptor.node import devices
     from nodecryptor.datapath.base import FakeDatapath
-    from nodecryptor.model import Device
-    from nodecryptor.reconcile import Reconciler
-    from nodecryptor.store import Store
+    from nodecryptor.core.model import Device
+    from nodecryptor.agent.reconcile import Reconciler
+    from nodecryptor.cluster.store import Store
 
     with IPRoute() as ipr:  # device detection reads the subnets of a device's addresses
         assert net("127.0.0.0/8") in devices._device(ipr, ifname="lo").networks

@@ -1,13 +1,13 @@
-"""nodecryptor/cilium.py: what is concluded about Cilium from observed facts, and what follows."""
+"""nodecryptor/policy/cilium.py: what is concluded about Cilium from observed facts, and what follows."""
 
 from __future__ import annotations
 
 import ipaddress
 
-from nodecryptor import cilium
-from nodecryptor.model import KIND_POD_CIDR, WgPeer, WgState
-from nodecryptor.policy import compute_desired, compute_plan
-from nodecryptor.settings import Settings
+from nodecryptor.policy import cilium
+from nodecryptor.core.model import KIND_POD_CIDR, WgPeer, WgState
+from nodecryptor.policy.plan import compute_desired, compute_plan
+from nodecryptor.core.settings import Settings
 from tests import datapath_cases as dc
 
 N = ipaddress.ip_network
@@ -133,7 +133,7 @@ def test_hostile_local_pod_cidrs_are_never_handed_to_cilium():
     out of the hand-over, so that traffic stays encrypted."""
     import dataclasses
 
-    from nodecryptor.admission import Limits
+    from nodecryptor.policy.admission import Limits
 
     d = dc.desired_for(dc.CASES_BY_ID["v4-pod-to-remote-pod-cilium"])
     local_v4 = next(a for a in d.plan.local_addresses if a.version == 4)

@@ -2,7 +2,7 @@ import ipaddress
 
 import pytest
 
-from nodecryptor.ciliumnode import parse_ciliumnode
+from nodecryptor.policy.ciliumnode import parse_ciliumnode
 
 from tests.cilium_objects import KUBEADM_CP, W1, copy_of
 

@@ -9,9 +9,9 @@ import dataclasses
 import pytest
 
 from nodecryptor.datapath.iprule.spec import OFFSET_WG_PORT, desired_rules
-from nodecryptor.model import DEFAULT_WG_PORT
-from nodecryptor.policy import compute_desired, compute_plan
-from nodecryptor.settings import FailMode, Settings
+from nodecryptor.core.model import DEFAULT_WG_PORT
+from nodecryptor.policy.plan import compute_desired, compute_plan
+from nodecryptor.core.settings import FailMode, Settings
 from tests.datapath_cases import CASES_BY_ID, UNDERLAY, snapshot, wg_state_for
 
 CASE = CASES_BY_ID["v4-node-to-remote-node"]

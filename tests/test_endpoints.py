@@ -19,14 +19,14 @@ import urllib.request
 
 import pytest
 
-from nodecryptor.agent import Agent, thread_check
+from nodecryptor.agent.wiring import Agent, thread_check
 from nodecryptor.datapath.base import FakeDatapath
-from nodecryptor.health import HealthServer
-from nodecryptor.httpserver import EndpointServer, Response
-from nodecryptor.metrics import Metrics, metrics_server
-from nodecryptor.reconcile import Reconciler
-from nodecryptor.settings import Settings
-from nodecryptor.store import Store
+from nodecryptor.observe.health import HealthServer
+from nodecryptor.observe.httpserver import EndpointServer, Response
+from nodecryptor.observe.metrics import Metrics, metrics_server
+from nodecryptor.agent.reconcile import Reconciler
+from nodecryptor.core.settings import Settings
+from nodecryptor.cluster.store import Store
 from nodecryptor_testkit.fakeapi import FakeApiServer, make_ciliumnode
 
 CLIENT_TIMEOUT = 30  # generous: an answer must come, how fast is only recorded
@@ -201,8 +201,8 @@ class BlockingDatapath(FakeDatapath):
 
 
 def test_readyz_answers_from_the_loop_state_not_the_datapath(tmp_path):
-    from nodecryptor.ciliumnode import parse_ciliumnode
-    from nodecryptor.model import Device, WgState
+    from nodecryptor.policy.ciliumnode import parse_ciliumnode
+    from nodecryptor.core.model import Device, WgState
 
     def worker(name: str, i: int):
         return parse_ciliumnode(make_ciliumnode(name, ipv4=f"192.0.2.{i}",
@@ -312,7 +312,7 @@ def test_in_process_agent_applies_changes_during_a_flood(tmp_path, floods):
     ("0.0.0.0:65535", ("0.0.0.0", 65535)),
 ])
 def test_bind_addresses_parse(text, expected):
-    from nodecryptor.httpserver import parse_bind
+    from nodecryptor.observe.httpserver import parse_bind
 
     assert parse_bind(text) == expected
 
@@ -321,7 +321,7 @@ def test_bind_addresses_parse(text, expected):
                                   "::1:8083", "[1.2.3.4]:80", "[::1]", ":65536", ":-1", ":",
                                   ":٦٤٤٣", ":²", ": 80", "[fe80::1:80"])
 def test_bad_bind_addresses_are_value_errors(text):
-    from nodecryptor.httpserver import parse_bind
+    from nodecryptor.observe.httpserver import parse_bind
 
     with pytest.raises(ValueError):
         parse_bind(text)
@@ -329,14 +329,14 @@ def test_bad_bind_addresses_are_value_errors(text):
 
 @pytest.mark.parametrize("spec", ["٦٤٤٣", "²", "6443-٦٤٤٤", "udp/²"])
 def test_port_specs_are_ascii_only(spec):
-    from nodecryptor.ports import PortSpecError, parse_port_spec
+    from nodecryptor.core.ports import PortSpecError, parse_port_spec
 
     with pytest.raises(PortSpecError):  # a clear error, never int()'s ValueError on "²"
         parse_port_spec(spec)
 
 
 def test_overlapping_binds():
-    from nodecryptor.httpserver import binds_overlap
+    from nodecryptor.observe.httpserver import binds_overlap
 
     assert binds_overlap(("", 9000), ("127.0.0.1", 9000))
     assert binds_overlap(("10.0.0.1", 9000), ("10.0.0.1", 9000))
@@ -349,7 +349,7 @@ def test_overlapping_binds():
 def test_agent_liveness_fails_when_the_sync_dies_or_hangs(failure, tmp_path, monkeypatch):
     """The agent's wiring: a sync thread that exits (a bug, say) or stops stepping turns
     /healthz red while the reconcile loop itself is fine."""
-    from nodecryptor import k8s
+    from nodecryptor.cluster import k8s
 
     healthy_run = k8s.CiliumNodeSync.run
 

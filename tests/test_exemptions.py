@@ -1,4 +1,4 @@
-"""EncryptionExemption policies (nodecryptor/exemptions.py): selectors as Kubernetes defines
+"""EncryptionExemption policies (nodecryptor/policy/exemptions.py): selectors as Kubernetes defines
 them, malformed policies rejected whole, the built-in policy, overlaps, limits, and what the
 plan says per destination."""
 
@@ -8,10 +8,10 @@ import ipaddress
 
 import pytest
 
-from nodecryptor import exemptions as ex
-from nodecryptor.model import NodeInfo
-from nodecryptor.policy import compute_plan
-from nodecryptor.settings import RoleSource, Settings
+from nodecryptor.policy import exemptions as ex
+from nodecryptor.core.model import NodeInfo
+from nodecryptor.policy.plan import compute_plan
+from nodecryptor.core.settings import RoleSource, Settings
 
 CP = "node-role.kubernetes.io/control-plane"
 ZONE = "topology.kubernetes.io/zone"
@@ -270,7 +270,7 @@ def test_policy_for_names_the_first_matching_policy():
 def test_explain_names_the_policy_from_the_agents_record(tmp_path, case_id, policy):
     """The record the reconciler writes (exemption_record.py) maps an exempt verdict back to
     the policy, for either direction."""
-    from nodecryptor import exemption_record
+    from nodecryptor.agent import exemption_record
     from tests import datapath_cases as dc
 
     case = dc.CASES_BY_ID[case_id]

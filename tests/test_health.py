@@ -2,7 +2,7 @@ import json
 import urllib.error
 import urllib.request
 
-from nodecryptor.health import HealthServer
+from nodecryptor.observe.health import HealthServer
 
 
 def get(port, path):

@@ -4,9 +4,9 @@ import ipaddress
 
 import pytest
 
-from nodecryptor import peerhealth as ph
-from nodecryptor.model import NodeInfo, WgPeer, WgState
-from nodecryptor.wireguard import parse_uapi
+from nodecryptor.policy import peerhealth as ph
+from nodecryptor.core.model import NodeInfo, WgPeer, WgState
+from nodecryptor.node.wireguard import parse_uapi
 
 KEY_A = "A" * 43 + "="
 KEY_B = "B" * 43 + "="

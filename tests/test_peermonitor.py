@@ -4,12 +4,12 @@ NodeEncryptionReady condition handed to the writer, and the peer table for statu
 import ipaddress
 from types import SimpleNamespace
 
-from nodecryptor import peermonitor
-from nodecryptor import peerhealth as ph
-from nodecryptor.metrics import Metrics
-from nodecryptor.model import NodeInfo, WgPeer, WgState
-from nodecryptor.settings import Settings
-from nodecryptor.store import Store
+from nodecryptor.agent import peermonitor
+from nodecryptor.policy import peerhealth as ph
+from nodecryptor.observe.metrics import Metrics
+from nodecryptor.core.model import NodeInfo, WgPeer, WgState
+from nodecryptor.core.settings import Settings
+from nodecryptor.cluster.store import Store
 
 KEY = "K" * 43 + "="
 OTHER = "O" * 43 + "="

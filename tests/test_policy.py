@@ -3,12 +3,12 @@ import ipaddress
 
 import pytest
 
-from nodecryptor.ciliumnode import parse_ciliumnode
-from nodecryptor.model import Device, WgPeer, WgState
-from nodecryptor.ports import parse_port_spec
-from nodecryptor.policy import (compute_desired, compute_plan, effective_wg_payload,
+from nodecryptor.policy.ciliumnode import parse_ciliumnode
+from nodecryptor.core.model import Device, WgPeer, WgState
+from nodecryptor.core.ports import parse_port_spec
+from nodecryptor.policy.plan import (compute_desired, compute_plan, effective_wg_payload,
                                 uncovered_destinations, wg_mark_match)
-from nodecryptor.settings import Settings
+from nodecryptor.core.settings import Settings
 
 from tests.cilium_objects import (CP_LABEL, K3S_CP, KUBEADM_CP, LEGACY_MASTER, NO_PODCIDRS, W1, W2,
                              ciliumnode, copy_of)

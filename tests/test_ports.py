@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nodecryptor.ports import PortRange, PortSpecError, parse_port_spec
+from nodecryptor.core.ports import PortRange, PortSpecError, parse_port_spec
 
 
 def test_default_spec():

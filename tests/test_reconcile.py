@@ -4,13 +4,13 @@ import dataclasses
 import threading
 import time
 
-from nodecryptor.ciliumnode import parse_ciliumnode
+from nodecryptor.policy.ciliumnode import parse_ciliumnode
 from nodecryptor.datapath.base import FakeDatapath
-from nodecryptor.metrics import Metrics
-from nodecryptor.model import Device, WgPeer, WgState
-from nodecryptor.reconcile import Reconciler
-from nodecryptor.settings import Settings
-from nodecryptor.store import Store
+from nodecryptor.observe.metrics import Metrics
+from nodecryptor.core.model import Device, WgPeer, WgState
+from nodecryptor.agent.reconcile import Reconciler
+from nodecryptor.core.settings import Settings
+from nodecryptor.cluster.store import Store
 from tests.cilium_objects import KUBEADM_CP, W1, W2, ciliumnode
 
 
@@ -205,7 +205,7 @@ def test_handshake_times_do_not_count_as_a_change():
 def test_device_resolver_remembers_route_lookups(root):
     import ipaddress
 
-    from nodecryptor.devices import DeviceResolver
+    from nodecryptor.node.devices import DeviceResolver
     clock = Clock()
     resolver = DeviceResolver(refresh_seconds=30, clock=clock)
     addrs = [ipaddress.ip_address(f"127.0.0.{i}") for i in range(2, 12)]

@@ -1,16 +1,16 @@
-"""The reconciler applies what nodecryptor/cilium.py concludes: local pod CIDRs handed to the
+"""The reconciler applies what nodecryptor/policy/cilium.py concludes: local pod CIDRs handed to the
 datapath as Cilium's own, pod CIDRs dropped in tunnel mode, not ready without node addresses in
 the peers' allowed-IPs."""
 
 import ipaddress
 
-from nodecryptor.ciliumnode import parse_ciliumnode
+from nodecryptor.policy.ciliumnode import parse_ciliumnode
 from nodecryptor.datapath.base import FakeDatapath
-from nodecryptor.metrics import Metrics
-from nodecryptor.model import KIND_POD_CIDR, Device, WgPeer, WgState
-from nodecryptor.reconcile import Reconciler
-from nodecryptor.settings import Settings
-from nodecryptor.store import Store
+from nodecryptor.observe.metrics import Metrics
+from nodecryptor.core.model import KIND_POD_CIDR, Device, WgPeer, WgState
+from nodecryptor.agent.reconcile import Reconciler
+from nodecryptor.core.settings import Settings
+from nodecryptor.cluster.store import Store
 from tests.cilium_objects import KUBEADM_CP, W1, W2
 
 N = ipaddress.ip_network

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from nodecryptor.wireguard import parse_uapi
+from nodecryptor.node.wireguard import parse_uapi
 
 UAPI_REPLY = """private_key=a8dac1d8a70a751f0f699fb14ba1cff7b79cf4fbd8f09f44c6e6a90d0369604d
 listen_port=51871
@@ -54,7 +54,7 @@ def test_parse_uapi_error():
 
 READ_SCRIPT = """
 import json, sys
-from nodecryptor.wireguard import read_state
+from nodecryptor.node.wireguard import read_state
 s = read_state(sys.argv[1])
 print(json.dumps({"present": s.present, "up": s.up, "mtu": s.mtu, "port": s.listen_port,
                   "fwmark": s.fwmark, "ifindex": s.ifindex, "error": s.error,
@@ -119,5 +119,5 @@ def test_wireguard_go_device(netns, wireguard_go, tmp_path):
     (10, "fd50:0:0:0:0:0:0:22", "fd50::22"),        # 8 groups of text is not hex bytes
 ])
 def test_allowed_ip_address_forms(family, raw, expected):
-    from nodecryptor.wireguard import decode_address
+    from nodecryptor.node.wireguard import decode_address
     assert str(decode_address(family, raw)) == expected

@@ -16,9 +16,9 @@ import socket
 import subprocess
 from dataclasses import dataclass
 
-from nodecryptor.model import Device, NodeInfo, WgState
-from nodecryptor.policy import compute_desired, compute_plan
-from nodecryptor.settings import MapSizes, Settings
+from nodecryptor.core.model import Device, NodeInfo, WgState
+from nodecryptor.policy.plan import compute_desired, compute_plan
+from nodecryptor.core.settings import MapSizes, Settings
 
 CP_LABEL = "node-role.kubernetes.io/control-plane"
 LOCAL_NAME = "bench-local"

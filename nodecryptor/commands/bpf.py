@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .common import add_bpffs, add_json, settings_from_args
+from nodecryptor.commands.common import add_bpffs, add_json, settings_from_args
 
 
 def register(sub) -> None:
@@ -22,7 +22,7 @@ def register(sub) -> None:
 
 
 def handle_dump(args) -> int:
-    from ..datapath.bpf import inspect as bpf_inspect
+    from nodecryptor.datapath.bpf import inspect as bpf_inspect
 
     settings = settings_from_args(args)
     report = bpf_inspect.dump(settings)

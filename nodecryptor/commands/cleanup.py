@@ -12,7 +12,7 @@ enforcing: this is the migration step, run while the agent runs.
 
 from __future__ import annotations
 
-from .common import add_bpffs, add_json, print_json, settings_from_args
+from nodecryptor.commands.common import add_bpffs, add_json, print_json, settings_from_args
 
 
 def register(sub) -> None:
@@ -36,7 +36,7 @@ def handle(args) -> int:
     settings = settings_from_args(args)
     if args.proof_of_concept:
         return _proof_of_concept(args)
-    from ..datapath.detect import inspectors
+    from nodecryptor.datapath.detect import inspectors
 
     report = {str(name): module.cleanup(settings) for name, module in inspectors().items()}
     if args.json:
@@ -50,7 +50,7 @@ def handle(args) -> int:
 
 
 def _proof_of_concept(args) -> int:
-    from ..datapath.iprule import proof_of_concept  # netlink; loaded on use
+    from nodecryptor.datapath.iprule import proof_of_concept  # netlink; loaded on use
 
     removed = proof_of_concept.remove()
     if args.json:

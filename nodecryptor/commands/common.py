@@ -9,14 +9,14 @@ import os
 import re
 import sys
 
-from ..errors import SettingsError
-from ..httpserver import binds_overlap, parse_bind
-from ..log import LEVELS
-from ..ports import PortSpecError, parse_port_spec
-from ..settings import (DEFAULT_EXEMPT_PORTS, MAX_EXEMPT_PORT_RANGES, DatapathMode, FailMode,
+from nodecryptor.core.errors import SettingsError
+from nodecryptor.observe.httpserver import binds_overlap, parse_bind
+from nodecryptor.core.log import LEVELS
+from nodecryptor.core.ports import PortSpecError, parse_port_spec
+from nodecryptor.core.settings import (DEFAULT_EXEMPT_PORTS, MAX_EXEMPT_PORT_RANGES, DatapathMode, FailMode,
                         IngressEnforcement,
                         RoleSource, Settings)
-from ..settings import require_node_name  # noqa: F401  (re-exported for the commands)
+from nodecryptor.core.settings import require_node_name  # noqa: F401  (re-exported for the commands)
 
 
 def parse_bool(text: str) -> bool:
@@ -261,7 +261,7 @@ def check_cluster_config(settings: Settings) -> None:
     directory, not YAML, binary, no current context) or, without --kubeconfig, a missing
     in-cluster service account. Reads files only: the API server is not contacted, and an
     unreachable one is a runtime fault the agent retries."""
-    from .. import k8s  # the only module that imports the kubernetes client
+    from nodecryptor.cluster import k8s  # the only module that imports the kubernetes client
 
     try:
         k8s.check_config(settings)

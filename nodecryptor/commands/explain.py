@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import ipaddress
 
-from .. import exemption_record
-from ..datapath import detect
-from ..datapath.base import PacketQuery
-from ..errors import SettingsError
-from ..ports import IP_PROTOCOLS
-from .common import add_bpffs, add_json, add_run_dir, print_json, settings_from_args
+from nodecryptor.agent import exemption_record
+from nodecryptor.datapath import detect
+from nodecryptor.datapath.base import PacketQuery
+from nodecryptor.core.errors import SettingsError
+from nodecryptor.core.ports import IP_PROTOCOLS
+from nodecryptor.commands.common import add_bpffs, add_json, add_run_dir, print_json, settings_from_args
 
 PROTOCOLS = tuple(IP_PROTOCOLS)
 
@@ -87,7 +87,7 @@ DIRECTIONS = ("egress", "ingress")
 def _explain_ingress(module, settings, query):
     """The ingress verdict; a datapath without an ingress program says so instead of
     guessing (the ip-rule datapath cannot classify arriving packets)."""
-    from ..datapath.base import VERDICT_PASS, Explanation
+    from nodecryptor.datapath.base import VERDICT_PASS, Explanation
 
     fn = getattr(module, "explain_ingress", None)
     if fn is None:

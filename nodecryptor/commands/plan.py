@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..policy import compute_plan
-from .common import (add_cluster, add_json, check_cluster_config, print_json, require_node_name,
+from nodecryptor.policy.plan import compute_plan
+from nodecryptor.commands.common import (add_cluster, add_json, check_cluster_config, print_json, require_node_name,
                      settings_from_args)
 
 
@@ -22,7 +22,7 @@ def handle(args) -> int:
     settings = settings_from_args(args)
     require_node_name(settings)
     check_cluster_config(settings)
-    from .. import k8s  # the only module that imports the kubernetes client; loaded on use
+    from nodecryptor.cluster import k8s  # the only module that imports the kubernetes client; loaded on use
 
     snapshot, rejections = k8s.snapshot_once(settings)
     policies, policy_rejections, note = k8s.exemptions_once(settings)

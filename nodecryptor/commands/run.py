@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import (add_bpffs, add_cluster, add_datapath, add_fail_mode, add_ingress_enforcement, add_logging,
+from nodecryptor.commands.common import (add_bpffs, add_cluster, add_datapath, add_fail_mode, add_ingress_enforcement, add_logging,
                      add_run_dir, parse_bool, settings_from_args, validate_run)
 
 
@@ -42,7 +42,7 @@ def register(sub) -> None:
 
 
 def handle(args) -> int:
-    from ..agent import run_agent
+    from nodecryptor.agent.wiring import run_agent
 
     settings = settings_from_args(args)
     validate_run(settings)  # configuration errors exit 2 before anything is touched

@@ -7,9 +7,9 @@ original Go proof of concept's ip rules when they are still on the node (migrati
 
 from __future__ import annotations
 
-from ..datapath import detect
-from ..datapath.choice import last_choice
-from .common import add_bpffs, add_json, add_run_dir, print_json, settings_from_args
+from nodecryptor.datapath import detect
+from nodecryptor.datapath.choice import last_choice
+from nodecryptor.commands.common import add_bpffs, add_json, add_run_dir, print_json, settings_from_args
 
 
 def add_wg(p) -> None:
@@ -73,11 +73,11 @@ def handle_leaks(args, settings, module) -> int:
 
 
 def handle(args) -> int:
-    from ..datapath.iprule import proof_of_concept  # netlink; loaded on use
+    from nodecryptor.datapath.iprule import proof_of_concept  # netlink; loaded on use
 
     settings = settings_from_args(args)
     if getattr(args, "peers", False) or getattr(args, "cluster", False):
-        from . import status_peers
+        from nodecryptor.commands import status_peers
 
         return (status_peers.peers if args.peers else status_peers.cluster)(args, settings)
     poc = proof_of_concept.report(proof_of_concept.find())
@@ -127,7 +127,7 @@ def print_proof_of_concept(poc: dict) -> None:
 
 def add_cilium(report: dict, settings, datapath: str) -> None:
     """The Cilium-facing facts and every device's whole egress chain (cilium_probe.py)."""
-    from ..cilium_probe import status_report
+    from nodecryptor.commands.status_cilium import status_report
 
     extra = status_report(settings, datapath, report.get("devices") or [],
                           report.get("prog_id") or 0)
@@ -171,7 +171,7 @@ def print_text(report: dict) -> None:
               f"node IPs in allowed-IPs: {'yes' if cil['node_ips_in_allowed_ips'] else 'no'}"
               + ("" if cil.get("node_ips_in_allowed_ips_known") else " (unknown)")
               + f" ({src.get('node_ips_in_allowed_ips')})")
-    from ..datapath.chain import describe
+    from nodecryptor.datapath.chain import describe
 
     for ch in report.get("chains") or []:
         for line in describe(ch):

@@ -1,7 +1,7 @@
 """`nodecryptor status --peers` and `nodecryptor status --cluster`.
 
 ``--peers`` shows the peer table the agent records in its run directory every few seconds
-(``peers.json``, written by nodecryptor.peermonitor): the agent's judgement carries history (tx
+(``peers.json``, written by nodecryptor.agent.peermonitor): the agent's judgement carries history (tx
 bytes growing without a handshake), which one reading cannot. When the agent does not run (no
 table, or one older than STALE_SECONDS), the table is computed from one reading of the
 WireGuard device and one list of CiliumNodes (``--kubeconfig``, or the in-cluster account);
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import time
 
-from ..peerhealth import CONDITION_TYPE, PeerTracker, count_states
-from .common import check_cluster_config, print_json
+from nodecryptor.policy.peerhealth import CONDITION_TYPE, PeerTracker, count_states
+from nodecryptor.commands.common import check_cluster_config, print_json
 
 STALE_SECONDS = 60.0
 
@@ -29,10 +29,11 @@ def _age(seconds) -> str:
 
 
 def _computed(settings) -> dict:
-    from .. import k8s, wireguard  # netlink and the API client, loaded on use
+    from nodecryptor.cluster import k8s
+    from nodecryptor.node import wireguard  # netlink and the API client, loaded on use
 
     if not settings.node_name:
-        from ..errors import SettingsError
+        from nodecryptor.core.errors import SettingsError
         raise SettingsError("--node-name", "(unset)", "the agent's peer table is missing or "
                             "stale; computing it needs the local node's name (or $NODE_NAME)")
     check_cluster_config(settings)
@@ -46,7 +47,7 @@ def _computed(settings) -> dict:
 
 
 def peers(args, settings) -> int:
-    from ..peermonitor import read_peers_file
+    from nodecryptor.agent.peermonitor import read_peers_file
 
     table = read_peers_file(settings)
     if table is not None and time.time() - float(table.get("written_at") or 0) <= STALE_SECONDS:
@@ -84,7 +85,7 @@ class _View:
 
 
 def cluster(args, settings) -> int:
-    from .. import k8s
+    from nodecryptor.cluster import k8s
 
     check_cluster_config(settings)
     nodes = k8s.read_node_conditions(settings, CONDITION_TYPE)

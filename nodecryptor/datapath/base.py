@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from ..errors import DatapathError
-from ..model import DesiredState
+from nodecryptor.core.errors import DatapathError
+from nodecryptor.core.model import DesiredState
 
 VERDICT_ENCRYPT = "encrypt"
 VERDICT_EXEMPT = "exempt"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import os
 
-from .bpf import attach, syscall
+from nodecryptor.datapath.bpf import attach, syscall
 
 
 def _name(prog_id: int, known: dict[int, str]) -> tuple[str | None, str | None]:

@@ -9,9 +9,9 @@ import logging
 import os
 import time
 
-from ..log import kv
-from ..runfiles import write_json
-from ..settings import Settings
+from nodecryptor.core.log import kv
+from nodecryptor.core.runfiles import write_json
+from nodecryptor.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

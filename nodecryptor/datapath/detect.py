@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from ..errors import NodecryptorError
-from ..settings import DatapathMode, Settings
+from nodecryptor.core.errors import NodecryptorError
+from nodecryptor.core.settings import DatapathMode, Settings
 
 
 class NoDatapath(NodecryptorError):
@@ -22,8 +22,8 @@ class NoDatapath(NodecryptorError):
 def inspectors() -> dict[DatapathMode, ModuleType]:
     """The inspection module of each backend. Both read with bpf(2) and netlink only; neither
     needs the compiler."""
-    from .bpf import inspect as bpf_inspect
-    from .iprule import inspect as iprule_inspect
+    from nodecryptor.datapath.bpf import inspect as bpf_inspect
+    from nodecryptor.datapath.iprule import inspect as iprule_inspect
 
     return {DatapathMode.BPF: bpf_inspect, DatapathMode.IPRULE: iprule_inspect}
 

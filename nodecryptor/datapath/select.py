@@ -22,11 +22,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from ..errors import DatapathError, NotSupported
-from ..log import kv
-from ..settings import DatapathMode, Settings
-from .base import Datapath
-from .choice import record_choice
+from nodecryptor.core.errors import DatapathError, NotSupported
+from nodecryptor.core.log import kv
+from nodecryptor.core.settings import DatapathMode, Settings
+from nodecryptor.datapath.base import Datapath
+from nodecryptor.datapath.choice import record_choice
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +36,13 @@ BackendStarter = Callable[[Settings, object], Datapath]
 
 def start_bpf(settings: Settings, metrics) -> Datapath:
     # Imported here: the BPF backend pulls in bcc, which may be missing on this machine.
-    from .bpf.backend import BpfDatapath
+    from nodecryptor.datapath.bpf.backend import BpfDatapath
 
     return BpfDatapath(settings, metrics).start()
 
 
 def _start_iprule(settings: Settings, metrics, netns: str | None) -> Datapath:
-    from .iprule.backend import IpRuleDatapath
+    from nodecryptor.datapath.iprule.backend import IpRuleDatapath
 
     return IpRuleDatapath(settings, metrics, netns=netns).start()
 
@@ -50,7 +50,7 @@ def _start_iprule(settings: Settings, metrics, netns: str | None) -> Datapath:
 def _remove_bpf_state(settings: Settings) -> None:
     """Remove an earlier BPF attachment (pins, links) before enforcing with ip rules."""
     try:
-        from .bpf import inspect as bpf_inspect
+        from nodecryptor.datapath.bpf import inspect as bpf_inspect
     except ImportError as e:
         log.warning("cannot check for BPF leftovers", extra=kv(error=str(e)))
         return
@@ -61,7 +61,7 @@ def _remove_bpf_state(settings: Settings) -> None:
 
 
 def _remove_iprule_state(settings: Settings, netns: str | None) -> None:
-    from .iprule import inspect as iprule_inspect
+    from nodecryptor.datapath.iprule import inspect as iprule_inspect
 
     if iprule_inspect.active(settings, netns):
         result = iprule_inspect.cleanup(settings, netns)

@@ -17,7 +17,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from nodecryptor.ports import IP_PROTOCOLS, PORTED_NUMBERS
+from nodecryptor.core.ports import IP_PROTOCOLS, PORTED_NUMBERS
 
 from .spec import VXLAN_PORT, WG_PORT
 

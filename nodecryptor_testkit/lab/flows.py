@@ -16,7 +16,7 @@ import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from nodecryptor.ports import IP_PROTOCOLS
+from nodecryptor.core.ports import IP_PROTOCOLS
 
 from .capture import Capture, Packet
 from .spec import EXEMPT_TCP_PORTS, LabSpec

@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 
-from nodecryptor.log import kv
+from nodecryptor.core.log import kv
 from . import probe
 from .flows import PortAllocator
 from . import topology as topo

@@ -36,7 +36,7 @@ import signal
 import threading
 import time
 
-from nodecryptor.settings import Settings
+from nodecryptor.core.settings import Settings
 from .capture import Capture
 from .flows import (BLOCKED, CLEAR, ENCRYPTED, Flow, PortAllocator, Result, Row, leaks,
                     observe)
@@ -409,7 +409,7 @@ def churn(lab, ports: PortAllocator) -> Result:
     existing = list(lab.nodes)
     needles = [str(new.ipv4), str(new.ipv6), str(new.pod_cidr_v4), str(new.pod_cidr_v6)]
     if getattr(lab, "routing", "native") == "tunnel":
-        # Pod CIDRs are no destinations of nodecryptor's in tunnel mode (nodecryptor/cilium.py).
+        # Pod CIDRs are no destinations of nodecryptor's in tunnel mode (nodecryptor/policy/cilium.py).
         needles = needles[:2]
     lab.add_node(new)
     lab.start_echo(new.name)
@@ -707,7 +707,7 @@ def _wait_condition(api, nodes: list[str], want, timeout: float) -> float | None
 
 
 def peer_health(lab, ports: PortAllocator) -> Result:
-    from nodecryptor.peerhealth import KEY_MISMATCH_HOLD
+    from nodecryptor.policy.peerhealth import KEY_MISMATCH_HOLD
 
     result = Result("peer-health", lab.datapath)
     api = lab.api()

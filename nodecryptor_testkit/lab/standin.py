@@ -35,8 +35,8 @@ import sys
 import threading
 import time
 
-from nodecryptor.ciliumnode import WG_PUBKEY_ANNOTATION, parse_ciliumnode
-from nodecryptor.log import kv, setup
+from nodecryptor.policy.ciliumnode import WG_PUBKEY_ANNOTATION, parse_ciliumnode
+from nodecryptor.core.log import kv, setup
 from .kubeapi import ApiError, KubeApi
 from . import standin_tunnel
 from .spec import ROUTING_MODES, UNDERLAY_MTU, WG_FWMARK, WG_MTU, WG_PORT

@@ -21,7 +21,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from nodecryptor.datapath.bpf import syscall
-from nodecryptor.log import kv
+from nodecryptor.core.log import kv
 
 log = logging.getLogger("nodecryptor_testkit.lab.standin")
 

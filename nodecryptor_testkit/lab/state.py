@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
-from nodecryptor.log import kv
+from nodecryptor.core.log import kv
 
 log = logging.getLogger(__name__)
 

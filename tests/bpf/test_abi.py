@@ -14,9 +14,9 @@ import os
 import pytest
 
 from conftest import have_bcc, require
-from nodecryptor import exemptions
+from nodecryptor.policy import exemptions
 from nodecryptor.datapath.bpf import abi, program, syscall, testrun
-from nodecryptor.settings import MAX_EXEMPT_PORT_RANGES, MapSizes, Settings
+from nodecryptor.core.settings import MAX_EXEMPT_PORT_RANGES, MapSizes, Settings
 
 pytestmark = [pytest.mark.privileged, pytest.mark.bpf]
 

@@ -15,7 +15,7 @@ import datapath_cases as dc
 from conftest import have_bcc, require
 from nodecryptor.datapath.base import VERDICT_DROP, VERDICT_EXEMPT, VERDICT_PASS, PacketQuery
 from nodecryptor.datapath.bpf import abi, maps, program, syscall, testrun
-from nodecryptor.settings import Settings
+from nodecryptor.core.settings import Settings
 
 pytestmark = [pytest.mark.privileged, pytest.mark.bpf]
 

@@ -13,7 +13,7 @@ import datapath_cases as dc
 from conftest import have_bcc, require
 from nodecryptor.datapath.base import VERDICT_DROP, VERDICT_ENCRYPT, VERDICT_EXEMPT
 from nodecryptor.datapath.bpf import abi, maps, program, testrun
-from nodecryptor.settings import Settings
+from nodecryptor.core.settings import Settings
 
 pytestmark = [pytest.mark.privileged, pytest.mark.bpf]
 

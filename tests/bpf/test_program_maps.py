@@ -13,9 +13,9 @@ import pytest
 import datapath_cases as dc
 from conftest import have_bcc, require
 from nodecryptor.datapath.bpf import abi, maps, program, syscall, testrun
-from nodecryptor.errors import DatapathError
-from nodecryptor.model import KIND_POD_CIDR, Destination
-from nodecryptor.settings import MapSizes, Settings
+from nodecryptor.core.errors import DatapathError
+from nodecryptor.core.model import KIND_POD_CIDR, Destination
+from nodecryptor.core.settings import MapSizes, Settings
 
 pytestmark = [pytest.mark.privileged, pytest.mark.bpf]
 

@@ -20,10 +20,10 @@ import pytest
 from conftest import have_bcc, require
 from nodecryptor_testkit.netns import entered as netns_entered
 from nodecryptor.datapath.bpf import maps, program, syscall
-from nodecryptor.model import (KIND_NODE_IP, ROLE_WORKER, DesiredState, Destination, Plan,
+from nodecryptor.core.model import (KIND_NODE_IP, ROLE_WORKER, DesiredState, Destination, Plan,
                                WgState)
-from nodecryptor.ports import parse_port_spec
-from nodecryptor.settings import FailMode, Settings
+from nodecryptor.core.ports import parse_port_spec
+from nodecryptor.core.settings import FailMode, Settings
 from nodecryptor_testkit import netns as netns_mod
 
 pytestmark = [pytest.mark.privileged, pytest.mark.bpf]

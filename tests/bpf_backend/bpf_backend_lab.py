@@ -19,11 +19,11 @@ import time
 from dataclasses import dataclass
 
 from nodecryptor_testkit.netns import entered as netns_entered
-from nodecryptor import cilium
+from nodecryptor.policy import cilium
 from nodecryptor.datapath.bpf import syscall
-from nodecryptor.model import Device, NodeInfo, WgPeer, WgState
-from nodecryptor.policy import admission_limits, compute_desired, compute_plan
-from nodecryptor.settings import Settings
+from nodecryptor.core.model import Device, NodeInfo, WgPeer, WgState
+from nodecryptor.policy.plan import admission_limits, compute_desired, compute_plan
+from nodecryptor.core.settings import Settings
 from nodecryptor_testkit import netns as netns_mod
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -228,7 +228,7 @@ def desired_for(settings: Settings, a: Node, b: Node):
                  up=True, mtu=1420, listen_port=WG_PORT, fwmark=WG_MARK, peers=(peer,))
     device = Device(name="eth0", ifindex=socket.if_nametoindex("eth0"), mtu=1500)
     desired = compute_desired(plan, wg, (device,), settings)
-    # As the reconciler does: A's pod CIDR to B's pod CIDR stays Cilium's (nodecryptor/cilium.py).
+    # As the reconciler does: A's pod CIDR to B's pod CIDR stays Cilium's (nodecryptor/policy/cilium.py).
     facts = cilium.detect(wg, (), [ipaddress.ip_address(b.ip)], [ipaddress.ip_network(b.pod_cidr)])
     return cilium.apply(desired, facts, settings.take_over_pod_to_pod, admission_limits(settings))
 

@@ -15,7 +15,7 @@ from conftest import require
 from prometheus_client import CollectorRegistry
 
 from nodecryptor.datapath.bpf import abi, attach, collector, inspect, pins, syscall
-from nodecryptor.settings import Settings
+from nodecryptor.core.settings import Settings
 
 pytestmark = pytest.mark.privileged
 

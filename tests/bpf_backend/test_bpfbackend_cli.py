@@ -8,8 +8,8 @@ import pytest
 from nodecryptor.cli import main
 from nodecryptor.datapath.base import Datapath
 from nodecryptor.datapath.bpf.backend import BpfDatapath
-from nodecryptor.errors import NotSupported
-from nodecryptor.settings import Settings
+from nodecryptor.core.errors import NotSupported
+from nodecryptor.core.settings import Settings
 
 
 @pytest.mark.parametrize("args, flag, value", [

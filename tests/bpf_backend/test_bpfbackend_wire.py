@@ -29,7 +29,7 @@ from conftest import require
 from nodecryptor.datapath.base import PacketQuery
 from nodecryptor.datapath.bpf import abi, attach, collector, inspect, pins, syscall
 from nodecryptor.datapath.bpf.backend import BpfDatapath
-from nodecryptor.metrics import Metrics
+from nodecryptor.observe.metrics import Metrics
 
 pytestmark = [pytest.mark.privileged, pytest.mark.bpf]
 

@@ -13,8 +13,8 @@ from nodecryptor.datapath import select
 from nodecryptor.datapath.choice import last_choice
 from nodecryptor.datapath.bpf import pins
 from nodecryptor.datapath.bpf.backend import BpfDatapath
-from nodecryptor.errors import DatapathError
-from nodecryptor.settings import Settings
+from nodecryptor.core.errors import DatapathError
+from nodecryptor.core.settings import Settings
 
 pytestmark = pytest.mark.privileged
 

@@ -25,13 +25,13 @@ from conftest import require
 from nodecryptor.datapath.base import VERDICT_ENCRYPT, VERDICT_EXEMPT
 from nodecryptor.datapath.bpf import attach, pins, syscall, testrun
 from nodecryptor.datapath.bpf.backend import BpfDatapath
-from nodecryptor.errors import DatapathError
-from nodecryptor.exemptions import BUILTIN_NAME, PolicyRange
-from nodecryptor.metrics import Metrics
-from nodecryptor.model import (KIND_NODE_IP, KIND_POD_CIDR, ROLE_WORKER, DesiredState,
+from nodecryptor.core.errors import DatapathError
+from nodecryptor.policy.exemptions import BUILTIN_NAME, PolicyRange
+from nodecryptor.observe.metrics import Metrics
+from nodecryptor.core.model import (KIND_NODE_IP, KIND_POD_CIDR, ROLE_WORKER, DesiredState,
                                Destination, Device, Plan, WgState)
-from nodecryptor.ports import parse_port_spec
-from nodecryptor.settings import MapSizes, Settings
+from nodecryptor.core.ports import parse_port_spec
+from nodecryptor.core.settings import MapSizes, Settings
 
 pytestmark = [pytest.mark.privileged, pytest.mark.bpf]
 

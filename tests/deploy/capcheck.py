@@ -87,7 +87,7 @@ def load_representative(steps: Steps, pin_dir: str):
 
 def load_nodecryptor(steps: Steps, pin_dir: str):
     from nodecryptor.datapath.bpf import program
-    from nodecryptor.settings import Settings
+    from nodecryptor.core.settings import Settings
 
     def load():
         os.makedirs(pin_dir, exist_ok=True)

@@ -30,10 +30,10 @@ def rss_mib() -> float:
 def main() -> int:
     started = time.perf_counter()
     # Everything the running agent imports, so the baseline is the agent's, not the loader's.
-    import nodecryptor.agent  # noqa: F401
-    import nodecryptor.k8s  # noqa: F401
+    import nodecryptor.agent.wiring  # noqa: F401
+    import nodecryptor.cluster.k8s  # noqa: F401
     from nodecryptor.datapath.bpf import program
-    from nodecryptor.settings import Settings
+    from nodecryptor.core.settings import Settings
 
     imported = time.perf_counter()
     rss_imports = rss_mib()

@@ -12,8 +12,8 @@ import pytest
 
 from deploy_manifests import GUIDE, REPO
 from nodecryptor.cli import build_parser
-from nodecryptor.metrics import Metrics
-from nodecryptor.settings import Settings
+from nodecryptor.observe.metrics import Metrics
+from nodecryptor.core.settings import Settings
 
 FLAGS_HEADING = "## Flags of `nodecryptor run`"
 METRICS_HEADING = "## Metrics"

@@ -11,11 +11,12 @@ import yaml
 from deploy_manifests import (CRD_KINDS, K8S, REPO, agent_container, agent_daemonset,
                               all_docs, default_docs, expand_env, find, kustomizations,
                               load_docs, manifest_files)
-from nodecryptor import __version__, exemptions
+from nodecryptor import __version__
+from nodecryptor.policy import exemptions
 from nodecryptor.cli import build_parser
 from nodecryptor.commands.common import settings_from_args
-from nodecryptor.settings import Settings
-from nodecryptor.health import parse_bind
+from nodecryptor.core.settings import Settings
+from nodecryptor.observe.health import parse_bind
 
 # The newest Kubernetes release whose schema kubernetes-validate ships (pyproject pins >=1.37).
 K8S_VERSION = "1.37.0"
@@ -75,7 +76,7 @@ def test_alert_rules_use_only_metrics_the_agent_exports():
 
     from prometheus_client import CollectorRegistry
 
-    from nodecryptor.metrics import Metrics
+    from nodecryptor.observe.metrics import Metrics
 
     exported = {m.name for m in Metrics(CollectorRegistry()).registry.collect()}
     exported |= {f"{n}_total" for n in exported}
@@ -86,7 +87,7 @@ def test_alert_rules_use_only_metrics_the_agent_exports():
                 assert name in exported, f"{r['alert']}: {name} is not an agent metric"
             assert "peer=" not in r["expr"] and "node=" not in r["expr"]
     states = re.findall(r'state="([a-z-]+)"', str(rule))
-    from nodecryptor.peerhealth import STATES
+    from nodecryptor.policy.peerhealth import STATES
     assert set(states) <= set(STATES) and states
 
 

@@ -66,7 +66,7 @@ def test_make_spec_rejects_impossible_labs(nodes, cps):
 
 
 def test_ciliumnode_object_is_what_the_parser_reads():
-    from nodecryptor.ciliumnode import parse_ciliumnode
+    from nodecryptor.policy.ciliumnode import parse_ciliumnode
     node = spec.make_spec(3).node("cp1")
     info, rejections = parse_ciliumnode(spec.ciliumnode_object(node, "A" * 43 + "="))
     assert rejections == []

@@ -23,7 +23,7 @@ W1_RULES = [
     "10310:\tfrom all to 192.168.50.10 ipproto tcp dport 6443 lookup main",
     # The "storage" EncryptionExemption (tests/datapath_cases.py): w2 serves TCP 3260.
     "10310:\tfrom all to 192.168.50.22 ipproto tcp dport 3260 lookup main",
-    # Cilium's own pod-to-pod traffic (nodecryptor/cilium.py): pods reach remote node
+    # Cilium's own pod-to-pod traffic (nodecryptor/policy/cilium.py): pods reach remote node
     # addresses (host routes) through the table, everything else through main.
     "10330:\tfrom 10.244.1.0/24 lookup 2026 suppress_prefixlength 31",
     "10331:\tfrom 10.244.1.0/24 lookup main",

@@ -10,7 +10,7 @@ import pytest
 
 from nodecryptor.datapath.iprule import inspect
 from nodecryptor.datapath.iprule.backend import IpRuleDatapath
-from nodecryptor.metrics import Metrics
+from nodecryptor.observe.metrics import Metrics
 from tests.datapath_cases import CASES_BY_ID, desired_for, settings_for
 
 

@@ -9,9 +9,9 @@ import pytest
 
 from nodecryptor.datapath.iprule import inspect
 from nodecryptor.datapath.iprule.backend import IpRuleDatapath
-from nodecryptor.model import NodeInfo, WgState
-from nodecryptor.policy import compute_desired, compute_plan
-from nodecryptor.settings import Settings
+from nodecryptor.core.model import NodeInfo, WgState
+from nodecryptor.policy.plan import compute_desired, compute_plan
+from nodecryptor.core.settings import Settings
 
 from .conftest import sh
 

@@ -12,8 +12,8 @@ from nodecryptor.datapath import select
 from nodecryptor.datapath.choice import last_choice
 from nodecryptor.datapath.iprule import inspect
 from nodecryptor.datapath.iprule.backend import IpRuleDatapath
-from nodecryptor.errors import NotSupported, SettingsError
-from nodecryptor.metrics import Metrics
+from nodecryptor.core.errors import NotSupported, SettingsError
+from nodecryptor.observe.metrics import Metrics
 from tests.datapath_cases import CASES_BY_ID, desired_for, settings_for
 
 pytestmark = pytest.mark.privileged

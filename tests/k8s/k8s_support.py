@@ -14,10 +14,10 @@ import time
 import pytest
 
 from conftest import require
-from nodecryptor import k8s
-from nodecryptor.metrics import Metrics
-from nodecryptor.settings import Settings
-from nodecryptor.store import Store
+from nodecryptor.cluster import k8s
+from nodecryptor.observe.metrics import Metrics
+from nodecryptor.core.settings import Settings
+from nodecryptor.cluster.store import Store
 from nodecryptor_testkit.fakeapi import FakeApiServer, make_ciliumnode
 
 TOKEN = "test-token-k8s"

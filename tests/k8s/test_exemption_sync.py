@@ -9,11 +9,11 @@ import threading
 
 import pytest
 
-from nodecryptor import k8s
-from nodecryptor.metrics import Metrics
-from nodecryptor.policy import compute_plan
-from nodecryptor.settings import Settings
-from nodecryptor.store import Store
+from nodecryptor.cluster import k8s
+from nodecryptor.observe.metrics import Metrics
+from nodecryptor.policy.plan import compute_plan
+from nodecryptor.core.settings import Settings
+from nodecryptor.cluster.store import Store
 from nodecryptor_testkit.fakeapi import make_exemption, make_node
 
 from k8s_support import node, wait_for
@@ -157,7 +157,7 @@ def test_exemption_watch_survives_410_and_bookmarks(fake, syncs):
 def test_readiness_notes_a_missing_crd_without_failing():
     from types import SimpleNamespace
 
-    from nodecryptor.agent import Agent
+    from nodecryptor.agent.wiring import Agent
     policies = SimpleNamespace(crd_missing=True)
     check = Agent._with_exemption_note(lambda: (True, "synced"), policies)
     ok, why = check()

@@ -1,5 +1,5 @@
 """The fake API server speaks the kube-apiserver protocol: checked on the wire (urllib) and
-through nodecryptor.k8s (the official client), including its fault injection and the
+through nodecryptor.cluster.k8s (the official client), including its fault injection and the
 standalone process the lab runs."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import urllib.request
 
 import pytest
 
-from nodecryptor import k8s
+import nodecryptor
+from nodecryptor.cluster import k8s
 from nodecryptor_testkit.fakeapi import COLLECTION, FakeApiServer, make_ciliumnode
 
 from k8s_support import require_openssl, TOKEN, node, with_settings
@@ -211,7 +212,7 @@ def test_tls_kubeconfig_with_the_official_client(tmp_path, settings):
 
 def test_standalone_process_serves_and_exits_on_sigterm(tmp_path):
     kc = tmp_path / "kc"
-    objects = os.path.join(os.path.dirname(k8s.__file__), "examples", "cluster.json")
+    objects = os.path.join(os.path.dirname(nodecryptor.__file__), "examples", "cluster.json")
     proc = subprocess.Popen(
         [sys.executable, "-m", "nodecryptor_testkit.fakeapi", "--bind", "127.0.0.1:0",
          "--objects", objects, "--token", "t0k", "--write-kubeconfig", str(kc)],
@@ -219,7 +220,7 @@ def test_standalone_process_serves_and_exits_on_sigterm(tmp_path):
     try:
         ready = proc.stdout.readline()
         assert ready.startswith("ready url=http://127.0.0.1:"), ready
-        from nodecryptor.settings import Settings
+        from nodecryptor.core.settings import Settings
         nodes, _ = k8s.snapshot_once(Settings(kubeconfig=str(kc)))
         assert sorted(nodes) == ["cp1", "w1", "w2", "w3"]
         proc.send_signal(signal.SIGTERM)

@@ -13,9 +13,9 @@ import threading
 import kubernetes.client
 import pytest
 
-from nodecryptor import k8s
-from nodecryptor.metrics import Metrics
-from nodecryptor.peerhealth import CONDITION_TYPE, Condition
+from nodecryptor.cluster import k8s
+from nodecryptor.observe.metrics import Metrics
+from nodecryptor.policy.peerhealth import CONDITION_TYPE, Condition
 from nodecryptor_testkit.fakeapi import make_node
 
 from k8s_support import TOKEN, wait_for

@@ -10,11 +10,11 @@ import threading
 
 import pytest
 
-from nodecryptor import k8s
-from nodecryptor.metrics import Metrics
-from nodecryptor.policy import node_is_control_plane
-from nodecryptor.settings import Settings
-from nodecryptor.store import Store
+from nodecryptor.cluster import k8s
+from nodecryptor.observe.metrics import Metrics
+from nodecryptor.policy.plan import node_is_control_plane
+from nodecryptor.core.settings import Settings
+from nodecryptor.cluster.store import Store
 from nodecryptor_testkit.fakeapi import NODE_COLLECTION, make_node
 
 from k8s_support import TOKEN, node, wait_for, with_settings

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import urllib.parse
 
-from nodecryptor.settings import Settings
+from nodecryptor.core.settings import Settings
 
 from k8s_support import node, restarts, wait_for, with_settings
 from k8s_support import fake, kubeconfig, run_sync, settings  # noqa: F401 - pytest fixtures
@@ -83,8 +83,8 @@ def test_server_that_accepts_but_never_answers(fake, settings, run_sync):
 
 
 def test_sync_liveness_follows_its_heartbeat(settings):
-    from nodecryptor import k8s
-    from nodecryptor.store import Store
+    from nodecryptor.cluster import k8s
+    from nodecryptor.cluster.store import Store
 
     sync = k8s.CiliumNodeSync(with_settings(settings, sync_stale_seconds=100), Store())
     assert sync.alive()[0]
@@ -95,8 +95,8 @@ def test_sync_liveness_follows_its_heartbeat(settings):
 def test_a_raised_stall_threshold_raises_the_liveness_limit(settings):
     """A healthy loop may sit in a silent watch read for the whole stall threshold after a
     connect: liveness must not fail it for that."""
-    from nodecryptor import k8s
-    from nodecryptor.store import Store
+    from nodecryptor.cluster import k8s
+    from nodecryptor.cluster.store import Store
 
     sync = k8s.CiliumNodeSync(with_settings(settings, watch_stall_seconds=300,
                                             request_timeout_seconds=15,

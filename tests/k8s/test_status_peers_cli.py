@@ -7,7 +7,7 @@ import json
 import time
 
 from nodecryptor.cli import main
-from nodecryptor.peerhealth import CONDITION_TYPE
+from nodecryptor.policy.peerhealth import CONDITION_TYPE
 from nodecryptor_testkit.fakeapi import make_ciliumnode, make_node
 
 from k8s_support import fake, kubeconfig  # noqa: F401 - pytest fixtures

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from nodecryptor import k8s
-from nodecryptor.ciliumnode import WG_PUBKEY_ANNOTATION, parse_ciliumnode
+from nodecryptor.cluster import k8s
+from nodecryptor.policy.ciliumnode import WG_PUBKEY_ANNOTATION, parse_ciliumnode
 from nodecryptor_testkit.fakeapi import make_ciliumnode
 from nodecryptor_testkit.lab.kubeapi import KubeApi
 
@@ -286,7 +286,7 @@ def test_malformed_objects_are_partly_applied(fake, settings, run_sync):
 
 def test_in_cluster_configuration(monkeypatch, tmp_path):
     require_openssl()
-    from nodecryptor.settings import Settings
+    from nodecryptor.core.settings import Settings
     from nodecryptor_testkit.fakeapi import FakeApiServer
 
     with FakeApiServer(token="sa-token", tls=True, objects=[node(1)]) as tls_fake:

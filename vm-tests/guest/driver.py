@@ -25,10 +25,11 @@ import sys
 import time
 import traceback
 
-from nodecryptor import log as nclog
-from nodecryptor import policy, wireguard
-from nodecryptor.model import Device, NodeInfo, WgPeer, WgState
-from nodecryptor.settings import Settings
+from nodecryptor.core import log as nclog
+from nodecryptor.policy import plan as policy
+from nodecryptor.node import wireguard
+from nodecryptor.core.model import Device, NodeInfo, WgPeer, WgState
+from nodecryptor.core.settings import Settings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))

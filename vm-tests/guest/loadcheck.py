@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, REPO)
 
 from nodecryptor.datapath.bpf import program, syscall  # noqa: E402
-from nodecryptor.settings import Settings  # noqa: E402
+from nodecryptor.core.settings import Settings  # noqa: E402
 
 
 def main() -> int:

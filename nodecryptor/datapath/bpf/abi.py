@@ -10,7 +10,7 @@ import ctypes as C
 import enum
 from dataclasses import dataclass
 
-from ..base import VERDICT_DROP, VERDICT_ENCRYPT, VERDICT_EXEMPT, VERDICT_PASS
+from nodecryptor.datapath.base import VERDICT_DROP, VERDICT_ENCRYPT, VERDICT_EXEMPT, VERDICT_PASS
 
 ABI_VERSION = 3
 

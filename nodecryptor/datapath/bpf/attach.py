@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ...log import kv
-from . import pins, syscall
+from nodecryptor.core.log import kv
+from nodecryptor.datapath.bpf import pins, syscall
 
 log = logging.getLogger(__name__)
 

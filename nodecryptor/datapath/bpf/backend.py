@@ -28,12 +28,12 @@ import os
 import socket
 import time
 
-from ...errors import DatapathError, NotSupported
-from ...log import kv
-from ...model import DesiredState
-from ...settings import DatapathMode, Settings
-from ..base import Observation
-from . import abi, attach, collector, inspect, pins, syscall
+from nodecryptor.core.errors import DatapathError, NotSupported
+from nodecryptor.core.log import kv
+from nodecryptor.core.model import DesiredState
+from nodecryptor.core.settings import DatapathMode, Settings
+from nodecryptor.datapath.base import Observation
+from nodecryptor.datapath.bpf import abi, attach, collector, inspect, pins, syscall
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class BpfDatapath:
 
     def _load_generation(self, capacities: dict[int, int]):
         """Compile and load the program into a new, empty generation directory."""
-        from . import program  # the only module importing bcc; loaded only when BPF is wanted
+        from nodecryptor.datapath.bpf import program  # the only module importing bcc; loaded only when BPF is wanted
 
         number, path = pins.new_generation(self.settings.bpffs)
         sizes = dataclasses.replace(self.settings.map_sizes, destinations_v4=capacities[4],
@@ -145,7 +145,7 @@ class BpfDatapath:
     def _grow(self, desired: DesiredState, error) -> None:
         """Load a generation that holds ``desired`` and fill it completely; the running
         program is not touched (it is swapped in by the attach step)."""
-        from . import maps
+        from nodecryptor.datapath.bpf import maps
 
         counts = maps.destination_counts(desired)
         sizes = self.settings.map_sizes
@@ -182,7 +182,7 @@ class BpfDatapath:
                 self.metrics.datapath_capacity.labels(family=f"ipv{family}").set(capacity)
 
     def _refuse_if_over_cap(self, desired: DesiredState) -> None:
-        from . import maps
+        from nodecryptor.datapath.bpf import maps
 
         counts = maps.destination_counts(desired)
         cap = self.settings.map_sizes.destinations_max
@@ -210,7 +210,7 @@ class BpfDatapath:
     def apply(self, desired: DesiredState) -> None:
         if self._loaded is None:
             raise DatapathError("bpf datapath: apply before start()")
-        from . import maps
+        from nodecryptor.datapath.bpf import maps
 
         try:
             self._refuse_if_over_cap(desired)
@@ -271,7 +271,7 @@ class BpfDatapath:
     def _carry_counters(self) -> None:
         """Copy the counters of the attached generation into the new one just before the
         swap, so the metrics do not reset."""
-        from . import maps
+        from nodecryptor.datapath.bpf import maps
 
         try:
             fd = syscall.obj_get(pins.map_path(self.settings.bpffs, "nc_counters"),

@@ -20,9 +20,9 @@ import threading
 
 from prometheus_client.core import CounterMetricFamily
 
-from ...log import kv
-from ...settings import Settings
-from . import abi, pins, syscall
+from nodecryptor.core.log import kv
+from nodecryptor.core.settings import Settings
+from nodecryptor.datapath.bpf import abi, pins, syscall
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ COUNTERS_MAP = "nc_counters"
 def read_counters(fd: int) -> dict[str, dict]:
     """Sum the per-CPU counters of every index: {name: {"packets", "bytes", "kind",
     "verdict"}} where kind is "reason" or "event" (decoded in maps.py, their one home)."""
-    from . import maps
+    from nodecryptor.datapath.bpf import maps
 
     return maps.counters_of(fd)
 

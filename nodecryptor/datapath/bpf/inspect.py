@@ -15,9 +15,9 @@ import os
 import socket
 import time
 
-from ...settings import Settings
-from ..base import VERDICT_PASS, Explanation, PacketQuery
-from . import abi, pins, syscall
+from nodecryptor.core.settings import Settings
+from nodecryptor.datapath.base import VERDICT_PASS, Explanation, PacketQuery
+from nodecryptor.datapath.bpf import abi, pins, syscall
 
 CONFIG_MAP = "nc_config_map"
 
@@ -29,14 +29,14 @@ def active(settings: Settings) -> bool:
     if (pins.pinned_link_names(settings.bpffs) or os.path.exists(pins.prog_path(settings.bpffs))
             or pins.pinned_link_names(settings.bpffs, "ingress")):
         return True
-    from . import attach
+    from nodecryptor.datapath.bpf import attach
 
     return bool(attach.tc_devices()) or bool(attach.tc_devices("ingress"))
 
 
 def attachments(settings: Settings) -> tuple[str, list]:
     """(mode, attachments) of every device nodecryptor is attached to in this namespace."""
-    from . import attach
+    from nodecryptor.datapath.bpf import attach
 
     prog_id = pinned_prog_id(settings)
     found = [a for a in (attach.tcx_observe(settings.bpffs, name)
@@ -64,7 +64,7 @@ def read_config(settings: Settings) -> dict | None:
     except OSError:
         return None
     try:
-        from .maps import decode_config
+        from nodecryptor.datapath.bpf.maps import decode_config
 
         value = abi.Config()
         return decode_config(value) if syscall.map_lookup(fd, ctypes.c_uint32(0), value) else None
@@ -74,7 +74,7 @@ def read_config(settings: Settings) -> dict | None:
 
 def _wireguard(ifname: str) -> dict:
     try:
-        from ...wireguard import read_state
+        from nodecryptor.node.wireguard import read_state
     except ImportError:
         read_state = None
     if read_state is not None:
@@ -86,7 +86,7 @@ def _wireguard(ifname: str) -> dict:
         return out
     from pyroute2 import IPRoute
 
-    from .attach import ifindex_of
+    from nodecryptor.datapath.bpf.attach import ifindex_of
 
     ifindex = ifindex_of(ifname)
     out = {"ifname": ifname, "ifindex": ifindex, "present": bool(ifindex)}
@@ -98,7 +98,7 @@ def _wireguard(ifname: str) -> dict:
 
 
 def status(settings: Settings) -> dict:
-    from . import collector
+    from nodecryptor.datapath.bpf import collector
 
     mode, atts = attachments(settings)
     prog_id = pinned_prog_id(settings)
@@ -154,7 +154,7 @@ def dump(settings: Settings) -> dict:
     pin_dir = pins.maps_dir(settings.bpffs)
     if not os.path.isdir(pin_dir):
         return {"pin_dir": pin_dir, "error": "no maps pinned (is the BPF datapath active?)"}
-    from . import maps
+    from nodecryptor.datapath.bpf import maps
     fds = maps.open_pinned(pin_dir)
     try:
         data = maps.read(fds)
@@ -170,7 +170,7 @@ def destinations(settings: Settings) -> list[dict]:
     pin_dir = pins.maps_dir(settings.bpffs)
     if not os.path.isdir(pin_dir):
         return []
-    from . import maps
+    from nodecryptor.datapath.bpf import maps
     fds = maps.open_pinned(pin_dir)
     try:
         return maps.read_destinations(fds)
@@ -208,7 +208,7 @@ def socket_name(ifindex: int) -> str | None:
 def _prog_for_device(settings: Settings, device: str) -> tuple[int, str, int]:
     """(prog_id, mode, link_id) of the program nodecryptor attached to ``device``; prog_id 0
     when none is attached there."""
-    from . import attach
+    from nodecryptor.datapath.bpf import attach
 
     att = attach.tcx_observe(settings.bpffs, device)
     if att is not None and not att.defunct:
@@ -257,7 +257,7 @@ def explain(settings: Settings, q: PacketQuery) -> Explanation:
     ``q`` (BPF_PROG_TEST_RUN) and say what it would do. The twin decides with the live maps
     but changes no counter or fragment state; whether a run is dry is a property of the
     program, never of the packet (skb->cb[] of real traffic is not trusted)."""
-    from . import attach, testrun
+    from nodecryptor.datapath.bpf import attach, testrun
 
     src, device = q.src, q.device
     if src is None or device is None:
@@ -309,7 +309,7 @@ def explain(settings: Settings, q: PacketQuery) -> Explanation:
 
 def cleanup(settings: Settings) -> dict:
     """Remove every tcx link, tc filter and pin nodecryptor created; nothing else."""
-    from . import attach
+    from nodecryptor.datapath.bpf import attach
 
     links = [name for name in pins.pinned_link_names(settings.bpffs)
              if attach.tcx_detach(settings.bpffs, name)]
@@ -330,7 +330,7 @@ def explain_ingress(settings: Settings, q: PacketQuery) -> Explanation:
     address): the pinned dry-run twin (``prog-explain-ingress``) runs on the live maps and
     changes no counter, flow, fragment or leak entry. Verdicts: pass (an audited leak is a pass
     whose reason says so), exempt, drop."""
-    from . import testrun
+    from nodecryptor.datapath.bpf import testrun
 
     if q.src is None:
         raise LookupError("--direction ingress needs --src (the peer the packet comes from)")

@@ -27,11 +27,11 @@ import sys
 import time
 from dataclasses import dataclass
 
-from ...errors import DatapathError
-from ...model import KIND_NODE_IP, ROLE_CONTROL_PLANE, DesiredState
-from ...ports import PROTOCOL_NAMES
-from ...settings import FailMode
-from . import abi, syscall
+from nodecryptor.core.errors import DatapathError
+from nodecryptor.core.model import KIND_NODE_IP, ROLE_CONTROL_PLANE, DesiredState
+from nodecryptor.core.ports import PROTOCOL_NAMES
+from nodecryptor.core.settings import FailMode
+from nodecryptor.datapath.bpf import abi, syscall
 
 _KIND_NAMES = {abi.KIND_NODE_IP: "node-ip", abi.KIND_POD_CIDR: "pod-cidr"}
 

@@ -26,8 +26,8 @@ import os
 import re
 import stat
 
-from ...errors import DatapathError
-from . import abi, syscall
+from nodecryptor.core.errors import DatapathError
+from nodecryptor.datapath.bpf import abi, syscall
 
 log = logging.getLogger(__name__)
 

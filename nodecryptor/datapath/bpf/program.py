@@ -22,10 +22,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ...errors import DatapathError, NotSupported
-from ...log import kv
-from ...settings import Settings
-from . import abi, syscall
+from nodecryptor.core.errors import DatapathError, NotSupported
+from nodecryptor.core.log import kv
+from nodecryptor.core.settings import Settings
+from nodecryptor.datapath.bpf import abi, syscall
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
-from ...errors import DatapathError
-from ...ports import IP_PROTOCOLS
-from ..base import PacketQuery
-from . import abi, syscall
+from nodecryptor.core.errors import DatapathError
+from nodecryptor.core.ports import IP_PROTOCOLS
+from nodecryptor.datapath.base import PacketQuery
+from nodecryptor.datapath.bpf import abi, syscall
 
 IPPROTO_HOPOPTS = 0
 IPPROTO_ICMP = 1

@@ -15,14 +15,14 @@ import time
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ...errors import DatapathError, NotSupported, SettingsError
-from ...log import kv
-from ...model import DesiredState
-from ...settings import DatapathMode, Settings
-from ..base import Observation
-from . import kernel, noop
-from .bulk import RouteTable
-from .spec import (MAIN_TABLE, OFFSET_LOOKUP, OFFSET_PROBE, RuleSpec, band, desired_routes,
+from nodecryptor.core.errors import DatapathError, NotSupported, SettingsError
+from nodecryptor.core.log import kv
+from nodecryptor.core.model import DesiredState
+from nodecryptor.core.settings import DatapathMode, Settings
+from nodecryptor.datapath.base import Observation
+from nodecryptor.datapath.iprule import kernel, noop
+from nodecryptor.datapath.iprule.bulk import RouteTable
+from nodecryptor.datapath.iprule.spec import (MAIN_TABLE, OFFSET_LOOKUP, OFFSET_PROBE, RuleSpec, band, desired_routes,
                    desired_rules)
 
 log = logging.getLogger(__name__)

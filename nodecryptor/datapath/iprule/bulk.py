@@ -19,8 +19,8 @@ import struct
 
 from pyroute2.netns import create_socket
 
-from ...errors import DatapathError
-from .spec import ROUTE_UNICAST, ROUTE_UNREACHABLE, RouteSpec
+from nodecryptor.core.errors import DatapathError
+from nodecryptor.datapath.iprule.spec import ROUTE_UNICAST, ROUTE_UNREACHABLE, RouteSpec
 
 NETLINK_ROUTE = 0
 SOL_NETLINK = 270

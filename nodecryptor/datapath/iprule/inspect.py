@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import ipaddress
 
-from ...ports import IP_PROTOCOLS, PORTED_NUMBERS
-from ...settings import DatapathMode, FailMode, Settings
-from ..base import (VERDICT_DROP, VERDICT_ENCRYPT, VERDICT_EXEMPT, VERDICT_PASS, Explanation,
+from nodecryptor.core.ports import IP_PROTOCOLS, PORTED_NUMBERS
+from nodecryptor.core.settings import DatapathMode, FailMode, Settings
+from nodecryptor.datapath.base import (VERDICT_DROP, VERDICT_ENCRYPT, VERDICT_EXEMPT, VERDICT_PASS, Explanation,
                     PacketQuery)
-from . import kernel, noop
-from .backend import remove_all
-from .bulk import RouteTable
-from .spec import (OFFSET_CILIUM_POD, OFFSET_EXEMPT_DPORT, OFFSET_EXEMPT_SPORT, OFFSET_LOOKUP,
+from nodecryptor.datapath.iprule import kernel, noop
+from nodecryptor.datapath.iprule.backend import remove_all
+from nodecryptor.datapath.iprule.bulk import RouteTable
+from nodecryptor.datapath.iprule.spec import (OFFSET_CILIUM_POD, OFFSET_EXEMPT_DPORT, OFFSET_EXEMPT_SPORT, OFFSET_LOOKUP,
                    OFFSET_WG_MARK, OFFSET_WG_PORT, ROUTE_UNICAST, RouteSpec, RuleSpec, band)
 
 DATAPATH = DatapathMode.IPRULE
@@ -66,7 +66,7 @@ def status(settings: Settings, netns: str | None = None) -> dict:
     elif not wg_index:
         ready, reason = False, (f"WireGuard device {settings.wg_interface!r} absent: cluster "
                                 "traffic is dropped (fail-closed) or clear (fail-open)")
-    from .backend import ingress_report
+    from nodecryptor.datapath.iprule.backend import ingress_report
 
     ingress = ingress_report(settings)
     return {

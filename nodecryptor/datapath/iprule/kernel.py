@@ -19,8 +19,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTM_GETROUTE
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
-from ...errors import DatapathError
-from .spec import RuleSpec
+from nodecryptor.core.errors import DatapathError
+from nodecryptor.datapath.iprule.spec import RuleSpec
 
 AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 FAMILY_OF_AF = {socket.AF_INET: 4, socket.AF_INET6: 6}

@@ -26,7 +26,7 @@ import socket
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ...errors import DatapathError
+from nodecryptor.core.errors import DatapathError
 
 NOOP_DEVICE = "nc-noop"
 NOOP_ADDRESS = "192.0.2.1"

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ...errors import DatapathError
-from . import kernel
+from nodecryptor.core.errors import DatapathError
+from nodecryptor.datapath.iprule import kernel
 
 POC_TABLE = 100
 POC_WG_DEVICE = "cilium_wg0"

@@ -36,9 +36,9 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from ...model import KIND_NODE_IP, DesiredState
-from ...ports import PROTOCOL_NAMES, PROTOCOLS
-from ...settings import FailMode, Settings
+from nodecryptor.core.model import KIND_NODE_IP, DesiredState
+from nodecryptor.core.ports import PROTOCOL_NAMES, PROTOCOLS
+from nodecryptor.core.settings import FailMode, Settings
 
 MAIN_TABLE = 254
 OFFSET_WG_MARK = 0
@@ -210,7 +210,7 @@ def local_prefixes(desired: DesiredState) -> list:
 
 
 def cilium_pod_rules(desired: DesiredState, settings: Settings) -> list[RuleSpec]:
-    """Leave local-pod to remote-pod traffic to Cilium (nodecryptor/cilium.py): per local pod
+    """Leave local-pod to remote-pod traffic to Cilium (nodecryptor/policy/cilium.py): per local pod
     CIDR, first the own table restricted to host routes (remote node addresses; pod CIDRs are
     never host routes), then main. Two rules per local pod CIDR, whatever the cluster size."""
     base = settings.iprule_priority_base

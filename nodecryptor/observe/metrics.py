@@ -6,8 +6,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import choose_encoder
 
-from .admission import REASONS
-from .peerhealth import STATES as PEER_STATES
+from nodecryptor.policy.admission import REASONS
+from nodecryptor.policy.peerhealth import STATES as PEER_STATES
 
 PREFIX = "nodecryptor"
 
@@ -82,7 +82,7 @@ class Metrics:
         self.exemption_watch_restarts = Counter(
             f"{PREFIX}_exemption_watch_restarts_total",
             "EncryptionExemption list/watch restarts, by cause.", ["cause"], registry=r)
-        # Peer health (nodecryptor.peerhealth): per state, never per peer, so the series
+        # Peer health (nodecryptor.policy.peerhealth): per state, never per peer, so the series
         # count does not grow with the cluster (every node exports them).
         self.peers = Gauge(f"{PREFIX}_peers", "Remote nodes by WireGuard peer state.", ["state"],
                            registry=r)
@@ -124,7 +124,7 @@ def metrics_server(registry: CollectorRegistry, bind: str, *,
     """/metrics for ``registry`` on ``bind``, on the hardened endpoint server rather than
     prometheus_client's own (a thread per connection, no deadlines). Listening starts now (a
     bad address raises SettingsError naming ``flag``); call ``start()`` to answer."""
-    from .httpserver import EndpointServer, Request, Response
+    from nodecryptor.observe.httpserver import EndpointServer, Request, Response
 
     def handle(request: Request) -> Response:
         encoder, content_type = choose_encoder(request.headers.get("accept"))

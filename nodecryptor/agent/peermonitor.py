@@ -1,5 +1,5 @@
 """The agent's encryption-health loop: every few seconds, read the WireGuard device, judge every
-peer (nodecryptor.peerhealth), export the per-state metrics, decide ``NodeEncryptionReady`` and
+peer (nodecryptor.policy.peerhealth), export the per-state metrics, decide ``NodeEncryptionReady`` and
 hand it to the condition writer, and record the peer table in the run directory for
 ``nodecryptor status --peers``.
 
@@ -18,14 +18,14 @@ import threading
 import time
 from typing import Callable
 
-from . import peerhealth as ph
-from . import wireguard
-from .log import kv
-from .runfiles import write_json
-from .metrics import Metrics
-from .model import WgState
-from .settings import Settings
-from .store import Store
+from nodecryptor.policy import peerhealth as ph
+from nodecryptor.node import wireguard
+from nodecryptor.core.log import kv
+from nodecryptor.core.runfiles import write_json
+from nodecryptor.observe.metrics import Metrics
+from nodecryptor.core.model import WgState
+from nodecryptor.core.settings import Settings
+from nodecryptor.cluster.store import Store
 
 log = logging.getLogger(__name__)
 

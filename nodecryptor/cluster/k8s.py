@@ -38,17 +38,17 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config.incluster_config import InClusterConfigLoader
 from kubernetes.watch.watch import iter_resp_lines
 
-from . import exemptions
-from .ciliumnode import Rejection, parse_ciliumnode, parse_node_roles
-from .backoff import Backoff
-from .k8s_errors import (ApiForbidden, ApiGone, ApiUnavailable, KubeConfigError,
+from nodecryptor.policy import exemptions
+from nodecryptor.policy.ciliumnode import Rejection, parse_ciliumnode, parse_node_roles
+from nodecryptor.core.backoff import Backoff
+from nodecryptor.cluster.k8s_errors import (ApiForbidden, ApiGone, ApiUnavailable, KubeConfigError,
                          KubernetesError)
-from .log import kv
-from .metrics import Metrics
-from .model import NodeInfo
-from .peerhealth import Condition
-from .settings import RoleSource, Settings
-from .store import Store
+from nodecryptor.core.log import kv
+from nodecryptor.observe.metrics import Metrics
+from nodecryptor.core.model import NodeInfo
+from nodecryptor.policy.peerhealth import Condition
+from nodecryptor.core.settings import RoleSource, Settings
+from nodecryptor.cluster.store import Store
 
 log = logging.getLogger("nodecryptor.k8s")
 
@@ -813,7 +813,7 @@ def _abort(resp) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# The NodeEncryptionReady condition (nodecryptor.peerhealth decides it; this writes it)
+# The NodeEncryptionReady condition (nodecryptor.policy.peerhealth decides it; this writes it)
 
 STRATEGIC_MERGE = "application/strategic-merge-patch+json"
 EVENT_NAMESPACE = "default"

@@ -4,7 +4,7 @@ metrics. ``k8s.translate_error`` maps the client library's exceptions onto them.
 
 from __future__ import annotations
 
-from .errors import NodecryptorError
+from nodecryptor.core.errors import NodecryptorError
 
 
 class KubernetesError(NodecryptorError):

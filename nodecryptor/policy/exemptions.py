@@ -22,9 +22,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from .model import Rejection
-from .ports import PortRange, merge_ranges
-from .settings import RoleSource, Settings
+from nodecryptor.core.model import Rejection
+from nodecryptor.core.ports import PortRange, merge_ranges
+from nodecryptor.core.settings import RoleSource, Settings
 
 KIND = "EncryptionExemption"
 GROUP = "nodecryptor.io"

@@ -13,11 +13,11 @@ import json
 import logging
 import os
 
-from .exemptions import PolicyRange, policy_for
-from .log import kv
-from .runfiles import write_json
-from .model import DesiredState
-from .settings import Settings
+from nodecryptor.policy.exemptions import PolicyRange, policy_for
+from nodecryptor.core.log import kv
+from nodecryptor.core.runfiles import write_json
+from nodecryptor.core.model import DesiredState
+from nodecryptor.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .errors import SettingsError
+from nodecryptor.core.errors import SettingsError
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Union
 
-from .ports import PortRange
-from .settings import FailMode
+from nodecryptor.core.ports import PortRange
+from nodecryptor.core.settings import FailMode
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -147,7 +147,7 @@ class WgPeer:
     """Bytes received from this peer since the device was configured (not compared, as
     ``last_handshake``: traffic counters change constantly and mean nothing to the datapath)."""
     tx_bytes: int = field(default=0, compare=False)
-    """Bytes sent to this peer; peer health (nodecryptor.peerhealth) watches it grow."""
+    """Bytes sent to this peer; peer health (nodecryptor.policy.peerhealth) watches it grow."""
 
 
 @dataclass(frozen=True)
@@ -206,7 +206,7 @@ class DesiredState:
     wg_mark: int = 0x0E00
     wg_mark_mask: int = 0x0F00
     cilium_pod_cidrs: tuple[IPNetwork, ...] = ()
-    """Local pod CIDRs whose traffic to remote pod CIDRs is left to Cilium (nodecryptor/cilium.py);
+    """Local pod CIDRs whose traffic to remote pod CIDRs is left to Cilium (nodecryptor/policy/cilium.py);
     empty when nodecryptor takes that traffic over or Cilium runs in tunnel mode."""
     cilium: object = field(default=None, compare=False, hash=False)
     """cilium.CiliumFacts the desired state was derived with (None: not detected)."""

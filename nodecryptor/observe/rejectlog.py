@@ -8,9 +8,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from .log import kv
-from .metrics import Metrics
-from .model import Rejection
+from nodecryptor.core.log import kv
+from nodecryptor.observe.metrics import Metrics
+from nodecryptor.core.model import Rejection
 
 log = logging.getLogger("nodecryptor.admission")
 

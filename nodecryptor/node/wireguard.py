@@ -17,8 +17,8 @@ import socket
 
 from pyroute2 import IPRoute
 
-from .log import kv
-from .model import WgPeer, WgState
+from nodecryptor.core.log import kv
+from nodecryptor.core.model import WgPeer, WgState
 
 log = logging.getLogger(__name__)
 

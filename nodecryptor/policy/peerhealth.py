@@ -27,7 +27,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from .model import NodeInfo, WgPeer, WgState
+from nodecryptor.core.model import NodeInfo, WgPeer, WgState
 
 HEALTHY = "healthy"
 KEY_MISMATCH = "key-mismatch"

@@ -12,11 +12,11 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Mapping
 
-from . import exemptions as ex
-from .admission import FIELD_ADDRESSES, FIELD_POD_CIDRS, Claim, Limits, admit, owner_of
-from .model import (DEFAULT_WG_PORT, KIND_NODE_IP, KIND_POD_CIDR, ROLE_CONTROL_PLANE,
+from nodecryptor.policy import exemptions as ex
+from nodecryptor.policy.admission import FIELD_ADDRESSES, FIELD_POD_CIDRS, Claim, Limits, admit, owner_of
+from nodecryptor.core.model import (DEFAULT_WG_PORT, KIND_NODE_IP, KIND_POD_CIDR, ROLE_CONTROL_PLANE,
                     ROLE_WORKER, Destination, DesiredState, Device, IPNetwork, NodeInfo, Plan, WgState)
-from .settings import RoleSource, Settings
+from nodecryptor.core.settings import RoleSource, Settings
 
 # WireGuard's overhead on the wire: outer IP header + UDP (8) + WireGuard data header (16) +
 # Poly1305 tag (16). IPv4 outer = 20 + 8 + 32 = 60, IPv6 outer = 40 + 8 + 32 = 80.

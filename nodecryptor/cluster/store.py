@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 
-from .model import NodeInfo
+from nodecryptor.core.model import NodeInfo
 
 Labels = tuple[tuple[str, str], ...]
 

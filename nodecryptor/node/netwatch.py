@@ -11,7 +11,7 @@ import threading
 from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl import RTMGRP_LINK
 
-from .log import kv
+from nodecryptor.core.log import kv
 
 log = logging.getLogger(__name__)
 

@@ -13,16 +13,16 @@ import signal
 import threading
 import time
 
-from . import log as logmod
-from .datapath.base import Datapath
-from .errors import NotSupported
-from .health import Check, HealthServer, all_of
-from .log import kv
-from .metrics import Metrics, metrics_server
-from .netwatch import LinkWatcher
-from .reconcile import Reconciler
-from .settings import RoleSource, Settings, require_node_name
-from .store import Store
+from nodecryptor.core import log as logmod
+from nodecryptor.datapath.base import Datapath
+from nodecryptor.core.errors import NotSupported
+from nodecryptor.observe.health import Check, HealthServer, all_of
+from nodecryptor.core.log import kv
+from nodecryptor.observe.metrics import Metrics, metrics_server
+from nodecryptor.node.netwatch import LinkWatcher
+from nodecryptor.agent.reconcile import Reconciler
+from nodecryptor.core.settings import RoleSource, Settings, require_node_name
+from nodecryptor.cluster.store import Store
 
 log = logging.getLogger("nodecryptor.agent")
 
@@ -80,7 +80,7 @@ class Agent:
         return check
 
     def run(self, datapath: Datapath, stop: threading.Event) -> int:
-        from .k8s import CiliumNodeSync, ExemptionSync, NodeRoleSync
+        from nodecryptor.cluster.k8s import CiliumNodeSync, ExemptionSync, NodeRoleSync
 
         settings = self.settings
         reconciler = self.reconciler = Reconciler(settings, self.store, datapath, self.metrics)
@@ -111,12 +111,12 @@ class Agent:
         threads.append(threading.Thread(target=policies.run, args=(stop,),
                                         name="k8s-exemptions", daemon=True))
         checks.append(thread_check(threads[-1], policies.alive))
-        # NodeEncryptionReady and peer health (nodecryptor.peermonitor): two more threads, so
+        # NodeEncryptionReady and peer health (nodecryptor.agent.peermonitor): two more threads, so
         # neither an API outage (the writer) nor a device read (the monitor) ever waits on, or
         # delays, the reconcile loop.
-        from .k8s import NodeConditionWriter
-        from .peerhealth import CONDITION_TYPE
-        from .peermonitor import PeerMonitor
+        from nodecryptor.cluster.k8s import NodeConditionWriter
+        from nodecryptor.policy.peerhealth import CONDITION_TYPE
+        from nodecryptor.agent.peermonitor import PeerMonitor
 
         writer = NodeConditionWriter(settings, CONDITION_TYPE, self.metrics)
         monitor = PeerMonitor(settings, self.store, reconciler, sync, writer.submit,
@@ -156,7 +156,7 @@ def run_agent(settings: Settings, stop: threading.Event | None = None) -> int:
     """Run the agent until SIGTERM/SIGINT (or ``stop``). Configuration errors raise
     SettingsError before anything on the node is changed; the caller validated the flags and
     the client configuration (nodecryptor.commands.common.validate_run)."""
-    from .datapath.select import choose_datapath
+    from nodecryptor.datapath.select import choose_datapath
 
     logmod.setup(settings.log_format, settings.log_level)
     require_node_name(settings)

@@ -13,9 +13,9 @@ import time
 
 from pyroute2 import IPRoute
 
-from .cilium import TUNNEL_DEVICES
-from .log import kv
-from .model import Device
+from nodecryptor.policy.cilium import TUNNEL_DEVICES
+from nodecryptor.core.log import kv
+from nodecryptor.core.model import Device
 
 log = logging.getLogger(__name__)
 

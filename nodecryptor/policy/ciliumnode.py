@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import ipaddress
 
-from .admission import special_purpose
-from .model import NodeInfo, NodeRoleLabels, Rejection
+from nodecryptor.policy.admission import special_purpose
+from nodecryptor.core.model import NodeInfo, NodeRoleLabels, Rejection
 
 __all__ = ["MAX_ADDRESSES", "MAX_LABELS", "MAX_POD_CIDRS", "WG_PUBKEY_ANNOTATION", "Rejection",
            "parse_ciliumnode", "parse_node_roles"]

@@ -26,8 +26,8 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from .admission import Limits
-from .model import (DEFAULT_WG_PORT, KIND_POD_CIDR, DesiredState, IPAddress, IPNetwork, NodeInfo,
+from nodecryptor.policy.admission import Limits
+from nodecryptor.core.model import (DEFAULT_WG_PORT, KIND_POD_CIDR, DesiredState, IPAddress, IPNetwork, NodeInfo,
                     Plan, WgState)
 
 ROUTING_NATIVE = "native"

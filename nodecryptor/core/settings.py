@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Union
 
-from .errors import SettingsError
-from .ports import PortRange, parse_port_spec
+from nodecryptor.core.errors import SettingsError
+from nodecryptor.core.ports import PortRange, parse_port_spec
 
 DEFAULT_EXEMPT_PORTS = "2379-2380,6443"
 

@@ -2,7 +2,7 @@
 (first full sync applied and datapath attached, as the reconcile loop last saw it). Neither
 calls the API server, so an API outage never restarts or unreadies a node that keeps enforcing
 its last known state; neither touches netlink or a lock ``apply`` holds, so a flood of probes
-cannot slow the reconcile loop (see nodecryptor.httpserver for the connection limits)."""
+cannot slow the reconcile loop (see nodecryptor.observe.httpserver for the connection limits)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import json
 import logging
 from typing import Callable
 
-from .httpserver import EndpointServer, Request, Response, parse_bind
+from nodecryptor.observe.httpserver import EndpointServer, Request, Response, parse_bind
 
 log = logging.getLogger(__name__)
 

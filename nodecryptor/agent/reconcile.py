@@ -17,20 +17,20 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from . import cilium
-from . import devices as devices_mod
-from . import wireguard
-from .datapath.base import Datapath
-from .errors import DatapathError
-from .log import kv
-from .metrics import Metrics
-from .model import ROLE_CONTROL_PLANE, DesiredState, WgState
-from .policy import admission_limits, compute_desired, compute_plan, is_control_plane
-from .policy import node_addresses as policy_node_addresses
-from . import exemption_record
-from .rejectlog import RejectionLog
-from .settings import Settings
-from .store import Store
+from nodecryptor.policy import cilium
+from nodecryptor.node import devices as devices_mod
+from nodecryptor.node import wireguard
+from nodecryptor.datapath.base import Datapath
+from nodecryptor.core.errors import DatapathError
+from nodecryptor.core.log import kv
+from nodecryptor.observe.metrics import Metrics
+from nodecryptor.core.model import ROLE_CONTROL_PLANE, DesiredState, WgState
+from nodecryptor.policy.plan import admission_limits, compute_desired, compute_plan, is_control_plane
+from nodecryptor.policy.plan import node_addresses as policy_node_addresses
+from nodecryptor.agent import exemption_record
+from nodecryptor.observe.rejectlog import RejectionLog
+from nodecryptor.core.settings import Settings
+from nodecryptor.cluster.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class Reconciler:
                              else f"datapath {obs.datapath} not ready: {obs.reason}")
 
     def _with_cilium(self, desired, snapshot, wg, tunnel) -> DesiredState:
-        """Cilium's routing mode and own traffic (nodecryptor/cilium.py)."""
+        """Cilium's routing mode and own traffic (nodecryptor/policy/cilium.py)."""
         node_ips, pod_cidrs = cilium.remote_inventory(snapshot, self.settings.node_name,
                                                       self.settings.address_types)
         facts = cilium.detect(wg, tunnel, node_ips, pod_cidrs)

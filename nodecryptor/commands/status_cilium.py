@@ -1,10 +1,10 @@
-"""The Cilium-facing part of `nodecryptor status`: the facts of nodecryptor/cilium.py as this
+"""The Cilium-facing part of `nodecryptor status`: the facts of nodecryptor/policy/cilium.py as this
 node shows them (WireGuard device, tunnel devices, what the installed datapath holds) and every
 underlay device's whole egress chain."""
 
 from __future__ import annotations
 
-from .errors import DatapathError
+from nodecryptor.core.errors import DatapathError
 
 
 def _known_destinations(settings, datapath: str) -> tuple[list, list]:
@@ -16,11 +16,11 @@ def _known_destinations(settings, datapath: str) -> tuple[list, list]:
     prefixes = []
     try:
         if datapath == "bpf":
-            from .datapath.bpf.inspect import destinations
+            from nodecryptor.datapath.bpf.inspect import destinations
 
             prefixes = [ipaddress.ip_network(d["prefix"]) for d in destinations(settings)]
         else:
-            from .datapath.iprule.bulk import RouteTable
+            from nodecryptor.datapath.iprule.bulk import RouteTable
 
             with RouteTable(settings.iprule_table) as table:
                 prefixes = [ipaddress.ip_network(r.dst) for r in table.read()]
@@ -37,10 +37,10 @@ def status_report(settings, datapath: str, devices: list[dict], own_prog_id: int
     """The ``"cilium"`` object and the egress chains of ``nodecryptor status``: what was
     detected about Cilium and where each fact came from, observed now (the agent need not run).
     ``devices`` are the status report's attachments (name, mode, position)."""
-    from . import cilium
-    from .datapath import chain as chain_mod
-    from .devices import tunnel_devices
-    from .wireguard import read_state
+    from nodecryptor.policy import cilium
+    from nodecryptor.datapath import chain as chain_mod
+    from nodecryptor.node.devices import tunnel_devices
+    from nodecryptor.node.wireguard import read_state
 
     wg = read_state(settings.wg_interface)
     nodes, pods = _known_destinations(settings, datapath)

@@ -34,7 +34,7 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .model import KIND_NODE_IP, IPNetwork, Rejection
+from nodecryptor.core.model import KIND_NODE_IP, IPNetwork, Rejection
 
 FIELD_ADDRESSES = "spec.addresses"
 FIELD_POD_CIDRS = "spec.ipam.podCIDRs"
