@@ -1,202 +1,32 @@
 """The ValidatingAdmissionPolicy that scopes the agent's Node status writes to its own Node's
 NodeEncryptionReady condition (k8s/admissionpolicy-node-status.yaml): its CEL expressions, read
-from the YAML file, evaluated with cel-python against admission requests shaped like the API
-server's, and the agent's real condition patch applied the way the API server applies it.
-
-cel-python is not the API server's CEL (cel-go with Kubernetes' libraries). Differences that
-matter here, and how the policy stays within what both agree on:
-- cel-python does no type checking: Kubernetes declares ``request`` with a schema and
-  ``object``/``oldObject``/``variables`` as dyn, and rejects a badly typed expression only when
-  the policy is created. The expressions therefore use only map and list operations on the dyn
-  objects, and on ``request`` only fields the AdmissionRequest type declares.
-- Kubernetes refuses list literals of mixed types (homogeneous aggregate literals); cel-python
-  accepts them. The policy has no list literals at all.
-- Kubernetes evaluates variables lazily; this harness evaluates them all, in order, before the
-  validations, and counts an error in any of them as a failed request (failurePolicy Fail).
-  That is stricter than the API server, never laxer.
-- Kubernetes' extension libraries (optional types, sets, regex, quantity) and cost limits are
-  absent from cel-python; the policy uses none of the libraries.
-"""
+from the YAML file, evaluated with cel-python (see admission_requests.py for where it differs
+from the API server's CEL) against admission requests shaped like the API server's, with the
+agent's real condition patch applied the way the API server applies it."""
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+import json
 
-import celpy
 import pytest
-from celpy import celtypes
+from kubernetes.client.exceptions import ApiException
 
+import admission_requests
+from admission_requests import (AGENT, NODE_NAME_KEY, Decision, agent_write, node, request,
+                                with_own_condition)
 from deploy_manifests import agent_daemonset, default_docs, find
-from nodecryptor.cluster.k8s import condition_patch
-from nodecryptor.policy.peerhealth import CONDITION_TYPE
+from nodecryptor.cluster.k8s import NodeConditionWriter
+from nodecryptor.cluster.k8s_errors import ApiForbidden
+from nodecryptor.core.settings import Settings
+from nodecryptor.policy.peerhealth import CONDITION_TYPE, Condition
 
 POLICY = find(default_docs(), "ValidatingAdmissionPolicy", "nodecryptor-node-status")
 BINDING = find(default_docs(), "ValidatingAdmissionPolicyBinding", "nodecryptor-node-status")
-NODE_NAME_KEY = "authentication.kubernetes.io/node-name"
-AGENT = "system:serviceaccount:kube-system:nodecryptor"
-ENV = celpy.Environment()
 
 
-# ---- the evaluator ---------------------------------------------------------------------------
-
-@dataclass
-class Decision:
-    matched: bool
-    denied: list[str] = field(default_factory=list)
-    """The message of every validation that failed (messageExpression when it evaluates)."""
-    errors: list[str] = field(default_factory=list)
-    """Expressions that could not be evaluated: with failurePolicy Fail, each denies."""
-
-    @property
-    def allowed(self) -> bool:
-        return not self.matched or not (self.denied or self.errors)
-
-
-def _program(expression: str):
-    return ENV.program(ENV.compile(expression))
-
-
-def _run(expression: str, activation: dict):
-    return _program(expression).evaluate(activation)
-
-
-def admit(request: dict, policy: dict = POLICY) -> Decision:
-    """What the API server decides for ``request`` under ``policy`` (one binding, Deny)."""
-    spec = policy["spec"]
-    assert spec["failurePolicy"] == "Fail"
-    activation = {"request": celpy.json_to_cel(request),
-                  "object": celpy.json_to_cel(request.get("object")),
-                  "oldObject": celpy.json_to_cel(request.get("oldObject"))}
-    for cond in spec.get("matchConditions", []):
-        try:
-            if not _run(cond["expression"], activation):
-                return Decision(matched=False)
-        except celpy.CELEvalError as e:
-            return Decision(matched=True, errors=[f"matchCondition {cond['name']}: {e}"])
-    decision = Decision(matched=True)
-    variables = celtypes.MapType({})
-    for var in spec.get("variables", []):
-        try:
-            variables[celtypes.StringType(var["name"])] = _run(
-                var["expression"], {**activation, "variables": variables})
-        except celpy.CELEvalError as e:
-            decision.errors.append(f"variable {var['name']}: {e}")
-            return decision
-    activation["variables"] = variables
-    for rule in spec["validations"]:
-        try:
-            ok = _run(rule["expression"], activation)
-        except celpy.CELEvalError as e:
-            decision.errors.append(f"{rule['expression']}: {e}")
-            continue
-        assert isinstance(ok, celtypes.BoolType), f"not a bool: {rule['expression']}"
-        if not ok:
-            message = rule.get("message", "")
-            if "messageExpression" in rule:
-                try:
-                    message = str(_run(rule["messageExpression"], activation))
-                except celpy.CELEvalError:
-                    pass  # the API server falls back to the static message too
-            decision.denied.append(message)
-    return decision
-
-
-# ---- admission requests as the API server builds them ---------------------------------------
-
-def node(name: str) -> dict:
-    """A Node as a kubeadm worker's kubelet keeps it (trimmed, but every kind of field)."""
-    return {
-        "apiVersion": "v1", "kind": "Node",
-        "metadata": {
-            "name": name, "uid": f"uid-{name}", "resourceVersion": "4711",
-            "creationTimestamp": "2026-01-01T00:00:00Z",
-            "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"},
-            "annotations": {"node.alpha.kubernetes.io/ttl": "0"},
-            "managedFields": [{"manager": "kubelet", "operation": "Update", "apiVersion": "v1",
-                               "time": "2026-01-01T00:00:00Z", "subresource": "status",
-                               "fieldsType": "FieldsV1", "fieldsV1": {"f:status": {}}}]},
-        "spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"],
-                 "taints": [{"key": "dedicated", "value": "db", "effect": "NoSchedule"}]},
-        "status": {
-            "addresses": [{"type": "InternalIP", "address": "192.0.2.11"},
-                          {"type": "Hostname", "address": name}],
-            "capacity": {"cpu": "2", "memory": "4005400Ki", "pods": "110"},
-            "allocatable": {"cpu": "2", "memory": "3903000Ki", "pods": "110"},
-            "conditions": [
-                {"type": t, "status": s, "reason": r, "message": "",
-                 "lastHeartbeatTime": "2026-01-01T00:05:00Z",
-                 "lastTransitionTime": "2026-01-01T00:00:00Z"}
-                for t, s, r in (("MemoryPressure", "False", "KubeletHasSufficientMemory"),
-                                ("DiskPressure", "False", "KubeletHasNoDiskPressure"),
-                                ("PIDPressure", "False", "KubeletHasSufficientPID"),
-                                ("Ready", "True", "KubeletReady"))],
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
-            "nodeInfo": {"kubeletVersion": "v1.33.1", "osImage": "Debian GNU/Linux 12"},
-        },
-    }
-
-
-def with_own_condition(obj: dict, status: str = "False") -> dict:
-    obj = copy.deepcopy(obj)
-    obj["status"]["conditions"].append(
-        {"type": CONDITION_TYPE, "status": status, "reason": "Starting", "message": "",
-         "lastHeartbeatTime": "2026-01-01T00:05:00Z",
-         "lastTransitionTime": "2026-01-01T00:05:00Z"})
-    return obj
-
-
-def agent_write(old: dict, status: str = "True", reason: str = "Ready") -> dict:
-    """The Node after the agent's real patch (nodecryptor.cluster.k8s.condition_patch),
-    applied as a strategic merge patch: status.conditions merges by ``type`` (an entry of
-    the patch replaces the fields it names in the entry of that type, or is appended), and the
-    API server's field manager records the writer in managedFields."""
-    patch = condition_patch(CONDITION_TYPE, status, reason, "WireGuard up",
-                            "2026-01-01T01:00:00Z", "2026-01-01T01:00:00Z")
-    assert set(patch) == {"status"} and set(patch["status"]) == {"conditions"}
-    new = copy.deepcopy(old)
-    conditions = new["status"].setdefault("conditions", [])
-    for entry in patch["status"]["conditions"]:
-        same = [c for c in conditions if c.get("type") == entry["type"]]
-        if same:
-            same[0].update(entry)
-        else:
-            conditions.append(dict(entry))
-    new["metadata"]["managedFields"] = old["metadata"]["managedFields"] + [
-        {"manager": "nodecryptor", "operation": "Update", "apiVersion": "v1",
-         "time": "2026-01-01T01:00:00Z", "subresource": "status", "fieldsType": "FieldsV1",
-         "fieldsV1": {"f:status": {"f:conditions": {}}}}]
-    return new
-
-
-def request(obj: dict | None, old: dict | None, *, operation: str = "UPDATE",
-            sub_resource: str | None = "status", username: str = AGENT,
-            bound_node: str | None = "worker-1") -> dict:
-    """An AdmissionRequest as the API server hands it to CEL: fields that are empty in Go
-    (``omitempty``) are absent, and the user's extra values are lists of strings."""
-    name = (obj or old)["metadata"]["name"]
-    extra = {"authentication.kubernetes.io/pod-name": ["nodecryptor-abcde"],
-             "authentication.kubernetes.io/pod-uid": ["0f3c9c3e-0000-4000-8000-000000000001"],
-             "authentication.kubernetes.io/credential-id": ["JTI=1b2c"]}
-    if bound_node is not None:
-        extra[NODE_NAME_KEY] = [bound_node]
-        extra["authentication.kubernetes.io/node-uid"] = [f"uid-{bound_node}"]
-    req = {
-        "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
-        "kind": {"group": "", "version": "v1", "kind": "Node"},
-        "resource": {"group": "", "version": "v1", "resource": "nodes"},
-        "requestKind": {"group": "", "version": "v1", "kind": "Node"},
-        "requestResource": {"group": "", "version": "v1", "resource": "nodes"},
-        "name": name, "operation": operation,
-        "userInfo": {"username": username, "uid": "sa-uid",
-                     "groups": ["system:serviceaccounts", "system:serviceaccounts:kube-system",
-                                "system:authenticated"],
-                     "extra": extra},
-        "object": obj, "oldObject": old, "dryRun": False,
-    }
-    if sub_resource:
-        req["subResource"] = req["requestSubResource"] = sub_resource
-    return req
+def admit(req: dict, policy: dict = POLICY) -> Decision:
+    return admission_requests.admit(req, policy)
 
 
 # ---- the agent's own write is admitted ---------------------------------------------------------
@@ -392,3 +222,47 @@ def test_policy_is_bound_denies_and_judges_only_the_agents_account():
     assert f"'{account}'" in cond["expression"]
     # The condition the policy protects is the one the agent writes.
     assert f"'{CONDITION_TYPE}'" in " ".join(v["expression"] for v in spec["variables"])
+
+
+# ---- what an operator sees when the policy refuses the agent ---------------------------------
+
+class _Response:
+    def __init__(self, body: dict):
+        self.data = json.dumps(body).encode()
+
+    def release_conn(self) -> None:
+        pass
+
+
+class _RefusingCore:
+    """CoreV1Api as an API server answers a write the policy denies (403, the policy's
+    message in the Status body), e.g. on a cluster whose tokens carry no node name."""
+
+    def __init__(self, message: str):
+        self.message = message
+        self.patches = 0
+
+    def read_node(self, name, **_kw):
+        return _Response(with_own_condition(node(name)))
+
+    def patch_node_status(self, name, body, **_kw):
+        self.patches += 1
+        err = ApiException(status=403, reason="Forbidden")
+        err.body = json.dumps({"kind": "Status", "status": "Failure", "reason": "Forbidden",
+                               "code": 403, "message": self.message})
+        raise err
+
+
+def test_a_refused_write_is_reported_with_the_policys_reason_and_retried():
+    old = with_own_condition(node("worker-1"))
+    decision = admit(request(agent_write(old), old, bound_node=None))
+    message = (f"ValidatingAdmissionPolicy '{POLICY['metadata']['name']}' with binding "
+               f"'{BINDING['metadata']['name']}' denied request: {decision.denied[0]}")
+    core = _RefusingCore(message)
+    writer = NodeConditionWriter(Settings(node_name="worker-1"), CONDITION_TYPE)
+    writer.submit(Condition("True", "EncryptionReady", "all good"))
+    with pytest.raises(ApiForbidden) as refused:
+        writer.step(core)
+    # The agent's warning ("node condition write failed; will retry") carries this text.
+    assert "names no node" in str(refused.value) and "403" in str(refused.value)
+    assert core.patches == 1 and writer.writes == 0
