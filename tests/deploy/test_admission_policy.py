@@ -266,3 +266,18 @@ def test_a_refused_write_is_reported_with_the_policys_reason_and_retried():
     # The agent's warning ("node condition write failed; will retry") carries this text.
     assert "names no node" in str(refused.value) and "403" in str(refused.value)
     assert core.patches == 1 and writer.writes == 0
+
+
+def test_every_node_write_the_agent_is_granted_is_judged_by_the_policy():
+    """RBAC grants `patch nodes/status` on every Node; each write on Nodes that the
+    ClusterRole grants (today that one) falls under the policy's match."""
+    role = find(default_docs(), "ClusterRole", "nodecryptor")
+    writes = {"create", "update", "patch", "delete", "deletecollection", "*"}
+    granted = [(res, verb) for rule in role["rules"] if "" in rule["apiGroups"]
+               for res in rule["resources"] for verb in rule["verbs"]
+               if verb in writes and (res == "nodes" or res.startswith("nodes/"))]
+    assert granted == [("nodes/status", "patch")]
+    [match] = POLICY["spec"]["matchConstraints"]["resourceRules"]
+    for res, _verb in granted:
+        assert res in match["resources"] or (res.startswith("nodes/")
+                                             and "nodes/*" in match["resources"])
