@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 
+import kubernetes_validate
 import pytest
 from kubernetes.client.exceptions import ApiException
 
@@ -266,6 +267,15 @@ def test_a_refused_write_is_reported_with_the_policys_reason_and_retried():
     # The agent's warning ("node condition write failed; will retry") carries this text.
     assert "names no node" in str(refused.value) and "403" in str(refused.value)
     assert core.patches == 1 and writer.writes == 0
+
+
+@pytest.mark.parametrize("body", [POLICY, BINDING], ids=lambda b: b["kind"])
+def test_policy_objects_exist_from_kubernetes_1_30(body):
+    """admissionregistration.k8s.io/v1 policies are in the 1.30 schema (and later ones, see
+    test_deploy_manifests.py), not in 1.29's: what the operator guide says."""
+    kubernetes_validate.validate(body, "1.30.0", strict=True)
+    with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+        kubernetes_validate.validate(body, "1.29.0", strict=True)
 
 
 def test_every_node_write_the_agent_is_granted_is_judged_by_the_policy():
