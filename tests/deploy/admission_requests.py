@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 import celpy
 from celpy import celtypes
 
-from nodecryptor.cluster.k8s import condition_patch
+from nodecryptor.cluster.k8s import STRATEGIC_MERGE, condition_patch
 from nodecryptor.policy.peerhealth import CONDITION_TYPE
+from nodecryptor_testkit.fakeapi.nodestatus import patch_status
 
 NODE_NAME_KEY = "authentication.kubernetes.io/node-name"
 AGENT = "system:serviceaccount:kube-system:nodecryptor"
@@ -146,22 +147,18 @@ def with_own_condition(obj: dict, status: str = "False") -> dict:
     return obj
 
 
-def agent_write(old: dict, status: str = "True", reason: str = "Ready") -> dict:
-    """The Node after the agent's real patch (nodecryptor.cluster.k8s.condition_patch),
-    applied as a strategic merge patch: status.conditions merges by ``type`` (an entry of
-    the patch replaces the fields it names in the entry of that type, or is appended), and the
-    API server's field manager records the writer in managedFields."""
+def agent_write(old: dict, status: str = "True", reason: str = "Ready",
+                content_type: str = STRATEGIC_MERGE) -> dict:
+    """The Node after the agent's real patch body (nodecryptor.cluster.k8s.condition_patch),
+    sent with the agent's patch type and merged by the fake API server's nodes/status PATCH
+    (strategic merge: status.conditions merges by ``type``), plus the entry the API server's
+    field manager adds to managedFields for the writer."""
     patch = condition_patch(CONDITION_TYPE, status, reason, "WireGuard up",
                             "2026-01-01T01:00:00Z", "2026-01-01T01:00:00Z")
     assert set(patch) == {"status"} and set(patch["status"]) == {"conditions"}
-    new = copy.deepcopy(old)
-    conditions = new["status"].setdefault("conditions", [])
-    for entry in patch["status"]["conditions"]:
-        same = [c for c in conditions if c.get("type") == entry["type"]]
-        if same:
-            same[0].update(entry)
-        else:
-            conditions.append(dict(entry))
+    new = patch_status(old, content_type, patch)
+    # The fake keeps the stored metadata whole; the real server lets it through the status
+    # subresource (the policy's business) and records the writer here.
     new["metadata"]["managedFields"] = old["metadata"]["managedFields"] + [
         {"manager": "nodecryptor", "operation": "Update", "apiVersion": "v1",
          "time": "2026-01-01T01:00:00Z", "subresource": "status", "fieldsType": "FieldsV1",

@@ -21,6 +21,7 @@ from nodecryptor.cluster.k8s import NodeConditionWriter
 from nodecryptor.cluster.k8s_errors import ApiForbidden
 from nodecryptor.core.settings import Settings
 from nodecryptor.policy.peerhealth import CONDITION_TYPE, Condition
+from nodecryptor_testkit.fakeapi.nodestatus import MERGE
 
 POLICY = find(default_docs(), "ValidatingAdmissionPolicy", "nodecryptor-node-status")
 BINDING = find(default_docs(), "ValidatingAdmissionPolicyBinding", "nodecryptor-node-status")
@@ -44,6 +45,29 @@ def test_condition_added_the_first_time_is_allowed():
     assert [c["type"] for c in new["status"]["conditions"]][-1] == CONDITION_TYPE
     decision = admit(request(new, old))
     assert decision.matched and decision.allowed, decision
+
+
+def test_json_patch_replacing_the_entry_in_place_is_allowed():
+    """RFC 6902 `replace /status/conditions/<i>` (or `add .../-` the first time) yields the
+    same Node as the strategic merge; the policy judges the result, not the patch."""
+    old = with_own_condition(node("worker-1"), "False")
+    new = copy.deepcopy(old)
+    new["status"]["conditions"][-1] = {"type": CONDITION_TYPE, "status": "True",
+                                       "reason": "EncryptionReady", "message": ""}
+    assert admit(request(new, old)).allowed
+    fresh = node("worker-1")
+    new = copy.deepcopy(fresh)
+    new["status"]["conditions"].append({"type": CONDITION_TYPE, "status": "True"})
+    assert admit(request(new, fresh)).allowed
+
+
+def test_a_json_merge_patch_of_the_conditions_is_denied():
+    """A JSON merge patch replaces the whole list, dropping the kubelet's conditions: were
+    the agent ever to send one, the policy refuses it instead of letting it wipe Ready."""
+    old = with_own_condition(node("worker-1"))
+    new = agent_write(old, content_type=MERGE)
+    assert [c["type"] for c in new["status"]["conditions"]] == [CONDITION_TYPE]
+    denied_by(admit(request(new, old)), "no condition but NodeEncryptionReady")
 
 
 def test_node_without_conditions_gets_its_first():
