@@ -31,6 +31,13 @@ def admit(req: dict, policy: dict = POLICY) -> Decision:
     return admission_requests.admit(req, policy)
 
 
+def denied_by(decision: Decision, words: str) -> None:
+    """Denied (not by an evaluation error), one of the messages containing ``words``."""
+    assert decision.matched and not decision.allowed
+    assert not decision.errors, decision.errors
+    assert any(words in m for m in decision.denied), decision.denied
+
+
 # ---- the agent's own write is admitted ---------------------------------------------------------
 
 def test_own_node_condition_update_is_allowed():
@@ -79,12 +86,6 @@ def test_node_without_conditions_gets_its_first():
 
 # ---- everything else the agent's token might try is denied -----------------------------------
 
-def denied_by(decision: Decision, words: str) -> None:
-    assert decision.matched and not decision.allowed
-    assert not decision.errors, decision.errors
-    assert any(words in m for m in decision.denied), decision.denied
-
-
 def test_other_node_is_denied():
     old = with_own_condition(node("worker-2"))
     decision = admit(request(agent_write(old), old, bound_node="worker-1"))
@@ -100,8 +101,8 @@ def test_other_node_is_denied():
      "labels, annotations or other metadata"),
     (lambda n: n["metadata"].update({"finalizers": ["example.com/hold"]}),
      "labels, annotations or other metadata"),
-    (lambda n: n["spec"]["taints"].clear(), "spec"),
-    (lambda n: n["spec"].update({"unschedulable": True}), "spec"),
+    (lambda n: n["spec"]["taints"].clear(), "a Node's spec"),
+    (lambda n: n["spec"].update({"unschedulable": True}), "a Node's spec"),
     (lambda n: n["status"]["addresses"].__setitem__(0, {"type": "InternalIP",
                                                         "address": "203.0.113.9"}),
      "no status field but"),
