@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import celpy
 from celpy import celtypes
 
-from nodecryptor.cluster.k8s import STRATEGIC_MERGE, condition_patch
+from nodecryptor.cluster.condition import STRATEGIC_MERGE, condition_patch
 from nodecryptor.policy.peerhealth import CONDITION_TYPE
 from nodecryptor_testkit.fakeapi.nodestatus import patch_status
 
@@ -149,7 +149,7 @@ def with_own_condition(obj: dict, status: str = "False") -> dict:
 
 def agent_write(old: dict, status: str = "True", reason: str = "Ready",
                 content_type: str = STRATEGIC_MERGE) -> dict:
-    """The Node after the agent's real patch body (nodecryptor.cluster.k8s.condition_patch),
+    """The Node after the agent's real patch body (cluster.condition.condition_patch),
     sent with the agent's patch type and merged by the fake API server's nodes/status PATCH
     (strategic merge: status.conditions merges by ``type``), plus the entry the API server's
     field manager adds to managedFields for the writer."""

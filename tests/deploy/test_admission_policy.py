@@ -17,7 +17,7 @@ import admission_requests
 from admission_requests import (AGENT, NODE_NAME_KEY, Decision, agent_write, node, request,
                                 with_own_condition)
 from deploy_manifests import agent_daemonset, default_docs, find
-from nodecryptor.cluster.k8s import NodeConditionWriter
+from nodecryptor.cluster.condition import NodeConditionWriter
 from nodecryptor.cluster.k8s_errors import ApiForbidden
 from nodecryptor.core.settings import Settings
 from nodecryptor.policy.peerhealth import CONDITION_TYPE, Condition
@@ -227,7 +227,7 @@ def _only(rule: dict) -> dict:
     return policy
 
 
-# ---- the manifest ---------------------------------------------------------------------------------
+# ---- the manifest -----------------------------------------------------------------------
 
 def test_policy_is_bound_denies_and_judges_only_the_agents_account():
     spec = POLICY["spec"]
