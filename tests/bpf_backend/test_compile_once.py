@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from bpf_backend_lab import REPO, in_netns, sh
+from bpf_backend_lab import REPO, in_netns, nodecryptor_cli, sh
 from conftest import require
 from test_capacity import SIZES, assert_all_encrypted, desired
 
@@ -83,6 +83,9 @@ def test_restart_with_unchanged_program_does_not_compile(node, bpffs):
     assert loader.last_record(settings)["compile_seconds"] > 0
     apply(ns, first, ifindex)
     prog_id, generation = first.prog_id, pins.current_generation(bpffs)
+    shown = status(ns, settings)
+    assert shown["program_load"]["source"] == "compiled"
+    assert shown["program_load"]["compile_seconds"] > 0
     first.close()
 
     second = start()
@@ -100,6 +103,17 @@ def test_restart_with_unchanged_program_does_not_compile(node, bpffs):
     assert attached_prog_id(ns, bpffs) == prog_id
     assert_all_encrypted(ns, bpffs, NODES)
     assert pins.program_keys(bpffs) == [record["key"]]
+    assert status(ns, settings)["program_load"]["source"] == "reused"
+    text = nodecryptor_cli("status", "--bpffs", bpffs, "--run-dir", settings.run_dir,
+                           netns=ns)
+    assert f"program: reused, not compiled (key {record['key']})" in text.stdout, text.stdout
+
+
+def status(ns: str, settings: Settings) -> dict:
+    done = nodecryptor_cli("status", "--json", "--bpffs", settings.bpffs, "--run-dir",
+                           settings.run_dir, netns=ns)
+    assert done.stdout, done.stderr
+    return json.loads(done.stdout)
 
 
 def test_crash_between_compile_and_attach_reuses_the_program(node, bpffs):

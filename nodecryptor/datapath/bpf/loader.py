@@ -170,10 +170,14 @@ def compile_in_child(bpffs: str, built: ProgramBuild, pin_dir: str) -> float:
     compile_children_started += 1
     log.info("compiling the BPF program in a child process",
              extra=kv(key=built.key, pin_dir=pin_dir))
+    # The child imports the very package this process runs, wherever it is installed.
+    package_parent = str(Path(program.__file__).resolve().parents[3])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (package_parent, os.environ.get("PYTHONPATH", "")) if p)}
     try:
         done = subprocess.run([sys.executable, "-m", "nodecryptor.datapath.bpf.program"],
                               input=json.dumps(request), stdout=subprocess.PIPE, text=True,
-                              timeout=CHILD_TIMEOUT_SECONDS, check=False)
+                              env=env, timeout=CHILD_TIMEOUT_SECONDS, check=False)
     except subprocess.TimeoutExpired as e:
         pins.remove_program_key(bpffs, os.path.basename(stage))
         raise DatapathError(f"compiling {built.root / program.ENTRY_FILE} did not finish "
