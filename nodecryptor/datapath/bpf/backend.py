@@ -131,7 +131,9 @@ class BpfDatapath:
             raise
         except Exception as e:  # DatapathError from compile/verifier, or anything BCC raises
             pins.remove_generation(self.settings.bpffs, number)
+            self.metrics and self.metrics.record_program_load(getattr(e, "stage", "load_error"))
             raise NotSupported("bpf-program", f"compile/load failed: {e}") from e
+        self.metrics and self.metrics.record_program_load("ok", loaded.compile_seconds)
         self._generation = number
         return loaded
 
