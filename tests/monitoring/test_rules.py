@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from nodecryptor_testkit.lab import rules
-from tests.monitoring.promtool import promtool, run, write_yaml  # noqa: F401 (fixture)
+from monitoring_support import promtool, run, write_yaml  # noqa: F401 (fixture)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 UNIT_TESTS = os.path.join(HERE, "alerts.test.yaml")
