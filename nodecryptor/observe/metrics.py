@@ -146,6 +146,12 @@ class Metrics:
             self.rejected_claims.labels(reason=reason).inc()
 
 
+def count_program_load(metrics: Metrics | None, result: str, seconds: float = 0.0) -> None:
+    """``metrics.record_program_load`` for callers whose metrics are optional."""
+    if metrics is not None:
+        metrics.record_program_load(result, seconds)
+
+
 def metrics_server(registry: CollectorRegistry, bind: str, *,
                    flag: str = "--metrics-server-bind-address", max_connections: int = 64,
                    request_seconds: float = 5.0):
