@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 
 from .flows import PortAllocator, Result, Row
 from .prometheus import LabPrometheus, Timeline
@@ -76,10 +77,12 @@ def alerts(lab, ports: PortAllocator) -> Result:
     victim, target = workers[-1], workers[0]
     others = [n for n in lab.nodes if n != victim.name]
     cleartext = lab.datapath == "bpf"
-    prom = LabPrometheus(lab).start()
+    prom = LabPrometheus(lab)
     timeline = Timeline(prom)
     rogue_ns, sender = None, None
     try:
+        prom.start()
+        timeline.started = time.monotonic()
         quiet = timeline.wait(lambda firing: not firing, 60, "no alert firing at the start")
         _row(result, "baseline: no alert firing", quiet, 60)
         _promtool_row(result, prom, target.name)
