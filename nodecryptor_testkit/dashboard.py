@@ -14,9 +14,11 @@ import os
 import sys
 
 import yaml
+from grafana_foundation_sdk.builders import common as gc
 from grafana_foundation_sdk.builders import dashboard as gd
 from grafana_foundation_sdk.builders import prometheus, stat, statetimeline, timeseries
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common as cm
 from grafana_foundation_sdk.models import dashboard as gm
 
 SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +37,11 @@ def _query(expr: str, legend: str) -> prometheus.Dataquery:
 
 def _series(title: str, description: str, unit: str, *queries, stacked=False):
     panel = (timeseries.Panel().title(title).description(description).unit(unit)
-             .datasource(DATASOURCE).height(8).span(12))
+             .datasource(DATASOURCE).height(8).span(12)
+             .legend(gc.VizLegendOptions().display_mode(cm.LegendDisplayMode.LIST)
+                     .placement(cm.LegendPlacement.BOTTOM).show_legend(True))
+             .tooltip(gc.VizTooltipOptions().mode(cm.TooltipDisplayMode.MULTI)
+                      .sort(cm.SortOrder.DESCENDING)))
     for q in queries:
         panel = panel.with_target(q)
     if stacked:
@@ -50,7 +56,7 @@ def _states(title: str, description: str, expr: str, legend: str, ok: str, bad: 
         "0": gm.ValueMappingResult(text=bad, color="red", index=1)})
     return (statetimeline.Panel().title(title).description(description)
             .datasource(DATASOURCE).with_target(_query(expr, legend)).mappings([mapping])
-            .height(6).span(12))
+            .show_value(cm.VisibilityMode.AUTO).merge_values(True).height(6).span(12))
 
 
 def build() -> dict:
@@ -79,6 +85,8 @@ def build() -> dict:
     d = d.with_panel(
         stat.Panel().title("Datapath").description("The active datapath of each node.")
         .datasource(DATASOURCE).height(4).span(24)
+        .reduce_options(gc.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
+        .graph_mode(cm.BigValueGraphMode.NONE).text_mode(cm.BigValueTextMode.NAME)
         .with_target(_query(f"max by (node, datapath) (nodecryptor_datapath_info{{{NODE}}})",
                             "{{node}}: {{datapath}}")))
     d = d.with_row(gd.Row("Traffic"))
@@ -135,6 +143,9 @@ def build() -> dict:
     model = json.loads(json.dumps(d.build(), cls=JSONEncoder))
     for number, panel in enumerate(model["panels"], start=1):  # the SDK leaves every id at 0
         panel["id"] = number
+        if panel["type"] == "row":  # rows have no options or field config; the SDK says null
+            panel.pop("options", None)
+            panel.pop("fieldConfig", None)
     return model
 
 
