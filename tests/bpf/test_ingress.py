@@ -380,3 +380,51 @@ def test_flow_lru_under_pressure(loaded):
         assert _ingress(loaded, W1, CP, 50000, 2379).reason == R.IN_EXEMPT_REQUEST
     # ... and after the peer's next packet the reply is exempt again.
     assert _egress(loaded, CP, W1, 2379, 50000).reason == R.EXEMPT_SPORT
+
+
+@pytest.mark.parametrize("mode", ["audit", "enforce"])
+@pytest.mark.parametrize("pod,cp", [(dc.W1_POD_V4, CP), (dc.W1_POD_V6, dc.CP1_V6)],
+                         ids=["v4", "v6"])
+def test_pod_bootstrap_flow_end_to_end(loaded, mode, pod, cp):
+    """A local pod's connection to the API server: egress lets the SYN out in the clear and
+    remembers the flow with the pod's address; the control plane's SYN-ACK and an ICMP error
+    about the flow come back in the clear and pass, unmetered, in audit and in enforce."""
+    _sync(loaded, "w1", mode)
+    clear_lru(loaded, "nc_leaks")
+    assert _egress(loaded, pod, cp, 44000, 6443, "S").reason == R.EXEMPT_DPORT
+    family = ipaddress.ip_address(pod).version
+    want = bytes(flow_key(family, testrun.IPPROTO_TCP, ipaddress.ip_address(pod).packed, 44000,
+                          ipaddress.ip_address(cp).packed, 6443))
+    assert flows(loaded) == {want: abi.FLOW_OUTBOUND}
+    assert _ingress(loaded, cp, pod, 6443, 44000, "SA").reason == R.IN_EXEMPT_REPLY
+    too_big = (3, 4) if family == 4 else (2, 0)
+    error = icmp_error_frame(cp, pod, *too_big, pod, cp, 44000, 6443)
+    assert testrun.run(loaded.ingress_fd, error).reason == R.IN_EXEMPT_REPLY
+    assert leaks(loaded) == {}
+    # Another port of the same pod has no flow: clear text, judged by the mode.
+    leak = R.IN_LEAK_DROP if mode == "enforce" else R.IN_LEAK_AUDIT
+    assert _ingress(loaded, cp, pod, 6443, 44001, "SA").reason == leak
+    other = icmp_error_frame(cp, pod, *too_big, pod, cp, 44001, 6443)
+    assert testrun.run(loaded.ingress_fd, other).reason == leak
+    assert sum(leaks(loaded).values()) == 2
+
+
+@pytest.mark.parametrize("chain,exempt", [(dc.SIX_EXT, True), (dc.SIX_EXT + ("dest",), False)],
+                         ids=["six", "seven"])
+def test_ext_chain_limit_agrees(loaded, chain, exempt):
+    """Both directions walk the same IPv6 extension-header chains: the longest one egress
+    parses is exempt on both sides; one header more hides the ports from both, and both fail
+    closed (egress encrypts it as malformed, ingress treats it as clear text)."""
+    def run(prog_fd, src, dst):
+        pkt = testrun.build_frame(src, dst, sport=45000, dport=6443, ipv6_ext=chain)
+        return testrun.run(prog_fd, pkt)
+
+    _sync(loaded, "w1")
+    out = run(loaded.prog_fd, dc.W1_V6, dc.CP1_V6)
+    _sync(loaded, "cp1")
+    into = run(loaded.ingress_fd, dc.W1_V6, dc.CP1_V6)
+    if exempt:
+        assert (out.reason, into.reason) == (R.EXEMPT_DPORT, R.IN_EXEMPT_REQUEST)
+    else:
+        assert (out.reason, out.target) == (R.MALFORMED, WG_IFINDEX)
+        assert (into.reason, into.retval) == (R.IN_LEAK_DROP, abi.TC_ACT_SHOT)
