@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: Apache-2.0 */
-/* Every map of nc_abi.h, declared for BCC in this one header (the lib headers declare none). With NC_PIN_DIR defined (a string literal, given by
- * the loader as a cflag) every map is reused from NC_PIN_DIR/<name> when pinned there, else
- * created and pinned there, so the agent can restart without emptying the datapath.
+/* Every map of nc_abi.h, declared for BCC in this one header (the other lib headers declare
+ * none). With NC_PIN_DIR defined (a string literal, given by the loader as a cflag) every map
+ * is reused from NC_PIN_DIR/<name> when pinned there, else created and pinned there, so the
+ * agent can restart without emptying the datapath.
  * BCC rewrites map method calls only when they are spelled with the map's own name (not
  * through a macro), so the lib headers call nc_dst_v4.lookup() etc. directly; the names
  * match the NC_MAP_* definitions of nc_abi.h. */
