@@ -8,11 +8,11 @@
  * Decision order (first match wins; the mirror of egress.h): no config or disabled; not IP;
  * source not a cluster peer; destination not local; later fragment (follows its first
  * fragment); truncated L4 or an IPv6 extension-header chain longer than NC_IPV6_EXT_MAX (the
- * limit egress parses: neither side can see such a packet's ports, so both fail closed); ICMPv6
- * neighbour discovery; UDP to the WireGuard port of a local node address; request to an
- * exempt port the local control-plane node serves (remembers the flow); reply of an exempt
- * flow a local source opened, the node or a local pod; ICMP error quoting an exempt flow
- * (icmp.h); else a leak, which the ingress mode passes uncounted (off), passes and meters
+ * limit egress parses: neither side can see such a packet's ports, so both fail closed); ICMP
+ * error quoting an exempt flow (icmp.h); ICMPv6 neighbour discovery; UDP to the WireGuard port
+ * of a local node address; request to an exempt port the local control-plane node serves
+ * (remembers the flow); reply of an exempt flow a local source opened, the node or a local
+ * pod; else a leak, which the ingress mode passes uncounted (off), passes and meters
  * (audit) or drops and meters (enforce). SYN and SYN-ACK that pass in the clear get their MSS
  * clamped: the replies this node sends to such a peer go through WireGuard. The same program
  * on cilium_wg0's ingress (skb->ifindex is the WireGuard device) only clamps the MSS
