@@ -79,6 +79,10 @@ WG_MTU_95 = 1405
 MSS_V4_95 = 1365
 MSS_V6_95 = 1345
 VXLAN_PORT = 8472
+# The longest IPv6 extension-header chain both programs walk (NC_IPV6_EXT_MAX in
+# bpf/lib/parse.h): as many headers as RFC 8200's recommended order has before the upper layer
+# (hop-by-hop, destination, routing, fragment, AH, destination). One more hides the ports.
+SIX_EXT = ("hop", "dest", "routing", "ah", "dest", "dest")
 
 # Reason names (abi.REASON_NAMES values), spelled out so this table does not depend on the
 # BPF package and the ip-rule tests can import it on machines without BCC.
@@ -264,7 +268,7 @@ CASES: list[Case] = [
     _c("v6-ext-ah-to-cp-2379", "w1", _X, R_EXEMPT_DPORT, dst=CP1_V6, dport=2379,
        extra={"ipv6_ext": ("ah",)}),
     _c("v6-six-ext-headers-to-cp-6443", "w1", _X, R_EXEMPT_DPORT, dst=CP1_V6, dport=6443,
-       extra={"ipv6_ext": ("hop", "dest", "routing", "ah", "dest", "dest")}),
+       extra={"ipv6_ext": SIX_EXT}),
     _c("v6-cp-reply-6443-ext-from-node-ip", "cp1", _X, R_EXEMPT_SPORT, dst=W1_V6, src=CP1_V6,
        sport=6443, dport=40000, tcp_flags="SA", extra={"ipv6_ext": ("dest",), "inbound_flow": True}),
     _c("v6-cp-reply-6443-from-pod-ip", "cp1", _E, R_ENCRYPT, dst=W1_V6, src="fd00:244::5",

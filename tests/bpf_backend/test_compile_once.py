@@ -191,7 +191,9 @@ def test_compile_error_in_the_child_is_the_in_process_error(bpffs, bcc_available
         loader.obtain(settings, path)
     with pytest.raises(DatapathError) as in_process:
         program.load(settings, path)
-    assert str(in_child.value) == str(in_process.value)
+    assert (type(in_child.value), str(in_child.value)) == \
+        (type(in_process.value), str(in_process.value))
+    assert isinstance(in_child.value, program.CompileFailed)
     assert "compiling" in str(in_child.value) and str(entry) in str(in_child.value)
     # Nothing half-made is left to be reused.
     assert os.listdir(pins.programs_dir(bpffs)) == []

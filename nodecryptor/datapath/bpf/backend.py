@@ -122,12 +122,12 @@ class BpfDatapath:
         return out
 
     def _load_generation(self, capacities: dict[int, int], restart: bool = False):
-        """The program for ``capacities`` and its generation of maps (loader.py: on a
-        restart with an unchanged program the attached generation itself, otherwise a new
-        one; the program reused from its pins or compiled in a child process)."""
+        """The program for ``capacities`` and its generation of maps (loader.py: reused
+        from its pins, or compiled in a child process)."""
         from nodecryptor.datapath.bpf import loader
 
-        self._generation, got = loader.load_generation(self.settings, capacities, restart)
+        self._generation, got = loader.load_generation(self.settings, capacities, restart,
+                                                       self.metrics)
         self._program = got.summary()
         return got.loaded
 

@@ -35,6 +35,7 @@ from nodecryptor.core.log import kv
 from nodecryptor.core.runfiles import write_json
 from nodecryptor.core.settings import Settings
 from nodecryptor.datapath.bpf import abi, pins, program, syscall
+from nodecryptor.observe.metrics import count_program_load
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,10 @@ def compile_in_child(bpffs: str, built: ProgramBuild, pin_dir: str) -> float:
     pins.remove_program_key(bpffs, os.path.basename(stage))
     if reply.get("kind") == "not_supported":
         raise NotSupported(reply["feature"], reply["why"], minimum=reply.get("minimum"))
-    raise DatapathError(reply.get("message") or "the compile child failed")
+    # The exception type the in-process loader raises, so callers tell the stages apart.
+    error = {"compile_error": program.CompileFailed, "load_error": program.LoadFailed}.get(
+        reply.get("stage"), DatapathError)
+    raise error(reply.get("message") or "the compile child failed")
 
 
 @dataclass
@@ -216,8 +220,8 @@ class Obtained:
                 "seconds": round(self.open_seconds, 3), "prog_id": self.loaded.prog_id}
 
 
-def load_generation(settings: Settings, capacities: dict[int, int],
-                    restart: bool = False) -> tuple[int, Obtained]:
+def load_generation(settings: Settings, capacities: dict[int, int], restart: bool = False,
+                    metrics=None) -> tuple[int, Obtained]:
     """(generation number, program) for destination maps of ``capacities``. On a
     ``restart`` whose program is unchanged: the attached generation as it is (nothing is
     compiled, created or copied). Otherwise a new, empty generation directory with the
@@ -236,7 +240,7 @@ def load_generation(settings: Settings, capacities: dict[int, int],
             return current, got
     number, path = pins.new_generation(bpffs)
     try:
-        got = obtain(sized, path)
+        got = obtain(sized, path, metrics)
     except NotSupported:
         pins.remove_generation(bpffs, number)
         raise
@@ -247,11 +251,12 @@ def load_generation(settings: Settings, capacities: dict[int, int],
     return number, got
 
 
-def obtain(settings: Settings, pin_dir: str) -> Obtained:
+def obtain(settings: Settings, pin_dir: str, metrics=None) -> Obtained:
     """The program for ``settings`` with its maps pinned in ``pin_dir``: the pinned set of
     the same key when there is one (its maps are pinned into ``pin_dir`` if they are not
     there yet), otherwise compiled in a child. A pinned set that cannot be used is removed
-    and compiled again."""
+    and compiled again. Only a compile counts in ``nodecryptor_bpf_program_loads_total``
+    (by result) and sets the load time and duration; a reuse is not a load attempt."""
     started = time.monotonic()
     bpffs = settings.bpffs
     built = build(settings, pin_dir)
@@ -265,11 +270,18 @@ def obtain(settings: Settings, pin_dir: str) -> Obtained:
         loaded = None
     if loaded is None:
         reused = False
-        seconds = compile_in_child(bpffs, built, pin_dir)
-        loaded = open_pinned(bpffs, built.key)
-        if loaded is None:
-            raise DatapathError(f"the compile child reported success but "
-                                f"{pins.program_key_dir(bpffs, built.key)} is incomplete")
+        try:
+            seconds = compile_in_child(bpffs, built, pin_dir)
+            loaded = open_pinned(bpffs, built.key)
+            if loaded is None:
+                raise DatapathError(f"the compile child reported success but "
+                                    f"{pins.program_key_dir(bpffs, built.key)} is incomplete")
+        except NotSupported:
+            raise  # BCC or kernel headers missing: nothing was attempted
+        except Exception as e:
+            count_program_load(metrics, getattr(e, "stage", "load_error"))
+            raise
+        count_program_load(metrics, "ok", seconds)
     try:
         _pin_maps(loaded, pin_dir)
     except OSError as e:

@@ -164,6 +164,19 @@ def _headers_present() -> tuple[bool, str]:
                    "/sys/kernel/kheaders.tar.xz); scripts/setup.sh links Debian's")
 
 
+class CompileFailed(DatapathError):
+    """The C source did not compile; ``stage`` is the label of
+    nodecryptor_bpf_program_loads_total{result}."""
+
+    stage = "compile_error"
+
+
+class LoadFailed(DatapathError):
+    """The kernel refused a compiled function (a verifier rejection, almost always)."""
+
+    stage = "load_error"
+
+
 def load(settings: Settings, pin_dir: str | None = None) -> LoadedProgram:
     """Compile bpf/nodecryptor.c and load it as a SCHED_CLS program, in this process.
 
@@ -193,7 +206,7 @@ def load_text(text: str, flags: list[str], root: Path, pin_dir: str | None,
     try:
         module = bcc.BPF(text=text.encode(), cflags=flags)
     except Exception as e:  # BCC raises a bare Exception on compile errors
-        raise DatapathError(f"compiling {root / ENTRY_FILE} failed: {e}") from e
+        raise CompileFailed(f"compiling {root / ENTRY_FILE} failed: {e}") from e
     name = ENTRY_FUNCTION
     try:
         fn = _load_func(module, name, bcc.BPF.SCHED_CLS)
@@ -206,7 +219,7 @@ def load_text(text: str, flags: list[str], root: Path, pin_dir: str | None,
         map_fds = {spec.name: module[spec.name.encode()].map_fd for spec in abi.MAP_SPECS}
     except Exception as e:  # verifier rejection, or a map missing from the source
         module.cleanup()
-        raise DatapathError(f"loading {name.decode()} failed: {e}") from e
+        raise LoadFailed(f"loading {name.decode()} failed: {e}") from e
     elapsed = time.monotonic() - started
     prog_id = syscall.prog_info(fn.fd).id
     log.info("BPF program loaded", extra=kv(prog_id=prog_id, seconds=round(elapsed, 3),
@@ -323,8 +336,9 @@ def _child_main() -> int:
     except NotSupported as e:
         reply = {"ok": False, "kind": "not_supported", "feature": e.feature, "why": e.why,
                  "minimum": e.minimum}
-    except Exception as e:  # DatapathError, or an OSError while pinning
-        reply = {"ok": False, "kind": "datapath", "message": str(e)}
+    except Exception as e:  # CompileFailed, LoadFailed, or an OSError while pinning
+        reply = {"ok": False, "kind": "datapath", "message": str(e),
+                 "stage": getattr(e, "stage", "load_error")}
     json.dump(reply, sys.stdout)
     sys.stdout.flush()
     return 0 if reply["ok"] else 1
