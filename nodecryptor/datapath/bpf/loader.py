@@ -129,17 +129,20 @@ def open_pinned(bpffs: str, key: str) -> program.LoadedProgram | None:
                 raise DatapathError(f"{directory}/{pin_name} holds program "
                                     f"{info.name.decode()!r}, not {function}")
             progs[function] = (fd, info.id)
+        # The maps by path (BPF_MAP_GET_FD_BY_ID needs CAP_SYS_ADMIN), checked to be the
+        # ones the programs use.
+        used = {m for fd, _ in progs.values() for m in syscall.prog_map_ids(fd)}
         map_fds: dict[str, int] = {}
-        for map_id in sorted({m for fd, _ in progs.values() for m in syscall.prog_map_ids(fd)}):
-            fd = syscall.map_fd_by_id(map_id)
+        for spec in abi.MAP_SPECS:
+            path = os.path.join(directory, pins.PROGRAM_MAPS, spec.name)
+            try:
+                fd = syscall.obj_get(path)
+            except FileNotFoundError:
+                raise DatapathError(f"{path} is missing") from None
             fds.append(fd)
-            name = syscall.map_info(fd).name.decode()
-            spec = next((s for s in abi.MAP_SPECS if s.name[:15] == name), None)
-            if spec is not None:
-                map_fds[spec.name] = fd
-        missing = [s.name for s in abi.MAP_SPECS if s.name not in map_fds]
-        if missing:
-            raise DatapathError(f"programs pinned in {directory} use no map {', '.join(missing)}")
+            if syscall.map_info(fd).id not in used:
+                raise DatapathError(f"{path} is not a map the pinned programs use")
+            map_fds[spec.name] = fd
         capacities = {family: syscall.map_info(map_fds[name]).max_entries
                       for family, name in abi.DESTINATION_MAPS.items()}
     except BaseException:
@@ -167,7 +170,7 @@ def compile_in_child(bpffs: str, built: ProgramBuild, pin_dir: str) -> float:
     request = {"text": built.text, "cflags": list(built.cflags), "root": str(built.root),
                "pin_dir": pin_dir, "stage_dir": stage,
                "key_dir": pins.program_key_dir(bpffs, built.key),
-               "pins": pins.PROGRAM_PINS}
+               "pins": pins.PROGRAM_PINS, "maps_subdir": pins.PROGRAM_MAPS}
     compile_children_started += 1
     log.info("compiling the BPF program in a child process",
              extra=kv(key=built.key, pin_dir=pin_dir))

@@ -13,8 +13,9 @@ directory root-owned 0700, see ``check_dir``):
     prog-ingress            the ingress program (nc_ingress), and prog-explain-ingress its twin
     programs/<key>/<entry>  every entry point of one compiled program text (egress, explain,
                             ingress, explain-ingress), named by the hash of everything that went
-                            into the compile (loader.py); a restart with the same key reuses
-                            them instead of compiling. The current key and at most one previous
+                            into the compile (loader.py), and maps/<map name> the maps they
+                            were loaded with; a restart with the same key reuses them instead
+                            of compiling. The current key and at most one previous
                             key are kept, so a rollback is cheap
 
 Maps are derived state: every agent start and every growth of the destination maps loads the
@@ -169,6 +170,8 @@ def explain_ingress_prog_path(bpffs: str) -> str:
 PROGRAM_PINS = {"nc_egress": "egress", "nc_explain": "explain", "nc_ingress": "ingress",
                 "nc_explain_ingress": "explain-ingress"}
 """Entry function -> pin name inside a program key directory."""
+PROGRAM_MAPS = "maps"
+"""Subdirectory of a program key directory pinning the maps its programs were loaded with."""
 _KEY = re.compile(r"^[0-9a-f]{16,64}$")
 
 

@@ -308,7 +308,8 @@ def compile_and_pin(request: dict) -> dict:
     request with its flags, load the four entry points (maps pinned in ``pin_dir``), pin the
     programs into ``stage_dir`` under ``pins`` names, then rename ``stage_dir`` to ``key_dir``
     so a reader sees either no program set or a complete one. Returns the reply for the
-    parent; raises what ``load_text`` raises."""
+    parent; raises what ``load_text`` raises. The maps are pinned in ``stage_dir`` as well,
+    under ``maps_subdir``."""
     loaded = load_text(request["text"], request["cflags"], Path(request["root"]),
                        request["pin_dir"])
     try:
@@ -319,6 +320,11 @@ def compile_and_pin(request: dict) -> dict:
                EXPLAIN_INGRESS_FUNCTION: loaded.explain_ingress_fd}
         for function, pin_name in request["pins"].items():
             syscall.obj_pin(fds[function.encode()], os.path.join(stage, pin_name))
+        # The maps too: the agent opens them by path, as BPF_MAP_GET_FD_BY_ID would need
+        # CAP_SYS_ADMIN, which the DaemonSet does not grant.
+        os.mkdir(os.path.join(stage, request["maps_subdir"]), mode=0o700)
+        for name, fd in loaded.map_fds.items():
+            syscall.obj_pin(fd, os.path.join(stage, request["maps_subdir"], name))
         os.rename(stage, request["key_dir"])
         return {"ok": True, "compile_seconds": loaded.compile_seconds,
                 "prog_id": loaded.prog_id}
