@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .cluster import ApiError, FakeCluster
@@ -39,6 +40,9 @@ class FaultInjection:
     status_faults: collections.deque
     stopping: threading.Event
     bookmark_generation: int
+    status_patches: list
+    events: list
+    exemptions_installed: bool
 
     def compact(self) -> None:
         self.cluster.compact()
@@ -129,54 +133,67 @@ class FaultInjection:
         return self.status_faults.popleft() if self.status_faults else 0
 
     def control(self, action: str, body: object) -> dict:
-        """``POST /_fake/<action>`` for a fake running in another process."""
-        args = body if isinstance(body, dict) else {}
-        if action == "compact":
-            self.compact()
-        elif action == "expire-next-watch":
-            self.expire_next_watch(int(args.get("count", 1)))
-        elif action == "expire-next-continue":
-            self.expire_next_continue(int(args.get("count", 1)))
-        elif action == "advance":
-            self.advance(int(args.get("count", 1)))
-        elif action == "drop-watches":
-            self.drop_watches()
-        elif action == "bookmark":
-            self.send_bookmark()
-        elif action == "freeze":
-            self.freeze(bool(args.get("frozen", True)))
-        elif action == "freeze-watches":
-            self.freeze_watches(bool(args.get("frozen", True)))
-        elif action == "stall-next":
-            self.stall_next(int(args.get("count", 1)), str(args.get("kind", "any")))
-        elif action == "release-stalls":
-            self.release_stalls()
-        elif action == "fail-next":
-            self.fail_next(int(args.get("count", 1)), int(args.get("code", 500)))
-        elif action == "apply":
-            # Create or replace any object (v1 Nodes included, which the HTTP API here only
-            # serves read-only), e.g. to relabel a Node from another process.
-            obj = args.get("object")
-            if not isinstance(obj, dict):
-                raise ValueError("apply needs {\"object\": {...}}")
-            self.apply(obj)
-        elif action == "exemptions-installed":
-            self.exemptions_installed = bool(args.get("installed", True))
-        elif action == "fail-status-next":
-            self.fail_status_next(int(args.get("count", 1)), int(args.get("code", 409)))
-        elif action == "status-patches":
-            return {"ok": True, "action": action, "patches": len(self.status_patches),
-                    "events": len(self.events)}
-        elif action == "refuse":
-            seconds = float(args.get("seconds", 5))
-            # Reopen from a timer: once the listener is closed this endpoint is unreachable.
-            threading.Thread(target=self._refuse_for, args=(seconds,), daemon=True).start()
-        else:
+        """``POST /_fake/<action>`` for a fake running in another process: the action from
+        ``CONTROL_ACTIONS`` with the request's JSON object as its arguments. Raises ApiError 404
+        for an unknown action, ValueError or TypeError for arguments it cannot use."""
+        run = CONTROL_ACTIONS.get(action)
+        if run is None:
             raise ApiError(404, "NotFound", f"unknown fake control action {action!r}")
-        return {"ok": True, "action": action, "resourceVersion": str(self.cluster.rv)}
+        answer = run(self, body if isinstance(body, dict) else {})
+        return {"ok": True, "action": action,
+                **(answer if answer is not None else {"resourceVersion": str(self.cluster.rv)})}
+
+    def _refuse_for_a_while(self, args: dict) -> None:
+        seconds = float(args.get("seconds", 5))
+        # Reopen from a timer: once the listener is closed this endpoint is unreachable.
+        threading.Thread(target=self._refuse_for, args=(seconds,), daemon=True).start()
+
+    def _apply_object(self, args: dict) -> None:
+        # Create or replace any object (v1 Nodes included, which the HTTP API here only serves
+        # read-only), e.g. to relabel a Node from another process.
+        obj = args.get("object")
+        if not isinstance(obj, dict):
+            raise ValueError("apply needs {\"object\": {...}}")
+        self.apply(obj)
+
+    def _set_exemptions_installed(self, args: dict) -> None:
+        self.exemptions_installed = bool(args.get("installed", True))
+
+    def _count_status_writes(self, _args: dict) -> dict:
+        return {"patches": len(self.status_patches), "events": len(self.events)}
 
     def _refuse_for(self, seconds: float) -> None:
         time.sleep(0.1)  # let the control request's answer leave first
         self.refuse_connections()
         if not self.stopping.wait(seconds):
             self.accept_connections()
+
+
+def _count(args: dict, default: int = 1) -> int:
+    return int(args.get("count", default))
+
+
+def _frozen(args: dict) -> bool:
+    return bool(args.get("frozen", True))
+
+
+CONTROL_ACTIONS: dict[str, Callable[[FaultInjection, dict], dict | None]] = {
+    "compact": lambda f, a: f.compact(),
+    "advance": lambda f, a: f.advance(_count(a)),
+    "expire-next-watch": lambda f, a: f.expire_next_watch(_count(a)),
+    "expire-next-continue": lambda f, a: f.expire_next_continue(_count(a)),
+    "drop-watches": lambda f, a: f.drop_watches(),
+    "bookmark": lambda f, a: f.send_bookmark(),
+    "freeze": lambda f, a: f.freeze(_frozen(a)),
+    "freeze-watches": lambda f, a: f.freeze_watches(_frozen(a)),
+    "stall-next": lambda f, a: f.stall_next(_count(a), str(a.get("kind", "any"))),
+    "release-stalls": lambda f, a: f.release_stalls(),
+    "fail-next": lambda f, a: f.fail_next(_count(a), int(a.get("code", 500))),
+    "fail-status-next": lambda f, a: f.fail_status_next(_count(a), int(a.get("code", 409))),
+    "refuse": FaultInjection._refuse_for_a_while,
+    "apply": FaultInjection._apply_object,
+    "exemptions-installed": FaultInjection._set_exemptions_installed,
+    "status-patches": FaultInjection._count_status_writes,
+}
+"""What ``POST /_fake/<action>`` can do: action -> function(fake, arguments) returning the
+answer's extra fields (None: the resourceVersion after the action)."""
