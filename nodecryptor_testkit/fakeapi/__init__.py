@@ -27,9 +27,8 @@ Tests run it in a thread; the network-namespace lab runs it as a process
 - one global, monotonically increasing resourceVersion (shared by both resources, as etcd's
   revision is) and a bounded event history per resource.
 
-Fault injection for tests (Python methods, also reachable as ``POST /_fake/<action>`` - the table
-``faults.CONTROL_ACTIONS`` - with the
-token): compact the history, make the next watch or continue token fail with 410, drop open
+Fault injection for tests (Python methods, also reachable as ``POST /_fake/<action>`` with the
+token, from the table ``faults.CONTROL_ACTIONS``): compact the history, make the next watch or continue token fail with 410, drop open
 watch connections, freeze them (open but silent), freeze the whole server (connections
 accepted, nothing answered), stall requests (accept and never answer),
 fail the next N requests with a status code, refuse connections by closing the listening
