@@ -115,6 +115,7 @@ def handle(args) -> int:
     from .lab.scenarios import NAMES, run_scenario
     from .lab.spec import make_spec
     from .lab.topology import LabError
+    from .wait import WaitTimeout
 
     if args.down:
         removed = state.reap_kept()
@@ -145,7 +146,7 @@ def handle(args) -> int:
             _progress(f"building the lab for the {datapath} datapath ({args.routing} routing)")
             try:
                 lab.up()
-            except LabError as e:
+            except (LabError, WaitTimeout) as e:
                 print(f"nodecryptor-demo: building the lab failed: {e}", file=sys.stderr)
                 return 1
             timings[f"lab build ({datapath})"] = lab.build_seconds

@@ -28,7 +28,8 @@ from .kubeapi import KubeApi
 from .spec import (API_PORT, EXEMPT_TCP_PORTS, ROUTING_MODES, SERVICE_TCP_PORT,
                    SERVICE_UDP_PORT, LabSpec, NodeSpec, ciliumnode_object, node_object)
 from .state import STATE_DIR, LabState, delete_netns, reap, reap_stale
-from .topology import LabError, NodeHandle, wait_for
+from ..wait import WaitTimeout, wait_for
+from .topology import LabError, NodeHandle
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +373,7 @@ class Lab:
             return self.agent_ready(name)
         try:
             wait_for(ready, timeout, f"nodecryptor on {name} to become ready", interval=0.2)
-        except LabError as e:
+        except (LabError, WaitTimeout) as e:
             if proc.poll() is not None:
                 raise
             raise LabError(f"{e}; its log ends:\n" + self.log_tail(f"{name}-agent", 6)) from None

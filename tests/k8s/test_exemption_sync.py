@@ -18,8 +18,9 @@ from nodecryptor.policy.plan import compute_plan
 from nodecryptor.core.settings import Settings
 from nodecryptor.cluster.store import Store
 from nodecryptor_testkit.fakeapi import make_exemption, make_node
+from nodecryptor_testkit.wait import wait_for
 
-from k8s_support import node, wait_for
+from k8s_support import node
 from k8s_support import fake, kubeconfig, settings  # noqa: F401 - pytest fixtures
 
 STORAGE = {"matchLabels": {"storage": "yes"}}

@@ -19,8 +19,9 @@ from nodecryptor.policy.plan import node_is_control_plane
 from nodecryptor.core.settings import Settings
 from nodecryptor.cluster.store import Store
 from nodecryptor_testkit.fakeapi import NODE_COLLECTION, make_node
+from nodecryptor_testkit.wait import wait_for
 
-from k8s_support import TOKEN, node, wait_for, with_settings
+from k8s_support import TOKEN, node, with_settings
 from k8s_support import fake, kubeconfig, settings  # noqa: F401 - pytest fixtures
 
 CP = "node-role.kubernetes.io/control-plane"

@@ -16,8 +16,9 @@ from nodecryptor.core.backoff import Backoff
 from nodecryptor.policy.ciliumnode import WG_PUBKEY_ANNOTATION, parse_ciliumnode
 from nodecryptor_testkit.fakeapi import make_ciliumnode
 from nodecryptor_testkit.lab.kubeapi import KubeApi
+from nodecryptor_testkit.wait import wait_for
 
-from k8s_support import TOKEN, require_openssl, node, restarts, wait_for, with_settings
+from k8s_support import TOKEN, require_openssl, node, restarts, with_settings
 from k8s_support import fake, kubeconfig, run_sync, settings  # noqa: F401 - pytest fixtures
 
 

@@ -8,9 +8,9 @@ import signal
 import threading
 import time
 
+from ...wait import wait_for
 from ..flows import BLOCKED, CLEAR, ENCRYPTED, Flow, PortAllocator, Result, Row, observe
 from ..spec import API_PORT, SERVICE_TCP_PORT
-from ..topology import wait_for
 from .common import FAMILIES, annotation, poll_flow
 
 

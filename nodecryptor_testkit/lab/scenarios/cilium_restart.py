@@ -9,10 +9,10 @@ import os
 import signal
 import time
 
+from ...wait import wait_for
 from ..capture import Capture
 from ..flows import ENCRYPTED, Flow, PortAllocator, Result, Row, leaks, observe
 from ..spec import SERVICE_TCP_PORT
-from ..topology import wait_for
 from .common import FAMILIES
 from .traffic import Traffic
 

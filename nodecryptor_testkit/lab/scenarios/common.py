@@ -9,8 +9,8 @@ import threading
 import time
 
 from nodecryptor.core.settings import Settings
+from ...wait import WaitTimeout, wait_for
 from ..flows import Flow, PortAllocator
-from ..topology import LabError, wait_for
 
 
 FAMILIES = (4, 6)
@@ -96,6 +96,6 @@ def wait_condition(api, nodes: list[str], want, timeout: float) -> float | None:
     try:
         wait_for(lambda: all(want(condition(api, n)) for n in nodes), timeout,
                  "NodeEncryptionReady", interval=0.2)
-    except LabError:
+    except WaitTimeout:
         return None
     return time.monotonic() - start

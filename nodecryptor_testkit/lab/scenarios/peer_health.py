@@ -11,8 +11,8 @@ import signal
 import time
 
 from nodecryptor.policy.peerhealth import KEY_MISMATCH_HOLD
+from ...wait import wait_for
 from ..flows import PortAllocator, Result, Row
-from ..topology import wait_for
 from .common import annotation, condition, patches, wait_condition
 
 
@@ -48,10 +48,10 @@ def run(lab, ports: PortAllocator) -> Result:
             if annotation(lab, victim) not in ("", old_key):
                 return True
             lab.signal_standin(victim, signal.SIGHUP)
-            time.sleep(0.5)
             return False
 
-        wait_for(published, 15, f"{victim} to publish its new key")
+        # Half a second between repeats, giving the stand-in time to act on each signal.
+        wait_for(published, 15, f"{victim} to publish its new key", interval=0.5)
         limit = KEY_MISMATCH_HOLD + 30
         took = wait_condition(api, others, lambda c: c.get("reason") == "PeerKeyMismatch"
                                and victim in (c.get("message") or ""), limit)

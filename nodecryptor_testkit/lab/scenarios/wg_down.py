@@ -7,10 +7,10 @@ from __future__ import annotations
 import os
 import signal
 
+from ...wait import wait_for
 from ..capture import Capture
 from ..flows import BLOCKED, CLEAR, ENCRYPTED, Flow, PortAllocator, Result, Row, leaks, observe
 from ..spec import API_PORT, SERVICE_TCP_PORT
-from ..topology import wait_for
 from .common import FAMILIES, poll_flow
 
 
