@@ -137,7 +137,7 @@ def tcp_exchange(netns: str, dst: str, port: int, payload: bytes) -> None:
 
 
 def start_standin(netns: str):
-    """Attach the counting stand-in at the TAIL of A's eth0 tcx chain; returns (bpf, link_fd)."""
+    """Attach the counting stand-in at the TAIL of A's eth0 tcx chain; returns (bpf, link)."""
     from bcc import BPF
 
     bpf = BPF(text=STANDIN_C)
@@ -222,7 +222,7 @@ def test_node_and_pod_traffic_leaves_encrypted_exempt_in_clear_cilium_never_sees
             {"reason": "cluster-destination", "verdict": "encrypt"})
         assert scraped >= counters["cluster-destination"]
     finally:
-        os.close(standin_link)
+        standin_link.close()
         standin.cleanup()
         rx.close()
 
@@ -299,8 +299,8 @@ def test_restart_swaps_program_in_same_link_new_generation_and_reattaches_new_de
     spec = abi.MAPS_BY_NAME["nc_dst_v4"]
     fd = syscall.map_create(spec.map_type, spec.key_size, spec.value_size, 16, spec.flags,
                             spec.name)
-    syscall.obj_pin(fd, os.path.join(old_abi, spec.name))
-    os.close(fd)
+    with fd:
+        syscall.obj_pin(fd, os.path.join(old_abi, spec.name))
     rx = Receiver(b.netns, udp_ports=(7777,))
     sender = udp_socket(a.netns)
     try:
@@ -525,6 +525,6 @@ def test_inspection_commands_on_live_setup_without_agent(lab, bpffs, datapaths):
             chain = attach.query(attach.ifindex_of("eth0"))["tcx"]
         assert [c["link_id"] for c in chain] == [syscall.link_info(foreign_link).id]
     finally:
-        os.close(foreign)
+        foreign.close()
         if "foreign_link" in locals():
-            os.close(foreign_link)
+            foreign_link.close()
