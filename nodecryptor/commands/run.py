@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nodecryptor.commands.common import (add_bpffs, add_cluster, add_datapath, add_fail_mode, add_ingress_enforcement, add_logging,
+from nodecryptor.commands.common import (add_wg, add_bpffs, add_cluster, add_datapath, add_fail_mode, add_ingress_enforcement, add_logging,
                      add_run_dir, parse_bool, settings_from_args, validate_run)
 
 
@@ -21,8 +21,7 @@ def register(sub) -> None:
                    metavar="BOOL", help="create the seed's dummy device and route "
                                         "(compatibility; ip-rule datapath only)")
     add_datapath(p)
-    p.add_argument("--wg-interface", default="cilium_wg0", metavar="IFNAME",
-                   help="Cilium's WireGuard device (default: %(default)s)")
+    add_wg(p)
     p.add_argument("--devices", default=None, metavar="DEVS",
                    help="comma-separated underlay devices; default: detected from the routes "
                         "to remote node addresses")

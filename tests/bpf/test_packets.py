@@ -10,6 +10,7 @@ import os
 import pytest
 
 import datapath_cases as dc
+import frames
 from conftest import have_bcc, require
 from nodecryptor.datapath.base import VERDICT_DROP, VERDICT_ENCRYPT, VERDICT_EXEMPT
 from nodecryptor.datapath.bpf import abi, program, testrun
@@ -161,7 +162,7 @@ def test_case(loaded, case):
     if case.extra.get("vlan") and case.expected_verdict == VERDICT_ENCRYPT:
         # Popped before the redirect: WireGuard is an L3 device.
         assert result.data_out[12:14] != b"\x81\x00"
-        assert testrun.parse_frame(result.data_out).dst == case.query.dst
+        assert frames.parse_frame(result.data_out).dst == case.query.dst
 
 
 def test_more_ipv6_extension_headers_than_walked_is_malformed(loaded):
@@ -222,7 +223,7 @@ def test_mss_clamp_not_applied_when_disabled_by_zero(loaded):
     diff.sync(loaded.map_fds, desired)
     result = testrun.run(loaded.prog_fd, frame_for(case))
     assert result.verdict == VERDICT_ENCRYPT
-    assert testrun.tcp_mss(result.data_out) == case.extra["tcp_mss"]
+    assert frames.tcp_mss(result.data_out) == case.extra["tcp_mss"]
 
 
 def test_explain_frame_matches_case_verdict(loaded):
