@@ -1,5 +1,5 @@
 """The agent's encryption-health loop: every few seconds, read the WireGuard device, judge every
-peer (nodecryptor.policy.peerhealth), export the per-state metrics, decide ``NodeEncryptionReady`` and
+peer (policy.peerhealth), export the per-state metrics, decide ``NodeEncryptionReady`` and
 hand it to the condition writer, and record the peer table in the run directory for
 ``nodecryptor status --peers``.
 

@@ -194,7 +194,8 @@ def _cluster_cidrs(flag: str, text: str) -> tuple:
 
 def _admission_settings(args: argparse.Namespace, kw: dict) -> None:
     if getattr(args, "role_source", None) is not None:
-        kw["role_source"] = args.role_source  # Settings turns it into a RoleSource or names the flag
+        # Settings turns it into a RoleSource or names the flag.
+        kw["role_source"] = args.role_source
     if getattr(args, "cluster_pod_cidrs", None):
         kw["cluster_pod_cidrs"] = _cluster_cidrs("--cluster-pod-cidrs", args.cluster_pod_cidrs)
     for family in (4, 6):

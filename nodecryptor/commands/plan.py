@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from nodecryptor.policy.plan import compute_plan
-from nodecryptor.commands.common import (add_cluster, add_json, check_cluster_config, print_json, require_node_name,
-                     settings_from_args)
+from nodecryptor.commands.common import (add_cluster, add_json, check_cluster_config, print_json,
+                                         require_node_name, settings_from_args)
 
 
 def register(sub) -> None:
@@ -22,7 +22,8 @@ def handle(args) -> int:
     settings = settings_from_args(args)
     require_node_name(settings)
     check_cluster_config(settings)
-    from nodecryptor.cluster import k8s  # the only module that imports the kubernetes client; loaded on use
+    # The only module that imports the kubernetes client: loaded on use.
+    from nodecryptor.cluster import k8s
 
     snapshot, rejections = k8s.snapshot_once(settings)
     policies, policy_rejections, note = k8s.exemptions_once(settings)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from nodecryptor.commands.common import (add_wg, add_bpffs, add_cluster, add_datapath, add_fail_mode, add_ingress_enforcement, add_logging,
-                     add_run_dir, parse_bool, settings_from_args, validate_run)
+from nodecryptor.commands.common import (add_bpffs, add_cluster, add_datapath, add_fail_mode,
+                                         add_ingress_enforcement, add_logging, add_run_dir,
+                                         add_wg, parse_bool, settings_from_args, validate_run)
 
 
 def register(sub) -> None:

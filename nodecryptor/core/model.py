@@ -43,7 +43,7 @@ class Rejection:
     def __str__(self) -> str:
         return f"{self.kind} {self.obj!r} {self.field}: {self.why} (value {self.value})"
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, object]:
         if self.kind != "CiliumNode":
             # Not a node: the object's name under "name" (today's CiliumNode entries keep
             # their fields unchanged).
@@ -95,11 +95,11 @@ class Destination:
     """Names of the policies the local node serves that this prefix's node is a client of:
     replies from the local node's addresses on their ports stay in the clear."""
 
-    def sort_key(self):
+    def sort_key(self) -> tuple[int, IPAddress, int, str, str]:
         return (self.prefix.version, self.prefix.network_address, self.prefix.prefixlen,
                 self.node, self.kind)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, object]:
         return {"prefix": str(self.prefix), "node": self.node, "kind": self.kind,
                 "control_plane": self.control_plane,
                 "exempt_ports": [r.to_json() for r in self.exempt_ports]}
@@ -126,7 +126,7 @@ class Plan:
     policies: tuple[str, ...] = ()
     """Names of the exemption policies in force, in datapath bit order (bit i = policies[i])."""
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, object]:
         return {
             "node": self.node,
             "role": self.role,

@@ -34,7 +34,7 @@ class PortRange:
     def __contains__(self, port: int) -> bool:
         return self.first <= port <= self.last
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, object]:
         return {"protocol": self.protocol, "first": self.first, "last": self.last}
 
     def __str__(self) -> str:

@@ -246,7 +246,7 @@ class Settings:
     log_level: str = "info"
     """debug, info, warning or error."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         # Plain strings (from code or JSON) become the enums, so every later comparison is
         # between enum members; an unknown value names the flag.
         for name, enum, flag in (("fail_mode", FailMode, "--fail-mode"),

@@ -1,4 +1,4 @@
-"""The ``rogue`` scenario (issue 15): a host on the underlay that is not a node uses a worker's
+"""The ``rogue`` scenario: a host on the underlay that is not a node uses a worker's
 address and sends clear text to another worker. With ``--ingress-enforcement=audit`` the target
 accepts it but counts it and lists it (``status --leaks``); with ``enforce`` the target refuses
 it on the wire; in both modes the bootstrap flows (worker to the control plane's 6443, 2379,

@@ -223,7 +223,7 @@ def _sync(loaded, local, mode="enforce"):
 
 
 def test_control_plane_replies_only_to_flows_a_peer_opened(loaded):
-    """Issue 15: source port 6443 alone no longer leaves in the clear."""
+    """Source port 6443 alone no longer leaves in the clear."""
     _sync(loaded, "cp1")
     before = packets(loaded)
     # A local process with source port 6443 to a worker's ssh and to a worker pod: encrypted.

@@ -136,7 +136,7 @@ class TwoNodeLab:
         try:
             self._underlay()
             if wireguard:
-                for node, peer in ((self.a, self.b), (self.b, self.a)):
+                for node in (self.a, self.b):
                     node.wg_private, node.wg_public = _wg_keys()
                 for node, peer in ((self.a, self.b), (self.b, self.a)):
                     self._wireguard(node, peer)
@@ -228,7 +228,7 @@ def desired_for(settings: Settings, a: Node, b: Node):
                  up=True, mtu=1420, listen_port=WG_PORT, fwmark=WG_MARK, peers=(peer,))
     device = Device(name="eth0", ifindex=socket.if_nametoindex("eth0"), mtu=1500)
     desired = compute_desired(plan, wg, (device,), settings)
-    # As the reconciler does: A's pod CIDR to B's pod CIDR stays Cilium's (nodecryptor/policy/cilium.py).
+    # As the reconciler does: A's pod CIDR to B's pod CIDR stays Cilium's (policy/cilium.py).
     facts = cilium.detect(wg, (), [ipaddress.ip_address(b.ip)], [ipaddress.ip_network(b.pod_cidr)])
     return cilium.apply(desired, facts, settings.take_over_pod_to_pod, admission_limits(settings))
 

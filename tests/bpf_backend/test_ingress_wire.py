@@ -1,4 +1,4 @@
-"""The ingress program on the wire (issue 15): node A runs nodecryptor, node B (the control-plane
+"""The ingress program on the wire: node A runs nodecryptor, node B (the control-plane
 node of the two-node lab) does not, so everything B sends to A arrives in the clear on A's
 underlay. In ``enforce`` B's clear text is refused on the wire and metered while A's bootstrap
 connection to B's 6443 keeps working (its replies are a flow A opened); in ``audit`` the same
@@ -14,7 +14,7 @@ import pytest
 import json
 
 from bpf_backend_lab import in_netns, nodecryptor_cli
-from test_bpfbackend_wire import Receiver, datapaths, lab, tcp_exchange, udp_socket  # noqa: F401
+from test_bpfbackend_wire import Receiver, datapaths, lab, tcp_exchange, udp_socket  # noqa: F401 - fixtures
 
 from bpf_backend_lab import WG_PORT
 
@@ -81,7 +81,9 @@ def test_enforce_refuses_peer_clear_text_audit_meters_it_bootstrap_works_in_both
         assert _leaks(bpffs)[(b.ip, 17, 7777)] >= 10
 
         # The contract's commands, as an operator runs them on A.
-        cli = lambda *args: nodecryptor_cli(*args, "--bpffs", bpffs, mount_pid=a.wg_pid)
+        def cli(*args):
+            return nodecryptor_cli(*args, "--bpffs", bpffs, mount_pid=a.wg_pid)
+
         res = cli("status", "--json")
         assert res.returncode == 0, res.stderr
         assert json.loads(res.stdout)["ingress_enforcement"] == {

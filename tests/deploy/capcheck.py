@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 
-from nodecryptor.datapath.bpf import syscall  # noqa: E402
+from nodecryptor.datapath.bpf import syscall
 
 PIN_SUBDIR = "nodecryptor-capcheck"
 RULE_PRIORITY = 10398  # inside nodecryptor's default band; the namespace is private anyway

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes as C
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 from nodecryptor.datapath.base import VERDICT_DROP, VERDICT_ENCRYPT, VERDICT_EXEMPT, VERDICT_PASS
 
@@ -304,8 +305,9 @@ class MapSpec:
 
     name: str
     map_type: int
-    key: type
-    value: type
+    key: type[Any]
+    """The ctypes type of a key."""
+    value: type[Any]
     size_setting: str | None
     """Field of settings.MapSizes giving the (initial) capacity; None = fixed size below."""
     fixed_entries: int = 0

@@ -41,7 +41,7 @@ TC_EGRESS_PARENT = 0xFFFFFFF3  # clsact egress (ffff:fff3)
 TC_INGRESS_PARENT = 0xFFFFFFF2  # clsact ingress (ffff:fff2)
 EGRESS = "egress"
 INGRESS = "ingress"
-"""Directions: the egress program (nc_egress) and, since issue 15, the ingress program
+"""Directions: the egress program (nc_egress) and the ingress program
 (nc_ingress) are attached with the same discipline; every function takes ``direction``."""
 
 

@@ -242,7 +242,7 @@ class BpfDatapath:
             except Exception as e:  # pyroute2 NetlinkError and friends
                 failures.append(f"{name}: {e}")
         # cilium_wg0's ingress: the program clamps the MSS of handshakes peers send through
-        # the tunnel (issue 15); absent until Cilium creates it, attached on a later apply.
+        # the tunnel; absent until Cilium creates it, attached on a later apply.
         tunnel = desired.wg.ifname if desired.wg.present and desired.wg.ifindex else ""
         if tunnel and not _link_exists(tunnel):
             tunnel = ""  # gone since it was read: the link watcher wakes the next pass
@@ -312,7 +312,7 @@ class BpfDatapath:
 
     def _attach(self, ifname: str) -> attach.Attachment:
         # Ingress first: the egress swap moves the generation, and both programs of one load
-        # share its maps (issue 15: nc_ingress, same discipline as egress).
+        # share its maps (nc_ingress, same discipline as egress).
         loaded = self._loaded
         self._attach_ingress(ifname)
         if self.mode == attach.MODE_TCX:

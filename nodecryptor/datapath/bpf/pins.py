@@ -6,7 +6,7 @@ directory root-owned 0700, see ``check_dir``):
     v<ABI>/g<N>/<map name>  one generation of maps; a layout change gets a new v<ABI> directory
     v<ABI>/current          symlink to the generation the attached program uses
     links/<ifname>          tcx links, one per underlay device
-    links-ingress/<ifname>  tcx links of the ingress program (issue 15), one per underlay device
+    links-ingress/<ifname>  tcx links of the ingress program, one per underlay device
     prog                    the program currently attached (lets inspection commands find it in
                             legacy tc mode too, where no link exists)
     prog-explain            its dry-run twin (same maps, changes no state), run by `explain`

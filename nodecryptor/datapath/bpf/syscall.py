@@ -93,6 +93,11 @@ def fd_number(fd: Fd) -> int:
     return fd.fd if isinstance(fd, BpfObject) else fd
 
 
+def error_text(e: OSError) -> str:
+    """The kernel's word for an OSError from these wrappers (its message when it has no errno)."""
+    return os.strerror(e.errno) if e.errno else str(e)
+
+
 def _owned(fd: int) -> BpfObject:
     return BpfObject(fd)
 
@@ -329,7 +334,7 @@ def possible_cpus() -> int:
     return count
 
 
-def percpu_lookup(fd: Fd, key: Any, value_type: type) -> list[Any]:
+def percpu_lookup(fd: Fd, key: Any, value_type: type[Any]) -> list[Any]:
     """Per-CPU map lookup: one value per possible CPU (each rounded up to 8 bytes)."""
     ncpu = possible_cpus()
     stride = (C.sizeof(value_type) + 7) & ~7
@@ -394,7 +399,7 @@ def tcx_supported(ifindex: int = 1) -> tuple[bool, str]:
         prog_query(ifindex, BPF_TCX_EGRESS)
         return True, "BPF_PROG_QUERY with BPF_TCX_EGRESS succeeded"
     except OSError as e:
-        return False, f"BPF_PROG_QUERY with BPF_TCX_EGRESS failed: {os.strerror(e.errno)}"
+        return False, f"BPF_PROG_QUERY with BPF_TCX_EGRESS failed: {error_text(e)}"
 
 
 def tcx_link_create(prog_fd: Fd, ifindex: int, attach_type: int = BPF_TCX_EGRESS,

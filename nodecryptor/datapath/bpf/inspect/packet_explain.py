@@ -127,9 +127,7 @@ def explain(settings: Settings, q: PacketQuery) -> Explanation:
         finally:
             if twin is not None:
                 twin.close()
-    reason = result.reason
-    if isinstance(reason, int):
-        reason = abi.REASON_NAMES.get(abi.Reason(reason), str(reason))
+    reason = abi.REASON_NAMES.get(abi.Reason(result.reason), str(result.reason))
     details = {**base, "prog_id": prog_id, "mode": mode, "retval": result.retval,
                "explain_prog_id": explain_id, "counted": explain_id == 0}
     if link_id:
@@ -137,7 +135,7 @@ def explain(settings: Settings, q: PacketQuery) -> Explanation:
     if result.target:
         details["redirect_ifindex"] = result.target
         details["redirect_device"] = socket_name(result.target)
-    return Explanation(result.verdict, str(reason), "bpf", device, details)
+    return Explanation(result.verdict, reason, "bpf", device, details)
 
 
 def explain_ingress(settings: Settings, q: PacketQuery) -> Explanation:

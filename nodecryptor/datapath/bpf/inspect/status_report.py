@@ -7,7 +7,6 @@ them, so that the other inspection commands do not pay for them.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -21,20 +20,22 @@ def _wireguard(ifname: str) -> dict[str, Any]:
     try:
         from nodecryptor.node.wireguard import read_state
     except ImportError:
-        read_state = None
-    if read_state is not None:
-        state = read_state(ifname)
-        out = {"ifname": state.ifname, "ifindex": state.ifindex, "present": state.present,
-               "up": state.up, "mtu": state.mtu, "listen_port": state.listen_port,
-               "fwmark": f"0x{state.fwmark:x}", "error": state.error,
-               "peers": None if state.peers is None else len(state.peers)}
-        return out
+        return _link_only(ifname)
+    state = read_state(ifname)
+    return {"ifname": state.ifname, "ifindex": state.ifindex, "present": state.present,
+            "up": state.up, "mtu": state.mtu, "listen_port": state.listen_port,
+            "fwmark": f"0x{state.fwmark:x}", "error": state.error,
+            "peers": None if state.peers is None else len(state.peers)}
+
+
+def _link_only(ifname: str) -> dict[str, Any]:
+    """What the link says of the device, when the WireGuard reader cannot be imported."""
     from pyroute2 import IPRoute
 
     from nodecryptor.datapath.bpf.attach import ifindex_of
 
     ifindex = ifindex_of(ifname)
-    out = {"ifname": ifname, "ifindex": ifindex, "present": bool(ifindex)}
+    out: dict[str, Any] = {"ifname": ifname, "ifindex": ifindex, "present": bool(ifindex)}
     if ifindex:
         with IPRoute() as ipr:
             link = ipr.link("get", index=ifindex)[0]
@@ -89,7 +90,7 @@ def status(settings: Settings) -> dict[str, Any]:
         out["counters"] = {name: {"packets": c["packets"], "bytes": c["bytes"]}
                            for name, c in collector.read_pinned_counters(settings.bpffs).items()}
     except OSError as e:
-        out["counters_error"] = os.strerror(e.errno) if e.errno else str(e)
+        out["counters_error"] = syscall.error_text(e)
     out["ready"] = not problems
     out["reason"] = "; ".join(problems)
     return out
@@ -104,7 +105,7 @@ def read_leaks(settings: Settings, limit: int = 100) -> dict[str, Any]:
                                     read_only=True)
     except OSError as e:
         return {"datapath": "bpf", "supported": False,
-                "reason": f"no leak meter pinned ({os.strerror(e.errno)}): no agent with "
+                "reason": f"no leak meter pinned ({syscall.error_text(e)}): no agent with "
                           "ingress classification has run here", "leaks": []}
     with leaks_map:
         rows = decode.read_leaks(leaks_map)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes as C
 import ipaddress
-import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -75,8 +74,8 @@ def read_cilium_pods(map_fds: Mapping[str, Fd]) -> list[str]:
 def decode_config(cfg: abi.Config) -> dict:
     """The configuration entry as plain data: the one decoding of it (``bpf dump``, ``status``
     and the agent all read it through here)."""
-    out = {name: getattr(cfg, name) for name, _ in abi.Config._fields_
-           if not name.startswith(("pad", "plen_", "n_plen_", "lpm_"))}
+    out = {field[0]: getattr(cfg, field[0]) for field in abi.Config._fields_
+           if not field[0].startswith(("pad", "plen_", "n_plen_", "lpm_"))}
     out["local_role"] = ("control-plane" if cfg.local_role == abi.ROLE_CONTROL_PLANE
                          else "worker")
     out["fail_mode"] = "open" if cfg.fail_mode == abi.FAIL_OPEN else "closed"
@@ -140,7 +139,7 @@ def read(map_fds: Mapping[str, Fd]) -> dict:
                 fd_of(map_fds, abi.LEAKS_MAP), abi.MAPS_BY_NAME[abi.LEAKS_MAP].key)),
         }
     except OSError as e:
-        raise DatapathError(f"reading BPF maps failed: {os.strerror(e.errno)}") from e
+        raise DatapathError(f"reading BPF maps failed: {syscall.error_text(e)}") from e
 
 
 def read_leaks(leaks_map: Fd, now_ns: int | None = None) -> list[dict[str, Any]]:

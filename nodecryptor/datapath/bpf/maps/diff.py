@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes as C
 import mmap
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -165,7 +164,7 @@ def sync(map_fds: Mapping[str, Fd], desired: DesiredState, now_ns: int | None = 
             removed += _prune(fd_of(map_fds, spec.name), spec, want, have)
         filters.write(filter_union, filter_want)
     except OSError as e:
-        raise DatapathError(f"writing BPF maps failed: {os.strerror(e.errno)}") from e
+        raise DatapathError(f"writing BPF maps failed: {syscall.error_text(e)}") from e
     finally:
         if filters is not None:
             filters.close()

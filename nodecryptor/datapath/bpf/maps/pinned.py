@@ -36,7 +36,7 @@ def open_pinned(pin_dir: str) -> PinnedMaps:
             opened[spec.name] = syscall.obj_get(path)
         except OSError as e:
             opened.close()
-            raise DatapathError(f"cannot open pinned map {path}: {os.strerror(e.errno)}") from e
+            raise DatapathError(f"cannot open pinned map {path}: {syscall.error_text(e)}") from e
     return opened
 
 
