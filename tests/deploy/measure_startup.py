@@ -32,7 +32,8 @@ def main() -> int:
     # Everything the running agent imports, so the baseline is the agent's, not the loader's
     # (imported for their cost alone, hence the noqa).
     import nodecryptor.agent.wiring
-    import nodecryptor.cluster.k8s  # noqa: F401
+    import nodecryptor.cluster.condition
+    import nodecryptor.cluster.resources  # noqa: F401
     from nodecryptor.datapath.bpf import program
     from nodecryptor.core.settings import Settings
 
