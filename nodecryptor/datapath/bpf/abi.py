@@ -325,7 +325,7 @@ class MapSpec:
         return getattr(sizes, self.size_setting) if self.size_setting else self.fixed_entries
 
 
-# The maps' names as the C program declares them (bpf/lib/maps.h and friends): the one place
+# The maps' names as the C program under bpf/ declares them: the one place
 # Python spells them; everything else refers to these constants.
 DST_V4_MAP = "nc_dst_v4"
 DST_V6_MAP = "nc_dst_v6"
