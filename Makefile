@@ -44,4 +44,4 @@ bench-deps:
 	  apt-get install -y -qq --no-install-recommends gcc libc6-dev >/dev/null; }
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache dist
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache dist
