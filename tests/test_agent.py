@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import urllib.request
 
 import pytest
 
@@ -63,7 +62,9 @@ class Node:
         self.api_ns = make_ns("api")
         self.wg = f"ncag{os.getpid() % 10000}"
         self.procs: dict[str, subprocess.Popen] = {}
-        sh = lambda *c, ns=None: netns_mod.run(*c, netns=ns)  # noqa: E731
+        def sh(*c, ns=None):
+            return netns_mod.run(*c, netns=ns)
+
         subprocess.run(["ip", "link", "add", "eth0", "netns", self.ns, "type", "veth", "peer",
                         "name", "eth0", "netns", self.api_ns], check=True)
         for ns, addr in ((self.ns, "192.168.77.11"), (self.api_ns, "192.168.77.10")):
@@ -126,7 +127,8 @@ class Node:
 
     def probe(self, path):
         code = ("import sys,urllib.request,urllib.error\n"
-                "try:\n r=urllib.request.urlopen(sys.argv[1],timeout=3); print(r.status, r.read().decode())\n"
+                "try:\n r=urllib.request.urlopen(sys.argv[1],timeout=3)\n"
+                " print(r.status, r.read().decode())\n"
                 "except urllib.error.HTTPError as e: print(e.code, e.read().decode())\n")
         out = netns_mod.run(sys.executable, "-c", code, f"http://{self.health}{path}",
                             netns=self.ns).stdout

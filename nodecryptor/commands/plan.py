@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from nodecryptor.policy.plan import compute_plan
-from nodecryptor.commands.common import (add_cluster, add_json, check_cluster_config, print_json, require_node_name,
-                     settings_from_args)
+from nodecryptor.commands.common import (add_cluster, add_json, check_cluster_config, print_json,
+                                         require_node_name, settings_from_args)
 
 
 def register(sub) -> None:

@@ -30,7 +30,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: "_HttpServer"
 
-    def log_message(self, format, *args):  # noqa: A002 - signature fixed by the base class
+    def log_message(self, format, *args):  # the base class names it ``format``
         log.debug("%s %s", self.address_string(), format % args)
 
     # Plumbing

@@ -1,4 +1,4 @@
-"""EncryptionExemption policies from the API (issue 13): ExemptionSync keeps the store's
+"""EncryptionExemption policies from the API: ExemptionSync keeps the store's
 policies current with CiliumNodeSync's loop, a missing CRD is reported and retried (the
 built-in policy still applies), Node labels a policy selects reach the store, and a label
 change moves a node in or out of a policy."""

@@ -1,6 +1,7 @@
-"""Control-plane roles from the v1 Nodes (issue 9, finding 2): the fake API server serves Nodes
-as the real one does (metadata only when asked), and NodeRoleSync keeps the store's role labels
-current with the same list/watch loop as the CiliumNode sync."""
+"""Control-plane roles from the v1 Nodes (a relabelled CiliumNode cannot make a worker a
+control-plane node): the fake API server serves Nodes as the real one does (metadata only when
+asked), and NodeRoleSync keeps the store's role labels current with the same list/watch loop as
+the CiliumNode sync."""
 
 from __future__ import annotations
 

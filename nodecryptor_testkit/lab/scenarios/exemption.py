@@ -110,10 +110,10 @@ def run(lab, ports: PortAllocator) -> Result:
     finally:
         try:
             api.delete_exemption(EXEMPTION_POLICY)
-        except Exception:  # noqa: BLE001 - cleanup of a scenario that failed before creating it
+        except Exception:  # cleanup of a scenario that failed before creating it
             pass
         try:
             _relabel(api, w2.name, None)
-        except Exception:  # noqa: BLE001
+        except Exception:  # as above
             pass
     return result
