@@ -32,8 +32,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.benchlib import cluster, control_plane, observe  # noqa: E402
-from nodecryptor.datapath.bpf import attach  # noqa: E402
+from benchmarks.benchlib import cluster, control_plane, observe
+from nodecryptor.datapath.bpf import attach
 
 
 def rss_mib(pid: int) -> float:
@@ -52,14 +52,32 @@ def start(bench, worker, agent: str, run_dir: str) -> dict:
     if os.path.exists(record_path):
         os.unlink(record_path)
     spawned = time.monotonic()
-    proc = bench._spawn("agent", bench.agent_ns,
-                        [agent, "run", "--kubeconfig", bench.kubeconfig,
-                         "--node-name", cluster.LOCAL_NAME, "--bpffs", bench.bpffs,
-                         "--run-dir", run_dir, "--datapath", "bpf",
-                         "--wg-interface", bench.wg,
-                         "--health-probe-bind-address", control_plane.HEALTH,
-                         "--metrics-server-bind-address", control_plane.METRICS,
-                         "--log-format", "json"])
+    proc = bench._spawn(
+        "agent",
+        bench.agent_ns,
+        [
+            agent,
+            "run",
+            "--kubeconfig",
+            bench.kubeconfig,
+            "--node-name",
+            cluster.LOCAL_NAME,
+            "--bpffs",
+            bench.bpffs,
+            "--run-dir",
+            run_dir,
+            "--datapath",
+            "bpf",
+            "--wg-interface",
+            bench.wg,
+            "--health-probe-bind-address",
+            control_plane.HEALTH,
+            "--metrics-server-bind-address",
+            control_plane.METRICS,
+            "--log-format",
+            "json",
+        ],
+    )
     out: dict = {"ready_s": None, "attached_s": None}
     record = None
     deadline = spawned + control_plane.READY_TIMEOUT_S
@@ -72,8 +90,11 @@ def start(bench, worker, agent: str, run_dir: str) -> dict:
                     record = json.load(f)
             except (OSError, ValueError):
                 record = None
-        if (out["attached_s"] is None and record is not None
-                and attached_prog(bench, worker) == record["prog_id"]):
+        if (
+            out["attached_s"] is None
+            and record is not None
+            and attached_prog(bench, worker) == record["prog_id"]
+        ):
             out["attached_s"] = round(time.monotonic() - spawned, 3)
         if worker.call(bench._readyz):
             out["ready_s"] = round(time.monotonic() - spawned, 3)
@@ -81,8 +102,11 @@ def start(bench, worker, agent: str, run_dir: str) -> dict:
         time.sleep(0.02)
     if out["ready_s"] is None:
         raise RuntimeError(f"agent not ready: {bench.log_tail(proc)}")
-    if out["attached_s"] is None and record is not None \
-            and attached_prog(bench, worker) == record["prog_id"]:
+    if (
+        out["attached_s"] is None
+        and record is not None
+        and attached_prog(bench, worker) == record["prog_id"]
+    ):
         out["attached_s"] = out["ready_s"]
     if record is not None:
         out.update(source=record["source"], compile_s=record["compile_seconds"])
@@ -96,8 +120,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--nodes", type=int, default=1000)
-    p.add_argument("--agent", default=control_plane.NODECRYPTOR,
-                   help="nodecryptor executable (default: %(default)s)")
+    p.add_argument(
+        "--agent",
+        default=control_plane.NODECRYPTOR,
+        help="nodecryptor executable (default: %(default)s)",
+    )
     args = p.parse_args(argv)
     bench = control_plane.Bench("bpf", args.nodes, log=print)
     rows: dict[str, list[dict]] = {"cold": [], "warm": []}
@@ -109,12 +136,23 @@ def main(argv=None) -> int:
         for n in range(args.rounds):
             for kind in ("cold", "warm"):
                 load = os.getloadavg()[0]
-                row = {"round": n, "start": kind, "load1": round(load, 2),
-                       **start(bench, worker, args.agent, run_dir)}
+                row = {
+                    "round": n,
+                    "start": kind,
+                    "load1": round(load, 2),
+                    **start(bench, worker, args.agent, run_dir),
+                }
                 rows[kind].append(row)
                 print(json.dumps(row), flush=True)
-            control_plane.netns.run(args.agent, "cleanup", "--bpffs", bench.bpffs,
-                                    netns=bench.agent_ns, check=False, timeout=60)
+            control_plane.netns.run(
+                args.agent,
+                "cleanup",
+                "--bpffs",
+                bench.bpffs,
+                netns=bench.agent_ns,
+                check=False,
+                timeout=60,
+            )
     finally:
         bench.close()
     for kind, found in rows.items():

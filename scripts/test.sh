@@ -3,8 +3,9 @@
 # feature fails them instead of skipping (see tests/conftest.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# Layering contracts (pyproject.toml, [tool.importlinter]) first: a broken contract fails here.
-.venv/bin/lint-imports
+# Static checks first (layering contracts, ruff lint and format check, mypy): a broken contract,
+# a lint finding or a type error fails here, before any test runs.
+bash scripts/lint.sh
 bash scripts/setup-vm.sh
 bash scripts/setup-image.sh
 .venv/bin/python -m pytest -q tests "$@"

@@ -248,7 +248,7 @@ CASES: list[Case] = [
        sport=2381, dport=40000, tcp_flags="A"),
     _c("v4-cp-reply-udp-6443", "cp1", _E, R_ENCRYPT, dst=W1_V4, src=CP1_V4, proto="udp",
        sport=6443, dport=40000),
-    # Issue 15: a local process using source port 6443 towards any cluster destination is not
+    # A local process using source port 6443 towards any cluster destination is not
     # a reply to a flow a peer opened: encrypted (ip rules have no connection state).
     _c("v4-cp-sport-6443-without-flow", "cp1", _E, R_ENCRYPT, False, _FLOW_WHY, dst=W1_V4,
        src=CP1_V4, sport=6443, dport=22),
@@ -270,7 +270,8 @@ CASES: list[Case] = [
     _c("v6-six-ext-headers-to-cp-6443", "w1", _X, R_EXEMPT_DPORT, dst=CP1_V6, dport=6443,
        extra={"ipv6_ext": SIX_EXT}),
     _c("v6-cp-reply-6443-ext-from-node-ip", "cp1", _X, R_EXEMPT_SPORT, dst=W1_V6, src=CP1_V6,
-       sport=6443, dport=40000, tcp_flags="SA", extra={"ipv6_ext": ("dest",), "inbound_flow": True}),
+       sport=6443, dport=40000, tcp_flags="SA",
+       extra={"ipv6_ext": ("dest",), "inbound_flow": True}),
     _c("v6-cp-reply-6443-from-pod-ip", "cp1", _E, R_ENCRYPT, dst=W1_V6, src="fd00:244::5",
        sport=6443, dport=40000, tcp_flags="SA"),
     _c("v6-nd-133-router-solicitation", "w1", _P, R_ND, False, _ND_WHY, dst=W2_V6,
@@ -524,7 +525,8 @@ def desired_for(case: Case, wg_ifindex: int = 7,
     node_ips, pod_cidrs = cilium.remote_inventory(snap, case.local_node, settings.address_types)
     tunnel = ("cilium_vxlan",) if case.extra.get("tunnel") else ()
     facts = cilium.detect(wg, tunnel, node_ips, pod_cidrs)
-    desired = cilium.apply(desired, facts, settings.take_over_pod_to_pod, admission_limits(settings))
+    desired = cilium.apply(desired, facts, settings.take_over_pod_to_pod,
+                           admission_limits(settings))
     if case.extra.get("disabled"):
         desired = dataclasses.replace(desired, enabled=False)
     return desired

@@ -19,7 +19,7 @@
  * longest first (the lengths are listed in nc_config), so the first hit is the longest match.
  * A cluster has few distinct lengths (/32 and /128 node addresses, one or two pod CIDR sizes):
  * a hash lookup costs the same at 100 and at 100,000 entries, an LPM trie walk grows with
- * depth (issue 12). */
+ * depth (docs/performance.md measures both). */
 struct nc_lpm_v4 {
 	__u32 prefixlen;
 	__u8 addr[4];    /* network byte order, host bits zero */

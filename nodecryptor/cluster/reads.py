@@ -4,36 +4,40 @@ each opens a client, lists to the end and closes it."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
+from collections.abc import Iterable
 
 import kubernetes.client
 from kubernetes.client.exceptions import ApiException
 
 from nodecryptor.cluster.apis import NodeMetadataApi, ResourceApi, ResourceMissing
 from nodecryptor.cluster.client import TRANSPORT_ERRORS, api_host, load_client, translate_error
-from nodecryptor.cluster.pages import list_retrying
+from nodecryptor.cluster.pages import list_complete
+from nodecryptor.cluster.store import Store
 from nodecryptor.core.model import NodeInfo
 from nodecryptor.core.settings import RoleSource, Settings
 from nodecryptor.policy import exemptions
 from nodecryptor.policy.ciliumnode import Rejection, parse_node_roles
 
 
-def snapshot_once(settings: Settings) -> tuple[dict[str, NodeInfo], list[Rejection]]:
-    """List every CiliumNode once, and with ``role_source`` "node" every Node's role labels,
-    merged as the agent's store merges them. Raises a KubernetesError naming the server and
+def snapshot_once(settings: Settings, policies: Iterable = ()
+                  ) -> tuple[dict[str, NodeInfo], list[Rejection]]:
+    """List every CiliumNode once, and with ``role_source`` "node" every Node's labels, merged
+    by a Store as the agent's merges them: a Node's labels reduced to the role labels and the
+    keys the exemption ``policies`` select on. Raises a KubernetesError naming the server and
     the cause when the API is unreachable, refuses access, or has no CiliumNode resource."""
+    store = Store()
+    store.set_role_label_keys(settings.control_plane_labels)
+    store.replace_exemptions(policies)
     api_client = load_client(settings)
     try:
-        result = list_retrying(kubernetes.client.CustomObjectsApi(api_client), settings)
-        nodes = result.nodes
+        result = list_complete(kubernetes.client.CustomObjectsApi(api_client), settings)
+        store.replace_all(result.nodes.values())
         if settings.role_source == RoleSource.NODE:
-            roles = list_retrying(
-                NodeMetadataApi(api_client), settings, "Nodes",
-                lambda obj: parse_node_roles(obj, None)).nodes
-            nodes = {name: dataclasses.replace(info, node_labels=roles[name].labels)
-                     if name in roles else info for name, info in nodes.items()}
-        return nodes, [r for _, rs in result.rejections for r in rs]
+            roles = list_complete(NodeMetadataApi(api_client), settings,
+                                  lambda obj: parse_node_roles(obj, None), "Nodes").nodes
+            store.replace_node_labels({name: r.labels for name, r in roles.items()})
+        return store.snapshot(), [r for _, rs in result.rejections for r in rs]
     finally:
         api_client.close()
 
@@ -43,9 +47,9 @@ def exemptions_once(settings: Settings) -> tuple[tuple, list[Rejection], str | N
     none could be listed (the CRD is not installed), which only leaves the built-in policy."""
     api_client = load_client(settings)
     try:
-        result = list_retrying(ResourceApi(api_client, exemptions.GROUP, exemptions.VERSION,
+        result = list_complete(ResourceApi(api_client, exemptions.GROUP, exemptions.VERSION,
                                            exemptions.PLURAL), settings,
-                               "EncryptionExemptions", exemptions.parse_exemption)
+                               exemptions.parse_exemption, "EncryptionExemptions")
     except ResourceMissing as e:
         return (), [], str(e)
     finally:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from nodecryptor.policy.plan import compute_plan
-from nodecryptor.commands.common import (add_cluster, add_json, check_cluster_config, print_json, require_node_name,
-                     settings_from_args)
+from nodecryptor.commands.common import (add_cluster, add_json, check_cluster_config, print_json,
+                                         require_node_name, settings_from_args)
 
 
 def register(sub) -> None:
@@ -24,8 +24,9 @@ def handle(args) -> int:
     check_cluster_config(settings)
     from nodecryptor.cluster import reads  # loaded on use, with the Kubernetes client
 
-    snapshot, rejections = reads.snapshot_once(settings)
+    # The policies first: the labels of the Nodes they select on are kept with the snapshot.
     policies, policy_rejections, note = reads.exemptions_once(settings)
+    snapshot, rejections = reads.snapshot_once(settings, policies)
     plan = compute_plan(snapshot, settings.node_name, settings, policies=policies)
     # What the parser skipped, then what admission rejected or reported as a conflict.
     rejected = list(rejections) + list(policy_rejections) + list(plan.rejected)

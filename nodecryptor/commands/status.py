@@ -9,12 +9,8 @@ from __future__ import annotations
 
 from nodecryptor.datapath import detect
 from nodecryptor.datapath.choice import last_choice
-from nodecryptor.commands.common import add_bpffs, add_json, add_run_dir, print_json, settings_from_args
-
-
-def add_wg(p) -> None:
-    p.add_argument("--wg-interface", default="cilium_wg0", metavar="IFNAME",
-                   help="Cilium's WireGuard device (default: %(default)s)")
+from nodecryptor.commands.common import (add_bpffs, add_json, add_run_dir, add_wg, print_json,
+                                         settings_from_args)
 
 
 def register(sub) -> None:

@@ -20,14 +20,12 @@ def _name(prog_id: int, known: dict[int, str]) -> tuple[str | None, str | None]:
     if prog_id in known:
         return known[prog_id], None
     try:
-        fd = syscall.prog_fd_by_id(prog_id)
+        prog = syscall.prog_fd_by_id(prog_id)
     except OSError as e:
         why = "needs CAP_SYS_ADMIN" if e.errno == errno.EPERM else os.strerror(e.errno)
         return None, why
-    try:
-        return syscall.prog_info(fd).name.decode(errors="replace") or None, None
-    finally:
-        os.close(fd)
+    with prog:
+        return syscall.prog_info(prog).name.decode(errors="replace") or None, None
 
 
 def egress_chain(ifname: str, own_prog_id: int = 0, own_name: str = "nc_egress") -> dict:

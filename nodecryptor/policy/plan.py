@@ -14,8 +14,10 @@ from collections.abc import Iterable, Mapping
 
 from nodecryptor.policy import exemptions as ex
 from nodecryptor.policy.admission import FIELD_ADDRESSES, FIELD_POD_CIDRS, Claim, Limits, admit, owner_of
-from nodecryptor.core.model import (DEFAULT_WG_PORT, KIND_NODE_IP, KIND_POD_CIDR, ROLE_CONTROL_PLANE,
-                    ROLE_WORKER, Destination, DesiredState, Device, IPNetwork, NodeInfo, Plan, WgState)
+from nodecryptor.core.model import (DEFAULT_WG_PORT, KIND_NODE_IP, KIND_POD_CIDR,
+                                    ROLE_CONTROL_PLANE, ROLE_WORKER, WG_MARK, WG_MARK_MASK,
+                                    Destination, DesiredState, Device, IPNetwork, NodeInfo, Plan,
+                                    WgState)
 from nodecryptor.core.settings import RoleSource, Settings
 
 # WireGuard's overhead on the wire: outer IP header + UDP (8) + WireGuard data header (16) +
@@ -29,8 +31,6 @@ TCP_IPV4_HEADERS = 40  # IPv4 (20) + TCP (20)
 TCP_IPV6_HEADERS = 60  # IPv6 (40) + TCP (20)
 # Cilium's WireGuard always listens here; used while the device's port cannot be read (device
 # absent, or peers unreadable), so the datapath never re-encrypts WireGuard's own UDP.
-DEFAULT_WG_MARK = 0x0E00
-DEFAULT_WG_MARK_MASK = 0x0F00
 
 
 def is_control_plane(node: NodeInfo, selector_labels: Iterable[str],
@@ -194,8 +194,8 @@ def wg_mark_match(fwmark: int) -> tuple[int, int]:
     """(value, mask) that identifies WireGuard's own encrypted packets. Cilium marks them
     0x1E00 (1.13-1.17) or 0x0E00 (1.18+); masking with 0x0F00 covers both. A device with
     another mark gets an exact match on that mark."""
-    if fwmark == 0 or (fwmark & DEFAULT_WG_MARK_MASK) == DEFAULT_WG_MARK:
-        return DEFAULT_WG_MARK, DEFAULT_WG_MARK_MASK
+    if fwmark == 0 or (fwmark & WG_MARK_MASK) == WG_MARK:
+        return WG_MARK, WG_MARK_MASK
     return fwmark, 0xFFFFFFFF
 
 

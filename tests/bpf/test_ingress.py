@@ -14,7 +14,8 @@ import pytest
 import datapath_cases as dc
 from conftest import have_bcc, require
 from nodecryptor.datapath.base import VERDICT_DROP, VERDICT_EXEMPT, VERDICT_PASS, PacketQuery
-from nodecryptor.datapath.bpf import abi, maps, program, syscall, testrun
+from nodecryptor.datapath.bpf import abi, program, syscall, testrun
+from nodecryptor.datapath.bpf.maps import decode, diff
 from nodecryptor.core.settings import Settings
 
 pytestmark = [pytest.mark.privileged, pytest.mark.bpf]
@@ -229,7 +230,7 @@ def seed_flow(loaded, origin: str, local: str, lport: int, remote: str, rport: i
 
 
 def packets(loaded) -> dict[str, int]:
-    return {k: v["packets"] for k, v in maps.read_counters(loaded.map_fds).items()}
+    return {k: v["packets"] for k, v in decode.read_counters(loaded.map_fds).items()}
 
 
 def flows(loaded) -> dict[bytes, int]:
@@ -256,7 +257,7 @@ def test_table_covers_every_ingress_reason():
 
 @pytest.mark.parametrize("row", ROWS, ids=lambda r: r.id)
 def test_ingress_row(loaded, row):
-    maps.sync(loaded.map_fds, desired_for(row))
+    diff.sync(loaded.map_fds, desired_for(row))
     clear_lru(loaded, "nc_flows")
     if row.extra.get("outbound_flow"):
         seed_outbound(loaded, row)
@@ -305,12 +306,12 @@ def _ingress(loaded, src, dst, sport, dport, flags="A"):
 
 def _sync(loaded, local, mode="enforce"):
     row = In("x", local, W1, W1, _P, R.IN_LEAK_AUDIT, mode)
-    maps.sync(loaded.map_fds, desired_for(row))
+    diff.sync(loaded.map_fds, desired_for(row))
     clear_lru(loaded, "nc_flows")
 
 
 def test_control_plane_replies_only_to_flows_a_peer_opened(loaded):
-    """Issue 15: source port 6443 alone no longer leaves in the clear."""
+    """Source port 6443 alone no longer leaves in the clear."""
     _sync(loaded, "cp1")
     before = packets(loaded)
     # A local process with source port 6443 to a worker's ssh and to a worker pod: encrypted.

@@ -48,6 +48,7 @@ def node(netns, bpffs, bcc_available, tmp_path):
         sh("ip", "link", "set", dev, "up", netns=ns)
     with in_netns(ns):
         import socket
+
         ifindex = {name: socket.if_nametoindex(name) for name in ("eth0", "cilium_wg0")}
     settings = Settings(bpffs=bpffs, map_sizes=SIZES, run_dir=str(tmp_path / "run"))
     os.makedirs(settings.run_dir)
@@ -91,8 +92,11 @@ def test_restart_with_unchanged_program_does_not_compile(node, bpffs):
     second = start()
     assert loader.compile_children_started == before + 1, "the restart compiled"
     record = loader.last_record(settings)
-    assert (record["source"], record["compile_seconds"], record["prog_id"]) == \
-        ("reused", 0, prog_id)
+    assert (record["source"], record["compile_seconds"], record["prog_id"]) == (
+        "reused",
+        0,
+        prog_id,
+    )
     assert second.observe().details["program"]["source"] == "reused"
     # The attached generation is kept as it is: same program, same maps, nothing new pinned.
     assert (second.prog_id, pins.generations(bpffs)) == (prog_id, [generation])
@@ -104,14 +108,14 @@ def test_restart_with_unchanged_program_does_not_compile(node, bpffs):
     assert_all_encrypted(ns, bpffs, NODES)
     assert pins.program_keys(bpffs) == [record["key"]]
     assert status(ns, settings)["program_load"]["source"] == "reused"
-    text = nodecryptor_cli("status", "--bpffs", bpffs, "--run-dir", settings.run_dir,
-                           netns=ns)
+    text = nodecryptor_cli("status", "--bpffs", bpffs, "--run-dir", settings.run_dir, netns=ns)
     assert f"program: reused, not compiled (key {record['key']})" in text.stdout, text.stdout
 
 
 def status(ns: str, settings: Settings) -> dict:
-    done = nodecryptor_cli("status", "--json", "--bpffs", settings.bpffs, "--run-dir",
-                           settings.run_dir, netns=ns)
+    done = nodecryptor_cli(
+        "status", "--json", "--bpffs", settings.bpffs, "--run-dir", settings.run_dir, netns=ns
+    )
     assert done.stdout, done.stderr
     return json.loads(done.stdout)
 
@@ -140,8 +144,7 @@ def sources_copy(tmp_path: Path, name: str) -> Path:
     return target
 
 
-def test_changed_program_text_compiles_and_old_keys_are_bounded(node, bpffs, tmp_path,
-                                                                monkeypatch):
+def test_changed_program_text_compiles_and_old_keys_are_bounded(node, bpffs, tmp_path, monkeypatch):
     ns, ifindex, start, settings = node
     first_copy = sources_copy(tmp_path, "src-a")
     monkeypatch.setattr(program, "bpf_dir", lambda: first_copy)
@@ -178,8 +181,9 @@ def test_changed_program_text_compiles_and_old_keys_are_bounded(node, bpffs, tmp
         assert pins.program_keys(bpffs) == sorted(keys[-2:])
 
 
-def test_compile_error_in_the_child_is_the_in_process_error(bpffs, bcc_available, tmp_path,
-                                                            monkeypatch):
+def test_compile_error_in_the_child_is_the_in_process_error(
+    bpffs, bcc_available, tmp_path, monkeypatch
+):
     broken = sources_copy(tmp_path, "src-broken")
     entry = broken / program.ENTRY_FILE
     entry.write_text(entry.read_text() + "\nthis is not C;\n")
@@ -191,8 +195,10 @@ def test_compile_error_in_the_child_is_the_in_process_error(bpffs, bcc_available
         loader.obtain(settings, path)
     with pytest.raises(DatapathError) as in_process:
         program.load(settings, path)
-    assert (type(in_child.value), str(in_child.value)) == \
-        (type(in_process.value), str(in_process.value))
+    assert (type(in_child.value), str(in_child.value)) == (
+        type(in_process.value),
+        str(in_process.value),
+    )
     assert isinstance(in_child.value, program.CompileFailed)
     assert "compiling" in str(in_child.value) and str(entry) in str(in_child.value)
     # Nothing half-made is left to be reused.
@@ -217,8 +223,14 @@ print(json.dumps({"libbcc": "libbcc" in maps, "llvm": "LLVM" in maps, "rss_kib":
 
 
 def rss_probe(bpffs: str, run_dir: str, how: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", RSS_PROBE, bpffs, run_dir, how], cwd=REPO,
-                          capture_output=True, text=True, timeout=900, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", RSS_PROBE, bpffs, run_dir, how],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=True,
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

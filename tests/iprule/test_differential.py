@@ -40,7 +40,7 @@ EXPECTED_NOT_ROUTABLE = {
     "v4-pod-to-remote-pod-wg-down-cilium",
     # Only a packet parser sees these.
     "arp-not-ip", "v4-truncated-tcp-header", "v6-truncated-udp-header", "disabled-config",
-    # Issue 15: ip rules have no connection state; they exempt replies by source port alone.
+    # Ip rules have no connection state; they exempt replies by source port alone.
     "v4-cp-sport-6443-without-flow", "v4-cp-sport-2379-to-worker-pod-without-flow",
 }
 

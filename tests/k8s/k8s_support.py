@@ -31,14 +31,6 @@ def node(i: int, **kw) -> dict:
                            pod_cidrs=[f"10.{hi}.{lo}.0/24"], **kw)
 
 
-def wait_for(cond, timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
-
-
 def restarts(metrics: Metrics, cause: str) -> float:
     value = metrics.registry.get_sample_value("nodecryptor_watch_restarts_total",
                                               {"cause": cause})

@@ -78,10 +78,15 @@ def program_key(text: str, flags: list[str], root: Path) -> str:
     """The hash of what decides the compiled program (see the module docstring)."""
     where = str(root)
     stable_flags = [f.replace(where, "<bpf>") for f in flags if not f.startswith("-DNC_PIN_DIR=")]
-    material = {"format": KEY_FORMAT, "abi": abi.ABI_VERSION, "kernel": os.uname().release,
-                "bcc": bcc_version(), "cflags": stable_flags,
-                "entries": sorted(pins.PROGRAM_PINS),
-                "text": text.replace(where, "<bpf>")}
+    material = {
+        "format": KEY_FORMAT,
+        "abi": abi.ABI_VERSION,
+        "kernel": os.uname().release,
+        "bcc": bcc_version(),
+        "cflags": stable_flags,
+        "entries": sorted(pins.PROGRAM_PINS),
+        "text": text.replace(where, "<bpf>"),
+    }
     blob = json.dumps(material, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:32]
 
@@ -91,43 +96,43 @@ def build(settings: Settings, pin_dir: str | None) -> ProgramBuild:
     root = program.bpf_dir()
     text = program.inline_source(root)
     flags = program.cflags(settings, pin_dir, root)
-    return ProgramBuild(text=text, cflags=tuple(flags), root=root,
-                        key=program_key(text, flags, root))
+    return ProgramBuild(
+        text=text, cflags=tuple(flags), root=root, key=program_key(text, flags, root)
+    )
 
 
-class _FdOwner:
-    """Stands in for the BCC module in a LoadedProgram opened from pins: closes the fds."""
+class _PinnedSet:
+    """Stands in for the BCC module in a LoadedProgram opened from pins: owns the objects
+    whose fd numbers the LoadedProgram hands out, and closes them."""
 
-    def __init__(self, fds: list[int]):
-        self.fds = fds
+    def __init__(self, objects: list[syscall.BpfObject]):
+        self.objects = objects
 
     def cleanup(self) -> None:
-        for fd in self.fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self.fds = []
+        _close(self.objects)
+        self.objects = []
 
 
 def open_pinned(bpffs: str, key: str) -> program.LoadedProgram | None:
     """The programs pinned under ``key`` and the maps they use, or None when no complete set
     is pinned there. A set whose programs or maps do not look like ours raises DatapathError."""
     directory = pins.program_key_dir(bpffs, key)
-    fds: list[int] = []
+    fds: list[syscall.BpfObject] = []
     try:
         progs = {}
         for function, pin_name in pins.PROGRAM_PINS.items():
             try:
-                fd = syscall.obj_get(os.path.join(directory, pin_name))
+                prog = syscall.obj_get(os.path.join(directory, pin_name))
             except FileNotFoundError:
                 _close(fds)
                 return None
-            fds.append(fd)
+            fds.append(prog)
+            fd = prog.fd
             info = syscall.prog_info(fd)
             if info.name.decode() != function[:15]:
-                raise DatapathError(f"{directory}/{pin_name} holds program "
-                                    f"{info.name.decode()!r}, not {function}")
+                raise DatapathError(
+                    f"{directory}/{pin_name} holds program {info.name.decode()!r}, not {function}"
+                )
             progs[function] = (fd, info.id)
         # The maps by path (BPF_MAP_GET_FD_BY_ID needs CAP_SYS_ADMIN), checked to be the
         # ones the programs use.
@@ -136,29 +141,40 @@ def open_pinned(bpffs: str, key: str) -> program.LoadedProgram | None:
         for spec in abi.MAP_SPECS:
             path = os.path.join(directory, pins.PROGRAM_MAPS, spec.name)
             try:
-                fd = syscall.obj_get(path)
+                pinned = syscall.obj_get(path)
             except FileNotFoundError:
                 raise DatapathError(f"{path} is missing") from None
-            fds.append(fd)
+            fds.append(pinned)
+            fd = pinned.fd
             if syscall.map_info(fd).id not in used:
                 raise DatapathError(f"{path} is not a map the pinned programs use")
             map_fds[spec.name] = fd
-        capacities = {family: syscall.map_info(map_fds[name]).max_entries
-                      for family, name in abi.DESTINATION_MAPS.items()}
+        capacities = {
+            family: syscall.map_info(map_fds[name]).max_entries
+            for family, name in abi.DESTINATION_MAPS.items()
+        }
     except BaseException:
         _close(fds)
         raise
     egress, explain = progs["nc_egress"], progs["nc_explain"]
     ingress, explain_ingress = progs["nc_ingress"], progs["nc_explain_ingress"]
     return program.LoadedProgram(
-        prog_fd=egress[0], prog_id=egress[1], map_fds=map_fds, explain_fd=explain[0],
-        explain_id=explain[1], ingress_fd=ingress[0], ingress_id=ingress[1],
-        explain_ingress_fd=explain_ingress[0], capacities=capacities, _bpf=_FdOwner(fds))
+        prog_fd=egress[0],
+        prog_id=egress[1],
+        map_fds=map_fds,
+        explain_fd=explain[0],
+        explain_id=explain[1],
+        ingress_fd=ingress[0],
+        ingress_id=ingress[1],
+        explain_ingress_fd=explain_ingress[0],
+        capacities=capacities,
+        _bpf=_PinnedSet(fds),
+    )
 
 
-def _close(fds: list[int]) -> None:
-    for fd in fds:
-        os.close(fd)
+def _close(objects: list[syscall.BpfObject]) -> None:
+    for obj in objects:
+        obj.close()
 
 
 def compile_in_child(bpffs: str, built: ProgramBuild, pin_dir: str) -> float:
@@ -167,33 +183,54 @@ def compile_in_child(bpffs: str, built: ProgramBuild, pin_dir: str) -> float:
     global compile_children_started
     stage = os.path.join(pins.programs_dir(bpffs), f"stage-{os.getpid()}-{built.key}")
     pins.remove_program_key(bpffs, os.path.basename(stage))  # a killed earlier attempt
-    request = {"text": built.text, "cflags": list(built.cflags), "root": str(built.root),
-               "pin_dir": pin_dir, "stage_dir": stage,
-               "key_dir": pins.program_key_dir(bpffs, built.key),
-               "pins": pins.PROGRAM_PINS, "maps_subdir": pins.PROGRAM_MAPS}
+    request = {
+        "text": built.text,
+        "cflags": list(built.cflags),
+        "root": str(built.root),
+        "pin_dir": pin_dir,
+        "stage_dir": stage,
+        "key_dir": pins.program_key_dir(bpffs, built.key),
+        "pins": pins.PROGRAM_PINS,
+        "maps_subdir": pins.PROGRAM_MAPS,
+    }
     compile_children_started += 1
-    log.info("compiling the BPF program in a child process",
-             extra=kv(key=built.key, pin_dir=pin_dir))
+    log.info(
+        "compiling the BPF program in a child process", extra=kv(key=built.key, pin_dir=pin_dir)
+    )
     # The child imports the very package this process runs, wherever it is installed.
     package_parent = str(Path(program.__file__).resolve().parents[3])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (package_parent, os.environ.get("PYTHONPATH", "")) if p)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (package_parent, os.environ.get("PYTHONPATH", "")) if p
+        ),
+    }
     try:
-        done = subprocess.run([sys.executable, "-m", "nodecryptor.datapath.bpf.program"],
-                              input=json.dumps(request), stdout=subprocess.PIPE, text=True,
-                              env=env, timeout=CHILD_TIMEOUT_SECONDS, check=False)
+        done = subprocess.run(
+            [sys.executable, "-m", "nodecryptor.datapath.bpf.program"],
+            input=json.dumps(request),
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            timeout=CHILD_TIMEOUT_SECONDS,
+            check=False,
+        )
     except subprocess.TimeoutExpired as e:
         pins.remove_program_key(bpffs, os.path.basename(stage))
-        raise DatapathError(f"compiling {built.root / program.ENTRY_FILE} did not finish "
-                            f"within {CHILD_TIMEOUT_SECONDS:.0f}s") from e
+        raise DatapathError(
+            f"compiling {built.root / program.ENTRY_FILE} did not finish "
+            f"within {CHILD_TIMEOUT_SECONDS:.0f}s"
+        ) from e
     except OSError as e:
         raise DatapathError(f"cannot start the compile child {sys.executable}: {e}") from e
     try:
         reply = json.loads(done.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
         pins.remove_program_key(bpffs, os.path.basename(stage))
-        raise DatapathError(f"the compile child exited with status {done.returncode} "
-                            "without a reply (its output is in the agent's stderr)") from None
+        raise DatapathError(
+            f"the compile child exited with status {done.returncode} "
+            "without a reply (its output is in the agent's stderr)"
+        ) from None
     if reply.get("ok"):
         return float(reply["compile_seconds"])
     pins.remove_program_key(bpffs, os.path.basename(stage))
@@ -201,7 +238,8 @@ def compile_in_child(bpffs: str, built: ProgramBuild, pin_dir: str) -> float:
         raise NotSupported(reply["feature"], reply["why"], minimum=reply.get("minimum"))
     # The exception type the in-process loader raises, so callers tell the stages apart.
     error = {"compile_error": program.CompileFailed, "load_error": program.LoadFailed}.get(
-        reply.get("stage"), DatapathError)
+        reply.get("stage"), DatapathError
+    )
     raise error(reply.get("message") or "the compile child failed")
 
 
@@ -218,21 +256,27 @@ class Obtained:
     """Everything this call took, the compile child included."""
 
     def summary(self) -> dict:
-        return {"key": self.key, "source": "reused" if self.reused else "compiled",
-                "compile_seconds": round(self.compile_seconds, 3),
-                "seconds": round(self.open_seconds, 3), "prog_id": self.loaded.prog_id}
+        return {
+            "key": self.key,
+            "source": "reused" if self.reused else "compiled",
+            "compile_seconds": round(self.compile_seconds, 3),
+            "seconds": round(self.open_seconds, 3),
+            "prog_id": self.loaded.prog_id,
+        }
 
 
-def load_generation(settings: Settings, capacities: dict[int, int], restart: bool = False,
-                    metrics=None) -> tuple[int, Obtained]:
+def load_generation(
+    settings: Settings, capacities: dict[int, int], restart: bool = False, metrics=None
+) -> tuple[int, Obtained]:
     """(generation number, program) for destination maps of ``capacities``. On a
     ``restart`` whose program is unchanged: the attached generation as it is (nothing is
     compiled, created or copied). Otherwise a new, empty generation directory with the
     program reused from its pins or compiled in a child; a failure removes that directory
     and raises NotSupported. Records how the program was obtained for ``status``."""
     bpffs = settings.bpffs
-    sizes = dataclasses.replace(settings.map_sizes, destinations_v4=capacities[4],
-                                destinations_v6=capacities[6])
+    sizes = dataclasses.replace(
+        settings.map_sizes, destinations_v4=capacities[4], destinations_v6=capacities[6]
+    )
     sized = dataclasses.replace(settings, map_sizes=sizes)
     current = pins.current_generation(bpffs) if restart else None
     if current is not None:
@@ -267,8 +311,9 @@ def obtain(settings: Settings, pin_dir: str, metrics=None) -> Obtained:
     try:
         loaded = open_pinned(bpffs, built.key)
     except (DatapathError, OSError) as e:
-        log.warning("pinned program set unusable; compiling again",
-                    extra=kv(key=built.key, error=str(e)))
+        log.warning(
+            "pinned program set unusable; compiling again", extra=kv(key=built.key, error=str(e))
+        )
         pins.remove_program_key(bpffs, built.key)
         loaded = None
     if loaded is None:
@@ -277,8 +322,10 @@ def obtain(settings: Settings, pin_dir: str, metrics=None) -> Obtained:
             seconds = compile_in_child(bpffs, built, pin_dir)
             loaded = open_pinned(bpffs, built.key)
             if loaded is None:
-                raise DatapathError(f"the compile child reported success but "
-                                    f"{pins.program_key_dir(bpffs, built.key)} is incomplete")
+                raise DatapathError(
+                    f"the compile child reported success but "
+                    f"{pins.program_key_dir(bpffs, built.key)} is incomplete"
+                )
         except NotSupported:
             raise  # BCC or kernel headers missing: nothing was attempted
         except Exception as e:
@@ -289,16 +336,25 @@ def obtain(settings: Settings, pin_dir: str, metrics=None) -> Obtained:
         _pin_maps(loaded, pin_dir)
     except OSError as e:
         loaded.close()
-        raise DatapathError(f"pinning the maps of program set {built.key} into {pin_dir}: "
-                            f"{e}") from e
+        raise DatapathError(
+            f"pinning the maps of program set {built.key} into {pin_dir}: {e}"
+        ) from e
     loaded.pin_dir = pin_dir
     loaded.compile_seconds = seconds
     elapsed = time.monotonic() - started
-    log.info("bpf program ready", extra=kv(key=built.key, reused=reused,
-                                           compile_seconds=round(seconds, 3),
-                                           seconds=round(elapsed, 3), prog_id=loaded.prog_id))
-    return Obtained(loaded=loaded, key=built.key, reused=reused, compile_seconds=seconds,
-                    open_seconds=elapsed)
+    log.info(
+        "bpf program ready",
+        extra=kv(
+            key=built.key,
+            reused=reused,
+            compile_seconds=round(seconds, 3),
+            seconds=round(elapsed, 3),
+            prog_id=loaded.prog_id,
+        ),
+    )
+    return Obtained(
+        loaded=loaded, key=built.key, reused=reused, compile_seconds=seconds, open_seconds=elapsed
+    )
 
 
 def _pin_maps(loaded: program.LoadedProgram, pin_dir: str) -> None:
@@ -311,11 +367,9 @@ def _pin_maps(loaded: program.LoadedProgram, pin_dir: str) -> None:
         except FileNotFoundError:
             syscall.obj_pin(fd, path)
             continue
-        try:
+        with pinned:
             if syscall.map_info(pinned).id != syscall.map_info(fd).id:
                 raise OSError(f"{path} is another map than the program's {name}")
-        finally:
-            os.close(pinned)
 
 
 def adopt(settings: Settings, pin_dir: str) -> Obtained | None:
@@ -335,42 +389,40 @@ def adopt(settings: Settings, pin_dir: str) -> Obtained | None:
         return None
     loaded.pin_dir = pin_dir
     elapsed = time.monotonic() - started
-    log.info("bpf program reused with its maps", extra=kv(key=built.key, pin_dir=pin_dir,
-                                                          seconds=round(elapsed, 3),
-                                                          prog_id=loaded.prog_id))
-    return Obtained(loaded=loaded, key=built.key, reused=True, compile_seconds=0.0,
-                    open_seconds=elapsed)
+    log.info(
+        "bpf program reused with its maps",
+        extra=kv(key=built.key, pin_dir=pin_dir, seconds=round(elapsed, 3), prog_id=loaded.prog_id),
+    )
+    return Obtained(
+        loaded=loaded, key=built.key, reused=True, compile_seconds=0.0, open_seconds=elapsed
+    )
 
 
 def key_of_prog(bpffs: str, prog_id: int) -> str | None:
     """The pinned key whose egress program is ``prog_id`` (the program that ran before)."""
     for key in pins.program_keys(bpffs) if prog_id else ():
         try:
-            fd = syscall.obj_get(os.path.join(pins.program_key_dir(bpffs, key), "egress"))
+            prog = syscall.obj_get(os.path.join(pins.program_key_dir(bpffs, key), "egress"))
         except OSError:
             continue
-        try:
-            if syscall.prog_info(fd).id == prog_id:
+        with prog:
+            if syscall.prog_info(prog).id == prog_id:
                 return key
-        finally:
-            os.close(fd)
     return None
 
 
 def _uses_maps_of(loaded: program.LoadedProgram, pin_dir: str) -> bool:
     """True when ``pin_dir`` pins exactly the config map ``loaded`` uses."""
     try:
-        fd = syscall.obj_get(os.path.join(pin_dir, "nc_config_map"), read_only=True)
+        pinned = syscall.obj_get(os.path.join(pin_dir, "nc_config_map"), read_only=True)
     except OSError:
         return False
-    try:
-        return (syscall.map_info(fd).id
-                == syscall.map_info(loaded.map_fds["nc_config_map"]).id)
-    finally:
-        os.close(fd)
+    with pinned:
+        return syscall.map_info(pinned).id == syscall.map_info(loaded.map_fds["nc_config_map"]).id
 
 
 # ---- the record status shows -----------------------------------------------------------------
+
 
 def record_path(settings: Settings) -> str:
     return os.path.join(settings.run_dir, RECORD_FILE)
@@ -385,8 +437,7 @@ def write_record(settings: Settings, got: Obtained) -> None:
     try:
         write_json(path, record)
     except OSError as e:
-        log.warning("cannot record how the program was obtained",
-                    extra=kv(path=path, error=str(e)))
+        log.warning("cannot record how the program was obtained", extra=kv(path=path, error=str(e)))
 
 
 def last_record(settings: Settings) -> dict | None:
@@ -395,4 +446,3 @@ def last_record(settings: Settings) -> dict | None:
             return json.load(f)
     except (OSError, ValueError):
         return None
-

@@ -6,7 +6,7 @@ directory root-owned 0700, see ``check_dir``):
     v<ABI>/g<N>/<map name>  one generation of maps; a layout change gets a new v<ABI> directory
     v<ABI>/current          symlink to the generation the attached program uses
     links/<ifname>          tcx links, one per underlay device
-    links-ingress/<ifname>  tcx links of the ingress program (issue 15), one per underlay device
+    links-ingress/<ifname>  tcx links of the ingress program, one per underlay device
     prog                    the program currently attached (lets inspection commands find it in
                             legacy tc mode too, where no link exists)
     prog-explain            its dry-run twin (same maps, changes no state), run by `explain`
@@ -215,7 +215,7 @@ def prune_program_keys(bpffs: str, current: str, previous: str | None = None) ->
             except FileNotFoundError:
                 continue
         previous = max(dated)[1] if dated else None
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(programs_dir(bpffs))
     except FileNotFoundError:
@@ -291,21 +291,26 @@ def unlink(path: str) -> bool:
         return False
 
 
-def pin_prog(bpffs: str, prog_fd: int, explain_fd: int = -1) -> None:
+def _present(fd: syscall.Fd) -> bool:
+    """False for the -1 that stands for a program not loaded."""
+    return isinstance(fd, syscall.BpfObject) or fd >= 0
+
+
+def pin_prog(bpffs: str, prog_fd: syscall.Fd, explain_fd: syscall.Fd = -1) -> None:
     """(Re)pin the attached program and its dry-run twin. A brief window without the pins only
     affects inspection."""
     for fd, path in ((explain_fd, explain_prog_path(bpffs)), (prog_fd, prog_path(bpffs))):
         unlink(path)
-        if fd >= 0:
+        if _present(fd):
             syscall.obj_pin(fd, path)
 
 
-def pin_ingress_progs(bpffs: str, prog_fd: int, explain_fd: int) -> None:
+def pin_ingress_progs(bpffs: str, prog_fd: syscall.Fd, explain_fd: syscall.Fd) -> None:
     """(Re)pin the ingress program and its dry-run twin (inspection only, as pin_prog)."""
     for fd, path in ((explain_fd, explain_ingress_prog_path(bpffs)),
                      (prog_fd, ingress_prog_path(bpffs))):
         unlink(path)
-        if fd >= 0:
+        if _present(fd):
             syscall.obj_pin(fd, path)
 
 

@@ -43,7 +43,7 @@ def remove_all(ipr, settings: Settings, netns: str | None = None) -> dict:
 
 
 def ingress_report(settings: Settings) -> dict:
-    """Ingress enforcement (issue 15) is a BPF-only feature: policy routing decides where a
+    """Ingress enforcement is a BPF-only feature: policy routing decides where a
     packet leaves, it cannot classify what arrives. Reported as unsupported, never pretended;
     with ``enforce`` requested the node is not ready, since nothing is being refused."""
     requested = str(settings.ingress_enforcement)
