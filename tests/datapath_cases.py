@@ -465,9 +465,10 @@ def snapshot() -> dict[str, NodeInfo]:
     return out
 
 
-def policies() -> list:
+def policies(objs: list | None = None) -> list:
+    """The parsed policies of ``objs`` (default POLICIES_OBJ)."""
     out = []
-    for obj in POLICIES_OBJ:
+    for obj in POLICIES_OBJ if objs is None else objs:
         policy, rejections = parse_exemption(obj)
         assert policy is not None, rejections
         out.append(policy)
@@ -509,10 +510,13 @@ def wg_state_for(case: Case, ifindex: int = 7) -> WgState:
 
 
 def desired_for(case: Case, wg_ifindex: int = 7,
-                devices: tuple[Device, ...] = (UNDERLAY,)) -> DesiredState:
-    """The DesiredState the agent computes for the case's local node."""
+                devices: tuple[Device, ...] = (UNDERLAY,),
+                policy_objs: list | None = None) -> DesiredState:
+    """The DesiredState the agent computes for the case's local node (with the policies of
+    ``policy_objs`` instead of POLICIES_OBJ when given)."""
     settings = settings_for(case)
-    plan = compute_plan(snapshot(), case.local_node, settings, policies=policies())
+    plan = compute_plan(snapshot(), case.local_node, settings,
+                        policies=policies(policy_objs))
     wg = wg_state_for(case, wg_ifindex)
     desired = compute_desired(plan, wg, devices, settings)
     # As the reconciler does: Cilium's routing mode and own pod-to-pod traffic.

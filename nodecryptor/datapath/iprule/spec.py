@@ -33,8 +33,9 @@ through to the next rule (main), which is what lets non-cluster traffic pass unt
 
 from __future__ import annotations
 
+import functools
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from nodecryptor.core.model import KIND_NODE_IP, DesiredState
 from nodecryptor.core.ports import PROTOCOL_NAMES, PROTOCOLS
@@ -64,8 +65,32 @@ UDP = 17
 FAMILIES = (4, 6)
 
 
-@dataclass(frozen=True, order=True)
-class RuleSpec:
+def _total_key(spec) -> tuple:
+    """A sort key defined for every spec: each optional field becomes (0,) when unset and
+    (1, value) when set, so an unset field never meets a value in a comparison (Python
+    refuses ``None < "10.0.0.0/8"``, and two valid policies produce exactly that pair)."""
+    out = []
+    for f in fields(spec):
+        if not f.compare:
+            continue
+        value = getattr(spec, f.name)
+        out.append((0,) if value is None else (1, value))
+    return tuple(out)
+
+
+@functools.total_ordering
+class _TotalOrder:
+    """Ordering by ``_total_key`` (dataclass ``order=True`` compares field tuples as they are,
+    which raises on None against a value)."""
+
+    def __lt__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        return _total_key(self) < _total_key(other)
+
+
+@dataclass(frozen=True)
+class RuleSpec(_TotalOrder):
     """One fib rule, in the fields nodecryptor uses. ``purpose`` is for humans and is ignored
     when comparing with what the kernel reports."""
 
@@ -104,8 +129,8 @@ class RuleSpec:
         return " ".join(parts)
 
 
-@dataclass(frozen=True, order=True)
-class RouteSpec:
+@dataclass(frozen=True)
+class RouteSpec(_TotalOrder):
     """One route in nodecryptor's table. ``oif`` and ``prefsrc`` only for unicast routes."""
 
     family: int
