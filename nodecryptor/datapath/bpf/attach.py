@@ -324,13 +324,13 @@ def tc_detach(ifname: str, ifindex: int | None = None, direction: str = EGRESS) 
 
 # ---- listing ---------------------------------------------------------------------------------
 
-def query(ifindex: int) -> dict:
-    """The whole egress hook of a device: the tcx chain in order (program and link ids, as
-    Debian's bpftool and iproute2 cannot show it) and the legacy clsact filters."""
-    out: dict = {"ifindex": ifindex, "tcx": None, "tc": []}
+def query(ifindex: int, direction: str = EGRESS) -> dict:
+    """The whole hook of a device in ``direction``: the tcx chain in order (program and link
+    ids, as Debian's bpftool and iproute2 cannot show it) and the legacy clsact filters."""
+    out: dict = {"ifindex": ifindex, "direction": direction, "tcx": None, "tc": []}
     ok, why = syscall.tcx_supported()
     if ok:
-        chain = syscall.prog_query(ifindex, syscall.BPF_TCX_EGRESS)
+        chain = syscall.prog_query(ifindex, _tcx_type(direction))
         out["tcx"] = [{"position": i, "prog_id": p, "link_id": l}
                       for i, (p, l) in enumerate(zip(chain["prog_ids"], chain["link_ids"]))]
         out["tcx_revision"] = chain["revision"]
@@ -339,7 +339,7 @@ def query(ifindex: int) -> dict:
     with IPRoute() as ipr:
         try:
             out["tc"] = [{**f, "handle": f"0x{f['handle']:x}", "ours": _is_ours(f)}
-                         for f in _filters(ipr, ifindex)]
+                         for f in _filters(ipr, ifindex, direction)]
         except NetlinkError:
             out["tc"] = []
     return out

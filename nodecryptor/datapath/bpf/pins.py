@@ -253,3 +253,15 @@ def remove_all(bpffs: str) -> list[str]:
     """Unlink every pin under nodecryptor's root and remove its directories. Touches nothing
     outside the root. Returns the removed paths."""
     return _remove_tree(root(bpffs))
+
+
+def pinned_prog_id(path: str) -> int:
+    """Id of the program pinned at ``path``; 0 when nothing (readable) is pinned there."""
+    try:
+        fd = syscall.obj_get(path)
+    except OSError:
+        return 0
+    try:
+        return syscall.prog_info(fd).id
+    finally:
+        os.close(fd)
