@@ -73,8 +73,8 @@ def hook_chain(ifname: str, direction: str = "egress",
     else:
         out["tcx_unavailable"] = hook.get("tcx_unavailable")
     out["tc"] = [{"position": i, "prio": f["prio"], "handle": f["handle"], "kind": f["kind"],
-                  "name": f["name"], "nodecryptor": f["ours"],
-                  "owner": owner(f["name"], f["ours"])} for i, f in enumerate(hook["tc"])]
+                  "name": f["name"], "prog_id": f.get("prog_id") or 0,
+                  "nodecryptor": f["ours"], "owner": owner(f["name"], f["ours"])} for i, f in enumerate(hook["tc"])]
     first = (out["tcx"] or out["tc"] or [None])[0]
     out["runs_first"] = first and (first.get("name") or f"prog {first.get('prog_id')}")
     return out

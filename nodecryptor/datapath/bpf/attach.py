@@ -209,7 +209,8 @@ def _filters(ipr: IPRoute, ifindex: int, direction: str = EGRESS) -> list[dict]:
             continue
         name = msg.get_nested("TCA_OPTIONS", "TCA_BPF_NAME")
         out.append({"prio": msg["info"] >> 16, "handle": msg["handle"],
-                    "kind": msg.get_attr("TCA_KIND"), "name": name})
+                    "kind": msg.get_attr("TCA_KIND"), "name": name,
+                    "prog_id": msg.get_nested("TCA_OPTIONS", "TCA_BPF_ID") or 0})
     return out
 
 
@@ -300,6 +301,21 @@ def tc_devices(direction: str = EGRESS) -> dict[str, int]:
                 continue
             if any(_is_ours(f) for f in filters):
                 found[link.get_attr("IFLA_IFNAME")] = ifindex
+    return found
+
+
+def tc_programs(direction: str = EGRESS) -> dict[str, int]:
+    """{ifname: program id} of nodecryptor's own filters of ``direction`` in this namespace."""
+    found = {}
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            try:
+                filters = _filters(ipr, link["index"], direction)
+            except NetlinkError:
+                continue
+            for f in filters:
+                if _is_ours(f) and f["prog_id"]:
+                    found[link.get_attr("IFLA_IFNAME")] = f["prog_id"]
     return found
 
 
