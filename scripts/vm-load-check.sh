@@ -4,9 +4,10 @@
 # Without the VM prerequisites it says so and skips, except on CI (CI=true), where that fails.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=$(mktemp)
-trap 'rm -f "$out"' EXIT
-.venv/bin/python vm-tests/harness.py --load-only --out "$out"
+work=$(mktemp -d)
+out="$work/result.json"
+trap 'rm -rf "$work"' EXIT
+.venv/bin/python vm-tests/harness.py --load-only --keep-dir "$work/vm" --out "$out"
 rc=$?
 if [[ $rc -eq 2 && "${CI:-}" != "true" ]]; then
   echo "[vm-load-check] skipped: VM prerequisites missing (see above; CI=true fails here)" >&2
