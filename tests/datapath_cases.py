@@ -191,8 +191,6 @@ _FRAG_WHY = "a non-first fragment carries no ports; routing decided on the whole
 _ND_WHY = "ip rules cannot match ICMPv6 types"
 _FLOW_WHY = ("ip rules have no connection state: the ip-rule datapath exempts replies by source "
              "port alone (documented)")
-_GUARD_WHY = ("ip rules: a fail-closed unreachable guard cannot be suppressed, so the pods' rule "
-              "does not reach main (documented; tests/iprule/test_cilium_pod.py)")
 
 # skb->cb[0..4] as a pod packet may reach the head of the underlay's chain: words Cilium's
 # bpf_lxc stored with ctx_store_meta (an identity, an ifindex, IPv6 address words), with the
@@ -395,7 +393,7 @@ CASES: list[Case] = [
        dport=8080),
     _c("v4-pod-to-cp-pod-6443-cilium", "w1", _P, R_CILIUM_POD, src=W1_POD_V4, dst=CP1_POD_V4,
        dport=6443),
-    _c("v4-pod-to-remote-pod-wg-down-cilium", "w1", _P, R_CILIUM_POD, False, _GUARD_WHY,
+    _c("v4-pod-to-remote-pod-wg-down-cilium", "w1", _P, R_CILIUM_POD,
        src=W1_POD_V4, dst=W2_POD_V4, dport=8080,
        extra={"wg_down": True, "fail_mode": "closed"}),
     _c("v4-pod-to-remote-pod-later-fragment-cilium", "w1", _P, R_CILIUM_POD, False, _FRAG_WHY,

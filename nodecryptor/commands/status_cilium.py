@@ -21,10 +21,9 @@ def _known_destinations(settings, datapath: str) -> tuple[list, list]:
 
             prefixes = [ipaddress.ip_network(d["prefix"]) for d in destinations(settings)]
         else:
-            from nodecryptor.datapath.iprule.bulk import RouteTable
+            from nodecryptor.datapath.iprule.inspect import read_routes
 
-            with RouteTable(settings.iprule_table) as table:
-                prefixes = [ipaddress.ip_network(r.dst) for r in table.read()]
+            prefixes = [ipaddress.ip_network(r.dst) for r in read_routes(settings)]
     except (OSError, ImportError, DatapathError):
         return [], []
     nodes = sorted({p.network_address for p in prefixes if p.prefixlen == p.max_prefixlen},

@@ -22,8 +22,16 @@ B + 31     from <local pod CIDR>: everything else, incl. remote pod CIDRs   main
            (Cilium encrypts pod-to-pod itself; absent with
            --take-over-pod-to-pod and in tunnel mode)
 B + 90     everything else                                                   own table
+B + 91     everything else (reached only when the own table has no route)    guard table
 B + 99     reserved for the start-up probe, never left installed
 =========  ===============================================================  ==========
+
+The guard table (``settings.iprule_table`` + 1) holds only the fail-closed guards of remote pod
+CIDRs. In the own table they would answer the pods' rule (B + 30) with an error, which
+``suppress_prefixlength`` cannot skip (the kernel suppresses successful lookups only), and
+pod-to-pod traffic that is Cilium's would be dropped while WireGuard is down; from the guard
+table they still catch the node's own traffic to remote pods (B + 91) once the WireGuard routes
+are gone.
 
 Rules exist per family. Their number grows with serving node addresses × exempt ranges (and,
 on a serving node, client prefixes × ranges of policies restricted to some clients) only;
@@ -49,6 +57,7 @@ OFFSET_EXEMPT_SPORT = 20
 OFFSET_CILIUM_NODES = 30
 OFFSET_CILIUM_POD = 31
 OFFSET_LOOKUP = 90
+OFFSET_GUARDS = 91
 OFFSET_PROBE = 99
 BAND_WIDTH = 100
 
@@ -146,6 +155,11 @@ class RouteSpec(_TotalOrder):
         return (self.family, self.dst, self.metric)
 
 
+def guard_table(settings: Settings) -> int:
+    """The table of the remote pod CIDRs' fail-closed guards (see the module docstring)."""
+    return settings.iprule_table + 1
+
+
 def band(settings: Settings) -> range:
     return range(settings.iprule_priority_base, settings.iprule_priority_base + BAND_WIDTH)
 
@@ -177,6 +191,8 @@ def desired_rules(desired: DesiredState, settings: Settings) -> list[RuleSpec]:
                                   purpose="wireguard-port"))
         rules.append(RuleSpec(family, base + OFFSET_LOOKUP, settings.iprule_table,
                               purpose="cluster-destinations"))
+        rules.append(RuleSpec(family, base + OFFSET_GUARDS, guard_table(settings),
+                              purpose="pod-cidr-guards"))
     rules += exemption_rules(desired, settings)
     rules += cilium_pod_rules(desired, settings)
     return sorted(set(rules))
@@ -250,7 +266,27 @@ def cilium_pod_rules(desired: DesiredState, settings: Settings) -> list[RuleSpec
 
 
 def desired_routes(desired: DesiredState) -> list[RouteSpec]:
-    """The complete content of nodecryptor's table for ``desired``.
+    """The complete content of nodecryptor's own table for ``desired``."""
+    return _split_routes(desired)[0]
+
+
+def desired_guard_routes(desired: DesiredState) -> list[RouteSpec]:
+    """The complete content of the guard table: remote pod CIDRs' fail-closed guards."""
+    return _split_routes(desired)[1]
+
+
+def _split_routes(desired: DesiredState) -> tuple[list[RouteSpec], list[RouteSpec]]:
+    """(own table, guard table)."""
+    pods = {str(d.prefix) for d in desired.destinations if d.kind != KIND_NODE_IP}
+    own, guards = [], []
+    for route in _all_routes(desired):
+        pod_guard = route.kind == ROUTE_UNREACHABLE and route.dst in pods
+        (guards if pod_guard else own).append(route)
+    return own, guards
+
+
+def _all_routes(desired: DesiredState) -> list[RouteSpec]:
+    """Every route of both tables for ``desired``.
 
     WireGuard usable: one route per destination through it, with ``src`` set to the local node
     address of the family (without it the kernel may pick another local address and the peer's
