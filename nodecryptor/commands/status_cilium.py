@@ -34,7 +34,7 @@ def _known_destinations(settings, datapath: str) -> tuple[list, list]:
 
 
 def status_report(settings, datapath: str, devices: list[dict], own_prog_id: int = 0) -> dict:
-    """The ``"cilium"`` object and the egress chains of ``nodecryptor status``: what was
+    """The ``"cilium"`` object and the hook chains of ``nodecryptor status``: what was
     detected about Cilium and where each fact came from, observed now (the agent need not run).
     ``devices`` are the status report's attachments (name, mode, position)."""
     from nodecryptor.policy import cilium
