@@ -136,3 +136,16 @@ def test_pins_of_a_newer_release_are_removed_and_their_hooks_detached(lab, bpffs
         assert chain == [], chain  # detached, not only unpinned
     finally:
         os.close(drop_all)
+
+
+def test_every_root_pin_this_release_writes_is_known_to_it():
+    """A root pin missing from KNOWN_ROOT_ENTRIES would be removed by this release's own next
+    start (remove_unknown): every path helper's name must be listed."""
+    root = pins.root("/sys/fs/bpf")
+    written = [pins.prog_path("/sys/fs/bpf"), pins.explain_prog_path("/sys/fs/bpf"),
+               pins.ingress_prog_path("/sys/fs/bpf"),
+               pins.explain_ingress_prog_path("/sys/fs/bpf"),
+               pins.links_dir("/sys/fs/bpf", attach.EGRESS),
+               pins.links_dir("/sys/fs/bpf", attach.INGRESS)]
+    assert {os.path.relpath(p, root) for p in written} == set(pins.KNOWN_ROOT_ENTRIES)
+    assert os.path.dirname(pins.abi_dir("/sys/fs/bpf")) == root

@@ -22,6 +22,7 @@ import errno
 import logging
 import os
 import socket
+import struct
 from dataclasses import asdict, dataclass
 
 from pyroute2 import IPRoute
@@ -210,8 +211,36 @@ def _filters(ipr: IPRoute, ifindex: int, direction: str = EGRESS) -> list[dict]:
         name = msg.get_nested("TCA_OPTIONS", "TCA_BPF_NAME")
         out.append({"prio": msg["info"] >> 16, "handle": msg["handle"],
                     "kind": msg.get_attr("TCA_KIND"), "name": name,
-                    "prog_id": msg.get_nested("TCA_OPTIONS", "TCA_BPF_ID") or 0})
+                    "prog_id": _tc_bpf_id(msg)})
     return out
+
+
+_NLMSG_HDR, _TCMSG = 16, 20
+_TCA_OPTIONS, _TCA_BPF_ID = 2, 11
+_NLA_TYPE_MASK = 0x3FFF  # without the nested / byte-order flags
+
+
+def _nlas(data: bytes, start: int, end: int):
+    """(type, value start, value end) of the netlink attributes in data[start:end]."""
+    while start + 4 <= end:
+        length, kind = struct.unpack_from("=HH", data, start)
+        if length < 4:
+            return
+        yield kind & _NLA_TYPE_MASK, start + 4, min(start + length, end)
+        start += (length + 3) & ~3
+
+
+def _tc_bpf_id(msg) -> int:
+    """The program id of a bpf filter (TCA_OPTIONS/TCA_BPF_ID), read from the raw message:
+    pyroute2 does not decode that attribute. 0 when absent."""
+    data, base = msg.data, msg.offset
+    end = base + msg["header"]["length"]
+    for kind, first, last in _nlas(data, base + _NLMSG_HDR + _TCMSG, end):
+        if kind == _TCA_OPTIONS:
+            for inner, value, stop in _nlas(data, first, last):
+                if inner == _TCA_BPF_ID and stop - value >= 4:
+                    return struct.unpack_from("=I", data, value)[0]
+    return 0
 
 
 def _is_ours(f: dict) -> bool:
