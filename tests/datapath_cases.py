@@ -195,8 +195,6 @@ _FRAG_WHY = "a non-first fragment carries no ports; routing decided on the whole
 _ND_WHY = "ip rules cannot match ICMPv6 types"
 _FLOW_WHY = ("ip rules have no connection state: the ip-rule datapath exempts replies by source "
              "port alone (documented)")
-_GUARD_WHY = ("ip rules: a fail-closed unreachable guard cannot be suppressed, so the pods' rule "
-              "does not reach main (documented; tests/iprule/test_cilium_pod.py)")
 
 # skb->cb[0..4] as a pod packet may reach the head of the underlay's chain: words Cilium's
 # bpf_lxc stored with ctx_store_meta (an identity, an ifindex, IPv6 address words), with the
@@ -400,7 +398,7 @@ CASES: list[Case] = [
        dport=8080),
     _c("v4-pod-to-cp-pod-6443-cilium", "w1", _P, R_CILIUM_POD, src=W1_POD_V4, dst=CP1_POD_V4,
        dport=6443),
-    _c("v4-pod-to-remote-pod-wg-down-cilium", "w1", _P, R_CILIUM_POD, False, _GUARD_WHY,
+    _c("v4-pod-to-remote-pod-wg-down-cilium", "w1", _P, R_CILIUM_POD,
        src=W1_POD_V4, dst=W2_POD_V4, dport=8080,
        extra={"wg_down": True, "fail_mode": "closed"}),
     _c("v4-pod-to-remote-pod-later-fragment-cilium", "w1", _P, R_CILIUM_POD, False, _FRAG_WHY,
@@ -470,9 +468,10 @@ def snapshot() -> dict[str, NodeInfo]:
     return out
 
 
-def policies() -> list:
+def policies(objs: list | None = None) -> list:
+    """The parsed policies of ``objs`` (default POLICIES_OBJ)."""
     out = []
-    for obj in POLICIES_OBJ:
+    for obj in POLICIES_OBJ if objs is None else objs:
         policy, rejections = parse_exemption(obj)
         assert policy is not None, rejections
         out.append(policy)
@@ -514,10 +513,13 @@ def wg_state_for(case: Case, ifindex: int = 7) -> WgState:
 
 
 def desired_for(case: Case, wg_ifindex: int = 7,
-                devices: tuple[Device, ...] = (UNDERLAY,)) -> DesiredState:
-    """The DesiredState the agent computes for the case's local node."""
+                devices: tuple[Device, ...] = (UNDERLAY,),
+                policy_objs: list | None = None) -> DesiredState:
+    """The DesiredState the agent computes for the case's local node (with the policies of
+    ``policy_objs`` instead of POLICIES_OBJ when given)."""
     settings = settings_for(case)
-    plan = compute_plan(snapshot(), case.local_node, settings, policies=policies())
+    plan = compute_plan(snapshot(), case.local_node, settings,
+                        policies=policies(policy_objs))
     wg = wg_state_for(case, wg_ifindex)
     desired = compute_desired(plan, wg, devices, settings)
     # As the reconciler does: Cilium's routing mode and own pod-to-pod traffic.

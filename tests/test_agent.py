@@ -5,6 +5,7 @@ place, and that the agent converges after the API server comes back with changes
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -154,12 +155,14 @@ class Node:
         if self.datapath == "bpf":
             dump = self.cli("bpf", "dump", "--json")
             return {d["prefix"] for d in dump["maps"]["destinations"]}
-        # Every route in nodecryptor's table is a destination (unicast via WireGuard, or
-        # unreachable while no peer covers it under fail-closed).
-        table = str(self.cli("status", "--json", "--wg-interface", self.wg)["table"])
+        # Every route in nodecryptor's tables is a destination (unicast via WireGuard, or
+        # unreachable while no peer covers it under fail-closed; a remote pod CIDR's guard
+        # sits in the guard table).
+        status = self.cli("status", "--json", "--wg-interface", self.wg)
         prefixes = set()
-        for family in ("-4", "-6"):
-            out = netns_mod.run("ip", "-j", family, "route", "show", "table", table,
+        for family, table in itertools.product(("-4", "-6"),
+                                               (status["table"], status["guard_table"])):
+            out = netns_mod.run("ip", "-j", family, "route", "show", "table", str(table),
                                 netns=self.ns).stdout
             for route in json.loads(out or "[]"):
                 dst = route["dst"]

@@ -139,7 +139,8 @@ def print_proof_of_concept(poc: dict) -> None:
 
 
 def add_cilium(report: dict, settings, datapath: str) -> None:
-    """The Cilium-facing facts and every device's whole egress chain (cilium_probe.py)."""
+    """The Cilium-facing facts and the whole chain of every hook nodecryptor uses, egress and
+    ingress (status_cilium.py)."""
     from nodecryptor.commands.status_cilium import status_report
 
     extra = status_report(settings, datapath, report.get("devices") or [],

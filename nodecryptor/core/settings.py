@@ -230,7 +230,8 @@ class Settings:
     rule). Chosen well above the low priorities Cilium installs and below main (32766)."""
 
     iprule_table: int = 2026
-    """Routing table id nodecryptor owns in ip-rule mode; no other table is ever modified."""
+    """Routing table id nodecryptor owns in ip-rule mode, together with the next id (the guard
+    table of remote pod CIDRs); no other table is ever modified."""
 
     take_over_pod_to_pod: bool = False
     """Redirect local-pod to remote-pod traffic into WireGuard in nodecryptor instead of leaving

@@ -241,11 +241,30 @@ def hold_datapath_main(argv: list[str]) -> int:
 
     from nodecryptor.datapath.bpf.backend import BpfDatapath
 
+    from nodecryptor.datapath.bpf import attach
+
     spec = json.loads(argv[0])
     a, b = Node(**spec["a"]), Node(**spec["b"])
     settings = Settings(node_name=a.name, bpffs=spec["bpffs"], wg_interface=WG_IFNAME)
+    # "die" kills this process (SIGKILL, nothing runs after it) at one point of the lifecycle:
+    # "after-start" (an agent that never reaches its first apply: OOM, API outage) or
+    # "before-egress" (between the ingress and the egress swap of the first apply).
+    die = spec.get("die", "")
+    if die == "before-egress":
+        real_attach = attach.tcx_attach
+
+        def attach_or_die(bpffs, ifname, prog_fd, direction=attach.EGRESS):
+            if direction == attach.EGRESS:
+                print("dying before the egress swap", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_attach(bpffs, ifname, prog_fd, direction)
+
+        attach.tcx_attach = attach_or_die
     datapath = BpfDatapath(settings)
     datapath.start()
+    if die == "after-start":
+        print(f"started {datapath.prog_id}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
     datapath.apply(desired_for(settings, a, b))
     print(f"applied {datapath.prog_id}", flush=True)
     while True:

@@ -125,6 +125,10 @@ def test_legacy_filter_replaced_in_place_and_shadowing_detected(veth_ns, progs, 
         assert "prio 1 handle 0x7" in shadow, shadow
 
         assert attach.tc_devices() == {"eth0": attach.ifindex_of("eth0")}
+        # The id of the program behind nodecryptor's own filter, which start-up's repair of
+        # split generations needs (pyroute2 does not decode TCA_BPF_ID).
+        assert attach.tc_programs() == {"eth0": syscall.prog_info(ours2).id}
+        assert attach.tc_programs(attach.INGRESS) == {}
         assert attach.tc_detach("eth0") is True
         assert attach.tc_detach("eth0") is False
         left = attach.query(attach.ifindex_of("eth0"))["tc"]

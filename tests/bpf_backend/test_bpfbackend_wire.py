@@ -452,6 +452,9 @@ def test_inspection_commands_on_live_setup_without_agent(lab, bpffs, datapaths):
             prog_id = dp.prog_id
             dp.close()  # the commands read pins only; the agent need not run
             foreign_link = syscall.tcx_link_create(foreign, attach.ifindex_of("eth0"), flags=0)
+            foreign_in = syscall.tcx_link_create(foreign, attach.ifindex_of("eth0"), flags=0,
+                                                 attach_type=syscall.BPF_TCX_INGRESS)
+
         def cli(*args):
             return nodecryptor_cli(*args, "--bpffs", bpffs, mount_pid=a.wg_pid)
 
@@ -511,9 +514,19 @@ def test_inspection_commands_on_live_setup_without_agent(lab, bpffs, datapaths):
                                        "node_ips_in_allowed_ips"}
         assert cil["attach"] == [{"device": "eth0", "mode": "tcx", "position": 0,
                                   "runs_behind_nodecryptor": ["foreign_next"]}]
-        [chain] = st["chains"]
-        assert [(e["name"], e["prog_id"], e["nodecryptor"]) for e in chain["tcx"]] == [
-            ("nc_egress", prog_id, True), ("foreign_next", prog_id_of(foreign), False)]
+        hooks = {(c["device"], c["direction"]): c for c in st["chains"]}
+        assert set(hooks) == {("eth0", "egress"), ("eth0", "ingress"),
+                              ("cilium_wg0", "ingress")}, st["chains"]
+        assert [(e["name"], e["prog_id"], e["nodecryptor"], e["owner"])
+                for e in hooks["eth0", "egress"]["tcx"]] == [
+            ("nc_egress", prog_id, True, "nodecryptor"),
+            ("foreign_next", prog_id_of(foreign), False, "other")]
+        # Ingress: nodecryptor's program, then whatever runs behind it (here, on eth0, a
+        # foreign program attached at the tail, as Cilium attaches cil_from_netdev).
+        assert [(e["name"], e["owner"]) for e in hooks["eth0", "ingress"]["tcx"]] == [
+            ("nc_ingress", "nodecryptor"), ("foreign_next", "other")]
+        assert [(e["name"], e["owner"]) for e in hooks["cilium_wg0", "ingress"]["tcx"]] == [
+            ("nc_ingress", "nodecryptor")]
         # explain ran the live program several times above, dry: no real traffic was counted
         assert st["counters"]["cluster-destination"]["packets"] == 0
 
@@ -521,16 +534,22 @@ def test_inspection_commands_on_live_setup_without_agent(lab, bpffs, datapaths):
         assert text.returncode == 0, text.stderr
         assert "ready: yes" in text.stdout and "eth0" in text.stdout, text.stdout
         assert "cilium: routing native" in text.stdout, text.stdout
-        assert f"nc_egress(id {prog_id})* -> foreign_next" in text.stdout, text.stdout
+        assert f"eth0 tcx egress: nc_egress(id {prog_id}, nodecryptor)* -> foreign_next" \
+            in text.stdout, text.stdout
+        assert "eth0 tcx ingress: nc_ingress(id " in text.stdout, text.stdout
+        assert "cilium_wg0 tcx ingress: nc_ingress(id " in text.stdout, text.stdout
         text_dump = cli("bpf", "dump")
         assert text_dump.returncode == 0 and f"{b.ip}/32" in text_dump.stdout, text_dump.stderr
         text_explain = cli("explain", "--dst", b.ip, "--dport", "6443")
         assert text_explain.stdout.startswith("exempt: exempt-control-plane-port")
         print(text.stdout, text_dump.stdout, text_explain.stdout, sep="\n")
 
-        done = cli("cleanup", "--json")
+        done = cli("cleanup")
         assert done.returncode == 0, done.stderr
-        assert json.loads(done.stdout)["bpf"]["tcx_links"] == ["eth0"]
+        # The text names every hook it emptied, ingress (eth0 and cilium_wg0) included.
+        assert "bpf: removed 3 hook(s)" in done.stdout, done.stdout
+        assert "egress tcx link(s): eth0\n" in done.stdout, done.stdout
+        assert "ingress tcx link(s): cilium_wg0, eth0\n" in done.stdout, done.stdout
         gone = cli("status", "--json")
         assert gone.returncode == 1 and "no nodecryptor datapath is active" in gone.stderr
         with in_netns(a.netns):
@@ -540,3 +559,5 @@ def test_inspection_commands_on_live_setup_without_agent(lab, bpffs, datapaths):
         foreign.close()
         if "foreign_link" in locals():
             foreign_link.close()
+        if "foreign_in" in locals():
+            foreign_in.close()

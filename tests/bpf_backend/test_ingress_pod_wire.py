@@ -7,7 +7,6 @@ the pod opened), and B's other clear text to the pod is still refused and metere
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 
 import pytest
@@ -22,11 +21,8 @@ pytestmark = [pytest.mark.privileged, pytest.mark.bpf]
 
 def _map(bpffs: str, name: str) -> list:
     spec = abi.MAPS_BY_NAME[name]
-    fd = syscall.obj_get(pins.map_path(bpffs, name), read_only=True)
-    try:
-        return list(syscall.map_items(fd, spec.key, spec.value))
-    finally:
-        os.close(fd)
+    with syscall.obj_get(pins.map_path(bpffs, name), read_only=True) as obj:
+        return list(syscall.map_items(obj, spec.key, spec.value))
 
 
 def test_enforce_passes_a_pods_bootstrap_connection_and_refuses_the_rest(lab, bpffs, datapaths):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import struct
 from dataclasses import asdict, dataclass
 
 from pyroute2 import IPRoute
@@ -204,8 +205,37 @@ def _filters(ipr: IPRoute, ifindex: int, direction: str = EGRESS) -> list[dict]:
             continue
         name = msg.get_nested("TCA_OPTIONS", "TCA_BPF_NAME")
         out.append({"prio": msg["info"] >> 16, "handle": msg["handle"],
-                    "kind": msg.get_attr("TCA_KIND"), "name": name})
+                    "kind": msg.get_attr("TCA_KIND"), "name": name,
+                    "prog_id": _tc_bpf_id(msg)})
     return out
+
+
+_NLMSG_HDR, _TCMSG = 16, 20
+_TCA_OPTIONS, _TCA_BPF_ID = 2, 11
+_NLA_TYPE_MASK = 0x3FFF  # without the nested / byte-order flags
+
+
+def _nlas(data: bytes, start: int, end: int):
+    """(type, value start, value end) of the netlink attributes in data[start:end]."""
+    while start + 4 <= end:
+        length, kind = struct.unpack_from("=HH", data, start)
+        if length < 4:
+            return
+        yield kind & _NLA_TYPE_MASK, start + 4, min(start + length, end)
+        start += (length + 3) & ~3
+
+
+def _tc_bpf_id(msg) -> int:
+    """The program id of a bpf filter (TCA_OPTIONS/TCA_BPF_ID), read from the raw message:
+    pyroute2 does not decode that attribute. 0 when absent."""
+    data, base = msg.data, msg.offset
+    end = base + msg["header"]["length"]
+    for kind, first, last in _nlas(data, base + _NLMSG_HDR + _TCMSG, end):
+        if kind == _TCA_OPTIONS:
+            for inner, value, stop in _nlas(data, first, last):
+                if inner == _TCA_BPF_ID and stop - value >= 4:
+                    return struct.unpack_from("=I", data, value)[0]
+    return 0
 
 
 def _is_ours(f: dict) -> bool:
@@ -299,6 +329,21 @@ def tc_devices(direction: str = EGRESS) -> dict[str, int]:
     return found
 
 
+def tc_programs(direction: str = EGRESS) -> dict[str, int]:
+    """{ifname: program id} of nodecryptor's own filters of ``direction`` in this namespace."""
+    found = {}
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            try:
+                filters = _filters(ipr, link["index"], direction)
+            except NetlinkError:
+                continue
+            for f in filters:
+                if _is_ours(f) and f["prog_id"]:
+                    found[link.get_attr("IFLA_IFNAME")] = f["prog_id"]
+    return found
+
+
 def tc_detach(ifname: str, ifindex: int | None = None, direction: str = EGRESS) -> bool:
     """Remove nodecryptor's filter (only one with its handle and name). Leaves the clsact qdisc:
     other programs may use it. Missing is success (False)."""
@@ -320,23 +365,22 @@ def tc_detach(ifname: str, ifindex: int | None = None, direction: str = EGRESS) 
 
 # ---- listing ---------------------------------------------------------------------------------
 
-def query(ifindex: int) -> dict:
-    """The whole egress hook of a device: the tcx chain in order (program and link ids, as
-    Debian's bpftool and iproute2 cannot show it) and the legacy clsact filters."""
-    out: dict = {"ifindex": ifindex, "tcx": None, "tc": []}
+def query(ifindex: int, direction: str = EGRESS) -> dict:
+    """The whole hook of a device in ``direction``: the tcx chain in order (program and link
+    ids, as Debian's bpftool and iproute2 cannot show it) and the legacy clsact filters."""
+    out: dict = {"ifindex": ifindex, "direction": direction, "tcx": None, "tc": []}
     ok, why = syscall.tcx_supported()
     if ok:
-        chain = syscall.prog_query(ifindex, syscall.BPF_TCX_EGRESS)
+        chain = syscall.prog_query(ifindex, _tcx_type(direction))
         out["tcx"] = [{"position": i, "prog_id": prog, "link_id": link}
-                      for i, (prog, link) in enumerate(zip(chain["prog_ids"],
-                                                           chain["link_ids"]))]
+                      for i, (prog, link) in enumerate(zip(chain["prog_ids"], chain["link_ids"]))]
         out["tcx_revision"] = chain["revision"]
     else:
         out["tcx_unavailable"] = why
     with IPRoute() as ipr:
         try:
             out["tc"] = [{**f, "handle": f"0x{f['handle']:x}", "ours": _is_ours(f)}
-                         for f in _filters(ipr, ifindex)]
+                         for f in _filters(ipr, ifindex, direction)]
         except NetlinkError:
             out["tc"] = []
     return out

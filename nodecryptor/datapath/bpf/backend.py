@@ -31,7 +31,7 @@ from nodecryptor.core.log import kv
 from nodecryptor.core.model import DesiredState
 from nodecryptor.core.settings import DatapathMode, Settings
 from nodecryptor.datapath.base import Observation
-from nodecryptor.datapath.bpf import abi, attach, collector, inspect, pins, syscall
+from nodecryptor.datapath.bpf import abi, attach, collector, inspect, lifecycle, pins, syscall
 from nodecryptor.datapath.bpf.maps import decode
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,8 @@ class BpfDatapath:
             raise  # a DatapathError naming path, owner and mode: auto falls back, saying why
         except OSError as e:
             raise NotSupported("bpffs", f"cannot create {pins.root(bpffs)}: {e}") from e
+        # Before loading: even a start that fails later leaves the node consistent.
+        lifecycle.repair_at_start(bpffs)
         # Start from the capacity the previous agent grew to, so a restart does not regrow.
         capacities = self._pinned_capacities()
         self._attached_generation = pins.current_generation(bpffs)

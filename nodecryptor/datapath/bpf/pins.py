@@ -321,7 +321,43 @@ def pinned_link_names(bpffs: str, direction: str = "egress") -> list[str]:
         return []
 
 
+KNOWN_ROOT_ENTRIES = frozenset({"links", "links-ingress", "prog", "prog-explain", "prog-ingress",
+                                "prog-explain-ingress"})
+"""Every name this release puts directly under the root, besides its v<ABI> directory. The
+compatibility rule (operator guide, "Upgrades and rollbacks"): a later release adds hooks only
+under new ``links-<hook>/`` directories and maps only under a new ``v<ABI>/``, so a release
+that meets a name it does not know can tell what it is and remove it (lifecycle.py)."""
+
+
+def unknown_root_entries(bpffs: str) -> list[str]:
+    """Names under the root this release did not create (a newer release's), ABI directories
+    excepted: ``remove_stale`` removes those once this release's generation is attached."""
+    try:
+        names = os.listdir(root(bpffs))
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names
+                  if n not in KNOWN_ROOT_ENTRIES and not re.match(r"^v[0-9]+$", n))
+
+
+def remove_path(path: str) -> list[str]:
+    """Remove one pin, or a directory of pins; returns the paths removed."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        return _remove_tree(path)
+    return [path] if unlink(path) else []
+
+
 def remove_all(bpffs: str) -> list[str]:
     """Unlink every pin under nodecryptor's root and remove its directories. Touches nothing
     outside the root. Returns the removed paths."""
     return _remove_tree(root(bpffs))
+
+
+def pinned_prog_id(path: str) -> int:
+    """Id of the program pinned at ``path``; 0 when nothing (readable) is pinned there."""
+    try:
+        prog = syscall.obj_get(path)
+    except OSError:
+        return 0
+    with prog:
+        return syscall.prog_info(prog).id

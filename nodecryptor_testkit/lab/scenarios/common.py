@@ -44,9 +44,10 @@ def installed_text(lab, name: str) -> str:
     if lab.datapath == "bpf":
         from nodecryptor.datapath.bpf import inspect as bpf_inspect
         return json.dumps(bpf_inspect.dump(Settings(bpffs=lab.nodes[name].bpffs)), default=str)
-    table = str(Settings().iprule_table)
+    # Both of its tables: its own and the guard table of remote pod CIDRs (iprule_table + 1).
+    tables = (str(Settings().iprule_table), str(Settings().iprule_table + 1))
     return "\n".join(lab.run_in(name, "ip", fam, "route", "show", "table", table)
-                     for fam in ("-4", "-6"))
+                     for fam in ("-4", "-6") for table in tables)
 
 
 def cli_text(lab, name: str) -> str:
