@@ -322,7 +322,7 @@ def pinned_link_names(bpffs: str, direction: str = "egress") -> list[str]:
 
 
 KNOWN_ROOT_ENTRIES = frozenset({"links", "links-ingress", "prog", "prog-explain", "prog-ingress",
-                                "prog-explain-ingress"})
+                                "prog-explain-ingress", "programs"})
 """Every name this release puts directly under the root, besides its v<ABI> directory. The
 compatibility rule (operator guide, "Upgrades and rollbacks"): a later release adds hooks only
 under new ``links-<hook>/`` directories and maps only under a new ``v<ABI>/``, so a release
