@@ -3,7 +3,9 @@ address and sends clear text to another worker. With ``--ingress-enforcement=aud
 accepts it but counts it and lists it (``status --leaks``); with ``enforce`` the target refuses
 it on the wire; in both modes the bootstrap flows (worker to the control plane's 6443, 2379,
 2380) still work, and so does a control-plane node rebooting with a new key (the ``bootstrap``
-scenario, run again under ``enforce``).
+scenario, run again under ``enforce``). Under ``enforce`` the whole ``matrix`` runs again, so
+a pod's exempt connection to the control plane (whose replies arrive in the clear) is judged
+on the wire too.
 
 The rogue never answers ARP (``arp off``) and reaches the target through a static neighbour
 entry, so the real worker keeps its address on the segment. With the ip-rule datapath ingress
@@ -21,6 +23,7 @@ from .. import topology as topo
 from ..flows import CLEAR, Flow, PortAllocator, Result, Row, observe
 from ..spec import API_PORT
 from . import bootstrap
+from .matrix import matrix_flows
 
 ROGUE_PORT = 7601
 """UDP port on the target node that a socket listens on for the rogue's datagrams."""
@@ -146,7 +149,13 @@ def run(lab, ports: PortAllocator) -> Result:
             want = ("pass" if mode == "audit" else "drop")
             result.rows.append(Row(f"{target.name}: explain --direction ingress ({mode})", want,
                                    explain["verdict"], explain["reason"]))
-            result.rows += observe(lab, _bootstrap_flows(lab), ports, f"rogue-{mode}")
+            if mode == "enforce":
+                # Every flow of the matrix with every node enforcing: the exempt flows a pod
+                # opens to the control plane (its replies come back in the clear) included.
+                result.rows += [Row(f"enforce: {r.label}", r.expected, r.observed, r.detail)
+                                for r in observe(lab, matrix_flows(lab), ports, "rogue-matrix")]
+            else:
+                result.rows += observe(lab, _bootstrap_flows(lab), ports, f"rogue-{mode}")
         if lab.datapath == "bpf":
             # A control-plane node rebooting with a new key, with every node enforcing.
             boot = bootstrap.run(lab, ports)
