@@ -40,7 +40,7 @@ from nodecryptor.observe.metrics import count_program_load
 log = logging.getLogger(__name__)
 
 KEY_FORMAT = 1
-"""Bump when the meaning of a key changes (what is hashed, or the pin names)."""
+"""Bump when the meaning of a key changes (what is hashed, or what a key directory holds)."""
 CHILD_TIMEOUT_SECONDS = 600.0
 """A compile took 37-39 s with three agents compiling at once on 2 vCPUs; ten minutes only
 catches a hung child, it is not a performance budget."""
