@@ -10,7 +10,8 @@ import ipaddress
 import pytest
 from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
 
-from nodecryptor.policy.admission import REASONS, Claim, Limits, admit, special_purpose
+from nodecryptor.policy.admission import REASONS, special_purpose
+from nodecryptor.policy.topology import compile_topology
 from nodecryptor.policy.ciliumnode import parse_ciliumnode, parse_node_roles
 from nodecryptor.datapath.iprule.spec import desired_routes
 from nodecryptor.observe.metrics import Metrics
@@ -32,7 +33,8 @@ def trusted(*objs, node_roles: dict | None = None) -> dict[str, NodeInfo]:
     for obj in objs:
         info, _ = parse_ciliumnode(obj)
         labels = info.labels if node_roles is None else node_roles.get(info.name)
-        out[info.name] = dataclasses.replace(info, node_labels=labels)
+        out[info.name] = dataclasses.replace(info, node_labels=labels,
+                                            node_addresses=info.addresses)
     return out
 
 
@@ -288,8 +290,10 @@ LOCAL = ("me", "192.168.50.10", "10.244.10.0/24")
 def honest_cluster() -> dict[str, NodeInfo]:
     out = {}
     for name, ip, cidr in [LOCAL, *HONEST_V4]:
-        out[name] = NodeInfo(name, addresses=(("InternalIP", addr(ip)),), pod_cidrs=(net(cidr),),
-                             node_labels=((CP_LABEL, ""),) if name == "h1" else ())
+        address = (("InternalIP", addr(ip)),)
+        out[name] = NodeInfo(name, addresses=address, pod_cidrs=(net(cidr),),
+                             node_labels=((CP_LABEL, ""),) if name == "h1" else (),
+                             node_addresses=address)
     return out
 
 
@@ -367,17 +371,31 @@ def test_property_no_claim_touches_outside_traffic_or_displaces_an_honest_node(n
                                            "10.244.1.0/25", "10.245.0.0/24"]),
                           st.booleans()), max_size=12))
 def test_property_admission_is_order_independent_and_complete(raw):
-    claims = [Claim(n, "spec.addresses" if k == KIND_NODE_IP else "spec.ipam.podCIDRs", k,
-                    net(p), cp) for n, k, p, cp in raw]
-    first = admit(claims, [], Limits())
-    second = admit(list(reversed(claims)), [], Limits())
-    admitted = {c for group in first.admitted for c in group}
-    assert admitted == {c for group in second.admitted for c in group}
-    assert set(first.rejected) == set(second.rejected)
-    # Every claim is either admitted or rejected (a duplicate is both: kept and reported).
+    """Each node's addresses as its Node lists them and pod CIDRs as its CiliumNode claims
+    them: whatever the input order, every claim is admitted or rejected, never both (a
+    duplicate is kept and reported)."""
+    def cluster(rows):
+        nodes: dict = {}
+        for n, k, p, _cp in rows:
+            addrs, pods = nodes.setdefault(n, ([], []))
+            (addrs if k == KIND_NODE_IP else pods).append(net(p))
+        out = {}
+        for n, (addrs, pods) in nodes.items():
+            pairs = tuple(("InternalIP", a.network_address) for a in addrs if a.prefixlen == 32)
+            out[n] = NodeInfo(n, addresses=pairs, node_addresses=pairs, pod_cidrs=tuple(pods),
+                              node_labels=())
+        return out
+
+    first = compile_topology(cluster(raw), Settings())
+    second = compile_topology(dict(reversed(list(cluster(list(reversed(raw))).items()))),
+                              Settings())
+    assert first == second
+    admitted = {(c.node, str(c.prefix)) for group in first.admitted for c in group}
     rejected_keys = {(r.obj, r.value) for r in first.rejected if r.reason != "duplicate-claim"}
-    for c in claims:
-        assert (c in admitted) != ((c.node, str(c.prefix)) in rejected_keys)
+    assert not admitted & rejected_keys
+    for node in cluster(raw).values():
+        for p in [*(net(a) for _, a in node.addresses), *node.pod_cidrs]:
+            assert (node.name, str(p)) in admitted | rejected_keys
 
 
 def test_reconcile_reports_each_rejection_once_across_passes():

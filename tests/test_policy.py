@@ -15,12 +15,13 @@ from tests.cilium_objects import (CP_LABEL, K3S_CP, KUBEADM_CP, LEGACY_MASTER, N
 
 
 def snapshot(*objs):
-    """NodeInfo by name, each with a v1 Node carrying the same labels as its CiliumNode (the
-    trusted role source; tests/test_admission.py covers the two sources disagreeing)."""
+    """NodeInfo by name, each with a v1 Node carrying the same labels and addresses as its
+    CiliumNode (the trusted source; tests/test_admission.py covers the two sources disagreeing)."""
     out = {}
     for obj in objs:
         info, _ = parse_ciliumnode(obj)
-        out[info.name] = dataclasses.replace(info, node_labels=info.labels)
+        out[info.name] = dataclasses.replace(info, node_labels=info.labels,
+                                            node_addresses=info.addresses)
     return out
 
 
