@@ -127,18 +127,32 @@ def test_cluster_pod_cidrs_reject_pod_cidrs_outside_them_per_family():
     assert reasons(plan) == {("evil", "10.99.1.0/24", "outside-cluster-pod-cidrs")}
 
 
+# The local node's own pod CIDRs as the kernel shows them (Cilium's route over cilium_host).
+W1_KERNEL = (net("10.244.1.0/24"), net("fd00:10:244:1::/64"))
+
+
 @pytest.mark.parametrize("claim", [
     "10.244.1.0/24",      # the local pod CIDR itself
     "10.244.0.0/16",      # a supernet of it (ip-rule: 'unreachable 10.244.0.0/16' broke probes)
     "10.244.1.128/25",    # inside it
-    "192.168.50.0/24",    # the underlay subnet, covering the local node address
-    "fd00:10:244:1::/64", "fd00:10:244::/48", "fd50::/64",
+    "fd00:10:244:1::/64", "fd00:10:244::/48",
 ])
 def test_claims_overlapping_the_local_node_are_rejected(claim):
     evil = ciliumnode("evil", "192.168.50.66", pod_cidrs=[claim])
-    plan = compute_plan(trusted(KUBEADM_CP, W1, evil), "w1", SETTINGS)
+    plan = compute_plan(trusted(KUBEADM_CP, W1, evil), "w1", SETTINGS, kernel_prefixes=W1_KERNEL)
     assert claim not in prefixes(plan)
     assert ("evil", claim, "overlaps-local-node") in reasons(plan)
+
+
+@pytest.mark.parametrize("claim", ["192.168.50.0/24", "fd50::/64"])
+def test_a_pod_cidr_over_node_addresses_is_rejected(claim):
+    """The underlay subnet claimed as a pod CIDR (no pool configured) contains addresses v1
+    Nodes list: refused, and every node address inside stays a destination."""
+    evil = ciliumnode("evil", "192.168.50.66", pod_cidrs=[claim])
+    plan = compute_plan(trusted(KUBEADM_CP, W1, W2, evil), "w1", SETTINGS)
+    assert claim not in prefixes(plan)
+    assert ("evil", claim, "covers-node-address") in reasons(plan)
+    assert {"192.168.50.10/32", "192.168.50.22/32"} <= prefixes(plan)
 
 
 def test_another_node_claiming_the_local_address_is_rejected():
@@ -148,18 +162,18 @@ def test_another_node_claiming_the_local_address_is_rejected():
     assert reasons(plan) == {("evil", "192.168.50.21/32", "overlaps-local-node")}
 
 
-def test_a_claim_covering_other_nodes_is_rejected_and_theirs_stay():
-    # 10.244.0.0/20 would contain cp1's and w2's pod CIDRs (but not w1's 10.244.1.0/24 when
-    # the local node is w9 elsewhere).
+def test_a_claim_covering_other_nodes_removes_nothing():
+    """Nested claims all stay (longest-prefix match sends each packet to the most specific
+    claimant); a pod CIDR over node addresses is refused, the addresses stay."""
     w9 = ciliumnode("w9", "192.168.60.9", pod_cidrs=["10.245.9.0/24"])
     evil = ciliumnode("evil", "192.168.60.66",
                       pod_cidrs=["10.244.0.0/22", "192.168.50.0/24", "10.250.0.0/24"])
     plan = compute_plan(trusted(KUBEADM_CP, W1, W2, w9, evil), "w9",
                         Settings(node_name="w9"))
     assert {"10.244.0.0/24", "10.244.1.0/24", "10.244.2.0/24", "192.168.50.10/32",
-            "192.168.50.21/32", "192.168.50.22/32", "10.250.0.0/24"} <= prefixes(plan)
-    assert {(v, r) for _, v, r in reasons(plan)} == {
-        ("10.244.0.0/22", "covers-other-node"), ("192.168.50.0/24", "covers-other-node")}
+            "192.168.50.21/32", "192.168.50.22/32", "10.250.0.0/24",
+            "10.244.0.0/22"} <= prefixes(plan)
+    assert {(v, r) for _, v, r in reasons(plan)} == {("192.168.50.0/24", "covers-node-address")}
 
 
 def test_a_node_address_inside_its_own_pod_cidr_is_fine():
@@ -330,35 +344,32 @@ PROPERTY_SETTINGS = [Settings(node_name="me"),
 
 
 @hyp_settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(hostile_node, max_size=3), st.sampled_from(PROPERTY_SETTINGS))
-def test_property_no_claim_touches_outside_traffic_or_displaces_an_honest_node(nodes, settings):
+@given(st.lists(hostile_node, max_size=3), st.sampled_from(PROPERTY_SETTINGS), st.booleans())
+def test_property_no_claim_touches_outside_traffic_or_displaces_an_honest_node(nodes, settings,
+                                                                             kernel):
+    """Hostile CiliumNodes (no Node of their own) claim anything: the honest nodes' prefixes
+    all stay encrypted, nothing special-purpose, too broad or (with pools) outside the pools
+    becomes a destination, nothing over the local node's trusted prefixes either, and the
+    control-plane node keeps its exemption. ``kernel``: whether the kernel shows the local
+    pod CIDR (else the local CiliumNode's own claim is all there is, and it loses conflicts)."""
     snapshot = {**hostile(nodes), **honest_cluster()}
-    plan = compute_plan(snapshot, "me", settings)
-    local = [net(LOCAL[1]), net(LOCAL[2])]
+    plan = compute_plan(snapshot, "me", settings,
+                        kernel_prefixes=(net(LOCAL[2]),) if kernel else ())
+    local = [net(LOCAL[1]), *([net(LOCAL[2])] if kernel else [])]
+    hostile_names = {n for n, *_ in nodes}
     for d in plan.destinations:
         p = d.prefix
-        # Nothing special-purpose, nothing over the local node, nothing too broad, and inside
-        # the cluster's pod ranges when they are known.
         assert special_purpose(p) is None
         assert not any(p.overlaps(own) for own in local if own.version == p.version)
         if d.kind == KIND_POD_CIDR:
             assert p.prefixlen >= (16 if p.version == 4 else 48)
             if settings.cluster_pod_cidrs and p.version == 4:
                 assert any(p.subnet_of(r) for r in settings.cluster_pod_cidrs)
-        # No destination strictly contains a prefix another node claims as a destination.
-        for other in plan.destinations:
-            if other.node != d.node and other.prefix != p and other.prefix.version == p.version:
-                assert not other.prefix.subnet_of(p) or other.node == d.node
-    # Every honest prefix that no hostile claim sits inside stays encrypted, and the
-    # control-plane node's address keeps its exemption whatever claims it.
-    hostile_prefixes = [p for _, cidrs, addrs, _ in nodes
-                        for p in [*cidrs, *(net(a.network_address) for a in addrs)]]
+        else:
+            assert d.node not in hostile_names  # no Node object: no node address
     by_prefix = {d.prefix: d for d in plan.destinations}
     for name, ip, cidr in HONEST_V4:
         for p in (net(ip), net(cidr)):
-            if any(h.version == p.version and h.subnet_of(p) and h != p
-                   for h in hostile_prefixes):
-                continue
             assert p in by_prefix, (name, p)
     assert by_prefix[net("192.168.50.11/32")].control_plane
     assert all(r.reason in REASONS for r in plan.rejected)
@@ -406,6 +417,7 @@ def test_reconcile_reports_each_rejection_once_across_passes():
 
     store = Store()
     evil = ciliumnode("evil", "192.168.50.66", pod_cidrs=["10.0.0.0/8", "10.244.1.0/25"])
+    kernel = (net("10.244.1.0/24"),)  # Cilium's route to w1's pod CIDR
     store.replace_all(trusted(KUBEADM_CP, W1, evil).values())
     metrics = Metrics()
     wg = WgState(ifname="cilium_wg0", ifindex=9, present=True, up=True, mtu=1420,
@@ -414,7 +426,8 @@ def test_reconcile_reports_each_rejection_once_across_passes():
                      read_wg=lambda name: wg,
                      resolve_devices=lambda names, addrs, exclude: ((Device("eth0", 2, 1500),),
                                                                     []),
-                     read_sysctl=lambda name: {"all": 0, name: 0})
+                     read_sysctl=lambda name: {"all": 0, name: 0},
+                     read_local=lambda: kernel)
     for _ in range(3):
         assert rec.reconcile_once(force=True).ok
     counts = {r: metrics.registry.get_sample_value("nodecryptor_rejected_claims_total",

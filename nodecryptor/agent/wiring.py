@@ -81,9 +81,12 @@ class Agent:
 
     def run(self, datapath: Datapath, stop: threading.Event) -> int:
         from nodecryptor.cluster.k8s import CiliumNodeSync, ExemptionSync, NodeRoleSync
+        from nodecryptor.node import localroutes
 
         settings = self.settings
-        reconciler = self.reconciler = Reconciler(settings, self.store, datapath, self.metrics)
+        reconciler = self.reconciler = Reconciler(
+            settings, self.store, datapath, self.metrics,
+            read_local=lambda: localroutes.read_local_prefixes(settings.wg_interface))
         sync = CiliumNodeSync(settings, self.store, self.metrics)
 
         def watched_links() -> set[str]:

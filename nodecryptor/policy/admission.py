@@ -48,6 +48,8 @@ REASONS: dict[str, str] = {
     "outside-cluster-pod-cidrs": "pod CIDR not inside the cluster's pod pools (Cilium's "
                                  "configuration, or --cluster-pod-cidrs)",
     "not-in-node-spec": "pod CIDR outside the pools and not among the v1 Node's spec.podCIDRs",
+    "covers-node-address": "pod CIDR that no pool vouches for and that contains an address "
+                           "a v1 Node lists",
     "not-in-node-status": "node address the v1 Node's status.addresses do not list",
     "no-node-object": "node address of a CiliumNode that has no v1 Node of the same name",
     "overlaps-local-node": "overlaps an address or pod CIDR the local node's Node object or "

@@ -89,8 +89,12 @@ def localize(topology: Topology, snapshot: Mapping[str, NodeInfo], node_name: st
     remote = [g for g in (tuple(c for c in group if c.node != node_name)
                           for group in topology.admitted) if g]
     remote_spans = [g[0].span for g in remote]
-    rejected: list[Rejection] = [r for r in topology.rejected if r.obj != node_name
-                                 or r.reason == "duplicate-claim"]
+    # A conflict with the local node's own claim is said once, as the remote claim's
+    # rejection below (overlaps-local-node).
+    local_claimed = {str(c.prefix) for group in topology.admitted for c in group
+                     if c.node == node_name}
+    rejected: list[Rejection] = [r for r in topology.rejected
+                                 if r.reason != "duplicate-claim" or r.value not in local_claimed]
 
     trusted: list[IPNetwork] = list(kernel_prefixes)
     local_addresses: list = []

@@ -134,6 +134,10 @@ def compile_topology(snapshot: Mapping[str, NodeInfo], settings: Settings,
     limits = limits_of(settings, pools)
     claims: list[Claim] = []
     rejected: list[Rejection] = []
+    # Every address a Node lists: a pod CIDR no pool vouches for must not contain one (pods
+    # and node addresses never share space unless the administrator's pools say so).
+    node_ips = [(a, n) for n in sorted(snapshot)
+                for a in trusted_addresses(snapshot[n], settings.address_types)]
     for name in sorted(snapshot):
         node = snapshot[name]
         cp = node_is_control_plane(node, settings)
@@ -155,6 +159,12 @@ def compile_topology(snapshot: Mapping[str, NodeInfo], settings: Settings,
             if cidr in node.node_pod_cidrs:
                 continue  # the same fact from the trusted source
             verdict = pod_cidr_verdict(cidr, limits, node.node_pod_cidrs)
+            if verdict is None and not any(r.version == cidr.version
+                                           for r in limits.cluster_pod_cidrs):
+                inside = next((f"{a} of node {n}" for a, n in node_ips
+                               if n != name and a.version == cidr.version and a in cidr), None)
+                if inside is not None:
+                    verdict = "covers-node-address", f"contains the node address {inside}"
             if verdict is not None:
                 rejected.append(Rejection(name, FIELD_POD_CIDRS, str(cidr), verdict[1],
                                           verdict[0]))
