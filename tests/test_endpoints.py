@@ -349,12 +349,12 @@ def test_overlapping_binds():
 def test_agent_liveness_fails_when_the_sync_dies_or_hangs(failure, tmp_path, monkeypatch):
     """The agent's wiring: a sync thread that exits (a bug, say) or stops stepping turns
     /healthz red while the reconcile loop itself is fine."""
-    from nodecryptor.cluster import k8s
+    from nodecryptor.cluster.sync import CiliumNodeSync
 
-    healthy_run = k8s.CiliumNodeSync.run
+    healthy_run = CiliumNodeSync.run
 
     def broken_run(self, stop):
-        if type(self) is not k8s.CiliumNodeSync:
+        if type(self) is not CiliumNodeSync:
             # The Node-role and exemption syncs reuse this loop (subclasses): they stay
             # healthy, so the probe's reason names the CiliumNode sync alone.
             return healthy_run(self, stop)
@@ -362,7 +362,7 @@ def test_agent_liveness_fails_when_the_sync_dies_or_hangs(failure, tmp_path, mon
             raise RuntimeError("simulated bug in the sync")
         stop.wait()  # blocked forever, never stepping
 
-    monkeypatch.setattr(k8s.CiliumNodeSync, "run", broken_run)
+    monkeypatch.setattr(CiliumNodeSync, "run", broken_run)
     with FakeApiServer(token="t") as fake:
         settings = Settings(node_name="w1", kubeconfig=fake.write_kubeconfig(
                                 str(tmp_path / "kubeconfig")),

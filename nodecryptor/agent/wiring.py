@@ -80,7 +80,8 @@ class Agent:
         return check
 
     def run(self, datapath: Datapath, stop: threading.Event) -> int:
-        from nodecryptor.cluster.k8s import CiliumNodeSync, ExemptionSync, NodeRoleSync
+        from nodecryptor.cluster.resources import ExemptionSync, NodeRoleSync
+        from nodecryptor.cluster.sync import CiliumNodeSync
         from nodecryptor.node import localroutes
 
         settings = self.settings
@@ -117,7 +118,7 @@ class Agent:
         # NodeEncryptionReady and peer health (nodecryptor.agent.peermonitor): two more threads, so
         # neither an API outage (the writer) nor a device read (the monitor) ever waits on, or
         # delays, the reconcile loop.
-        from nodecryptor.cluster.k8s import NodeConditionWriter
+        from nodecryptor.cluster.condition import NodeConditionWriter
         from nodecryptor.policy.peerhealth import CONDITION_TYPE
         from nodecryptor.agent.peermonitor import PeerMonitor
 

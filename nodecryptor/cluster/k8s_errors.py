@@ -1,6 +1,6 @@
 """The errors of talking to the Kubernetes API, as the rest of the agent sees them: each names
 the server and what was being done, and carries a short ``cause`` for the watch-restart
-metrics. ``k8s.translate_error`` maps the client library's exceptions onto them."""
+metrics. ``client.translate_error`` maps the client library's exceptions onto them."""
 
 from __future__ import annotations
 

@@ -261,16 +261,18 @@ def check_cluster_config(settings: Settings) -> None:
     directory, not YAML, binary, no current context) or, without --kubeconfig, a missing
     in-cluster service account. Reads files only: the API server is not contacted, and an
     unreachable one is a runtime fault the agent retries."""
-    from nodecryptor.cluster import k8s  # the only module that imports the kubernetes client
+    # Loaded on use: commands that never talk to the API server skip the client.
+    from nodecryptor.cluster import client
+    from nodecryptor.cluster.k8s_errors import KubeConfigError
 
     try:
-        k8s.check_config(settings)
-    except k8s.KubeConfigError as e:
+        client.check_config(settings)
+    except KubeConfigError as e:
         if settings.kubeconfig is not None:
             raise SettingsError("--kubeconfig", settings.kubeconfig, str(e)) from None
         raise SettingsError("--kubeconfig", "(unset)",
                             f"no kubeconfig given and no usable in-cluster service account "
-                            f"(token in {k8s.SERVICE_ACCOUNT_DIR}, KUBERNETES_SERVICE_HOST/"
+                            f"(token in {client.SERVICE_ACCOUNT_DIR}, KUBERNETES_SERVICE_HOST/"
                             f"PORT): {e}") from None
 
 

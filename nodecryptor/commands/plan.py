@@ -22,10 +22,10 @@ def handle(args) -> int:
     settings = settings_from_args(args)
     require_node_name(settings)
     check_cluster_config(settings)
-    from nodecryptor.cluster import k8s  # the only module that imports the kubernetes client; loaded on use
+    from nodecryptor.cluster import reads  # loaded on use, with the Kubernetes client
 
-    snapshot, rejections = k8s.snapshot_once(settings)
-    policies, policy_rejections, note = k8s.exemptions_once(settings)
+    snapshot, rejections = reads.snapshot_once(settings)
+    policies, policy_rejections, note = reads.exemptions_once(settings)
     plan = compute_plan(snapshot, settings.node_name, settings, policies=policies)
     # What the parser skipped, then what admission rejected or reported as a conflict.
     rejected = list(rejections) + list(policy_rejections) + list(plan.rejected)

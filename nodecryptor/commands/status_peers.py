@@ -29,7 +29,7 @@ def _age(seconds) -> str:
 
 
 def _computed(settings) -> dict:
-    from nodecryptor.cluster import k8s
+    from nodecryptor.cluster import reads
     from nodecryptor.node import wireguard  # netlink and the API client, loaded on use
 
     if not settings.node_name:
@@ -37,7 +37,7 @@ def _computed(settings) -> dict:
         raise SettingsError("--node-name", "(unset)", "the agent's peer table is missing or "
                             "stale; computing it needs the local node's name (or $NODE_NAME)")
     check_cluster_config(settings)
-    nodes, _rejections = k8s.snapshot_once(settings)
+    nodes, _rejections = reads.snapshot_once(settings)
     wg = wireguard.read_state(settings.wg_interface)
     now = time.time()
     views = PeerTracker().observe(wg, nodes, settings.node_name, settings.address_types, now)
@@ -85,10 +85,10 @@ class _View:
 
 
 def cluster(args, settings) -> int:
-    from nodecryptor.cluster import k8s
+    from nodecryptor.cluster import reads
 
     check_cluster_config(settings)
-    nodes = k8s.read_node_conditions(settings, CONDITION_TYPE)
+    nodes = reads.read_node_conditions(settings, CONDITION_TYPE)
     ready = sum(1 for n in nodes if (n["condition"] or {}).get("status") == "True")
     not_ready = sum(1 for n in nodes if (n["condition"] or {}).get("status") == "False")
     unknown = len(nodes) - ready - not_ready

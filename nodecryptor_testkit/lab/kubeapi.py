@@ -1,7 +1,7 @@
 """A deliberately tiny kube-apiserver client for the lab's Cilium stand-in and scenarios.
 
 The stand-in plays Cilium, a separate program, so it does not borrow nodecryptor's own
-Kubernetes client (``nodecryptor.cluster.k8s``): the lab must keep working when that client has a bug,
+Kubernetes client (``nodecryptor.cluster``): the lab must keep working when that client has a bug,
 which is exactly what the lab is there to find. A few requests are all it needs.
 """
 

@@ -31,7 +31,8 @@ def main() -> int:
     started = time.perf_counter()
     # Everything the running agent imports, so the baseline is the agent's, not the loader's.
     import nodecryptor.agent.wiring  # noqa: F401
-    import nodecryptor.cluster.k8s  # noqa: F401
+    import nodecryptor.cluster.condition  # noqa: F401
+    import nodecryptor.cluster.resources  # noqa: F401
     from nodecryptor.datapath.bpf import program
     from nodecryptor.core.settings import Settings
 

@@ -14,7 +14,8 @@ import time
 import pytest
 
 from conftest import require
-from nodecryptor.cluster import k8s
+from nodecryptor.cluster.sync import CiliumNodeSync
+from nodecryptor.core.backoff import Backoff
 from nodecryptor.observe.metrics import Metrics
 from nodecryptor.core.settings import Settings
 from nodecryptor.cluster.store import Store
@@ -70,9 +71,9 @@ class Running:
     def __init__(self, settings: Settings, **kw):
         self.store = Store()
         self.metrics = Metrics()
-        kw.setdefault("backoff", k8s.Backoff(initial=0.05, maximum=0.4, jitter=0.2))
+        kw.setdefault("backoff", Backoff(initial=0.05, maximum=0.4, jitter=0.2))
         kw.setdefault("read_timeout_margin", 0.5)
-        self.sync = k8s.CiliumNodeSync(settings, self.store, self.metrics, **kw)
+        self.sync = CiliumNodeSync(settings, self.store, self.metrics, **kw)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.sync.run, args=(self.stop,), daemon=True)
 

@@ -9,7 +9,9 @@ import threading
 
 import pytest
 
-from nodecryptor.cluster import k8s
+from nodecryptor.cluster.resources import ExemptionSync, NodeRoleSync
+from nodecryptor.cluster.sync import CiliumNodeSync
+from nodecryptor.core.backoff import Backoff
 from nodecryptor.observe.metrics import Metrics
 from nodecryptor.policy.plan import compute_plan
 from nodecryptor.core.settings import Settings
@@ -26,11 +28,11 @@ class Syncs:
     def __init__(self, settings: Settings):
         self.store = Store()
         self.metrics = Metrics()
-        fast = dict(backoff=k8s.Backoff(initial=0.05, maximum=0.2, jitter=0.2),
+        fast = dict(backoff=Backoff(initial=0.05, maximum=0.2, jitter=0.2),
                     read_timeout_margin=0.5)
-        self.cilium = k8s.CiliumNodeSync(settings, self.store, self.metrics, **fast)
-        self.roles = k8s.NodeRoleSync(settings, self.store, self.metrics, **fast)
-        self.policies = k8s.ExemptionSync(settings, self.store, self.metrics, **fast)
+        self.cilium = CiliumNodeSync(settings, self.store, self.metrics, **fast)
+        self.roles = NodeRoleSync(settings, self.store, self.metrics, **fast)
+        self.policies = ExemptionSync(settings, self.store, self.metrics, **fast)
         self.settings = settings
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=s.run, args=(self.stop,), daemon=True)

@@ -1,5 +1,5 @@
 """The fake API server speaks the kube-apiserver protocol: checked on the wire (urllib) and
-through nodecryptor.cluster.k8s (the official client), including its fault injection and the
+through nodecryptor.cluster (the official client), including its fault injection and the
 standalone process the lab runs."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 import nodecryptor
-from nodecryptor.cluster import k8s
+from nodecryptor.cluster.reads import snapshot_once
 from nodecryptor_testkit.fakeapi import COLLECTION, FakeApiServer, make_ciliumnode
 
 from k8s_support import require_openssl, TOKEN, node, with_settings
@@ -206,7 +206,7 @@ def test_tls_kubeconfig_with_the_official_client(tmp_path, settings):
     with FakeApiServer(token=TOKEN, tls=True, objects=[node(1), node(2)]) as tls_fake:
         assert tls_fake.url.startswith("https://")
         kc = tls_fake.write_kubeconfig(str(tmp_path / "tls-kubeconfig"))
-        nodes, rejections = k8s.snapshot_once(with_settings(settings, kubeconfig=kc))
+        nodes, rejections = snapshot_once(with_settings(settings, kubeconfig=kc))
         assert sorted(nodes) == ["n00001", "n00002"] and rejections == []
 
 
@@ -221,7 +221,7 @@ def test_standalone_process_serves_and_exits_on_sigterm(tmp_path):
         ready = proc.stdout.readline()
         assert ready.startswith("ready url=http://127.0.0.1:"), ready
         from nodecryptor.core.settings import Settings
-        nodes, _ = k8s.snapshot_once(Settings(kubeconfig=str(kc)))
+        nodes, _ = snapshot_once(Settings(kubeconfig=str(kc)))
         assert sorted(nodes) == ["cp1", "w1", "w2", "w3"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0

@@ -13,7 +13,11 @@ import threading
 import kubernetes.client
 import pytest
 
-from nodecryptor.cluster import k8s
+from nodecryptor.cluster.client import load_client
+from nodecryptor.cluster.condition import NodeConditionWriter
+from nodecryptor.cluster.k8s_errors import KubernetesError
+from nodecryptor.cluster.reads import read_node_conditions
+from nodecryptor.core.backoff import Backoff
 from nodecryptor.observe.metrics import Metrics
 from nodecryptor.policy.peerhealth import CONDITION_TYPE, Condition
 from nodecryptor_testkit.fakeapi import make_node
@@ -104,13 +108,13 @@ class Clock:
 def writer(settings, **kw):
     kw.setdefault("rng", random.Random(1))
     kw.setdefault("clock", Clock())
-    return k8s.NodeConditionWriter(dataclasses.replace(settings, node_name="w1"), CONDITION_TYPE,
-                                   Metrics(), **kw)
+    return NodeConditionWriter(dataclasses.replace(settings, node_name="w1"), CONDITION_TYPE,
+                               Metrics(), **kw)
 
 
 @pytest.fixture
 def core(settings):
-    client = k8s.load_client(settings)
+    client = load_client(settings)
     yield kubernetes.client.CoreV1Api(client)
     client.close()
 
@@ -222,7 +226,7 @@ def test_conflicts_are_retried(fake, settings, core):
     w = writer(settings)
     w.submit(READY)
     for _ in range(2):
-        with pytest.raises(k8s.KubernetesError, match="409"):
+        with pytest.raises(KubernetesError, match="409"):
             w.step(core)
     w.step(core)
     assert conditions(fake)[CONDITION_TYPE]["reason"] == "EncryptionReady"
@@ -231,9 +235,9 @@ def test_conflicts_are_retried(fake, settings, core):
 def test_thread_retries_with_backoff_through_conflicts_and_an_outage(fake, settings):
     fake.apply(make_node("w1"))
     fake.fail_status_next(2, 409)
-    w = k8s.NodeConditionWriter(dataclasses.replace(settings, node_name="w1"), CONDITION_TYPE,
-                                Metrics(), min_interval=0,
-                                backoff=k8s.Backoff(initial=0.05, maximum=0.2, jitter=0.2))
+    w = NodeConditionWriter(dataclasses.replace(settings, node_name="w1"), CONDITION_TYPE,
+                            Metrics(), min_interval=0,
+                            backoff=Backoff(initial=0.05, maximum=0.2, jitter=0.2))
     stop = threading.Event()
     t = threading.Thread(target=w.run, args=(stop,), daemon=True)
     t.start()
@@ -268,6 +272,6 @@ def test_read_node_conditions(fake, settings, core):
     w = writer(settings)
     w.submit(DOWN)
     w.step(core)
-    got = k8s.read_node_conditions(settings, CONDITION_TYPE)
+    got = read_node_conditions(settings, CONDITION_TYPE)
     assert [n["node"] for n in got] == ["w1", "w2"]
     assert got[0]["condition"]["reason"] == "WireGuardDown" and got[1]["condition"] is None

@@ -10,7 +10,10 @@ import threading
 
 import pytest
 
-from nodecryptor.cluster import k8s
+from nodecryptor.cluster.reads import snapshot_once
+from nodecryptor.cluster.resources import NodeRoleSync
+from nodecryptor.cluster.sync import CiliumNodeSync
+from nodecryptor.core.backoff import Backoff
 from nodecryptor.observe.metrics import Metrics
 from nodecryptor.policy.plan import node_is_control_plane
 from nodecryptor.core.settings import Settings
@@ -86,10 +89,10 @@ class Syncs:
     def __init__(self, settings: Settings):
         self.store = Store()
         self.metrics = Metrics()
-        fast = dict(backoff=k8s.Backoff(initial=0.05, maximum=0.4, jitter=0.2),
+        fast = dict(backoff=Backoff(initial=0.05, maximum=0.4, jitter=0.2),
                     read_timeout_margin=0.5)
-        self.roles = k8s.NodeRoleSync(settings, self.store, self.metrics, **fast)
-        self.cilium = k8s.CiliumNodeSync(settings, self.store, self.metrics, **fast)
+        self.roles = NodeRoleSync(settings, self.store, self.metrics, **fast)
+        self.cilium = CiliumNodeSync(settings, self.store, self.metrics, **fast)
         self.settings = settings
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=s.run, args=(self.stop,), daemon=True)
@@ -217,10 +220,10 @@ def test_plan_snapshot_merges_node_roles(fake, settings):
     fake.apply(node(1, control_plane=True))
     fake.apply(node(2))
     fake.apply(make_node("n00002", control_plane=True))
-    nodes, _ = k8s.snapshot_once(settings)
+    nodes, _ = snapshot_once(settings)
     assert {n for n, i in nodes.items() if node_is_control_plane(i, settings)} == {"n00002"}
     legacy = with_settings(settings, role_source="ciliumnode")
     before = len(fake.node_requests)
-    nodes, _ = k8s.snapshot_once(legacy)
+    nodes, _ = snapshot_once(legacy)
     assert {n for n, i in nodes.items() if node_is_control_plane(i, legacy)} == {"n00001"}
     assert len(fake.node_requests) == before  # Nodes are not even read

@@ -83,10 +83,10 @@ def test_server_that_accepts_but_never_answers(fake, settings, run_sync):
 
 
 def test_sync_liveness_follows_its_heartbeat(settings):
-    from nodecryptor.cluster import k8s
+    from nodecryptor.cluster.sync import CiliumNodeSync
     from nodecryptor.cluster.store import Store
 
-    sync = k8s.CiliumNodeSync(with_settings(settings, sync_stale_seconds=100), Store())
+    sync = CiliumNodeSync(with_settings(settings, sync_stale_seconds=100), Store())
     assert sync.alive()[0]
     ok, why = sync.alive(now=sync.heartbeat + 101)
     assert not ok and "no progress for 101s" in why
@@ -95,11 +95,11 @@ def test_sync_liveness_follows_its_heartbeat(settings):
 def test_a_raised_stall_threshold_raises_the_liveness_limit(settings):
     """A healthy loop may sit in a silent watch read for the whole stall threshold after a
     connect: liveness must not fail it for that."""
-    from nodecryptor.cluster import k8s
+    from nodecryptor.cluster.sync import CiliumNodeSync
     from nodecryptor.cluster.store import Store
 
-    sync = k8s.CiliumNodeSync(with_settings(settings, watch_stall_seconds=300,
-                                            request_timeout_seconds=15,
-                                            sync_stale_seconds=150), Store())
+    sync = CiliumNodeSync(with_settings(settings, watch_stall_seconds=300,
+                                        request_timeout_seconds=15,
+                                        sync_stale_seconds=150), Store())
     assert sync.alive(now=sync.heartbeat + 470)[0]  # 1.5 x (300 + 15) = 472.5
     assert not sync.alive(now=sync.heartbeat + 473)[0]

@@ -8,7 +8,10 @@ import time
 
 import pytest
 
-from nodecryptor.cluster import k8s
+from nodecryptor.cluster import client as k8s_client
+from nodecryptor.cluster.k8s_errors import ApiForbidden, ApiUnavailable, KubeConfigError
+from nodecryptor.cluster.reads import snapshot_once
+from nodecryptor.core.backoff import Backoff
 from nodecryptor.policy.ciliumnode import WG_PUBKEY_ANNOTATION, parse_ciliumnode
 from nodecryptor_testkit.fakeapi import make_ciliumnode
 from nodecryptor_testkit.lab.kubeapi import KubeApi
@@ -121,7 +124,7 @@ def test_stale_continue_token_restarts_the_list(fake, settings, run_sync):
     assert len(first_pages) == 2 + 3  # page 1, expired page 2, then three pages afresh
     # snapshot_once (nodecryptor plan) starts over too.
     fake.expire_next_continue(1)
-    nodes, _ = k8s.snapshot_once(with_settings(settings, list_page_size=10))
+    nodes, _ = snapshot_once(with_settings(settings, list_page_size=10))
     assert len(nodes) == 30
 
 
@@ -185,8 +188,8 @@ def test_watch_ends_at_server_timeout_and_reconnects(fake, settings, run_sync):
 def test_wrong_token_is_reported_and_retried(fake, settings, run_sync, tmp_path):
     fake.apply(node(1))
     bad = fake.write_kubeconfig(str(tmp_path / "bad"), token="not-the-token")
-    with pytest.raises(k8s.ApiForbidden, match="401"):
-        k8s.snapshot_once(with_settings(settings, kubeconfig=bad))
+    with pytest.raises(ApiForbidden, match="401"):
+        snapshot_once(with_settings(settings, kubeconfig=bad))
     r = run_sync(with_settings(settings, kubeconfig=bad), wait_synced=False)
     wait_for(lambda: restarts(r.metrics, "forbidden") >= 2, what="retries")
     assert not r.store.synced.is_set() and len(r.store) == 0
@@ -196,7 +199,7 @@ def test_5xx_burst_backs_off_then_converges(fake, settings, run_sync):
     fake.apply(node(1))
     fake.fail_next(5, 503)
     started = time.monotonic()
-    r = run_sync(settings, backoff=k8s.Backoff(initial=0.05, maximum=1.0, jitter=0.0))
+    r = run_sync(settings, backoff=Backoff(initial=0.05, maximum=1.0, jitter=0.0))
     elapsed = time.monotonic() - started
     assert names(r.store) == ["n00001"]
     assert restarts(r.metrics, "server-error") == 5
@@ -208,7 +211,7 @@ def test_5xx_burst_backs_off_then_converges(fake, settings, run_sync):
 
 def test_backoff_is_bounded_and_jittered():
     import random
-    b = k8s.Backoff(initial=1, maximum=8, jitter=0.5)
+    b = Backoff(initial=1, maximum=8, jitter=0.5)
     rng = random.Random(7)
     delays = [b.delay(n, rng) for n in range(1, 10)]
     assert all(d <= 8 for d in delays)
@@ -294,30 +297,30 @@ def test_in_cluster_configuration(monkeypatch, tmp_path):
         sa.mkdir()
         (sa / "token").write_text("sa-token")  # the kubelet writes no newline
         (sa / "ca.crt").write_bytes(tls_fake.ca_pem)
-        monkeypatch.setattr(k8s, "SERVICE_ACCOUNT_DIR", str(sa))
+        monkeypatch.setattr(k8s_client, "SERVICE_ACCOUNT_DIR", str(sa))
         monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
         monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(tls_fake.port))
-        nodes, _ = k8s.snapshot_once(Settings(kubeconfig=None))
+        nodes, _ = snapshot_once(Settings(kubeconfig=None))
         assert sorted(nodes) == ["n00001"]
 
         (sa / "token").unlink()
-        with pytest.raises(k8s.KubeConfigError, match="in-cluster"):
-            k8s.snapshot_once(Settings(kubeconfig=None))
+        with pytest.raises(KubeConfigError, match="in-cluster"):
+            snapshot_once(Settings(kubeconfig=None))
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
-        with pytest.raises(k8s.KubeConfigError, match="KUBERNETES_SERVICE_HOST"):
-            k8s.snapshot_once(Settings(kubeconfig=None))
+        with pytest.raises(KubeConfigError, match="KUBERNETES_SERVICE_HOST"):
+            snapshot_once(Settings(kubeconfig=None))
 
 
 def test_unreachable_api_is_a_clear_error(settings, fake):
     fake.refuse_connections()
-    with pytest.raises(k8s.ApiUnavailable, match=f"cannot reach the API server {fake.url}"):
-        k8s.snapshot_once(settings)
+    with pytest.raises(ApiUnavailable, match=f"cannot reach the API server {fake.url}"):
+        snapshot_once(settings)
 
 
 def test_missing_kubeconfig_names_the_flag(settings, tmp_path):
     missing = str(tmp_path / "nope")
-    with pytest.raises(k8s.KubeConfigError, match=f"--kubeconfig '{missing}'"):
-        k8s.snapshot_once(with_settings(settings, kubeconfig=missing))
+    with pytest.raises(KubeConfigError, match=f"--kubeconfig '{missing}'"):
+        snapshot_once(with_settings(settings, kubeconfig=missing))
 
 
 def test_key_published_by_merge_patch_reaches_the_store(fake, settings, run_sync):

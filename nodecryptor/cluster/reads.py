@@ -1,0 +1,91 @@
+"""One-shot reads for the operator commands (``plan``, ``status``): every CiliumNode with its
+Node's role labels, every EncryptionExemption, every Node's NodeEncryptionReady condition;
+each opens a client, lists to the end and closes it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import kubernetes.client
+from kubernetes.client.exceptions import ApiException
+
+from nodecryptor.cluster.apis import NodeMetadataApi, ResourceApi, ResourceMissing
+from nodecryptor.cluster.client import TRANSPORT_ERRORS, api_host, load_client, translate_error
+from nodecryptor.cluster.pages import list_retrying
+from nodecryptor.core.model import NodeInfo
+from nodecryptor.core.settings import RoleSource, Settings
+from nodecryptor.policy import exemptions
+from nodecryptor.policy.ciliumnode import Rejection, parse_node_roles
+
+
+def snapshot_once(settings: Settings) -> tuple[dict[str, NodeInfo], list[Rejection]]:
+    """List every CiliumNode once, and with ``role_source`` "node" every Node's role labels,
+    merged as the agent's store merges them. Raises a KubernetesError naming the server and
+    the cause when the API is unreachable, refuses access, or has no CiliumNode resource."""
+    api_client = load_client(settings)
+    try:
+        result = list_retrying(kubernetes.client.CustomObjectsApi(api_client), settings)
+        nodes = result.nodes
+        if settings.role_source == RoleSource.NODE:
+            roles = list_retrying(
+                NodeMetadataApi(api_client), settings, "Nodes",
+                lambda obj: parse_node_roles(obj, None)).nodes
+            nodes = {name: dataclasses.replace(info, node_labels=roles[name].labels)
+                     if name in roles else info for name, info in nodes.items()}
+        return nodes, [r for _, rs in result.rejections for r in rs]
+    finally:
+        api_client.close()
+
+
+def exemptions_once(settings: Settings) -> tuple[tuple, list[Rejection], str | None]:
+    """List the EncryptionExemptions once: (policies, rejections, note). ``note`` says why
+    none could be listed (the CRD is not installed), which only leaves the built-in policy."""
+    api_client = load_client(settings)
+    try:
+        result = list_retrying(ResourceApi(api_client, exemptions.GROUP, exemptions.VERSION,
+                                           exemptions.PLURAL), settings,
+                               "EncryptionExemptions", exemptions.parse_exemption)
+    except ResourceMissing as e:
+        return (), [], str(e)
+    finally:
+        api_client.close()
+    return (tuple(result.nodes[n] for n in sorted(result.nodes)),
+            [r for _, rs in result.rejections for r in rs], None)
+
+
+def read_node_conditions(settings: Settings, condition_type: str) -> list[dict]:
+    """Every Node's name and its ``condition_type`` condition (None when absent), for
+    ``nodecryptor status --cluster``. Raises KubernetesError."""
+    api_client = load_client(settings)
+    core = kubernetes.client.CoreV1Api(api_client)
+    out: list[dict] = []
+    token = None
+    try:
+        while True:
+            try:
+                resp = core.list_node(limit=settings.list_page_size, _continue=token,
+                                      _preload_content=False,
+                                      _request_timeout=(settings.request_timeout_seconds,) * 2)
+                try:
+                    page = json.loads(resp.data)
+                finally:
+                    resp.release_conn()
+            except ApiException as e:
+                raise translate_error(e, api_host(api_client), "listing Nodes") from e
+            except TRANSPORT_ERRORS as e:
+                raise translate_error(e, api_host(api_client), "listing Nodes") from e
+            for node in page.get("items") or []:
+                name = (node.get("metadata") or {}).get("name")
+                found = None
+                for c in (node.get("status") or {}).get("conditions") or []:
+                    if isinstance(c, dict) and c.get("type") == condition_type:
+                        found = {k: c.get(k) for k in ("status", "reason", "message",
+                                                       "lastHeartbeatTime",
+                                                       "lastTransitionTime")}
+                out.append({"node": name, "condition": found})
+            token = (page.get("metadata") or {}).get("continue") or None
+            if token is None:
+                return sorted(out, key=lambda n: str(n["node"]))
+    finally:
+        api_client.close()
