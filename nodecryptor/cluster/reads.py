@@ -1,41 +1,65 @@
 """One-shot reads for the operator commands (``plan``, ``status``): every CiliumNode with its
-Node's role labels, every EncryptionExemption, every Node's NodeEncryptionReady condition;
-each opens a client, lists to the end and closes it."""
+v1 Node's labels, addresses and pod CIDRs, the cluster's pod pools, every EncryptionExemption,
+every Node's NodeEncryptionReady condition; each opens a client, lists to the end and closes
+it."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import kubernetes.client
 from kubernetes.client.exceptions import ApiException
 
-from nodecryptor.cluster.apis import NodeMetadataApi, ResourceApi, ResourceMissing
+from nodecryptor.cluster.apis import ConfigMapApi, NodeApi, ResourceApi, ResourceMissing
 from nodecryptor.cluster.client import TRANSPORT_ERRORS, api_host, load_client, translate_error
 from nodecryptor.cluster.pages import list_retrying
-from nodecryptor.core.model import NodeInfo
-from nodecryptor.core.settings import RoleSource, Settings
-from nodecryptor.policy import exemptions
+from nodecryptor.cluster.store import Store
+from nodecryptor.core.model import NodeInfo, PodPools
+from nodecryptor.core.settings import Settings
+from nodecryptor.policy import exemptions, pools
 from nodecryptor.policy.ciliumnode import Rejection, parse_node_roles
 
 
 def snapshot_once(settings: Settings) -> tuple[dict[str, NodeInfo], list[Rejection]]:
-    """List every CiliumNode once, and with ``role_source`` "node" every Node's role labels,
-    merged as the agent's store merges them. Raises a KubernetesError naming the server and
-    the cause when the API is unreachable, refuses access, or has no CiliumNode resource."""
+    """List every CiliumNode and every v1 Node once, merged as the agent's store merges them
+    (a Node without a CiliumNode is a node of its own). Raises a KubernetesError naming the
+    server and the cause when the API is unreachable, refuses access, or has no CiliumNode
+    resource."""
     api_client = load_client(settings)
     try:
         result = list_retrying(kubernetes.client.CustomObjectsApi(api_client), settings)
-        nodes = result.nodes
-        if settings.role_source == RoleSource.NODE:
-            roles = list_retrying(
-                NodeMetadataApi(api_client), settings, "Nodes",
-                lambda obj: parse_node_roles(obj, None)).nodes
-            nodes = {name: dataclasses.replace(info, node_labels=roles[name].labels)
-                     if name in roles else info for name, info in nodes.items()}
-        return nodes, [r for _, rs in result.rejections for r in rs]
+        kube = list_retrying(NodeApi(api_client), settings, "Nodes",
+                             lambda obj: parse_node_roles(obj, None))
+        store = Store()
+        store.replace_all(result.nodes.values())
+        store.replace_nodes(kube.nodes.values())
+        rejections = [r for _, rs in [*result.rejections, *kube.rejections] for r in rs]
+        return store.snapshot(), rejections
     finally:
         api_client.close()
+
+
+def pools_once(settings: Settings) -> tuple[PodPools, list[Rejection]]:
+    """Read the cluster's pod pools once: the cilium-config ConfigMap and the
+    CiliumPodIPPools (a missing CRD means none). Raises KubernetesError."""
+    api_client = load_client(settings)
+    try:
+        config = list_retrying(ConfigMapApi(api_client, settings.cilium_namespace,
+                                            pools.CONFIGMAP_NAME), settings, "ConfigMaps",
+                               pools.parse_cilium_config)
+        try:
+            ip_pools = list_retrying(ResourceApi(api_client, pools.POOL_GROUP,
+                                                 pools.POOL_VERSION, pools.POOL_PLURAL),
+                                     settings, "CiliumPodIPPools", pools.parse_pod_ip_pool)
+            found, pool_rejections = ip_pools.nodes, ip_pools.rejections
+        except ResourceMissing:
+            found, pool_rejections = {}, []
+    finally:
+        api_client.close()
+    cm = config.nodes.get(pools.CONFIGMAP_NAME)
+    combined = pools.combine(cm.cidrs if cm is not None else None,
+                             {n: p.cidrs for n, p in found.items()})
+    return combined, [r for _, rs in [*config.rejections, *pool_rejections] for r in rs]
 
 
 def exemptions_once(settings: Settings) -> tuple[tuple, list[Rejection], str | None]:

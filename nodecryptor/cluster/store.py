@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable, Mapping
 
 from nodecryptor.core.model import KubeNode, NodeInfo, PodPools
+from nodecryptor.policy.pools import combine
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -29,7 +30,9 @@ class Store:
         """NodeInfo as parsed from the CiliumNodes."""
         self._kube: dict[str, KubeNode] = {}
         """What was read of the v1 Nodes, by name."""
-        self._pools = PodPools(problem="not read yet")
+        self._config_cidrs: tuple | None = None
+        self._ip_pools: dict[str, tuple] = {}
+        self._pools = PodPools(problem="Cilium's configuration not read yet")
         self._nodes: dict[str, NodeInfo] = {}
         """``_parsed`` with the Node labels merged in: what snapshots return."""
         self._exemptions: dict[str, object] = {}
@@ -106,13 +109,34 @@ class Store:
 
     # The cluster's pod pools (Cilium's configuration); they never hold up ``synced``.
 
-    def set_pools(self, pools: PodPools) -> None:
+    def set_cilium_config(self, cidrs: tuple | None) -> None:
+        """The cluster-pool CIDRs of the cilium-config ConfigMap; None: it does not exist."""
         with self._lock:
-            if pools == self._pools:
-                return
+            self._config_cidrs = cidrs
+            self._pools_changed()
+
+    def replace_ip_pools(self, pools: Mapping[str, tuple]) -> None:
+        """The CIDRs of every CiliumPodIPPool, by name."""
+        with self._lock:
+            self._ip_pools = dict(pools)
+            self._pools_changed()
+
+    def set_ip_pool(self, name: str, cidrs: tuple) -> None:
+        with self._lock:
+            self._ip_pools[name] = cidrs
+            self._pools_changed()
+
+    def delete_ip_pool(self, name: str) -> None:
+        with self._lock:
+            self._ip_pools.pop(name, None)
+            self._pools_changed()
+
+    def _pools_changed(self) -> None:
+        pools = combine(self._config_cidrs, self._ip_pools)
+        if pools != self._pools:
             self._pools = pools
             self.version += 1
-        self.changed.set()
+            self.changed.set()
 
     def pools(self) -> PodPools:
         with self._lock:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from nodecryptor.core.model import IPNetwork, PodPools, Rejection
 from nodecryptor.policy.admission import special_purpose
@@ -53,11 +54,19 @@ def _cidrs(texts: Iterable[object], obj: str, field: str, kind: str
     return out, rejected
 
 
-def parse_cilium_config(obj: object) -> tuple[tuple[IPNetwork, ...], list[Rejection]]:
+@dataclass(frozen=True)
+class NamedPool:
+    """The CIDRs one object (the ConfigMap, or one CiliumPodIPPool) contributes."""
+
+    name: str
+    cidrs: tuple[IPNetwork, ...] = ()
+
+
+def parse_cilium_config(obj: object) -> tuple[NamedPool, list[Rejection]]:
     """The cluster-pool CIDRs of a ``cilium-config`` ConfigMap (empty when it names none)."""
     data = obj.get("data") if isinstance(obj, dict) else None
     if not isinstance(data, dict):
-        return (), []
+        return NamedPool(CONFIGMAP_NAME), []
     found: list[IPNetwork] = []
     rejected: list[Rejection] = []
     for key in CONFIGMAP_KEYS:
@@ -68,11 +77,10 @@ def parse_cilium_config(obj: object) -> tuple[tuple[IPNetwork, ...], list[Reject
                            f"data[{key}]", "ConfigMap")
         found += nets
         rejected += bad
-    return tuple(dict.fromkeys(found)), rejected
+    return NamedPool(CONFIGMAP_NAME, tuple(dict.fromkeys(found))), rejected
 
 
-def parse_pod_ip_pool(obj: object) -> tuple[tuple[str, tuple[IPNetwork, ...]] | None,
-                                             list[Rejection]]:
+def parse_pod_ip_pool(obj: object) -> tuple[NamedPool | None, list[Rejection]]:
     """(name, CIDRs) of a CiliumPodIPPool, None without a usable name."""
     meta = obj.get("metadata") if isinstance(obj, dict) else None
     name = meta.get("name") if isinstance(meta, dict) else None
@@ -89,7 +97,7 @@ def parse_pod_ip_pool(obj: object) -> tuple[tuple[str, tuple[IPNetwork, ...]] | 
             nets, bad = _cidrs(texts, name, f"spec.{family}.cidrs", "CiliumPodIPPool")
             found += nets
             rejected += bad
-    return (name, tuple(dict.fromkeys(found))), rejected
+    return NamedPool(name, tuple(dict.fromkeys(found))), rejected
 
 
 def combine(config: tuple[IPNetwork, ...] | None,

@@ -19,10 +19,12 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 
-from .cluster import EXEMPTION_RESOURCE, NODE_RESOURCE, ApiError, FakeCluster
+from .cluster import (CONFIGMAP_RESOURCE, EXEMPTION_RESOURCE, NODE_RESOURCE,
+                      POD_IP_POOL_RESOURCE, ApiError, FakeCluster)
 from .nodestatus import patch_status
 from .objects import (API_VERSION, COLLECTION, EXEMPTION_COLLECTION, GROUP, KIND, META_API_VERSION, NODE_COLLECTION,
-                      PLURAL, VERSION, partial_object_metadata, status_object)
+                      PLURAL, POD_IP_POOL_COLLECTION, VERSION, partial_object_metadata,
+                      status_object)
 
 LIST_VIEW = "PartialObjectMetadataList"
 OBJECT_VIEW = "PartialObjectMetadata"
@@ -192,6 +194,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 # and refusing connections hit every request.
                 self._route_nodes(method, path, query, method == "GET" and watch_asked)
                 return
+            if path.startswith("/api/v1/namespaces/") and path.split("/")[5:6] == ["configmaps"]:
+                self._route_configmaps(method, path, query, method == "GET" and watch_asked)
+                return
+            if path == POD_IP_POOL_COLLECTION or path.startswith(POD_IP_POOL_COLLECTION + "/"):
+                if not fake.pod_ip_pools_installed:
+                    raise ApiError(404, "NotFound",
+                                   "the server could not find the requested resource")
+                self._route(method, path, query, method == "GET" and watch_asked
+                            and path == POD_IP_POOL_COLLECTION, fake.pod_ip_pools,
+                            POD_IP_POOL_COLLECTION)
+                return
             if path == EXEMPTION_COLLECTION or path.startswith(EXEMPTION_COLLECTION + "/"):
                 # EncryptionExemptions: like CiliumNodes, but count-based faults stay aimed
                 # at the CiliumNode requests; 404 while the CRD is "not installed".
@@ -289,6 +302,37 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send_json(200, partial_object_metadata(obj)
                             if metadata_view(accept, OBJECT_VIEW) else obj)
 
+    def _route_configmaps(self, method: str, path: str, query: dict, is_watch: bool) -> None:
+        """ConfigMaps of one namespace (``FakeApiServer.configmap_namespace``; any other is
+        empty): list and watch honour ``fieldSelector=metadata.name=<name>``, GET of one."""
+        fake = self.server.fake
+        parts = path.split("/")
+        namespace, rest = parts[4], parts[6:]
+        if method != "GET":
+            raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on {path} here")
+        if rest:
+            if namespace != fake.configmap_namespace:
+                raise ApiError(404, "NotFound", f'configmaps "{rest[0]}" not found', rest[0])
+            self._send_json(200, fake.configmaps.get(urllib.parse.unquote(rest[0])))
+            return
+        selector = query.get("fieldSelector", "")
+        wanted = selector[len("metadata.name="):] if selector.startswith("metadata.name=") \
+            else None
+        if selector and wanted is None:
+            raise ApiError(400, "BadRequest", f"field selector {selector!r} is not supported")
+
+        def match(obj: dict) -> bool:
+            meta = obj.get("metadata") or {}
+            return (namespace == fake.configmap_namespace
+                    and (wanted is None or meta.get("name") == wanted))
+
+        if is_watch:
+            self._watch(query, fake.configmaps, match=match)
+            return
+        page = fake.configmaps.list_page(0, "")
+        page["items"] = [o for o in page["items"] if match(o)]
+        self._send_json(200, page)
+
     def _patch_node_status(self, name: str) -> None:
         fake = self.server.fake
         ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip()
@@ -323,7 +367,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._send_json(201, event)
 
     def _watch(self, query: dict, cluster: FakeCluster | None = None,
-               metadata_only: bool = False) -> None:
+               metadata_only: bool = False, match=None) -> None:
         fake = self.server.fake
         cluster = cluster if cluster is not None else fake.cluster
         bookmarks = query.get("allowWatchBookmarks", "").lower() in ("1", "true")
@@ -348,15 +392,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         fake.watch_opened()
         try:
-            self._stream_events(cluster, rv_text, bookmarks, deadline, metadata_only)
+            self._stream_events(cluster, rv_text, bookmarks, deadline, metadata_only, match)
         finally:
             fake.watch_closed()
 
     def _stream_events(self, cluster: FakeCluster, rv_text: str, bookmarks: bool,
-                       deadline: float, metadata_only: bool = False) -> None:
+                       deadline: float, metadata_only: bool = False, match=None) -> None:
         fake = self.server.fake
 
         def encode(events: list[dict]) -> bytes:
+            if match is not None:  # a field selector: other objects' events are not sent
+                events = [e for e in events if e["type"] in ("ERROR", "BOOKMARK")
+                          or match(e["object"])]
             if metadata_only:
                 events = [{"type": e["type"], "object": partial_object_metadata(e["object"])}
                           if e["type"] != "ERROR" else e for e in events]
@@ -465,6 +512,15 @@ class FakeApiServer:
         """EncryptionExemptions (nodecryptor.io/v1alpha1)."""
         self.exemptions_installed = True
         """False: every EncryptionExemption request answers 404, as without the CRD."""
+        self.configmaps = FakeCluster(history_limit, initial_rv, CONFIGMAP_RESOURCE,
+                                      shared_with=self.cluster)
+        """ConfigMaps of ``configmap_namespace`` (Cilium's ``cilium-config``)."""
+        self.configmap_namespace = "kube-system"
+        self.pod_ip_pools = FakeCluster(history_limit, initial_rv, POD_IP_POOL_RESOURCE,
+                                        shared_with=self.cluster)
+        """CiliumPodIPPools (cilium.io/v2alpha1)."""
+        self.pod_ip_pools_installed = True
+        """False: every CiliumPodIPPool request answers 404, as without the CRD."""
         self.node_requests: collections.deque[tuple[str, str, str]] = collections.deque(
             maxlen=10000)
         """(method, path with query, Accept header) of recent Node requests."""
@@ -597,7 +653,17 @@ class FakeApiServer:
             return self.nodes.apply(obj)
         if isinstance(obj, dict) and obj.get("kind") == "EncryptionExemption":
             return self.exemptions.apply(obj)
+        if isinstance(obj, dict) and obj.get("kind") == "ConfigMap":
+            return self.configmaps.apply(obj)
+        if isinstance(obj, dict) and obj.get("kind") == "CiliumPodIPPool":
+            return self.pod_ip_pools.apply(obj)
         return self.cluster.apply(obj)
+
+    def delete_configmap(self, name: str) -> dict:
+        return self.configmaps.delete(name)
+
+    def delete_pod_ip_pool(self, name: str) -> dict:
+        return self.pod_ip_pools.delete(name)
 
     def delete_exemption(self, name: str) -> dict:
         return self.exemptions.delete(name)
@@ -621,6 +687,8 @@ class FakeApiServer:
         self.cluster.compact()
         self.nodes.compact()
         self.exemptions.compact()
+        self.configmaps.compact()
+        self.pod_ip_pools.compact()
 
     def advance(self, count: int = 1) -> None:
         self.cluster.advance(count)
