@@ -7,7 +7,7 @@ from types import SimpleNamespace
 from nodecryptor.agent import peermonitor
 from nodecryptor.policy import peerhealth as ph
 from nodecryptor.observe.metrics import Metrics
-from nodecryptor.core.model import NodeInfo, WgPeer, WgState
+from nodecryptor.core.model import Destination, NodeInfo, WgPeer, WgState
 from nodecryptor.core.settings import Settings
 from nodecryptor.cluster.store import Store
 
@@ -16,9 +16,15 @@ OTHER = "O" * 43 + "="
 
 
 class Reconciler:
+    """``uncovered``: (prefix, node) pairs, or prefixes of w2 (which published a key)."""
+
     def __init__(self, ready=(True, "ok"), applied=True, error=None, uncovered=()):
         self._ready, self.applied_once, self.last_error = ready, applied, error
-        self.last_desired = SimpleNamespace(uncovered=frozenset(uncovered))
+        pairs = [u if isinstance(u, tuple) else (u, "w2") for u in uncovered]
+        dests = tuple(Destination(ipaddress.ip_network(p), node, "pod-cidr", False)
+                      for p, node in pairs)
+        self.last_desired = SimpleNamespace(uncovered=frozenset(d.prefix for d in dests),
+                                            destinations=dests)
 
     def ready(self):
         return self._ready
