@@ -202,7 +202,8 @@ def test_every_manifest_belongs_to_one_kustomization():
 def test_default_installation_has_no_optional_pieces():
     kinds = sorted(d.body["kind"] for d in default_docs())
     assert kinds == ["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
-                     "DaemonSet", "Role", "Role", "RoleBinding", "RoleBinding", "ServiceAccount"]
+                     "DaemonSet", "Role", "Role", "RoleBinding", "RoleBinding", "ServiceAccount",
+                     "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
 
 
 # ---- the agent DaemonSet -----------------------------------------------------------------------
