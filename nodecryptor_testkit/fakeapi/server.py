@@ -832,6 +832,9 @@ class FakeApiServer:
             if not isinstance(obj, dict):
                 raise ValueError("apply needs {\"object\": {...}}")
             self.apply(obj)
+        elif action == "delete-node":
+            # A v1 Node removed (kubectl delete node), which the HTTP API here does not take.
+            self.delete_node(str(args.get("name", "")))
         elif action == "exemptions-installed":
             self.exemptions_installed = bool(args.get("installed", True))
         elif action == "fail-status-next":

@@ -26,6 +26,9 @@
   pod-to-pod traffic (Cilium's own) is still encrypted afterwards.
 - ``rogue`` (lab/rogue.py): a host impersonating a worker sends clear text to another worker:
   audited and listed in ``audit``, refused in ``enforce``; bootstrap flows work in both.
+- ``forged-claims`` (lab/forged.py): forged CiliumNodes (a ghost's /32 in a worker's pod CIDR,
+  hostile entries in a worker's own object, an outside host as a node address): the matrix's
+  flows are unchanged on the wire.
 """
 
 from __future__ import annotations
@@ -38,13 +41,15 @@ import time
 
 from nodecryptor.core.settings import Settings
 from .capture import Capture
+from .forged import forged_claims
 from .flows import (BLOCKED, CLEAR, ENCRYPTED, Flow, PortAllocator, Result, Row, leaks,
                     observe)
-from .spec import API_PORT, SERVICE_TCP_PORT, SERVICE_UDP_PORT, ciliumnode_object, node_spec
+from .spec import (API_PORT, SERVICE_TCP_PORT, SERVICE_UDP_PORT, ciliumnode_object, node_object,
+                   node_spec)
 from .topology import LabError, wait_for
 
 NAMES = ("matrix", "bootstrap", "restart", "wg-down", "churn", "exemption", "cilium-restart",
-         "rogue", "peer-health")
+         "rogue", "peer-health", "forged-claims")
 FAMILIES = (4, 6)
 
 
@@ -415,6 +420,7 @@ def churn(lab, ports: PortAllocator) -> Result:
     lab.start_echo(new.name)
     api = lab.api()
     since = time.monotonic()
+    api.put_node(node_object(new))  # its kubelet registers the Node: the trusted addresses
     api.create(ciliumnode_object(new))
     joined = _follow_time(lab, existing, needles, True, since)
     worst = max(joined.values())
@@ -462,6 +468,7 @@ def churn(lab, ports: PortAllocator) -> Result:
     ], ports, "churn")
     since = time.monotonic()
     api.delete(new.name)
+    api.fake_control("delete-node", {"name": new.name})  # the Node leaves with it
     gone = _follow_time(lab, existing, needles, False, since)
     worst = max(gone.values())
     result.rows.append(Row(f"leave {new.name}: every agent removes it", "<= 1.0 s",
@@ -777,7 +784,7 @@ def peer_health(lab, ports: PortAllocator) -> Result:
 
 SCENARIOS = {"matrix": matrix, "bootstrap": bootstrap, "restart": restart, "wg-down": wg_down,
              "exemption": exemption, "churn": churn, "cilium-restart": cilium_restart,
-             "rogue": _rogue, "peer-health": peer_health}
+             "rogue": _rogue, "peer-health": peer_health, "forged-claims": forged_claims}
 
 
 def run_scenario(lab, name: str, ports: PortAllocator) -> Result:

@@ -1,0 +1,85 @@
+"""The ``forged-claims`` scenario: an attacker holding one node's Cilium service account, which
+may write every CiliumNode, tries the forgeries of the trust review at once, and the flows of
+the ``matrix`` scenario are checked on the underlay afterwards: nothing that should be
+encrypted crosses in the clear, nothing outside the cluster is captured.
+
+- a CiliumNode with no Node behind it and no WireGuard key claims the remote worker's pod
+  address as a /32 (once, this removed the worker's whole pod CIDR from every node);
+- the first worker's own CiliumNode gets hostile entries: the whole pod pool and the underlay
+  subnet as pod CIDRs, the other nodes' addresses as its own (once, every remote claim then
+  overlapped the "local node" and nothing was encrypted from it);
+- the remote worker's CiliumNode claims the lab's external host as a node address (once, the
+  first worker's traffic to it went into WireGuard instead of out in the clear).
+
+The agents hold the attacks for as long as the ghost's /32 is installed everywhere (the last
+write, so the earlier ones have been seen); then the objects are put back.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+from .flows import PortAllocator, Result, Row, observe
+from .spec import UNDERLAY_V4, UNDERLAY_V6
+
+GHOST = "forged-ghost"
+
+
+def _ciliumnode(lab, name: str) -> dict:
+    for obj in lab.api().list_ciliumnodes():
+        if obj["metadata"]["name"] == name:
+            return obj
+    raise KeyError(f"no CiliumNode {name!r} in the lab's API")
+
+
+def _apply(lab, obj: dict) -> None:
+    body = copy.deepcopy(obj)
+    body["metadata"].pop("resourceVersion", None)
+    lab.api().fake_control("apply", {"object": body})
+
+
+def forged_claims(lab, ports: PortAllocator) -> Result:
+    from .scenarios import _follow_time, matrix_flows  # the flows every scenario shares
+
+    result = Result("forged-claims", lab.datapath)
+    spec = lab.spec
+    w1, w2 = spec.workers[0], spec.workers[-1]
+    cp = spec.control_plane[0]
+    originals = {n: _ciliumnode(lab, n) for n in {w1.name, w2.name}}
+    victim_pod = w2.pod_address(4)
+    try:
+        own = copy.deepcopy(originals[w1.name])
+        own["spec"]["ipam"]["podCIDRs"] += ["10.244.0.0/16", str(UNDERLAY_V4), str(UNDERLAY_V6)]
+        own["spec"]["addresses"] += [{"type": "InternalIP", "ip": str(n.ipv4)}
+                                     for n in (cp, w2)]
+        _apply(lab, own)
+        remote = copy.deepcopy(originals[w2.name])
+        remote["spec"]["addresses"] += [{"type": "InternalIP", "ip": str(spec.external(f))}
+                                        for f in (4, 6)]
+        _apply(lab, remote)
+        ghost = {"apiVersion": "cilium.io/v2", "kind": "CiliumNode",
+                 "metadata": {"name": GHOST, "labels": {}, "annotations": {}},
+                 "spec": {"addresses": [], "ipam": {"podCIDRs": [f"{victim_pod}/32"]}}}
+        _apply(lab, ghost)
+        took = _follow_time(lab, [cp.name, w1.name], [str(victim_pod)], True,
+                            time.monotonic(), timeout=30.0)
+        result.facts["attacks seen by every agent"] = ", ".join(
+            f"{n} {s:.2f} s" for n, s in sorted(took.items()))
+        result.rows = observe(lab, matrix_flows(lab), ports, "forged-claims")
+        ext = str(spec.external(4))
+        for name in (cp.name, w1.name):
+            held = ext in _installed(lab, name)
+            result.rows.append(Row(f"{name}: external host {ext} not a destination", "absent",
+                                   "present" if held else "absent"))
+    finally:
+        for obj in originals.values():
+            _apply(lab, obj)
+        lab.api().delete(GHOST)
+    return result
+
+
+def _installed(lab, name: str) -> str:
+    from .scenarios import _installed_text
+
+    return _installed_text(lab, name)
