@@ -14,7 +14,7 @@ from nodecryptor.commands.common import print_json
 from nodecryptor.core.errors import SettingsError
 
 SCENARIO_CHOICES = ("all", "none", "matrix", "bootstrap", "restart", "wg-down", "churn",
-                    "exemption", "cilium-restart", "rogue", "peer-health")
+                    "exemption", "cilium-restart", "rogue", "peer-health", "alerts")
 
 EPILOG = """examples:
   nodecryptor-demo                                   every scenario, both datapaths

@@ -17,6 +17,7 @@ APT_PACKAGES=(
   python3 python3-venv python3-bpfcc bpfcc-tools libbpfcc
   linux-headers-amd64 iproute2 wireguard-tools wireguard-go tcpdump
   iputils-ping netcat-openbsd socat ethtool util-linux procps make libcap2-bin openssl
+  prometheus
 )
 
 apt_install() {

@@ -3,6 +3,8 @@ a fresh one. Datapath counters are read at scrape time by collectors the backend
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import choose_encoder
 
@@ -10,6 +12,7 @@ from nodecryptor.policy.admission import REASONS
 from nodecryptor.policy.peerhealth import STATES as PEER_STATES
 
 PREFIX = "nodecryptor"
+PROGRAM_LOAD_RESULTS = ("ok", "compile_error", "load_error")
 
 
 class Metrics:
@@ -107,6 +110,31 @@ class Metrics:
             registry=r)
         for result in ("ok", "error"):
             self.condition_writes.labels(result=result)
+        # Every start compiles the program anew (nothing reuses a loaded one), and so does every
+        # growth of the maps: loads per hour, across restarts, show a compile storm.
+        self.program_loads = Counter(
+            f"{PREFIX}_bpf_program_loads_total",
+            "BPF program compile-and-load attempts by this agent process, by result (ok, "
+            "compile_error, load_error: the kernel refused it, the verifier almost always).",
+            ["result"], registry=r)
+        for result in PROGRAM_LOAD_RESULTS:
+            self.program_loads.labels(result=result)
+        self.program_loaded = Gauge(
+            f"{PREFIX}_bpf_program_loaded_timestamp_seconds",
+            "Unix time of the last successful BPF program load (0: none by this process); "
+            "changes() of it counts loads across agent restarts.", registry=r)
+        self.program_load_duration = Gauge(
+            f"{PREFIX}_bpf_program_load_duration_seconds",
+            "Seconds the last successful BPF compile-and-load took.", registry=r)
+
+    def record_program_load(self, result: str, seconds: float = 0.0) -> None:
+        """One compile-and-load attempt; an unknown result counts as load_error so the label
+        set stays fixed."""
+        result = result if result in PROGRAM_LOAD_RESULTS else "load_error"
+        self.program_loads.labels(result=result).inc()
+        if result == "ok":
+            self.program_loaded.set(time.time())
+            self.program_load_duration.set(seconds)
 
     def record_rejections(self, rejections) -> None:
         """Entries the parser skipped (counted by field, and by reason)."""
@@ -121,6 +149,12 @@ class Metrics:
             # An unknown reason would grow the label set: count it as malformed.
             reason = rej.reason if rej.reason in REASONS else "malformed"
             self.rejected_claims.labels(reason=reason).inc()
+
+
+def count_program_load(metrics: Metrics | None, result: str, seconds: float = 0.0) -> None:
+    """``metrics.record_program_load`` for callers whose metrics are optional."""
+    if metrics is not None:
+        metrics.record_program_load(result, seconds)
 
 
 def metrics_server(registry: CollectorRegistry, bind: str, *,

@@ -690,6 +690,12 @@ def _rogue(lab, ports: PortAllocator) -> Result:
     return rogue(lab, ports)
 
 
+def _alerts(lab, ports: PortAllocator) -> Result:
+    from .alerts import alerts  # its own module: a real Prometheus reads the agents
+
+    return alerts(lab, ports)
+
+
 def _condition(api, name: str) -> dict:
     node = api.get_node(name)
     for c in (node.get("status") or {}).get("conditions") or []:
@@ -784,7 +790,8 @@ def peer_health(lab, ports: PortAllocator) -> Result:
 
 SCENARIOS = {"matrix": matrix, "bootstrap": bootstrap, "restart": restart, "wg-down": wg_down,
              "exemption": exemption, "churn": churn, "cilium-restart": cilium_restart,
-             "rogue": _rogue, "peer-health": peer_health, "forged-claims": forged_claims}
+             "rogue": _rogue, "peer-health": peer_health, "alerts": _alerts,
+             "forged-claims": forged_claims}
 
 
 def run_scenario(lab, name: str, ports: PortAllocator) -> Result:

@@ -34,6 +34,7 @@ from nodecryptor.core.model import DesiredState
 from nodecryptor.core.settings import DatapathMode, Settings
 from nodecryptor.datapath.base import Observation
 from nodecryptor.datapath.bpf import abi, attach, collector, inspect, pins, syscall
+from nodecryptor.observe.metrics import count_program_load
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,9 @@ class BpfDatapath:
             raise
         except Exception as e:  # DatapathError from compile/verifier, or anything BCC raises
             pins.remove_generation(self.settings.bpffs, number)
+            count_program_load(self.metrics, getattr(e, "stage", "load_error"))
             raise NotSupported("bpf-program", f"compile/load failed: {e}") from e
+        count_program_load(self.metrics, "ok", loaded.compile_seconds)
         self._generation = number
         return loaded
 

@@ -164,6 +164,19 @@ def _headers_present() -> tuple[bool, str]:
                    "/sys/kernel/kheaders.tar.xz); scripts/setup.sh links Debian's")
 
 
+class CompileFailed(DatapathError):
+    """The C source did not compile; ``stage`` is the label of
+    nodecryptor_bpf_program_loads_total{result}."""
+
+    stage = "compile_error"
+
+
+class LoadFailed(DatapathError):
+    """The kernel refused a compiled function (a verifier rejection, almost always)."""
+
+    stage = "load_error"
+
+
 def load(settings: Settings, pin_dir: str | None = None) -> LoadedProgram:
     """Compile bpf/nodecryptor.c and load it as a SCHED_CLS program.
 
@@ -184,7 +197,7 @@ def load(settings: Settings, pin_dir: str | None = None) -> LoadedProgram:
     try:
         module = bcc.BPF(text=text.encode(), cflags=flags)
     except Exception as e:  # BCC raises a bare Exception on compile errors
-        raise DatapathError(f"compiling {root / ENTRY_FILE} failed: {e}") from e
+        raise CompileFailed(f"compiling {root / ENTRY_FILE} failed: {e}") from e
     name = ENTRY_FUNCTION
     try:
         fn = _load_func(module, name, bcc.BPF.SCHED_CLS)
@@ -197,7 +210,7 @@ def load(settings: Settings, pin_dir: str | None = None) -> LoadedProgram:
         map_fds = {spec.name: module[spec.name.encode()].map_fd for spec in abi.MAP_SPECS}
     except Exception as e:  # verifier rejection, or a map missing from the source
         module.cleanup()
-        raise DatapathError(f"loading {name.decode()} failed: {e}") from e
+        raise LoadFailed(f"loading {name.decode()} failed: {e}") from e
     elapsed = time.monotonic() - started
     prog_id = syscall.prog_info(fn.fd).id
     log.info("BPF program loaded", extra=kv(prog_id=prog_id, seconds=round(elapsed, 3),

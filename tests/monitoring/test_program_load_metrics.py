@@ -1,0 +1,69 @@
+"""The BPF program load counters behind NodecryptorBpfProgramLoadFailed and
+NodecryptorBpfCompileStorm: a compile error, a kernel refusal and a good load are each counted
+under their result, and only a good load sets the timestamp and duration. The compiler is
+replaced (no BCC needed); the backend's own load step is what runs."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from nodecryptor.core.errors import NotSupported
+from nodecryptor.core.settings import Settings
+from nodecryptor.datapath.bpf import pins, program
+from nodecryptor.datapath.bpf.backend import BpfDatapath
+from nodecryptor.observe.metrics import Metrics
+
+
+def value(metrics: Metrics, name: str, **labels) -> float:
+    got = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if got is None else got
+
+
+@pytest.fixture
+def datapath(monkeypatch, tmp_path):
+    monkeypatch.setattr(pins, "new_generation", lambda bpffs: (7, str(tmp_path / "gen7")))
+    monkeypatch.setattr(pins, "remove_generation", lambda bpffs, number: None)
+    metrics = Metrics()
+    return BpfDatapath(Settings(bpffs=str(tmp_path)), metrics=metrics), metrics
+
+
+@pytest.mark.parametrize("error, result", [
+    (program.CompileFailed("compiling nodecryptor.c failed: boom"), "compile_error"),
+    (program.LoadFailed("loading nc_egress failed: Permission denied"), "load_error"),
+    (RuntimeError("anything else BCC raises"), "load_error"),
+])
+def test_failed_loads_are_counted_by_result(datapath, monkeypatch, error, result):
+    dp, metrics = datapath
+
+    def fail(settings, pin_dir):
+        raise error
+
+    monkeypatch.setattr(program, "load", fail)
+    with pytest.raises(NotSupported):
+        dp._load_generation({4: 16, 6: 16})
+    assert value(metrics, "nodecryptor_bpf_program_loads_total", result=result) == 1
+    others = {"ok", "compile_error", "load_error"} - {result}
+    assert all(value(metrics, "nodecryptor_bpf_program_loads_total", result=r) == 0
+               for r in others)
+    assert value(metrics, "nodecryptor_bpf_program_loaded_timestamp_seconds") == 0
+
+
+def test_a_good_load_sets_count_time_and_duration(datapath, monkeypatch):
+    dp, metrics = datapath
+    monkeypatch.setattr(program, "load",
+                        lambda settings, pin_dir: types.SimpleNamespace(compile_seconds=2.5))
+    dp._load_generation({4: 16, 6: 16})
+    dp._load_generation({4: 16, 6: 16})
+    assert value(metrics, "nodecryptor_bpf_program_loads_total", result="ok") == 2
+    assert value(metrics, "nodecryptor_bpf_program_loaded_timestamp_seconds") > 1e9
+    assert value(metrics, "nodecryptor_bpf_program_load_duration_seconds") == 2.5
+
+
+def test_an_unknown_result_keeps_the_label_set_fixed():
+    metrics = Metrics()
+    metrics.record_program_load("segfault")
+    assert value(metrics, "nodecryptor_bpf_program_loads_total", result="load_error") == 1
+    assert metrics.registry.get_sample_value("nodecryptor_bpf_program_loads_total",
+                                             {"result": "segfault"}) is None
