@@ -14,7 +14,8 @@ from nodecryptor.commands.common import print_json
 from nodecryptor.core.errors import SettingsError
 
 SCENARIO_CHOICES = ("all", "none", "matrix", "bootstrap", "restart", "wg-down", "churn",
-                    "exemption", "cilium-restart", "rogue", "peer-health", "alerts")
+                    "exemption", "cilium-restart", "rogue", "peer-health", "alerts",
+                    "forged-claims")
 
 EPILOG = """examples:
   nodecryptor-demo                                   every scenario, both datapaths

@@ -401,12 +401,17 @@ def test_property_admission_is_order_independent_and_complete(raw):
     second = compile_topology(dict(reversed(list(cluster(list(reversed(raw))).items()))),
                               Settings())
     assert first == second
-    admitted = {(c.node, str(c.prefix)) for group in first.admitted for c in group}
-    rejected_keys = {(r.obj, r.value) for r in first.rejected if r.reason != "duplicate-claim"}
+    admitted = {(c.node, c.kind, str(c.prefix)) for group in first.admitted for c in group}
+    kinds = {"status.addresses": KIND_NODE_IP, "spec.addresses": KIND_NODE_IP,
+             "spec.ipam.podCIDRs": KIND_POD_CIDR}
+    rejected_keys = {(r.obj, kinds[r.field], str(net(r.value))) for r in first.rejected
+                     if r.reason != "duplicate-claim"}
     assert not admitted & rejected_keys
     for node in cluster(raw).values():
-        for p in [*(net(a) for _, a in node.addresses), *node.pod_cidrs]:
-            assert (node.name, str(p)) in admitted | rejected_keys
+        for kind, prefixes in ((KIND_NODE_IP, [net(a) for _, a in node.addresses]),
+                               (KIND_POD_CIDR, node.pod_cidrs)):
+            for p in prefixes:
+                assert (node.name, kind, str(p)) in admitted | rejected_keys
 
 
 def test_reconcile_reports_each_rejection_once_across_passes():

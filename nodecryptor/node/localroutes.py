@@ -5,10 +5,12 @@ so the policy takes the local node's addresses and pod CIDRs from its v1 Node an
 
 - the addresses of the local interfaces (loopback, link-local and the WireGuard device's
   left out), as host prefixes;
-- the routes Cilium installs over ``cilium_host`` that contain one of ``cilium_host``'s own
-  addresses: Cilium takes that router address from the local pod CIDR, so such a route is the
-  local pod CIDR. (In tunnel mode Cilium also routes remote pod CIDRs over ``cilium_host``;
-  those never contain the local router address.)
+- the routes of the main table that leave through an interface holding an address inside the
+  route's own prefix: the local pod CIDR, which Cilium routes over ``cilium_host`` whose
+  router address it takes from that CIDR (a pod network on a bridge or veth is the same
+  shape). Routes to other nodes' pod CIDRs go through a gateway outside them, or, in tunnel
+  mode, never contain the local router address. The underlay's own subnet has this shape too;
+  ``policy.plan.localize`` drops a prefix that contains the node's own address.
 
 Read failures give an empty answer: the policy then relies on the Node object alone.
 """
@@ -25,43 +27,36 @@ from nodecryptor.core.model import IPNetwork
 
 log = logging.getLogger(__name__)
 
-CILIUM_HOST = "cilium_host"
-
-
 def _usable(addr) -> bool:
     return not (addr.is_loopback or addr.is_link_local or addr.is_multicast
                 or addr.is_unspecified)
 
 
 def read_local_prefixes(wg_interface: str = "cilium_wg0") -> tuple[IPNetwork, ...]:
-    """Host prefixes of the local interface addresses and the local pod CIDRs Cilium routes
-    over cilium_host, sorted; () when the kernel cannot be read."""
+    """Host prefixes of the local interface addresses and the prefixes routed through an
+    interface that holds an address inside them, sorted; () when the kernel cannot be read."""
     try:
         with IPRoute() as ipr:
             names = {msg["index"]: msg.get_attr("IFLA_IFNAME") for msg in ipr.get_links()}
             own: list[IPNetwork] = []
-            router: list = []
+            by_link: dict[int, list] = {}
             for msg in ipr.get_addr():
                 text = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-                name = names.get(msg["index"])
-                if not text or name == wg_interface:
+                if not text or names.get(msg["index"]) == wg_interface:
                     continue
                 addr = ipaddress.ip_address(text)
                 if not _usable(addr):
                     continue
                 own.append(ipaddress.ip_network(addr))
-                if name == CILIUM_HOST:
-                    router.append(addr)
-            host_index = next((i for i, n in names.items() if n == CILIUM_HOST), None)
-            if host_index is not None and router:
-                for family in (2, 10):
-                    for route in ipr.get_routes(family=family, oif=host_index):
-                        dst = route.get_attr("RTA_DST")
-                        if not dst or route["dst_len"] == 0:
-                            continue
-                        prefix = ipaddress.ip_network(f"{dst}/{route['dst_len']}", strict=False)
-                        if any(a.version == prefix.version and a in prefix for a in router):
-                            own.append(prefix)
+                by_link.setdefault(msg["index"], []).append(addr)
+            for family in (2, 10):
+                for route in ipr.get_routes(family=family, table=254):
+                    dst, oif = route.get_attr("RTA_DST"), route.get_attr("RTA_OIF")
+                    if not dst or route["dst_len"] == 0 or oif not in by_link:
+                        continue
+                    prefix = ipaddress.ip_network(f"{dst}/{route['dst_len']}", strict=False)
+                    if any(a.version == prefix.version and a in prefix for a in by_link[oif]):
+                        own.append(prefix)
     except Exception as e:  # the Node object still names the local prefixes
         log.warning("could not read the local prefixes from the kernel",
                     extra=kv(error=f"{type(e).__name__}: {e}"))

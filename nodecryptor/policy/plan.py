@@ -96,23 +96,37 @@ def localize(topology: Topology, snapshot: Mapping[str, NodeInfo], node_name: st
     rejected: list[Rejection] = [r for r in topology.rejected
                                  if r.reason != "duplicate-claim" or r.value not in local_claimed]
 
-    trusted: list[IPNetwork] = list(kernel_prefixes)
+    trusted: list[IPNetwork] = []
     local_addresses: list = []
     local_pods: list[IPNetwork] = []
     untrusted: list[tuple[str, IPNetwork]] = []
+    limits = topology_limits(settings, topology)
     if local is not None:
         for addr in trusted_addresses(local, settings.address_types):
             local_addresses.append(addr)
             trusted.append(ipaddress.ip_network(addr))
+    # For telling the underlay apart only (it can only drop a kernel prefix), the local
+    # CiliumNode's addresses count too: the Node may not be known yet.
+    own_ips = [p.network_address for p in trusted] + (
+        node_addresses(local, settings.address_types) if local is not None else [])
+    for prefix in kernel_prefixes:
+        # A subnet around the node's own address is the underlay's (other nodes live there);
+        # a prefix broader than the pod limit is no pod CIDR: only host prefixes of such.
+        if prefix.prefixlen == prefix.max_prefixlen or (
+                prefix.prefixlen >= limits.min_prefix(prefix.version)
+                and not any(a.version == prefix.version and a in prefix for a in own_ips)):
+            trusted.append(prefix)
+    if local is not None:
         trusted.extend(local.node_pod_cidrs)
         local_pods.extend(local.node_pod_cidrs)
         if local.has_ciliumnode:
             untrusted += [(FIELD_ADDRESSES, ipaddress.ip_network(a))
                           for a in node_addresses(local, settings.address_types)]
             untrusted += [(FIELD_POD_CIDRS, c) for c in local.pod_cidrs]
-    limits = topology_limits(settings, topology)
     for field, prefix in untrusted:
-        if prefix in trusted:
+        if prefix in trusted:  # the kernel or the Node shows it: local, trusted
+            if field == FIELD_POD_CIDRS and prefix not in local_pods:
+                local_pods.append(prefix)
             continue
         if overlapping(_span(prefix), remote_spans):
             rejected.append(Rejection(node_name, field, str(prefix),

@@ -52,7 +52,8 @@ def ports():
 
 
 @pytest.mark.parametrize("scenario", ["matrix", "bootstrap", "restart", "wg-down", "churn",
-                                      "exemption", "cilium-restart", "peer-health"])
+                                      "exemption", "cilium-restart", "peer-health",
+                                      "forged-claims"])
 def test_scenario(lab, ports, scenario):
     result = run_scenario(lab, scenario, ports)
     assert result.ok, "\n" + report.table(result)
