@@ -11,8 +11,9 @@ encrypted crosses in the clear, nothing outside the cluster is captured.
 - the remote worker's CiliumNode claims the lab's external host as a node address (once, the
   first worker's traffic to it went into WireGuard instead of out in the clear).
 
-The agents hold the attacks for as long as the ghost's /32 is installed everywhere (the last
-write, so the earlier ones have been seen); then the objects are put back.
+After the attacks an honest node joins (a Node and a CiliumNode with an address no attack
+touches); once every agent has installed it, the attacks before it have been seen. Then the
+flows are observed and the objects put back.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from .flows import PortAllocator, Result, Row, observe
 from .spec import UNDERLAY_V4, UNDERLAY_V6
 
 GHOST = "forged-ghost"
+MARKER = "forged-marker"
+MARKER_IP = "198.51.100.77"
+"""The honest joiner's address (TEST-NET-2): outside everything the attacks claim."""
 
 
 def _ciliumnode(lab, name: str) -> dict:
@@ -62,8 +66,15 @@ def forged_claims(lab, ports: PortAllocator) -> Result:
                  "metadata": {"name": GHOST, "labels": {}, "annotations": {}},
                  "spec": {"addresses": [], "ipam": {"podCIDRs": [f"{victim_pod}/32"]}}}
         _apply(lab, ghost)
-        took = _follow_time(lab, [cp.name, w1.name], [str(victim_pod)], True,
-                            time.monotonic(), timeout=30.0)
+        since = time.monotonic()
+        _apply(lab, {"apiVersion": "v1", "kind": "Node",
+                     "metadata": {"name": MARKER, "labels": {}},
+                     "status": {"addresses": [{"type": "InternalIP", "address": MARKER_IP}]}})
+        _apply(lab, {"apiVersion": "cilium.io/v2", "kind": "CiliumNode",
+                     "metadata": {"name": MARKER, "labels": {}, "annotations": {}},
+                     "spec": {"addresses": [{"type": "InternalIP", "ip": MARKER_IP}],
+                              "ipam": {"podCIDRs": []}}})
+        took = _follow_time(lab, [cp.name, w1.name], [MARKER_IP], True, since, timeout=30.0)
         result.facts["attacks seen by every agent"] = ", ".join(
             f"{n} {s:.2f} s" for n, s in sorted(took.items()))
         result.rows = observe(lab, matrix_flows(lab), ports, "forged-claims")
@@ -75,7 +86,12 @@ def forged_claims(lab, ports: PortAllocator) -> Result:
     finally:
         for obj in originals.values():
             _apply(lab, obj)
-        lab.api().delete(GHOST)
+        for name in (GHOST, MARKER):
+            try:
+                lab.api().delete(name)
+            except Exception:  # noqa: BLE001 - not created: the attack stopped before it
+                pass
+        lab.api().fake_control("delete-node", {"name": MARKER})
     return result
 
 
