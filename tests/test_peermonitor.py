@@ -61,6 +61,8 @@ def test_healthy_peer_gives_true_metrics_and_a_table(tmp_path):
     table = peermonitor.read_peers_file(mon.settings)
     assert table["peers"][0]["node"] == "w2" and table["peers"][0]["state"] == "healthy"
     assert table["condition"]["reason"] == ph.READY
+    # The pod pools are recorded too: none read in this store, and it says why.
+    assert table["pools"]["cidrs"] == [] and table["pools"]["problem"]
 
 
 def test_wireguard_down_is_false_at_once(tmp_path):

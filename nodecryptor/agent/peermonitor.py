@@ -169,7 +169,9 @@ class PeerMonitor:
                 "wireguard": {"ifname": wg.ifname, "up": wg.usable, "error": wg.error},
                 "condition": {"type": ph.CONDITION_TYPE, "status": cond.status,
                               "reason": cond.reason, "message": cond.message},
-                "peers": [v.as_dict() for v in views]}
+                "peers": [v.as_dict() for v in views],
+                # The pod pools the agent bounds pod CIDR claims with (problem: why none).
+                "pools": self.store.pools().to_json()}
         try:
             write_json(path, data)
         except OSError as e:
