@@ -6,7 +6,7 @@ CiliumNodes of about ``--size`` bytes each from the fake API server (a subproces
 127.0.0.1) and runs ``plan --json`` for w1 under ``/usr/bin/time -v``, once per given
 nodecryptor executable, printing the maximum resident set size of each.
 
-    python tests/benchmarks/hostile_objects_rss.py --count 45 --size 1400000 \\
+    python tests/benchmarks/hostile_objects_rss.py --count 45 --size 1800000 \\
         /work/main/.venv/bin/nodecryptor .venv/bin/nodecryptor
 """
 
@@ -54,7 +54,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--count", type=int, default=45)
-    ap.add_argument("--size", type=int, default=1_400_000)
+    ap.add_argument("--size", type=int, default=1_800_000,
+                    help="target pool size in bytes; 1,800,000 gives objects of about 1.4 MB")
     ap.add_argument("executables", nargs="+")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
