@@ -89,10 +89,6 @@ class KubeNode:
     pod_cidrs: tuple[IPNetwork, ...] = ()
 
 
-NodeRoleLabels = KubeNode
-"""The earlier name, from when only a Node's role labels were read."""
-
-
 @dataclass(frozen=True)
 class PodPools:
     """The cluster's pod address space, from sources only administrators write: Cilium's

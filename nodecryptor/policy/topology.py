@@ -36,7 +36,7 @@ from nodecryptor.core.model import (KIND_NODE_IP, KIND_POD_CIDR, IPNetwork, Node
 from nodecryptor.core.settings import RoleSource, Settings
 from nodecryptor.policy.admission import (FIELD_ADDRESSES, FIELD_NODE_ADDRESSES,
                                           FIELD_NODE_POD_CIDRS, FIELD_POD_CIDRS, Claim, Limits,
-                                          duplicates, owner_of)
+                                          duplicates)
 from nodecryptor.policy.exemptions import trusted_labels
 
 
@@ -50,17 +50,6 @@ class Topology:
     """Refused claims and reported conflicts, in a stable order."""
     pools: PodPools = PodPools()
     """The pod pools the pod CIDR claims were checked against."""
-
-    def to_json(self) -> dict:
-        return {
-            "pools": self.pools.to_json(),
-            "destinations": [{"prefix": str(owner_of(g).prefix), "node": owner_of(g).node,
-                              "kind": owner_of(g).kind,
-                              "control_plane": owner_of(g).control_plane,
-                              "claimants": sorted({c.node for c in g})}
-                             for g in self.admitted],
-            "rejected": [r.to_json() for r in self.rejected],
-        }
 
 
 def limits_of(settings: Settings, pools: PodPools = PodPools()) -> Limits:
