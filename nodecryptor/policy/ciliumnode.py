@@ -1,10 +1,11 @@
-"""Extract a NodeInfo from a CiliumNode object (as a JSON-shaped dict), entry by entry, and the
-role labels from a v1 Node.
+"""Extract a NodeInfo from a CiliumNode object (as a JSON-shaped dict), entry by entry, and a
+KubeNode (labels, status.addresses, spec.podCIDRs) from a v1 Node; nothing else of either.
 
 Malformed input never raises and never discards the valid parts of an object: each invalid
 entry is skipped and reported as a Rejection, which the caller logs and counts. Addresses and
 pod CIDRs of a special-purpose class (loopback, link-local, ...) are rejected here too, by
-``admission.special_purpose``: the admission rules and their reasons live in admission.py.
+``admission.special_purpose``: the reasons live in admission.py, the rules that need the rest
+of the cluster in topology.py.
 """
 
 from __future__ import annotations
