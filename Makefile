@@ -1,5 +1,5 @@
 # The two commands of the README. Both run the idempotent set-up first.
-.PHONY: setup demo test test-unit test-privileged lint clean vm-test image
+.PHONY: setup demo test lint clean vm-test image
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,6 +12,10 @@ demo: setup
 
 test: setup
 	bash scripts/test.sh
+
+# The static checks alone (scripts/lint.sh; `make test` runs them first).
+lint: setup
+	bash scripts/lint.sh
 
 # nodecryptor against kernel WireGuard in a Debian 6.1 qemu guest (vm-tests/README.md).
 vm-test: setup
@@ -40,4 +44,4 @@ bench-deps:
 	  apt-get install -y -qq --no-install-recommends gcc libc6-dev >/dev/null; }
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache dist
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache dist

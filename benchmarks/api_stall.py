@@ -22,7 +22,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from nodecryptor_testkit import netns  # noqa: E402
+from nodecryptor_testkit import netns
 
 BIN = os.path.dirname(sys.executable)
 API, HEALTH, METRICS = "127.0.0.1:16443", "127.0.0.1:18083", "127.0.0.1:18084"

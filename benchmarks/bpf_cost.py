@@ -34,7 +34,8 @@ import statistics
 import sys
 import time
 
-from nodecryptor.datapath.bpf import maps, program, testrun
+from nodecryptor.datapath.bpf import program, testrun
+from nodecryptor.datapath.bpf.maps import diff
 from nodecryptor.policy.exemptions import BUILTIN_NAME, PolicyRange
 from nodecryptor.core.model import (KIND_NODE_IP, KIND_POD_CIDR, ROLE_WORKER, DesiredState,
                                Destination, Plan, WgState)
@@ -177,7 +178,7 @@ def main(argv=None) -> int:
     for nodes in sizes:
         desired = synthetic_desired(nodes)
         started = time.monotonic()
-        maps.sync(loaded.map_fds, desired, capacities=loaded.capacities)
+        diff.sync(loaded.map_fds, desired, capacities=loaded.capacities)
         sync_s = time.monotonic() - started
         for family in (4, 6):
             cases = frames(family, nodes)

@@ -17,8 +17,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nodecryptor.node.devices import DeviceResolver  # noqa: E402
-from nodecryptor_testkit import netns  # noqa: E402
+from nodecryptor.node.devices import DeviceResolver
+from nodecryptor_testkit import netns
 
 
 def measure(nodes: int) -> list[tuple[str, float, int]]:

@@ -23,7 +23,7 @@ import urllib.request
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from nodecryptor_testkit import netns  # noqa: E402
+from nodecryptor_testkit import netns
 
 BIN = os.path.dirname(sys.executable)
 HEALTH, METRICS = 18083, 18084
@@ -107,9 +107,9 @@ def main() -> int:
                               f"u.urlopen('http://127.0.0.1:{HEALTH}/healthz', timeout=2)",
                               netns=ns)
                     break
-                except subprocess.CalledProcessError:
+                except subprocess.CalledProcessError as e:
                     if time.monotonic() > deadline:
-                        raise SystemExit("the agent did not come up")
+                        raise SystemExit("the agent did not come up") from e
                     time.sleep(0.5)
             threads, fds = proc_stat(agent.pid)
             print(f"agent up: threads {threads}, fds {fds}")

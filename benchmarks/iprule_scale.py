@@ -23,16 +23,20 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import cluster as bench_cluster  # noqa: E402
-from benchlib import machine as bench_machine  # noqa: E402
-from nodecryptor.core.model import NodeInfo, WgState  # noqa: E402
-from nodecryptor.policy.plan import compute_desired, compute_plan  # noqa: E402
-from nodecryptor.core.settings import Settings  # noqa: E402
-from nodecryptor_testkit import netns  # noqa: E402
+from benchlib import cluster as bench_cluster
+from benchlib import machine as bench_machine
+from nodecryptor.core.model import NodeInfo, WgState
+from nodecryptor.policy.plan import compute_desired, compute_plan
+from nodecryptor.core.settings import Settings
+from nodecryptor_testkit import netns
+
+if TYPE_CHECKING:
+    from nodecryptor.datapath.iprule.backend import IpRuleDatapath
 
 LOCAL = "192.168.50.21"
 OUTSIDE = "198.51.100.7"

@@ -5,7 +5,7 @@ plane at scale, each comparison measured side by side in one run and reported as
     make bench-quick    # 0 and 10,000 nodes, shorter runs (a few minutes)
     .venv/bin/python benchmarks/suite.py --smoke --results-dir /tmp/r   # seconds; shape only
 
-Prints a table per section and the targets of issue 12, and writes
+Prints a table per section and the performance targets, and writes
 ``<results-dir>/<UTC time>-<mode>.json`` and ``<results-dir>/latest.json`` (contract in
 ``benchlib/results.py``). Needs root, BCC with kernel headers, gcc, wireguard-go.
 
@@ -32,8 +32,8 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, REPO)
 
-from benchlib import machine as machine_mod  # noqa: E402
-from benchlib import results  # noqa: E402
+from benchlib import machine as machine_mod
+from benchlib import results
 
 MODES = {
     # datapath sizes, seconds per cell, rounds; control-plane sizes, churn seconds
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nControl plane against the fake API server (churn: 50 changes/s for "
               f"{mode['churn_s']:g} s):")
         print(results.control_plane_table(doc["control_plane"], cpu))
-    print("\nTargets (issue 12):")
+    print("\nTargets:")
     print(results.targets_table(doc))
     return 1 if notes["per_packet"].get("status") == "failed" else 0
 

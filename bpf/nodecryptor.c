@@ -1,16 +1,14 @@
 /* SPDX-License-Identifier: Apache-2.0 */
-/* nodecryptor: tc egress program on the underlay devices. Node-bound cluster traffic is
- * redirected into Cilium's WireGuard device; bootstrap flows to and from control-plane nodes
- * and everything that is not cluster traffic continue to the next program (Cilium's).
+/* nodecryptor's tc programs on the underlay devices: the entry points and nothing else.
  *
- * Decision order (first match wins; every packet gets one reason, counted in nc_counters):
- * no config or disabled; WireGuard's own mark; not IPv4/IPv6; destination not a remote
- * cluster prefix; local pod to remote pod CIDR (Cilium's own, unless taken over); later fragment (follows its first fragment); truncated L4 (encrypt);
- * ICMPv6 neighbour discovery; UDP WireGuard port both ways; exempt destination port to a
- * control-plane node address; exempt source port from the local control-plane node's own
- * address; else encrypt — subject to the fail mode when WireGuard is down or no peer covers
- * the destination. An exempt source port needs the flow a peer opened (bpf/lib/flows.h).
- * Each step lives in a header under bpf/lib; the ingress decision in bpf/lib/ingress.h. */
+ * Both decisions live in headers under bpf/lib, one concern each: the egress decision in
+ * egress.h (redirect node-bound cluster traffic into Cilium's WireGuard device), the ingress
+ * decision in ingress.h (clear text arriving from cluster peers). Each is compiled twice with a
+ * constant ``dry``: the attached program and its dry-run twin for `nodecryptor explain`, which
+ * decides the same on the live maps but changes no state (no counter, flow, fragment or leak
+ * entry), so asking does not show up in the metrics or the memory of real traffic. Keeping the
+ * logic out of this file lets both directions share the headers that decide the same facts
+ * (maps, parsing, lookups, flows) and keeps the two decisions laid out alike. */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 #include <uapi/linux/ip.h>
@@ -18,84 +16,30 @@
 
 #include "nc_abi.h"
 #include "maps.h"
-#include "counters.h"
-#include "parse.h"
-#include "lookup.h"
-#include "exempt.h"
-#include "frag.h"
-#include "mss.h"
-#include "verdict.h"
-#include "cilium.h"
-#include "flows.h"
+#include "egress.h"
 #include "ingress.h"
 
-/* ``dry`` is a constant: the two entry points below are compiled as separate programs. */
-static __always_inline int nc_decide(struct __sk_buff *skb, const int dry)
-{
-	__u32 zero = 0, reason;
-	struct nc_config *cfg = nc_config_map.lookup(&zero);
-	struct nc_dst_info dst_info = {}, *dst = &dst_info;
-	struct nc_pkt p = {};
-
-	if (!cfg || !cfg->enabled)
-		return nc_pass(skb, NC_R_DISABLED, dry);
-	if ((skb->mark & cfg->wg_mark_mask) == cfg->wg_mark)
-		return nc_pass(skb, NC_R_WG_MARK, dry);
-	if (nc_parse_l3(skb, &p) < 0)
-		return nc_pass(skb, NC_R_NOT_IP, dry);
-	if (!nc_lookup_dst(&p, cfg, dst))
-		return nc_pass(skb, NC_R_NOT_CLUSTER, dry);
-	if (nc_cilium_owns(&p, dst))
-		return nc_pass(skb, NC_R_CILIUM_POD, dry); /* Cilium encrypts it, with its identity */
-	if (p.family == 6)
-		nc_parse_ipv6_ext(skb, &p);
-	nc_parse_l4(skb, &p);
-
-	if (p.frag == NC_FRAG_LATER) {
-		reason = nc_frag_reason(&p);
-		if (reason == NC_R_FRAG_EXEMPT)
-			return nc_pass(skb, reason, dry);
-		return nc_encrypt(skb, &p, dst, cfg, reason, dry);
-	}
-	if (!p.l4_ok)
-		return nc_encrypt(skb, &p, dst, cfg, NC_R_MALFORMED, dry);
-	if (p.proto == NC_IPPROTO_ICMPV6 && p.icmp_type >= 133 && p.icmp_type <= 137)
-		reason = NC_R_ND; /* redirecting neighbour discovery breaks IPv6 resolution */
-	else if (p.proto == NC_IPPROTO_UDP && p.sport == cfg->wg_port && p.dport == cfg->wg_port)
-		reason = NC_R_WG_PORT;
-	else
-		reason = nc_flow_egress(skb, &p, nc_exempt_reason(&p, dst, cfg), dry);
-	if (p.frag == NC_FRAG_FIRST && !dry)
-		nc_frag_remember(&p, reason);
-	if (reason != NC_R_ENCRYPT)
-		return nc_pass(skb, reason, dry);
-	return nc_encrypt(skb, &p, dst, cfg, reason, dry);
-}
-
-/* Attached to the underlay devices: counts every packet and remembers first fragments. */
+/* Attached to the underlay devices' egress: counts every packet, remembers first fragments
+ * and the exempt flows local sources open. */
 int nc_egress(struct __sk_buff *skb)
 {
-	return nc_decide(skb, 0);
+	return nc_egress_decide(skb, 0);
 }
 
-/* Never attached; `nodecryptor explain` runs it with BPF_PROG_TEST_RUN on the live maps. It
- * decides exactly as nc_egress does but changes no state, so asking does not show up in the
- * metrics or the fragment memory of real traffic. */
+/* Never attached; `nodecryptor explain` runs it with BPF_PROG_TEST_RUN on the live maps. */
 int nc_explain(struct __sk_buff *skb)
 {
-	return nc_decide(skb, 1);
+	return nc_egress_decide(skb, 1);
 }
 
-/* Attached to the underlay devices' ingress: clear text arriving from cluster peers
- * (bpf/lib/ingress.h). */
+/* Attached to the underlay devices' ingress, and to cilium_wg0's (MSS clamp only). */
 int nc_ingress(struct __sk_buff *skb)
 {
-	return nc_in_decide(skb, 0);
+	return nc_ingress_decide(skb, 0);
 }
 
-/* The dry-run twin of nc_ingress for `nodecryptor explain --direction ingress`: changes no
- * state (no counter, flow, fragment or leak entry). */
+/* The dry-run twin of nc_ingress (`nodecryptor explain --direction ingress`). */
 int nc_explain_ingress(struct __sk_buff *skb)
 {
-	return nc_in_decide(skb, 1);
+	return nc_ingress_decide(skb, 1);
 }

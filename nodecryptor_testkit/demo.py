@@ -13,9 +13,9 @@ import time
 from nodecryptor.commands.common import print_json
 from nodecryptor.core.errors import SettingsError
 
-SCENARIO_CHOICES = ("all", "none", "matrix", "bootstrap", "restart", "wg-down", "churn",
-                    "exemption", "cilium-restart", "rogue", "peer-health", "alerts",
-                    "forged-claims")
+from .lab.scenarios import NAMES as SCENARIO_NAMES
+
+SCENARIO_CHOICES = ("all", "none", *SCENARIO_NAMES)
 
 EPILOG = """examples:
   nodecryptor-demo                                   every scenario, both datapaths
@@ -116,6 +116,7 @@ def handle(args) -> int:
     from .lab.scenarios import NAMES, run_scenario
     from .lab.spec import make_spec
     from .lab.topology import LabError
+    from .wait import WaitTimeout
 
     if args.down:
         removed = state.reap_kept()
@@ -146,7 +147,7 @@ def handle(args) -> int:
             _progress(f"building the lab for the {datapath} datapath ({args.routing} routing)")
             try:
                 lab.up()
-            except LabError as e:
+            except (LabError, WaitTimeout) as e:
                 print(f"nodecryptor-demo: building the lab failed: {e}", file=sys.stderr)
                 return 1
             timings[f"lab build ({datapath})"] = lab.build_seconds

@@ -35,8 +35,9 @@ def ciliumnode(name: str, ipv4: str | None, ipv6: str | None = None, pod_cidrs=(
             "name": name,
             "labels": base_labels,
             "annotations": annotations,
-            "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": name,
-                                 "uid": f"00000000-0000-0000-0000-{abs(hash(name)) % 10**12:012d}"}],
+            "ownerReferences": [{
+                "apiVersion": "v1", "kind": "Node", "name": name,
+                "uid": f"00000000-0000-0000-0000-{abs(hash(name)) % 10**12:012d}"}],
             "resourceVersion": "1000",
             "uid": f"11111111-0000-0000-0000-{abs(hash(name)) % 10**12:012d}",
             "creationTimestamp": "2026-11-01T10:00:00Z",

@@ -24,7 +24,7 @@ def require(condition: bool, why: str) -> None:
 
 def have_bcc() -> tuple[bool, str]:
     try:
-        import bcc  # noqa: F401
+        import bcc  # noqa: F401 - only whether it imports matters
     except Exception as e:  # ImportError, or libbcc failing to load
         return False, f"bcc not importable: {e}"
     kdir = f"/lib/modules/{os.uname().release}/build"

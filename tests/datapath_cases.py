@@ -79,6 +79,10 @@ WG_MTU_95 = 1405
 MSS_V4_95 = 1365
 MSS_V6_95 = 1345
 VXLAN_PORT = 8472
+# The longest IPv6 extension-header chain both programs walk (NC_IPV6_EXT_MAX in
+# bpf/lib/parse.h): as many headers as RFC 8200's recommended order has before the upper layer
+# (hop-by-hop, destination, routing, fragment, AH, destination). One more hides the ports.
+SIX_EXT = ("hop", "dest", "routing", "ah", "dest", "dest")
 
 # Reason names (abi.REASON_NAMES values), spelled out so this table does not depend on the
 # BPF package and the ip-rule tests can import it on machines without BCC.
@@ -191,8 +195,6 @@ _FRAG_WHY = "a non-first fragment carries no ports; routing decided on the whole
 _ND_WHY = "ip rules cannot match ICMPv6 types"
 _FLOW_WHY = ("ip rules have no connection state: the ip-rule datapath exempts replies by source "
              "port alone (documented)")
-_GUARD_WHY = ("ip rules: a fail-closed unreachable guard cannot be suppressed, so the pods' rule "
-              "does not reach main (documented; tests/iprule/test_cilium_pod.py)")
 
 # skb->cb[0..4] as a pod packet may reach the head of the underlay's chain: words Cilium's
 # bpf_lxc stored with ctx_store_meta (an identity, an ifindex, IPv6 address words), with the
@@ -244,7 +246,7 @@ CASES: list[Case] = [
        sport=2381, dport=40000, tcp_flags="A"),
     _c("v4-cp-reply-udp-6443", "cp1", _E, R_ENCRYPT, dst=W1_V4, src=CP1_V4, proto="udp",
        sport=6443, dport=40000),
-    # Issue 15: a local process using source port 6443 towards any cluster destination is not
+    # A local process using source port 6443 towards any cluster destination is not
     # a reply to a flow a peer opened: encrypted (ip rules have no connection state).
     _c("v4-cp-sport-6443-without-flow", "cp1", _E, R_ENCRYPT, False, _FLOW_WHY, dst=W1_V4,
        src=CP1_V4, sport=6443, dport=22),
@@ -264,9 +266,10 @@ CASES: list[Case] = [
     _c("v6-ext-ah-to-cp-2379", "w1", _X, R_EXEMPT_DPORT, dst=CP1_V6, dport=2379,
        extra={"ipv6_ext": ("ah",)}),
     _c("v6-six-ext-headers-to-cp-6443", "w1", _X, R_EXEMPT_DPORT, dst=CP1_V6, dport=6443,
-       extra={"ipv6_ext": ("hop", "dest", "routing", "ah", "dest", "dest")}),
+       extra={"ipv6_ext": SIX_EXT}),
     _c("v6-cp-reply-6443-ext-from-node-ip", "cp1", _X, R_EXEMPT_SPORT, dst=W1_V6, src=CP1_V6,
-       sport=6443, dport=40000, tcp_flags="SA", extra={"ipv6_ext": ("dest",), "inbound_flow": True}),
+       sport=6443, dport=40000, tcp_flags="SA",
+       extra={"ipv6_ext": ("dest",), "inbound_flow": True}),
     _c("v6-cp-reply-6443-from-pod-ip", "cp1", _E, R_ENCRYPT, dst=W1_V6, src="fd00:244::5",
        sport=6443, dport=40000, tcp_flags="SA"),
     _c("v6-nd-133-router-solicitation", "w1", _P, R_ND, False, _ND_WHY, dst=W2_V6,
@@ -395,7 +398,7 @@ CASES: list[Case] = [
        dport=8080),
     _c("v4-pod-to-cp-pod-6443-cilium", "w1", _P, R_CILIUM_POD, src=W1_POD_V4, dst=CP1_POD_V4,
        dport=6443),
-    _c("v4-pod-to-remote-pod-wg-down-cilium", "w1", _P, R_CILIUM_POD, False, _GUARD_WHY,
+    _c("v4-pod-to-remote-pod-wg-down-cilium", "w1", _P, R_CILIUM_POD,
        src=W1_POD_V4, dst=W2_POD_V4, dport=8080,
        extra={"wg_down": True, "fail_mode": "closed"}),
     _c("v4-pod-to-remote-pod-later-fragment-cilium", "w1", _P, R_CILIUM_POD, False, _FRAG_WHY,
@@ -466,9 +469,10 @@ def snapshot() -> dict[str, NodeInfo]:
     return out
 
 
-def policies() -> list:
+def policies(objs: list | None = None) -> list:
+    """The parsed policies of ``objs`` (default POLICIES_OBJ)."""
     out = []
-    for obj in POLICIES_OBJ:
+    for obj in POLICIES_OBJ if objs is None else objs:
         policy, rejections = parse_exemption(obj)
         assert policy is not None, rejections
         out.append(policy)
@@ -510,10 +514,13 @@ def wg_state_for(case: Case, ifindex: int = 7) -> WgState:
 
 
 def desired_for(case: Case, wg_ifindex: int = 7,
-                devices: tuple[Device, ...] = (UNDERLAY,)) -> DesiredState:
-    """The DesiredState the agent computes for the case's local node."""
+                devices: tuple[Device, ...] = (UNDERLAY,),
+                policy_objs: list | None = None) -> DesiredState:
+    """The DesiredState the agent computes for the case's local node (with the policies of
+    ``policy_objs`` instead of POLICIES_OBJ when given)."""
     settings = settings_for(case)
-    plan = compute_plan(snapshot(), case.local_node, settings, policies=policies())
+    plan = compute_plan(snapshot(), case.local_node, settings,
+                        policies=policies(policy_objs))
     wg = wg_state_for(case, wg_ifindex)
     desired = compute_desired(plan, wg, devices, settings)
     # As the reconciler does: Cilium's routing mode and own pod-to-pod traffic.
@@ -521,7 +528,8 @@ def desired_for(case: Case, wg_ifindex: int = 7,
     node_ips, pod_cidrs = cilium.remote_inventory(snap, case.local_node, settings.address_types)
     tunnel = ("cilium_vxlan",) if case.extra.get("tunnel") else ()
     facts = cilium.detect(wg, tunnel, node_ips, pod_cidrs)
-    desired = cilium.apply(desired, facts, settings.take_over_pod_to_pod, admission_limits(settings))
+    desired = cilium.apply(desired, facts, settings.take_over_pod_to_pod,
+                           admission_limits(settings))
     if case.extra.get("disabled"):
         desired = dataclasses.replace(desired, enabled=False)
     return desired

@@ -1,4 +1,4 @@
-"""Hostile and broken CiliumNode claims (issue 9, findings 1-3): tables of every case, and
+"""Hostile and broken CiliumNode claims: tables of every case, and
 property tests that random claims from other nodes never touch traffic outside the accepted
 cluster prefixes nor displace an honest node's encryption."""
 
@@ -209,7 +209,7 @@ def test_finding_3_worker_claiming_a_control_plane_address():
 
 
 def test_a_forged_control_plane_label_exempts_nothing():
-    """Finding 2: with roles from the v1 Nodes, a worker whose CiliumNode was relabelled
+    """With roles from the v1 Nodes, a worker whose CiliumNode was relabelled
     control-plane stays a worker; a node whose Node is not known yet is a worker."""
     forged = ciliumnode("w2", "192.168.50.22", labels={CP_LABEL: ""})
     snapshot = trusted(KUBEADM_CP, W1, forged, node_roles={"cp1": ((CP_LABEL, ""),),

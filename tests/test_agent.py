@@ -5,18 +5,18 @@ place, and that the agent converges after the API server comes back with changes
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 
 from nodecryptor_testkit.fakeapi import make_ciliumnode, make_node
 from nodecryptor_testkit import netns as netns_mod
+from nodecryptor_testkit.wait import wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NODECRYPTOR = os.path.join(os.path.dirname(sys.executable), "nodecryptor")
@@ -51,18 +51,9 @@ def remote_prefixes(objects, local="w1") -> set[str]:
     return out
 
 
-def wait_for(what, check, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-            if last:
-                return last
-        except Exception as e:  # the endpoint may not be up yet
-            last = e
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+POLL = {"interval": 0.2, "ignore": (Exception,)}
+"""How the agent's endpoints and commands are polled: a failure (the endpoint not up yet, a
+command racing a restart) is "not yet", named in the message if time runs out."""
 
 
 class Node:
@@ -75,7 +66,9 @@ class Node:
         self.api_ns = make_ns("api")
         self.wg = f"ncag{os.getpid() % 10000}"
         self.procs: dict[str, subprocess.Popen] = {}
-        sh = lambda *c, ns=None: netns_mod.run(*c, netns=ns)  # noqa: E731
+        def sh(*c, ns=None):
+            return netns_mod.run(*c, netns=ns)
+
         subprocess.run(["ip", "link", "add", "eth0", "netns", self.ns, "type", "veth", "peer",
                         "name", "eth0", "netns", self.api_ns], check=True)
         for ns, addr in ((self.ns, "192.168.77.11"), (self.api_ns, "192.168.77.10")):
@@ -83,8 +76,8 @@ class Node:
             sh("ip", "link", "set", "eth0", "up", ns=ns)
         self.start("wg", ["wireguard-go", "-f", self.wg], ns=self.ns,
                    env={"WG_PROCESS_FOREGROUND": "1"})
-        wait_for("wireguard-go socket",
-                 lambda: os.path.exists(f"/var/run/wireguard/{self.wg}.sock"))
+        wait_for(lambda: os.path.exists(f"/var/run/wireguard/{self.wg}.sock"), 20,
+                 "wireguard-go socket", interval=0.2)
         key = tmp_path / "wg.key"
         key.write_text(subprocess.run(["wg", "genkey"], capture_output=True, text=True).stdout)
         sh("wg", "set", self.wg, "listen-port", "51871", "fwmark", "0xe00", "private-key",
@@ -125,7 +118,7 @@ class Node:
                            "192.168.77.10:6443", "--objects", str(path), "--token", "t0k",
                            "--write-kubeconfig", self.kubeconfig], ns=self.api_ns,
                    log=str(self.tmp / "api.log"))
-        wait_for("kubeconfig", lambda: os.path.exists(self.kubeconfig))
+        wait_for(lambda: os.path.exists(self.kubeconfig), 20, "kubeconfig", interval=0.2)
 
     def start_agent(self):
         return self.start("agent", [NODECRYPTOR, "run", "--kubeconfig", self.kubeconfig,
@@ -138,7 +131,8 @@ class Node:
 
     def probe(self, path):
         code = ("import sys,urllib.request,urllib.error\n"
-                "try:\n r=urllib.request.urlopen(sys.argv[1],timeout=3); print(r.status, r.read().decode())\n"
+                "try:\n r=urllib.request.urlopen(sys.argv[1],timeout=3)\n"
+                " print(r.status, r.read().decode())\n"
                 "except urllib.error.HTTPError as e: print(e.code, e.read().decode())\n")
         out = netns_mod.run(sys.executable, "-c", code, f"http://{self.health}{path}",
                             netns=self.ns).stdout
@@ -164,12 +158,14 @@ class Node:
         if self.datapath == "bpf":
             dump = self.cli("bpf", "dump", "--json")
             return {d["prefix"] for d in dump["maps"]["destinations"]}
-        # Every route in nodecryptor's table is a destination (unicast via WireGuard, or
-        # unreachable while no peer covers it under fail-closed).
-        table = str(self.cli("status", "--json", "--wg-interface", self.wg)["table"])
+        # Every route in nodecryptor's tables is a destination (unicast via WireGuard, or
+        # unreachable while no peer covers it under fail-closed; a remote pod CIDR's guard
+        # sits in the guard table).
+        status = self.cli("status", "--json", "--wg-interface", self.wg)
         prefixes = set()
-        for family in ("-4", "-6"):
-            out = netns_mod.run("ip", "-j", family, "route", "show", "table", table,
+        for family, table in itertools.product(("-4", "-6"),
+                                               (status["table"], status["guard_table"])):
+            out = netns_mod.run("ip", "-j", family, "route", "show", "table", str(table),
                                 netns=self.ns).stdout
             for route in json.loads(out or "[]"):
                 dst = route["dst"]
@@ -201,27 +197,27 @@ def node(request, netns, tmp_path, wireguard_go):
 def test_agent_lifecycle(node):
     node.start_api(cluster())
     node.start_agent()
-    wait_for("readiness", lambda: node.probe("/readyz") == (200, {
-        "ok": True, "reason": "synced, applied and attached"}))
+    wait_for(lambda: node.probe("/readyz") == (200, {
+        "ok": True, "reason": "synced, applied and attached"}), 20, "readiness", **POLL)
     assert node.probe("/healthz")[0] == 200
     status = node.cli("status", "--json", "--wg-interface", node.wg)
     assert (status["datapath"], status["ready"]) == (node.datapath, True), status
     want = remote_prefixes(cluster())
     assert {"192.168.77.10/32", "192.168.77.12/32", "192.168.77.13/32"} <= want
-    wait_for("remote node prefixes", lambda: node.installed_prefixes() == want)
+    wait_for(lambda: node.installed_prefixes() == want, 20, "remote node prefixes", **POLL)
 
     # API outage the agent notices (the server is gone: its watch breaks and every retry is
     # refused): the agent keeps its last state and stays ready.
     restarts = node.watch_restarts()
     node.stop("api", signal.SIGKILL)
-    wait_for("the agent to see the outage", lambda: node.watch_restarts() > restarts, 30)
+    wait_for(lambda: node.watch_restarts() > restarts, 30, "the agent to see the outage", **POLL)
     assert node.probe("/readyz")[0] == 200
     assert node.installed_prefixes() == want
 
     # The API server comes back with w3 gone: the agent re-lists and prunes w3, exactly.
     node.start_api(cluster(workers=("w1", "w2")))
     want = remote_prefixes(cluster(workers=("w1", "w2")))
-    wait_for("w3 pruned", lambda: node.installed_prefixes() == want, 60)
+    wait_for(lambda: node.installed_prefixes() == want, 60, "w3 pruned", **POLL)
 
     # SIGTERM and SIGKILL: the datapath stays installed (fail-static) with the last state.
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -229,4 +225,4 @@ def test_agent_lifecycle(node):
         assert proc.returncode == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
         assert node.installed_prefixes() == want
         node.start_agent()
-        wait_for("readiness after restart", lambda: node.probe("/readyz")[0] == 200)
+        wait_for(lambda: node.probe("/readyz")[0] == 200, 20, "readiness after restart", **POLL)

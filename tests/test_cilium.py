@@ -1,4 +1,4 @@
-"""nodecryptor/policy/cilium.py: what is concluded about Cilium from observed facts, and what follows."""
+"""policy/cilium.py: what is concluded about Cilium from observed facts, and what follows."""
 
 from __future__ import annotations
 

@@ -20,6 +20,22 @@ def test_seed_defaults():
         "auto", "cilium_wg0", "closed", "/sys/fs/bpf")
 
 
+def test_flag_defaults_are_the_settings_defaults(monkeypatch):
+    """Every flag of ``run`` left out yields what Settings itself defaults to: the defaults are
+    decided once, in Settings, not copied into argparse."""
+    import dataclasses
+
+    from nodecryptor.core.settings import Settings
+
+    monkeypatch.delenv("NODE_NAME", raising=False)
+    from_flags = settings_for(["run", "--node-name", "w1"])
+    plain = Settings(node_name="w1")
+    differing = {f.name: (getattr(from_flags, f.name), getattr(plain, f.name))
+                 for f in dataclasses.fields(Settings)
+                 if getattr(from_flags, f.name) != getattr(plain, f.name)}
+    assert not differing, f"flag defaults that differ from Settings: {differing}"
+
+
 def test_go_single_dash_spelling():
     s = settings_for(["run", "-node-name=w2", "-control-plane-exempt-ports", "6443",
                       "-health-probe-bind-address=:9000", "-metrics-server-bind-address", ":9001",

@@ -31,9 +31,9 @@ def test_both_backends_exempt_the_port_the_policy_resolved(listen_port, expected
         (4, (expected, expected), (expected, expected)),
         (6, (expected, expected), (expected, expected))}
 
-    from nodecryptor.datapath.bpf import maps  # desired_config only builds the struct
+    from nodecryptor.datapath.bpf.maps import encode  # desired_config only builds the struct
 
-    assert maps.desired_config(desired, now_ns=0).wg_port == expected
+    assert encode.desired_config(desired, now_ns=0).wg_port == expected
 
 
 def test_fail_mode_and_datapath_are_enums_from_any_spelling():

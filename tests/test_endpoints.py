@@ -28,6 +28,7 @@ from nodecryptor.agent.reconcile import Reconciler
 from nodecryptor.core.settings import Settings
 from nodecryptor.cluster.store import Store
 from nodecryptor_testkit.fakeapi import FakeApiServer, make_ciliumnode, make_node
+from nodecryptor_testkit.wait import wait_for
 
 CLIENT_TIMEOUT = 30  # generous: an answer must come, how fast is only recorded
 
@@ -105,8 +106,10 @@ def test_flood_neither_starves_nor_grows_the_servers(floods):
         threads_before = threading.active_count()
         floods(health.port)
         floods(scrape.port)
-        # Everything the flood opened is accepted (or waits in the backlog) by now or soon.
-        time.sleep(1)
+        # Both servers have been accepting the flood (beyond their cap, so evicting) before
+        # their thread count is read.
+        wait_for(lambda: health.server.evicted > 0 and scrape.evicted > 0, CLIENT_TIMEOUT,
+                 "the flood to overflow both servers")
         assert threading.active_count() <= threads_before + 2  # the two trickle threads
         for _ in range(5):
             status, body, seconds = get(health.port, "/healthz")
@@ -284,10 +287,8 @@ def test_in_process_agent_applies_changes_during_a_flood(tmp_path, floods):
                 current = datapath.current
                 return {str(d.prefix) for d in current.destinations} if current else set()
 
-            deadline = time.monotonic() + CLIENT_TIMEOUT
-            while "198.51.100.2/32" not in destinations():
-                assert time.monotonic() < deadline, "first state never applied"
-                time.sleep(0.05)
+            wait_for(lambda: "198.51.100.2/32" in destinations(), CLIENT_TIMEOUT,
+                     "the first state to be applied")
             floods(health_port)
             floods(metrics_port)
             status, body, seconds = get(health_port, "/healthz")
@@ -297,9 +298,8 @@ def test_in_process_agent_applies_changes_during_a_flood(tmp_path, floods):
             fake.apply(make_node("w3", ipv4="198.51.100.3"))
             fake.apply(make_ciliumnode("w3", ipv4="198.51.100.3", pod_cidrs=["10.3.0.0/24"]))
             started = time.monotonic()
-            while "198.51.100.3/32" not in destinations():
-                assert time.monotonic() < deadline, "a CiliumNode change was not applied"
-                time.sleep(0.05)
+            wait_for(lambda: "198.51.100.3/32" in destinations(), CLIENT_TIMEOUT,
+                     "the CiliumNode change to be applied under the flood")
             print(f"CiliumNode change applied under the flood after "
                   f"{time.monotonic() - started:.2f} s")
             assert get(health_port, "/healthz")[0] == 200
@@ -379,13 +379,11 @@ def test_agent_liveness_fails_when_the_sync_dies_or_hangs(failure, tmp_path, mon
         runner = threading.Thread(target=agent.run, args=(FakeDatapath(), stop), daemon=True)
         runner.start()
         try:
-            deadline = time.monotonic() + CLIENT_TIMEOUT
-            while True:
+            def red() -> bytes | None:
                 status, body, _ = get(agent.health.port, "/healthz")
-                if status == 503:
-                    break
-                assert time.monotonic() < deadline, f"/healthz stayed green: {body!r}"
-                time.sleep(0.1)
+                return body if status == 503 else None
+
+            body = wait_for(red, CLIENT_TIMEOUT, "/healthz to turn red", interval=0.1)
             reason = json.loads(body)["reason"]
             assert ("k8s-sync has exited" if failure == "dies" else "no progress") in reason
         finally:

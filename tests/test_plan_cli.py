@@ -100,7 +100,7 @@ def test_every_control_plane_label_style(serve, capsys, style):
 
 
 def test_role_comes_from_the_node_unless_told_otherwise(serve, capsys):
-    # Finding 2 of issue 9: any Cilium agent can label a CiliumNode control-plane; the v1
+    # Any Cilium agent can label a CiliumNode control-plane; the v1
     # Node's role labels are protected by NodeRestriction.
     objects = [make_ciliumnode("cp", ipv4="192.0.2.1", control_plane=True),
                make_node("cp", control_plane=True, ipv4="192.0.2.1"),
@@ -117,7 +117,7 @@ def test_role_comes_from_the_node_unless_told_otherwise(serve, capsys):
 
 
 def test_rejections_are_listed_with_their_reason(serve, capsys):
-    # Finding 9 of issue 9: plan --json used to drop every rejection.
+    # plan --json used to drop every rejection.
     hostile = make_ciliumnode("evil", ipv4="169.254.169.254",
                               pod_cidrs=["0.0.0.0/1", "10.0.0.0/8", "10.244.9.0/24"])
     hostile["spec"]["addresses"].append({"type": "InternalIP", "ip": "192.168.50.10"})

@@ -105,7 +105,7 @@ def test_local_prefixes_never_become_destinations():
 
 
 def test_a_worker_claiming_a_control_plane_address_cannot_switch_its_exemption_off():
-    # Finding 3 of issue 9: this used to turn the exemption off (bootstrap broke).
+    # This used to turn the exemption off (bootstrap broke).
     worker_with_cp_ip = ciliumnode("w9", "192.168.50.10", None, [])
     plan = compute_plan(snapshot(KUBEADM_CP, worker_with_cp_ip, W1), "w1", SETTINGS)
     dest = [d for d in plan.destinations if str(d.prefix) == "192.168.50.10/32"]

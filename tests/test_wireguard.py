@@ -86,7 +86,9 @@ def test_wireguard_go_device(netns, wireguard_go, tmp_path):
         peer = subprocess.run(["wg", "pubkey"], input=subprocess.run(
             ["wg", "genkey"], capture_output=True, text=True).stdout,
             capture_output=True, text=True).stdout.strip()
-        run = lambda *c: subprocess.run(["ip", "netns", "exec", ns, *c], check=True)  # noqa: E731
+        def run(*c):
+            return subprocess.run(["ip", "netns", "exec", ns, *c], check=True)
+
         run("wg", "set", ifname, "listen-port", "51871", "fwmark", "0xe00", "private-key",
             str(key), "peer", peer, "allowed-ips", "192.168.50.22/32,10.244.2.0/24")
         run("ip", "link", "set", ifname, "mtu", "1420")

@@ -118,7 +118,7 @@ def run(datapaths: str = "bpf,iprule", timeout: float = DEFAULT_TIMEOUT,
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise HarnessError(f"VM did not finish within {timeout:.0f}s; console log: "
-                               f"{log_path}")
+                               f"{log_path}") from None
     elapsed = time.monotonic() - started
     if not os.path.exists(result_path):
         with open(log_path) as f:
@@ -160,12 +160,12 @@ def load_only(timeout: float = DEFAULT_TIMEOUT, keep_dir: str | None = None) -> 
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            raise HarnessError(f"VM did not finish within {timeout:.0f}s")
+            raise HarnessError(f"VM did not finish within {timeout:.0f}s") from None
     try:
         with open(out_path) as f:
             result = json.loads(f.read().strip().splitlines()[-1])
     except (OSError, IndexError, ValueError) as e:
-        raise HarnessError(f"guest wrote no load-check result ({e}); see {result_dir}")
+        raise HarnessError(f"guest wrote no load-check result ({e}); see {result_dir}") from e
     if not result.get("ok") and os.path.exists(err_path):
         with open(err_path, errors="replace") as f:
             result["log_tail"] = f.read().splitlines()[-12:]

@@ -264,6 +264,7 @@ class Bench:
                 check = probe.present
             else:
                 probe = agent_worker.call(lambda: observe.RouteProbe(self.wg))
+                # A lambda, like the other branch's bound method: ``check`` is one name.
                 check = lambda addr: agent_worker.call(lambda: probe.present(addr))  # noqa: E731
             spy = None
             if profile:

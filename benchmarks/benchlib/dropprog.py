@@ -33,9 +33,9 @@ def load_drop() -> int:
     return syscall._bpf(BPF_PROG_LOAD, attr)
 
 
-def attach_drop(device: str) -> tuple[int, int]:
-    """(prog fd, link fd) of a drop program at the tcx egress of ``device`` in the calling
-    thread's namespace. Closing both fds detaches it."""
+def attach_drop(device: str) -> tuple[int, syscall.BpfObject]:
+    """(prog fd, link) of a drop program at the tcx egress of ``device`` in the calling
+    thread's namespace. Closing both detaches it."""
     prog = load_drop()
     try:
         link = syscall.tcx_link_create(prog, socket.if_nametoindex(device),

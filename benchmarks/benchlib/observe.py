@@ -102,11 +102,8 @@ class BpfProbe:
         if frame is None:
             frame = self._frames[addr] = testrun.build_frame(self._src, addr, dport=8080,
                                                              tcp_flags="A")
-        fd = syscall.obj_get(pins.explain_prog_path(self._bpffs))
-        try:
-            return testrun.run(fd, frame).verdict == "encrypt"
-        finally:
-            os.close(fd)
+        with syscall.obj_get(pins.explain_prog_path(self._bpffs)) as twin:
+            return testrun.run(twin, frame).verdict == "encrypt"
 
     def close(self) -> None:
         pass

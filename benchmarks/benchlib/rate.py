@@ -241,8 +241,9 @@ def sender_ceiling(sender: Sender, seconds: float, rounds: int) -> dict:
         try:
             runs = [sender.run(ns, SINK_DST, seconds) for _ in range(rounds)]
         finally:
-            for fd in fds:
-                os.close(fd)
+            prog, link = fds
+            link.close()
+            os.close(prog)
     finally:
         netns.delete(ns)
     return {"pps": round(statistics.median(r.pps_cpu for r in runs), 1),

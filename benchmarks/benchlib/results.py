@@ -1,5 +1,5 @@
 """The results file: its contract (checked before anything is written), the tables printed
-from it, and the targets of issue 12 evaluated against it.
+from it, and the performance targets evaluated against it.
 
 Contract of ``benchmarks/results/latest.json`` (later checks read it):
 
@@ -92,7 +92,9 @@ def write(doc: dict, results_dir: str, label: str) -> tuple[str, str]:
 def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    def line(cells):
+        return "  ".join(c.rjust(w) for c, w in zip(cells, widths))
+
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
@@ -156,10 +158,11 @@ def control_plane_table(rows: list[dict], cpu: dict) -> str:
                    "CPU ms/event"], out)
 
 
-# ---- targets (issue 12) ---------------------------------------------------------------------
+# ---- targets ------------------------------------------------------------------------------
 
 def targets(doc: dict) -> list[tuple[str, bool | None, str]]:
-    """(target, met (None: not measured), measured value) for each target of issue 12."""
+    """(target, met (None: not measured), measured value) for each performance target
+    (docs/performance.md)."""
     out = []
     dp = {(r["config"], r["traffic"], r["nodes"]): r for r in doc["datapath"]}
     for config, floor in (("bpf", 0.90), ("iprule", 0.85)):

@@ -19,7 +19,7 @@
  * longest first (the lengths are listed in nc_config), so the first hit is the longest match.
  * A cluster has few distinct lengths (/32 and /128 node addresses, one or two pod CIDR sizes):
  * a hash lookup costs the same at 100 and at 100,000 entries, an LPM trie walk grows with
- * depth (issue 12). */
+ * depth (docs/performance.md measures both). */
 struct nc_lpm_v4 {
 	__u32 prefixlen;
 	__u8 addr[4];    /* network byte order, host bits zero */
@@ -156,9 +156,9 @@ struct nc_frag_val {
 
 /* Exempt bootstrap flows (bpf/lib/flows.h), one entry per connection in the local node's
  * orientation, so the egress and the ingress program find the same entry: ``local`` is the
- * local node's address and port, ``remote`` the peer's. */
+ * local end's address (a node address or a local pod's) and port, ``remote`` the peer's. */
 #define NC_FLOW_INBOUND 1  /* a peer opened it to an exempt port the local node serves */
-#define NC_FLOW_OUTBOUND 2 /* the local node opened it to a control-plane node's exempt port */
+#define NC_FLOW_OUTBOUND 2 /* a local source opened it to a control-plane node's exempt port */
 struct nc_flow_key {
 	__u8 family;
 	__u8 protocol;

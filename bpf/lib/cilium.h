@@ -10,30 +10,15 @@
 #ifndef NC_LIB_CILIUM_H
 #define NC_LIB_CILIUM_H
 
-#include "maps.h"
+#include "lookup.h"
 #include "parse.h"
-
-/* Local pod CIDRs (value unused, 1). Empty: nodecryptor redirects pod-to-pod traffic too. */
-NC_MAP("lpm_trie", struct nc_lpm_v4, __u32, nc_pods_v4, NC_PODS_MAX, BPF_F_NO_PREALLOC);
-NC_MAP("lpm_trie", struct nc_lpm_v6, __u32, nc_pods_v6, NC_PODS_MAX, BPF_F_NO_PREALLOC);
 
 /* Whether Cilium encrypts this packet itself: local pod source, remote pod CIDR destination.
  * Source and destination are the same in every fragment of a datagram, so all of its
  * fragments get the same answer without fragment tracking. */
 static __always_inline int nc_cilium_owns(const struct nc_pkt *p, const struct nc_dst_info *dst)
 {
-	if (dst->kind != NC_KIND_POD_CIDR)
-		return 0;
-	if (p->family == 4) {
-		struct nc_lpm_v4 key = {.prefixlen = 32};
-
-		__builtin_memcpy(key.addr, p->src, 4);
-		return nc_pods_v4.lookup(&key) != NULL;
-	}
-	struct nc_lpm_v6 key = {.prefixlen = 128};
-
-	__builtin_memcpy(key.addr, p->src, 16);
-	return nc_pods_v6.lookup(&key) != NULL;
+	return dst->kind == NC_KIND_POD_CIDR && nc_in_local_pods(p->family, p->src);
 }
 
 #endif /* NC_LIB_CILIUM_H */

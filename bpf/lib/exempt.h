@@ -29,7 +29,7 @@ static __always_inline __u32 nc_exempt_reason(const struct nc_pkt *p,
 	/* Never on the source port alone: a pod's reply from an exempt port would leak. */
 	if (dst->clients &&
 	    (nc_port_policies(p->proto, p->sport, NC_EXEMPT_SPORT) & dst->clients) &&
-	    nc_src_is_local(p))
+	    nc_is_local_addr(p->family, p->src))
 		return NC_R_EXEMPT_SPORT;
 	return NC_R_ENCRYPT;
 }

@@ -3,8 +3,10 @@
  * when nc_flows holds its connection as INBOUND: nc_ingress saw the peer open it to an exempt
  * port this control-plane node serves. A local process that merely uses source port 6443 to
  * reach another cluster destination has no such entry and is encrypted. Symmetrically, the
- * egress program remembers the exempt flows this node opens to a control-plane node
- * (OUTBOUND), and nc_ingress accepts their clear-text replies only for those.
+ * egress program remembers the exempt flows opened from this node to a control-plane node
+ * (OUTBOUND) whatever the local source (a node address or a local pod), and nc_ingress accepts
+ * their clear-text replies, and ICMP errors quoting either kind of flow (icmp.h), only for
+ * those.
  *
  * Entries are refreshed (re-inserted when missing) by every packet of the flow in the
  * direction that created it, so an entry lost to LRU pressure or to an agent restart (a new
@@ -38,15 +40,21 @@ static __always_inline void nc_flow_key_of(const struct nc_pkt *p, int outgoing,
 	}
 }
 
-/* Whether the flow is remembered with ``origin``. */
-static __always_inline int nc_flow_is(const struct nc_pkt *p, int outgoing, __u32 origin)
+/* The origin (NC_FLOW_*) the flow is remembered with; 0 when it is not remembered. */
+static __always_inline __u32 nc_flow_origin(const struct nc_pkt *p, int outgoing)
 {
 	struct nc_flow_key key;
 	struct nc_flow_val *val;
 
 	nc_flow_key_of(p, outgoing, &key);
 	val = nc_flows.lookup(&key);
-	return val && val->origin == origin;
+	return val ? val->origin : 0;
+}
+
+/* Whether the flow is remembered with ``origin``. */
+static __always_inline int nc_flow_is(const struct nc_pkt *p, int outgoing, __u32 origin)
+{
+	return nc_flow_origin(p, outgoing) == origin;
 }
 
 /* Remembers the flow (a lookup first: an existing entry is only marked recently used). */

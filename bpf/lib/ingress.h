@@ -1,18 +1,22 @@
 /* SPDX-License-Identifier: Apache-2.0 */
-/* The ingress decision (nc_ingress, attached to the underlay devices' ingress): clear text
- * arriving from a cluster peer. A packet is a peer's when its source is a remote node address
- * or remote pod CIDR (a hit in the destination maps) and its destination is a local node
- * address (nc_local) or a local pod CIDR (nc_pods_*). Everything else (the internet, the
- * underlay's own services, non-IP) is never touched.
+/* The ingress decision (nc_ingress, attached to the underlay devices' ingress, and its dry-run
+ * twin nc_explain_ingress): clear text arriving from a cluster peer. A packet is a peer's when
+ * its source is a remote node address or remote pod CIDR (a hit in the destination maps) and
+ * its destination is a local node address (nc_local) or a local pod CIDR (nc_pods_*).
+ * Everything else (the internet, the underlay's own services, non-IP) is never touched.
  *
- * Decision order: no config or disabled; not IP; source not a cluster peer; destination not
- * local; later fragment (follows its first fragment); truncated L4 (leak); ICMPv6 neighbour
- * discovery; UDP to the WireGuard port; request to an exempt port the local control-plane
- * node serves (remembers the flow); reply of an exempt flow the local node opened; else a
- * leak, which the ingress mode passes uncounted (off), passes and meters (audit) or drops and
- * meters (enforce). SYN and SYN-ACK that pass in the clear get their MSS clamped: the replies
- * this node sends to such a peer go through WireGuard. The same program on cilium_wg0's
- * ingress (skb->ifindex is the WireGuard device) only clamps the MSS (nc_in_tunnel). */
+ * Decision order (first match wins; the mirror of egress.h): no config or disabled; not IP;
+ * source not a cluster peer; destination not local; later fragment (follows its first
+ * fragment); truncated L4 or an IPv6 extension-header chain longer than NC_IPV6_EXT_MAX (the
+ * limit egress parses: neither side can see such a packet's ports, so both fail closed); ICMP
+ * error quoting an exempt flow (icmp.h); ICMPv6 neighbour discovery; UDP to the WireGuard port
+ * of a local node address; request to an exempt port the local control-plane node serves
+ * (remembers the flow); reply of an exempt flow a local source opened, the node or a local
+ * pod; else a leak, which the ingress mode passes uncounted (off), passes and meters
+ * (audit) or drops and meters (enforce). SYN and SYN-ACK that pass in the clear get their MSS
+ * clamped: the replies this node sends to such a peer go through WireGuard. The same program
+ * on cilium_wg0's ingress (skb->ifindex is the WireGuard device) only clamps the MSS
+ * (nc_in_tunnel). */
 #ifndef NC_LIB_INGRESS_H
 #define NC_LIB_INGRESS_H
 
@@ -25,32 +29,7 @@
 #include "mss.h"
 #include "frag.h"
 #include "verdict.h"
-
-/* Whether the destination is one of the local node's own addresses. */
-static __always_inline int nc_dst_is_local(const struct nc_pkt *p)
-{
-	struct nc_addr_key key;
-
-	__builtin_memset(&key, 0, sizeof(key));
-	key.family = p->family;
-	__builtin_memcpy(key.addr, p->dst, 16);
-	return nc_local.lookup(&key) != NULL;
-}
-
-/* Whether the destination is in a local pod CIDR. */
-static __always_inline int nc_dst_is_local_pod(const struct nc_pkt *p)
-{
-	if (p->family == 4) {
-		struct nc_lpm_v4 key = {.prefixlen = 32};
-
-		__builtin_memcpy(key.addr, p->dst, 4);
-		return nc_pods_v4.lookup(&key) != NULL;
-	}
-	struct nc_lpm_v6 key = {.prefixlen = 128};
-
-	__builtin_memcpy(key.addr, p->dst, 16);
-	return nc_pods_v6.lookup(&key) != NULL;
-}
+#include "icmp.h"
 
 /* What the peer's source is (kind, control-plane flag): the destination maps looked up with
  * the source address. 0 when it is not a remote cluster prefix. */
@@ -96,8 +75,11 @@ static __always_inline void nc_leak_note(const struct nc_pkt *p, const int dry)
 	nc_leaks.update(&key, &val);
 }
 
+/* ``maybe_tcp`` is a constant: 0 where the caller knows the packet is no TCP segment, which
+ * keeps the verifier from walking the MSS clamp on that path. */
 static __always_inline int nc_in_leak(struct __sk_buff *skb, struct nc_pkt *p,
-				      const struct nc_config *cfg, const int dry)
+				      const struct nc_config *cfg, const int maybe_tcp,
+				      const int dry)
 {
 	if (cfg->ingress_mode == NC_INGRESS_ENFORCE) {
 		nc_leak_note(p, dry);
@@ -105,7 +87,7 @@ static __always_inline int nc_in_leak(struct __sk_buff *skb, struct nc_pkt *p,
 	}
 	/* Passed in the clear: this node's replies go through WireGuard, so the MSS the peer
 	 * advertised must leave room for the tunnel. */
-	if (p->l4_ok && p->frag != NC_FRAG_LATER && p->proto == NC_IPPROTO_TCP &&
+	if (maybe_tcp && p->l4_ok && p->frag != NC_FRAG_LATER && p->proto == NC_IPPROTO_TCP &&
 	    nc_clamp_mss(skb, p, p->family == 4 ? cfg->mss_v4 : cfg->mss_v6))
 		nc_count(skb, NC_EV_IN_MSS_CLAMPED, dry);
 	if (cfg->ingress_mode == NC_INGRESS_AUDIT) {
@@ -137,7 +119,7 @@ static __always_inline int nc_in_tunnel(struct __sk_buff *skb, const struct nc_c
 	return TC_ACT_UNSPEC;
 }
 
-static __always_inline int nc_in_decide(struct __sk_buff *skb, const int dry)
+static __always_inline int nc_ingress_decide(struct __sk_buff *skb, const int dry)
 {
 	__u32 zero = 0, reason;
 	struct nc_config *cfg = nc_config_map.lookup(&zero);
@@ -155,8 +137,8 @@ static __always_inline int nc_in_decide(struct __sk_buff *skb, const int dry)
 		return nc_pass(skb, NC_R_IN_NOT_CLUSTER, dry);
 	if (!nc_lookup_src(&p, cfg, &src_info))
 		return nc_pass(skb, NC_R_IN_NOT_CLUSTER, dry);
-	to_node = nc_dst_is_local(&p);
-	if (!to_node && !nc_dst_is_local_pod(&p))
+	to_node = nc_is_local_addr(p.family, p.dst);
+	if (!to_node && !nc_in_local_pods(p.family, p.dst))
 		return nc_pass(skb, NC_R_IN_NOT_CLUSTER, dry);
 	if (p.family == 6)
 		nc_parse_ipv6_ext(skb, &p);
@@ -167,14 +149,29 @@ static __always_inline int nc_in_decide(struct __sk_buff *skb, const int dry)
 		fval = nc_frags.lookup(&fkey);
 		if (fval && nc_in_reason_passes(fval->reason))
 			return nc_pass(skb, NC_R_IN_FRAG_EXEMPT, dry);
-		return nc_in_leak(skb, &p, cfg, dry);
+		return nc_in_leak(skb, &p, cfg, 1, dry);
 	}
 	if (!p.l4_ok)
-		return nc_in_leak(skb, &p, cfg, dry);
+		return nc_in_leak(skb, &p, cfg, 1, dry);
+	/* An ICMP error about an exempt flow in either direction: path-MTU discovery and failure
+	 * reports of the bootstrap connections work under enforce; counted as their reply. Errors
+	 * have no ports, so no later rule could match; deciding them apart also keeps the
+	 * verifier from walking the rest (and the MSS clamp) once more per path through the
+	 * quote. */
+	if (nc_icmp_is_error(&p)) {
+		reason = nc_icmp_quotes_flow(skb, &p) ? NC_R_IN_EXEMPT_REPLY : NC_R_IN_LEAK_AUDIT;
+		if (p.frag == NC_FRAG_FIRST && !dry)
+			nc_frag_remember(&p, reason);
+		if (reason == NC_R_IN_EXEMPT_REPLY)
+			return nc_pass(skb, reason, dry);
+		return nc_in_leak(skb, &p, cfg, 0, dry);
+	}
 	reason = NC_R_IN_LEAK_AUDIT; /* placeholder: "not passed" */
 	if (p.proto == NC_IPPROTO_ICMPV6 && p.icmp_type >= 133 && p.icmp_type <= 137)
 		reason = NC_R_IN_ND;
-	else if (p.proto == NC_IPPROTO_UDP && p.dport == cfg->wg_port)
+	/* WireGuard listens on the node's addresses; clear UDP to a pod's port of that number
+	 * is a pod's traffic like any other. */
+	else if (p.proto == NC_IPPROTO_UDP && p.dport == cfg->wg_port && to_node)
 		reason = NC_R_IN_WG_PORT;
 	/* A request from a client of a policy the local node serves, to one of that policy's
 	 * ports on a local node address: the ports whose replies egress may exempt. */
@@ -182,9 +179,9 @@ static __always_inline int nc_in_decide(struct __sk_buff *skb, const int dry)
 		 (nc_port_policies(p.proto, p.dport, NC_EXEMPT_SPORT) & src_info.clients))
 		reason = NC_R_IN_EXEMPT_REQUEST;
 	/* A reply from a serving node's own address on one of its policies' ports, for a
-	 * connection this node opened (remembered by egress). */
-	else if (nc_has_ports(p.proto) && to_node && src_info.kind == NC_KIND_NODE_IP &&
-		 src_info.serves &&
+	 * connection a local source opened (remembered by egress, whatever that source: the node
+	 * or a local pod). The flow entry is exact, so the destination needs no other check. */
+	else if (nc_has_ports(p.proto) && src_info.kind == NC_KIND_NODE_IP && src_info.serves &&
 		 (nc_port_policies(p.proto, p.sport, NC_EXEMPT_DPORT) & src_info.serves) &&
 		 nc_flow_is(&p, 0, NC_FLOW_OUTBOUND))
 		reason = NC_R_IN_EXEMPT_REPLY;
@@ -194,7 +191,7 @@ static __always_inline int nc_in_decide(struct __sk_buff *skb, const int dry)
 		nc_frag_remember(&p, reason);
 	if (nc_in_reason_passes(reason))
 		return nc_pass(skb, reason, dry);
-	return nc_in_leak(skb, &p, cfg, dry);
+	return nc_in_leak(skb, &p, cfg, 1, dry);
 }
 
 #endif /* NC_LIB_INGRESS_H */

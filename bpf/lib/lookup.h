@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /* Map lookups keyed by parsed packet fields: the destination prefix, the local node's own
- * addresses, exempt (protocol, port) pairs. */
+ * addresses and pod CIDRs, exempt (protocol, port) pairs. */
 #ifndef NC_LIB_LOOKUP_H
 #define NC_LIB_LOOKUP_H
 
@@ -164,18 +164,35 @@ static __always_inline int nc_lookup_dst(const struct nc_pkt *p, const struct nc
 	return nc_lookup_v6(p, cfg, out);
 }
 
-/* Whether the source address is one of the local node's own addresses. */
-static __always_inline int nc_src_is_local(const struct nc_pkt *p)
+/* Whether ``addr`` (family 4 or 6, network order) is one of the local node's own addresses.
+ * Egress asks it of the source, ingress of the destination. */
+static __always_inline int nc_is_local_addr(__u8 family, const __u8 *addr)
 {
 	struct nc_addr_key key;
 
 	__builtin_memset(&key, 0, sizeof(key));
-	key.family = p->family;
-	if (p->family == 4)
-		__builtin_memcpy(key.addr, p->src, 4);
+	key.family = family;
+	if (family == 4)
+		__builtin_memcpy(key.addr, addr, 4);
 	else
-		__builtin_memcpy(key.addr, p->src, 16);
+		__builtin_memcpy(key.addr, addr, 16);
 	return nc_local.lookup(&key) != NULL;
+}
+
+/* Whether ``addr`` lies in a local pod CIDR (nc_pods_*). Egress asks it of the source (Cilium's
+ * own pod-to-pod traffic, cilium.h), ingress of the destination. */
+static __always_inline int nc_in_local_pods(__u8 family, const __u8 *addr)
+{
+	if (family == 4) {
+		struct nc_lpm_v4 key = {.prefixlen = 32};
+
+		__builtin_memcpy(key.addr, addr, 4);
+		return nc_pods_v4.lookup(&key) != NULL;
+	}
+	struct nc_lpm_v6 key = {.prefixlen = 128};
+
+	__builtin_memcpy(key.addr, addr, 16);
+	return nc_pods_v6.lookup(&key) != NULL;
 }
 
 /* Policy bits of the exempt ranges holding (protocol, port) with ``flag`` (NC_EXEMPT_*). */

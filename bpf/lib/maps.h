@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: Apache-2.0 */
-/* The maps of nc_abi.h declared for BCC. With NC_PIN_DIR defined (a string literal, given by
- * the loader as a cflag) every map is reused from NC_PIN_DIR/<name> when pinned there, else
- * created and pinned there, so the agent can restart without emptying the datapath.
+/* Every map of nc_abi.h, declared for BCC in this one header (the other lib headers declare
+ * none). With NC_PIN_DIR defined (a string literal, given by the loader as a cflag) every map
+ * is reused from NC_PIN_DIR/<name> when pinned there, else created and pinned there, so the
+ * agent can restart without emptying the datapath.
  * BCC rewrites map method calls only when they are spelled with the map's own name (not
  * through a macro), so the lib headers call nc_dst_v4.lookup() etc. directly; the names
  * match the NC_MAP_* definitions of nc_abi.h. */
@@ -31,6 +32,11 @@ NC_MAP("lpm_trie", struct nc_lpm_v4, struct nc_dst_info, nc_dst_lpm_v4, NC_DST_V
        BPF_F_NO_PREALLOC);
 NC_MAP("lpm_trie", struct nc_lpm_v6, struct nc_dst_info, nc_dst_lpm_v6, NC_DST_V6_MAX,
        BPF_F_NO_PREALLOC);
+/* Local pod CIDRs (value unused, 1): Cilium's own pod-to-pod traffic (cilium.h) and the local
+ * destinations of clear text from peers (ingress.h). Empty when nodecryptor takes pod-to-pod
+ * traffic over. */
+NC_MAP("lpm_trie", struct nc_lpm_v4, __u32, nc_pods_v4, NC_PODS_MAX, BPF_F_NO_PREALLOC);
+NC_MAP("lpm_trie", struct nc_lpm_v6, __u32, nc_pods_v6, NC_PODS_MAX, BPF_F_NO_PREALLOC);
 NC_MAP("array", __u32, struct nc_exempt_ranges, nc_exempt, 1, 0);
 NC_MAP("hash", struct nc_addr_key, __u32, nc_local, NC_LOCAL_MAX, 0);
 NC_MAP("array", __u32, struct nc_config, nc_config_map, 1, 0);

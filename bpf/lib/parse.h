@@ -14,6 +14,10 @@
 #define NC_ETH_P_8021AD 0x88A8
 #define NC_ETH_HLEN 14
 #define NC_VLAN_HLEN 4
+/* Extension headers walked before L4, by egress and ingress alike: RFC 8200's recommended
+ * order has at most six before the upper layer (hop-by-hop, destination, routing, fragment,
+ * AH, destination). A longer chain leaves ext_ok 0: egress encrypts it as malformed, ingress
+ * treats it as clear text, so neither exempts ports it did not see. */
 #define NC_IPV6_EXT_MAX 6
 
 #define NC_IPPROTO_HOPOPTS 0

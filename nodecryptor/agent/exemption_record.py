@@ -9,13 +9,12 @@ the policies some destinations are no client of."""
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import os
 
 from nodecryptor.policy.exemptions import PolicyRange, policy_for
 from nodecryptor.core.log import kv
-from nodecryptor.core.runfiles import write_json
+from nodecryptor.core.runfiles import read_json_object, write_json
 from nodecryptor.core.model import DesiredState
 from nodecryptor.core.settings import Settings
 
@@ -53,13 +52,8 @@ def write(settings: Settings, summary: dict) -> None:
         log.warning("cannot record the exemption policies", extra=kv(path=path, error=str(e)))
 
 
-def read(settings: Settings) -> dict | None:
-    try:
-        with open(record_path(settings)) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+def read(settings: Settings) -> dict[str, object] | None:
+    return read_json_object(record_path(settings))
 
 
 def _ranges(items) -> list[PolicyRange]:

@@ -1,5 +1,5 @@
 """The agent's encryption-health loop: every few seconds, read the WireGuard device, judge every
-peer (nodecryptor.policy.peerhealth), export the per-state metrics, decide ``NodeEncryptionReady`` and
+peer (policy.peerhealth), export the per-state metrics, decide ``NodeEncryptionReady`` and
 hand it to the condition writer, and record the peer table in the run directory for
 ``nodecryptor status --peers``.
 
@@ -11,7 +11,6 @@ so a slow API or a slow pass never delays it, and it never delays them. The cond
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -21,7 +20,7 @@ from typing import Callable
 from nodecryptor.policy import peerhealth as ph
 from nodecryptor.node import wireguard
 from nodecryptor.core.log import kv
-from nodecryptor.core.runfiles import write_json
+from nodecryptor.core.runfiles import read_json_object, write_json
 from nodecryptor.observe.metrics import Metrics
 from nodecryptor.core.model import WgState
 from nodecryptor.core.settings import Settings
@@ -44,14 +43,9 @@ def peers_path(settings: Settings) -> str:
     return os.path.join(settings.run_dir, PEERS_FILE)
 
 
-def read_peers_file(settings: Settings) -> dict | None:
+def read_peers_file(settings: Settings) -> dict[str, object] | None:
     """The table the agent last recorded, or None when there is none."""
-    try:
-        with open(peers_path(settings)) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    return read_json_object(peers_path(settings))
 
 
 

@@ -25,7 +25,8 @@ from nodecryptor.core.errors import DatapathError
 from nodecryptor.core.log import kv
 from nodecryptor.observe.metrics import Metrics
 from nodecryptor.core.model import ROLE_CONTROL_PLANE, DesiredState, WgState
-from nodecryptor.policy.plan import admission_limits, compute_desired, compute_plan, is_control_plane
+from nodecryptor.policy.plan import (admission_limits, compute_desired, compute_plan,
+                                     is_control_plane)
 from nodecryptor.policy.plan import node_addresses as policy_node_addresses
 from nodecryptor.agent import exemption_record
 from nodecryptor.observe.rejectlog import RejectionLog

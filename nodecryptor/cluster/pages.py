@@ -142,16 +142,26 @@ def list_all(api, page_size: int, timeout: float, parse=parse_ciliumnode,
             return ListResult(nodes, rejected, str(meta.get("resourceVersion") or ""), pages)
 
 
-def list_retrying(api, settings: Settings, noun: str = "CiliumNodes",
-                  parse=parse_ciliumnode) -> ListResult:
-    for attempt in range(3):
+LIST_ATTEMPTS = 3
+"""How many times a list is started while its continue tokens keep expiring (the server
+compacted the snapshot behind them before the list reached its end); after that the 410 goes to
+the caller: the sync's loop lists again with backoff, a command reports it."""
+
+
+def list_complete(api, settings: Settings, parse=parse_ciliumnode, noun: str = "CiliumNodes",
+                  on_page=None, on_restart=None) -> ListResult:
+    """A whole list (``list_all``) that starts over at once, calling ``on_restart``, when a
+    continue token expires: the one place a list's 410 is handled, for the agent's syncs and
+    the commands alike. Raises KubernetesError (ApiGone after ``LIST_ATTEMPTS`` expiries)."""
+    for attempt in range(1, LIST_ATTEMPTS + 1):
         try:
             return list_all(api, settings.list_page_size, settings.request_timeout_seconds,
-                            parse, noun)
+                            parse, noun, on_page)
         except ApiGone:
-            # The snapshot behind a continue token was compacted: start the list over.
-            if attempt == 2:
+            if attempt == LIST_ATTEMPTS:
                 raise
+            if on_restart is not None:
+                on_restart()
     raise AssertionError("unreachable")
 
 

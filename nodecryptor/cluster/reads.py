@@ -6,13 +6,14 @@ it."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 
 import kubernetes.client
 from kubernetes.client.exceptions import ApiException
 
 from nodecryptor.cluster.apis import ConfigMapApi, NodeApi, ResourceApi, ResourceMissing
 from nodecryptor.cluster.client import TRANSPORT_ERRORS, api_host, load_client, translate_error
-from nodecryptor.cluster.pages import list_retrying
+from nodecryptor.cluster.pages import list_complete
 from nodecryptor.cluster.store import Store
 from nodecryptor.core.model import NodeInfo, PodPools
 from nodecryptor.core.settings import Settings
@@ -20,18 +21,22 @@ from nodecryptor.policy import exemptions, pools
 from nodecryptor.policy.ciliumnode import Rejection, parse_node_roles
 
 
-def snapshot_once(settings: Settings) -> tuple[dict[str, NodeInfo], list[Rejection]]:
-    """List every CiliumNode and every v1 Node once, merged as the agent's store merges them
-    (a Node without a CiliumNode is a node of its own). Raises a KubernetesError naming the
-    server and the cause when the API is unreachable, refuses access, or has no CiliumNode
-    resource."""
+def snapshot_once(settings: Settings, policies: Iterable = ()
+                  ) -> tuple[dict[str, NodeInfo], list[Rejection]]:
+    """List every CiliumNode and every v1 Node once, merged by a Store as the agent's merges
+    them: a Node's labels reduced to the role labels and the keys the exemption ``policies``
+    select on, its addresses and pod CIDRs; a Node without a CiliumNode is a node of its own.
+    Raises a KubernetesError naming the server and the cause when the API is unreachable,
+    refuses access, or has no CiliumNode resource."""
+    store = Store()
+    store.set_role_label_keys(settings.control_plane_labels)
+    store.replace_exemptions(policies)
     api_client = load_client(settings)
     try:
-        result = list_retrying(kubernetes.client.CustomObjectsApi(api_client), settings)
-        kube = list_retrying(NodeApi(api_client), settings, "Nodes",
-                             lambda obj: parse_node_roles(obj, None))
-        store = Store()
+        result = list_complete(kubernetes.client.CustomObjectsApi(api_client), settings)
         store.replace_all(result.nodes.values())
+        kube = list_complete(NodeApi(api_client), settings,
+                             lambda obj: parse_node_roles(obj, None), "Nodes")
         store.replace_nodes(kube.nodes.values())
         rejections = [r for _, rs in [*result.rejections, *kube.rejections] for r in rs]
         return store.snapshot(), rejections
@@ -44,13 +49,13 @@ def pools_once(settings: Settings) -> tuple[PodPools, list[Rejection]]:
     CiliumPodIPPools (a missing CRD means none). Raises KubernetesError."""
     api_client = load_client(settings)
     try:
-        config = list_retrying(ConfigMapApi(api_client, settings.cilium_namespace,
-                                            pools.CONFIGMAP_NAME), settings, "ConfigMaps",
-                               pools.parse_cilium_config)
+        config = list_complete(ConfigMapApi(api_client, settings.cilium_namespace,
+                                            pools.CONFIGMAP_NAME), settings,
+                               pools.parse_cilium_config, "ConfigMaps")
         try:
-            ip_pools = list_retrying(ResourceApi(api_client, pools.POOL_GROUP,
+            ip_pools = list_complete(ResourceApi(api_client, pools.POOL_GROUP,
                                                  pools.POOL_VERSION, pools.POOL_PLURAL),
-                                     settings, "CiliumPodIPPools", pools.parse_pod_ip_pool)
+                                     settings, pools.parse_pod_ip_pool, "CiliumPodIPPools")
             found, pool_rejections = ip_pools.nodes, ip_pools.rejections
         except ResourceMissing:
             found, pool_rejections = {}, []
@@ -67,9 +72,9 @@ def exemptions_once(settings: Settings) -> tuple[tuple, list[Rejection], str | N
     none could be listed (the CRD is not installed), which only leaves the built-in policy."""
     api_client = load_client(settings)
     try:
-        result = list_retrying(ResourceApi(api_client, exemptions.GROUP, exemptions.VERSION,
+        result = list_complete(ResourceApi(api_client, exemptions.GROUP, exemptions.VERSION,
                                            exemptions.PLURAL), settings,
-                               "EncryptionExemptions", exemptions.parse_exemption)
+                               exemptions.parse_exemption, "EncryptionExemptions")
     except ResourceMissing as e:
         return (), [], str(e)
     finally:

@@ -24,7 +24,8 @@ from kubernetes.watch.watch import iter_resp_lines
 from nodecryptor.cluster.apis import GROUP, PLURAL, VERSION
 from nodecryptor.cluster.client import TRANSPORT_ERRORS, api_host, load_client, translate_error
 from nodecryptor.cluster.k8s_errors import ApiGone, ApiUnavailable, KubernetesError
-from nodecryptor.cluster.pages import MAX_OBJECT_BYTES, list_all, meta_of, oversized, version_of
+from nodecryptor.cluster.pages import (MAX_OBJECT_BYTES, list_complete, meta_of, oversized,
+                                        version_of)
 from nodecryptor.cluster.store import Store
 from nodecryptor.core.backoff import Backoff
 from nodecryptor.core.log import kv
@@ -134,16 +135,8 @@ class CiliumNodeSync:
 
     def _relist(self, api) -> str:
         started = time.monotonic()
-        try:
-            result = list_all(api, self.settings.list_page_size,
-                               self.settings.request_timeout_seconds, self._parse, self.noun,
-                               self._beat)
-        except ApiGone:
-            # A continue token expired in the middle of the list: start it over at once.
-            self._restart("list-expired")
-            result = list_all(api, self.settings.list_page_size,
-                               self.settings.request_timeout_seconds, self._parse, self.noun,
-                               self._beat)
+        result = list_complete(api, self.settings, self._parse, self.noun, self._beat,
+                               lambda: self._restart("list-expired"))
         for meta, rejections in result.rejections:
             self._report(meta, rejections)
         self._forget_logged(result.nodes)

@@ -42,11 +42,26 @@ def handle(args) -> int:
     if args.json:
         print_json(report)
         return 0
-    b = report["bpf"]
-    print(f"bpf: detached {len(b['tcx_links'])} tcx link(s) {b['tcx_links']}, removed "
-          f"{len(b['tc_filters'])} tc filter(s) {b['tc_filters']}, {len(b['pins'])} pin(s)")
+    for line in bpf_text(report["bpf"]):
+        print(line)
     print(f"iprule: {report['iprule']}")
     return 0
+
+
+# (report key, what the text calls it): every hook kind the BPF datapath's cleanup removes.
+_BPF_HOOKS = (("tcx_links", "egress tcx link"), ("tc_filters", "egress tc filter"),
+              ("ingress_tcx_links", "ingress tcx link"),
+              ("ingress_tc_filters", "ingress tc filter"))
+
+
+def bpf_text(b: dict) -> list[str]:
+    """The BPF part of the text report: every removed link and filter, by hook, so the text
+    says as much as ``--json`` (ingress links on cilium_wg0 included)."""
+    removed = [(label, b.get(key) or []) for key, label in _BPF_HOOKS]
+    total = sum(len(names) for _, names in removed)
+    lines = [f"bpf: removed {total} hook(s) and {len(b.get('pins') or [])} pin(s)"]
+    lines += [f"  {label}(s): {', '.join(names)}" for label, names in removed if names]
+    return lines
 
 
 def _proof_of_concept(args) -> int:

@@ -13,10 +13,12 @@ from nodecryptor.core.errors import SettingsError
 from nodecryptor.observe.httpserver import binds_overlap, parse_bind
 from nodecryptor.core.log import LEVELS
 from nodecryptor.core.ports import PortSpecError, parse_port_spec
-from nodecryptor.core.settings import (DEFAULT_EXEMPT_PORTS, MAX_EXEMPT_PORT_RANGES, DatapathMode, FailMode,
-                        IngressEnforcement,
-                        RoleSource, Settings)
-from nodecryptor.core.settings import require_node_name  # noqa: F401  (re-exported for the commands)
+from nodecryptor.core.settings import (DEFAULT_EXEMPT_PORTS, MAX_EXEMPT_PORT_RANGES,
+                                       DatapathMode, FailMode, IngressEnforcement, RoleSource,
+                                       Settings, require_node_name)
+
+# Every default below is read from Settings, where it is decided: the flags, the agent and the
+# tests cannot disagree on one.
 
 
 def parse_bool(text: str) -> bool:
@@ -30,8 +32,13 @@ def parse_bool(text: str) -> bool:
 
 
 def add_bpffs(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bpffs", default="/sys/fs/bpf", metavar="DIR",
+    p.add_argument("--bpffs", default=Settings.bpffs, metavar="DIR",
                    help="bpffs mount; pins live under DIR/nodecryptor/ (default: %(default)s)")
+
+
+def add_wg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wg-interface", default=Settings.wg_interface, metavar="IFNAME",
+                   help="Cilium's WireGuard device (default: %(default)s)")
 
 
 def add_json(p: argparse.ArgumentParser) -> None:
@@ -57,7 +64,7 @@ def add_cluster(p: argparse.ArgumentParser) -> None:
     p.add_argument("--control-plane-label", action="append", default=None, metavar="LABEL",
                    help="label whose presence marks a control-plane node (repeatable; default: "
                         "node-role.kubernetes.io/control-plane and node-role.kubernetes.io/master)")
-    p.add_argument("--address-types", default="InternalIP", metavar="TYPES",
+    p.add_argument("--address-types", default=",".join(Settings.address_types), metavar="TYPES",
                    help="comma-separated CiliumNode address types treated as node addresses "
                         "(default: %(default)s)")
     p.add_argument("--role-source", default=RoleSource.NODE.value, metavar="SOURCE",
@@ -68,12 +75,14 @@ def add_cluster(p: argparse.ArgumentParser) -> None:
                    help="comma-separated pod ranges of the cluster; pod CIDRs outside them are "
                         "rejected (default: read from Cilium's cilium-config ConfigMap and "
                         "CiliumPodIPPools)")
-    p.add_argument("--cilium-namespace", default="kube-system", metavar="NAMESPACE",
+    p.add_argument("--cilium-namespace", default=Settings.cilium_namespace, metavar="NAMESPACE",
                    help="namespace of Cilium's cilium-config ConfigMap (default: %(default)s)")
-    p.add_argument("--pod-cidr-min-prefix-v4", default="16", metavar="LEN",
+    p.add_argument("--pod-cidr-min-prefix-v4", default=str(Settings.pod_cidr_min_prefix_v4),
+                   metavar="LEN",
                    help="shortest prefix length accepted for an IPv4 pod CIDR "
                         "(default: %(default)s)")
-    p.add_argument("--pod-cidr-min-prefix-v6", default="48", metavar="LEN",
+    p.add_argument("--pod-cidr-min-prefix-v6", default=str(Settings.pod_cidr_min_prefix_v6),
+                   metavar="LEN",
                    help="shortest prefix length accepted for an IPv6 pod CIDR "
                         "(default: %(default)s)")
 
@@ -188,7 +197,8 @@ def _cluster_cidrs(flag: str, text: str) -> tuple:
 
 def _admission_settings(args: argparse.Namespace, kw: dict) -> None:
     if getattr(args, "role_source", None) is not None:
-        kw["role_source"] = args.role_source  # Settings turns it into a RoleSource or names the flag
+        # Settings turns it into a RoleSource or names the flag.
+        kw["role_source"] = args.role_source
     if getattr(args, "cilium_namespace", None):
         kw["cilium_namespace"] = args.cilium_namespace
     if getattr(args, "cluster_pod_cidrs", None):

@@ -13,7 +13,8 @@ from nodecryptor.datapath import detect
 from nodecryptor.datapath.base import PacketQuery
 from nodecryptor.core.errors import SettingsError
 from nodecryptor.core.ports import IP_PROTOCOLS
-from nodecryptor.commands.common import add_bpffs, add_json, add_run_dir, print_json, settings_from_args
+from nodecryptor.commands.common import (add_bpffs, add_json, add_run_dir, print_json,
+                                         settings_from_args)
 
 PROTOCOLS = tuple(IP_PROTOCOLS)
 

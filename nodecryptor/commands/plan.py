@@ -6,8 +6,8 @@ from nodecryptor.cluster.k8s_errors import KubernetesError
 from nodecryptor.core.model import PodPools
 from nodecryptor.policy.plan import localize
 from nodecryptor.policy.topology import compile_topology
-from nodecryptor.commands.common import (add_cluster, add_json, check_cluster_config, print_json, require_node_name,
-                     settings_from_args)
+from nodecryptor.commands.common import (add_cluster, add_json, check_cluster_config, print_json,
+                                         require_node_name, settings_from_args)
 
 
 def register(sub) -> None:
@@ -30,8 +30,9 @@ def handle(args) -> int:
     check_cluster_config(settings)
     from nodecryptor.cluster import reads  # loaded on use, with the Kubernetes client
 
-    snapshot, rejections = reads.snapshot_once(settings)
+    # The policies first: the labels of the Nodes they select on are kept with the snapshot.
     policies, policy_rejections, note = reads.exemptions_once(settings)
+    snapshot, rejections = reads.snapshot_once(settings, policies)
     try:
         pools, pool_rejections = reads.pools_once(settings)
     except KubernetesError as e:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from nodecryptor.commands.common import (add_bpffs, add_cluster, add_datapath, add_fail_mode, add_ingress_enforcement, add_logging,
-                     add_run_dir, parse_bool, settings_from_args, validate_run)
+from nodecryptor.commands.common import (add_bpffs, add_cluster, add_datapath, add_fail_mode,
+                                         add_ingress_enforcement, add_logging, add_run_dir,
+                                         add_wg, parse_bool, settings_from_args, validate_run)
 
 
 def register(sub) -> None:
@@ -21,8 +22,7 @@ def register(sub) -> None:
                    metavar="BOOL", help="create the seed's dummy device and route "
                                         "(compatibility; ip-rule datapath only)")
     add_datapath(p)
-    p.add_argument("--wg-interface", default="cilium_wg0", metavar="IFNAME",
-                   help="Cilium's WireGuard device (default: %(default)s)")
+    add_wg(p)
     p.add_argument("--devices", default=None, metavar="DEVS",
                    help="comma-separated underlay devices; default: detected from the routes "
                         "to remote node addresses")

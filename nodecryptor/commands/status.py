@@ -9,12 +9,8 @@ from __future__ import annotations
 
 from nodecryptor.datapath import detect
 from nodecryptor.datapath.choice import last_choice
-from nodecryptor.commands.common import add_bpffs, add_json, add_run_dir, print_json, settings_from_args
-
-
-def add_wg(p) -> None:
-    p.add_argument("--wg-interface", default="cilium_wg0", metavar="IFNAME",
-                   help="Cilium's WireGuard device (default: %(default)s)")
+from nodecryptor.commands.common import (add_bpffs, add_json, add_run_dir, add_wg, print_json,
+                                         settings_from_args)
 
 
 def register(sub) -> None:
@@ -126,7 +122,8 @@ def print_proof_of_concept(poc: dict) -> None:
 
 
 def add_cilium(report: dict, settings, datapath: str) -> None:
-    """The Cilium-facing facts and every device's whole egress chain (cilium_probe.py)."""
+    """The Cilium-facing facts and the whole chain of every hook nodecryptor uses, egress and
+    ingress (status_cilium.py)."""
     from nodecryptor.commands.status_cilium import status_report
 
     extra = status_report(settings, datapath, report.get("devices") or [],

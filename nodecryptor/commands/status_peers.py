@@ -1,7 +1,7 @@
 """`nodecryptor status --peers` and `nodecryptor status --cluster`.
 
 ``--peers`` shows the peer table the agent records in its run directory every few seconds
-(``peers.json``, written by nodecryptor.agent.peermonitor): the agent's judgement carries history (tx
+(``peers.json``, written by agent.peermonitor): the agent's judgement carries history (tx
 bytes growing without a handshake), which one reading cannot. When the agent does not run (no
 table, or one older than STALE_SECONDS), the table is computed from one reading of the
 WireGuard device and one list of CiliumNodes (``--kubeconfig``, or the in-cluster account);
@@ -75,7 +75,8 @@ def peers(args, settings) -> int:
           f"{'RX BYTES':>12} {'TX BYTES':>12}")
     for p in table.get("peers") or []:
         key = {True: "match", False: "DIFF", None: "-"}[p.get("key_match")]
-        covered = f"{len(p.get('covered') or [])}/{len(p.get('covered') or []) + len(p.get('uncovered') or [])}"
+        n_covered = len(p.get("covered") or [])
+        covered = f"{n_covered}/{n_covered + len(p.get('uncovered') or [])}"
         print(f"{p['node']:<24} {p['state']:<13} {key:<6} "
               f"{_age(p.get('last_handshake_age_seconds')):>9} {covered:>8} "
               f"{p.get('rx_bytes', 0):>12} {p.get('tx_bytes', 0):>12}")

@@ -17,5 +17,5 @@ class Backoff:
     jitter: float = 0.3
 
     def delay(self, failures: int, rng: random.Random) -> float:
-        base = min(self.maximum, self.initial * (2 ** max(0, failures - 1)))
+        base = min(self.maximum, self.initial * (2.0 ** max(0, failures - 1)))
         return base * (1.0 - self.jitter * rng.random())

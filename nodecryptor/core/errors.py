@@ -20,7 +20,8 @@ class SettingsError(NodecryptorError, ValueError):
 
 
 class NotSupported(NodecryptorError):
-    """A kernel or library feature is missing. ``feature`` names it; ``why`` says what probing saw."""
+    """A kernel or library feature is missing. ``feature`` names it; ``why`` says what probing
+    saw."""
 
     def __init__(self, feature: str, why: str, minimum: str | None = None):
         self.feature = feature

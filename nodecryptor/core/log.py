@@ -9,11 +9,12 @@ import json
 import logging
 import sys
 import time
+from typing import IO, Any
 
 LEVELS = ("debug", "info", "warning", "error")
 
 
-def kv(**fields) -> dict:
+def kv(**fields: object) -> dict[str, dict[str, object]]:
     return {"fields": fields}
 
 
@@ -33,7 +34,7 @@ class _TextFormatter(logging.Formatter):
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        out: dict[str, Any] = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
                + f".{int(record.msecs):03d}Z",
                "level": record.levelname.lower(), "logger": record.name,
                "msg": record.getMessage()}
@@ -44,7 +45,7 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(out, sort_keys=False)
 
 
-def setup(fmt: str = "text", level: str = "info", stream=None) -> None:
+def setup(fmt: str = "text", level: str = "info", stream: IO[str] | None = None) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
     root = logging.getLogger()

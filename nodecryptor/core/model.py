@@ -7,8 +7,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Union
 
-from nodecryptor.core.ports import PortRange
-from nodecryptor.core.settings import FailMode
+from nodecryptor.core.ports import PolicyRange, PortRange
+from nodecryptor.core.settings import DEFAULT_WG_INTERFACE, FailMode
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -19,6 +19,10 @@ KIND_NODE_IP = "node-ip"
 KIND_POD_CIDR = "pod-cidr"
 DEFAULT_WG_PORT = 51871
 """Cilium's WireGuard listen port, used when the device's own cannot be read."""
+WG_MARK = 0x0E00
+"""The fwmark Cilium (1.18+) gives WireGuard's own encrypted output; 1.13-1.17 use 0x1E00."""
+WG_MARK_MASK = 0x0F00
+"""Under this mask both of Cilium's WireGuard marks read as WG_MARK."""
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,7 @@ class Rejection:
     def __str__(self) -> str:
         return f"{self.kind} {self.obj!r} {self.field}: {self.why} (value {self.value})"
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, object]:
         if self.kind != "CiliumNode":
             # Not a node: the object's name under "name" (today's CiliumNode entries keep
             # their fields unchanged).
@@ -114,18 +118,18 @@ class Destination:
     node: str
     kind: str  # KIND_NODE_IP | KIND_POD_CIDR
     control_plane: bool
-    exempt_ports: tuple = ()
-    """exemptions.PolicyRange: destination ports that stay in the clear towards this prefix
-    (node addresses only; the built-in policy's for a control-plane node included)."""
+    exempt_ports: tuple[PolicyRange, ...] = ()
+    """Destination ports that stay in the clear towards this prefix (node addresses only; the
+    built-in policy's for a control-plane node included)."""
     client_of: frozenset[str] = frozenset()
     """Names of the policies the local node serves that this prefix's node is a client of:
     replies from the local node's addresses on their ports stay in the clear."""
 
-    def sort_key(self):
+    def sort_key(self) -> tuple[int, IPAddress, int, str, str]:
         return (self.prefix.version, self.prefix.network_address, self.prefix.prefixlen,
                 self.node, self.kind)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, object]:
         return {"prefix": str(self.prefix), "node": self.node, "kind": self.kind,
                 "control_plane": self.control_plane,
                 "exempt_ports": [r.to_json() for r in self.exempt_ports]}
@@ -147,12 +151,12 @@ class Plan:
     rejected: tuple[Rejection, ...] = field(default=(), compare=False)
     """Claims admission rejected, and conflicts (see admission.py). Not compared: the
     destinations already say everything the datapath needs."""
-    serves: tuple = ()
-    """exemptions.PolicyRange: ranges the local node serves (source-port exemptions)."""
+    serves: tuple[PolicyRange, ...] = ()
+    """Ranges the local node serves (source-port exemptions)."""
     policies: tuple[str, ...] = ()
     """Names of the exemption policies in force, in datapath bit order (bit i = policies[i])."""
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, object]:
         return {
             "node": self.node,
             "role": self.role,
@@ -213,6 +217,44 @@ class Device:
 
 
 @dataclass(frozen=True)
+class CiliumFacts:
+    """What nodecryptor learnt about the Cilium it runs next to, each fact with where it came
+    from (derived by policy.cilium)."""
+
+    routing_mode: str
+    routing_mode_source: str
+    node_ips_in_allowed_ips: bool | None
+    """None when it cannot be told (peers unreadable, or no peer yet)."""
+    node_ips_source: str
+    wg_port: int
+    wg_port_source: str
+    wg_fwmark: int
+    wg_fwmark_source: str
+    wg_mtu: int
+    wg_mtu_source: str
+    tunnel_device: str | None = None
+    wg_ifname: str = DEFAULT_WG_INTERFACE
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "routing_mode": self.routing_mode,
+            "wg_port": self.wg_port,
+            "wg_fwmark": f"0x{self.wg_fwmark:x}",
+            "wg_mtu": self.wg_mtu,
+            "node_ips_in_allowed_ips": bool(self.node_ips_in_allowed_ips),
+            "node_ips_in_allowed_ips_known": self.node_ips_in_allowed_ips is not None,
+            "tunnel_device": self.tunnel_device,
+            "sources": {
+                "routing_mode": self.routing_mode_source,
+                "wg_port": self.wg_port_source,
+                "wg_fwmark": self.wg_fwmark_source,
+                "wg_mtu": self.wg_mtu_source,
+                "node_ips_in_allowed_ips": self.node_ips_source,
+            },
+        }
+
+
+@dataclass(frozen=True)
 class DesiredState:
     """Everything a datapath backend needs to realise, derived purely from a Plan plus runtime
     facts. Backends must make the kernel match this exactly (update, then prune)."""
@@ -233,14 +275,14 @@ class DesiredState:
     """UDP port WireGuard's own traffic uses at both ends; never re-encrypted. Resolved by the
     policy (the device's listen port, else Cilium's fixed 51871), so both backends exempt the
     same port."""
-    wg_mark: int = 0x0E00
-    wg_mark_mask: int = 0x0F00
+    wg_mark: int = WG_MARK
+    wg_mark_mask: int = WG_MARK_MASK
     cilium_pod_cidrs: tuple[IPNetwork, ...] = ()
-    """Local pod CIDRs whose traffic to remote pod CIDRs is left to Cilium (nodecryptor/policy/cilium.py);
+    """Local pod CIDRs whose traffic to remote pod CIDRs is left to Cilium (policy/cilium.py);
     empty when nodecryptor takes that traffic over or Cilium runs in tunnel mode."""
-    cilium: object = field(default=None, compare=False, hash=False)
-    """cilium.CiliumFacts the desired state was derived with (None: not detected)."""
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
+    cilium: CiliumFacts | None = field(default=None, compare=False, hash=False)
+    """The Cilium facts the desired state was derived with (None: not detected)."""
+    extra: dict[str, object] = field(default_factory=dict, compare=False, hash=False)
     ingress_enforcement: str = "audit"
     """settings.IngressEnforcement value: what nc_ingress does with clear text from peers."""
 

@@ -34,12 +34,34 @@ class PortRange:
     def __contains__(self, port: int) -> bool:
         return self.first <= port <= self.last
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, object]:
         return {"protocol": self.protocol, "first": self.first, "last": self.last}
 
     def __str__(self) -> str:
         ports = str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
         return ports if self.protocol == "tcp" else f"{self.protocol}/{ports}"
+
+
+@dataclass(frozen=True, order=True)
+class PolicyRange:
+    """One exempt port range and the name of the exemption policy it comes from (the policy
+    decides them, the model carries them, the datapaths tag their entries with the policy)."""
+
+    protocol: str
+    first: int
+    last: int
+    policy: str
+
+    @property
+    def range(self) -> PortRange:
+        return PortRange(self.protocol, self.first, self.last)
+
+    def __contains__(self, port: int) -> bool:
+        return self.first <= port <= self.last
+
+    def to_json(self) -> dict[str, object]:
+        return {"protocol": self.protocol, "first": self.first, "last": self.last,
+                "policy": self.policy}
 
 
 class PortSpecError(ValueError):

@@ -21,6 +21,14 @@ def read_json(path: str) -> object | None:
     """The content of ``path``, or None when it is missing or not JSON."""
     try:
         with open(path) as f:
-            return json.load(f)
+            data: object = json.load(f)
     except (OSError, ValueError):
         return None
+    return data
+
+
+def read_json_object(path: str) -> dict[str, object] | None:
+    """The JSON object in ``path``; None when it is missing, not JSON or not an object (every
+    record of the run directory is an object)."""
+    data = read_json(path)
+    return data if isinstance(data, dict) else None

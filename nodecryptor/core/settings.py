@@ -86,6 +86,10 @@ class MapSizes:
     """LRU of first-fragment verdicts, keyed by (src, dst, IP id, protocol)."""
 
 
+DEFAULT_WG_INTERFACE = "cilium_wg0"
+"""The WireGuard device Cilium creates."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything that shapes nodecryptor's behaviour on one node."""
@@ -138,7 +142,7 @@ class Settings:
     """DatapathMode.BPF, IPRULE, or AUTO (BPF when it compiles, loads and attaches; else ip
     rules)."""
 
-    wg_interface: str = "cilium_wg0"
+    wg_interface: str = DEFAULT_WG_INTERFACE
     """Cilium's WireGuard device."""
 
     devices: tuple[str, ...] = ()
@@ -230,7 +234,8 @@ class Settings:
     rule). Chosen well above the low priorities Cilium installs and below main (32766)."""
 
     iprule_table: int = 2026
-    """Routing table id nodecryptor owns in ip-rule mode; no other table is ever modified."""
+    """Routing table id nodecryptor owns in ip-rule mode, together with the next id (the guard
+    table of remote pod CIDRs); no other table is ever modified."""
 
     take_over_pod_to_pod: bool = False
     """Redirect local-pod to remote-pod traffic into WireGuard in nodecryptor instead of leaving
@@ -246,7 +251,7 @@ class Settings:
     log_level: str = "info"
     """debug, info, warning or error."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         # Plain strings (from code or JSON) become the enums, so every later comparison is
         # between enum members; an unknown value names the flag.
         for name, enum, flag in (("fail_mode", FailMode, "--fail-mode"),

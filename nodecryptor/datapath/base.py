@@ -10,7 +10,7 @@ everything nodecryptor created.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from nodecryptor.core.errors import DatapathError
 from nodecryptor.core.model import DesiredState
@@ -30,7 +30,7 @@ class Observation:
     ready: bool
     reason: str = ""
     """Why not ready (empty when ready)."""
-    details: dict = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
     """Backend-specific facts (devices and attach mode, program id, rule count, ...)."""
     counters: dict[str, int] = field(default_factory=dict)
     """Packets by verdict reason, where the backend counts them."""
@@ -114,9 +114,9 @@ class Explanation:
     reason: str
     datapath: str  # "bpf" | "iprule"
     device: str | None
-    details: dict = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         out = {"verdict": self.verdict, "reason": self.reason, "datapath": self.datapath,
                "device": self.device}
         out.update(self.details)

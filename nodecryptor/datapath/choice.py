@@ -4,13 +4,12 @@ status command; the two never import each other."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 
 from nodecryptor.core.log import kv
-from nodecryptor.core.runfiles import write_json
+from nodecryptor.core.runfiles import read_json_object, write_json
 from nodecryptor.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -32,10 +31,6 @@ def record_choice(settings: Settings, name: str, reason: str) -> None:
         log.warning("cannot record the datapath choice", extra=kv(path=path, error=str(e)))
 
 
-def last_choice(settings: Settings) -> dict | None:
+def last_choice(settings: Settings) -> dict[str, object] | None:
     """What the agent last chose, or None when nothing was recorded."""
-    try:
-        with open(choice_path(settings)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+    return read_json_object(choice_path(settings))

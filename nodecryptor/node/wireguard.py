@@ -151,7 +151,8 @@ def _read_genl(ifname: str) -> tuple[int, int, list[WgPeer]] | None:
                 addr, port = endpoint.get("addr"), endpoint.get("port")
                 endpoint = f"[{addr}]:{port}" if addr and ":" in str(addr) else f"{addr}:{port}"
             peers.append(WgPeer(public_key=str(key), allowed_ips=allowed,
-                                endpoint=str(endpoint) if endpoint else None, last_handshake=seconds,
+                                endpoint=str(endpoint) if endpoint else None,
+                                last_handshake=seconds,
                                 rx_bytes=int(peer.get_attr("WGPEER_A_RX_BYTES") or 0),
                                 tx_bytes=int(peer.get_attr("WGPEER_A_TX_BYTES") or 0)))
     return listen_port, fwmark, peers

@@ -24,51 +24,15 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 from nodecryptor.policy.admission import Limits
-from nodecryptor.core.model import (DEFAULT_WG_PORT, KIND_POD_CIDR, DesiredState, IPAddress, IPNetwork, NodeInfo,
-                    Plan, WgState)
+from nodecryptor.core.model import (DEFAULT_WG_PORT, KIND_POD_CIDR, WG_MARK, CiliumFacts,
+                                    DesiredState, IPAddress, IPNetwork, NodeInfo, Plan, WgState)
 
 ROUTING_NATIVE = "native"
 ROUTING_TUNNEL = "tunnel"
 TUNNEL_DEVICES = ("cilium_vxlan", "cilium_geneve")
 """Devices Cilium creates in tunnel mode (VXLAN, Geneve)."""
-
-
-@dataclass(frozen=True)
-class CiliumFacts:
-    routing_mode: str
-    routing_mode_source: str
-    node_ips_in_allowed_ips: bool | None
-    """None when it cannot be told (peers unreadable, or no peer yet)."""
-    node_ips_source: str
-    wg_port: int
-    wg_port_source: str
-    wg_fwmark: int
-    wg_fwmark_source: str
-    wg_mtu: int
-    wg_mtu_source: str
-    tunnel_device: str | None = None
-    wg_ifname: str = "cilium_wg0"
-
-    def to_json(self) -> dict:
-        return {
-            "routing_mode": self.routing_mode,
-            "wg_port": self.wg_port,
-            "wg_fwmark": f"0x{self.wg_fwmark:x}",
-            "wg_mtu": self.wg_mtu,
-            "node_ips_in_allowed_ips": bool(self.node_ips_in_allowed_ips),
-            "node_ips_in_allowed_ips_known": self.node_ips_in_allowed_ips is not None,
-            "tunnel_device": self.tunnel_device,
-            "sources": {
-                "routing_mode": self.routing_mode_source,
-                "wg_port": self.wg_port_source,
-                "wg_fwmark": self.wg_fwmark_source,
-                "wg_mtu": self.wg_mtu_source,
-                "node_ips_in_allowed_ips": self.node_ips_source,
-            },
-        }
 
 
 def _covered(prefix: IPNetwork, allowed: Iterable[IPNetwork]) -> bool:
@@ -103,7 +67,7 @@ def detect(wg: WgState, tunnel_devices: Iterable[str] = (),
         fwmark, mark_src = wg.fwmark, f"{name} configuration (fwmark)"
     else:
         port, port_src = DEFAULT_WG_PORT, f"Cilium's default: {name} configuration unreadable"
-        fwmark, mark_src = 0x0E00, f"Cilium's default (1.18+): {name} configuration unreadable"
+        fwmark, mark_src = WG_MARK, f"Cilium's default (1.18+): {name} configuration unreadable"
     if wg.present and wg.mtu:
         mtu, mtu_src = wg.mtu, f"{name} link MTU"
     else:

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from nodecryptor.core.model import Rejection
-from nodecryptor.core.ports import PortRange, merge_ranges
+from nodecryptor.core.ports import PolicyRange, PortRange, merge_ranges
 from nodecryptor.core.settings import RoleSource, Settings
 
 KIND = "EncryptionExemption"
@@ -112,27 +112,6 @@ class ExemptionPolicy:
         if self.client_selector is not None:
             keys |= self.client_selector.keys()
         return keys
-
-
-@dataclass(frozen=True, order=True)
-class PolicyRange:
-    """One exempt port range and the policy it comes from."""
-
-    protocol: str
-    first: int
-    last: int
-    policy: str
-
-    @property
-    def range(self) -> PortRange:
-        return PortRange(self.protocol, self.first, self.last)
-
-    def __contains__(self, port: int) -> bool:
-        return self.first <= port <= self.last
-
-    def to_json(self) -> dict:
-        return {"protocol": self.protocol, "first": self.first, "last": self.last,
-                "policy": self.policy}
 
 
 def rejection(name: str, field_: str, value: object, why: str,

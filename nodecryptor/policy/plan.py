@@ -19,7 +19,8 @@ from nodecryptor.policy.admission import (FIELD_ADDRESSES, FIELD_POD_CIDRS, Limi
 from nodecryptor.policy.topology import (Topology, compile_topology, effective_pools,
                                          is_control_plane, limits_of, node_is_control_plane,
                                          pod_cidr_verdict, trusted_addresses)
-from nodecryptor.core.model import (DEFAULT_WG_PORT, KIND_NODE_IP, ROLE_CONTROL_PLANE, ROLE_WORKER, Destination,
+from nodecryptor.core.model import (DEFAULT_WG_PORT, KIND_NODE_IP, ROLE_CONTROL_PLANE,
+                                    ROLE_WORKER, WG_MARK, WG_MARK_MASK, Destination,
                                     DesiredState, Device, IPNetwork, NodeInfo, PodPools, Plan,
                                     Rejection, WgState)
 from nodecryptor.core.settings import Settings
@@ -38,8 +39,6 @@ TCP_IPV4_HEADERS = 40  # IPv4 (20) + TCP (20)
 TCP_IPV6_HEADERS = 60  # IPv6 (40) + TCP (20)
 # Cilium's WireGuard always listens here; used while the device's port cannot be read (device
 # absent, or peers unreadable), so the datapath never re-encrypts WireGuard's own UDP.
-DEFAULT_WG_MARK = 0x0E00
-DEFAULT_WG_MARK_MASK = 0x0F00
 
 
 def node_addresses(node: NodeInfo, address_types: Iterable[str]):
@@ -254,8 +253,8 @@ def wg_mark_match(fwmark: int) -> tuple[int, int]:
     """(value, mask) that identifies WireGuard's own encrypted packets. Cilium marks them
     0x1E00 (1.13-1.17) or 0x0E00 (1.18+); masking with 0x0F00 covers both. A device with
     another mark gets an exact match on that mark."""
-    if fwmark == 0 or (fwmark & DEFAULT_WG_MARK_MASK) == DEFAULT_WG_MARK:
-        return DEFAULT_WG_MARK, DEFAULT_WG_MARK_MASK
+    if fwmark == 0 or (fwmark & WG_MARK_MASK) == WG_MARK:
+        return WG_MARK, WG_MARK_MASK
     return fwmark, 0xFFFFFFFF
 
 

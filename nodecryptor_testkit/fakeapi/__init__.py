@@ -32,7 +32,7 @@ Tests run it in a thread; the network-namespace lab runs it as a process
   revision is) and a bounded event history per resource.
 
 Fault injection for tests (Python methods, also reachable as ``POST /_fake/<action>`` with the
-token): compact the history, make the next watch or continue token fail with 410, drop open
+token, from the table ``faults.CONTROL_ACTIONS``): compact the history, make the next watch or continue token fail with 410, drop open
 watch connections, freeze them (open but silent), freeze the whole server (connections
 accepted, nothing answered), stall requests (accept and never answer),
 fail the next N requests with a status code, refuse connections by closing the listening

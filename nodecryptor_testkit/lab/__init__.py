@@ -8,5 +8,7 @@ underlay with tcpdump to show what crossed in the clear. ``nodecryptor-demo`` (m
 Modules: ``spec`` (pure address plan), ``state`` (what was created, for crash clean-up),
 ``topology`` (namespaces, links, addresses, routes), ``standin`` (the Cilium stand-in),
 ``kubeapi`` (the stand-in's tiny API client), ``probe`` (traffic servers and clients),
-``capture`` (tcpdump and pcap decoding), ``lab`` (bring-up and tear-down), ``scenarios``.
+``capture`` (tcpdump and pcap decoding), ``lab`` (bring-up and tear-down), ``inside`` (commands,
+requests and flows run inside the lab's namespaces), ``scenarios`` (one module per scenario and
+their registry).
 """

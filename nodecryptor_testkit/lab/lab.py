@@ -14,53 +14,27 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 
 from nodecryptor.core.log import kv
-from . import probe
 from .flows import PortAllocator
 from . import topology as topo
-from .kubeapi import KubeApi
+from .inside import API_TOKEN, PY, LabAccess, child_env
 from .spec import (API_PORT, EXEMPT_TCP_PORTS, ROUTING_MODES, SERVICE_TCP_PORT,
                    SERVICE_UDP_PORT, LabSpec, NodeSpec, cilium_config_object, ciliumnode_object,
                    node_object)
 from .state import STATE_DIR, LabState, delete_netns, reap, reap_stale
-from .topology import LabError, NodeHandle, wait_for
+from ..wait import WaitTimeout, wait_for
+from .topology import LabError, NodeHandle
 
 log = logging.getLogger(__name__)
 
 HEALTH_BIND = "127.0.0.1:9883"
 METRICS_BIND = "127.0.0.1:9884"
-API_TOKEN = "nodecryptor-lab"
-PY = sys.executable
-SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def child_env() -> dict[str, str]:
-    """Environment of the lab's Python processes: this source tree first on the path, so they
-    run the same code as the demo whatever their working directory (a stale editable install
-    can otherwise resolve ``nodecryptor`` to a namespace package outside the checkout)."""
-    path = os.environ.get("PYTHONPATH", "")
-    return dict(os.environ, PYTHONPATH=SOURCE_ROOT + (os.pathsep + path if path else ""))
-
-
-class NetnsApi:
-    """A KubeApi whose every request is made from inside one network namespace."""
-
-    def __init__(self, netns: str, api: KubeApi):
-        self._netns = netns
-        self._api = api
-
-    def __getattr__(self, name: str):
-        method = getattr(self._api, name)
-        return lambda *args, **kwargs: topo.call_in_netns(self._netns, method, *args, **kwargs)
-
-
-class Lab:
+class Lab(LabAccess):
     def __init__(self, spec: LabSpec, datapath: str = "bpf", wg_impl: str = "auto",
                  progress: Callable[[str], None] | None = None, state_dir: str = STATE_DIR,
                  republish_delay: float = 60.0, start_agents: bool = True,
@@ -346,9 +320,6 @@ class Lab:
                 *(("--ingress-enforcement", self.ingress_enforcement)
                   if self.ingress_enforcement else ())]
 
-    def run_dir(self, name: str) -> str:
-        return os.path.join(self.nodes[name].workdir, "run")
-
     def start_agent(self, name: str) -> None:
         argv, node = self.agent_argv(name), name
         custom = self.agent_commands.get(name)
@@ -374,72 +345,10 @@ class Lab:
             return self.agent_ready(name)
         try:
             wait_for(ready, timeout, f"nodecryptor on {name} to become ready", interval=0.2)
-        except LabError as e:
+        except (LabError, WaitTimeout) as e:
             if proc.poll() is not None:
                 raise
             raise LabError(f"{e}; its log ends:\n" + self.log_tail(f"{name}-agent", 6)) from None
-
-    # ---------------------------------------------------------------- commands in namespaces
-
-    def http_status(self, netns: str, url: str) -> int:
-        """Status code of a GET of ``url`` from inside ``netns`` (0 when nothing answered)."""
-        def get() -> int:
-            # No proxy: the URL is inside the lab, whatever the environment says.
-            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-            try:
-                with opener.open(url, timeout=2) as resp:
-                    return resp.status
-            except urllib.error.HTTPError as e:
-                return e.code
-            except (urllib.error.URLError, OSError):
-                return 0
-        return topo.call_in_netns(netns, get)
-
-    def nodecryptor(self, name: str, *args: str, timeout: float = 30.0) -> dict:
-        """Run an inspection command (``status``, ``bpf dump``) with ``--json`` on ``name``."""
-        argv = self.nodes[name].enter() + [PY, "-m", "nodecryptor.cli", *args, "--json"]
-        if args and args[0] in ("status", "bpf", "explain", "cleanup"):
-            argv += ["--bpffs", self.nodes[name].bpffs]
-        if args and args[0] in ("status", "explain"):
-            argv += ["--run-dir", self.run_dir(name)]
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                              env=child_env())
-        if proc.returncode not in (0, 1) or not proc.stdout.strip():
-            raise LabError(f"nodecryptor {' '.join(args)} on {name} failed "
-                           f"({proc.returncode}): {proc.stderr.strip()[-300:]}")
-        return json.loads(proc.stdout)
-
-    def run_in(self, name: str, *argv: str) -> str:
-        """Output of a short command run inside node ``name``."""
-        return topo.sh(*argv, netns=self.nodes[name].netns, check=False).stdout
-
-    def run_flows(self, netns: str, flows: list[dict]) -> list[dict]:
-        """Try ``flows`` (see ``probe.try_flow``) from inside ``netns``. Runs in this process,
-        on threads that joined the namespace: no interpreter start-up per batch, so polls and
-        continuous traffic are timed to the millisecond."""
-        if not flows:
-            return []
-        return topo.call_in_netns(netns, probe.run_flows, flows)
-
-    def netns_of(self, endpoint: str) -> str:
-        """``w1`` (the node), ``w1/pod`` (its pod) or ``ext`` (the external host)."""
-        if endpoint == "ext":
-            return self.external
-        name, _, pod = endpoint.partition("/")
-        handle = self.nodes[name]
-        return handle.pod_netns if pod else handle.netns
-
-    def address_of(self, endpoint: str, family: int) -> str:
-        if endpoint == "ext":
-            return str(self.spec.external(family))
-        name, _, pod = endpoint.partition("/")
-        node: NodeSpec = self.spec.node(name)
-        return str(node.pod_address(family) if pod else node.address(family))
-
-    def api(self) -> "NetnsApi":
-        """The lab's API as seen from inside the API server's node (the host cannot reach it)."""
-        return NetnsApi(self.nodes[self.spec.control_plane[0].name].netns,
-                        KubeApi(self.api_url, API_TOKEN))
 
     def add_node(self, node: NodeSpec) -> NodeHandle:
         """Join a node: namespaces, routes both ways, CiliumNode object, stand-in (no agent)."""

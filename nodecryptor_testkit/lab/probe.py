@@ -112,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("flows", help="try the JSON list of flows given on stdin")
     args = p.parse_args(argv)
     if args.cmd == "serve":
-        ports = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+        def ports(text):
+            return [int(x) for x in text.split(",") if x]
+
         serve(ports(args.tcp), ports(args.udp), ports(args.tcp6_only))
         return 0
     results = run_flows(json.load(sys.stdin))

@@ -26,8 +26,10 @@ import urllib.request
 import yaml
 
 from . import rules
+from nodecryptor_testkit.wait import WaitTimeout, wait_for
+
 from . import topology as topo
-from .topology import LabError, wait_for
+from .topology import LabError
 
 JOB = "nodecryptor-metrics"  # the job name the ServiceMonitor's scrapes get (its Service)
 PROMETHEUS_PORT = 9090
@@ -198,7 +200,7 @@ class Timeline:
         start = time.monotonic()
         try:
             wait_for(lambda: check(self.poll()), timeout, what, interval=0.5)
-        except LabError:
+        except WaitTimeout:
             return None
         return time.monotonic() - start
 

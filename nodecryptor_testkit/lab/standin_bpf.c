@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /* The lab's stand-in for Cilium's datapath programs, only as far as nodecryptor can tell them
- * apart from the real ones (issue 11):
+ * apart from the real ones:
  *
  * cil_from_container, on the pod's veth (tcx ingress: packets from the pod): pod traffic to a
  *   remote pod CIDR is sent straight to the underlay (FIB lookup, then bpf_redirect), as bpf_lxc

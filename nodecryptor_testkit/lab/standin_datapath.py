@@ -175,8 +175,8 @@ class StandinDatapath:
         return {name: sum(table[C.c_int(i)]) for i, name in enumerate(COUNTERS)}
 
     def close(self) -> None:
-        for fd in self.links.values():
-            os.close(fd)  # unpinned links go with their last fd
+        for link in self.links.values():
+            link.close()  # unpinned links go with their last fd
         self.links.clear()
         if not self.tcx:
             for dev, parent, prio in ((self.underlay, CLSACT_EGRESS, 2),

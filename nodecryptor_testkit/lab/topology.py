@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from dataclasses import dataclass
 
 from .. import netns as netns_mod
@@ -169,18 +168,6 @@ def build_external(state: LabState, underlay: str, spec: LabSpec) -> str:
     ns = make_netns(state, "ext")
     plug(underlay, ns, "n-ext", str(spec.external_v4), str(spec.external_v6))
     return ns
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
-    """Poll ``predicate`` until it returns something truthy; raise LabError naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise LabError(f"timed out after {timeout:.1f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def call_in_netns(netns: str, fn, *args, **kwargs):

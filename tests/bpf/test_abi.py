@@ -145,7 +145,7 @@ def bcc_module():
     require(os.geteuid() == 0, "needs root")
     ok, why = have_bcc()
     require(ok, why)
-    import bcc  # noqa: PLC0415 - the test inspects what BCC derives; the agent never does this
+    import bcc  # the test inspects what BCC derives; the agent never does this
 
     return bcc
 
@@ -185,7 +185,7 @@ def test_reason_tables_complete():
     assert set(abi.EVENT_NAMES) == set(abi.Event)
     assert len(set(abi.REASON_NAMES.values()) | set(abi.EVENT_NAMES.values())) == abi.COUNTER_MAX
     # Every counter index is exactly one reason or one event; the ingress reasons and later
-    # events were appended after the first events (issue 15).
+    # events were appended after the first events (when ingress classification came).
     indices = sorted([int(r) for r in abi.Reason] + [int(e) for e in abi.Event])
     assert indices == list(range(abi.COUNTER_MAX))
     assert max(r for r in abi.Reason if abi.direction_of(r) == "egress") + 1 == abi.MAX_VERDICT

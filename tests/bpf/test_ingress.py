@@ -14,7 +14,8 @@ import pytest
 import datapath_cases as dc
 from conftest import have_bcc, require
 from nodecryptor.datapath.base import VERDICT_DROP, VERDICT_EXEMPT, VERDICT_PASS, PacketQuery
-from nodecryptor.datapath.bpf import abi, maps, program, syscall, testrun
+from nodecryptor.datapath.bpf import abi, program, syscall, testrun
+from nodecryptor.datapath.bpf.maps import decode, diff
 from nodecryptor.core.settings import Settings
 
 pytestmark = [pytest.mark.privileged, pytest.mark.bpf]
@@ -105,6 +106,60 @@ ROWS = [
        flags="SA", extra={"tcp_mss": 1440, "expect_mss": dc.MSS_V6}),
     In("syn-mss-below-limit-kept", "w1", W2, W1, _P, R.IN_LEAK_AUDIT,
        extra={"tcp_mss": 1200, "expect_mss": 1200}),
+    # Bootstrap flows a local pod opens: the pod's SYN to 6443 left exempt (egress remembered
+    # the flow with the pod's address), so the control plane's reply passes in every mode.
+    In("pod-reply-from-cp-with-flow-enforce", "w1", CP, dc.W1_POD_V4, _X, R.IN_EXEMPT_REPLY,
+       "enforce", sport=6443, dport=40000, flags="SA", extra={"outbound_flow": True}),
+    In("pod-reply-from-cp-with-flow-audit", "w1", CP, dc.W1_POD_V4, _X, R.IN_EXEMPT_REPLY,
+       sport=2379, dport=40000, flags="SA", extra={"outbound_flow": True}),
+    In("v6-pod-reply-from-cp-with-flow-enforce", "w1", dc.CP1_V6, dc.W1_POD_V6, _X,
+       R.IN_EXEMPT_REPLY, "enforce", sport=6443, dport=40000, flags="SA",
+       extra={"outbound_flow": True}),
+    In("pod-reply-from-cp-without-flow-enforce", "w1", CP, dc.W1_POD_V4, _D, R.IN_LEAK_DROP,
+       "enforce", sport=6443, dport=40000, flags="SA"),
+    In("pod-reply-from-cp-pod-with-flow-enforce", "w1", dc.CP1_POD_V4, dc.W1_POD_V4, _D,
+       R.IN_LEAK_DROP, "enforce", sport=6443, dport=40000, flags="SA",
+       extra={"outbound_flow": True}),
+    # ICMP errors quoting an exempt flow (``icmp_error``: type, code and the quoted packet's
+    # source, destination and ports; ``flow``: the nc_flows entry seeded first).
+    In("frag-needed-quoting-node-flow-enforce", "w1", CP, W1, _X, R.IN_EXEMPT_REPLY,
+       "enforce", proto="icmp", extra={"icmp_error": (3, 4, W1, CP, 40000, 6443),
+                                       "flow": ("out", W1, 40000, CP, 6443)}),
+    In("port-unreachable-quoting-pod-flow-enforce", "w1", CP, dc.W1_POD_V4, _X,
+       R.IN_EXEMPT_REPLY, "enforce", proto="icmp",
+       extra={"icmp_error": (3, 3, dc.W1_POD_V4, CP, 40000, 2379),
+              "flow": ("out", dc.W1_POD_V4, 40000, CP, 2379)}),
+    In("v6-packet-too-big-quoting-flow-enforce", "w1", dc.CP1_V6, dc.W1_V6, _X,
+       R.IN_EXEMPT_REPLY, "enforce", proto="icmpv6",
+       extra={"icmp_error": (2, 0, dc.W1_V6, dc.CP1_V6, 40000, 6443),
+              "flow": ("out", dc.W1_V6, 40000, dc.CP1_V6, 6443)}),
+    In("cp-frag-needed-quoting-its-reply-enforce", "cp1", W1, CP, _X, R.IN_EXEMPT_REPLY,
+       "enforce", proto="icmp", extra={"icmp_error": (3, 4, CP, W1, 6443, 41000),
+                                       "flow": ("in", CP, 6443, W1, 41000)}),
+    In("frag-needed-quoting-unknown-flow-enforce", "w1", CP, W1, _D, R.IN_LEAK_DROP,
+       "enforce", proto="icmp", extra={"icmp_error": (3, 4, W1, CP, 40001, 6443),
+                                       "flow": ("out", W1, 40000, CP, 6443)}),
+    In("frag-needed-quoting-another-local-end", "w1", CP, W1, _D, R.IN_LEAK_DROP, "enforce",
+       proto="icmp", extra={"icmp_error": (3, 4, dc.W1_POD_V4, CP, 40000, 6443),
+                            "flow": ("out", dc.W1_POD_V4, 40000, CP, 6443)}),
+    In("echo-reply-carrying-a-quote", "w1", CP, W1, _D, R.IN_LEAK_DROP, "enforce",
+       proto="icmp", extra={"icmp_error": (0, 0, W1, CP, 40000, 6443),
+                            "flow": ("out", W1, 40000, CP, 6443)}),
+    In("v6-packet-too-big-quote-with-ext-header", "w1", dc.CP1_V6, dc.W1_V6, _D,
+       R.IN_LEAK_DROP, "enforce", proto="icmpv6",
+       extra={"icmp_error": (2, 0, dc.W1_V6, dc.CP1_V6, 40000, 6443), "quote_ext": ("dest",),
+              "flow": ("out", dc.W1_V6, 40000, dc.CP1_V6, 6443)}),
+    # The WireGuard port is the node's: clear UDP to a local pod on 51871 is clear text.
+    In("udp-51871-to-local-pod-enforce", "w1", W2, dc.W1_POD_V4, _D, R.IN_LEAK_DROP,
+       "enforce", proto="udp", sport=dc.WG_PORT, dport=dc.WG_PORT),
+    In("udp-51871-to-local-pod-audit", "w1", dc.W2_POD_V4, dc.W1_POD_V4, _P, R.IN_LEAK_AUDIT,
+       proto="udp", sport=40000, dport=dc.WG_PORT),
+    # The extension-header chains egress walks (six) are walked on ingress too; a longer
+    # chain hides the ports from both, and both fail closed (test_ext_chain_limit_agrees).
+    In("v6-cp-serves-6443-six-ext-headers", "cp1", dc.W1_V6, dc.CP1_V6, _X,
+       R.IN_EXEMPT_REQUEST, "enforce", dport=6443, extra={"ipv6_ext": dc.SIX_EXT}),
+    In("v6-cp-6443-seven-ext-headers-enforce", "cp1", dc.W1_V6, dc.CP1_V6, _D, R.IN_LEAK_DROP,
+       "enforce", dport=6443, extra={"ipv6_ext": dc.SIX_EXT + ("dest",)}),
 ]
 
 
@@ -117,13 +172,36 @@ def desired_for(row: In):
     return dataclasses.replace(desired, ingress_enforcement=row.mode)
 
 
+def icmp_error_frame(src: str, dst: str, icmp_type: int, code: int, quoted_src: str,
+                     quoted_dst: str, sport: int, dport: int, quote_ext=()) -> bytes:
+    """An ICMP(v6) message from ``src`` to ``dst`` quoting a TCP segment quoted_src:sport ->
+    quoted_dst:dport, as a router or host sends it: the IP header and the first 8 bytes of
+    the TCP header (IPv4, RFC 792), or as much of the packet as fits (IPv6)."""
+    _, segment = testrun.l4_payload(quoted_src, quoted_dst, "tcp", sport, dport, "S")
+    if ipaddress.ip_address(src).version == 4:
+        quote = testrun.ipv4_packet(quoted_src, quoted_dst, testrun.IPPROTO_TCP, segment,
+                                    total_length=20 + 1400)[:28]
+        message = testrun.icmp_message(icmp_type, code, quote)
+        return testrun.ethernet(testrun.ETH_P_IP,
+                                testrun.ipv4_packet(src, dst, testrun.IPPROTO_ICMP, message))
+    quote = testrun.ipv6_packet(quoted_src, quoted_dst, testrun.IPPROTO_TCP, segment,
+                                tuple(quote_ext))
+    message = testrun.icmpv6_message(src, dst, icmp_type, code, quote)
+    return testrun.ethernet(testrun.ETH_P_IPV6,
+                            testrun.ipv6_packet(src, dst, testrun.IPPROTO_ICMPV6, message))
+
+
 def frame(row: In, **over) -> bytes:
     if row.extra.get("ethertype"):
         return testrun.ethernet(row.extra["ethertype"], bytes(28))
+    if "icmp_error" in row.extra:
+        return icmp_error_frame(row.src, row.dst, *row.extra["icmp_error"],
+                                quote_ext=row.extra.get("quote_ext", ()))
     kw = dict(proto=row.proto, sport=row.sport, dport=row.dport, tcp_flags=row.flags,
               tcp_mss=row.extra.get("tcp_mss"), icmp_type=row.extra.get("icmp_type", 8),
               payload_len=row.extra.get("payload_len", 16), frag=row.extra.get("frag"),
-              truncate_l4=row.extra.get("truncate_l4", False))
+              truncate_l4=row.extra.get("truncate_l4", False),
+              ipv6_ext=tuple(row.extra.get("ipv6_ext", ())))
     kw.update(over)
     return testrun.build_frame(row.src, row.dst, **kw)
 
@@ -142,8 +220,17 @@ def seed_outbound(loaded, row: In) -> None:
     syscall.map_update(loaded.map_fds["nc_flows"], key, abi.FlowVal(origin=abi.FLOW_OUTBOUND))
 
 
+def seed_flow(loaded, origin: str, local: str, lport: int, remote: str, rport: int) -> None:
+    """An nc_flows entry as egress (``out``) or nc_ingress (``in``) would have written it."""
+    local_ip, remote_ip = ipaddress.ip_address(local), ipaddress.ip_address(remote)
+    key = flow_key(local_ip.version, testrun.IPPROTO_TCP, local_ip.packed, lport,
+                   remote_ip.packed, rport)
+    value = abi.FlowVal(origin=abi.FLOW_OUTBOUND if origin == "out" else abi.FLOW_INBOUND)
+    syscall.map_update(loaded.map_fds["nc_flows"], key, value)
+
+
 def packets(loaded) -> dict[str, int]:
-    return {k: v["packets"] for k, v in maps.read_counters(loaded.map_fds).items()}
+    return {k: v["packets"] for k, v in decode.read_counters(loaded.map_fds).items()}
 
 
 def flows(loaded) -> dict[bytes, int]:
@@ -170,10 +257,12 @@ def test_table_covers_every_ingress_reason():
 
 @pytest.mark.parametrize("row", ROWS, ids=lambda r: r.id)
 def test_ingress_row(loaded, row):
-    maps.sync(loaded.map_fds, desired_for(row))
+    diff.sync(loaded.map_fds, desired_for(row))
     clear_lru(loaded, "nc_flows")
     if row.extra.get("outbound_flow"):
         seed_outbound(loaded, row)
+    if "flow" in row.extra:
+        seed_flow(loaded, *row.extra["flow"])
     runs = 1
     if row.extra.get("first_fragment_seen"):
         testrun.run(loaded.ingress_fd, frame(row, frag=dict(row.extra["frag"], offset=0,
@@ -217,12 +306,12 @@ def _ingress(loaded, src, dst, sport, dport, flags="A"):
 
 def _sync(loaded, local, mode="enforce"):
     row = In("x", local, W1, W1, _P, R.IN_LEAK_AUDIT, mode)
-    maps.sync(loaded.map_fds, desired_for(row))
+    diff.sync(loaded.map_fds, desired_for(row))
     clear_lru(loaded, "nc_flows")
 
 
 def test_control_plane_replies_only_to_flows_a_peer_opened(loaded):
-    """Issue 15: source port 6443 alone no longer leaves in the clear."""
+    """Source port 6443 alone no longer leaves in the clear."""
     _sync(loaded, "cp1")
     before = packets(loaded)
     # A local process with source port 6443 to a worker's ssh and to a worker pod: encrypted.
@@ -292,3 +381,51 @@ def test_flow_lru_under_pressure(loaded):
         assert _ingress(loaded, W1, CP, 50000, 2379).reason == R.IN_EXEMPT_REQUEST
     # ... and after the peer's next packet the reply is exempt again.
     assert _egress(loaded, CP, W1, 2379, 50000).reason == R.EXEMPT_SPORT
+
+
+@pytest.mark.parametrize("mode", ["audit", "enforce"])
+@pytest.mark.parametrize("pod,cp", [(dc.W1_POD_V4, CP), (dc.W1_POD_V6, dc.CP1_V6)],
+                         ids=["v4", "v6"])
+def test_pod_bootstrap_flow_end_to_end(loaded, mode, pod, cp):
+    """A local pod's connection to the API server: egress lets the SYN out in the clear and
+    remembers the flow with the pod's address; the control plane's SYN-ACK and an ICMP error
+    about the flow come back in the clear and pass, unmetered, in audit and in enforce."""
+    _sync(loaded, "w1", mode)
+    clear_lru(loaded, "nc_leaks")
+    assert _egress(loaded, pod, cp, 44000, 6443, "S").reason == R.EXEMPT_DPORT
+    family = ipaddress.ip_address(pod).version
+    want = bytes(flow_key(family, testrun.IPPROTO_TCP, ipaddress.ip_address(pod).packed, 44000,
+                          ipaddress.ip_address(cp).packed, 6443))
+    assert flows(loaded) == {want: abi.FLOW_OUTBOUND}
+    assert _ingress(loaded, cp, pod, 6443, 44000, "SA").reason == R.IN_EXEMPT_REPLY
+    too_big = (3, 4) if family == 4 else (2, 0)
+    error = icmp_error_frame(cp, pod, *too_big, pod, cp, 44000, 6443)
+    assert testrun.run(loaded.ingress_fd, error).reason == R.IN_EXEMPT_REPLY
+    assert leaks(loaded) == {}
+    # Another port of the same pod has no flow: clear text, judged by the mode.
+    leak = R.IN_LEAK_DROP if mode == "enforce" else R.IN_LEAK_AUDIT
+    assert _ingress(loaded, cp, pod, 6443, 44001, "SA").reason == leak
+    other = icmp_error_frame(cp, pod, *too_big, pod, cp, 44001, 6443)
+    assert testrun.run(loaded.ingress_fd, other).reason == leak
+    assert sum(leaks(loaded).values()) == 2
+
+
+@pytest.mark.parametrize("chain,exempt", [(dc.SIX_EXT, True), (dc.SIX_EXT + ("dest",), False)],
+                         ids=["six", "seven"])
+def test_ext_chain_limit_agrees(loaded, chain, exempt):
+    """Both directions walk the same IPv6 extension-header chains: the longest one egress
+    parses is exempt on both sides; one header more hides the ports from both, and both fail
+    closed (egress encrypts it as malformed, ingress treats it as clear text)."""
+    def run(prog_fd, src, dst):
+        pkt = testrun.build_frame(src, dst, sport=45000, dport=6443, ipv6_ext=chain)
+        return testrun.run(prog_fd, pkt)
+
+    _sync(loaded, "w1")
+    out = run(loaded.prog_fd, dc.W1_V6, dc.CP1_V6)
+    _sync(loaded, "cp1")
+    into = run(loaded.ingress_fd, dc.W1_V6, dc.CP1_V6)
+    if exempt:
+        assert (out.reason, into.reason) == (R.EXEMPT_DPORT, R.IN_EXEMPT_REQUEST)
+    else:
+        assert (out.reason, out.target) == (R.MALFORMED, WG_IFINDEX)
+        assert (into.reason, into.retval) == (R.IN_LEAK_DROP, abi.TC_ACT_SHOT)

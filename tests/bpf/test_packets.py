@@ -1,4 +1,4 @@
-"""The datapath case table through the real program: BCC compile and load, maps.sync of the
+"""The datapath case table through the real program: BCC compile and load, diff.sync of the
 desired state the policy computes from tests/datapath_cases.CLUSTER, then BPF_PROG_TEST_RUN of
 every crafted packet, checking verdict, reason, return code, redirect target and counters."""
 
@@ -10,9 +10,11 @@ import os
 import pytest
 
 import datapath_cases as dc
+import frames
 from conftest import have_bcc, require
 from nodecryptor.datapath.base import VERDICT_DROP, VERDICT_ENCRYPT, VERDICT_EXEMPT
-from nodecryptor.datapath.bpf import abi, maps, program, testrun
+from nodecryptor.datapath.bpf import abi, program, testrun
+from nodecryptor.datapath.bpf.maps import decode, diff
 from nodecryptor.core.settings import Settings
 
 pytestmark = [pytest.mark.privileged, pytest.mark.bpf]
@@ -129,9 +131,9 @@ def test_table_covers_every_reason():
 
 @pytest.mark.parametrize("case", dc.CASES, ids=lambda c: c.id)
 def test_case(loaded, case):
-    maps.sync(loaded.map_fds, dc.desired_for(case, wg_ifindex=WG_IFINDEX))
+    diff.sync(loaded.map_fds, dc.desired_for(case, wg_ifindex=WG_IFINDEX))
     seed_flows(loaded, case)
-    before = packets(maps.read_counters(loaded.map_fds))
+    before = packets(decode.read_counters(loaded.map_fds))
     runs = 1
     cb = case.extra.get("cb", ())
     if case.extra.get("first_fragment_seen"):
@@ -140,7 +142,7 @@ def test_case(loaded, case):
         runs += 1
     frame = frame_for(case)
     result = testrun.run(loaded.prog_fd, frame, mark=case.query.mark, cb=cb)
-    after = packets(maps.read_counters(loaded.map_fds))
+    after = packets(decode.read_counters(loaded.map_fds))
 
     assert (result.verdict, result.reason_name) == (case.expected_verdict,
                                                     case.expected_reason)
@@ -160,14 +162,14 @@ def test_case(loaded, case):
     if case.extra.get("vlan") and case.expected_verdict == VERDICT_ENCRYPT:
         # Popped before the redirect: WireGuard is an L3 device.
         assert result.data_out[12:14] != b"\x81\x00"
-        assert testrun.parse_frame(result.data_out).dst == case.query.dst
+        assert frames.parse_frame(result.data_out).dst == case.query.dst
 
 
 def test_more_ipv6_extension_headers_than_walked_is_malformed(loaded):
     """Seven extension headers before TCP: the program walks six, so it cannot see the
     ports and encrypts (a BPF-only case, kept out of the shared table)."""
     case = dc.CASES_BY_ID["v6-six-ext-headers-to-cp-6443"]
-    maps.sync(loaded.map_fds, dc.desired_for(case, wg_ifindex=WG_IFINDEX))
+    diff.sync(loaded.map_fds, dc.desired_for(case, wg_ifindex=WG_IFINDEX))
     six = case.extra["ipv6_ext"]
     assert testrun.run(loaded.prog_fd, frame_for(case)).reason_name == dc.R_EXEMPT_DPORT
     result = testrun.run(loaded.prog_fd, frame_for(case, ipv6_ext=six + ("dest",)))
@@ -179,7 +181,7 @@ def test_headers_beyond_the_direct_read_window(loaded):
     ports then come through bpf_skb_load_bytes, with the same verdicts."""
     for case_id in ("v6-worker-to-cp-6443", "v6-worker-to-cp-2381"):
         case = dc.CASES_BY_ID[case_id]
-        maps.sync(loaded.map_fds, dc.desired_for(case, wg_ifindex=WG_IFINDEX))
+        diff.sync(loaded.map_fds, dc.desired_for(case, wg_ifindex=WG_IFINDEX))
         src = dc.source_address(case)
         tcp = testrun.tcp_segment(src, case.query.dst, case.query.sport, case.query.dport)
         options = b"\x01\xff" + bytes(255) + b"\x01\x43" + bytes(67)  # two PadN options
@@ -192,11 +194,11 @@ def test_headers_beyond_the_direct_read_window(loaded):
 
 def test_counter_bytes_are_frame_length(loaded):
     case = dc.CASES_BY_ID["v4-node-to-remote-node"]
-    maps.sync(loaded.map_fds, dc.desired_for(case, wg_ifindex=WG_IFINDEX))
-    before = maps.read_counters(loaded.map_fds)[case.expected_reason]["bytes"]
+    diff.sync(loaded.map_fds, dc.desired_for(case, wg_ifindex=WG_IFINDEX))
+    before = decode.read_counters(loaded.map_fds)[case.expected_reason]["bytes"]
     frame = frame_for(case, payload_len=333)
     testrun.run(loaded.prog_fd, frame)
-    after = maps.read_counters(loaded.map_fds)[case.expected_reason]["bytes"]
+    after = decode.read_counters(loaded.map_fds)[case.expected_reason]["bytes"]
     assert after - before == len(frame)
 
 
@@ -204,24 +206,24 @@ def test_counter_bytes_are_frame_length(loaded):
 def test_oversize_counted_for_redirected_non_tcp(loaded, proto, oversize):
     case = dc.CASES_BY_ID["v4-node-to-remote-node"]
     desired = dc.desired_for(case, wg_ifindex=WG_IFINDEX)
-    maps.sync(loaded.map_fds, desired)
-    before = maps.read_counters(loaded.map_fds)["oversize"]["packets"]
+    diff.sync(loaded.map_fds, desired)
+    before = decode.read_counters(loaded.map_fds)["oversize"]["packets"]
     # IP header + L4 header + payload just above the largest packet WireGuard carries whole.
     big = frame_for(case, proto=proto, tcp_flags="A", payload_len=desired.max_packet_v4)
     small = frame_for(case, proto=proto, tcp_flags="A", payload_len=100)
     assert testrun.run(loaded.prog_fd, big).verdict == VERDICT_ENCRYPT
     assert testrun.run(loaded.prog_fd, small).verdict == VERDICT_ENCRYPT
-    after = maps.read_counters(loaded.map_fds)["oversize"]["packets"]
+    after = decode.read_counters(loaded.map_fds)["oversize"]["packets"]
     assert after - before == (1 if oversize else 0)
 
 
 def test_mss_clamp_not_applied_when_disabled_by_zero(loaded):
     case = dc.CASES_BY_ID["v4-syn-mss-clamped"]
     desired = dataclasses.replace(dc.desired_for(case, wg_ifindex=WG_IFINDEX), mss_v4=0)
-    maps.sync(loaded.map_fds, desired)
+    diff.sync(loaded.map_fds, desired)
     result = testrun.run(loaded.prog_fd, frame_for(case))
     assert result.verdict == VERDICT_ENCRYPT
-    assert testrun.tcp_mss(result.data_out) == case.extra["tcp_mss"]
+    assert frames.tcp_mss(result.data_out) == case.extra["tcp_mss"]
 
 
 def test_explain_frame_matches_case_verdict(loaded):
@@ -231,7 +233,7 @@ def test_explain_frame_matches_case_verdict(loaded):
     for case in dc.CASES:
         if case.extra:
             continue
-        maps.sync(loaded.map_fds, dc.desired_for(case, wg_ifindex=WG_IFINDEX))
+        diff.sync(loaded.map_fds, dc.desired_for(case, wg_ifindex=WG_IFINDEX))
         frame = testrun.packet_for_query(case.query, dc.source_address(case))
         result = testrun.run(loaded.prog_fd, frame, mark=case.query.mark)
         assert result.reason_name == case.expected_reason, case.id
@@ -244,13 +246,13 @@ def test_explain_program_decides_but_changes_no_state(loaded):
     no counter change, and a first fragment is not remembered (a later fragment still finds
     its first unseen)."""
     case = dc.CASES_BY_ID["v4-later-fragment-of-exempt"]
-    maps.sync(loaded.map_fds, dc.desired_for(case, wg_ifindex=WG_IFINDEX))
+    diff.sync(loaded.map_fds, dc.desired_for(case, wg_ifindex=WG_IFINDEX))
     first = frame_for(case, frag=dict(case.extra["frag"], offset=0, more=True))
-    before = maps.read_counters(loaded.map_fds)
+    before = decode.read_counters(loaded.map_fds)
     dry = testrun.run(loaded.explain_fd, first)
-    assert maps.read_counters(loaded.map_fds) == before
+    assert decode.read_counters(loaded.map_fds) == before
     assert dry.verdict == testrun.run(loaded.prog_fd, first).verdict == VERDICT_EXEMPT
-    assert maps.read_counters(loaded.map_fds) != before  # the real run counted
+    assert decode.read_counters(loaded.map_fds) != before  # the real run counted
 
     later = frame_for(case)
     other_id = dict(case.extra["frag"], id=0x7A7A)  # used by no other case
@@ -268,13 +270,13 @@ def test_verdicts_do_not_depend_on_cb(loaded, cb):
     for case in dc.CASES:
         if case.extra.get("first_fragment_seen") or case.extra.get("ethertype"):
             continue
-        maps.sync(loaded.map_fds, dc.desired_for(case, wg_ifindex=WG_IFINDEX))
+        diff.sync(loaded.map_fds, dc.desired_for(case, wg_ifindex=WG_IFINDEX))
         seed_flows(loaded, case)
         frame = frame_for(case)
-        before = packets(maps.read_counters(loaded.map_fds))
+        before = packets(decode.read_counters(loaded.map_fds))
         live = testrun.run(loaded.prog_fd, frame, mark=case.query.mark, cb=cb)
-        counted = packets(maps.read_counters(loaded.map_fds))
+        counted = packets(decode.read_counters(loaded.map_fds))
         dry = testrun.run(loaded.explain_fd, frame, mark=case.query.mark, cb=cb)
-        assert packets(maps.read_counters(loaded.map_fds)) == counted, case.id
+        assert packets(decode.read_counters(loaded.map_fds)) == counted, case.id
         assert live.reason_name == dry.reason_name == case.expected_reason, case.id
         assert counted[case.expected_reason] - before[case.expected_reason] == 1, case.id

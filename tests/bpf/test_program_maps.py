@@ -1,4 +1,4 @@
-"""program.load and maps.sync/read against the kernel: idempotent sync, add-before-prune,
+"""program.load and diff.sync/read against the kernel: idempotent sync, add-before-prune,
 decoding back into the desired state, pinned maps surviving a reload, clear errors."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import pytest
 
 import datapath_cases as dc
 from conftest import have_bcc, require
-from nodecryptor.datapath.bpf import abi, maps, program, syscall, testrun
+from nodecryptor.datapath.bpf import abi, program, syscall, testrun
+from nodecryptor.datapath.bpf.maps import decode, diff, encode, pinned
 from nodecryptor.core.errors import DatapathError
 from nodecryptor.core.model import KIND_POD_CIDR, Destination
 from nodecryptor.core.settings import MapSizes, Settings
@@ -41,17 +42,17 @@ def _clear(map_fds):
 def test_sync_is_idempotent_and_prunes(loaded):
     _clear(loaded.map_fds)
     worker = dc.desired_for(dc.CASES_BY_ID["v4-node-to-remote-node"])  # local node w1
-    first = maps.sync(loaded.map_fds, worker, now_ns=1)
+    first = diff.sync(loaded.map_fds, worker, now_ns=1)
     # 8 destinations (cp1 and w2: node IP + pod CIDR, both families), 2 addresses,
     # 2 local pod CIDRs whose pod-to-pod traffic is Cilium's (nc_pods_v4/v6)
     assert (first.added, first.removed) == (8 + 2 + 2, 0)
-    assert maps.sync(loaded.map_fds, worker, now_ns=2) == maps.SyncStats(0, 0, 0)
+    assert diff.sync(loaded.map_fds, worker, now_ns=2) == diff.SyncStats(0, 0, 0)
 
     cp = dc.desired_for(dc.CASES_BY_ID["v4-cp-reply-6443-from-node-ip"])  # local node cp1
-    switched = maps.sync(loaded.map_fds, cp, now_ns=3)
+    switched = diff.sync(loaded.map_fds, cp, now_ns=3)
     # w1's four prefixes, addresses and local pod CIDRs replace cp1's; w2's prefixes stay.
     assert (switched.added, switched.removed) == (4 + 2 + 2, 4 + 2 + 2)
-    assert maps.read(loaded.map_fds)["cilium_pod_cidrs"] == ["10.244.0.0/24", "fd00:244::/64"]
+    assert decode.read(loaded.map_fds)["cilium_pod_cidrs"] == ["10.244.0.0/24", "fd00:244::/64"]
     # The config entry (role changed), the exempt ranges (cp1 does not use the "storage"
     # policy), and w2's four prefixes, whose policy masks change: w1 used w2's storage port,
     # cp1 serves the built-in policy to w2.
@@ -60,8 +61,8 @@ def test_sync_is_idempotent_and_prunes(loaded):
 
 def test_read_decodes_the_desired_state(loaded):
     desired = dc.desired_for(dc.CASES_BY_ID["v4-uncovered-fail-closed"])
-    maps.sync(loaded.map_fds, desired, now_ns=12345)
-    data = maps.read(loaded.map_fds)
+    diff.sync(loaded.map_fds, desired, now_ns=12345)
+    data = decode.read(loaded.map_fds)
     by_prefix = {d["prefix"]: d for d in data["destinations"]}
     assert set(by_prefix) == {str(d.prefix) for d in desired.destinations}
     for dest in desired.destinations:
@@ -70,10 +71,10 @@ def test_read_decodes_the_desired_state(loaded):
         assert entry["control_plane"] == dest.control_plane
         assert entry["uncovered"] == (dest.prefix in desired.uncovered)
     assert [(r["protocol"], r["first"], r["last"]) for r in data["exempt_ports"]] == \
-        [(r.protocol, r.first, r.last) for r in maps.policy_ranges(desired)]
-    bits = maps.policy_bits(desired)
+        [(r.protocol, r.first, r.last) for r in encode.policy_ranges(desired)]
+    bits = encode.policy_bits(desired)
     assert [desired.plan.policies[r["policy_bit"]] for r in data["exempt_ports"]] == \
-        [r.policy for r in maps.policy_ranges(desired)]
+        [r.policy for r in encode.policy_ranges(desired)]
     for dest in desired.destinations:
         entry = by_prefix[str(dest.prefix)]
         assert entry["serves_mask"] == sum({1 << bits[r.policy] for r in dest.exempt_ports})
@@ -92,7 +93,7 @@ def test_read_decodes_the_desired_state(loaded):
 def test_new_destination_is_added_before_stale_one_is_removed(loaded, monkeypatch):
     """A node's address moving to another prefix is never a moment without either."""
     base = dc.desired_for(dc.CASES_BY_ID["v4-node-to-remote-node"])
-    maps.sync(loaded.map_fds, base)
+    diff.sync(loaded.map_fds, base)
     moved = dataclasses.replace(base, plan=dataclasses.replace(
         base.plan, destinations=tuple(
             dataclasses.replace(d, prefix=ipaddress.ip_network("10.244.9.0/24"))
@@ -104,7 +105,7 @@ def test_new_destination_is_added_before_stale_one_is_removed(loaded, monkeypatc
                                                    real_update(fd, k, v, flags))[1])
     monkeypatch.setattr(syscall, "map_delete",
                         lambda fd, k: (calls.append("delete"), real_delete(fd, k))[1])
-    stats = maps.sync(loaded.map_fds, moved)
+    stats = diff.sync(loaded.map_fds, moved)
     assert (stats.added, stats.removed) == (1, 1)
     # destination update, the config entry, then the stale delete (the summary bits did not
     # change: both prefixes are in 10.244.0.0/16)
@@ -115,12 +116,12 @@ def test_full_map_names_the_problem(bcc_settings_small):
     loaded = program.load(bcc_settings_small)
     try:
         desired = dc.desired_for(dc.CASES_BY_ID["v4-node-to-remote-node"])
-        with pytest.raises(maps.CapacityError,
+        with pytest.raises(diff.CapacityError,
                            match="IPv4 destinations: 4 entries needed .* capacity 2"):
-            maps.sync(loaded.map_fds, desired)
+            diff.sync(loaded.map_fds, desired)
         # refused before any write: the program still has no configuration
-        assert maps.read(loaded.map_fds)["destinations"] == []
-        assert not maps.read_config(loaded.map_fds)["enabled"]
+        assert decode.read(loaded.map_fds)["destinations"] == []
+        assert not decode.read_config(loaded.map_fds)["enabled"]
     finally:
         loaded.close()
 
@@ -137,7 +138,7 @@ def test_pinned_maps_survive_a_reload(loaded, bpffs):
     case = dc.CASES_BY_ID["v4-node-to-remote-node"]
     first = program.load(Settings(), pin_dir)
     try:
-        maps.sync(first.map_fds, dc.desired_for(case))
+        diff.sync(first.map_fds, dc.desired_for(case))
         ids = {name: syscall.map_info(fd).id for name, fd in first.map_fds.items()}
         frame = testrun.build_frame(dc.source_address(case), case.query.dst, dport=22)
     finally:
@@ -150,19 +151,18 @@ def test_pinned_maps_survive_a_reload(loaded, bpffs):
         # No sync: the new program enforces with the state the pinned maps kept.
         result = testrun.run(second.prog_fd, frame)
         assert result.reason_name == case.expected_reason
-        pinned = maps.open_pinned(pin_dir)
-        try:
-            assert maps.read(pinned)["destinations"] == maps.read(second.map_fds)["destinations"]
-        finally:
-            for fd in pinned.values():
-                os.close(fd)
+        with pinned.open_pinned(pin_dir) as opened:
+            assert (decode.read(opened)["destinations"]
+                    == decode.read(second.map_fds)["destinations"])
+            held = list(opened.values())
+        assert all(obj.closed for obj in held)  # leaving the block closed every map
     finally:
         second.close()
 
 
 def test_open_pinned_names_the_missing_pin(tmp_path):
     with pytest.raises(DatapathError, match="nc_dst_v4"):
-        maps.open_pinned(str(tmp_path))
+        pinned.open_pinned(str(tmp_path))
 
 
 def test_verifier_work_stays_far_below_its_limit(loaded):
@@ -242,9 +242,9 @@ def test_lookup_is_longest_prefix_match_through_filters_and_hashes(loaded):
         dests = tuple(Destination(p, "n", KIND_POD_CIDR, False) for p in prefixes)
         desired = dataclasses.replace(base, uncovered=uncovered, plan=dataclasses.replace(
             base.plan, destinations=dests, exempt_ports=()))
-        maps.sync(loaded.map_fds, desired)
+        diff.sync(loaded.map_fds, desired)
         lengths = {p.prefixlen for p in prefixes}
-        assert maps.read_config(loaded.map_fds)["lpm"][f"v{family}"] == (
+        assert decode.read_config(loaded.map_fds)["lpm"][f"v{family}"] == (
             len(lengths) > abi.PLEN_SLOTS)
         src = "192.0.2.1" if family == 4 else "2001:db8:ffff::1"
         probes = []

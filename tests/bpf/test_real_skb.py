@@ -19,7 +19,8 @@ import pytest
 
 from conftest import have_bcc, require
 from nodecryptor_testkit.netns import entered as netns_entered
-from nodecryptor.datapath.bpf import maps, program, syscall
+from nodecryptor.datapath.bpf import program, syscall
+from nodecryptor.datapath.bpf.maps import decode, diff
 from nodecryptor.core.model import (KIND_NODE_IP, ROLE_WORKER, DesiredState, Destination, Plan,
                                WgState)
 from nodecryptor.core.ports import parse_port_spec
@@ -119,11 +120,11 @@ def tcp_exchange(a: str, b: str, dst: str, payload: bytes) -> tuple[int, bytes]:
 def test_redirect_clamp_and_pass_through_on_a_real_hook(pair):
     a, b, wg_ifindex, underlay = pair
     loaded = program.load(Settings())
-    link_fd = -1
+    link = None
     try:
-        maps.sync(loaded.map_fds, desired_config(wg_ifindex))
+        diff.sync(loaded.map_fds, desired_config(wg_ifindex))
         with in_netns(a):
-            link_fd = syscall.tcx_link_create(loaded.prog_fd, underlay)
+            link = syscall.tcx_link_create(loaded.prog_fd, underlay)
         payload = os.urandom(300_000)
         before = rx_packets(b, "w_b")
 
@@ -138,12 +139,12 @@ def test_redirect_clamp_and_pass_through_on_a_real_hook(pair):
         assert mss_other > MSS  # not a cluster destination: untouched
         assert rx_packets(b, "w_b") - before == redirected  # and not redirected
 
-        counters = maps.read_counters(loaded.map_fds)
+        counters = decode.read_counters(loaded.map_fds)
         assert counters["mss-clamped"]["packets"] == 1
         assert counters["cluster-destination"]["packets"] >= redirected
         assert counters["not-cluster-destination"]["packets"] >= 3
         assert counters["not-ip"]["packets"] >= 1  # ARP passed through
     finally:
-        if link_fd >= 0:
-            os.close(link_fd)  # an unpinned link detaches when its last fd closes
+        if link is not None:
+            link.close()  # an unpinned link detaches when its last fd closes
         loaded.close()

@@ -51,8 +51,8 @@ BPF_PROG_LOAD = 5
 BPF_PROG_TYPE_SCHED_CLS = 3
 
 
-def load_ret_prog(retval: int, name: str = "nc_test_ret") -> int:
-    """Load a SCHED_CLS program that only returns ``retval``; returns its fd."""
+def load_ret_prog(retval: int, name: str = "nc_test_ret") -> syscall.BpfObject:
+    """Load a SCHED_CLS program that only returns ``retval``."""
     insns = (C.c_uint8 * 16)()
     # r0 = retval (BPF_ALU64 | BPF_MOV | BPF_K), exit (BPF_JMP | BPF_EXIT)
     mov = bytes([0xB7, 0x00, 0, 0]) + C.c_int32(retval).value.to_bytes(4, "little", signed=True)
@@ -62,10 +62,10 @@ def load_ret_prog(retval: int, name: str = "nc_test_ret") -> int:
     attr = _ProgLoadAttr(prog_type=BPF_PROG_TYPE_SCHED_CLS, insn_cnt=2,
                          insns=C.addressof(insns), license=C.addressof(lic),
                          prog_name=name.encode()[:15])
-    return syscall._bpf(BPF_PROG_LOAD, attr)
+    return syscall.BpfObject(syscall._bpf(BPF_PROG_LOAD, attr))
 
 
-def prog_id(fd: int) -> int:
+def prog_id(fd: syscall.Fd) -> int:
     return syscall.prog_info(fd).id
 
 
@@ -137,7 +137,7 @@ class TwoNodeLab:
         try:
             self._underlay()
             if wireguard:
-                for node, peer in ((self.a, self.b), (self.b, self.a)):
+                for node in (self.a, self.b):
                     node.wg_private, node.wg_public = _wg_keys()
                 for node, peer in ((self.a, self.b), (self.b, self.a)):
                     self._wireguard(node, peer)
@@ -229,7 +229,7 @@ def desired_for(settings: Settings, a: Node, b: Node):
                  up=True, mtu=1420, listen_port=WG_PORT, fwmark=WG_MARK, peers=(peer,))
     device = Device(name="eth0", ifindex=socket.if_nametoindex("eth0"), mtu=1500)
     desired = compute_desired(plan, wg, (device,), settings)
-    # As the reconciler does: A's pod CIDR to B's pod CIDR stays Cilium's (nodecryptor/policy/cilium.py).
+    # As the reconciler does: A's pod CIDR to B's pod CIDR stays Cilium's (policy/cilium.py).
     facts = cilium.detect(wg, (), [ipaddress.ip_address(b.ip)], [ipaddress.ip_network(b.pod_cidr)])
     return cilium.apply(desired, facts, settings.take_over_pod_to_pod, admission_limits(settings))
 
@@ -242,11 +242,30 @@ def hold_datapath_main(argv: list[str]) -> int:
 
     from nodecryptor.datapath.bpf.backend import BpfDatapath
 
+    from nodecryptor.datapath.bpf import attach
+
     spec = json.loads(argv[0])
     a, b = Node(**spec["a"]), Node(**spec["b"])
     settings = Settings(node_name=a.name, bpffs=spec["bpffs"], wg_interface=WG_IFNAME)
+    # "die" kills this process (SIGKILL, nothing runs after it) at one point of the lifecycle:
+    # "after-start" (an agent that never reaches its first apply: OOM, API outage) or
+    # "before-egress" (between the ingress and the egress swap of the first apply).
+    die = spec.get("die", "")
+    if die == "before-egress":
+        real_attach = attach.tcx_attach
+
+        def attach_or_die(bpffs, ifname, prog_fd, direction=attach.EGRESS):
+            if direction == attach.EGRESS:
+                print("dying before the egress swap", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_attach(bpffs, ifname, prog_fd, direction)
+
+        attach.tcx_attach = attach_or_die
     datapath = BpfDatapath(settings)
     datapath.start()
+    if die == "after-start":
+        print(f"started {datapath.prog_id}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
     datapath.apply(desired_for(settings, a, b))
     print(f"applied {datapath.prog_id}", flush=True)
     while True:

@@ -137,7 +137,7 @@ def tcp_exchange(netns: str, dst: str, port: int, payload: bytes) -> None:
 
 
 def start_standin(netns: str):
-    """Attach the counting stand-in at the TAIL of A's eth0 tcx chain; returns (bpf, link_fd)."""
+    """Attach the counting stand-in at the TAIL of A's eth0 tcx chain; returns (bpf, link)."""
     from bcc import BPF
 
     bpf = BPF(text=STANDIN_C)
@@ -193,19 +193,20 @@ def test_node_and_pod_traffic_leaves_encrypted_exempt_in_clear_cilium_never_sees
             wg_lines = wg_cap.stop()
         # The redirected SYN had its MSS clamped for WireGuard's MTU (1420 - 40), not the
         # underlay's 1460; the exempt connection never went through cilium_wg0.
-        [syn] = [l for l in wg_lines if f"> {b.ip}.7779: Flags [S]," in l]
+        [syn] = [line for line in wg_lines if f"> {b.ip}.7779: Flags [S]," in line]
         assert "mss 1380" in syn, syn
-        assert not [l for l in wg_lines if ".6443" in l], wg_lines
+        assert not [line for line in wg_lines if ".6443" in line], wg_lines
         # Arrived on B, decrypted by WireGuard (WireGuard may drop what it queued before the
         # first handshake finished, so at least the later packets must be there).
         assert got_node and all(p.startswith(b"node-") for p in got_node)
         assert got_pod and all(p.startswith(b"pod-") for p in got_pod)
         # On A's wire: nothing to 7777/7778 in the clear, WireGuard UDP instead, 6443 in clear.
-        assert not [l for l in lines if f"{b.ip}.7777" in l or f"{b.pod_ip}.7778" in l], lines
-        wg_udp = [l for l in lines if f"{a.ip}.{WG_PORT} > {b.ip}.{WG_PORT}: UDP" in l]
+        assert not [line for line in lines
+                    if f"{b.ip}.7777" in line or f"{b.pod_ip}.7778" in line], lines
+        wg_udp = [line for line in lines if f"{a.ip}.{WG_PORT} > {b.ip}.{WG_PORT}: UDP" in line]
         assert len(wg_udp) >= 10, lines
-        assert [l for l in lines if f"> {b.ip}.6443: Flags [S]" in l], lines
-        assert not [l for l in lines if f"{b.ip}.7779" in l], lines
+        assert [line for line in lines if f"> {b.ip}.6443: Flags [S]" in line], lines
+        assert not [line for line in lines if f"{b.ip}.7779" in line], lines
 
         seen = standin_seen(standin)
         assert not [k for k in seen if k[2] in (7777, 7778)], seen
@@ -222,7 +223,7 @@ def test_node_and_pod_traffic_leaves_encrypted_exempt_in_clear_cilium_never_sees
             {"reason": "cluster-destination", "verdict": "encrypt"})
         assert scraped >= counters["cluster-destination"]
     finally:
-        os.close(standin_link)
+        standin_link.close()
         standin.cleanup()
         rx.close()
 
@@ -266,7 +267,7 @@ def test_sigkilled_agent_leaves_datapath_enforcing_and_successor_takes_over_link
         # Traffic really continued after the kill, and kept arriving (through WireGuard).
         assert sent[0] - sent_at_kill > 50
         assert before > 0 and after > 25, (before, after)
-        assert not [l for l in lines if f"{b.ip}.7777" in l], lines[:20]
+        assert not [line for line in lines if f"{b.ip}.7777" in line], lines[:20]
         with in_netns(a.netns):
             att = attach.tcx_observe(bpffs, "eth0")
         assert att is not None and not att.defunct and att.position == 0
@@ -299,8 +300,8 @@ def test_restart_swaps_program_in_same_link_new_generation_and_reattaches_new_de
     spec = abi.MAPS_BY_NAME["nc_dst_v4"]
     fd = syscall.map_create(spec.map_type, spec.key_size, spec.value_size, 16, spec.flags,
                             spec.name)
-    syscall.obj_pin(fd, os.path.join(old_abi, spec.name))
-    os.close(fd)
+    with fd:
+        syscall.obj_pin(fd, os.path.join(old_abi, spec.name))
     rx = Receiver(b.netns, udp_ports=(7777,))
     sender = udp_socket(a.netns)
     try:
@@ -348,7 +349,7 @@ def test_restart_swaps_program_in_same_link_new_generation_and_reattaches_new_de
         assert obs3.ready, obs3.reason
         dev3 = obs3.details["devices"][0]
         assert dev3["link_id"] != link1 and dev3["ifindex"] != dev2["ifindex"]
-        for i in range(20):  # the new veth needs ARP, WireGuard a fresh path
+        for _ in range(20):  # the new veth needs ARP, WireGuard a fresh path
             sender.sendto(b"after-recreate", (b.ip, 7777))
             if rx.drain(7777, wait=0.1, want=1):
                 break
@@ -388,7 +389,7 @@ def test_legacy_tc_mode_attaches_filter_detects_shadowing_and_cleans_up(
             time.sleep(0.02)
         assert rx.drain(7777, want=5)
         lines = cap.stop()
-        assert not [l for l in lines if f"{b.ip}.7777" in l], lines
+        assert not [line for line in lines if f"{b.ip}.7777" in line], lines
 
         # Restart in place: the same filter (handle, prio) now runs the new program.
         with in_netns(a.netns):
@@ -441,7 +442,11 @@ def test_inspection_commands_on_live_setup_without_agent(lab, bpffs, datapaths):
             prog_id = dp.prog_id
             dp.close()  # the commands read pins only; the agent need not run
             foreign_link = syscall.tcx_link_create(foreign, attach.ifindex_of("eth0"), flags=0)
-        cli = lambda *args: nodecryptor_cli(*args, "--bpffs", bpffs, mount_pid=a.wg_pid)
+            foreign_in = syscall.tcx_link_create(foreign, attach.ifindex_of("eth0"), flags=0,
+                                                 attach_type=syscall.BPF_TCX_INGRESS)
+
+        def cli(*args):
+            return nodecryptor_cli(*args, "--bpffs", bpffs, mount_pid=a.wg_pid)
 
         started = time.monotonic()
         dump = cli("bpf", "dump", "--json")
@@ -473,7 +478,7 @@ def test_inspection_commands_on_live_setup_without_agent(lab, bpffs, datapaths):
         assert (wg["verdict"], wg["reason"]) == ("pass", "wireguard-output")
         other = explain("--dst", "192.168.77.99", "--dport", "80")
         assert (other["verdict"], other["reason"]) == ("pass", "not-cluster-destination")
-        # The contract of issue 11: local pod to remote pod is Cilium's own, passed on.
+        # The pod-to-pod contract with Cilium: local pod to remote pod is Cilium's own, passed on.
         p2p = explain("--src", a.pod_ip, "--dst", b.pod_ip, "--dport", "80")
         assert (p2p["verdict"], p2p["reason"]) == ("pass", "cilium-pod-to-pod")
         assert "cilium" in p2p["reason"]
@@ -499,9 +504,19 @@ def test_inspection_commands_on_live_setup_without_agent(lab, bpffs, datapaths):
                                        "node_ips_in_allowed_ips"}
         assert cil["attach"] == [{"device": "eth0", "mode": "tcx", "position": 0,
                                   "runs_behind_nodecryptor": ["foreign_next"]}]
-        [chain] = st["chains"]
-        assert [(e["name"], e["prog_id"], e["nodecryptor"]) for e in chain["tcx"]] == [
-            ("nc_egress", prog_id, True), ("foreign_next", prog_id_of(foreign), False)]
+        hooks = {(c["device"], c["direction"]): c for c in st["chains"]}
+        assert set(hooks) == {("eth0", "egress"), ("eth0", "ingress"),
+                              ("cilium_wg0", "ingress")}, st["chains"]
+        assert [(e["name"], e["prog_id"], e["nodecryptor"], e["owner"])
+                for e in hooks["eth0", "egress"]["tcx"]] == [
+            ("nc_egress", prog_id, True, "nodecryptor"),
+            ("foreign_next", prog_id_of(foreign), False, "other")]
+        # Ingress: nodecryptor's program, then whatever runs behind it (here, on eth0, a
+        # foreign program attached at the tail, as Cilium attaches cil_from_netdev).
+        assert [(e["name"], e["owner"]) for e in hooks["eth0", "ingress"]["tcx"]] == [
+            ("nc_ingress", "nodecryptor"), ("foreign_next", "other")]
+        assert [(e["name"], e["owner"]) for e in hooks["cilium_wg0", "ingress"]["tcx"]] == [
+            ("nc_ingress", "nodecryptor")]
         # explain ran the live program several times above, dry: no real traffic was counted
         assert st["counters"]["cluster-destination"]["packets"] == 0
 
@@ -509,22 +524,30 @@ def test_inspection_commands_on_live_setup_without_agent(lab, bpffs, datapaths):
         assert text.returncode == 0, text.stderr
         assert "ready: yes" in text.stdout and "eth0" in text.stdout, text.stdout
         assert "cilium: routing native" in text.stdout, text.stdout
-        assert f"nc_egress(id {prog_id})* -> foreign_next" in text.stdout, text.stdout
+        assert f"eth0 tcx egress: nc_egress(id {prog_id}, nodecryptor)* -> foreign_next" \
+            in text.stdout, text.stdout
+        assert "eth0 tcx ingress: nc_ingress(id " in text.stdout, text.stdout
+        assert "cilium_wg0 tcx ingress: nc_ingress(id " in text.stdout, text.stdout
         text_dump = cli("bpf", "dump")
         assert text_dump.returncode == 0 and f"{b.ip}/32" in text_dump.stdout, text_dump.stderr
         text_explain = cli("explain", "--dst", b.ip, "--dport", "6443")
         assert text_explain.stdout.startswith("exempt: exempt-control-plane-port")
         print(text.stdout, text_dump.stdout, text_explain.stdout, sep="\n")
 
-        done = cli("cleanup", "--json")
+        done = cli("cleanup")
         assert done.returncode == 0, done.stderr
-        assert json.loads(done.stdout)["bpf"]["tcx_links"] == ["eth0"]
+        # The text names every hook it emptied, ingress (eth0 and cilium_wg0) included.
+        assert "bpf: removed 3 hook(s)" in done.stdout, done.stdout
+        assert "egress tcx link(s): eth0\n" in done.stdout, done.stdout
+        assert "ingress tcx link(s): cilium_wg0, eth0\n" in done.stdout, done.stdout
         gone = cli("status", "--json")
         assert gone.returncode == 1 and "no nodecryptor datapath is active" in gone.stderr
         with in_netns(a.netns):
             chain = attach.query(attach.ifindex_of("eth0"))["tcx"]
         assert [c["link_id"] for c in chain] == [syscall.link_info(foreign_link).id]
     finally:
-        os.close(foreign)
+        foreign.close()
         if "foreign_link" in locals():
-            os.close(foreign_link)
+            foreign_link.close()
+        if "foreign_in" in locals():
+            foreign_in.close()

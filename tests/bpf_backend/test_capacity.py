@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import os
 import socket
 
 import pytest
@@ -106,16 +105,13 @@ def attached_verdicts(ns: str, bpffs: str, targets: list[tuple[str, int]]) -> di
     with in_netns(ns):
         att = attach.tcx_observe(bpffs, "eth0")
     assert att is not None and not att.defunct
-    fd = syscall.prog_fd_by_id(att.prog_id)
-    try:
+    with syscall.prog_fd_by_id(att.prog_id) as prog:
         out = {}
         for dst, dport in targets:
             src = LOCAL_V4 if ":" not in dst else LOCAL_V6
-            result = testrun.run(fd, testrun.build_frame(src, dst, dport=dport))
+            result = testrun.run(prog, testrun.build_frame(src, dst, dport=dport))
             out[(dst, dport)] = (result.verdict, result.reason_name)
         return out
-    finally:
-        os.close(fd)
 
 
 def cluster_targets(nodes) -> list[tuple[str, int]]:

@@ -1,4 +1,4 @@
-"""The ingress program on the wire (issue 15): node A runs nodecryptor, node B (the control-plane
+"""The ingress program on the wire: node A runs nodecryptor, node B (the control-plane
 node of the two-node lab) does not, so everything B sends to A arrives in the clear on A's
 underlay. In ``enforce`` B's clear text is refused on the wire and metered while A's bootstrap
 connection to B's 6443 keeps working (its replies are a flow A opened); in ``audit`` the same
@@ -14,24 +14,21 @@ import pytest
 import json
 
 from bpf_backend_lab import in_netns, nodecryptor_cli
-from test_bpfbackend_wire import Receiver, datapaths, lab, tcp_exchange, udp_socket  # noqa: F401
+from test_bpfbackend_wire import Receiver, datapaths, lab, tcp_exchange, udp_socket  # noqa: F401 - fixtures
 
 from bpf_backend_lab import WG_PORT
 
-from nodecryptor.datapath.bpf import abi, attach, inspect, maps, pins, syscall
+from nodecryptor.datapath.bpf import abi, attach, inspect, pins, syscall
+from nodecryptor.datapath.bpf.maps import decode
 
 pytestmark = [pytest.mark.privileged, pytest.mark.bpf]
 
 
 def _leaks(bpffs: str) -> dict:
-    spec = abi.MAPS_BY_NAME["nc_leaks"]
-    fd = syscall.obj_get(pins.map_path(bpffs, "nc_leaks"), read_only=True)
-    try:
+    spec = abi.MAPS_BY_NAME[abi.LEAKS_MAP]
+    with syscall.obj_get(pins.map_path(bpffs, abi.LEAKS_MAP), read_only=True) as leaks:
         return {(str(ipaddress.ip_address(bytes(k.src)[:4])), k.protocol, k.dport): v.packets
-                for k, v in syscall.map_items(fd, spec.key, spec.value)}
-    finally:
-        import os
-        os.close(fd)
+                for k, v in syscall.map_items(leaks, spec.key, spec.value)}
 
 
 def _send_udp(src_netns: str, dst: str, port: int, n: int = 5) -> None:
@@ -78,13 +75,15 @@ def test_enforce_refuses_peer_clear_text_audit_meters_it_bootstrap_works_in_both
         tcp_exchange(a.netns, b.ip, 6443, b"bootstrap in audit")
         with in_netns(a.netns):
             counters = dp.observe().counters
-            config = maps.read_config(dp._loaded.map_fds)
+            config = decode.read_config(dp._loaded.map_fds)
         assert config["ingress_mode"] == "audit"
         assert counters["ingress-cleartext-audited"] >= 5
         assert _leaks(bpffs)[(b.ip, 17, 7777)] >= 10
 
         # The contract's commands, as an operator runs them on A.
-        cli = lambda *args: nodecryptor_cli(*args, "--bpffs", bpffs, mount_pid=a.wg_pid)
+        def cli(*args):
+            return nodecryptor_cli(*args, "--bpffs", bpffs, mount_pid=a.wg_pid)
+
         res = cli("status", "--json")
         assert res.returncode == 0, res.stderr
         assert json.loads(res.stdout)["ingress_enforcement"] == {
@@ -137,14 +136,10 @@ def test_enforce_refuses_peer_clear_text_audit_meters_it_bootstrap_works_in_both
 
 
 def _flows(bpffs: str) -> dict:
-    import os
-    spec = abi.MAPS_BY_NAME["nc_flows"]
-    fd = syscall.obj_get(pins.map_path(bpffs, "nc_flows"), read_only=True)
-    try:
+    spec = abi.MAPS_BY_NAME[abi.FLOWS_MAP]
+    with syscall.obj_get(pins.map_path(bpffs, abi.FLOWS_MAP), read_only=True) as flows:
         return {(str(ipaddress.ip_address(bytes(k.remote)[:4])), k.remote_port): v.origin
-                for k, v in syscall.map_items(fd, spec.key, spec.value)}
-    finally:
-        os.close(fd)
+                for k, v in syscall.map_items(flows, spec.key, spec.value)}
 
 
 def test_restart_carries_exempt_flows_and_leaks_into_the_new_generation(lab, bpffs, datapaths):

@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 
-from nodecryptor.datapath.bpf import syscall  # noqa: E402
+from nodecryptor.datapath.bpf import syscall
 
 PIN_SUBDIR = "nodecryptor-capcheck"
 RULE_PRIORITY = 10398  # inside nodecryptor's default band; the namespace is private anyway
@@ -120,18 +120,15 @@ def main() -> int:
 
         def reopen_and_swap():
             # What a restarted agent does: open the pinned link, swap the program in place.
-            fd = syscall.obj_get(f"{pin_dir}/link-{args.device}")
-            try:
-                syscall.link_update(fd, prog_fd)
-            finally:
-                os.close(fd)
+            with syscall.obj_get(f"{pin_dir}/link-{args.device}") as link:
+                syscall.link_update(link, prog_fd)
 
         steps.run("reopen-link-and-swap-program", reopen_and_swap)
         chain = steps.run("query-tcx-chain", lambda: syscall.prog_query(ifindex))
         prog_id = syscall.link_info(link_fd).prog_id
 
         def open_by_id():
-            os.close(syscall.prog_fd_by_id(prog_id))
+            syscall.prog_fd_by_id(prog_id).close()
 
         # Not needed by the agent; recorded because an inspection command that opens the
         # attached program by id needs it (the docs say so, backed by this step).

@@ -24,7 +24,7 @@ import time
 import pytest
 
 from conftest import require
-from deploy_manifests import (GUIDE, REPO, agent_capabilities, agent_container,
+from deploy_manifests import (REPO, agent_capabilities, agent_container,
                               agent_daemonset, all_docs, expand_env, find)
 from nodecryptor_testkit import netns as netns_mod
 
@@ -59,7 +59,8 @@ def _cli(node, caps: list[str], *argv: str) -> subprocess.CompletedProcess:
 def _readyz(ns: str) -> tuple[bool, str]:
     probe = ("import urllib.request, urllib.error\n"
              "try:\n"
-             "    print(urllib.request.urlopen('http://127.0.0.1:8083/readyz', timeout=2).read().decode())\n"
+             "    url = 'http://127.0.0.1:8083/readyz'\n"
+             "    print(urllib.request.urlopen(url, timeout=2).read().decode())\n"
              "except urllib.error.HTTPError as e:\n"
              "    print(e.read().decode())\n"
              "except OSError as e:\n"

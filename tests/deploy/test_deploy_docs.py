@@ -107,7 +107,8 @@ def test_every_run_flag_is_documented_with_its_default():
     documented = documented_flags()
     flags = run_flags()
     missing = sorted(set(flags) - set(documented))
-    assert not missing, f"{GUIDE.name}: add these flags of `nodecryptor run` to the flag table: {missing}"
+    assert not missing, (f"{GUIDE.name}: add these flags of `nodecryptor run` to the flag "
+                         f"table: {missing}")
     wrong = {flag: (documented[flag], default_text(default)) for flag, default in flags.items()
              if default_text(default) not in documented[flag].replace("`", "")}
     assert not wrong, f"{GUIDE.name}: flag defaults differ (documented, expected): {wrong}"
@@ -128,8 +129,9 @@ def test_metrics_tables_list_no_unknown_metric():
     assert not stale, f"{GUIDE.name}: the metrics tables list metrics the code lacks: {stale}"
 
 
-@pytest.mark.parametrize("default, text", [(None, "unset"), (False, "false"), (True, "true"),
-                                           (":8083", ":8083"), ("2379-2380,6443", "2379-2380,6443")])
+@pytest.mark.parametrize("default, text", [
+    (None, "unset"), (False, "false"), (True, "true"), (":8083", ":8083"),
+    ("2379-2380,6443", "2379-2380,6443")])
 def test_default_rendering(default, text):
     assert default_text(default) == text
 

@@ -27,7 +27,8 @@ def identities(bodies: list[dict]) -> set[tuple[str, str, str]]:
             for b in bodies}
 
 
-@pytest.mark.parametrize("kustomization", kustomizations(), ids=lambda p: str(p.parent.relative_to(REPO)))
+@pytest.mark.parametrize("kustomization", kustomizations(),
+                         ids=lambda p: str(p.parent.relative_to(REPO)))
 def test_kustomization_renders_its_files(kustomization):
     rendered = render(kustomization.parent)
     listed = yaml.safe_load(kustomization.read_text())["resources"]

@@ -195,7 +195,8 @@ def test_kustomization_lists_every_file(kustomization):
     here = kustomization.parent
     files = {p.name for p in here.glob("*.yaml") if p.name != "kustomization.yaml"}
     assert set(listed) == files, (f"{kustomization.relative_to(REPO)}: not listed "
-                                  f"{sorted(files - set(listed))}, missing {sorted(set(listed) - files)}")
+                                  f"{sorted(files - set(listed))}, "
+                                  f"missing {sorted(set(listed) - files)}")
 
 
 def test_every_manifest_belongs_to_one_kustomization():

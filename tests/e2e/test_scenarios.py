@@ -19,7 +19,7 @@ from conftest import have_bcc, require
 from nodecryptor_testkit.lab import report, state
 from nodecryptor_testkit.lab.flows import PortAllocator
 from nodecryptor_testkit.lab.lab import Lab
-from nodecryptor_testkit.lab.scenarios import run_scenario
+from nodecryptor_testkit.lab.scenarios import NAMES, run_scenario
 from nodecryptor_testkit.lab.spec import make_spec
 
 pytestmark = [pytest.mark.e2e, pytest.mark.privileged, pytest.mark.slow]
@@ -51,9 +51,7 @@ def ports():
     return PortAllocator()
 
 
-@pytest.mark.parametrize("scenario", ["matrix", "bootstrap", "restart", "wg-down", "churn",
-                                      "exemption", "cilium-restart", "peer-health",
-                                      "forged-claims"])
+@pytest.mark.parametrize("scenario", NAMES)
 def test_scenario(lab, ports, scenario):
     result = run_scenario(lab, scenario, ports)
     assert result.ok, "\n" + report.table(result)

@@ -35,9 +35,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1]))
 
-import image_lab  # noqa: E402
-from nodecryptor_testkit.lab.lab import Lab  # noqa: E402
-from nodecryptor_testkit.lab.spec import make_spec  # noqa: E402
+import image_lab
+from nodecryptor_testkit.lab.lab import Lab
+from nodecryptor_testkit.lab.spec import make_spec
 
 NODE = "w1"
 NAME = f"nodecryptor-image-measure-{os.getpid()}"

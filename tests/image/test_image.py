@@ -248,14 +248,15 @@ def test_translation_takes_everything_from_the_manifest(tmp_path):
     # A host path the test was not told about, or a privileged container, is refused.
     with pytest.raises(Untranslatable):
         translate(ds, "nodecryptor", "w9", {"/sys/fs/bpf": str(tmp_path)}, tmp_path)
-    for change in (lambda: container["securityContext"].update(privileged=True),
-                   lambda: container.update(command=["/bin/sh"]),
-                   lambda: ds["spec"]["template"]["spec"].update(hostPID=True),
-                   lambda: ds["spec"]["template"]["spec"].update(
+    # Each change edits a fresh DaemonSet (and its container), handed in as arguments.
+    for change in (lambda ds, c: c["securityContext"].update(privileged=True),
+                   lambda ds, c: c.update(command=["/bin/sh"]),
+                   lambda ds, c: ds["spec"]["template"]["spec"].update(hostPID=True),
+                   lambda ds, c: ds["spec"]["template"]["spec"].update(
                        securityContext={"sysctls": []})):
         ds = image_lab.daemonset()
         container = ds["spec"]["template"]["spec"]["containers"][0]
-        change()
+        change(ds, container)
         with pytest.raises(Untranslatable):
             translate(ds, "nodecryptor", "w9", paths, tmp_path)
 

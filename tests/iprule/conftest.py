@@ -93,11 +93,11 @@ def foreign_state():
 
 
 def snapshot_routes(ns: str) -> list[str]:
-    """Every route of every table except nodecryptor's (2026) and the kernel's local table."""
+    """Every route of every table except nodecryptor's (2026, 2027) and the kernel's local table."""
     out = subprocess.run(["ip", "netns", "exec", ns, "ip", "-j", "route", "show", "table",
                           "all"], capture_output=True, text=True, check=True).stdout
     out6 = subprocess.run(["ip", "netns", "exec", ns, "ip", "-6", "-j", "route", "show",
                            "table", "all"], capture_output=True, text=True, check=True).stdout
     routes = json.loads(out) + json.loads(out6)
     return sorted(json.dumps(r, sort_keys=True) for r in routes
-                  if r.get("table") not in ("2026", "local"))
+                  if r.get("table") not in ("2026", "2027", "local"))

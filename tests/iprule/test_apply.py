@@ -28,6 +28,7 @@ W1_RULES = [
     "10330:\tfrom 10.244.1.0/24 lookup 2026 suppress_prefixlength 31",
     "10331:\tfrom 10.244.1.0/24 lookup main",
     "10390:\tfrom all lookup 2026",
+    "10391:\tfrom all lookup 2027",
     "10300:\tfrom all fwmark 0xe00/0xf00 lookup main",
     "10305:\tfrom all ipproto udp sport 51871 dport 51871 lookup main",
     "10310:\tfrom all to fd00:50::10 ipproto tcp dport 2379-2380 lookup main",
@@ -36,7 +37,13 @@ W1_RULES = [
     "10330:\tfrom fd00:244:1::/64 lookup 2026 suppress_prefixlength 127",
     "10331:\tfrom fd00:244:1::/64 lookup main",
     "10390:\tfrom all lookup 2026",
+    "10391:\tfrom all lookup 2027",
 ]
+
+
+def nc_routes(ns: str) -> list[str]:
+    """Both of nodecryptor's tables: its own (2026) and the pod CIDRs' guards (2027)."""
+    return ip_routes(ns, "2026") + ip_routes(ns, "2027")
 
 
 def band_rules(ns: str) -> list[str]:
@@ -53,7 +60,7 @@ def test_worker_rules_routes_and_idempotence(node_ns, foreign_state):
     try:
         datapath.apply(desired_for(case, wg))
         assert band_rules(ns) == W1_RULES
-        routes = ip_routes(ns, "2026")
+        routes = nc_routes(ns)
         # Each destination through WireGuard, with a fail-closed guard under it.
         assert len(routes) == 16
         assert "192.168.50.22 dev cilium_wg0 proto static src 192.168.50.21 metric 100" in routes
@@ -68,7 +75,10 @@ def test_worker_rules_routes_and_idempotence(node_ns, foreign_state):
         assert datapath.last_apply["routes_removed"] == 0
         obs = datapath.observe()
         assert obs.ready and obs.attached
-        assert obs.details["rules"] == 16 and obs.details["routes"] == 16
+        assert obs.details["rules"] == 18 and obs.details["routes"] == 16
+        # The pod CIDRs' guards sit in the guard table, out of the pods' rule's way.
+        assert "unreachable 10.244.2.0/24 proto static metric 200" in ip_routes(ns, "2027")
+        assert "unreachable 192.168.50.22 proto static metric 200" in ip_routes(ns, "2026")
         # Foreign rules and routes are still there, unchanged.
         assert [r for r in ip_rules(ns) if r not in band_rules(ns)] == [
             r for r in foreign_rules if r not in W1_RULES]
@@ -76,9 +86,9 @@ def test_worker_rules_routes_and_idempotence(node_ns, foreign_state):
     finally:
         datapath.close()
     result = inspect.cleanup(settings, netns=ns)
-    assert result["rules_removed"] == 16 and result["routes_removed"] == 16
+    assert result["rules_removed"] == 18 and result["routes_removed"] == 16
     assert band_rules(ns) == []
-    assert ip_routes(ns, "2026") == []
+    assert nc_routes(ns) == []
     assert ip_rules(ns) == [r for r in foreign_rules if r not in W1_RULES]
     assert snapshot_routes(ns) == foreign_routes
     assert not inspect.active(settings, netns=ns)
@@ -100,12 +110,12 @@ def test_update_fail_modes_and_control_plane_replies(node_ns, foreign_state):
         assert not any("iif" in r for r in rules)
         # No other control-plane node: no dport exemptions at all.
         assert not any(r.startswith("10310:") for r in rules)
-        assert len(ip_routes(ns, "2026")) == 16
+        assert len(nc_routes(ns)) == 16
 
         # WireGuard down, fail closed: the same prefixes become unreachable.
         down = dataclasses.replace(desired, wg=dataclasses.replace(desired.wg, up=False))
         datapath.apply(down)
-        routes = ip_routes(ns, "2026")
+        routes = nc_routes(ns)
         assert len(routes) == 8 and all(r.startswith("unreachable ") for r in routes)
         datapath.apply(down)
         assert datapath.last_apply["routes_set"] == 0  # reject routes compare equal too
@@ -113,17 +123,17 @@ def test_update_fail_modes_and_control_plane_replies(node_ns, foreign_state):
 
         # Fail open: nothing in the table, traffic falls through to main.
         datapath.apply(dataclasses.replace(down, fail_mode="open"))
-        assert ip_routes(ns, "2026") == []
+        assert nc_routes(ns) == []
         # Fail open with WireGuard up: WireGuard routes only, no guards.
         datapath.apply(dataclasses.replace(desired, fail_mode="open"))
-        routes = ip_routes(ns, "2026")
+        routes = nc_routes(ns)
         assert len(routes) == 8 and not any(r.startswith("unreachable") for r in routes)
 
         # One destination uncovered, fail closed: only that one is unreachable.
         uncovered = next(d.prefix for d in desired.destinations if str(d.prefix) ==
                          "10.244.2.0/24")
         datapath.apply(dataclasses.replace(desired, uncovered=frozenset({uncovered})))
-        routes = ip_routes(ns, "2026")
+        routes = nc_routes(ns)
         assert "unreachable 10.244.2.0/24 proto static metric 200" in routes
         assert not any(r.startswith("10.244.2.0/24 dev") for r in routes)
         assert len(routes) == 15  # 7 through WireGuard + 8 guards
@@ -132,8 +142,8 @@ def test_update_fail_modes_and_control_plane_replies(node_ns, foreign_state):
         plan = dataclasses.replace(desired.plan, destinations=tuple(
             d for d in desired.destinations if d.node != "w2"))
         datapath.apply(dataclasses.replace(desired, plan=plan))
-        assert not any("192.168.50.22" in r or "10.244.2.0" in r for r in ip_routes(ns, "2026"))
-        assert len(ip_routes(ns, "2026")) == 8
+        assert not any("192.168.50.22" in r or "10.244.2.0" in r for r in nc_routes(ns))
+        assert len(nc_routes(ns)) == 8
         assert datapath.last_apply["routes_removed"] == 7
         assert snapshot_routes(ns) == foreign_routes
     finally:
@@ -178,7 +188,7 @@ def test_status_reports_band_and_table(node_ns):
         datapath.close()
     status = inspect.status(settings, netns=ns)
     assert status["active"] is True
-    assert status["rule_count"] == 16 and status["route_count"] == 16
+    assert status["rule_count"] == 18 and status["route_count"] == 16
     assert status["routes_by_kind"] == {"unicast": 8, "unreachable": 8}
     assert status["wireguard"]["ifindex"] == wg
     inspect.cleanup(settings, netns=ns)

@@ -1,17 +1,20 @@
 """The ip-rule datapath leaves local-pod to remote-pod traffic to Cilium (two rules per local pod
 CIDR), takes it over with --take-over-pod-to-pod, and has none of these rules in tunnel mode.
-The one documented limitation: a fail-closed guard (unreachable route) cannot be skipped by
-``suppress_prefixlength``, so while WireGuard is down pod-to-pod traffic is dropped here, where
-the BPF datapath passes it to Cilium (whose own redirect into the down device drops it too)."""
+While WireGuard is down pod-to-pod traffic is still left to Cilium, as the BPF datapath does:
+the remote pod CIDRs' fail-closed guards live in the guard table, which the pods' rule never
+consults (a guard in the own table would answer it with an error ``suppress_prefixlength``
+cannot skip), while the node's own traffic to remote pods still meets them."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 
 from nodecryptor.datapath.iprule import inspect
 from nodecryptor.datapath.iprule.backend import IpRuleDatapath
 from nodecryptor.datapath.iprule.spec import (MAIN_TABLE, OFFSET_CILIUM_NODES,
-                                              OFFSET_CILIUM_POD, desired_rules)
+                                              OFFSET_CILIUM_POD, desired_rules, guard_table)
 from tests.datapath_cases import CASES_BY_ID, WG_IFNAME, desired_for, settings_for
 
 from .conftest import sh
@@ -44,7 +47,7 @@ def test_no_pod_rules_when_taken_over_or_in_tunnel_mode():
 
 
 @pytest.mark.privileged
-def test_wireguard_down_guard_drops_pod_to_pod(root, node_ns):
+def test_wireguard_down_leaves_pod_to_pod_to_cilium_and_guards_the_node(root, node_ns):
     case = CASES_BY_ID["v4-pod-to-remote-pod-wg-down-cilium"]
     ns, wg_index = node_ns(case.local_node)
     settings = settings_for(case)
@@ -53,6 +56,9 @@ def test_wireguard_down_guard_drops_pod_to_pod(root, node_ns):
         sh(ns, "ip", "link", "set", WG_IFNAME, "down")
         datapath.apply(desired_for(case, wg_index))
         down = inspect.explain(settings, case.query, netns=ns)
+        # The node itself to the same remote pod: the guard still drops it (fail-closed).
+        host = inspect.explain(settings, dataclasses.replace(case.query, src=None), netns=ns)
+        guards = sh(ns, "ip", "route", "show", "table", str(guard_table(settings)))
         sh(ns, "ip", "link", "set", WG_IFNAME, "up")
         up_case = CASES_BY_ID["v4-pod-to-remote-pod-cilium"]
         datapath.apply(desired_for(up_case, wg_index))
@@ -64,6 +70,8 @@ def test_wireguard_down_guard_drops_pod_to_pod(root, node_ns):
     finally:
         datapath.close()
         inspect.cleanup(settings, netns=ns)
-    assert (down.verdict, down.reason) == ("drop", "wireguard-down-fail-closed")
+    assert (down.verdict, down.reason) == ("pass", "cilium-pod-to-pod")
+    assert (host.verdict, host.reason) == ("drop", "wireguard-down-fail-closed")
+    assert "unreachable 10.244.2.0/24" in guards, guards
     assert (up.verdict, up.reason) == ("pass", "cilium-pod-to-pod")
     assert (over.verdict, over.reason) == ("encrypt", "cluster-destination")

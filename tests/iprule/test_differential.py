@@ -36,11 +36,9 @@ EXPECTED_NOT_ROUTABLE = {
     "v6-later-fragment-of-exempt", "v6-later-fragment-of-encrypted",
     "v6-later-fragment-unseen", "v4-pod-to-remote-pod-later-fragment-cilium",
     "v4-dirty-cb-later-fragment-of-exempt", "v6-dirty-cb-later-fragment-of-exempt",
-    # Fail-closed guards are unreachable routes, which suppress_prefixlength cannot skip.
-    "v4-pod-to-remote-pod-wg-down-cilium",
     # Only a packet parser sees these.
     "arp-not-ip", "v4-truncated-tcp-header", "v6-truncated-udp-header", "disabled-config",
-    # Issue 15: ip rules have no connection state; they exempt replies by source port alone.
+    # Ip rules have no connection state; they exempt replies by source port alone.
     "v4-cp-sport-6443-without-flow", "v4-cp-sport-2379-to-worker-pod-without-flow",
 }
 

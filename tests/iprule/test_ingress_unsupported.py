@@ -1,4 +1,4 @@
-"""The ip-rule datapath cannot classify arriving packets (issue 15): it reports ingress
+"""The ip-rule datapath cannot classify arriving packets: it reports ingress
 enforcement as unsupported in status, observe(), the metric, and withholds readiness when
 ``enforce`` was asked for, instead of pretending."""
 

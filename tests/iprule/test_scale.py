@@ -57,14 +57,16 @@ def test_5000_workers_constant_rules_fast_apply(node_ns):
         started, cpu = time.monotonic(), time.process_time()
         datapath.apply(want)
         apply_seconds, apply_cpu = time.monotonic() - started, time.process_time() - cpu
-        routes = int(sh(ns, "sh", "-c", "ip route show table 2026 | wc -l"))
+        routes = sum(int(sh(ns, "sh", "-c", f"ip route show table {t} | wc -l"))
+                     for t in (2026, 2027))
         # Each worker's address and pod CIDR plus cp1's, each with its fail-closed guard.
         assert routes == 2 * (2 * WORKERS + 2)
 
         # The rule count: per family the WireGuard mark, the WireGuard port and the lookup
-        # rule (3 × 2), plus cp1's address × two exempt ranges (IPv4 only here) = 8.
+        # rule and the guard-table rule (4 × 2), plus cp1's address × two exempt ranges
+        # (IPv4 only here) = 10.
         rules = datapath.observe().details["rules"]
-        assert rules == 8
+        assert rules == 10
 
         # Update: three workers leave, the set is re-applied.
         want = desired(skip=frozenset({7, 1234, 4999}))
@@ -73,11 +75,11 @@ def test_5000_workers_constant_rules_fast_apply(node_ns):
         update_seconds, update_cpu = time.monotonic() - started, time.process_time() - cpu
         assert datapath.last_apply["routes_removed"] == 12
         assert datapath.last_apply["routes_set"] == 0
-        assert datapath.observe().details["rules"] == 8
+        assert datapath.observe().details["rules"] == 10
 
         # ... and with 10 workers the rule count is the same.
         datapath.apply(desired(workers=10))
-        assert datapath.observe().details["rules"] == 8
+        assert datapath.observe().details["rules"] == 10
     finally:
         datapath.close()
     print(f"\n5000 workers: apply {apply_seconds:.2f}s wall / {apply_cpu:.2f}s cpu, "

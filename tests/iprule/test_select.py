@@ -117,6 +117,8 @@ def test_choosing_bpf_removes_ip_rules(node_ns, bpffs, run_dir, bcc_available):
 
 
 @pytest.mark.parametrize("field,value", [("iprule_table", 254), ("iprule_table", 0),
+                                         ("iprule_table", 253),  # its guard table: main
+                                         ("iprule_table", 2**32 - 1),
                                          ("iprule_priority_base", 32700),
                                          ("iprule_priority_base", 0)])
 def test_band_and_table_settings_are_checked(field, value):

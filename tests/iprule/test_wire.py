@@ -156,18 +156,20 @@ def test_cluster_traffic_is_encrypted_and_bootstrap_is_not(two_nodes, tmp_path):
         for datapath in datapaths:
             datapath.close()
     lines = read_capture(pcap)
-    wireguard = [l for l in lines if f".{WG_PORT} > " in l and f".{WG_PORT}: UDP" in l]
-    exempt = [l for l in lines if " Flags " in l and (".6443 >" in l or ".6443:" in l)]
+    wireguard = [line for line in lines
+                 if f".{WG_PORT} > " in line and f".{WG_PORT}: UDP" in line]
+    exempt = [line for line in lines
+              if " Flags " in line and (".6443 >" in line or ".6443:" in line)]
     # Everything else between cluster addresses would be a leak (link-local ND/MLD is not).
-    leaked = [l for l in lines if l not in wireguard and l not in exempt
-              and any(a in l for a in ("192.168.50.", "10.244.", "fd00:"))]
+    leaked = [line for line in lines if line not in wireguard and line not in exempt
+              and any(a in line for a in ("192.168.50.", "10.244.", "fd00:"))]
     assert len(wireguard) >= 12  # 3 × 2 pings and their replies, handshake, UDP, TCP 2381
     # Both directions of the bootstrap connection in the clear: A's SYN, B's SYN-ACK.
-    assert any("192.168.50.21." in l.split(">")[0] and "Flags [S]" in l for l in exempt)
-    assert any("192.168.50.10.6443 >" in l and "Flags [S.]" in l for l in exempt)
+    assert any("192.168.50.21." in line.split(">")[0] and "Flags [S]" in line for line in exempt)
+    assert any("192.168.50.10.6443 >" in line and "Flags [S.]" in line for line in exempt)
     assert leaked == []
     # The non-exempt attempts really left: UDP 6443 and TCP 2381 only as WireGuard.
-    assert not any(".2381" in l or ".6443: UDP" in l for l in lines)
+    assert not any(".2381" in line or ".6443: UDP" in line for line in lines)
     # Cleanup leaves both namespaces without nodecryptor state.
     for name, ns in (("w1", ns_a), ("cp1", ns_b)):
         inspect.cleanup(Settings(node_name=name), netns=ns)

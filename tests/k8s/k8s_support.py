@@ -37,14 +37,6 @@ def kube_node(i: int, **kw) -> dict:
     return make_node(f"n{i:05d}", ipv4=f"172.16.{hi}.{lo}", ipv6=f"fd50::{i:x}", **kw)
 
 
-def wait_for(cond, timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
-
-
 def restarts(metrics: Metrics, cause: str) -> float:
     value = metrics.registry.get_sample_value("nodecryptor_watch_restarts_total",
                                               {"cause": cause})

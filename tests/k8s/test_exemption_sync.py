@@ -1,4 +1,4 @@
-"""EncryptionExemption policies from the API (issue 13): ExemptionSync keeps the store's
+"""EncryptionExemption policies from the API: ExemptionSync keeps the store's
 policies current with CiliumNodeSync's loop, a missing CRD is reported and retried (the
 built-in policy still applies), Node labels a policy selects reach the store, and a label
 change moves a node in or out of a policy."""
@@ -9,6 +9,7 @@ import threading
 
 import pytest
 
+from nodecryptor.cluster.reads import exemptions_once, snapshot_once
 from nodecryptor.cluster.resources import ExemptionSync, NodeRoleSync
 from nodecryptor.cluster.sync import CiliumNodeSync
 from nodecryptor.core.backoff import Backoff
@@ -17,8 +18,9 @@ from nodecryptor.policy.plan import compute_plan
 from nodecryptor.core.settings import Settings
 from nodecryptor.cluster.store import Store
 from nodecryptor_testkit.fakeapi import make_exemption, make_node
+from nodecryptor_testkit.wait import wait_for
 
-from k8s_support import kube_node, node, wait_for
+from k8s_support import kube_node, node
 from k8s_support import fake, kubeconfig, settings  # noqa: F401 - pytest fixtures
 
 STORAGE = {"matchLabels": {"storage": "yes"}}
@@ -166,3 +168,21 @@ def test_readiness_notes_a_missing_crd_without_failing():
     assert ok and "CRD not installed" in why
     policies.crd_missing = False
     assert check() == (True, "synced")
+
+
+def test_plan_snapshot_keeps_the_labels_the_agent_keeps(fake, settings, syncs):
+    """``snapshot_once`` (nodecryptor plan) merges a Node's labels through the agent's Store:
+    the role labels and the keys the policies select on, nothing else."""
+    fake.apply(node(1))
+    fake.apply(labelled("n00001", storage="yes", unrelated="x"))
+    fake.apply(make_exemption("storage", STORAGE, [{"port": 3260}]))
+    s = syncs().start()
+    assert s.store.synced.wait(10)
+    wait_for(lambda: len(s.store.exemptions()) == 1, what="policy")
+    agent = s.store.snapshot()["n00001"].node_labels
+    policies, _, _ = exemptions_once(settings)
+    nodes, _ = snapshot_once(settings, policies)
+    assert nodes["n00001"].node_labels == agent == (("storage", "yes"),)
+    # Without policies only the role labels stay (this Node carries none).
+    nodes, _ = snapshot_once(settings)
+    assert nodes["n00001"].node_labels == ()

@@ -17,6 +17,7 @@ import pytest
 import nodecryptor
 from nodecryptor.cluster.reads import snapshot_once
 from nodecryptor_testkit.fakeapi import COLLECTION, FakeApiServer, make_ciliumnode
+from nodecryptor_testkit.fakeapi.objects import EXEMPTION_COLLECTION
 
 from k8s_support import require_openssl, TOKEN, node, with_settings
 from k8s_support import fake, kubeconfig, settings  # noqa: F401 - pytest fixtures
@@ -199,6 +200,25 @@ def test_control_endpoint(fake):
     assert status == 200 and body["ok"]
     assert watch_lines(fake, "resourceVersion=0&timeoutSeconds=1")[0]["type"] == "ADDED"
     assert call(fake, "/_fake/nonsense", "POST", {})[0] == 404
+
+
+def test_control_actions_take_their_arguments(fake):
+    """Each remote action reads its own arguments from the JSON body and answers with the
+    fields it promises."""
+    fake.apply(node(1))
+    assert call(fake, "/_fake/fail-next", "POST", {"count": 1, "code": 503})[0] == 200
+    assert call(fake, COLLECTION)[0] == 503
+    assert call(fake, COLLECTION)[0] == 200
+    before = fake.resource_version
+    status, body = call(fake, "/_fake/advance", "POST", {"count": 7})
+    assert status == 200 and body["resourceVersion"] == str(before + 7)
+    assert call(fake, "/_fake/exemptions-installed", "POST", {"installed": False})[0] == 200
+    assert call(fake, EXEMPTION_COLLECTION)[0] == 404
+    status, body = call(fake, "/_fake/status-patches", "POST", {})
+    assert (status, body) == (200, {"ok": True, "action": "status-patches", "patches": 0,
+                                    "events": 0})
+    assert call(fake, "/_fake/apply", "POST", {"object": "not an object"})[0] == 400
+    assert call(fake, "/_fake/stall-next", "POST", {"kind": "sideways"})[0] == 400
 
 
 def test_tls_kubeconfig_with_the_official_client(tmp_path, settings):

@@ -21,8 +21,9 @@ from nodecryptor.core.backoff import Backoff
 from nodecryptor.observe.metrics import Metrics
 from nodecryptor.policy.peerhealth import CONDITION_TYPE, Condition
 from nodecryptor_testkit.fakeapi import make_node
+from nodecryptor_testkit.wait import wait_for
 
-from k8s_support import TOKEN, wait_for
+from k8s_support import TOKEN
 from k8s_support import fake, kubeconfig, settings  # noqa: F401 - pytest fixtures
 
 READY = Condition("True", "EncryptionReady", "all good")

@@ -1,6 +1,7 @@
-"""Control-plane roles from the v1 Nodes (issue 9, finding 2): the fake API server serves Nodes
-as the real one does (metadata only when asked), and NodeRoleSync keeps the store's role labels
-current with the same list/watch loop as the CiliumNode sync."""
+"""Control-plane roles from the v1 Nodes (a relabelled CiliumNode cannot make a worker a
+control-plane node): the fake API server serves Nodes as the real one does (metadata only when
+asked), and NodeRoleSync keeps the store's role labels current with the same list/watch loop as
+the CiliumNode sync."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from nodecryptor.policy.plan import node_is_control_plane
 from nodecryptor.core.settings import Settings
 from nodecryptor.cluster.store import Store
 from nodecryptor_testkit.fakeapi import NODE_COLLECTION, make_node
+from nodecryptor_testkit.wait import wait_for
 
-from k8s_support import TOKEN, node, wait_for, with_settings
+from k8s_support import TOKEN, node, with_settings
 from k8s_support import fake, kubeconfig, settings  # noqa: F401 - pytest fixtures
 
 CP = "node-role.kubernetes.io/control-plane"
@@ -197,11 +199,12 @@ def test_forbidden_nodes_keep_the_store_unsynced_and_are_retried(fake, settings,
     fake.apply(node(1))
     fake.apply(make_node("n00001", control_plane=True))
     original = fake.nodes.list_page
-    calls = []
+    refused = [0]
+    granted = threading.Event()  # the RBAC is applied: set by the test, not by a timer
 
     def forbidden(limit, token):
-        calls.append(1)
-        if len(calls) < 3:
+        if not granted.is_set():
+            refused[0] += 1
             from nodecryptor_testkit.fakeapi import ApiError
             raise ApiError(403, "Forbidden", 'nodes is forbidden: User "system:serviceaccount:'
                                              'kube-system:nodecryptor" cannot list resource')
@@ -209,11 +212,14 @@ def test_forbidden_nodes_keep_the_store_unsynced_and_are_retried(fake, settings,
 
     fake.nodes.list_page = forbidden
     s = syncs().start()
-    wait_for(lambda: len(calls) >= 2, what="retries")
-    assert s.cilium.lists >= 1 and not s.store.synced.is_set()
+    wait_for(lambda: refused[0] >= 2 and s.cilium.lists >= 1,
+             what="Node list retries and the CiliumNode list")
+    assert not s.store.synced.is_set()
+    granted.set()
     assert s.store.synced.wait(10) and s.control_plane() == {"n00001"}
+    # Every refusal was counted once.
     assert s.metrics.registry.get_sample_value("nodecryptor_node_watch_restarts_total",
-                                               {"cause": "forbidden"}) == 2
+                                               {"cause": "forbidden"}) == refused[0]
 
 
 def test_plan_snapshot_merges_node_roles(fake, settings):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 from nodecryptor_testkit.fakeapi import FakeApiServer
+from nodecryptor_testkit.wait import wait_for
 
 from k8s_support import TOKEN, node, with_settings
 from k8s_support import fake, kubeconfig, run_sync, settings  # noqa: F401 - pytest fixtures
@@ -26,8 +27,5 @@ def test_5000_ciliumnodes_list_and_sync(settings, run_sync, tmp_path):
         assert len(r.store) == NODES
         assert elapsed < BOUND_SECONDS
         big.apply(node(NODES))
-        deadline = time.monotonic() + 5
-        while len(r.store) != NODES + 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert len(r.store) == NODES + 1
+        wait_for(lambda: len(r.store) == NODES + 1, 5, "the watch to add one more node")
         r.halt()

@@ -9,8 +9,9 @@ from __future__ import annotations
 import urllib.parse
 
 from nodecryptor.core.settings import Settings
+from nodecryptor_testkit.wait import wait_for
 
-from k8s_support import node, restarts, wait_for, with_settings
+from k8s_support import node, restarts, with_settings
 from k8s_support import fake, kubeconfig, run_sync, settings  # noqa: F401 - pytest fixtures
 
 STALL = 3.0

@@ -9,14 +9,16 @@ import time
 import pytest
 
 from nodecryptor.cluster import client as k8s_client
-from nodecryptor.cluster.k8s_errors import ApiForbidden, ApiUnavailable, KubeConfigError
+from nodecryptor.cluster.k8s_errors import ApiForbidden, ApiGone, ApiUnavailable, KubeConfigError
+from nodecryptor.cluster.pages import LIST_ATTEMPTS
 from nodecryptor.cluster.reads import snapshot_once
 from nodecryptor.core.backoff import Backoff
 from nodecryptor.policy.ciliumnode import WG_PUBKEY_ANNOTATION, parse_ciliumnode
 from nodecryptor_testkit.fakeapi import make_ciliumnode
 from nodecryptor_testkit.lab.kubeapi import KubeApi
+from nodecryptor_testkit.wait import wait_for
 
-from k8s_support import TOKEN, require_openssl, node, restarts, wait_for, with_settings
+from k8s_support import TOKEN, require_openssl, node, restarts, with_settings
 from k8s_support import fake, kubeconfig, run_sync, settings  # noqa: F401 - pytest fixtures
 
 
@@ -126,6 +128,25 @@ def test_stale_continue_token_restarts_the_list(fake, settings, run_sync):
     fake.expire_next_continue(1)
     nodes, _ = snapshot_once(with_settings(settings, list_page_size=10))
     assert len(nodes) == 30
+
+
+def test_a_list_starts_over_until_its_attempts_run_out(fake, settings, run_sync):
+    """One policy for a list whose continue tokens keep expiring, in the agent and in the
+    commands: it starts over at once up to LIST_ATTEMPTS times, then reports the 410."""
+    for i in range(30):
+        fake.apply(node(i))
+    paged = with_settings(settings, list_page_size=10)
+    fake.expire_next_continue(LIST_ATTEMPTS - 1)
+    r = run_sync(paged)
+    assert len(r.store) == 30 and r.sync.lists == 1
+    assert restarts(r.metrics, "list-expired") == LIST_ATTEMPTS - 1
+    assert restarts(r.metrics, "expired") == 0  # never fell back to the loop's re-list
+    fake.expire_next_continue(LIST_ATTEMPTS - 1)
+    nodes, _ = snapshot_once(paged)
+    assert len(nodes) == 30
+    fake.expire_next_continue(LIST_ATTEMPTS)
+    with pytest.raises(ApiGone, match="listing CiliumNodes"):
+        snapshot_once(paged)
 
 
 def test_dropped_connection_resumes_without_relisting(fake, settings, run_sync):

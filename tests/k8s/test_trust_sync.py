@@ -15,8 +15,9 @@ from nodecryptor.cluster.sync import CiliumNodeSync
 from nodecryptor.core.backoff import Backoff
 from nodecryptor.observe.metrics import Metrics
 from nodecryptor_testkit.fakeapi import make_cilium_config, make_pod_ip_pool
+from nodecryptor_testkit.wait import wait_for
 
-from k8s_support import kube_node, node, wait_for
+from k8s_support import kube_node, node
 from k8s_support import fake, kubeconfig, settings  # noqa: F401 - pytest fixtures
 
 net = ipaddress.ip_network

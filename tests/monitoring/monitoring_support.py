@@ -88,16 +88,35 @@ class ScrapedAgent:
                    for s in fam.samples if s.name == name)
 
     def wait_nodes(self, count: int, timeout: float = 30.0) -> str:
-        """Poll /metrics until the agent knows ``count`` CiliumNodes; return that scrape."""
+        """Poll /metrics until the agent knows ``count`` CiliumNodes and a reconcile pass has
+        succeeded since; return that scrape. (The node gauge moves with the store, before the
+        pass that applies it: a scrape taken then can lack the pass's own series.)"""
         import time
 
         deadline = time.monotonic() + timeout
+        passes_at_count = None
         while True:
             text = self.scrape()
             if self.value(text, "nodecryptor_nodes") == count:
-                return text
-            assert time.monotonic() < deadline, f"agent never saw {count} CiliumNodes"
+                ok = self.ok_passes(text)
+                if passes_at_count is None:
+                    passes_at_count = ok
+                elif ok > passes_at_count:
+                    return text
+            else:
+                passes_at_count = None
+            assert time.monotonic() < deadline, (
+                f"agent never saw {count} CiliumNodes and a successful pass after it")
             time.sleep(0.1)
+
+    @staticmethod
+    def ok_passes(text: str) -> float:
+        """Successful reconcile passes so far (0 before the first)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        return sum(s.value for fam in text_string_to_metric_families(text)
+                   for s in fam.samples
+                   if s.name == "nodecryptor_reconciles_total" and s.labels.get("result") == "ok")
 
     def close(self) -> None:
         self.stop.set()

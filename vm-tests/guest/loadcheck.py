@@ -16,8 +16,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-from nodecryptor.datapath.bpf import program, syscall  # noqa: E402
-from nodecryptor.core.settings import Settings  # noqa: E402
+from nodecryptor.datapath.bpf import program, syscall
+from nodecryptor.core.settings import Settings
 
 
 def main() -> int:

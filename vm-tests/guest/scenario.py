@@ -31,9 +31,9 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import lab as lab_mod  # noqa: E402
-from lab import A_IP, B_IP, POD_IP, WG_IFNAME, WG_PORT  # noqa: E402
-from traffic import (Capture, Processes, count, echo, echo_servers, iperf3, ping,  # noqa: E402
+import lab as lab_mod
+from lab import A_IP, B_IP, POD_IP, WG_IFNAME, WG_PORT
+from traffic import (Capture, Processes, count, echo, echo_servers, iperf3, ping,
                      wait_port)
 
 BPFFS = "/run/nc-vm-bpffs"  # /sys is remounted by `ip netns exec`; /run is shared with A

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes as C
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 from nodecryptor.datapath.base import VERDICT_DROP, VERDICT_ENCRYPT, VERDICT_EXEMPT, VERDICT_PASS
 
@@ -41,6 +42,8 @@ ROLE_CONTROL_PLANE = 1
 INGRESS_OFF = 0
 INGRESS_AUDIT = 1
 INGRESS_ENFORCE = 2
+INGRESS_MODES = {"off": INGRESS_OFF, "audit": INGRESS_AUDIT, "enforce": INGRESS_ENFORCE}
+"""settings.IngressEnforcement values and the config entry's ingress_mode they are written as."""
 FLOW_INBOUND = 1
 FLOW_OUTBOUND = 2
 FLOWS_MAX = 65536
@@ -302,8 +305,9 @@ class MapSpec:
 
     name: str
     map_type: int
-    key: type
-    value: type
+    key: type[Any]
+    """The ctypes type of a key."""
+    value: type[Any]
     size_setting: str | None
     """Field of settings.MapSizes giving the (initial) capacity; None = fixed size below."""
     fixed_entries: int = 0
@@ -321,35 +325,52 @@ class MapSpec:
         return getattr(sizes, self.size_setting) if self.size_setting else self.fixed_entries
 
 
+# The maps' names as the C program under bpf/ declares them: the one place
+# Python spells them; everything else refers to these constants.
+DST_V4_MAP = "nc_dst_v4"
+DST_V6_MAP = "nc_dst_v6"
+DST_LPM_V4_MAP = "nc_dst_lpm_v4"
+DST_LPM_V6_MAP = "nc_dst_lpm_v6"
+EXEMPT_MAP = "nc_exempt"
+LOCAL_MAP = "nc_local"
+CONFIG_MAP = "nc_config_map"
+COUNTERS_MAP = "nc_counters"
+FRAGS_MAP = "nc_frags"
+PODS_V4_MAP = "nc_pods_v4"
+PODS_V6_MAP = "nc_pods_v6"
+FLOWS_MAP = "nc_flows"
+LEAKS_MAP = "nc_leaks"
+SUMMARY_MAP = "nc_summary"
+
 MAP_SPECS = (
-    MapSpec("nc_dst_v4", BPF_MAP_TYPE_HASH, LpmV4, DstInfo, "destinations_v4",
+    MapSpec(DST_V4_MAP, BPF_MAP_TYPE_HASH, LpmV4, DstInfo, "destinations_v4",
             flags=BPF_F_NO_PREALLOC),
-    MapSpec("nc_dst_v6", BPF_MAP_TYPE_HASH, LpmV6, DstInfo, "destinations_v6",
+    MapSpec(DST_V6_MAP, BPF_MAP_TYPE_HASH, LpmV6, DstInfo, "destinations_v6",
             flags=BPF_F_NO_PREALLOC),
-    MapSpec("nc_dst_lpm_v4", BPF_MAP_TYPE_LPM_TRIE, LpmV4, DstInfo, "destinations_v4",
+    MapSpec(DST_LPM_V4_MAP, BPF_MAP_TYPE_LPM_TRIE, LpmV4, DstInfo, "destinations_v4",
             flags=BPF_F_NO_PREALLOC),
-    MapSpec("nc_dst_lpm_v6", BPF_MAP_TYPE_LPM_TRIE, LpmV6, DstInfo, "destinations_v6",
+    MapSpec(DST_LPM_V6_MAP, BPF_MAP_TYPE_LPM_TRIE, LpmV6, DstInfo, "destinations_v6",
             flags=BPF_F_NO_PREALLOC),
-    MapSpec("nc_exempt", BPF_MAP_TYPE_ARRAY, C.c_uint32, ExemptRanges, None, fixed_entries=1),
-    MapSpec("nc_local", BPF_MAP_TYPE_HASH, AddrKey, C.c_uint32, "local_addresses"),
-    MapSpec("nc_config_map", BPF_MAP_TYPE_ARRAY, C.c_uint32, Config, None, fixed_entries=1),
-    MapSpec("nc_counters", BPF_MAP_TYPE_PERCPU_ARRAY, C.c_uint32, Counter, None,
+    MapSpec(EXEMPT_MAP, BPF_MAP_TYPE_ARRAY, C.c_uint32, ExemptRanges, None, fixed_entries=1),
+    MapSpec(LOCAL_MAP, BPF_MAP_TYPE_HASH, AddrKey, C.c_uint32, "local_addresses"),
+    MapSpec(CONFIG_MAP, BPF_MAP_TYPE_ARRAY, C.c_uint32, Config, None, fixed_entries=1),
+    MapSpec(COUNTERS_MAP, BPF_MAP_TYPE_PERCPU_ARRAY, C.c_uint32, Counter, None,
             fixed_entries=COUNTER_MAX),
-    MapSpec("nc_frags", BPF_MAP_TYPE_LRU_HASH, FragKey, FragVal, "fragments"),
+    MapSpec(FRAGS_MAP, BPF_MAP_TYPE_LRU_HASH, FragKey, FragVal, "fragments"),
     # bpf/lib/cilium.h: local pod CIDRs whose traffic to remote pod CIDRs is Cilium's.
-    MapSpec("nc_pods_v4", BPF_MAP_TYPE_LPM_TRIE, LpmV4, C.c_uint32, None,
+    MapSpec(PODS_V4_MAP, BPF_MAP_TYPE_LPM_TRIE, LpmV4, C.c_uint32, None,
             fixed_entries=PODS_MAX, flags=BPF_F_NO_PREALLOC),
-    MapSpec("nc_pods_v6", BPF_MAP_TYPE_LPM_TRIE, LpmV6, C.c_uint32, None,
+    MapSpec(PODS_V6_MAP, BPF_MAP_TYPE_LPM_TRIE, LpmV6, C.c_uint32, None,
             fixed_entries=PODS_MAX, flags=BPF_F_NO_PREALLOC),
     # bpf/lib/flows.h and ingress.h: exempt bootstrap flows and the leak meter.
-    MapSpec("nc_flows", BPF_MAP_TYPE_LRU_HASH, FlowKey, FlowVal, None, fixed_entries=FLOWS_MAX),
-    MapSpec("nc_leaks", BPF_MAP_TYPE_LRU_HASH, LeakKey, LeakVal, None, fixed_entries=LEAKS_MAX),
-    MapSpec("nc_summary", BPF_MAP_TYPE_ARRAY, C.c_uint32, C.c_uint64, None,
+    MapSpec(FLOWS_MAP, BPF_MAP_TYPE_LRU_HASH, FlowKey, FlowVal, None, fixed_entries=FLOWS_MAX),
+    MapSpec(LEAKS_MAP, BPF_MAP_TYPE_LRU_HASH, LeakKey, LeakVal, None, fixed_entries=LEAKS_MAX),
+    MapSpec(SUMMARY_MAP, BPF_MAP_TYPE_ARRAY, C.c_uint32, C.c_uint64, None,
             fixed_entries=FILTER_WORDS, flags=BPF_F_MMAPABLE),
 )
-DESTINATION_MAPS = {4: "nc_dst_v4", 6: "nc_dst_v6"}
+DESTINATION_MAPS = {4: DST_V4_MAP, 6: DST_V6_MAP}
 """The maps whose capacity follows the cluster (grown by loading a new generation)."""
-LPM_MAPS = {4: "nc_dst_lpm_v4", 6: "nc_dst_lpm_v6"}
+LPM_MAPS = {4: DST_LPM_V4_MAP, 6: DST_LPM_V6_MAP}
 """Entries of prefix lengths beyond the PLEN_SLOTS longest of their family (same capacity)."""
 MAPS_BY_NAME = {m.name: m for m in MAP_SPECS}
 

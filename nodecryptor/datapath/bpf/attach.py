@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import socket
+import struct
 from dataclasses import asdict, dataclass
 
 from pyroute2 import IPRoute
@@ -42,7 +42,7 @@ TC_EGRESS_PARENT = 0xFFFFFFF3  # clsact egress (ffff:fff3)
 TC_INGRESS_PARENT = 0xFFFFFFF2  # clsact ingress (ffff:fff2)
 EGRESS = "egress"
 INGRESS = "ingress"
-"""Directions: the egress program (nc_egress) and, since issue 15, the ingress program
+"""Directions: the egress program (nc_egress) and the ingress program
 (nc_ingress) are attached with the same discipline; every function takes ``direction``."""
 
 
@@ -113,15 +113,13 @@ def tcx_observe(bpffs: str, ifname: str, direction: str = EGRESS) -> Attachment 
     """The pinned link of ``ifname``; None when there is no pin."""
     path = pins.link_path(bpffs, ifname, direction)
     try:
-        fd = syscall.obj_get(path)
+        link = syscall.obj_get(path)
     except OSError as e:
         if e.errno == errno.ENOENT:
             return None
         raise
-    try:
-        info = syscall.link_info(fd)
-    finally:
-        os.close(fd)
+    with link:
+        info = syscall.link_info(link)
     current = ifindex_of(ifname)
     # A link whose device is gone reports ifindex 0; a re-created device has a new ifindex.
     defunct = info.tcx_ifindex == 0 or info.tcx_ifindex != current
@@ -135,7 +133,8 @@ def tcx_observe(bpffs: str, ifname: str, direction: str = EGRESS) -> Attachment 
     return Attachment(**{**asdict(att), "position": pos, "shadowed_by": shadow})
 
 
-def tcx_attach(bpffs: str, ifname: str, prog_fd: int, direction: str = EGRESS) -> Attachment:
+def tcx_attach(bpffs: str, ifname: str, prog_fd: syscall.Fd,
+               direction: str = EGRESS) -> Attachment:
     """Make ``prog_fd`` the program of ``ifname``'s pinned tcx link: swap it in place when the
     link is alive, else (re)create the link at the head of the chain and pin it."""
     ifindex = ifindex_of(ifname)
@@ -146,30 +145,28 @@ def tcx_attach(bpffs: str, ifname: str, prog_fd: int, direction: str = EGRESS) -
     if current is not None and not current.defunct:
         if current.prog_id == syscall.prog_info(prog_fd).id:
             return current  # already running this program: nothing to do
-        fd = syscall.obj_get(path)
-        try:
-            syscall.link_update(fd, prog_fd)
-            log.debug("tcx program swapped in place",
-                      extra=kv(device=ifname, link_id=current.link_id))
-            return tcx_observe(bpffs, ifname, direction)
-        except OSError as e:
-            if e.errno != errno.ENOLINK:
-                raise
-        finally:
-            os.close(fd)
+        with syscall.obj_get(path) as link:
+            try:
+                syscall.link_update(link, prog_fd)
+                log.debug("tcx program swapped in place",
+                          extra=kv(device=ifname, link_id=current.link_id))
+                return tcx_observe(bpffs, ifname, direction)
+            except OSError as e:
+                if e.errno != errno.ENOLINK:
+                    raise
     if current is not None:
         log.info("pinned tcx link is defunct (device deleted or re-created); replacing it",
                  extra=kv(device=ifname, old_link_id=current.link_id,
                           old_ifindex=current.ifindex, ifindex=ifindex))
         pins.unlink(path)
-    fd = syscall.tcx_link_create(prog_fd, ifindex, _tcx_type(direction), syscall.BPF_F_BEFORE)
-    try:
-        syscall.obj_pin(fd, path)
-    except OSError:
-        syscall.link_detach(fd)
-        raise
-    finally:
-        os.close(fd)
+    # The pin becomes the link's only reference once this object is closed.
+    with syscall.tcx_link_create(prog_fd, ifindex, _tcx_type(direction),
+                                 syscall.BPF_F_BEFORE) as link:
+        try:
+            syscall.obj_pin(link, path)
+        except OSError:
+            syscall.link_detach(link)
+            raise
     att = tcx_observe(bpffs, ifname, direction)
     log.info("tcx link created at the head of the chain",
              extra=kv(device=ifname, direction=direction, ifindex=ifindex,
@@ -181,19 +178,18 @@ def tcx_detach(bpffs: str, ifname: str, direction: str = EGRESS) -> bool:
     """Detach and unpin ``ifname``'s link. Missing is success (False)."""
     path = pins.link_path(bpffs, ifname, direction)
     try:
-        fd = syscall.obj_get(path)
+        link = syscall.obj_get(path)
     except OSError as e:
         if e.errno == errno.ENOENT:
             return False
         raise
-    try:
-        syscall.link_detach(fd)
-    except OSError as e:
-        # ENOLINK / EINVAL: already defunct, nothing attached any more.
-        if e.errno not in (errno.ENOLINK, errno.EINVAL):
-            raise
-    finally:
-        os.close(fd)
+    with link:
+        try:
+            syscall.link_detach(link)
+        except OSError as e:
+            # ENOLINK / EINVAL: already defunct, nothing attached any more.
+            if e.errno not in (errno.ENOLINK, errno.EINVAL):
+                raise
     pins.unlink(path)
     log.info("tcx link detached", extra=kv(device=ifname, direction=direction))
     return True
@@ -209,8 +205,37 @@ def _filters(ipr: IPRoute, ifindex: int, direction: str = EGRESS) -> list[dict]:
             continue
         name = msg.get_nested("TCA_OPTIONS", "TCA_BPF_NAME")
         out.append({"prio": msg["info"] >> 16, "handle": msg["handle"],
-                    "kind": msg.get_attr("TCA_KIND"), "name": name})
+                    "kind": msg.get_attr("TCA_KIND"), "name": name,
+                    "prog_id": _tc_bpf_id(msg)})
     return out
+
+
+_NLMSG_HDR, _TCMSG = 16, 20
+_TCA_OPTIONS, _TCA_BPF_ID = 2, 11
+_NLA_TYPE_MASK = 0x3FFF  # without the nested / byte-order flags
+
+
+def _nlas(data: bytes, start: int, end: int):
+    """(type, value start, value end) of the netlink attributes in data[start:end]."""
+    while start + 4 <= end:
+        length, kind = struct.unpack_from("=HH", data, start)
+        if length < 4:
+            return
+        yield kind & _NLA_TYPE_MASK, start + 4, min(start + length, end)
+        start += (length + 3) & ~3
+
+
+def _tc_bpf_id(msg) -> int:
+    """The program id of a bpf filter (TCA_OPTIONS/TCA_BPF_ID), read from the raw message:
+    pyroute2 does not decode that attribute. 0 when absent."""
+    data, base = msg.data, msg.offset
+    end = base + msg["header"]["length"]
+    for kind, first, last in _nlas(data, base + _NLMSG_HDR + _TCMSG, end):
+        if kind == _TCA_OPTIONS:
+            for inner, value, stop in _nlas(data, first, last):
+                if inner == _TCA_BPF_ID and stop - value >= 4:
+                    return struct.unpack_from("=I", data, value)[0]
+    return 0
 
 
 def _is_ours(f: dict) -> bool:
@@ -249,7 +274,7 @@ def tc_observe(ifname: str, prog_id: int = 0, direction: str = EGRESS) -> Attach
         return _tc_observe(ipr, ifname, ifindex, prog_id, direction)
 
 
-def tc_attach(ifname: str, prog_fd: int, prog_id: int = 0,
+def tc_attach(ifname: str, prog_fd: syscall.Fd, prog_id: int = 0,
               direction: str = EGRESS) -> Attachment:
     """Ensure the clsact qdisc and replace nodecryptor's filter of ``direction`` in place."""
     ifindex = ifindex_of(ifname)
@@ -272,7 +297,8 @@ def tc_attach(ifname: str, prog_fd: int, prog_id: int = 0,
             raise OSError(errno.EEXIST, f"a foreign filter ({taken[0]['kind']} "
                                         f"{taken[0]['name'] or 'unnamed'}) holds handle "
                                         f"0x{TC_HANDLE:x} prio {TC_PRIO} on {ifname}")
-        ipr.tc("replace-filter", "bpf", ifindex, TC_HANDLE, fd=prog_fd, name=TC_NAME,
+        ipr.tc("replace-filter", "bpf", ifindex, TC_HANDLE, fd=syscall.fd_number(prog_fd),
+               name=TC_NAME,
                parent=_tc_parent(direction), prio=TC_PRIO, direct_action=True)
         att = _tc_observe(ipr, ifname, ifindex, prog_id, direction)
     log.debug("tc filter replaced", extra=kv(device=ifname, handle=hex(TC_HANDLE)))
@@ -303,6 +329,21 @@ def tc_devices(direction: str = EGRESS) -> dict[str, int]:
     return found
 
 
+def tc_programs(direction: str = EGRESS) -> dict[str, int]:
+    """{ifname: program id} of nodecryptor's own filters of ``direction`` in this namespace."""
+    found = {}
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            try:
+                filters = _filters(ipr, link["index"], direction)
+            except NetlinkError:
+                continue
+            for f in filters:
+                if _is_ours(f) and f["prog_id"]:
+                    found[link.get_attr("IFLA_IFNAME")] = f["prog_id"]
+    return found
+
+
 def tc_detach(ifname: str, ifindex: int | None = None, direction: str = EGRESS) -> bool:
     """Remove nodecryptor's filter (only one with its handle and name). Leaves the clsact qdisc:
     other programs may use it. Missing is success (False)."""
@@ -324,22 +365,22 @@ def tc_detach(ifname: str, ifindex: int | None = None, direction: str = EGRESS) 
 
 # ---- listing ---------------------------------------------------------------------------------
 
-def query(ifindex: int) -> dict:
-    """The whole egress hook of a device: the tcx chain in order (program and link ids, as
-    Debian's bpftool and iproute2 cannot show it) and the legacy clsact filters."""
-    out: dict = {"ifindex": ifindex, "tcx": None, "tc": []}
+def query(ifindex: int, direction: str = EGRESS) -> dict:
+    """The whole hook of a device in ``direction``: the tcx chain in order (program and link
+    ids, as Debian's bpftool and iproute2 cannot show it) and the legacy clsact filters."""
+    out: dict = {"ifindex": ifindex, "direction": direction, "tcx": None, "tc": []}
     ok, why = syscall.tcx_supported()
     if ok:
-        chain = syscall.prog_query(ifindex, syscall.BPF_TCX_EGRESS)
-        out["tcx"] = [{"position": i, "prog_id": p, "link_id": l}
-                      for i, (p, l) in enumerate(zip(chain["prog_ids"], chain["link_ids"]))]
+        chain = syscall.prog_query(ifindex, _tcx_type(direction))
+        out["tcx"] = [{"position": i, "prog_id": prog, "link_id": link}
+                      for i, (prog, link) in enumerate(zip(chain["prog_ids"], chain["link_ids"]))]
         out["tcx_revision"] = chain["revision"]
     else:
         out["tcx_unavailable"] = why
     with IPRoute() as ipr:
         try:
             out["tc"] = [{**f, "handle": f"0x{f['handle']:x}", "ours": _is_ours(f)}
-                         for f in _filters(ipr, ifindex)]
+                         for f in _filters(ipr, ifindex, direction)]
         except NetlinkError:
             out["tc"] = []
     return out

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import socket
 import time
 
@@ -33,7 +32,8 @@ from nodecryptor.core.log import kv
 from nodecryptor.core.model import DesiredState
 from nodecryptor.core.settings import DatapathMode, Settings
 from nodecryptor.datapath.base import Observation
-from nodecryptor.datapath.bpf import abi, attach, collector, inspect, pins, syscall
+from nodecryptor.datapath.bpf import abi, attach, collector, inspect, lifecycle, pins, syscall
+from nodecryptor.datapath.bpf.maps import decode
 from nodecryptor.observe.metrics import count_program_load
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,8 @@ class BpfDatapath:
             raise  # a DatapathError naming path, owner and mode: auto falls back, saying why
         except OSError as e:
             raise NotSupported("bpffs", f"cannot create {pins.root(bpffs)}: {e}") from e
+        # Before loading: even a start that fails later leaves the node consistent.
+        lifecycle.repair_at_start(bpffs)
         # Start from the capacity the previous agent grew to, so a restart does not regrow.
         capacities = self._pinned_capacities()
         self._attached_generation = pins.current_generation(bpffs)
@@ -109,18 +111,18 @@ class BpfDatapath:
         out = {4: sizes.destinations_v4, 6: sizes.destinations_v6}
         for family, name in abi.DESTINATION_MAPS.items():
             try:
-                fd = syscall.obj_get(pins.map_path(self.settings.bpffs, name), read_only=True)
+                pinned = syscall.obj_get(pins.map_path(self.settings.bpffs, name),
+                                         read_only=True)
             except OSError:
                 continue
-            try:
-                out[family] = max(out[family], syscall.map_info(fd).max_entries)
-            finally:
-                os.close(fd)
+            with pinned:
+                out[family] = max(out[family], syscall.map_info(pinned).max_entries)
         return out
 
     def _load_generation(self, capacities: dict[int, int]):
         """Compile and load the program into a new, empty generation directory."""
-        from nodecryptor.datapath.bpf import program  # the only module importing bcc; loaded only when BPF is wanted
+        # The only module importing bcc: loaded only when BPF is wanted.
+        from nodecryptor.datapath.bpf import program
 
         number, path = pins.new_generation(self.settings.bpffs)
         sizes = dataclasses.replace(self.settings.map_sizes, destinations_v4=capacities[4],
@@ -148,9 +150,9 @@ class BpfDatapath:
     def _grow(self, desired: DesiredState, error) -> None:
         """Load a generation that holds ``desired`` and fill it completely; the running
         program is not touched (it is swapped in by the attach step)."""
-        from nodecryptor.datapath.bpf import maps
+        from nodecryptor.datapath.bpf.maps import diff, encode
 
-        counts = maps.destination_counts(desired)
+        counts = encode.destination_counts(desired)
         sizes = self.settings.map_sizes
         capacities = {4: self._capacity_for(counts[4], sizes.destinations_v4),
                       6: self._capacity_for(counts[6], sizes.destinations_v6)}
@@ -163,7 +165,7 @@ class BpfDatapath:
         except NotSupported as e:
             raise DatapathError(f"growing the maps failed: {e}") from e
         try:
-            maps.sync(new.map_fds, desired, now_ns=time.monotonic_ns(),
+            diff.sync(new.map_fds, desired, now_ns=time.monotonic_ns(),
                       capacities=new.capacities)
         except Exception:
             new.close()
@@ -185,9 +187,9 @@ class BpfDatapath:
                 self.metrics.datapath_capacity.labels(family=f"ipv{family}").set(capacity)
 
     def _refuse_if_over_cap(self, desired: DesiredState) -> None:
-        from nodecryptor.datapath.bpf import maps
+        from nodecryptor.datapath.bpf.maps import encode
 
-        counts = maps.destination_counts(desired)
+        counts = encode.destination_counts(desired)
         cap = self.settings.map_sizes.destinations_max
         over = {f: n for f, n in counts.items() if n > cap}
         if not over:
@@ -213,7 +215,7 @@ class BpfDatapath:
     def apply(self, desired: DesiredState) -> None:
         if self._loaded is None:
             raise DatapathError("bpf datapath: apply before start()")
-        from nodecryptor.datapath.bpf import maps
+        from nodecryptor.datapath.bpf.maps import diff
 
         try:
             self._refuse_if_over_cap(desired)
@@ -223,9 +225,9 @@ class BpfDatapath:
         try:
             try:
                 # CLOCK_MONOTONIC, the clock bpf_ktime_get_ns reads: the agent-alive timestamp.
-                maps.sync(self._loaded.map_fds, desired, now_ns=time.monotonic_ns(),
+                diff.sync(self._loaded.map_fds, desired, now_ns=time.monotonic_ns(),
                           capacities=self._loaded.capacities)
-            except maps.CapacityError as e:
+            except diff.CapacityError as e:
                 self._grow(desired, e)
         except Exception as e:  # any failure here is retried by the reconcile loop
             self._last_error = f"map sync: {e}"
@@ -245,7 +247,7 @@ class BpfDatapath:
             except Exception as e:  # pyroute2 NetlinkError and friends
                 failures.append(f"{name}: {e}")
         # cilium_wg0's ingress: the program clamps the MSS of handshakes peers send through
-        # the tunnel (issue 15); absent until Cilium creates it, attached on a later apply.
+        # the tunnel; absent until Cilium creates it, attached on a later apply.
         tunnel = desired.wg.ifname if desired.wg.present and desired.wg.ifindex else ""
         if tunnel and not _link_exists(tunnel):
             tunnel = ""  # gone since it was read: the link watcher wakes the next pass
@@ -274,31 +276,30 @@ class BpfDatapath:
     def _carry_counters(self) -> None:
         """Copy the counters of the attached generation into the new one just before the
         swap, so the metrics do not reset."""
-        from nodecryptor.datapath.bpf import maps
+        from nodecryptor.datapath.bpf.maps import diff
 
         try:
-            fd = syscall.obj_get(pins.map_path(self.settings.bpffs, "nc_counters"),
-                                 read_only=True)
+            old = syscall.obj_get(pins.map_path(self.settings.bpffs, abi.COUNTERS_MAP),
+                                  read_only=True)
         except OSError:
             return  # first start, or an agent of another ABI version: start from zero
-        try:
-            maps.copy_counters(fd, self._loaded.map_fds["nc_counters"])
-        except OSError as e:
-            log.warning("cannot carry the counters over", extra=kv(error=str(e)))
-        finally:
-            os.close(fd)
-        for name in maps.CARRIED_LRUS:
+        with old:
             try:
-                fd = syscall.obj_get(pins.map_path(self.settings.bpffs, name), read_only=True)
+                diff.copy_counters(old, self._loaded.map_fds[abi.COUNTERS_MAP])
+            except OSError as e:
+                log.warning("cannot carry the counters over", extra=kv(error=str(e)))
+        for name in diff.CARRIED_LRUS:
+            try:
+                old = syscall.obj_get(pins.map_path(self.settings.bpffs, name), read_only=True)
             except OSError:
                 continue  # a generation from before the map existed
-            try:
-                copied = maps.copy_entries(fd, self._loaded.map_fds[name], name)
-                log.info("map entries carried over", extra=kv(map=name, entries=copied))
-            except OSError as e:
-                log.warning("cannot carry map entries over", extra=kv(map=name, error=str(e)))
-            finally:
-                os.close(fd)
+            with old:
+                try:
+                    copied = diff.copy_entries(old, self._loaded.map_fds[name], name)
+                    log.info("map entries carried over", extra=kv(map=name, entries=copied))
+                except OSError as e:
+                    log.warning("cannot carry map entries over",
+                                extra=kv(map=name, error=str(e)))
 
     def _switch_generation(self) -> None:
         """After every device runs the new program: point ``current`` at its maps and remove
@@ -316,7 +317,7 @@ class BpfDatapath:
 
     def _attach(self, ifname: str) -> attach.Attachment:
         # Ingress first: the egress swap moves the generation, and both programs of one load
-        # share its maps (issue 15: nc_ingress, same discipline as egress).
+        # share its maps (nc_ingress, same discipline as egress).
         loaded = self._loaded
         self._attach_ingress(ifname)
         if self.mode == attach.MODE_TCX:
@@ -411,8 +412,8 @@ class BpfDatapath:
         counters = {}
         try:
             counters = {name: c["packets"]
-                        for name, c in collector.read_counters(
-                            loaded.map_fds["nc_counters"]).items()}
+                        for name, c in decode.counters_of(
+                            loaded.map_fds[abi.COUNTERS_MAP]).items()}
         except (OSError, KeyError) as e:
             base["counters_error"] = str(e)
         details = {**base, "devices": [a.to_json() for a in atts]}

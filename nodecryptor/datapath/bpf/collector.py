@@ -7,7 +7,7 @@ Metrics:
   nodecryptor_datapath_events_total{event}              MSS clamps, oversize redirects
   nodecryptor_datapath_read_errors_total                scrapes that could not read the map
   nodecryptor_cleartext_packets_total{direction, verdict}
-      cluster traffic seen in the clear (issue 15): egress/exempt, ingress/exempt,
+      cluster traffic seen in the clear: egress/exempt, ingress/exempt,
       ingress/audit (an audited leak), ingress/drop (a refused leak); summed from the
       reasons of abi.CLEARTEXT_VERDICTS, so the series are fixed (four)
 """
@@ -15,7 +15,6 @@ Metrics:
 from __future__ import annotations
 
 import logging
-import os
 import threading
 
 from prometheus_client.core import CounterMetricFamily
@@ -23,26 +22,14 @@ from prometheus_client.core import CounterMetricFamily
 from nodecryptor.core.log import kv
 from nodecryptor.core.settings import Settings
 from nodecryptor.datapath.bpf import abi, pins, syscall
+from nodecryptor.datapath.bpf.maps import decode
 
 log = logging.getLogger(__name__)
 
-COUNTERS_MAP = "nc_counters"
-
-
-def read_counters(fd: int) -> dict[str, dict]:
-    """Sum the per-CPU counters of every index: {name: {"packets", "bytes", "kind",
-    "verdict"}} where kind is "reason" or "event" (decoded in maps.py, their one home)."""
-    from nodecryptor.datapath.bpf import maps
-
-    return maps.counters_of(fd)
-
-
 def read_pinned_counters(bpffs: str) -> dict[str, dict]:
-    fd = syscall.obj_get(pins.map_path(bpffs, COUNTERS_MAP), read_only=True)
-    try:
-        return read_counters(fd)
-    finally:
-        os.close(fd)
+    """The pinned counters, summed over CPUs (maps.decode.counters_of)."""
+    with syscall.obj_get(pins.map_path(bpffs, abi.COUNTERS_MAP), read_only=True) as counters:
+        return decode.counters_of(counters)
 
 
 def cleartext_totals(counters: dict[str, dict]) -> dict[tuple[str, str], int]:

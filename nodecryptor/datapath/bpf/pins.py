@@ -6,7 +6,7 @@ directory root-owned 0700, see ``check_dir``):
     v<ABI>/g<N>/<map name>  one generation of maps; a layout change gets a new v<ABI> directory
     v<ABI>/current          symlink to the generation the attached program uses
     links/<ifname>          tcx links, one per underlay device
-    links-ingress/<ifname>  tcx links of the ingress program (issue 15), one per underlay device
+    links-ingress/<ifname>  tcx links of the ingress program, one per underlay device
     prog                    the program currently attached (lets inspection commands find it in
                             legacy tc mode too, where no link exists)
     prog-explain            its dry-run twin (same maps, changes no state), run by `explain`
@@ -224,21 +224,26 @@ def unlink(path: str) -> bool:
         return False
 
 
-def pin_prog(bpffs: str, prog_fd: int, explain_fd: int = -1) -> None:
+def _present(fd: syscall.Fd) -> bool:
+    """False for the -1 that stands for a program not loaded."""
+    return isinstance(fd, syscall.BpfObject) or fd >= 0
+
+
+def pin_prog(bpffs: str, prog_fd: syscall.Fd, explain_fd: syscall.Fd = -1) -> None:
     """(Re)pin the attached program and its dry-run twin. A brief window without the pins only
     affects inspection."""
     for fd, path in ((explain_fd, explain_prog_path(bpffs)), (prog_fd, prog_path(bpffs))):
         unlink(path)
-        if fd >= 0:
+        if _present(fd):
             syscall.obj_pin(fd, path)
 
 
-def pin_ingress_progs(bpffs: str, prog_fd: int, explain_fd: int) -> None:
+def pin_ingress_progs(bpffs: str, prog_fd: syscall.Fd, explain_fd: syscall.Fd) -> None:
     """(Re)pin the ingress program and its dry-run twin (inspection only, as pin_prog)."""
     for fd, path in ((explain_fd, explain_ingress_prog_path(bpffs)),
                      (prog_fd, ingress_prog_path(bpffs))):
         unlink(path)
-        if fd >= 0:
+        if _present(fd):
             syscall.obj_pin(fd, path)
 
 
@@ -249,7 +254,43 @@ def pinned_link_names(bpffs: str, direction: str = "egress") -> list[str]:
         return []
 
 
+KNOWN_ROOT_ENTRIES = frozenset({"links", "links-ingress", "prog", "prog-explain", "prog-ingress",
+                                "prog-explain-ingress"})
+"""Every name this release puts directly under the root, besides its v<ABI> directory. The
+compatibility rule (operator guide, "Upgrades and rollbacks"): a later release adds hooks only
+under new ``links-<hook>/`` directories and maps only under a new ``v<ABI>/``, so a release
+that meets a name it does not know can tell what it is and remove it (lifecycle.py)."""
+
+
+def unknown_root_entries(bpffs: str) -> list[str]:
+    """Names under the root this release did not create (a newer release's), ABI directories
+    excepted: ``remove_stale`` removes those once this release's generation is attached."""
+    try:
+        names = os.listdir(root(bpffs))
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names
+                  if n not in KNOWN_ROOT_ENTRIES and not re.match(r"^v[0-9]+$", n))
+
+
+def remove_path(path: str) -> list[str]:
+    """Remove one pin, or a directory of pins; returns the paths removed."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        return _remove_tree(path)
+    return [path] if unlink(path) else []
+
+
 def remove_all(bpffs: str) -> list[str]:
     """Unlink every pin under nodecryptor's root and remove its directories. Touches nothing
     outside the root. Returns the removed paths."""
     return _remove_tree(root(bpffs))
+
+
+def pinned_prog_id(path: str) -> int:
+    """Id of the program pinned at ``path``; 0 when nothing (readable) is pinned there."""
+    try:
+        prog = syscall.obj_get(path)
+    except OSError:
+        return 0
+    with prog:
+        return syscall.prog_info(prog).id

@@ -1,8 +1,11 @@
 """Raw bpf(2) through ctypes for what BCC 0.26 and pyroute2 0.9 lack: pinning, reading pinned
 maps without a compiler, object info, tcx links, program queries and BPF_PROG_TEST_RUN.
 
-Each wrapper takes and returns plain values and raises OSError with the kernel's errno. Layouts
-follow include/uapi/linux/bpf.h (union bpf_attr); only the fields used are declared.
+Every call that opens a kernel object (a pin, an id, a new map or tcx link) returns a
+``BpfObject``: the one owner of that file descriptor, closed by ``close()`` or by leaving a
+``with`` block. The other wrappers take a ``BpfObject`` or a plain fd someone else owns (BCC's),
+return plain values, and raise OSError with the kernel's errno. Layouts follow
+include/uapi/linux/bpf.h (union bpf_attr); only the fields used are declared.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import ctypes as C
 import errno
 import os
 import platform
+from collections.abc import Iterator
+from typing import Any, Union
 
 _NR_BPF = {"x86_64": 321, "aarch64": 280}.get(platform.machine(), 321)
 
@@ -45,6 +50,58 @@ _libc = C.CDLL(None, use_errno=True)
 _libc.syscall.restype = C.c_long
 
 
+class BpfObject:
+    """An open bpf(2) file descriptor and its only owner. ``close()`` is idempotent; a closed
+    object refuses to hand out its number (a stale fd number may already name another file)."""
+
+    __slots__ = ("_fd",)
+
+    def __init__(self, fd: int):
+        self._fd = fd
+
+    @property
+    def fd(self) -> int:
+        if self._fd < 0:
+            raise ValueError("BPF object already closed")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> "BpfObject":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"BpfObject(fd={self._fd})" if self._fd >= 0 else "BpfObject(closed)"
+
+
+Fd = Union[int, BpfObject]
+"""What the wrappers accept: an owned object, or the number of an fd owned elsewhere (BCC)."""
+
+
+def fd_number(fd: Fd) -> int:
+    """The number to hand to the kernel (or to mmap) for the length of one call."""
+    return fd.fd if isinstance(fd, BpfObject) else fd
+
+
+def error_text(e: OSError) -> str:
+    """The kernel's word for an OSError from these wrappers (its message when it has no errno)."""
+    return os.strerror(e.errno) if e.errno else str(e)
+
+
+def _owned(fd: int) -> BpfObject:
+    return BpfObject(fd)
+
+
 def _bpf(cmd: int, attr: C.Structure) -> int:
     ret = _libc.syscall(C.c_long(_NR_BPF), C.c_int(cmd), C.byref(attr), C.c_uint(C.sizeof(attr)))
     if ret < 0:
@@ -53,7 +110,7 @@ def _bpf(cmd: int, attr: C.Structure) -> int:
     return ret
 
 
-def _addr(buf) -> int:
+def _addr(buf: Any) -> int:
     return C.addressof(buf) if buf is not None else 0
 
 
@@ -141,36 +198,41 @@ BPF_LINK_TYPE_TCX = 11
 
 # ---- objects -------------------------------------------------------------------------------
 
-def obj_pin(fd: int, path: str) -> None:
+BPF_F_RDONLY = 1 << 3
+
+
+def obj_pin(fd: Fd, path: str) -> None:
     p = C.create_string_buffer(path.encode())
-    _bpf(BPF_OBJ_PIN, _ObjAttr(pathname=C.addressof(p), bpf_fd=fd))
+    _bpf(BPF_OBJ_PIN, _ObjAttr(pathname=C.addressof(p), bpf_fd=fd_number(fd)))
 
 
-def obj_get(path: str, read_only: bool = False) -> int:
-    """Open a pinned object; returns a new fd (caller closes). BPF_F_RDONLY = 1 << 3."""
+def obj_get(path: str, read_only: bool = False) -> BpfObject:
+    """Open a pinned object (read-only for maps when asked)."""
     p = C.create_string_buffer(path.encode())
-    return _bpf(BPF_OBJ_GET, _ObjAttr(pathname=C.addressof(p), file_flags=(1 << 3) if read_only else 0))
+    flags = BPF_F_RDONLY if read_only else 0
+    return _owned(_bpf(BPF_OBJ_GET, _ObjAttr(pathname=C.addressof(p), file_flags=flags)))
 
 
-def _info(fd: int, info: C.Structure) -> C.Structure:
-    _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=C.sizeof(info),
+def _info(fd: Fd, info: Any) -> Any:
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd_number(fd), info_len=C.sizeof(info),
                                             info=C.addressof(info)))
     return info
 
 
-def prog_info(fd: int) -> ProgInfo:
-    return _info(fd, ProgInfo())
+def prog_info(fd: Fd) -> ProgInfo:
+    info: ProgInfo = _info(fd, ProgInfo())
+    return info
 
 
 _PROG_INFO_VERIFIED_INSNS = 216  # offsetof(struct bpf_prog_info, verified_insns), Linux 5.16+
 
 
-def prog_verified_insns(fd: int) -> int:
+def prog_verified_insns(fd: Fd) -> int:
     """Instructions the verifier processed to accept the program (0 before Linux 5.16)."""
     return int.from_bytes(bytes(prog_info(fd))[_PROG_INFO_VERIFIED_INSNS:][:4], "little")
 
 
-def prog_map_ids(fd: int) -> list[int]:
+def prog_map_ids(fd: Fd) -> list[int]:
     """Ids of the maps a program uses (two BPF_OBJ_GET_INFO_BY_FD calls: count, then ids)."""
     count = prog_info(fd).nr_map_ids
     ids = (C.c_uint32 * max(count, 1))()
@@ -179,39 +241,41 @@ def prog_map_ids(fd: int) -> list[int]:
     return sorted(ids[:min(count, info.nr_map_ids)])
 
 
-def map_info(fd: int) -> MapInfo:
-    return _info(fd, MapInfo())
+def map_info(fd: Fd) -> MapInfo:
+    info: MapInfo = _info(fd, MapInfo())
+    return info
 
 
-def link_info(fd: int) -> LinkInfo:
-    return _info(fd, LinkInfo())
+def link_info(fd: Fd) -> LinkInfo:
+    info: LinkInfo = _info(fd, LinkInfo())
+    return info
 
 
-def prog_fd_by_id(prog_id: int) -> int:
-    return _bpf(BPF_PROG_GET_FD_BY_ID, _GetIdAttr(id=prog_id))
+def prog_fd_by_id(prog_id: int) -> BpfObject:
+    return _owned(_bpf(BPF_PROG_GET_FD_BY_ID, _GetIdAttr(id=prog_id)))
 
 
-def map_fd_by_id(map_id: int) -> int:
-    return _bpf(BPF_MAP_GET_FD_BY_ID, _GetIdAttr(id=map_id))
+def map_fd_by_id(map_id: int) -> BpfObject:
+    return _owned(_bpf(BPF_MAP_GET_FD_BY_ID, _GetIdAttr(id=map_id)))
 
 
-def link_fd_by_id(link_id: int) -> int:
-    return _bpf(BPF_LINK_GET_FD_BY_ID, _GetIdAttr(id=link_id))
+def link_fd_by_id(link_id: int) -> BpfObject:
+    return _owned(_bpf(BPF_LINK_GET_FD_BY_ID, _GetIdAttr(id=link_id)))
 
 
 def map_create(map_type: int, key_size: int, value_size: int, max_entries: int,
-               flags: int = 0, name: str = "") -> int:
-    return _bpf(BPF_MAP_CREATE, _MapCreateAttr(map_type=map_type, key_size=key_size,
+               flags: int = 0, name: str = "") -> BpfObject:
+    return _owned(_bpf(BPF_MAP_CREATE, _MapCreateAttr(map_type=map_type, key_size=key_size,
                                                value_size=value_size, max_entries=max_entries,
-                                               map_flags=flags, map_name=name.encode()[:15]))
+                                               map_flags=flags, map_name=name.encode()[:15])))
 
 
 # ---- map elements --------------------------------------------------------------------------
 
-def map_lookup(fd: int, key, value) -> bool:
+def map_lookup(fd: Fd, key: Any, value: Any) -> bool:
     """Fill ``value`` (a ctypes object) from ``key``; False when the key is absent."""
     try:
-        _bpf(BPF_MAP_LOOKUP_ELEM, _MapElemAttr(map_fd=fd, key=C.addressof(key),
+        _bpf(BPF_MAP_LOOKUP_ELEM, _MapElemAttr(map_fd=fd_number(fd), key=C.addressof(key),
                                                value=C.addressof(value)))
         return True
     except OSError as e:
@@ -220,15 +284,15 @@ def map_lookup(fd: int, key, value) -> bool:
         raise
 
 
-def map_update(fd: int, key, value, flags: int = BPF_ANY) -> None:
-    _bpf(BPF_MAP_UPDATE_ELEM, _MapElemAttr(map_fd=fd, key=C.addressof(key),
+def map_update(fd: Fd, key: Any, value: Any, flags: int = BPF_ANY) -> None:
+    _bpf(BPF_MAP_UPDATE_ELEM, _MapElemAttr(map_fd=fd_number(fd), key=C.addressof(key),
                                            value=C.addressof(value), flags=flags))
 
 
-def map_delete(fd: int, key) -> bool:
+def map_delete(fd: Fd, key: Any) -> bool:
     """Delete ``key``; a missing key is success (returns False)."""
     try:
-        _bpf(BPF_MAP_DELETE_ELEM, _MapElemAttr(map_fd=fd, key=C.addressof(key)))
+        _bpf(BPF_MAP_DELETE_ELEM, _MapElemAttr(map_fd=fd_number(fd), key=C.addressof(key)))
         return True
     except OSError as e:
         if e.errno == errno.ENOENT:
@@ -236,13 +300,13 @@ def map_delete(fd: int, key) -> bool:
         raise
 
 
-def map_keys(fd: int, key_type: type):
+def map_keys(fd: Fd, key_type: type) -> Iterator[Any]:
     """Iterate the keys of a map (a snapshot: keys deleted meanwhile may restart the walk)."""
     key = None
     while True:
         nxt = key_type()
         try:
-            _bpf(BPF_MAP_GET_NEXT_KEY, _MapElemAttr(map_fd=fd, key=_addr(key),
+            _bpf(BPF_MAP_GET_NEXT_KEY, _MapElemAttr(map_fd=fd_number(fd), key=_addr(key),
                                                     value=C.addressof(nxt)))
         except OSError as e:
             if e.errno == errno.ENOENT:
@@ -252,7 +316,7 @@ def map_keys(fd: int, key_type: type):
         key = nxt
 
 
-def map_items(fd: int, key_type: type, value_type: type):
+def map_items(fd: Fd, key_type: type, value_type: type) -> Iterator[tuple[Any, Any]]:
     for key in map_keys(fd, key_type):
         value = value_type()
         if map_lookup(fd, key, value):
@@ -270,18 +334,18 @@ def possible_cpus() -> int:
     return count
 
 
-def percpu_lookup(fd: int, key, value_type: type) -> list:
+def percpu_lookup(fd: Fd, key: Any, value_type: type[Any]) -> list[Any]:
     """Per-CPU map lookup: one value per possible CPU (each rounded up to 8 bytes)."""
     ncpu = possible_cpus()
     stride = (C.sizeof(value_type) + 7) & ~7
     buf = (C.c_uint8 * (stride * ncpu))()
-    _bpf(BPF_MAP_LOOKUP_ELEM, _MapElemAttr(map_fd=fd, key=C.addressof(key),
+    _bpf(BPF_MAP_LOOKUP_ELEM, _MapElemAttr(map_fd=fd_number(fd), key=C.addressof(key),
                                            value=C.addressof(buf)))
     return [value_type.from_buffer_copy(bytes(buf[i * stride:i * stride + C.sizeof(value_type)]))
             for i in range(ncpu)]
 
 
-def percpu_update(fd: int, key, values: list) -> None:
+def percpu_update(fd: Fd, key: Any, values: list[Any]) -> None:
     """Per-CPU map update: one value per possible CPU (each rounded up to 8 bytes)."""
     ncpu = possible_cpus()
     if not values:
@@ -291,20 +355,21 @@ def percpu_update(fd: int, key, values: list) -> None:
     buf = (C.c_uint8 * (stride * ncpu))()
     for i, value in enumerate(values[:ncpu]):
         C.memmove(C.addressof(buf) + i * stride, C.addressof(value), C.sizeof(value_type))
-    _bpf(BPF_MAP_UPDATE_ELEM, _MapElemAttr(map_fd=fd, key=C.addressof(key),
+    _bpf(BPF_MAP_UPDATE_ELEM, _MapElemAttr(map_fd=fd_number(fd), key=C.addressof(key),
                                            value=C.addressof(buf)))
 
 
 # ---- programs, tcx links -------------------------------------------------------------------
 
-def prog_test_run(prog_fd: int, data: bytes, ctx_in: bytes | None = None,
+def prog_test_run(prog_fd: Fd, data: bytes, ctx_in: bytes | None = None,
                   ctx_out_size: int = 0, repeat: int = 1) -> tuple[int, bytes, bytes, int]:
     """BPF_PROG_TEST_RUN. Returns (retval, data_out, ctx_out, duration_ns per run)."""
     din = C.create_string_buffer(data, len(data))
     dout = C.create_string_buffer(len(data) + 256)
     cin = C.create_string_buffer(ctx_in, len(ctx_in)) if ctx_in else None
     cout = C.create_string_buffer(ctx_out_size) if ctx_out_size else None
-    attr = _TestRunAttr(prog_fd=prog_fd, data_size_in=len(data), data_size_out=C.sizeof(dout),
+    attr = _TestRunAttr(prog_fd=fd_number(prog_fd), data_size_in=len(data),
+                        data_size_out=C.sizeof(dout),
                         data_in=C.addressof(din), data_out=C.addressof(dout), repeat=repeat,
                         ctx_size_in=len(ctx_in) if ctx_in else 0,
                         ctx_size_out=ctx_out_size, ctx_in=_addr(cin), ctx_out=_addr(cout))
@@ -315,7 +380,8 @@ def prog_test_run(prog_fd: int, data: bytes, ctx_in: bytes | None = None,
             cout.raw[:attr.ctx_size_out] if cout else b"", attr.duration)
 
 
-def prog_query(ifindex: int, attach_type: int = BPF_TCX_EGRESS, max_count: int = 64) -> dict:
+def prog_query(ifindex: int, attach_type: int = BPF_TCX_EGRESS,
+               max_count: int = 64) -> dict[str, Any]:
     """BPF_PROG_QUERY on a device hook: program ids and link ids in chain order, revision."""
     prog_ids = (C.c_uint32 * max_count)()
     link_ids = (C.c_uint32 * max_count)()
@@ -333,27 +399,28 @@ def tcx_supported(ifindex: int = 1) -> tuple[bool, str]:
         prog_query(ifindex, BPF_TCX_EGRESS)
         return True, "BPF_PROG_QUERY with BPF_TCX_EGRESS succeeded"
     except OSError as e:
-        return False, f"BPF_PROG_QUERY with BPF_TCX_EGRESS failed: {os.strerror(e.errno)}"
+        return False, f"BPF_PROG_QUERY with BPF_TCX_EGRESS failed: {error_text(e)}"
 
 
-def tcx_link_create(prog_fd: int, ifindex: int, attach_type: int = BPF_TCX_EGRESS,
-                    flags: int = BPF_F_BEFORE, relative: int = 0) -> int:
+def tcx_link_create(prog_fd: Fd, ifindex: int, attach_type: int = BPF_TCX_EGRESS,
+                    flags: int = BPF_F_BEFORE, relative: int = 0) -> BpfObject:
     """Attach ``prog_fd`` to the device's tcx hook; with BPF_F_BEFORE and no anchor the
-    program goes to the head of the chain. Returns the link fd."""
-    return _bpf(BPF_LINK_CREATE, _LinkCreateAttr(prog_fd=prog_fd, target_ifindex=ifindex,
-                                                 attach_type=attach_type, flags=flags,
-                                                 relative=relative))
+    program goes to the head of the chain. Returns the link (unpinned, it lives as long as
+    this object stays open)."""
+    return _owned(_bpf(BPF_LINK_CREATE, _LinkCreateAttr(
+        prog_fd=fd_number(prog_fd), target_ifindex=ifindex, attach_type=attach_type, flags=flags,
+        relative=relative)))
 
 
-def link_update(link_fd: int, new_prog_fd: int, old_prog_fd: int | None = None) -> None:
+def link_update(link_fd: Fd, new_prog_fd: Fd, old_prog_fd: Fd | None = None) -> None:
     """Swap the link's program atomically (with BPF_F_REPLACE when ``old_prog_fd`` is given).
     ENOLINK means the link is defunct (its device is gone)."""
-    attr = _LinkUpdateAttr(link_fd=link_fd, new_prog_fd=new_prog_fd)
+    attr = _LinkUpdateAttr(link_fd=fd_number(link_fd), new_prog_fd=fd_number(new_prog_fd))
     if old_prog_fd is not None:
         attr.flags = BPF_F_REPLACE
-        attr.old_prog_fd = old_prog_fd
+        attr.old_prog_fd = fd_number(old_prog_fd)
     _bpf(BPF_LINK_UPDATE, attr)
 
 
-def link_detach(link_fd: int) -> None:
-    _bpf(BPF_LINK_DETACH, _LinkDetachAttr(link_fd=link_fd))
+def link_detach(link_fd: Fd) -> None:
+    _bpf(BPF_LINK_DETACH, _LinkDetachAttr(link_fd=fd_number(link_fd)))

@@ -5,7 +5,7 @@ extension headers and fragments), TCP (flags, MSS option), UDP, SCTP, ICMP, ICMP
 correct checksums. ``run`` pushes one frame through the program with a ``struct __sk_buff``
 context (mark, ifindex) and decodes the verdict the program recorded in ``skb->cb[]``: the
 return code alone cannot tell which device a redirect targets. ``nodecryptor explain`` and the
-packet-table tests share this path.
+packet-table tests share this path (the tests read frames back with tests/frames.py).
 """
 
 from __future__ import annotations
@@ -19,17 +19,19 @@ from nodecryptor.core.ports import IP_PROTOCOLS
 from nodecryptor.datapath.base import PacketQuery
 from nodecryptor.datapath.bpf import abi, syscall
 
+# Upper-layer protocols come from core.ports, the one table; IPv6 extension headers are only
+# this module's business.
+IPPROTO_ICMP = IP_PROTOCOLS["icmp"]
+IPPROTO_TCP = IP_PROTOCOLS["tcp"]
+IPPROTO_UDP = IP_PROTOCOLS["udp"]
+IPPROTO_ICMPV6 = IP_PROTOCOLS["icmpv6"]
+IPPROTO_SCTP = IP_PROTOCOLS["sctp"]
 IPPROTO_HOPOPTS = 0
-IPPROTO_ICMP = 1
-IPPROTO_TCP = 6
-IPPROTO_UDP = 17
 IPPROTO_ROUTING = 43
 IPPROTO_FRAGMENT = 44
 IPPROTO_AH = 51
-IPPROTO_ICMPV6 = 58
 IPPROTO_NONE = 59
 IPPROTO_DSTOPTS = 60
-IPPROTO_SCTP = 132
 PROTO_NUMBERS = IP_PROTOCOLS
 EXT_HEADERS = {"hop": IPPROTO_HOPOPTS, "routing": IPPROTO_ROUTING, "dest": IPPROTO_DSTOPTS,
                "frag": IPPROTO_FRAGMENT, "ah": IPPROTO_AH}
@@ -289,7 +291,7 @@ def skb_context(mark: int = 0, ifindex: int = 0, cb: tuple[int, ...] = ()) -> by
     return bytes(ctx)
 
 
-def run(prog_fd: int, packet: bytes, mark: int = 0, ifindex: int = 0,
+def run(prog_fd: syscall.Fd, packet: bytes, mark: int = 0, ifindex: int = 0,
         cb: tuple[int, ...] = ()) -> Result:
     """Run ``packet`` through the program once. ``ifindex`` must name an existing device of
     the caller's network namespace (0: loopback). ``cb`` pre-fills skb->cb[] (the program
@@ -310,91 +312,7 @@ def run(prog_fd: int, packet: bytes, mark: int = 0, ifindex: int = 0,
                   target=cb1, data_out=data_out)
 
 
-def time_per_packet(prog_fd: int, packet: bytes, repeat: int = 100_000) -> float:
+def time_per_packet(prog_fd: syscall.Fd, packet: bytes, repeat: int = 100_000) -> float:
     """Average ns per run as the kernel measures it (BPF_PROG_TEST_RUN ``repeat``)."""
     _, _, _, duration = syscall.prog_test_run(prog_fd, packet, repeat=repeat)
     return float(duration)
-
-
-# ---- checking ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ParsedFrame:
-    family: int
-    src: str
-    dst: str
-    proto: int
-    l4: bytes
-    ipv4_header_ok: bool
-
-
-def parse_frame(frame: bytes) -> ParsedFrame:
-    """Ethernet (optional 802.1Q tag) → IP (IPv6 extension headers skipped) → L4 bytes."""
-    ethertype = struct.unpack_from("!H", frame, 12)[0]
-    off = 14
-    if ethertype == ETH_P_8021Q:
-        ethertype = struct.unpack_from("!H", frame, 16)[0]
-        off = 18
-    if ethertype == ETH_P_IP:
-        ihl = (frame[off] & 0x0F) * 4
-        header = frame[off:off + ihl]
-        src = ipaddress.IPv4Address(header[12:16])
-        dst = ipaddress.IPv4Address(header[16:20])
-        total = struct.unpack_from("!H", header, 2)[0]
-        return ParsedFrame(4, str(src), str(dst), header[9], frame[off + ihl:off + total],
-                           inet_checksum(header) == 0)
-    if ethertype == ETH_P_IPV6:
-        nh = frame[off + 6]
-        src = ipaddress.IPv6Address(frame[off + 8:off + 24])
-        dst = ipaddress.IPv6Address(frame[off + 24:off + 40])
-        end = off + 40 + struct.unpack_from("!H", frame, off + 4)[0]
-        pos = off + 40
-        while nh in (IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT,
-                     IPPROTO_AH):
-            nxt, hlen = frame[pos], frame[pos + 1]
-            pos += 8 if nh == IPPROTO_FRAGMENT else ((hlen + 2) * 4 if nh == IPPROTO_AH
-                                                     else (hlen + 1) * 8)
-            nh = nxt
-        return ParsedFrame(6, str(src), str(dst), nh, frame[pos:end], True)
-    raise ValueError(f"not an IP frame (EtherType {ethertype:#06x})")
-
-
-def l4_checksum_ok(frame: bytes) -> bool:
-    """Whether the L4 checksum (and the IPv4 header checksum) of an unfragmented frame is
-    valid."""
-    p = parse_frame(frame)
-    if not p.ipv4_header_ok:
-        return False
-    src, dst = ipaddress.ip_address(p.src), ipaddress.ip_address(p.dst)
-    if p.proto in (IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMPV6):
-        return inet_checksum(_pseudo_header(src, dst, p.proto, len(p.l4)) + p.l4) == 0
-    if p.proto == IPPROTO_ICMP:
-        return inet_checksum(p.l4) == 0
-    if p.proto == IPPROTO_SCTP:
-        stored = struct.unpack_from("<I", p.l4, 8)[0]
-        return crc32c(p.l4[:8] + b"\0\0\0\0" + p.l4[12:]) == stored
-    return True
-
-
-def tcp_mss(frame: bytes) -> int | None:
-    """The MSS option of a frame's TCP header, None when absent."""
-    p = parse_frame(frame)
-    if p.proto != IPPROTO_TCP:
-        return None
-    doff = (p.l4[12] >> 4) * 4
-    options = p.l4[20:doff]
-    i = 0
-    while i < len(options):
-        kind = options[i]
-        if kind == 0:
-            break
-        if kind == 1:
-            i += 1
-            continue
-        length = options[i + 1] if i + 1 < len(options) else 0
-        if kind == 2 and length == 4:
-            return struct.unpack_from("!H", options, i + 2)[0]
-        if length < 2:
-            break
-        i += length
-    return None

@@ -22,8 +22,9 @@ from nodecryptor.core.settings import DatapathMode, Settings
 from nodecryptor.datapath.base import Observation
 from nodecryptor.datapath.iprule import kernel, noop
 from nodecryptor.datapath.iprule.bulk import RouteTable
-from nodecryptor.datapath.iprule.spec import (MAIN_TABLE, OFFSET_LOOKUP, OFFSET_PROBE, RuleSpec, band, desired_routes,
-                   desired_rules)
+from nodecryptor.datapath.iprule.spec import (MAIN_TABLE, OFFSET_LOOKUP, OFFSET_PROBE, RuleSpec,
+                                              band, desired_guard_routes, desired_routes,
+                                              desired_rules, guard_table)
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,10 @@ def remove_all(ipr, settings: Settings, netns: str | None = None) -> dict:
     # The catch-all lookup rule goes first so nothing is sent to a half-emptied table.
     rules.sort(key=lambda r: r.priority != settings.iprule_priority_base + OFFSET_LOOKUP)
     removed_rules = sum(kernel.delete_rule(ipr, r) for r in rules)
-    with RouteTable(settings.iprule_table, netns) as table:
-        removed_routes = table.delete_routes(table.read())
+    removed_routes = 0
+    for number in (settings.iprule_table, guard_table(settings)):
+        with RouteTable(number, netns) as table:
+            removed_routes += table.delete_routes(table.read())
     out = {"datapath": "iprule", "rules_removed": removed_rules,
            "routes_removed": removed_routes}
     out.update(noop.remove(ipr))
@@ -43,7 +46,7 @@ def remove_all(ipr, settings: Settings, netns: str | None = None) -> dict:
 
 
 def ingress_report(settings: Settings) -> dict:
-    """Ingress enforcement (issue 15) is a BPF-only feature: policy routing decides where a
+    """Ingress enforcement is a BPF-only feature: policy routing decides where a
     packet leaves, it cannot classify what arrives. Reported as unsupported, never pretended;
     with ``enforce`` requested the node is not ready, since nothing is being refused."""
     requested = str(settings.ingress_enforcement)
@@ -102,9 +105,11 @@ class IpRuleDatapath:
 
     def _check_settings(self) -> None:
         table, base = self.settings.iprule_table, self.settings.iprule_priority_base
-        # unspec, default, main and local belong to the kernel and everybody else.
-        if table in (0, 253, 254, 255) or not 0 < table < 2**32:
-            raise SettingsError("iprule_table", table, "must be an unused table id, not "
+        # unspec, default, main and local belong to the kernel and everybody else; the next
+        # id is the guard table (spec.guard_table).
+        if {table, table + 1} & {0, 253, 254, 255} or not 0 < table < 2**32 - 1:
+            raise SettingsError("iprule_table", table, "must be an unused table id whose "
+                                "successor (the guard table) is unused too, neither being "
                                 "0 (unspec), 253 (default), 254 (main) or 255 (local)")
         # The whole band must sit between the local table's rule (0) and main's (32766).
         if not 0 < base or base + OFFSET_PROBE >= 32766:
@@ -152,16 +157,26 @@ class IpRuleDatapath:
         ipr = self._handle()
         started = time.monotonic()
         want_rules = set(desired_rules(desired, self.settings))
-        want_routes = {r.key: r for r in desired_routes(desired)}
+        wanted = {self.settings.iprule_table: {r.key: r for r in desired_routes(desired)},
+                  guard_table(self.settings): {r.key: r for r in desired_guard_routes(desired)}}
         try:
             have_rules = set(kernel.read_rules(ipr, band(self.settings)))
             added_rules = sum(kernel.add_rule(ipr, r) for r in sorted(want_rules - have_rules))
-            with RouteTable(self.settings.iprule_table, self.netns) as table:
-                have_routes = {r.key: r for r in table.read()}
-                changed = [r for k, r in want_routes.items() if have_routes.get(k) != r]
-                table.set_routes(changed)
-                removed_routes = table.delete_routes(
-                    [r for k, r in have_routes.items() if k not in want_routes])
+            # Every table's new routes before any table's stale ones: a guard moving from
+            # one table to the other is never missing from both.
+            stale, changed = [], []
+            for number, want_routes in wanted.items():
+                with RouteTable(number, self.netns) as table:
+                    have_routes = {r.key: r for r in table.read()}
+                    new = [r for k, r in want_routes.items() if have_routes.get(k) != r]
+                    table.set_routes(new)
+                    changed += new
+                    stale.append((number, [r for k, r in have_routes.items()
+                                           if k not in want_routes]))
+            removed_routes = 0
+            for number, routes in stale:
+                with RouteTable(number, self.netns) as table:
+                    removed_routes += table.delete_routes(routes)
             removed_rules = sum(kernel.delete_rule(ipr, r)
                                 for r in sorted(have_rules - want_rules))
             if self.settings.noop_route:
@@ -185,7 +200,7 @@ class IpRuleDatapath:
         self._applied = True
         self._error = ""
         self.last_apply = {
-            "rules": len(want_rules), "routes": len(want_routes),
+            "rules": len(want_rules), "routes": sum(len(w) for w in wanted.values()),
             "rules_added": added_rules, "rules_removed": removed_rules,
             "routes_set": len(changed), "routes_removed": removed_routes,
             "seconds": round(time.monotonic() - started, 3),
@@ -202,8 +217,10 @@ class IpRuleDatapath:
         try:
             ipr = self._handle()
             rules = kernel.read_rules(ipr, band(self.settings))
-            with RouteTable(self.settings.iprule_table, self.netns) as table:
-                routes = table.read()
+            routes = []
+            for number in (self.settings.iprule_table, guard_table(self.settings)):
+                with RouteTable(number, self.netns) as table:
+                    routes += table.read()
         except (DatapathError, NotSupported, NetlinkError) as e:
             return Observation(datapath=self.name, attached=False, ready=False,
                                reason=f"cannot read rules/routes: {e}")

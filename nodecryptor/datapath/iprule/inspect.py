@@ -20,7 +20,8 @@ from nodecryptor.datapath.iprule import kernel, noop
 from nodecryptor.datapath.iprule.backend import remove_all
 from nodecryptor.datapath.iprule.bulk import RouteTable
 from nodecryptor.datapath.iprule.spec import (OFFSET_CILIUM_POD, OFFSET_EXEMPT_DPORT, OFFSET_EXEMPT_SPORT, OFFSET_LOOKUP,
-                   OFFSET_WG_MARK, OFFSET_WG_PORT, ROUTE_UNICAST, RouteSpec, RuleSpec, band)
+                   OFFSET_WG_MARK, OFFSET_WG_PORT, ROUTE_UNICAST, RouteSpec, RuleSpec, band,
+                   guard_table)
 
 DATAPATH = DatapathMode.IPRULE
 PORTED = PORTED_NUMBERS
@@ -44,15 +45,22 @@ def active(settings: Settings, netns: str | None = None) -> bool:
     with kernel.open_route(netns) as ipr:
         if kernel.read_rules(ipr, band(settings)):
             return True
-    with RouteTable(settings.iprule_table, netns) as table:
-        return bool(table.read())
+    return bool(read_routes(settings, netns))
+
+
+def read_routes(settings: Settings, netns: str | None = None) -> list[RouteSpec]:
+    """The routes of both of nodecryptor's tables (its own and the guard table)."""
+    routes: list[RouteSpec] = []
+    for number in (settings.iprule_table, guard_table(settings)):
+        with RouteTable(number, netns) as table:
+            routes += table.read()
+    return routes
 
 
 def status(settings: Settings, netns: str | None = None) -> dict:
     with kernel.open_route(netns) as ipr:
         rules = kernel.read_rules(ipr, band(settings))
-        with RouteTable(settings.iprule_table, netns) as table:
-            routes = table.read()
+        routes = read_routes(settings, netns)
         wg_index = kernel.link_index(ipr, settings.wg_interface)
         noop_present = noop.present(ipr)
     kinds: dict[str, int] = {}
@@ -77,6 +85,7 @@ def status(settings: Settings, netns: str | None = None) -> dict:
         "ingress_enforcement": {k: v for k, v in ingress.items() if k != "blocks_readiness"},
         "priority_band": [settings.iprule_priority_base, settings.iprule_priority_base + 99],
         "table": settings.iprule_table,
+        "guard_table": guard_table(settings),
         "rule_count": len(rules),
         "rules": [r.describe() for r in rules],
         "route_count": len(routes),
@@ -159,8 +168,7 @@ def explain(settings: Settings, q: PacketQuery, netns: str | None = None) -> Exp
                                     dport=q.dport if queryable and proto in PORTED else 0,
                                     mark=q.mark)
         rules = kernel.read_rules(ipr, band(settings))
-        with RouteTable(settings.iprule_table, netns) as table:
-            routes = table.read()
+        routes = read_routes(settings, netns)
         names = kernel.link_names(ipr)
         wg_index = kernel.link_index(ipr, settings.wg_interface)
         wg_up = bool(wg_index) and any(
@@ -190,7 +198,8 @@ def explain(settings: Settings, q: PacketQuery, netns: str | None = None) -> Exp
     # Rules that look up nodecryptor's own table did not decide here: the answer came from
     # elsewhere (e.g. the pod rule's suppressed lookup fell through to the next rule).
     used = next((r for r in rules if r.priority != base + OFFSET_LOOKUP
-                 and r.table != settings.iprule_table and _rule_matches(
+                 and r.table not in (settings.iprule_table, guard_table(settings))
+                 and _rule_matches(
         r, family, dst, src, proto, q.sport, q.dport, q.mark)), None)
     details["rule"] = used.describe() if used else None
     if used is not None and used.priority - base == OFFSET_WG_MARK:

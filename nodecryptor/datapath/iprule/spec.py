@@ -22,8 +22,16 @@ B + 31     from <local pod CIDR>: everything else, incl. remote pod CIDRs   main
            (Cilium encrypts pod-to-pod itself; absent with
            --take-over-pod-to-pod and in tunnel mode)
 B + 90     everything else                                                   own table
+B + 91     everything else (reached only when the own table has no route)    guard table
 B + 99     reserved for the start-up probe, never left installed
 =========  ===============================================================  ==========
+
+The guard table (``settings.iprule_table`` + 1) holds only the fail-closed guards of remote pod
+CIDRs. In the own table they would answer the pods' rule (B + 30) with an error, which
+``suppress_prefixlength`` cannot skip (the kernel suppresses successful lookups only), and
+pod-to-pod traffic that is Cilium's would be dropped while WireGuard is down; from the guard
+table they still catch the node's own traffic to remote pods (B + 91) once the WireGuard routes
+are gone.
 
 Rules exist per family. Their number grows with serving node addresses × exempt ranges (and,
 on a serving node, client prefixes × ranges of policies restricted to some clients) only;
@@ -33,8 +41,9 @@ through to the next rule (main), which is what lets non-cluster traffic pass unt
 
 from __future__ import annotations
 
+import functools
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from nodecryptor.core.model import KIND_NODE_IP, DesiredState
 from nodecryptor.core.ports import PROTOCOL_NAMES, PROTOCOLS
@@ -48,6 +57,7 @@ OFFSET_EXEMPT_SPORT = 20
 OFFSET_CILIUM_NODES = 30
 OFFSET_CILIUM_POD = 31
 OFFSET_LOOKUP = 90
+OFFSET_GUARDS = 91
 OFFSET_PROBE = 99
 BAND_WIDTH = 100
 
@@ -64,8 +74,32 @@ UDP = 17
 FAMILIES = (4, 6)
 
 
-@dataclass(frozen=True, order=True)
-class RuleSpec:
+def _total_key(spec) -> tuple:
+    """A sort key defined for every spec: each optional field becomes (0,) when unset and
+    (1, value) when set, so an unset field never meets a value in a comparison (Python
+    refuses ``None < "10.0.0.0/8"``, and two valid policies produce exactly that pair)."""
+    out = []
+    for f in fields(spec):
+        if not f.compare:
+            continue
+        value = getattr(spec, f.name)
+        out.append((0,) if value is None else (1, value))
+    return tuple(out)
+
+
+@functools.total_ordering
+class _TotalOrder:
+    """Ordering by ``_total_key`` (dataclass ``order=True`` compares field tuples as they are,
+    which raises on None against a value)."""
+
+    def __lt__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        return _total_key(self) < _total_key(other)
+
+
+@dataclass(frozen=True)
+class RuleSpec(_TotalOrder):
     """One fib rule, in the fields nodecryptor uses. ``purpose`` is for humans and is ignored
     when comparing with what the kernel reports."""
 
@@ -104,8 +138,8 @@ class RuleSpec:
         return " ".join(parts)
 
 
-@dataclass(frozen=True, order=True)
-class RouteSpec:
+@dataclass(frozen=True)
+class RouteSpec(_TotalOrder):
     """One route in nodecryptor's table. ``oif`` and ``prefsrc`` only for unicast routes."""
 
     family: int
@@ -119,6 +153,11 @@ class RouteSpec:
     def key(self) -> tuple[int, str, int]:
         """Identity in the table: one route per prefix and metric."""
         return (self.family, self.dst, self.metric)
+
+
+def guard_table(settings: Settings) -> int:
+    """The table of the remote pod CIDRs' fail-closed guards (see the module docstring)."""
+    return settings.iprule_table + 1
 
 
 def band(settings: Settings) -> range:
@@ -152,6 +191,8 @@ def desired_rules(desired: DesiredState, settings: Settings) -> list[RuleSpec]:
                                   purpose="wireguard-port"))
         rules.append(RuleSpec(family, base + OFFSET_LOOKUP, settings.iprule_table,
                               purpose="cluster-destinations"))
+        rules.append(RuleSpec(family, base + OFFSET_GUARDS, guard_table(settings),
+                              purpose="pod-cidr-guards"))
     rules += exemption_rules(desired, settings)
     rules += cilium_pod_rules(desired, settings)
     return sorted(set(rules))
@@ -225,7 +266,27 @@ def cilium_pod_rules(desired: DesiredState, settings: Settings) -> list[RuleSpec
 
 
 def desired_routes(desired: DesiredState) -> list[RouteSpec]:
-    """The complete content of nodecryptor's table for ``desired``.
+    """The complete content of nodecryptor's own table for ``desired``."""
+    return _split_routes(desired)[0]
+
+
+def desired_guard_routes(desired: DesiredState) -> list[RouteSpec]:
+    """The complete content of the guard table: remote pod CIDRs' fail-closed guards."""
+    return _split_routes(desired)[1]
+
+
+def _split_routes(desired: DesiredState) -> tuple[list[RouteSpec], list[RouteSpec]]:
+    """(own table, guard table)."""
+    pods = {str(d.prefix) for d in desired.destinations if d.kind != KIND_NODE_IP}
+    own, guards = [], []
+    for route in _all_routes(desired):
+        pod_guard = route.kind == ROUTE_UNREACHABLE and route.dst in pods
+        (guards if pod_guard else own).append(route)
+    return own, guards
+
+
+def _all_routes(desired: DesiredState) -> list[RouteSpec]:
+    """Every route of both tables for ``desired``.
 
     WireGuard usable: one route per destination through it, with ``src`` set to the local node
     address of the family (without it the kernel may pick another local address and the peer's

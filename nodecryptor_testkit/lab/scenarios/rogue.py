@@ -1,4 +1,4 @@
-"""The ``rogue`` scenario (issue 15): a host on the underlay that is not a node uses a worker's
+"""The ``rogue`` scenario: a host on the underlay that is not a node uses a worker's
 address and sends clear text to another worker. With ``--ingress-enforcement=audit`` the target
 accepts it but counts it and lists it (``status --leaks``); with ``enforce`` the target refuses
 it on the wire; in both modes the bootstrap flows (worker to the control plane's 6443, 2379,
@@ -17,9 +17,10 @@ import json
 import socket
 import time
 
-from . import topology as topo
-from .flows import CLEAR, Flow, PortAllocator, Result, Row, observe
-from .spec import API_PORT
+from .. import topology as topo
+from ..flows import CLEAR, Flow, PortAllocator, Result, Row, observe
+from ..spec import API_PORT
+from . import bootstrap
 
 ROGUE_PORT = 7601
 """UDP port on the target node that a socket listens on for the rogue's datagrams."""
@@ -96,7 +97,7 @@ def _bootstrap_flows(lab) -> list[Flow]:
             Flow(w1, cp, 6, "tcp", 2380, CLEAR, "etcd peer, exempt")]
 
 
-def rogue(lab, ports: PortAllocator) -> Result:
+def run(lab, ports: PortAllocator) -> Result:
     result = Result("rogue", lab.datapath)
     workers = lab.spec.workers
     if len(workers) < 2:
@@ -148,8 +149,7 @@ def rogue(lab, ports: PortAllocator) -> Result:
             result.rows += observe(lab, _bootstrap_flows(lab), ports, f"rogue-{mode}")
         if lab.datapath == "bpf":
             # A control-plane node rebooting with a new key, with every node enforcing.
-            from .scenarios import bootstrap
-            boot = bootstrap(lab, ports)
+            boot = bootstrap.run(lab, ports)
             result.rows += [Row(f"bootstrap under enforce: {r.label}", r.expected, r.observed,
                                 r.detail) for r in boot.rows]
             if boot.error:

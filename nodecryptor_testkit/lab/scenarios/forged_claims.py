@@ -21,8 +21,11 @@ from __future__ import annotations
 import copy
 import time
 
-from .flows import PortAllocator, Result, Row, observe
-from .spec import UNDERLAY_V4, UNDERLAY_V6
+from ..flows import PortAllocator, Result, Row, observe
+from ..spec import UNDERLAY_V4, UNDERLAY_V6
+from .churn import _follow_time
+from .common import installed_text
+from .matrix import matrix_flows
 
 GHOST = "forged-ghost"
 MARKER = "forged-marker"
@@ -43,9 +46,7 @@ def _apply(lab, obj: dict) -> None:
     lab.api().fake_control("apply", {"object": body})
 
 
-def forged_claims(lab, ports: PortAllocator) -> Result:
-    from .scenarios import _follow_time, matrix_flows  # the flows every scenario shares
-
+def run(lab, ports: PortAllocator) -> Result:
     result = Result("forged-claims", lab.datapath)
     spec = lab.spec
     w1, w2 = spec.workers[0], spec.workers[-1]
@@ -80,7 +81,7 @@ def forged_claims(lab, ports: PortAllocator) -> Result:
         result.rows = observe(lab, matrix_flows(lab), ports, "forged-claims")
         ext = str(spec.external(4))
         for name in (cp.name, w1.name):
-            held = ext in _installed(lab, name)
+            held = ext in installed_text(lab, name)
             result.rows.append(Row(f"{name}: external host {ext} not a destination", "absent",
                                    "present" if held else "absent"))
     finally:
@@ -94,8 +95,3 @@ def forged_claims(lab, ports: PortAllocator) -> Result:
         lab.api().fake_control("delete-node", {"name": MARKER})
     return result
 
-
-def _installed(lab, name: str) -> str:
-    from .scenarios import _installed_text
-
-    return _installed_text(lab, name)

@@ -17,10 +17,12 @@ import subprocess
 import threading
 import time
 
-from .flows import PortAllocator, Result, Row
-from .prometheus import LabPrometheus, Timeline
+from nodecryptor_testkit.wait import wait_for
+
+from ..flows import PortAllocator, Result, Row
+from ..prometheus import LabPrometheus, Timeline
+from ..topology import LabError, sh
 from .rogue import _build_rogue, _send
-from .topology import LabError, sh, wait_for
 
 FIRE_SECONDS = 90.0
 """Bound on alert firing: a scrape, the lab's 3 s hold and evaluation, on a loaded machine."""
@@ -68,7 +70,7 @@ class _Sender:
         self.thread.join(5)
 
 
-def alerts(lab, ports: PortAllocator) -> Result:
+def run(lab, ports: PortAllocator) -> Result:
     result = Result("alerts", lab.datapath)
     workers = lab.spec.workers
     if len(workers) < 2:
