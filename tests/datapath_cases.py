@@ -464,7 +464,8 @@ def snapshot() -> dict[str, NodeInfo]:
     for obj in CLUSTER:
         info, rejections = parse_ciliumnode(obj)
         assert info is not None and not rejections, rejections
-        out[info.name] = dataclasses.replace(info, node_labels=info.labels)
+        out[info.name] = dataclasses.replace(info, node_labels=info.labels,
+                                            node_addresses=info.addresses)
     return out
 
 

@@ -10,7 +10,8 @@ import ipaddress
 import pytest
 from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
 
-from nodecryptor.policy.admission import REASONS, Claim, Limits, admit, special_purpose
+from nodecryptor.policy.admission import REASONS, special_purpose
+from nodecryptor.policy.topology import compile_topology
 from nodecryptor.policy.ciliumnode import parse_ciliumnode, parse_node_roles
 from nodecryptor.datapath.iprule.spec import desired_routes
 from nodecryptor.observe.metrics import Metrics
@@ -32,7 +33,8 @@ def trusted(*objs, node_roles: dict | None = None) -> dict[str, NodeInfo]:
     for obj in objs:
         info, _ = parse_ciliumnode(obj)
         labels = info.labels if node_roles is None else node_roles.get(info.name)
-        out[info.name] = dataclasses.replace(info, node_labels=labels)
+        out[info.name] = dataclasses.replace(info, node_labels=labels,
+                                            node_addresses=info.addresses)
     return out
 
 
@@ -125,18 +127,32 @@ def test_cluster_pod_cidrs_reject_pod_cidrs_outside_them_per_family():
     assert reasons(plan) == {("evil", "10.99.1.0/24", "outside-cluster-pod-cidrs")}
 
 
+# The local node's own pod CIDRs as the kernel shows them (Cilium's route over cilium_host).
+W1_KERNEL = (net("10.244.1.0/24"), net("fd00:10:244:1::/64"))
+
+
 @pytest.mark.parametrize("claim", [
     "10.244.1.0/24",      # the local pod CIDR itself
     "10.244.0.0/16",      # a supernet of it (ip-rule: 'unreachable 10.244.0.0/16' broke probes)
     "10.244.1.128/25",    # inside it
-    "192.168.50.0/24",    # the underlay subnet, covering the local node address
-    "fd00:10:244:1::/64", "fd00:10:244::/48", "fd50::/64",
+    "fd00:10:244:1::/64", "fd00:10:244::/48",
 ])
 def test_claims_overlapping_the_local_node_are_rejected(claim):
     evil = ciliumnode("evil", "192.168.50.66", pod_cidrs=[claim])
-    plan = compute_plan(trusted(KUBEADM_CP, W1, evil), "w1", SETTINGS)
+    plan = compute_plan(trusted(KUBEADM_CP, W1, evil), "w1", SETTINGS, kernel_prefixes=W1_KERNEL)
     assert claim not in prefixes(plan)
     assert ("evil", claim, "overlaps-local-node") in reasons(plan)
+
+
+@pytest.mark.parametrize("claim", ["192.168.50.0/24", "fd50::/64"])
+def test_a_pod_cidr_over_node_addresses_is_rejected(claim):
+    """The underlay subnet claimed as a pod CIDR (no pool configured) contains addresses v1
+    Nodes list: refused, and every node address inside stays a destination."""
+    evil = ciliumnode("evil", "192.168.50.66", pod_cidrs=[claim])
+    plan = compute_plan(trusted(KUBEADM_CP, W1, W2, evil), "w1", SETTINGS)
+    assert claim not in prefixes(plan)
+    assert ("evil", claim, "covers-node-address") in reasons(plan)
+    assert {"192.168.50.10/32", "192.168.50.22/32"} <= prefixes(plan)
 
 
 def test_another_node_claiming_the_local_address_is_rejected():
@@ -146,18 +162,18 @@ def test_another_node_claiming_the_local_address_is_rejected():
     assert reasons(plan) == {("evil", "192.168.50.21/32", "overlaps-local-node")}
 
 
-def test_a_claim_covering_other_nodes_is_rejected_and_theirs_stay():
-    # 10.244.0.0/20 would contain cp1's and w2's pod CIDRs (but not w1's 10.244.1.0/24 when
-    # the local node is w9 elsewhere).
+def test_a_claim_covering_other_nodes_removes_nothing():
+    """Nested claims all stay (longest-prefix match sends each packet to the most specific
+    claimant); a pod CIDR over node addresses is refused, the addresses stay."""
     w9 = ciliumnode("w9", "192.168.60.9", pod_cidrs=["10.245.9.0/24"])
     evil = ciliumnode("evil", "192.168.60.66",
                       pod_cidrs=["10.244.0.0/22", "192.168.50.0/24", "10.250.0.0/24"])
     plan = compute_plan(trusted(KUBEADM_CP, W1, W2, w9, evil), "w9",
                         Settings(node_name="w9"))
     assert {"10.244.0.0/24", "10.244.1.0/24", "10.244.2.0/24", "192.168.50.10/32",
-            "192.168.50.21/32", "192.168.50.22/32", "10.250.0.0/24"} <= prefixes(plan)
-    assert {(v, r) for _, v, r in reasons(plan)} == {
-        ("10.244.0.0/22", "covers-other-node"), ("192.168.50.0/24", "covers-other-node")}
+            "192.168.50.21/32", "192.168.50.22/32", "10.250.0.0/24",
+            "10.244.0.0/22"} <= prefixes(plan)
+    assert {(v, r) for _, v, r in reasons(plan)} == {("192.168.50.0/24", "covers-node-address")}
 
 
 def test_a_node_address_inside_its_own_pod_cidr_is_fine():
@@ -288,8 +304,10 @@ LOCAL = ("me", "192.168.50.10", "10.244.10.0/24")
 def honest_cluster() -> dict[str, NodeInfo]:
     out = {}
     for name, ip, cidr in [LOCAL, *HONEST_V4]:
-        out[name] = NodeInfo(name, addresses=(("InternalIP", addr(ip)),), pod_cidrs=(net(cidr),),
-                             node_labels=((CP_LABEL, ""),) if name == "h1" else ())
+        address = (("InternalIP", addr(ip)),)
+        out[name] = NodeInfo(name, addresses=address, pod_cidrs=(net(cidr),),
+                             node_labels=((CP_LABEL, ""),) if name == "h1" else (),
+                             node_addresses=address)
     return out
 
 
@@ -326,35 +344,32 @@ PROPERTY_SETTINGS = [Settings(node_name="me"),
 
 
 @hyp_settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(hostile_node, max_size=3), st.sampled_from(PROPERTY_SETTINGS))
-def test_property_no_claim_touches_outside_traffic_or_displaces_an_honest_node(nodes, settings):
+@given(st.lists(hostile_node, max_size=3), st.sampled_from(PROPERTY_SETTINGS), st.booleans())
+def test_property_no_claim_touches_outside_traffic_or_displaces_an_honest_node(nodes, settings,
+                                                                             kernel):
+    """Hostile CiliumNodes (no Node of their own) claim anything: the honest nodes' prefixes
+    all stay encrypted, nothing special-purpose, too broad or (with pools) outside the pools
+    becomes a destination, nothing over the local node's trusted prefixes either, and the
+    control-plane node keeps its exemption. ``kernel``: whether the kernel shows the local
+    pod CIDR (else the local CiliumNode's own claim is all there is, and it loses conflicts)."""
     snapshot = {**hostile(nodes), **honest_cluster()}
-    plan = compute_plan(snapshot, "me", settings)
-    local = [net(LOCAL[1]), net(LOCAL[2])]
+    plan = compute_plan(snapshot, "me", settings,
+                        kernel_prefixes=(net(LOCAL[2]),) if kernel else ())
+    local = [net(LOCAL[1]), *([net(LOCAL[2])] if kernel else [])]
+    hostile_names = {n for n, *_ in nodes}
     for d in plan.destinations:
         p = d.prefix
-        # Nothing special-purpose, nothing over the local node, nothing too broad, and inside
-        # the cluster's pod ranges when they are known.
         assert special_purpose(p) is None
         assert not any(p.overlaps(own) for own in local if own.version == p.version)
         if d.kind == KIND_POD_CIDR:
             assert p.prefixlen >= (16 if p.version == 4 else 48)
             if settings.cluster_pod_cidrs and p.version == 4:
                 assert any(p.subnet_of(r) for r in settings.cluster_pod_cidrs)
-        # No destination strictly contains a prefix another node claims as a destination.
-        for other in plan.destinations:
-            if other.node != d.node and other.prefix != p and other.prefix.version == p.version:
-                assert not other.prefix.subnet_of(p) or other.node == d.node
-    # Every honest prefix that no hostile claim sits inside stays encrypted, and the
-    # control-plane node's address keeps its exemption whatever claims it.
-    hostile_prefixes = [p for _, cidrs, addrs, _ in nodes
-                        for p in [*cidrs, *(net(a.network_address) for a in addrs)]]
+        else:
+            assert d.node not in hostile_names  # no Node object: no node address
     by_prefix = {d.prefix: d for d in plan.destinations}
     for name, ip, cidr in HONEST_V4:
         for p in (net(ip), net(cidr)):
-            if any(h.version == p.version and h.subnet_of(p) and h != p
-                   for h in hostile_prefixes):
-                continue
             assert p in by_prefix, (name, p)
     assert by_prefix[net("192.168.50.11/32")].control_plane
     assert all(r.reason in REASONS for r in plan.rejected)
@@ -367,17 +382,36 @@ def test_property_no_claim_touches_outside_traffic_or_displaces_an_honest_node(n
                                            "10.244.1.0/25", "10.245.0.0/24"]),
                           st.booleans()), max_size=12))
 def test_property_admission_is_order_independent_and_complete(raw):
-    claims = [Claim(n, "spec.addresses" if k == KIND_NODE_IP else "spec.ipam.podCIDRs", k,
-                    net(p), cp) for n, k, p, cp in raw]
-    first = admit(claims, [], Limits())
-    second = admit(list(reversed(claims)), [], Limits())
-    admitted = {c for group in first.admitted for c in group}
-    assert admitted == {c for group in second.admitted for c in group}
-    assert set(first.rejected) == set(second.rejected)
-    # Every claim is either admitted or rejected (a duplicate is both: kept and reported).
-    rejected_keys = {(r.obj, r.value) for r in first.rejected if r.reason != "duplicate-claim"}
-    for c in claims:
-        assert (c in admitted) != ((c.node, str(c.prefix)) in rejected_keys)
+    """Each node's addresses as its Node lists them and pod CIDRs as its CiliumNode claims
+    them: whatever the input order, every claim is admitted or rejected, never both (a
+    duplicate is kept and reported)."""
+    def cluster(rows):
+        nodes: dict = {}
+        for n, k, p, _cp in rows:
+            addrs, pods = nodes.setdefault(n, ([], []))
+            (addrs if k == KIND_NODE_IP else pods).append(net(p))
+        out = {}
+        for n, (addrs, pods) in nodes.items():
+            pairs = tuple(("InternalIP", a.network_address) for a in addrs if a.prefixlen == 32)
+            out[n] = NodeInfo(n, addresses=pairs, node_addresses=pairs, pod_cidrs=tuple(pods),
+                              node_labels=())
+        return out
+
+    first = compile_topology(cluster(raw), Settings())
+    second = compile_topology(dict(reversed(list(cluster(list(reversed(raw))).items()))),
+                              Settings())
+    assert first == second
+    admitted = {(c.node, c.kind, str(c.prefix)) for group in first.admitted for c in group}
+    kinds = {"status.addresses": KIND_NODE_IP, "spec.addresses": KIND_NODE_IP,
+             "spec.ipam.podCIDRs": KIND_POD_CIDR}
+    rejected_keys = {(r.obj, kinds[r.field], str(net(r.value))) for r in first.rejected
+                     if r.reason != "duplicate-claim"}
+    assert not admitted & rejected_keys
+    for node in cluster(raw).values():
+        for kind, prefixes in ((KIND_NODE_IP, [net(a) for _, a in node.addresses]),
+                               (KIND_POD_CIDR, node.pod_cidrs)):
+            for p in prefixes:
+                assert (node.name, kind, str(p)) in admitted | rejected_keys
 
 
 def test_reconcile_reports_each_rejection_once_across_passes():
@@ -388,6 +422,7 @@ def test_reconcile_reports_each_rejection_once_across_passes():
 
     store = Store()
     evil = ciliumnode("evil", "192.168.50.66", pod_cidrs=["10.0.0.0/8", "10.244.1.0/25"])
+    kernel = (net("10.244.1.0/24"),)  # Cilium's route to w1's pod CIDR
     store.replace_all(trusted(KUBEADM_CP, W1, evil).values())
     metrics = Metrics()
     wg = WgState(ifname="cilium_wg0", ifindex=9, present=True, up=True, mtu=1420,
@@ -396,7 +431,8 @@ def test_reconcile_reports_each_rejection_once_across_passes():
                      read_wg=lambda name: wg,
                      resolve_devices=lambda names, addrs, exclude: ((Device("eth0", 2, 1500),),
                                                                     []),
-                     read_sysctl=lambda name: {"all": 0, name: 0})
+                     read_sysctl=lambda name: {"all": 0, name: 0},
+                     read_local=lambda: kernel)
     for _ in range(3):
         assert rec.reconcile_once(force=True).ok
     counts = {r: metrics.registry.get_sample_value("nodecryptor_rejected_claims_total",

@@ -25,12 +25,15 @@ pytestmark = [pytest.mark.privileged, pytest.mark.slow]
 
 
 def cluster(workers=("w1", "w2", "w3")):
+    # Each CiliumNode with its v1 Node: the Node is the trusted source of the role and of the
+    # node addresses.
     objs = [make_ciliumnode("cp1", ipv4="192.168.77.10", ipv6="fd77::10",
                             pod_cidrs=["10.77.0.0/24"], control_plane=True),
-            make_node("cp1", control_plane=True)]  # the trusted source of the role
+            make_node("cp1", control_plane=True, ipv4="192.168.77.10", ipv6="fd77::10")]
     for i, name in enumerate(workers, start=1):
         objs.append(make_ciliumnode(name, ipv4=f"192.168.77.{10 + i}", ipv6=f"fd77::{10 + i}",
                                     pod_cidrs=[f"10.77.{i}.0/24"]))
+        objs.append(make_node(name, ipv4=f"192.168.77.{10 + i}", ipv6=f"fd77::{10 + i}"))
     return objs
 
 
@@ -39,7 +42,7 @@ def remote_prefixes(objects, local="w1") -> set[str]:
     InternalIP addresses as host prefixes and their pod CIDRs, exactly."""
     out = set()
     for obj in objects:
-        if obj["metadata"]["name"] == local:
+        if obj["metadata"]["name"] == local or obj["kind"] != "CiliumNode":
             continue
         for addr in obj["spec"].get("addresses", []):
             if addr["type"] == "InternalIP":

@@ -27,7 +27,7 @@ from nodecryptor.observe.metrics import Metrics, metrics_server
 from nodecryptor.agent.reconcile import Reconciler
 from nodecryptor.core.settings import Settings
 from nodecryptor.cluster.store import Store
-from nodecryptor_testkit.fakeapi import FakeApiServer, make_ciliumnode
+from nodecryptor_testkit.fakeapi import FakeApiServer, make_ciliumnode, make_node
 from nodecryptor_testkit.wait import wait_for
 
 CLIENT_TIMEOUT = 30  # generous: an answer must come, how fast is only recorded
@@ -263,8 +263,12 @@ def test_in_process_agent_applies_changes_during_a_flood(tmp_path, floods):
     """The agent's own wiring (Agent: store, sync, reconcile loop, link watcher, endpoints)
     with a fake datapath, against the fake API server, flooded on both ports."""
     token = "endpoint-test"
-    objects = [make_ciliumnode("w1", ipv4="192.0.2.1", pod_cidrs=["10.1.0.0/24"]),
-               make_ciliumnode("w2", ipv4="192.0.2.2", pod_cidrs=["10.2.0.0/24"])]
+    # Each CiliumNode with its v1 Node, the trusted source of the node addresses. The agent
+    # runs in the test host's namespace and takes the local node's prefixes from its kernel:
+    # addresses from TEST-NET-2, which test hosts do not use (some use TEST-NET-1).
+    objects = [make_ciliumnode("w1", ipv4="198.51.100.1", pod_cidrs=["10.1.0.0/24"]),
+               make_ciliumnode("w2", ipv4="198.51.100.2", pod_cidrs=["10.2.0.0/24"]),
+               make_node("w1", ipv4="198.51.100.1"), make_node("w2", ipv4="198.51.100.2")]
     with FakeApiServer(token=token, objects=objects, bookmark_interval=3600) as fake:
         settings = Settings(node_name="w1", kubeconfig=fake.write_kubeconfig(
                                 str(tmp_path / "kubeconfig")),
@@ -283,7 +287,7 @@ def test_in_process_agent_applies_changes_during_a_flood(tmp_path, floods):
                 current = datapath.current
                 return {str(d.prefix) for d in current.destinations} if current else set()
 
-            wait_for(lambda: "192.0.2.2/32" in destinations(), CLIENT_TIMEOUT,
+            wait_for(lambda: "198.51.100.2/32" in destinations(), CLIENT_TIMEOUT,
                      "the first state to be applied")
             floods(health_port)
             floods(metrics_port)
@@ -291,9 +295,10 @@ def test_in_process_agent_applies_changes_during_a_flood(tmp_path, floods):
             assert status == 200, body
             print(f"agent /healthz under 1000 connections: {seconds * 1000:.1f} ms")
             assert get(metrics_port, "/metrics")[0] == 200
-            fake.apply(make_ciliumnode("w3", ipv4="192.0.2.3", pod_cidrs=["10.3.0.0/24"]))
+            fake.apply(make_node("w3", ipv4="198.51.100.3"))
+            fake.apply(make_ciliumnode("w3", ipv4="198.51.100.3", pod_cidrs=["10.3.0.0/24"]))
             started = time.monotonic()
-            wait_for(lambda: "192.0.2.3/32" in destinations(), CLIENT_TIMEOUT,
+            wait_for(lambda: "198.51.100.3/32" in destinations(), CLIENT_TIMEOUT,
                      "the CiliumNode change to be applied under the flood")
             print(f"CiliumNode change applied under the flood after "
                   f"{time.monotonic() - started:.2f} s")

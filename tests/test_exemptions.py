@@ -110,7 +110,8 @@ def node(name, ip, labels=None):
     net = ipaddress.ip_network(f"10.{int(ip.split('.')[-1])}.0.0/24")
     return NodeInfo(name=name, addresses=(("InternalIP", ipaddress.ip_address(ip)),),
                     pod_cidrs=(net,),
-                    node_labels=None if labels is None else tuple(sorted(labels.items())))
+                    node_labels=None if labels is None else tuple(sorted(labels.items())),
+                    node_addresses=(("InternalIP", ipaddress.ip_address(ip)),))
 
 
 CLUSTER = {
@@ -214,7 +215,8 @@ def test_selectors_use_the_trusted_labels():
     """A CiliumNode label (writable by any Cilium agent) does not select a node by default."""
     cluster = dict(CLUSTER)
     cluster["w3"] = NodeInfo(name="w3", labels=(("storage", "yes"),),
-                             addresses=CLUSTER["w3"].addresses, node_labels=((ZONE, "b"),))
+                             addresses=CLUSTER["w3"].addresses, node_labels=((ZONE, "b"),),
+                             node_addresses=CLUSTER["w3"].addresses)
     plan = compute_plan(cluster, "w1", Settings(node_name="w1"), policies=parsed(STORAGE))
     assert exempt_by_node(plan)["w3"] == []
     plan = compute_plan(cluster, "w1", Settings(node_name="w1",

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 from nodecryptor.agent import peermonitor
 from nodecryptor.policy import peerhealth as ph
 from nodecryptor.observe.metrics import Metrics
-from nodecryptor.core.model import NodeInfo, WgPeer, WgState
+from nodecryptor.core.model import Destination, NodeInfo, WgPeer, WgState
 from nodecryptor.core.settings import Settings
 from nodecryptor.cluster.store import Store
 
@@ -16,9 +16,15 @@ OTHER = "O" * 43 + "="
 
 
 class Reconciler:
+    """``uncovered``: (prefix, node) pairs, or prefixes of w2 (which published a key)."""
+
     def __init__(self, ready=(True, "ok"), applied=True, error=None, uncovered=()):
         self._ready, self.applied_once, self.last_error = ready, applied, error
-        self.last_desired = SimpleNamespace(uncovered=frozenset(uncovered))
+        pairs = [u if isinstance(u, tuple) else (u, "w2") for u in uncovered]
+        dests = tuple(Destination(ipaddress.ip_network(p), node, "pod-cidr", False)
+                      for p, node in pairs)
+        self.last_desired = SimpleNamespace(uncovered=frozenset(d.prefix for d in dests),
+                                            destinations=dests)
 
     def ready(self):
         return self._ready
@@ -55,6 +61,8 @@ def test_healthy_peer_gives_true_metrics_and_a_table(tmp_path):
     table = peermonitor.read_peers_file(mon.settings)
     assert table["peers"][0]["node"] == "w2" and table["peers"][0]["state"] == "healthy"
     assert table["condition"]["reason"] == ph.READY
+    # The pod pools are recorded too: none read in this store, and it says why.
+    assert table["pools"]["cidrs"] == [] and table["pools"]["problem"]
 
 
 def test_wireguard_down_is_false_at_once(tmp_path):

@@ -14,6 +14,8 @@ from nodecryptor.cli import main
 from nodecryptor_testkit.fakeapi import FakeApiServer, load_objects, make_ciliumnode, make_node
 
 EXAMPLE = os.path.join(os.path.dirname(nodecryptor.__file__), "examples", "cluster.json")
+EXAMPLE_POOLS = {"cidrs": ["10.244.0.0/16", "fd00:10:244::/56"], "source": "cilium",
+                 "problem": ""}
 TCP_DEFAULT = [{"protocol": "tcp", "first": 2379, "last": 2380},
                {"protocol": "tcp", "first": 6443, "last": 6443}]
 
@@ -71,6 +73,7 @@ def test_bundled_example_plan_for_a_worker(serve, capsys):
         "exempt_ports": TCP_DEFAULT,
         "serves": [],
         "rejected": [],
+        "pools": EXAMPLE_POOLS,
     }
 
 
@@ -88,8 +91,8 @@ def test_bundled_example_plan_for_the_control_plane(serve, capsys):
 @pytest.mark.parametrize("style", ["kubeadm", "k3s", "master"])
 def test_every_control_plane_label_style(serve, capsys, style):
     objects = [make_ciliumnode("cp", ipv4="192.0.2.1", control_plane=True, label_style=style),
-               make_node("cp", control_plane=True, label_style=style),
-               make_ciliumnode("w", ipv4="192.0.2.2"), make_node("w")]
+               make_node("cp", control_plane=True, label_style=style, ipv4="192.0.2.1"),
+               make_ciliumnode("w", ipv4="192.0.2.2"), make_node("w", ipv4="192.0.2.2")]
     kc = serve(objects)
     assert plan_json(capsys, kc, "cp")["role"] == "control-plane"
     assert plan_json(capsys, kc, "w")["destinations"] == [
@@ -100,9 +103,9 @@ def test_role_comes_from_the_node_unless_told_otherwise(serve, capsys):
     # Any Cilium agent can label a CiliumNode control-plane; the v1
     # Node's role labels are protected by NodeRestriction.
     objects = [make_ciliumnode("cp", ipv4="192.0.2.1", control_plane=True),
-               make_node("cp", control_plane=True),
+               make_node("cp", control_plane=True, ipv4="192.0.2.1"),
                make_ciliumnode("w", ipv4="192.0.2.2", control_plane=True),  # forged
-               make_node("w"),
+               make_node("w", ipv4="192.0.2.2"),
                make_ciliumnode("x", ipv4="192.0.2.3")]  # no Node yet: a worker
     kc = serve(objects)
     got = plan_json(capsys, kc, "x")
@@ -127,7 +130,8 @@ def test_rejections_are_listed_with_their_reason(serve, capsys):
         ("evil", "spec.addresses", "0.0.0.1", "unspecified"),  # its CiliumInternalIP
         ("evil", "spec.ipam.podCIDRs", "0.0.0.0/1", "unspecified"),
         ("evil", "spec.ipam.podCIDRs", "10.0.0.0/8", "too-broad"),
-        ("evil", "spec.addresses", "192.168.50.10/32", "duplicate-claim"),
+        # No v1 Node lists it: not a node address (cp1's own Node does list it).
+        ("evil", "spec.addresses", "192.168.50.10", "no-node-object"),
     }
     assert all(set(r) >= {"node", "field", "value", "reason"} for r in got["rejected"])
     # The control-plane node's address keeps its exemption; evil's own pod CIDR is kept.
@@ -150,7 +154,8 @@ def test_bad_admission_flags_exit_2_naming_flag_and_value(capsys, flag, value):
 def test_prefixes_are_normalised(serve, capsys):
     objects = [make_ciliumnode("a", ipv4="192.0.2.1"),
                make_ciliumnode("b", ipv6="FD50:0:0:0::00B",
-                               pod_cidrs=["10.244.5.7/24", "FD00:10:244:0005:0::1/64"])]
+                               pod_cidrs=["10.244.5.7/24", "FD00:10:244:0005:0::1/64"]),
+               make_node("b", ipv6="FD50:0:0:0::00B")]
     got = plan_json(capsys, serve(objects), "a")
     assert [d["prefix"] for d in got["destinations"]] == [
         "10.244.5.0/24", "fd00:10:244:5::/64", "fd50::b/128"]

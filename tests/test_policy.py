@@ -15,12 +15,13 @@ from tests.cilium_objects import (CP_LABEL, K3S_CP, KUBEADM_CP, LEGACY_MASTER, N
 
 
 def snapshot(*objs):
-    """NodeInfo by name, each with a v1 Node carrying the same labels as its CiliumNode (the
-    trusted role source; tests/test_admission.py covers the two sources disagreeing)."""
+    """NodeInfo by name, each with a v1 Node carrying the same labels and addresses as its
+    CiliumNode (the trusted source; tests/test_admission.py covers the two sources disagreeing)."""
     out = {}
     for obj in objs:
         info, _ = parse_ciliumnode(obj)
-        out[info.name] = dataclasses.replace(info, node_labels=info.labels)
+        out[info.name] = dataclasses.replace(info, node_labels=info.labels,
+                                            node_addresses=info.addresses)
     return out
 
 
@@ -94,8 +95,11 @@ def test_missing_podcidrs_and_unknown_local_node():
 
 
 def test_local_prefixes_never_become_destinations():
+    """A stale object claims w1's address and pod CIDR; w1's Node lists the address and the
+    kernel routes the pod CIDR (Cilium's route over cilium_host)."""
     stale = ciliumnode("w1-old", "192.168.50.21", None, ["10.244.1.0/24"])
-    plan = compute_plan(snapshot(W1, stale, W2), "w1", SETTINGS)
+    plan = compute_plan(snapshot(W1, stale, W2), "w1", SETTINGS,
+                        kernel_prefixes=[ipaddress.ip_network("10.244.1.0/24")])
     prefixes = {str(d.prefix) for d in plan.destinations}
     assert "192.168.50.21/32" not in prefixes and "10.244.1.0/24" not in prefixes
 

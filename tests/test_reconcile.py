@@ -15,7 +15,9 @@ from tests.cilium_objects import KUBEADM_CP, W1, W2, ciliumnode
 
 
 def info(obj):
-    return parse_ciliumnode(obj)[0]
+    """The CiliumNode's NodeInfo, its v1 Node (an honest kubelet) listing the same addresses."""
+    parsed = parse_ciliumnode(obj)[0]
+    return dataclasses.replace(parsed, node_addresses=parsed.addresses)
 
 
 class Clock:

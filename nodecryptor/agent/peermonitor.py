@@ -48,6 +48,24 @@ def read_peers_file(settings: Settings) -> dict[str, object] | None:
     return read_json_object(peers_path(settings))
 
 
+
+def split_uncovered(desired, nodes) -> tuple[int, tuple[str, ...]]:
+    """(uncovered destinations of nodes that published a WireGuard key, names of the nodes
+    with uncovered destinations that published none). A node without a key cannot have a
+    peer: that is its fault (or a forged object's), not the local node's."""
+    if desired is None:
+        return 0, ()
+    keyed, keyless = 0, set()
+    for dest in desired.destinations:
+        if dest.prefix not in desired.uncovered:
+            continue
+        node = nodes.get(dest.node)
+        if node is None or not node.has_ciliumnode or not node.wg_public_key:
+            keyless.add(dest.node)
+        else:
+            keyed += 1
+    return keyed, tuple(sorted(keyless))
+
 class PeerMonitor:
     """One ``check`` per CHECK_SECONDS. ``reconciler`` and ``sync`` are read duck-typed
     (``applied_once``, ``last_error``, ``ready()``, ``last_desired``; ``failures``), so tests
@@ -94,7 +112,7 @@ class PeerMonitor:
         r = self.reconciler
         ready, why = r.ready()
         desired = r.last_desired
-        uncovered = len(desired.uncovered) if desired is not None else 0
+        uncovered, keyless = split_uncovered(desired, nodes)
         mismatched = tuple(v.node for v in views if v.state == ph.KEY_MISMATCH)
         facts = ph.NodeFacts(
             wg_usable=wg.usable,
@@ -106,6 +124,7 @@ class PeerMonitor:
             sync_failing_for=self._held("sync", getattr(self.sync, "failures", 0) > 0, now),
             uncovered=uncovered,
             uncovered_for=self._held("uncovered", uncovered > 0, now),
+            keyless=keyless,
             fail_mode=str(self.settings.fail_mode),
             peer_counts=counts,
             mismatched=mismatched,
@@ -144,7 +163,9 @@ class PeerMonitor:
                 "wireguard": {"ifname": wg.ifname, "up": wg.usable, "error": wg.error},
                 "condition": {"type": ph.CONDITION_TYPE, "status": cond.status,
                               "reason": cond.reason, "message": cond.message},
-                "peers": [v.as_dict() for v in views]}
+                "peers": [v.as_dict() for v in views],
+                # The pod pools the agent bounds pod CIDR claims with (problem: why none).
+                "pools": self.store.pools().to_json()}
         try:
             write_json(path, data)
         except OSError as e:

@@ -64,6 +64,7 @@ class Reconciler:
                  resolve_devices: Callable | None = None,
                  read_sysctl: Callable[[str], dict] = read_rp_filter,
                  read_tunnel: Callable[[], tuple] = devices_mod.tunnel_devices,
+                 read_local: Callable[[], tuple] | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.settings = settings
         self.store = store
@@ -74,6 +75,9 @@ class Reconciler:
             refresh_seconds=settings.reconcile_seconds, clock=clock)
         self._read_sysctl = read_sysctl
         self._read_tunnel = read_tunnel
+        # The local node's own prefixes as the kernel shows them (localroutes.py; the agent's
+        # wiring passes the reader). Without one, the Node object alone names them.
+        self._read_local = read_local or tuple
         self._clock = clock
         self.heartbeat: float = clock()
         """Monotonic time of the last completed pass (successful or not): liveness."""
@@ -144,13 +148,13 @@ class Reconciler:
                                                    self.settings.wg_interface)
         rp = tuple(sorted(self._read_sysctl(self.settings.wg_interface).items()))
         return (version, snapshot, wg, devices, rp, self._read_tunnel(),
-                self.store.exemptions())
+                self.store.exemptions(), self.store.pools(), tuple(self._read_local()))
 
     def _desired(self, _version, snapshot, wg, devices, rp_items, tunnel=(),
-                 policies=()) -> DesiredState:
+                 policies=(), pools=None, local_prefixes=()) -> DesiredState:
         plan = compute_plan(snapshot, self.settings.node_name, self.settings,
                             underlay_networks=[n for d in devices for n in d.networks],
-                            policies=policies)
+                            policies=policies, pools=pools, kernel_prefixes=local_prefixes)
         self._rejections.report(plan.rejected)
         if not plan.local_known:
             log.warning("local node has no CiliumNode; treating it as a worker",
@@ -196,7 +200,7 @@ class Reconciler:
                      extra=kv(routing_mode=facts.routing_mode, why=facts.routing_mode_source,
                               node_ips_in_allowed_ips=facts.node_ips_in_allowed_ips))
         return cilium.apply(desired, facts, self.settings.take_over_pod_to_pod,
-                            admission_limits(self.settings))
+                            admission_limits(self.settings, self.store.pools()))
 
     def _failed(self, error: str, started: float) -> PassResult:
         self.failures += 1

@@ -21,7 +21,7 @@ from nodecryptor.core.log import kv
 from nodecryptor.observe.metrics import Metrics, metrics_server
 from nodecryptor.node.netwatch import LinkWatcher
 from nodecryptor.agent.reconcile import Reconciler
-from nodecryptor.core.settings import RoleSource, Settings, require_node_name
+from nodecryptor.core.settings import Settings, require_node_name
 from nodecryptor.cluster.store import Store
 
 log = logging.getLogger("nodecryptor.agent")
@@ -80,11 +80,15 @@ class Agent:
         return check
 
     def run(self, datapath: Datapath, stop: threading.Event) -> int:
+        from nodecryptor.cluster.poolsync import CiliumConfigSync, PodIPPoolSync
         from nodecryptor.cluster.resources import ExemptionSync, NodeRoleSync
         from nodecryptor.cluster.sync import CiliumNodeSync
+        from nodecryptor.node import localroutes
 
         settings = self.settings
-        reconciler = self.reconciler = Reconciler(settings, self.store, datapath, self.metrics)
+        reconciler = self.reconciler = Reconciler(
+            settings, self.store, datapath, self.metrics,
+            read_local=lambda: localroutes.read_local_prefixes(settings.wg_interface))
         sync = CiliumNodeSync(settings, self.store, self.metrics)
 
         def watched_links() -> set[str]:
@@ -101,12 +105,15 @@ class Agent:
                                     daemon=True)]
         checks = [reconciler.alive, thread_check(threads[0], sync.alive),
                   thread_check(threads[1])]
-        if settings.role_source == RoleSource.NODE:
-            # Control-plane roles from the v1 Nodes' labels (see NodeRoleSync).
-            roles = NodeRoleSync(settings, self.store, self.metrics)
-            threads.append(threading.Thread(target=roles.run, args=(stop,),
-                                            name="k8s-node-roles", daemon=True))
-            checks.append(thread_check(threads[-1], roles.alive))
+        # The v1 Nodes, whatever the role source: their addresses and pod CIDRs are the
+        # trusted ones (see NodeRoleSync); and the pod pools (poolsync.py).
+        for loop, name in ((NodeRoleSync(settings, self.store, self.metrics), "k8s-nodes"),
+                           (CiliumConfigSync(settings, self.store, self.metrics),
+                            "k8s-cilium-config"),
+                           (PodIPPoolSync(settings, self.store, self.metrics), "k8s-ip-pools")):
+            threads.append(threading.Thread(target=loop.run, args=(stop,), name=name,
+                                            daemon=True))
+            checks.append(thread_check(threads[-1], loop.alive))
         # EncryptionExemption policies (exemptions.py); a missing CRD is retried, not fatal.
         policies = self.exemption_sync = ExemptionSync(settings, self.store, self.metrics)
         threads.append(threading.Thread(target=policies.run, args=(stop,),

@@ -1,7 +1,7 @@
 """The request each synced resource is listed and watched with: CiliumNodes through the
-client's custom-object call, and two adapters that offer the same call
-(``list_cluster_custom_object``) for v1 Nodes as metadata only and for another custom
-resource (EncryptionExemptions), so one list/watch loop serves all three."""
+client's custom-object call, and adapters that offer the same call
+(``list_cluster_custom_object``) for v1 Nodes, for one ConfigMap and for another custom
+resource (EncryptionExemptions, CiliumPodIPPools), so one list/watch loop serves them all."""
 
 from __future__ import annotations
 
@@ -17,18 +17,14 @@ GROUP = "cilium.io"
 VERSION = "v2"
 PLURAL = "ciliumnodes"
 
-NODE_METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
-NODE_METADATA_WATCH = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
-"""Accept headers that make the API server send Nodes as metadata only (PartialObjectMetadata:
-names, labels, annotations; no spec, no status), a fraction of a full Node. A list asks for the
-List kind, a watch for the per-object kind, as client-go's metadata client does."""
 
-
-class NodeMetadataApi:
-    """List and watch of v1 Nodes as metadata only, offered under the call CiliumNodeSync's
-    list/watch loop makes (``list_cluster_custom_object``), so that loop - pagination,
-    bookmarks, re-list on 410, timeouts, backoff - serves both resources. ``group``,
-    ``version`` and ``plural`` are ignored: this object only ever reads /api/v1/nodes."""
+class NodeApi:
+    """List and watch of v1 Nodes, offered under the call CiliumNodeSync's list/watch loop
+    makes (``list_cluster_custom_object``), so that loop - pagination, bookmarks, re-list on
+    410, timeouts, backoff - serves both resources. ``group``, ``version`` and ``plural`` are
+    ignored: this object only ever reads /api/v1/nodes. Whole Nodes, not their metadata:
+    status.addresses and spec.podCIDRs are the trusted node addresses and pod CIDRs (only
+    those fields and the labels are kept, see ``parse_node_roles``)."""
 
     def __init__(self, api_client: kubernetes.client.ApiClient):
         self.api_client = api_client
@@ -36,11 +32,34 @@ class NodeMetadataApi:
 
     def list_cluster_custom_object(self, _group, _version, _plural, watch: bool = False,
                                    _preload_content: bool = True, **kwargs):
-        accept = NODE_METADATA_WATCH if watch else NODE_METADATA_LIST
         # Always the raw response: the client's model classes would turn 10,000 items into
         # objects only to be read back as dicts.
         resp = self._core.list_node(watch=True if watch else None, _preload_content=False,
-                                    _headers={"Accept": accept}, **kwargs)
+                                    **kwargs)
+        if not _preload_content:
+            return resp
+        try:
+            return json.loads(resp.data)
+        finally:
+            resp.release_conn()
+
+
+class ConfigMapApi:
+    """One ConfigMap (by namespace and name, a field selector on the name, so neither the
+    list nor the watch carries any other ConfigMap), under the call CiliumNodeSync's loop
+    makes."""
+
+    def __init__(self, api_client: kubernetes.client.ApiClient, namespace: str, name: str):
+        self.api_client = api_client
+        self._core = kubernetes.client.CoreV1Api(api_client)
+        self.namespace = namespace
+        self.name = name
+
+    def list_cluster_custom_object(self, _group, _version, _plural, watch: bool = False,
+                                   _preload_content: bool = True, **kwargs):
+        resp = self._core.list_namespaced_config_map(
+            self.namespace, watch=True if watch else None, _preload_content=False,
+            field_selector=f"metadata.name={self.name}", **kwargs)
         if not _preload_content:
             return resp
         try:

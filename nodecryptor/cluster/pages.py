@@ -1,8 +1,16 @@
 """Paginated lists: following limit/continue to the end of a collection, turning each item
-into a value through a parser and collecting what the parser rejected."""
+into a value through a parser and collecting what the parser rejected.
+
+Memory stays bounded whatever other nodes write: a page is read as raw bytes and its items are
+decoded one at a time (``decode_list``), so only one decoded object is alive at once, and an
+item larger than ``MAX_OBJECT_BYTES`` is rejected whole (reason ``oversized``) before any of
+its fields is read. Each parser keeps only the fields the policy uses."""
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kubernetes.client.exceptions import ApiException
@@ -13,6 +21,62 @@ from nodecryptor.cluster.k8s_errors import ApiGone, ApiUnavailable
 from nodecryptor.core.model import NodeInfo
 from nodecryptor.core.settings import Settings
 from nodecryptor.policy.ciliumnode import Rejection, parse_ciliumnode
+
+
+MAX_OBJECT_BYTES = 512 * 1024
+"""Largest object (its JSON text) that is parsed. Cilium's own CiliumNodes are a few KiB (tens
+with an ENI-sized ``spec.ipam.pool``), Nodes a few tens of KiB; etcd refuses values over
+1.5 MiB. A bigger object is rejected whole: 45 CiliumNodes of 1.4 MB decoded at once took the
+agent past its memory limit."""
+
+_SPACE = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+def oversized(obj_name: str, kind: str, size: int) -> Rejection:
+    return Rejection(obj_name, "object", f"{size} bytes",
+                     f"larger than {MAX_OBJECT_BYTES} bytes: rejected whole, not parsed",
+                     "oversized", kind=kind)
+
+
+def decode_list(text: str, on_item: Callable[[object, int], None]) -> dict:
+    """Decode a List response (a JSON object with an ``items`` array) item by item: call
+    ``on_item(object, size of its JSON text)`` for each, and return the other top-level
+    fields. Raises ValueError on malformed JSON."""
+    def skip(i: int) -> int:
+        return _SPACE.match(text, i).end()
+
+    def expect(i: int, char: str) -> int:
+        i = skip(i)
+        if text[i:i + 1] != char:
+            raise ValueError(f"expected {char!r} at offset {i}")
+        return i + 1
+
+    top: dict = {}
+    i = expect(0, "{")
+    while True:
+        i = skip(i)
+        if text[i:i + 1] == "}":
+            return top
+        key, i = _DECODER.raw_decode(text, i)
+        i = skip(expect(i, ":"))
+        if key == "items" and text[i:i + 1] == "[":
+            top["items"] = True
+            i = skip(i + 1)
+            while text[i:i + 1] != "]":
+                start = i
+                obj, i = _DECODER.raw_decode(text, i)
+                on_item(obj, i - start)
+                del obj  # only one decoded item alive at a time
+                i = skip(i)
+                if text[i:i + 1] == ",":
+                    i = skip(i + 1)
+            i += 1
+        else:
+            top[key], i = _DECODER.raw_decode(text, i)
+        i = skip(i)
+        if text[i:i + 1] == ",":
+            i += 1
 
 
 @dataclass
@@ -33,11 +97,29 @@ def list_all(api, page_size: int, timeout: float, parse=parse_ciliumnode,
     rejected: list[tuple[dict, list[Rejection]]] = []
     token: str | None = None
     pages = 0
+    kind = noun[:-1] if noun.endswith("s") else noun
+
+    def take(obj: object, size: int) -> None:
+        if size > MAX_OBJECT_BYTES:
+            meta = meta_of(obj)
+            rejected.append(({k: meta.get(k) for k in ("name", "resourceVersion")},
+                             [oversized(str(meta.get("name") or "?"), kind, size)]))
+            return
+        info, rejections = parse(obj)
+        if info is not None:
+            nodes[info.name] = info
+        if rejections:
+            rejected.append((meta_of(obj), rejections))
+
     while True:
         try:
-            page = api.list_cluster_custom_object(GROUP, VERSION, PLURAL, limit=page_size,
-                                                  _continue=token,
+            resp = api.list_cluster_custom_object(GROUP, VERSION, PLURAL, limit=page_size,
+                                                  _continue=token, _preload_content=False,
                                                   _request_timeout=(timeout, timeout))
+            try:
+                raw = resp.data
+            finally:
+                resp.release_conn()
         except ApiException as e:
             raise translate_error(e, api_host(api), f"listing {noun}") from e
         except TRANSPORT_ERRORS as e:
@@ -45,14 +127,15 @@ def list_all(api, page_size: int, timeout: float, parse=parse_ciliumnode,
         pages += 1
         if on_page is not None:
             on_page()
-        if not isinstance(page, dict) or not isinstance(page.get("items"), list):
+        try:
+            page = decode_list(raw.decode("utf-8"), take)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiUnavailable(f"listing {noun}: {api_host(api)} sent malformed JSON: "
+                                 f"{e}") from None
+        finally:
+            del raw
+        if page.get("items") is not True:
             raise ApiUnavailable(f"listing {noun}: {api_host(api)} sent no item list")
-        for obj in page["items"]:
-            info, rejections = parse(obj)
-            if info is not None:
-                nodes[info.name] = info
-            if rejections:
-                rejected.append((meta_of(obj), rejections))
         meta = page.get("metadata") or {}
         token = meta.get("continue") or None
         if token is None:

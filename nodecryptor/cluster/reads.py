@@ -1,6 +1,7 @@
 """One-shot reads for the operator commands (``plan``, ``status``): every CiliumNode with its
-Node's role labels, every EncryptionExemption, every Node's NodeEncryptionReady condition;
-each opens a client, lists to the end and closes it."""
+v1 Node's labels, addresses and pod CIDRs, the cluster's pod pools, every EncryptionExemption,
+every Node's NodeEncryptionReady condition; each opens a client, lists to the end and closes
+it."""
 
 from __future__ import annotations
 
@@ -10,22 +11,23 @@ from collections.abc import Iterable
 import kubernetes.client
 from kubernetes.client.exceptions import ApiException
 
-from nodecryptor.cluster.apis import NodeMetadataApi, ResourceApi, ResourceMissing
+from nodecryptor.cluster.apis import ConfigMapApi, NodeApi, ResourceApi, ResourceMissing
 from nodecryptor.cluster.client import TRANSPORT_ERRORS, api_host, load_client, translate_error
 from nodecryptor.cluster.pages import list_complete
 from nodecryptor.cluster.store import Store
-from nodecryptor.core.model import NodeInfo
-from nodecryptor.core.settings import RoleSource, Settings
-from nodecryptor.policy import exemptions
+from nodecryptor.core.model import NodeInfo, PodPools
+from nodecryptor.core.settings import Settings
+from nodecryptor.policy import exemptions, pools
 from nodecryptor.policy.ciliumnode import Rejection, parse_node_roles
 
 
 def snapshot_once(settings: Settings, policies: Iterable = ()
                   ) -> tuple[dict[str, NodeInfo], list[Rejection]]:
-    """List every CiliumNode once, and with ``role_source`` "node" every Node's labels, merged
-    by a Store as the agent's merges them: a Node's labels reduced to the role labels and the
-    keys the exemption ``policies`` select on. Raises a KubernetesError naming the server and
-    the cause when the API is unreachable, refuses access, or has no CiliumNode resource."""
+    """List every CiliumNode and every v1 Node once, merged by a Store as the agent's merges
+    them: a Node's labels reduced to the role labels and the keys the exemption ``policies``
+    select on, its addresses and pod CIDRs; a Node without a CiliumNode is a node of its own.
+    Raises a KubernetesError naming the server and the cause when the API is unreachable,
+    refuses access, or has no CiliumNode resource."""
     store = Store()
     store.set_role_label_keys(settings.control_plane_labels)
     store.replace_exemptions(policies)
@@ -33,13 +35,36 @@ def snapshot_once(settings: Settings, policies: Iterable = ()
     try:
         result = list_complete(kubernetes.client.CustomObjectsApi(api_client), settings)
         store.replace_all(result.nodes.values())
-        if settings.role_source == RoleSource.NODE:
-            roles = list_complete(NodeMetadataApi(api_client), settings,
-                                  lambda obj: parse_node_roles(obj, None), "Nodes").nodes
-            store.replace_node_labels({name: r.labels for name, r in roles.items()})
-        return store.snapshot(), [r for _, rs in result.rejections for r in rs]
+        kube = list_complete(NodeApi(api_client), settings,
+                             lambda obj: parse_node_roles(obj, None), "Nodes")
+        store.replace_nodes(kube.nodes.values())
+        rejections = [r for _, rs in [*result.rejections, *kube.rejections] for r in rs]
+        return store.snapshot(), rejections
     finally:
         api_client.close()
+
+
+def pools_once(settings: Settings) -> tuple[PodPools, list[Rejection]]:
+    """Read the cluster's pod pools once: the cilium-config ConfigMap and the
+    CiliumPodIPPools (a missing CRD means none). Raises KubernetesError."""
+    api_client = load_client(settings)
+    try:
+        config = list_complete(ConfigMapApi(api_client, settings.cilium_namespace,
+                                            pools.CONFIGMAP_NAME), settings,
+                               pools.parse_cilium_config, "ConfigMaps")
+        try:
+            ip_pools = list_complete(ResourceApi(api_client, pools.POOL_GROUP,
+                                                 pools.POOL_VERSION, pools.POOL_PLURAL),
+                                     settings, pools.parse_pod_ip_pool, "CiliumPodIPPools")
+            found, pool_rejections = ip_pools.nodes, ip_pools.rejections
+        except ResourceMissing:
+            found, pool_rejections = {}, []
+    finally:
+        api_client.close()
+    cm = config.nodes.get(pools.CONFIGMAP_NAME)
+    combined = pools.combine(cm.cidrs if cm is not None else None,
+                             {n: p.cidrs for n, p in found.items()})
+    return combined, [r for _, rs in [*config.rejections, *pool_rejections] for r in rs]
 
 
 def exemptions_once(settings: Settings) -> tuple[tuple, list[Rejection], str | None]:

@@ -1,6 +1,6 @@
 """The synced resources besides CiliumNodes, each a set of hooks on CiliumNodeSync's loop:
-``NodeRoleSync`` (the v1 Nodes, metadata only, for the control-plane role labels of
-``--role-source node`` and the labels exemption policies select) and ``ExemptionSync``
+``NodeRoleSync`` (the v1 Nodes: the labels for the control-plane role and the exemption
+policies' selectors, the addresses and the pod CIDRs) and ``ExemptionSync``
 (``encryptionexemptions.nodecryptor.io/v1alpha1``; a missing CRD is reported and retried, the
 built-in policy still applies). Every object goes through its parser (``parse_node_roles``,
 ``exemptions.parse_exemption``); only the parsed value reaches the store."""
@@ -12,7 +12,7 @@ import logging
 
 import kubernetes.client
 
-from nodecryptor.cluster.apis import NodeMetadataApi, ResourceApi, ResourceMissing
+from nodecryptor.cluster.apis import NodeApi, ResourceApi, ResourceMissing
 from nodecryptor.cluster.pages import meta_of
 from nodecryptor.cluster.store import Store
 from nodecryptor.cluster.sync import CiliumNodeSync
@@ -26,14 +26,17 @@ log = logging.getLogger("nodecryptor.k8s")
 
 
 class NodeRoleSync(CiliumNodeSync):
-    """Keeps the store's role labels equal to the v1 Nodes' (``Settings.role_source`` "node").
+    """Keeps the store's v1 Nodes equal to the cluster's: their labels, ``status.addresses``
+    and ``spec.podCIDRs`` (``parse_node_roles``), the trusted source of node addresses, pod
+    CIDRs and roles.
 
-    The labels ``node-role.kubernetes.io/*`` on a Node are protected by the NodeRestriction
-    admission plugin: a kubelet cannot set them, unlike a CiliumNode's labels, which every
-    Cilium agent may write. Every label is read; the store keeps only the selector labels and
-    the keys exemption policies name (``Store.set_role_label_keys``), so the steady stream of
-    Node updates wakes nothing. Until its Node is known, a node is a
-    worker. Reuses CiliumNodeSync's list/watch loop with a metadata-only request."""
+    A node's addresses are written by its own kubelet, which the NodeRestriction admission
+    plugin keeps to its own Node; the labels ``node-role.kubernetes.io/*`` are protected from
+    kubelets by the same plugin, unlike a CiliumNode's labels, which every Cilium agent may
+    write. Every label is read; the store keeps only the selector labels and the keys
+    exemption policies name (``Store.set_role_label_keys``), so label changes that matter to
+    nobody wake nothing. Until its Node is known, a node has no trusted address and is a
+    worker. Reuses CiliumNodeSync's list/watch loop."""
 
     kind = "Node"
     noun = "Nodes"
@@ -50,19 +53,19 @@ class NodeRoleSync(CiliumNodeSync):
         store.set_role_label_keys(settings.control_plane_labels)
 
     def _make_api(self, api_client: kubernetes.client.ApiClient):
-        return NodeMetadataApi(api_client)
+        return NodeApi(api_client)
 
     def _parse(self, obj: object):
         return parse_node_roles(obj, None)
 
     def _install(self, items: dict) -> None:
-        self.store.replace_node_labels({name: r.labels for name, r in items.items()})
+        self.store.replace_nodes(items.values())
 
     def _upsert(self, item) -> None:
-        self.store.set_node_labels(item.name, item.labels)
+        self.store.set_node(item)
 
     def _remove(self, name: str) -> None:
-        self.store.delete_node_labels(name)
+        self.store.delete_node(name)
 
     def _restart(self, cause: str) -> None:
         if self.role_metrics is not None:

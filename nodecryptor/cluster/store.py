@@ -1,8 +1,10 @@
 """Thread-safe store of the cluster as the policy sees it: NodeInfo by node name.
 
-The Kubernetes sync writes it: CiliumNodes (parsed into NodeInfo) and, when roles come from the
-v1 Nodes, each Node's role labels, which the store merges into the NodeInfo of the same name
-(``NodeInfo.node_labels``). The reconcile loop reads snapshots. ``changed`` wakes the loop.
+The Kubernetes sync writes it: CiliumNodes (parsed into NodeInfo), the v1 Nodes (labels,
+status.addresses, spec.podCIDRs), which the store merges into the NodeInfo of the same name
+(``node_labels``, ``node_addresses``, ``node_pod_cidrs``; a Node without a CiliumNode is a
+NodeInfo of its own, ``has_ciliumnode`` False), and the cluster's pod pools. The reconcile loop
+reads snapshots. ``changed`` wakes the loop.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 
-from nodecryptor.core.model import NodeInfo
+from nodecryptor.core.model import KubeNode, NodeInfo, PodPools
+from nodecryptor.policy.pools import combine
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -25,8 +28,11 @@ class Store:
         self._lock = threading.Lock()
         self._parsed: dict[str, NodeInfo] = {}
         """NodeInfo as parsed from the CiliumNodes."""
-        self._node_labels: dict[str, Labels] = {}
-        """Role labels of the v1 Nodes by name (only while roles come from Nodes)."""
+        self._kube: dict[str, KubeNode] = {}
+        """What was read of the v1 Nodes, by name."""
+        self._config_cidrs: tuple | None = None
+        self._ip_pools: dict[str, tuple] = {}
+        self._pools = PodPools(problem="Cilium's configuration not read yet")
         self._nodes: dict[str, NodeInfo] = {}
         """``_parsed`` with the Node labels merged in: what snapshots return."""
         self._exemptions: dict[str, object] = {}
@@ -65,11 +71,11 @@ class Store:
             self._parsed.pop(name, None)
             self._put(name)
 
-    # v1 Node role labels
+    # v1 Nodes
 
     def expect_node_labels(self) -> None:
-        """Roles come from the Nodes: wait for their first list too before ``synced``, so the
-        first pass does not briefly treat every control-plane node as a worker."""
+        """Wait for the first list of Nodes too before ``synced``: node addresses and roles
+        come from them, so the first pass must not run without."""
         with self._lock:
             if not self.synced.is_set():
                 self._awaiting.add(LIST_NODES)
@@ -82,24 +88,59 @@ class Store:
             self._rebuild()
         self.changed.set()
 
-    def replace_node_labels(self, labels: Mapping[str, Labels]) -> None:
-        """Install the role labels of a complete list of Nodes."""
+    def replace_nodes(self, nodes: Iterable[KubeNode]) -> None:
+        """Install what a complete list of Nodes said."""
         with self._lock:
-            self._node_labels = dict(labels)
+            self._kube = {n.name: n for n in nodes}
             self._rebuild()
             self._listed(LIST_NODES)
         self.changed.set()
 
-    def set_node_labels(self, name: str, labels: Labels) -> None:
+    def set_node(self, node: KubeNode) -> None:
         with self._lock:
-            if self._node_labels.get(name) != labels:
-                self._node_labels[name] = labels
+            if self._kube.get(node.name) != node:
+                self._kube[node.name] = node
+                self._put(node.name)
+
+    def delete_node(self, name: str) -> None:
+        with self._lock:
+            if self._kube.pop(name, None) is not None:
                 self._put(name)
 
-    def delete_node_labels(self, name: str) -> None:
+    # The cluster's pod pools (Cilium's configuration); they never hold up ``synced``.
+
+    def set_cilium_config(self, cidrs: tuple | None) -> None:
+        """The cluster-pool CIDRs of the cilium-config ConfigMap; None: it does not exist."""
         with self._lock:
-            if self._node_labels.pop(name, None) is not None:
-                self._put(name)
+            self._config_cidrs = cidrs
+            self._pools_changed()
+
+    def replace_ip_pools(self, pools: Mapping[str, tuple]) -> None:
+        """The CIDRs of every CiliumPodIPPool, by name."""
+        with self._lock:
+            self._ip_pools = dict(pools)
+            self._pools_changed()
+
+    def set_ip_pool(self, name: str, cidrs: tuple) -> None:
+        with self._lock:
+            self._ip_pools[name] = cidrs
+            self._pools_changed()
+
+    def delete_ip_pool(self, name: str) -> None:
+        with self._lock:
+            self._ip_pools.pop(name, None)
+            self._pools_changed()
+
+    def _pools_changed(self) -> None:
+        pools = combine(self._config_cidrs, self._ip_pools)
+        if pools != self._pools:
+            self._pools = pools
+            self.version += 1
+            self.changed.set()
+
+    def pools(self) -> PodPools:
+        with self._lock:
+            return self._pools
 
     # EncryptionExemption policies (exemptions.py); they never hold up ``synced``: a
     # missing CRD leaves only the built-in policy.
@@ -137,7 +178,7 @@ class Store:
 
     def node_labels_count(self) -> int:
         with self._lock:
-            return len(self._node_labels)
+            return len(self._kube)
 
     def __len__(self) -> int:
         with self._lock:
@@ -160,13 +201,17 @@ class Store:
 
     def _merged(self, name: str, keys: frozenset[str] | None = None) -> NodeInfo | None:
         node = self._parsed.get(name)
-        labels = self._node_labels.get(name)
-        if node is None or labels is None:
+        kube = self._kube.get(name)
+        if kube is None:
             return node
+        if node is None:
+            node = NodeInfo(name=name, has_ciliumnode=False)
         keys = self._wanted_keys() if keys is None else keys
+        labels = kube.labels
         if keys is not None:
             labels = tuple((k, v) for k, v in labels if k in keys)
-        return dataclasses.replace(node, node_labels=labels)
+        return dataclasses.replace(node, node_labels=labels, node_addresses=kube.addresses,
+                                   node_pod_cidrs=kube.pod_cidrs)
 
     def _put(self, name: str) -> None:
         merged = self._merged(name)
@@ -181,7 +226,7 @@ class Store:
 
     def _rebuild(self) -> None:
         keys = self._wanted_keys()
-        fresh = {name: self._merged(name, keys) for name in self._parsed}
+        fresh = {name: self._merged(name, keys) for name in {*self._parsed, *self._kube}}
         if fresh != self._nodes:
             self._nodes = fresh
             self.version += 1

@@ -24,7 +24,8 @@ from kubernetes.watch.watch import iter_resp_lines
 from nodecryptor.cluster.apis import GROUP, PLURAL, VERSION
 from nodecryptor.cluster.client import TRANSPORT_ERRORS, api_host, load_client, translate_error
 from nodecryptor.cluster.k8s_errors import ApiGone, ApiUnavailable, KubernetesError
-from nodecryptor.cluster.pages import list_complete, meta_of, version_of
+from nodecryptor.cluster.pages import (MAX_OBJECT_BYTES, list_complete, meta_of, oversized,
+                                        version_of)
 from nodecryptor.cluster.store import Store
 from nodecryptor.core.backoff import Backoff
 from nodecryptor.core.log import kv
@@ -221,6 +222,13 @@ class CiliumNodeSync:
                 raise ApiGone(f"{what}: {message}")
             raise ApiUnavailable(f"{what}: the server sent an error event ({code}): {message}")
         if kind == "BOOKMARK":
+            return version_of(meta, rv)
+        if kind in ("ADDED", "MODIFIED") and len(line) > MAX_OBJECT_BYTES:
+            # Rejected whole, as a list would: the object stops counting.
+            name = meta.get("name")
+            self._report(meta, [oversized(str(name or "?"), self.kind, len(line))])
+            if isinstance(name, str):
+                self._remove(name)
             return version_of(meta, rv)
         if kind in ("ADDED", "MODIFIED"):
             info, rejections = self._parse(obj)

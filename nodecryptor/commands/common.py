@@ -73,7 +73,10 @@ def add_cluster(p: argparse.ArgumentParser) -> None:
                         "agent; only without NodeRestriction) (default: %(default)s)")
     p.add_argument("--cluster-pod-cidrs", default=None, metavar="CIDRS",
                    help="comma-separated pod ranges of the cluster; pod CIDRs outside them are "
-                        "rejected (default: not checked)")
+                        "rejected (default: read from Cilium's cilium-config ConfigMap and "
+                        "CiliumPodIPPools)")
+    p.add_argument("--cilium-namespace", default=Settings.cilium_namespace, metavar="NAMESPACE",
+                   help="namespace of Cilium's cilium-config ConfigMap (default: %(default)s)")
     p.add_argument("--pod-cidr-min-prefix-v4", default=str(Settings.pod_cidr_min_prefix_v4),
                    metavar="LEN",
                    help="shortest prefix length accepted for an IPv4 pod CIDR "
@@ -196,6 +199,8 @@ def _admission_settings(args: argparse.Namespace, kw: dict) -> None:
     if getattr(args, "role_source", None) is not None:
         # Settings turns it into a RoleSource or names the flag.
         kw["role_source"] = args.role_source
+    if getattr(args, "cilium_namespace", None):
+        kw["cilium_namespace"] = args.cilium_namespace
     if getattr(args, "cluster_pod_cidrs", None):
         kw["cluster_pod_cidrs"] = _cluster_cidrs("--cluster-pod-cidrs", args.cluster_pod_cidrs)
     for family in (4, 6):

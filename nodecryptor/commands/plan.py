@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-from nodecryptor.policy.plan import compute_plan
+from nodecryptor.cluster.k8s_errors import KubernetesError
+from nodecryptor.core.model import PodPools
+from nodecryptor.policy.plan import localize
+from nodecryptor.policy.topology import compile_topology
 from nodecryptor.commands.common import (add_cluster, add_json, check_cluster_config, print_json,
                                          require_node_name, settings_from_args)
 
 
 def register(sub) -> None:
     p = sub.add_parser("plan", help="print what would be encrypted on a node (changes nothing)",
-                       description="List the CiliumNodes once and print the plan for one node: "
-                                   "its role, its own addresses, the remote prefixes that are "
-                                   "encrypted, the exempt ports, and every CiliumNode entry "
-                                   "that was rejected or conflicts, with the reason.")
+                       description="List the CiliumNodes, the v1 Nodes and Cilium's pod pools "
+                                   "once, compile the cluster's topology as every agent does, "
+                                   "and print it for one node: its role, its own addresses, "
+                                   "the remote prefixes that are encrypted, the exempt ports, "
+                                   "and every claim that was rejected or conflicts, with the "
+                                   "reason. The agent also takes the local node's own "
+                                   "prefixes from its kernel, which plan does not read.")
     add_cluster(p)
     add_json(p)
     p.set_defaults(func=handle)
@@ -27,12 +33,20 @@ def handle(args) -> int:
     # The policies first: the labels of the Nodes they select on are kept with the snapshot.
     policies, policy_rejections, note = reads.exemptions_once(settings)
     snapshot, rejections = reads.snapshot_once(settings, policies)
-    plan = compute_plan(snapshot, settings.node_name, settings, policies=policies)
-    # What the parser skipped, then what admission rejected or reported as a conflict.
-    rejected = list(rejections) + list(policy_rejections) + list(plan.rejected)
+    try:
+        pools, pool_rejections = reads.pools_once(settings)
+    except KubernetesError as e:
+        # As the agent: without Cilium's configuration, the flag or the breadth limit applies.
+        pools, pool_rejections = PodPools(problem=f"Cilium's configuration not read: {e}"), []
+    topology = compile_topology(snapshot, settings, pools)
+    plan = localize(topology, snapshot, settings.node_name, settings, policies=policies)
+    # What the parsers skipped, then what the compiler rejected or reported as a conflict.
+    rejected = (list(rejections) + list(policy_rejections) + list(pool_rejections)
+                + list(plan.rejected))
     if args.json:
         out = plan.to_json()
         out["rejected"] = [r.to_json() for r in rejected]
+        out["pools"] = topology.pools.to_json()
         if note:
             out["exemptions_note"] = note
         print_json(out)
@@ -40,6 +54,9 @@ def handle(args) -> int:
     print(f"node {plan.node} ({plan.role})"
           + ("" if plan.local_known else "  [no CiliumNode of this name: role assumed worker]"))
     print("local addresses: " + (", ".join(map(str, plan.local_addresses)) or "-"))
+    print("pod pools: " + (", ".join(map(str, topology.pools.cidrs))
+                           + f" ({topology.pools.source})" if topology.pools.cidrs
+                           else f"none ({topology.pools.problem})"))
     print("exempt ports (to and from control-plane nodes): "
           + (", ".join(map(str, plan.exempt_ports)) or "none"))
     print(f"{len(plan.destinations)} encrypted destinations:")

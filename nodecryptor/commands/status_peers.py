@@ -67,6 +67,10 @@ def peers(args, settings) -> int:
     cond = table.get("condition")
     if cond:
         print(f"{CONDITION_TYPE}={cond['status']} ({cond['reason']}): {cond['message']}")
+    pools = table.get("pools")
+    if pools:
+        print("pod pools: " + (", ".join(pools["cidrs"]) + f" ({pools['source']})"
+                               if pools["cidrs"] else f"none: {pools['problem']}"))
     print(f"{'NODE':<24} {'STATE':<13} {'KEY':<6} {'HANDSHAKE':>9} {'COVERED':>8} "
           f"{'RX BYTES':>12} {'TX BYTES':>12}")
     for p in table.get("peers") or []:

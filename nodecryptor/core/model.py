@@ -67,17 +67,47 @@ class NodeInfo:
     node_labels: tuple[tuple[str, str], ...] | None = None
     """Role labels of the v1 Node of the same name, which the NodeRestriction admission plugin
     protects from kubelets; None while that Node is not known. Merged in by the Store."""
+    node_addresses: tuple[tuple[str, IPAddress], ...] | None = None
+    """(type, address) pairs of the v1 Node's status.addresses, which only that node's kubelet
+    may write (NodeRestriction); None while that Node is not known. The only source of node
+    addresses the policy trusts. Merged in by the Store."""
+    node_pod_cidrs: tuple[IPNetwork, ...] = ()
+    """The v1 Node's spec.podCIDRs (Kubernetes IPAM: set by the controller manager, immutable
+    once set); empty when Kubernetes does not allocate them."""
+    has_ciliumnode: bool = True
+    """False for a v1 Node whose CiliumNode is absent (deleted, or not written yet): the node
+    still has the addresses and pod CIDRs its Node lists."""
 
     def label_map(self) -> dict[str, str]:
         return dict(self.labels)
 
 
 @dataclass(frozen=True)
-class NodeRoleLabels:
-    """The role labels of one v1 Node (only those among the control-plane selectors)."""
+class KubeNode:
+    """What nodecryptor reads of one v1 Node: its labels (those the policy needs), the
+    addresses its kubelet reports, and the pod CIDRs Kubernetes allocated to it."""
 
     name: str
     labels: tuple[tuple[str, str], ...] = ()
+    addresses: tuple[tuple[str, IPAddress], ...] = ()
+    pod_cidrs: tuple[IPNetwork, ...] = ()
+
+
+@dataclass(frozen=True)
+class PodPools:
+    """The cluster's pod address space, from sources only administrators write: Cilium's
+    ``cilium-config`` ConfigMap (cluster-pool IPAM) and CiliumPodIPPool objects (multi-pool),
+    or ``--cluster-pod-cidrs``, which overrides both."""
+
+    cidrs: tuple[IPNetwork, ...] = ()
+    source: str = "none"
+    """"flag", "cilium" (ConfigMap and/or CiliumPodIPPools) or "none"."""
+    problem: str = ""
+    """Why no pool is known, when none is (reported by status, logs and a metric)."""
+
+    def to_json(self) -> dict:
+        return {"cidrs": [str(c) for c in self.cidrs], "source": self.source,
+                "problem": self.problem}
 
 
 @dataclass(frozen=True)

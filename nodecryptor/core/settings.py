@@ -129,10 +129,14 @@ class Settings:
     """Shortest prefix length accepted for an IPv6 pod CIDR (nodes get /64-/120)."""
 
     cluster_pod_cidrs: tuple[Union[ipaddress.IPv4Network, ipaddress.IPv6Network], ...] = ()
-    """The cluster's pod ranges (Cilium's cluster-pool CIDRs, kube-controller-manager's
-    --cluster-cidr). A pod CIDR of a family listed here must lie inside one of that family's
-    ranges; a family without a range is not checked (only the breadth limit applies to it), so
-    naming only the IPv4 range never drops IPv6 encryption."""
+    """The cluster's pod ranges, overriding what Cilium's configuration says (the
+    cilium-config ConfigMap, CiliumPodIPPools). A pod CIDR claim of a family with a range
+    must lie inside one of that family's ranges; a family without a range is not checked (only
+    the breadth limit applies to it), so naming only the IPv4 range never drops IPv6
+    encryption."""
+
+    cilium_namespace: str = "kube-system"
+    """The namespace of Cilium's ``cilium-config`` ConfigMap, read for the pod pools."""
 
     datapath: DatapathMode = DatapathMode.AUTO
     """DatapathMode.BPF, IPRULE, or AUTO (BPF when it compiles, loads and attaches; else ip
@@ -262,6 +266,10 @@ class Settings:
                 except ValueError:
                     raise SettingsError(flag, value, "expected one of "
                                         + ", ".join(m.value for m in enum)) from None
+        ns = self.cilium_namespace
+        if not (isinstance(ns, str) and 0 < len(ns) <= 63 and ns.replace("-", "").isalnum()
+                and ns == ns.lower() and ns[0] != "-" and ns[-1] != "-" and ns.isascii()):
+            raise SettingsError("--cilium-namespace", ns, "not a namespace name (a DNS label)")
 
 
 def require_node_name(settings: Settings) -> None:

@@ -78,6 +78,11 @@ class Metrics:
                                     "stall threshold for a watch).",
                                     registry=r)
 
+        self.pod_pools_known = Gauge(
+            f"{PREFIX}_pod_pools_known",
+            "1 while Cilium's configuration (cilium-config ConfigMap, CiliumPodIPPools) names "
+            "the cluster's pod pools; 0: pod CIDR claims are bounded by --cluster-pod-cidrs or "
+            "the breadth limit only.", registry=r)
         self.exemption_crd_missing = Gauge(
             f"{PREFIX}_exemption_crd_missing",
             "1 while the EncryptionExemption CRD is not installed (only the built-in policy "

@@ -1,10 +1,11 @@
-"""Extract a NodeInfo from a CiliumNode object (as a JSON-shaped dict), entry by entry, and the
-role labels from a v1 Node.
+"""Extract a NodeInfo from a CiliumNode object (as a JSON-shaped dict), entry by entry, and a
+KubeNode (labels, status.addresses, spec.podCIDRs) from a v1 Node; nothing else of either.
 
 Malformed input never raises and never discards the valid parts of an object: each invalid
 entry is skipped and reported as a Rejection, which the caller logs and counts. Addresses and
 pod CIDRs of a special-purpose class (loopback, link-local, ...) are rejected here too, by
-``admission.special_purpose``: the admission rules and their reasons live in admission.py.
+``admission.special_purpose``: the reasons live in admission.py, the rules that need the rest
+of the cluster in topology.py.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 
 from nodecryptor.policy.admission import special_purpose
-from nodecryptor.core.model import NodeInfo, NodeRoleLabels, Rejection
+from nodecryptor.core.model import KubeNode, NodeInfo, Rejection
 
 __all__ = ["MAX_ADDRESSES", "MAX_LABELS", "MAX_POD_CIDRS", "WG_PUBKEY_ANNOTATION", "Rejection",
            "parse_ciliumnode", "parse_node_roles"]
@@ -134,21 +135,65 @@ def parse_ciliumnode(obj: object) -> tuple[NodeInfo | None, list[Rejection]]:
 
 
 def parse_node_roles(obj: object, role_labels: tuple[str, ...] | None
-                     ) -> tuple[NodeRoleLabels | None, list[Rejection]]:
-    """From a v1 Node (or its PartialObjectMetadata), return its name and the labels among
-    ``role_labels`` it carries (None when it has no usable name). Only the role labels are
-    kept: other label changes then never wake the reconcile loop. ``role_labels`` None keeps
-    every label (the agent's store then keeps the keys the exemption policies name)."""
+                     ) -> tuple[KubeNode | None, list[Rejection]]:
+    """From a v1 Node (or its PartialObjectMetadata), return what the policy reads of it (None
+    when it has no usable name): the labels among ``role_labels`` (None keeps every label; the
+    agent's store then keeps the keys the exemption policies name), the addresses of
+    ``status.addresses`` and the CIDRs of ``spec.podCIDRs``. Other label changes then never
+    wake the reconcile loop. Special-purpose addresses and CIDRs are skipped and reported."""
     meta = obj.get("metadata") if isinstance(obj, dict) else None
     name = meta.get("name") if isinstance(meta, dict) else None
     if not isinstance(name, str) or not name or len(name) > 253:
         return None, [Rejection("?", "Node metadata.name", _short(name),
-                                "missing or not a valid name")]
+                                "missing or not a valid name", kind="Node")]
+    rejections: list[Rejection] = []
+
+    def reject(field: str, value: object, why: str, reason: str = "malformed") -> None:
+        rejections.append(Rejection(name, field, _short(value), why, reason, kind="Node"))
+
     labels = meta.get("labels") or {}
     if not isinstance(labels, dict):
-        return NodeRoleLabels(name), [Rejection(name, "Node metadata.labels", _short(labels),
-                                                "not a map")]
+        reject("metadata.labels", labels, "not a map")
+        labels = {}
     kept = tuple(sorted((k, v) for k, v in labels.items()
                         if (role_labels is None or k in role_labels)
                         and isinstance(k, str) and isinstance(v, str)))
-    return NodeRoleLabels(name, kept), []
+    status = obj.get("status")
+    raw_addresses = status.get("addresses") if isinstance(status, dict) else None
+    addresses = []
+    for i, entry in enumerate(raw_addresses if isinstance(raw_addresses, list) else []):
+        if i >= MAX_ADDRESSES:
+            reject("status.addresses", len(raw_addresses), f"more than {MAX_ADDRESSES} addresses")
+            break
+        kind = entry.get("type") if isinstance(entry, dict) else None
+        text = entry.get("address") if isinstance(entry, dict) else None
+        if kind == "Hostname" or not isinstance(kind, str):
+            continue  # a name, not an address
+        try:
+            addr = ipaddress.ip_address(text if isinstance(text, str) else "")
+        except ValueError:
+            reject(f"status.addresses[{i}].address", text, "not an IP address")
+            continue
+        special = special_purpose(ipaddress.ip_network(addr))
+        if special is not None:
+            reject(f"status.addresses[{i}].address", text,
+                   f"not a node address: {special[0]} ({special[1]})", special[0])
+            continue
+        addresses.append((kind, addr))
+    spec = obj.get("spec")
+    raw_cidrs = spec.get("podCIDRs") if isinstance(spec, dict) else None
+    cidrs = []
+    for i, text in enumerate(raw_cidrs if isinstance(raw_cidrs, list) else []):
+        if i >= MAX_POD_CIDRS:
+            break
+        try:
+            net = ipaddress.ip_network(text if isinstance(text, str) else "", strict=False)
+        except ValueError:
+            reject(f"spec.podCIDRs[{i}]", text, "not a CIDR")
+            continue
+        special = special_purpose(net)
+        if special is not None:
+            reject(f"spec.podCIDRs[{i}]", text, f"not a pod CIDR: {special[0]}", special[0])
+            continue
+        cidrs.append(net)
+    return KubeNode(name, kept, tuple(addresses), tuple(cidrs)), rejections

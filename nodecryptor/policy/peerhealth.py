@@ -224,8 +224,9 @@ SYNC_STALE = "SyncStale"
 UNCOVERED = "UncoveredDestinations"
 PEER_KEY_MISMATCH = "PeerKeyMismatch"
 PEERS_UNREACHABLE = "PeersUnreachable"
+DESTINATIONS_WITHOUT_KEY = "DestinationsWithoutKey"
 REASONS = (READY, WIREGUARD_DOWN, DATAPATH_NOT_READY, SYNC_STALE, UNCOVERED, PEER_KEY_MISMATCH,
-           PEERS_UNREACHABLE)
+           PEERS_UNREACHABLE, DESTINATIONS_WITHOUT_KEY)
 
 UNCOVERED_HOLD = 60.0
 """Seconds destinations must stay uncovered before the condition says so. A joining node's
@@ -249,7 +250,13 @@ class NodeFacts:
     sync_failing_for: float = 0.0
     """Seconds the CiliumNode sync has been failing without a success in between."""
     uncovered: int = 0
+    """Uncovered destinations of nodes that published a WireGuard key: the local Cilium
+    should have a peer for them (a local fault)."""
     uncovered_for: float = 0.0
+    keyless: tuple[str, ...] = ()
+    """Nodes with uncovered destinations that published no key (no CiliumNode, or no key
+    annotation): their own fault, reported without turning the condition False, so one
+    forged or broken object cannot flip every node's condition."""
     fail_mode: str = "closed"
     peer_counts: Mapping[str, int] = field(default_factory=dict)
     mismatched: tuple[str, ...] = ()
@@ -305,6 +312,11 @@ def decide_condition(f: NodeFacts, sync_stale_after: float) -> Condition:
         return Condition("True", PEER_KEY_MISMATCH,
                          f"encrypting; peers with a key other than their CiliumNode "
                          f"annotation: {_names(f.mismatched)} (peers: {counts})")
+    if f.keyless:
+        return Condition("True", DESTINATIONS_WITHOUT_KEY,
+                         f"encrypting; nodes without a published WireGuard key, whose "
+                         f"destinations are {'dropped' if f.fail_mode == 'closed' else 'sent in the clear'}: "
+                         f"{_names(f.keyless)}")
     if f.unreachable:
         return Condition("True", PEERS_UNREACHABLE,
                          f"encrypting; no handshake for {UNREACHABLE_AFTER:.0f}s although "

@@ -1,7 +1,8 @@
 """The pure policy: which traffic of this node is encrypted, exempt, or left alone.
 
-``compute_plan`` turns a snapshot of the cluster (NodeInfo by name), the local node's name and
-the settings into a Plan. ``compute_desired`` adds what the runtime observed (the WireGuard
+``compute_plan`` turns a snapshot of the cluster (NodeInfo by name, the v1 Nodes' facts merged
+in), the local node's name, the pod pools and the settings into a Plan: the cluster-wide
+topology (``topology.compile_topology``) seen from the local node (``localize``). ``compute_desired`` adds what the runtime observed (the WireGuard
 device, the underlay devices) and derives the values the datapath needs: which destinations no
 peer covers, the TCP MSS to clamp to, the largest packet that crosses WireGuard unfragmented.
 Nothing here performs I/O; reading this module tells exactly what gets encrypted.
@@ -13,12 +14,19 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 
 from nodecryptor.policy import exemptions as ex
-from nodecryptor.policy.admission import FIELD_ADDRESSES, FIELD_POD_CIDRS, Claim, Limits, admit, owner_of
-from nodecryptor.core.model import (DEFAULT_WG_PORT, KIND_NODE_IP, KIND_POD_CIDR,
-                                    ROLE_CONTROL_PLANE, ROLE_WORKER, WG_MARK, WG_MARK_MASK,
-                                    Destination, DesiredState, Device, IPNetwork, NodeInfo, Plan,
-                                    WgState)
-from nodecryptor.core.settings import RoleSource, Settings
+from nodecryptor.policy.admission import (FIELD_ADDRESSES, FIELD_POD_CIDRS, Limits, _span,
+                                          overlapping, owner_of)
+from nodecryptor.policy.topology import (Topology, compile_topology, effective_pools,
+                                         is_control_plane, limits_of, node_is_control_plane,
+                                         pod_cidr_verdict, trusted_addresses)
+from nodecryptor.core.model import (DEFAULT_WG_PORT, KIND_NODE_IP, ROLE_CONTROL_PLANE,
+                                    ROLE_WORKER, WG_MARK, WG_MARK_MASK, Destination,
+                                    DesiredState, Device, IPNetwork, NodeInfo, PodPools, Plan,
+                                    Rejection, WgState)
+from nodecryptor.core.settings import Settings
+
+__all__ = ["compute_plan", "compute_desired", "localize", "is_control_plane",
+           "node_is_control_plane", "admission_limits", "node_addresses"]
 
 # WireGuard's overhead on the wire: outer IP header + UDP (8) + WireGuard data header (16) +
 # Poly1305 tag (16). IPv4 outer = 20 + 8 + 32 = 60, IPv6 outer = 40 + 8 + 32 = 80.
@@ -33,23 +41,9 @@ TCP_IPV6_HEADERS = 60  # IPv6 (40) + TCP (20)
 # absent, or peers unreadable), so the datapath never re-encrypts WireGuard's own UDP.
 
 
-def is_control_plane(node: NodeInfo, selector_labels: Iterable[str],
-                     role_source: RoleSource = RoleSource.NODE) -> bool:
-    """Control-plane when any selector label is present, whatever its value: kubeadm sets
-    ``node-role.kubernetes.io/control-plane=""``, k3s sets ``"true"``.
-
-    The labels come from the trusted source (``Settings.role_source``): by default the v1
-    Node's (``node.node_labels``, None until that Node is known: a worker, so its traffic is
-    encrypted); with ``ciliumnode`` the CiliumNode's own labels."""
-    labels = ex.trusted_labels(node, role_source)
-    return any(label in labels for label in selector_labels)
-
-
-def node_is_control_plane(node: NodeInfo, settings: Settings) -> bool:
-    return is_control_plane(node, settings.control_plane_labels, settings.role_source)
-
-
 def node_addresses(node: NodeInfo, address_types: Iterable[str]):
+    """The node's addresses of the wanted types as its CiliumNode claims them (untrusted:
+    for display and for matching WireGuard peers, never for destinations)."""
     wanted = set(address_types)
     seen = []
     for kind, addr in node.addresses:
@@ -58,55 +52,113 @@ def node_addresses(node: NodeInfo, address_types: Iterable[str]):
     return seen
 
 
-def admission_limits(settings: Settings) -> Limits:
-    return Limits(min_prefix_v4=settings.pod_cidr_min_prefix_v4,
-                  min_prefix_v6=settings.pod_cidr_min_prefix_v6,
-                  cluster_pod_cidrs=settings.cluster_pod_cidrs)
+def admission_limits(settings: Settings, pools: PodPools | None = None) -> Limits:
+    return limits_of(settings, effective_pools(settings, pools))
 
 
 def compute_plan(snapshot: Mapping[str, NodeInfo], node_name: str, settings: Settings,
                  underlay_networks: Iterable[IPNetwork] = (),
-                 policies: Iterable[ex.ExemptionPolicy] = ()) -> Plan:
-    """Decide, for the node ``node_name``, which remote prefixes are encrypted.
+                 policies: Iterable[ex.ExemptionPolicy] = (),
+                 pools: PodPools | None = None,
+                 kernel_prefixes: Iterable[IPNetwork] = ()) -> Plan:
+    """Decide, for the node ``node_name``, which remote prefixes are encrypted: the
+    cluster-wide topology (``topology.compile_topology``) seen from that node (``localize``).
+    Rejections and conflicts travel in ``Plan.rejected``."""
+    return localize(compile_topology(snapshot, settings, pools), snapshot, node_name, settings,
+                    underlay_networks, policies, kernel_prefixes)
 
-    Every remote address and pod CIDR is a claim that ``admission.admit`` accepts or rejects;
-    the rejections (and conflicts) travel in ``Plan.rejected``. ``underlay_networks``: the
-    local node's underlay subnets, when the caller knows them (their broadcast addresses are
-    rejected as node addresses). ``policies``: the parsed EncryptionExemptions (the built-in
-    one is added from the settings; see exemptions.py)."""
+
+def localize(topology: Topology, snapshot: Mapping[str, NodeInfo], node_name: str,
+             settings: Settings, underlay_networks: Iterable[IPNetwork] = (),
+             policies: Iterable[ex.ExemptionPolicy] = (),
+             kernel_prefixes: Iterable[IPNetwork] = ()) -> Plan:
+    """The topology as the node ``node_name`` enforces it.
+
+    The local node's own prefixes come from sources its neighbours cannot write: its v1 Node
+    (addresses, spec.podCIDRs) and ``kernel_prefixes`` (what the caller read from the kernel,
+    e.g. Cilium's routes to the local pod CIDR). A remote claim overlapping one of them is
+    refused (``overlaps-local-node``). The local CiliumNode's own entries are as untrusted as
+    any: one is treated as local only where it overlaps no remote destination (else it is
+    reported, ``local-claim-conflicts``), so hostile entries there cannot remove anything.
+    ``underlay_networks``: the local node's underlay subnets (their broadcast addresses are no
+    node address). ``policies``: the parsed EncryptionExemptions."""
     local = snapshot.get(node_name)
-    role = ROLE_WORKER
-    local_addresses: tuple = ()
-    if local is not None:
-        if node_is_control_plane(local, settings):
-            role = ROLE_CONTROL_PLANE
-        local_addresses = tuple(sorted(node_addresses(local, settings.address_types),
-                                       key=lambda a: (a.version, a)))
-    own_prefixes: set[IPNetwork] = {ipaddress.ip_network(a) for a in local_addresses}
-    if local is not None:
-        own_prefixes.update(local.pod_cidrs)
+    role = ROLE_CONTROL_PLANE if local is not None and node_is_control_plane(local, settings) \
+        else ROLE_WORKER
+    remote = [g for g in (tuple(c for c in group if c.node != node_name)
+                          for group in topology.admitted) if g]
+    remote_spans = [g[0].span for g in remote]
+    # A conflict with the local node's own claim is said once, as the remote claim's
+    # rejection below (overlaps-local-node).
+    local_claimed = {str(c.prefix) for group in topology.admitted for c in group
+                     if c.node == node_name}
+    rejected: list[Rejection] = [r for r in topology.rejected
+                                 if r.reason != "duplicate-claim" or r.value not in local_claimed]
 
-    claims: list[Claim] = []
-    for name in sorted(snapshot):
-        if name == node_name:
+    trusted: list[IPNetwork] = []
+    local_addresses: list = []
+    local_pods: list[IPNetwork] = []
+    untrusted: list[tuple[str, IPNetwork]] = []
+    limits = topology_limits(settings, topology)
+    if local is not None:
+        for addr in trusted_addresses(local, settings.address_types):
+            local_addresses.append(addr)
+            trusted.append(ipaddress.ip_network(addr))
+    # For telling the underlay apart only (it can only drop a kernel prefix), the local
+    # CiliumNode's addresses count too: the Node may not be known yet.
+    own_ips = [p.network_address for p in trusted] + (
+        node_addresses(local, settings.address_types) if local is not None else [])
+    for prefix in kernel_prefixes:
+        # A subnet around the node's own address is the underlay's (other nodes live there);
+        # a prefix broader than the pod limit is no pod CIDR: only host prefixes of such.
+        if prefix.prefixlen == prefix.max_prefixlen or (
+                prefix.prefixlen >= limits.min_prefix(prefix.version)
+                and not any(a.version == prefix.version and a in prefix for a in own_ips)):
+            trusted.append(prefix)
+    if local is not None:
+        trusted.extend(local.node_pod_cidrs)
+        local_pods.extend(local.node_pod_cidrs)
+        if local.has_ciliumnode:
+            untrusted += [(FIELD_ADDRESSES, ipaddress.ip_network(a))
+                          for a in node_addresses(local, settings.address_types)]
+            untrusted += [(FIELD_POD_CIDRS, c) for c in local.pod_cidrs]
+    for field, prefix in untrusted:
+        if prefix in trusted:  # the kernel or the Node shows it: local, trusted
+            if field == FIELD_POD_CIDRS and prefix not in local_pods:
+                local_pods.append(prefix)
             continue
-        node = snapshot[name]
-        cp = node_is_control_plane(node, settings)
-        for addr in node_addresses(node, settings.address_types):
-            claims.append(Claim(name, FIELD_ADDRESSES, KIND_NODE_IP, ipaddress.ip_network(addr),
-                                cp))
-        for cidr in dict.fromkeys(node.pod_cidrs):
-            claims.append(Claim(name, FIELD_POD_CIDRS, KIND_POD_CIDR, cidr, cp))
-    admission = admit(claims, own_prefixes, admission_limits(settings), underlay_networks)
+        if overlapping(_span(prefix), remote_spans):
+            rejected.append(Rejection(node_name, field, str(prefix),
+                                      "the local node's CiliumNode claims it, but it overlaps "
+                                      "another node's destination", "local-claim-conflicts"))
+            continue
+        if field == FIELD_ADDRESSES:
+            if local is not None and local.node_addresses is not None:
+                continue  # the Node lists the local addresses; this one it does not
+            local_addresses.append(prefix.network_address)
+        elif pod_cidr_verdict(prefix, limits, local.node_pod_cidrs) is None:
+            local_pods.append(prefix)
+        trusted.append(prefix)
+    trusted_spans = [_span(p) for p in trusted]
+    broadcasts = {n.broadcast_address for n in underlay_networks
+                  if n.version == 4 and n.prefixlen <= 30}
 
     exemptions = ex.evaluate(policies, snapshot, node_name, settings)
     destinations = []
-    for owners in admission.admitted:
+    for owners in remote:
+        owner = owner_of(owners)
+        if overlapping(owner.span, trusted_spans):
+            rejected += [c.reject("overlaps-local-node", "overlaps the local node's own "
+                                  "addresses or pod CIDRs") for c in owners]
+            continue
+        if owner.kind == KIND_NODE_IP and owner.prefix.network_address in broadcasts:
+            rejected += [c.reject("broadcast", "the broadcast address of the local node's "
+                                  "underlay subnet") for c in owners]
+            continue
         # A prefix several nodes claim stays one encrypted destination. It is exempt (a
         # control-plane node address) when a control-plane node claims it as its node
         # address: a worker claiming the same address cannot switch the bootstrap exemption
         # off. A pod CIDR counts as control-plane only when every claimant is.
-        owner = owner_of(owners)
         kind = owner.kind
         if kind == KIND_NODE_IP:
             control_plane = owner.control_plane
@@ -117,13 +169,20 @@ def compute_plan(snapshot: Mapping[str, NodeInfo], node_name: str, settings: Set
                                         control_plane=control_plane, exempt_ports=exempt,
                                         client_of=client_of))
     destinations.sort(key=Destination.sort_key)
-    return Plan(node=node_name, role=role, local_addresses=local_addresses,
+    rejected.sort(key=lambda r: (r.obj, r.field, r.value, r.reason))
+    return Plan(node=node_name, role=role,
+                local_addresses=tuple(sorted(dict.fromkeys(local_addresses),
+                                             key=lambda a: (a.version, a))),
                 destinations=tuple(destinations), exempt_ports=settings.exempt_ports,
                 local_known=local is not None,
-                local_pod_cidrs=tuple(dict.fromkeys(local.pod_cidrs)) if local else (),
-                rejected=admission.rejected + exemptions.rejected,
+                local_pod_cidrs=tuple(dict.fromkeys(local_pods)),
+                rejected=tuple(rejected) + exemptions.rejected,
                 serves=exemptions.serves,
                 policies=tuple(p.name for p in exemptions.policies))
+
+
+def topology_limits(settings: Settings, topology: Topology) -> Limits:
+    return limits_of(settings, topology.pools)
 
 
 def _exempt(owners, kind: str, control_plane: bool, exemptions: ex.Exemptions):

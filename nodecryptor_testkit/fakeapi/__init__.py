@@ -19,6 +19,10 @@ Tests run it in a thread; the network-namespace lab runs it as a process
   watch, create, update, patch, delete; ``FakeApiServer.apply`` of an EncryptionExemption);
   ``exemptions_installed = False`` (control action ``exemptions-installed``) answers 404 as
   a cluster without the CRD does;
+- ``configmaps`` (v1) of one namespace (``configmap_namespace``, kube-system): GET one, LIST
+  and WATCH honouring ``fieldSelector=metadata.name=<name>``; ``ciliumpodippools.cilium.io/
+  v2alpha1``: as EncryptionExemptions (``pod_ip_pools_installed = False`` answers 404);
+  both written with ``FakeApiServer.apply``;
 - ``nodes/<name>/status``: PATCH as strategic merge (``status.conditions`` merged by ``type``)
   or JSON merge patch (the list replaced), 400 for a malformed body, 404 for an unknown node,
   415 for another content type (nodestatus.py); ``fail_status_next`` injects 409 conflicts or
@@ -36,18 +40,20 @@ socket, and advance the resourceVersion as writes to other resources would. The 
 faults (stall, fail, expire) are aimed at CiliumNode requests only; freezing or dropping
 watches and refusing connections hit Node requests too.
 
-Label and field selectors are ignored: nodecryptor does not use them.
+Label selectors are ignored, and field selectors but ``metadata.name`` on ConfigMaps:
+nodecryptor uses no other.
 """
 
 
 from .cluster import ApiError, FakeCluster
 from .objects import (API_VERSION, COLLECTION, CONTROL_PLANE_LABEL, GROUP, KIND, MASTER_LABEL,
                       NODE_COLLECTION, PLURAL, VERSION, WG_PUBKEY_ANNOTATION, load_objects,
-                      make_ciliumnode, make_exemption, make_node, merge_patch,
+                      make_cilium_config, make_ciliumnode, make_exemption, make_node,
+                      make_pod_ip_pool, merge_patch,
                       partial_object_metadata, status_object)
 from .server import FakeApiServer
 
 __all__ = ["API_VERSION", "COLLECTION", "CONTROL_PLANE_LABEL", "GROUP", "KIND", "MASTER_LABEL",
            "PLURAL", "VERSION", "WG_PUBKEY_ANNOTATION", "ApiError", "FakeApiServer",
-           "FakeCluster", "NODE_COLLECTION", "load_objects", "make_ciliumnode", "make_exemption",
-           "make_node", "merge_patch", "partial_object_metadata", "status_object"]
+           "FakeCluster", "NODE_COLLECTION", "load_objects", "make_cilium_config",
+           "make_ciliumnode", "make_exemption", "make_node", "make_pod_ip_pool", "merge_patch", "partial_object_metadata", "status_object"]

@@ -29,6 +29,9 @@ CILIUMNODE_RESOURCE = Resource(KIND, API_VERSION, "ciliumnodes.cilium.io")
 NODE_RESOURCE = Resource("Node", "v1", "nodes")
 EXEMPTION_RESOURCE = Resource("EncryptionExemption", "nodecryptor.io/v1alpha1",
                               "encryptionexemptions.nodecryptor.io")
+CONFIGMAP_RESOURCE = Resource("ConfigMap", "v1", "configmaps")
+POD_IP_POOL_RESOURCE = Resource("CiliumPodIPPool", "cilium.io/v2alpha1",
+                                "ciliumpodippools.cilium.io")
 
 
 class _Clock:

@@ -36,6 +36,8 @@ class FaultInjection:
     cluster: FakeCluster
     nodes: FakeCluster
     exemptions: FakeCluster
+    configmaps: FakeCluster
+    pod_ip_pools: FakeCluster
     faults: Faults
     status_faults: collections.deque
     stopping: threading.Event
@@ -48,6 +50,8 @@ class FaultInjection:
         self.cluster.compact()
         self.nodes.compact()
         self.exemptions.compact()
+        self.configmaps.compact()
+        self.pod_ip_pools.compact()
 
     def advance(self, count: int = 1) -> None:
         self.cluster.advance(count)
@@ -192,6 +196,8 @@ CONTROL_ACTIONS: dict[str, Callable[[FaultInjection, dict], dict | None]] = {
     "fail-status-next": lambda f, a: f.fail_status_next(_count(a), int(a.get("code", 409))),
     "refuse": FaultInjection._refuse_for_a_while,
     "apply": FaultInjection._apply_object,
+    # A v1 Node removed (kubectl delete node), which the HTTP API here does not take.
+    "delete-node": lambda f, a: f.delete_node(str(a.get("name", ""))),
     "exemptions-installed": FaultInjection._set_exemptions_installed,
     "status-patches": FaultInjection._count_status_writes,
 }

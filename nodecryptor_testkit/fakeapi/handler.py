@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 from .cluster import ApiError, FakeCluster
 from .discovery import LIST_VIEW, OBJECT_VIEW, as_metadata_list, discovery, metadata_view
 from .nodestatus import patch_status
-from .objects import (COLLECTION, EXEMPTION_COLLECTION, NODE_COLLECTION, partial_object_metadata,
-                      status_object)
+from .objects import (COLLECTION, EXEMPTION_COLLECTION, NODE_COLLECTION, POD_IP_POOL_COLLECTION,
+                      partial_object_metadata, status_object)
 
 if TYPE_CHECKING:
     from .server import _HttpServer
@@ -114,6 +114,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 # at the CiliumNode requests the tests count. Freezing and dropping watches
                 # and refusing connections hit every request.
                 self._route_nodes(method, path, query, method == "GET" and watch_asked)
+                return
+            if path.startswith("/api/v1/namespaces/") and path.split("/")[5:6] == ["configmaps"]:
+                self._route_configmaps(method, path, query, method == "GET" and watch_asked)
+                return
+            if path == POD_IP_POOL_COLLECTION or path.startswith(POD_IP_POOL_COLLECTION + "/"):
+                if not fake.pod_ip_pools_installed:
+                    raise ApiError(404, "NotFound",
+                                   "the server could not find the requested resource")
+                self._route(method, path, query, method == "GET" and watch_asked
+                            and path == POD_IP_POOL_COLLECTION, fake.pod_ip_pools,
+                            POD_IP_POOL_COLLECTION)
                 return
             if path == EXEMPTION_COLLECTION or path.startswith(EXEMPTION_COLLECTION + "/"):
                 # EncryptionExemptions: like CiliumNodes, but count-based faults stay aimed
@@ -212,6 +223,37 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._send_json(200, partial_object_metadata(obj)
                             if metadata_view(accept, OBJECT_VIEW) else obj)
 
+    def _route_configmaps(self, method: str, path: str, query: dict, is_watch: bool) -> None:
+        """ConfigMaps of one namespace (``FakeApiServer.configmap_namespace``; any other is
+        empty): list and watch honour ``fieldSelector=metadata.name=<name>``, GET of one."""
+        fake = self.server.fake
+        parts = path.split("/")
+        namespace, rest = parts[4], parts[6:]
+        if method != "GET":
+            raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on {path} here")
+        if rest:
+            if namespace != fake.configmap_namespace:
+                raise ApiError(404, "NotFound", f'configmaps "{rest[0]}" not found', rest[0])
+            self._send_json(200, fake.configmaps.get(urllib.parse.unquote(rest[0])))
+            return
+        selector = query.get("fieldSelector", "")
+        wanted = selector[len("metadata.name="):] if selector.startswith("metadata.name=") \
+            else None
+        if selector and wanted is None:
+            raise ApiError(400, "BadRequest", f"field selector {selector!r} is not supported")
+
+        def match(obj: dict) -> bool:
+            meta = obj.get("metadata") or {}
+            return (namespace == fake.configmap_namespace
+                    and (wanted is None or meta.get("name") == wanted))
+
+        if is_watch:
+            self._watch(query, fake.configmaps, match=match)
+            return
+        page = fake.configmaps.list_page(0, "")
+        page["items"] = [o for o in page["items"] if match(o)]
+        self._send_json(200, page)
+
     def _patch_node_status(self, name: str) -> None:
         fake = self.server.fake
         ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip()
@@ -246,7 +288,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._send_json(201, event)
 
     def _watch(self, query: dict, cluster: FakeCluster | None = None,
-               metadata_only: bool = False) -> None:
+               metadata_only: bool = False, match=None) -> None:
         fake = self.server.fake
         cluster = cluster if cluster is not None else fake.cluster
         bookmarks = query.get("allowWatchBookmarks", "").lower() in ("1", "true")
@@ -271,15 +313,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         fake.watch_opened()
         try:
-            self._stream_events(cluster, rv_text, bookmarks, deadline, metadata_only)
+            self._stream_events(cluster, rv_text, bookmarks, deadline, metadata_only, match)
         finally:
             fake.watch_closed()
 
     def _stream_events(self, cluster: FakeCluster, rv_text: str, bookmarks: bool,
-                       deadline: float, metadata_only: bool = False) -> None:
+                       deadline: float, metadata_only: bool = False, match=None) -> None:
         fake = self.server.fake
 
         def encode(events: list[dict]) -> bytes:
+            if match is not None:  # a field selector: other objects' events are not sent
+                events = [e for e in events if e["type"] in ("ERROR", "BOOKMARK")
+                          or match(e["object"])]
             if metadata_only:
                 events = [{"type": e["type"], "object": partial_object_metadata(e["object"])}
                           if e["type"] != "ERROR" else e for e in events]

@@ -94,6 +94,30 @@ def make_ciliumnode(name: str, ipv4: str | None = None, ipv6: str | None = None,
 
 NODE_COLLECTION = "/api/v1/nodes"
 EXEMPTION_COLLECTION = "/apis/nodecryptor.io/v1alpha1/encryptionexemptions"
+POD_IP_POOL_COLLECTION = "/apis/cilium.io/v2alpha1/ciliumpodippools"
+
+
+def make_cilium_config(ipv4: str = "", ipv6: str = "", namespace: str = "kube-system") -> dict:
+    """Cilium's ``cilium-config`` ConfigMap with the cluster-pool IPAM keys (each may list
+    several CIDRs separated by spaces)."""
+    data = {"ipam": "cluster-pool", "enable-wireguard": "true", "routing-mode": "native"}
+    if ipv4:
+        data["cluster-pool-ipv4-cidr"] = ipv4
+    if ipv6:
+        data["cluster-pool-ipv6-cidr"] = ipv6
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "cilium-config", "namespace": namespace}, "data": data}
+
+
+def make_pod_ip_pool(name: str, ipv4: list | tuple = (), ipv6: list | tuple = ()) -> dict:
+    """A CiliumPodIPPool (cilium.io/v2alpha1, multi-pool IPAM)."""
+    spec: dict = {}
+    if ipv4:
+        spec["ipv4"] = {"cidrs": list(ipv4), "maskSize": 24}
+    if ipv6:
+        spec["ipv6"] = {"cidrs": list(ipv6), "maskSize": 64}
+    return {"apiVersion": "cilium.io/v2alpha1", "kind": "CiliumPodIPPool",
+            "metadata": {"name": name}, "spec": spec}
 
 
 def make_exemption(name: str, node_selector: dict | None = None, ports: list | None = None,
@@ -109,11 +133,13 @@ META_API_VERSION = "meta.k8s.io/v1"
 
 
 def make_node(name: str, control_plane: bool = False, label_style: str = "kubeadm",
-              ipv4: str | None = None, ipv6: str | None = None) -> dict:
+              ipv4: str | None = None, ipv6: str | None = None,
+              pod_cidrs: list | tuple = ()) -> dict:
     """A v1 Node shaped like the ones a kubelet registers (and kubeadm labels). Its
     ``node-role.kubernetes.io/*`` labels are what NodeRestriction keeps kubelets from setting;
-    nodecryptor reads the control-plane role from them. ``label_style`` as in
-    make_ciliumnode."""
+    nodecryptor reads the control-plane role from them, and the node addresses from
+    ``status.addresses``. ``label_style`` as in make_ciliumnode. ``pod_cidrs``: the
+    ``spec.podCIDRs`` Kubernetes IPAM allocates (none: Cilium's own IPAM)."""
     if label_style not in ("kubeadm", "k3s", "master"):
         raise ValueError(f"label_style {label_style!r}: expected kubeadm, k3s or master")
     labels = {"beta.kubernetes.io/arch": "amd64", "beta.kubernetes.io/os": "linux",
@@ -140,8 +166,10 @@ def make_node(name: str, control_plane: bool = False, label_style: str = "kubead
                             "volumes.kubernetes.io/controller-managed-attach-detach": "true"},
             "uid": str(uuid.uuid5(_UID_NAMESPACE, "node/" + name)),
         },
-        "spec": {"taints": [{"key": "node-role.kubernetes.io/control-plane",
-                             "effect": "NoSchedule"}]} if control_plane else {},
+        "spec": {**({"taints": [{"key": "node-role.kubernetes.io/control-plane",
+                                 "effect": "NoSchedule"}]} if control_plane else {}),
+                 **({"podCIDR": pod_cidrs[0], "podCIDRs": list(pod_cidrs)} if pod_cidrs
+                    else {})},
         "status": {"addresses": addresses,
                    "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],
                    "nodeInfo": {"kubeletVersion": "v1.33.0", "architecture": "amd64"}},

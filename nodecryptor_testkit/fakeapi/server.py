@@ -16,7 +16,8 @@ import subprocess
 import tempfile
 import threading
 
-from .cluster import EXEMPTION_RESOURCE, NODE_RESOURCE, FakeCluster
+from .cluster import (CONFIGMAP_RESOURCE, EXEMPTION_RESOURCE, NODE_RESOURCE,
+                      POD_IP_POOL_RESOURCE, FakeCluster)
 from .faults import FaultInjection, Faults
 from .handler import Handler
 
@@ -72,6 +73,15 @@ class FakeApiServer(FaultInjection):
         """EncryptionExemptions (nodecryptor.io/v1alpha1)."""
         self.exemptions_installed = True
         """False: every EncryptionExemption request answers 404, as without the CRD."""
+        self.configmaps = FakeCluster(history_limit, initial_rv, CONFIGMAP_RESOURCE,
+                                      shared_with=self.cluster)
+        """ConfigMaps of ``configmap_namespace`` (Cilium's ``cilium-config``)."""
+        self.configmap_namespace = "kube-system"
+        self.pod_ip_pools = FakeCluster(history_limit, initial_rv, POD_IP_POOL_RESOURCE,
+                                        shared_with=self.cluster)
+        """CiliumPodIPPools (cilium.io/v2alpha1)."""
+        self.pod_ip_pools_installed = True
+        """False: every CiliumPodIPPool request answers 404, as without the CRD."""
         self.node_requests: collections.deque[tuple[str, str, str]] = collections.deque(
             maxlen=10000)
         """(method, path with query, Accept header) of recent Node requests."""
@@ -204,7 +214,17 @@ class FakeApiServer(FaultInjection):
             return self.nodes.apply(obj)
         if isinstance(obj, dict) and obj.get("kind") == "EncryptionExemption":
             return self.exemptions.apply(obj)
+        if isinstance(obj, dict) and obj.get("kind") == "ConfigMap":
+            return self.configmaps.apply(obj)
+        if isinstance(obj, dict) and obj.get("kind") == "CiliumPodIPPool":
+            return self.pod_ip_pools.apply(obj)
         return self.cluster.apply(obj)
+
+    def delete_configmap(self, name: str) -> dict:
+        return self.configmaps.delete(name)
+
+    def delete_pod_ip_pool(self, name: str) -> dict:
+        return self.pod_ip_pools.delete(name)
 
     def delete_exemption(self, name: str) -> dict:
         return self.exemptions.delete(name)

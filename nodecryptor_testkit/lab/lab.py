@@ -22,7 +22,8 @@ from .flows import PortAllocator
 from . import topology as topo
 from .inside import API_TOKEN, PY, LabAccess, child_env
 from .spec import (API_PORT, EXEMPT_TCP_PORTS, ROUTING_MODES, SERVICE_TCP_PORT,
-                   SERVICE_UDP_PORT, LabSpec, NodeSpec, ciliumnode_object, node_object)
+                   SERVICE_UDP_PORT, LabSpec, NodeSpec, cilium_config_object, ciliumnode_object,
+                   node_object)
 from .state import STATE_DIR, LabState, delete_netns, reap, reap_stale
 from ..wait import WaitTimeout, wait_for
 from .topology import LabError, NodeHandle
@@ -233,7 +234,8 @@ class Lab(LabAccess):
         with open(objects, "w") as f:
             # A Node per node too: the agents take the control-plane role from Node labels.
             json.dump([ciliumnode_object(n) for n in self.spec.nodes]
-                      + [node_object(n) for n in self.spec.nodes], f, indent=1)
+                      + [node_object(n) for n in self.spec.nodes] + [cilium_config_object()],
+                      f, indent=1)
         kubeconfig = os.path.join(self.workdir, "kubeconfig")
         self.api_proc = self.spawn(
             [PY, "-m", "nodecryptor_testkit.fakeapi", "--bind", f"{cp.ipv4}:{API_PORT}",

@@ -130,6 +130,14 @@ def node_object(node: NodeSpec) -> dict:
                                      {"type": "InternalIP", "address": str(node.ipv6)}]}}
 
 
+def cilium_config_object() -> dict:
+    """Cilium's cilium-config ConfigMap naming the lab's pod pools (cluster-pool IPAM)."""
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "cilium-config", "namespace": "kube-system"},
+            "data": {"ipam": "cluster-pool", "cluster-pool-ipv4-cidr": "10.244.0.0/16",
+                     "cluster-pool-ipv6-cidr": "fd44::/56"}}
+
+
 def ciliumnode_object(node: NodeSpec, wg_pub_key: str | None = None) -> dict:
     """The CiliumNode as Cilium (and kubeadm's labels) would shape it."""
     labels = {"kubernetes.io/hostname": node.name, "kubernetes.io/os": "linux"}

@@ -107,8 +107,9 @@ class Node:
     def info(self) -> NodeInfo:
         labels = ((CP_LABEL, ""),) if self.control_plane else ()
         # The v1 Node (the trusted role source) carries the same labels as the CiliumNode.
+        address = (("InternalIP", ipaddress.ip_address(self.ip)),)
         return NodeInfo(name=self.name, labels=labels, node_labels=labels,
-                        addresses=(("InternalIP", ipaddress.ip_address(self.ip)),),
+                        addresses=address, node_addresses=address,
                         pod_cidrs=(ipaddress.ip_network(self.pod_cidr),),
                         wg_public_key=self.wg_public)
 

@@ -208,7 +208,7 @@ def test_every_manifest_belongs_to_one_kustomization():
 def test_default_installation_has_no_optional_pieces():
     kinds = sorted(d.body["kind"] for d in default_docs())
     assert kinds == ["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
-                     "DaemonSet", "Role", "RoleBinding", "ServiceAccount",
+                     "DaemonSet", "Role", "Role", "RoleBinding", "RoleBinding", "ServiceAccount",
                      "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
 
 
@@ -386,16 +386,26 @@ def test_rbac_reads_ciliumnodes_nodes_and_exemptions_writes_only_node_status_and
                               "verbs": ["get", "list", "watch"]},
                              {"apiGroups": [""], "resources": ["nodes"],
                               "verbs": ["get", "list", "watch"]},
+                             {"apiGroups": ["cilium.io"], "resources": ["ciliumpodippools"],
+                              "verbs": ["get", "list", "watch"]},
                              {"apiGroups": ["nodecryptor.io"],
                               "resources": ["encryptionexemptions"],
                               "verbs": ["get", "list", "watch"]},
                              {"apiGroups": [""], "resources": ["nodes/status"],
                               "verbs": ["patch"]}]
+    # Cilium's configuration: the one ConfigMap, read only, in Cilium's namespace.
+    config = find(docs, "Role", "nodecryptor-cilium-config")
+    assert config["metadata"]["namespace"] == "kube-system"
+    assert config["rules"] == [{"apiGroups": [""], "resources": ["configmaps"],
+                                "resourceNames": ["cilium-config"],
+                                "verbs": ["get", "list", "watch"]}]
+    config_binding = find(docs, "RoleBinding", "nodecryptor-cilium-config")
+    assert config_binding["roleRef"]["name"] == "nodecryptor-cilium-config"
     # Events: create only, in "default" (where Node events live), through a Role.
-    [events] = [d.body for d in docs if d.body["kind"] == "Role"]
+    events = find(docs, "Role", "nodecryptor-events")
     assert events["metadata"]["namespace"] == "default"
     assert events["rules"] == [{"apiGroups": [""], "resources": ["events"], "verbs": ["create"]}]
-    [events_binding] = [d.body for d in docs if d.body["kind"] == "RoleBinding"]
+    events_binding = find(docs, "RoleBinding", "nodecryptor-events")
     assert events_binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
                                          "kind": "Role", "name": events["metadata"]["name"]}
     assert events_binding["metadata"]["namespace"] == "default"

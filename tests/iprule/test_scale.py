@@ -25,6 +25,7 @@ def cluster(workers: int, skip: frozenset[int] = frozenset()) -> dict[str, NodeI
     nodes = {
         "cp1": NodeInfo("cp1", labels=((CP_LABEL, ""),), node_labels=((CP_LABEL, ""),),
                         addresses=(("InternalIP", ipaddress.ip_address("192.168.50.10")),),
+                        node_addresses=(("InternalIP", ipaddress.ip_address("192.168.50.10")),),
                         pod_cidrs=(ipaddress.ip_network("10.244.0.0/24"),)),
         "w1": NodeInfo("w1", addresses=(("InternalIP",
                                          ipaddress.ip_address("192.168.50.21")),)),
@@ -35,7 +36,7 @@ def cluster(workers: int, skip: frozenset[int] = frozenset()) -> dict[str, NodeI
         name = f"worker-{i:05d}"
         address = ipaddress.ip_address(f"172.16.{i // 250}.{i % 250 + 1}")
         nodes[name] = NodeInfo(
-            name, addresses=(("InternalIP", address),),
+            name, addresses=(("InternalIP", address),), node_addresses=(("InternalIP", address),),
             pod_cidrs=(ipaddress.ip_network(f"10.{100 + i // 256}.{i % 256}.0/24"),))
     return nodes
 

@@ -19,7 +19,7 @@ from nodecryptor.core.backoff import Backoff
 from nodecryptor.observe.metrics import Metrics
 from nodecryptor.core.settings import Settings
 from nodecryptor.cluster.store import Store
-from nodecryptor_testkit.fakeapi import FakeApiServer, make_ciliumnode
+from nodecryptor_testkit.fakeapi import FakeApiServer, make_ciliumnode, make_node
 
 TOKEN = "test-token-k8s"
 
@@ -29,6 +29,12 @@ def node(i: int, **kw) -> dict:
     hi, lo = divmod(i, 256)
     return make_ciliumnode(f"n{i:05d}", ipv4=f"172.16.{hi}.{lo}", ipv6=f"fd50::{i:x}",
                            pod_cidrs=[f"10.{hi}.{lo}.0/24"], **kw)
+
+
+def kube_node(i: int, **kw) -> dict:
+    """The v1 Node of ``node(i)``: its kubelet reports the same addresses."""
+    hi, lo = divmod(i, 256)
+    return make_node(f"n{i:05d}", ipv4=f"172.16.{hi}.{lo}", ipv6=f"fd50::{i:x}", **kw)
 
 
 def restarts(metrics: Metrics, cause: str) -> float:

@@ -20,7 +20,7 @@ from nodecryptor.cluster.store import Store
 from nodecryptor_testkit.fakeapi import make_exemption, make_node
 from nodecryptor_testkit.wait import wait_for
 
-from k8s_support import node
+from k8s_support import kube_node, node
 from k8s_support import fake, kubeconfig, settings  # noqa: F401 - pytest fixtures
 
 STORAGE = {"matchLabels": {"storage": "yes"}}
@@ -73,7 +73,7 @@ def syncs(settings):
 
 
 def labelled(name: str, **labels) -> dict:
-    obj = make_node(name)
+    obj = kube_node(int(name[1:]))
     obj["metadata"]["labels"].update(labels)
     return obj
 
@@ -126,8 +126,8 @@ def test_missing_crd_is_reported_retried_and_the_builtin_policy_applies(fake, sy
     fake.exemptions_installed = False
     fake.apply(node(1))
     fake.apply(node(2, control_plane=True))
-    fake.apply(make_node("n00001"))
-    fake.apply(make_node("n00002", control_plane=True))
+    fake.apply(kube_node(1))
+    fake.apply(kube_node(2, control_plane=True))
     s = syncs().start()
     assert s.store.synced.wait(10)  # the missing CRD does not hold the store up
     wait_for(lambda: s.policies.crd_missing, what="missing CRD noticed")

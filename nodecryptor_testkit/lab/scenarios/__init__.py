@@ -28,6 +28,7 @@ SCENARIOS: dict[str, str] = {
     "rogue": ".rogue",
     "peer-health": ".peer_health",
     "alerts": ".alerts",
+    "forged-claims": ".forged_claims",
 }
 """Scenario name -> module (relative to this package) whose ``run(lab, ports)`` it is."""
 

@@ -7,7 +7,7 @@ import time
 
 from nodecryptor.core.settings import Settings
 from ..flows import ENCRYPTED, Flow, PortAllocator, Result, Row, observe
-from ..spec import SERVICE_TCP_PORT, ciliumnode_object, node_spec
+from ..spec import SERVICE_TCP_PORT, ciliumnode_object, node_object, node_spec
 from ..topology import LabError
 from .common import cli_text, installed_text, patches, poll_flow, seconds_until, wait_condition
 
@@ -69,6 +69,7 @@ def run(lab, ports: PortAllocator) -> Result:
     lab.start_echo(new.name)
     api = lab.api()
     since = time.monotonic()
+    api.put_node(node_object(new))  # its kubelet registers the Node: the trusted addresses
     api.create(ciliumnode_object(new))
     joined = _follow_time(lab, existing, needles, True, since)
     worst = max(joined.values())
@@ -116,6 +117,7 @@ def run(lab, ports: PortAllocator) -> Result:
     ], ports, "churn")
     since = time.monotonic()
     api.delete(new.name)
+    api.fake_control("delete-node", {"name": new.name})  # the Node leaves with it
     gone = _follow_time(lab, existing, needles, False, since)
     worst = max(gone.values())
     result.rows.append(Row(f"leave {new.name}: every agent removes it", "<= 1.0 s",
