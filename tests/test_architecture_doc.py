@@ -169,7 +169,12 @@ def pins_in_code() -> set[str]:
         pins.ingress_prog_path(bpffs),
         pins.explain_ingress_prog_path(bpffs),
     }
-    return {os.path.relpath(p, top).replace("/g7/", "/g<N>/") for p in paths}
+    key = "0" * 32
+    key_dir = pins.program_key_dir(bpffs, key)
+    paths |= {os.path.join(key_dir, name) for name in pins.PROGRAM_PINS.values()}
+    paths.add(os.path.join(key_dir, pins.PROGRAM_MAPS, "<map>"))
+    return {os.path.relpath(p, top).replace("/g7/", "/g<N>/").replace(key, "<key>")
+            for p in paths}
 
 
 def pins_in_doc() -> set[str]:

@@ -98,6 +98,8 @@ def handle(args) -> int:
     if choice is not None and choice.get("datapath") == name:
         # Why the agent chose this datapath (a record of another mode would be stale).
         report["agent_choice"] = choice
+    if name == "bpf":
+        report["program_load"] = program_load(settings, report.get("prog_id") or 0)
     report["proof_of_concept"] = poc
     add_cilium(report, settings, name)
     if args.json:
@@ -105,6 +107,21 @@ def handle(args) -> int:
         return 0
     print_text(report)
     return 0
+
+
+def program_load(settings, prog_id: int) -> dict:
+    """How the agent obtained the running program (reused from its pins or compiled, and
+    the compile time), from the agent's record; "unknown" when the record is missing or
+    describes another program than the one pinned now."""
+    from nodecryptor.datapath.bpf.loader import last_record
+
+    record = last_record(settings)
+    if record is None:
+        return {"source": "unknown", "why": "the agent left no record in the run directory"}
+    if not prog_id or record.get("prog_id") != prog_id:
+        return {"source": "unknown", "why": f"the record describes program "
+                                            f"{record.get('prog_id')}, not the pinned one"}
+    return record
 
 
 def print_proof_of_concept(poc: dict) -> None:
@@ -158,6 +175,14 @@ def print_text(report: dict) -> None:
     mss = report.get("mss")
     if mss:
         print(f"mss clamp: ipv4 {mss.get('v4')}  ipv6 {mss.get('v6')}")
+    load = report.get("program_load")
+    if load:
+        if load.get("source") == "compiled":
+            print(f"program: compiled in {load['compile_seconds']:.2f}s (key {load['key']})")
+        elif load.get("source") == "reused":
+            print(f"program: reused, not compiled (key {load['key']})")
+        else:
+            print(f"program: origin unknown ({load.get('why')})")
     if report.get("agent_alive_age_seconds") is not None:
         print(f"agent last applied: {report['agent_alive_age_seconds']:.1f}s ago")
     cil = report.get("cilium") or {}
@@ -182,6 +207,6 @@ def print_text(report: dict) -> None:
     for key, value in report.items():
         if key not in {"datapath", "mode", "prog_id", "ready", "reason", "devices", "wireguard",
                        "mss", "agent_alive_age_seconds", "counters", "config", "active",
-                       "proof_of_concept", "cilium", "chains"}:
+                       "proof_of_concept", "cilium", "chains", "program_load"}:
             print(f"{key}: {value}")
     print_proof_of_concept(report.get("proof_of_concept") or {"present": False})

@@ -131,6 +131,40 @@ def test_table_covers_every_reason():
 
 @pytest.mark.parametrize("case", dc.CASES, ids=lambda c: c.id)
 def test_case(loaded, case):
+    check_case(loaded, case)
+
+
+@pytest.fixture(scope="module")
+def reused(tmp_path_factory):
+    """The program as a restarting agent gets it: compiled once in the loader's child
+    process into a private bpffs, then opened again from its pins without compiling."""
+    require(os.geteuid() == 0, "needs root")
+    ok, why = have_bcc()
+    require(ok, why)
+    from nodecryptor.datapath.bpf import loader, pins
+
+    bpffs = tmp_path_factory.mktemp("bpffs")
+    require(os.system(f"mount -t bpf bpf {bpffs}") == 0, "cannot mount a bpffs")
+    settings = Settings(bpffs=str(bpffs))
+    try:
+        pins.ensure_dirs(settings.bpffs)
+        compiled = loader.obtain(settings, pins.new_generation(settings.bpffs)[1])
+        compiled.loaded.close()
+        got = loader.obtain(settings, pins.new_generation(settings.bpffs)[1])
+        assert (compiled.reused, got.reused, got.key) == (False, True, compiled.key)
+        yield got.loaded
+        got.loaded.close()
+    finally:
+        os.system(f"umount {bpffs}")
+
+
+@pytest.mark.parametrize("case", dc.CASES, ids=lambda c: c.id)
+def test_case_on_reused_program(reused, case):
+    """The pinned program a restart reuses is the program: every row of the table."""
+    check_case(reused, case)
+
+
+def check_case(loaded, case: dc.Case) -> None:
     diff.sync(loaded.map_fds, dc.desired_for(case, wg_ifindex=WG_IFINDEX))
     seed_flows(loaded, case)
     before = packets(decode.read_counters(loaded.map_fds))

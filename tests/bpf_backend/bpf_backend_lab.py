@@ -238,6 +238,7 @@ def hold_datapath_main(argv: list[str]) -> int:
     """``python bpf_backend_lab.py hold SPEC_JSON``: run inside node A's namespace, start the
     BPF datapath, apply A's desired state, print "applied <prog_id>" and wait to be killed (the
     stand-in for an agent that dies)."""
+    import dataclasses
     import json
 
     from nodecryptor.datapath.bpf.backend import BpfDatapath
@@ -247,6 +248,11 @@ def hold_datapath_main(argv: list[str]) -> int:
     spec = json.loads(argv[0])
     a, b = Node(**spec["a"]), Node(**spec["b"])
     settings = Settings(node_name=a.name, bpffs=spec["bpffs"], wg_interface=WG_IFNAME)
+    if spec.get("fragments"):
+        # Another program text (a compile flag): the stand-in for an upgraded agent, which
+        # loads a new generation instead of keeping the running program's.
+        settings = dataclasses.replace(settings, map_sizes=dataclasses.replace(
+            settings.map_sizes, fragments=spec["fragments"]))
     # "die" kills this process (SIGKILL, nothing runs after it) at one point of the lifecycle:
     # "after-start" (an agent that never reaches its first apply: OOM, API outage) or
     # "before-egress" (between the ingress and the egress swap of the first apply).

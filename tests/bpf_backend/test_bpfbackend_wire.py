@@ -271,7 +271,8 @@ def test_sigkilled_agent_leaves_datapath_enforcing_and_successor_takes_over_link
         with in_netns(a.netns):
             att = attach.tcx_observe(bpffs, "eth0")
         assert att is not None and not att.defunct and att.position == 0
-        # The next agent takes over the same link and swaps its program in.
+        # The next agent takes over the same link; its program text is the killed agent's,
+        # so it reuses the running program and its maps instead of compiling.
         settings = lab.settings(bpffs)
         with in_netns(a.netns):
             successor = datapaths(settings)
@@ -279,8 +280,9 @@ def test_sigkilled_agent_leaves_datapath_enforcing_and_successor_takes_over_link
             successor.apply(lab.desired(settings))
             obs = successor.observe()
         assert obs.ready, obs.reason
+        assert obs.details["program"]["source"] == "reused"
         dev = obs.details["devices"][0]
-        assert dev["link_id"] == att.link_id and dev["prog_id"] == successor.prog_id != att.prog_id
+        assert dev["link_id"] == att.link_id and dev["prog_id"] == successor.prog_id == att.prog_id
     finally:
         stop.set()
         if holder.poll() is None:
@@ -323,6 +325,10 @@ def test_restart_swaps_program_in_same_link_new_generation_and_reattaches_new_de
         link1, prog1 = obs1.details["devices"][0]["link_id"], obs1.details["prog_id"]
         first.close()
 
+        # An upgrade whose program differs (here: another fragment table size, a compile
+        # flag): compiled, loaded into a new generation and swapped into the same link.
+        settings = dataclasses.replace(settings, map_sizes=dataclasses.replace(
+            settings.map_sizes, fragments=settings.map_sizes.fragments * 2))
         with in_netns(a.netns):
             second = datapaths(settings)
             second.start()
@@ -331,6 +337,10 @@ def test_restart_swaps_program_in_same_link_new_generation_and_reattaches_new_de
             second.apply(lab.desired(settings))
             obs2 = second.observe()
         assert obs2.ready, obs2.reason
+        assert obs2.details["program"]["source"] == "compiled"
+        # The first program's key is kept for a rollback.
+        assert sorted(pins.program_keys(bpffs)) == sorted({obs1.details["program"]["key"],
+                                                          obs2.details["program"]["key"]})
         assert obs2.details["generation"] == gen1 + 1 == pins.current_generation(bpffs)
         assert pins.generations(bpffs) == [gen1 + 1]
         # counters carried over to the new generation

@@ -146,6 +146,7 @@ def test_every_root_pin_this_release_writes_is_known_to_it():
                pins.ingress_prog_path("/sys/fs/bpf"),
                pins.explain_ingress_prog_path("/sys/fs/bpf"),
                pins.links_dir("/sys/fs/bpf", attach.EGRESS),
-               pins.links_dir("/sys/fs/bpf", attach.INGRESS)]
+               pins.links_dir("/sys/fs/bpf", attach.INGRESS),
+               pins.programs_dir("/sys/fs/bpf")]
     assert {os.path.relpath(p, root) for p in written} == set(pins.KNOWN_ROOT_ENTRIES)
     assert os.path.dirname(pins.abi_dir("/sys/fs/bpf")) == root

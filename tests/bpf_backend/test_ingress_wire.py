@@ -7,6 +7,8 @@ ingress links."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import ipaddress
 import socket
 
@@ -143,8 +145,9 @@ def _flows(bpffs: str) -> dict:
 
 
 def test_restart_carries_exempt_flows_and_leaks_into_the_new_generation(lab, bpffs, datapaths):
-    """An agent restart loads a new map generation; the established bootstrap flow and the
-    leak meter come along, so the replies of an established exempt connection stay exempt."""
+    """An agent restart whose program changed loads a new map generation; the established
+    bootstrap flow and the leak meter come along, so the replies of an established exempt
+    connection stay exempt. (A restart with the same program keeps its maps as they are.)"""
     a, b = lab.a, lab.b
     rx_b = Receiver(b.netns, tcp_ports=(6443,))
     try:
@@ -159,10 +162,13 @@ def test_restart_carries_exempt_flows_and_leaks_into_the_new_generation(lab, bpf
         assert (b.ip, 6443) in before and before[(b.ip, 6443)] == abi.FLOW_OUTBOUND
         generation = pins.current_generation(bpffs)
         first.close()
+        settings = dataclasses.replace(settings, map_sizes=dataclasses.replace(
+            settings.map_sizes, fragments=settings.map_sizes.fragments * 2))
         with in_netns(a.netns):
             second = datapaths(settings)
             second.start()
             second.apply(lab.desired(settings))
+        assert second.observe().details["program"]["source"] == "compiled"
         assert pins.current_generation(bpffs) != generation
         assert _flows(bpffs) == before
         assert _leaks(bpffs)[(b.ip, 17, 7777)] == 2

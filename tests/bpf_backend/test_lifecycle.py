@@ -14,15 +14,23 @@ from dataclasses import asdict
 from bpf_backend_lab import in_netns
 from test_bpfbackend_wire import lab  # noqa: F401
 
+from nodecryptor.core.settings import MapSizes
 from nodecryptor.datapath.bpf import lifecycle, pins
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_agent(lab, bpffs: str, die: str = "") -> tuple[int, str]:
+UPGRADED = 2 * MapSizes().fragments
+"""A fragment table size other than the default: a changed program text, so an agent started
+with it loads a new generation (an agent with an unchanged program keeps the running one)."""
+
+
+def run_agent(lab, bpffs: str, die: str = "", fragments: int = 0) -> tuple[int, str]:
     """One agent in node A's namespace (bpf_backend_lab.py hold), killed as ``die`` says, or
-    with SIGKILL after its first apply. Returns (exit status, first line it printed)."""
-    spec = json.dumps({"bpffs": bpffs, "a": asdict(lab.a), "b": asdict(lab.b), "die": die})
+    with SIGKILL after its first apply; ``fragments`` changes its program (an upgrade).
+    Returns (exit status, first line it printed)."""
+    spec = json.dumps({"bpffs": bpffs, "a": asdict(lab.a), "b": asdict(lab.b), "die": die,
+                       "fragments": fragments})
     proc = subprocess.Popen(["ip", "netns", "exec", lab.a.netns, sys.executable,
                              os.path.join(HERE, "bpf_backend_lab.py"), "hold", spec],
                             stdout=subprocess.PIPE, text=True)
@@ -59,7 +67,8 @@ def test_killed_starts_leak_nothing_and_a_split_swap_is_repaired_at_start(lab, b
     assert len(set(first.values())) == 1, first
     (enforcing,) = set(first.values())
 
-    status, line = run_agent(lab, bpffs, die="before-egress")
+    # An upgrade (another program) killed between its ingress and its egress swap.
+    status, line = run_agent(lab, bpffs, die="before-egress", fragments=UPGRADED)
     assert status == -signal.SIGKILL and line.startswith("dying before the egress swap")
     with in_netns(lab.a.netns):
         split = hook_generations(bpffs)
@@ -67,7 +76,7 @@ def test_killed_starts_leak_nothing_and_a_split_swap_is_repaired_at_start(lab, b
     assert split["egress", "eth0"] == enforcing != split["ingress", "eth0"], split
 
     for _ in range(3):
-        status, line = run_agent(lab, bpffs, die="after-start")
+        status, line = run_agent(lab, bpffs, die="after-start", fragments=UPGRADED)
         assert status == -signal.SIGKILL and line.startswith("started "), line
     with in_netns(lab.a.netns):
         after = hook_generations(bpffs)
@@ -78,7 +87,7 @@ def test_killed_starts_leak_nothing_and_a_split_swap_is_repaired_at_start(lab, b
     assert left == [enforcing, max(left)] and max(left) > enforcing, left
 
     # A normal start repairs and then attaches its own generation everywhere.
-    assert run_agent(lab, bpffs)[0] == -signal.SIGKILL
+    assert run_agent(lab, bpffs, fragments=UPGRADED)[0] == -signal.SIGKILL
     with in_netns(lab.a.netns):
         final = hook_generations(bpffs)
         left = pins.generations(bpffs)

@@ -189,6 +189,18 @@ def test_agent_ready_with_daemonset_security_context(node):
     after = json.loads(_cli(node, caps, "status", "--json",
                             f"--bpffs={node['bpffs']}").stdout)
     assert [d["name"] for d in after["devices"]] == ["eth0"]
+    assert report["program_load"]["source"] == "compiled", report["program_load"]
+
+    # A restart with the same program reuses the pinned one with the DaemonSet's capabilities
+    # (its maps are opened by path: fetching them by id would need CAP_SYS_ADMIN).
+    agent = _start_agent(node, caps)
+    _wait_ready(node, agent)
+    again = json.loads(_cli(node, caps, "status", "--json", f"--bpffs={node['bpffs']}").stdout)
+    assert again["agent_choice"]["datapath"] == "bpf", again
+    assert again["program_load"]["source"] == "reused", again["program_load"]
+    assert again["prog_id"] == report["prog_id"]
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(timeout=grace) == 0, agent.stderr.read()[-3000:]
 
     # The clean-up DaemonSet's command, with its capabilities, removes it.
     cleanup_ds = find(all_docs(), "DaemonSet", "nodecryptor-cleanup")

@@ -22,7 +22,6 @@ Capacity fails closed, all in ``apply``:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import socket
 import time
@@ -34,7 +33,6 @@ from nodecryptor.core.settings import DatapathMode, Settings
 from nodecryptor.datapath.base import Observation
 from nodecryptor.datapath.bpf import abi, attach, collector, inspect, lifecycle, pins, syscall
 from nodecryptor.datapath.bpf.maps import decode
-from nodecryptor.observe.metrics import count_program_load
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +63,8 @@ class BpfDatapath:
         self._capacity_problem = ""
         self._last_error = ""
         self._collector_registered = False
+        self._program: dict = {}  # how the loaded program was obtained (loader.Obtained)
+        self._attached_key: str | None = None  # what the links run: the rollback key
 
     # ---- start / probe -------------------------------------------------------------------
 
@@ -73,6 +73,8 @@ class BpfDatapath:
         used here."""
         if self._loaded is not None:
             return self
+        from nodecryptor.datapath.bpf import loader
+
         bpffs = self.settings.bpffs
         if not pins.is_bpffs(bpffs):
             raise NotSupported("bpffs", f"{bpffs} is not a mounted bpf filesystem "
@@ -92,7 +94,8 @@ class BpfDatapath:
         # Start from the capacity the previous agent grew to, so a restart does not regrow.
         capacities = self._pinned_capacities()
         self._attached_generation = pins.current_generation(bpffs)
-        self._loaded = self._load_generation(capacities)
+        self._attached_key = loader.key_of_prog(bpffs, inspect.pinned_prog_id(self.settings))
+        self._loaded = self._load_generation(capacities, restart=True)
         log.info("bpf program loaded",
                  extra=kv(prog_id=self._loaded.prog_id, mode=self.mode, why=self.mode_reason,
                           pin_dir=self._loaded.pin_dir, capacity_v4=capacities[4],
@@ -119,26 +122,15 @@ class BpfDatapath:
                 out[family] = max(out[family], syscall.map_info(pinned).max_entries)
         return out
 
-    def _load_generation(self, capacities: dict[int, int]):
-        """Compile and load the program into a new, empty generation directory."""
-        # The only module importing bcc: loaded only when BPF is wanted.
-        from nodecryptor.datapath.bpf import program
+    def _load_generation(self, capacities: dict[int, int], restart: bool = False):
+        """The program for ``capacities`` and its generation of maps (loader.py: reused
+        from its pins, or compiled in a child process)."""
+        from nodecryptor.datapath.bpf import loader
 
-        number, path = pins.new_generation(self.settings.bpffs)
-        sizes = dataclasses.replace(self.settings.map_sizes, destinations_v4=capacities[4],
-                                    destinations_v6=capacities[6])
-        try:
-            loaded = program.load(dataclasses.replace(self.settings, map_sizes=sizes), path)
-        except NotSupported:
-            pins.remove_generation(self.settings.bpffs, number)
-            raise
-        except Exception as e:  # DatapathError from compile/verifier, or anything BCC raises
-            pins.remove_generation(self.settings.bpffs, number)
-            count_program_load(self.metrics, getattr(e, "stage", "load_error"))
-            raise NotSupported("bpf-program", f"compile/load failed: {e}") from e
-        count_program_load(self.metrics, "ok", loaded.compile_seconds)
-        self._generation = number
-        return loaded
+        self._generation, got = loader.load_generation(self.settings, capacities, restart,
+                                                       self.metrics)
+        self._program = got.summary()
+        return got.loaded
 
     def _capacity_for(self, count: int, minimum: int) -> int:
         """A power of two with head-room above ``count``, at least ``minimum``, at most the
@@ -284,6 +276,9 @@ class BpfDatapath:
         except OSError:
             return  # first start, or an agent of another ABI version: start from zero
         with old:
+            if syscall.map_info(old).id == syscall.map_info(
+                    self._loaded.map_fds[abi.COUNTERS_MAP]).id:
+                return  # the new generation pins the same maps (a reused program set)
             try:
                 diff.copy_counters(old, self._loaded.map_fds[abi.COUNTERS_MAP])
             except OSError as e:
@@ -307,6 +302,10 @@ class BpfDatapath:
         bpffs = self.settings.bpffs
         pins.set_current(bpffs, self._generation)
         removed = pins.remove_stale(bpffs, keep=self._generation)
+        key = self._program.get("key")
+        if key:
+            removed += pins.prune_program_keys(bpffs, key, previous=self._attached_key)
+            self._attached_key = key
         self._attached_generation = self._generation
         if self._retired is not None:
             self._retired.close()
@@ -377,7 +376,7 @@ class BpfDatapath:
         base = {"mode": self.mode, "mode_reason": self.mode_reason,
                 "prog_id": loaded.prog_id if loaded is not None else 0,
                 "pin_dir": loaded.pin_dir if loaded is not None else "",
-                "generation": self._generation,
+                "generation": self._generation, "program": dict(self._program),
                 "capacity": ({f"ipv{f}": c for f, c in loaded.capacities.items()}
                              if loaded is not None else {})}
         if loaded is None:

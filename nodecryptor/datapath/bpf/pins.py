@@ -11,6 +11,12 @@ directory root-owned 0700, see ``check_dir``):
                             legacy tc mode too, where no link exists)
     prog-explain            its dry-run twin (same maps, changes no state), run by `explain`
     prog-ingress            the ingress program (nc_ingress), and prog-explain-ingress its twin
+    programs/<key>/<entry>  every entry point of one compiled program text (egress, explain,
+                            ingress, explain-ingress), named by the hash of everything that went
+                            into the compile (loader.py), and maps/<map name> the maps they
+                            were loaded with; a restart with the same key reuses them instead
+                            of compiling. The current key and at most one previous
+                            key are kept, so a rollback is cheap
 
 Maps are derived state: every agent start and every growth of the destination maps loads the
 program into a fresh generation, fills it completely from the desired state, and only then swaps
@@ -161,6 +167,66 @@ def explain_ingress_prog_path(bpffs: str) -> str:
     return os.path.join(root(bpffs), "prog-explain-ingress")
 
 
+PROGRAM_PINS = {"nc_egress": "egress", "nc_explain": "explain", "nc_ingress": "ingress",
+                "nc_explain_ingress": "explain-ingress"}
+"""Entry function -> pin name inside a program key directory."""
+PROGRAM_MAPS = "maps"
+"""Subdirectory of a program key directory pinning the maps its programs were loaded with."""
+_KEY = re.compile(r"^[0-9a-f]{16,64}$")
+
+
+def programs_dir(bpffs: str) -> str:
+    return os.path.join(root(bpffs), "programs")
+
+
+def program_key_dir(bpffs: str, key: str) -> str:
+    """The pinned entry points of one program text (a complete set, or absent)."""
+    if not _KEY.match(key):
+        raise DatapathError(f"program key {key!r} is not a lower-case hex digest")
+    return os.path.join(programs_dir(bpffs), key)
+
+
+def program_keys(bpffs: str) -> list[str]:
+    """Complete program keys present (staging directories of a compile, "stage-...", are
+    not keys; bpffs refuses names with a dot)."""
+    try:
+        names = os.listdir(programs_dir(bpffs))
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if _KEY.match(n))
+
+
+def remove_program_key(bpffs: str, name: str) -> list[str]:
+    """Unpin one key's programs (an attached program stays alive through its link or
+    filter) and remove the directory; ``name`` may also be a leftover staging directory."""
+    return _remove_tree(os.path.join(programs_dir(bpffs), name))
+
+
+def prune_program_keys(bpffs: str, current: str, previous: str | None = None) -> list[str]:
+    """Keep ``current`` and one previous key: ``previous`` when given (the key that ran
+    before), otherwise the most recently created other key. Removes every other key and any
+    staging directory a killed compile child left. Returns the removed directories."""
+    others = [k for k in program_keys(bpffs) if k != current]
+    if previous not in others:
+        dated = []
+        for k in others:
+            try:
+                dated.append((os.stat(os.path.join(programs_dir(bpffs), k)).st_mtime_ns, k))
+            except FileNotFoundError:
+                continue
+        previous = max(dated)[1] if dated else None
+    removed: list[str] = []
+    try:
+        names = os.listdir(programs_dir(bpffs))
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        if name not in (current, previous):
+            remove_program_key(bpffs, name)
+            removed.append(os.path.join(programs_dir(bpffs), name))
+    return removed
+
+
 def map_path(bpffs: str, name: str) -> str:
     return os.path.join(maps_dir(bpffs), name)
 
@@ -207,7 +273,8 @@ def check_dir(path: str) -> None:
 def ensure_dirs(bpffs: str) -> None:
     """Create nodecryptor's pin directories 0700, or check the existing ones (UnsafePinDir
     when another user owns one or could write to it)."""
-    for d in (root(bpffs), abi_dir(bpffs), links_dir(bpffs), links_dir(bpffs, "ingress")):
+    for d in (root(bpffs), abi_dir(bpffs), links_dir(bpffs), links_dir(bpffs, "ingress"),
+              programs_dir(bpffs)):
         try:
             os.mkdir(d, mode=0o700)
         except FileExistsError:
@@ -255,7 +322,7 @@ def pinned_link_names(bpffs: str, direction: str = "egress") -> list[str]:
 
 
 KNOWN_ROOT_ENTRIES = frozenset({"links", "links-ingress", "prog", "prog-explain", "prog-ingress",
-                                "prog-explain-ingress"})
+                                "prog-explain-ingress", "programs"})
 """Every name this release puts directly under the root, besides its v<ABI> directory. The
 compatibility rule (operator guide, "Upgrades and rollbacks"): a later release adds hooks only
 under new ``links-<hook>/`` directories and maps only under a new ``v<ABI>/``, so a release

@@ -178,21 +178,30 @@ class LoadFailed(DatapathError):
 
 
 def load(settings: Settings, pin_dir: str | None = None) -> LoadedProgram:
-    """Compile bpf/nodecryptor.c and load it as a SCHED_CLS program.
+    """Compile bpf/nodecryptor.c and load it as a SCHED_CLS program, in this process.
 
     With ``pin_dir`` (an existing directory on a bpffs) maps are reused from it or pinned into
     it. Raises NotSupported when BCC or headers are missing, DatapathError when compiling or
-    loading fails (the verifier's message is in BCC's stderr output).
+    loading fails (the verifier's message is in BCC's stderr output). The agent does not call
+    this: it compiles in a child process (``compile_and_pin``, run by loader.py), so that
+    clang/LLVM never stays in its memory.
     """
+    root = bpf_dir()
+    return load_text(inline_source(root), cflags(settings, pin_dir, root), root, pin_dir,
+                     capacities={4: settings.map_sizes.destinations_v4,
+                                 6: settings.map_sizes.destinations_v6})
+
+
+def load_text(text: str, flags: list[str], root: Path, pin_dir: str | None,
+              capacities: dict[int, int] | None = None) -> LoadedProgram:
+    """Compile ``text`` with ``flags`` (both from ``inline_source`` and ``cflags``) and load
+    the four entry points; ``root`` only names the source in error messages."""
     bcc = _import_bcc()
     ok, why = _headers_present()
     if not ok:
         raise NotSupported("BCC kernel headers", why)
     if pin_dir is not None and not os.path.isdir(pin_dir):
         raise DatapathError(f"pin directory {pin_dir} does not exist")
-    root = bpf_dir()
-    text = inline_source(root)
-    flags = cflags(settings, pin_dir, root)
     started = time.monotonic()
     try:
         module = bcc.BPF(text=text.encode(), cflags=flags)
@@ -219,8 +228,7 @@ def load(settings: Settings, pin_dir: str | None = None) -> LoadedProgram:
                          explain_fd=dry.fd, explain_id=syscall.prog_info(dry.fd).id,
                          ingress_fd=ingress.fd, ingress_id=syscall.prog_info(ingress.fd).id,
                          explain_ingress_fd=dry_ingress.fd,
-                         capacities={4: settings.map_sizes.destinations_v4,
-                                     6: settings.map_sizes.destinations_v6},
+                         capacities=dict(capacities or {}),
                          compile_seconds=elapsed, pin_dir=pin_dir, _bpf=module)
 
 
@@ -291,3 +299,56 @@ def probe(settings: Settings) -> tuple[bool, str]:
         return True, f"compiled and loaded in {loaded.compile_seconds:.2f}s"
     finally:
         loaded.close()
+
+
+# ---- the compile child -----------------------------------------------------------------------
+
+def compile_and_pin(request: dict) -> dict:
+    """What the short-lived compile child does (loader.py starts it): compile the text of the
+    request with its flags, load the four entry points (maps pinned in ``pin_dir``), pin the
+    programs into ``stage_dir`` under ``pins`` names, then rename ``stage_dir`` to ``key_dir``
+    so a reader sees either no program set or a complete one. Returns the reply for the
+    parent; raises what ``load_text`` raises. The maps are pinned in ``stage_dir`` as well,
+    under ``maps_subdir``."""
+    loaded = load_text(request["text"], request["cflags"], Path(request["root"]),
+                       request["pin_dir"])
+    try:
+        stage = request["stage_dir"]
+        os.mkdir(stage, mode=0o700)
+        fds = {ENTRY_FUNCTION: loaded.prog_fd, EXPLAIN_FUNCTION: loaded.explain_fd,
+               INGRESS_FUNCTION: loaded.ingress_fd,
+               EXPLAIN_INGRESS_FUNCTION: loaded.explain_ingress_fd}
+        for function, pin_name in request["pins"].items():
+            syscall.obj_pin(fds[function.encode()], os.path.join(stage, pin_name))
+        # The maps too: the agent opens them by path, as BPF_MAP_GET_FD_BY_ID would need
+        # CAP_SYS_ADMIN, which the DaemonSet does not grant.
+        os.mkdir(os.path.join(stage, request["maps_subdir"]), mode=0o700)
+        for name, fd in loaded.map_fds.items():
+            syscall.obj_pin(fd, os.path.join(stage, request["maps_subdir"], name))
+        os.rename(stage, request["key_dir"])
+        return {"ok": True, "compile_seconds": loaded.compile_seconds,
+                "prog_id": loaded.prog_id}
+    finally:
+        loaded.close()
+
+
+def _child_main() -> int:
+    """``python -m nodecryptor.datapath.bpf.program``: one JSON request on stdin, one JSON
+    reply on stdout; BCC's and the verifier's own output go to the inherited stderr."""
+    import json
+
+    try:
+        reply = compile_and_pin(json.load(sys.stdin))
+    except NotSupported as e:
+        reply = {"ok": False, "kind": "not_supported", "feature": e.feature, "why": e.why,
+                 "minimum": e.minimum}
+    except Exception as e:  # CompileFailed, LoadFailed, or an OSError while pinning
+        reply = {"ok": False, "kind": "datapath", "message": str(e),
+                 "stage": getattr(e, "stage", "load_error")}
+    json.dump(reply, sys.stdout)
+    sys.stdout.flush()
+    return 0 if reply["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())
