@@ -60,22 +60,61 @@ def main() -> int:
             objects = os.path.join(REPO, "nodecryptor", "examples", "cluster.json")
             with open(objects) as f:
                 node = json.load(f)[1]["metadata"]["name"]
-            procs.append(subprocess.Popen(
-                ["ip", "netns", "exec", ns, sys.executable, "-m", "nodecryptor_testkit.fakeapi",
-                 "--bind", API, "--objects", objects, "--token", "t",
-                 "--write-kubeconfig", kubeconfig],
-                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        "ip",
+                        "netns",
+                        "exec",
+                        ns,
+                        sys.executable,
+                        "-m",
+                        "nodecryptor_testkit.fakeapi",
+                        "--bind",
+                        API,
+                        "--objects",
+                        objects,
+                        "--token",
+                        "t",
+                        "--write-kubeconfig",
+                        kubeconfig,
+                    ],
+                    cwd=REPO,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
             while not os.path.exists(kubeconfig):
                 time.sleep(0.1)
             bpffs = os.path.join(tmp, "bpffs")  # unused by the ip-rule datapath; private anyway
             os.mkdir(bpffs)
-            procs.append(subprocess.Popen(
-                ["ip", "netns", "exec", ns, os.path.join(BIN, "nodecryptor"), "run",
-                 "--kubeconfig", kubeconfig, "--node-name", node, "--datapath", "iprule",
-                 "--bpffs", bpffs, "--health-probe-bind-address", HEALTH,
-                 "--metrics-server-bind-address", METRICS],
-                env=dict(os.environ, NODECRYPTOR_RUN_DIR=tmp),
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        "ip",
+                        "netns",
+                        "exec",
+                        ns,
+                        os.path.join(BIN, "nodecryptor"),
+                        "run",
+                        "--kubeconfig",
+                        kubeconfig,
+                        "--node-name",
+                        node,
+                        "--datapath",
+                        "iprule",
+                        "--bpffs",
+                        bpffs,
+                        "--health-probe-bind-address",
+                        HEALTH,
+                        "--metrics-server-bind-address",
+                        METRICS,
+                    ],
+                    env=dict(os.environ, NODECRYPTOR_RUN_DIR=tmp),
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
             time.sleep(5)  # listed, watching
             print(f"stalls before the freeze: {stalls(ns):.0f}")
             fetch(ns, f"http://{API}/_fake/freeze", {"frozen": True})

@@ -46,8 +46,10 @@ def main() -> int:
             rows = measure(args.nodes)
     finally:
         netns.delete(ns)
-    print(f"machine: {platform.node()} kernel {platform.release()}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.2f}; {args.nodes} remote node addresses")
+    print(
+        f"machine: {platform.node()} kernel {platform.release()}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.2f}; {args.nodes} remote node addresses"
+    )
     print(f"{'pass':<12} {'seconds':>8} {'route lookups so far':>22}")
     for label, seconds, lookups in rows:
         print(f"{label:<12} {seconds:>8.3f} {lookups:>22}")

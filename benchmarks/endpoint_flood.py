@@ -62,8 +62,10 @@ def flood(agent_pid: int, connections: int, seconds: int) -> None:
         threads, fds = proc_stat(agent_pid)
         h = get_ms(HEALTH, "/healthz")
         m = get_ms(METRICS, "/metrics")
-        print(f"  t={second + 1:2d}s agent threads {threads:3d} fds {fds:4d}  "
-              f"/healthz {h[0]} {h[1]:6.1f} ms  /metrics {m[0]} {m[1]:6.1f} ms")
+        print(
+            f"  t={second + 1:2d}s agent threads {threads:3d} fds {fds:4d}  "
+            f"/healthz {h[0]} {h[1]:6.1f} ms  /metrics {m[0]} {m[1]:6.1f} ms"
+        )
 
 
 def main() -> int:
@@ -83,29 +85,69 @@ def main() -> int:
             kubeconfig = os.path.join(tmp, "kubeconfig")
             objects = os.path.join(REPO, "nodecryptor", "examples", "cluster.json")
             node = json.load(open(objects))[1]["metadata"]["name"]
-            procs.append(subprocess.Popen(
-                ["ip", "netns", "exec", ns, sys.executable, "-m", "nodecryptor_testkit.fakeapi",
-                 "--bind", "127.0.0.1:16443", "--objects", objects, "--token", "t",
-                 "--write-kubeconfig", kubeconfig], stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        "ip",
+                        "netns",
+                        "exec",
+                        ns,
+                        sys.executable,
+                        "-m",
+                        "nodecryptor_testkit.fakeapi",
+                        "--bind",
+                        "127.0.0.1:16443",
+                        "--objects",
+                        objects,
+                        "--token",
+                        "t",
+                        "--write-kubeconfig",
+                        kubeconfig,
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
             while not os.path.exists(kubeconfig):
                 time.sleep(0.1)
             bpffs = os.path.join(tmp, "bpffs")  # unused by the ip-rule datapath; private anyway
             os.mkdir(bpffs)
             agent = subprocess.Popen(
-                ["ip", "netns", "exec", ns, os.path.join(BIN, "nodecryptor"), "run",
-                 "--kubeconfig", kubeconfig, "--node-name", node, "--datapath", "iprule",
-                 "--bpffs", bpffs, "--health-probe-bind-address", f"127.0.0.1:{HEALTH}",
-                 "--metrics-server-bind-address", f"127.0.0.1:{METRICS}"],
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns,
+                    os.path.join(BIN, "nodecryptor"),
+                    "run",
+                    "--kubeconfig",
+                    kubeconfig,
+                    "--node-name",
+                    node,
+                    "--datapath",
+                    "iprule",
+                    "--bpffs",
+                    bpffs,
+                    "--health-probe-bind-address",
+                    f"127.0.0.1:{HEALTH}",
+                    "--metrics-server-bind-address",
+                    f"127.0.0.1:{METRICS}",
+                ],
                 env=dict(os.environ, NODECRYPTOR_RUN_DIR=tmp),
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             procs.append(agent)
             deadline = time.monotonic() + 30
             while True:
                 try:
-                    netns.run(sys.executable, "-c", "import urllib.request as u; "
-                              f"u.urlopen('http://127.0.0.1:{HEALTH}/healthz', timeout=2)",
-                              netns=ns)
+                    netns.run(
+                        sys.executable,
+                        "-c",
+                        "import urllib.request as u; "
+                        f"u.urlopen('http://127.0.0.1:{HEALTH}/healthz', timeout=2)",
+                        netns=ns,
+                    )
                     break
                 except subprocess.CalledProcessError as e:
                     if time.monotonic() > deadline:
@@ -113,9 +155,23 @@ def main() -> int:
                     time.sleep(0.5)
             threads, fds = proc_stat(agent.pid)
             print(f"agent up: threads {threads}, fds {fds}")
-            subprocess.run(["ip", "netns", "exec", ns, sys.executable, os.path.abspath(__file__),
-                            "--flood-agent", str(agent.pid), "--connections",
-                            str(args.connections), "--seconds", str(args.seconds)], check=True)
+            subprocess.run(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns,
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    "--flood-agent",
+                    str(agent.pid),
+                    "--connections",
+                    str(args.connections),
+                    "--seconds",
+                    str(args.seconds),
+                ],
+                check=True,
+            )
         finally:
             for p in reversed(procs):
                 p.terminate()

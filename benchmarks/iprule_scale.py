@@ -92,23 +92,34 @@ def install_seed(ns: str, prefixes: list[str]) -> None:
 
 def install_nodecryptor(ns: str, wg_index: int, count: int) -> IpRuleDatapath:
     settings = Settings(node_name="local")
-    nodes = {"local": NodeInfo("local", addresses=(("InternalIP",
-                                                    ipaddress.ip_address(LOCAL)),))}
+    nodes = {"local": NodeInfo("local", addresses=(("InternalIP", ipaddress.ip_address(LOCAL)),))}
     for i in range((count + 1) // 2):
         nodes[f"w{i}"] = NodeInfo(
             f"w{i}",
             addresses=(("InternalIP", ipaddress.ip_address(f"172.16.{i // 250}.{i % 250 + 1}")),),
             pod_cidrs=(ipaddress.ip_network(f"10.{100 + i // 256}.{i % 256}.0/24"),)
-            if 2 * i + 1 < count else ())
+            if 2 * i + 1 < count
+            else (),
+        )
     plan = compute_plan(nodes, "local", settings)
-    wg = WgState(ifname="cilium_wg0", ifindex=wg_index, present=True, up=True,
-                 listen_port=51871, fwmark=0xE00)
+    wg = WgState(
+        ifname="cilium_wg0",
+        ifindex=wg_index,
+        present=True,
+        up=True,
+        listen_port=51871,
+        fwmark=0xE00,
+    )
     return bench_cluster.install_iprule(ns, compute_desired(plan, wg, (), settings), settings)
 
 
 def rate(ns: str, dst: str, seconds: float) -> tuple[float, int]:
-    out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", SENDER, dst,
-                          str(seconds)], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-c", SENDER, dst, str(seconds)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     sent, errors = (int(x) for x in out.split())
     return sent / seconds, errors
 
@@ -132,9 +143,15 @@ def measure(layout: str, count: int, seconds: float) -> dict:
         last = str(ipaddress.ip_network(prefixes[-1]).network_address + 1) if prefixes else None
         outside, outside_err = rate(ns, OUTSIDE, seconds)
         cluster, cluster_err = rate(ns, last, seconds) if last else (float("nan"), 0)
-        return {"layout": layout, "destinations": count, "rules": count_rules(ns),
-                "setup_s": setup, "outside_pps": outside, "cluster_pps": cluster,
-                "errors": outside_err + cluster_err}
+        return {
+            "layout": layout,
+            "destinations": count,
+            "rules": count_rules(ns),
+            "setup_s": setup,
+            "outside_pps": outside,
+            "cluster_pps": cluster,
+            "errors": outside_err + cluster_err,
+        }
     finally:
         netns.delete(ns)
 
@@ -153,18 +170,25 @@ def main() -> int:
         return 1
     sizes = [int(x) for x in args.sizes.split(",")]
     print(f"machine: {machine()}")
-    print(f"load average before: {os.getloadavg()[0]:.2f}; {args.seconds:g}s per cell; "
-          f"64-byte unconnected UDP sendto from Python")
-    header = (f"{'layout':<12} {'dests':>6} {'rules':>6} {'setup s':>8} "
-              f"{'outside pps':>12} {'cluster pps':>12} {'errors':>7}")
+    print(
+        f"load average before: {os.getloadavg()[0]:.2f}; {args.seconds:g}s per cell; "
+        f"64-byte unconnected UDP sendto from Python"
+    )
+    header = (
+        f"{'layout':<12} {'dests':>6} {'rules':>6} {'setup s':>8} "
+        f"{'outside pps':>12} {'cluster pps':>12} {'errors':>7}"
+    )
     print(header)
     print("-" * len(header))
     for count in sizes:
         for layout in ("seed", "nodecryptor"):
             r = measure(layout, count, args.seconds)
-            print(f"{r['layout']:<12} {r['destinations']:>6} {r['rules']:>6} "
-                  f"{r['setup_s']:>8.2f} {r['outside_pps']:>12,.0f} {r['cluster_pps']:>12,.0f} "
-                  f"{r['errors']:>7}", flush=True)
+            print(
+                f"{r['layout']:<12} {r['destinations']:>6} {r['rules']:>6} "
+                f"{r['setup_s']:>8.2f} {r['outside_pps']:>12,.0f} {r['cluster_pps']:>12,.0f} "
+                f"{r['errors']:>7}",
+                flush=True,
+            )
     return 0
 
 

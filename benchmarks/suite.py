@@ -37,14 +37,32 @@ from benchlib import results
 
 MODES = {
     # datapath sizes, seconds per cell, rounds; control-plane sizes, churn seconds
-    "full": {"sizes": [0, 100, 1_000, 10_000, 50_000], "seconds": 0.4, "rounds": 7,
-             "cp_sizes": [1_000, 10_000], "churn_s": 20.0, "pp_quick": False},
-    "quick": {"sizes": [0, 10_000], "seconds": 0.2, "rounds": 5,
-              "cp_sizes": [10_000], "churn_s": 5.0, "pp_quick": True},
+    "full": {
+        "sizes": [0, 100, 1_000, 10_000, 50_000],
+        "seconds": 0.4,
+        "rounds": 7,
+        "cp_sizes": [1_000, 10_000],
+        "churn_s": 20.0,
+        "pp_quick": False,
+    },
+    "quick": {
+        "sizes": [0, 10_000],
+        "seconds": 0.2,
+        "rounds": 5,
+        "cp_sizes": [10_000],
+        "churn_s": 5.0,
+        "pp_quick": True,
+    },
     # The test suite's form: the smallest sizes, to check that everything runs and the JSON
     # holds the contract; its numbers mean nothing.
-    "smoke": {"sizes": [0, 100], "seconds": 0.1, "rounds": 1,
-              "cp_sizes": [100], "churn_s": 1.0, "pp_quick": True},
+    "smoke": {
+        "sizes": [0, 100],
+        "seconds": 0.1,
+        "rounds": 1,
+        "cp_sizes": [100],
+        "churn_s": 1.0,
+        "pp_quick": True,
+    },
 }
 SECTIONS = ("per_packet", "datapath", "control_plane")
 
@@ -59,52 +77,66 @@ def _sizes(text: str, flag: str) -> list[int]:
     except ValueError:
         sizes = []
     if not sizes or any(s < 0 or s > 65_536 for s in sizes):
-        raise argparse.ArgumentTypeError(f"{flag} {text!r}: expected comma-separated node "
-                                         f"counts between 0 and 65536")
+        raise argparse.ArgumentTypeError(
+            f"{flag} {text!r}: expected comma-separated node counts between 0 and 65536"
+        )
     return sizes
 
 
 BPF_COST = os.path.join(HERE, "bpf_cost.py")
 
 
-def run_per_packet(sizes: list[int], quick: bool, notes: dict,
-                   script: str = BPF_COST) -> list[dict]:
+def run_per_packet(
+    sizes: list[int], quick: bool, notes: dict, script: str = BPF_COST
+) -> list[dict]:
     """Run bpf_cost.py as a subprocess with --sizes/--json (and --quick). A bpf_cost.py that
     does not know those flags yet (argparse exits 2 naming them) leaves the section empty with
     that reason; any other failure is an error of the run."""
     with tempfile.TemporaryDirectory(prefix="nc-bench-pp-") as tmp:
         out = os.path.join(tmp, "per_packet.json")
-        argv = [sys.executable, script,
-                "--sizes", ",".join(map(str, sizes)), "--json", out] + (["--quick"] if quick
-                                                                        else [])
+        argv = [sys.executable, script, "--sizes", ",".join(map(str, sizes)), "--json", out] + (
+            ["--quick"] if quick else []
+        )
         started = time.monotonic()
-        proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO,
-                              env={**os.environ, "PYTHONPATH": REPO})
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}
+        )
         if proc.returncode != 0:
             # argparse's own words for flags it does not know: the only failure tolerated.
             unsupported = proc.returncode == 2 and "unrecognized arguments" in proc.stderr
             last = proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else ""
             notes["per_packet"] = {
                 "status": "unsupported" if unsupported else "failed",
-                "reason": ("benchmarks/bpf_cost.py does not accept --sizes/--json/--quick yet: "
-                           if unsupported else f"bpf_cost.py exited {proc.returncode}: ") + last,
-                "command": "benchmarks/bpf_cost.py " + " ".join(argv[2:])}
+                "reason": (
+                    "benchmarks/bpf_cost.py does not accept --sizes/--json/--quick yet: "
+                    if unsupported
+                    else f"bpf_cost.py exited {proc.returncode}: "
+                )
+                + last,
+                "command": "benchmarks/bpf_cost.py " + " ".join(argv[2:]),
+            }
             return []
         with open(out) as f:
             rows = json.load(f)
-        problems = results.contract_problems({"machine": {"checked": True}, "datapath": [],
-                                              "per_packet": rows, "control_plane": []})
+        problems = results.contract_problems(
+            {"machine": {"checked": True}, "datapath": [], "per_packet": rows, "control_plane": []}
+        )
         if problems or not rows:
             # Keep the other sections: a bad section must not cost the whole run.
-            notes["per_packet"] = {"status": "failed",
-                                   "reason": "bpf_cost.py --json broke the contract: "
-                                             + ("; ".join(problems[:5]) or "no rows"),
-                                   "command": "benchmarks/bpf_cost.py " + " ".join(argv[2:])}
+            notes["per_packet"] = {
+                "status": "failed",
+                "reason": "bpf_cost.py --json broke the contract: "
+                + ("; ".join(problems[:5]) or "no rows"),
+                "command": "benchmarks/bpf_cost.py " + " ".join(argv[2:]),
+            }
             return []
-        notes["per_packet"] = {"status": "ok", "seconds": round(time.monotonic() - started, 1),
-                               "command": "benchmarks/bpf_cost.py " + " ".join(argv[2:]),
-                               "what": "BPF_PROG_TEST_RUN, kernel-measured ns per packet; "
-                                       "test-run does not perform the redirect"}
+        notes["per_packet"] = {
+            "status": "ok",
+            "seconds": round(time.monotonic() - started, 1),
+            "command": "benchmarks/bpf_cost.py " + " ".join(argv[2:]),
+            "what": "BPF_PROG_TEST_RUN, kernel-measured ns per packet; "
+            "test-run does not perform the redirect",
+        }
         return rows
 
 
@@ -114,8 +146,12 @@ def run_datapath(sizes: list[int], seconds: float, rounds: int, notes: dict) -> 
 
     sender = Sender()
     rows: list[dict] = []
-    detail: dict = {"seconds_per_cell": seconds, "rounds": rounds, "sizes": {},
-                    "method": rate.__doc__.strip()}
+    detail: dict = {
+        "seconds_per_cell": seconds,
+        "rounds": rounds,
+        "sizes": {},
+        "method": rate.__doc__.strip(),
+    }
     try:
         with tempfile.TemporaryDirectory(prefix="nc-bench-dp-") as tmp:
             detail["sender_ceiling"] = rate.sender_ceiling(sender, seconds, max(rounds, 2))
@@ -123,62 +159,91 @@ def run_datapath(sizes: list[int], seconds: float, rounds: int, notes: dict) -> 
             for nodes in sizes:
                 res = rate.measure_size(sender, nodes, seconds, rounds, tmp, log=log)
                 rows += res.rows
-                detail["sizes"][str(nodes)] = {"setup_s": res.setup_s,
-                                               "ratio_range_over_rounds": res.spread,
-                                               "wall_clock_pps": res.wall_pps,
-                                               "delivered_per_sent": res.delivery,
-                                               "send_errors": res.errors}
+                detail["sizes"][str(nodes)] = {
+                    "setup_s": res.setup_s,
+                    "ratio_range_over_rounds": res.spread,
+                    "wall_clock_pps": res.wall_pps,
+                    "delivered_per_sent": res.delivery,
+                    "send_errors": res.errors,
+                }
     finally:
         sender.close()
     notes["datapath"] = detail
     return rows
 
 
-def run_control_plane(sizes: list[int], churn_s: float, notes: dict,
-                      profile_dir: str | None) -> list[dict]:
+def run_control_plane(
+    sizes: list[int], churn_s: float, notes: dict, profile_dir: str | None
+) -> list[dict]:
     from benchlib import control_plane
 
     rows = []
-    detail: dict = {"churn_changes_per_s": 50, "churn_s": churn_s,
-                    "method": control_plane.__doc__.strip(), "runs": {}}
+    detail: dict = {
+        "churn_changes_per_s": 50,
+        "churn_s": churn_s,
+        "method": control_plane.__doc__.strip(),
+        "runs": {},
+    }
     for nodes in sizes:
         for datapath in ("bpf", "iprule"):  # alternate datapaths within each size
-            profile = (os.path.join(profile_dir, f"agent-{datapath}-{nodes}.speedscope.json")
-                       if profile_dir else None)
+            profile = (
+                os.path.join(profile_dir, f"agent-{datapath}-{nodes}.speedscope.json")
+                if profile_dir
+                else None
+            )
             res = control_plane.measure(datapath, nodes, churn_s, log=log, profile=profile)
             rows.append(res.row())
             detail["runs"][f"{datapath}/{nodes}"] = {
-                "cpu_ms_per_event": round(res.cpu_ms_per_event, 2), "changes": res.changes,
-                "unseen_after_timeout": res.unseen, "profile": res.profile or None,
-                "startup_log": res.startup}
-            log(f"  control plane {datapath} {nodes}: {res.row()} cpu/event "
-                f"{res.cpu_ms_per_event:.1f} ms, unseen {res.unseen}/{res.changes}")
+                "cpu_ms_per_event": round(res.cpu_ms_per_event, 2),
+                "changes": res.changes,
+                "unseen_after_timeout": res.unseen,
+                "profile": res.profile or None,
+                "startup_log": res.startup,
+            }
+            log(
+                f"  control plane {datapath} {nodes}: {res.row()} cpu/event "
+                f"{res.cpu_ms_per_event:.1f} ms, unseen {res.unseen}/{res.changes}"
+            )
     notes["control_plane"] = detail
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--mode", choices=sorted(MODES), default="full")
-    parser.add_argument("--quick", dest="mode", action="store_const", const="quick",
-                        help="same as --mode quick")
-    parser.add_argument("--smoke", dest="mode", action="store_const", const="smoke",
-                        help="same as --mode smoke (tests)")
-    parser.add_argument("--only", default=",".join(SECTIONS),
-                        help=f"comma-separated sections (default: {','.join(SECTIONS)})")
+    parser.add_argument(
+        "--quick", dest="mode", action="store_const", const="quick", help="same as --mode quick"
+    )
+    parser.add_argument(
+        "--smoke",
+        dest="mode",
+        action="store_const",
+        const="smoke",
+        help="same as --mode smoke (tests)",
+    )
+    parser.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma-separated sections (default: {','.join(SECTIONS)})",
+    )
     parser.add_argument("--sizes", help="datapath and per-packet node counts (override)")
     parser.add_argument("--cp-sizes", help="control-plane node counts (override)")
     parser.add_argument("--results-dir", default=os.path.join(HERE, "results"))
-    parser.add_argument("--profile-dir", help="record a py-spy profile of the agent during "
-                                               "each churn here (needs py-spy)")
+    parser.add_argument(
+        "--profile-dir",
+        help="record a py-spy profile of the agent during each churn here (needs py-spy)",
+    )
     args = parser.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     bad = [s for s in only if s not in SECTIONS]
     if bad or not only:
-        parser.error(f"--only {args.only!r}: expected a comma-separated subset of "
-                     f"{','.join(SECTIONS)}")
+        parser.error(
+            f"--only {args.only!r}: expected a comma-separated subset of {','.join(SECTIONS)}"
+        )
     mode = dict(MODES[args.mode])
     try:
         if args.sizes:
@@ -196,9 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_mod.describe()
     log(f"machine: {machine_mod.line(machine)}")
     log(f"mode {args.mode}: {json.dumps(mode)}")
-    notes: dict = {"mode": args.mode, "parameters": mode, "sections_run": only,
-                   "command": "benchmarks/suite.py " + " ".join(argv if argv is not None
-                                                                 else sys.argv[1:])}
+    notes: dict = {
+        "mode": args.mode,
+        "parameters": mode,
+        "sections_run": only,
+        "command": "benchmarks/suite.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
     doc = {"machine": machine, "datapath": [], "per_packet": [], "control_plane": []}
     started = time.monotonic()
     if "per_packet" in only:
@@ -211,8 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         doc["datapath"] = run_datapath(mode["sizes"], mode["seconds"], mode["rounds"], notes)
     if "control_plane" in only:
         log("control plane...")
-        doc["control_plane"] = run_control_plane(mode["cp_sizes"], mode["churn_s"], notes,
-                                                 args.profile_dir)
+        doc["control_plane"] = run_control_plane(
+            mode["cp_sizes"], mode["churn_s"], notes, args.profile_dir
+        )
     machine_mod.finish(machine)
     notes["elapsed_s"] = round(time.monotonic() - started, 1)
     doc["notes"] = notes
@@ -222,22 +291,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mode: {args.mode}; {notes['elapsed_s']:.0f} s; results: {path} (and {latest})")
     if doc["datapath"]:
         ceiling = notes["datapath"]["sender_ceiling"]["pps"]
-        print(f"\nDatapath packet rate, IPv4 UDP, packets per second of sender CPU time and "
-              f"ratio to baseline measured side by side (median of {mode['rounds']} "
-              f"alternating rounds of {mode['seconds']:g} s). Sender ceiling (route to a "
-              f"device that drops at tc egress): {ceiling:,.0f} packets/s. cilium_wg0 is a "
-              f"veth stand-in.")
+        print(
+            f"\nDatapath packet rate, IPv4 UDP, packets per second of sender CPU time and "
+            f"ratio to baseline measured side by side (median of {mode['rounds']} "
+            f"alternating rounds of {mode['seconds']:g} s). Sender ceiling (route to a "
+            f"device that drops at tc egress): {ceiling:,.0f} packets/s. cilium_wg0 is a "
+            f"veth stand-in."
+        )
         print(results.datapath_table(doc["datapath"]))
-    print("\nPer-packet cost (BPF_PROG_TEST_RUN), ns per packet and margin over the empty "
-          "program:")
+    print("\nPer-packet cost (BPF_PROG_TEST_RUN), ns per packet and margin over the empty program:")
     if doc["per_packet"]:
         print(results.per_packet_table(doc["per_packet"]))
     else:
         print(f"  missing: {notes['per_packet'].get('reason', '')}")
     if doc["control_plane"]:
         cpu = {k: v["cpu_ms_per_event"] for k, v in notes["control_plane"]["runs"].items()}
-        print(f"\nControl plane against the fake API server (churn: 50 changes/s for "
-              f"{mode['churn_s']:g} s):")
+        print(
+            f"\nControl plane against the fake API server (churn: 50 changes/s for "
+            f"{mode['churn_s']:g} s):"
+        )
         print(results.control_plane_table(doc["control_plane"], cpu))
     print("\nTargets:")
     print(results.targets_table(doc))

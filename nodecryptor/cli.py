@@ -21,10 +21,12 @@ EPILOG = """examples:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="nodecryptor", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="nodecryptor",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Encrypt a Kubernetes node's traffic to remote nodes and pods through "
-                    "Cilium's WireGuard device, except the control-plane bootstrap flows.",
-        epilog=EPILOG)
+        "Cilium's WireGuard device, except the control-plane bootstrap flows.",
+        epilog=EPILOG,
+    )
     parser.add_argument("--version", action="version", version=f"nodecryptor {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
@@ -58,8 +60,7 @@ def normalize_go_flags(argv: list[str], long_options: set[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    argv = normalize_go_flags(list(sys.argv[1:] if argv is None else argv),
-                              _long_options(parser))
+    argv = normalize_go_flags(list(sys.argv[1:] if argv is None else argv), _long_options(parser))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

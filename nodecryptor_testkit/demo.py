@@ -30,30 +30,60 @@ EPILOG = """examples:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nodecryptor-demo",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
         description="Build a Cilium-like cluster from network namespaces (an underlay bridge, "
-                    "nodes with pods, WireGuard through a Cilium stand-in, a fake kube-apiserver "
-                    "on the control-plane node), run nodecryptor on every node and check with "
-                    "tcpdump what crosses the underlay in the clear. Needs root. Exits non-zero "
-                    "when any observation differs from the expectation.")
-    p.add_argument("--scenario", choices=SCENARIO_CHOICES, default="all",
-                   help="scenario to run; none: only build the lab (default: %(default)s)")
-    p.add_argument("--datapath", choices=("bpf", "iprule", "both"), default="both",
-                   help="nodecryptor datapath on the nodes (default: %(default)s)")
-    p.add_argument("--nodes", type=int, default=3, metavar="N",
-                   help="nodes in the lab, control-plane ones included (default: %(default)s)")
-    p.add_argument("--control-planes", type=int, default=1, metavar="M",
-                   help="how many of the nodes are control-plane (default: %(default)s)")
-    p.add_argument("--wg-impl", choices=("auto", "kernel", "go"), default="auto",
-                   help="WireGuard implementation; auto: kernel if available, else "
-                        "wireguard-go (default: %(default)s)")
-    p.add_argument("--routing", choices=("native", "tunnel"), default="native",
-                   help="Cilium routing mode the stand-ins play: native routing, or tunnel "
-                        "mode (pod traffic in VXLAN, peers' allowed-IPs node addresses only) "
-                        "(default: %(default)s)")
-    p.add_argument("--keep", action="store_true",
-                   help="leave the lab up afterwards (first datapath only) and print how to "
-                        "explore it")
+        "nodes with pods, WireGuard through a Cilium stand-in, a fake kube-apiserver "
+        "on the control-plane node), run nodecryptor on every node and check with "
+        "tcpdump what crosses the underlay in the clear. Needs root. Exits non-zero "
+        "when any observation differs from the expectation.",
+    )
+    p.add_argument(
+        "--scenario",
+        choices=SCENARIO_CHOICES,
+        default="all",
+        help="scenario to run; none: only build the lab (default: %(default)s)",
+    )
+    p.add_argument(
+        "--datapath",
+        choices=("bpf", "iprule", "both"),
+        default="both",
+        help="nodecryptor datapath on the nodes (default: %(default)s)",
+    )
+    p.add_argument(
+        "--nodes",
+        type=int,
+        default=3,
+        metavar="N",
+        help="nodes in the lab, control-plane ones included (default: %(default)s)",
+    )
+    p.add_argument(
+        "--control-planes",
+        type=int,
+        default=1,
+        metavar="M",
+        help="how many of the nodes are control-plane (default: %(default)s)",
+    )
+    p.add_argument(
+        "--wg-impl",
+        choices=("auto", "kernel", "go"),
+        default="auto",
+        help="WireGuard implementation; auto: kernel if available, else "
+        "wireguard-go (default: %(default)s)",
+    )
+    p.add_argument(
+        "--routing",
+        choices=("native", "tunnel"),
+        default="native",
+        help="Cilium routing mode the stand-ins play: native routing, or tunnel "
+        "mode (pod traffic in VXLAN, peers' allowed-IPs node addresses only) "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the lab up afterwards (first datapath only) and print how to explore it",
+    )
     p.add_argument("--down", action="store_true", help="remove a lab left up by --keep")
     p.add_argument("--json", action="store_true", help="print the results as JSON at the end")
     return p
@@ -94,18 +124,22 @@ def _explore_help(lab) -> str:
     nc = _nodecryptor_command()
     lines = ["lab kept up. Enter a node (network and its private mounts):"]
     for name, h in lab.nodes.items():
-        lines.append(f"  {name:<4} nsenter -t {h.holder_pid} -m -n bash     "
-                     f"(network only: ip netns exec {h.netns} bash)")
+        lines.append(
+            f"  {name:<4} nsenter -t {h.holder_pid} -m -n bash     "
+            f"(network only: ip netns exec {h.netns} bash)"
+        )
     first = next(iter(lab.nodes.values()))
     peer = list(lab.nodes.values())[-1].spec
-    lines += [f"then, inside a node ({lab.datapath} datapath; each node has its own bpffs, "
-              f"shown here for {first.spec.name}):",
-              f"  {nc} status --bpffs {first.bpffs}",
-              f"  {nc} bpf dump --bpffs {first.bpffs}",
-              f"  {nc} explain --bpffs {first.bpffs} --dst {peer.ipv4} --proto tcp --dport 8080",
-              "  wg show cilium_wg0",
-              f"watch the underlay: ip netns exec {lab.underlay} tcpdump -ni any",
-              f"remove it: {_demo_command()} --down"]
+    lines += [
+        f"then, inside a node ({lab.datapath} datapath; each node has its own bpffs, "
+        f"shown here for {first.spec.name}):",
+        f"  {nc} status --bpffs {first.bpffs}",
+        f"  {nc} bpf dump --bpffs {first.bpffs}",
+        f"  {nc} explain --bpffs {first.bpffs} --dst {peer.ipv4} --proto tcp --dport 8080",
+        "  wg show cilium_wg0",
+        f"watch the underlay: ip netns exec {lab.underlay} tcpdump -ni any",
+        f"remove it: {_demo_command()} --down",
+    ]
     return "\n".join(lines)
 
 
@@ -125,13 +159,15 @@ def handle(args) -> int:
     try:
         spec = make_spec(args.nodes, args.control_planes)
     except ValueError as e:
-        raise SettingsError("--nodes/--control-planes", f"{args.nodes}/{args.control_planes}",
-                            str(e)) from None
+        raise SettingsError(
+            "--nodes/--control-planes", f"{args.nodes}/{args.control_planes}", str(e)
+        ) from None
     datapaths = ("bpf", "iprule") if args.datapath == "both" else (args.datapath,)
     if args.keep:
         datapaths = datapaths[:1]
-    names = NAMES if args.scenario == "all" else (() if args.scenario == "none"
-                                                  else (args.scenario,))
+    names = (
+        NAMES if args.scenario == "all" else (() if args.scenario == "none" else (args.scenario,))
+    )
     # SIGINT too: a shell starts background jobs with SIGINT ignored, and Python then installs
     # no KeyboardInterrupt handler of its own.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -140,8 +176,9 @@ def handle(args) -> int:
     results, timings = [], {}
     ports = PortAllocator()
     for datapath in datapaths:
-        lab = Lab(spec, datapath=datapath, wg_impl=args.wg_impl, progress=_progress,
-                  routing=args.routing)
+        lab = Lab(
+            spec, datapath=datapath, wg_impl=args.wg_impl, progress=_progress, routing=args.routing
+        )
         kept = False
         try:
             _progress(f"building the lab for the {datapath} datapath ({args.routing} routing)")

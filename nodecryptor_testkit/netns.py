@@ -17,8 +17,13 @@ PREFIX = "nct-"
 _counter = itertools.count()
 
 
-def run(*cmd: str, netns: str | None = None, check: bool = True, capture: bool = True,
-        timeout: float = 30.0) -> subprocess.CompletedProcess:
+def run(
+    *cmd: str,
+    netns: str | None = None,
+    check: bool = True,
+    capture: bool = True,
+    timeout: float = 30.0,
+) -> subprocess.CompletedProcess:
     argv = (["ip", "netns", "exec", netns] if netns else []) + list(cmd)
     return subprocess.run(argv, check=check, capture_output=capture, text=True, timeout=timeout)
 
@@ -49,7 +54,7 @@ def cleanup_stale() -> list[str]:
         name = line.split()[0] if line.split() else ""
         if not name.startswith(PREFIX):
             continue
-        pid = name[len(PREFIX):].split("-", 1)[0]
+        pid = name[len(PREFIX) :].split("-", 1)[0]
         if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
             delete(name)
             removed.append(name)

@@ -14,8 +14,14 @@ class WaitTimeout(RuntimeError):
     """A condition did not hold before its deadline; the message names what was awaited."""
 
 
-def wait_for(predicate: Callable[[], T], timeout: float = 5.0, what: str = "a condition", *,
-             interval: float = 0.05, ignore: tuple[type[BaseException], ...] = ()) -> T:
+def wait_for(
+    predicate: Callable[[], T],
+    timeout: float = 5.0,
+    what: str = "a condition",
+    *,
+    interval: float = 0.05,
+    ignore: tuple[type[BaseException], ...] = (),
+) -> T:
     """Call ``predicate`` every ``interval`` seconds until it returns something truthy, and
     return that. An exception of a type in ``ignore`` counts as "not yet" (a service that is
     still starting); the last one is named if time runs out. Raises WaitTimeout after

@@ -11,8 +11,13 @@ from dataclasses import dataclass
 from nodecryptor.datapath.bpf import testrun
 
 
-_EXTENSION_HEADERS = (testrun.IPPROTO_HOPOPTS, testrun.IPPROTO_ROUTING, testrun.IPPROTO_DSTOPTS,
-                      testrun.IPPROTO_FRAGMENT, testrun.IPPROTO_AH)
+_EXTENSION_HEADERS = (
+    testrun.IPPROTO_HOPOPTS,
+    testrun.IPPROTO_ROUTING,
+    testrun.IPPROTO_DSTOPTS,
+    testrun.IPPROTO_FRAGMENT,
+    testrun.IPPROTO_AH,
+)
 
 
 @dataclass(frozen=True)
@@ -34,16 +39,22 @@ def parse_frame(frame: bytes) -> ParsedFrame:
         off = 18
     if ethertype == testrun.ETH_P_IP:
         ihl = (frame[off] & 0x0F) * 4
-        header = frame[off:off + ihl]
+        header = frame[off : off + ihl]
         src = ipaddress.IPv4Address(header[12:16])
         dst = ipaddress.IPv4Address(header[16:20])
         total = struct.unpack_from("!H", header, 2)[0]
-        return ParsedFrame(4, str(src), str(dst), header[9], frame[off + ihl:off + total],
-                           testrun.inet_checksum(header) == 0)
+        return ParsedFrame(
+            4,
+            str(src),
+            str(dst),
+            header[9],
+            frame[off + ihl : off + total],
+            testrun.inet_checksum(header) == 0,
+        )
     if ethertype == testrun.ETH_P_IPV6:
         nh = frame[off + 6]
-        src = ipaddress.IPv6Address(frame[off + 8:off + 24])
-        dst = ipaddress.IPv6Address(frame[off + 24:off + 40])
+        src = ipaddress.IPv6Address(frame[off + 8 : off + 24])
+        dst = ipaddress.IPv6Address(frame[off + 24 : off + 40])
         end = off + 40 + struct.unpack_from("!H", frame, off + 4)[0]
         pos = off + 40
         while nh in _EXTENSION_HEADERS:

@@ -27,12 +27,25 @@ pytestmark = [pytest.mark.privileged, pytest.mark.slow]
 def cluster(workers=("w1", "w2", "w3")):
     # Each CiliumNode with its v1 Node: the Node is the trusted source of the role and of the
     # node addresses.
-    objs = [make_ciliumnode("cp1", ipv4="192.168.77.10", ipv6="fd77::10",
-                            pod_cidrs=["10.77.0.0/24"], control_plane=True),
-            make_node("cp1", control_plane=True, ipv4="192.168.77.10", ipv6="fd77::10")]
+    objs = [
+        make_ciliumnode(
+            "cp1",
+            ipv4="192.168.77.10",
+            ipv6="fd77::10",
+            pod_cidrs=["10.77.0.0/24"],
+            control_plane=True,
+        ),
+        make_node("cp1", control_plane=True, ipv4="192.168.77.10", ipv6="fd77::10"),
+    ]
     for i, name in enumerate(workers, start=1):
-        objs.append(make_ciliumnode(name, ipv4=f"192.168.77.{10 + i}", ipv6=f"fd77::{10 + i}",
-                                    pod_cidrs=[f"10.77.{i}.0/24"]))
+        objs.append(
+            make_ciliumnode(
+                name,
+                ipv4=f"192.168.77.{10 + i}",
+                ipv6=f"fd77::{10 + i}",
+                pod_cidrs=[f"10.77.{i}.0/24"],
+            )
+        )
         objs.append(make_node(name, ipv4=f"192.168.77.{10 + i}", ipv6=f"fd77::{10 + i}"))
     return objs
 
@@ -66,25 +79,62 @@ class Node:
         self.api_ns = make_ns("api")
         self.wg = f"ncag{os.getpid() % 10000}"
         self.procs: dict[str, subprocess.Popen] = {}
+
         def sh(*c, ns=None):
             return netns_mod.run(*c, netns=ns)
 
-        subprocess.run(["ip", "link", "add", "eth0", "netns", self.ns, "type", "veth", "peer",
-                        "name", "eth0", "netns", self.api_ns], check=True)
+        subprocess.run(
+            [
+                "ip",
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                self.ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                self.api_ns,
+            ],
+            check=True,
+        )
         for ns, addr in ((self.ns, "192.168.77.11"), (self.api_ns, "192.168.77.10")):
             sh("ip", "addr", "add", f"{addr}/24", "dev", "eth0", ns=ns)
             sh("ip", "link", "set", "eth0", "up", ns=ns)
-        self.start("wg", ["wireguard-go", "-f", self.wg], ns=self.ns,
-                   env={"WG_PROCESS_FOREGROUND": "1"})
-        wait_for(lambda: os.path.exists(f"/var/run/wireguard/{self.wg}.sock"), 20,
-                 "wireguard-go socket", interval=0.2)
+        self.start(
+            "wg", ["wireguard-go", "-f", self.wg], ns=self.ns, env={"WG_PROCESS_FOREGROUND": "1"}
+        )
+        wait_for(
+            lambda: os.path.exists(f"/var/run/wireguard/{self.wg}.sock"),
+            20,
+            "wireguard-go socket",
+            interval=0.2,
+        )
         key = tmp_path / "wg.key"
         key.write_text(subprocess.run(["wg", "genkey"], capture_output=True, text=True).stdout)
-        sh("wg", "set", self.wg, "listen-port", "51871", "fwmark", "0xe00", "private-key",
-           str(key), ns=self.ns)
+        sh(
+            "wg",
+            "set",
+            self.wg,
+            "listen-port",
+            "51871",
+            "fwmark",
+            "0xe00",
+            "private-key",
+            str(key),
+            ns=self.ns,
+        )
         sh("ip", "link", "set", self.wg, "mtu", "1420", "up", ns=self.ns)
-        sh("sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0",
-           f"net.ipv4.conf.{self.wg}.rp_filter=0", ns=self.ns)
+        sh(
+            "sysctl",
+            "-qw",
+            "net.ipv4.conf.all.rp_filter=0",
+            f"net.ipv4.conf.{self.wg}.rp_filter=0",
+            ns=self.ns,
+        )
         self.bpffs = str(tmp_path / "bpffs")
         os.mkdir(self.bpffs)
         subprocess.run(["mount", "-t", "bpf", "bpf", self.bpffs], check=True)
@@ -93,9 +143,12 @@ class Node:
 
     def start(self, name, argv, ns, env=None, log=None):
         out = open(log, "ab") if log else subprocess.DEVNULL
-        self.procs[name] = subprocess.Popen(["ip", "netns", "exec", ns, *argv],
-                                            env=dict(os.environ, **(env or {})),
-                                            stdout=out, stderr=subprocess.STDOUT)
+        self.procs[name] = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *argv],
+            env=dict(os.environ, **(env or {})),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
         return self.procs[name]
 
     def stop(self, name, sig=signal.SIGTERM):
@@ -114,43 +167,83 @@ class Node:
         path.write_text(json.dumps(objects))
         if os.path.exists(self.kubeconfig):
             os.unlink(self.kubeconfig)
-        self.start("api", [sys.executable, "-m", "nodecryptor_testkit.fakeapi", "--bind",
-                           "192.168.77.10:6443", "--objects", str(path), "--token", "t0k",
-                           "--write-kubeconfig", self.kubeconfig], ns=self.api_ns,
-                   log=str(self.tmp / "api.log"))
+        self.start(
+            "api",
+            [
+                sys.executable,
+                "-m",
+                "nodecryptor_testkit.fakeapi",
+                "--bind",
+                "192.168.77.10:6443",
+                "--objects",
+                str(path),
+                "--token",
+                "t0k",
+                "--write-kubeconfig",
+                self.kubeconfig,
+            ],
+            ns=self.api_ns,
+            log=str(self.tmp / "api.log"),
+        )
         wait_for(lambda: os.path.exists(self.kubeconfig), 20, "kubeconfig", interval=0.2)
 
     def start_agent(self):
-        return self.start("agent", [NODECRYPTOR, "run", "--kubeconfig", self.kubeconfig,
-                                    "--node-name", "w1", "--bpffs", self.bpffs,
-                                    "--datapath", self.datapath, "--wg-interface", self.wg,
-                                    "--health-probe-bind-address", self.health,
-                                    "--metrics-server-bind-address", "127.0.0.1:18184",
-                                    "--log-format", "json"],
-                          ns=self.ns, log=str(self.tmp / "agent.log"))
+        return self.start(
+            "agent",
+            [
+                NODECRYPTOR,
+                "run",
+                "--kubeconfig",
+                self.kubeconfig,
+                "--node-name",
+                "w1",
+                "--bpffs",
+                self.bpffs,
+                "--datapath",
+                self.datapath,
+                "--wg-interface",
+                self.wg,
+                "--health-probe-bind-address",
+                self.health,
+                "--metrics-server-bind-address",
+                "127.0.0.1:18184",
+                "--log-format",
+                "json",
+            ],
+            ns=self.ns,
+            log=str(self.tmp / "agent.log"),
+        )
 
     def probe(self, path):
-        code = ("import sys,urllib.request,urllib.error\n"
-                "try:\n r=urllib.request.urlopen(sys.argv[1],timeout=3)\n"
-                " print(r.status, r.read().decode())\n"
-                "except urllib.error.HTTPError as e: print(e.code, e.read().decode())\n")
-        out = netns_mod.run(sys.executable, "-c", code, f"http://{self.health}{path}",
-                            netns=self.ns).stdout
+        code = (
+            "import sys,urllib.request,urllib.error\n"
+            "try:\n r=urllib.request.urlopen(sys.argv[1],timeout=3)\n"
+            " print(r.status, r.read().decode())\n"
+            "except urllib.error.HTTPError as e: print(e.code, e.read().decode())\n"
+        )
+        out = netns_mod.run(
+            sys.executable, "-c", code, f"http://{self.health}{path}", netns=self.ns
+        ).stdout
         status, _, body = out.partition(" ")
         return int(status), json.loads(body)
 
     def watch_restarts(self) -> float:
         """nodecryptor_watch_restarts_total summed over causes, from the agent's /metrics."""
-        code = ("import sys,urllib.request\n"
-                "print(urllib.request.urlopen(sys.argv[1],timeout=3).read().decode())\n")
-        text = netns_mod.run(sys.executable, "-c", code, "http://127.0.0.1:18184/metrics",
-                             netns=self.ns).stdout
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("nodecryptor_watch_restarts_total{"))
+        code = (
+            "import sys,urllib.request\n"
+            "print(urllib.request.urlopen(sys.argv[1],timeout=3).read().decode())\n"
+        )
+        text = netns_mod.run(
+            sys.executable, "-c", code, "http://127.0.0.1:18184/metrics", netns=self.ns
+        ).stdout
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("nodecryptor_watch_restarts_total{")
+        )
 
     def cli(self, *args):
-        out = netns_mod.run(NODECRYPTOR, *args, "--bpffs", self.bpffs, netns=self.ns,
-                            check=False)
+        out = netns_mod.run(NODECRYPTOR, *args, "--bpffs", self.bpffs, netns=self.ns, check=False)
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
 
@@ -163,10 +256,12 @@ class Node:
         # sits in the guard table).
         status = self.cli("status", "--json", "--wg-interface", self.wg)
         prefixes = set()
-        for family, table in itertools.product(("-4", "-6"),
-                                               (status["table"], status["guard_table"])):
-            out = netns_mod.run("ip", "-j", family, "route", "show", "table", str(table),
-                                netns=self.ns).stdout
+        for family, table in itertools.product(
+            ("-4", "-6"), (status["table"], status["guard_table"])
+        ):
+            out = netns_mod.run(
+                "ip", "-j", family, "route", "show", "table", str(table), netns=self.ns
+            ).stdout
             for route in json.loads(out or "[]"):
                 dst = route["dst"]
                 prefixes.add(dst if "/" in dst else f"{dst}/{32 if family == '-4' else 128}")
@@ -197,8 +292,14 @@ def node(request, netns, tmp_path, wireguard_go):
 def test_agent_lifecycle(node):
     node.start_api(cluster())
     node.start_agent()
-    wait_for(lambda: node.probe("/readyz") == (200, {
-        "ok": True, "reason": "synced, applied and attached"}), 20, "readiness", **POLL)
+    wait_for(
+        lambda: (
+            node.probe("/readyz") == (200, {"ok": True, "reason": "synced, applied and attached"})
+        ),
+        20,
+        "readiness",
+        **POLL,
+    )
     assert node.probe("/healthz")[0] == 200
     status = node.cli("status", "--json", "--wg-interface", node.wg)
     assert (status["datapath"], status["ready"]) == (node.datapath, True), status

@@ -17,18 +17,22 @@ DOC = REPO / "docs" / "ARCHITECTURE.md"
 
 
 def modules_in_tree() -> set[str]:
-    return {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
-            if p.name != "__init__.py" and "__pycache__" not in p.parts}
+    return {
+        str(p.relative_to(PACKAGE))
+        for p in PACKAGE.rglob("*.py")
+        if p.name != "__init__.py" and "__pycache__" not in p.parts
+    }
 
 
 def modules_in_table() -> set[str]:
     """Backticked ``*.py`` names in the first column of the table under the header
     ``| module | concern | does I/O |``."""
     lines = DOC.read_text().splitlines()
-    start = next(i for i, line in enumerate(lines)
-                 if line.replace(" ", "") == "|module|concern|doesI/O|")
+    start = next(
+        i for i, line in enumerate(lines) if line.replace(" ", "") == "|module|concern|doesI/O|"
+    )
     named = set()
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         first_cell = line.split("|")[1]
@@ -48,20 +52,20 @@ def test_every_module_in_the_table_exists():
 
 # ---- threads -------------------------------------------------------------------------------
 
+
 def _section(title: str) -> list[str]:
     """The lines of the section under ``## title``, up to the next ``## `` heading."""
     lines = DOC.read_text().splitlines()
     start = lines.index(f"## {title}")
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
-               len(lines))
-    return lines[start + 1:end]
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return lines[start + 1 : end]
 
 
 def _table(lines: list[str], header: str) -> list[list[str]]:
     """The rows (lists of cells) of the table whose header row, spaces removed, is ``header``."""
     start = next(i for i, line in enumerate(lines) if line.replace(" ", "") == header)
     rows = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
@@ -80,8 +84,11 @@ def _loop_values(tree: ast.AST, call: ast.Call, var: str) -> set[str]:
     """The strings ``var`` takes in a ``for (…, var, …) in ((…), (…))`` around ``call``."""
     out: set[str] = set()
     for loop in ast.walk(tree):
-        if not (isinstance(loop, ast.For) and isinstance(loop.target, ast.Tuple)
-                and any(n is call for n in ast.walk(loop))):
+        if not (
+            isinstance(loop, ast.For)
+            and isinstance(loop.target, ast.Tuple)
+            and any(n is call for n in ast.walk(loop))
+        ):
             continue
         names = [getattr(t, "id", None) for t in loop.target.elts]
         if var not in names or not isinstance(loop.iter, ast.Tuple):
@@ -112,14 +119,18 @@ def thread_names_in_code() -> set[str]:
                 assert found, f"cannot resolve the thread name {name.id} at line {call.lineno}"
                 names |= found
             elif isinstance(name, ast.JoinedStr):
-                owner = next(c.name for c in classes
-                             if any(n is call for n in ast.walk(c)))
-                template = "".join(v.value if isinstance(v, ast.Constant) else "{}"
-                                   for v in name.values)
-                built = {k.value.value for t in trees.values() for c in ast.walk(t)
-                         if isinstance(c, ast.Call) and _call_name(c.func) == owner
-                         for k in c.keywords
-                         if k.arg == "name" and isinstance(k.value, ast.Constant)}
+                owner = next(c.name for c in classes if any(n is call for n in ast.walk(c)))
+                template = "".join(
+                    v.value if isinstance(v, ast.Constant) else "{}" for v in name.values
+                )
+                built = {
+                    k.value.value
+                    for t in trees.values()
+                    for c in ast.walk(t)
+                    if isinstance(c, ast.Call) and _call_name(c.func) == owner
+                    for k in c.keywords
+                    if k.arg == "name" and isinstance(k.value, ast.Constant)
+                }
                 assert built, f"no {owner}(name=...) found for the thread name {template}"
                 names |= {template.format(b) for b in built}
             else:
@@ -139,17 +150,20 @@ def thread_names_in_doc() -> set[str]:
 def test_thread_table_names_the_threads_the_code_starts():
     code, doc = thread_names_in_code(), thread_names_in_doc()
     assert {"k8s-sync", "netwatch", "health-server"} <= code  # the extraction finds them
-    assert code == doc, (f"{DOC.name}, Threads: missing {sorted(code - doc)}, "
-                         f"not started by the code {sorted(doc - code)}")
+    assert code == doc, (
+        f"{DOC.name}, Threads: missing {sorted(code - doc)}, "
+        f"not started by the code {sorted(doc - code)}"
+    )
 
 
 # ---- pins ----------------------------------------------------------------------------------
+
 
 def _pin_block() -> list[str]:
     lines = _section("Pin layout")
     start = lines.index("```")
     end = lines.index("```", start + 1)
-    return lines[start + 1:end]
+    return lines[start + 1 : end]
 
 
 def pins_in_code() -> set[str]:
@@ -173,19 +187,23 @@ def pins_in_code() -> set[str]:
     key_dir = pins.program_key_dir(bpffs, key)
     paths |= {os.path.join(key_dir, name) for name in pins.PROGRAM_PINS.values()}
     paths.add(os.path.join(key_dir, pins.PROGRAM_MAPS, "<map>"))
-    return {os.path.relpath(p, top).replace("/g7/", "/g<N>/").replace(key, "<key>")
-            for p in paths}
+    return {os.path.relpath(p, top).replace("/g7/", "/g<N>/").replace(key, "<key>") for p in paths}
 
 
 def pins_in_doc() -> set[str]:
-    return {line.split()[0] for line in _pin_block()
-            if line.startswith("  ") and not line.startswith("   ")}
+    return {
+        line.split()[0]
+        for line in _pin_block()
+        if line.startswith("  ") and not line.startswith("   ")
+    }
 
 
 def test_pin_layout_names_the_pins_the_code_makes():
     code, doc = pins_in_code(), pins_in_doc()
-    assert code == doc, (f"{DOC.name}, Pin layout: missing {sorted(code - doc)}, "
-                         f"not made by pins.py {sorted(doc - code)}")
+    assert code == doc, (
+        f"{DOC.name}, Pin layout: missing {sorted(code - doc)}, "
+        f"not made by pins.py {sorted(doc - code)}"
+    )
 
 
 def test_pin_layout_lists_every_map():
@@ -198,6 +216,7 @@ def test_pin_layout_lists_every_map():
 
 # ---- layers --------------------------------------------------------------------------------
 
+
 def _contracts() -> dict[str, list[set[str]]]:
     """{container: layers top first, each a set of module names} of pyproject's layer
     contracts."""
@@ -207,22 +226,25 @@ def _contracts() -> dict[str, list[set[str]]]:
         if contract["type"] != "layers":
             continue
         [container] = contract["containers"]
-        out[container] = [{part.strip() for part in layer.split("|")}
-                          for layer in contract["layers"]]
+        out[container] = [
+            {part.strip() for part in layer.split("|")} for layer in contract["layers"]
+        ]
     return out
 
 
 def test_package_layer_table_matches_the_contract():
     rows = _table(_section("Layers: decide, then act"), "|layer(topfirst)|package|concern|")
-    doc = [{re.sub(r"(\.py|/)$", "", n) for n in re.findall(r"`([^`]+)`", row[1])}
-           for row in rows]
+    doc = [{re.sub(r"(\.py|/)$", "", n) for n in re.findall(r"`([^`]+)`", row[1])} for row in rows]
     assert doc == _contracts()["nodecryptor"]
 
 
 def test_module_layer_table_matches_the_contracts():
     rows = _table(_section("Layers: decide, then act"), "|inside|layers,topfirst|")
-    doc = {f"nodecryptor.{row[0].strip('`')}":
-           [set(re.findall(r"`([^`]+)`", layer)) for layer in row[1].split(" / ")]
-           for row in rows}
+    doc = {
+        f"nodecryptor.{row[0].strip('`')}": [
+            set(re.findall(r"`([^`]+)`", layer)) for layer in row[1].split(" / ")
+        ]
+        for row in rows
+    }
     contracts = {k: v for k, v in _contracts().items() if k != "nodecryptor"}
     assert doc == contracts

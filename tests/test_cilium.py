@@ -15,15 +15,21 @@ A = ipaddress.ip_address
 
 
 def _wg(*peers, mtu=1420, present=True):
-    return WgState(ifname="cilium_wg0", ifindex=7, present=present, up=present, mtu=mtu,
-                   listen_port=51871, fwmark=0xE00,
-                   peers=tuple(peers) if peers or present else None)
+    return WgState(
+        ifname="cilium_wg0",
+        ifindex=7,
+        present=present,
+        up=present,
+        mtu=mtu,
+        listen_port=51871,
+        fwmark=0xE00,
+        peers=tuple(peers) if peers or present else None,
+    )
 
 
 NODE_IPS = [A("192.168.50.22"), A("fd00:50::22")]
 PODS = [N("10.244.2.0/24"), N("fd00:244:2::/64")]
-NATIVE = WgPeer("k", (N("192.168.50.22/32"), N("fd00:50::22/128"), *PODS),
-                "192.168.50.22:51871")
+NATIVE = WgPeer("k", (N("192.168.50.22/32"), N("fd00:50::22/128"), *PODS), "192.168.50.22:51871")
 TUNNEL = WgPeer("k", (N("192.168.50.22/32"), N("fd00:50::22/128")), "192.168.50.22:51871")
 OLD = WgPeer("k", tuple(PODS), "192.168.50.22:51871")  # before cilium/cilium#30975
 
@@ -119,10 +125,12 @@ def test_take_over_setting_from_flag():
     from nodecryptor.commands.common import settings_from_args
 
     p = build_parser()
-    assert settings_from_args(p.parse_args(["run", "--node-name", "n"])).take_over_pod_to_pod \
-        is False
-    assert settings_from_args(p.parse_args(["run", "--node-name", "n",
-                                            "--take-over-pod-to-pod"])).take_over_pod_to_pod
+    assert (
+        settings_from_args(p.parse_args(["run", "--node-name", "n"])).take_over_pod_to_pod is False
+    )
+    assert settings_from_args(
+        p.parse_args(["run", "--node-name", "n", "--take-over-pod-to-pod"])
+    ).take_over_pod_to_pod
     assert Settings().take_over_pod_to_pod is False
 
 

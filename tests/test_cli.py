@@ -17,7 +17,11 @@ def test_seed_defaults():
     assert str(s.exempt_ports[0]) == "2379-2380" and str(s.exempt_ports[1]) == "6443"
     assert (s.health_bind, s.metrics_bind, s.noop_route) == (":8083", ":8084", False)
     assert (s.datapath, s.wg_interface, s.fail_mode, s.bpffs) == (
-        "auto", "cilium_wg0", "closed", "/sys/fs/bpf")
+        "auto",
+        "cilium_wg0",
+        "closed",
+        "/sys/fs/bpf",
+    )
 
 
 def test_flag_defaults_are_the_settings_defaults(monkeypatch):
@@ -30,19 +34,36 @@ def test_flag_defaults_are_the_settings_defaults(monkeypatch):
     monkeypatch.delenv("NODE_NAME", raising=False)
     from_flags = settings_for(["run", "--node-name", "w1"])
     plain = Settings(node_name="w1")
-    differing = {f.name: (getattr(from_flags, f.name), getattr(plain, f.name))
-                 for f in dataclasses.fields(Settings)
-                 if getattr(from_flags, f.name) != getattr(plain, f.name)}
+    differing = {
+        f.name: (getattr(from_flags, f.name), getattr(plain, f.name))
+        for f in dataclasses.fields(Settings)
+        if getattr(from_flags, f.name) != getattr(plain, f.name)
+    }
     assert not differing, f"flag defaults that differ from Settings: {differing}"
 
 
 def test_go_single_dash_spelling():
-    s = settings_for(["run", "-node-name=w2", "-control-plane-exempt-ports", "6443",
-                      "-health-probe-bind-address=:9000", "-metrics-server-bind-address", ":9001",
-                      "-kubeconfig", "/tmp/kc", "-noop-route"])
+    s = settings_for(
+        [
+            "run",
+            "-node-name=w2",
+            "-control-plane-exempt-ports",
+            "6443",
+            "-health-probe-bind-address=:9000",
+            "-metrics-server-bind-address",
+            ":9001",
+            "-kubeconfig",
+            "/tmp/kc",
+            "-noop-route",
+        ]
+    )
     assert s.node_name == "w2" and [str(p) for p in s.exempt_ports] == ["6443"]
     assert (s.health_bind, s.metrics_bind, s.kubeconfig, s.noop_route) == (
-        ":9000", ":9001", "/tmp/kc", True)
+        ":9000",
+        ":9001",
+        "/tmp/kc",
+        True,
+    )
     assert settings_for(["run", "-noop-route=false"]).noop_route is False
 
 
@@ -52,16 +73,23 @@ def test_node_name_falls_back_to_env(monkeypatch):
     assert settings_for(["run", "--node-name", "flag"]).node_name == "flag"
 
 
-@pytest.mark.parametrize("argv,flag,value", [
-    (["--control-plane-exempt-ports", "0"], "--control-plane-exempt-ports", "'0'"),
-    (["--control-plane-exempt-ports", "70000"], "--control-plane-exempt-ports", "'70000'"),
-    (["--control-plane-exempt-ports", "6443-2379"], "--control-plane-exempt-ports", "6443-2379"),
-    (["--control-plane-exempt-ports", "abc"], "--control-plane-exempt-ports", "abc"),
-    (["--control-plane-exempt-ports", "icmp/5"], "--control-plane-exempt-ports", "icmp"),
-    (["--health-probe-bind-address", "8083"], "--health-probe-bind-address", "8083"),
-    (["--metrics-server-bind-address", ":99999"], "--metrics-server-bind-address", "99999"),
-    (["--devices", "eth0,this-name-is-too-long"], "--devices", "this-name-is-too-long"),
-])
+@pytest.mark.parametrize(
+    "argv,flag,value",
+    [
+        (["--control-plane-exempt-ports", "0"], "--control-plane-exempt-ports", "'0'"),
+        (["--control-plane-exempt-ports", "70000"], "--control-plane-exempt-ports", "'70000'"),
+        (
+            ["--control-plane-exempt-ports", "6443-2379"],
+            "--control-plane-exempt-ports",
+            "6443-2379",
+        ),
+        (["--control-plane-exempt-ports", "abc"], "--control-plane-exempt-ports", "abc"),
+        (["--control-plane-exempt-ports", "icmp/5"], "--control-plane-exempt-ports", "icmp"),
+        (["--health-probe-bind-address", "8083"], "--health-probe-bind-address", "8083"),
+        (["--metrics-server-bind-address", ":99999"], "--metrics-server-bind-address", "99999"),
+        (["--devices", "eth0,this-name-is-too-long"], "--devices", "this-name-is-too-long"),
+    ],
+)
 def test_bad_flags_exit_2_naming_flag_and_value(argv, flag, value, capsys, monkeypatch):
     monkeypatch.setenv("NODE_NAME", "w1")
     # plan validates flags before contacting the API server
@@ -90,5 +118,9 @@ def test_help_ends_with_examples(capsys):
 
 def test_watch_stall_seconds_flag():
     assert settings_for(["run", "--node-name", "w1"]).watch_stall_seconds == 55.0
-    assert settings_for(["run", "--node-name", "w1",
-                         "--watch-stall-seconds", "120.5"]).watch_stall_seconds == 120.5
+    assert (
+        settings_for(
+            ["run", "--node-name", "w1", "--watch-stall-seconds", "120.5"]
+        ).watch_stall_seconds
+        == 120.5
+    )

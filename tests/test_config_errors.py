@@ -21,7 +21,9 @@ NODECRYPTOR = os.path.join(os.path.dirname(sys.executable), "nodecryptor")
 pytestmark = pytest.mark.privileged
 
 GOOD_KUBECONFIG = {
-    "apiVersion": "v1", "kind": "Config", "current-context": "c",
+    "apiVersion": "v1",
+    "kind": "Config",
+    "current-context": "c",
     "clusters": [{"name": "c", "cluster": {"server": "http://127.0.0.1:1"}}],
     "users": [{"name": "u", "user": {"token": "t"}}],
     "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
@@ -59,8 +61,20 @@ def files(tmp_path):
     return out
 
 
-KUBECONFIG_CASES = ["missing", "directory", "fifo", "under-a-file", "garbage", "binary",
-                    "latin1", "scalar", "list", "empty", "no-context", "dangling-context"]
+KUBECONFIG_CASES = [
+    "missing",
+    "directory",
+    "fifo",
+    "under-a-file",
+    "garbage",
+    "binary",
+    "latin1",
+    "scalar",
+    "list",
+    "empty",
+    "no-context",
+    "dangling-context",
+]
 
 HEALTH, METRICS = "--health-probe-bind-address", "--metrics-server-bind-address"
 
@@ -72,16 +86,13 @@ RUN_FLAG_CASES = [
     ([HEALTH, ":0"], HEALTH, ":0"),
     ([HEALTH, "::1:8083"], HEALTH, "::1:8083"),
     ([METRICS, ":70000"], METRICS, ":70000"),
-    ([METRICS, "[1.2.3.4]:80"], METRICS,
-     "[1.2.3.4]:80"),
+    ([METRICS, "[1.2.3.4]:80"], METRICS, "[1.2.3.4]:80"),
     ([METRICS, ":٨٠٨٤"], METRICS, ":٨٠٨٤"),
     ([METRICS, ":²"], METRICS, ":²"),
-    ([HEALTH, ":9000", METRICS, "127.0.0.1:9000"],
-     METRICS, "127.0.0.1:9000"),
+    ([HEALTH, ":9000", METRICS, "127.0.0.1:9000"], METRICS, "127.0.0.1:9000"),
     # Passes parsing but cannot be bound (not an address of this namespace): still exit 2,
     # still before a datapath is chosen.
-    ([HEALTH, "192.0.2.1:8083"], HEALTH,
-     "192.0.2.1:8083"),
+    ([HEALTH, "192.0.2.1:8083"], HEALTH, "192.0.2.1:8083"),
     (["--control-plane-exempt-ports", "٦٤٤٣"], "--control-plane-exempt-ports", "٦٤٤٣"),
     (["--control-plane-exempt-ports", "²"], "--control-plane-exempt-ports", "²"),
     (["--control-plane-exempt-ports", "0"], "--control-plane-exempt-ports", "0"),
@@ -113,12 +124,18 @@ def node_ns(netns):
 
 
 def run_cli(node_ns, argv, env_extra=None):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("KUBERNETES_") and k != "NODE_NAME"}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_") and k != "NODE_NAME"
+    }
     env.update(env_extra or {})
     started = time.monotonic()
-    proc = subprocess.run(["ip", "netns", "exec", node_ns, NODECRYPTOR, *argv], env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["ip", "netns", "exec", node_ns, NODECRYPTOR, *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return proc, time.monotonic() - started
 
 
@@ -149,8 +166,14 @@ def test_unusable_kubeconfig_exits_2(case, command, files, node_ns, bpffs, tmp_p
     run_dir.mkdir()
     argv = [command, "--node-name", "w1", "--kubeconfig", files[case]]
     if command == "run":
-        argv += ["--bpffs", bpffs, "--health-probe-bind-address", "127.0.0.1:18383",
-                 "--metrics-server-bind-address", "127.0.0.1:18384"]
+        argv += [
+            "--bpffs",
+            bpffs,
+            "--health-probe-bind-address",
+            "127.0.0.1:18383",
+            "--metrics-server-bind-address",
+            "127.0.0.1:18384",
+        ]
     check_exit_2(node_ns, bpffs, str(run_dir), argv, "--kubeconfig", files[case])
 
 
@@ -166,9 +189,20 @@ def test_missing_in_cluster_service_account_exits_2(command, node_ns, bpffs, tmp
 def test_bad_run_flags_exit_2(extra, flag, value, files, node_ns, bpffs, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    argv = ["run", "--node-name", "w1", "--kubeconfig", files["good"], "--bpffs", bpffs,
-            "--health-probe-bind-address", "127.0.0.1:18383",
-            "--metrics-server-bind-address", "127.0.0.1:18384", *extra]
+    argv = [
+        "run",
+        "--node-name",
+        "w1",
+        "--kubeconfig",
+        files["good"],
+        "--bpffs",
+        bpffs,
+        "--health-probe-bind-address",
+        "127.0.0.1:18383",
+        "--metrics-server-bind-address",
+        "127.0.0.1:18384",
+        *extra,
+    ]
     check_exit_2(node_ns, bpffs, str(run_dir), argv, flag, value)
 
 
@@ -176,11 +210,22 @@ def test_missing_bpffs_and_node_name_exit_2(files, node_ns, bpffs, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     missing = str(tmp_path / "no-bpffs")
-    check_exit_2(node_ns, bpffs, str(run_dir),
-                 ["run", "--node-name", "w1", "--kubeconfig", files["good"], "--bpffs", missing],
-                 "--bpffs", missing)
-    check_exit_2(node_ns, bpffs, str(run_dir),
-                 ["run", "--kubeconfig", files["good"], "--bpffs", bpffs], "--node-name", "")
+    check_exit_2(
+        node_ns,
+        bpffs,
+        str(run_dir),
+        ["run", "--node-name", "w1", "--kubeconfig", files["good"], "--bpffs", missing],
+        "--bpffs",
+        missing,
+    )
+    check_exit_2(
+        node_ns,
+        bpffs,
+        str(run_dir),
+        ["run", "--kubeconfig", files["good"], "--bpffs", bpffs],
+        "--node-name",
+        "",
+    )
 
 
 def test_plan_against_an_unreachable_api_is_a_runtime_error(files, node_ns, tmp_path):

@@ -25,11 +25,15 @@ def test_both_backends_exempt_the_port_the_policy_resolved(listen_port, expected
     desired = compute_desired(plan, wg, (UNDERLAY,), settings)
     assert desired.wg_port == expected
 
-    port_rules = [r for r in desired_rules(desired, settings)
-                  if r.priority == settings.iprule_priority_base + OFFSET_WG_PORT]
+    port_rules = [
+        r
+        for r in desired_rules(desired, settings)
+        if r.priority == settings.iprule_priority_base + OFFSET_WG_PORT
+    ]
     assert {(r.family, r.sport, r.dport) for r in port_rules} == {
         (4, (expected, expected), (expected, expected)),
-        (6, (expected, expected), (expected, expected))}
+        (6, (expected, expected), (expected, expected)),
+    }
 
     from nodecryptor.datapath.bpf.maps import encode  # desired_config only builds the struct
 
@@ -39,5 +43,9 @@ def test_both_backends_exempt_the_port_the_policy_resolved(listen_port, expected
 def test_fail_mode_and_datapath_are_enums_from_any_spelling():
     settings = Settings(fail_mode="open", datapath="iprule")
     assert settings.fail_mode is FailMode.OPEN
-    assert compute_desired(compute_plan(snapshot(), "w1", settings), wg_state_for(CASE),
-                           (UNDERLAY,), settings).fail_mode is FailMode.OPEN
+    assert (
+        compute_desired(
+            compute_plan(snapshot(), "w1", settings), wg_state_for(CASE), (UNDERLAY,), settings
+        ).fail_mode
+        is FailMode.OPEN
+    )

@@ -68,7 +68,7 @@ class Flood:
         while not self._stop.wait(interval):
             for sock in list(self.slow):
                 try:
-                    sock.send(request[sent % len(request):][:1])
+                    sock.send(request[sent % len(request) :][:1])
                 except OSError:  # closed by the server (deadline or eviction)
                     self.slow.remove(sock)
                     sock.close()
@@ -98,18 +98,27 @@ def floods():
 def test_flood_neither_starves_nor_grows_the_servers(floods):
     metrics = Metrics()
     metrics.ready.set(1)
-    health = HealthServer("127.0.0.1:0", lambda: (True, "fresh"), lambda: (True, "ready"),
-                          max_connections=32, request_seconds=2.0).start()
-    scrape = metrics_server(metrics.registry, "127.0.0.1:0", max_connections=32,
-                            request_seconds=2.0).start()
+    health = HealthServer(
+        "127.0.0.1:0",
+        lambda: (True, "fresh"),
+        lambda: (True, "ready"),
+        max_connections=32,
+        request_seconds=2.0,
+    ).start()
+    scrape = metrics_server(
+        metrics.registry, "127.0.0.1:0", max_connections=32, request_seconds=2.0
+    ).start()
     try:
         threads_before = threading.active_count()
         floods(health.port)
         floods(scrape.port)
         # Both servers have been accepting the flood (beyond their cap, so evicting) before
         # their thread count is read.
-        wait_for(lambda: health.server.evicted > 0 and scrape.evicted > 0, CLIENT_TIMEOUT,
-                 "the flood to overflow both servers")
+        wait_for(
+            lambda: health.server.evicted > 0 and scrape.evicted > 0,
+            CLIENT_TIMEOUT,
+            "the flood to overflow both servers",
+        )
         assert threading.active_count() <= threads_before + 2  # the two trickle threads
         for _ in range(5):
             status, body, seconds = get(health.port, "/healthz")
@@ -127,8 +136,9 @@ def test_flood_neither_starves_nor_grows_the_servers(floods):
 
 
 def test_slow_and_idle_clients_are_closed_at_their_deadline():
-    server = EndpointServer("127.0.0.1:0", {"/x": lambda r: Response(200, "text/plain", b"x")},
-                            request_seconds=0.5).start()
+    server = EndpointServer(
+        "127.0.0.1:0", {"/x": lambda r: Response(200, "text/plain", b"x")}, request_seconds=0.5
+    ).start()
     try:
         idle = socket.create_connection(("127.0.0.1", server.port))
         slow = socket.create_connection(("127.0.0.1", server.port))
@@ -143,18 +153,22 @@ def test_slow_and_idle_clients_are_closed_at_their_deadline():
         server.stop()
 
 
-@pytest.mark.parametrize("request_bytes,status", [
-    (b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n", 200),
-    (b"HEAD /x HTTP/1.1\r\n\r\n", 200),
-    (b"GET /x?a=1 HTTP/1.0\r\n\r\n", 200),
-    (b"GET /nope HTTP/1.1\r\n\r\n", 404),
-    (b"POST /x HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 405),
-    (b"garbage\r\n\r\n", 400),
-    (b"GET /x HTTP/1.1\r\n" + b"X: " + b"a" * 20000 + b"\r\n\r\n", 431),
-])
+@pytest.mark.parametrize(
+    "request_bytes,status",
+    [
+        (b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n", 200),
+        (b"HEAD /x HTTP/1.1\r\n\r\n", 200),
+        (b"GET /x?a=1 HTTP/1.0\r\n\r\n", 200),
+        (b"GET /nope HTTP/1.1\r\n\r\n", 404),
+        (b"POST /x HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 405),
+        (b"garbage\r\n\r\n", 400),
+        (b"GET /x HTTP/1.1\r\n" + b"X: " + b"a" * 20000 + b"\r\n\r\n", 431),
+    ],
+)
 def test_requests_are_answered_and_closed(request_bytes, status):
-    server = EndpointServer("127.0.0.1:0", {"/x": lambda r: Response(200, "text/plain", b"x")},
-                            max_request_bytes=8192).start()
+    server = EndpointServer(
+        "127.0.0.1:0", {"/x": lambda r: Response(200, "text/plain", b"x")}, max_request_bytes=8192
+    ).start()
     try:
         with socket.create_connection(("127.0.0.1", server.port), timeout=CLIENT_TIMEOUT) as s:
             s.sendall(request_bytes)
@@ -173,8 +187,9 @@ def test_a_failing_handler_answers_500_and_the_server_goes_on():
     def boom(_request):
         raise RuntimeError("bug")
 
-    server = EndpointServer("127.0.0.1:0", {"/boom": boom,
-                                             "/ok": lambda r: Response(200, "text/plain", b"")})
+    server = EndpointServer(
+        "127.0.0.1:0", {"/boom": boom, "/ok": lambda r: Response(200, "text/plain", b"")}
+    )
     server.start()
     try:
         assert get(server.port, "/boom")[0] == 500
@@ -208,17 +223,30 @@ def test_readyz_answers_from_the_loop_state_not_the_datapath(tmp_path):
     from nodecryptor.core.model import Device, WgState
 
     def worker(name: str, i: int):
-        return parse_ciliumnode(make_ciliumnode(name, ipv4=f"192.0.2.{i}",
-                                                pod_cidrs=[f"10.{i}.0.0/24"]))[0]
+        return parse_ciliumnode(
+            make_ciliumnode(name, ipv4=f"192.0.2.{i}", pod_cidrs=[f"10.{i}.0.0/24"])
+        )[0]
 
     datapath = BlockingDatapath()
     store = Store()
-    rec = Reconciler(Settings(node_name="w1"), store, datapath, Metrics(),
-                     read_wg=lambda name: WgState(ifname=name, ifindex=9, present=True, up=True,
-                                                  mtu=1420, listen_port=51871, fwmark=0xE00,
-                                                  peers=()),
-                     resolve_devices=lambda names, addrs, exclude: ((Device("eth0", 2, 1500),), []),
-                     read_sysctl=lambda name: {"all": 0, name: 0})
+    rec = Reconciler(
+        Settings(node_name="w1"),
+        store,
+        datapath,
+        Metrics(),
+        read_wg=lambda name: WgState(
+            ifname=name,
+            ifindex=9,
+            present=True,
+            up=True,
+            mtu=1420,
+            listen_port=51871,
+            fwmark=0xE00,
+            peers=(),
+        ),
+        resolve_devices=lambda names, addrs, exclude: ((Device("eth0", 2, 1500),), []),
+        read_sysctl=lambda name: {"all": 0, name: 0},
+    )
     store.replace_all([worker("w1", 1), worker("w2", 2)])
     assert rec.reconcile_once().ok
     observed = datapath.observed
@@ -266,15 +294,23 @@ def test_in_process_agent_applies_changes_during_a_flood(tmp_path, floods):
     # Each CiliumNode with its v1 Node, the trusted source of the node addresses. The agent
     # runs in the test host's namespace and takes the local node's prefixes from its kernel:
     # addresses from TEST-NET-2, which test hosts do not use (some use TEST-NET-1).
-    objects = [make_ciliumnode("w1", ipv4="198.51.100.1", pod_cidrs=["10.1.0.0/24"]),
-               make_ciliumnode("w2", ipv4="198.51.100.2", pod_cidrs=["10.2.0.0/24"]),
-               make_node("w1", ipv4="198.51.100.1"), make_node("w2", ipv4="198.51.100.2")]
+    objects = [
+        make_ciliumnode("w1", ipv4="198.51.100.1", pod_cidrs=["10.1.0.0/24"]),
+        make_ciliumnode("w2", ipv4="198.51.100.2", pod_cidrs=["10.2.0.0/24"]),
+        make_node("w1", ipv4="198.51.100.1"),
+        make_node("w2", ipv4="198.51.100.2"),
+    ]
     with FakeApiServer(token=token, objects=objects, bookmark_interval=3600) as fake:
-        settings = Settings(node_name="w1", kubeconfig=fake.write_kubeconfig(
-                                str(tmp_path / "kubeconfig")),
-                            health_bind="127.0.0.1:0", metrics_bind="127.0.0.1:0",
-                            request_timeout_seconds=2.0, watch_stall_seconds=10,
-                            reconcile_seconds=5, debounce_seconds=0.05)
+        settings = Settings(
+            node_name="w1",
+            kubeconfig=fake.write_kubeconfig(str(tmp_path / "kubeconfig")),
+            health_bind="127.0.0.1:0",
+            metrics_bind="127.0.0.1:0",
+            request_timeout_seconds=2.0,
+            watch_stall_seconds=10,
+            reconcile_seconds=5,
+            debounce_seconds=0.05,
+        )
         agent = Agent(settings)
         datapath = FakeDatapath()
         stop = threading.Event()
@@ -287,8 +323,11 @@ def test_in_process_agent_applies_changes_during_a_flood(tmp_path, floods):
                 current = datapath.current
                 return {str(d.prefix) for d in current.destinations} if current else set()
 
-            wait_for(lambda: "198.51.100.2/32" in destinations(), CLIENT_TIMEOUT,
-                     "the first state to be applied")
+            wait_for(
+                lambda: "198.51.100.2/32" in destinations(),
+                CLIENT_TIMEOUT,
+                "the first state to be applied",
+            )
             floods(health_port)
             floods(metrics_port)
             status, body, seconds = get(health_port, "/healthz")
@@ -298,10 +337,15 @@ def test_in_process_agent_applies_changes_during_a_flood(tmp_path, floods):
             fake.apply(make_node("w3", ipv4="198.51.100.3"))
             fake.apply(make_ciliumnode("w3", ipv4="198.51.100.3", pod_cidrs=["10.3.0.0/24"]))
             started = time.monotonic()
-            wait_for(lambda: "198.51.100.3/32" in destinations(), CLIENT_TIMEOUT,
-                     "the CiliumNode change to be applied under the flood")
-            print(f"CiliumNode change applied under the flood after "
-                  f"{time.monotonic() - started:.2f} s")
+            wait_for(
+                lambda: "198.51.100.3/32" in destinations(),
+                CLIENT_TIMEOUT,
+                "the CiliumNode change to be applied under the flood",
+            )
+            print(
+                f"CiliumNode change applied under the flood after "
+                f"{time.monotonic() - started:.2f} s"
+            )
             assert get(health_port, "/healthz")[0] == 200
         finally:
             stop.set()
@@ -309,22 +353,41 @@ def test_in_process_agent_applies_changes_during_a_flood(tmp_path, floods):
         assert not runner.is_alive()
 
 
-@pytest.mark.parametrize("text,expected", [
-    (":8083", ("", 8083)),
-    ("127.0.0.1:8083", ("127.0.0.1", 8083)),
-    ("[::1]:8084", ("::1", 8084)),
-    ("[::]:1", ("::", 1)),
-    ("0.0.0.0:65535", ("0.0.0.0", 65535)),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        (":8083", ("", 8083)),
+        ("127.0.0.1:8083", ("127.0.0.1", 8083)),
+        ("[::1]:8084", ("::1", 8084)),
+        ("[::]:1", ("::", 1)),
+        ("0.0.0.0:65535", ("0.0.0.0", 65535)),
+    ],
+)
 def test_bind_addresses_parse(text, expected):
     from nodecryptor.observe.httpserver import parse_bind
 
     assert parse_bind(text) == expected
 
 
-@pytest.mark.parametrize("text", ["8083", "nonsense:80", "1.2.3.4.5:80", "localhost:80",
-                                  "::1:8083", "[1.2.3.4]:80", "[::1]", ":65536", ":-1", ":",
-                                  ":٦٤٤٣", ":²", ": 80", "[fe80::1:80"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "8083",
+        "nonsense:80",
+        "1.2.3.4.5:80",
+        "localhost:80",
+        "::1:8083",
+        "[1.2.3.4]:80",
+        "[::1]",
+        ":65536",
+        ":-1",
+        ":",
+        ":٦٤٤٣",
+        ":²",
+        ": 80",
+        "[fe80::1:80",
+    ],
+)
 def test_bad_bind_addresses_are_value_errors(text):
     from nodecryptor.observe.httpserver import parse_bind
 
@@ -369,16 +432,21 @@ def test_agent_liveness_fails_when_the_sync_dies_or_hangs(failure, tmp_path, mon
 
     monkeypatch.setattr(CiliumNodeSync, "run", broken_run)
     with FakeApiServer(token="t") as fake:
-        settings = Settings(node_name="w1", kubeconfig=fake.write_kubeconfig(
-                                str(tmp_path / "kubeconfig")),
-                            health_bind="127.0.0.1:0", metrics_bind="127.0.0.1:0",
-                            sync_stale_seconds=1.0, watch_stall_seconds=0.5,
-                            request_timeout_seconds=0.5)
+        settings = Settings(
+            node_name="w1",
+            kubeconfig=fake.write_kubeconfig(str(tmp_path / "kubeconfig")),
+            health_bind="127.0.0.1:0",
+            metrics_bind="127.0.0.1:0",
+            sync_stale_seconds=1.0,
+            watch_stall_seconds=0.5,
+            request_timeout_seconds=0.5,
+        )
         agent = Agent(settings)
         stop = threading.Event()
         runner = threading.Thread(target=agent.run, args=(FakeDatapath(), stop), daemon=True)
         runner.start()
         try:
+
             def red() -> bytes | None:
                 status, body, _ = get(agent.health.port, "/healthz")
                 return body if status == 503 else None
@@ -394,9 +462,12 @@ def test_agent_liveness_fails_when_the_sync_dies_or_hangs(failure, tmp_path, mon
 def test_a_reconnect_storm_does_not_lock_out_a_real_client():
     """Attackers that open connections as fast as they can (each held idle, so every new one
     evicts an older one) cannot push out a client that sends its request right away."""
-    server = EndpointServer("127.0.0.1:0", {"/healthz": lambda r: Response(200, "text/plain",
-                                                                           b"ok")},
-                            max_connections=16, request_seconds=5.0).start()
+    server = EndpointServer(
+        "127.0.0.1:0",
+        {"/healthz": lambda r: Response(200, "text/plain", b"ok")},
+        max_connections=16,
+        request_seconds=5.0,
+    ).start()
     stop = threading.Event()
     opened = [0]
 
@@ -422,8 +493,10 @@ def test_a_reconnect_storm_does_not_lock_out_a_real_client():
             status, body, seconds = get(server.port, "/healthz")
             assert (status, body) == (200, b"ok")
             slowest = max(slowest, seconds)
-        print(f"20 requests during a storm of {opened[0]} connections: slowest "
-              f"{slowest * 1000:.1f} ms, {server.evicted} evicted")
+        print(
+            f"20 requests during a storm of {opened[0]} connections: slowest "
+            f"{slowest * 1000:.1f} ms, {server.evicted} evicted"
+        )
         assert server.evicted > 0
     finally:
         stop.set()

@@ -16,12 +16,15 @@ def get(port, path):
 def test_endpoints_report_checks():
     state = {"alive": (True, "fresh"), "ready": (False, "waiting for the first list")}
     seen = []
-    server = HealthServer("127.0.0.1:0", lambda: state["alive"], lambda: state["ready"],
-                          on_ready=seen.append).start()
+    server = HealthServer(
+        "127.0.0.1:0", lambda: state["alive"], lambda: state["ready"], on_ready=seen.append
+    ).start()
     try:
         assert get(server.port, "/healthz") == (200, {"ok": True, "reason": "fresh"})
-        assert get(server.port, "/readyz") == (503, {"ok": False,
-                                                     "reason": "waiting for the first list"})
+        assert get(server.port, "/readyz") == (
+            503,
+            {"ok": False, "reason": "waiting for the first list"},
+        )
         state["ready"] = (True, "synced")
         assert get(server.port, "/readyz")[0] == 200
         assert seen == [False, True]

@@ -6,12 +6,26 @@ import pytest
 from nodecryptor.policy.ciliumnode import parse_ciliumnode
 from nodecryptor.core.model import Device, WgPeer, WgState
 from nodecryptor.core.ports import parse_port_spec
-from nodecryptor.policy.plan import (compute_desired, compute_plan, effective_wg_payload,
-                                uncovered_destinations, wg_mark_match)
+from nodecryptor.policy.plan import (
+    compute_desired,
+    compute_plan,
+    effective_wg_payload,
+    uncovered_destinations,
+    wg_mark_match,
+)
 from nodecryptor.core.settings import Settings
 
-from tests.cilium_objects import (CP_LABEL, K3S_CP, KUBEADM_CP, LEGACY_MASTER, NO_PODCIDRS, W1, W2,
-                             ciliumnode, copy_of)
+from tests.cilium_objects import (
+    CP_LABEL,
+    K3S_CP,
+    KUBEADM_CP,
+    LEGACY_MASTER,
+    NO_PODCIDRS,
+    W1,
+    W2,
+    ciliumnode,
+    copy_of,
+)
 
 
 def snapshot(*objs):
@@ -20,21 +34,27 @@ def snapshot(*objs):
     out = {}
     for obj in objs:
         info, _ = parse_ciliumnode(obj)
-        out[info.name] = dataclasses.replace(info, node_labels=info.labels,
-                                            node_addresses=info.addresses)
+        out[info.name] = dataclasses.replace(
+            info, node_labels=info.labels, node_addresses=info.addresses
+        )
     return out
 
 
 SETTINGS = Settings(node_name="w1")
-BUILTIN_RANGES = [{"protocol": "tcp", "first": 2379, "last": 2380,
-                   "policy": "control-plane-bootstrap"},
-                  {"protocol": "tcp", "first": 6443, "last": 6443,
-                   "policy": "control-plane-bootstrap"}]
+BUILTIN_RANGES = [
+    {"protocol": "tcp", "first": 2379, "last": 2380, "policy": "control-plane-bootstrap"},
+    {"protocol": "tcp", "first": 6443, "last": 6443, "policy": "control-plane-bootstrap"},
+]
 
 
 def dest(prefix, node, kind, control_plane, exempt=()):
-    return {"prefix": prefix, "node": node, "kind": kind, "control_plane": control_plane,
-            "exempt_ports": list(exempt)}
+    return {
+        "prefix": prefix,
+        "node": node,
+        "kind": kind,
+        "control_plane": control_plane,
+        "exempt_ports": list(exempt),
+    }
 
 
 def test_worker_plan_matches_the_contract():
@@ -53,19 +73,24 @@ def test_worker_plan_matches_the_contract():
             dest("fd50::10/128", "cp1", "node-ip", True, BUILTIN_RANGES),
             dest("fd50::22/128", "w2", "node-ip", False),
         ],
-        "exempt_ports": [{"protocol": "tcp", "first": 2379, "last": 2380},
-                         {"protocol": "tcp", "first": 6443, "last": 6443}],
+        "exempt_ports": [
+            {"protocol": "tcp", "first": 2379, "last": 2380},
+            {"protocol": "tcp", "first": 6443, "last": 6443},
+        ],
         "serves": [],
         "rejected": [],
     }
 
 
-@pytest.mark.parametrize("obj,expected_role", [
-    (KUBEADM_CP, "control-plane"),   # kubeadm: label present with an empty value
-    (K3S_CP, "control-plane"),       # k3s: "true"
-    (LEGACY_MASTER, "control-plane"),  # legacy master label
-    (W1, "worker"),
-])
+@pytest.mark.parametrize(
+    "obj,expected_role",
+    [
+        (KUBEADM_CP, "control-plane"),  # kubeadm: label present with an empty value
+        (K3S_CP, "control-plane"),  # k3s: "true"
+        (LEGACY_MASTER, "control-plane"),  # legacy master label
+        (W1, "worker"),
+    ],
+)
 def test_role_is_label_presence(obj, expected_role):
     name = obj["metadata"]["name"]
     assert compute_plan(snapshot(obj, W2), name, Settings(node_name=name)).role == expected_role
@@ -98,8 +123,12 @@ def test_local_prefixes_never_become_destinations():
     """A stale object claims w1's address and pod CIDR; w1's Node lists the address and the
     kernel routes the pod CIDR (Cilium's route over cilium_host)."""
     stale = ciliumnode("w1-old", "192.168.50.21", None, ["10.244.1.0/24"])
-    plan = compute_plan(snapshot(W1, stale, W2), "w1", SETTINGS,
-                        kernel_prefixes=[ipaddress.ip_network("10.244.1.0/24")])
+    plan = compute_plan(
+        snapshot(W1, stale, W2),
+        "w1",
+        SETTINGS,
+        kernel_prefixes=[ipaddress.ip_network("10.244.1.0/24")],
+    )
     prefixes = {str(d.prefix) for d in plan.destinations}
     assert "192.168.50.21/32" not in prefixes and "10.244.1.0/24" not in prefixes
 
@@ -124,7 +153,8 @@ def test_exempt_ports_come_from_settings():
     plan = compute_plan(snapshot(W1), "w1", settings)
     assert [p.to_json() for p in plan.exempt_ports] == [
         {"protocol": "tcp", "first": 6443, "last": 6443},
-        {"protocol": "udp", "first": 8472, "last": 8472}]
+        {"protocol": "udp", "first": 8472, "last": 8472},
+    ]
 
 
 def test_order_is_deterministic():
@@ -134,16 +164,30 @@ def test_order_is_deterministic():
 
 
 def wg(peers=None, mtu=1420, fwmark=0xE00):
-    return WgState(ifname="cilium_wg0", ifindex=7, present=True, up=True, mtu=mtu,
-                   listen_port=51871, fwmark=fwmark, peers=peers)
+    return WgState(
+        ifname="cilium_wg0",
+        ifindex=7,
+        present=True,
+        up=True,
+        mtu=mtu,
+        listen_port=51871,
+        fwmark=fwmark,
+        peers=peers,
+    )
 
 
 def test_uncovered_destinations():
     plan = compute_plan(snapshot(KUBEADM_CP, W1, W2), "w1", SETTINGS)
-    peers = (WgPeer("k1", tuple(ipaddress.ip_network(n) for n in
-                                ("192.168.50.22/32", "10.244.2.0/24", "fd50::22/128",
-                                 "fd00:10:244:2::/64"))),
-             WgPeer("k2", (ipaddress.ip_network("192.168.50.0/24"),)))  # a supernet covers cp1
+    peers = (
+        WgPeer(
+            "k1",
+            tuple(
+                ipaddress.ip_network(n)
+                for n in ("192.168.50.22/32", "10.244.2.0/24", "fd50::22/128", "fd00:10:244:2::/64")
+            ),
+        ),
+        WgPeer("k2", (ipaddress.ip_network("192.168.50.0/24"),)),
+    )  # a supernet covers cp1
     uncovered = uncovered_destinations(plan.destinations, wg(peers))
     assert {str(p) for p in uncovered} == {"10.244.0.0/24", "fd00:10:244::/64", "fd50::10/128"}
     assert uncovered_destinations(plan.destinations, wg(None)) == frozenset()  # unknown ≠ none
@@ -166,10 +210,15 @@ def test_mss_and_payload_follow_design_formula():
     assert small.mss_v4 == 1400 - 60 - 15 - 40
 
 
-@pytest.mark.parametrize("fwmark,expected", [
-    (0, (0x0E00, 0x0F00)), (0x0E00, (0x0E00, 0x0F00)), (0x1E00, (0x0E00, 0x0F00)),
-    (0x4200, (0x4200, 0xFFFFFFFF)),
-])
+@pytest.mark.parametrize(
+    "fwmark,expected",
+    [
+        (0, (0x0E00, 0x0F00)),
+        (0x0E00, (0x0E00, 0x0F00)),
+        (0x1E00, (0x0E00, 0x0F00)),
+        (0x4200, (0x4200, 0xFFFFFFFF)),
+    ],
+)
 def test_wireguard_mark_match(fwmark, expected):
     assert wg_mark_match(fwmark) == expected
 

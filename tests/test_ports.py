@@ -6,41 +6,50 @@ from nodecryptor.core.ports import PortRange, PortSpecError, parse_port_spec
 
 
 def test_default_spec():
-    assert parse_port_spec("2379-2380,6443") == (PortRange("tcp", 2379, 2380),
-                                                 PortRange("tcp", 6443, 6443))
+    assert parse_port_spec("2379-2380,6443") == (
+        PortRange("tcp", 2379, 2380),
+        PortRange("tcp", 6443, 6443),
+    )
 
 
-@pytest.mark.parametrize("spec,expected", [
-    ("udp/8472", (PortRange("udp", 8472, 8472),)),
-    ("sctp/9000-9010", (PortRange("sctp", 9000, 9010),)),
-    (" 6443 , 2379-2380 ", (PortRange("tcp", 2379, 2380), PortRange("tcp", 6443, 6443))),
-    ("TCP/1-1", (PortRange("tcp", 1, 1),)),
-    ("2379,2380", (PortRange("tcp", 2379, 2380),)),  # adjacent entries merge
-    ("10-20,15-30,udp/15", (PortRange("tcp", 10, 30), PortRange("udp", 15, 15))),
-    ("", ()),
-])
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("udp/8472", (PortRange("udp", 8472, 8472),)),
+        ("sctp/9000-9010", (PortRange("sctp", 9000, 9010),)),
+        (" 6443 , 2379-2380 ", (PortRange("tcp", 2379, 2380), PortRange("tcp", 6443, 6443))),
+        ("TCP/1-1", (PortRange("tcp", 1, 1),)),
+        ("2379,2380", (PortRange("tcp", 2379, 2380),)),  # adjacent entries merge
+        ("10-20,15-30,udp/15", (PortRange("tcp", 10, 30), PortRange("udp", 15, 15))),
+        ("", ()),
+    ],
+)
 def test_valid_specs(spec, expected):
     assert parse_port_spec(spec) == expected
 
 
-@pytest.mark.parametrize("spec,fragment", [
-    ("0", "outside 1-65535"),
-    ("70000", "outside 1-65535"),
-    ("6443-2379", "below its start"),
-    ("abc", "not a port number"),
-    ("icmp/5", "unknown protocol"),
-    ("6443,,2379", "empty entry"),
-    ("-5", "not a port number"),
-    ("1-", "not a port number"),
-])
+@pytest.mark.parametrize(
+    "spec,fragment",
+    [
+        ("0", "outside 1-65535"),
+        ("70000", "outside 1-65535"),
+        ("6443-2379", "below its start"),
+        ("abc", "not a port number"),
+        ("icmp/5", "unknown protocol"),
+        ("6443,,2379", "empty entry"),
+        ("-5", "not a port number"),
+        ("1-", "not a port number"),
+    ],
+)
 def test_invalid_specs_name_the_entry(spec, fragment):
     with pytest.raises(PortSpecError) as exc:
         parse_port_spec(spec)
     assert fragment in str(exc.value)
 
 
-ranges = st.tuples(st.sampled_from(["tcp", "udp", "sctp"]), st.integers(1, 65535),
-                   st.integers(0, 300)).map(lambda t: (t[0], t[1], min(65535, t[1] + t[2])))
+ranges = st.tuples(
+    st.sampled_from(["tcp", "udp", "sctp"]), st.integers(1, 65535), st.integers(0, 300)
+).map(lambda t: (t[0], t[1], min(65535, t[1] + t[2])))
 
 
 @given(st.lists(ranges, min_size=1, max_size=12))

@@ -17,4 +17,5 @@ def test_packet_table_count_is_the_case_table_length():
     assert stated, "README.md no longer states the packet table's size; update this test"
     assert [int(n) for n in stated] == [len(datapath_cases.CASES)] * len(stated), (
         f"README.md says {stated} crafted packets; tests/datapath_cases.py has "
-        f"{len(datapath_cases.CASES)}")
+        f"{len(datapath_cases.CASES)}"
+    )

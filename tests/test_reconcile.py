@@ -30,15 +30,27 @@ class Clock:
 
 def make(datapath=None, wg=None, rp=None, settings=None):
     store = Store()
-    wg_state = wg or WgState(ifname="cilium_wg0", ifindex=9, present=True, up=True, mtu=1420,
-                             listen_port=51871, fwmark=0xE00, peers=())
+    wg_state = wg or WgState(
+        ifname="cilium_wg0",
+        ifindex=9,
+        present=True,
+        up=True,
+        mtu=1420,
+        listen_port=51871,
+        fwmark=0xE00,
+        peers=(),
+    )
     clock = Clock()
-    rec = Reconciler(settings or Settings(node_name="w1", reconcile_seconds=0.05,
-                                          debounce_seconds=0.01),
-                     store, datapath or FakeDatapath(), Metrics(),
-                     read_wg=lambda name: wg_state,
-                     resolve_devices=lambda names, addrs, exclude: ((Device("eth0", 2, 1500),), []),
-                     read_sysctl=lambda name: rp or {"all": 0, name: 0}, clock=clock)
+    rec = Reconciler(
+        settings or Settings(node_name="w1", reconcile_seconds=0.05, debounce_seconds=0.01),
+        store,
+        datapath or FakeDatapath(),
+        Metrics(),
+        read_wg=lambda name: wg_state,
+        resolve_devices=lambda names, addrs, exclude: ((Device("eth0", 2, 1500),), []),
+        read_sysctl=lambda name: rp or {"all": 0, name: 0},
+        clock=clock,
+    )
     return store, rec, clock
 
 
@@ -109,8 +121,16 @@ def test_rp_filter_makes_the_node_not_ready():
 
 def test_uncovered_destinations_are_counted():
     peers = (WgPeer("k", tuple()),)
-    wg = WgState(ifname="cilium_wg0", ifindex=9, present=True, up=True, mtu=1420,
-                 listen_port=51871, fwmark=0xE00, peers=peers)
+    wg = WgState(
+        ifname="cilium_wg0",
+        ifindex=9,
+        present=True,
+        up=True,
+        mtu=1420,
+        listen_port=51871,
+        fwmark=0xE00,
+        peers=peers,
+    )
     store, rec, _ = make(wg=wg)
     store.replace_all([info(W1), info(W2)])
     rec.reconcile_once()
@@ -145,14 +165,29 @@ def test_peer_added_without_any_event_is_picked_up_soon():
     on its own, instead of waiting for the (long) periodic pass."""
     import ipaddress
 
-    states = {"wg": WgState(ifname="cilium_wg0", ifindex=9, present=True, up=True, mtu=1420,
-                            listen_port=51871, fwmark=0xE00, peers=())}
+    states = {
+        "wg": WgState(
+            ifname="cilium_wg0",
+            ifindex=9,
+            present=True,
+            up=True,
+            mtu=1420,
+            listen_port=51871,
+            fwmark=0xE00,
+            peers=(),
+        )
+    }
     settings = Settings(node_name="w1", reconcile_seconds=300, coverage_recheck_seconds=0.05)
     store = Store()
-    rec = Reconciler(settings, store, FakeDatapath(), Metrics(),
-                     read_wg=lambda name: states["wg"],
-                     resolve_devices=lambda n, a, e: ((Device("eth0", 2, 1500),), []),
-                     read_sysctl=lambda name: {"all": 0, name: 0})
+    rec = Reconciler(
+        settings,
+        store,
+        FakeDatapath(),
+        Metrics(),
+        read_wg=lambda name: states["wg"],
+        resolve_devices=lambda n, a, e: ((Device("eth0", 2, 1500),), []),
+        read_sysctl=lambda name: {"all": 0, name: 0},
+    )
     store.replace_all([info(W1), info(W2)])
     stop = threading.Event()
     t = threading.Thread(target=rec.run, args=(stop, threading.Event()))  # no wake-ups at all
@@ -163,8 +198,9 @@ def test_peer_added_without_any_event_is_picked_up_soon():
             time.sleep(0.01)
         assert len(rec.datapath.current.uncovered) == 4
         nets = ("192.168.50.22/32", "fd50::22/128", "10.244.2.0/24", "fd00:10:244:2::/64")
-        states["wg"] = dataclasses.replace(states["wg"], peers=(
-            WgPeer("k", tuple(ipaddress.ip_network(n) for n in nets)),))
+        states["wg"] = dataclasses.replace(
+            states["wg"], peers=(WgPeer("k", tuple(ipaddress.ip_network(n) for n in nets)),)
+        )
         while rec.datapath.current.uncovered and time.monotonic() < deadline:
             time.sleep(0.01)
         assert rec.datapath.current.uncovered == frozenset()
@@ -174,8 +210,9 @@ def test_peer_added_without_any_event_is_picked_up_soon():
 
 
 def test_fully_covered_state_waits_for_the_periodic_pass():
-    store, rec, _ = make(settings=Settings(node_name="w1", reconcile_seconds=300,
-                                           coverage_recheck_seconds=0.01))
+    store, rec, _ = make(
+        settings=Settings(node_name="w1", reconcile_seconds=300, coverage_recheck_seconds=0.01)
+    )
     rec._clock = time.monotonic
     store.replace_all([info(W1)])  # no remote nodes: nothing can be uncovered
     stop = threading.Event()
@@ -208,6 +245,7 @@ def test_device_resolver_remembers_route_lookups(root):
     import ipaddress
 
     from nodecryptor.node.devices import DeviceResolver
+
     clock = Clock()
     resolver = DeviceResolver(refresh_seconds=30, clock=clock)
     addrs = [ipaddress.ip_address(f"127.0.0.{i}") for i in range(2, 12)]

@@ -30,21 +30,38 @@ def _peers(with_nodes: bool, with_pods: bool):
             allowed += [N(a) for kind, a in node.addresses if kind == "InternalIP"]
         if with_pods:
             allowed += list(node.pod_cidrs)
-        peers.append(WgPeer(node.name, tuple(allowed),
-                            f"{[a for _, a in node.addresses if a.version == 4][0]}:51871"))
+        peers.append(
+            WgPeer(
+                node.name,
+                tuple(allowed),
+                f"{[a for _, a in node.addresses if a.version == 4][0]}:51871",
+            )
+        )
     return tuple(peers)
 
 
 def make(peers, tunnel=(), take_over=False):
     store = Store()
-    wg = WgState(ifname="cilium_wg0", ifindex=9, present=True, up=True, mtu=1405,
-                 listen_port=51871, fwmark=0xE00, peers=peers)
-    rec = Reconciler(Settings(node_name="w1", take_over_pod_to_pod=take_over), store,
-                     FakeDatapath(), Metrics(), read_wg=lambda name: wg,
-                     resolve_devices=lambda names, addrs, exclude: ((Device("eth0", 2, 1500),),
-                                                                    []),
-                     read_sysctl=lambda name: {"all": 0, name: 0},
-                     read_tunnel=lambda: tunnel)
+    wg = WgState(
+        ifname="cilium_wg0",
+        ifindex=9,
+        present=True,
+        up=True,
+        mtu=1405,
+        listen_port=51871,
+        fwmark=0xE00,
+        peers=peers,
+    )
+    rec = Reconciler(
+        Settings(node_name="w1", take_over_pod_to_pod=take_over),
+        store,
+        FakeDatapath(),
+        Metrics(),
+        read_wg=lambda name: wg,
+        resolve_devices=lambda names, addrs, exclude: ((Device("eth0", 2, 1500),), []),
+        read_sysctl=lambda name: {"all": 0, name: 0},
+        read_tunnel=lambda: tunnel,
+    )
     store.replace_all(_nodes())
     assert rec.reconcile_once().ok
     return rec

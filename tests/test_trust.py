@@ -30,8 +30,13 @@ HONEST = {"192.168.50.10/32", "10.244.0.0/24", "192.168.50.22/32", "10.244.2.0/2
 
 def ciliumnode(name: str, address: str | None = None, pod_cidrs=None) -> dict:
     cp, ip, cidr = NODES.get(name, (False, address, None))
-    obj = make_ciliumnode(name, ipv4=address or ip, control_plane=cp, wg_pub_key=KEY,
-                          pod_cidrs=[cidr] if pod_cidrs is None else pod_cidrs)
+    obj = make_ciliumnode(
+        name,
+        ipv4=address or ip,
+        control_plane=cp,
+        wg_pub_key=KEY,
+        pod_cidrs=[cidr] if pod_cidrs is None else pod_cidrs,
+    )
     return obj
 
 
@@ -94,10 +99,12 @@ def test_finding_1_a_planted_host_route_removes_no_pod_cidr(plan, flags):
 
 
 def test_finding_1_a_node_backed_attacker_neither(plan):
-    attacker = ciliumnode("w3", "192.168.50.23", ["10.244.3.0/24", "10.244.2.128/25",
-                                                  "10.244.0.0/22"])
-    got = plan(honest() + [attacker, make_node("w3", ipv4="192.168.50.23")],
-               "--cluster-pod-cidrs", POOL)
+    attacker = ciliumnode(
+        "w3", "192.168.50.23", ["10.244.3.0/24", "10.244.2.128/25", "10.244.0.0/22"]
+    )
+    got = plan(
+        honest() + [attacker, make_node("w3", ipv4="192.168.50.23")], "--cluster-pod-cidrs", POOL
+    )
     assert HONEST | {"192.168.50.23/32", "10.244.3.0/24"} <= prefixes(got)
     assert not [r for r in got["rejected"] if r.get("node") in ("cp1", "w2")]
 
@@ -105,17 +112,22 @@ def test_finding_1_a_node_backed_attacker_neither(plan):
 def test_finding_2_hostile_entries_in_the_local_ciliumnode_remove_nothing(plan):
     """w1's own CiliumNode rewritten: the pool, the underlay subnet and the other nodes'
     addresses. Its Node names its address; the rewrite decides nothing."""
-    forged = add_addresses(ciliumnode("w1", pod_cidrs=["10.244.1.0/24", "10.0.0.0/8",
-                                                       "10.244.0.0/16", "192.168.50.0/24"]),
-                           "192.168.50.10", "192.168.50.22")
+    forged = add_addresses(
+        ciliumnode(
+            "w1", pod_cidrs=["10.244.1.0/24", "10.0.0.0/8", "10.244.0.0/16", "192.168.50.0/24"]
+        ),
+        "192.168.50.10",
+        "192.168.50.22",
+    )
     got = plan([forged] + honest("w1"))
     assert prefixes(got) == HONEST
     assert got["local_addresses"] == ["192.168.50.21"]
     assert not [r for r in got["rejected"] if r["reason"] == "overlaps-local-node"]
 
 
-@pytest.mark.parametrize("outside", ["8.8.8.8", "192.168.50.1", "10.96.0.1", "10.96.0.10",
-                                     "203.0.113.5"])
+@pytest.mark.parametrize(
+    "outside", ["8.8.8.8", "192.168.50.1", "10.96.0.1", "10.96.0.10", "203.0.113.5"]
+)
 def test_finding_3_non_cluster_addresses_are_never_destinations(plan, outside):
     """A public resolver, the gateway, the API VIP, kube-dns, an outside client: claimed as
     w2's node address (w2's CiliumNode rewritten) or by a Node-less CiliumNode."""
@@ -135,7 +147,8 @@ def test_finding_3_non_cluster_pod_cidrs_are_never_destinations_with_pools(plan)
     assert prefixes(got) == HONEST
     assert {(r["value"], r["reason"]) for r in got["rejected"]} == {
         ("8.8.8.0/24", "outside-cluster-pod-cidrs"),
-        ("192.168.60.0/24", "outside-cluster-pod-cidrs")}
+        ("192.168.60.0/24", "outside-cluster-pod-cidrs"),
+    }
 
 
 def test_finding_4_a_deleted_ciliumnode_keeps_what_the_node_lists(plan):
@@ -163,26 +176,36 @@ def test_finding_4_no_address_moves_between_roles(plan):
     assert got["192.168.50.10/32"]["node"] == "cp1"
     assert got["192.168.50.10/32"]["control_plane"] is True
     assert {(r["first"], r["last"]) for r in got["192.168.50.10/32"]["exempt_ports"]} == {
-        (2379, 2380), (6443, 6443)}
+        (2379, 2380),
+        (6443, 6443),
+    }
 
 
 def test_pools_come_from_ciliums_configmap(plan):
     """Without the flag, the pools are Cilium's own (cilium-config, cluster-pool IPAM, two
     IPv4 ranges separated by a space): a claim outside them is refused."""
-    config = {"apiVersion": "v1", "kind": "ConfigMap",
-              "metadata": {"name": "cilium-config", "namespace": "kube-system"},
-              "data": {"cluster-pool-ipv4-cidr": f"{POOL} 10.245.0.0/16"}}
+    config = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "cilium-config", "namespace": "kube-system"},
+        "data": {"cluster-pool-ipv4-cidr": f"{POOL} 10.245.0.0/16"},
+    }
     forged = ciliumnode("w2", pod_cidrs=["10.244.2.0/24", "10.245.7.0/24", "172.20.0.0/24"])
     got = plan(honest("w2") + [forged, config])
     assert got["pools"]["cidrs"] == [POOL, "10.245.0.0/16"]
     assert prefixes(got) == HONEST | {"10.245.7.0/24"}
     assert {(r["value"], r["reason"]) for r in got["rejected"]} == {
-        ("172.20.0.0/24", "outside-cluster-pod-cidrs")}
+        ("172.20.0.0/24", "outside-cluster-pod-cidrs")
+    }
 
 
 def test_pools_from_ciliumpodippools_and_a_missing_configmap_is_reported(plan):
-    pool = {"apiVersion": "cilium.io/v2alpha1", "kind": "CiliumPodIPPool",
-            "metadata": {"name": "default"}, "spec": {"ipv4": {"cidrs": [POOL]}}}
+    pool = {
+        "apiVersion": "cilium.io/v2alpha1",
+        "kind": "CiliumPodIPPool",
+        "metadata": {"name": "default"},
+        "spec": {"ipv4": {"cidrs": [POOL]}},
+    }
     forged = ciliumnode("w2", pod_cidrs=["10.244.2.0/24", "172.20.0.0/24"])
     got = plan(honest("w2") + [forged, pool])
     assert got["pools"] == {"cidrs": [POOL], "source": "cilium", "problem": ""}
@@ -194,8 +217,9 @@ def test_pools_from_ciliumpodippools_and_a_missing_configmap_is_reported(plan):
 def test_finding_6_an_oversized_object_is_rejected_whole(plan):
     """A CiliumNode with a huge spec.ipam.pool (Cilium's schema allows it) is not parsed."""
     bloated = ciliumnode("w2")
-    bloated["spec"]["ipam"]["pool"] = {f"10.244.{i // 256 % 256}.{i % 256}": {"owner": "x" * 40}
-                                       for i in range(12000)}
+    bloated["spec"]["ipam"]["pool"] = {
+        f"10.244.{i // 256 % 256}.{i % 256}": {"owner": "x" * 40} for i in range(12000)
+    }
     got = plan(honest("w2", pod_cidrs_in_node=True) + [bloated])
     assert prefixes(got) == HONEST  # w2's Node still names its address and pod CIDR
     oversized = [r for r in got["rejected"] if r["reason"] == "oversized"]

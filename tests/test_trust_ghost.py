@@ -27,8 +27,9 @@ class Reconciler:
     def __init__(self, uncovered: dict[str, str]):
         """``uncovered``: prefix -> node of each destination no peer covers."""
         dests = tuple(Destination(net(p), n, "pod-cidr", False) for p, n in uncovered.items())
-        self.last_desired = SimpleNamespace(destinations=dests,
-                                            uncovered=frozenset(d.prefix for d in dests))
+        self.last_desired = SimpleNamespace(
+            destinations=dests, uncovered=frozenset(d.prefix for d in dests)
+        )
 
     def ready(self):
         return True, "ok"
@@ -36,21 +37,44 @@ class Reconciler:
 
 def monitor(tmp_path, uncovered: dict[str, str]):
     store = Store()
-    store.replace_all([
-        NodeInfo("w1", wg_public_key=KEY),
-        NodeInfo("w2", addresses=(("InternalIP", ipaddress.ip_address("10.0.0.2")),),
-                 pod_cidrs=(net("10.244.2.0/24"),), wg_public_key=KEY),
-        # The ghost: a CiliumNode without a key annotation and without a Node.
-        NodeInfo("ghost", pod_cidrs=(net("10.244.66.0/24"),)),
-    ])
+    store.replace_all(
+        [
+            NodeInfo("w1", wg_public_key=KEY),
+            NodeInfo(
+                "w2",
+                addresses=(("InternalIP", ipaddress.ip_address("10.0.0.2")),),
+                pod_cidrs=(net("10.244.2.0/24"),),
+                wg_public_key=KEY,
+            ),
+            # The ghost: a CiliumNode without a key annotation and without a Node.
+            NodeInfo("ghost", pod_cidrs=(net("10.244.66.0/24"),)),
+        ]
+    )
     wall = SimpleNamespace(t=1_000_000.0)
-    wg = WgState("cilium_wg0", ifindex=7, present=True, up=True,
-                 peers=(WgPeer(KEY, (net("10.0.0.2/32"), net("10.244.2.0/24")),
-                               last_handshake=999_990.0, tx_bytes=10),))
+    wg = WgState(
+        "cilium_wg0",
+        ifindex=7,
+        present=True,
+        up=True,
+        peers=(
+            WgPeer(
+                KEY,
+                (net("10.0.0.2/32"), net("10.244.2.0/24")),
+                last_handshake=999_990.0,
+                tx_bytes=10,
+            ),
+        ),
+    )
     mon = peermonitor.PeerMonitor(
-        Settings(node_name="w1", run_dir=str(tmp_path)), store, Reconciler(uncovered),
-        SimpleNamespace(failures=0), lambda _c: None, Metrics(),
-        read_wg=lambda _ifname: wg, wall=lambda: wall.t)
+        Settings(node_name="w1", run_dir=str(tmp_path)),
+        store,
+        Reconciler(uncovered),
+        SimpleNamespace(failures=0),
+        lambda _c: None,
+        Metrics(),
+        read_wg=lambda _ifname: wg,
+        wall=lambda: wall.t,
+    )
     return mon, wall
 
 

@@ -16,13 +16,21 @@ SETTINGS = Settings(node_name="w1")
 
 def node(name, ip, pod, node_backed=True, **kw):
     pair = (("InternalIP", addr(ip)),)
-    return NodeInfo(name, addresses=pair, pod_cidrs=(net(pod),), node_labels=(),
-                    node_addresses=pair if node_backed else None, **kw)
+    return NodeInfo(
+        name,
+        addresses=pair,
+        pod_cidrs=(net(pod),),
+        node_labels=(),
+        node_addresses=pair if node_backed else None,
+        **kw,
+    )
 
 
 def cluster(*extra):
-    base = [node("w1", "192.168.50.21", "10.244.1.0/24"),
-            node("w2", "192.168.50.22", "10.244.2.0/24")]
+    base = [
+        node("w1", "192.168.50.21", "10.244.1.0/24"),
+        node("w2", "192.168.50.22", "10.244.2.0/24"),
+    ]
     return {n.name: n for n in [*base, *extra]}
 
 

@@ -51,16 +51,19 @@ def find_kernel() -> GuestKernel:
     installed too (BCC inside the guest compiles against them)."""
     candidates = []
     for image in glob.glob("/boot/vmlinuz-*-amd64"):
-        version = image[len("/boot/vmlinuz-"):]
+        version = image[len("/boot/vmlinuz-") :]
         headers = f"/lib/modules/{version}/build"
         if os.path.exists(os.path.join(headers, "include", "generated", "autoconf.h")):
             candidates.append(GuestKernel(version, image, headers))
     if not candidates:
-        raise HarnessError("no /boot/vmlinuz-*-amd64 with matching headers in "
-                           "/lib/modules/<ver>/build: run bash scripts/setup-vm.sh")
+        raise HarnessError(
+            "no /boot/vmlinuz-*-amd64 with matching headers in "
+            "/lib/modules/<ver>/build: run bash scripts/setup-vm.sh"
+        )
 
     def key(k: GuestKernel):
         return [int(p) if p.isdigit() else p for p in re.split(r"[.-]", k.version)]
+
     return max(candidates, key=key)
 
 
@@ -88,12 +91,27 @@ def vng_command(kernel: GuestKernel, result_dir: str, guest_cmd: str, cpus: int)
     # KVM is unavailable here; TCG emulation boots in ~20 s. The root filesystem is shared
     # read-only, so the guest sees the repository and .venv but cannot change them; only
     # result_dir is writable.
-    return [VNG, "--run", kernel.image, "--disable-kvm", "--memory", GUEST_MEMORY,
-            "--cpus", str(cpus), "--rwdir", result_dir, "--cwd", REPO, "--exec", guest_cmd]
+    return [
+        VNG,
+        "--run",
+        kernel.image,
+        "--disable-kvm",
+        "--memory",
+        GUEST_MEMORY,
+        "--cpus",
+        str(cpus),
+        "--rwdir",
+        result_dir,
+        "--cwd",
+        REPO,
+        "--exec",
+        guest_cmd,
+    ]
 
 
-def run(datapaths: str = "bpf,iprule", timeout: float = DEFAULT_TIMEOUT,
-        keep_dir: str | None = None) -> dict:
+def run(
+    datapaths: str = "bpf,iprule", timeout: float = DEFAULT_TIMEOUT, keep_dir: str | None = None
+) -> dict:
     """Boot the guest, run the scenario, return its JSON plus host-side timings."""
     kernel = find_kernel()
     result_dir = keep_dir or tempfile.mkdtemp(prefix="nc-vm-")
@@ -102,23 +120,32 @@ def run(datapaths: str = "bpf,iprule", timeout: float = DEFAULT_TIMEOUT,
     log_path = os.path.join(result_dir, "console.log")
     if os.path.exists(result_path):
         os.unlink(result_path)
-    guest_cmd = (f"PYTHONDONTWRITEBYTECODE=1 {GUEST_PYTHON} "
-                 f"{os.path.join(HERE, 'guest', 'scenario.py')} "
-                 f"--out {result_path} --datapaths {datapaths}")
+    guest_cmd = (
+        f"PYTHONDONTWRITEBYTECODE=1 {GUEST_PYTHON} "
+        f"{os.path.join(HERE, 'guest', 'scenario.py')} "
+        f"--out {result_path} --datapaths {datapaths}"
+    )
     cmd = vng_command(kernel, result_dir, guest_cmd, cpus=min(2, os.cpu_count() or 1))
     env = dict(os.environ, PATH=f"{os.path.dirname(VNG)}:{os.environ.get('PATH', '')}")
     started = time.monotonic()
     with open(log_path, "w") as log:
         # A session of its own: on timeout the whole group (vng, qemu) is killed by its id.
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            raise HarnessError(f"VM did not finish within {timeout:.0f}s; console log: "
-                               f"{log_path}") from None
+            raise HarnessError(
+                f"VM did not finish within {timeout:.0f}s; console log: {log_path}"
+            ) from None
     elapsed = time.monotonic() - started
     if not os.path.exists(result_path):
         with open(log_path) as f:
@@ -127,11 +154,15 @@ def run(datapaths: str = "bpf,iprule", timeout: float = DEFAULT_TIMEOUT,
     with open(result_path) as f:
         result = json.load(f)
     guest_total = result.get("timings", {}).get("guest_total", 0.0)
-    result["host"] = {"vng_rc": rc, "wall_seconds": round(elapsed, 2),
-                      # boot + shutdown: everything the guest scenario did not account for
-                      "boot_and_shutdown_seconds": round(elapsed - guest_total, 2),
-                      "kernel": kernel.version, "result_dir": result_dir,
-                      "command": cmd}
+    result["host"] = {
+        "vng_rc": rc,
+        "wall_seconds": round(elapsed, 2),
+        # boot + shutdown: everything the guest scenario did not account for
+        "boot_and_shutdown_seconds": round(elapsed - guest_total, 2),
+        "kernel": kernel.version,
+        "result_dir": result_dir,
+        "command": cmd,
+    }
     return result
 
 
@@ -147,14 +178,22 @@ def load_only(timeout: float = DEFAULT_TIMEOUT, keep_dir: str | None = None) -> 
     for path in (out_path, err_path):
         if os.path.exists(path):
             os.unlink(path)
-    guest_cmd = (f"PYTHONDONTWRITEBYTECODE=1 {GUEST_PYTHON} "
-                 f"{os.path.join(HERE, 'guest', 'loadcheck.py')} >{out_path} 2>{err_path}")
+    guest_cmd = (
+        f"PYTHONDONTWRITEBYTECODE=1 {GUEST_PYTHON} "
+        f"{os.path.join(HERE, 'guest', 'loadcheck.py')} >{out_path} 2>{err_path}"
+    )
     cmd = vng_command(kernel, result_dir, guest_cmd, cpus=min(2, os.cpu_count() or 1))
     env = dict(os.environ, PATH=f"{os.path.dirname(VNG)}:{os.environ.get('PATH', '')}")
     started = time.monotonic()
     with open(os.path.join(result_dir, "console.log"), "w") as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -169,8 +208,11 @@ def load_only(timeout: float = DEFAULT_TIMEOUT, keep_dir: str | None = None) -> 
     if not result.get("ok") and os.path.exists(err_path):
         with open(err_path, errors="replace") as f:
             result["log_tail"] = f.read().splitlines()[-12:]
-    result["host"] = {"wall_seconds": round(time.monotonic() - started, 2),
-                      "kernel": kernel.version, "result_dir": result_dir}
+    result["host"] = {
+        "wall_seconds": round(time.monotonic() - started, 2),
+        "kernel": kernel.version,
+        "result_dir": result_dir,
+    }
     return result
 
 
@@ -180,9 +222,12 @@ def main() -> int:
     ap.add_argument("--datapaths", default="bpf,iprule")
     ap.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
     ap.add_argument("--keep-dir", help="directory for result and console log")
-    ap.add_argument("--load-only", action="store_true",
-                    help="only compile and load bpf/nodecryptor.c in the guest (exit 1 if the "
-                         "verifier rejects it)")
+    ap.add_argument(
+        "--load-only",
+        action="store_true",
+        help="only compile and load bpf/nodecryptor.c in the guest (exit 1 if the "
+        "verifier rejects it)",
+    )
     args = ap.parse_args()
     missing = missing_prerequisites()
     if missing:

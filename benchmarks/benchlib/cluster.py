@@ -77,17 +77,27 @@ def last_node_v4(nodes: int) -> str:
 def snapshot(nodes: int) -> dict[str, NodeInfo]:
     """What the Kubernetes sync would hand the policy for this cluster."""
     check_size(nodes)
-    out = {LOCAL_NAME: NodeInfo(
-        LOCAL_NAME, addresses=(("InternalIP", ipaddress.ip_address(LOCAL_V4)),
-                               ("InternalIP", ipaddress.ip_address(LOCAL_V6))),
-        pod_cidrs=(ipaddress.ip_network(LOCAL_POD_V4),))}
+    out = {
+        LOCAL_NAME: NodeInfo(
+            LOCAL_NAME,
+            addresses=(
+                ("InternalIP", ipaddress.ip_address(LOCAL_V4)),
+                ("InternalIP", ipaddress.ip_address(LOCAL_V6)),
+            ),
+            pod_cidrs=(ipaddress.ip_network(LOCAL_POD_V4),),
+        )
+    }
     for i in range(nodes):
         name = f"node-{i}"
         out[name] = NodeInfo(
-            name, labels=((CP_LABEL, ""),) if i < 3 else (),
-            addresses=(("InternalIP", ipaddress.ip_address(node_v4(i))),
-                       ("InternalIP", ipaddress.ip_address(node_v6(i)))),
-            pod_cidrs=(ipaddress.ip_network(pod_v4(i)), ipaddress.ip_network(pod_v6(i))))
+            name,
+            labels=((CP_LABEL, ""),) if i < 3 else (),
+            addresses=(
+                ("InternalIP", ipaddress.ip_address(node_v4(i))),
+                ("InternalIP", ipaddress.ip_address(node_v6(i))),
+            ),
+            pod_cidrs=(ipaddress.ip_network(pod_v4(i)), ipaddress.ip_network(pod_v6(i))),
+        )
     return out
 
 
@@ -95,8 +105,14 @@ def settings_for(nodes: int, bpffs: str = "/sys/fs/bpf") -> Settings:
     """Agent settings for the benchmark node. The maps' default capacity (65,536 prefixes per
     family) fits 10,000 nodes with two pod CIDRs each; larger clusters get room to spare."""
     need = 2 * nodes + 1024
-    sizes = MapSizes() if need <= MapSizes().destinations_v4 else MapSizes(
-        destinations_v4=1 << (need - 1).bit_length(), destinations_v6=1 << (need - 1).bit_length())
+    sizes = (
+        MapSizes()
+        if need <= MapSizes().destinations_v4
+        else MapSizes(
+            destinations_v4=1 << (need - 1).bit_length(),
+            destinations_v6=1 << (need - 1).bit_length(),
+        )
+    )
     return Settings(node_name=LOCAL_NAME, bpffs=bpffs, wg_interface=WG_IFNAME, map_sizes=sizes)
 
 
@@ -105,17 +121,31 @@ def desired_state(nodes: int, settings: Settings, wg_ifindex: int, device: Devic
     coverage is not checked, every destination is redirected (the stand-in device is no
     WireGuard device)."""
     plan = compute_plan(snapshot(nodes), LOCAL_NAME, settings)
-    wg = WgState(ifname=WG_IFNAME, ifindex=wg_ifindex, present=True, up=True, mtu=1420,
-                 listen_port=51871, fwmark=0xE00, peers=None)
+    wg = WgState(
+        ifname=WG_IFNAME,
+        ifindex=wg_ifindex,
+        present=True,
+        up=True,
+        mtu=1420,
+        listen_port=51871,
+        fwmark=0xE00,
+        peers=None,
+    )
     return compute_desired(plan, wg, (device,) if device else (), settings)
 
 
 # ---- the three layouts ---------------------------------------------------------------------
 
+
 def _ip_batch(ns: str, family: int, lines: list[str]) -> None:
     if lines:
-        subprocess.run(["ip", "-n", ns, f"-{family}", "-batch", "-"], input="\n".join(lines),
-                       text=True, check=True, capture_output=True)
+        subprocess.run(
+            ["ip", "-n", ns, f"-{family}", "-batch", "-"],
+            input="\n".join(lines),
+            text=True,
+            check=True,
+            capture_output=True,
+        )
 
 
 def install_seed(ns: str, nodes: int, wg_ifname: str = WG_IFNAME) -> None:
@@ -128,19 +158,27 @@ def install_seed(ns: str, nodes: int, wg_ifname: str = WG_IFNAME) -> None:
     from . import rulefill
 
     for family in (4, 6):
-        _ip_batch(ns, family, [f"route add default dev {wg_ifname} table {SEED_TABLE}",
-                               "rule add fwmark 0xe00 lookup main priority 0"])
-        walk = ([p for kind, p in prefixes(nodes, family) if kind == "pod"]
-                + [p for kind, p in prefixes(nodes, family) if kind == "node"])
+        _ip_batch(
+            ns,
+            family,
+            [
+                f"route add default dev {wg_ifname} table {SEED_TABLE}",
+                "rule add fwmark 0xe00 lookup main priority 0",
+            ],
+        )
+        walk = [p for kind, p in prefixes(nodes, family) if kind == "pod"] + [
+            p for kind, p in prefixes(nodes, family) if kind == "node"
+        ]
         netns.call_in(ns, rulefill.add_rules, walk, SEED_TABLE)
 
 
 def install_seed_prefixes(ns: str, prefix_list: list[str], wg_ifname: str = WG_IFNAME) -> None:
     """The seed layout for an explicit IPv4 prefix list (``iprule_scale.py``)."""
-    lines = [f"route add default dev {wg_ifname} table {SEED_TABLE}",
-             "rule add fwmark 0xe00 lookup main priority 0"]
-    lines += [f"rule add to {p} lookup {SEED_TABLE} priority {SEED_PRIO_NODE}"
-              for p in prefix_list]
+    lines = [
+        f"route add default dev {wg_ifname} table {SEED_TABLE}",
+        "rule add fwmark 0xe00 lookup main priority 0",
+    ]
+    lines += [f"rule add to {p} lookup {SEED_TABLE} priority {SEED_PRIO_NODE}" for p in prefix_list]
     _ip_batch(ns, 4, lines)
 
 

@@ -63,18 +63,30 @@ def churn_v4(k: int) -> str:
 
 
 def churn_object(k: int) -> dict:
-    return make_ciliumnode(f"churn-{k}", ipv4=churn_v4(k), ipv6=f"fd64::{k + 1:x}",
-                           pod_cidrs=[f"100.{96 + k // 256}.{k % 256}.0/24"])
+    return make_ciliumnode(
+        f"churn-{k}",
+        ipv4=churn_v4(k),
+        ipv6=f"fd64::{k + 1:x}",
+        pod_cidrs=[f"100.{96 + k // 256}.{k % 256}.0/24"],
+    )
 
 
 def cluster_objects(nodes: int) -> list[dict]:
-    objs = [make_ciliumnode(cluster.LOCAL_NAME, ipv4=AGENT_V4, ipv6=AGENT_V6,
-                            pod_cidrs=[cluster.LOCAL_POD_V4])]
+    objs = [
+        make_ciliumnode(
+            cluster.LOCAL_NAME, ipv4=AGENT_V4, ipv6=AGENT_V6, pod_cidrs=[cluster.LOCAL_POD_V4]
+        )
+    ]
     for i in range(nodes):
-        objs.append(make_ciliumnode(f"node-{i}", ipv4=cluster.node_v4(i),
-                                    ipv6=cluster.node_v6(i),
-                                    pod_cidrs=[cluster.pod_v4(i), cluster.pod_v6(i)],
-                                    control_plane=i < 3))
+        objs.append(
+            make_ciliumnode(
+                f"node-{i}",
+                ipv4=cluster.node_v4(i),
+                ipv6=cluster.node_v6(i),
+                pod_cidrs=[cluster.pod_v4(i), cluster.pod_v6(i)],
+                control_plane=i < 3,
+            )
+        )
     return objs
 
 
@@ -96,9 +108,15 @@ class Result:
     """[(seconds after spawn, log message)] of the agent's log up to readiness."""
 
     def row(self) -> dict:
-        return {"datapath": self.datapath, "nodes": self.nodes, "ready_s": round(self.ready_s, 3),
-                "rss_mb": round(self.rss_mb, 1), "peak_rss_mb": round(self.peak_rss_mb, 1),
-                "p50_ms": round(self.p50_ms, 1), "p99_ms": round(self.p99_ms, 1)}
+        return {
+            "datapath": self.datapath,
+            "nodes": self.nodes,
+            "ready_s": round(self.ready_s, 3),
+            "rss_mb": round(self.rss_mb, 1),
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "p50_ms": round(self.p50_ms, 1),
+            "p99_ms": round(self.p99_ms, 1),
+        }
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -131,22 +149,32 @@ class Bench:
 
     def _spawn(self, name: str, ns: str, argv: list[str], env=None) -> subprocess.Popen:
         log = open(os.path.join(self.tmp, f"{name}.log"), "wb")
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv],
-                                env=dict(os.environ, **(env or {})), stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *argv],
+            env=dict(os.environ, **(env or {})),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         log.close()
         self.procs[name] = proc
         return proc
 
-    def _wait(self, what: str, check, timeout: float, proc: subprocess.Popen | None = None,
-              interval: float = 0.02):
+    def _wait(
+        self,
+        what: str,
+        check,
+        timeout: float,
+        proc: subprocess.Popen | None = None,
+        interval: float = 0.02,
+    ):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if check():
                 return
             if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"{what}: process exited with {proc.returncode}; log:\n"
-                                   f"{self.log_tail(proc)}")
+                raise RuntimeError(
+                    f"{what}: process exited with {proc.returncode}; log:\n{self.log_tail(proc)}"
+                )
             time.sleep(interval)
         raise RuntimeError(f"timed out waiting for {what}; log:\n{self.log_tail(proc)}")
 
@@ -158,8 +186,24 @@ class Bench:
         return ""
 
     def setup(self) -> None:
-        subprocess.run(["ip", "link", "add", "eth0", "netns", self.agent_ns, "type", "veth",
-                        "peer", "name", "eth0", "netns", self.api_ns], check=True)
+        subprocess.run(
+            [
+                "ip",
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                self.agent_ns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                self.api_ns,
+            ],
+            check=True,
+        )
         for ns, v4, v6 in ((self.agent_ns, AGENT_V4, AGENT_V6), (self.api_ns, API_V4, API_V6)):
             self._sh(ns, "ip", "addr", "add", f"{v4}/24", "dev", "eth0")
             self._sh(ns, "ip", "-6", "addr", "add", f"{v6}/64", "dev", "eth0", "nodad")
@@ -168,33 +212,72 @@ class Bench:
         self._sh(self.agent_ns, "ip", "route", "add", "default", "via", API_V4)
         self._sh(self.agent_ns, "ip", "-6", "route", "add", "default", "via", API_V6)
         os.makedirs("/var/run/wireguard", exist_ok=True)
-        wg = self._spawn("wireguard-go", self.agent_ns, ["wireguard-go", "-f", self.wg],
-                         env={"WG_PROCESS_FOREGROUND": "1"})
+        wg = self._spawn(
+            "wireguard-go",
+            self.agent_ns,
+            ["wireguard-go", "-f", self.wg],
+            env={"WG_PROCESS_FOREGROUND": "1"},
+        )
         sock = f"/var/run/wireguard/{self.wg}.sock"
         self._wait("wireguard-go socket", lambda: os.path.exists(sock), 10, wg)
         keys = os.path.join(self.tmp, "wg.key")
         with open(keys, "w") as f:
-            f.write(subprocess.run(["wg", "genkey"], capture_output=True, text=True,
-                                   check=True).stdout)
-        peer = subprocess.run(["wg", "genkey"], capture_output=True, text=True,
-                              check=True).stdout
-        peer_pub = subprocess.run(["wg", "pubkey"], input=peer, capture_output=True, text=True,
-                                  check=True).stdout.strip()
-        self._sh(self.agent_ns, "wg", "set", self.wg, "listen-port", "51871", "fwmark", "0xe00",
-                 "private-key", keys, "peer", peer_pub, "allowed-ips", "0.0.0.0/0,::/0")
+            f.write(
+                subprocess.run(["wg", "genkey"], capture_output=True, text=True, check=True).stdout
+            )
+        peer = subprocess.run(["wg", "genkey"], capture_output=True, text=True, check=True).stdout
+        peer_pub = subprocess.run(
+            ["wg", "pubkey"], input=peer, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        self._sh(
+            self.agent_ns,
+            "wg",
+            "set",
+            self.wg,
+            "listen-port",
+            "51871",
+            "fwmark",
+            "0xe00",
+            "private-key",
+            keys,
+            "peer",
+            peer_pub,
+            "allowed-ips",
+            "0.0.0.0/0,::/0",
+        )
         self._sh(self.agent_ns, "ip", "link", "set", self.wg, "mtu", "1420", "up")
-        self._sh(self.agent_ns, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0",
-                 f"net.ipv4.conf.{self.wg}.rp_filter=0")
+        self._sh(
+            self.agent_ns,
+            "sysctl",
+            "-qw",
+            "net.ipv4.conf.all.rp_filter=0",
+            f"net.ipv4.conf.{self.wg}.rp_filter=0",
+        )
         os.makedirs(self.bpffs)
         subprocess.run(["mount", "-t", "bpf", "bpf", self.bpffs], check=True)
         self._mounted = True
         objects = os.path.join(self.tmp, "objects.json")
         with open(objects, "w") as f:
             json.dump(cluster_objects(self.nodes), f)
-        api = self._spawn("fakeapi", self.api_ns,
-                          [sys.executable, "-m", "nodecryptor_testkit.fakeapi", "--bind",
-                           f"{API_V4}:6443", "--objects", objects, "--token", TOKEN,
-                           "--write-kubeconfig", self.kubeconfig, "--history", "100000"])
+        api = self._spawn(
+            "fakeapi",
+            self.api_ns,
+            [
+                sys.executable,
+                "-m",
+                "nodecryptor_testkit.fakeapi",
+                "--bind",
+                f"{API_V4}:6443",
+                "--objects",
+                objects,
+                "--token",
+                TOKEN,
+                "--write-kubeconfig",
+                self.kubeconfig,
+                "--history",
+                "100000",
+            ],
+        )
         self._wait("fake API server", lambda: os.path.exists(self.kubeconfig), 60, api)
 
     # ---- measurement ---------------------------------------------------------------------
@@ -225,10 +308,17 @@ class Bench:
                     offset = wall - spawned_wall
                     if offset > ready_s + 0.5:
                         break
-                    extra = {k: v for k, v in rec.items()
-                             if k in ("nodes", "pages", "seconds", "routes", "datapath")}
-                    phases.append([round(offset, 2), rec.get("msg", "")
-                                   + (f" {json.dumps(extra)}" if extra else "")])
+                    extra = {
+                        k: v
+                        for k, v in rec.items()
+                        if k in ("nodes", "pages", "seconds", "routes", "datapath")
+                    }
+                    phases.append(
+                        [
+                            round(offset, 2),
+                            rec.get("msg", "") + (f" {json.dumps(extra)}" if extra else ""),
+                        ]
+                    )
         except OSError:
             pass
         return phases
@@ -236,18 +326,46 @@ class Bench:
     def start_agent(self, agent_ns_worker: observe.InNetns) -> float:
         self.spawned_wall = time.time()
         started = time.monotonic()
-        agent = self._spawn("agent", self.agent_ns,
-                            [NODECRYPTOR, "run", "--kubeconfig", self.kubeconfig,
-                             "--node-name", cluster.LOCAL_NAME, "--bpffs", self.bpffs,
-                             "--datapath", self.datapath, "--wg-interface", self.wg,
-                             "--health-probe-bind-address", HEALTH,
-                             "--metrics-server-bind-address", METRICS, "--log-format", "json"])
-        self._wait("agent /readyz", lambda: agent_ns_worker.call(self._readyz),
-                   READY_TIMEOUT_S, agent, interval=READY_POLL_S)
+        agent = self._spawn(
+            "agent",
+            self.agent_ns,
+            [
+                NODECRYPTOR,
+                "run",
+                "--kubeconfig",
+                self.kubeconfig,
+                "--node-name",
+                cluster.LOCAL_NAME,
+                "--bpffs",
+                self.bpffs,
+                "--datapath",
+                self.datapath,
+                "--wg-interface",
+                self.wg,
+                "--health-probe-bind-address",
+                HEALTH,
+                "--metrics-server-bind-address",
+                METRICS,
+                "--log-format",
+                "json",
+            ],
+        )
+        self._wait(
+            "agent /readyz",
+            lambda: agent_ns_worker.call(self._readyz),
+            READY_TIMEOUT_S,
+            agent,
+            interval=READY_POLL_S,
+        )
         return time.monotonic() - started
 
-    def run(self, churn_seconds: float, rate: float = 50.0, settle_s: float = 2.0,
-            profile: str | None = None) -> Result:
+    def run(
+        self,
+        churn_seconds: float,
+        rate: float = 50.0,
+        settle_s: float = 2.0,
+        profile: str | None = None,
+    ) -> Result:
         res = Result(self.datapath, self.nodes)
         agent_worker = observe.InNetns(self.agent_ns)
         api_worker = observe.InNetns(self.api_ns)
@@ -256,8 +374,9 @@ class Bench:
             res.ready_s = self.start_agent(agent_worker)
             res.startup = self.startup_phases(self.spawned_wall, res.ready_s)
             pid = self.procs["agent"].pid
-            self.log(f"  control plane {self.datapath} {self.nodes} nodes: ready in "
-                     f"{res.ready_s:.2f} s")
+            self.log(
+                f"  control plane {self.datapath} {self.nodes} nodes: ready in {res.ready_s:.2f} s"
+            )
             time.sleep(settle_s)
             if self.datapath == "bpf":
                 probe = observe.BpfProbe(self.bpffs, AGENT_V4)
@@ -270,10 +389,23 @@ class Bench:
             if profile:
                 # --gil: only samples holding the GIL, i.e. Python actually computing (a
                 # thread blocked in select() or a socket read does not count).
-                spy = subprocess.Popen([observe.py_spy(), "record", "--gil", "-p", str(pid), "-o",
-                                        profile, "-f", "speedscope", "-d",
-                                        str(int(churn_seconds) + 2)],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                spy = subprocess.Popen(
+                    [
+                        observe.py_spy(),
+                        "record",
+                        "--gil",
+                        "-p",
+                        str(pid),
+                        "-o",
+                        profile,
+                        "-f",
+                        "speedscope",
+                        "-d",
+                        str(int(churn_seconds) + 2),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
             cpu0 = observe.cpu_seconds(pid)
             lat, unseen, changes = self._churn(api_worker, check, churn_seconds, rate)
             cpu1 = observe.cpu_seconds(pid)
@@ -310,12 +442,12 @@ class Bench:
 
         def request(method, url, body=None):
             def go():
-                conn.request(method, url, body=json.dumps(body) if body else None,
-                             headers=headers)
+                conn.request(method, url, body=json.dumps(body) if body else None, headers=headers)
                 resp = conn.getresponse()
                 resp.read()
                 if resp.status >= 300:
                     raise RuntimeError(f"{method} {url}: HTTP {resp.status}")
+
             api_worker.call(go)
 
         pending: list = []  # [want_present, address, posted_at, churn index]
@@ -404,8 +536,15 @@ class Bench:
                     proc.kill()
                     proc.wait(5)
         if self._mounted:
-            netns.run(NODECRYPTOR, "cleanup", "--bpffs", self.bpffs,
-                      netns=self.agent_ns, check=False, timeout=60)
+            netns.run(
+                NODECRYPTOR,
+                "cleanup",
+                "--bpffs",
+                self.bpffs,
+                netns=self.agent_ns,
+                check=False,
+                timeout=60,
+            )
             subprocess.run(["umount", self.bpffs], check=False)
         sock = f"/var/run/wireguard/{self.wg}.sock"
         if os.path.exists(sock):
@@ -415,8 +554,9 @@ class Bench:
         subprocess.run(["rm", "-rf", self.tmp], check=False)
 
 
-def measure(datapath: str, nodes: int, churn_seconds: float, log=print,
-            profile: str | None = None) -> Result:
+def measure(
+    datapath: str, nodes: int, churn_seconds: float, log=print, profile: str | None = None
+) -> Result:
     bench = Bench(datapath, nodes, log=log)
     try:
         bench.setup()

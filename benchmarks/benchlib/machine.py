@@ -78,9 +78,11 @@ def finish(machine: dict) -> dict:
 
 def line(machine: dict) -> str:
     """One line for tables and documents."""
-    text = (f"{machine['cpu_model']}, {machine['cpus']} CPUs, {machine['memory_mb'] / 1024:.0f} "
-            f"GiB, Linux {machine['kernel']}, Python {machine['python']}; load average "
-            f"{' '.join(f'{x:.2f}' for x in machine['load_start'])} at start")
+    text = (
+        f"{machine['cpu_model']}, {machine['cpus']} CPUs, {machine['memory_mb'] / 1024:.0f} "
+        f"GiB, Linux {machine['kernel']}, Python {machine['python']}; load average "
+        f"{' '.join(f'{x:.2f}' for x in machine['load_start'])} at start"
+    )
     if "load_end" in machine:
         text += f", {' '.join(f'{x:.2f}' for x in machine['load_end'])} at end"
     return text

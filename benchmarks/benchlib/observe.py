@@ -100,8 +100,9 @@ class BpfProbe:
 
         frame = self._frames.get(addr)
         if frame is None:
-            frame = self._frames[addr] = testrun.build_frame(self._src, addr, dport=8080,
-                                                             tcp_flags="A")
+            frame = self._frames[addr] = testrun.build_frame(
+                self._src, addr, dport=8080, tcp_flags="A"
+            )
         with syscall.obj_get(pins.explain_prog_path(self._bpffs)) as twin:
             return testrun.run(twin, frame).verdict == "encrypt"
 

@@ -58,8 +58,12 @@ def _sysctl(ns: str, *pairs: str) -> None:
 
 
 def _counter(ns: str, dev: str, which: str) -> int:
-    out = subprocess.run(["ip", "-n", ns, "-s", "-j", "link", "show", "dev", dev],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["ip", "-n", ns, "-s", "-j", "link", "show", "dev", dev],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     stats = json.loads(out)[0]["stats64"]
     return int(stats[which]["packets"])
 
@@ -77,8 +81,7 @@ class Node:
 
     def delivered(self) -> int:
         """Packets that reached the receiver or the redirect/route target."""
-        return (_counter(self.receiver, "eth0", "rx")
-                + _counter(self.receiver, "wgpeer", "rx"))
+        return _counter(self.receiver, "eth0", "rx") + _counter(self.receiver, "wgpeer", "rx")
 
 
 def build_node(config: str, tag: str) -> Node:
@@ -87,22 +90,38 @@ def build_node(config: str, tag: str) -> Node:
     pod = netns.create(f"bench-{tag}-{config}-pod")
     n = Node(config, node, receiver, pod)
     try:
-        _ip(node, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns",
-            receiver)
+        _ip(node, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", receiver)
         _ip(node, "link", "set", "eth0", "arp", "off", "up")
         _ip(node, "addr", "add", f"{cluster.LOCAL_V4}/24", "dev", "eth0")
         _ip(node, "-6", "addr", "add", f"{cluster.LOCAL_V6}/64", "dev", "eth0", "nodad")
         _ip(node, "route", "add", "default", "via", RECEIVER_V4, "dev", "eth0", "onlink")
         # No dummy driver on every kernel: the stand-in is a veth whose peer drops in the
         # receiver namespace (a peer in the node namespace would route the packet again).
-        _ip(node, "link", "add", cluster.WG_IFNAME, "mtu", "1420", "type", "veth", "peer",
-            "name", "wgpeer", "netns", receiver)
+        _ip(
+            node,
+            "link",
+            "add",
+            cluster.WG_IFNAME,
+            "mtu",
+            "1420",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "wgpeer",
+            "netns",
+            receiver,
+        )
         _ip(node, "link", "set", cluster.WG_IFNAME, "arp", "off", "up")
         _ip(node, "link", "add", "pod0", "type", "veth", "peer", "name", "eth0", "netns", pod)
         _ip(node, "addr", "add", f"{POD_GW}/24", "dev", "pod0")
         _ip(node, "link", "set", "pod0", "up")
-        _sysctl(node, "net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0",
-                "net.ipv4.conf.default.rp_filter=0")
+        _sysctl(
+            node,
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+        )
         _ip(pod, "addr", "add", f"{POD_V4}/24", "dev", "eth0")
         _ip(pod, "link", "set", "eth0", "up")
         _ip(pod, "route", "add", "default", "via", POD_GW)
@@ -121,8 +140,9 @@ def install(n: Node, nodes: int, bpffs: str) -> None:
         cluster.install_seed(n.node, nodes)
     elif n.config == "iprule":
         settings = cluster.settings_for(nodes)
-        ifindex = int(netns.run("cat", f"/sys/class/net/{cluster.WG_IFNAME}/ifindex",
-                                netns=n.node).stdout)
+        ifindex = int(
+            netns.run("cat", f"/sys/class/net/{cluster.WG_IFNAME}/ifindex", netns=n.node).stdout
+        )
         desired = cluster.desired_state(nodes, settings, ifindex, None)
         cluster.install_iprule(n.node, desired, settings)
     elif n.config == "bpf":
@@ -160,8 +180,9 @@ class SizeResult:
     """Median wall-clock packets/s (moves with the machine's other load)."""
 
 
-def measure_size(sender: Sender, nodes: int, seconds: float, rounds: int, tmpdir: str,
-                 log=print) -> SizeResult:
+def measure_size(
+    sender: Sender, nodes: int, seconds: float, rounds: int, tmpdir: str, log=print
+) -> SizeResult:
     """All four configurations for one cluster size, alternating: in every round each traffic
     kind is sent through every configuration in turn (the order rotates each round); the
     ratio to the baseline is taken within a round, then the median over rounds."""
@@ -179,15 +200,18 @@ def measure_size(sender: Sender, nodes: int, seconds: float, rounds: int, tmpdir
             result.setup_s[config] = round(n.setup_s, 2)
             log(f"  {nodes} nodes: {config} installed in {n.setup_s:.1f} s")
         by_config = {n.config: n for n in built}
-        dst = {"non-cluster": cluster.NON_CLUSTER_V4, "forwarded": cluster.NON_CLUSTER_V4,
-               "cluster": cluster.last_node_v4(nodes) if nodes else None}
+        dst = {
+            "non-cluster": cluster.NON_CLUSTER_V4,
+            "forwarded": cluster.NON_CLUSTER_V4,
+            "cluster": cluster.last_node_v4(nodes) if nodes else None,
+        }
         pps: dict = {(c, t): [] for c in CONFIGS for t in TRAFFIC}
         wall: dict = {(c, t): [] for c in CONFIGS for t in TRAFFIC}
         sent_total: dict = {(c, t): 0 for c in CONFIGS for t in TRAFFIC}
         delivered_total: dict = {(c, t): 0 for c in CONFIGS for t in TRAFFIC}
         err_total: dict = {(c, t): 0 for c in CONFIGS for t in TRAFFIC}
         for r in range(rounds):
-            order = CONFIGS[r % len(CONFIGS):] + CONFIGS[:r % len(CONFIGS)]
+            order = CONFIGS[r % len(CONFIGS) :] + CONFIGS[: r % len(CONFIGS)]
             for traffic in TRAFFIC:
                 if dst[traffic] is None:
                     continue
@@ -209,15 +233,22 @@ def measure_size(sender: Sender, nodes: int, seconds: float, rounds: int, tmpdir
                 series = pps[(config, traffic)]
                 ratios = [x / b for x, b in zip(series, base) if b > 0]
                 ratio = statistics.median(ratios)
-                result.rows.append({"config": config, "traffic": traffic, "nodes": nodes,
-                                    "pps": round(statistics.median(series), 1),
-                                    "ratio_to_baseline": round(ratio, 4)})
+                result.rows.append(
+                    {
+                        "config": config,
+                        "traffic": traffic,
+                        "nodes": nodes,
+                        "pps": round(statistics.median(series), 1),
+                        "ratio_to_baseline": round(ratio, 4),
+                    }
+                )
                 key = f"{config}/{traffic}"
                 result.spread[key] = [round(min(ratios), 3), round(max(ratios), 3)]
                 result.wall_pps[key] = round(statistics.median(wall[(config, traffic)]), 1)
                 sent_n = sent_total[(config, traffic)]
-                result.delivery[key] = round(delivered_total[(config, traffic)] / sent_n, 4) \
-                    if sent_n else 0.0
+                result.delivery[key] = (
+                    round(delivered_total[(config, traffic)] / sent_n, 4) if sent_n else 0.0
+                )
                 if err_total[(config, traffic)]:
                     result.errors[key] = err_total[(config, traffic)]
     finally:
@@ -246,7 +277,8 @@ def sender_ceiling(sender: Sender, seconds: float, rounds: int) -> dict:
             os.close(prog)
     finally:
         netns.delete(ns)
-    return {"pps": round(statistics.median(r.pps_cpu for r in runs), 1),
-            "wall_pps": round(statistics.median(r.pps for r in runs), 1),
-            "what": "sender to a device dropping at tc egress: no rules, no program, no "
-                    "receiver"}
+    return {
+        "pps": round(statistics.median(r.pps_cpu for r in runs), 1),
+        "wall_pps": round(statistics.median(r.pps for r in runs), 1),
+        "what": "sender to a device dropping at tc egress: no rules, no program, no receiver",
+    }

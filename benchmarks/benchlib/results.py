@@ -24,17 +24,35 @@ import math
 import os
 import time
 
-DATAPATH_KEYS = {"config": str, "traffic": str, "nodes": int, "pps": float,
-                 "ratio_to_baseline": float}
+DATAPATH_KEYS = {
+    "config": str,
+    "traffic": str,
+    "nodes": int,
+    "pps": float,
+    "ratio_to_baseline": float,
+}
 PER_PACKET_KEYS = {"case": str, "family": int, "nodes": int, "ns": float}
-CONTROL_PLANE_KEYS = {"datapath": str, "nodes": int, "ready_s": float, "rss_mb": float,
-                      "peak_rss_mb": float, "p50_ms": float, "p99_ms": float}
-ENUMS = {"config": {"baseline", "bpf", "iprule", "seed"},
-         "traffic": {"non-cluster", "forwarded", "cluster"},
-         "case": {"empty", "miss", "hit-node", "hit-pod", "exempt"},
-         "family": {4, 6}, "datapath": {"bpf", "iprule"}}
-SECTIONS = {"datapath": DATAPATH_KEYS, "per_packet": PER_PACKET_KEYS,
-            "control_plane": CONTROL_PLANE_KEYS}
+CONTROL_PLANE_KEYS = {
+    "datapath": str,
+    "nodes": int,
+    "ready_s": float,
+    "rss_mb": float,
+    "peak_rss_mb": float,
+    "p50_ms": float,
+    "p99_ms": float,
+}
+ENUMS = {
+    "config": {"baseline", "bpf", "iprule", "seed"},
+    "traffic": {"non-cluster", "forwarded", "cluster"},
+    "case": {"empty", "miss", "hit-node", "hit-pod", "exempt"},
+    "family": {4, 6},
+    "datapath": {"bpf", "iprule"},
+}
+SECTIONS = {
+    "datapath": DATAPATH_KEYS,
+    "per_packet": PER_PACKET_KEYS,
+    "control_plane": CONTROL_PLANE_KEYS,
+}
 
 
 def contract_problems(doc: dict) -> list[str]:
@@ -51,14 +69,20 @@ def contract_problems(doc: dict) -> list[str]:
         for i, row in enumerate(rows):
             where = f"{section}[{i}]"
             if not isinstance(row, dict) or set(row) != set(keys):
-                problems.append(f"{where}: keys {sorted(row) if isinstance(row, dict) else row}"
-                                f" != {sorted(keys)}")
+                problems.append(
+                    f"{where}: keys {sorted(row) if isinstance(row, dict) else row}"
+                    f" != {sorted(keys)}"
+                )
                 continue
             for key, typ in keys.items():
                 value = row[key]
                 if typ is float:
-                    ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
-                        and math.isfinite(value) and value > 0
+                    ok = (
+                        isinstance(value, (int, float))
+                        and not isinstance(value, bool)
+                        and math.isfinite(value)
+                        and value > 0
+                    )
                 elif typ is int:
                     ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
                 else:
@@ -89,9 +113,12 @@ def write(doc: dict, results_dir: str, label: str) -> tuple[str, str]:
 
 # ---- tables ---------------------------------------------------------------------------------
 
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(header)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)
+    ]
+
     def line(cells):
         return "  ".join(c.rjust(w) for c, w in zip(cells, widths))
 
@@ -111,16 +138,20 @@ def datapath_table(rows: list[dict]) -> str:
                 r = by.get((nodes, traffic, config))
                 cells.append(f"{r['pps']:,.0f} ({r['ratio_to_baseline']:.2f}x)" if r else "-")
             out.append(cells)
-    return _table(["nodes", "traffic", "baseline pps", "bpf pps (x)", "iprule pps (x)",
-                   "seed pps (x)"], out)
+    return _table(
+        ["nodes", "traffic", "baseline pps", "bpf pps (x)", "iprule pps (x)", "seed pps (x)"], out
+    )
 
 
 def empty_floor(rows: list[dict], family: int, nodes: int) -> float | None:
     """The empty program's ns for this family: measured at the same size when there is such a
     row, else the median of the family's empty rows (an empty program has no maps, so its cost
     does not depend on the size)."""
-    same = [r["ns"] for r in rows if r["case"] == "empty" and r["family"] == family
-            and r["nodes"] == nodes]
+    same = [
+        r["ns"]
+        for r in rows
+        if r["case"] == "empty" and r["family"] == family and r["nodes"] == nodes
+    ]
     if same:
         return same[0]
     other = sorted(r["ns"] for r in rows if r["case"] == "empty" and r["family"] == family)
@@ -143,22 +174,53 @@ def per_packet_table(rows: list[dict]) -> str:
                 else:
                     cells.append(f"{ns:.1f} (+{ns - floor:.1f})")
             out.append(cells)
-    return _table(["family", "nodes", "empty ns", "miss ns (+)", "hit-node ns (+)",
-                   "hit-pod ns (+)", "exempt ns (+)"], out)
+    return _table(
+        [
+            "family",
+            "nodes",
+            "empty ns",
+            "miss ns (+)",
+            "hit-node ns (+)",
+            "hit-pod ns (+)",
+            "exempt ns (+)",
+        ],
+        out,
+    )
 
 
 def control_plane_table(rows: list[dict], cpu: dict) -> str:
     out = []
     for r in rows:
         key = f"{r['datapath']}/{r['nodes']}"
-        out.append([r["datapath"], f"{r['nodes']:,}", f"{r['ready_s']:.2f}", f"{r['rss_mb']:.0f}",
-                    f"{r['peak_rss_mb']:.0f}", f"{r['p50_ms']:.0f}", f"{r['p99_ms']:.0f}",
-                    f"{cpu[key]:.1f}" if key in cpu else "-"])
-    return _table(["datapath", "nodes", "ready s", "RSS MB", "peak RSS MB", "p50 ms", "p99 ms",
-                   "CPU ms/event"], out)
+        out.append(
+            [
+                r["datapath"],
+                f"{r['nodes']:,}",
+                f"{r['ready_s']:.2f}",
+                f"{r['rss_mb']:.0f}",
+                f"{r['peak_rss_mb']:.0f}",
+                f"{r['p50_ms']:.0f}",
+                f"{r['p99_ms']:.0f}",
+                f"{cpu[key]:.1f}" if key in cpu else "-",
+            ]
+        )
+    return _table(
+        [
+            "datapath",
+            "nodes",
+            "ready s",
+            "RSS MB",
+            "peak RSS MB",
+            "p50 ms",
+            "p99 ms",
+            "CPU ms/event",
+        ],
+        out,
+    )
 
 
 # ---- targets ------------------------------------------------------------------------------
+
 
 def targets(doc: dict) -> list[tuple[str, bool | None, str]]:
     """(target, met (None: not measured), measured value) for each performance target
@@ -167,9 +229,13 @@ def targets(doc: dict) -> list[tuple[str, bool | None, str]]:
     dp = {(r["config"], r["traffic"], r["nodes"]): r for r in doc["datapath"]}
     for config, floor in (("bpf", 0.90), ("iprule", 0.85)):
         r = dp.get((config, "non-cluster", 10_000))
-        out.append((f"{config} non-cluster at 10,000 nodes >= {floor:.2f}x baseline",
-                    None if r is None else r["ratio_to_baseline"] >= floor,
-                    "not measured" if r is None else f"{r['ratio_to_baseline']:.2f}x"))
+        out.append(
+            (
+                f"{config} non-cluster at 10,000 nodes >= {floor:.2f}x baseline",
+                None if r is None else r["ratio_to_baseline"] >= floor,
+                "not measured" if r is None else f"{r['ratio_to_baseline']:.2f}x",
+            )
+        )
     pp = {(r["case"], r["family"], r["nodes"]): r["ns"] for r in doc["per_packet"]}
     for nodes in (10_000, 50_000):
         for family in (4, 6):
@@ -185,16 +251,29 @@ def targets(doc: dict) -> list[tuple[str, bool | None, str]]:
         if r["nodes"] != 10_000:
             continue
         d = r["datapath"]
-        out.append((f"{d} ready at 10,000 nodes <= 10 s", r["ready_s"] <= 10,
-                    f"{r['ready_s']:.1f} s"))
-        out.append((f"{d} steady RSS at 10,000 nodes <= 200 MB", r["rss_mb"] <= 200,
-                    f"{r['rss_mb']:.0f} MB"))
-        out.append((f"{d} event->datapath p99 at 10,000 nodes <= 100 ms", r["p99_ms"] <= 100,
-                    f"{r['p99_ms']:.0f} ms"))
+        out.append(
+            (f"{d} ready at 10,000 nodes <= 10 s", r["ready_s"] <= 10, f"{r['ready_s']:.1f} s")
+        )
+        out.append(
+            (
+                f"{d} steady RSS at 10,000 nodes <= 200 MB",
+                r["rss_mb"] <= 200,
+                f"{r['rss_mb']:.0f} MB",
+            )
+        )
+        out.append(
+            (
+                f"{d} event->datapath p99 at 10,000 nodes <= 100 ms",
+                r["p99_ms"] <= 100,
+                f"{r['p99_ms']:.0f} ms",
+            )
+        )
     return out
 
 
 def targets_table(doc: dict) -> str:
-    rows = [[name, "met" if ok else ("MISSED" if ok is False else "n/a"), value]
-            for name, ok, value in targets(doc)]
+    rows = [
+        [name, "met" if ok else ("MISSED" if ok is False else "n/a"), value]
+        for name, ok, value in targets(doc)
+    ]
     return _table(["target", "result", "measured"], rows)

@@ -34,13 +34,27 @@ def _attr(kind: int, payload: bytes) -> bytes:
 
 def _message(seq: int, prefix, priority: int, table: int) -> bytes:
     family = socket.AF_INET if prefix.version == 4 else socket.AF_INET6
-    body = struct.pack("=BBBBBBBBI", family, prefix.prefixlen, 0, 0,
-                       table if table < 256 else 252, 0, 0, FR_ACT_TO_TBL, 0)
+    body = struct.pack(
+        "=BBBBBBBBI",
+        family,
+        prefix.prefixlen,
+        0,
+        0,
+        table if table < 256 else 252,
+        0,
+        0,
+        FR_ACT_TO_TBL,
+        0,
+    )
     body += _attr(FRA_DST, prefix.network_address.packed)
     body += _attr(FRA_PRIORITY, struct.pack("=I", priority))
     body += _attr(FRA_TABLE, struct.pack("=I", table))
-    return struct.pack("=IHHII", 16 + len(body), RTM_NEWRULE,
-                       NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE, seq, 0) + body
+    return (
+        struct.pack(
+            "=IHHII", 16 + len(body), RTM_NEWRULE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE, seq, 0
+        )
+        + body
+    )
 
 
 def priorities(count: int) -> list[int]:
@@ -60,7 +74,7 @@ def add_rules(prefixes: list[str], table: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         sock.bind((0, 0))
         for start in range(0, len(order), CHUNK):
-            batch = order[start:start + CHUNK]
+            batch = order[start : start + CHUNK]
             sock.sendall(b"".join(_message(i + 1, nets[i], prios[i], table) for i in batch))
             acked = 0
             while acked < len(batch):

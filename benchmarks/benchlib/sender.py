@@ -33,24 +33,33 @@ class Sent:
 class Sender:
     def __init__(self):
         if shutil.which("gcc") is None:
-            raise RuntimeError("gcc not found: the packet sender is compiled at run time "
-                               "(apt-get install gcc)")
+            raise RuntimeError(
+                "gcc not found: the packet sender is compiled at run time (apt-get install gcc)"
+            )
         self._dir = tempfile.mkdtemp(prefix="nc-bench-sender-")
         self.path = os.path.join(self._dir, "sender")
-        out = subprocess.run(["gcc", "-O2", "-Wall", "-o", self.path, SOURCE],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            ["gcc", "-O2", "-Wall", "-o", self.path, SOURCE], capture_output=True, text=True
+        )
         if out.returncode != 0:
             raise RuntimeError(f"compiling {SOURCE} failed:\n{out.stderr}")
 
     def run(self, ns: str, dst: str, seconds: float, port: int = 9) -> Sent:
-        out = subprocess.run(["ip", "netns", "exec", ns, self.path, dst, str(port),
-                              str(seconds)], capture_output=True, text=True,
-                             timeout=seconds + 30)
+        out = subprocess.run(
+            ["ip", "netns", "exec", ns, self.path, dst, str(port), str(seconds)],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 30,
+        )
         if out.returncode != 0:
             raise RuntimeError(f"sender in {ns} to {dst} failed: {out.stderr.strip()}")
         fields = dict(part.split("=", 1) for part in out.stdout.split())
-        return Sent(int(fields["sent"]), int(fields["errors"]), float(fields["seconds"]),
-                    float(fields["cpu"]))
+        return Sent(
+            int(fields["sent"]),
+            int(fields["errors"]),
+            float(fields["seconds"]),
+            float(fields["cpu"]),
+        )
 
     def close(self) -> None:
         shutil.rmtree(self._dir, ignore_errors=True)

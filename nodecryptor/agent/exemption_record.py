@@ -29,16 +29,23 @@ def record_path(settings: Settings) -> str:
 
 def summarize(desired: DesiredState) -> dict:
     plan = desired.plan
-    everyone = sorted({r.policy for r in plan.serves
-                       if all(r.policy in d.client_of for d in plan.destinations)})
+    everyone = sorted(
+        {r.policy for r in plan.serves if all(r.policy in d.client_of for d in plan.destinations)}
+    )
     return {
         "policies": list(plan.policies),
         "serves": [r.to_json() for r in plan.serves],
         "all_clients": everyone,
-        "exempt": {str(d.prefix): [r.to_json() for r in d.exempt_ports]
-                   for d in plan.destinations if d.exempt_ports},
-        "clients": {str(d.prefix): sorted(set(d.client_of) - set(everyone))
-                    for d in plan.destinations if set(d.client_of) - set(everyone)},
+        "exempt": {
+            str(d.prefix): [r.to_json() for r in d.exempt_ports]
+            for d in plan.destinations
+            if d.exempt_ports
+        },
+        "clients": {
+            str(d.prefix): sorted(set(d.client_of) - set(everyone))
+            for d in plan.destinations
+            if set(d.client_of) - set(everyone)
+        },
     }
 
 
@@ -60,8 +67,9 @@ def _ranges(items) -> list[PolicyRange]:
     out = []
     for r in items or ():
         try:
-            out.append(PolicyRange(str(r["protocol"]), int(r["first"]), int(r["last"]),
-                                   str(r["policy"])))
+            out.append(
+                PolicyRange(str(r["protocol"]), int(r["first"]), int(r["last"]), str(r["policy"]))
+            )
         except (KeyError, TypeError, ValueError):
             continue
     return out
@@ -75,23 +83,29 @@ def _longest(table: dict, dst: str):
             net = ipaddress.ip_network(prefix)
         except ValueError:
             continue
-        if addr.version == net.version and addr in net and (
-                best is None or net.prefixlen > best[0].prefixlen):
+        if (
+            addr.version == net.version
+            and addr in net
+            and (best is None or net.prefixlen > best[0].prefixlen)
+        ):
             best = (net, prefix)
     return best[1] if best else None
 
 
-def policy_of(record: dict, reason_is_reply: bool, dst: str, proto: str,
-              port: int) -> str | None:
+def policy_of(record: dict, reason_is_reply: bool, dst: str, proto: str, port: int) -> str | None:
     """The policy that exempts a packet to ``dst``: by its destination port to a serving
     node, or (``reason_is_reply``) by its source port from the local serving node."""
     if not reason_is_reply:
         prefix = _longest(record.get("exempt") or {}, dst)
-        return policy_for(_ranges((record.get("exempt") or {}).get(prefix)), proto, port) \
-            if prefix else None
+        return (
+            policy_for(_ranges((record.get("exempt") or {}).get(prefix)), proto, port)
+            if prefix
+            else None
+        )
     allowed = set(record.get("all_clients") or ())
     prefix = _longest(record.get("clients") or {}, dst)
     if prefix:
         allowed |= set(record["clients"][prefix])
-    return policy_for([r for r in _ranges(record.get("serves")) if r.policy in allowed],
-                      proto, port)
+    return policy_for(
+        [r for r in _ranges(record.get("serves")) if r.policy in allowed], proto, port
+    )

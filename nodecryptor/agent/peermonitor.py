@@ -48,7 +48,6 @@ def read_peers_file(settings: Settings) -> dict[str, object] | None:
     return read_json_object(peers_path(settings))
 
 
-
 def split_uncovered(desired, nodes) -> tuple[int, tuple[str, ...]]:
     """(uncovered destinations of nodes that published a WireGuard key, names of the nodes
     with uncovered destinations that published none). A node without a key cannot have a
@@ -66,15 +65,25 @@ def split_uncovered(desired, nodes) -> tuple[int, tuple[str, ...]]:
             keyed += 1
     return keyed, tuple(sorted(keyless))
 
+
 class PeerMonitor:
     """One ``check`` per CHECK_SECONDS. ``reconciler`` and ``sync`` are read duck-typed
     (``applied_once``, ``last_error``, ``ready()``, ``last_desired``; ``failures``), so tests
     hand in small stand-ins."""
 
-    def __init__(self, settings: Settings, store: Store, reconciler, sync,
-                 publish: Callable[[ph.Condition], None], metrics: Metrics | None = None, *,
-                 read_wg: Callable[[str], WgState] = wireguard.read_state,
-                 wall: Callable[[], float] = time.time, write_file: bool = True):
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        reconciler,
+        sync,
+        publish: Callable[[ph.Condition], None],
+        metrics: Metrics | None = None,
+        *,
+        read_wg: Callable[[str], WgState] = wireguard.read_state,
+        wall: Callable[[], float] = time.time,
+        write_file: bool = True,
+    ):
         self.settings = settings
         self.store = store
         self.reconciler = reconciler
@@ -87,8 +96,7 @@ class PeerMonitor:
         self.tracker = ph.PeerTracker()
         self.condition: ph.Condition | None = None
         self.views: list[ph.PeerView] = []
-        self._since: dict[str, float | None] = {"sync": None, "uncovered": None,
-                                                "mismatch": None}
+        self._since: dict[str, float | None] = {"sync": None, "uncovered": None, "mismatch": None}
         self.heartbeat = time.monotonic()
         self._started = time.monotonic()
 
@@ -105,8 +113,9 @@ class PeerMonitor:
         now = self._wall()
         wg = self._read_wg(self.settings.wg_interface)
         nodes = self.store.snapshot()
-        views = self.tracker.observe(wg, nodes, self.settings.node_name,
-                                     self.settings.address_types, now)
+        views = self.tracker.observe(
+            wg, nodes, self.settings.node_name, self.settings.address_types, now
+        )
         transitions = self.tracker.transitions(views)
         counts = ph.count_states(views)
         r = self.reconciler
@@ -129,7 +138,8 @@ class PeerMonitor:
             peer_counts=counts,
             mismatched=mismatched,
             mismatch_for=self._held("mismatch", bool(mismatched), now),
-            unreachable=tuple(v.node for v in views if v.state == ph.UNREACHABLE))
+            unreachable=tuple(v.node for v in views if v.state == ph.UNREACHABLE),
+        )
         cond = ph.decide_condition(facts, self.settings.sync_stale_seconds)
         if self.metrics is not None:
             for state, n in counts.items():
@@ -139,15 +149,22 @@ class PeerMonitor:
             self.metrics.oldest_handshake.set(ph.oldest_handshake_age(views))
         for node, old, new in transitions:
             if old is not None or new not in (ph.HEALTHY, ph.IDLE):
-                log.log(logging.INFO if new in (ph.HEALTHY, ph.IDLE) else logging.WARNING,
-                        "peer state changed", extra=kv(node=node, old=old, new=new))
+                log.log(
+                    logging.INFO if new in (ph.HEALTHY, ph.IDLE) else logging.WARNING,
+                    "peer state changed",
+                    extra=kv(node=node, old=old, new=new),
+                )
         if self.condition is None or self.condition.key != cond.key:
-            log.info("encryption condition", extra=kv(status=cond.status, reason=cond.reason,
-                                                      message=cond.message))
+            log.info(
+                "encryption condition",
+                extra=kv(status=cond.status, reason=cond.reason, message=cond.message),
+            )
         self.condition, self.views = cond, views
-        starting = (cond.reason in (ph.SYNC_STALE, ph.DATAPATH_NOT_READY)
-                    and not (facts.synced and facts.applied)
-                    and time.monotonic() - self._started < STARTUP_GRACE)
+        starting = (
+            cond.reason in (ph.SYNC_STALE, ph.DATAPATH_NOT_READY)
+            and not (facts.synced and facts.applied)
+            and time.monotonic() - self._started < STARTUP_GRACE
+        )
         if not starting:
             self.publish(cond)
         if self._write_file:
@@ -159,13 +176,20 @@ class PeerMonitor:
         """The peer table for `nodecryptor status --peers` (another process), replaced
         atomically; a read-only run directory only loses that table."""
         path = peers_path(self.settings)
-        data = {"node": self.settings.node_name, "written_at": now,
-                "wireguard": {"ifname": wg.ifname, "up": wg.usable, "error": wg.error},
-                "condition": {"type": ph.CONDITION_TYPE, "status": cond.status,
-                              "reason": cond.reason, "message": cond.message},
-                "peers": [v.as_dict() for v in views],
-                # The pod pools the agent bounds pod CIDR claims with (problem: why none).
-                "pools": self.store.pools().to_json()}
+        data = {
+            "node": self.settings.node_name,
+            "written_at": now,
+            "wireguard": {"ifname": wg.ifname, "up": wg.usable, "error": wg.error},
+            "condition": {
+                "type": ph.CONDITION_TYPE,
+                "status": cond.status,
+                "reason": cond.reason,
+                "message": cond.message,
+            },
+            "peers": [v.as_dict() for v in views],
+            # The pod pools the agent bounds pod CIDR claims with (problem: why none).
+            "pools": self.store.pools().to_json(),
+        }
         try:
             write_json(path, data)
         except OSError as e:

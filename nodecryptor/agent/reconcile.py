@@ -25,8 +25,12 @@ from nodecryptor.core.errors import DatapathError
 from nodecryptor.core.log import kv
 from nodecryptor.observe.metrics import Metrics
 from nodecryptor.core.model import ROLE_CONTROL_PLANE, DesiredState, WgState
-from nodecryptor.policy.plan import (admission_limits, compute_desired, compute_plan,
-                                     is_control_plane)
+from nodecryptor.policy.plan import (
+    admission_limits,
+    compute_desired,
+    compute_plan,
+    is_control_plane,
+)
 from nodecryptor.policy.plan import node_addresses as policy_node_addresses
 from nodecryptor.agent import exemption_record
 from nodecryptor.observe.rejectlog import RejectionLog
@@ -58,21 +62,28 @@ class PassResult:
 
 
 class Reconciler:
-    def __init__(self, settings: Settings, store: Store, datapath: Datapath,
-                 metrics: Metrics | None = None, *,
-                 read_wg: Callable[[str], WgState] = wireguard.read_state,
-                 resolve_devices: Callable | None = None,
-                 read_sysctl: Callable[[str], dict] = read_rp_filter,
-                 read_tunnel: Callable[[], tuple] = devices_mod.tunnel_devices,
-                 read_local: Callable[[], tuple] | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        datapath: Datapath,
+        metrics: Metrics | None = None,
+        *,
+        read_wg: Callable[[str], WgState] = wireguard.read_state,
+        resolve_devices: Callable | None = None,
+        read_sysctl: Callable[[str], dict] = read_rp_filter,
+        read_tunnel: Callable[[], tuple] = devices_mod.tunnel_devices,
+        read_local: Callable[[], tuple] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.settings = settings
         self.store = store
         self.datapath = datapath
         self.metrics = metrics
         self._read_wg = read_wg
         self._resolve_devices = resolve_devices or devices_mod.DeviceResolver(
-            refresh_seconds=settings.reconcile_seconds, clock=clock)
+            refresh_seconds=settings.reconcile_seconds, clock=clock
+        )
         self._read_sysctl = read_sysctl
         self._read_tunnel = read_tunnel
         # The local node's own prefixes as the kernel shows them (localroutes.py; the agent's
@@ -140,30 +151,67 @@ class Reconciler:
         snapshot, the WireGuard device, the underlay devices and rp_filter."""
         version = self.store.version
         snapshot = self.store.snapshot()
-        node_addresses = [addr for name, node in snapshot.items()
-                          if name != self.settings.node_name
-                          for addr in policy_node_addresses(node, self.settings.address_types)]
+        node_addresses = [
+            addr
+            for name, node in snapshot.items()
+            if name != self.settings.node_name
+            for addr in policy_node_addresses(node, self.settings.address_types)
+        ]
         wg = self._read_wg(self.settings.wg_interface)
-        devices, _problems = self._resolve_devices(self.settings.devices, node_addresses,
-                                                   self.settings.wg_interface)
+        devices, _problems = self._resolve_devices(
+            self.settings.devices, node_addresses, self.settings.wg_interface
+        )
         rp = tuple(sorted(self._read_sysctl(self.settings.wg_interface).items()))
-        return (version, snapshot, wg, devices, rp, self._read_tunnel(),
-                self.store.exemptions(), self.store.pools(), tuple(self._read_local()))
+        return (
+            version,
+            snapshot,
+            wg,
+            devices,
+            rp,
+            self._read_tunnel(),
+            self.store.exemptions(),
+            self.store.pools(),
+            tuple(self._read_local()),
+        )
 
-    def _desired(self, _version, snapshot, wg, devices, rp_items, tunnel=(),
-                 policies=(), pools=None, local_prefixes=()) -> DesiredState:
-        plan = compute_plan(snapshot, self.settings.node_name, self.settings,
-                            underlay_networks=[n for d in devices for n in d.networks],
-                            policies=policies, pools=pools, kernel_prefixes=local_prefixes)
+    def _desired(
+        self,
+        _version,
+        snapshot,
+        wg,
+        devices,
+        rp_items,
+        tunnel=(),
+        policies=(),
+        pools=None,
+        local_prefixes=(),
+    ) -> DesiredState:
+        plan = compute_plan(
+            snapshot,
+            self.settings.node_name,
+            self.settings,
+            underlay_networks=[n for d in devices for n in d.networks],
+            policies=policies,
+            pools=pools,
+            kernel_prefixes=local_prefixes,
+        )
         self._rejections.report(plan.rejected)
         if not plan.local_known:
-            log.warning("local node has no CiliumNode; treating it as a worker",
-                        extra=kv(node=self.settings.node_name))
+            log.warning(
+                "local node has no CiliumNode; treating it as a worker",
+                extra=kv(node=self.settings.node_name),
+            )
         rp = dict(rp_items)
         bad = {k: v for k, v in rp.items() if v not in (0, None)}
         self.rp_filter_problem = (
-            "rp_filter must be 0 on 'all' and on the WireGuard device (decrypted packets arrive "
-            f"on a device without an IPv4 address): {bad}") if bad else None
+            (
+                "rp_filter must be 0 on 'all' and on the WireGuard device "
+                "(decrypted packets arrive "
+                f"on a device without an IPv4 address): {bad}"
+            )
+            if bad
+            else None
+        )
         desired = compute_desired(plan, wg, devices, self.settings)
         desired = self._with_cilium(desired, snapshot, wg, tunnel)
         if self.metrics:
@@ -185,22 +233,36 @@ class Reconciler:
             log.exception("observing the datapath failed")
             self._observation = (False, f"cannot observe the datapath: {type(e).__name__}: {e}")
             return
-        self._observation = (obs.ready, "" if obs.ready
-                             else f"datapath {obs.datapath} not ready: {obs.reason}")
+        self._observation = (
+            obs.ready,
+            "" if obs.ready else f"datapath {obs.datapath} not ready: {obs.reason}",
+        )
 
     def _with_cilium(self, desired, snapshot, wg, tunnel) -> DesiredState:
         """Cilium's routing mode and own traffic (nodecryptor/policy/cilium.py)."""
-        node_ips, pod_cidrs = cilium.remote_inventory(snapshot, self.settings.node_name,
-                                                      self.settings.address_types)
+        node_ips, pod_cidrs = cilium.remote_inventory(
+            snapshot, self.settings.node_name, self.settings.address_types
+        )
         facts = cilium.detect(wg, tunnel, node_ips, pod_cidrs)
         last = self.last_desired.cilium if self.last_desired is not None else None
-        if last is None or (last.routing_mode, last.node_ips_in_allowed_ips) != \
-                (facts.routing_mode, facts.node_ips_in_allowed_ips):
-            log.info("cilium detected",
-                     extra=kv(routing_mode=facts.routing_mode, why=facts.routing_mode_source,
-                              node_ips_in_allowed_ips=facts.node_ips_in_allowed_ips))
-        return cilium.apply(desired, facts, self.settings.take_over_pod_to_pod,
-                            admission_limits(self.settings, self.store.pools()))
+        if last is None or (last.routing_mode, last.node_ips_in_allowed_ips) != (
+            facts.routing_mode,
+            facts.node_ips_in_allowed_ips,
+        ):
+            log.info(
+                "cilium detected",
+                extra=kv(
+                    routing_mode=facts.routing_mode,
+                    why=facts.routing_mode_source,
+                    node_ips_in_allowed_ips=facts.node_ips_in_allowed_ips,
+                ),
+            )
+        return cilium.apply(
+            desired,
+            facts,
+            self.settings.take_over_pod_to_pod,
+            admission_limits(self.settings, self.store.pools()),
+        )
 
     def _failed(self, error: str, started: float) -> PassResult:
         self.failures += 1
@@ -220,9 +282,11 @@ class Reconciler:
 
     def _export_inputs(self, snapshot, desired: DesiredState) -> None:
         m = self.metrics
-        cp = sum(1 for n in snapshot.values()
-                 if is_control_plane(n, self.settings.control_plane_labels,
-                                     self.settings.role_source))
+        cp = sum(
+            1
+            for n in snapshot.values()
+            if is_control_plane(n, self.settings.control_plane_labels, self.settings.role_source)
+        )
         m.nodes.labels(role=ROLE_CONTROL_PLANE).set(cp)
         m.nodes.labels(role="worker").set(len(snapshot) - cp)
         counts = {(k, f): 0 for k in ("node-ip", "pod-cidr") for f in ("ipv4", "ipv6")}
@@ -236,9 +300,14 @@ class Reconciler:
         if len(desired.uncovered) != self._last_uncovered:
             self._last_uncovered = len(desired.uncovered)
             if desired.uncovered:
-                log.warning("destinations not covered by any WireGuard peer",
-                            extra=kv(count=len(desired.uncovered), fail_mode=desired.fail_mode,
-                                     sample=", ".join(sorted(map(str, desired.uncovered))[:5])))
+                log.warning(
+                    "destinations not covered by any WireGuard peer",
+                    extra=kv(
+                        count=len(desired.uncovered),
+                        fail_mode=desired.fail_mode,
+                        sample=", ".join(sorted(map(str, desired.uncovered))[:5]),
+                    ),
+                )
 
     # ---- the loop --------------------------------------------------------------------------
     def run(self, stop: threading.Event, wake: threading.Event) -> None:
@@ -289,8 +358,7 @@ class Reconciler:
             return False, why
         if self.rp_filter_problem:
             return False, self.rp_filter_problem
-        problem = cilium.readiness_problem(self.last_desired.cilium if self.last_desired
-                                           else None)
+        problem = cilium.readiness_problem(self.last_desired.cilium if self.last_desired else None)
         if problem:
             return False, problem
         return True, "synced, applied and attached"

@@ -51,15 +51,21 @@ class Agent:
         self.reconciler: Reconciler | None = None
         self._alive: Check = lambda: (False, "starting")
         self._ready: Check = lambda: (False, "starting")
-        limits = {"max_connections": settings.endpoint_max_connections,
-                  "request_seconds": settings.endpoint_request_seconds}
-        self.health = HealthServer(settings.health_bind, lambda: self._alive(),
-                                   lambda: self._ready(),
-                                   on_ready=lambda ok: self.metrics.ready.set(1 if ok else 0),
-                                   **limits)
+        limits = {
+            "max_connections": settings.endpoint_max_connections,
+            "request_seconds": settings.endpoint_request_seconds,
+        }
+        self.health = HealthServer(
+            settings.health_bind,
+            lambda: self._alive(),
+            lambda: self._ready(),
+            on_ready=lambda ok: self.metrics.ready.set(1 if ok else 0),
+            **limits,
+        )
         try:
-            self.metrics_http = metrics_server(self.metrics.registry, settings.metrics_bind,
-                                               **limits)
+            self.metrics_http = metrics_server(
+                self.metrics.registry, settings.metrics_bind, **limits
+            )
         except BaseException:
             self.health.stop()
             raise
@@ -72,11 +78,13 @@ class Agent:
     def _with_exemption_note(ready, policies):
         """Readiness with a note while the EncryptionExemption CRD is missing: not a reason
         to be unready (the built-in policy applies), but worth seeing in /readyz."""
+
         def check() -> tuple[bool, str]:
             ok, why = ready()
             if policies.crd_missing:
                 why += "; EncryptionExemption CRD not installed: only the built-in policy applies"
             return ok, why
+
         return check
 
     def run(self, datapath: Datapath, stop: threading.Event) -> int:
@@ -87,37 +95,44 @@ class Agent:
 
         settings = self.settings
         reconciler = self.reconciler = Reconciler(
-            settings, self.store, datapath, self.metrics,
-            read_local=lambda: localroutes.read_local_prefixes(settings.wg_interface))
+            settings,
+            self.store,
+            datapath,
+            self.metrics,
+            read_local=lambda: localroutes.read_local_prefixes(settings.wg_interface),
+        )
         sync = CiliumNodeSync(settings, self.store, self.metrics)
 
         def watched_links() -> set[str]:
             # The WireGuard device plus whatever underlay devices the last pass attached to
             # (detected ones included), so a re-created device triggers a re-attach.
             last = reconciler.last_desired
-            return {settings.wg_interface, *settings.devices,
-                    *(d.name for d in (last.devices if last else ()))}
+            return {
+                settings.wg_interface,
+                *settings.devices,
+                *(d.name for d in (last.devices if last else ())),
+            }
 
         watcher = LinkWatcher(self.store.changed, names=watched_links)
-        threads = [threading.Thread(target=sync.run, args=(stop,), name="k8s-sync",
-                                    daemon=True),
-                   threading.Thread(target=watcher.run, args=(stop,), name="netwatch",
-                                    daemon=True)]
-        checks = [reconciler.alive, thread_check(threads[0], sync.alive),
-                  thread_check(threads[1])]
+        threads = [
+            threading.Thread(target=sync.run, args=(stop,), name="k8s-sync", daemon=True),
+            threading.Thread(target=watcher.run, args=(stop,), name="netwatch", daemon=True),
+        ]
+        checks = [reconciler.alive, thread_check(threads[0], sync.alive), thread_check(threads[1])]
         # The v1 Nodes, whatever the role source: their addresses and pod CIDRs are the
         # trusted ones (see NodeRoleSync); and the pod pools (poolsync.py).
-        for loop, name in ((NodeRoleSync(settings, self.store, self.metrics), "k8s-nodes"),
-                           (CiliumConfigSync(settings, self.store, self.metrics),
-                            "k8s-cilium-config"),
-                           (PodIPPoolSync(settings, self.store, self.metrics), "k8s-ip-pools")):
-            threads.append(threading.Thread(target=loop.run, args=(stop,), name=name,
-                                            daemon=True))
+        for loop, name in (
+            (NodeRoleSync(settings, self.store, self.metrics), "k8s-nodes"),
+            (CiliumConfigSync(settings, self.store, self.metrics), "k8s-cilium-config"),
+            (PodIPPoolSync(settings, self.store, self.metrics), "k8s-ip-pools"),
+        ):
+            threads.append(threading.Thread(target=loop.run, args=(stop,), name=name, daemon=True))
             checks.append(thread_check(threads[-1], loop.alive))
         # EncryptionExemption policies (exemptions.py); a missing CRD is retried, not fatal.
         policies = self.exemption_sync = ExemptionSync(settings, self.store, self.metrics)
-        threads.append(threading.Thread(target=policies.run, args=(stop,),
-                                        name="k8s-exemptions", daemon=True))
+        threads.append(
+            threading.Thread(target=policies.run, args=(stop,), name="k8s-exemptions", daemon=True)
+        )
         checks.append(thread_check(threads[-1], policies.alive))
         # NodeEncryptionReady and peer health (nodecryptor.agent.peermonitor): two more threads, so
         # neither an API outage (the writer) nor a device read (the monitor) ever waits on, or
@@ -127,12 +142,12 @@ class Agent:
         from nodecryptor.agent.peermonitor import PeerMonitor
 
         writer = NodeConditionWriter(settings, CONDITION_TYPE, self.metrics)
-        monitor = PeerMonitor(settings, self.store, reconciler, sync, writer.submit,
-                              self.metrics)
-        for target, name, progress in ((writer.run, "node-condition", None),
-                                       (monitor.run, "peer-health", monitor.alive)):
-            threads.append(threading.Thread(target=target, args=(stop,), name=name,
-                                            daemon=True))
+        monitor = PeerMonitor(settings, self.store, reconciler, sync, writer.submit, self.metrics)
+        for target, name, progress in (
+            (writer.run, "node-condition", None),
+            (monitor.run, "peer-health", monitor.alive),
+        ):
+            threads.append(threading.Thread(target=target, args=(stop,), name=name, daemon=True))
             checks.append(thread_check(threads[-1], progress))
         for t in threads:
             t.start()
@@ -141,9 +156,15 @@ class Agent:
         self._ready = self._with_exemption_note(reconciler.ready, policies)
         self.health.start()
         self.metrics_http.start()
-        log.info("agent started", extra=kv(node=settings.node_name, datapath=datapath.name,
-                                           health=settings.health_bind,
-                                           metrics=settings.metrics_bind))
+        log.info(
+            "agent started",
+            extra=kv(
+                node=settings.node_name,
+                datapath=datapath.name,
+                health=settings.health_bind,
+                metrics=settings.metrics_bind,
+            ),
+        )
         try:
             reconciler.run(stop, self.store.changed)
         finally:

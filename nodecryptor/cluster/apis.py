@@ -30,12 +30,18 @@ class NodeApi:
         self.api_client = api_client
         self._core = kubernetes.client.CoreV1Api(api_client)
 
-    def list_cluster_custom_object(self, _group, _version, _plural, watch: bool = False,
-                                   _preload_content: bool = True, **kwargs):
+    def list_cluster_custom_object(
+        self,
+        _group,
+        _version,
+        _plural,
+        watch: bool = False,
+        _preload_content: bool = True,
+        **kwargs,
+    ):
         # Always the raw response: the client's model classes would turn 10,000 items into
         # objects only to be read back as dicts.
-        resp = self._core.list_node(watch=True if watch else None, _preload_content=False,
-                                    **kwargs)
+        resp = self._core.list_node(watch=True if watch else None, _preload_content=False, **kwargs)
         if not _preload_content:
             return resp
         try:
@@ -55,11 +61,22 @@ class ConfigMapApi:
         self.namespace = namespace
         self.name = name
 
-    def list_cluster_custom_object(self, _group, _version, _plural, watch: bool = False,
-                                   _preload_content: bool = True, **kwargs):
+    def list_cluster_custom_object(
+        self,
+        _group,
+        _version,
+        _plural,
+        watch: bool = False,
+        _preload_content: bool = True,
+        **kwargs,
+    ):
         resp = self._core.list_namespaced_config_map(
-            self.namespace, watch=True if watch else None, _preload_content=False,
-            field_selector=f"metadata.name={self.name}", **kwargs)
+            self.namespace,
+            watch=True if watch else None,
+            _preload_content=False,
+            field_selector=f"metadata.name={self.name}",
+            **kwargs,
+        )
         if not _preload_content:
             return resp
         try:
@@ -79,8 +96,9 @@ class ResourceApi:
     (its group, version and plural arguments are replaced by this object's). A 404 on the
     resource (not on one object) becomes ResourceMissing."""
 
-    def __init__(self, api_client: kubernetes.client.ApiClient, group: str, version: str,
-                 plural: str):
+    def __init__(
+        self, api_client: kubernetes.client.ApiClient, group: str, version: str, plural: str
+    ):
         self.api_client = api_client
         self._api = kubernetes.client.CustomObjectsApi(api_client)
         self.resource = (group, version, plural)
@@ -91,7 +109,9 @@ class ResourceApi:
         except ApiException as e:
             if e.status == 404 and not status_details_name(e):
                 group, version, plural = self.resource
-                raise ResourceMissing(f"{api_host(self)} has no {plural}.{group}/{version} "
-                                      f"resource (the CRD is not installed): "
-                                      f"{status_message(e)}") from None
+                raise ResourceMissing(
+                    f"{api_host(self)} has no {plural}.{group}/{version} "
+                    f"resource (the CRD is not installed): "
+                    f"{status_message(e)}"
+                ) from None
             raise

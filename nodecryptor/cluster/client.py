@@ -15,8 +15,13 @@ import yaml
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.incluster_config import InClusterConfigLoader
 
-from nodecryptor.cluster.k8s_errors import (ApiForbidden, ApiGone, ApiUnavailable, KubeConfigError,
-                                            KubernetesError)
+from nodecryptor.cluster.k8s_errors import (
+    ApiForbidden,
+    ApiGone,
+    ApiUnavailable,
+    KubeConfigError,
+    KubernetesError,
+)
 from nodecryptor.core.settings import Settings
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -28,8 +33,15 @@ MAX_KUBECONFIG_BYTES = 16 << 20
 # What loading a broken kubeconfig raises, besides ConfigException: file errors, YAML errors
 # (binary content is a UnicodeDecodeError, a ValueError), and TypeError, AttributeError or
 # KeyError when the YAML is valid but not a kubeconfig-shaped mapping.
-_CONFIG_ERRORS = (kubernetes.config.ConfigException, OSError, ValueError, TypeError,
-                  AttributeError, KeyError, yaml.YAMLError)
+_CONFIG_ERRORS = (
+    kubernetes.config.ConfigException,
+    OSError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    KeyError,
+    yaml.YAMLError,
+)
 
 # Errors a request can end with besides ApiException: connection refused or reset, timeouts,
 # TLS failures, a stream cut short, an unparsable body.
@@ -65,8 +77,10 @@ def _check_kubeconfig_file(path: str) -> None:
     if doc is None:
         raise KubeConfigError("the file is empty")
     if not isinstance(doc, dict):
-        raise KubeConfigError(f"YAML, but a {type(doc).__name__}, not a kubeconfig (a mapping "
-                              f"with clusters, users, contexts and current-context)")
+        raise KubeConfigError(
+            f"YAML, but a {type(doc).__name__}, not a kubeconfig (a mapping "
+            f"with clusters, users, contexts and current-context)"
+        )
     if not doc.get("current-context"):
         raise KubeConfigError("no current-context set")
 
@@ -77,8 +91,9 @@ def _load_config(settings: Settings, cfg: kubernetes.client.Configuration) -> No
     try:
         if settings.kubeconfig is not None:
             _check_kubeconfig_file(os.path.expanduser(settings.kubeconfig))
-            kubernetes.config.load_kube_config(config_file=settings.kubeconfig,
-                                               client_configuration=cfg)
+            kubernetes.config.load_kube_config(
+                config_file=settings.kubeconfig, client_configuration=cfg
+            )
         else:
             InClusterConfigLoader(
                 token_filename=os.path.join(SERVICE_ACCOUNT_DIR, "token"),
@@ -91,9 +106,12 @@ def _load_config(settings: Settings, cfg: kubernetes.client.Configuration) -> No
 
 
 def config_source(settings: Settings) -> str:
-    return (f"--kubeconfig {settings.kubeconfig!r}" if settings.kubeconfig is not None else
-            f"in-cluster configuration (service account in {SERVICE_ACCOUNT_DIR}, "
-            f"KUBERNETES_SERVICE_HOST/PORT)")
+    return (
+        f"--kubeconfig {settings.kubeconfig!r}"
+        if settings.kubeconfig is not None
+        else f"in-cluster configuration (service account in {SERVICE_ACCOUNT_DIR}, "
+        f"KUBERNETES_SERVICE_HOST/PORT)"
+    )
 
 
 def check_config(settings: Settings) -> None:
@@ -123,8 +141,11 @@ def api_host(owner: object) -> str:
     """The API server that ``owner`` talks to, for error messages: ``owner`` is an ApiClient,
     an API object holding one (``.api_client``), or a bound method of such an object."""
     owner = getattr(owner, "__self__", owner)
-    client = owner if isinstance(owner, kubernetes.client.ApiClient) else \
-        getattr(owner, "api_client", None)
+    client = (
+        owner
+        if isinstance(owner, kubernetes.client.ApiClient)
+        else getattr(owner, "api_client", None)
+    )
     try:
         return client.configuration.host
     except AttributeError:
@@ -137,8 +158,9 @@ def translate_error(err: Exception, server: str, what: str) -> KubernetesError:
         status = err.status or 0
         detail = status_message(err)
         if status in (401, 403):
-            return ApiForbidden(f"{what}: the API server {server} refused access "
-                                f"({status} {err.reason}): {detail}")
+            return ApiForbidden(
+                f"{what}: the API server {server} refused access ({status} {err.reason}): {detail}"
+            )
         if status == 410:
             return ApiGone(f"{what}: {detail}")
         if status == 504 and "ResourceVersionTooLarge" in str(err.body):
@@ -148,21 +170,27 @@ def translate_error(err: Exception, server: str, what: str) -> KubernetesError:
         if status == 404 and status_details_name(err):
             return KubernetesError(f"{what}: not found on {server} (404): {detail}")
         if status == 404:
-            return KubernetesError(f"{what}: {server} has no ciliumnodes.cilium.io/v2 resource "
-                                   f"(is Cilium installed?): {detail}")
+            return KubernetesError(
+                f"{what}: {server} has no ciliumnodes.cilium.io/v2 resource "
+                f"(is Cilium installed?): {detail}"
+            )
         if status >= 500 or status in (0, 429):
-            return ApiUnavailable(f"{what}: the API server {server} answered {status} "
-                                  f"{err.reason}: {detail}", cause="server-error")
-        return KubernetesError(f"{what}: the API server {server} answered {status} "
-                               f"{err.reason}: {detail}")
+            return ApiUnavailable(
+                f"{what}: the API server {server} answered {status} {err.reason}: {detail}",
+                cause="server-error",
+            )
+        return KubernetesError(
+            f"{what}: the API server {server} answered {status} {err.reason}: {detail}"
+        )
     if isinstance(err, urllib3.exceptions.ReadTimeoutError):
-        return ApiUnavailable(f"{what}: {server} sent nothing within the read timeout ({err})",
-                              cause="stalled")
+        return ApiUnavailable(
+            f"{what}: {server} sent nothing within the read timeout ({err})", cause="stalled"
+        )
     if isinstance(err, urllib3.exceptions.ProtocolError):
-        return ApiUnavailable(f"{what}: the connection to {server} broke: {err}",
-                              cause="dropped")
-    return ApiUnavailable(f"{what}: cannot reach the API server {server}: {err}",
-                          cause="unreachable")
+        return ApiUnavailable(f"{what}: the connection to {server} broke: {err}", cause="dropped")
+    return ApiUnavailable(
+        f"{what}: cannot reach the API server {server}: {err}", cause="unreachable"
+    )
 
 
 def status_details_name(err: ApiException) -> str | None:

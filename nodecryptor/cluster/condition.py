@@ -13,8 +13,13 @@ import time
 import kubernetes.client
 from kubernetes.client.exceptions import ApiException
 
-from nodecryptor.cluster.client import (TRANSPORT_ERRORS, api_host, load_client, status_message,
-                                        translate_error)
+from nodecryptor.cluster.client import (
+    TRANSPORT_ERRORS,
+    api_host,
+    load_client,
+    status_message,
+    translate_error,
+)
 from nodecryptor.cluster.k8s_errors import ApiUnavailable, KubernetesError
 from nodecryptor.core.backoff import Backoff
 from nodecryptor.core.log import kv
@@ -29,14 +34,26 @@ EVENT_NAMESPACE = "default"
 """Where Events about Nodes live (a Node is cluster-scoped; the kubelet uses "default" too)."""
 
 
-def condition_patch(condition_type: str, status: str, reason: str, message: str,
-                    heartbeat: str, transition: str) -> dict:
+def condition_patch(
+    condition_type: str, status: str, reason: str, message: str, heartbeat: str, transition: str
+) -> dict:
     """A strategic merge patch of one entry of ``status.conditions``: the API server merges the
     list by ``type``, so the kubelet's and other controllers' conditions are left alone and no
     resourceVersion (hence no read-modify-write race) is involved."""
-    return {"status": {"conditions": [{
-        "type": condition_type, "status": status, "reason": reason, "message": message[:1024],
-        "lastHeartbeatTime": heartbeat, "lastTransitionTime": transition}]}}
+    return {
+        "status": {
+            "conditions": [
+                {
+                    "type": condition_type,
+                    "status": status,
+                    "reason": reason,
+                    "message": message[:1024],
+                    "lastHeartbeatTime": heartbeat,
+                    "lastTransitionTime": transition,
+                }
+            ]
+        }
+    }
 
 
 def _rfc3339(epoch: float) -> str:
@@ -57,11 +74,21 @@ class NodeConditionWriter:
     (status, reason) after the first also creates a core/v1 Event on the Node, at most one per
     ``event_interval`` seconds. Stopping leaves the condition as it is."""
 
-    def __init__(self, settings: Settings, condition_type: str, metrics: Metrics | None = None,
-                 *, heartbeat_seconds: float = 1800.0, jitter: float = 0.1,
-                 min_interval: float = 10.0, event_interval: float = 60.0,
-                 backoff: Backoff = Backoff(initial=1.0, maximum=60.0),
-                 rng: random.Random | None = None, wall=time.time, clock=time.monotonic):
+    def __init__(
+        self,
+        settings: Settings,
+        condition_type: str,
+        metrics: Metrics | None = None,
+        *,
+        heartbeat_seconds: float = 1800.0,
+        jitter: float = 0.1,
+        min_interval: float = 10.0,
+        event_interval: float = 60.0,
+        backoff: Backoff = Backoff(initial=1.0, maximum=60.0),
+        rng: random.Random | None = None,
+        wall=time.time,
+        clock=time.monotonic,
+    ):
         self.settings = settings
         self.type = condition_type
         self.metrics = metrics
@@ -109,15 +136,23 @@ class NodeConditionWriter:
                 self._not_before = self._clock() + delay
                 if self.metrics is not None:
                     self.metrics.condition_writes.labels(result="error").inc()
-                log.warning("node condition write failed; will retry",
-                            extra=kv(condition=self.type, error=str(e),
-                                     retry_in=f"{delay:.1f}s", failures=self.failures))
+                log.warning(
+                    "node condition write failed; will retry",
+                    extra=kv(
+                        condition=self.type,
+                        error=str(e),
+                        retry_in=f"{delay:.1f}s",
+                        failures=self.failures,
+                    ),
+                )
             except Exception as e:  # a bug must not end the writer silently
                 self.failures += 1
                 delay = self.backoff.delay(self.failures, self._rng)
                 self._not_before = self._clock() + delay
-                log.exception("node condition writer failed unexpectedly",
-                              extra=kv(error=f"{type(e).__name__}: {e}"))
+                log.exception(
+                    "node condition writer failed unexpectedly",
+                    extra=kv(error=f"{type(e).__name__}: {e}"),
+                )
             # Re-check at least every second: ``stop`` is noticed promptly, and ``step`` does
             # no I/O unless a write is due.
             self._wake.wait(min(max(0.05, delay), 1.0))
@@ -146,16 +181,21 @@ class NodeConditionWriter:
         """``fn`` with timeouts; returns the decoded JSON body (read whole, so the connection
         can be reused). Raises KubernetesError (a 409 as a retryable conflict)."""
         try:
-            resp = fn(*args, **kwargs, _preload_content=False,
-                      _request_timeout=(self.settings.request_timeout_seconds,) * 2)
+            resp = fn(
+                *args,
+                **kwargs,
+                _preload_content=False,
+                _request_timeout=(self.settings.request_timeout_seconds,) * 2,
+            )
             try:
                 return json.loads(resp.data or b"null")
             finally:
                 resp.release_conn()
         except ApiException as e:
             if e.status == 409:
-                raise ApiUnavailable(f"{what}: conflict (409): {status_message(e)}",
-                                     cause="conflict") from e
+                raise ApiUnavailable(
+                    f"{what}: conflict (409): {status_message(e)}", cause="conflict"
+                ) from e
             raise translate_error(e, api_host(fn), what) from e
         except TRANSPORT_ERRORS as e:
             raise translate_error(e, api_host(fn), what) from e
@@ -163,8 +203,9 @@ class NodeConditionWriter:
     def _read_existing(self, core) -> None:
         """Before the first write: the Node's uid (for Events) and the condition already
         there (a restarted agent keeps its lastTransitionTime when the status is unchanged)."""
-        node = self._call(f"reading node {self.settings.node_name}", core.read_node,
-                          self.settings.node_name)
+        node = self._call(
+            f"reading node {self.settings.node_name}", core.read_node, self.settings.node_name
+        )
         if not isinstance(node, dict):
             raise ApiUnavailable(f"reading node {self.settings.node_name}: not an object")
         self._node_uid = (node.get("metadata") or {}).get("uid")
@@ -173,8 +214,9 @@ class NodeConditionWriter:
                 self._transition = f"{c.get('status')}|{c.get('lastTransitionTime')}"
                 # What a previous agent wrote counts as written: a restart with an unchanged
                 # (status, reason) is no transition (no write beyond the start one, no Event).
-                self.written = Condition(str(c.get("status")), str(c.get("reason")),
-                                         str(c.get("message") or ""))
+                self.written = Condition(
+                    str(c.get("status")), str(c.get("reason")), str(c.get("message") or "")
+                )
         self._known = True
 
     def _write(self, core, cond) -> None:
@@ -187,10 +229,16 @@ class NodeConditionWriter:
         # lastTransitionTime moves only when the status does (a reason change is no
         # transition, as for the kubelet's conditions).
         transition = old_time if old_status == cond.status and old_time else _rfc3339(wall)
-        body = condition_patch(self.type, cond.status, cond.reason, cond.message,
-                               _rfc3339(wall), transition)
-        self._call(f"patching node {self.settings.node_name} status", core.patch_node_status,
-                   self.settings.node_name, body, _content_type=STRATEGIC_MERGE)
+        body = condition_patch(
+            self.type, cond.status, cond.reason, cond.message, _rfc3339(wall), transition
+        )
+        self._call(
+            f"patching node {self.settings.node_name} status",
+            core.patch_node_status,
+            self.settings.node_name,
+            body,
+            _content_type=STRATEGIC_MERGE,
+        )
         self._transition = f"{cond.status}|{transition}"
         self.written = cond
         self.writes += 1
@@ -202,9 +250,15 @@ class NodeConditionWriter:
         if self.metrics is not None:
             self.metrics.condition_writes.labels(result="ok").inc()
         if previous is None or previous.key != cond.key:
-            log.info("node condition written", extra=kv(condition=self.type,
-                                                        status=cond.status, reason=cond.reason,
-                                                        message=cond.message))
+            log.info(
+                "node condition written",
+                extra=kv(
+                    condition=self.type,
+                    status=cond.status,
+                    reason=cond.reason,
+                    message=cond.message,
+                ),
+            )
             if previous is not None or (inherited is not None and inherited.key != cond.key):
                 self._event(core, cond, now)
 
@@ -217,18 +271,28 @@ class NodeConditionWriter:
         self._last_event = now
         stamp = _rfc3339(self._wall())
         node = self.settings.node_name
-        body = {"apiVersion": "v1", "kind": "Event",
-                "metadata": {"generateName": f"{node}.", "namespace": EVENT_NAMESPACE},
-                "involvedObject": {"apiVersion": "v1", "kind": "Node", "name": node,
-                                   "uid": self._node_uid or node},
-                "reason": cond.reason, "message": cond.message[:1024],
-                "type": "Normal" if cond.status == "True" else "Warning",
-                "source": {"component": "nodecryptor", "host": node},
-                "reportingComponent": "nodecryptor", "reportingInstance": node,
-                "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1}
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{node}.", "namespace": EVENT_NAMESPACE},
+            "involvedObject": {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "name": node,
+                "uid": self._node_uid or node,
+            },
+            "reason": cond.reason,
+            "message": cond.message[:1024],
+            "type": "Normal" if cond.status == "True" else "Warning",
+            "source": {"component": "nodecryptor", "host": node},
+            "reportingComponent": "nodecryptor",
+            "reportingInstance": node,
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }
         try:
-            self._call("creating a node event", core.create_namespaced_event, EVENT_NAMESPACE,
-                       body)
+            self._call("creating a node event", core.create_namespaced_event, EVENT_NAMESPACE, body)
             self.events += 1
         except KubernetesError as e:
             log.warning("node event not created", extra=kv(reason=cond.reason, error=str(e)))

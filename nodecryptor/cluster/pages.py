@@ -34,21 +34,27 @@ _DECODER = json.JSONDecoder()
 
 
 def oversized(obj_name: str, kind: str, size: int) -> Rejection:
-    return Rejection(obj_name, "object", f"{size} bytes",
-                     f"larger than {MAX_OBJECT_BYTES} bytes: rejected whole, not parsed",
-                     "oversized", kind=kind)
+    return Rejection(
+        obj_name,
+        "object",
+        f"{size} bytes",
+        f"larger than {MAX_OBJECT_BYTES} bytes: rejected whole, not parsed",
+        "oversized",
+        kind=kind,
+    )
 
 
 def decode_list(text: str, on_item: Callable[[object, int], None]) -> dict:
     """Decode a List response (a JSON object with an ``items`` array) item by item: call
     ``on_item(object, size of its JSON text)`` for each, and return the other top-level
     fields. Raises ValueError on malformed JSON."""
+
     def skip(i: int) -> int:
         return _SPACE.match(text, i).end()
 
     def expect(i: int, char: str) -> int:
         i = skip(i)
-        if text[i:i + 1] != char:
+        if text[i : i + 1] != char:
             raise ValueError(f"expected {char!r} at offset {i}")
         return i + 1
 
@@ -56,26 +62,26 @@ def decode_list(text: str, on_item: Callable[[object, int], None]) -> dict:
     i = expect(0, "{")
     while True:
         i = skip(i)
-        if text[i:i + 1] == "}":
+        if text[i : i + 1] == "}":
             return top
         key, i = _DECODER.raw_decode(text, i)
         i = skip(expect(i, ":"))
-        if key == "items" and text[i:i + 1] == "[":
+        if key == "items" and text[i : i + 1] == "[":
             top["items"] = True
             i = skip(i + 1)
-            while text[i:i + 1] != "]":
+            while text[i : i + 1] != "]":
                 start = i
                 obj, i = _DECODER.raw_decode(text, i)
                 on_item(obj, i - start)
                 del obj  # only one decoded item alive at a time
                 i = skip(i)
-                if text[i:i + 1] == ",":
+                if text[i : i + 1] == ",":
                     i = skip(i + 1)
             i += 1
         else:
             top[key], i = _DECODER.raw_decode(text, i)
         i = skip(i)
-        if text[i:i + 1] == ",":
+        if text[i : i + 1] == ",":
             i += 1
 
 
@@ -88,8 +94,14 @@ class ListResult:
     pages: int
 
 
-def list_all(api, page_size: int, timeout: float, parse=parse_ciliumnode,
-             noun: str = "CiliumNodes", on_page=None) -> ListResult:
+def list_all(
+    api,
+    page_size: int,
+    timeout: float,
+    parse=parse_ciliumnode,
+    noun: str = "CiliumNodes",
+    on_page=None,
+) -> ListResult:
     """Follow limit/continue to the end, turning each item into a value with a ``name`` by
     ``parse`` and calling ``on_page`` after every page (progress for the liveness check).
     Raises KubernetesError (ApiGone for a stale continue token: the caller starts over)."""
@@ -102,8 +114,12 @@ def list_all(api, page_size: int, timeout: float, parse=parse_ciliumnode,
     def take(obj: object, size: int) -> None:
         if size > MAX_OBJECT_BYTES:
             meta = meta_of(obj)
-            rejected.append(({k: meta.get(k) for k in ("name", "resourceVersion")},
-                             [oversized(str(meta.get("name") or "?"), kind, size)]))
+            rejected.append(
+                (
+                    {k: meta.get(k) for k in ("name", "resourceVersion")},
+                    [oversized(str(meta.get("name") or "?"), kind, size)],
+                )
+            )
             return
         info, rejections = parse(obj)
         if info is not None:
@@ -113,9 +129,15 @@ def list_all(api, page_size: int, timeout: float, parse=parse_ciliumnode,
 
     while True:
         try:
-            resp = api.list_cluster_custom_object(GROUP, VERSION, PLURAL, limit=page_size,
-                                                  _continue=token, _preload_content=False,
-                                                  _request_timeout=(timeout, timeout))
+            resp = api.list_cluster_custom_object(
+                GROUP,
+                VERSION,
+                PLURAL,
+                limit=page_size,
+                _continue=token,
+                _preload_content=False,
+                _request_timeout=(timeout, timeout),
+            )
             try:
                 raw = resp.data
             finally:
@@ -130,8 +152,9 @@ def list_all(api, page_size: int, timeout: float, parse=parse_ciliumnode,
         try:
             page = decode_list(raw.decode("utf-8"), take)
         except (ValueError, UnicodeDecodeError) as e:
-            raise ApiUnavailable(f"listing {noun}: {api_host(api)} sent malformed JSON: "
-                                 f"{e}") from None
+            raise ApiUnavailable(
+                f"listing {noun}: {api_host(api)} sent malformed JSON: {e}"
+            ) from None
         finally:
             del raw
         if page.get("items") is not True:
@@ -148,15 +171,22 @@ compacted the snapshot behind them before the list reached its end); after that 
 the caller: the sync's loop lists again with backoff, a command reports it."""
 
 
-def list_complete(api, settings: Settings, parse=parse_ciliumnode, noun: str = "CiliumNodes",
-                  on_page=None, on_restart=None) -> ListResult:
+def list_complete(
+    api,
+    settings: Settings,
+    parse=parse_ciliumnode,
+    noun: str = "CiliumNodes",
+    on_page=None,
+    on_restart=None,
+) -> ListResult:
     """A whole list (``list_all``) that starts over at once, calling ``on_restart``, when a
     continue token expires: the one place a list's 410 is handled, for the agent's syncs and
     the commands alike. Raises KubernetesError (ApiGone after ``LIST_ATTEMPTS`` expiries)."""
     for attempt in range(1, LIST_ATTEMPTS + 1):
         try:
-            return list_all(api, settings.list_page_size, settings.request_timeout_seconds,
-                            parse, noun, on_page)
+            return list_all(
+                api, settings.list_page_size, settings.request_timeout_seconds, parse, noun, on_page
+            )
         except ApiGone:
             if attempt == LIST_ATTEMPTS:
                 raise

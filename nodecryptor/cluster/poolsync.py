@@ -23,17 +23,17 @@ log = logging.getLogger("nodecryptor.k8s")
 
 
 class _PoolSyncBase(CiliumNodeSync):
-    def __init__(self, settings: Settings, store: Store, metrics: Metrics | None = None,
-                 **kwargs):
+    def __init__(self, settings: Settings, store: Store, metrics: Metrics | None = None, **kwargs):
         # The base class's metrics describe the CiliumNode sync.
         super().__init__(settings, store, None, **kwargs)
         self.pool_metrics = metrics
 
     def _log_rejections(self, rejections, version: str) -> None:
         for rej in rejections:
-            log.warning(f"rejecting an entry of {rej.kind} {rej.obj}",
-                        extra=kv(field=rej.field, value=rej.value, why=rej.why,
-                                 resource_version=version))
+            log.warning(
+                f"rejecting an entry of {rej.kind} {rej.obj}",
+                extra=kv(field=rej.field, value=rej.value, why=rej.why, resource_version=version),
+            )
 
     def _restart(self, cause: str) -> None:
         pass
@@ -59,10 +59,11 @@ class CiliumConfigSync(_PoolSyncBase):
     def _install(self, items: dict) -> None:
         found = items.get(pools.CONFIGMAP_NAME)
         if found is None:
-            log.warning("Cilium's ConfigMap not found; pod CIDR claims are checked against "
-                        "--cluster-pod-cidrs or the breadth limit only",
-                        extra=kv(namespace=self.settings.cilium_namespace,
-                                 name=pools.CONFIGMAP_NAME))
+            log.warning(
+                "Cilium's ConfigMap not found; pod CIDR claims are checked against "
+                "--cluster-pod-cidrs or the breadth limit only",
+                extra=kv(namespace=self.settings.cilium_namespace, name=pools.CONFIGMAP_NAME),
+            )
         self.store.set_cilium_config(found.cidrs if found is not None else None)
         self._report_pools()
 

@@ -41,8 +41,7 @@ class NodeRoleSync(CiliumNodeSync):
     kind = "Node"
     noun = "Nodes"
 
-    def __init__(self, settings: Settings, store: Store, metrics: Metrics | None = None,
-                 **kwargs):
+    def __init__(self, settings: Settings, store: Store, metrics: Metrics | None = None, **kwargs):
         # The base class's metrics describe the CiliumNode sync; this one counts its restarts
         # in a counter of its own.
         super().__init__(settings, store, None, **kwargs)
@@ -72,7 +71,6 @@ class NodeRoleSync(CiliumNodeSync):
             self.role_metrics.node_watch_restarts.labels(cause=cause).inc()
 
 
-
 class ExemptionSync(CiliumNodeSync):
     """Keeps the store's EncryptionExemption policies equal to the cluster's, with
     CiliumNodeSync's loop (pagination, bookmarks, re-list on 410, stall detection, backoff).
@@ -83,8 +81,7 @@ class ExemptionSync(CiliumNodeSync):
     kind = "EncryptionExemption"
     noun = "EncryptionExemptions"
 
-    def __init__(self, settings: Settings, store: Store, metrics: Metrics | None = None,
-                 **kwargs):
+    def __init__(self, settings: Settings, store: Store, metrics: Metrics | None = None, **kwargs):
         super().__init__(settings, store, None, **kwargs)
         self.exemption_metrics = metrics
         self.crd_missing = False
@@ -123,17 +120,26 @@ class ExemptionSync(CiliumNodeSync):
     def _log_rejections(self, rejections: list[Rejection], version: str) -> None:
         # A malformed policy is rejected whole; counted with the claim rejections.
         for rej in rejections:
-            log.warning("rejecting EncryptionExemption", extra=kv(
-                policy=rej.obj, field=rej.field, value=rej.value, why=rej.why,
-                resource_version=version))
+            log.warning(
+                "rejecting EncryptionExemption",
+                extra=kv(
+                    policy=rej.obj,
+                    field=rej.field,
+                    value=rej.value,
+                    why=rej.why,
+                    resource_version=version,
+                ),
+            )
         if self.exemption_metrics is not None:
             self.exemption_metrics.record_claim_rejections(rejections)
 
     def _restart(self, cause: str) -> None:
         if cause == ResourceMissing.cause:
             if not self.crd_missing:
-                log.warning("the EncryptionExemption CRD is not installed; only the built-in "
-                            "policy applies; retrying")
+                log.warning(
+                    "the EncryptionExemption CRD is not installed; only the built-in "
+                    "policy applies; retrying"
+                )
             self._set_missing(True)
         if self.exemption_metrics is not None:
             self.exemption_metrics.exemption_watch_restarts.labels(cause=cause).inc()

@@ -210,8 +210,9 @@ class Store:
         labels = kube.labels
         if keys is not None:
             labels = tuple((k, v) for k, v in labels if k in keys)
-        return dataclasses.replace(node, node_labels=labels, node_addresses=kube.addresses,
-                                   node_pod_cidrs=kube.pod_cidrs)
+        return dataclasses.replace(
+            node, node_labels=labels, node_addresses=kube.addresses, node_pod_cidrs=kube.pod_cidrs
+        )
 
     def _put(self, name: str) -> None:
         merged = self._merged(name)

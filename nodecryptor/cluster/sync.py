@@ -24,8 +24,13 @@ from kubernetes.watch.watch import iter_resp_lines
 from nodecryptor.cluster.apis import GROUP, PLURAL, VERSION
 from nodecryptor.cluster.client import TRANSPORT_ERRORS, api_host, load_client, translate_error
 from nodecryptor.cluster.k8s_errors import ApiGone, ApiUnavailable, KubernetesError
-from nodecryptor.cluster.pages import (MAX_OBJECT_BYTES, list_complete, meta_of, oversized,
-                                        version_of)
+from nodecryptor.cluster.pages import (
+    MAX_OBJECT_BYTES,
+    list_complete,
+    meta_of,
+    oversized,
+    version_of,
+)
 from nodecryptor.cluster.store import Store
 from nodecryptor.core.backoff import Backoff
 from nodecryptor.core.log import kv
@@ -49,9 +54,15 @@ class CiliumNodeSync:
     bookmark, a retry); ``alive()`` turns it into a liveness check for /healthz.
     """
 
-    def __init__(self, settings: Settings, store: Store, metrics: Metrics | None = None,
-                 backoff: Backoff = Backoff(), read_timeout_margin: float = 5.0,
-                 rng: random.Random | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        metrics: Metrics | None = None,
+        backoff: Backoff = Backoff(),
+        read_timeout_margin: float = 5.0,
+        rng: random.Random | None = None,
+    ):
         self.settings = settings
         self.store = store
         self.metrics = metrics
@@ -82,8 +93,9 @@ class CiliumNodeSync:
         api_client = None
         # Unblock a read in progress as soon as stop is set, instead of waiting for the
         # read timeout (minutes in production).
-        closer = threading.Thread(target=self._close_on_stop, args=(stop,),
-                                  name="ciliumnode-sync-stop", daemon=True)
+        closer = threading.Thread(
+            target=self._close_on_stop, args=(stop,), name="ciliumnode-sync-stop", daemon=True
+        )
         closer.start()
         next_resync = 0.0
         try:
@@ -113,15 +125,23 @@ class CiliumNodeSync:
                     self._restart(e.cause)
                     self.failures += 1
                     delay = self._sleep(stop)
-                    log.warning(f"{self.kind} sync failed; keeping the last known nodes",
-                                extra=kv(error=str(e), retry_in=f"{delay:.2f}s",
-                                         failures=self.failures, nodes=len(self.store)))
+                    log.warning(
+                        f"{self.kind} sync failed; keeping the last known nodes",
+                        extra=kv(
+                            error=str(e),
+                            retry_in=f"{delay:.2f}s",
+                            failures=self.failures,
+                            nodes=len(self.store),
+                        ),
+                    )
                 except Exception as e:
                     # A bug (or a client library surprise) must not end the sync silently
                     # while the node keeps reporting healthy: log it with its trace, count it,
                     # back off and carry on with the store as it is.
-                    log.exception(f"{self.kind} sync failed unexpectedly; retrying",
-                                  extra=kv(error=f"{type(e).__name__}: {e}"))
+                    log.exception(
+                        f"{self.kind} sync failed unexpectedly; retrying",
+                        extra=kv(error=f"{type(e).__name__}: {e}"),
+                    )
                     self._restart("internal-error")
                     self.failures += 1
                     self._sleep(stop)
@@ -135,8 +155,14 @@ class CiliumNodeSync:
 
     def _relist(self, api) -> str:
         started = time.monotonic()
-        result = list_complete(api, self.settings, self._parse, self.noun, self._beat,
-                               lambda: self._restart("list-expired"))
+        result = list_complete(
+            api,
+            self.settings,
+            self._parse,
+            self.noun,
+            self._beat,
+            lambda: self._restart("list-expired"),
+        )
         for meta, rejections in result.rejections:
             self._report(meta, rejections)
         self._forget_logged(result.nodes)
@@ -145,9 +171,15 @@ class CiliumNodeSync:
         self.failures = 0
         if self.metrics is not None:
             self.metrics.last_sync.set(time.time())
-        log.info(f"listed {self.noun}", extra=kv(nodes=len(result.nodes), pages=result.pages,
-                                                 resource_version=result.resource_version,
-                                                 seconds=f"{time.monotonic() - started:.3f}"))
+        log.info(
+            f"listed {self.noun}",
+            extra=kv(
+                nodes=len(result.nodes),
+                pages=result.pages,
+                resource_version=result.resource_version,
+                seconds=f"{time.monotonic() - started:.3f}",
+            ),
+        )
         return result.resource_version
 
     def _watch(self, api, stop: threading.Event, next_resync: float) -> None:
@@ -162,16 +194,24 @@ class CiliumNodeSync:
         rv = self.resource_version
         remaining = max(1.0, next_resync - time.monotonic())
         stall = self.settings.watch_stall_seconds
-        server_timeout = max(1, int(min(self.settings.watch_timeout_seconds, remaining,
-                                        stall - min(5.0, stall / 2))))
+        server_timeout = max(
+            1, int(min(self.settings.watch_timeout_seconds, remaining, stall - min(5.0, stall / 2)))
+        )
         connect = self.settings.request_timeout_seconds
         read = min(server_timeout + self.read_timeout_margin, stall)
         what = f"watching {self.noun} from resourceVersion {rv}"
         try:
             resp = api.list_cluster_custom_object(
-                GROUP, VERSION, PLURAL, watch=True, allow_watch_bookmarks=True,
-                resource_version=rv, timeout_seconds=server_timeout,
-                _preload_content=False, _request_timeout=(connect, read))
+                GROUP,
+                VERSION,
+                PLURAL,
+                watch=True,
+                allow_watch_bookmarks=True,
+                resource_version=rv,
+                timeout_seconds=server_timeout,
+                _preload_content=False,
+                _request_timeout=(connect, read),
+            )
         except ApiException as e:
             raise translate_error(e, api_host(api), what) from e
         except TRANSPORT_ERRORS as e:
@@ -281,9 +321,16 @@ class CiliumNodeSync:
     def _log_rejections(self, rejections: list[Rejection], version: str) -> None:
         """Say and count one object version's rejections (once: see ``_report``)."""
         for rej in rejections:
-            log.warning(f"skipping invalid {self.kind} entry",
-                        extra=kv(node=rej.obj, field=rej.field, value=rej.value, why=rej.why,
-                                 resource_version=version))
+            log.warning(
+                f"skipping invalid {self.kind} entry",
+                extra=kv(
+                    node=rej.obj,
+                    field=rej.field,
+                    value=rej.value,
+                    why=rej.why,
+                    resource_version=version,
+                ),
+            )
         if self.metrics is not None:
             self.metrics.record_rejections(rejections)
 
@@ -311,8 +358,7 @@ class CiliumNodeSync:
         longest step a healthy loop takes is a connect plus a silent watch read, so a stall
         threshold raised above the default also raises the limit (with half again as margin)."""
         s = self.settings
-        limit = max(s.sync_stale_seconds,
-                    1.5 * (s.watch_stall_seconds + s.request_timeout_seconds))
+        limit = max(s.sync_stale_seconds, 1.5 * (s.watch_stall_seconds + s.request_timeout_seconds))
         age = (now if now is not None else time.monotonic()) - self.heartbeat
         if age > limit:
             return False, f"{self.kind} sync made no progress for {age:.0f}s"

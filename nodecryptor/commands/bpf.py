@@ -9,13 +9,19 @@ from nodecryptor.commands.common import add_bpffs, add_json, settings_from_args
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bpf", help="BPF datapath internals",
-                       description="Low-level views of the BPF datapath's pinned objects.")
+    p = sub.add_parser(
+        "bpf",
+        help="BPF datapath internals",
+        description="Low-level views of the BPF datapath's pinned objects.",
+    )
     bsub = p.add_subparsers(dest="bpf_command", metavar="SUBCOMMAND", required=True)
-    d = bsub.add_parser("dump", help="decode the pinned maps",
-                        description="Print destinations, exempt ports, local addresses, the "
-                                    "configuration and counters from the pinned maps. Reads "
-                                    "with bpf(2) only: nothing is compiled.")
+    d = bsub.add_parser(
+        "dump",
+        help="decode the pinned maps",
+        description="Print destinations, exempt ports, local addresses, the "
+        "configuration and counters from the pinned maps. Reads "
+        "with bpf(2) only: nothing is compiled.",
+    )
     add_bpffs(d)
     add_json(d)
     d.set_defaults(func=handle_dump)

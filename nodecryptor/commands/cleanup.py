@@ -16,18 +16,24 @@ from nodecryptor.commands.common import add_bpffs, add_json, print_json, setting
 
 
 def register(sub) -> None:
-    p = sub.add_parser("cleanup", help="remove nodecryptor's links, filters, pins and rules",
-                       description="Remove every kernel object nodecryptor created on this node "
-                                   "(and nothing else). Stop the agent first, or it re-creates "
-                                   "them. Traffic to remote nodes then leaves unencrypted.",
-                       epilog="migration: `nodecryptor cleanup --proof-of-concept` removes only "
-                              "the original Go proof of concept's ip rules (priorities 0, 200, "
-                              "201, 210, 220), its table-100 route and its noop device, and "
-                              "leaves nodecryptor running; see the operator guide.")
+    p = sub.add_parser(
+        "cleanup",
+        help="remove nodecryptor's links, filters, pins and rules",
+        description="Remove every kernel object nodecryptor created on this node "
+        "(and nothing else). Stop the agent first, or it re-creates "
+        "them. Traffic to remote nodes then leaves unencrypted.",
+        epilog="migration: `nodecryptor cleanup --proof-of-concept` removes only "
+        "the original Go proof of concept's ip rules (priorities 0, 200, "
+        "201, 210, 220), its table-100 route and its noop device, and "
+        "leaves nodecryptor running; see the operator guide.",
+    )
     add_bpffs(p)
-    p.add_argument("--proof-of-concept", action="store_true",
-                   help="remove only the Go proof of concept's rules, route and noop device; "
-                        "nodecryptor's own objects stay")
+    p.add_argument(
+        "--proof-of-concept",
+        action="store_true",
+        help="remove only the Go proof of concept's rules, route and noop device; "
+        "nodecryptor's own objects stay",
+    )
     add_json(p)
     p.set_defaults(func=handle)
 
@@ -49,9 +55,12 @@ def handle(args) -> int:
 
 
 # (report key, what the text calls it): every hook kind the BPF datapath's cleanup removes.
-_BPF_HOOKS = (("tcx_links", "egress tcx link"), ("tc_filters", "egress tc filter"),
-              ("ingress_tcx_links", "ingress tcx link"),
-              ("ingress_tc_filters", "ingress tc filter"))
+_BPF_HOOKS = (
+    ("tcx_links", "egress tcx link"),
+    ("tc_filters", "egress tc filter"),
+    ("ingress_tcx_links", "ingress tcx link"),
+    ("ingress_tc_filters", "ingress tc filter"),
+)
 
 
 def bpf_text(b: dict) -> list[str]:
@@ -71,9 +80,11 @@ def _proof_of_concept(args) -> int:
     if args.json:
         print_json(removed)
     else:
-        print(f"proof of concept: removed {len(removed['rules'])} rule(s), "
-              f"{len(removed['routes'])} route(s)"
-              + (f", device {removed['noop_device']}" if removed["noop_device"] else ""))
+        print(
+            f"proof of concept: removed {len(removed['rules'])} rule(s), "
+            f"{len(removed['routes'])} route(s)"
+            + (f", device {removed['noop_device']}" if removed["noop_device"] else "")
+        )
         for item in removed["rules"] + removed["routes"]:
             print(f"  {item}")
         for item in removed["left_in_place"]:

@@ -13,32 +13,56 @@ from nodecryptor.datapath import detect
 from nodecryptor.datapath.base import PacketQuery
 from nodecryptor.core.errors import SettingsError
 from nodecryptor.core.ports import IP_PROTOCOLS
-from nodecryptor.commands.common import (add_bpffs, add_json, add_run_dir, print_json,
-                                         settings_from_args)
+from nodecryptor.commands.common import (
+    add_bpffs,
+    add_json,
+    add_run_dir,
+    print_json,
+    settings_from_args,
+)
 
 PROTOCOLS = tuple(IP_PROTOCOLS)
 
 
 def register(sub) -> None:
-    p = sub.add_parser("explain", help="say whether a packet would be encrypted, and why",
-                       description="Describe a packet leaving this node and print the verdict "
-                                   "(encrypt, exempt, pass, drop) and the reason, as the "
-                                   "installed datapath decides it.",
-                       epilog="example: nodecryptor explain --dst 10.244.2.7 --dport 80 --json")
+    p = sub.add_parser(
+        "explain",
+        help="say whether a packet would be encrypted, and why",
+        description="Describe a packet leaving this node and print the verdict "
+        "(encrypt, exempt, pass, drop) and the reason, as the "
+        "installed datapath decides it.",
+        epilog="example: nodecryptor explain --dst 10.244.2.7 --dport 80 --json",
+    )
     p.add_argument("--dst", required=True, metavar="IP", help="destination address")
-    p.add_argument("--src", default=None, metavar="IP",
-                   help="source address (default: the one the kernel picks for --dst)")
-    p.add_argument("--proto", default="tcp", metavar="PROTO",
-                   help="tcp, udp, sctp, icmp or icmpv6 (default: %(default)s)")
+    p.add_argument(
+        "--src",
+        default=None,
+        metavar="IP",
+        help="source address (default: the one the kernel picks for --dst)",
+    )
+    p.add_argument(
+        "--proto",
+        default="tcp",
+        metavar="PROTO",
+        help="tcp, udp, sctp, icmp or icmpv6 (default: %(default)s)",
+    )
     p.add_argument("--sport", default="40000", metavar="N", help="source port (default: 40000)")
     p.add_argument("--dport", default="80", metavar="N", help="destination port (default: 80)")
     p.add_argument("--mark", default="0", metavar="0xNNN", help="skb mark (default: 0)")
-    p.add_argument("--direction", default="egress", metavar="DIR",
-                   help="egress: a packet leaving this node; ingress: a packet arriving from "
-                        "--src (a peer) for --dst (a local address), as the ingress program "
-                        "decides it: pass, exempt or drop (default: %(default)s)")
-    p.add_argument("--device", default=None, metavar="DEV",
-                   help="underlay device (default: the one the route to --dst uses)")
+    p.add_argument(
+        "--direction",
+        default="egress",
+        metavar="DIR",
+        help="egress: a packet leaving this node; ingress: a packet arriving from "
+        "--src (a peer) for --dst (a local address), as the ingress program "
+        "decides it: pass, exempt or drop (default: %(default)s)",
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        metavar="DEV",
+        help="underlay device (default: the one the route to --dst uses)",
+    )
     add_bpffs(p)
     add_run_dir(p)  # where the agent records the names of the exemption policies
     add_json(p)
@@ -74,12 +98,17 @@ def query_from_args(args) -> PacketQuery:
         raise SettingsError("--mark", args.mark, "expected a number such as 0xe00") from None
     if not 0 <= mark <= 0xFFFFFFFF:
         raise SettingsError("--mark", args.mark, "must fit in 32 bits")
-    if args.device is not None and (not args.device or len(args.device) > 15
-                                    or "/" in args.device):
+    if args.device is not None and (not args.device or len(args.device) > 15 or "/" in args.device):
         raise SettingsError("--device", args.device, "not a device name")
-    return PacketQuery(dst=str(dst), src=str(src) if src else None, proto=proto,
-                       sport=_port("--sport", args.sport), dport=_port("--dport", args.dport),
-                       mark=mark, device=args.device)
+    return PacketQuery(
+        dst=str(dst),
+        src=str(src) if src else None,
+        proto=proto,
+        sport=_port("--sport", args.sport),
+        dport=_port("--dport", args.dport),
+        mark=mark,
+        device=args.device,
+    )
 
 
 DIRECTIONS = ("egress", "ingress")
@@ -92,10 +121,15 @@ def _explain_ingress(module, settings, query):
 
     fn = getattr(module, "explain_ingress", None)
     if fn is None:
-        return Explanation(VERDICT_PASS, "ingress-unsupported: this datapath does not classify "
-                           "arriving packets (clear text from peers is neither counted nor "
-                           "dropped)", str(getattr(module, "DATAPATH", "iprule")), None,
-                           {"direction": "ingress", "src": query.src, "dst": query.dst})
+        return Explanation(
+            VERDICT_PASS,
+            "ingress-unsupported: this datapath does not classify "
+            "arriving packets (clear text from peers is neither counted nor "
+            "dropped)",
+            str(getattr(module, "DATAPATH", "iprule")),
+            None,
+            {"direction": "ingress", "src": query.src, "dst": query.dst},
+        )
     return fn(settings, query)
 
 
@@ -121,12 +155,19 @@ def handle(args) -> int:
         return 0
     d = explanation.details
     print(f"{explanation.verdict}: {explanation.reason}")
-    print(f"  {d.get('src', query.src)} -> {query.dst} {query.proto} "
-          f"sport {query.sport} dport {query.dport} mark 0x{query.mark:x}")
-    print(f"  datapath {explanation.datapath}, device {explanation.device}"
-          + (f", program {d['prog_id']}" if d.get("prog_id") else "")
-          + (f", redirected to {d.get('redirect_device') or d['redirect_ifindex']}"
-             if d.get("redirect_ifindex") else ""))
+    print(
+        f"  {d.get('src', query.src)} -> {query.dst} {query.proto} "
+        f"sport {query.sport} dport {query.dport} mark 0x{query.mark:x}"
+    )
+    print(
+        f"  datapath {explanation.datapath}, device {explanation.device}"
+        + (f", program {d['prog_id']}" if d.get("prog_id") else "")
+        + (
+            f", redirected to {d.get('redirect_device') or d['redirect_ifindex']}"
+            if d.get("redirect_ifindex")
+            else ""
+        )
+    )
     if d.get("policy"):
         print(f"  exemption policy {d['policy']}")
     return 0

@@ -26,10 +26,13 @@ def _known_destinations(settings, datapath: str) -> tuple[list, list]:
             prefixes = [ipaddress.ip_network(r.dst) for r in read_routes(settings)]
     except (OSError, ImportError, DatapathError):
         return [], []
-    nodes = sorted({p.network_address for p in prefixes if p.prefixlen == p.max_prefixlen},
-                   key=lambda a: (a.version, a))
-    pods = sorted({p for p in prefixes if p.prefixlen < p.max_prefixlen},
-                  key=lambda n: (n.version, n))
+    nodes = sorted(
+        {p.network_address for p in prefixes if p.prefixlen == p.max_prefixlen},
+        key=lambda a: (a.version, a),
+    )
+    pods = sorted(
+        {p for p in prefixes if p.prefixlen < p.max_prefixlen}, key=lambda n: (n.version, n)
+    )
     return nodes, pods
 
 
@@ -47,24 +50,36 @@ def status_report(settings, datapath: str, devices: list[dict], own_prog_id: int
     facts = cilium.detect(wg, tunnel_devices(), nodes or None, pods or None)
     own = {own_prog_id: "nc_egress"}
     own.update(_own_ingress(settings, datapath))
-    chains = [chain_mod.hook_chain(d.get("name") or d.get("device"), "egress", own)
-              for d in devices if d.get("name") or d.get("device")]
-    ingress = [chain_mod.hook_chain(name, "ingress", own)
-               for name in _ingress_devices(settings, datapath)]
+    chains = [
+        chain_mod.hook_chain(d.get("name") or d.get("device"), "egress", own)
+        for d in devices
+        if d.get("name") or d.get("device")
+    ]
+    ingress = [
+        chain_mod.hook_chain(name, "ingress", own) for name in _ingress_devices(settings, datapath)
+    ]
     out = facts.to_json()
     out["attach"] = []
     for d, ch in zip(devices, chains):
         entries = ch.get("tcx") if d.get("mode") == "tcx" else ch.get("tc")
         ours = next((e for e in entries or () if e["nodecryptor"]), None)
-        behind = [e.get("name") or f"prog {e.get('prog_id')}" for e in entries or ()
-                  if ours is not None and e["position"] > ours["position"]]
-        out["attach"].append({"device": ch["device"], "mode": d.get("mode"),
-                              "position": ours["position"] if ours else d.get("position"),
-                              "runs_behind_nodecryptor": behind})
-    out["sources"]["attach"] = ("BPF_PROG_QUERY on each device's tcx egress hook and its "
-                                "clsact filters")
-    return {"cilium": out, "chains": chains + ingress,
-            "problem": cilium.readiness_problem(facts)}
+        behind = [
+            e.get("name") or f"prog {e.get('prog_id')}"
+            for e in entries or ()
+            if ours is not None and e["position"] > ours["position"]
+        ]
+        out["attach"].append(
+            {
+                "device": ch["device"],
+                "mode": d.get("mode"),
+                "position": ours["position"] if ours else d.get("position"),
+                "runs_behind_nodecryptor": behind,
+            }
+        )
+    out["sources"]["attach"] = (
+        "BPF_PROG_QUERY on each device's tcx egress hook and its clsact filters"
+    )
+    return {"cilium": out, "chains": chains + ingress, "problem": cilium.readiness_problem(facts)}
 
 
 def _own_ingress(settings, datapath: str) -> dict[int, str]:

@@ -34,16 +34,26 @@ def _computed(settings) -> dict:
 
     if not settings.node_name:
         from nodecryptor.core.errors import SettingsError
-        raise SettingsError("--node-name", "(unset)", "the agent's peer table is missing or "
-                            "stale; computing it needs the local node's name (or $NODE_NAME)")
+
+        raise SettingsError(
+            "--node-name",
+            "(unset)",
+            "the agent's peer table is missing or "
+            "stale; computing it needs the local node's name (or $NODE_NAME)",
+        )
     check_cluster_config(settings)
     nodes, _rejections = reads.snapshot_once(settings)
     wg = wireguard.read_state(settings.wg_interface)
     now = time.time()
     views = PeerTracker().observe(wg, nodes, settings.node_name, settings.address_types, now)
-    return {"node": settings.node_name, "written_at": now, "source": "computed",
-            "wireguard": {"ifname": wg.ifname, "up": wg.usable, "error": wg.error},
-            "condition": None, "peers": [v.as_dict() for v in views]}
+    return {
+        "node": settings.node_name,
+        "written_at": now,
+        "source": "computed",
+        "wireguard": {"ifname": wg.ifname, "up": wg.usable, "error": wg.error},
+        "condition": None,
+        "peers": [v.as_dict() for v in views],
+    }
 
 
 def peers(args, settings) -> int:
@@ -60,26 +70,38 @@ def peers(args, settings) -> int:
         print_json(table)
         return 0
     wg = table.get("wireguard") or {}
-    print(f"node {table.get('node')}: {len(table.get('peers') or [])} peers on "
-          f"{wg.get('ifname')} ({'up' if wg.get('up') else 'NOT usable: ' + str(wg.get('error'))})"
-          f"; source: {table['source']}"
-          + ("" if table["source"] == "agent" else " (one reading: unreachable shows as idle)"))
+    print(
+        f"node {table.get('node')}: {len(table.get('peers') or [])} peers on "
+        f"{wg.get('ifname')} ({'up' if wg.get('up') else 'NOT usable: ' + str(wg.get('error'))})"
+        f"; source: {table['source']}"
+        + ("" if table["source"] == "agent" else " (one reading: unreachable shows as idle)")
+    )
     cond = table.get("condition")
     if cond:
         print(f"{CONDITION_TYPE}={cond['status']} ({cond['reason']}): {cond['message']}")
     pools = table.get("pools")
     if pools:
-        print("pod pools: " + (", ".join(pools["cidrs"]) + f" ({pools['source']})"
-                               if pools["cidrs"] else f"none: {pools['problem']}"))
-    print(f"{'NODE':<24} {'STATE':<13} {'KEY':<6} {'HANDSHAKE':>9} {'COVERED':>8} "
-          f"{'RX BYTES':>12} {'TX BYTES':>12}")
+        print(
+            "pod pools: "
+            + (
+                ", ".join(pools["cidrs"]) + f" ({pools['source']})"
+                if pools["cidrs"]
+                else f"none: {pools['problem']}"
+            )
+        )
+    print(
+        f"{'NODE':<24} {'STATE':<13} {'KEY':<6} {'HANDSHAKE':>9} {'COVERED':>8} "
+        f"{'RX BYTES':>12} {'TX BYTES':>12}"
+    )
     for p in table.get("peers") or []:
         key = {True: "match", False: "DIFF", None: "-"}[p.get("key_match")]
         n_covered = len(p.get("covered") or [])
         covered = f"{n_covered}/{n_covered + len(p.get('uncovered') or [])}"
-        print(f"{p['node']:<24} {p['state']:<13} {key:<6} "
-              f"{_age(p.get('last_handshake_age_seconds')):>9} {covered:>8} "
-              f"{p.get('rx_bytes', 0):>12} {p.get('tx_bytes', 0):>12}")
+        print(
+            f"{p['node']:<24} {p['state']:<13} {key:<6} "
+            f"{_age(p.get('last_handshake_age_seconds')):>9} {covered:>8} "
+            f"{p.get('rx_bytes', 0):>12} {p.get('tx_bytes', 0):>12}"
+        )
     print("summary: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     return 0
 
@@ -104,8 +126,12 @@ def cluster(args, settings) -> int:
         print(f"{'NODE':<32} {'STATUS':<8} {'REASON':<24} MESSAGE")
         for n in nodes:
             c = n["condition"] or {}
-            print(f"{n['node']:<32} {c.get('status') or 'Unknown':<8} "
-                  f"{c.get('reason') or '(no condition)':<24} {c.get('message') or ''}")
-        print(f"{CONDITION_TYPE}: {ready} ready, {not_ready} not ready, {unknown} unknown "
-              f"(of {len(nodes)} nodes)")
+            print(
+                f"{n['node']:<32} {c.get('status') or 'Unknown':<8} "
+                f"{c.get('reason') or '(no condition)':<24} {c.get('message') or ''}"
+            )
+        print(
+            f"{CONDITION_TYPE}: {ready} ready, {not_ready} not ready, {unknown} unknown "
+            f"(of {len(nodes)} nodes)"
+        )
     return 0 if not_ready == 0 and unknown == 0 else 1

@@ -21,8 +21,12 @@ def kv(**fields: object) -> dict[str, dict[str, object]]:
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        parts = [f"{ts}.{int(record.msecs):03d}Z", record.levelname.lower(), record.name,
-                 record.getMessage()]
+        parts = [
+            f"{ts}.{int(record.msecs):03d}Z",
+            record.levelname.lower(),
+            record.name,
+            record.getMessage(),
+        ]
         for k, v in (getattr(record, "fields", None) or {}).items():
             text = str(v)
             parts.append(f"{k}={json.dumps(text) if (' ' in text or not text) else text}")
@@ -34,10 +38,13 @@ class _TextFormatter(logging.Formatter):
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-               + f".{int(record.msecs):03d}Z",
-               "level": record.levelname.lower(), "logger": record.name,
-               "msg": record.getMessage()}
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
         for k, v in (getattr(record, "fields", None) or {}).items():
             out[k] = v if isinstance(v, (int, float, bool, type(None), list, dict)) else str(v)
         if record.exc_info:

@@ -47,10 +47,21 @@ class Rejection:
         if self.kind != "CiliumNode":
             # Not a node: the object's name under "name" (today's CiliumNode entries keep
             # their fields unchanged).
-            return {"kind": self.kind, "name": self.obj, "field": self.field,
-                    "value": self.value, "reason": self.reason, "detail": self.why}
-        return {"node": self.obj, "field": self.field, "value": self.value,
-                "reason": self.reason, "detail": self.why}
+            return {
+                "kind": self.kind,
+                "name": self.obj,
+                "field": self.field,
+                "value": self.value,
+                "reason": self.reason,
+                "detail": self.why,
+            }
+        return {
+            "node": self.obj,
+            "field": self.field,
+            "value": self.value,
+            "reason": self.reason,
+            "detail": self.why,
+        }
 
 
 @dataclass(frozen=True)
@@ -105,9 +116,12 @@ class PodPools:
     problem: str = ""
     """Why no pool is known, when none is (reported by status, logs and a metric)."""
 
-    def to_json(self) -> dict:
-        return {"cidrs": [str(c) for c in self.cidrs], "source": self.source,
-                "problem": self.problem}
+    def to_json(self) -> dict[str, object]:
+        return {
+            "cidrs": [str(c) for c in self.cidrs],
+            "source": self.source,
+            "problem": self.problem,
+        }
 
 
 @dataclass(frozen=True)
@@ -126,13 +140,22 @@ class Destination:
     replies from the local node's addresses on their ports stay in the clear."""
 
     def sort_key(self) -> tuple[int, IPAddress, int, str, str]:
-        return (self.prefix.version, self.prefix.network_address, self.prefix.prefixlen,
-                self.node, self.kind)
+        return (
+            self.prefix.version,
+            self.prefix.network_address,
+            self.prefix.prefixlen,
+            self.node,
+            self.kind,
+        )
 
     def to_json(self) -> dict[str, object]:
-        return {"prefix": str(self.prefix), "node": self.node, "kind": self.kind,
-                "control_plane": self.control_plane,
-                "exempt_ports": [r.to_json() for r in self.exempt_ports]}
+        return {
+            "prefix": str(self.prefix),
+            "node": self.node,
+            "kind": self.kind,
+            "control_plane": self.control_plane,
+            "exempt_ports": [r.to_json() for r in self.exempt_ports],
+        }
 
 
 @dataclass(frozen=True)

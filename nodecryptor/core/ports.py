@@ -60,8 +60,12 @@ class PolicyRange:
         return self.first <= port <= self.last
 
     def to_json(self) -> dict[str, object]:
-        return {"protocol": self.protocol, "first": self.first, "last": self.last,
-                "policy": self.policy}
+        return {
+            "protocol": self.protocol,
+            "first": self.first,
+            "last": self.last,
+            "policy": self.policy,
+        }
 
 
 class PortSpecError(ValueError):

@@ -98,7 +98,8 @@ class Settings:
     """Name of the local node (its CiliumNode object). Flag --node-name, or NODE_NAME."""
 
     exempt_ports: tuple[PortRange, ...] = field(
-        default_factory=lambda: parse_port_spec(DEFAULT_EXEMPT_PORTS))
+        default_factory=lambda: parse_port_spec(DEFAULT_EXEMPT_PORTS)
+    )
     """Ports that stay in the clear to and from control-plane nodes: kube-apiserver (6443) and
     etcd (2379-2380) are what a rebooted control-plane node needs before it can publish its new
     WireGuard key; both are TLS-protected. TCP unless an entry is prefixed (udp/, sctp/)."""
@@ -254,21 +255,30 @@ class Settings:
     def __post_init__(self) -> None:
         # Plain strings (from code or JSON) become the enums, so every later comparison is
         # between enum members; an unknown value names the flag.
-        for name, enum, flag in (("fail_mode", FailMode, "--fail-mode"),
-                                 ("ingress_enforcement", IngressEnforcement,
-                                  "--ingress-enforcement"),
-                                 ("datapath", DatapathMode, "--datapath"),
-                                 ("role_source", RoleSource, "--role-source")):
+        for name, enum, flag in (
+            ("fail_mode", FailMode, "--fail-mode"),
+            ("ingress_enforcement", IngressEnforcement, "--ingress-enforcement"),
+            ("datapath", DatapathMode, "--datapath"),
+            ("role_source", RoleSource, "--role-source"),
+        ):
             value = getattr(self, name)
             if not isinstance(value, enum):
                 try:
                     object.__setattr__(self, name, enum(value))
                 except ValueError:
-                    raise SettingsError(flag, value, "expected one of "
-                                        + ", ".join(m.value for m in enum)) from None
+                    raise SettingsError(
+                        flag, value, "expected one of " + ", ".join(m.value for m in enum)
+                    ) from None
         ns = self.cilium_namespace
-        if not (isinstance(ns, str) and 0 < len(ns) <= 63 and ns.replace("-", "").isalnum()
-                and ns == ns.lower() and ns[0] != "-" and ns[-1] != "-" and ns.isascii()):
+        if not (
+            isinstance(ns, str)
+            and 0 < len(ns) <= 63
+            and ns.replace("-", "").isalnum()
+            and ns == ns.lower()
+            and ns[0] != "-"
+            and ns[-1] != "-"
+            and ns.isascii()
+        ):
             raise SettingsError("--cilium-namespace", ns, "not a namespace name (a DNS label)")
 
 

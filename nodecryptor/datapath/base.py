@@ -77,10 +77,13 @@ class FakeDatapath:
 
     def observe(self) -> Observation:
         ready = self.current is not None
-        return Observation(datapath=self.name, attached=ready, ready=ready,
-                           reason="" if ready else "nothing applied yet",
-                           details={"destinations": len(self.current.destinations)
-                                    if self.current else 0})
+        return Observation(
+            datapath=self.name,
+            attached=ready,
+            ready=ready,
+            reason="" if ready else "nothing applied yet",
+            details={"destinations": len(self.current.destinations) if self.current else 0},
+        )
 
     def close(self) -> None:
         self.closed = True
@@ -117,7 +120,11 @@ class Explanation:
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        out = {"verdict": self.verdict, "reason": self.reason, "datapath": self.datapath,
-               "device": self.device}
+        out = {
+            "verdict": self.verdict,
+            "reason": self.reason,
+            "datapath": self.datapath,
+            "device": self.device,
+        }
         out.update(self.details)
         return out

@@ -44,14 +44,19 @@ def owner(name: str | None, ours: bool) -> str:
     return "cilium" if name.startswith(CILIUM_PREFIX) else "other"
 
 
-def hook_chain(ifname: str, direction: str = "egress",
-               own: dict[int, str] | None = None) -> dict:
+def hook_chain(ifname: str, direction: str = "egress", own: dict[int, str] | None = None) -> dict:
     """The ``direction`` hook of ``ifname``: {"device", "direction", "ifindex", "tcx": [...] or
     None, "tc": [...], "runs_first"}. ``own`` maps nodecryptor's program ids to their names.
     Entries are in the order the kernel runs them (tcx before clsact)."""
     ifindex = attach.ifindex_of(ifname)
-    out: dict = {"device": ifname, "direction": direction, "ifindex": ifindex, "tcx": None,
-                 "tc": [], "runs_first": None}
+    out: dict = {
+        "device": ifname,
+        "direction": direction,
+        "ifindex": ifindex,
+        "tcx": None,
+        "tc": [],
+        "runs_first": None,
+    }
     if not ifindex:
         out["error"] = "device absent"
         return out
@@ -62,17 +67,32 @@ def hook_chain(ifname: str, direction: str = "egress",
         for entry in hook["tcx"]:
             name, err = _name(entry["prog_id"], known)
             ours = entry["prog_id"] in known
-            item = {"position": entry["position"], "prog_id": entry["prog_id"],
-                    "link_id": entry["link_id"], "name": name, "nodecryptor": ours,
-                    "owner": owner(name, ours)}
+            item = {
+                "position": entry["position"],
+                "prog_id": entry["prog_id"],
+                "link_id": entry["link_id"],
+                "name": name,
+                "nodecryptor": ours,
+                "owner": owner(name, ours),
+            }
             if err:
                 item["name_error"] = err
             out["tcx"].append(item)
     else:
         out["tcx_unavailable"] = hook.get("tcx_unavailable")
-    out["tc"] = [{"position": i, "prio": f["prio"], "handle": f["handle"], "kind": f["kind"],
-                  "name": f["name"], "prog_id": f.get("prog_id") or 0,
-                  "nodecryptor": f["ours"], "owner": owner(f["name"], f["ours"])} for i, f in enumerate(hook["tc"])]
+    out["tc"] = [
+        {
+            "position": i,
+            "prio": f["prio"],
+            "handle": f["handle"],
+            "kind": f["kind"],
+            "name": f["name"],
+            "prog_id": f.get("prog_id") or 0,
+            "nodecryptor": f["ours"],
+            "owner": owner(f["name"], f["ours"]),
+        }
+        for i, f in enumerate(hook["tc"])
+    ]
     first = (out["tcx"] or out["tc"] or [None])[0]
     out["runs_first"] = first and (first.get("name") or f"prog {first.get('prog_id')}")
     return out
@@ -91,13 +111,21 @@ def describe(chain: dict) -> list[str]:
     if chain.get("error"):
         return [f"  {chain['device']} {direction}: {chain['error']}"]
     if chain.get("tcx") is not None:
-        lines.append(f"  {chain['device']} tcx {direction}: "
-                     + (" -> ".join(f"{e.get('name') or '?'}(id {e['prog_id']}, "
-                                    f"{e.get('owner', '?')})"
-                                    + ("*" if e["nodecryptor"] else "") for e in chain["tcx"])
-                        or "empty"))
+        lines.append(
+            f"  {chain['device']} tcx {direction}: "
+            + (
+                " -> ".join(
+                    f"{e.get('name') or '?'}(id {e['prog_id']}, "
+                    f"{e.get('owner', '?')})" + ("*" if e["nodecryptor"] else "")
+                    for e in chain["tcx"]
+                )
+                or "empty"
+            )
+        )
     for f in chain.get("tc", []):
-        lines.append(f"  {chain['device']} tc {direction} prio {f['prio']} handle {f['handle']} "
-                     f"{f['kind']} {f['name'] or ''} ({f.get('owner', '?')})"
-                     + (" *" if f["nodecryptor"] else ""))
+        lines.append(
+            f"  {chain['device']} tc {direction} prio {f['prio']} handle {f['handle']} "
+            f"{f['kind']} {f['name'] or ''} ({f.get('owner', '?')})"
+            + (" *" if f["nodecryptor"] else "")
+        )
     return lines

@@ -33,5 +33,7 @@ def installed(settings: Settings) -> tuple[DatapathMode, ModuleType]:
     for name, module in inspectors().items():
         if module.active(settings):
             return name, module
-    raise NoDatapath("no nodecryptor datapath is active on this node "
-                     f"(no pins under {settings.bpffs}/nodecryptor, no nodecryptor ip rules)")
+    raise NoDatapath(
+        "no nodecryptor datapath is active on this node "
+        f"(no pins under {settings.bpffs}/nodecryptor, no nodecryptor ip rules)"
+    )

@@ -56,8 +56,10 @@ def _remove_bpf_state(settings: Settings) -> None:
         return
     if bpf_inspect.active(settings):
         result = bpf_inspect.cleanup(settings)
-        log.info("removed the BPF datapath now that ip rules enforce", extra=kv(**{
-            k: v for k, v in result.items() if isinstance(v, (int, str, bool))}))
+        log.info(
+            "removed the BPF datapath now that ip rules enforce",
+            extra=kv(**{k: v for k, v in result.items() if isinstance(v, (int, str, bool))}),
+        )
 
 
 def _remove_iprule_state(settings: Settings, netns: str | None) -> None:
@@ -85,8 +87,10 @@ class HandOver:
             try:
                 self._remove_other()
             except Exception as e:  # a failed removal must not fail the apply; retried next time
-                log.warning("cannot remove the other datapath's state yet",
-                            extra=kv(datapath=self.name, error=str(e)))
+                log.warning(
+                    "cannot remove the other datapath's state yet",
+                    extra=kv(datapath=self.name, error=str(e)),
+                )
                 return
             self.handed_over = True
 
@@ -103,8 +107,12 @@ class HandOver:
         return getattr(self.backend, attr)
 
 
-def choose_datapath(settings: Settings, metrics=None, netns: str | None = None,
-                    bpf_starter: BackendStarter = start_bpf) -> tuple[Datapath, str]:
+def choose_datapath(
+    settings: Settings,
+    metrics=None,
+    netns: str | None = None,
+    bpf_starter: BackendStarter = start_bpf,
+) -> tuple[Datapath, str]:
     """Start the datapath ``settings.datapath`` asks for; return it and why it was chosen.
 
     ``netns`` applies to the ip-rule backend only; the BPF backend runs where the agent runs.
@@ -124,13 +132,13 @@ def choose_datapath(settings: Settings, metrics=None, netns: str | None = None,
             reason = "auto: BPF program compiled and loaded"
         except (NotSupported, DatapathError, ImportError) as e:
             why = f"{type(e).__name__}: {e}"
-            log.warning("BPF datapath unavailable, falling back to ip rules",
-                        extra=kv(reason=why))
+            log.warning("BPF datapath unavailable, falling back to ip rules", extra=kv(reason=why))
             try:
                 datapath = _start_iprule(settings, metrics, netns)
             except NotSupported as iprule_error:
-                raise NotSupported("datapath", f"BPF: {why}; ip rules: {iprule_error}") \
-                    from iprule_error
+                raise NotSupported(
+                    "datapath", f"BPF: {why}; ip rules: {iprule_error}"
+                ) from iprule_error
             reason = f"auto: fell back to ip rules because BPF is unavailable ({why})"
     if datapath.name == DatapathMode.IPRULE:
         datapath = HandOver(datapath, lambda: _remove_bpf_state(settings))

@@ -28,8 +28,12 @@ def _device(ipr: IPRoute, ifindex: int | None = None, ifname: str | None = None)
     if not links:
         return None
     msg = links[0]
-    return Device(name=msg.get_attr("IFLA_IFNAME"), ifindex=msg["index"],
-                  mtu=msg.get_attr("IFLA_MTU") or 0, networks=_networks(ipr, msg["index"]))
+    return Device(
+        name=msg.get_attr("IFLA_IFNAME"),
+        ifindex=msg["index"],
+        mtu=msg.get_attr("IFLA_MTU") or 0,
+        networks=_networks(ipr, msg["index"]),
+    )
 
 
 def _networks(ipr: IPRoute, ifindex: int) -> tuple:
@@ -114,8 +118,10 @@ class DeviceResolver:
         if problems != self._last_problems:
             self._last_problems = problems
             if problems:
-                log.warning("device detection", extra=kv(problems="; ".join(problems[:10]),
-                                                         count=len(problems)))
+                log.warning(
+                    "device detection",
+                    extra=kv(problems="; ".join(problems[:10]), count=len(problems)),
+                )
         return tuple(sorted(found.values(), key=lambda d: d.name)), problems
 
 

@@ -27,9 +27,9 @@ from nodecryptor.core.model import IPNetwork
 
 log = logging.getLogger(__name__)
 
+
 def _usable(addr) -> bool:
-    return not (addr.is_loopback or addr.is_link_local or addr.is_multicast
-                or addr.is_unspecified)
+    return not (addr.is_loopback or addr.is_link_local or addr.is_multicast or addr.is_unspecified)
 
 
 def read_local_prefixes(wg_interface: str = "cilium_wg0") -> tuple[IPNetwork, ...]:
@@ -58,7 +58,9 @@ def read_local_prefixes(wg_interface: str = "cilium_wg0") -> tuple[IPNetwork, ..
                     if any(a.version == prefix.version and a in prefix for a in by_link[oif]):
                         own.append(prefix)
     except Exception as e:  # the Node object still names the local prefixes
-        log.warning("could not read the local prefixes from the kernel",
-                    extra=kv(error=f"{type(e).__name__}: {e}"))
+        log.warning(
+            "could not read the local prefixes from the kernel",
+            extra=kv(error=f"{type(e).__name__}: {e}"),
+        )
         return ()
     return tuple(sorted(set(own), key=lambda p: (p.version, p)))

@@ -53,10 +53,16 @@ def parse_uapi(text: str) -> tuple[int, int, list[WgPeer]]:
 
     def finish():
         if current is not None:
-            peers.append(WgPeer(public_key=current["key"], allowed_ips=tuple(current["allowed"]),
-                                endpoint=current.get("endpoint"),
-                                last_handshake=current.get("handshake"),
-                                rx_bytes=current.get("rx", 0), tx_bytes=current.get("tx", 0)))
+            peers.append(
+                WgPeer(
+                    public_key=current["key"],
+                    allowed_ips=tuple(current["allowed"]),
+                    endpoint=current.get("endpoint"),
+                    last_handshake=current.get("handshake"),
+                    rx_bytes=current.get("rx", 0),
+                    tx_bytes=current.get("tx", 0),
+                )
+            )
 
     for line in text.splitlines():
         key, sep, value = line.partition("=")
@@ -127,6 +133,7 @@ def _decode_allowed(entry) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 def _read_genl(ifname: str) -> tuple[int, int, list[WgPeer]] | None:
     try:
         from pyroute2 import WireGuard
+
         with WireGuard() as wg:
             msgs = wg.info(ifname)
     except Exception as e:  # no wireguard genl family (module absent), or device not kernel WG
@@ -150,11 +157,16 @@ def _read_genl(ifname: str) -> tuple[int, int, list[WgPeer]] | None:
             if isinstance(endpoint, dict):
                 addr, port = endpoint.get("addr"), endpoint.get("port")
                 endpoint = f"[{addr}]:{port}" if addr and ":" in str(addr) else f"{addr}:{port}"
-            peers.append(WgPeer(public_key=str(key), allowed_ips=allowed,
-                                endpoint=str(endpoint) if endpoint else None,
-                                last_handshake=seconds,
-                                rx_bytes=int(peer.get_attr("WGPEER_A_RX_BYTES") or 0),
-                                tx_bytes=int(peer.get_attr("WGPEER_A_TX_BYTES") or 0)))
+            peers.append(
+                WgPeer(
+                    public_key=str(key),
+                    allowed_ips=allowed,
+                    endpoint=str(endpoint) if endpoint else None,
+                    last_handshake=seconds,
+                    rx_bytes=int(peer.get_attr("WGPEER_A_RX_BYTES") or 0),
+                    tx_bytes=int(peer.get_attr("WGPEER_A_TX_BYTES") or 0),
+                )
+            )
     return listen_port, fwmark, peers
 
 
@@ -176,9 +188,24 @@ def read_state(ifname: str, uapi_dir: str = UAPI_DIR) -> WgState:
     if config is None:
         config = _read_genl(ifname)
     if config is None:
-        return WgState(ifname=ifname, ifindex=ifindex, present=True, up=up, mtu=mtu,
-                       peers=None, error=error or "configuration unreadable (no UAPI socket, "
-                                                  "no WireGuard generic netlink)")
+        return WgState(
+            ifname=ifname,
+            ifindex=ifindex,
+            present=True,
+            up=up,
+            mtu=mtu,
+            peers=None,
+            error=error
+            or "configuration unreadable (no UAPI socket, no WireGuard generic netlink)",
+        )
     listen_port, fwmark, peers = config
-    return WgState(ifname=ifname, ifindex=ifindex, present=True, up=up, mtu=mtu,
-                   listen_port=listen_port, fwmark=fwmark, peers=tuple(peers))
+    return WgState(
+        ifname=ifname,
+        ifindex=ifindex,
+        present=True,
+        up=up,
+        mtu=mtu,
+        listen_port=listen_port,
+        fwmark=fwmark,
+        peers=tuple(peers),
+    )

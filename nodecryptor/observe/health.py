@@ -39,10 +39,17 @@ class HealthServer:
     """/healthz and /readyz on ``bind``. Listening starts in the constructor (a bad address
     raises SettingsError naming ``flag``); answering starts with ``start()``."""
 
-    def __init__(self, bind: str, alive: Check, ready: Check,
-                 on_ready: Callable[[bool], None] | None = None, *,
-                 flag: str = "--health-probe-bind-address", max_connections: int = 64,
-                 request_seconds: float = 5.0):
+    def __init__(
+        self,
+        bind: str,
+        alive: Check,
+        ready: Check,
+        on_ready: Callable[[bool], None] | None = None,
+        *,
+        flag: str = "--health-probe-bind-address",
+        max_connections: int = 64,
+        request_seconds: float = 5.0,
+    ):
         def endpoint(check: Check, report: Callable[[bool], None] | None):
             def handle(_request: Request) -> Response:
                 ok, reason = check()
@@ -50,12 +57,17 @@ class HealthServer:
                     report(ok)
                 body = json.dumps({"ok": ok, "reason": reason}).encode()
                 return Response(200 if ok else 503, "application/json", body)
+
             return handle
 
         self.server = EndpointServer(
-            bind, {"/healthz": endpoint(alive, None), "/readyz": endpoint(ready, on_ready)},
-            flag=flag, max_connections=max_connections, request_seconds=request_seconds,
-            name="health")
+            bind,
+            {"/healthz": endpoint(alive, None), "/readyz": endpoint(ready, on_ready)},
+            flag=flag,
+            max_connections=max_connections,
+            request_seconds=request_seconds,
+            name="health",
+        )
 
     @property
     def port(self) -> int:

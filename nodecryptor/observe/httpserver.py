@@ -35,9 +35,16 @@ from nodecryptor.core.errors import SettingsError
 
 log = logging.getLogger(__name__)
 
-REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-           408: "Request Timeout", 431: "Request Header Fields Too Large",
-           500: "Internal Server Error", 503: "Service Unavailable"}
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 def parse_bind(text: str) -> tuple[str, int]:
@@ -65,8 +72,10 @@ def parse_bind(text: str) -> tuple[str, int]:
         try:
             ipaddress.IPv4Address(host)
         except ValueError:
-            raise ValueError(f"host {host!r} is not an IP address (names are not resolved; "
-                             f"leave it empty for every address)") from None
+            raise ValueError(
+                f"host {host!r} is not an IP address (names are not resolved; "
+                f"leave it empty for every address)"
+            ) from None
     return host, int(port)
 
 
@@ -114,9 +123,17 @@ class EndpointServer:
     ``flag`` names the option the address came from, for the SettingsError raised when it
     cannot be used."""
 
-    def __init__(self, bind: str, routes: dict[str, Handler], *, flag: str = "bind address",
-                 max_connections: int = 64, request_seconds: float = 5.0,
-                 max_request_bytes: int = 8192, name: str = "http"):
+    def __init__(
+        self,
+        bind: str,
+        routes: dict[str, Handler],
+        *,
+        flag: str = "bind address",
+        max_connections: int = 64,
+        request_seconds: float = 5.0,
+        max_request_bytes: int = 8192,
+        name: str = "http",
+    ):
         try:
             host, port = parse_bind(bind)
         except ValueError as e:
@@ -189,8 +206,9 @@ class EndpointServer:
             try:
                 self._turn()
             except Exception:  # a bug must not silently end the endpoints; keep serving
-                log.exception("endpoint server loop failed", extra={"fields": {
-                    "server": self.name}})
+                log.exception(
+                    "endpoint server loop failed", extra={"fields": {"server": self.name}}
+                )
                 time.sleep(0.1)
 
     def _turn(self) -> None:
@@ -230,8 +248,10 @@ class EndpointServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:  # EMFILE and friends: log, and let the backlog wait
-                log.warning("cannot accept a connection", extra={"fields": {
-                    "server": self.name, "error": str(e)}})
+                log.warning(
+                    "cannot accept a connection",
+                    extra={"fields": {"server": self.name, "error": str(e)}},
+                )
                 return
             while len(self._conns) >= self.max_connections:
                 self.evicted += 1
@@ -274,16 +294,20 @@ class EndpointServer:
         try:
             return handler(request)
         except Exception as e:  # a failing handler answers 500; the server keeps serving
-            log.exception("endpoint handler failed", extra={"fields": {
-                "server": self.name, "path": request.path}})
+            log.exception(
+                "endpoint handler failed",
+                extra={"fields": {"server": self.name, "path": request.path}},
+            )
             return Response(500, "text/plain", f"{type(e).__name__}\n".encode())
 
     def _respond(self, conn: _Conn, request: Request | None, response: Response) -> None:
         body = b"" if request is not None and request.method == "HEAD" else response.body
-        head = (f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'Unknown')}\r\n"
-                f"Content-Type: {response.content_type}\r\n"
-                f"Content-Length: {len(response.body)}\r\n"
-                "Connection: close\r\n\r\n").encode("latin-1")
+        head = (
+            f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'Unknown')}\r\n"
+            f"Content-Type: {response.content_type}\r\n"
+            f"Content-Length: {len(response.body)}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode("latin-1")
         conn.outbuf = head + body
         conn.inbuf.clear()
         conn.writing = True

@@ -27,14 +27,25 @@ class RejectionLog:
         self._active = current
         for rej in new:
             if rej.kind != "CiliumNode":
-                log.warning(f"{rej.kind} rejected", extra=kv(
-                    name=rej.obj, field=rej.field, value=rej.value, reason=rej.reason,
-                    why=rej.why))
+                log.warning(
+                    f"{rej.kind} rejected",
+                    extra=kv(
+                        name=rej.obj,
+                        field=rej.field,
+                        value=rej.value,
+                        reason=rej.reason,
+                        why=rej.why,
+                    ),
+                )
                 continue
-            log.warning("CiliumNode claim rejected" if rej.reason != "duplicate-claim"
-                        else "CiliumNode claim conflict",
-                        extra=kv(node=rej.obj, field=rej.field, value=rej.value,
-                                 reason=rej.reason, why=rej.why))
+            log.warning(
+                "CiliumNode claim rejected"
+                if rej.reason != "duplicate-claim"
+                else "CiliumNode claim conflict",
+                extra=kv(
+                    node=rej.obj, field=rej.field, value=rej.value, reason=rej.reason, why=rej.why
+                ),
+            )
         if self.metrics is not None:
             self.metrics.record_claim_rejections(new)
         return new

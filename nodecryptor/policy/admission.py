@@ -38,35 +38,36 @@ REASONS: dict[str, str] = {
     "unspecified": "is or covers an unspecified address (0.0.0.0/8, ::)",
     "loopback": "is or covers a loopback address (127.0.0.0/8, ::1)",
     "link-local": "is or covers a link-local address (169.254.0.0/16 - cloud metadata "
-                  "169.254.169.254 included - or fe80::/10)",
+    "169.254.169.254 included - or fe80::/10)",
     "multicast": "is or covers a multicast address (224.0.0.0/4, ff00::/8)",
     "broadcast": "is or covers the limited broadcast address 255.255.255.255, or is the "
-                 "broadcast address of the local node's underlay subnet",
+    "broadcast address of the local node's underlay subnet",
     "ipv4-mapped": "is or covers an IPv4-mapped IPv6 address (::ffff:0:0/96)",
     "ipv4-compatible": "is or covers a deprecated IPv4-compatible IPv6 address (::/96)",
     "too-broad": "pod CIDR broader than the per-family limit (--pod-cidr-min-prefix-v4/-v6)",
     "outside-cluster-pod-cidrs": "pod CIDR not inside the cluster's pod pools (Cilium's "
-                                 "configuration, or --cluster-pod-cidrs)",
+    "configuration, or --cluster-pod-cidrs)",
     "not-in-node-spec": "pod CIDR outside the pools and not among the v1 Node's spec.podCIDRs",
     "covers-node-address": "pod CIDR that no pool vouches for and that contains an address "
-                           "a v1 Node lists",
+    "a v1 Node lists",
     "not-in-node-status": "node address the v1 Node's status.addresses do not list",
     "no-node-object": "node address of a CiliumNode that has no v1 Node of the same name",
     "overlaps-local-node": "overlaps an address or pod CIDR the local node's Node object or "
-                           "kernel shows as its own",
+    "kernel shows as its own",
     "local-claim-conflicts": "an entry of the local node's own CiliumNode (untrusted) that "
-                             "overlaps another node's destination: not treated as local",
+    "overlaps another node's destination: not treated as local",
     "oversized": "the whole object is larger than the size bound and was not parsed",
     "duplicate-claim": "the same prefix is claimed by several nodes; it stays encrypted (and "
-                       "exempt when a control-plane node claims it as its node address)",
+    "exempt when a control-plane node claims it as its node address)",
     "exemption-limit": "an EncryptionExemption beyond the limits on policies or port ranges "
-                       "(exemptions.py); rejected whole",
+    "(exemptions.py); rejected whole",
 }
 
 # Special-purpose ranges, most specific first so that an address inside several (::1 is in
 # ::/96 too) gets the most telling reason.
 _SPECIAL: tuple[tuple[IPNetwork, str], ...] = tuple(
-    (ipaddress.ip_network(net), reason) for net, reason in (
+    (ipaddress.ip_network(net), reason)
+    for net, reason in (
         ("::/128", "unspecified"),
         ("::1/128", "loopback"),
         ("0.0.0.0/8", "unspecified"),
@@ -78,7 +79,8 @@ _SPECIAL: tuple[tuple[IPNetwork, str], ...] = tuple(
         ("::/96", "ipv4-compatible"),
         ("fe80::/10", "link-local"),
         ("ff00::/8", "multicast"),
-    ))
+    )
+)
 
 
 def special_purpose(prefix: IPNetwork) -> tuple[str, str] | None:
@@ -132,7 +134,7 @@ def _span(prefix: IPNetwork) -> tuple[int, int, int]:
 
 def overlapping(span: tuple[int, int, int], spans: Sequence[tuple[int, int, int]]) -> bool:
     version, first, last = span
-    return any(v == version and first <= l and f <= last for v, f, l in spans)
+    return any(v == version and first <= end and f <= last for v, f, end in spans)
 
 
 def duplicates(groups: Iterable[list[Claim]]) -> list[Rejection]:
@@ -148,11 +150,15 @@ def duplicates(groups: Iterable[list[Claim]]) -> list[Rejection]:
             if claim.node == keeper.node:
                 continue
             if keeper.control_plane and keeper.kind == KIND_NODE_IP and not claim.control_plane:
-                detail = (f"also the node address of control-plane node {keeper.node}: stays "
-                          f"encrypted except its bootstrap ports, which stay exempt")
+                detail = (
+                    f"also the node address of control-plane node {keeper.node}: stays "
+                    f"encrypted except its bootstrap ports, which stay exempt"
+                )
             else:
-                detail = f"also claimed by {', '.join(n for n in nodes if n != claim.node)}; " \
-                         "stays encrypted"
+                detail = (
+                    f"also claimed by {', '.join(n for n in nodes if n != claim.node)}; "
+                    "stays encrypted"
+                )
             conflicts.append(claim.reject("duplicate-claim", detail))
     return conflicts
 
@@ -161,5 +167,11 @@ def owner_of(owners: Sequence[Claim]) -> Claim:
     """The claim a shared prefix is attributed to: a control-plane node's node address first
     (so a worker claiming it cannot switch the exemption off), then any node address, then
     the first node by name."""
-    return min(owners, key=lambda c: (not (c.control_plane and c.kind == KIND_NODE_IP),
-                                      c.kind != KIND_NODE_IP, c.node))
+    return min(
+        owners,
+        key=lambda c: (
+            not (c.control_plane and c.kind == KIND_NODE_IP),
+            c.kind != KIND_NODE_IP,
+            c.node,
+        ),
+    )

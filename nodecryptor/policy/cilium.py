@@ -26,8 +26,18 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 
 from nodecryptor.policy.admission import Limits
-from nodecryptor.core.model import (DEFAULT_WG_PORT, KIND_POD_CIDR, WG_MARK, CiliumFacts,
-                                    DesiredState, IPAddress, IPNetwork, NodeInfo, Plan, WgState)
+from nodecryptor.core.model import (
+    DEFAULT_WG_PORT,
+    KIND_POD_CIDR,
+    WG_MARK,
+    CiliumFacts,
+    DesiredState,
+    IPAddress,
+    IPNetwork,
+    NodeInfo,
+    Plan,
+    WgState,
+)
 
 ROUTING_NATIVE = "native"
 ROUTING_TUNNEL = "tunnel"
@@ -54,9 +64,12 @@ def _endpoint_ip(endpoint: str | None) -> IPAddress | None:
         return None
 
 
-def detect(wg: WgState, tunnel_devices: Iterable[str] = (),
-           node_ips: Iterable[IPAddress] | None = None,
-           pod_cidrs: Iterable[IPNetwork] | None = None) -> CiliumFacts:
+def detect(
+    wg: WgState,
+    tunnel_devices: Iterable[str] = (),
+    node_ips: Iterable[IPAddress] | None = None,
+    pod_cidrs: Iterable[IPNetwork] | None = None,
+) -> CiliumFacts:
     """Facts about Cilium from what was observed. ``node_ips`` and ``pod_cidrs`` are the remote
     nodes' addresses and pod CIDRs (from CiliumNodes); None when unknown (``nodecryptor status``
     without the cluster), then peers' endpoint addresses stand for node addresses."""
@@ -83,8 +96,11 @@ def detect(wg: WgState, tunnel_devices: Iterable[str] = (),
             candidates = {ipaddress.ip_network(a) for a in node_ips}
             what = "remote CiliumNode addresses"
         else:
-            candidates = {ipaddress.ip_network(ip) for ip in
-                          (_endpoint_ip(p.endpoint) for p in wg.peers) if ip is not None}
+            candidates = {
+                ipaddress.ip_network(ip)
+                for ip in (_endpoint_ip(p.endpoint) for p in wg.peers)
+                if ip is not None
+            }
             what = "peer endpoint addresses"
         if not candidates:
             in_allowed, in_src = None, f"unknown: no {what} to compare with"
@@ -113,15 +129,25 @@ def detect(wg: WgState, tunnel_devices: Iterable[str] = (),
     else:
         devices = ", ".join(TUNNEL_DEVICES)
         mode, mode_src = ROUTING_NATIVE, f"no tunnel device ({devices}); {evidence}"
-    return CiliumFacts(routing_mode=mode, routing_mode_source=mode_src,
-                       node_ips_in_allowed_ips=in_allowed, node_ips_source=in_src,
-                       wg_port=port, wg_port_source=port_src, wg_fwmark=fwmark,
-                       wg_fwmark_source=mark_src, wg_mtu=mtu, wg_mtu_source=mtu_src,
-                       tunnel_device=present[0] if present else None, wg_ifname=name)
+    return CiliumFacts(
+        routing_mode=mode,
+        routing_mode_source=mode_src,
+        node_ips_in_allowed_ips=in_allowed,
+        node_ips_source=in_src,
+        wg_port=port,
+        wg_port_source=port_src,
+        wg_fwmark=fwmark,
+        wg_fwmark_source=mark_src,
+        wg_mtu=mtu,
+        wg_mtu_source=mtu_src,
+        tunnel_device=present[0] if present else None,
+        wg_ifname=name,
+    )
 
 
-def remote_inventory(snapshot: Mapping[str, NodeInfo], node_name: str,
-                     address_types: Iterable[str]) -> tuple[list[IPAddress], list[IPNetwork]]:
+def remote_inventory(
+    snapshot: Mapping[str, NodeInfo], node_name: str, address_types: Iterable[str]
+) -> tuple[list[IPAddress], list[IPNetwork]]:
     """(node addresses, pod CIDRs) of every node but ``node_name``."""
     types = set(address_types)
     ips, pods = [], []
@@ -133,8 +159,9 @@ def remote_inventory(snapshot: Mapping[str, NodeInfo], node_name: str,
     return ips, pods
 
 
-def cilium_pod_cidrs(plan: Plan, facts: CiliumFacts, take_over: bool,
-                     limits: Limits) -> tuple[IPNetwork, ...]:
+def cilium_pod_cidrs(
+    plan: Plan, facts: CiliumFacts, take_over: bool, limits: Limits
+) -> tuple[IPNetwork, ...]:
     """Local pod CIDRs whose traffic to remote pod CIDRs stays Cilium's: none when taken over,
     and none in tunnel mode (pod CIDRs are then no destinations of nodecryptor's at all).
 
@@ -145,14 +172,18 @@ def cilium_pod_cidrs(plan: Plan, facts: CiliumFacts, take_over: bool,
     Cilium, which does not encrypt it), is never handed over: its traffic stays encrypted."""
     if take_over or facts.routing_mode == ROUTING_TUNNEL:
         return ()
-    kept = [c for c in plan.local_pod_cidrs
-            if c.prefixlen >= limits.min_prefix(c.version)
-            and not any(a.version == c.version and a in c for a in plan.local_addresses)]
+    kept = [
+        c
+        for c in plan.local_pod_cidrs
+        if c.prefixlen >= limits.min_prefix(c.version)
+        and not any(a.version == c.version and a in c for a in plan.local_addresses)
+    ]
     return tuple(sorted(kept, key=lambda n: (n.version, n)))
 
 
-def apply(desired: DesiredState, facts: CiliumFacts, take_over: bool,
-          limits: Limits) -> DesiredState:
+def apply(
+    desired: DesiredState, facts: CiliumFacts, take_over: bool, limits: Limits
+) -> DesiredState:
     """``desired`` adjusted to the detected Cilium (see the module doc)."""
     plan = desired.plan
     uncovered = desired.uncovered
@@ -162,14 +193,20 @@ def apply(desired: DesiredState, facts: CiliumFacts, take_over: bool,
         prefixes = {d.prefix for d in kept}
         uncovered = frozenset(p for p in uncovered if p in prefixes)
     return dataclasses.replace(
-        desired, plan=plan, uncovered=uncovered, cilium=facts,
-        cilium_pod_cidrs=cilium_pod_cidrs(plan, facts, take_over, limits))
+        desired,
+        plan=plan,
+        uncovered=uncovered,
+        cilium=facts,
+        cilium_pod_cidrs=cilium_pod_cidrs(plan, facts, take_over, limits),
+    )
 
 
 def readiness_problem(facts: CiliumFacts | None) -> str | None:
     """Why the node cannot be ready because of Cilium's configuration, or None."""
     if facts is not None and facts.node_ips_in_allowed_ips is False:
-        return ("WireGuard peers' allowed-IPs do not include node addresses (Cilium before "
-                "cilium/cilium#30975): node traffic cannot be encrypted through "
-                f"{facts.wg_ifname}")
+        return (
+            "WireGuard peers' allowed-IPs do not include node addresses (Cilium before "
+            "cilium/cilium#30975): node traffic cannot be encrypted through "
+            f"{facts.wg_ifname}"
+        )
     return None

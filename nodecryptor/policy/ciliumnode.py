@@ -15,8 +15,15 @@ import ipaddress
 from nodecryptor.policy.admission import special_purpose
 from nodecryptor.core.model import KubeNode, NodeInfo, Rejection
 
-__all__ = ["MAX_ADDRESSES", "MAX_LABELS", "MAX_POD_CIDRS", "WG_PUBKEY_ANNOTATION", "Rejection",
-           "parse_ciliumnode", "parse_node_roles"]
+__all__ = [
+    "MAX_ADDRESSES",
+    "MAX_LABELS",
+    "MAX_POD_CIDRS",
+    "WG_PUBKEY_ANNOTATION",
+    "Rejection",
+    "parse_ciliumnode",
+    "parse_node_roles",
+]
 
 WG_PUBKEY_ANNOTATION = "network.cilium.io/wg-pub-key"
 MAX_ADDRESSES = 64
@@ -64,8 +71,11 @@ def parse_ciliumnode(obj: object) -> tuple[NodeInfo | None, list[Rejection]]:
         if isinstance(raw_key, str) and len(raw_key) == 44:
             pubkey = raw_key
         elif raw_key is not None:
-            reject(f"metadata.annotations[{WG_PUBKEY_ANNOTATION}]", raw_key,
-                   "not a base64 WireGuard public key")
+            reject(
+                f"metadata.annotations[{WG_PUBKEY_ANNOTATION}]",
+                raw_key,
+                "not a base64 WireGuard public key",
+            )
     spec = obj.get("spec")
     if not isinstance(spec, dict):
         if spec is not None:
@@ -98,8 +108,9 @@ def parse_ciliumnode(obj: object) -> tuple[NodeInfo | None, list[Rejection]]:
             continue
         special = special_purpose(ipaddress.ip_network(addr))
         if special is not None:
-            reject(field + ".ip", ip, f"not a node address: {special[0]} ({special[1]})",
-                   special[0])
+            reject(
+                field + ".ip", ip, f"not a node address: {special[0]} ({special[1]})", special[0]
+            )
             continue
         addresses.append((kind, addr))
 
@@ -129,13 +140,19 @@ def parse_ciliumnode(obj: object) -> tuple[NodeInfo | None, list[Rejection]]:
             continue
         cidrs.append(net)
 
-    info = NodeInfo(name=name, labels=tuple(sorted(labels)), addresses=tuple(addresses),
-                    pod_cidrs=tuple(cidrs), wg_public_key=pubkey)
+    info = NodeInfo(
+        name=name,
+        labels=tuple(sorted(labels)),
+        addresses=tuple(addresses),
+        pod_cidrs=tuple(cidrs),
+        wg_public_key=pubkey,
+    )
     return info, rejections
 
 
-def parse_node_roles(obj: object, role_labels: tuple[str, ...] | None
-                     ) -> tuple[KubeNode | None, list[Rejection]]:
+def parse_node_roles(
+    obj: object, role_labels: tuple[str, ...] | None
+) -> tuple[KubeNode | None, list[Rejection]]:
     """From a v1 Node (or its PartialObjectMetadata), return what the policy reads of it (None
     when it has no usable name): the labels among ``role_labels`` (None keeps every label; the
     agent's store then keeps the keys the exemption policies name), the addresses of
@@ -144,8 +161,11 @@ def parse_node_roles(obj: object, role_labels: tuple[str, ...] | None
     meta = obj.get("metadata") if isinstance(obj, dict) else None
     name = meta.get("name") if isinstance(meta, dict) else None
     if not isinstance(name, str) or not name or len(name) > 253:
-        return None, [Rejection("?", "Node metadata.name", _short(name),
-                                "missing or not a valid name", kind="Node")]
+        return None, [
+            Rejection(
+                "?", "Node metadata.name", _short(name), "missing or not a valid name", kind="Node"
+            )
+        ]
     rejections: list[Rejection] = []
 
     def reject(field: str, value: object, why: str, reason: str = "malformed") -> None:
@@ -155,9 +175,15 @@ def parse_node_roles(obj: object, role_labels: tuple[str, ...] | None
     if not isinstance(labels, dict):
         reject("metadata.labels", labels, "not a map")
         labels = {}
-    kept = tuple(sorted((k, v) for k, v in labels.items()
-                        if (role_labels is None or k in role_labels)
-                        and isinstance(k, str) and isinstance(v, str)))
+    kept = tuple(
+        sorted(
+            (k, v)
+            for k, v in labels.items()
+            if (role_labels is None or k in role_labels)
+            and isinstance(k, str)
+            and isinstance(v, str)
+        )
+    )
     status = obj.get("status")
     raw_addresses = status.get("addresses") if isinstance(status, dict) else None
     addresses = []
@@ -176,8 +202,12 @@ def parse_node_roles(obj: object, role_labels: tuple[str, ...] | None
             continue
         special = special_purpose(ipaddress.ip_network(addr))
         if special is not None:
-            reject(f"status.addresses[{i}].address", text,
-                   f"not a node address: {special[0]} ({special[1]})", special[0])
+            reject(
+                f"status.addresses[{i}].address",
+                text,
+                f"not a node address: {special[0]} ({special[1]})",
+                special[0],
+            )
             continue
         addresses.append((kind, addr))
     spec = obj.get("spec")

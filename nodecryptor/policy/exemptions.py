@@ -114,8 +114,9 @@ class ExemptionPolicy:
         return keys
 
 
-def rejection(name: str, field_: str, value: object, why: str,
-              reason: str = REASON_MALFORMED) -> Rejection:
+def rejection(
+    name: str, field_: str, value: object, why: str, reason: str = REASON_MALFORMED
+) -> Rejection:
     text = value if isinstance(value, str) else repr(value)
     return Rejection(name, field_, text[:120], why, reason, kind=KIND)
 
@@ -138,7 +139,9 @@ def parse_selector(obj: object, where: str) -> LabelSelector:
         raise SelectorError(where, obj, "not a label selector (a mapping)")
     unknown = set(obj) - {"matchLabels", "matchExpressions"}
     if unknown:
-        raise SelectorError(where, sorted(unknown), "unknown field(s) " + ", ".join(sorted(unknown)))
+        raise SelectorError(
+            where, sorted(unknown), "unknown field(s) " + ", ".join(sorted(unknown))
+        )
     reqs: list[Requirement] = []
     labels = obj.get("matchLabels") or {}
     if not isinstance(labels, dict):
@@ -160,8 +163,9 @@ def parse_selector(obj: object, where: str) -> LabelSelector:
         if not _label_key_ok(key):
             raise SelectorError(f"{at}.key", key, "missing or not a label key")
         if op not in OPERATORS:
-            raise SelectorError(f"{at}.operator", op, "unknown operator (In, NotIn, Exists, "
-                                                      "DoesNotExist)")
+            raise SelectorError(
+                f"{at}.operator", op, "unknown operator (In, NotIn, Exists, DoesNotExist)"
+            )
         if op in ("In", "NotIn"):
             if not isinstance(values, list) or not values:
                 raise SelectorError(f"{at}.values", values, f"{op} needs a non-empty list")
@@ -185,7 +189,9 @@ def _parse_ports(raw: object) -> tuple[PortRange, ...]:
             raise SelectorError(at, entry, "not a mapping")
         unknown = set(entry) - {"protocol", "port", "endPort"}
         if unknown:
-            raise SelectorError(at, sorted(unknown), "unknown field(s) " + ", ".join(sorted(unknown)))
+            raise SelectorError(
+                at, sorted(unknown), "unknown field(s) " + ", ".join(sorted(unknown))
+            )
         proto = entry.get("protocol", "TCP")
         if not isinstance(proto, str) or proto not in ("TCP", "UDP", "SCTP"):
             raise SelectorError(f"{at}.protocol", proto, "unknown protocol (TCP, UDP or SCTP)")
@@ -201,8 +207,12 @@ def _parse_ports(raw: object) -> tuple[PortRange, ...]:
         ranges.append(PortRange(proto.lower(), port, end))
     merged = merge_ranges(ranges)
     if len(merged) > MAX_RANGES_PER_POLICY:
-        raise SelectorError("spec.ports", len(merged), f"{len(merged)} port ranges after merging; "
-                            f"a policy may have at most {MAX_RANGES_PER_POLICY}")
+        raise SelectorError(
+            "spec.ports",
+            len(merged),
+            f"{len(merged)} port ranges after merging; "
+            f"a policy may have at most {MAX_RANGES_PER_POLICY}",
+        )
     return merged
 
 
@@ -213,8 +223,14 @@ def parse_exemption(obj: object) -> tuple[ExemptionPolicy | None, list[Rejection
     if not isinstance(name, str) or not name or len(name) > MAX_NAME:
         return None, [rejection("?", "metadata.name", name, "missing or not a valid name")]
     if name == BUILTIN_NAME:
-        return None, [rejection(name, "metadata.name", name,
-                                "reserved for the built-in policy (--control-plane-exempt-ports)")]
+        return None, [
+            rejection(
+                name,
+                "metadata.name",
+                name,
+                "reserved for the built-in policy (--control-plane-exempt-ports)",
+            )
+        ]
     spec = obj.get("spec")
     try:
         if not isinstance(spec, dict):
@@ -236,13 +252,18 @@ def builtin_policy(settings: Settings) -> ExemptionPolicy | None:
     for every client. None when the port list is empty (turned off)."""
     if not settings.exempt_ports or not settings.control_plane_labels:
         return None
-    return ExemptionPolicy(BUILTIN_NAME,
-                           LabelSelector(any_key=tuple(settings.control_plane_labels)),
-                           tuple(settings.exempt_ports), None, builtin=True)
+    return ExemptionPolicy(
+        BUILTIN_NAME,
+        LabelSelector(any_key=tuple(settings.control_plane_labels)),
+        tuple(settings.exempt_ports),
+        None,
+        builtin=True,
+    )
 
 
-def within_limits(policies: Iterable[ExemptionPolicy]
-                  ) -> tuple[tuple[ExemptionPolicy, ...], tuple[Rejection, ...]]:
+def within_limits(
+    policies: Iterable[ExemptionPolicy],
+) -> tuple[tuple[ExemptionPolicy, ...], tuple[Rejection, ...]]:
     """The policies in force, in order (built-in first, then by name), and a rejection for
     each beyond ``MAX_POLICIES`` or ``MAX_RANGES``."""
     ordered = sorted(policies, key=lambda p: (not p.builtin, p.name))
@@ -251,14 +272,28 @@ def within_limits(policies: Iterable[ExemptionPolicy]
     ranges = 0
     for pol in ordered:
         if len(kept) >= MAX_POLICIES:
-            rejected.append(rejection(pol.name, "metadata.name", pol.name,
-                                      f"more than {MAX_POLICIES} policies (the built-in one "
-                                      f"included); policies apply in name order", REASON_LIMIT))
+            rejected.append(
+                rejection(
+                    pol.name,
+                    "metadata.name",
+                    pol.name,
+                    f"more than {MAX_POLICIES} policies (the built-in one "
+                    f"included); policies apply in name order",
+                    REASON_LIMIT,
+                )
+            )
             continue
         if ranges + len(pol.ports) > MAX_RANGES:
-            rejected.append(rejection(pol.name, "spec.ports", len(pol.ports),
-                                      f"all policies together would have more than {MAX_RANGES} "
-                                      f"port ranges; policies apply in name order", REASON_LIMIT))
+            rejected.append(
+                rejection(
+                    pol.name,
+                    "spec.ports",
+                    len(pol.ports),
+                    f"all policies together would have more than {MAX_RANGES} "
+                    f"port ranges; policies apply in name order",
+                    REASON_LIMIT,
+                )
+            )
             continue
         kept.append(pol)
         ranges += len(pol.ports)
@@ -300,8 +335,9 @@ def _ranges(pol: ExemptionPolicy) -> tuple[PolicyRange, ...]:
     return tuple(PolicyRange(r.protocol, r.first, r.last, pol.name) for r in pol.ports)
 
 
-def evaluate(policies: Iterable[ExemptionPolicy], snapshot: Mapping, local_name: str,
-             settings: Settings) -> Exemptions:
+def evaluate(
+    policies: Iterable[ExemptionPolicy], snapshot: Mapping, local_name: str, settings: Settings
+) -> Exemptions:
     """Evaluate ``policies`` (the built-in one is added from ``settings``) for ``local_name``.
     A node without trusted labels yet matches only selectors that match the empty label set."""
     builtin = builtin_policy(settings)
@@ -328,13 +364,18 @@ def evaluate(policies: Iterable[ExemptionPolicy], snapshot: Mapping, local_name:
         lab = labels[name]
         ranges = [r for p in users if p.node_selector.matches(lab) for r in _ranges(p)]
         if ranges:
-            to_node[name] = tuple(sorted(ranges, key=lambda r: (r.protocol, r.first, r.last,
-                                                                r.policy)))
+            to_node[name] = tuple(
+                sorted(ranges, key=lambda r: (r.protocol, r.first, r.last, r.policy))
+            )
         served = frozenset(p.name for p in serving if client(p, lab))
         if served:
             clients[name] = served
-    serves = tuple(sorted((r for p in serving for r in _ranges(p)),
-                          key=lambda r: (r.protocol, r.first, r.last, r.policy)))
+    serves = tuple(
+        sorted(
+            (r for p in serving for r in _ranges(p)),
+            key=lambda r: (r.protocol, r.first, r.last, r.policy),
+        )
+    )
     return Exemptions(kept, to_node, serves, clients, rejected)
 
 

@@ -71,12 +71,20 @@ class PeerView:
     tx_bytes: int = 0
 
     def as_dict(self) -> dict:
-        return {"node": self.node, "state": self.state, "key_match": self.key_match,
-                "annotation_key": self.annotation_key, "peer_key": self.peer_key,
-                "last_handshake_age_seconds": (None if self.handshake_age is None
-                                               else round(self.handshake_age, 1)),
-                "covered": list(self.covered), "uncovered": list(self.uncovered),
-                "rx_bytes": self.rx_bytes, "tx_bytes": self.tx_bytes}
+        return {
+            "node": self.node,
+            "state": self.state,
+            "key_match": self.key_match,
+            "annotation_key": self.annotation_key,
+            "peer_key": self.peer_key,
+            "last_handshake_age_seconds": (
+                None if self.handshake_age is None else round(self.handshake_age, 1)
+            ),
+            "covered": list(self.covered),
+            "uncovered": list(self.uncovered),
+            "rx_bytes": self.rx_bytes,
+            "tx_bytes": self.tx_bytes,
+        }
 
 
 @dataclass
@@ -96,12 +104,12 @@ def _prefixes(node: NodeInfo, address_types: Iterable[str]) -> list:
 
 
 def _covers(peer: WgPeer, prefix) -> bool:
-    return any(net.version == prefix.version and prefix.subnet_of(net)
-               for net in peer.allowed_ips)
+    return any(net.version == prefix.version and prefix.subnet_of(net) for net in peer.allowed_ips)
 
 
-def covering_peer(node: NodeInfo, peers: Iterable[WgPeer], address_types: Iterable[str]
-                  ) -> tuple[WgPeer | None, tuple[str, ...], tuple[str, ...]]:
+def covering_peer(
+    node: NodeInfo, peers: Iterable[WgPeer], address_types: Iterable[str]
+) -> tuple[WgPeer | None, tuple[str, ...], tuple[str, ...]]:
     """The peer that carries traffic to ``node`` (the one whose allowed-IPs cover most of its
     prefixes, node addresses first; the annotated key wins a tie), with the covered and
     uncovered prefixes."""
@@ -130,8 +138,14 @@ class PeerTracker:
         self.states: dict[str, str] = {}
         """node -> state at the last observation (transitions are counted against it)."""
 
-    def observe(self, wg: WgState, nodes: Mapping[str, NodeInfo], local: str,
-                address_types: Iterable[str], now: float) -> list[PeerView]:
+    def observe(
+        self,
+        wg: WgState,
+        nodes: Mapping[str, NodeInfo],
+        local: str,
+        address_types: Iterable[str],
+        now: float,
+    ) -> list[PeerView]:
         """One PeerView per remote node, sorted by name. Unreadable peers (``wg.peers`` is
         None) give no views: nothing is known about them."""
         if wg.peers is None:
@@ -147,8 +161,11 @@ class PeerTracker:
                 continue
             node = nodes[name]
             peer, covered, uncovered = covering_peer(node, wg.peers, address_types)
-            views.append(self._view(node, peer, covered, uncovered,
-                                    seen.get(peer.public_key) if peer else None, now))
+            views.append(
+                self._view(
+                    node, peer, covered, uncovered, seen.get(peer.public_key) if peer else None, now
+                )
+            )
         return views
 
     def _remember(self, peer: WgPeer, now: float) -> _Memory:
@@ -168,24 +185,39 @@ class PeerTracker:
         return mem
 
     @staticmethod
-    def _view(node: NodeInfo, peer: WgPeer | None, covered, uncovered, mem: _Memory | None,
-              now: float) -> PeerView:
+    def _view(
+        node: NodeInfo, peer: WgPeer | None, covered, uncovered, mem: _Memory | None, now: float
+    ) -> PeerView:
         if peer is None:
-            return PeerView(node.name, MISSING, node.wg_public_key, None, None, covered,
-                            uncovered, None)
+            return PeerView(
+                node.name, MISSING, node.wg_public_key, None, None, covered, uncovered, None
+            )
         key_match = None if node.wg_public_key is None else peer.public_key == node.wg_public_key
         age = None if peer.last_handshake is None else max(0.0, now - peer.last_handshake)
         if key_match is False:
             state = KEY_MISMATCH
         elif age is not None and age <= UNREACHABLE_AFTER:
             state = HEALTHY
-        elif (mem is not None and mem.sending_since is not None
-              and now - mem.sending_since > UNREACHABLE_AFTER):
+        elif (
+            mem is not None
+            and mem.sending_since is not None
+            and now - mem.sending_since > UNREACHABLE_AFTER
+        ):
             state = UNREACHABLE
         else:
             state = IDLE
-        return PeerView(node.name, state, node.wg_public_key, peer.public_key, key_match,
-                        covered, uncovered, age, peer.rx_bytes, peer.tx_bytes)
+        return PeerView(
+            node.name,
+            state,
+            node.wg_public_key,
+            peer.public_key,
+            key_match,
+            covered,
+            uncovered,
+            age,
+            peer.rx_bytes,
+            peer.tx_bytes,
+        )
 
     def transitions(self, views: Iterable[PeerView]) -> list[tuple[str, str | None, str]]:
         """(node, old state or None, new state) for every node whose state changed since the
@@ -207,8 +239,11 @@ def oldest_handshake_age(views: Iterable[PeerView]) -> float:
     """Age of the oldest handshake among peers that carry traffic (healthy or unreachable);
     0 when there is none. A peer that never handshook while sending counts as infinitely old
     and is reported by the unreachable count instead, so it is skipped here."""
-    ages = [v.handshake_age for v in views
-            if v.state in (HEALTHY, UNREACHABLE) and v.tx_bytes > 0 and v.handshake_age is not None]
+    ages = [
+        v.handshake_age
+        for v in views
+        if v.state in (HEALTHY, UNREACHABLE) and v.tx_bytes > 0 and v.handshake_age is not None
+    ]
     return max(ages, default=0.0)
 
 
@@ -225,8 +260,16 @@ UNCOVERED = "UncoveredDestinations"
 PEER_KEY_MISMATCH = "PeerKeyMismatch"
 PEERS_UNREACHABLE = "PeersUnreachable"
 DESTINATIONS_WITHOUT_KEY = "DestinationsWithoutKey"
-REASONS = (READY, WIREGUARD_DOWN, DATAPATH_NOT_READY, SYNC_STALE, UNCOVERED, PEER_KEY_MISMATCH,
-           PEERS_UNREACHABLE, DESTINATIONS_WITHOUT_KEY)
+REASONS = (
+    READY,
+    WIREGUARD_DOWN,
+    DATAPATH_NOT_READY,
+    SYNC_STALE,
+    UNCOVERED,
+    PEER_KEY_MISMATCH,
+    PEERS_UNREACHABLE,
+    DESTINATIONS_WITHOUT_KEY,
+)
 
 UNCOVERED_HOLD = 60.0
 """Seconds destinations must stay uncovered before the condition says so. A joining node's
@@ -289,37 +332,62 @@ def decide_condition(f: NodeFacts, sync_stale_after: float) -> Condition:
     node's broken key or dead link is that node's fault, and a False condition on every other
     node (a taint, for a Node Readiness rule) would spread one node's failure cluster-wide."""
     if not f.wg_usable:
-        return Condition("False", WIREGUARD_DOWN,
-                         f"WireGuard device not usable: {f.wg_problem or 'absent or down'}; "
-                         f"cluster traffic is {'dropped' if f.fail_mode == 'closed' else 'sent in the clear'}")
+        return Condition(
+            "False",
+            WIREGUARD_DOWN,
+            f"WireGuard device not usable: {f.wg_problem or 'absent or down'}; "
+            f"cluster traffic is {'dropped' if f.fail_mode == 'closed' else 'sent in the clear'}",
+        )
     if not f.synced:
         return Condition("False", SYNC_STALE, "no complete list of CiliumNodes yet")
     if not f.applied or not f.datapath_ready:
-        return Condition("False", DATAPATH_NOT_READY,
-                         f"the datapath does not enforce the desired state: "
-                         f"{f.datapath_problem or 'not applied yet'}")
+        return Condition(
+            "False",
+            DATAPATH_NOT_READY,
+            f"the datapath does not enforce the desired state: "
+            f"{f.datapath_problem or 'not applied yet'}",
+        )
     if f.sync_failing_for > sync_stale_after:
-        return Condition("False", SYNC_STALE,
-                         f"CiliumNode sync failing for {f.sync_failing_for:.0f}s; the last known "
-                         f"state keeps being enforced but may miss new nodes or keys")
+        return Condition(
+            "False",
+            SYNC_STALE,
+            f"CiliumNode sync failing for {f.sync_failing_for:.0f}s; the last known "
+            f"state keeps being enforced but may miss new nodes or keys",
+        )
     if f.uncovered and f.uncovered_for >= UNCOVERED_HOLD:
-        return Condition("False", UNCOVERED,
-                         f"{f.uncovered} destinations have no WireGuard peer "
-                         f"({'dropped' if f.fail_mode == 'closed' else 'sent in the clear'}) "
-                         f"for {f.uncovered_for:.0f}s")
+        return Condition(
+            "False",
+            UNCOVERED,
+            f"{f.uncovered} destinations have no WireGuard peer "
+            f"({'dropped' if f.fail_mode == 'closed' else 'sent in the clear'}) "
+            f"for {f.uncovered_for:.0f}s",
+        )
     counts = ", ".join(f"{n} {s}" for s, n in f.peer_counts.items() if n)
     if f.mismatched and f.mismatch_for >= KEY_MISMATCH_HOLD:
-        return Condition("True", PEER_KEY_MISMATCH,
-                         f"encrypting; peers with a key other than their CiliumNode "
-                         f"annotation: {_names(f.mismatched)} (peers: {counts})")
+        return Condition(
+            "True",
+            PEER_KEY_MISMATCH,
+            f"encrypting; peers with a key other than their CiliumNode "
+            f"annotation: {_names(f.mismatched)} (peers: {counts})",
+        )
     if f.keyless:
-        return Condition("True", DESTINATIONS_WITHOUT_KEY,
-                         f"encrypting; nodes without a published WireGuard key, whose "
-                         f"destinations are {'dropped' if f.fail_mode == 'closed' else 'sent in the clear'}: "
-                         f"{_names(f.keyless)}")
+        return Condition(
+            "True",
+            DESTINATIONS_WITHOUT_KEY,
+            f"encrypting; nodes without a published WireGuard key, whose "
+            f"destinations are {'dropped' if f.fail_mode == 'closed' else 'sent in the clear'}: "
+            f"{_names(f.keyless)}",
+        )
     if f.unreachable:
-        return Condition("True", PEERS_UNREACHABLE,
-                         f"encrypting; no handshake for {UNREACHABLE_AFTER:.0f}s although "
-                         f"traffic was sent: {_names(f.unreachable)} (peers: {counts})")
-    return Condition("True", READY, "WireGuard up and the datapath enforces the desired state"
-                     + (f" (peers: {counts})" if counts else ""))
+        return Condition(
+            "True",
+            PEERS_UNREACHABLE,
+            f"encrypting; no handshake for {UNREACHABLE_AFTER:.0f}s although "
+            f"traffic was sent: {_names(f.unreachable)} (peers: {counts})",
+        )
+    return Condition(
+        "True",
+        READY,
+        "WireGuard up and the datapath enforces the desired state"
+        + (f" (peers: {counts})" if counts else ""),
+    )

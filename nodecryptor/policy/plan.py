@@ -2,9 +2,10 @@
 
 ``compute_plan`` turns a snapshot of the cluster (NodeInfo by name, the v1 Nodes' facts merged
 in), the local node's name, the pod pools and the settings into a Plan: the cluster-wide
-topology (``topology.compile_topology``) seen from the local node (``localize``). ``compute_desired`` adds what the runtime observed (the WireGuard
-device, the underlay devices) and derives the values the datapath needs: which destinations no
-peer covers, the TCP MSS to clamp to, the largest packet that crosses WireGuard unfragmented.
+topology (``topology.compile_topology``) seen from the local node (``localize``).
+``compute_desired`` adds what the runtime observed (the WireGuard device, the underlay
+devices) and derives the values the datapath needs: which destinations no peer covers, the
+TCP MSS to clamp to, the largest packet that crosses WireGuard unfragmented.
 Nothing here performs I/O; reading this module tells exactly what gets encrypted.
 """
 
@@ -14,19 +15,52 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 
 from nodecryptor.policy import exemptions as ex
-from nodecryptor.policy.admission import (FIELD_ADDRESSES, FIELD_POD_CIDRS, Limits, _span,
-                                          overlapping, owner_of)
-from nodecryptor.policy.topology import (Topology, compile_topology, effective_pools,
-                                         is_control_plane, limits_of, node_is_control_plane,
-                                         pod_cidr_verdict, trusted_addresses)
-from nodecryptor.core.model import (DEFAULT_WG_PORT, KIND_NODE_IP, ROLE_CONTROL_PLANE,
-                                    ROLE_WORKER, WG_MARK, WG_MARK_MASK, Destination,
-                                    DesiredState, Device, IPNetwork, NodeInfo, PodPools, Plan,
-                                    Rejection, WgState)
+from nodecryptor.policy.admission import (
+    FIELD_ADDRESSES,
+    FIELD_POD_CIDRS,
+    Limits,
+    _span,
+    overlapping,
+    owner_of,
+)
+from nodecryptor.policy.topology import (
+    Topology,
+    compile_topology,
+    effective_pools,
+    is_control_plane,
+    limits_of,
+    node_is_control_plane,
+    pod_cidr_verdict,
+    trusted_addresses,
+)
+from nodecryptor.core.model import (
+    DEFAULT_WG_PORT,
+    KIND_NODE_IP,
+    ROLE_CONTROL_PLANE,
+    ROLE_WORKER,
+    WG_MARK,
+    WG_MARK_MASK,
+    Destination,
+    DesiredState,
+    Device,
+    IPNetwork,
+    NodeInfo,
+    PodPools,
+    Plan,
+    Rejection,
+    WgState,
+)
 from nodecryptor.core.settings import Settings
 
-__all__ = ["compute_plan", "compute_desired", "localize", "is_control_plane",
-           "node_is_control_plane", "admission_limits", "node_addresses"]
+__all__ = [
+    "compute_plan",
+    "compute_desired",
+    "localize",
+    "is_control_plane",
+    "node_is_control_plane",
+    "admission_limits",
+    "node_addresses",
+]
 
 # WireGuard's overhead on the wire: outer IP header + UDP (8) + WireGuard data header (16) +
 # Poly1305 tag (16). IPv4 outer = 20 + 8 + 32 = 60, IPv6 outer = 40 + 8 + 32 = 80.
@@ -56,22 +90,38 @@ def admission_limits(settings: Settings, pools: PodPools | None = None) -> Limit
     return limits_of(settings, effective_pools(settings, pools))
 
 
-def compute_plan(snapshot: Mapping[str, NodeInfo], node_name: str, settings: Settings,
-                 underlay_networks: Iterable[IPNetwork] = (),
-                 policies: Iterable[ex.ExemptionPolicy] = (),
-                 pools: PodPools | None = None,
-                 kernel_prefixes: Iterable[IPNetwork] = ()) -> Plan:
+def compute_plan(
+    snapshot: Mapping[str, NodeInfo],
+    node_name: str,
+    settings: Settings,
+    underlay_networks: Iterable[IPNetwork] = (),
+    policies: Iterable[ex.ExemptionPolicy] = (),
+    pools: PodPools | None = None,
+    kernel_prefixes: Iterable[IPNetwork] = (),
+) -> Plan:
     """Decide, for the node ``node_name``, which remote prefixes are encrypted: the
     cluster-wide topology (``topology.compile_topology``) seen from that node (``localize``).
     Rejections and conflicts travel in ``Plan.rejected``."""
-    return localize(compile_topology(snapshot, settings, pools), snapshot, node_name, settings,
-                    underlay_networks, policies, kernel_prefixes)
+    return localize(
+        compile_topology(snapshot, settings, pools),
+        snapshot,
+        node_name,
+        settings,
+        underlay_networks,
+        policies,
+        kernel_prefixes,
+    )
 
 
-def localize(topology: Topology, snapshot: Mapping[str, NodeInfo], node_name: str,
-             settings: Settings, underlay_networks: Iterable[IPNetwork] = (),
-             policies: Iterable[ex.ExemptionPolicy] = (),
-             kernel_prefixes: Iterable[IPNetwork] = ()) -> Plan:
+def localize(
+    topology: Topology,
+    snapshot: Mapping[str, NodeInfo],
+    node_name: str,
+    settings: Settings,
+    underlay_networks: Iterable[IPNetwork] = (),
+    policies: Iterable[ex.ExemptionPolicy] = (),
+    kernel_prefixes: Iterable[IPNetwork] = (),
+) -> Plan:
     """The topology as the node ``node_name`` enforces it.
 
     The local node's own prefixes come from sources its neighbours cannot write: its v1 Node
@@ -83,17 +133,27 @@ def localize(topology: Topology, snapshot: Mapping[str, NodeInfo], node_name: st
     ``underlay_networks``: the local node's underlay subnets (their broadcast addresses are no
     node address). ``policies``: the parsed EncryptionExemptions."""
     local = snapshot.get(node_name)
-    role = ROLE_CONTROL_PLANE if local is not None and node_is_control_plane(local, settings) \
+    role = (
+        ROLE_CONTROL_PLANE
+        if local is not None and node_is_control_plane(local, settings)
         else ROLE_WORKER
-    remote = [g for g in (tuple(c for c in group if c.node != node_name)
-                          for group in topology.admitted) if g]
+    )
+    remote = [
+        g
+        for g in (tuple(c for c in group if c.node != node_name) for group in topology.admitted)
+        if g
+    ]
     remote_spans = [g[0].span for g in remote]
     # A conflict with the local node's own claim is said once, as the remote claim's
     # rejection below (overlaps-local-node).
-    local_claimed = {str(c.prefix) for group in topology.admitted for c in group
-                     if c.node == node_name}
-    rejected: list[Rejection] = [r for r in topology.rejected
-                                 if r.reason != "duplicate-claim" or r.value not in local_claimed]
+    local_claimed = {
+        str(c.prefix) for group in topology.admitted for c in group if c.node == node_name
+    }
+    rejected: list[Rejection] = [
+        r
+        for r in topology.rejected
+        if r.reason != "duplicate-claim" or r.value not in local_claimed
+    ]
 
     trusted: list[IPNetwork] = []
     local_addresses: list = []
@@ -107,20 +167,24 @@ def localize(topology: Topology, snapshot: Mapping[str, NodeInfo], node_name: st
     # For telling the underlay apart only (it can only drop a kernel prefix), the local
     # CiliumNode's addresses count too: the Node may not be known yet.
     own_ips = [p.network_address for p in trusted] + (
-        node_addresses(local, settings.address_types) if local is not None else [])
+        node_addresses(local, settings.address_types) if local is not None else []
+    )
     for prefix in kernel_prefixes:
         # A subnet around the node's own address is the underlay's (other nodes live there);
         # a prefix broader than the pod limit is no pod CIDR: only host prefixes of such.
         if prefix.prefixlen == prefix.max_prefixlen or (
-                prefix.prefixlen >= limits.min_prefix(prefix.version)
-                and not any(a.version == prefix.version and a in prefix for a in own_ips)):
+            prefix.prefixlen >= limits.min_prefix(prefix.version)
+            and not any(a.version == prefix.version and a in prefix for a in own_ips)
+        ):
             trusted.append(prefix)
     if local is not None:
         trusted.extend(local.node_pod_cidrs)
         local_pods.extend(local.node_pod_cidrs)
         if local.has_ciliumnode:
-            untrusted += [(FIELD_ADDRESSES, ipaddress.ip_network(a))
-                          for a in node_addresses(local, settings.address_types)]
+            untrusted += [
+                (FIELD_ADDRESSES, ipaddress.ip_network(a))
+                for a in node_addresses(local, settings.address_types)
+            ]
             untrusted += [(FIELD_POD_CIDRS, c) for c in local.pod_cidrs]
     for field, prefix in untrusted:
         if prefix in trusted:  # the kernel or the Node shows it: local, trusted
@@ -128,9 +192,16 @@ def localize(topology: Topology, snapshot: Mapping[str, NodeInfo], node_name: st
                 local_pods.append(prefix)
             continue
         if overlapping(_span(prefix), remote_spans):
-            rejected.append(Rejection(node_name, field, str(prefix),
-                                      "the local node's CiliumNode claims it, but it overlaps "
-                                      "another node's destination", "local-claim-conflicts"))
+            rejected.append(
+                Rejection(
+                    node_name,
+                    field,
+                    str(prefix),
+                    "the local node's CiliumNode claims it, but it overlaps "
+                    "another node's destination",
+                    "local-claim-conflicts",
+                )
+            )
             continue
         if field == FIELD_ADDRESSES:
             if local is not None and local.node_addresses is not None:
@@ -140,20 +211,27 @@ def localize(topology: Topology, snapshot: Mapping[str, NodeInfo], node_name: st
             local_pods.append(prefix)
         trusted.append(prefix)
     trusted_spans = [_span(p) for p in trusted]
-    broadcasts = {n.broadcast_address for n in underlay_networks
-                  if n.version == 4 and n.prefixlen <= 30}
+    broadcasts = {
+        n.broadcast_address for n in underlay_networks if n.version == 4 and n.prefixlen <= 30
+    }
 
     exemptions = ex.evaluate(policies, snapshot, node_name, settings)
     destinations = []
     for owners in remote:
         owner = owner_of(owners)
         if overlapping(owner.span, trusted_spans):
-            rejected += [c.reject("overlaps-local-node", "overlaps the local node's own "
-                                  "addresses or pod CIDRs") for c in owners]
+            rejected += [
+                c.reject(
+                    "overlaps-local-node", "overlaps the local node's own addresses or pod CIDRs"
+                )
+                for c in owners
+            ]
             continue
         if owner.kind == KIND_NODE_IP and owner.prefix.network_address in broadcasts:
-            rejected += [c.reject("broadcast", "the broadcast address of the local node's "
-                                  "underlay subnet") for c in owners]
+            rejected += [
+                c.reject("broadcast", "the broadcast address of the local node's underlay subnet")
+                for c in owners
+            ]
             continue
         # A prefix several nodes claim stays one encrypted destination. It is exempt (a
         # control-plane node address) when a control-plane node claims it as its node
@@ -165,20 +243,30 @@ def localize(topology: Topology, snapshot: Mapping[str, NodeInfo], node_name: st
         else:
             control_plane = all(c.control_plane for c in owners)
         exempt, client_of = _exempt(owners, kind, control_plane, exemptions)
-        destinations.append(Destination(prefix=owner.prefix, node=owner.node, kind=kind,
-                                        control_plane=control_plane, exempt_ports=exempt,
-                                        client_of=client_of))
+        destinations.append(
+            Destination(
+                prefix=owner.prefix,
+                node=owner.node,
+                kind=kind,
+                control_plane=control_plane,
+                exempt_ports=exempt,
+                client_of=client_of,
+            )
+        )
     destinations.sort(key=Destination.sort_key)
     rejected.sort(key=lambda r: (r.obj, r.field, r.value, r.reason))
-    return Plan(node=node_name, role=role,
-                local_addresses=tuple(sorted(dict.fromkeys(local_addresses),
-                                             key=lambda a: (a.version, a))),
-                destinations=tuple(destinations), exempt_ports=settings.exempt_ports,
-                local_known=local is not None,
-                local_pod_cidrs=tuple(dict.fromkeys(local_pods)),
-                rejected=tuple(rejected) + exemptions.rejected,
-                serves=exemptions.serves,
-                policies=tuple(p.name for p in exemptions.policies))
+    return Plan(
+        node=node_name,
+        role=role,
+        local_addresses=tuple(sorted(dict.fromkeys(local_addresses), key=lambda a: (a.version, a))),
+        destinations=tuple(destinations),
+        exempt_ports=settings.exempt_ports,
+        local_known=local is not None,
+        local_pod_cidrs=tuple(dict.fromkeys(local_pods)),
+        rejected=tuple(rejected) + exemptions.rejected,
+        serves=exemptions.serves,
+        policies=tuple(p.name for p in exemptions.policies),
+    )
 
 
 def topology_limits(settings: Settings, topology: Topology) -> Limits:
@@ -202,19 +290,20 @@ def _exempt(owners, kind: str, control_plane: bool, exemptions: ex.Exemptions):
 
     ranges: set = set()
     if kind == KIND_NODE_IP:
-        ranges = {r for r in common(lambda n: exemptions.to_node.get(n, ()))
-                  if r.policy != builtin}
+        ranges = {r for r in common(lambda n: exemptions.to_node.get(n, ())) if r.policy != builtin}
         if control_plane:
             ranges |= {r for p in exemptions.policies if p.builtin for r in ex._ranges(p)}
     client_of = common(lambda n: exemptions.clients.get(n, frozenset()))
     order = {p.name: i for i, p in enumerate(exemptions.policies)}
-    ordered = tuple(sorted(ranges, key=lambda r: (order.get(r.policy, 99), r.protocol,
-                                                   r.first, r.last)))
+    ordered = tuple(
+        sorted(ranges, key=lambda r: (order.get(r.policy, 99), r.protocol, r.first, r.last))
+    )
     return ordered, frozenset(client_of)
 
 
-def uncovered_destinations(destinations: Iterable[Destination],
-                           wg: WgState) -> frozenset[IPNetwork]:
+def uncovered_destinations(
+    destinations: Iterable[Destination], wg: WgState
+) -> frozenset[IPNetwork]:
     """Destinations that no peer's allowed-IPs contain. WireGuard drops (with ICMP
     unreachable) what it cannot route to a peer, so these need the fail mode's treatment.
     Unknown peers (None) mean unknown coverage: nothing is reported uncovered."""
@@ -228,8 +317,10 @@ def uncovered_destinations(destinations: Iterable[Destination],
     uncovered = set()
     for dest in destinations:
         prefix = dest.prefix
-        covered = any(plen <= prefix.prefixlen and prefix.supernet(new_prefix=plen) in
-                      allowed[prefix.version] for plen in lengths[prefix.version])
+        covered = any(
+            plen <= prefix.prefixlen and prefix.supernet(new_prefix=plen) in allowed[prefix.version]
+            for plen in lengths[prefix.version]
+        )
         if not covered:
             uncovered.add(prefix)
     return frozenset(uncovered)
@@ -258,8 +349,9 @@ def wg_mark_match(fwmark: int) -> tuple[int, int]:
     return fwmark, 0xFFFFFFFF
 
 
-def compute_desired(plan: Plan, wg: WgState, devices: Iterable[Device],
-                    settings: Settings) -> DesiredState:
+def compute_desired(
+    plan: Plan, wg: WgState, devices: Iterable[Device], settings: Settings
+) -> DesiredState:
     devices = tuple(sorted(devices, key=lambda d: d.name))
     underlay_mtu = min((d.mtu for d in devices if d.mtu > 0), default=1500)
     payload = effective_wg_payload(wg.mtu, underlay_mtu, peers_use_ipv6(wg, plan))

@@ -31,14 +31,16 @@ MAX_POOL_CIDRS = 256
 """More CIDRs than this in one object is absurd; the rest are skipped and reported."""
 
 
-def _cidrs(texts: Iterable[object], obj: str, field: str, kind: str
-           ) -> tuple[list[IPNetwork], list[Rejection]]:
+def _cidrs(
+    texts: Iterable[object], obj: str, field: str, kind: str
+) -> tuple[list[IPNetwork], list[Rejection]]:
     out: list[IPNetwork] = []
     rejected: list[Rejection] = []
     for i, text in enumerate(texts):
         if i >= MAX_POOL_CIDRS:
-            rejected.append(Rejection(obj, field, str(i), f"more than {MAX_POOL_CIDRS} CIDRs",
-                                      kind=kind))
+            rejected.append(
+                Rejection(obj, field, str(i), f"more than {MAX_POOL_CIDRS} CIDRs", kind=kind)
+            )
             break
         try:
             net = ipaddress.ip_network(text if isinstance(text, str) else "", strict=False)
@@ -47,8 +49,11 @@ def _cidrs(texts: Iterable[object], obj: str, field: str, kind: str
             continue
         special = special_purpose(net)
         if special is not None:
-            rejected.append(Rejection(obj, field, str(net), f"not pod space: {special[0]}",
-                                      special[0], kind=kind))
+            rejected.append(
+                Rejection(
+                    obj, field, str(net), f"not pod space: {special[0]}", special[0], kind=kind
+                )
+            )
             continue
         out.append(net)
     return out, rejected
@@ -73,8 +78,12 @@ def parse_cilium_config(obj: object) -> tuple[NamedPool, list[Rejection]]:
         value = data.get(key)
         if not isinstance(value, str):
             continue
-        nets, bad = _cidrs([t for t in re.split(r"[\s,]+", value) if t], CONFIGMAP_NAME,
-                           f"data[{key}]", "ConfigMap")
+        nets, bad = _cidrs(
+            [t for t in re.split(r"[\s,]+", value) if t],
+            CONFIGMAP_NAME,
+            f"data[{key}]",
+            "ConfigMap",
+        )
         found += nets
         rejected += bad
     return NamedPool(CONFIGMAP_NAME, tuple(dict.fromkeys(found))), rejected
@@ -85,8 +94,15 @@ def parse_pod_ip_pool(obj: object) -> tuple[NamedPool | None, list[Rejection]]:
     meta = obj.get("metadata") if isinstance(obj, dict) else None
     name = meta.get("name") if isinstance(meta, dict) else None
     if not isinstance(name, str) or not name:
-        return None, [Rejection("?", "metadata.name", str(name)[:80], "missing or not a name",
-                                kind="CiliumPodIPPool")]
+        return None, [
+            Rejection(
+                "?",
+                "metadata.name",
+                str(name)[:80],
+                "missing or not a name",
+                kind="CiliumPodIPPool",
+            )
+        ]
     spec = obj.get("spec")
     found: list[IPNetwork] = []
     rejected: list[Rejection] = []
@@ -100,16 +116,21 @@ def parse_pod_ip_pool(obj: object) -> tuple[NamedPool | None, list[Rejection]]:
     return NamedPool(name, tuple(dict.fromkeys(found))), rejected
 
 
-def combine(config: tuple[IPNetwork, ...] | None,
-            pools: Mapping[str, tuple[IPNetwork, ...]]) -> PodPools:
+def combine(
+    config: tuple[IPNetwork, ...] | None, pools: Mapping[str, tuple[IPNetwork, ...]]
+) -> PodPools:
     """The pools of the ConfigMap (None: the ConfigMap does not exist) and of the
     CiliumPodIPPools, as one PodPools; ``problem`` says why there is none."""
     cidrs = tuple(dict.fromkeys([*(config or ()), *(c for n in sorted(pools) for c in pools[n])]))
     if cidrs:
         return PodPools(cidrs, "cilium")
     if config is None:
-        return PodPools(problem=f"ConfigMap {CONFIGMAP_NAME} not found and no CiliumPodIPPool: "
-                                "pod CIDRs are checked against the breadth limit only")
-    return PodPools(problem=f"ConfigMap {CONFIGMAP_NAME} names no cluster-pool CIDR and no "
-                            "CiliumPodIPPool exists: pod CIDRs are checked against the "
-                            "breadth limit only")
+        return PodPools(
+            problem=f"ConfigMap {CONFIGMAP_NAME} not found and no CiliumPodIPPool: "
+            "pod CIDRs are checked against the breadth limit only"
+        )
+    return PodPools(
+        problem=f"ConfigMap {CONFIGMAP_NAME} names no cluster-pool CIDR and no "
+        "CiliumPodIPPool exists: pod CIDRs are checked against the "
+        "breadth limit only"
+    )

@@ -31,12 +31,24 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from nodecryptor.core.model import (KIND_NODE_IP, KIND_POD_CIDR, IPNetwork, NodeInfo, PodPools,
-                                    Rejection)
+from nodecryptor.core.model import (
+    KIND_NODE_IP,
+    KIND_POD_CIDR,
+    IPNetwork,
+    NodeInfo,
+    PodPools,
+    Rejection,
+)
 from nodecryptor.core.settings import RoleSource, Settings
-from nodecryptor.policy.admission import (FIELD_ADDRESSES, FIELD_NODE_ADDRESSES,
-                                          FIELD_NODE_POD_CIDRS, FIELD_POD_CIDRS, Claim, Limits,
-                                          duplicates)
+from nodecryptor.policy.admission import (
+    FIELD_ADDRESSES,
+    FIELD_NODE_ADDRESSES,
+    FIELD_NODE_POD_CIDRS,
+    FIELD_POD_CIDRS,
+    Claim,
+    Limits,
+    duplicates,
+)
 from nodecryptor.policy.exemptions import trusted_labels
 
 
@@ -56,8 +68,11 @@ def limits_of(settings: Settings, pools: PodPools = PodPools()) -> Limits:
     """Admission limits: the breadth limits, and the pod pools (the flag wins over Cilium's
     configuration)."""
     cidrs = tuple(settings.cluster_pod_cidrs) or tuple(pools.cidrs)
-    return Limits(min_prefix_v4=settings.pod_cidr_min_prefix_v4,
-                  min_prefix_v6=settings.pod_cidr_min_prefix_v6, cluster_pod_cidrs=cidrs)
+    return Limits(
+        min_prefix_v4=settings.pod_cidr_min_prefix_v4,
+        min_prefix_v6=settings.pod_cidr_min_prefix_v6,
+        cluster_pod_cidrs=cidrs,
+    )
 
 
 def effective_pools(settings: Settings, pools: PodPools | None) -> PodPools:
@@ -66,8 +81,9 @@ def effective_pools(settings: Settings, pools: PodPools | None) -> PodPools:
     return pools if pools is not None else PodPools(problem="pod pools not read")
 
 
-def is_control_plane(node: NodeInfo, selector_labels, role_source: RoleSource = RoleSource.NODE
-                     ) -> bool:
+def is_control_plane(
+    node: NodeInfo, selector_labels, role_source: RoleSource = RoleSource.NODE
+) -> bool:
     """Control-plane when any selector label is present, whatever its value: kubeadm sets
     ``node-role.kubernetes.io/control-plane=""``, k3s sets ``"true"``.
 
@@ -93,8 +109,9 @@ def trusted_addresses(node: NodeInfo, address_types) -> list:
     return seen
 
 
-def pod_cidr_verdict(cidr: IPNetwork, limits: Limits,
-                     node_pod_cidrs: tuple[IPNetwork, ...]) -> tuple[str, str] | None:
+def pod_cidr_verdict(
+    cidr: IPNetwork, limits: Limits, node_pod_cidrs: tuple[IPNetwork, ...]
+) -> tuple[str, str] | None:
     """None when a CiliumNode's pod CIDR claim may be a destination, else (reason, detail).
     Inside the Node's own spec.podCIDRs: yes. Broader than the limit: no. Inside the pools
     (when the family has one): yes; outside: no. No pool for the family: yes, unless
@@ -103,20 +120,25 @@ def pod_cidr_verdict(cidr: IPNetwork, limits: Limits,
         return None
     limit = limits.min_prefix(cidr.version)
     if cidr.prefixlen < limit:
-        return "too-broad", f"/{cidr.prefixlen} is broader than the IPv{cidr.version} limit /{limit}"
+        return (
+            "too-broad",
+            f"/{cidr.prefixlen} is broader than the IPv{cidr.version} limit /{limit}",
+        )
     ranges = [r for r in limits.cluster_pod_cidrs if r.version == cidr.version]
     if ranges:
         if any(cidr.subnet_of(r) for r in ranges):
             return None
         return "outside-cluster-pod-cidrs", "not inside " + ", ".join(map(str, ranges))
     if node_pod_cidrs:
-        return "not-in-node-spec", ("not among the Node's spec.podCIDRs "
-                                    + ", ".join(map(str, node_pod_cidrs)))
+        return "not-in-node-spec", (
+            "not among the Node's spec.podCIDRs " + ", ".join(map(str, node_pod_cidrs))
+        )
     return None
 
 
-def compile_topology(snapshot: Mapping[str, NodeInfo], settings: Settings,
-                     pools: PodPools | None = None) -> Topology:
+def compile_topology(
+    snapshot: Mapping[str, NodeInfo], settings: Settings, pools: PodPools | None = None
+) -> Topology:
     """Every node's destinations in ``snapshot`` (NodeInfo by name, with the v1 Node's facts
     merged in), checked against the trusted sources described in the module doc."""
     pools = effective_pools(settings, pools)
@@ -125,15 +147,19 @@ def compile_topology(snapshot: Mapping[str, NodeInfo], settings: Settings,
     rejected: list[Rejection] = []
     # Every address a Node lists: a pod CIDR no pool vouches for must not contain one (pods
     # and node addresses never share space unless the administrator's pools say so).
-    node_ips = [(a, n) for n in sorted(snapshot)
-                for a in trusted_addresses(snapshot[n], settings.address_types)]
+    node_ips = [
+        (a, n)
+        for n in sorted(snapshot)
+        for a in trusted_addresses(snapshot[n], settings.address_types)
+    ]
     for name in sorted(snapshot):
         node = snapshot[name]
         cp = node_is_control_plane(node, settings)
         trusted = trusted_addresses(node, settings.address_types)
         for addr in trusted:
-            claims.append(Claim(name, FIELD_NODE_ADDRESSES, KIND_NODE_IP,
-                                ipaddress.ip_network(addr), cp))
+            claims.append(
+                Claim(name, FIELD_NODE_ADDRESSES, KIND_NODE_IP, ipaddress.ip_network(addr), cp)
+            )
         for kind, addr in node.addresses if node.has_ciliumnode else ():
             if kind not in settings.address_types or addr in trusted:
                 continue
@@ -148,15 +174,21 @@ def compile_topology(snapshot: Mapping[str, NodeInfo], settings: Settings,
             if cidr in node.node_pod_cidrs:
                 continue  # the same fact from the trusted source
             verdict = pod_cidr_verdict(cidr, limits, node.node_pod_cidrs)
-            if verdict is None and not any(r.version == cidr.version
-                                           for r in limits.cluster_pod_cidrs):
-                inside = next((f"{a} of node {n}" for a, n in node_ips
-                               if n != name and a.version == cidr.version and a in cidr), None)
+            if verdict is None and not any(
+                r.version == cidr.version for r in limits.cluster_pod_cidrs
+            ):
+                inside = next(
+                    (
+                        f"{a} of node {n}"
+                        for a, n in node_ips
+                        if n != name and a.version == cidr.version and a in cidr
+                    ),
+                    None,
+                )
                 if inside is not None:
                     verdict = "covers-node-address", f"contains the node address {inside}"
             if verdict is not None:
-                rejected.append(Rejection(name, FIELD_POD_CIDRS, str(cidr), verdict[1],
-                                          verdict[0]))
+                rejected.append(Rejection(name, FIELD_POD_CIDRS, str(cidr), verdict[1], verdict[0]))
                 continue
             claims.append(Claim(name, FIELD_POD_CIDRS, KIND_POD_CIDR, cidr, cp))
     groups: dict[tuple[int, int, int], list[Claim]] = {}

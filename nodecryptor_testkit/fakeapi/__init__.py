@@ -32,7 +32,8 @@ Tests run it in a thread; the network-namespace lab runs it as a process
   revision is) and a bounded event history per resource.
 
 Fault injection for tests (Python methods, also reachable as ``POST /_fake/<action>`` with the
-token, from the table ``faults.CONTROL_ACTIONS``): compact the history, make the next watch or continue token fail with 410, drop open
+token, from the table ``faults.CONTROL_ACTIONS``): compact the history, make the next watch
+or continue token fail with 410, drop open
 watch connections, freeze them (open but silent), freeze the whole server (connections
 accepted, nothing answered), stall requests (accept and never answer),
 fail the next N requests with a status code, refuse connections by closing the listening
@@ -44,16 +45,51 @@ Label selectors are ignored, and field selectors but ``metadata.name`` on Config
 nodecryptor uses no other.
 """
 
-
 from .cluster import ApiError, FakeCluster
-from .objects import (API_VERSION, COLLECTION, CONTROL_PLANE_LABEL, GROUP, KIND, MASTER_LABEL,
-                      NODE_COLLECTION, PLURAL, VERSION, WG_PUBKEY_ANNOTATION, load_objects,
-                      make_cilium_config, make_ciliumnode, make_exemption, make_node,
-                      make_pod_ip_pool, merge_patch,
-                      partial_object_metadata, status_object)
+from .objects import (
+    API_VERSION,
+    COLLECTION,
+    CONTROL_PLANE_LABEL,
+    GROUP,
+    KIND,
+    MASTER_LABEL,
+    NODE_COLLECTION,
+    PLURAL,
+    VERSION,
+    WG_PUBKEY_ANNOTATION,
+    load_objects,
+    make_cilium_config,
+    make_ciliumnode,
+    make_exemption,
+    make_node,
+    make_pod_ip_pool,
+    merge_patch,
+    partial_object_metadata,
+    status_object,
+)
 from .server import FakeApiServer
 
-__all__ = ["API_VERSION", "COLLECTION", "CONTROL_PLANE_LABEL", "GROUP", "KIND", "MASTER_LABEL",
-           "PLURAL", "VERSION", "WG_PUBKEY_ANNOTATION", "ApiError", "FakeApiServer",
-           "FakeCluster", "NODE_COLLECTION", "load_objects", "make_cilium_config",
-           "make_ciliumnode", "make_exemption", "make_node", "make_pod_ip_pool", "merge_patch", "partial_object_metadata", "status_object"]
+__all__ = [
+    "API_VERSION",
+    "COLLECTION",
+    "CONTROL_PLANE_LABEL",
+    "GROUP",
+    "KIND",
+    "MASTER_LABEL",
+    "PLURAL",
+    "VERSION",
+    "WG_PUBKEY_ANNOTATION",
+    "ApiError",
+    "FakeApiServer",
+    "FakeCluster",
+    "NODE_COLLECTION",
+    "load_objects",
+    "make_cilium_config",
+    "make_ciliumnode",
+    "make_exemption",
+    "make_node",
+    "make_pod_ip_pool",
+    "merge_patch",
+    "partial_object_metadata",
+    "status_object",
+]

@@ -27,11 +27,13 @@ class Resource:
 
 CILIUMNODE_RESOURCE = Resource(KIND, API_VERSION, "ciliumnodes.cilium.io")
 NODE_RESOURCE = Resource("Node", "v1", "nodes")
-EXEMPTION_RESOURCE = Resource("EncryptionExemption", "nodecryptor.io/v1alpha1",
-                              "encryptionexemptions.nodecryptor.io")
+EXEMPTION_RESOURCE = Resource(
+    "EncryptionExemption", "nodecryptor.io/v1alpha1", "encryptionexemptions.nodecryptor.io"
+)
 CONFIGMAP_RESOURCE = Resource("ConfigMap", "v1", "configmaps")
-POD_IP_POOL_RESOURCE = Resource("CiliumPodIPPool", "cilium.io/v2alpha1",
-                                "ciliumpodippools.cilium.io")
+POD_IP_POOL_RESOURCE = Resource(
+    "CiliumPodIPPool", "cilium.io/v2alpha1", "ciliumpodippools.cilium.io"
+)
 
 
 class _Clock:
@@ -39,6 +41,7 @@ class _Clock:
 
     def __init__(self, rv: int):
         self.rv = rv
+
 
 MAX_SNAPSHOTS = 64
 """Paginated lists in progress that the server remembers."""
@@ -66,9 +69,13 @@ class FakeCluster:
     history, independent of HTTP. ``shared_with``: another FakeCluster whose resourceVersion
     counter, lock and request log this one shares, as resources share etcd's revision."""
 
-    def __init__(self, history_limit: int = 1000, initial_rv: int = 0,
-                 resource: Resource = CILIUMNODE_RESOURCE,
-                 shared_with: "FakeCluster | None" = None):
+    def __init__(
+        self,
+        history_limit: int = 1000,
+        initial_rv: int = 0,
+        resource: Resource = CILIUMNODE_RESOURCE,
+        shared_with: "FakeCluster | None" = None,
+    ):
         self.resource = resource
         self._clock = shared_with._clock if shared_with is not None else _Clock(initial_rv)
         self.cond = shared_with.cond if shared_with is not None else threading.Condition()
@@ -85,7 +92,8 @@ class FakeCluster:
         self.expire_next_continues = 0
         """Fault: this many continue tokens are answered with 410 Expired."""
         self.requests: deque[tuple[str, str]] = (
-            shared_with.requests if shared_with is not None else deque(maxlen=10000))
+            shared_with.requests if shared_with is not None else deque(maxlen=10000)
+        )
         """(method, path with query) of recent API requests, for tests to inspect."""
 
     @property
@@ -129,16 +137,20 @@ class FakeCluster:
         meta = obj.get("metadata") if isinstance(obj, dict) else None
         name = meta.get("name") if isinstance(meta, dict) else None
         if not isinstance(name, str) or not name:
-            raise ApiError(422, "Invalid", "the object is invalid: metadata.name: "
-                                           "Required value: name is required")
+            raise ApiError(
+                422,
+                "Invalid",
+                "the object is invalid: metadata.name: Required value: name is required",
+            )
         return name
 
     def create(self, obj: dict) -> dict:
         with self.cond:
             name = self._name_of(obj)
             if name in self.objects:
-                raise ApiError(409, "AlreadyExists",
-                               f'{self.resource.qualified} "{name}" already exists', name)
+                raise ApiError(
+                    409, "AlreadyExists", f'{self.resource.qualified} "{name}" already exists', name
+                )
             obj = copy.deepcopy(obj)
             obj.setdefault("apiVersion", self.resource.api_version)
             obj.setdefault("kind", self.resource.kind)
@@ -151,23 +163,32 @@ class FakeCluster:
         """PUT semantics: the whole object; a stale resourceVersion is a 409 conflict."""
         with self.cond:
             if self._name_of(obj) != name:
-                raise ApiError(400, "BadRequest", "the name of the object does not match the "
-                                                  "name on the URL", name)
+                raise ApiError(
+                    400,
+                    "BadRequest",
+                    "the name of the object does not match the name on the URL",
+                    name,
+                )
             old = self.objects.get(name)
             if old is None:
                 raise self._not_found(name)
             given = obj.get("metadata", {}).get("resourceVersion")
             if check_rv and given and given != old["metadata"]["resourceVersion"]:
-                raise ApiError(409, "Conflict", f'Operation cannot be fulfilled on '
-                               f'{self.resource.qualified} "{name}": the object has been modified; '
-                               f'please apply your changes to the latest version and try again',
-                               name)
+                raise ApiError(
+                    409,
+                    "Conflict",
+                    f"Operation cannot be fulfilled on "
+                    f'{self.resource.qualified} "{name}": the object has been modified; '
+                    f"please apply your changes to the latest version and try again",
+                    name,
+                )
             return self._write(name, copy.deepcopy(obj), old)
 
     def _write(self, name: str, obj: dict, old: dict) -> dict:
         obj["apiVersion"], obj["kind"] = self.resource.api_version, self.resource.kind
-        unchanged = {k: v for k, v in obj.items() if k != "metadata"} == \
-            {k: v for k, v in old.items() if k != "metadata"}
+        unchanged = {k: v for k, v in obj.items() if k != "metadata"} == {
+            k: v for k, v in old.items() if k != "metadata"
+        }
         meta_new = {k: v for k, v in obj["metadata"].items() if k != "resourceVersion"}
         meta_old = {k: v for k, v in old["metadata"].items() if k != "resourceVersion"}
         if unchanged and meta_new == meta_old:
@@ -243,10 +264,14 @@ class FakeCluster:
                     self.expire_next_continues -= 1
                     snap = None
                 if snap is None or snap.rv < self.oldest_watchable_rv:
-                    raise ApiError(410, "Expired", "The provided continue parameter is too old "
-                                                   "to display a consistent list result. You "
-                                                   "can start a new list without the continue "
-                                                   "parameter.")
+                    raise ApiError(
+                        410,
+                        "Expired",
+                        "The provided continue parameter is too old "
+                        "to display a consistent list result. You "
+                        "can start a new list without the continue "
+                        "parameter.",
+                    )
             else:
                 snap_id, start = uuid.uuid4().hex, 0
                 snap = _Snapshot(self.rv, [self.objects[n] for n in sorted(self.objects)])
@@ -264,9 +289,12 @@ class FakeCluster:
                 meta["remainingItemCount"] = len(snap.items) - end
             else:
                 self.snapshots.pop(snap_id, None)
-            return {"apiVersion": self.resource.api_version, "kind": f"{self.resource.kind}List",
-                    "metadata": meta,
-                    "items": items}
+            return {
+                "apiVersion": self.resource.api_version,
+                "kind": f"{self.resource.kind}List",
+                "metadata": meta,
+                "items": items,
+            }
 
     @staticmethod
     def _encode_token(snap_id: str, start: int) -> str:
@@ -283,6 +311,11 @@ class FakeCluster:
             raise ApiError(400, "BadRequest", f"invalid continue token {token!r}") from None
 
     def bookmark(self) -> dict:
-        return {"type": "BOOKMARK", "object": {"apiVersion": self.resource.api_version,
-                                               "kind": self.resource.kind,
-                                               "metadata": {"resourceVersion": str(self.rv)}}}
+        return {
+            "type": "BOOKMARK",
+            "object": {
+                "apiVersion": self.resource.api_version,
+                "kind": self.resource.kind,
+                "metadata": {"resourceVersion": str(self.rv)},
+            },
+        }

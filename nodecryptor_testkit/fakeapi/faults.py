@@ -144,8 +144,11 @@ class FaultInjection:
         if run is None:
             raise ApiError(404, "NotFound", f"unknown fake control action {action!r}")
         answer = run(self, body if isinstance(body, dict) else {})
-        return {"ok": True, "action": action,
-                **(answer if answer is not None else {"resourceVersion": str(self.cluster.rv)})}
+        return {
+            "ok": True,
+            "action": action,
+            **(answer if answer is not None else {"resourceVersion": str(self.cluster.rv)}),
+        }
 
     def _refuse_for_a_while(self, args: dict) -> None:
         seconds = float(args.get("seconds", 5))
@@ -157,7 +160,7 @@ class FaultInjection:
         # read-only), e.g. to relabel a Node from another process.
         obj = args.get("object")
         if not isinstance(obj, dict):
-            raise ValueError("apply needs {\"object\": {...}}")
+            raise ValueError('apply needs {"object": {...}}')
         self.apply(obj)
 
     def _set_exemptions_installed(self, args: dict) -> None:

@@ -17,8 +17,14 @@ from typing import TYPE_CHECKING
 from .cluster import ApiError, FakeCluster
 from .discovery import LIST_VIEW, OBJECT_VIEW, as_metadata_list, discovery, metadata_view
 from .nodestatus import patch_status
-from .objects import (COLLECTION, EXEMPTION_COLLECTION, NODE_COLLECTION, POD_IP_POOL_COLLECTION,
-                      partial_object_metadata, status_object)
+from .objects import (
+    COLLECTION,
+    EXEMPTION_COLLECTION,
+    NODE_COLLECTION,
+    POD_IP_POOL_COLLECTION,
+    partial_object_metadata,
+    status_object,
+)
 
 if TYPE_CHECKING:
     from .server import _HttpServer
@@ -92,7 +98,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 raise ApiError(401, "Unauthorized", "Unauthorized")
             if path.startswith("/_fake/") and method == "POST":
                 try:
-                    answer = fake.control(path[len("/_fake/"):], self._read_body())
+                    answer = fake.control(path[len("/_fake/") :], self._read_body())
                 except (ValueError, TypeError) as e:
                     raise ApiError(400, "BadRequest", f"fake control: {e}") from None
                 self._send_json(200, answer)
@@ -105,8 +111,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     fake.stopping.wait(0.05)
                 self.close_connection = True
                 return
-            if (method == "POST" and path.startswith("/api/v1/namespaces/")
-                    and path.endswith("/events") and path.count("/") == 5):
+            if (
+                method == "POST"
+                and path.startswith("/api/v1/namespaces/")
+                and path.endswith("/events")
+                and path.count("/") == 5
+            ):
                 self._create_event(path.split("/")[4])
                 return
             if path == NODE_COLLECTION or path.startswith(NODE_COLLECTION + "/"):
@@ -120,21 +130,33 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return
             if path == POD_IP_POOL_COLLECTION or path.startswith(POD_IP_POOL_COLLECTION + "/"):
                 if not fake.pod_ip_pools_installed:
-                    raise ApiError(404, "NotFound",
-                                   "the server could not find the requested resource")
-                self._route(method, path, query, method == "GET" and watch_asked
-                            and path == POD_IP_POOL_COLLECTION, fake.pod_ip_pools,
-                            POD_IP_POOL_COLLECTION)
+                    raise ApiError(
+                        404, "NotFound", "the server could not find the requested resource"
+                    )
+                self._route(
+                    method,
+                    path,
+                    query,
+                    method == "GET" and watch_asked and path == POD_IP_POOL_COLLECTION,
+                    fake.pod_ip_pools,
+                    POD_IP_POOL_COLLECTION,
+                )
                 return
             if path == EXEMPTION_COLLECTION or path.startswith(EXEMPTION_COLLECTION + "/"):
                 # EncryptionExemptions: like CiliumNodes, but count-based faults stay aimed
                 # at the CiliumNode requests; 404 while the CRD is "not installed".
                 if not fake.exemptions_installed:
-                    raise ApiError(404, "NotFound",
-                                   "the server could not find the requested resource")
-                self._route(method, path, query, method == "GET" and watch_asked
-                            and path == EXEMPTION_COLLECTION, fake.exemptions,
-                            EXEMPTION_COLLECTION)
+                    raise ApiError(
+                        404, "NotFound", "the server could not find the requested resource"
+                    )
+                self._route(
+                    method,
+                    path,
+                    query,
+                    method == "GET" and watch_asked and path == EXEMPTION_COLLECTION,
+                    fake.exemptions,
+                    EXEMPTION_COLLECTION,
+                )
                 return
             if fake.take_stall("watch" if is_watch else "list" if method == "GET" else "write"):
                 # Accept the request and never answer, like a hung server or a black hole.
@@ -144,8 +166,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return
             code = fake.take_failure()
             if code:
-                raise ApiError(code, "InternalError" if code == 500 else "ServiceUnavailable",
-                               f"injected failure {code}")
+                raise ApiError(
+                    code,
+                    "InternalError" if code == 500 else "ServiceUnavailable",
+                    f"injected failure {code}",
+                )
             self._route(method, path, query, is_watch)
         except ApiError as err:
             self._send_error(err)
@@ -153,8 +178,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             log.debug("client went away: %s", e)
             self.close_connection = True
 
-    def _route(self, method: str, path: str, query: dict, is_watch: bool,
-               cluster: FakeCluster | None = None, collection: str = COLLECTION) -> None:
+    def _route(
+        self,
+        method: str,
+        path: str,
+        query: dict,
+        is_watch: bool,
+        cluster: FakeCluster | None = None,
+        collection: str = COLLECTION,
+    ) -> None:
         cluster = cluster if cluster is not None else self.server.fake.cluster
         if method == "GET" and collection == COLLECTION:
             doc = discovery(path, self.server.fake.host_port)
@@ -174,8 +206,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             else:
                 raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on {path}")
             return
-        if path.startswith(collection + "/") and "/" not in path[len(collection) + 1:]:
-            name = urllib.parse.unquote(path[len(collection) + 1:])
+        if path.startswith(collection + "/") and "/" not in path[len(collection) + 1 :]:
+            name = urllib.parse.unquote(path[len(collection) + 1 :])
             if method == "GET":
                 self._send_json(200, cluster.get(name))
             elif method == "PUT":
@@ -184,10 +216,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip()
                 if ctype != "application/merge-patch+json":
                     # Custom resources support neither strategic merge nor (here) JSON patch.
-                    raise ApiError(415, "UnsupportedMediaType",
-                                   f"the body of the request was in an unknown format - "
-                                   f"accepted media types include: application/merge-patch+json "
-                                   f"(got {ctype!r})")
+                    raise ApiError(
+                        415,
+                        "UnsupportedMediaType",
+                        f"the body of the request was in an unknown format - "
+                        f"accepted media types include: application/merge-patch+json "
+                        f"(got {ctype!r})",
+                    )
                 self._send_json(200, cluster.patch(name, self._read_body()))
             elif method == "DELETE":
                 self._send_json(200, cluster.delete(name))
@@ -203,8 +238,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         accept = self.headers.get("Accept") or ""
         self.server.fake.node_requests.append((method, self.path, accept))
         if method == "PATCH" and path.endswith("/status"):
-            self._patch_node_status(urllib.parse.unquote(
-                path[len(NODE_COLLECTION) + 1:-len("/status")]))
+            self._patch_node_status(
+                urllib.parse.unquote(path[len(NODE_COLLECTION) + 1 : -len("/status")])
+            )
             return
         if method != "GET":
             raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on {path} here")
@@ -215,13 +251,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if not limit.isdigit():
                 raise ApiError(400, "BadRequest", f"limit {limit!r} is not a number")
             page = nodes.list_page(int(limit), query.get("continue", ""))
-            self._send_json(200, as_metadata_list(page)
-                            if metadata_view(accept, LIST_VIEW) else page)
+            self._send_json(
+                200, as_metadata_list(page) if metadata_view(accept, LIST_VIEW) else page
+            )
         else:
-            name = urllib.parse.unquote(path[len(NODE_COLLECTION) + 1:])
+            name = urllib.parse.unquote(path[len(NODE_COLLECTION) + 1 :])
             obj = nodes.get(name)
-            self._send_json(200, partial_object_metadata(obj)
-                            if metadata_view(accept, OBJECT_VIEW) else obj)
+            self._send_json(
+                200, partial_object_metadata(obj) if metadata_view(accept, OBJECT_VIEW) else obj
+            )
 
     def _route_configmaps(self, method: str, path: str, query: dict, is_watch: bool) -> None:
         """ConfigMaps of one namespace (``FakeApiServer.configmap_namespace``; any other is
@@ -237,15 +275,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._send_json(200, fake.configmaps.get(urllib.parse.unquote(rest[0])))
             return
         selector = query.get("fieldSelector", "")
-        wanted = selector[len("metadata.name="):] if selector.startswith("metadata.name=") \
-            else None
+        wanted = (
+            selector[len("metadata.name=") :] if selector.startswith("metadata.name=") else None
+        )
         if selector and wanted is None:
             raise ApiError(400, "BadRequest", f"field selector {selector!r} is not supported")
 
         def match(obj: dict) -> bool:
             meta = obj.get("metadata") or {}
-            return (namespace == fake.configmap_namespace
-                    and (wanted is None or meta.get("name") == wanted))
+            return namespace == fake.configmap_namespace and (
+                wanted is None or meta.get("name") == wanted
+            )
 
         if is_watch:
             self._watch(query, fake.configmaps, match=match)
@@ -261,12 +301,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
         with fake.nodes.cond:
             code = fake.take_status_fault()
             if code == 409:
-                raise ApiError(409, "Conflict", f'Operation cannot be fulfilled on nodes "{name}": '
-                               f'the object has been modified; please apply your changes to the '
-                               f'latest version and try again', name)
+                raise ApiError(
+                    409,
+                    "Conflict",
+                    f'Operation cannot be fulfilled on nodes "{name}": '
+                    f"the object has been modified; please apply your changes to the "
+                    f"latest version and try again",
+                    name,
+                )
             if code:
-                raise ApiError(code, "InternalError" if code == 500 else "ServiceUnavailable",
-                               f"injected failure {code}")
+                raise ApiError(
+                    code,
+                    "InternalError" if code == 500 else "ServiceUnavailable",
+                    f"injected failure {code}",
+                )
             old = fake.nodes.objects.get(name)
             if old is None:
                 raise ApiError(404, "NotFound", f'nodes "{name}" not found', name)
@@ -276,8 +324,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _create_event(self, namespace: str) -> None:
         body = self._read_body()
-        if not isinstance(body, dict) or not isinstance(body.get("involvedObject"), dict) \
-                or not body.get("reason"):
+        if (
+            not isinstance(body, dict)
+            or not isinstance(body.get("involvedObject"), dict)
+            or not body.get("reason")
+        ):
             raise ApiError(422, "Invalid", "Event: involvedObject and reason are required")
         fake = self.server.fake
         event = copy.deepcopy(body)
@@ -287,8 +338,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         fake.events.append(event)
         self._send_json(201, event)
 
-    def _watch(self, query: dict, cluster: FakeCluster | None = None,
-               metadata_only: bool = False, match=None) -> None:
+    def _watch(
+        self,
+        query: dict,
+        cluster: FakeCluster | None = None,
+        metadata_only: bool = False,
+        match=None,
+    ) -> None:
         fake = self.server.fake
         cluster = cluster if cluster is not None else fake.cluster
         bookmarks = query.get("allowWatchBookmarks", "").lower() in ("1", "true")
@@ -301,11 +357,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             # A version from the future: the client talked to another (or an older
             # incarnation of this) server. The real watch cache answers 504 with the cause
             # ResourceVersionTooLarge, and clients list again.
-            err = ApiError(504, "Timeout", f"Too large resource version: {rv_text}, "
-                                           f"current: {cluster.rv}")
-            err.status["details"] = {"causes": [{"reason": "ResourceVersionTooLarge",
-                                                 "message": "Too large resource version"}],
-                                     "retryAfterSeconds": 1}
+            err = ApiError(
+                504, "Timeout", f"Too large resource version: {rv_text}, current: {cluster.rv}"
+            )
+            err.status["details"] = {
+                "causes": [
+                    {"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}
+                ],
+                "retryAfterSeconds": 1,
+            }
             raise err
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -317,17 +377,29 @@ class Handler(http.server.BaseHTTPRequestHandler):
         finally:
             fake.watch_closed()
 
-    def _stream_events(self, cluster: FakeCluster, rv_text: str, bookmarks: bool,
-                       deadline: float, metadata_only: bool = False, match=None) -> None:
+    def _stream_events(
+        self,
+        cluster: FakeCluster,
+        rv_text: str,
+        bookmarks: bool,
+        deadline: float,
+        metadata_only: bool = False,
+        match=None,
+    ) -> None:
         fake = self.server.fake
 
         def encode(events: list[dict]) -> bytes:
             if match is not None:  # a field selector: other objects' events are not sent
-                events = [e for e in events if e["type"] in ("ERROR", "BOOKMARK")
-                          or match(e["object"])]
+                events = [
+                    e for e in events if e["type"] in ("ERROR", "BOOKMARK") or match(e["object"])
+                ]
             if metadata_only:
-                events = [{"type": e["type"], "object": partial_object_metadata(e["object"])}
-                          if e["type"] != "ERROR" else e for e in events]
+                events = [
+                    {"type": e["type"], "object": partial_object_metadata(e["object"])}
+                    if e["type"] != "ERROR"
+                    else e
+                    for e in events
+                ]
             return b"".join(json.dumps(e).encode() + b"\n" for e in events)
 
         generation = fake.faults.drop_generation
@@ -338,16 +410,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if not expire and rv_text not in ("", "0"):
                 expire = int(rv_text) < cluster.oldest_watchable_rv
             if expire:
-                status = status_object(410, "Expired", f"too old resource version: {rv_text or 0} "
-                                                       f"({cluster.oldest_watchable_rv})")
+                status = status_object(
+                    410,
+                    "Expired",
+                    f"too old resource version: {rv_text or 0} ({cluster.oldest_watchable_rv})",
+                )
                 pending: list[dict] = [{"type": "ERROR", "object": status}]
             elif rv_text in ("", "0"):
                 # No version: the current state as ADDED events, then changes.
-                pending = [{"type": "ADDED", "object": copy.deepcopy(cluster.objects[n])}
-                           for n in sorted(cluster.objects)]
+                pending = [
+                    {"type": "ADDED", "object": copy.deepcopy(cluster.objects[n])}
+                    for n in sorted(cluster.objects)
+                ]
             else:
-                pending = [{"type": t, "object": o} for rv, t, o in cluster.history
-                           if rv > int(rv_text)]
+                pending = [
+                    {"type": t, "object": o} for rv, t, o in cluster.history if rv > int(rv_text)
+                ]
             seen = cluster.rv
         if expire:
             self._chunk(encode(pending[:1]))
@@ -368,8 +446,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 if now >= deadline:
                     self._chunk(b"")
                     return
-                if bookmarks and (now >= next_bookmark
-                                  or fake.bookmark_generation != bookmark_generation):
+                if bookmarks and (
+                    now >= next_bookmark or fake.bookmark_generation != bookmark_generation
+                ):
                     bookmark_generation = fake.bookmark_generation
                     with cluster.cond:
                         self._chunk(encode([cluster.bookmark()]))
@@ -379,6 +458,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 if frozen or cluster.rv == seen:
                     cluster.cond.wait(0.05)
                 if not frozen and cluster.rv != seen:
-                    pending = [{"type": t, "object": o} for rv, t, o in cluster.history
-                               if rv > seen]
+                    pending = [
+                        {"type": t, "object": o} for rv, t, o in cluster.history if rv > seen
+                    ]
                     seen = cluster.rv

@@ -42,8 +42,11 @@ def _merge_list(current: object, patch: list, merge_key: str, path: str) -> list
     items = [dict(i) for i in current if isinstance(i, dict)] if isinstance(current, list) else []
     for entry in patch:
         if not isinstance(entry, dict) or not isinstance(entry.get(merge_key), str):
-            raise ApiError(400, "BadRequest", f"{path}: map: {entry!r} does not contain declared "
-                                              f"merge key: {merge_key}")
+            raise ApiError(
+                400,
+                "BadRequest",
+                f"{path}: map: {entry!r} does not contain declared merge key: {merge_key}",
+            )
         for i, item in enumerate(items):
             if item.get(merge_key) == entry[merge_key]:
                 items[i] = _strategic(item, entry, path)
@@ -56,9 +59,12 @@ def _merge_list(current: object, patch: list, merge_key: str, path: str) -> list
 def patch_status(old: dict, content_type: str, body: object) -> dict:
     """The Node after ``body``; raises ApiError (400, 415) for what the real server refuses."""
     if content_type not in (STRATEGIC, MERGE):
-        raise ApiError(415, "UnsupportedMediaType",
-                       f"the body of the request was in an unknown format - accepted media "
-                       f"types include: {STRATEGIC}, {MERGE} (got {content_type!r})")
+        raise ApiError(
+            415,
+            "UnsupportedMediaType",
+            f"the body of the request was in an unknown format - accepted media "
+            f"types include: {STRATEGIC}, {MERGE} (got {content_type!r})",
+        )
     if not isinstance(body, dict):
         raise ApiError(400, "BadRequest", "the patch is not a JSON object")
     status = body.get("status", {})
@@ -76,6 +82,8 @@ def patch_status(old: dict, content_type: str, body: object) -> dict:
             if not isinstance(entry, dict):
                 raise ApiError(400, "BadRequest", "status.conditions: entries must be objects")
         merged = merge_patch(new, patch)
-    merged["metadata"], merged["spec"] = copy.deepcopy(old.get("metadata")), \
-        copy.deepcopy(old.get("spec", {}))
+    merged["metadata"], merged["spec"] = (
+        copy.deepcopy(old.get("metadata")),
+        copy.deepcopy(old.get("spec", {})),
+    )
     return merged

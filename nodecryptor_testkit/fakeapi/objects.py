@@ -21,10 +21,15 @@ MASTER_LABEL = "node-role.kubernetes.io/master"
 _UID_NAMESPACE = uuid.UUID("6c1f4b1e-2a53-4d0c-9a43-6e6f64656372")
 
 
-
-def make_ciliumnode(name: str, ipv4: str | None = None, ipv6: str | None = None,
-                    pod_cidrs: list[str] | tuple[str, ...] = (), control_plane: bool = False,
-                    label_style: str = "kubeadm", wg_pub_key: str | None = None) -> dict:
+def make_ciliumnode(
+    name: str,
+    ipv4: str | None = None,
+    ipv6: str | None = None,
+    pod_cidrs: list[str] | tuple[str, ...] = (),
+    control_plane: bool = False,
+    label_style: str = "kubeadm",
+    wg_pub_key: str | None = None,
+) -> dict:
     """A CiliumNode shaped like the ones the Cilium agent writes for a Node.
 
     ``label_style`` picks how the Node marks a control-plane node, which Cilium copies:
@@ -73,8 +78,14 @@ def make_ciliumnode(name: str, ipv4: str | None = None, ipv6: str | None = None,
             "name": name,
             "labels": labels,
             "annotations": annotations,
-            "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": name,
-                                 "uid": str(uuid.uuid5(_UID_NAMESPACE, "node/" + name))}],
+            "ownerReferences": [
+                {
+                    "apiVersion": "v1",
+                    "kind": "Node",
+                    "name": name,
+                    "uid": str(uuid.uuid5(_UID_NAMESPACE, "node/" + name)),
+                }
+            ],
             "uid": str(uuid.uuid5(_UID_NAMESPACE, "ciliumnode/" + name)),
         },
         "spec": {
@@ -105,8 +116,12 @@ def make_cilium_config(ipv4: str = "", ipv6: str = "", namespace: str = "kube-sy
         data["cluster-pool-ipv4-cidr"] = ipv4
     if ipv6:
         data["cluster-pool-ipv6-cidr"] = ipv6
-    return {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": "cilium-config", "namespace": namespace}, "data": data}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "cilium-config", "namespace": namespace},
+        "data": data,
+    }
 
 
 def make_pod_ip_pool(name: str, ipv4: list | tuple = (), ipv6: list | tuple = ()) -> dict:
@@ -116,25 +131,46 @@ def make_pod_ip_pool(name: str, ipv4: list | tuple = (), ipv6: list | tuple = ()
         spec["ipv4"] = {"cidrs": list(ipv4), "maskSize": 24}
     if ipv6:
         spec["ipv6"] = {"cidrs": list(ipv6), "maskSize": 64}
-    return {"apiVersion": "cilium.io/v2alpha1", "kind": "CiliumPodIPPool",
-            "metadata": {"name": name}, "spec": spec}
+    return {
+        "apiVersion": "cilium.io/v2alpha1",
+        "kind": "CiliumPodIPPool",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
 
 
-def make_exemption(name: str, node_selector: dict | None = None, ports: list | None = None,
-                   client_selector: dict | None = None) -> dict:
+def make_exemption(
+    name: str,
+    node_selector: dict | None = None,
+    ports: list | None = None,
+    client_selector: dict | None = None,
+) -> dict:
     """An EncryptionExemption (nodecryptor.io/v1alpha1)."""
-    spec: dict = {"nodeSelector": node_selector if node_selector is not None else {},
-                  "ports": ports if ports is not None else [{"port": 9345}]}
+    spec: dict = {
+        "nodeSelector": node_selector if node_selector is not None else {},
+        "ports": ports if ports is not None else [{"port": 9345}],
+    }
     if client_selector is not None:
         spec["clientNodeSelector"] = client_selector
-    return {"apiVersion": "nodecryptor.io/v1alpha1", "kind": "EncryptionExemption",
-            "metadata": {"name": name}, "spec": spec}
+    return {
+        "apiVersion": "nodecryptor.io/v1alpha1",
+        "kind": "EncryptionExemption",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+
+
 META_API_VERSION = "meta.k8s.io/v1"
 
 
-def make_node(name: str, control_plane: bool = False, label_style: str = "kubeadm",
-              ipv4: str | None = None, ipv6: str | None = None,
-              pod_cidrs: list | tuple = ()) -> dict:
+def make_node(
+    name: str,
+    control_plane: bool = False,
+    label_style: str = "kubeadm",
+    ipv4: str | None = None,
+    ipv6: str | None = None,
+    pod_cidrs: list | tuple = (),
+) -> dict:
     """A v1 Node shaped like the ones a kubelet registers (and kubeadm labels). Its
     ``node-role.kubernetes.io/*`` labels are what NodeRestriction keeps kubelets from setting;
     nodecryptor reads the control-plane role from them, and the node addresses from
@@ -142,9 +178,13 @@ def make_node(name: str, control_plane: bool = False, label_style: str = "kubead
     ``spec.podCIDRs`` Kubernetes IPAM allocates (none: Cilium's own IPAM)."""
     if label_style not in ("kubeadm", "k3s", "master"):
         raise ValueError(f"label_style {label_style!r}: expected kubeadm, k3s or master")
-    labels = {"beta.kubernetes.io/arch": "amd64", "beta.kubernetes.io/os": "linux",
-              "kubernetes.io/arch": "amd64", "kubernetes.io/hostname": name,
-              "kubernetes.io/os": "linux"}
+    labels = {
+        "beta.kubernetes.io/arch": "amd64",
+        "beta.kubernetes.io/os": "linux",
+        "kubernetes.io/arch": "amd64",
+        "kubernetes.io/hostname": name,
+        "kubernetes.io/os": "linux",
+    }
     if control_plane:
         if label_style == "kubeadm":
             labels[CONTROL_PLANE_LABEL] = ""
@@ -162,31 +202,53 @@ def make_node(name: str, control_plane: bool = False, label_style: str = "kubead
         "metadata": {
             "name": name,
             "labels": labels,
-            "annotations": {"node.alpha.kubernetes.io/ttl": "0",
-                            "volumes.kubernetes.io/controller-managed-attach-detach": "true"},
+            "annotations": {
+                "node.alpha.kubernetes.io/ttl": "0",
+                "volumes.kubernetes.io/controller-managed-attach-detach": "true",
+            },
             "uid": str(uuid.uuid5(_UID_NAMESPACE, "node/" + name)),
         },
-        "spec": {**({"taints": [{"key": "node-role.kubernetes.io/control-plane",
-                                 "effect": "NoSchedule"}]} if control_plane else {}),
-                 **({"podCIDR": pod_cidrs[0], "podCIDRs": list(pod_cidrs)} if pod_cidrs
-                    else {})},
-        "status": {"addresses": addresses,
-                   "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],
-                   "nodeInfo": {"kubeletVersion": "v1.33.0", "architecture": "amd64"}},
+        "spec": {
+            **(
+                {
+                    "taints": [
+                        {"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"}
+                    ]
+                }
+                if control_plane
+                else {}
+            ),
+            **({"podCIDR": pod_cidrs[0], "podCIDRs": list(pod_cidrs)} if pod_cidrs else {}),
+        },
+        "status": {
+            "addresses": addresses,
+            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],
+            "nodeInfo": {"kubeletVersion": "v1.33.0", "architecture": "amd64"},
+        },
     }
 
 
 def partial_object_metadata(obj: dict) -> dict:
     """The metadata-only form of ``obj``, as the API server sends it to a client that asked
     for ``as=PartialObjectMetadata``: no spec, no status."""
-    return {"apiVersion": META_API_VERSION, "kind": "PartialObjectMetadata",
-            "metadata": obj.get("metadata", {})}
+    return {
+        "apiVersion": META_API_VERSION,
+        "kind": "PartialObjectMetadata",
+        "metadata": obj.get("metadata", {}),
+    }
 
 
 def status_object(code: int, reason: str, message: str, name: str | None = None) -> dict:
     """A metav1.Status, the body of every error the API server returns."""
-    out = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-           "message": message, "reason": reason, "code": code}
+    out = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
     if name is not None:
         out["details"] = {"name": name, "group": GROUP, "kind": PLURAL}
     return out

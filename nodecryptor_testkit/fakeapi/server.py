@@ -16,8 +16,13 @@ import subprocess
 import tempfile
 import threading
 
-from .cluster import (CONFIGMAP_RESOURCE, EXEMPTION_RESOURCE, NODE_RESOURCE,
-                      POD_IP_POOL_RESOURCE, FakeCluster)
+from .cluster import (
+    CONFIGMAP_RESOURCE,
+    EXEMPTION_RESOURCE,
+    NODE_RESOURCE,
+    POD_IP_POOL_RESOURCE,
+    FakeCluster,
+)
 from .faults import FaultInjection, Faults
 from .handler import Handler
 
@@ -37,8 +42,9 @@ class _HttpServer(http.server.ThreadingHTTPServer):
     def get_request(self):
         sock, addr = super().get_request()
         if self.fake.ssl_context is not None:
-            sock = self.fake.ssl_context.wrap_socket(sock, server_side=True,
-                                                     do_handshake_on_connect=False)
+            sock = self.fake.ssl_context.wrap_socket(
+                sock, server_side=True, do_handshake_on_connect=False
+            )
         self.fake.track(sock)
         return sock, addr
 
@@ -56,34 +62,45 @@ class FakeApiServer(FaultInjection):
     ``port=0`` picks a free port; after start(), ``url`` and ``port`` are set.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, token: str = "nodecryptor-test",
-                 objects: list[dict] | tuple = (), history_limit: int = 1000,
-                 bookmark_interval: float = 60.0, tls: bool = False, initial_rv: int = 0):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        token: str = "nodecryptor-test",
+        objects: list[dict] | tuple = (),
+        history_limit: int = 1000,
+        bookmark_interval: float = 60.0,
+        tls: bool = False,
+        initial_rv: int = 0,
+    ):
         self.host = host
         self.port = port
         self.token = token
         self.bookmark_interval = bookmark_interval
         """Seconds between BOOKMARK events on a watch that asked for them (real: ~60 s)."""
         self.cluster = FakeCluster(history_limit, initial_rv)
-        self.nodes = FakeCluster(history_limit, initial_rv, NODE_RESOURCE,
-                                 shared_with=self.cluster)
+        self.nodes = FakeCluster(history_limit, initial_rv, NODE_RESOURCE, shared_with=self.cluster)
         """v1 Nodes, sharing the CiliumNodes' resourceVersion counter as etcd does."""
-        self.exemptions = FakeCluster(history_limit, initial_rv, EXEMPTION_RESOURCE,
-                                      shared_with=self.cluster)
+        self.exemptions = FakeCluster(
+            history_limit, initial_rv, EXEMPTION_RESOURCE, shared_with=self.cluster
+        )
         """EncryptionExemptions (nodecryptor.io/v1alpha1)."""
         self.exemptions_installed = True
         """False: every EncryptionExemption request answers 404, as without the CRD."""
-        self.configmaps = FakeCluster(history_limit, initial_rv, CONFIGMAP_RESOURCE,
-                                      shared_with=self.cluster)
+        self.configmaps = FakeCluster(
+            history_limit, initial_rv, CONFIGMAP_RESOURCE, shared_with=self.cluster
+        )
         """ConfigMaps of ``configmap_namespace`` (Cilium's ``cilium-config``)."""
         self.configmap_namespace = "kube-system"
-        self.pod_ip_pools = FakeCluster(history_limit, initial_rv, POD_IP_POOL_RESOURCE,
-                                        shared_with=self.cluster)
+        self.pod_ip_pools = FakeCluster(
+            history_limit, initial_rv, POD_IP_POOL_RESOURCE, shared_with=self.cluster
+        )
         """CiliumPodIPPools (cilium.io/v2alpha1)."""
         self.pod_ip_pools_installed = True
         """False: every CiliumPodIPPool request answers 404, as without the CRD."""
         self.node_requests: collections.deque[tuple[str, str, str]] = collections.deque(
-            maxlen=10000)
+            maxlen=10000
+        )
         """(method, path with query, Accept header) of recent Node requests."""
         self.faults = Faults()
         self.status_faults: collections.deque[int] = collections.deque()
@@ -127,9 +144,12 @@ class FakeApiServer(FaultInjection):
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         self._httpd = _HttpServer((self.host, self.port), self, family)
         self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever,
-                                        kwargs={"poll_interval": 0.05},
-                                        name=f"fakeapi-{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"fakeapi-{self.port}",
+            daemon=True,
+        )
         self._thread.start()
         log.info("fake API server listening", extra={"fields": {"url": self.url}})
         return self
@@ -175,12 +195,32 @@ class FakeApiServer(FaultInjection):
         cert = os.path.join(self._tls_dir.name, "tls.crt")
         key = os.path.join(self._tls_dir.name, "tls.key")
         ip_san = f"IP:{self.host}," if self.host else ""
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                        "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key, "-out", cert,
-                        "-days", "2", "-subj", "/CN=nodecryptor-fakeapi",
-                        "-addext", f"subjectAltName={ip_san}IP:127.0.0.1,DNS:localhost",
-                        "-addext", "basicConstraints=critical,CA:TRUE"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                key,
+                "-out",
+                cert,
+                "-days",
+                "2",
+                "-subj",
+                "/CN=nodecryptor-fakeapi",
+                "-addext",
+                f"subjectAltName={ip_san}IP:127.0.0.1,DNS:localhost",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+            ],
+            check=True,
+            capture_output=True,
+        )
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(cert, key)
         self.ssl_context = ctx
@@ -191,12 +231,15 @@ class FakeApiServer(FaultInjection):
         cluster: dict = {"server": self.url}
         if self.ca_pem is not None:
             cluster["certificate-authority-data"] = base64.b64encode(self.ca_pem).decode()
-        return {"apiVersion": "v1", "kind": "Config", "current-context": "fake",
-                "clusters": [{"name": "fake", "cluster": cluster}],
-                "users": [{"name": "fake", "user": {"token": self.token if token is None
-                                                    else token}}],
-                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
-                "preferences": {}}
+        return {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": "fake",
+            "clusters": [{"name": "fake", "cluster": cluster}],
+            "users": [{"name": "fake", "user": {"token": self.token if token is None else token}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
+            "preferences": {},
+        }
 
     def write_kubeconfig(self, path: str, token: str | None = None) -> str:
         """Write a kubeconfig (JSON is valid YAML) pointing at this server."""

@@ -63,11 +63,13 @@ class Packet:
             name = "tcp" if self.proto == 6 else "udp"
             return f"{name} {self.src}:{self.sport} > {self.dst}:{self.dport}"
         return f"proto {self.proto} {self.src} > {self.dst}" + (
-            f" type {self.icmp_type}" if self.icmp_type >= 0 else "")
+            f" type {self.icmp_type}" if self.icmp_type >= 0 else ""
+        )
 
 
-def _transport(proto: int, data: bytes, src, dst, fragment: bool,
-               frag_id: int = -1) -> Packet | None:
+def _transport(
+    proto: int, data: bytes, src, dst, fragment: bool, frag_id: int = -1
+) -> Packet | None:
     if fragment:
         return Packet(src, dst, proto, fragment=True, frag_id=frag_id)
     packet = _first(proto, data, src, dst)
@@ -100,8 +102,14 @@ def decode_ip(data: bytes) -> Packet | None:
         src = ipaddress.IPv4Address(data[12:16])
         dst = ipaddress.IPv4Address(data[16:20])
         fragmented = (frag & 0x3FFF) != 0  # more-fragments flag or an offset
-        return _transport(data[9], data[ihl:], src, dst, fragment=(frag & 0x1FFF) != 0,
-                          frag_id=ident if fragmented else -1)
+        return _transport(
+            data[9],
+            data[ihl:],
+            src,
+            dst,
+            fragment=(frag & 0x1FFF) != 0,
+            frag_id=ident if fragmented else -1,
+        )
     if version == 6 and len(data) >= 40:
         src = ipaddress.IPv6Address(data[8:24])
         dst = ipaddress.IPv6Address(data[24:40])
@@ -147,7 +155,7 @@ def read_pcap(path: str) -> list[Packet]:
     packets, offset = [], 24
     while offset + 16 <= len(raw):
         sec, frac, incl = struct.unpack_from(endian + "III", raw, offset)
-        frame = raw[offset + 16: offset + 16 + incl]
+        frame = raw[offset + 16 : offset + 16 + incl]
         offset += 16 + incl
         if len(frame) < incl:
             break
@@ -173,10 +181,27 @@ class Capture:
         # a timeout passes, and a capture stopped within that time loses them (seen here: 8
         # packets "received by filter", 0 written). -U: write each packet at once.
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.netns, "tcpdump", "-i", "any", "--immediate-mode",
-             "-n", "-U", "-s",
-             str(self.snaplen), "-w", self.path, "ip or ip6"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.netns,
+                "tcpdump",
+                "-i",
+                "any",
+                "--immediate-mode",
+                "-n",
+                "-U",
+                "-s",
+                str(self.snaplen),
+                "-w",
+                self.path,
+                "ip or ip6",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.monotonic() + timeout
         # tcpdump says "listening on ..." once the socket is bound and the filter installed.
         line = b""

@@ -96,16 +96,23 @@ def not_wireguard_or_nd(packets: list[Packet]) -> list[Packet]:
     of a WireGuard datagram (fragmented on the underlay, e.g. a TCP segment that did not fit
     after encryption) carry no UDP header: they are tied to their first fragment, which does,
     by addresses and IP id. They are encrypted, not clear text."""
-    wireguard_datagrams = {(p.src, p.dst, p.proto, p.frag_id) for p in packets
-                           if p.wireguard and p.frag_id >= 0}
-    return [p for p in packets
-            if not (p.wireguard or p.neighbour_discovery
-                    or (p.fragment
-                        and (p.src, p.dst, p.proto, p.frag_id) in wireguard_datagrams))]
+    wireguard_datagrams = {
+        (p.src, p.dst, p.proto, p.frag_id) for p in packets if p.wireguard and p.frag_id >= 0
+    }
+    return [
+        p
+        for p in packets
+        if not (
+            p.wireguard
+            or p.neighbour_discovery
+            or (p.fragment and (p.src, p.dst, p.proto, p.frag_id) in wireguard_datagrams)
+        )
+    ]
 
 
-def _packets_of(flow_src: str, flow_dst: str, proto: str, sport: int, dport: int,
-                packets: list[Packet]) -> list[Packet]:
+def _packets_of(
+    flow_src: str, flow_dst: str, proto: str, sport: int, dport: int, packets: list[Packet]
+) -> list[Packet]:
     src, dst = ipaddress.ip_address(flow_src), ipaddress.ip_address(flow_dst)
     out = []
     for p in not_wireguard_or_nd(packets):
@@ -115,8 +122,9 @@ def _packets_of(flow_src: str, flow_dst: str, proto: str, sport: int, dport: int
             if p.proto in (1, 58):
                 out.append(p)
         elif p.proto == PROTO_NUMBERS[proto] and (
-                (p.src == src and p.sport == sport and p.dport == dport)
-                or (p.dst == src and p.dport == sport and p.sport == dport)):
+            (p.src == src and p.sport == sport and p.dport == dport)
+            or (p.dst == src and p.dport == sport and p.sport == dport)
+        ):
             out.append(p)
     return out
 
@@ -127,14 +135,22 @@ def classify(got_through: bool, clear_packets: int) -> str:
     return LEAKED if clear_packets else BLOCKED
 
 
-def observe(lab, flows: list[Flow], ports: PortAllocator, capture_name: str = "flows",
-            timeout: float = 1.5) -> list[Row]:
+def observe(
+    lab, flows: list[Flow], ports: PortAllocator, capture_name: str = "flows", timeout: float = 1.5
+) -> list[Row]:
     """Try ``flows`` (grouped by source namespace, groups in parallel) under tcpdump."""
     requests = []
     for i, flow in enumerate(flows):
-        req = {"id": i, "proto": flow.proto, "dst": lab.address_of(flow.dst, flow.family),
-               "src": lab.address_of(flow.src, flow.family), "dport": flow.dport,
-               "sport": ports.take(), "timeout": timeout, "connect_only": flow.connect_only}
+        req = {
+            "id": i,
+            "proto": flow.proto,
+            "dst": lab.address_of(flow.dst, flow.family),
+            "src": lab.address_of(flow.src, flow.family),
+            "dport": flow.dport,
+            "sport": ports.take(),
+            "timeout": timeout,
+            "connect_only": flow.connect_only,
+        }
         requests.append((lab.netns_of(flow.src), req))
     by_netns: dict[str, list[dict]] = defaultdict(list)
     for netns, req in requests:
@@ -173,13 +189,18 @@ def observe(lab, flows: list[Flow], ports: PortAllocator, capture_name: str = "f
 def cluster_networks(spec: LabSpec) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     nets = []
     for node in spec.nodes:
-        nets += [ipaddress.ip_network(node.ipv4), ipaddress.ip_network(node.ipv6),
-                 node.pod_cidr_v4, node.pod_cidr_v6]
+        nets += [
+            ipaddress.ip_network(node.ipv4),
+            ipaddress.ip_network(node.ipv6),
+            node.pod_cidr_v4,
+            node.pod_cidr_v6,
+        ]
     return nets
 
 
-def leaks(packets: list[Packet], spec: LabSpec,
-          exempt_ports: tuple[int, ...] = EXEMPT_TCP_PORTS) -> list[Packet]:
+def leaks(
+    packets: list[Packet], spec: LabSpec, exempt_ports: tuple[int, ...] = EXEMPT_TCP_PORTS
+) -> list[Packet]:
     """Packets between cluster addresses that crossed in the clear and are not an exempt
     control-plane flow (TCP to an exempt port of a control-plane node address, or its reply
     from that address). WireGuard's own UDP and IPv6 neighbour discovery are not leaks."""
@@ -193,8 +214,10 @@ def leaks(packets: list[Packet], spec: LabSpec,
     for p in not_wireguard_or_nd(packets):
         if not (in_cluster(p.src) and in_cluster(p.dst)):
             continue
-        if p.proto == 6 and ((p.dst in cp_addrs and p.dport in exempt_ports)
-                             or (p.src in cp_addrs and p.sport in exempt_ports)):
+        if p.proto == 6 and (
+            (p.dst in cp_addrs and p.dport in exempt_ports)
+            or (p.src in cp_addrs and p.sport in exempt_ports)
+        ):
             continue
         out.append(p)
     return out

@@ -55,6 +55,7 @@ class LabAccess:
 
     def http_status(self, netns: str, url: str) -> int:
         """Status code of a GET of ``url`` from inside ``netns`` (0 when nothing answered)."""
+
         def get() -> int:
             # No proxy: the URL is inside the lab, whatever the environment says.
             opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -65,6 +66,7 @@ class LabAccess:
                 return e.code
             except (urllib.error.URLError, OSError):
                 return 0
+
         return topo.call_in_netns(netns, get)
 
     def nodecryptor(self, name: str, *args: str, timeout: float = 30.0) -> dict:
@@ -74,11 +76,14 @@ class LabAccess:
             argv += ["--bpffs", self.nodes[name].bpffs]
         if args and args[0] in ("status", "explain"):
             argv += ["--run-dir", self.run_dir(name)]
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                              env=child_env())
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, env=child_env()
+        )
         if proc.returncode not in (0, 1) or not proc.stdout.strip():
-            raise LabError(f"nodecryptor {' '.join(args)} on {name} failed "
-                           f"({proc.returncode}): {proc.stderr.strip()[-300:]}")
+            raise LabError(
+                f"nodecryptor {' '.join(args)} on {name} failed "
+                f"({proc.returncode}): {proc.stderr.strip()[-300:]}"
+            )
         return json.loads(proc.stdout)
 
     def run_in(self, name: str, *argv: str) -> str:
@@ -110,5 +115,6 @@ class LabAccess:
 
     def api(self) -> "NetnsApi":
         """The lab's API as seen from inside the API server's node (the host cannot reach it)."""
-        return NetnsApi(self.nodes[self.spec.control_plane[0].name].netns,
-                        KubeApi(self.api_url, API_TOKEN))
+        return NetnsApi(
+            self.nodes[self.spec.control_plane[0].name].netns, KubeApi(self.api_url, API_TOKEN)
+        )

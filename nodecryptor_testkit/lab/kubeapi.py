@@ -34,12 +34,24 @@ class KubeApi:
             handlers.append(urllib.request.HTTPSHandler(context=ssl._create_unverified_context()))
         self._opener = urllib.request.build_opener(*handlers)
 
-    def _request(self, method: str, path: str, body: dict | None = None,
-                 content_type: str = "application/json") -> dict:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: dict | None = None,
+        content_type: str = "application/json",
+    ) -> dict:
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.server + path, data=data, method=method, headers={
-            "Authorization": f"Bearer {self.token}", "Accept": "application/json",
-            "Content-Type": content_type})
+        req = urllib.request.Request(
+            self.server + path,
+            data=data,
+            method=method,
+            headers={
+                "Authorization": f"Bearer {self.token}",
+                "Accept": "application/json",
+                "Content-Type": content_type,
+            },
+        )
         try:
             with self._opener.open(req, timeout=self.timeout) as resp:
                 raw = resp.read()
@@ -54,8 +66,9 @@ class KubeApi:
 
     def annotate(self, name: str, key: str, value: str | None) -> dict:
         patch = {"metadata": {"annotations": {key: value}}}
-        return self._request("PATCH", f"{CILIUMNODES}/{name}", patch,
-                             content_type="application/merge-patch+json")
+        return self._request(
+            "PATCH", f"{CILIUMNODES}/{name}", patch, content_type="application/merge-patch+json"
+        )
 
     def create(self, obj: dict) -> dict:
         return self._request("POST", CILIUMNODES, obj)

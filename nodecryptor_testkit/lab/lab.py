@@ -21,9 +21,18 @@ from nodecryptor.core.log import kv
 from .flows import PortAllocator
 from . import topology as topo
 from .inside import API_TOKEN, PY, LabAccess, child_env
-from .spec import (API_PORT, EXEMPT_TCP_PORTS, ROUTING_MODES, SERVICE_TCP_PORT,
-                   SERVICE_UDP_PORT, LabSpec, NodeSpec, cilium_config_object, ciliumnode_object,
-                   node_object)
+from .spec import (
+    API_PORT,
+    EXEMPT_TCP_PORTS,
+    ROUTING_MODES,
+    SERVICE_TCP_PORT,
+    SERVICE_UDP_PORT,
+    LabSpec,
+    NodeSpec,
+    cilium_config_object,
+    ciliumnode_object,
+    node_object,
+)
 from .state import STATE_DIR, LabState, delete_netns, reap, reap_stale
 from ..wait import WaitTimeout, wait_for
 from .topology import LabError, NodeHandle
@@ -35,12 +44,18 @@ METRICS_BIND = "127.0.0.1:9884"
 
 
 class Lab(LabAccess):
-    def __init__(self, spec: LabSpec, datapath: str = "bpf", wg_impl: str = "auto",
-                 progress: Callable[[str], None] | None = None, state_dir: str = STATE_DIR,
-                 republish_delay: float = 60.0, start_agents: bool = True,
-                 routing: str = "native",
-                 agent_commands: dict[str, Callable[[NodeHandle, list[str]], list[str]]]
-                 | None = None):
+    def __init__(
+        self,
+        spec: LabSpec,
+        datapath: str = "bpf",
+        wg_impl: str = "auto",
+        progress: Callable[[str], None] | None = None,
+        state_dir: str = STATE_DIR,
+        republish_delay: float = 60.0,
+        start_agents: bool = True,
+        routing: str = "native",
+        agent_commands: dict[str, Callable[[NodeHandle, list[str]], list[str]]] | None = None,
+    ):
         if datapath not in ("bpf", "iprule"):
             raise ValueError(f"datapath {datapath!r}: expected bpf or iprule")
         if routing not in ROUTING_MODES:
@@ -99,8 +114,10 @@ class Lab(LabAccess):
         self.workdir = os.path.join(self.state_dir, f"{state.name}-work")
         os.makedirs(self.workdir, exist_ok=True)
         state.add_directory(self.workdir)
-        self.progress(f"underlay bridge and {len(self.spec.nodes)} nodes "
-                      f"({', '.join(n.name for n in self.spec.nodes)})")
+        self.progress(
+            f"underlay bridge and {len(self.spec.nodes)} nodes "
+            f"({', '.join(n.name for n in self.spec.nodes)})"
+        )
         self.underlay = topo.build_underlay(state)
         self.external = topo.build_external(state, self.underlay, self.spec)
         for node in self.spec.nodes:
@@ -109,9 +126,11 @@ class Lab(LabAccess):
             for handle in self.nodes.values():
                 topo.route_pods(handle, self.spec)
         self._start_servers()
-        self.progress("fake kube-apiserver on "
-                      f"{self.spec.control_plane[0].name} {self.spec.control_plane[0].ipv4}:"
-                      f"{API_PORT}")
+        self.progress(
+            "fake kube-apiserver on "
+            f"{self.spec.control_plane[0].name} {self.spec.control_plane[0].ipv4}:"
+            f"{API_PORT}"
+        )
         self._start_api()
         self.progress("Cilium stand-ins: cilium_wg0 and key exchange through the API")
         for name in self.nodes:
@@ -124,11 +143,21 @@ class Lab(LabAccess):
             for name in self.nodes:
                 self.wait_agent_ready(name)
             self.warm_up()
-        state.info = {"datapath": self.datapath, "routing": self.routing, "api": self.api_url,
-                      "underlay": self.underlay,
-                      "nodes": {n: {"netns": h.netns, "pod_netns": h.pod_netns,
-                                    "holder_pid": h.holder_pid, "bpffs": h.bpffs}
-                                for n, h in self.nodes.items()}}
+        state.info = {
+            "datapath": self.datapath,
+            "routing": self.routing,
+            "api": self.api_url,
+            "underlay": self.underlay,
+            "nodes": {
+                n: {
+                    "netns": h.netns,
+                    "pod_netns": h.pod_netns,
+                    "holder_pid": h.holder_pid,
+                    "bpffs": h.bpffs,
+                }
+                for n, h in self.nodes.items()
+            },
+        }
         state.save()
 
     def down(self) -> None:
@@ -158,8 +187,14 @@ class Lab(LabAccess):
 
     # ---------------------------------------------------------------- processes
 
-    def spawn(self, argv: list[str], what: str, log_name: str,
-              node: str | None = None, netns: str | None = None) -> subprocess.Popen:
+    def spawn(
+        self,
+        argv: list[str],
+        what: str,
+        log_name: str,
+        node: str | None = None,
+        netns: str | None = None,
+    ) -> subprocess.Popen:
         """Start a long-lived process inside ``node`` (its network and mount namespaces) or
         ``netns``; its output goes to ``<workdir>/<log_name>.log``."""
         if node is not None:
@@ -172,9 +207,15 @@ class Lab(LabAccess):
         with open(path, "ab") as out:
             # A session of its own: Ctrl-C at the terminal reaches only the demo, which then
             # removes the lab in order, and a kept lab survives the demo's exit.
-            proc = subprocess.Popen(prefix + argv, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True,
-                                    cwd=self.workdir, env=child_env())
+            proc = subprocess.Popen(
+                prefix + argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=self.workdir,
+                env=child_env(),
+            )
         self.state.add_process(proc.pid, what)
         self.children.append(proc)
         return proc
@@ -187,7 +228,9 @@ class Lab(LabAccess):
         except OSError as e:
             return f"(no log: {e})"
 
-    def stop(self, proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+    def stop(
+        self, proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10.0
+    ) -> None:
         if proc.poll() is None:
             proc.send_signal(sig)
             try:
@@ -202,26 +245,43 @@ class Lab(LabAccess):
         for name in self.nodes:
             self.start_echo(name)
         for name in self.nodes:
-            wait_for(lambda n=name: self._listening(self.nodes[n].netns, SERVICE_TCP_PORT), 10,
-                     f"echo server of {name}")
+            wait_for(
+                lambda n=name: self._listening(self.nodes[n].netns, SERVICE_TCP_PORT),
+                10,
+                f"echo server of {name}",
+            )
 
     def _echo_argv(self, api_node: bool = False) -> list[str]:
         every = (SERVICE_TCP_PORT, *EXEMPT_TCP_PORTS)
-        argv = [PY, "-m", "nodecryptor_testkit.lab.probe", "serve", "--udp",
-                f"{SERVICE_UDP_PORT},{API_PORT}"]
+        argv = [
+            PY,
+            "-m",
+            "nodecryptor_testkit.lab.probe",
+            "serve",
+            "--udp",
+            f"{SERVICE_UDP_PORT},{API_PORT}",
+        ]
         if api_node:
             # The fake API owns IPv4 port 6443 here; an IPv6-only echo server answers 6443
             # over IPv6 so both families' apiserver flows can be tried.
-            return argv + ["--tcp", ",".join(str(p) for p in every if p != API_PORT),
-                           "--tcp6-only", str(API_PORT)]
+            return argv + [
+                "--tcp",
+                ",".join(str(p) for p in every if p != API_PORT),
+                "--tcp6-only",
+                str(API_PORT),
+            ]
         return argv + ["--tcp", ",".join(map(str, every))]
 
     def start_echo(self, name: str) -> None:
         """Echo servers on node ``name`` and on its pod."""
         api_node = name == self.spec.control_plane[0].name
         self.spawn(self._echo_argv(api_node), f"echo server {name}", f"{name}-echo", node=name)
-        self.spawn(self._echo_argv(), f"echo server {name} pod", f"{name}-pod-echo",
-                   netns=self.nodes[name].pod_netns)
+        self.spawn(
+            self._echo_argv(),
+            f"echo server {name} pod",
+            f"{name}-pod-echo",
+            netns=self.nodes[name].pod_netns,
+        )
 
     @staticmethod
     def _listening(netns: str, port: int) -> bool:
@@ -233,20 +293,43 @@ class Lab(LabAccess):
         objects = os.path.join(self.workdir, "ciliumnodes.json")
         with open(objects, "w") as f:
             # A Node per node too: the agents take the control-plane role from Node labels.
-            json.dump([ciliumnode_object(n) for n in self.spec.nodes]
-                      + [node_object(n) for n in self.spec.nodes] + [cilium_config_object()],
-                      f, indent=1)
+            json.dump(
+                [ciliumnode_object(n) for n in self.spec.nodes]
+                + [node_object(n) for n in self.spec.nodes]
+                + [cilium_config_object()],
+                f,
+                indent=1,
+            )
         kubeconfig = os.path.join(self.workdir, "kubeconfig")
         self.api_proc = self.spawn(
-            [PY, "-m", "nodecryptor_testkit.fakeapi", "--bind", f"{cp.ipv4}:{API_PORT}",
-             "--objects", objects, "--token", API_TOKEN, "--write-kubeconfig", kubeconfig],
-            "fake kube-apiserver", "apiserver", node=cp.name)
+            [
+                PY,
+                "-m",
+                "nodecryptor_testkit.fakeapi",
+                "--bind",
+                f"{cp.ipv4}:{API_PORT}",
+                "--objects",
+                objects,
+                "--token",
+                API_TOKEN,
+                "--write-kubeconfig",
+                kubeconfig,
+            ],
+            "fake kube-apiserver",
+            "apiserver",
+            node=cp.name,
+        )
         self.api_url = f"http://{cp.ipv4}:{API_PORT}"
-        wait_for(lambda: os.path.exists(kubeconfig) or self.api_proc.poll() is not None, 15,
-                 "the fake kube-apiserver")
+        wait_for(
+            lambda: os.path.exists(kubeconfig) or self.api_proc.poll() is not None,
+            15,
+            "the fake kube-apiserver",
+        )
         if self.api_proc.poll() is not None:
-            raise LabError(f"fake kube-apiserver exited ({self.api_proc.returncode}):\n"
-                           + self.log_tail("apiserver"))
+            raise LabError(
+                f"fake kube-apiserver exited ({self.api_proc.returncode}):\n"
+                + self.log_tail("apiserver")
+            )
         with open(kubeconfig) as f:
             self.api_url = json.load(f)["clusters"][0]["cluster"]["server"]
         for handle in self.nodes.values():
@@ -262,10 +345,27 @@ class Lab(LabAccess):
 
     def start_standin(self, name: str) -> None:
         self.standins[name] = self.spawn(
-            [PY, "-m", "nodecryptor_testkit.lab.standin", "--node", name, "--server", self.api_url,
-             "--token", API_TOKEN, "--wg-impl", self.wg_impl,
-             "--republish-delay", str(self.republish_delay), "--routing", self.routing],
-            f"cilium stand-in {name}", f"{name}-standin", node=name)
+            [
+                PY,
+                "-m",
+                "nodecryptor_testkit.lab.standin",
+                "--node",
+                name,
+                "--server",
+                self.api_url,
+                "--token",
+                API_TOKEN,
+                "--wg-impl",
+                self.wg_impl,
+                "--republish-delay",
+                str(self.republish_delay),
+                "--routing",
+                self.routing,
+            ],
+            f"cilium stand-in {name}",
+            f"{name}-standin",
+            node=name,
+        )
 
     def signal_standin(self, name: str, sig: int) -> None:
         self.standins[name].send_signal(sig)
@@ -278,20 +378,31 @@ class Lab(LabAccess):
 
     def wg_peers(self, name: str) -> dict[str, str]:
         """public key -> endpoint of the peers ``name``'s cilium_wg0 has (empty if no device)."""
-        out = subprocess.run(self.nodes[name].enter() + ["wg", "show", "cilium_wg0", "endpoints"],
-                             capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run(
+            self.nodes[name].enter() + ["wg", "show", "cilium_wg0", "endpoints"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
         return dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)
 
     def wg_public_key(self, name: str) -> str:
-        return subprocess.run(self.nodes[name].enter() + ["wg", "show", "cilium_wg0",
-                                                          "public-key"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
+        return subprocess.run(
+            self.nodes[name].enter() + ["wg", "show", "cilium_wg0", "public-key"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
 
     def wait_peers(self, timeout: float = 30.0) -> None:
         names = list(self.nodes)
         for name in names:
-            wait_for(lambda n=name: len(self.wg_peers(n)) == len(names) - 1, timeout,
-                     f"WireGuard peers on {name}", interval=0.1)
+            wait_for(
+                lambda n=name: len(self.wg_peers(n)) == len(names) - 1,
+                timeout,
+                f"WireGuard peers on {name}",
+                interval=0.1,
+            )
 
     def warm_up(self, timeout: float = 20.0) -> None:
         """Make first contact between every pair of nodes, one pair at a time, so each pair has
@@ -299,26 +410,54 @@ class Lab(LabAccess):
         handshakes from both ends can stall wireguard-go until its 5 s handshake retry)."""
         names = list(self.nodes)
         for i, a in enumerate(names):
-            for b in names[i + 1:]:
-                req = {"id": 0, "proto": "tcp", "src": str(self.spec.node(a).ipv4),
-                       "dst": str(self.spec.node(b).ipv4), "dport": SERVICE_TCP_PORT,
-                       "timeout": 0.5}
-                wait_for(lambda r=req, n=a: self.run_flows(self.nodes[n].netns, [
-                    dict(r, sport=self.ports.take())])[0]["ok"], timeout,
-                    f"first encrypted contact {a} -> {b}")
+            for b in names[i + 1 :]:
+                req = {
+                    "id": 0,
+                    "proto": "tcp",
+                    "src": str(self.spec.node(a).ipv4),
+                    "dst": str(self.spec.node(b).ipv4),
+                    "dport": SERVICE_TCP_PORT,
+                    "timeout": 0.5,
+                }
+                wait_for(
+                    lambda r=req, n=a: self.run_flows(
+                        self.nodes[n].netns, [dict(r, sport=self.ports.take())]
+                    )[0]["ok"],
+                    timeout,
+                    f"first encrypted contact {a} -> {b}",
+                )
 
     def agent_argv(self, name: str) -> list[str]:
         handle = self.nodes[name]
-        return [PY, "-m", "nodecryptor.cli", "run",
-                "--kubeconfig", os.path.join(handle.workdir, "kubeconfig"),
-                "--node-name", name, "--bpffs", handle.bpffs, "--datapath", self.datapath,
-                "--health-probe-bind-address", HEALTH_BIND,
-                "--metrics-server-bind-address", METRICS_BIND, "--log-format", "json",
-                # Each node's own records (datapath choice, exemption policy names), not the
-                # host's /run/nodecryptor, which every node's agent would share.
-                "--run-dir", self.run_dir(name),
-                *(("--ingress-enforcement", self.ingress_enforcement)
-                  if self.ingress_enforcement else ())]
+        return [
+            PY,
+            "-m",
+            "nodecryptor.cli",
+            "run",
+            "--kubeconfig",
+            os.path.join(handle.workdir, "kubeconfig"),
+            "--node-name",
+            name,
+            "--bpffs",
+            handle.bpffs,
+            "--datapath",
+            self.datapath,
+            "--health-probe-bind-address",
+            HEALTH_BIND,
+            "--metrics-server-bind-address",
+            METRICS_BIND,
+            "--log-format",
+            "json",
+            # Each node's own records (datapath choice, exemption policy names), not the
+            # host's /run/nodecryptor, which every node's agent would share.
+            "--run-dir",
+            self.run_dir(name),
+            *(
+                ("--ingress-enforcement", self.ingress_enforcement)
+                if self.ingress_enforcement
+                else ()
+            ),
+        ]
 
     def start_agent(self, name: str) -> None:
         argv, node = self.agent_argv(name), name
@@ -340,9 +479,12 @@ class Lab(LabAccess):
 
         def ready() -> bool:
             if proc.poll() is not None:
-                raise LabError(f"nodecryptor on {name} exited ({proc.returncode}):\n"
-                               + self.log_tail(f"{name}-agent"))
+                raise LabError(
+                    f"nodecryptor on {name} exited ({proc.returncode}):\n"
+                    + self.log_tail(f"{name}-agent")
+                )
             return self.agent_ready(name)
+
         try:
             wait_for(ready, timeout, f"nodecryptor on {name} to become ready", interval=0.2)
         except (LabError, WaitTimeout) as e:
@@ -377,6 +519,7 @@ class Lab(LabAccess):
             delete_netns(ns)  # also ends the node's holder and echo servers
         handle.holder.wait(timeout=10)
         subprocess.run(["umount", "-l", handle.bpffs], capture_output=True)
-        self.state.netns = [n for n in self.state.netns
-                            if n not in (handle.pod_netns, handle.netns)]
+        self.state.netns = [
+            n for n in self.state.netns if n not in (handle.pod_netns, handle.netns)
+        ]
         self.state.save()

@@ -76,8 +76,12 @@ def try_flow(flow: dict) -> dict:
         if proto == "icmp":
             argv = ["ping", "-n", "-q", "-c", "1", "-W", str(max(1, int(timeout))), dst]
             ok = subprocess.run(argv, capture_output=True, timeout=timeout + 2).returncode == 0
-            return {"id": flow.get("id"), "ok": ok, "error": "" if ok else "no echo reply",
-                    "ms": round((time.monotonic() - start) * 1000, 1)}
+            return {
+                "id": flow.get("id"),
+                "ok": ok,
+                "error": "" if ok else "no echo reply",
+                "ms": round((time.monotonic() - start) * 1000, 1),
+            }
         kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
         with socket.socket(_family(dst), kind) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -93,8 +97,12 @@ def try_flow(flow: dict) -> dict:
         error = "" if ok else f"unexpected reply {reply[:40]!r}"
     except (OSError, subprocess.TimeoutExpired) as e:
         ok, error = False, f"{type(e).__name__}: {e}"
-    return {"id": flow.get("id"), "ok": ok, "error": error,
-            "ms": round((time.monotonic() - start) * 1000, 1)}
+    return {
+        "id": flow.get("id"),
+        "ok": ok,
+        "error": error,
+        "ms": round((time.monotonic() - start) * 1000, 1),
+    }
 
 
 def run_flows(flows: list[dict], parallel: int = 16) -> list[dict]:
@@ -112,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("flows", help="try the JSON list of flows given on stdin")
     args = p.parse_args(argv)
     if args.cmd == "serve":
+
         def ports(text):
             return [int(x) for x in text.split(",") if x]
 

@@ -55,7 +55,7 @@ class _Relay(http.server.ThreadingHTTPServer):
 
 
 class _RelayHandler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 (the http.server API)
+    def do_GET(self):
         parts = self.path.strip("/").split("/")
         node = parts[1] if len(parts) == 3 and parts[0] == "nodes" else ""
         handle = self.server.lab.nodes.get(node)
@@ -83,8 +83,9 @@ class LabPrometheus:
     waits until every node's target is up; ``stop()`` ends both (the lab's reaper removes the
     work directory and any process left)."""
 
-    def __init__(self, lab, interval_seconds: int = 1, hold_seconds: int = 3,
-                 window_seconds: int = 15):
+    def __init__(
+        self, lab, interval_seconds: int = 1, hold_seconds: int = 3, window_seconds: int = 15
+    ):
         from .lab import METRICS_BIND
 
         self.lab = lab
@@ -99,44 +100,64 @@ class LabPrometheus:
 
     def config(self) -> dict:
         return {
-            "global": {"scrape_interval": f"{self.interval}s",
-                       "evaluation_interval": f"{self.interval}s",
-                       "scrape_timeout": f"{self.interval}s"},
+            "global": {
+                "scrape_interval": f"{self.interval}s",
+                "evaluation_interval": f"{self.interval}s",
+                "scrape_timeout": f"{self.interval}s",
+            },
             "rule_files": ["rules.yaml"],
-            "scrape_configs": [{
-                "job_name": JOB,
-                "static_configs": [{"targets": [f"127.0.0.1:{RELAY_PORT}"],
-                                    "labels": {"node": name, "__metrics_path__":
-                                               f"/nodes/{name}/metrics"}}
-                                   for name in self.lab.nodes]}]}
+            "scrape_configs": [
+                {
+                    "job_name": JOB,
+                    "static_configs": [
+                        {
+                            "targets": [f"127.0.0.1:{RELAY_PORT}"],
+                            "labels": {"node": name, "__metrics_path__": f"/nodes/{name}/metrics"},
+                        }
+                        for name in self.lab.nodes
+                    ],
+                }
+            ],
+        }
 
     def start(self) -> "LabPrometheus":
         binary = prometheus_binary()
         if binary is None:
-            raise LabError("prometheus not installed (Debian package prometheus; "
-                           "scripts/setup.sh installs it)")
+            raise LabError(
+                "prometheus not installed (Debian package prometheus; scripts/setup.sh installs it)"
+            )
         os.makedirs(os.path.join(self.dir, "data"), exist_ok=True)
-        for name, doc in (("prometheus.yml", self.config()),
-                          ("rules.yaml", rules.lab_rule_file(self.hold, self.window))):
+        for name, doc in (
+            ("prometheus.yml", self.config()),
+            ("rules.yaml", rules.lab_rule_file(self.hold, self.window)),
+        ):
             with open(os.path.join(self.dir, name), "w") as f:
                 yaml.safe_dump(doc, f, sort_keys=False)
         self.relay = topo.call_in_netns(self.netns, _Relay, self.lab, self.metrics_bind)
-        threading.Thread(target=self.relay.serve_forever, name="lab-scrape-relay",
-                         daemon=True).start()
+        threading.Thread(
+            target=self.relay.serve_forever, name="lab-scrape-relay", daemon=True
+        ).start()
         self.proc = self.lab.spawn(
-            [binary, f"--config.file={self.dir}/prometheus.yml",
-             f"--storage.tsdb.path={self.dir}/data",
-             f"--web.listen-address=127.0.0.1:{PROMETHEUS_PORT}",
-             "--storage.tsdb.retention.time=1h"],
-            "prometheus", "prometheus", netns=self.netns)
+            [
+                binary,
+                f"--config.file={self.dir}/prometheus.yml",
+                f"--storage.tsdb.path={self.dir}/data",
+                f"--web.listen-address=127.0.0.1:{PROMETHEUS_PORT}",
+                "--storage.tsdb.retention.time=1h",
+            ],
+            "prometheus",
+            "prometheus",
+            netns=self.netns,
+        )
         wait_for(self._ready, 60, "Prometheus to answer /-/ready", interval=0.5)
         wait_for(self._targets_up, 60, "every agent's target to be up", interval=0.5)
         return self
 
     def _ready(self) -> bool:
         if self.proc.poll() is not None:
-            raise LabError(f"prometheus exited ({self.proc.returncode}):\n"
-                           + self.lab.log_tail("prometheus"))
+            raise LabError(
+                f"prometheus exited ({self.proc.returncode}):\n" + self.lab.log_tail("prometheus")
+            )
         try:
             return topo.call_in_netns(self.netns, _get, f"{self.url}/-/ready", 2.0) != b""
         except (urllib.error.URLError, OSError):
@@ -158,8 +179,11 @@ class LabPrometheus:
 
     def firing(self) -> set[tuple[str, str]]:
         """(alertname, node) of every firing alert."""
-        return {(a["labels"]["alertname"], a["labels"].get("node", ""))
-                for a in self.api("alerts")["alerts"] if a["state"] == "firing"}
+        return {
+            (a["labels"]["alertname"], a["labels"].get("node", ""))
+            for a in self.api("alerts")["alerts"]
+            if a["state"] == "firing"
+        }
 
     def scrape(self, node: str) -> str:
         url = f"http://127.0.0.1:{RELAY_PORT}/nodes/{node}/metrics"
@@ -205,5 +229,7 @@ class Timeline:
         return time.monotonic() - start
 
     def lines(self) -> list[str]:
-        return [f"t+{t:6.1f} s  {state:<8} {alert}{{node={node}}}"
-                for t, alert, node, state in self.events]
+        return [
+            f"t+{t:6.1f} s  {state:<8} {alert}{{node={node}}}"
+            for t, alert, node, state in self.events
+        ]

@@ -9,8 +9,10 @@ from .flows import Result
 
 
 def table(result: Result) -> str:
-    head = (f"== {result.scenario} ({result.datapath} datapath) "
-            f"{'PASS' if result.ok else 'FAIL'} in {result.seconds:.1f} s")
+    head = (
+        f"== {result.scenario} ({result.datapath} datapath) "
+        f"{'PASS' if result.ok else 'FAIL'} in {result.seconds:.1f} s"
+    )
     lines = [head]
     if result.error:
         lines.append(f"   error: {result.error}")
@@ -18,11 +20,15 @@ def table(result: Result) -> str:
         width = max(len(r.label) for r in result.rows)
         wexp = max(8, max(len(r.expected) for r in result.rows))
         wobs = max(8, max(len(r.observed) for r in result.rows))
-        lines.append(f"   {'FLOW / CHECK':<{width}}  {'EXPECTED':<{wexp}}  {'OBSERVED':<{wobs}}  OK")
+        lines.append(
+            f"   {'FLOW / CHECK':<{width}}  {'EXPECTED':<{wexp}}  {'OBSERVED':<{wobs}}  OK"
+        )
         for r in result.rows:
             detail = f"  ({r.detail})" if r.detail and not r.ok else ""
-            lines.append(f"   {r.label:<{width}}  {r.expected:<{wexp}}  {r.observed:<{wobs}}  "
-                         f"{'ok' if r.ok else 'NO'}{detail}")
+            lines.append(
+                f"   {r.label:<{width}}  {r.expected:<{wexp}}  {r.observed:<{wobs}}  "
+                f"{'ok' if r.ok else 'NO'}{detail}"
+            )
     for key, value in result.facts.items():
         lines.append(f"   {key}: {value}")
     return "\n".join(lines)
@@ -38,8 +44,11 @@ def summary(results: Iterable[Result], timings: dict[str, float]) -> str:
     for key, value in timings.items():
         lines.append(f"   {key}: {value:.1f} s")
     failed = [r for r in results if not r.ok]
-    lines.append("   all scenarios passed" if not failed else
-                 f"   {len(failed)} of {len(results)} scenario runs failed")
+    lines.append(
+        "   all scenarios passed"
+        if not failed
+        else f"   {len(failed)} of {len(results)} scenario runs failed"
+    )
     return "\n".join(lines)
 
 
@@ -48,10 +57,25 @@ def to_json(results: Iterable[Result], timings: dict[str, float]) -> dict:
     return {
         "ok": all(r.ok for r in results),
         "timings_seconds": {k: round(v, 2) for k, v in timings.items()},
-        "results": [{"scenario": r.scenario, "datapath": r.datapath, "ok": r.ok,
-                     "seconds": round(r.seconds, 2), "error": r.error, "facts": r.facts,
-                     "rows": [{"flow": row.label, "expected": row.expected,
-                               "observed": row.observed, "ok": row.ok, "detail": row.detail}
-                              for row in r.rows]}
-                    for r in results],
+        "results": [
+            {
+                "scenario": r.scenario,
+                "datapath": r.datapath,
+                "ok": r.ok,
+                "seconds": round(r.seconds, 2),
+                "error": r.error,
+                "facts": r.facts,
+                "rows": [
+                    {
+                        "flow": row.label,
+                        "expected": row.expected,
+                        "observed": row.observed,
+                        "ok": row.ok,
+                        "detail": row.detail,
+                    }
+                    for row in r.rows
+                ],
+            }
+            for r in results
+        ],
     }

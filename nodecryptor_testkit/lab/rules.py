@@ -11,8 +11,7 @@ import re
 import yaml
 
 SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PROMETHEUS_RULE = os.path.join(SOURCE_ROOT, "k8s", "optional", "monitoring",
-                               "prometheusrule.yaml")
+PROMETHEUS_RULE = os.path.join(SOURCE_ROOT, "k8s", "optional", "monitoring", "prometheusrule.yaml")
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"^(\d+)([smhd])$")
@@ -53,5 +52,9 @@ def lab_rule_file(hold_seconds: int, window_seconds: int, path: str = PROMETHEUS
 
 
 def alert_names(path: str = PROMETHEUS_RULE) -> list[str]:
-    return [rule["alert"] for group in rule_file(path)["groups"] for rule in group["rules"]
-            if "alert" in rule]
+    return [
+        rule["alert"]
+        for group in rule_file(path)["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    ]

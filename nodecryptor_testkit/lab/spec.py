@@ -67,9 +67,11 @@ class NodeSpec:
 class LabSpec:
     nodes: tuple[NodeSpec, ...]
     external_v4: ipaddress.IPv4Address = field(
-        default=UNDERLAY_V4.network_address + EXTERNAL_HOST_INDEX)
+        default=UNDERLAY_V4.network_address + EXTERNAL_HOST_INDEX
+    )
     external_v6: ipaddress.IPv6Address = field(
-        default=UNDERLAY_V6.network_address + EXTERNAL_HOST_INDEX)
+        default=UNDERLAY_V6.network_address + EXTERNAL_HOST_INDEX
+    )
 
     @property
     def control_plane(self) -> tuple[NodeSpec, ...]:
@@ -91,7 +93,9 @@ class LabSpec:
 
 def node_spec(name: str, index: int, control_plane: bool) -> NodeSpec:
     return NodeSpec(
-        name=name, index=index, control_plane=control_plane,
+        name=name,
+        index=index,
+        control_plane=control_plane,
         ipv4=UNDERLAY_V4.network_address + 10 + index,
         ipv6=UNDERLAY_V6.network_address + 0x10 + index,
         pod_cidr_v4=ipaddress.ip_network(f"10.244.{index}.0/24"),
@@ -103,11 +107,15 @@ def make_spec(nodes: int = 3, control_planes: int = 1) -> LabSpec:
     """``nodes`` in total, the first ``control_planes`` of them control-plane (cp1, cp2...),
     the rest workers (w1, w2...)."""
     if control_planes < 1:
-        raise ValueError(f"control_planes={control_planes}: the lab needs at least one "
-                         "control-plane node (it hosts the API server)")
+        raise ValueError(
+            f"control_planes={control_planes}: the lab needs at least one "
+            "control-plane node (it hosts the API server)"
+        )
     if nodes < control_planes + 1:
-        raise ValueError(f"nodes={nodes}: needs at least {control_planes + 1} "
-                         f"(control-plane nodes plus one worker)")
+        raise ValueError(
+            f"nodes={nodes}: needs at least {control_planes + 1} "
+            f"(control-plane nodes plus one worker)"
+        )
     if nodes > 200:
         raise ValueError(f"nodes={nodes}: the address plan supports at most 200 nodes")
     specs = []
@@ -124,18 +132,31 @@ def node_object(node: NodeSpec) -> dict:
     labels = {"kubernetes.io/hostname": node.name, "kubernetes.io/os": "linux"}
     if node.control_plane:
         labels["node-role.kubernetes.io/control-plane"] = ""  # kubeadm: empty value
-    return {"apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": node.name, "labels": labels},
-            "status": {"addresses": [{"type": "InternalIP", "address": str(node.ipv4)},
-                                     {"type": "InternalIP", "address": str(node.ipv6)}]}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": node.name, "labels": labels},
+        "status": {
+            "addresses": [
+                {"type": "InternalIP", "address": str(node.ipv4)},
+                {"type": "InternalIP", "address": str(node.ipv6)},
+            ]
+        },
+    }
 
 
 def cilium_config_object() -> dict:
     """Cilium's cilium-config ConfigMap naming the lab's pod pools (cluster-pool IPAM)."""
-    return {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": "cilium-config", "namespace": "kube-system"},
-            "data": {"ipam": "cluster-pool", "cluster-pool-ipv4-cidr": "10.244.0.0/16",
-                     "cluster-pool-ipv6-cidr": "fd44::/56"}}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "cilium-config", "namespace": "kube-system"},
+        "data": {
+            "ipam": "cluster-pool",
+            "cluster-pool-ipv4-cidr": "10.244.0.0/16",
+            "cluster-pool-ipv6-cidr": "fd44::/56",
+        },
+    }
 
 
 def ciliumnode_object(node: NodeSpec, wg_pub_key: str | None = None) -> dict:
@@ -151,8 +172,10 @@ def ciliumnode_object(node: NodeSpec, wg_pub_key: str | None = None) -> dict:
         "kind": "CiliumNode",
         "metadata": {"name": node.name, "labels": labels, "annotations": annotations},
         "spec": {
-            "addresses": [{"type": "InternalIP", "ip": str(node.ipv4)},
-                          {"type": "InternalIP", "ip": str(node.ipv6)}],
+            "addresses": [
+                {"type": "InternalIP", "ip": str(node.ipv4)},
+                {"type": "InternalIP", "ip": str(node.ipv6)},
+            ],
             "ipam": {"podCIDRs": [str(node.pod_cidr_v4), str(node.pod_cidr_v6)]},
         },
     }

@@ -19,7 +19,8 @@ is published only after ``--republish-delay`` seconds or on SIGHUP, whichever co
 a cilium-agent that takes time to start); SIGUSR2 = remove the device, and on the next SIGUSR2
 bring it back with the same key; SIGTERM = remove the device and exit.
 
-Run as ``python -m nodecryptor_testkit.lab.standin --node NAME --server URL --token TOKEN``, inside the
+Run as ``python -m nodecryptor_testkit.lab.standin --node NAME --server URL --token TOKEN``,
+inside the
 node's namespaces.
 """
 
@@ -69,35 +70,59 @@ class WgDevice:
         self.public_key = _run("wg", "pubkey", stdin=self.private_key + "\n")
 
     def exists(self) -> bool:
-        return subprocess.run(["ip", "link", "show", self.ifname],
-                              capture_output=True).returncode == 0
+        return (
+            subprocess.run(["ip", "link", "show", self.ifname], capture_output=True).returncode == 0
+        )
 
     def create(self) -> str:
         """Create and configure the device; returns the implementation used."""
         impl = self.impl
         if impl in ("auto", "kernel"):
-            ok = subprocess.run(["ip", "link", "add", self.ifname, "type", "wireguard"],
-                                capture_output=True).returncode == 0
+            ok = (
+                subprocess.run(
+                    ["ip", "link", "add", self.ifname, "type", "wireguard"], capture_output=True
+                ).returncode
+                == 0
+            )
             if ok:
                 impl = "kernel"
             elif impl == "kernel":
-                raise RuntimeError(f"--wg-impl=kernel: cannot create {self.ifname} "
-                                   "(no WireGuard kernel module)")
+                raise RuntimeError(
+                    f"--wg-impl=kernel: cannot create {self.ifname} (no WireGuard kernel module)"
+                )
             else:
                 impl = "go"
         if impl == "go":
-            env = dict(os.environ, WG_PROCESS_FOREGROUND="1",
-                       WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD="1", LOG_LEVEL="error")
-            self.userspace = subprocess.Popen(["wireguard-go", "-f", self.ifname], env=env,
-                                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            env = dict(
+                os.environ,
+                WG_PROCESS_FOREGROUND="1",
+                WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD="1",
+                LOG_LEVEL="error",
+            )
+            self.userspace = subprocess.Popen(
+                ["wireguard-go", "-f", self.ifname],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+            )
             sock = os.path.join(UAPI_DIR, f"{self.ifname}.sock")
             deadline = time.monotonic() + 5
             while not (os.path.exists(sock) and self.exists()):
                 if self.userspace.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"wireguard-go did not create {self.ifname}")
                 time.sleep(0.02)
-        _run("wg", "set", self.ifname, "private-key", "/dev/stdin", "listen-port", str(WG_PORT),
-             "fwmark", hex(WG_FWMARK), stdin=self.private_key + "\n")
+        _run(
+            "wg",
+            "set",
+            self.ifname,
+            "private-key",
+            "/dev/stdin",
+            "listen-port",
+            str(WG_PORT),
+            "fwmark",
+            hex(WG_FWMARK),
+            stdin=self.private_key + "\n",
+        )
         _run("ip", "link", "set", self.ifname, "mtu", str(self.mtu), "up")
         _run("sysctl", "-q", "-w", f"net.ipv4.conf.{self.ifname}.rp_filter=0")
         return impl
@@ -125,8 +150,9 @@ class WgDevice:
         return peers
 
 
-def desired_peers(objects: list[dict], local: str,
-                  tunnel: bool = False) -> dict[str, tuple[frozenset[str], str]]:
+def desired_peers(
+    objects: list[dict], local: str, tunnel: bool = False
+) -> dict[str, tuple[frozenset[str], str]]:
     """What Cilium would configure: one peer per other node with a published key. In tunnel
     mode (Cilium >= 1.17) the allowed-IPs hold the node addresses only."""
     peers = {}
@@ -165,8 +191,16 @@ def pod_cidrs(objects: list[dict], local: str) -> tuple[list, list, list, list]:
 
 
 class StandIn:
-    def __init__(self, node: str, api: KubeApi, device: WgDevice, poll: float,
-                 republish_delay: float, datapath=None, routing: str = "native"):
+    def __init__(
+        self,
+        node: str,
+        api: KubeApi,
+        device: WgDevice,
+        poll: float,
+        republish_delay: float,
+        datapath=None,
+        routing: str = "native",
+    ):
         self.node = node
         self.api = api
         self.device = device
@@ -199,8 +233,10 @@ class StandIn:
 
     def bring_up(self) -> None:
         impl = self.device.create()
-        log.info("device created", extra=kv(ifname=self.device.ifname, impl=impl,
-                                            public_key=self.device.public_key))
+        log.info(
+            "device created",
+            extra=kv(ifname=self.device.ifname, impl=impl, public_key=self.device.public_key),
+        )
 
     def publish(self) -> None:
         if self.published == self.device.public_key or time.monotonic() < self.publish_after:
@@ -220,10 +256,21 @@ class StandIn:
         for key, (allowed, endpoint) in want.items():
             if have.get(key) == (allowed, endpoint):
                 continue
-            _run("wg", "set", self.device.ifname, "peer", key,
-                 "allowed-ips", ",".join(sorted(allowed)), "endpoint", endpoint)
-            log.info("peer configured", extra=kv(public_key=key, endpoint=endpoint,
-                                                 allowed_ips=",".join(sorted(allowed))))
+            _run(
+                "wg",
+                "set",
+                self.device.ifname,
+                "peer",
+                key,
+                "allowed-ips",
+                ",".join(sorted(allowed)),
+                "endpoint",
+                endpoint,
+            )
+            log.info(
+                "peer configured",
+                extra=kv(public_key=key, endpoint=endpoint, allowed_ips=",".join(sorted(allowed))),
+            )
 
     def sync_datapath(self, objects: list[dict]) -> None:
         own, remote, nodes, own_ips = pod_cidrs(objects, self.node)
@@ -232,8 +279,7 @@ class StandIn:
         if self.routing == "tunnel":
             v4 = [a for a in own_ips if a.version == 4]
             if v4:
-                standin_tunnel.ensure_device(v4[0],
-                                             self.device.mtu - standin_tunnel.VXLAN_OVERHEAD)
+                standin_tunnel.ensure_device(v4[0], self.device.mtu - standin_tunnel.VXLAN_OVERHEAD)
                 standin_tunnel.sync(own_ips, own, nodes)
 
     def handle_requests(self) -> None:
@@ -265,8 +311,10 @@ class StandIn:
         try:
             if self.datapath is not None:
                 self.datapath.start()
-                log.info("datapath attached", extra=kv(links=self.datapath.link_ids(),
-                                                       tcx=self.datapath.tcx))
+                log.info(
+                    "datapath attached",
+                    extra=kv(links=self.datapath.link_ids(), tcx=self.datapath.tcx),
+                )
             while not self.stop_requested:
                 self.handle_requests()
                 if not self.down:
@@ -286,24 +334,40 @@ class StandIn:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nodecryptor_testkit.lab.standin",
-                                description="Cilium stand-in of one lab node (see module doc).")
+    p = argparse.ArgumentParser(
+        prog="python -m nodecryptor_testkit.lab.standin",
+        description="Cilium stand-in of one lab node (see module doc).",
+    )
     p.add_argument("--node", required=True)
     p.add_argument("--server", required=True, help="API server URL")
     p.add_argument("--token", required=True)
     p.add_argument("--ifname", default="cilium_wg0")
     p.add_argument("--wg-impl", choices=("auto", "kernel", "go"), default="auto")
-    p.add_argument("--mtu", type=int, default=WG_MTU,
-                   help=f"device MTU (default: underlay {UNDERLAY_MTU} - 95 = %(default)s)")
+    p.add_argument(
+        "--mtu",
+        type=int,
+        default=WG_MTU,
+        help=f"device MTU (default: underlay {UNDERLAY_MTU} - 95 = %(default)s)",
+    )
     p.add_argument("--poll", type=float, default=0.25, help="seconds between API polls")
-    p.add_argument("--republish-delay", type=float, default=0.0,
-                   help="seconds between a reboot and publishing the new key (SIGHUP "
-                        "publishes at once)")
-    p.add_argument("--routing", choices=ROUTING_MODES, default="native",
-                   help="native routing, or tunnel mode (VXLAN, node-only allowed-IPs)")
+    p.add_argument(
+        "--republish-delay",
+        type=float,
+        default=0.0,
+        help="seconds between a reboot and publishing the new key (SIGHUP publishes at once)",
+    )
+    p.add_argument(
+        "--routing",
+        choices=ROUTING_MODES,
+        default="native",
+        help="native routing, or tunnel mode (VXLAN, node-only allowed-IPs)",
+    )
     p.add_argument("--underlay", default="eth0", help="device of cil_to_netdev (tcx egress)")
-    p.add_argument("--pod-dev", default="pod0",
-                   help="the pod's veth, where cil_from_container runs (tcx ingress)")
+    p.add_argument(
+        "--pod-dev",
+        default="pod0",
+        help="the pod's veth, where cil_from_container runs (tcx ingress)",
+    )
     p.add_argument("--no-bpf", action="store_true", help="load no BPF programs")
     p.add_argument("--log-format", choices=("text", "json"), default="text")
     args = p.parse_args(argv)
@@ -312,13 +376,26 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_bpf:
         from .standin_datapath import StandinDatapath
 
-        datapath = StandinDatapath(args.underlay, args.pod_dev, args.ifname,
-                                   native=args.routing == "native")
-    standin = StandIn(args.node, KubeApi(args.server, args.token),
-                      WgDevice(args.ifname, args.wg_impl, args.mtu), args.poll,
-                      args.republish_delay, datapath=datapath, routing=args.routing)
-    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP, signal.SIGTERM, signal.SIGINT,
-                signal.SIGWINCH):
+        datapath = StandinDatapath(
+            args.underlay, args.pod_dev, args.ifname, native=args.routing == "native"
+        )
+    standin = StandIn(
+        args.node,
+        KubeApi(args.server, args.token),
+        WgDevice(args.ifname, args.wg_impl, args.mtu),
+        args.poll,
+        args.republish_delay,
+        datapath=datapath,
+        routing=args.routing,
+    )
+    for sig in (
+        signal.SIGUSR1,
+        signal.SIGUSR2,
+        signal.SIGHUP,
+        signal.SIGTERM,
+        signal.SIGINT,
+        signal.SIGWINCH,
+    ):
         signal.signal(sig, standin.on_signal)
     return standin.run()
 

@@ -45,8 +45,12 @@ class _Lpm6(C.Structure):
 
 
 class _Config(C.Structure):
-    _fields_ = [("wg_ifindex", C.c_uint32), ("underlay_ifindex", C.c_uint32),
-                ("mark", C.c_uint32), ("redirect", C.c_uint32)]
+    _fields_ = [
+        ("wg_ifindex", C.c_uint32),
+        ("underlay_ifindex", C.c_uint32),
+        ("mark", C.c_uint32),
+        ("redirect", C.c_uint32),
+    ]
 
 
 def _ifindex(name: str) -> int:
@@ -83,8 +87,10 @@ class StandinDatapath:
         from bcc import BPF  # the lab's own loader; the agent keeps bcc in program.py
 
         module = BPF(src_file=SOURCE.encode())
-        fns = {name: module.load_func(name.encode(), BPF.SCHED_CLS)
-               for name in ("cil_to_netdev", "cil_from_container")}
+        fns = {
+            name: module.load_func(name.encode(), BPF.SCHED_CLS)
+            for name in ("cil_to_netdev", "cil_from_container")
+        }
         return module, fns
 
     def start(self) -> None:
@@ -103,15 +109,31 @@ class StandinDatapath:
         old.cleanup()
         self.reloads += 1
         after = self.link_ids()
-        log.info("datapath reloaded in place", extra=kv(links_before=before, links_after=after,
-                                                        reloads=self.reloads, **counted))
+        log.info(
+            "datapath reloaded in place",
+            extra=kv(links_before=before, links_after=after, reloads=self.reloads, **counted),
+        )
         return {"before": before, "after": after}
 
     def _attach(self, fns: dict, first: bool) -> None:
-        hooks = (("netdev", self.underlay, fns["cil_to_netdev"], syscall.BPF_TCX_EGRESS,
-                  CLSACT_EGRESS, 2),
-                 ("lxc", self.pod_dev, fns["cil_from_container"], syscall.BPF_TCX_INGRESS,
-                  CLSACT_INGRESS, 1))
+        hooks = (
+            (
+                "netdev",
+                self.underlay,
+                fns["cil_to_netdev"],
+                syscall.BPF_TCX_EGRESS,
+                CLSACT_EGRESS,
+                2,
+            ),
+            (
+                "lxc",
+                self.pod_dev,
+                fns["cil_from_container"],
+                syscall.BPF_TCX_INGRESS,
+                CLSACT_INGRESS,
+                1,
+            ),
+        )
         for hook, dev, fn, attach_type, parent, prio in hooks:
             if dev is None:
                 continue
@@ -123,8 +145,7 @@ class StandinDatapath:
                     syscall.link_update(self.links[hook], fn.fd)
                 else:
                     # No BPF_F_BEFORE/AFTER and no anchor: appended at the tail, as Cilium does.
-                    self.links[hook] = syscall.tcx_link_create(fn.fd, ifindex, attach_type,
-                                                               flags=0)
+                    self.links[hook] = syscall.tcx_link_create(fn.fd, ifindex, attach_type, flags=0)
             else:
                 with IPRoute() as ipr:
                     try:
@@ -132,8 +153,17 @@ class StandinDatapath:
                     except NetlinkError as e:
                         if e.code != 17:  # EEXIST
                             raise
-                    ipr.tc("replace-filter", "bpf", ifindex, FILTER_HANDLE, fd=fn.fd,
-                           name=fn.name.decode(), parent=parent, prio=prio, direct_action=True)
+                    ipr.tc(
+                        "replace-filter",
+                        "bpf",
+                        ifindex,
+                        FILTER_HANDLE,
+                        fd=fn.fd,
+                        name=fn.name.decode(),
+                        parent=parent,
+                        prio=prio,
+                        direct_action=True,
+                    )
 
     def link_ids(self) -> dict[str, int]:
         """tcx link ids by hook (empty with legacy tc filters, which are replaced in place)."""
@@ -142,9 +172,11 @@ class StandinDatapath:
     def prog_ids(self) -> dict[str, int]:
         if self.module is None:
             return {}
-        return {name: syscall.prog_info(self.module.funcs[name.encode()].fd).id
-                for name in ("cil_to_netdev", "cil_from_container")
-                if name.encode() in self.module.funcs}
+        return {
+            name: syscall.prog_info(self.module.funcs[name.encode()].fd).id
+            for name in ("cil_to_netdev", "cil_from_container")
+            if name.encode() in self.module.funcs
+        }
 
     # ---- maps ----
     def sync(self, local, remote) -> None:
@@ -165,8 +197,12 @@ class StandinDatapath:
                 for k in want - have:
                     table[table.Key.from_buffer_copy(k)] = C.c_uint32(1)
         cfg = module[b"sd_config"]
-        cfg[C.c_int(0)] = cfg.Leaf(_ifindex(self.wg_ifname), _ifindex(self.underlay),
-                                   MARK_MAGIC_IDENTITY | (IDENTITY << 16), int(self.native))
+        cfg[C.c_int(0)] = cfg.Leaf(
+            _ifindex(self.wg_ifname),
+            _ifindex(self.underlay),
+            MARK_MAGIC_IDENTITY | (IDENTITY << 16),
+            int(self.native),
+        )
 
     def counters(self) -> dict[str, int]:
         if self.module is None:
@@ -179,14 +215,22 @@ class StandinDatapath:
             link.close()  # unpinned links go with their last fd
         self.links.clear()
         if not self.tcx:
-            for dev, parent, prio in ((self.underlay, CLSACT_EGRESS, 2),
-                                      (self.pod_dev, CLSACT_INGRESS, 1)):
+            for dev, parent, prio in (
+                (self.underlay, CLSACT_EGRESS, 2),
+                (self.pod_dev, CLSACT_INGRESS, 1),
+            ):
                 ifindex = _ifindex(dev) if dev else 0
                 if ifindex:
                     with IPRoute() as ipr:
                         try:
-                            ipr.tc("del-filter", "bpf", ifindex, FILTER_HANDLE, parent=parent,
-                                   prio=prio)
+                            ipr.tc(
+                                "del-filter",
+                                "bpf",
+                                ifindex,
+                                FILTER_HANDLE,
+                                parent=parent,
+                                prio=prio,
+                            )
                         except NetlinkError:
                             pass
         if self.module is not None:

@@ -41,10 +41,23 @@ def mac_of(ipv4) -> str:
 
 def ensure_device(own_ipv4, mtu: int) -> None:
     if subprocess.run(["ip", "link", "show", IFNAME], capture_output=True).returncode != 0:
-        _ip("link", "add", IFNAME, "type", "vxlan", "id", str(VNI), "dstport", str(VXLAN_PORT),
-            "local", str(own_ipv4), "nolearning")
-        subprocess.run(["sysctl", "-q", "-w", f"net.ipv4.conf.{IFNAME}.rp_filter=0"],
-                       capture_output=True)
+        _ip(
+            "link",
+            "add",
+            IFNAME,
+            "type",
+            "vxlan",
+            "id",
+            str(VNI),
+            "dstport",
+            str(VXLAN_PORT),
+            "local",
+            str(own_ipv4),
+            "nolearning",
+        )
+        subprocess.run(
+            ["sysctl", "-q", "-w", f"net.ipv4.conf.{IFNAME}.rp_filter=0"], capture_output=True
+        )
     _ip("link", "set", IFNAME, "address", mac_of(own_ipv4), "mtu", str(mtu), "up")
 
 
@@ -55,38 +68,76 @@ def _gateway(cidr):
 def sync(own_ips, own_pods, remotes: list[tuple]) -> None:
     """``own_ips``/``own_pods``: this node's addresses and pod CIDRs; ``remotes``: (IPv4,
     addresses, pod CIDRs) of every other node. Idempotent ("replace")."""
-    fdb = subprocess.run(["bridge", "fdb", "show", "dev", IFNAME], capture_output=True,
-                         text=True).stdout
+    fdb = subprocess.run(
+        ["bridge", "fdb", "show", "dev", IFNAME], capture_output=True, text=True
+    ).stdout
     src = {a.version: str(a) for a in reversed(list(own_ips))}
     for ipv4, addrs, pod_cidrs in remotes:
         mac = mac_of(ipv4)
         if f"{mac} dst {ipv4}" not in fdb:
-            subprocess.run(["bridge", "fdb", "append", mac, "dev", IFNAME, "dst", str(ipv4)],
-                           capture_output=True)
+            subprocess.run(
+                ["bridge", "fdb", "append", mac, "dev", IFNAME, "dst", str(ipv4)],
+                capture_output=True,
+            )
         gateways = {}
         for cidr in pod_cidrs:
             fam = "-4" if cidr.version == 4 else "-6"
             gw = gateways[cidr.version] = str(_gateway(cidr))
             _ip(fam, "neigh", "replace", gw, "lladdr", mac, "dev", IFNAME, "nud", "permanent")
-            _ip(fam, "route", "replace", str(cidr), "via", gw, "dev", IFNAME, "onlink",
-                *(("src", src[cidr.version]) if cidr.version in src else ()))
+            _ip(
+                fam,
+                "route",
+                "replace",
+                str(cidr),
+                "via",
+                gw,
+                "dev",
+                IFNAME,
+                "onlink",
+                *(("src", src[cidr.version]) if cidr.version in src else ()),
+            )
         for addr in addrs:
             if addr.version in gateways:
                 fam = "-4" if addr.version == 4 else "-6"
-                _ip(fam, "route", "replace", str(addr), "via", gateways[addr.version], "dev",
-                    IFNAME, "onlink", "table", str(TABLE))
-    rules = _ip("rule", "show", "pref", str(RULE_PRIORITY)) + \
-        _ip("-6", "rule", "show", "pref", str(RULE_PRIORITY))
+                _ip(
+                    fam,
+                    "route",
+                    "replace",
+                    str(addr),
+                    "via",
+                    gateways[addr.version],
+                    "dev",
+                    IFNAME,
+                    "onlink",
+                    "table",
+                    str(TABLE),
+                )
+    rules = _ip("rule", "show", "pref", str(RULE_PRIORITY)) + _ip(
+        "-6", "rule", "show", "pref", str(RULE_PRIORITY)
+    )
     for cidr in own_pods:
         if f"from {cidr} lookup {TABLE}" not in rules:
-            _ip("-4" if cidr.version == 4 else "-6", "rule", "add", "pref", str(RULE_PRIORITY),
-                "from", str(cidr), "lookup", str(TABLE))
+            _ip(
+                "-4" if cidr.version == 4 else "-6",
+                "rule",
+                "add",
+                "pref",
+                str(RULE_PRIORITY),
+                "from",
+                str(cidr),
+                "lookup",
+                str(TABLE),
+            )
 
 
 def delete() -> None:
     subprocess.run(["ip", "link", "del", IFNAME], capture_output=True)
     for fam in ("-4", "-6"):
-        while subprocess.run(["ip", fam, "rule", "del", "pref", str(RULE_PRIORITY)],
-                             capture_output=True).returncode == 0:
+        while (
+            subprocess.run(
+                ["ip", fam, "rule", "del", "pref", str(RULE_PRIORITY)], capture_output=True
+            ).returncode
+            == 0
+        ):
             pass
         subprocess.run(["ip", fam, "route", "flush", "table", str(TABLE)], capture_output=True)

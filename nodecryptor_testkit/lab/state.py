@@ -67,7 +67,7 @@ class LabState:
     @property
     def name(self) -> str:
         """``<pid>-<n>``: names this lab's work directory too."""
-        return os.path.basename(self.path)[:-len(".json")]
+        return os.path.basename(self.path)[: -len(".json")]
 
     @classmethod
     def load(cls, path: str) -> "LabState":
@@ -117,8 +117,11 @@ def _kill_recorded(pid: int, start: int, sig: int) -> bool:
 def reap(state: LabState, grace: float = 2.0) -> None:
     """Remove everything ``state`` lists: processes (TERM, then KILL), namespaces, directories,
     and finally the state file. Safe to call twice."""
-    alive = [(pid, start) for pid, start, _ in reversed(state.processes)
-             if _kill_recorded(pid, start, signal.SIGTERM)]
+    alive = [
+        (pid, start)
+        for pid, start, _ in reversed(state.processes)
+        if _kill_recorded(pid, start, signal.SIGTERM)
+    ]
     deadline = time.monotonic() + grace
     while alive and time.monotonic() < deadline:
         alive = [(p, s) for p, s in alive if process_start_time(p) == s]

@@ -42,8 +42,9 @@ class NodeHandle:
         return ["nsenter", "-t", str(self.holder_pid), "-m", "-n", "--"]
 
 
-def sh(*cmd: str, netns: str | None = None, check: bool = True,
-       timeout: float = 30.0) -> subprocess.CompletedProcess:
+def sh(
+    *cmd: str, netns: str | None = None, check: bool = True, timeout: float = 30.0
+) -> subprocess.CompletedProcess:
     try:
         return netns_mod.run(*cmd, netns=netns, check=check, timeout=timeout)
     except subprocess.CalledProcessError as e:
@@ -78,8 +79,22 @@ def build_underlay(state: LabState) -> str:
 
 def plug(underlay: str, ns: str, port: str, v4: str, v6: str) -> None:
     """A veth from the bridge (``port``) to ``eth0`` in ``ns`` with the given addresses."""
-    sh("ip", "link", "add", port, "mtu", str(UNDERLAY_MTU), "type", "veth", "peer", "name", "eth0",
-       "netns", ns, netns=underlay)
+    sh(
+        "ip",
+        "link",
+        "add",
+        port,
+        "mtu",
+        str(UNDERLAY_MTU),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        ns,
+        netns=underlay,
+    )
     sh("ip", "link", "set", port, "master", "br0", "up", netns=underlay)
     sh("ip", "link", "set", "eth0", "mtu", str(UNDERLAY_MTU), "up", netns=ns)
     sh("ip", "addr", "add", f"{v4}/{UNDERLAY_V4.prefixlen}", "dev", "eth0", netns=ns)
@@ -89,18 +104,60 @@ def plug(underlay: str, ns: str, port: str, v4: str, v6: str) -> None:
 
 def build_pod(state: LabState, node: NodeSpec, node_ns: str) -> str:
     pod = make_netns(state, f"{node.name}pod")
-    sh("ip", "link", "add", "pod0", "type", "veth", "peer", "name", "eth0", "netns", pod,
-       netns=node_ns)
-    sh("ip", "addr", "add", f"{node.pod_gateway_v4}/{node.pod_cidr_v4.prefixlen}", "dev", "pod0",
-       netns=node_ns)
-    sh("ip", "addr", "add", f"{node.pod_gateway_v6}/{node.pod_cidr_v6.prefixlen}", "dev", "pod0",
-       "nodad", netns=node_ns)
+    sh(
+        "ip",
+        "link",
+        "add",
+        "pod0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        pod,
+        netns=node_ns,
+    )
+    sh(
+        "ip",
+        "addr",
+        "add",
+        f"{node.pod_gateway_v4}/{node.pod_cidr_v4.prefixlen}",
+        "dev",
+        "pod0",
+        netns=node_ns,
+    )
+    sh(
+        "ip",
+        "addr",
+        "add",
+        f"{node.pod_gateway_v6}/{node.pod_cidr_v6.prefixlen}",
+        "dev",
+        "pod0",
+        "nodad",
+        netns=node_ns,
+    )
     sh("ip", "link", "set", "pod0", "up", netns=node_ns)
     sh("ip", "link", "set", "eth0", "up", netns=pod)
-    sh("ip", "addr", "add", f"{node.pod_ipv4}/{node.pod_cidr_v4.prefixlen}", "dev", "eth0",
-       netns=pod)
-    sh("ip", "addr", "add", f"{node.pod_ipv6}/{node.pod_cidr_v6.prefixlen}", "dev", "eth0",
-       "nodad", netns=pod)
+    sh(
+        "ip",
+        "addr",
+        "add",
+        f"{node.pod_ipv4}/{node.pod_cidr_v4.prefixlen}",
+        "dev",
+        "eth0",
+        netns=pod,
+    )
+    sh(
+        "ip",
+        "addr",
+        "add",
+        f"{node.pod_ipv6}/{node.pod_cidr_v6.prefixlen}",
+        "dev",
+        "eth0",
+        "nodad",
+        netns=pod,
+    )
     sh("ip", "route", "add", "default", "via", str(node.pod_gateway_v4), netns=pod)
     sh("ip", "-6", "route", "add", "default", "via", str(node.pod_gateway_v6), netns=pod)
     return pod
@@ -117,13 +174,31 @@ def mount_bpffs(state: LabState, path: str) -> None:
 
 def start_holder(state: LabState, node_ns: str) -> subprocess.Popen:
     """Start the node's holder (see module docstring); returns its PID once mounts are done."""
-    script = ("set -e; mkdir -p /var/run/wireguard; mount -t tmpfs lab-wg /var/run/wireguard; "
-              "echo ready; exec sleep infinity")
+    script = (
+        "set -e; mkdir -p /var/run/wireguard; mount -t tmpfs lab-wg /var/run/wireguard; "
+        "echo ready; exec sleep infinity"
+    )
     proc = subprocess.Popen(
-        ["ip", "netns", "exec", node_ns, "unshare", "-m", "--propagation", "private", "--",
-         "sh", "-c", script],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True)
+        [
+            "ip",
+            "netns",
+            "exec",
+            node_ns,
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     state.add_process(proc.pid, f"holder {node_ns}")
     line = proc.stdout.readline().strip()
     if line != "ready":
@@ -143,8 +218,9 @@ def build_node(state: LabState, underlay: str, node: NodeSpec, workdir: str) -> 
     bpffs = os.path.join(node_dir, "bpffs")
     mount_bpffs(state, bpffs)
     holder = start_holder(state, ns)
-    return NodeHandle(spec=node, netns=ns, pod_netns=pod, holder=holder, bpffs=bpffs,
-                      workdir=node_dir)
+    return NodeHandle(
+        spec=node, netns=ns, pod_netns=pod, holder=holder, bpffs=bpffs, workdir=node_dir
+    )
 
 
 def route_pods(node: NodeHandle, spec: LabSpec) -> None:
@@ -152,10 +228,29 @@ def route_pods(node: NodeHandle, spec: LabSpec) -> None:
     for other in spec.nodes:
         if other.name == node.spec.name:
             continue
-        sh("ip", "route", "replace", str(other.pod_cidr_v4), "via", str(other.ipv4), "dev", "eth0",
-           netns=node.netns)
-        sh("ip", "-6", "route", "replace", str(other.pod_cidr_v6), "via", str(other.ipv6),
-           "dev", "eth0", netns=node.netns)
+        sh(
+            "ip",
+            "route",
+            "replace",
+            str(other.pod_cidr_v4),
+            "via",
+            str(other.ipv4),
+            "dev",
+            "eth0",
+            netns=node.netns,
+        )
+        sh(
+            "ip",
+            "-6",
+            "route",
+            "replace",
+            str(other.pod_cidr_v6),
+            "via",
+            str(other.ipv6),
+            "dev",
+            "eth0",
+            netns=node.netns,
+        )
 
 
 def unroute_pods(node: NodeHandle, other: NodeSpec) -> None:

@@ -31,13 +31,15 @@ EXAMPLE = os.path.join(ROOT, "nodecryptor", "examples", "cluster.json")
 
 
 def hostile(i: int, size: int) -> dict:
-    obj = make_ciliumnode(f"bloat{i:03d}", ipv4=f"198.51.100.{i % 250 + 1}",
-                          pod_cidrs=[f"10.250.{i % 250}.0/24"])
+    obj = make_ciliumnode(
+        f"bloat{i:03d}", ipv4=f"198.51.100.{i % 250 + 1}", pod_cidrs=[f"10.250.{i % 250}.0/24"]
+    )
     pool = {}
     n = 0
     while n * 60 < size:
         pool[f"10.{200 + n // 65536 % 50}.{n // 256 % 256}.{n % 256}"] = {
-            "owner": f"ns/pod-{n:08d}"}
+            "owner": f"ns/pod-{n:08d}"
+        }
         n += 1
     obj["spec"]["ipam"]["pool"] = pool
     return obj
@@ -51,11 +53,16 @@ def wait_for_file(path: str, deadline: float) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--count", type=int, default=45)
-    ap.add_argument("--size", type=int, default=1_800_000,
-                    help="target pool size in bytes; 1,800,000 gives objects of about 1.4 MB")
+    ap.add_argument(
+        "--size",
+        type=int,
+        default=1_800_000,
+        help="target pool size in bytes; 1,800,000 gives objects of about 1.4 MB",
+    )
     ap.add_argument("executables", nargs="+")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,22 +72,50 @@ def main() -> int:
             json.dump(objects, f)
         one = len(json.dumps(objects[-1]))
         kc = os.path.join(tmp, "kc")
-        server = subprocess.Popen([sys.executable, "-m", "nodecryptor_testkit.fakeapi",
-                                   "--bind", "127.0.0.1:0", "--objects", path, "--token", "t",
-                                   "--write-kubeconfig", kc], cwd=ROOT,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "nodecryptor_testkit.fakeapi",
+                "--bind",
+                "127.0.0.1:0",
+                "--objects",
+                path,
+                "--token",
+                "t",
+                "--write-kubeconfig",
+                kc,
+            ],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             wait_for_file(kc, time.monotonic() + 120)
             print(f"{args.count} hostile CiliumNodes of {one} bytes each")
             for exe in args.executables:
-                run = subprocess.run(["/usr/bin/time", "-v", exe, "plan", "--json",
-                                      "--kubeconfig", kc, "--node-name", "w1"],
-                                     capture_output=True, text=True, timeout=900)
+                run = subprocess.run(
+                    [
+                        "/usr/bin/time",
+                        "-v",
+                        exe,
+                        "plan",
+                        "--json",
+                        "--kubeconfig",
+                        kc,
+                        "--node-name",
+                        "w1",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=900,
+                )
                 rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr)
-                kept = len(json.loads(run.stdout)["destinations"]) if run.returncode == 0 \
-                    else None
-                print(f"{exe}: exit {run.returncode}, peak RSS "
-                      f"{int(rss.group(1)) / 1024:.0f} MiB, {kept} destinations")
+                kept = len(json.loads(run.stdout)["destinations"]) if run.returncode == 0 else None
+                print(
+                    f"{exe}: exit {run.returncode}, peak RSS "
+                    f"{int(rss.group(1)) / 1024:.0f} MiB, {kept} destinations"
+                )
         finally:
             server.terminate()
             server.wait(30)

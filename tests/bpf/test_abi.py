@@ -94,13 +94,22 @@ CONSTANTS.update({f"NC_R_{r.name}": r.value for r in abi.Reason})
 CONSTANTS.update({f"NC_EV_{e.name}": e.value for e in abi.Event})
 
 # What the map names expand to must be the names abi.MAP_SPECS pins.
-MAP_NAME_MACROS = {"NC_MAP_DST_V4": "nc_dst_v4", "NC_MAP_DST_V6": "nc_dst_v6",
-                   "NC_MAP_EXEMPT": "nc_exempt", "NC_MAP_LOCAL": "nc_local",
-                   "NC_MAP_CONFIG": "nc_config_map", "NC_MAP_COUNTERS": "nc_counters",
-                   "NC_MAP_FRAGS": "nc_frags", "NC_MAP_PODS_V4": "nc_pods_v4",
-                   "NC_MAP_PODS_V6": "nc_pods_v6", "NC_MAP_SUMMARY": "nc_summary",
-                   "NC_MAP_DST_LPM_V4": "nc_dst_lpm_v4", "NC_MAP_DST_LPM_V6": "nc_dst_lpm_v6",
-                   "NC_MAP_FLOWS": "nc_flows", "NC_MAP_LEAKS": "nc_leaks"}
+MAP_NAME_MACROS = {
+    "NC_MAP_DST_V4": "nc_dst_v4",
+    "NC_MAP_DST_V6": "nc_dst_v6",
+    "NC_MAP_EXEMPT": "nc_exempt",
+    "NC_MAP_LOCAL": "nc_local",
+    "NC_MAP_CONFIG": "nc_config_map",
+    "NC_MAP_COUNTERS": "nc_counters",
+    "NC_MAP_FRAGS": "nc_frags",
+    "NC_MAP_PODS_V4": "nc_pods_v4",
+    "NC_MAP_PODS_V6": "nc_pods_v6",
+    "NC_MAP_SUMMARY": "nc_summary",
+    "NC_MAP_DST_LPM_V4": "nc_dst_lpm_v4",
+    "NC_MAP_DST_LPM_V6": "nc_dst_lpm_v6",
+    "NC_MAP_FLOWS": "nc_flows",
+    "NC_MAP_LEAKS": "nc_leaks",
+}
 
 
 def _c_probes() -> list[tuple[str, str, int]]:
@@ -109,11 +118,20 @@ def _c_probes() -> list[tuple[str, str, int]]:
     for py, cname in STRUCTS.items():
         probes.append((f"sizeof {cname}", f"sizeof(struct {cname})", C.sizeof(py)))
         for field, _ in py._fields_:
-            probes.append((f"{cname}.{field} offset", f"offsetof(struct {cname}, {field})",
-                           getattr(py, field).offset))
-            probes.append((f"{cname}.{field} size",
-                           f"sizeof(((struct {cname} *)0)->{field})",
-                           getattr(py, field).size))
+            probes.append(
+                (
+                    f"{cname}.{field} offset",
+                    f"offsetof(struct {cname}, {field})",
+                    getattr(py, field).offset,
+                )
+            )
+            probes.append(
+                (
+                    f"{cname}.{field} size",
+                    f"sizeof(((struct {cname} *)0)->{field})",
+                    getattr(py, field).size,
+                )
+            )
     for name, value in CONSTANTS.items():
         probes.append((name, f"(long long)({name})", value))
     return probes
@@ -160,8 +178,11 @@ def test_layouts_and_constants_match_c(bcc_module):
         values = list(module[b"nc_probe_out"][C.c_int(0)].v)
     finally:
         module.cleanup()
-    mismatches = [f"{label}: C {got} != Python {want}"
-                  for (label, _, want), got in zip(probes, values) if got != want]
+    mismatches = [
+        f"{label}: C {got} != Python {want}"
+        for (label, _, want), got in zip(probes, values)
+        if got != want
+    ]
     assert not mismatches, "\n".join(mismatches)
 
 
@@ -192,23 +213,34 @@ def test_reason_tables_complete():
 
 
 def test_program_maps_match_specs(bcc_module):
-    sizes = MapSizes(destinations_v4=1000, destinations_v6=2000, local_addresses=40,
-                     fragments=500)
+    sizes = MapSizes(destinations_v4=1000, destinations_v6=2000, local_addresses=40, fragments=500)
     loaded = program.load(Settings(map_sizes=sizes))
     try:
         for spec in abi.MAP_SPECS:
             fd = loaded.map_fds[spec.name]
             info = syscall.map_info(fd)
-            assert (info.type, info.key_size, info.value_size, info.max_entries,
-                    info.map_flags) == (spec.map_type, spec.key_size, spec.value_size,
-                                        spec.max_entries(sizes), spec.flags), spec.name
+            assert (
+                info.type,
+                info.key_size,
+                info.value_size,
+                info.max_entries,
+                info.map_flags,
+            ) == (
+                spec.map_type,
+                spec.key_size,
+                spec.value_size,
+                spec.max_entries(sizes),
+                spec.flags,
+            ), spec.name
             table = loaded._bpf[spec.name.encode()]
-            leaf = table.Leaf._type_ if spec.map_type == abi.BPF_MAP_TYPE_PERCPU_ARRAY \
-                else table.Leaf
+            leaf = (
+                table.Leaf._type_ if spec.map_type == abi.BPF_MAP_TYPE_PERCPU_ARRAY else table.Leaf
+            )
             for ours, theirs in ((spec.key, table.Key), (spec.value, leaf)):
                 assert C.sizeof(ours) == C.sizeof(theirs), spec.name
                 if hasattr(ours, "_fields_"):
-                    assert [(f, getattr(ours, f).offset) for f, _ in ours._fields_] == \
-                        [(f, getattr(theirs, f).offset) for f, _ in theirs._fields_], spec.name
+                    assert [(f, getattr(ours, f).offset) for f, _ in ours._fields_] == [
+                        (f, getattr(theirs, f).offset) for f, _ in theirs._fields_
+                    ], spec.name
     finally:
         loaded.close()

@@ -32,8 +32,9 @@ def test_an_object_closes_its_fd_once_and_then_refuses_the_number():
 
 def _created(spec: abi.MapSpec, entries: int) -> syscall.BpfObject:
     require(os.geteuid() == 0, "creating a BPF map needs root")
-    return syscall.map_create(spec.map_type, spec.key_size, spec.value_size, entries,
-                              spec.flags, spec.name)
+    return syscall.map_create(
+        spec.map_type, spec.key_size, spec.value_size, entries, spec.flags, spec.name
+    )
 
 
 @pytest.mark.privileged
@@ -50,8 +51,10 @@ def test_created_maps_are_owned_and_closed_with_their_block():
 def test_leak_meter_is_decoded_newest_first_with_protocol_names():
     spec = abi.MAPS_BY_NAME[abi.LEAKS_MAP]
     with _created(spec, abi.LEAKS_MAX) as leaks:
-        for src, proto, dport, last_ns, packets in (("192.168.50.22", 17, 7777, 1_000, 3),
-                                                    ("fd00::22", 6, 2381, 3_000, 1)):
+        for src, proto, dport, last_ns, packets in (
+            ("192.168.50.22", 17, 7777, 1_000, 3),
+            ("fd00::22", 6, 2381, 3_000, 1),
+        ):
             addr = ipaddress.ip_address(src)
             key = abi.LeakKey(family=addr.version, protocol=proto, dport=dport)
             C.memmove(key.src, addr.packed, len(addr.packed))
@@ -59,5 +62,11 @@ def test_leak_meter_is_decoded_newest_first_with_protocol_names():
         rows = decode.read_leaks(leaks, now_ns=5_000_000_000 + 3_000)
     assert rows == [
         {"src": "fd00::22", "protocol": "tcp", "dport": 2381, "packets": 1, "seconds_ago": 5.0},
-        {"src": "192.168.50.22", "protocol": "udp", "dport": 7777, "packets": 3,
-         "seconds_ago": 5.0}]
+        {
+            "src": "192.168.50.22",
+            "protocol": "udp",
+            "dport": 7777,
+            "packets": 3,
+            "seconds_ago": 5.0,
+        },
+    ]

@@ -37,11 +37,19 @@ def frame_for(case: dc.Case, **overrides) -> bytes:
     q, extra = case.query, case.extra
     if extra.get("ethertype"):
         return testrun.ethernet(extra["ethertype"], bytes(28))
-    kwargs = dict(proto=q.proto, sport=q.sport, dport=q.dport, tcp_flags=q.tcp_flags,
-                  tcp_mss=extra.get("tcp_mss"), icmp_type=q.icmp_type,
-                  payload_len=extra.get("payload_len", 16),
-                  ipv6_ext=tuple(extra.get("ipv6_ext", ())), frag=extra.get("frag"),
-                  truncate_l4=extra.get("truncate_l4", False), vlan=extra.get("vlan"))
+    kwargs = dict(
+        proto=q.proto,
+        sport=q.sport,
+        dport=q.dport,
+        tcp_flags=q.tcp_flags,
+        tcp_mss=extra.get("tcp_mss"),
+        icmp_type=q.icmp_type,
+        payload_len=extra.get("payload_len", 16),
+        ipv6_ext=tuple(extra.get("ipv6_ext", ())),
+        frag=extra.get("frag"),
+        truncate_l4=extra.get("truncate_l4", False),
+        vlan=extra.get("vlan"),
+    )
     kwargs.update(overrides)
     return testrun.build_frame(dc.source_address(case), q.dst, **kwargs)
 
@@ -76,27 +84,28 @@ def independent_tcp_check(frame: bytes) -> tuple[bool, int | None]:
     elif ethertype == 0x86DD:
         assert ip[6] == 6, "TCP directly after the IPv6 header expected"
         header_ok = True
-        segment = ip[40:40 + int.from_bytes(ip[4:6], "big")]
-        pseudo = (ip[8:40] + len(segment).to_bytes(4, "big") + b"\0\0\0\x06")
+        segment = ip[40 : 40 + int.from_bytes(ip[4:6], "big")]
+        pseudo = ip[8:40] + len(segment).to_bytes(4, "big") + b"\0\0\0\x06"
     else:
         raise AssertionError(f"unexpected ethertype {ethertype:#06x}")
     valid = header_ok and _ones_complement_sum(pseudo + segment) == 0xFFFF
-    options = segment[20:(segment[12] >> 4) * 4]
+    options = segment[20 : (segment[12] >> 4) * 4]
     mss, i = None, 0
     while i < len(options) and options[i] != 0:
         if options[i] == 1:
             i += 1
             continue
         if options[i] == 2 and options[i + 1] == 4:
-            mss = int.from_bytes(options[i + 2:i + 4], "big")
+            mss = int.from_bytes(options[i + 2 : i + 4], "big")
         i += max(options[i + 1], 2)
     return valid, mss
 
 
 def test_independent_check_sees_a_broken_checksum():
     """The check above can fail: one flipped bit in the TCP payload is caught."""
-    frame = testrun.build_frame("192.168.50.11", "192.168.50.12", proto="tcp", sport=1,
-                                dport=2, tcp_flags="S", tcp_mss=1460)
+    frame = testrun.build_frame(
+        "192.168.50.11", "192.168.50.12", proto="tcp", sport=1, dport=2, tcp_flags="S", tcp_mss=1460
+    )
     assert independent_tcp_check(frame) == (True, 1460)
     broken = bytearray(frame)
     broken[-1] ^= 0x01
@@ -110,11 +119,16 @@ def seed_flows(loaded, case: dc.Case) -> None:
         return
     from nodecryptor.datapath.bpf import syscall
     import ipaddress
+
     src, dst = ipaddress.ip_address(dc.source_address(case)), ipaddress.ip_address(case.query.dst)
-    key = abi.FlowKey(family=src.version, protocol=testrun.PROTO_NUMBERS[case.query.proto],
-                      local_port=case.query.sport, remote_port=case.query.dport)
-    key.local[:len(src.packed)] = list(src.packed)
-    key.remote[:len(dst.packed)] = list(dst.packed)
+    key = abi.FlowKey(
+        family=src.version,
+        protocol=testrun.PROTO_NUMBERS[case.query.proto],
+        local_port=case.query.sport,
+        remote_port=case.query.dport,
+    )
+    key.local[: len(src.packed)] = list(src.packed)
+    key.remote[: len(dst.packed)] = list(dst.packed)
     syscall.map_update(loaded.map_fds["nc_flows"], key, abi.FlowVal(origin=abi.FLOW_INBOUND))
 
 
@@ -124,8 +138,9 @@ def packets(counters: dict) -> dict[str, int]:
 
 def test_table_covers_every_reason():
     reasons = {c.expected_reason for c in dc.CASES}
-    assert reasons == {name for r, name in abi.REASON_NAMES.items()
-                       if abi.direction_of(r) == "egress"}
+    assert reasons == {
+        name for r, name in abi.REASON_NAMES.items() if abi.direction_of(r) == "egress"
+    }
     assert len(dc.CASES) >= 40
 
 
@@ -178,8 +193,7 @@ def check_case(loaded, case: dc.Case) -> None:
     result = testrun.run(loaded.prog_fd, frame, mark=case.query.mark, cb=cb)
     after = packets(decode.read_counters(loaded.map_fds))
 
-    assert (result.verdict, result.reason_name) == (case.expected_verdict,
-                                                    case.expected_reason)
+    assert (result.verdict, result.reason_name) == (case.expected_verdict, case.expected_reason)
     assert result.retval == EXPECTED_RETVAL.get(case.expected_verdict, abi.TCX_NEXT)
     assert result.target == (WG_IFINDEX if case.expected_verdict == VERDICT_ENCRYPT else 0)
     delta = {name: after[name] - before[name] for name in after}
@@ -220,8 +234,10 @@ def test_headers_beyond_the_direct_read_window(loaded):
         tcp = testrun.tcp_segment(src, case.query.dst, case.query.sport, case.query.dport)
         options = b"\x01\xff" + bytes(255) + b"\x01\x43" + bytes(67)  # two PadN options
         hop = bytes([testrun.IPPROTO_TCP, 40]) + options  # (40 + 1) * 8 = 328 bytes
-        frame = testrun.ethernet(testrun.ETH_P_IPV6, testrun.ipv6_packet(
-            src, case.query.dst, testrun.IPPROTO_HOPOPTS, hop + tcp))
+        frame = testrun.ethernet(
+            testrun.ETH_P_IPV6,
+            testrun.ipv6_packet(src, case.query.dst, testrun.IPPROTO_HOPOPTS, hop + tcp),
+        )
         result = testrun.run(loaded.prog_fd, frame)
         assert result.reason_name == case.expected_reason, case_id
 
@@ -296,8 +312,11 @@ def test_explain_program_decides_but_changes_no_state(loaded):
     assert testrun.run(loaded.prog_fd, later).reason_name == case.expected_reason
 
 
-@pytest.mark.parametrize("cb", [(), dc.LXC_CB, dc.LXC_CB_RANDOM, (0, 0, 0x4E434452, 0, 0)],
-                         ids=["clean", "lxc", "random", "old-marker-only"])
+@pytest.mark.parametrize(
+    "cb",
+    [(), dc.LXC_CB, dc.LXC_CB_RANDOM, (0, 0, 0x4E434452, 0, 0)],
+    ids=["clean", "lxc", "random", "old-marker-only"],
+)
 def test_verdicts_do_not_depend_on_cb(loaded, cb):
     """Every case of the table gives the same verdict, reason and counter change whatever an
     earlier program left in skb->cb[], on both entry points (explain counts nothing)."""

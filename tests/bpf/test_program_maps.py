@@ -32,8 +32,15 @@ def loaded():
 
 
 def _clear(map_fds):
-    for name in ("nc_dst_v4", "nc_dst_v6", "nc_dst_lpm_v4", "nc_dst_lpm_v6", "nc_local",
-                 "nc_pods_v4", "nc_pods_v6"):
+    for name in (
+        "nc_dst_v4",
+        "nc_dst_v6",
+        "nc_dst_lpm_v4",
+        "nc_dst_lpm_v6",
+        "nc_local",
+        "nc_pods_v4",
+        "nc_pods_v6",
+    ):
         spec = abi.MAPS_BY_NAME[name]
         for key in list(syscall.map_keys(map_fds[name], spec.key)):
             syscall.map_delete(map_fds[name], key)
@@ -70,11 +77,13 @@ def test_read_decodes_the_desired_state(loaded):
         assert entry["kind"] == dest.kind
         assert entry["control_plane"] == dest.control_plane
         assert entry["uncovered"] == (dest.prefix in desired.uncovered)
-    assert [(r["protocol"], r["first"], r["last"]) for r in data["exempt_ports"]] == \
-        [(r.protocol, r.first, r.last) for r in encode.policy_ranges(desired)]
+    assert [(r["protocol"], r["first"], r["last"]) for r in data["exempt_ports"]] == [
+        (r.protocol, r.first, r.last) for r in encode.policy_ranges(desired)
+    ]
     bits = encode.policy_bits(desired)
-    assert [desired.plan.policies[r["policy_bit"]] for r in data["exempt_ports"]] == \
-        [r.policy for r in encode.policy_ranges(desired)]
+    assert [desired.plan.policies[r["policy_bit"]] for r in data["exempt_ports"]] == [
+        r.policy for r in encode.policy_ranges(desired)
+    ]
     for dest in desired.destinations:
         entry = by_prefix[str(dest.prefix)]
         assert entry["serves_mask"] == sum({1 << bits[r.policy] for r in dest.exempt_ports})
@@ -86,25 +95,35 @@ def test_read_decodes_the_desired_state(loaded):
     assert (cfg["mss_v4"], cfg["mss_v6"], cfg["wg_port"]) == (dc.MSS_V4, dc.MSS_V6, dc.WG_PORT)
     assert (cfg["wg_mark"], cfg["wg_mark_mask"]) == (0x0E00, 0x0F00)
     assert cfg["agent_alive_ns"] == 12345
-    assert set(data["counters"]) == set(abi.REASON_NAMES.values()) | set(
-        abi.EVENT_NAMES.values())
+    assert set(data["counters"]) == set(abi.REASON_NAMES.values()) | set(abi.EVENT_NAMES.values())
 
 
 def test_new_destination_is_added_before_stale_one_is_removed(loaded, monkeypatch):
     """A node's address moving to another prefix is never a moment without either."""
     base = dc.desired_for(dc.CASES_BY_ID["v4-node-to-remote-node"])
     diff.sync(loaded.map_fds, base)
-    moved = dataclasses.replace(base, plan=dataclasses.replace(
-        base.plan, destinations=tuple(
-            dataclasses.replace(d, prefix=ipaddress.ip_network("10.244.9.0/24"))
-            if str(d.prefix) == "10.244.2.0/24" else d for d in base.plan.destinations)))
+    moved = dataclasses.replace(
+        base,
+        plan=dataclasses.replace(
+            base.plan,
+            destinations=tuple(
+                dataclasses.replace(d, prefix=ipaddress.ip_network("10.244.9.0/24"))
+                if str(d.prefix) == "10.244.2.0/24"
+                else d
+                for d in base.plan.destinations
+            ),
+        ),
+    )
     calls = []
     real_update, real_delete = syscall.map_update, syscall.map_delete
-    monkeypatch.setattr(syscall, "map_update",
-                        lambda fd, k, v, flags=0: (calls.append("update"),
-                                                   real_update(fd, k, v, flags))[1])
-    monkeypatch.setattr(syscall, "map_delete",
-                        lambda fd, k: (calls.append("delete"), real_delete(fd, k))[1])
+    monkeypatch.setattr(
+        syscall,
+        "map_update",
+        lambda fd, k, v, flags=0: (calls.append("update"), real_update(fd, k, v, flags))[1],
+    )
+    monkeypatch.setattr(
+        syscall, "map_delete", lambda fd, k: (calls.append("delete"), real_delete(fd, k))[1]
+    )
     stats = diff.sync(loaded.map_fds, moved)
     assert (stats.added, stats.removed) == (1, 1)
     # destination update, the config entry, then the stale delete (the summary bits did not
@@ -116,8 +135,9 @@ def test_full_map_names_the_problem(bcc_settings_small):
     loaded = program.load(bcc_settings_small)
     try:
         desired = dc.desired_for(dc.CASES_BY_ID["v4-node-to-remote-node"])
-        with pytest.raises(diff.CapacityError,
-                           match="IPv4 destinations: 4 entries needed .* capacity 2"):
+        with pytest.raises(
+            diff.CapacityError, match="IPv4 destinations: 4 entries needed .* capacity 2"
+        ):
             diff.sync(loaded.map_fds, desired)
         # refused before any write: the program still has no configuration
         assert decode.read(loaded.map_fds)["destinations"] == []
@@ -152,8 +172,9 @@ def test_pinned_maps_survive_a_reload(loaded, bpffs):
         result = testrun.run(second.prog_fd, frame)
         assert result.reason_name == case.expected_reason
         with pinned.open_pinned(pin_dir) as opened:
-            assert (decode.read(opened)["destinations"]
-                    == decode.read(second.map_fds)["destinations"])
+            assert (
+                decode.read(opened)["destinations"] == decode.read(second.map_fds)["destinations"]
+            )
             held = list(opened.values())
         assert all(obj.closed for obj in held)  # leaving the block closed every map
     finally:
@@ -196,7 +217,8 @@ def test_load_error_names_the_verifiers_reason(loaded, tmp_path, monkeypatch, ca
     (broken / "include").mkdir(parents=True)
     (broken / "lib").mkdir()
     (broken / "nodecryptor.c").write_text(
-        "int nc_egress(struct __sk_buff *skb) { return *(int *)(long)skb->data; }\n")
+        "int nc_egress(struct __sk_buff *skb) { return *(int *)(long)skb->data; }\n"
+    )
     monkeypatch.setattr(program, "bpf_dir", lambda: broken)
     with pytest.raises(DatapathError) as info:
         program.load(Settings())
@@ -210,9 +232,34 @@ def _random_destinations(rng: random.Random, family: int, count: int):
     """Prefixes of many lengths, some nested in others (so the longest match matters)."""
     bits = 32 if family == 4 else 128
     # IPv6: more distinct lengths than hash slots, so the shortest go to the LPM trie.
-    lengths = [bits, bits, 24, 16, 20, 28, 1, 9] if family == 4 else \
-        [bits, bits, 64, 48, 56, 80, 112, 17, 31, 33, 40, 44, 52, 60, 68, 72, 76, 88, 96,
-         100, 104, 120]
+    lengths = (
+        [bits, bits, 24, 16, 20, 28, 1, 9]
+        if family == 4
+        else [
+            bits,
+            bits,
+            64,
+            48,
+            56,
+            80,
+            112,
+            17,
+            31,
+            33,
+            40,
+            44,
+            52,
+            60,
+            68,
+            72,
+            76,
+            88,
+            96,
+            100,
+            104,
+            120,
+        ]
+    )
     prefixes = set()
     while len(prefixes) < count:
         plen = rng.choice(lengths)
@@ -240,18 +287,25 @@ def test_lookup_is_longest_prefix_match_through_filters_and_hashes(loaded):
         prefixes = _random_destinations(rng, family, 300)
         uncovered = frozenset(p for p in prefixes if rng.random() < 0.5)
         dests = tuple(Destination(p, "n", KIND_POD_CIDR, False) for p in prefixes)
-        desired = dataclasses.replace(base, uncovered=uncovered, plan=dataclasses.replace(
-            base.plan, destinations=dests, exempt_ports=()))
+        desired = dataclasses.replace(
+            base,
+            uncovered=uncovered,
+            plan=dataclasses.replace(base.plan, destinations=dests, exempt_ports=()),
+        )
         diff.sync(loaded.map_fds, desired)
         lengths = {p.prefixlen for p in prefixes}
         assert decode.read_config(loaded.map_fds)["lpm"][f"v{family}"] == (
-            len(lengths) > abi.PLEN_SLOTS)
+            len(lengths) > abi.PLEN_SLOTS
+        )
         src = "192.0.2.1" if family == 4 else "2001:db8:ffff::1"
         probes = []
         for p in rng.sample(prefixes, 150):
             host_bits = p.max_prefixlen - p.prefixlen
-            probes.append(ipaddress.ip_address(int(p.network_address) |
-                                               (rng.getrandbits(host_bits) if host_bits else 0)))
+            probes.append(
+                ipaddress.ip_address(
+                    int(p.network_address) | (rng.getrandbits(host_bits) if host_bits else 0)
+                )
+            )
         probes += [ipaddress.ip_address(rng.getrandbits(p.max_prefixlen)) for p in prefixes[:150]]
         wrong = []
         for addr in probes:
@@ -260,10 +314,12 @@ def test_lookup_is_longest_prefix_match_through_filters_and_hashes(loaded):
                 want = "not-cluster-destination"
             else:
                 longest = max(matches, key=lambda p: p.prefixlen)
-                want = ("no-peer-covers-fail-closed" if longest in uncovered
-                        else "cluster-destination")
-            got = testrun.run(loaded.prog_fd, testrun.build_frame(src, str(addr), dport=9)
-                              ).reason_name
+                want = (
+                    "no-peer-covers-fail-closed" if longest in uncovered else "cluster-destination"
+                )
+            got = testrun.run(
+                loaded.prog_fd, testrun.build_frame(src, str(addr), dport=9)
+            ).reason_name
             if got != want:
                 wrong.append((str(addr), want, got))
         assert wrong == [], f"IPv{family}: {wrong[:5]}"

@@ -21,8 +21,14 @@ from conftest import have_bcc, require
 from nodecryptor_testkit.netns import entered as netns_entered
 from nodecryptor.datapath.bpf import program, syscall
 from nodecryptor.datapath.bpf.maps import decode, diff
-from nodecryptor.core.model import (KIND_NODE_IP, ROLE_WORKER, DesiredState, Destination, Plan,
-                               WgState)
+from nodecryptor.core.model import (
+    KIND_NODE_IP,
+    ROLE_WORKER,
+    DesiredState,
+    Destination,
+    Plan,
+    WgState,
+)
 from nodecryptor.core.ports import parse_port_spec
 from nodecryptor.core.settings import FailMode, Settings
 from nodecryptor_testkit import netns as netns_mod
@@ -42,8 +48,7 @@ def sh(ns: str, *cmd: str) -> str:
 
 
 def rx_packets(ns: str, dev: str) -> int:
-    return json.loads(sh(ns, "ip", "-j", "-s", "link", "show", dev))[0]["stats64"]["rx"][
-        "packets"]
+    return json.loads(sh(ns, "ip", "-j", "-s", "link", "show", dev))[0]["stats64"]["rx"]["packets"]
 
 
 @pytest.fixture
@@ -74,15 +79,28 @@ def pair(netns):
 
 def desired_config(wg_ifindex: int) -> DesiredState:
     """One cluster destination (B_IP), WireGuard stand-in up, MSS clamp to ``MSS``."""
-    plan = Plan(node="a", role=ROLE_WORKER, local_addresses=(ipaddress.ip_address(A_IP),),
-                destinations=(Destination(ipaddress.ip_network(f"{B_IP}/32"), "b",
-                                          KIND_NODE_IP, False),),
-                exempt_ports=parse_port_spec("6443"))
-    wg = WgState(ifname="w_a", ifindex=wg_ifindex, present=True, up=True, mtu=1420,
-                 listen_port=51871)
-    return DesiredState(plan=plan, wg=wg, devices=(), fail_mode=FailMode.CLOSED, enabled=True,
-                        mss_v4=MSS, mss_v6=MSS, max_packet_v4=1420, max_packet_v6=1420,
-                        wg_port=51871)
+    plan = Plan(
+        node="a",
+        role=ROLE_WORKER,
+        local_addresses=(ipaddress.ip_address(A_IP),),
+        destinations=(Destination(ipaddress.ip_network(f"{B_IP}/32"), "b", KIND_NODE_IP, False),),
+        exempt_ports=parse_port_spec("6443"),
+    )
+    wg = WgState(
+        ifname="w_a", ifindex=wg_ifindex, present=True, up=True, mtu=1420, listen_port=51871
+    )
+    return DesiredState(
+        plan=plan,
+        wg=wg,
+        devices=(),
+        fail_mode=FailMode.CLOSED,
+        enabled=True,
+        mss_v4=MSS,
+        mss_v6=MSS,
+        max_packet_v4=1420,
+        max_packet_v6=1420,
+        wg_port=51871,
+    )
 
 
 def tcp_exchange(a: str, b: str, dst: str, payload: bytes) -> tuple[int, bytes]:

@@ -13,10 +13,12 @@ from nodecryptor.datapath.bpf import abi
 
 BPF = Path(__file__).resolve().parents[2] / "bpf"
 # BCC's map declaration macros, and the project's wrapper around them.
-_MAP_DECL = re.compile(r"^\s*(NC_MAP|BPF_TABLE\w*|BPF_F_TABLE|BPF_(HASH|ARRAY|PERCPU_\w+|LPM_"
-                       r"TRIE|LRU_\w+|PROG_ARRAY|DEVMAP|CPUMAP|XSKMAP|SOCK\w+|STACK_TRACE|"
-                       r"PERF_\w+|RINGBUF\w*|QUEUE|STACK|CGROUP\w*|INODE\w*|TASK\w*|SK_\w+))\s*\(",
-                       re.MULTILINE)
+_MAP_DECL = re.compile(
+    r"^\s*(NC_MAP|BPF_TABLE\w*|BPF_F_TABLE|BPF_(HASH|ARRAY|PERCPU_\w+|LPM_"
+    r"TRIE|LRU_\w+|PROG_ARRAY|DEVMAP|CPUMAP|XSKMAP|SOCK\w+|STACK_TRACE|"
+    r"PERF_\w+|RINGBUF\w*|QUEUE|STACK|CGROUP\w*|INODE\w*|TASK\w*|SK_\w+))\s*\(",
+    re.MULTILINE,
+)
 
 
 def _sources() -> list[Path]:
@@ -42,12 +44,17 @@ def test_every_map_is_declared_in_maps_h_only():
 
 def test_entry_file_holds_only_the_entry_points():
     code = _code(BPF / "nodecryptor.c")
-    functions = re.findall(r"^(?:static\s+)?[\w\s\*]+?\b(\w+)\s*\([^;{]*\)\s*\{", code,
-                           flags=re.MULTILINE)
+    functions = re.findall(
+        r"^(?:static\s+)?[\w\s\*]+?\b(\w+)\s*\([^;{]*\)\s*\{", code, flags=re.MULTILINE
+    )
     assert functions == ["nc_egress", "nc_explain", "nc_ingress", "nc_explain_ingress"]
     bodies = re.findall(r"\{\s*(.*?)\s*\}", code, flags=re.DOTALL)
-    assert bodies == ["return nc_egress_decide(skb, 0);", "return nc_egress_decide(skb, 1);",
-                      "return nc_ingress_decide(skb, 0);", "return nc_ingress_decide(skb, 1);"]
+    assert bodies == [
+        "return nc_egress_decide(skb, 0);",
+        "return nc_egress_decide(skb, 1);",
+        "return nc_ingress_decide(skb, 0);",
+        "return nc_ingress_decide(skb, 1);",
+    ]
 
 
 def test_tables_longest_ipv6_chain_is_the_programs_limit():

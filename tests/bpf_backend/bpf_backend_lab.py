@@ -33,18 +33,27 @@ WG_MARK = 0xE00
 WG_IFNAME = "cilium_wg0"
 
 
-
 in_netns = netns_entered  # this thread in a network namespace for a block
 
 
 # ---- raw programs ----------------------------------------------------------------------------
 
+
 class _ProgLoadAttr(C.Structure):
-    _fields_ = [("prog_type", C.c_uint32), ("insn_cnt", C.c_uint32), ("insns", C.c_uint64),
-                ("license", C.c_uint64), ("log_level", C.c_uint32), ("log_size", C.c_uint32),
-                ("log_buf", C.c_uint64), ("kern_version", C.c_uint32),
-                ("prog_flags", C.c_uint32), ("prog_name", C.c_char * 16),
-                ("prog_ifindex", C.c_uint32), ("expected_attach_type", C.c_uint32)]
+    _fields_ = [
+        ("prog_type", C.c_uint32),
+        ("insn_cnt", C.c_uint32),
+        ("insns", C.c_uint64),
+        ("license", C.c_uint64),
+        ("log_level", C.c_uint32),
+        ("log_size", C.c_uint32),
+        ("log_buf", C.c_uint64),
+        ("kern_version", C.c_uint32),
+        ("prog_flags", C.c_uint32),
+        ("prog_name", C.c_char * 16),
+        ("prog_ifindex", C.c_uint32),
+        ("expected_attach_type", C.c_uint32),
+    ]
 
 
 BPF_PROG_LOAD = 5
@@ -59,9 +68,13 @@ def load_ret_prog(retval: int, name: str = "nc_test_ret") -> syscall.BpfObject:
     ext = bytes([0x95, 0, 0, 0, 0, 0, 0, 0])
     C.memmove(insns, mov + ext, 16)
     lic = C.create_string_buffer(b"GPL")
-    attr = _ProgLoadAttr(prog_type=BPF_PROG_TYPE_SCHED_CLS, insn_cnt=2,
-                         insns=C.addressof(insns), license=C.addressof(lic),
-                         prog_name=name.encode()[:15])
+    attr = _ProgLoadAttr(
+        prog_type=BPF_PROG_TYPE_SCHED_CLS,
+        insn_cnt=2,
+        insns=C.addressof(insns),
+        license=C.addressof(lic),
+        prog_name=name.encode()[:15],
+    )
     return syscall.BpfObject(syscall._bpf(BPF_PROG_LOAD, attr))
 
 
@@ -71,12 +84,14 @@ def prog_id(fd: syscall.Fd) -> int:
 
 # ---- commands in a namespace -----------------------------------------------------------------
 
+
 def sh(*cmd: str, netns: str | None = None, check: bool = True) -> str:
     return netns_mod.run(*cmd, netns=netns, check=check).stdout
 
 
-def nodecryptor_cli(*args: str, netns: str | None = None, mount_pid: int | None = None,
-                    timeout: float = 30.0) -> subprocess.CompletedProcess:
+def nodecryptor_cli(
+    *args: str, netns: str | None = None, mount_pid: int | None = None, timeout: float = 30.0
+) -> subprocess.CompletedProcess:
     """Run the CLI the way an operator would, inside the node's namespaces (with
     ``mount_pid`` also in its mount namespace, where its WireGuard UAPI socket is)."""
     prefix: list[str] = []
@@ -86,11 +101,18 @@ def nodecryptor_cli(*args: str, netns: str | None = None, mount_pid: int | None 
         prefix = ["ip", "netns", "exec", netns]
     # PYTHONPATH: the editable install's finder does not resolve the package from every cwd.
     env = {**os.environ, "PYTHONPATH": REPO}
-    return subprocess.run(prefix + [sys.executable, "-m", "nodecryptor.cli", *args], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        prefix + [sys.executable, "-m", "nodecryptor.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # ---- the two-node lab ------------------------------------------------------------------------
+
 
 @dataclass
 class Node:
@@ -108,17 +130,24 @@ class Node:
         labels = ((CP_LABEL, ""),) if self.control_plane else ()
         # The v1 Node (the trusted role source) carries the same labels as the CiliumNode.
         address = (("InternalIP", ipaddress.ip_address(self.ip)),)
-        return NodeInfo(name=self.name, labels=labels, node_labels=labels,
-                        addresses=address, node_addresses=address,
-                        pod_cidrs=(ipaddress.ip_network(self.pod_cidr),),
-                        wg_public_key=self.wg_public)
+        return NodeInfo(
+            name=self.name,
+            labels=labels,
+            node_labels=labels,
+            addresses=address,
+            node_addresses=address,
+            pod_cidrs=(ipaddress.ip_network(self.pod_cidr),),
+            wg_public_key=self.wg_public,
+        )
 
 
 def _wg_keys() -> tuple[str, str]:
-    private = subprocess.run(["wg", "genkey"], capture_output=True, text=True,
-                             check=True).stdout.strip()
-    public = subprocess.run(["wg", "pubkey"], input=private, capture_output=True, text=True,
-                            check=True).stdout.strip()
+    private = subprocess.run(
+        ["wg", "genkey"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    public = subprocess.run(
+        ["wg", "pubkey"], input=private, capture_output=True, text=True, check=True
+    ).stdout.strip()
     return private, public
 
 
@@ -130,8 +159,14 @@ class TwoNodeLab:
 
     def __init__(self, make_netns, wireguard: bool = True):
         self.a = Node("node-a", make_netns("a"), "192.168.77.1", "10.244.1.0/24", "10.244.1.7")
-        self.b = Node("node-b", make_netns("b"), "192.168.77.2", "10.244.2.0/24", "10.244.2.7",
-                      control_plane=True)
+        self.b = Node(
+            "node-b",
+            make_netns("b"),
+            "192.168.77.2",
+            "10.244.2.0/24",
+            "10.244.2.7",
+            control_plane=True,
+        )
         self._procs: list[subprocess.Popen] = []
         self._wg_tmp = tempfile.mkdtemp(prefix="nct-wg-")
         try:
@@ -147,8 +182,20 @@ class TwoNodeLab:
 
     def _underlay(self, first: bool = True) -> None:
         a, b = self.a, self.b
-        sh("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", b.netns,
-           netns=a.netns)
+        sh(
+            "ip",
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            b.netns,
+            netns=a.netns,
+        )
         for node in (a, b):
             sh("ip", "addr", "add", f"{node.ip}/24", "dev", "eth0", netns=node.netns)
             sh("ip", "link", "set", "eth0", "up", netns=node.netns)
@@ -170,9 +217,18 @@ class TwoNodeLab:
         # directory keeps the two cilium_wg0 sockets apart.
         log = open(os.path.join(self._wg_tmp, f"{node.name}.log"), "w")
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", node.netns, "sh", "-c",
-             f"mount -t tmpfs tmpfs /var/run/wireguard && exec wireguard-go -f {WG_IFNAME}"],
-            stdout=log, stderr=subprocess.STDOUT)
+            [
+                "ip",
+                "netns",
+                "exec",
+                node.netns,
+                "sh",
+                "-c",
+                f"mount -t tmpfs tmpfs /var/run/wireguard && exec wireguard-go -f {WG_IFNAME}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         log.close()
         self._procs.append(proc)
         node.wg_pid = proc.pid
@@ -185,11 +241,31 @@ class TwoNodeLab:
         keyfile = os.path.join(self._wg_tmp, f"{node.name}.key")
         with open(keyfile, "w") as f:
             f.write(node.wg_private)
-        subprocess.run(["nsenter", "-t", str(proc.pid), "-m", "-n", "wg", "set", WG_IFNAME,
-                        "listen-port", str(WG_PORT), "fwmark", hex(WG_MARK),
-                        "private-key", keyfile, "peer", peer.wg_public,
-                        "endpoint", f"{peer.ip}:{WG_PORT}",
-                        "allowed-ips", f"{peer.ip}/32,{peer.pod_cidr}"], check=True)
+        subprocess.run(
+            [
+                "nsenter",
+                "-t",
+                str(proc.pid),
+                "-m",
+                "-n",
+                "wg",
+                "set",
+                WG_IFNAME,
+                "listen-port",
+                str(WG_PORT),
+                "fwmark",
+                hex(WG_MARK),
+                "private-key",
+                keyfile,
+                "peer",
+                peer.wg_public,
+                "endpoint",
+                f"{peer.ip}:{WG_PORT}",
+                "allowed-ips",
+                f"{peer.ip}/32,{peer.pod_cidr}",
+            ],
+            check=True,
+        )
         sh("ip", "link", "set", WG_IFNAME, "up", netns=node.netns)
         sh("sysctl", "-qw", f"net.ipv4.conf.{WG_IFNAME}.rp_filter=0", netns=node.netns)
 
@@ -221,12 +297,21 @@ def desired_for(settings: Settings, a: Node, b: Node):
 
     snapshot = {n.name: n.info() for n in (a, b)}
     plan = compute_plan(snapshot, a.name, settings)
-    peer = WgPeer(public_key=b.wg_public,
-                  allowed_ips=(ipaddress.ip_network(f"{b.ip}/32"),
-                               ipaddress.ip_network(b.pod_cidr)),
-                  endpoint=f"{b.ip}:{WG_PORT}")
-    wg = WgState(ifname=WG_IFNAME, ifindex=socket.if_nametoindex(WG_IFNAME), present=True,
-                 up=True, mtu=1420, listen_port=WG_PORT, fwmark=WG_MARK, peers=(peer,))
+    peer = WgPeer(
+        public_key=b.wg_public,
+        allowed_ips=(ipaddress.ip_network(f"{b.ip}/32"), ipaddress.ip_network(b.pod_cidr)),
+        endpoint=f"{b.ip}:{WG_PORT}",
+    )
+    wg = WgState(
+        ifname=WG_IFNAME,
+        ifindex=socket.if_nametoindex(WG_IFNAME),
+        present=True,
+        up=True,
+        mtu=1420,
+        listen_port=WG_PORT,
+        fwmark=WG_MARK,
+        peers=(peer,),
+    )
     device = Device(name="eth0", ifindex=socket.if_nametoindex("eth0"), mtu=1500)
     desired = compute_desired(plan, wg, (device,), settings)
     # As the reconciler does: A's pod CIDR to B's pod CIDR stays Cilium's (policy/cilium.py).
@@ -251,8 +336,9 @@ def hold_datapath_main(argv: list[str]) -> int:
     if spec.get("fragments"):
         # Another program text (a compile flag): the stand-in for an upgraded agent, which
         # loads a new generation instead of keeping the running program's.
-        settings = dataclasses.replace(settings, map_sizes=dataclasses.replace(
-            settings.map_sizes, fragments=spec["fragments"]))
+        settings = dataclasses.replace(
+            settings, map_sizes=dataclasses.replace(settings.map_sizes, fragments=spec["fragments"])
+        )
     # "die" kills this process (SIGKILL, nothing runs after it) at one point of the lifecycle:
     # "after-start" (an agent that never reaches its first apply: OOM, API outage) or
     # "before-egress" (between the ingress and the egress swap of the first apply).
@@ -284,9 +370,27 @@ class Capture:
     def __init__(self, netns: str, device: str, path: str, bpf_filter: str = "ip"):
         self.path = path
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", netns, "tcpdump", "-i", device, "-Q", "out", "-nn", "-U",
-             "--immediate-mode", "-w", path, bpf_filter],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            [
+                "ip",
+                "netns",
+                "exec",
+                netns,
+                "tcpdump",
+                "-i",
+                device,
+                "-Q",
+                "out",
+                "-nn",
+                "-U",
+                "--immediate-mode",
+                "-w",
+                path,
+                bpf_filter,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         # tcpdump says "listening on" once the capture is armed.
         line = self.proc.stderr.readline()
         if "listening" not in line:

@@ -55,7 +55,8 @@ def tcx(root):
 
 
 def test_tcx_attach_goes_to_head_swaps_in_place_and_survives_device_recreation(
-        veth_ns, bpffs, progs, tcx):
+    veth_ns, bpffs, progs, tcx
+):
     pins.ensure_dirs(bpffs)
     foreign = progs(TC_ACT_OK, "foreign_ok")
     ours1, ours2, ours3 = progs(TCX_NEXT, "nc_v1"), progs(TCX_NEXT, "nc_v2"), progs(TCX_NEXT)
@@ -65,7 +66,11 @@ def test_tcx_attach_goes_to_head_swaps_in_place_and_survives_device_recreation(
         try:
             att = attach.tcx_attach(bpffs, "eth0", ours1)
             assert (att.position, att.prog_id, att.defunct, att.shadowed_by) == (
-                0, prog_id(ours1), False, "")
+                0,
+                prog_id(ours1),
+                False,
+                "",
+            )
             chain = attach.query(ifindex)["tcx"]
             assert [c["prog_id"] for c in chain] == [prog_id(ours1), prog_id(foreign)]
 
@@ -94,8 +99,9 @@ def test_tcx_program_in_front_is_reported_as_shadowing(veth_ns, bpffs, progs, tc
     pins.ensure_dirs(bpffs)
     with in_netns(veth_ns):
         attach.tcx_attach(bpffs, "eth0", progs(TCX_NEXT))
-        ahead = syscall.tcx_link_create(progs(TC_ACT_OK, "foreign_head"),
-                                        attach.ifindex_of("eth0"), flags=syscall.BPF_F_BEFORE)
+        ahead = syscall.tcx_link_create(
+            progs(TC_ACT_OK, "foreign_head"), attach.ifindex_of("eth0"), flags=syscall.BPF_F_BEFORE
+        )
         try:
             att = attach.tcx_observe(bpffs, "eth0")
             assert att.position == 1 and "run before nodecryptor" in att.shadowed_by
@@ -109,18 +115,49 @@ def test_legacy_filter_replaced_in_place_and_shadowing_detected(veth_ns, progs, 
     with in_netns(veth_ns):
         att = attach.tc_attach("eth0", ours1)
         assert (att.mode, att.prio, att.handle, att.position, att.shadowed_by) == (
-            "tc", 1, attach.TC_HANDLE, 0, "")
+            "tc",
+            1,
+            attach.TC_HANDLE,
+            0,
+            "",
+        )
         att = attach.tc_attach("eth0", ours2)  # replace, not a second filter
         filters = attach.query(attach.ifindex_of("eth0"))["tc"]
         assert [f["ours"] for f in filters] == [True]
 
         # A filter at a lower precedence (prio 5) does not shadow...
-        sh("tc", "filter", "add", "dev", "eth0", "egress", "prio", "5", "handle", "0x5",
-           "bpf", "bytecode", CBPF_ACCEPT)
+        sh(
+            "tc",
+            "filter",
+            "add",
+            "dev",
+            "eth0",
+            "egress",
+            "prio",
+            "5",
+            "handle",
+            "0x5",
+            "bpf",
+            "bytecode",
+            CBPF_ACCEPT,
+        )
         assert attach.tc_observe("eth0").shadowed_by == ""
         # ...one listed before ours at the same priority does.
-        sh("tc", "filter", "add", "dev", "eth0", "egress", "prio", "1", "handle", "0x7",
-           "bpf", "bytecode", CBPF_ACCEPT)
+        sh(
+            "tc",
+            "filter",
+            "add",
+            "dev",
+            "eth0",
+            "egress",
+            "prio",
+            "1",
+            "handle",
+            "0x7",
+            "bpf",
+            "bytecode",
+            CBPF_ACCEPT,
+        )
         shadow = attach.tc_observe("eth0").shadowed_by
         assert "prio 1 handle 0x7" in shadow, shadow
 
@@ -147,8 +184,21 @@ def test_cleanup_removes_only_nodecryptor_objects(veth_ns, bpffs, progs, tcx):
         foreign_link.close()
         try:
             sh("tc", "qdisc", "add", "dev", "eth0", "clsact")
-            sh("tc", "filter", "add", "dev", "eth0", "egress", "prio", "1", "handle", "0x4e43",
-               "bpf", "bytecode", CBPF_ACCEPT)  # our handle, but not our name
+            sh(
+                "tc",
+                "filter",
+                "add",
+                "dev",
+                "eth0",
+                "egress",
+                "prio",
+                "1",
+                "handle",
+                "0x4e43",
+                "bpf",
+                "bytecode",
+                CBPF_ACCEPT,
+            )  # our handle, but not our name
             with pytest.raises(OSError, match="foreign filter .* holds handle 0x4e43"):
                 attach.tc_attach("eth0", ours)  # never replaces somebody else's filter
             attach.tcx_attach(bpffs, "eth0", ours)
@@ -170,8 +220,9 @@ def test_cleanup_removes_only_nodecryptor_objects(veth_ns, bpffs, progs, tcx):
 
 
 def _pin_map_at(path: str, spec: abi.MapSpec, max_entries: int) -> None:
-    with syscall.map_create(spec.map_type, spec.key_size, spec.value_size, max_entries,
-                            spec.flags, spec.name) as created:
+    with syscall.map_create(
+        spec.map_type, spec.key_size, spec.value_size, max_entries, spec.flags, spec.name
+    ) as created:
         syscall.obj_pin(created, path)
 
 
@@ -195,8 +246,9 @@ def test_generations_switch_current_and_remove_stale(bpffs):
     assert os.path.exists(pins.map_path(bpffs, spec.name))
     pins.set_current(bpffs, 3)
     removed = pins.remove_stale(bpffs, keep=3)
-    assert sorted(removed) == sorted([pins.generation_dir(bpffs, 1),
-                                      pins.generation_dir(bpffs, 2), old_abi])
+    assert sorted(removed) == sorted(
+        [pins.generation_dir(bpffs, 1), pins.generation_dir(bpffs, 2), old_abi]
+    )
     assert pins.generations(bpffs) == [3] and pins.current_generation(bpffs) == 3
     assert pins.new_generation(bpffs)[0] == 4
     assert pins.remove_all(bpffs) and not os.path.exists(pins.root(bpffs))
@@ -206,8 +258,9 @@ def test_collector_reads_counters_at_scrape_time_and_counts_failed_reads(bpffs):
     settings = Settings(bpffs=bpffs)
     pins.ensure_dirs(bpffs)
     spec = abi.MAPS_BY_NAME["nc_counters"]
-    fd = syscall.map_create(spec.map_type, spec.key_size, spec.value_size, abi.COUNTER_MAX,
-                            0, spec.name)
+    fd = syscall.map_create(
+        spec.map_type, spec.key_size, spec.value_size, abi.COUNTER_MAX, 0, spec.name
+    )
     ncpu = syscall.possible_cpus()
     values = (abi.Counter * ncpu)(*[abi.Counter(packets=3, bytes=300) for _ in range(ncpu)])
     syscall.map_update(fd, ctypes.c_uint32(abi.Reason.ENCRYPT), values)
@@ -221,16 +274,30 @@ def test_collector_reads_counters_at_scrape_time_and_counts_failed_reads(bpffs):
     def sample(name, **labels):
         return registry.get_sample_value(name, labels)
 
-    assert sample("nodecryptor_datapath_packets_total", reason="cluster-destination",
-                  verdict="encrypt") == 3 * ncpu
-    assert sample("nodecryptor_datapath_bytes_total", reason="cluster-destination",
-                  verdict="encrypt") == 300 * ncpu
-    assert sample("nodecryptor_datapath_packets_total", reason="not-cluster-destination",
-                  verdict="pass") == 0
+    assert (
+        sample(
+            "nodecryptor_datapath_packets_total", reason="cluster-destination", verdict="encrypt"
+        )
+        == 3 * ncpu
+    )
+    assert (
+        sample("nodecryptor_datapath_bytes_total", reason="cluster-destination", verdict="encrypt")
+        == 300 * ncpu
+    )
+    assert (
+        sample(
+            "nodecryptor_datapath_packets_total", reason="not-cluster-destination", verdict="pass"
+        )
+        == 0
+    )
     assert sample("nodecryptor_datapath_events_total", event="mss-clamped") == 0
     assert sample("nodecryptor_datapath_read_errors_total") == 0
 
     pins.unlink(pins.map_path(bpffs, spec.name))
-    assert sample("nodecryptor_datapath_packets_total", reason="cluster-destination",
-                  verdict="encrypt") is None
+    assert (
+        sample(
+            "nodecryptor_datapath_packets_total", reason="cluster-destination", verdict="encrypt"
+        )
+        is None
+    )
     assert sample("nodecryptor_datapath_read_errors_total") == 2  # this scrape and the last

@@ -12,18 +12,21 @@ from nodecryptor.core.errors import NotSupported
 from nodecryptor.core.settings import Settings
 
 
-@pytest.mark.parametrize("args, flag, value", [
-    (["--dst", "10.0.0.300"], "--dst", "10.0.0.300"),
-    (["--dst", "node-b"], "--dst", "node-b"),
-    (["--dst", "10.0.0.1", "--src", "fd00::1"], "--src", "fd00::1"),
-    (["--dst", "10.0.0.1", "--dport", "65536"], "--dport", "65536"),
-    (["--dst", "10.0.0.1", "--sport", "-1"], "--sport", "-1"),
-    (["--dst", "10.0.0.1", "--proto", "gre"], "--proto", "gre"),
-    (["--dst", "10.0.0.1", "--proto", "icmpv6"], "--proto", "icmpv6"),
-    (["--dst", "10.0.0.1", "--mark", "0xzz"], "--mark", "0xzz"),
-    (["--dst", "10.0.0.1", "--mark", "0x100000000"], "--mark", "0x100000000"),
-    (["--dst", "10.0.0.1", "--device", "a/b"], "--device", "a/b"),
-])
+@pytest.mark.parametrize(
+    "args, flag, value",
+    [
+        (["--dst", "10.0.0.300"], "--dst", "10.0.0.300"),
+        (["--dst", "node-b"], "--dst", "node-b"),
+        (["--dst", "10.0.0.1", "--src", "fd00::1"], "--src", "fd00::1"),
+        (["--dst", "10.0.0.1", "--dport", "65536"], "--dport", "65536"),
+        (["--dst", "10.0.0.1", "--sport", "-1"], "--sport", "-1"),
+        (["--dst", "10.0.0.1", "--proto", "gre"], "--proto", "gre"),
+        (["--dst", "10.0.0.1", "--proto", "icmpv6"], "--proto", "icmpv6"),
+        (["--dst", "10.0.0.1", "--mark", "0xzz"], "--mark", "0xzz"),
+        (["--dst", "10.0.0.1", "--mark", "0x100000000"], "--mark", "0x100000000"),
+        (["--dst", "10.0.0.1", "--device", "a/b"], "--device", "a/b"),
+    ],
+)
 def test_explain_rejects_bad_input_with_exit_2_naming_flag_and_value(args, flag, value, capsys):
     assert main(["explain", *args]) == 2
     err = capsys.readouterr().err
@@ -47,12 +50,23 @@ def test_constructor_does_no_io_and_start_refuses_without_bpffs(tmp_path):
         BpfDatapath(Settings(), attach_mode="xdp")
 
 
-@pytest.mark.parametrize("spec", ["1-65535", "1-65535,udp/1-65535,sctp/1-65535",
-                                  ",".join(str(p) for p in range(1000, 1032, 2))])
+@pytest.mark.parametrize(
+    "spec",
+    ["1-65535", "1-65535,udp/1-65535,sctp/1-65535", ",".join(str(p) for p in range(1000, 1032, 2))],
+)
 def test_exempt_port_spec_that_fits_is_accepted(spec, capsys):
     # plan fails later for want of a cluster, but not on the flag
-    main(["plan", "--node-name", "w1", "--control-plane-exempt-ports", spec,
-          "--kubeconfig", "/nonexistent"])
+    main(
+        [
+            "plan",
+            "--node-name",
+            "w1",
+            "--control-plane-exempt-ports",
+            spec,
+            "--kubeconfig",
+            "/nonexistent",
+        ]
+    )
     assert "--control-plane-exempt-ports" not in capsys.readouterr().err
 
 

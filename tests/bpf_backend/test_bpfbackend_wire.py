@@ -21,8 +21,15 @@ import time
 from dataclasses import asdict
 
 import pytest
-from bpf_backend_lab import (WG_PORT, Capture, TwoNodeLab, in_netns, load_ret_prog,
-                             nodecryptor_cli, sh)
+from bpf_backend_lab import (
+    WG_PORT,
+    Capture,
+    TwoNodeLab,
+    in_netns,
+    load_ret_prog,
+    nodecryptor_cli,
+    sh,
+)
 from bpf_backend_lab import prog_id as prog_id_of
 from conftest import require
 
@@ -143,8 +150,7 @@ def start_standin(netns: str):
     bpf = BPF(text=STANDIN_C)
     fn = bpf.load_func(b"standin", BPF.SCHED_CLS)
     with in_netns(netns):
-        link = syscall.tcx_link_create(fn.fd, attach.ifindex_of("eth0"),
-                                       flags=syscall.BPF_F_AFTER)
+        link = syscall.tcx_link_create(fn.fd, attach.ifindex_of("eth0"), flags=syscall.BPF_F_AFTER)
     return bpf, link
 
 
@@ -156,7 +162,8 @@ def standin_seen(bpf) -> dict[tuple[str, int, int], int]:
 
 
 def test_node_and_pod_traffic_leaves_encrypted_exempt_in_clear_cilium_never_sees_redirects(
-        lab, bpffs, datapaths, tmp_path):
+    lab, bpffs, datapaths, tmp_path
+):
     a, b = lab.a, lab.b
     settings = lab.settings(bpffs)
     rx = Receiver(b.netns, udp_ports=(7777, 7778), tcp_ports=(6443, 7779))
@@ -201,8 +208,9 @@ def test_node_and_pod_traffic_leaves_encrypted_exempt_in_clear_cilium_never_sees
         assert got_node and all(p.startswith(b"node-") for p in got_node)
         assert got_pod and all(p.startswith(b"pod-") for p in got_pod)
         # On A's wire: nothing to 7777/7778 in the clear, WireGuard UDP instead, 6443 in clear.
-        assert not [line for line in lines
-                    if f"{b.ip}.7777" in line or f"{b.pod_ip}.7778" in line], lines
+        assert not [
+            line for line in lines if f"{b.ip}.7777" in line or f"{b.pod_ip}.7778" in line
+        ], lines
         wg_udp = [line for line in lines if f"{a.ip}.{WG_PORT} > {b.ip}.{WG_PORT}: UDP" in line]
         assert len(wg_udp) >= 10, lines
         assert [line for line in lines if f"> {b.ip}.6443: Flags [S]" in line], lines
@@ -220,7 +228,8 @@ def test_node_and_pod_traffic_leaves_encrypted_exempt_in_clear_cilium_never_sees
         assert counters["wireguard-output"] >= 10
         scraped = metrics.registry.get_sample_value(
             "nodecryptor_datapath_packets_total",
-            {"reason": "cluster-destination", "verdict": "encrypt"})
+            {"reason": "cluster-destination", "verdict": "encrypt"},
+        )
         assert scraped >= counters["cluster-destination"]
     finally:
         standin_link.close()
@@ -229,12 +238,24 @@ def test_node_and_pod_traffic_leaves_encrypted_exempt_in_clear_cilium_never_sees
 
 
 def test_sigkilled_agent_leaves_datapath_enforcing_and_successor_takes_over_link(
-        lab, bpffs, datapaths, tmp_path):
+    lab, bpffs, datapaths, tmp_path
+):
     a, b = lab.a, lab.b
     spec = json.dumps({"bpffs": bpffs, "a": asdict(a), "b": asdict(b)})
-    holder = subprocess.Popen(["ip", "netns", "exec", a.netns, sys.executable,
-                               os.path.join(os.path.dirname(__file__), "bpf_backend_lab.py"),
-                               "hold", spec], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            a.netns,
+            sys.executable,
+            os.path.join(os.path.dirname(__file__), "bpf_backend_lab.py"),
+            "hold",
+            spec,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     rx = Receiver(b.netns, udp_ports=(7777,))
     stop = threading.Event()
     try:
@@ -292,7 +313,8 @@ def test_sigkilled_agent_leaves_datapath_enforcing_and_successor_takes_over_link
 
 
 def test_restart_swaps_program_in_same_link_new_generation_and_reattaches_new_device(
-        lab, bpffs, datapaths):
+    lab, bpffs, datapaths
+):
     a, b = lab.a, lab.b
     settings = lab.settings(bpffs)
     pins.ensure_dirs(bpffs)
@@ -300,8 +322,9 @@ def test_restart_swaps_program_in_same_link_new_generation_and_reattaches_new_de
     old_abi = os.path.join(pins.root(bpffs), "v1")
     os.mkdir(old_abi, 0o700)
     spec = abi.MAPS_BY_NAME["nc_dst_v4"]
-    fd = syscall.map_create(spec.map_type, spec.key_size, spec.value_size, 16, spec.flags,
-                            spec.name)
+    fd = syscall.map_create(
+        spec.map_type, spec.key_size, spec.value_size, 16, spec.flags, spec.name
+    )
     with fd:
         syscall.obj_pin(fd, os.path.join(old_abi, spec.name))
     rx = Receiver(b.netns, udp_ports=(7777,))
@@ -316,8 +339,10 @@ def test_restart_swaps_program_in_same_link_new_generation_and_reattaches_new_de
         gen1 = obs1.details["generation"]
         assert pins.current_generation(bpffs) == gen1 and pins.generations(bpffs) == [gen1]
         assert not os.path.exists(old_abi)
-        assert obs1.details["capacity"] == {"ipv4": settings.map_sizes.destinations_v4,
-                                            "ipv6": settings.map_sizes.destinations_v6}
+        assert obs1.details["capacity"] == {
+            "ipv4": settings.map_sizes.destinations_v4,
+            "ipv6": settings.map_sizes.destinations_v6,
+        }
         sender.sendto(b"before-restart", (b.ip, 7777))
         assert rx.drain(7777, want=1)
         counted = collector.read_pinned_counters(bpffs)["cluster-destination"]["packets"]
@@ -327,8 +352,12 @@ def test_restart_swaps_program_in_same_link_new_generation_and_reattaches_new_de
 
         # An upgrade whose program differs (here: another fragment table size, a compile
         # flag): compiled, loaded into a new generation and swapped into the same link.
-        settings = dataclasses.replace(settings, map_sizes=dataclasses.replace(
-            settings.map_sizes, fragments=settings.map_sizes.fragments * 2))
+        settings = dataclasses.replace(
+            settings,
+            map_sizes=dataclasses.replace(
+                settings.map_sizes, fragments=settings.map_sizes.fragments * 2
+            ),
+        )
         with in_netns(a.netns):
             second = datapaths(settings)
             second.start()
@@ -339,8 +368,9 @@ def test_restart_swaps_program_in_same_link_new_generation_and_reattaches_new_de
         assert obs2.ready, obs2.reason
         assert obs2.details["program"]["source"] == "compiled"
         # The first program's key is kept for a rollback.
-        assert sorted(pins.program_keys(bpffs)) == sorted({obs1.details["program"]["key"],
-                                                          obs2.details["program"]["key"]})
+        assert sorted(pins.program_keys(bpffs)) == sorted(
+            {obs1.details["program"]["key"], obs2.details["program"]["key"]}
+        )
         assert obs2.details["generation"] == gen1 + 1 == pins.current_generation(bpffs)
         assert pins.generations(bpffs) == [gen1 + 1]
         # counters carried over to the new generation
@@ -379,7 +409,8 @@ def test_restart_swaps_program_in_same_link_new_generation_and_reattaches_new_de
 
 
 def test_legacy_tc_mode_attaches_filter_detects_shadowing_and_cleans_up(
-        lab, bpffs, datapaths, tmp_path):
+    lab, bpffs, datapaths, tmp_path
+):
     a, b = lab.a, lab.b
     settings = lab.settings(bpffs)
     rx = Receiver(b.netns, udp_ports=(7777,))
@@ -416,20 +447,39 @@ def test_legacy_tc_mode_attaches_filter_detects_shadowing_and_cleans_up(
             why = inspect.explain(settings, PacketQuery(dst=b.ip, proto="udp", dport=7777))
             st = inspect.status(settings)
         assert (why.verdict, why.device, why.details["mode"], why.details["prog_id"]) == (
-            "encrypt", "eth0", "tc", dp.prog_id)
+            "encrypt",
+            "eth0",
+            "tc",
+            dp.prog_id,
+        )
         assert (st["mode"], st["prog_id"], st["ready"]) == ("tc", dp.prog_id, True), st["reason"]
 
         # A foreign filter classified before ours (same prio, listed first) shadows it.
-        sh("tc", "filter", "add", "dev", "eth0", "egress", "prio", "1", "handle", "0x7", "bpf",
-           "bytecode", "1,6 0 0 4294967295,", netns=a.netns)
+        sh(
+            "tc",
+            "filter",
+            "add",
+            "dev",
+            "eth0",
+            "egress",
+            "prio",
+            "1",
+            "handle",
+            "0x7",
+            "bpf",
+            "bytecode",
+            "1,6 0 0 4294967295,",
+            netns=a.netns,
+        )
         with in_netns(a.netns):
             shadowed = dp.observe()
         assert not shadowed.ready and "prio 1 handle 0x7" in shadowed.reason
 
         with in_netns(a.netns):
             dp.apply(dataclasses.replace(lab.desired(settings), devices=()))
-        assert "nodecryptor" not in sh("tc", "filter", "show", "dev", "eth0", "egress",
-                                       netns=a.netns)
+        assert "nodecryptor" not in sh(
+            "tc", "filter", "show", "dev", "eth0", "egress", netns=a.netns
+        )
         with in_netns(a.netns):
             dp.cleanup()
         filters = sh("tc", "filter", "show", "dev", "eth0", "egress", netns=a.netns)
@@ -452,8 +502,9 @@ def test_inspection_commands_on_live_setup_without_agent(lab, bpffs, datapaths):
             prog_id = dp.prog_id
             dp.close()  # the commands read pins only; the agent need not run
             foreign_link = syscall.tcx_link_create(foreign, attach.ifindex_of("eth0"), flags=0)
-            foreign_in = syscall.tcx_link_create(foreign, attach.ifindex_of("eth0"), flags=0,
-                                                 attach_type=syscall.BPF_TCX_INGRESS)
+            foreign_in = syscall.tcx_link_create(
+                foreign, attach.ifindex_of("eth0"), flags=0, attach_type=syscall.BPF_TCX_INGRESS
+            )
 
         def cli(*args):
             return nodecryptor_cli(*args, "--bpffs", bpffs, mount_pid=a.wg_pid)
@@ -476,15 +527,29 @@ def test_inspection_commands_on_live_setup_without_agent(lab, bpffs, datapaths):
 
         enc = explain("--dst", b.ip, "--proto", "udp", "--dport", "7777")
         assert (enc["verdict"], enc["reason"], enc["datapath"], enc["device"]) == (
-            "encrypt", "cluster-destination", "bpf", "eth0")
+            "encrypt",
+            "cluster-destination",
+            "bpf",
+            "eth0",
+        )
         assert enc["src"] == a.ip and enc["prog_id"] == prog_id
         assert enc["redirect_device"] == "cilium_wg0"
         pod = explain("--dst", b.pod_ip, "--dport", "80")
         assert pod["verdict"] == "encrypt"
         exempt = explain("--dst", b.ip, "--dport", "6443")
         assert (exempt["verdict"], exempt["reason"]) == ("exempt", "exempt-control-plane-port")
-        wg = explain("--dst", b.ip, "--proto", "udp", "--sport", str(WG_PORT), "--dport",
-                     str(WG_PORT), "--mark", "0xe00")
+        wg = explain(
+            "--dst",
+            b.ip,
+            "--proto",
+            "udp",
+            "--sport",
+            str(WG_PORT),
+            "--dport",
+            str(WG_PORT),
+            "--mark",
+            "0xe00",
+        )
         assert (wg["verdict"], wg["reason"]) == ("pass", "wireguard-output")
         other = explain("--dst", "192.168.77.99", "--dport", "80")
         assert (other["verdict"], other["reason"]) == ("pass", "not-cluster-destination")
@@ -508,25 +573,48 @@ def test_inspection_commands_on_live_setup_without_agent(lab, bpffs, datapaths):
         assert st["wireguard"]["ifname"] == "cilium_wg0" and st["wireguard"]["up"]
         assert st["wireguard"]["listen_port"] == WG_PORT
         cil = st["cilium"]
-        assert (cil["routing_mode"], cil["wg_port"], cil["wg_fwmark"], cil["wg_mtu"],
-                cil["node_ips_in_allowed_ips"]) == ("native", WG_PORT, "0xe00", 1420, True), cil
-        assert set(cil["sources"]) >= {"routing_mode", "wg_port", "wg_fwmark", "wg_mtu",
-                                       "node_ips_in_allowed_ips"}
-        assert cil["attach"] == [{"device": "eth0", "mode": "tcx", "position": 0,
-                                  "runs_behind_nodecryptor": ["foreign_next"]}]
+        assert (
+            cil["routing_mode"],
+            cil["wg_port"],
+            cil["wg_fwmark"],
+            cil["wg_mtu"],
+            cil["node_ips_in_allowed_ips"],
+        ) == ("native", WG_PORT, "0xe00", 1420, True), cil
+        assert set(cil["sources"]) >= {
+            "routing_mode",
+            "wg_port",
+            "wg_fwmark",
+            "wg_mtu",
+            "node_ips_in_allowed_ips",
+        }
+        assert cil["attach"] == [
+            {
+                "device": "eth0",
+                "mode": "tcx",
+                "position": 0,
+                "runs_behind_nodecryptor": ["foreign_next"],
+            }
+        ]
         hooks = {(c["device"], c["direction"]): c for c in st["chains"]}
-        assert set(hooks) == {("eth0", "egress"), ("eth0", "ingress"),
-                              ("cilium_wg0", "ingress")}, st["chains"]
-        assert [(e["name"], e["prog_id"], e["nodecryptor"], e["owner"])
-                for e in hooks["eth0", "egress"]["tcx"]] == [
+        assert set(hooks) == {("eth0", "egress"), ("eth0", "ingress"), ("cilium_wg0", "ingress")}, (
+            st["chains"]
+        )
+        assert [
+            (e["name"], e["prog_id"], e["nodecryptor"], e["owner"])
+            for e in hooks["eth0", "egress"]["tcx"]
+        ] == [
             ("nc_egress", prog_id, True, "nodecryptor"),
-            ("foreign_next", prog_id_of(foreign), False, "other")]
+            ("foreign_next", prog_id_of(foreign), False, "other"),
+        ]
         # Ingress: nodecryptor's program, then whatever runs behind it (here, on eth0, a
         # foreign program attached at the tail, as Cilium attaches cil_from_netdev).
         assert [(e["name"], e["owner"]) for e in hooks["eth0", "ingress"]["tcx"]] == [
-            ("nc_ingress", "nodecryptor"), ("foreign_next", "other")]
+            ("nc_ingress", "nodecryptor"),
+            ("foreign_next", "other"),
+        ]
         assert [(e["name"], e["owner"]) for e in hooks["cilium_wg0", "ingress"]["tcx"]] == [
-            ("nc_ingress", "nodecryptor")]
+            ("nc_ingress", "nodecryptor")
+        ]
         # explain ran the live program several times above, dry: no real traffic was counted
         assert st["counters"]["cluster-destination"]["packets"] == 0
 
@@ -534,8 +622,9 @@ def test_inspection_commands_on_live_setup_without_agent(lab, bpffs, datapaths):
         assert text.returncode == 0, text.stderr
         assert "ready: yes" in text.stdout and "eth0" in text.stdout, text.stdout
         assert "cilium: routing native" in text.stdout, text.stdout
-        assert f"eth0 tcx egress: nc_egress(id {prog_id}, nodecryptor)* -> foreign_next" \
-            in text.stdout, text.stdout
+        assert (
+            f"eth0 tcx egress: nc_egress(id {prog_id}, nodecryptor)* -> foreign_next" in text.stdout
+        ), text.stdout
         assert "eth0 tcx ingress: nc_ingress(id " in text.stdout, text.stdout
         assert "cilium_wg0 tcx ingress: nc_ingress(id " in text.stdout, text.stdout
         text_dump = cli("bpf", "dump")

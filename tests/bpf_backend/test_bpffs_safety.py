@@ -31,20 +31,24 @@ def test_directories_are_created_0700_and_root_owned(bpffs):
 
 def _precreate(bpffs, which, uid=0, mode=0o700):
     pins.ensure_dirs(bpffs)
-    path = {"root": pins.root(bpffs), "maps": pins.abi_dir(bpffs),
-            "links": pins.links_dir(bpffs)}[which]
+    path = {"root": pins.root(bpffs), "maps": pins.abi_dir(bpffs), "links": pins.links_dir(bpffs)}[
+        which
+    ]
     os.chown(path, uid, -1)
     os.chmod(path, mode)
     return path
 
 
-@pytest.mark.parametrize("which,uid,mode,why", [
-    ("root", NOBODY, 0o700, f"owned by uid {NOBODY}"),
-    ("root", 0, 0o777, "writable by group or others"),
-    ("links", NOBODY, 0o755, f"owned by uid {NOBODY}"),
-    ("maps", 0, 0o770, "writable by group or others"),
-    ("links", 0, 0o1733, "writable by group or others"),
-])
+@pytest.mark.parametrize(
+    "which,uid,mode,why",
+    [
+        ("root", NOBODY, 0o700, f"owned by uid {NOBODY}"),
+        ("root", 0, 0o777, "writable by group or others"),
+        ("links", NOBODY, 0o755, f"owned by uid {NOBODY}"),
+        ("maps", 0, 0o770, "writable by group or others"),
+        ("links", 0, 0o1733, "writable by group or others"),
+    ],
+)
 def test_foreign_or_writable_directory_is_refused(bpffs, which, uid, mode, why):
     path = _precreate(bpffs, which, uid, mode)
     with pytest.raises(pins.UnsafePinDir) as err:

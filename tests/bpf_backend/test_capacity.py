@@ -27,8 +27,16 @@ from nodecryptor.datapath.bpf.backend import BpfDatapath
 from nodecryptor.core.errors import DatapathError
 from nodecryptor.policy.exemptions import BUILTIN_NAME, PolicyRange
 from nodecryptor.observe.metrics import Metrics
-from nodecryptor.core.model import (KIND_NODE_IP, KIND_POD_CIDR, ROLE_WORKER, DesiredState,
-                               Destination, Device, Plan, WgState)
+from nodecryptor.core.model import (
+    KIND_NODE_IP,
+    KIND_POD_CIDR,
+    ROLE_WORKER,
+    DesiredState,
+    Destination,
+    Device,
+    Plan,
+    WgState,
+)
 from nodecryptor.core.ports import parse_port_spec
 from nodecryptor.core.settings import MapSizes, Settings
 
@@ -85,19 +93,44 @@ def desired(ifindex: dict, nodes: range, exempt: str = "2379-2380,6443") -> Desi
     dests = []
     for i in nodes:
         for family in (4, 6):
-            dests.append(Destination(ipaddress.ip_network(node_addr(family, i)), f"n{i}",
-                                     KIND_NODE_IP, i == 0,
-                                     exempt_ports=builtin if i == 0 else ()))
+            dests.append(
+                Destination(
+                    ipaddress.ip_network(node_addr(family, i)),
+                    f"n{i}",
+                    KIND_NODE_IP,
+                    i == 0,
+                    exempt_ports=builtin if i == 0 else (),
+                )
+            )
             dests.append(Destination(pod_net(family, i), f"n{i}", KIND_POD_CIDR, i == 0))
-    plan = Plan(node="local", role=ROLE_WORKER,
-                local_addresses=(ipaddress.ip_address(LOCAL_V4), ipaddress.ip_address(LOCAL_V6)),
-                destinations=tuple(dests), exempt_ports=ports,
-                policies=(BUILTIN_NAME,) if ports else ())
-    wg = WgState(ifname="cilium_wg0", ifindex=ifindex["cilium_wg0"], present=True, up=True,
-                 mtu=1420, listen_port=51871, peers=None)
-    return DesiredState(plan=plan, wg=wg, devices=(Device("eth0", ifindex["eth0"], 1500),),
-                        fail_mode="closed", enabled=True, mss_v4=1380, mss_v6=1360,
-                        max_packet_v4=1420, max_packet_v6=1420)
+    plan = Plan(
+        node="local",
+        role=ROLE_WORKER,
+        local_addresses=(ipaddress.ip_address(LOCAL_V4), ipaddress.ip_address(LOCAL_V6)),
+        destinations=tuple(dests),
+        exempt_ports=ports,
+        policies=(BUILTIN_NAME,) if ports else (),
+    )
+    wg = WgState(
+        ifname="cilium_wg0",
+        ifindex=ifindex["cilium_wg0"],
+        present=True,
+        up=True,
+        mtu=1420,
+        listen_port=51871,
+        peers=None,
+    )
+    return DesiredState(
+        plan=plan,
+        wg=wg,
+        devices=(Device("eth0", ifindex["eth0"], 1500),),
+        fail_mode="closed",
+        enabled=True,
+        mss_v4=1380,
+        mss_v6=1360,
+        max_packet_v4=1420,
+        max_packet_v6=1420,
+    )
 
 
 def attached_verdicts(ns: str, bpffs: str, targets: list[tuple[str, int]]) -> dict:
@@ -152,8 +185,10 @@ def test_growing_cluster_gets_a_larger_generation_in_the_same_link(node, bpffs):
     assert pins.generations(bpffs) == [grown.details["generation"]]
     assert grown.details["devices"][0]["link_id"] == link
     assert grown.details["devices"][0]["prog_id"] != first.details["devices"][0]["prog_id"]
-    assert metrics.registry.get_sample_value("nodecryptor_datapath_capacity",
-                                             {"family": "ipv4"}) == 1000
+    assert (
+        metrics.registry.get_sample_value("nodecryptor_datapath_capacity", {"family": "ipv4"})
+        == 1000
+    )
     assert_all_encrypted(ns, bpffs, range(300))
 
 
@@ -163,8 +198,9 @@ def test_beyond_the_hard_cap_is_refused_whole_and_the_previous_state_enforces(no
     with in_netns(ns):
         dp.apply(desired(ifindex, range(30)))
         prog = dp.observe().details["prog_id"]
-        with pytest.raises(DatapathError, match="1200 IPv4 destinations exceed the hard cap "
-                                                "of 1000"):
+        with pytest.raises(
+            DatapathError, match="1200 IPv4 destinations exceed the hard cap of 1000"
+        ):
             dp.apply(desired(ifindex, range(600)))
         obs = dp.observe()
     assert not obs.ready and "1200 IPv6 destinations exceed the hard cap of 1000" in obs.reason
@@ -201,8 +237,9 @@ def _failing_after(monkeypatch, calls: int):
 
 
 @pytest.mark.parametrize("fail_after", [0, 5, 30])
-def test_write_failing_midway_in_place_leaves_previous_state_enforcing(node, bpffs,
-                                                                       monkeypatch, fail_after):
+def test_write_failing_midway_in_place_leaves_previous_state_enforcing(
+    node, bpffs, monkeypatch, fail_after
+):
     ns, ifindex, make = node
     dp, _ = make()
     with in_netns(ns):
@@ -248,8 +285,13 @@ def test_full_range_exempt_spec_fits_and_never_clears_non_exempt_traffic(node, b
     verdicts = attached_verdicts(ns, bpffs, cp)
     assert {v for v in verdicts.values()} == {(VERDICT_EXEMPT, "exempt-control-plane-port")}
     # workers and every pod (also the control-plane node's) stay encrypted on any port
-    others = [(dst, port) for dst, _ in cluster_targets(range(5)) for port in (1, 6443, 65535)
-              if dst not in (node_addr(4, 0), node_addr(6, 0))]
-    clear = {k: v for k, v in attached_verdicts(ns, bpffs, others).items()
-             if v[0] != VERDICT_ENCRYPT}
+    others = [
+        (dst, port)
+        for dst, _ in cluster_targets(range(5))
+        for port in (1, 6443, 65535)
+        if dst not in (node_addr(4, 0), node_addr(6, 0))
+    ]
+    clear = {
+        k: v for k, v in attached_verdicts(ns, bpffs, others).items() if v[0] != VERDICT_ENCRYPT
+    }
     assert clear == {}

@@ -32,12 +32,14 @@ PREVIOUS_RELEASE = "8faf782"
 @pytest.fixture(scope="module")
 def previous_release(tmp_path_factory):
     """The previous release's tree (``git archive``), run with PYTHONPATH pointing at it."""
-    known = subprocess.run(["git", "-C", REPO, "cat-file", "-e", f"{PREVIOUS_RELEASE}^{{commit}}"],
-                           capture_output=True)
+    known = subprocess.run(
+        ["git", "-C", REPO, "cat-file", "-e", f"{PREVIOUS_RELEASE}^{{commit}}"], capture_output=True
+    )
     require(known.returncode == 0, f"git history without {PREVIOUS_RELEASE} (shallow clone?)")
     out = tmp_path_factory.mktemp("previous-release")
-    archive = subprocess.run(["git", "-C", REPO, "archive", PREVIOUS_RELEASE],
-                             capture_output=True, check=True).stdout
+    archive = subprocess.run(
+        ["git", "-C", REPO, "archive", PREVIOUS_RELEASE], capture_output=True, check=True
+    ).stdout
     subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
     return str(out)
 
@@ -47,10 +49,22 @@ def run_previous(tree: str, lab, bpffs: str) -> int:
     Returns the egress program id it attached."""
     spec = json.dumps({"bpffs": bpffs, "a": asdict(lab.a), "b": asdict(lab.b)})
     env = dict(os.environ, PYTHONPATH=tree, PYTHONDONTWRITEBYTECODE="1")
-    proc = subprocess.Popen(["ip", "netns", "exec", lab.a.netns, sys.executable,
-                             os.path.join(tree, "tests", "bpf_backend", "bpf_backend_lab.py"),
-                             "hold", spec], stdout=subprocess.PIPE, text=True, env=env,
-                            cwd=tree)
+    proc = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            lab.a.netns,
+            sys.executable,
+            os.path.join(tree, "tests", "bpf_backend", "bpf_backend_lab.py"),
+            "hold",
+            spec,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tree,
+    )
     try:
         line = proc.stdout.readline()
         assert line.startswith("applied "), line
@@ -70,7 +84,8 @@ def egress_prog_id(bpffs: str) -> int:
 
 
 def test_upgrade_then_rollback_to_the_previous_release_keeps_the_node_working(
-        lab, bpffs, previous_release, tmp_path):
+    lab, bpffs, previous_release, tmp_path
+):
     a, b = lab.a, lab.b
     old_id = run_previous(previous_release, lab, bpffs)
     assert run_agent(lab, bpffs)[0] == -signal.SIGKILL  # upgrade
@@ -105,9 +120,9 @@ def test_upgrade_then_rollback_to_the_previous_release_keeps_the_node_working(
     finally:
         lines = cap.stop()
         rx_b.close()
-    assert [l for l in lines if f"{b.ip}.6443" in l], lines[:20]
-    assert [l for l in lines if f"{b.ip}.2379" in l], lines[:20]
-    assert not [l for l in lines if f"{b.ip}.7777" in l], lines[:20]
+    assert [line for line in lines if f"{b.ip}.6443" in line], lines[:20]
+    assert [line for line in lines if f"{b.ip}.2379" in line], lines[:20]
+    assert not [line for line in lines if f"{b.ip}.7777" in line], lines[:20]
 
 
 def test_pins_of_a_newer_release_are_removed_and_their_hooks_detached(lab, bpffs):
@@ -120,8 +135,9 @@ def test_pins_of_a_newer_release_are_removed_and_their_hooks_detached(lab, bpffs
             pins.ensure_dirs(bpffs)
             future = os.path.join(pins.root(bpffs), "links-future")
             os.mkdir(future, 0o700)
-            link = syscall.tcx_link_create(drop_all, attach.ifindex_of("eth0"),
-                                           syscall.BPF_TCX_INGRESS)
+            link = syscall.tcx_link_create(
+                drop_all, attach.ifindex_of("eth0"), syscall.BPF_TCX_INGRESS
+            )
             syscall.obj_pin(link, os.path.join(future, "eth0"))
             link.close()
             assert pins.unknown_root_entries(bpffs) == ["links-future"]
@@ -142,11 +158,14 @@ def test_every_root_pin_this_release_writes_is_known_to_it():
     """A root pin missing from KNOWN_ROOT_ENTRIES would be removed by this release's own next
     start (remove_unknown): every path helper's name must be listed."""
     root = pins.root("/sys/fs/bpf")
-    written = [pins.prog_path("/sys/fs/bpf"), pins.explain_prog_path("/sys/fs/bpf"),
-               pins.ingress_prog_path("/sys/fs/bpf"),
-               pins.explain_ingress_prog_path("/sys/fs/bpf"),
-               pins.links_dir("/sys/fs/bpf", attach.EGRESS),
-               pins.links_dir("/sys/fs/bpf", attach.INGRESS),
-               pins.programs_dir("/sys/fs/bpf")]
+    written = [
+        pins.prog_path("/sys/fs/bpf"),
+        pins.explain_prog_path("/sys/fs/bpf"),
+        pins.ingress_prog_path("/sys/fs/bpf"),
+        pins.explain_ingress_prog_path("/sys/fs/bpf"),
+        pins.links_dir("/sys/fs/bpf", attach.EGRESS),
+        pins.links_dir("/sys/fs/bpf", attach.INGRESS),
+        pins.programs_dir("/sys/fs/bpf"),
+    ]
     assert {os.path.relpath(p, root) for p in written} == set(pins.KNOWN_ROOT_ENTRIES)
     assert os.path.dirname(pins.abi_dir("/sys/fs/bpf")) == root

@@ -48,9 +48,15 @@ def test_enforce_passes_a_pods_bootstrap_connection_and_refuses_the_rest(lab, bp
                 server.settimeout(3)
                 assert peer[0] == a.pod_ip
                 assert server.recv(64) == b"pod bootstrap in enforce"
-        flows = {(str(ipaddress.ip_address(bytes(k.local)[:4])), k.local_port,
-                  str(ipaddress.ip_address(bytes(k.remote)[:4])), k.remote_port): v.origin
-                 for k, v in _map(bpffs, "nc_flows")}
+        flows = {
+            (
+                str(ipaddress.ip_address(bytes(k.local)[:4])),
+                k.local_port,
+                str(ipaddress.ip_address(bytes(k.remote)[:4])),
+                k.remote_port,
+            ): v.origin
+            for k, v in _map(bpffs, "nc_flows")
+        }
         assert flows[(a.pod_ip, pod_port, b.ip, 6443)] == abi.FLOW_OUTBOUND
 
         # B's clear UDP to the same pod address: refused and metered.
@@ -63,8 +69,10 @@ def test_enforce_passes_a_pods_bootstrap_connection_and_refuses_the_rest(lab, bp
             counters = dp.observe().counters
         assert counters["ingress-exempt-control-plane-reply"] >= 1
         assert counters["ingress-cleartext-dropped"] >= 5
-        leaks = {(str(ipaddress.ip_address(bytes(k.src)[:4])), k.protocol, k.dport): v.packets
-                 for k, v in _map(bpffs, "nc_leaks")}
+        leaks = {
+            (str(ipaddress.ip_address(bytes(k.src)[:4])), k.protocol, k.dport): v.packets
+            for k, v in _map(bpffs, "nc_leaks")
+        }
         assert leaks[(b.ip, 17, 7777)] >= 5
     finally:
         rx_a.close()

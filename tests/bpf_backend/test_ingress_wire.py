@@ -29,8 +29,10 @@ pytestmark = [pytest.mark.privileged, pytest.mark.bpf]
 def _leaks(bpffs: str) -> dict:
     spec = abi.MAPS_BY_NAME[abi.LEAKS_MAP]
     with syscall.obj_get(pins.map_path(bpffs, abi.LEAKS_MAP), read_only=True) as leaks:
-        return {(str(ipaddress.ip_address(bytes(k.src)[:4])), k.protocol, k.dport): v.packets
-                for k, v in syscall.map_items(leaks, spec.key, spec.value)}
+        return {
+            (str(ipaddress.ip_address(bytes(k.src)[:4])), k.protocol, k.dport): v.packets
+            for k, v in syscall.map_items(leaks, spec.key, spec.value)
+        }
 
 
 def _send_udp(src_netns: str, dst: str, port: int, n: int = 5) -> None:
@@ -43,7 +45,8 @@ def _send_udp(src_netns: str, dst: str, port: int, n: int = 5) -> None:
 
 
 def test_enforce_refuses_peer_clear_text_audit_meters_it_bootstrap_works_in_both(
-        lab, bpffs, datapaths):
+    lab, bpffs, datapaths
+):
     a, b = lab.a, lab.b
     rx_a = Receiver(a.netns, udp_ports=(7777,), tcp_ports=(7779,))
     rx_b = Receiver(b.netns, tcp_ports=(6443,))
@@ -89,7 +92,10 @@ def test_enforce_refuses_peer_clear_text_audit_meters_it_bootstrap_works_in_both
         res = cli("status", "--json")
         assert res.returncode == 0, res.stderr
         assert json.loads(res.stdout)["ingress_enforcement"] == {
-            "supported": True, "mode": "audit", "attached": ["cilium_wg0", "eth0"]}
+            "supported": True,
+            "mode": "audit",
+            "attached": ["cilium_wg0", "eth0"],
+        }
         res = cli("status", "--leaks", "--json")
         assert res.returncode == 0, res.stderr
         report = json.loads(res.stdout)
@@ -97,14 +103,34 @@ def test_enforce_refuses_peer_clear_text_audit_meters_it_bootstrap_works_in_both
         [row] = [r for r in report["leaks"] if (r["src"], r["dport"]) == (b.ip, 7777)]
         assert row["protocol"] == "udp" and row["packets"] >= 10
         for argv, want in (
-                (("--src", b.ip, "--dst", a.ip, "--proto", "udp", "--dport", "7777"),
-                 ("pass", "ingress-cleartext-audited")),
-                (("--src", b.ip, "--dst", a.ip, "--proto", "tcp", "--sport", "6443",
-                  "--dport", "1"), ("pass", "ingress-cleartext-audited")),
-                (("--src", "198.51.100.9", "--dst", a.ip, "--proto", "tcp"),
-                 ("pass", "ingress-not-from-cluster-peer")),
-                (("--src", b.ip, "--dst", a.ip, "--proto", "udp", "--sport", str(WG_PORT),
-                  "--dport", str(WG_PORT)), ("pass", "ingress-wireguard-port"))):
+            (
+                ("--src", b.ip, "--dst", a.ip, "--proto", "udp", "--dport", "7777"),
+                ("pass", "ingress-cleartext-audited"),
+            ),
+            (
+                ("--src", b.ip, "--dst", a.ip, "--proto", "tcp", "--sport", "6443", "--dport", "1"),
+                ("pass", "ingress-cleartext-audited"),
+            ),
+            (
+                ("--src", "198.51.100.9", "--dst", a.ip, "--proto", "tcp"),
+                ("pass", "ingress-not-from-cluster-peer"),
+            ),
+            (
+                (
+                    "--src",
+                    b.ip,
+                    "--dst",
+                    a.ip,
+                    "--proto",
+                    "udp",
+                    "--sport",
+                    str(WG_PORT),
+                    "--dport",
+                    str(WG_PORT),
+                ),
+                ("pass", "ingress-wireguard-port"),
+            ),
+        ):
             res = cli("explain", "--direction", "ingress", *argv, "--json")
             assert res.returncode == 0, res.stderr
             got = json.loads(res.stdout)
@@ -112,6 +138,7 @@ def test_enforce_refuses_peer_clear_text_audit_meters_it_bootstrap_works_in_both
         bad = cli("explain", "--direction", "sideways", "--dst", a.ip)
         assert bad.returncode == 2 and "--direction" in bad.stderr
         from nodecryptor.datapath.bpf import collector
+
         totals = collector.cleartext_totals(collector.read_pinned_counters(bpffs))
         assert totals[("ingress", "audit")] >= 5 and totals[("ingress", "drop")] >= 5
         assert totals[("egress", "exempt")] >= 2 and totals[("ingress", "exempt")] >= 2
@@ -140,8 +167,10 @@ def test_enforce_refuses_peer_clear_text_audit_meters_it_bootstrap_works_in_both
 def _flows(bpffs: str) -> dict:
     spec = abi.MAPS_BY_NAME[abi.FLOWS_MAP]
     with syscall.obj_get(pins.map_path(bpffs, abi.FLOWS_MAP), read_only=True) as flows:
-        return {(str(ipaddress.ip_address(bytes(k.remote)[:4])), k.remote_port): v.origin
-                for k, v in syscall.map_items(flows, spec.key, spec.value)}
+        return {
+            (str(ipaddress.ip_address(bytes(k.remote)[:4])), k.remote_port): v.origin
+            for k, v in syscall.map_items(flows, spec.key, spec.value)
+        }
 
 
 def test_restart_carries_exempt_flows_and_leaks_into_the_new_generation(lab, bpffs, datapaths):
@@ -162,8 +191,12 @@ def test_restart_carries_exempt_flows_and_leaks_into_the_new_generation(lab, bpf
         assert (b.ip, 6443) in before and before[(b.ip, 6443)] == abi.FLOW_OUTBOUND
         generation = pins.current_generation(bpffs)
         first.close()
-        settings = dataclasses.replace(settings, map_sizes=dataclasses.replace(
-            settings.map_sizes, fragments=settings.map_sizes.fragments * 2))
+        settings = dataclasses.replace(
+            settings,
+            map_sizes=dataclasses.replace(
+                settings.map_sizes, fragments=settings.map_sizes.fragments * 2
+            ),
+        )
         with in_netns(a.netns):
             second = datapaths(settings)
             second.start()

@@ -29,11 +29,23 @@ def run_agent(lab, bpffs: str, die: str = "", fragments: int = 0) -> tuple[int, 
     """One agent in node A's namespace (bpf_backend_lab.py hold), killed as ``die`` says, or
     with SIGKILL after its first apply; ``fragments`` changes its program (an upgrade).
     Returns (exit status, first line it printed)."""
-    spec = json.dumps({"bpffs": bpffs, "a": asdict(lab.a), "b": asdict(lab.b), "die": die,
-                       "fragments": fragments})
-    proc = subprocess.Popen(["ip", "netns", "exec", lab.a.netns, sys.executable,
-                             os.path.join(HERE, "bpf_backend_lab.py"), "hold", spec],
-                            stdout=subprocess.PIPE, text=True)
+    spec = json.dumps(
+        {"bpffs": bpffs, "a": asdict(lab.a), "b": asdict(lab.b), "die": die, "fragments": fragments}
+    )
+    proc = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            lab.a.netns,
+            sys.executable,
+            os.path.join(HERE, "bpf_backend_lab.py"),
+            "hold",
+            spec,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         if not die:
@@ -53,8 +65,9 @@ def hook_generations(bpffs: str) -> dict[tuple[str, str], object]:
     out = {}
     for _mode, direction, name, prog_id in lifecycle.hooked_programs(bpffs):
         used = lifecycle._map_ids_of(prog_id)
-        found = [n for n in pins.generations(bpffs)
-                 if lifecycle.generation_map_ids(bpffs, n) & used]
+        found = [
+            n for n in pins.generations(bpffs) if lifecycle.generation_map_ids(bpffs, n) & used
+        ]
         out[direction, name] = found[0] if len(found) == 1 else tuple(found)
     return out
 

@@ -60,8 +60,9 @@ def test_mss_clamp_holds_across_restarts_under_tcp_load(lab, bpffs, tmp_path):
         """(WireGuard datagrams, fragments among them) leaving A's underlay during
         ``action()``, under the load."""
         wg = Capture(a.netns, "eth0", str(tmp_path / "wg.pcap"), f"udp port {WG_PORT}")
-        frags = Capture(a.netns, "eth0", str(tmp_path / "frag.pcap"),
-                        "ip[6:2] & 0x3fff != 0 or ip6[6] == 44")
+        frags = Capture(
+            a.netns, "eth0", str(tmp_path / "frag.pcap"), "ip[6:2] & 0x3fff != 0 or ip6[6] == 44"
+        )
         before = stats["connected"]
         stop.clear()
         threads = [threading.Thread(target=sink), threading.Thread(target=load)]

@@ -41,6 +41,7 @@ ENV = celpy.Environment()
 
 # ---- the evaluator ---------------------------------------------------------------------------
 
+
 @dataclass
 class Decision:
     matched: bool
@@ -66,9 +67,11 @@ def admit(request: dict, policy: dict) -> Decision:
     """What the API server decides for ``request`` under ``policy`` (one binding, Deny)."""
     spec = policy["spec"]
     assert spec["failurePolicy"] == "Fail"
-    activation = {"request": celpy.json_to_cel(request),
-                  "object": celpy.json_to_cel(request.get("object")),
-                  "oldObject": celpy.json_to_cel(request.get("oldObject"))}
+    activation = {
+        "request": celpy.json_to_cel(request),
+        "object": celpy.json_to_cel(request.get("object")),
+        "oldObject": celpy.json_to_cel(request.get("oldObject")),
+    }
     for cond in spec.get("matchConditions", []):
         try:
             if not _run(cond["expression"], activation):
@@ -80,7 +83,8 @@ def admit(request: dict, policy: dict) -> Decision:
     for var in spec.get("variables", []):
         try:
             variables[celtypes.StringType(var["name"])] = _run(
-                var["expression"], {**activation, "variables": variables})
+                var["expression"], {**activation, "variables": variables}
+            )
         except celpy.CELEvalError as e:
             decision.errors.append(f"variable {var['name']}: {e}")
             return decision
@@ -105,33 +109,59 @@ def admit(request: dict, policy: dict) -> Decision:
 
 # ---- admission requests as the API server builds them ---------------------------------------
 
+
 def node(name: str) -> dict:
     """A Node as a kubeadm worker's kubelet keeps it (trimmed, but every kind of field)."""
     return {
-        "apiVersion": "v1", "kind": "Node",
+        "apiVersion": "v1",
+        "kind": "Node",
         "metadata": {
-            "name": name, "uid": f"uid-{name}", "resourceVersion": "4711",
+            "name": name,
+            "uid": f"uid-{name}",
+            "resourceVersion": "4711",
             "creationTimestamp": "2026-01-01T00:00:00Z",
             "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"},
             "annotations": {"node.alpha.kubernetes.io/ttl": "0"},
-            "managedFields": [{"manager": "kubelet", "operation": "Update", "apiVersion": "v1",
-                               "time": "2026-01-01T00:00:00Z", "subresource": "status",
-                               "fieldsType": "FieldsV1", "fieldsV1": {"f:status": {}}}]},
-        "spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"],
-                 "taints": [{"key": "dedicated", "value": "db", "effect": "NoSchedule"}]},
+            "managedFields": [
+                {
+                    "manager": "kubelet",
+                    "operation": "Update",
+                    "apiVersion": "v1",
+                    "time": "2026-01-01T00:00:00Z",
+                    "subresource": "status",
+                    "fieldsType": "FieldsV1",
+                    "fieldsV1": {"f:status": {}},
+                }
+            ],
+        },
+        "spec": {
+            "podCIDR": "10.244.1.0/24",
+            "podCIDRs": ["10.244.1.0/24"],
+            "taints": [{"key": "dedicated", "value": "db", "effect": "NoSchedule"}],
+        },
         "status": {
-            "addresses": [{"type": "InternalIP", "address": "192.0.2.11"},
-                          {"type": "Hostname", "address": name}],
+            "addresses": [
+                {"type": "InternalIP", "address": "192.0.2.11"},
+                {"type": "Hostname", "address": name},
+            ],
             "capacity": {"cpu": "2", "memory": "4005400Ki", "pods": "110"},
             "allocatable": {"cpu": "2", "memory": "3903000Ki", "pods": "110"},
             "conditions": [
-                {"type": t, "status": s, "reason": r, "message": "",
-                 "lastHeartbeatTime": "2026-01-01T00:05:00Z",
-                 "lastTransitionTime": "2026-01-01T00:00:00Z"}
-                for t, s, r in (("MemoryPressure", "False", "KubeletHasSufficientMemory"),
-                                ("DiskPressure", "False", "KubeletHasNoDiskPressure"),
-                                ("PIDPressure", "False", "KubeletHasSufficientPID"),
-                                ("Ready", "True", "KubeletReady"))],
+                {
+                    "type": t,
+                    "status": s,
+                    "reason": r,
+                    "message": "",
+                    "lastHeartbeatTime": "2026-01-01T00:05:00Z",
+                    "lastTransitionTime": "2026-01-01T00:00:00Z",
+                }
+                for t, s, r in (
+                    ("MemoryPressure", "False", "KubeletHasSufficientMemory"),
+                    ("DiskPressure", "False", "KubeletHasNoDiskPressure"),
+                    ("PIDPressure", "False", "KubeletHasSufficientPID"),
+                    ("Ready", "True", "KubeletReady"),
+                )
+            ],
             "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
             "nodeInfo": {"kubeletVersion": "v1.33.1", "osImage": "Debian GNU/Linux 12"},
         },
@@ -141,40 +171,68 @@ def node(name: str) -> dict:
 def with_own_condition(obj: dict, status: str = "False") -> dict:
     obj = copy.deepcopy(obj)
     obj["status"]["conditions"].append(
-        {"type": CONDITION_TYPE, "status": status, "reason": "Starting", "message": "",
-         "lastHeartbeatTime": "2026-01-01T00:05:00Z",
-         "lastTransitionTime": "2026-01-01T00:05:00Z"})
+        {
+            "type": CONDITION_TYPE,
+            "status": status,
+            "reason": "Starting",
+            "message": "",
+            "lastHeartbeatTime": "2026-01-01T00:05:00Z",
+            "lastTransitionTime": "2026-01-01T00:05:00Z",
+        }
+    )
     return obj
 
 
-def agent_write(old: dict, status: str = "True", reason: str = "Ready",
-                content_type: str = STRATEGIC_MERGE) -> dict:
+def agent_write(
+    old: dict, status: str = "True", reason: str = "Ready", content_type: str = STRATEGIC_MERGE
+) -> dict:
     """The Node after the agent's real patch body (cluster.condition.condition_patch),
     sent with the agent's patch type and merged by the fake API server's nodes/status PATCH
     (strategic merge: status.conditions merges by ``type``), plus the entry the API server's
     field manager adds to managedFields for the writer."""
-    patch = condition_patch(CONDITION_TYPE, status, reason, "WireGuard up",
-                            "2026-01-01T01:00:00Z", "2026-01-01T01:00:00Z")
+    patch = condition_patch(
+        CONDITION_TYPE,
+        status,
+        reason,
+        "WireGuard up",
+        "2026-01-01T01:00:00Z",
+        "2026-01-01T01:00:00Z",
+    )
     assert set(patch) == {"status"} and set(patch["status"]) == {"conditions"}
     new = patch_status(old, content_type, patch)
     # The fake keeps the stored metadata whole; the real server lets it through the status
     # subresource (the policy's business) and records the writer here.
     new["metadata"]["managedFields"] = old["metadata"]["managedFields"] + [
-        {"manager": "nodecryptor", "operation": "Update", "apiVersion": "v1",
-         "time": "2026-01-01T01:00:00Z", "subresource": "status", "fieldsType": "FieldsV1",
-         "fieldsV1": {"f:status": {"f:conditions": {}}}}]
+        {
+            "manager": "nodecryptor",
+            "operation": "Update",
+            "apiVersion": "v1",
+            "time": "2026-01-01T01:00:00Z",
+            "subresource": "status",
+            "fieldsType": "FieldsV1",
+            "fieldsV1": {"f:status": {"f:conditions": {}}},
+        }
+    ]
     return new
 
 
-def request(obj: dict | None, old: dict | None, *, operation: str = "UPDATE",
-            sub_resource: str | None = "status", username: str = AGENT,
-            bound_node: str | None = "worker-1") -> dict:
+def request(
+    obj: dict | None,
+    old: dict | None,
+    *,
+    operation: str = "UPDATE",
+    sub_resource: str | None = "status",
+    username: str = AGENT,
+    bound_node: str | None = "worker-1",
+) -> dict:
     """An AdmissionRequest as the API server hands it to CEL: fields that are empty in Go
     (``omitempty``) are absent, and the user's extra values are lists of strings."""
     name = (obj or old)["metadata"]["name"]
-    extra = {"authentication.kubernetes.io/pod-name": ["nodecryptor-abcde"],
-             "authentication.kubernetes.io/pod-uid": ["0f3c9c3e-0000-4000-8000-000000000001"],
-             "authentication.kubernetes.io/credential-id": ["JTI=1b2c"]}
+    extra = {
+        "authentication.kubernetes.io/pod-name": ["nodecryptor-abcde"],
+        "authentication.kubernetes.io/pod-uid": ["0f3c9c3e-0000-4000-8000-000000000001"],
+        "authentication.kubernetes.io/credential-id": ["JTI=1b2c"],
+    }
     if bound_node is not None:
         extra[NODE_NAME_KEY] = [bound_node]
         extra["authentication.kubernetes.io/node-uid"] = [f"uid-{bound_node}"]
@@ -184,12 +242,21 @@ def request(obj: dict | None, old: dict | None, *, operation: str = "UPDATE",
         "resource": {"group": "", "version": "v1", "resource": "nodes"},
         "requestKind": {"group": "", "version": "v1", "kind": "Node"},
         "requestResource": {"group": "", "version": "v1", "resource": "nodes"},
-        "name": name, "operation": operation,
-        "userInfo": {"username": username, "uid": "sa-uid",
-                     "groups": ["system:serviceaccounts", "system:serviceaccounts:kube-system",
-                                "system:authenticated"],
-                     "extra": extra},
-        "object": obj, "oldObject": old, "dryRun": False,
+        "name": name,
+        "operation": operation,
+        "userInfo": {
+            "username": username,
+            "uid": "sa-uid",
+            "groups": [
+                "system:serviceaccounts",
+                "system:serviceaccounts:kube-system",
+                "system:authenticated",
+            ],
+            "extra": extra,
+        },
+        "object": obj,
+        "oldObject": old,
+        "dryRun": False,
     }
     if sub_resource:
         req["subResource"] = req["requestSubResource"] = sub_resource

@@ -49,15 +49,26 @@ class Steps:
             value = fn()
         except Exception as e:  # any failure is the result being measured
             code = getattr(e, "errno", None) or getattr(e, "code", None)
-            self.results.append({
-                "name": name, "ok": False, "required": required,
-                "error": f"{type(e).__name__}: {e}"[:400],
-                "errno": errno.errorcode.get(code, "") if isinstance(code, int) else ""})
+            self.results.append(
+                {
+                    "name": name,
+                    "ok": False,
+                    "required": required,
+                    "error": f"{type(e).__name__}: {e}"[:400],
+                    "errno": errno.errorcode.get(code, "") if isinstance(code, int) else "",
+                }
+            )
             if required:
                 raise self._Stop() from None
             return None
-        self.results.append({"name": name, "ok": True, "required": required,
-                             "seconds": round(time.perf_counter() - started, 3)})
+        self.results.append(
+            {
+                "name": name,
+                "ok": True,
+                "required": required,
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+        )
         return value
 
 
@@ -72,8 +83,9 @@ def cap_eff() -> str:
 def load_representative(steps: Steps, pin_dir: str):
     from bcc import BPF
 
-    bpf = steps.run("compile-and-create-maps",
-                    lambda: BPF(src_file=str(HERE / "representative.c").encode()))
+    bpf = steps.run(
+        "compile-and-create-maps", lambda: BPF(src_file=str(HERE / "representative.c").encode())
+    )
     fn = steps.run("load-program", lambda: bpf.load_func(b"rep_egress", BPF.SCHED_CLS))
 
     def pin_maps():
@@ -102,8 +114,9 @@ def main() -> int:
     parser.add_argument("--device", required=True)
     parser.add_argument("--peer", required=True)
     parser.add_argument("--bpffs", required=True)
-    parser.add_argument("--program", choices=("representative", "nodecryptor"),
-                        default="representative")
+    parser.add_argument(
+        "--program", choices=("representative", "nodecryptor"), default="representative"
+    )
     args = parser.parse_args()
 
     steps = Steps()
@@ -139,8 +152,17 @@ def main() -> int:
         def tc_attach():
             with IPRoute() as ipr:
                 ipr.tc("add", "clsact", index=peer_ifindex)
-                ipr.tc("add-filter", "bpf", index=peer_ifindex, handle=TC_HANDLE, fd=prog_fd,
-                       name="nodecryptor", parent=TC_EGRESS_PARENT, prio=1, direct_action=True)
+                ipr.tc(
+                    "add-filter",
+                    "bpf",
+                    index=peer_ifindex,
+                    handle=TC_HANDLE,
+                    fd=prog_fd,
+                    name="nodecryptor",
+                    parent=TC_EGRESS_PARENT,
+                    prio=1,
+                    direct_action=True,
+                )
 
         steps.run("tc-clsact-attach", tc_attach)
 

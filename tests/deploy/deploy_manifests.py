@@ -13,9 +13,11 @@ K8S = REPO / "k8s"
 GUIDE = REPO / "docs" / "operator-guide.md"
 
 # Kinds defined by CustomResourceDefinitions: the Kubernetes OpenAPI schema does not know them.
-CRD_KINDS = {"ServiceMonitor": "monitoring.coreos.com/v1 (Prometheus Operator CRD)",
-             "EncryptionExemption": "nodecryptor.io/v1alpha1 (k8s/crd-encryptionexemption.yaml)",
-             "PrometheusRule": "monitoring.coreos.com/v1 (Prometheus Operator CRD)"}
+CRD_KINDS = {
+    "ServiceMonitor": "monitoring.coreos.com/v1 (Prometheus Operator CRD)",
+    "EncryptionExemption": "nodecryptor.io/v1alpha1 (k8s/crd-encryptionexemption.yaml)",
+    "PrometheusRule": "monitoring.coreos.com/v1 (Prometheus Operator CRD)",
+}
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,11 @@ def default_docs() -> list[Doc]:
 
 
 def find(docs: list[Doc], kind: str, name: str | None = None) -> dict:
-    found = [d.body for d in docs
-             if d.body.get("kind") == kind and name in (None, d.body["metadata"]["name"])]
+    found = [
+        d.body
+        for d in docs
+        if d.body.get("kind") == kind and name in (None, d.body["metadata"]["name"])
+    ]
     assert len(found) == 1, f"expected one {kind} {name or ''} in k8s/, found {len(found)}"
     return found[0]
 

@@ -14,8 +14,15 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 
 import admission_requests
-from admission_requests import (AGENT, NODE_NAME_KEY, Decision, agent_write, node, request,
-                                with_own_condition)
+from admission_requests import (
+    AGENT,
+    NODE_NAME_KEY,
+    Decision,
+    agent_write,
+    node,
+    request,
+    with_own_condition,
+)
 from deploy_manifests import agent_daemonset, default_docs, find
 from nodecryptor.cluster.condition import NodeConditionWriter
 from nodecryptor.cluster.k8s_errors import ApiForbidden
@@ -40,6 +47,7 @@ def denied_by(decision: Decision, words: str) -> None:
 
 # ---- the agent's own write is admitted ---------------------------------------------------------
 
+
 def test_own_node_condition_update_is_allowed():
     old = with_own_condition(node("worker-1"), "False")
     decision = admit(request(agent_write(old, "True"), old))
@@ -59,8 +67,12 @@ def test_json_patch_replacing_the_entry_in_place_is_allowed():
     same Node as the strategic merge; the policy judges the result, not the patch."""
     old = with_own_condition(node("worker-1"), "False")
     new = copy.deepcopy(old)
-    new["status"]["conditions"][-1] = {"type": CONDITION_TYPE, "status": "True",
-                                       "reason": "EncryptionReady", "message": ""}
+    new["status"]["conditions"][-1] = {
+        "type": CONDITION_TYPE,
+        "status": "True",
+        "reason": "EncryptionReady",
+        "message": "",
+    }
     assert admit(request(new, old)).allowed
     fresh = node("worker-1")
     new = copy.deepcopy(fresh)
@@ -86,43 +98,80 @@ def test_node_without_conditions_gets_its_first():
 
 # ---- everything else the agent's token might try is denied -----------------------------------
 
+
 def test_other_node_is_denied():
     old = with_own_condition(node("worker-2"))
     decision = admit(request(agent_write(old), old, bound_node="worker-1"))
     denied_by(decision, "nodecryptor on node worker-1 may not change the status of node worker-2")
 
 
-@pytest.mark.parametrize("change, words", [
-    (lambda n: n["metadata"]["labels"].update({"node-role.kubernetes.io/control-plane": ""}),
-     "labels, annotations or other metadata"),
-    (lambda n: n["metadata"]["labels"].pop("kubernetes.io/os"),
-     "labels, annotations or other metadata"),
-    (lambda n: n["metadata"]["annotations"].update({"cilium.io/wg-pub-key": "forged"}),
-     "labels, annotations or other metadata"),
-    (lambda n: n["metadata"].update({"finalizers": ["example.com/hold"]}),
-     "labels, annotations or other metadata"),
-    (lambda n: n["spec"]["taints"].clear(), "a Node's spec"),
-    (lambda n: n["spec"].update({"unschedulable": True}), "a Node's spec"),
-    (lambda n: n["status"]["addresses"].__setitem__(0, {"type": "InternalIP",
-                                                        "address": "203.0.113.9"}),
-     "no status field but"),
-    (lambda n: n["status"].pop("addresses"), "no status field but"),
-    (lambda n: n["status"]["capacity"].update({"pods": "1000"}), "no status field but"),
-    (lambda n: n["status"].update({"phase": "Running"}), "no status field but"),
-    (lambda n: n["status"]["conditions"][3].update({"status": "False", "reason": "Forged"}),
-     "no condition but NodeEncryptionReady"),
-    (lambda n: n["status"]["conditions"].pop(0), "no condition but NodeEncryptionReady"),
-    (lambda n: n["status"]["conditions"].append({"type": "NetworkUnavailable",
-                                                 "status": "True"}),
-     "no condition but NodeEncryptionReady"),
-    (lambda n: n["status"]["conditions"].reverse(), "no condition but NodeEncryptionReady"),
-    (lambda n: n["status"]["conditions"].append({"type": CONDITION_TYPE, "status": "True"}),
-     "at most once"),
-    (lambda n: n["status"]["conditions"][-1].update({"status": "Yes"}), "at most once"),
-], ids=["label-added", "label-removed", "annotation", "finalizer", "taints", "unschedulable",
-        "address", "addresses-removed", "capacity", "new-status-field", "ready-condition",
-        "condition-removed", "condition-added", "conditions-reordered", "own-condition-twice",
-        "own-condition-bad-status"])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (
+            lambda n: n["metadata"]["labels"].update({"node-role.kubernetes.io/control-plane": ""}),
+            "labels, annotations or other metadata",
+        ),
+        (
+            lambda n: n["metadata"]["labels"].pop("kubernetes.io/os"),
+            "labels, annotations or other metadata",
+        ),
+        (
+            lambda n: n["metadata"]["annotations"].update({"cilium.io/wg-pub-key": "forged"}),
+            "labels, annotations or other metadata",
+        ),
+        (
+            lambda n: n["metadata"].update({"finalizers": ["example.com/hold"]}),
+            "labels, annotations or other metadata",
+        ),
+        (lambda n: n["spec"]["taints"].clear(), "a Node's spec"),
+        (lambda n: n["spec"].update({"unschedulable": True}), "a Node's spec"),
+        (
+            lambda n: n["status"]["addresses"].__setitem__(
+                0, {"type": "InternalIP", "address": "203.0.113.9"}
+            ),
+            "no status field but",
+        ),
+        (lambda n: n["status"].pop("addresses"), "no status field but"),
+        (lambda n: n["status"]["capacity"].update({"pods": "1000"}), "no status field but"),
+        (lambda n: n["status"].update({"phase": "Running"}), "no status field but"),
+        (
+            lambda n: n["status"]["conditions"][3].update({"status": "False", "reason": "Forged"}),
+            "no condition but NodeEncryptionReady",
+        ),
+        (lambda n: n["status"]["conditions"].pop(0), "no condition but NodeEncryptionReady"),
+        (
+            lambda n: n["status"]["conditions"].append(
+                {"type": "NetworkUnavailable", "status": "True"}
+            ),
+            "no condition but NodeEncryptionReady",
+        ),
+        (lambda n: n["status"]["conditions"].reverse(), "no condition but NodeEncryptionReady"),
+        (
+            lambda n: n["status"]["conditions"].append({"type": CONDITION_TYPE, "status": "True"}),
+            "at most once",
+        ),
+        (lambda n: n["status"]["conditions"][-1].update({"status": "Yes"}), "at most once"),
+    ],
+    ids=[
+        "label-added",
+        "label-removed",
+        "annotation",
+        "finalizer",
+        "taints",
+        "unschedulable",
+        "address",
+        "addresses-removed",
+        "capacity",
+        "new-status-field",
+        "ready-condition",
+        "condition-removed",
+        "condition-added",
+        "conditions-reordered",
+        "own-condition-twice",
+        "own-condition-bad-status",
+    ],
+)
 def test_own_node_anything_but_the_condition_is_denied(change, words):
     """The agent's own write plus one more change, on its own Node."""
     old = with_own_condition(node("worker-1"))
@@ -147,26 +196,37 @@ def test_token_with_several_node_names_is_denied():
     denied_by(admit(req), "names no node")
 
 
-@pytest.mark.parametrize("operation, sub_resource, has_obj, has_old", [
-    ("UPDATE", None, True, True),      # PATCH/PUT of the Node itself
-    ("CREATE", None, True, False),
-    ("DELETE", None, False, True),
-])
+@pytest.mark.parametrize(
+    "operation, sub_resource, has_obj, has_old",
+    [
+        ("UPDATE", None, True, True),  # PATCH/PUT of the Node itself
+        ("CREATE", None, True, False),
+        ("DELETE", None, False, True),
+    ],
+)
 def test_anything_but_a_status_update_is_denied(operation, sub_resource, has_obj, has_old):
     old = with_own_condition(node("worker-1"))
-    req = request(agent_write(old) if has_obj else None, old if has_old else None,
-                  operation=operation, sub_resource=sub_resource)
+    req = request(
+        agent_write(old) if has_obj else None,
+        old if has_old else None,
+        operation=operation,
+        sub_resource=sub_resource,
+    )
     denied_by(admit(req), "only update the status subresource")
 
 
 # ---- who is judged ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("username", [
-    "system:serviceaccount:kube-system:cilium",
-    "system:serviceaccount:default:nodecryptor",
-    "system:node:worker-2",
-    "kubernetes-admin",
-])
+
+@pytest.mark.parametrize(
+    "username",
+    [
+        "system:serviceaccount:kube-system:cilium",
+        "system:serviceaccount:default:nodecryptor",
+        "system:node:worker-2",
+        "kubernetes-admin",
+    ],
+)
 def test_other_writers_are_not_matched(username):
     """The kubelet, Cilium and administrators are not judged by this policy, even for a
     write the agent would be refused (another Node's labels)."""
@@ -183,9 +243,10 @@ def test_the_harness_can_deny_and_report_errors():
     old = with_own_condition(node("worker-1"))
     req = request(agent_write(old), old)
     policy = copy.deepcopy(POLICY)
-    policy["spec"]["validations"] = [{"expression": "object.metadata.name == 'elsewhere'",
-                                      "message": "false"},
-                                     {"expression": "object.nosuchfield == 1"}]
+    policy["spec"]["validations"] = [
+        {"expression": "object.metadata.name == 'elsewhere'", "message": "false"},
+        {"expression": "object.nosuchfield == 1"},
+    ]
     decision = admit(req, policy)
     assert not decision.allowed
     assert decision.denied == ["false"] and len(decision.errors) == 1
@@ -229,6 +290,7 @@ def _only(rule: dict) -> dict:
 
 # ---- the manifest -----------------------------------------------------------------------
 
+
 def test_policy_is_bound_denies_and_judges_only_the_agents_account():
     spec = POLICY["spec"]
     assert spec["failurePolicy"] == "Fail"
@@ -241,8 +303,7 @@ def test_policy_is_bound_denies_and_judges_only_the_agents_account():
     # The matched username is the DaemonSet's service account, wherever it is deployed.
     ds = agent_daemonset()
     pod = ds["spec"]["template"]["spec"]
-    account = (f"system:serviceaccount:{ds['metadata']['namespace']}:"
-               f"{pod['serviceAccountName']}")
+    account = f"system:serviceaccount:{ds['metadata']['namespace']}:{pod['serviceAccountName']}"
     assert account == AGENT
     [cond] = spec["matchConditions"]
     assert f"'{account}'" in cond["expression"]
@@ -251,6 +312,7 @@ def test_policy_is_bound_denies_and_judges_only_the_agents_account():
 
 
 # ---- what an operator sees when the policy refuses the agent ---------------------------------
+
 
 class _Response:
     def __init__(self, body: dict):
@@ -274,16 +336,25 @@ class _RefusingCore:
     def patch_node_status(self, name, body, **_kw):
         self.patches += 1
         err = ApiException(status=403, reason="Forbidden")
-        err.body = json.dumps({"kind": "Status", "status": "Failure", "reason": "Forbidden",
-                               "code": 403, "message": self.message})
+        err.body = json.dumps(
+            {
+                "kind": "Status",
+                "status": "Failure",
+                "reason": "Forbidden",
+                "code": 403,
+                "message": self.message,
+            }
+        )
         raise err
 
 
 def test_a_refused_write_is_reported_with_the_policys_reason_and_retried():
     old = with_own_condition(node("worker-1"))
     decision = admit(request(agent_write(old), old, bound_node=None))
-    message = (f"ValidatingAdmissionPolicy '{POLICY['metadata']['name']}' with binding "
-               f"'{BINDING['metadata']['name']}' denied request: {decision.denied[0]}")
+    message = (
+        f"ValidatingAdmissionPolicy '{POLICY['metadata']['name']}' with binding "
+        f"'{BINDING['metadata']['name']}' denied request: {decision.denied[0]}"
+    )
     core = _RefusingCore(message)
     writer = NodeConditionWriter(Settings(node_name="worker-1"), CONDITION_TYPE)
     writer.submit(Condition("True", "EncryptionReady", "all good"))
@@ -308,11 +379,17 @@ def test_every_node_write_the_agent_is_granted_is_judged_by_the_policy():
     ClusterRole grants (today that one) falls under the policy's match."""
     role = find(default_docs(), "ClusterRole", "nodecryptor")
     writes = {"create", "update", "patch", "delete", "deletecollection", "*"}
-    granted = [(res, verb) for rule in role["rules"] if "" in rule["apiGroups"]
-               for res in rule["resources"] for verb in rule["verbs"]
-               if verb in writes and (res == "nodes" or res.startswith("nodes/"))]
+    granted = [
+        (res, verb)
+        for rule in role["rules"]
+        if "" in rule["apiGroups"]
+        for res in rule["resources"]
+        for verb in rule["verbs"]
+        if verb in writes and (res == "nodes" or res.startswith("nodes/"))
+    ]
     assert granted == [("nodes/status", "patch")]
     [match] = POLICY["spec"]["matchConstraints"]["resourceRules"]
     for res, _verb in granted:
-        assert res in match["resources"] or (res.startswith("nodes/")
-                                             and "nodes/*" in match["resources"])
+        assert res in match["resources"] or (
+            res.startswith("nodes/") and "nodes/*" in match["resources"]
+        )

@@ -24,8 +24,15 @@ import time
 import pytest
 
 from conftest import require
-from deploy_manifests import (REPO, agent_capabilities, agent_container,
-                              agent_daemonset, all_docs, expand_env, find)
+from deploy_manifests import (
+    REPO,
+    agent_capabilities,
+    agent_container,
+    agent_daemonset,
+    all_docs,
+    expand_env,
+    find,
+)
 from nodecryptor_testkit import netns as netns_mod
 
 pytestmark = [pytest.mark.privileged, pytest.mark.bpf]
@@ -43,28 +50,51 @@ def _python() -> str:
 
 def _setpriv(caps: list[str]) -> list[str]:
     bounding = ",".join(["-all"] + [f"+{c.lower()}" for c in caps])
-    return ["setpriv", "--no-new-privs", "--inh-caps=-all", "--ambient-caps=-all",
-            f"--bounding-set={bounding}", "--"]
+    return [
+        "setpriv",
+        "--no-new-privs",
+        "--inh-caps=-all",
+        "--ambient-caps=-all",
+        f"--bounding-set={bounding}",
+        "--",
+    ]
 
 
 def _cli(node, caps: list[str], *argv: str) -> subprocess.CompletedProcess:
     """`kubectl exec` stand-in: a command with the container's capabilities in the node."""
     if argv and argv[0] == "status":
         argv = (*argv, f"--run-dir={node['run_dir']}")
-    return subprocess.run(["ip", "netns", "exec", node["ns"], *_setpriv(caps), _python(), "-B",
-                           "-m", "nodecryptor.cli", *argv],
-                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    return subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            node["ns"],
+            *_setpriv(caps),
+            _python(),
+            "-B",
+            "-m",
+            "nodecryptor.cli",
+            *argv,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
 
 
 def _readyz(ns: str) -> tuple[bool, str]:
-    probe = ("import urllib.request, urllib.error\n"
-             "try:\n"
-             "    url = 'http://127.0.0.1:8083/readyz'\n"
-             "    print(urllib.request.urlopen(url, timeout=2).read().decode())\n"
-             "except urllib.error.HTTPError as e:\n"
-             "    print(e.read().decode())\n"
-             "except OSError as e:\n"
-             "    print(json.dumps({'ok': False, 'reason': str(e)}))\n")
+    probe = (
+        "import urllib.request, urllib.error\n"
+        "try:\n"
+        "    url = 'http://127.0.0.1:8083/readyz'\n"
+        "    print(urllib.request.urlopen(url, timeout=2).read().decode())\n"
+        "except urllib.error.HTTPError as e:\n"
+        "    print(e.read().decode())\n"
+        "except OSError as e:\n"
+        "    print(json.dumps({'ok': False, 'reason': str(e)}))\n"
+    )
     out = netns_mod.run(_python(), "-c", "import json\n" + probe, netns=ns, check=False).stdout
     try:
         body = json.loads(out.strip().splitlines()[-1])
@@ -99,20 +129,42 @@ def node(netns, bpffs, bcc_available, tmp_path):
     kubeconfig = tmp_path / "kubeconfig"
     procs: list[subprocess.Popen] = []
     try:
-        api = subprocess.Popen(["ip", "netns", "exec", ns, _python(), "-m",
-                                "nodecryptor_testkit.fakeapi", "--bind", "127.0.0.1:6443",
-                                "--objects", str(EXAMPLE), "--token", "deploy-test",
-                                "--write-kubeconfig", str(kubeconfig)],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True)
+        api = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                _python(),
+                "-m",
+                "nodecryptor_testkit.fakeapi",
+                "--bind",
+                "127.0.0.1:6443",
+                "--objects",
+                str(EXAMPLE),
+                "--token",
+                "deploy-test",
+                "--write-kubeconfig",
+                str(kubeconfig),
+            ],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         procs.append(api)
         deadline = time.monotonic() + 20
         while not kubeconfig.exists():
             assert api.poll() is None, f"fake API server exited: {api.stderr.read()}"
             assert time.monotonic() < deadline, "fake API server did not write its kubeconfig"
             time.sleep(0.1)
-        yield {"ns": ns, "bpffs": bpffs, "kubeconfig": str(kubeconfig), "run_dir": run_dir,
-               "procs": procs}
+        yield {
+            "ns": ns,
+            "bpffs": bpffs,
+            "kubeconfig": str(kubeconfig),
+            "run_dir": run_dir,
+            "procs": procs,
+        }
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -127,15 +179,35 @@ def _start_agent(node, caps: list[str], hide_kernel_headers: bool = False) -> su
     """The agent in a private mount namespace with a read-only root. ``hide_kernel_headers``
     mounts an empty tmpfs over /lib/modules there first: a node without kernel headers, on
     which BCC cannot compile (this kernel has no /sys/kernel/kheaders.tar.xz either)."""
-    argv = [_python(), "-B", "-m", "nodecryptor.cli",
-            *_agent_argv(node["bpffs"], node["kubeconfig"]), f"--run-dir={node['run_dir']}"]
+    argv = [
+        _python(),
+        "-B",
+        "-m",
+        "nodecryptor.cli",
+        *_agent_argv(node["bpffs"], node["kubeconfig"]),
+        f"--run-dir={node['run_dir']}",
+    ]
     hide = "mount -t tmpfs -o size=1m,ro none /lib/modules && " if hide_kernel_headers else ""
-    inner = (f"{hide}mount -o remount,bind,ro / && "
-             f"exec {' '.join(_setpriv(caps))} " + " ".join(argv))
-    proc = subprocess.Popen(["ip", "netns", "exec", node["ns"], "unshare", "-m",
-                             "--propagation", "private", "sh", "-c", inner],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    inner = f"{hide}mount -o remount,bind,ro / && exec {' '.join(_setpriv(caps))} " + " ".join(argv)
+    proc = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            node["ns"],
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            inner,
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     node["procs"].append(proc)
     return proc
 
@@ -173,8 +245,17 @@ def test_agent_ready_with_daemonset_security_context(node):
     assert {"192.168.50.12/32", "10.244.2.0/24"} <= prefixes, prefixes
     # explain opens the pinned program, so the DaemonSet's capabilities suffice (opening by
     # id would need CAP_SYS_ADMIN).
-    explain = _cli(node, caps, "explain", "--json", "--dst", "192.168.50.12", "--dport", "80",
-                   f"--bpffs={node['bpffs']}")
+    explain = _cli(
+        node,
+        caps,
+        "explain",
+        "--json",
+        "--dst",
+        "192.168.50.12",
+        "--dport",
+        "80",
+        f"--bpffs={node['bpffs']}",
+    )
     assert explain.returncode == 0, explain.stderr[-2000:]
     assert json.loads(explain.stdout)["verdict"] == "drop"  # fail-closed, no WireGuard
 
@@ -186,8 +267,7 @@ def test_agent_ready_with_daemonset_security_context(node):
     stopped_after = time.monotonic() - started
     assert stopped_after < grace
     # ...and leaves the datapath enforcing (fail-static).
-    after = json.loads(_cli(node, caps, "status", "--json",
-                            f"--bpffs={node['bpffs']}").stdout)
+    after = json.loads(_cli(node, caps, "status", "--json", f"--bpffs={node['bpffs']}").stdout)
     assert [d["name"] for d in after["devices"]] == ["eth0"]
     assert report["program_load"]["source"] == "compiled", report["program_load"]
 
@@ -205,26 +285,32 @@ def test_agent_ready_with_daemonset_security_context(node):
     # The clean-up DaemonSet's command, with its capabilities, removes it.
     cleanup_ds = find(all_docs(), "DaemonSet", "nodecryptor-cleanup")
     init = cleanup_ds["spec"]["template"]["spec"]["initContainers"][0]
-    cleanup_args = [f"--bpffs={node['bpffs']}" if a.startswith("--bpffs") else a
-                    for a in init["args"]]
-    cleaned = _cli(node, init["securityContext"]["capabilities"]["add"], *cleanup_args,
-                   "--json")
+    cleanup_args = [
+        f"--bpffs={node['bpffs']}" if a.startswith("--bpffs") else a for a in init["args"]
+    ]
+    cleaned = _cli(node, init["securityContext"]["capabilities"]["add"], *cleanup_args, "--json")
     assert cleaned.returncode == 0, cleaned.stderr
     assert json.loads(cleaned.stdout)["bpf"]["tcx_links"] == ["eth0"]
-    links = netns_mod.run(_python(), "-c",
-                          "import sys; sys.path.insert(0, '.');"
-                          "from nodecryptor.datapath.bpf import syscall;"
-                          "print(len(syscall.prog_query(int(open('/sys/class/net/eth0/ifindex')"
-                          ".read()))['link_ids']))", netns=node["ns"]).stdout
+    links = netns_mod.run(
+        _python(),
+        "-c",
+        "import sys; sys.path.insert(0, '.');"
+        "from nodecryptor.datapath.bpf import syscall;"
+        "print(len(syscall.prog_query(int(open('/sys/class/net/eth0/ifindex')"
+        ".read()))['link_ids']))",
+        netns=node["ns"],
+    ).stdout
     assert links.strip() == "0"
 
 
 def test_ip_rule_fallback_within_the_same_security_context(node):
     """A node without kernel headers, where BCC cannot compile: with the DaemonSet's
     `--datapath=auto`, the agent falls back to ip rules, which the same capabilities allow."""
-    require(not pathlib.Path("/sys/kernel/kheaders.tar.xz").exists(),
-            "this kernel carries its headers (kheaders); hiding /lib/modules cannot take BCC's "
-            "headers away")
+    require(
+        not pathlib.Path("/sys/kernel/kheaders.tar.xz").exists(),
+        "this kernel carries its headers (kheaders); hiding /lib/modules cannot take BCC's "
+        "headers away",
+    )
     caps = agent_capabilities()
     agent = _start_agent(node, caps, hide_kernel_headers=True)
     _wait_ready(node, agent)
@@ -237,8 +323,17 @@ def test_ip_rule_fallback_within_the_same_security_context(node):
     assert report["rule_count"] > 0 and report["route_count"] > 0, report
     # ip-rule explain asks the kernel's route lookup: no CAP_SYS_ADMIN needed. No WireGuard
     # device and fail-closed: remote destinations get unreachable routes.
-    explain = _cli(node, caps, "explain", "--json", "--dst", "192.168.50.12", "--dport", "80",
-                   f"--bpffs={node['bpffs']}")
+    explain = _cli(
+        node,
+        caps,
+        "explain",
+        "--json",
+        "--dst",
+        "192.168.50.12",
+        "--dport",
+        "80",
+        f"--bpffs={node['bpffs']}",
+    )
     assert explain.returncode == 0, explain.stderr
     assert json.loads(explain.stdout)["verdict"] == "drop", explain.stdout
 

@@ -30,12 +30,21 @@ CAPCHECK = Path(__file__).resolve().parent / "capcheck.py"
 # failure shows (in the step's error or in BCC's verifier output on stderr). A capability added
 # to the manifest without an entry here fails test_each_capability_is_needed.
 NEEDED_FOR = {
-    "NET_ADMIN": ("load-program", "Need super-user privileges",
-                  "BPF_PROG_LOAD of a SCHED_CLS program (a networking program type)"),
-    "BPF": ("compile-and-create-maps", "could not open bpf map",
-            "BPF_MAP_CREATE of the LPM trie, hash, LRU and per-CPU maps"),
-    "PERFMON": ("load-program", "pointer arithmetic with it prohibited for !root",
-                "the verifier refuses variable-offset packet pointer arithmetic"),
+    "NET_ADMIN": (
+        "load-program",
+        "Need super-user privileges",
+        "BPF_PROG_LOAD of a SCHED_CLS program (a networking program type)",
+    ),
+    "BPF": (
+        "compile-and-create-maps",
+        "could not open bpf map",
+        "BPF_MAP_CREATE of the LPM trie, hash, LRU and per-CPU maps",
+    ),
+    "PERFMON": (
+        "load-program",
+        "pointer arithmetic with it prohibited for !root",
+        "the verifier refuses variable-offset packet pointer arithmetic",
+    ),
 }
 
 
@@ -46,20 +55,26 @@ def _python() -> str:
 
 def _decode(cap_eff: str) -> set[str]:
     """Names (Kubernetes spelling) of the capabilities in a CapEff mask, via capsh."""
-    out = subprocess.run(["capsh", f"--decode={cap_eff}"], capture_output=True, text=True,
-                         check=True).stdout.strip()
+    out = subprocess.run(
+        ["capsh", f"--decode={cap_eff}"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     names = out.partition("=")[2]
     return {n.removeprefix("cap_").upper() for n in names.split(",") if n}
 
 
 def run_capcheck(ns: str, bpffs: str, caps: list[str], program: str = "representative"):
     bounding = ",".join(["-all"] + [f"+{c.lower()}" for c in caps])
-    inner = (f"mount -o remount,bind,ro / && exec setpriv --no-new-privs --inh-caps=-all "
-             f"--ambient-caps=-all --bounding-set={bounding} -- {_python()} -B {CAPCHECK} "
-             f"--device v0 --peer v1 --bpffs {bpffs} --program {program}")
-    proc = subprocess.run(["ip", "netns", "exec", ns, "unshare", "-m", "--propagation",
-                           "private", "sh", "-c", inner],
-                          capture_output=True, text=True, timeout=120)
+    inner = (
+        f"mount -o remount,bind,ro / && exec setpriv --no-new-privs --inh-caps=-all "
+        f"--ambient-caps=-all --bounding-set={bounding} -- {_python()} -B {CAPCHECK} "
+        f"--device v0 --peer v1 --bpffs {bpffs} --program {program}"
+    )
+    proc = subprocess.run(
+        ["ip", "netns", "exec", ns, "unshare", "-m", "--propagation", "private", "sh", "-c", inner],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, f"capcheck crashed: {proc.stderr[-2000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
@@ -88,9 +103,18 @@ def test_daemonset_capabilities_suffice(lab):
     assert _decode(result["cap_eff"]) == set(caps), "the child did not hold exactly the set"
     assert not _failed(result), f"operations failed with {caps}: {_failed(result)}\n{stderr}"
     names = [s["name"] for s in result["steps"] if s["ok"]]
-    for step in ("compile-and-create-maps", "load-program", "pin-maps", "tcx-attach",
-                 "pin-link", "reopen-link-and-swap-program", "query-tcx-chain",
-                 "tc-clsact-attach", "ip-rule-and-route", "detach-and-unpin"):
+    for step in (
+        "compile-and-create-maps",
+        "load-program",
+        "pin-maps",
+        "tcx-attach",
+        "pin-link",
+        "reopen-link-and-swap-program",
+        "query-tcx-chain",
+        "tc-clsact-attach",
+        "ip-rule-and-route",
+        "detach-and-unpin",
+    ):
         assert step in names
     assert len(result["tcx_chain"]["link_ids"]) == 1
     # Documented in the guide: opening a program by id (BPF_PROG_GET_FD_BY_ID) needs
@@ -103,7 +127,8 @@ def test_daemonset_capabilities_suffice(lab):
 def test_each_capability_is_needed(lab, missing):
     assert missing in NEEDED_FOR, (
         f"k8s/daemonset.yaml adds {missing} but no operation is known to need it: name the "
-        f"operation in NEEDED_FOR or remove the capability")
+        f"operation in NEEDED_FOR or remove the capability"
+    )
     step, marker, _why = NEEDED_FOR[missing]
     ns, bpffs = lab
     caps = [c for c in agent_capabilities() if c != missing]

@@ -22,7 +22,7 @@ METRICS_HEADING = "## Metrics"
 def section(text: str, heading: str) -> str:
     start = text.index(heading)
     end = text.find("\n## ", start + len(heading))
-    return text[start:end if end != -1 else len(text)]
+    return text[start : end if end != -1 else len(text)]
 
 
 def table_rows(markdown: str) -> list[list[str]]:
@@ -107,10 +107,14 @@ def test_every_run_flag_is_documented_with_its_default():
     documented = documented_flags()
     flags = run_flags()
     missing = sorted(set(flags) - set(documented))
-    assert not missing, (f"{GUIDE.name}: add these flags of `nodecryptor run` to the flag "
-                         f"table: {missing}")
-    wrong = {flag: (documented[flag], default_text(default)) for flag, default in flags.items()
-             if default_text(default) not in documented[flag].replace("`", "")}
+    assert not missing, (
+        f"{GUIDE.name}: add these flags of `nodecryptor run` to the flag table: {missing}"
+    )
+    wrong = {
+        flag: (documented[flag], default_text(default))
+        for flag, default in flags.items()
+        if default_text(default) not in documented[flag].replace("`", "")
+    }
     assert not wrong, f"{GUIDE.name}: flag defaults differ (documented, expected): {wrong}"
 
 
@@ -129,17 +133,27 @@ def test_metrics_tables_list_no_unknown_metric():
     assert not stale, f"{GUIDE.name}: the metrics tables list metrics the code lacks: {stale}"
 
 
-@pytest.mark.parametrize("default, text", [
-    (None, "unset"), (False, "false"), (True, "true"), (":8083", ":8083"),
-    ("2379-2380,6443", "2379-2380,6443")])
+@pytest.mark.parametrize(
+    "default, text",
+    [
+        (None, "unset"),
+        (False, "false"),
+        (True, "true"),
+        (":8083", ":8083"),
+        ("2379-2380,6443", "2379-2380,6443"),
+    ],
+)
 def test_default_rendering(default, text):
     assert default_text(default) == text
 
 
 def test_table_parsing_sees_a_missing_flag():
     """The comparison is not vacuous: a table without one flag is reported."""
-    rows = [r for r in table_rows(section(GUIDE.read_text(), FLAGS_HEADING))
-            if code_text(r[0]) != "--fail-mode"]
+    rows = [
+        r
+        for r in table_rows(section(GUIDE.read_text(), FLAGS_HEADING))
+        if code_text(r[0]) != "--fail-mode"
+    ]
     assert "--fail-mode" in set(run_flags()) - {code_text(r[0]) for r in rows}
 
 

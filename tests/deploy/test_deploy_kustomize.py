@@ -16,19 +16,20 @@ from deploy_manifests import K8S, REPO, default_docs, kustomizations, load_docs
 
 def render(directory) -> list[dict]:
     require(shutil.which("kubectl") is not None, "kubectl (with built-in kustomize) not installed")
-    proc = subprocess.run(["kubectl", "kustomize", str(directory)], capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        ["kubectl", "kustomize", str(directory)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, f"kubectl kustomize {directory}: {proc.stderr}"
     return [d for d in yaml.safe_load_all(proc.stdout) if d]
 
 
 def identities(bodies: list[dict]) -> set[tuple[str, str, str]]:
-    return {(b["kind"], b["metadata"].get("namespace", ""), b["metadata"]["name"])
-            for b in bodies}
+    return {(b["kind"], b["metadata"].get("namespace", ""), b["metadata"]["name"]) for b in bodies}
 
 
-@pytest.mark.parametrize("kustomization", kustomizations(),
-                         ids=lambda p: str(p.parent.relative_to(REPO)))
+@pytest.mark.parametrize(
+    "kustomization", kustomizations(), ids=lambda p: str(p.parent.relative_to(REPO))
+)
 def test_kustomization_renders_its_files(kustomization):
     rendered = render(kustomization.parent)
     listed = yaml.safe_load(kustomization.read_text())["resources"]
@@ -49,8 +50,9 @@ def test_images_entry_retargets_the_agent_image(tmp_path):
     shutil.copytree(K8S, copy)
     kust_path = copy / "kustomization.yaml"
     kust = yaml.safe_load(kust_path.read_text())
-    kust["images"] = [{"name": "nodecryptor", "newName": "registry.example/nodecryptor",
-                       "newTag": "9.9.9"}]
+    kust["images"] = [
+        {"name": "nodecryptor", "newName": "registry.example/nodecryptor", "newTag": "9.9.9"}
+    ]
     kust_path.write_text(yaml.safe_dump(kust))
     daemonset = next(b for b in render(copy) if b["kind"] == "DaemonSet")
     images = [c["image"] for c in daemonset["spec"]["template"]["spec"]["containers"]]

@@ -8,9 +8,20 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from deploy_manifests import (CRD_KINDS, K8S, REPO, agent_container, agent_daemonset,
-                              all_docs, default_docs, expand_env, find, kustomizations,
-                              load_docs, manifest_files)
+from deploy_manifests import (
+    CRD_KINDS,
+    K8S,
+    REPO,
+    agent_container,
+    agent_daemonset,
+    all_docs,
+    default_docs,
+    expand_env,
+    find,
+    kustomizations,
+    load_docs,
+    manifest_files,
+)
 from nodecryptor import __version__
 from nodecryptor.policy import exemptions
 from nodecryptor.cli import build_parser
@@ -36,6 +47,7 @@ TAINTS = [
 
 
 # ---- schema ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda d: d.id)
 def test_manifest_valid(doc):
@@ -93,6 +105,7 @@ def test_alert_rules_use_only_metrics_the_agent_exports():
             assert "peer=" not in r["expr"] and "node=" not in r["expr"]
     states = re.findall(r'state="([a-z-]+)"', str(rule))
     from nodecryptor.policy.peerhealth import STATES
+
     assert set(states) <= set(STATES) and states
 
 
@@ -108,6 +121,7 @@ def test_servicemonitor_selects_the_metrics_service():
 
 
 # ---- the EncryptionExemption CRD -------------------------------------------------------------
+
 
 def crd_schema() -> dict:
     crd = find(default_docs(), "CustomResourceDefinition", "encryptionexemptions.nodecryptor.io")
@@ -126,8 +140,12 @@ def validate_exemption(body: dict) -> None:
 def test_crd_matches_the_contract():
     crd = find(default_docs(), "CustomResourceDefinition", "encryptionexemptions.nodecryptor.io")
     spec = crd["spec"]
-    assert (spec["group"], spec["scope"], spec["names"]["kind"], spec["names"]["plural"]) == \
-        ("nodecryptor.io", "Cluster", "EncryptionExemption", "encryptionexemptions")
+    assert (spec["group"], spec["scope"], spec["names"]["kind"], spec["names"]["plural"]) == (
+        "nodecryptor.io",
+        "Cluster",
+        "EncryptionExemption",
+        "encryptionexemptions",
+    )
     [version] = spec["versions"]
     assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
     assert {c["name"] for c in version["additionalPrinterColumns"]} >= {"Nodes", "Port", "Age"}
@@ -136,8 +154,9 @@ def test_crd_matches_the_contract():
     ports = props["properties"]["ports"]
     assert ports["maxItems"] == exemptions.MAX_RANGES_PER_POLICY
     assert ports["items"]["properties"]["protocol"]["enum"] == ["TCP", "UDP", "SCTP"]
-    assert any("endPort >= self.port" in v["rule"]
-               for v in ports["items"]["x-kubernetes-validations"])
+    assert any(
+        "endPort >= self.port" in v["rule"] for v in ports["items"]["x-kubernetes-validations"]
+    )
     expr = props["properties"]["nodeSelector"]["properties"]["matchExpressions"]["items"]
     assert expr["properties"]["operator"]["enum"] == list(exemptions.OPERATORS)
 
@@ -149,41 +168,58 @@ def test_crd_matches_the_contract():
         if "items" in schema and schema["items"].get("properties"):
             for name, sub in schema["items"]["properties"].items():
                 described(sub, f"{path}[].{name}")
+
     described(props, "spec")
 
 
-@pytest.mark.parametrize("body", [
-    {"spec": {"ports": [{"port": 1}]}},                                   # no nodeSelector
-    {"spec": {"nodeSelector": {}, "ports": []}},                          # no ports
-    {"spec": {"nodeSelector": {}, "ports": [{"port": 0}]}},
-    {"spec": {"nodeSelector": {}, "ports": [{"port": 1, "protocol": "ICMP"}]}},
-    {"spec": {"nodeSelector": {"matchExpressions": [{"key": "a", "operator": "Gt"}]},
-              "ports": [{"port": 1}]}},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"spec": {"ports": [{"port": 1}]}},  # no nodeSelector
+        {"spec": {"nodeSelector": {}, "ports": []}},  # no ports
+        {"spec": {"nodeSelector": {}, "ports": [{"port": 0}]}},
+        {"spec": {"nodeSelector": {}, "ports": [{"port": 1, "protocol": "ICMP"}]}},
+        {
+            "spec": {
+                "nodeSelector": {"matchExpressions": [{"key": "a", "operator": "Gt"}]},
+                "ports": [{"port": 1}],
+            }
+        },
+    ],
+)
 def test_crd_schema_refuses_mistakes(body):
-    body = {"apiVersion": "nodecryptor.io/v1alpha1", "kind": "EncryptionExemption",
-            "metadata": {"name": "x"}, **body}
+    body = {
+        "apiVersion": "nodecryptor.io/v1alpha1",
+        "kind": "EncryptionExemption",
+        "metadata": {"name": "x"},
+        **body,
+    }
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(body, crd_schema())
 
 
 def test_every_distribution_has_an_example():
-    examples = {d.path.parent.name: d.body for d in all_docs()
-                if d.body["kind"] == "EncryptionExemption"}
+    examples = {
+        d.path.parent.name: d.body for d in all_docs() if d.body["kind"] == "EncryptionExemption"
+    }
     assert set(examples) == {"kubeadm", "rke2", "k3s-embedded-etcd"}
-    ports = {d.path.parent.name: set() for d in all_docs()
-             if d.body["kind"] == "EncryptionExemption"}
+    ports = {
+        d.path.parent.name: set() for d in all_docs() if d.body["kind"] == "EncryptionExemption"
+    }
     for d in all_docs():
         if d.body["kind"] == "EncryptionExemption":
             policy, _ = exemptions.parse_exemption(d.body)
             ports[d.path.parent.name] |= {str(r) for r in policy.ports}
     # The distributions' documented bootstrap ports (see each file's comment).
-    assert ports == {"kubeadm": {"6443", "2379-2380"},
-                     "rke2": {"9345", "6443", "2379-2380"},
-                     "k3s-embedded-etcd": {"6443", "2379-2380"}}
+    assert ports == {
+        "kubeadm": {"6443", "2379-2380"},
+        "rke2": {"9345", "6443", "2379-2380"},
+        "k3s-embedded-etcd": {"6443", "2379-2380"},
+    }
 
 
 # ---- kustomizations ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kustomization", kustomizations(), ids=lambda p: str(p.relative_to(REPO)))
 def test_kustomization_lists_every_file(kustomization):
@@ -194,25 +230,39 @@ def test_kustomization_lists_every_file(kustomization):
     assert len(listed) == len(set(listed)), "a resource is listed twice"
     here = kustomization.parent
     files = {p.name for p in here.glob("*.yaml") if p.name != "kustomization.yaml"}
-    assert set(listed) == files, (f"{kustomization.relative_to(REPO)}: not listed "
-                                  f"{sorted(files - set(listed))}, "
-                                  f"missing {sorted(set(listed) - files)}")
+    assert set(listed) == files, (
+        f"{kustomization.relative_to(REPO)}: not listed "
+        f"{sorted(files - set(listed))}, "
+        f"missing {sorted(set(listed) - files)}"
+    )
 
 
 def test_every_manifest_belongs_to_one_kustomization():
-    covered = {k.parent / r for k in kustomizations()
-               for r in yaml.safe_load(k.read_text())["resources"]}
+    covered = {
+        k.parent / r for k in kustomizations() for r in yaml.safe_load(k.read_text())["resources"]
+    }
     assert set(manifest_files()) == covered
 
 
 def test_default_installation_has_no_optional_pieces():
     kinds = sorted(d.body["kind"] for d in default_docs())
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
-                     "DaemonSet", "Role", "Role", "RoleBinding", "RoleBinding", "ServiceAccount",
-                     "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
+    assert kinds == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "CustomResourceDefinition",
+        "DaemonSet",
+        "Role",
+        "Role",
+        "RoleBinding",
+        "RoleBinding",
+        "ServiceAccount",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    ]
 
 
 # ---- the agent DaemonSet -----------------------------------------------------------------------
+
 
 def _tolerates(tolerations: list[dict], key: str, value: str, effect: str) -> bool:
     """Kubernetes' matching of a toleration against a taint."""
@@ -295,8 +345,9 @@ def test_host_mounts():
     propagation = bpffs.get("mountPropagation")
     assert propagation in ("HostToContainer", "Bidirectional")
     if propagation == "Bidirectional":
-        assert container["securityContext"].get("privileged") is True, \
+        assert container["securityContext"].get("privileged") is True, (
             "Kubernetes allows Bidirectional propagation only in privileged containers"
+        )
     assert not bpffs.get("readOnly")
     for path in ("/lib/modules", "/usr/src"):
         mount, vol = _mount(container, volumes, path)
@@ -313,8 +364,11 @@ def test_probes_use_the_agent_health_port():
     container = agent_container()
     _, settings = _parsed_agent_args()
     _host, health_port = parse_bind(settings.health_bind)
-    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz"),
-                        ("startupProbe", "/healthz")):
+    for probe, path in (
+        ("livenessProbe", "/healthz"),
+        ("readinessProbe", "/readyz"),
+        ("startupProbe", "/healthz"),
+    ):
         get = container[probe]["httpGet"]
         assert (get["path"], get["port"]) == (path, health_port), probe
     startup = container["startupProbe"]
@@ -371,34 +425,49 @@ def test_cleanup_daemonset_runs_the_cleanup_command():
     args = build_parser().parse_args(init["args"])
     assert args.command == "cleanup"
     assert args.bpffs == "/sys/fs/bpf"
-    assert sorted(init["securityContext"]["capabilities"]["add"]) == \
-        sorted(agent_container()["securityContext"]["capabilities"]["add"])
+    assert sorted(init["securityContext"]["capabilities"]["add"]) == sorted(
+        agent_container()["securityContext"]["capabilities"]["add"]
+    )
 
 
 # ---- RBAC ----------------------------------------------------------------------------------
+
 
 def test_rbac_reads_ciliumnodes_nodes_and_exemptions_writes_only_node_status_and_events():
     docs = default_docs()
     role = find(docs, "ClusterRole", "nodecryptor")
     # The only write on Nodes is `patch` on the status subresource (NodeEncryptionReady):
     # never `patch nodes`, which would let the agent rewrite the role labels.
-    assert role["rules"] == [{"apiGroups": ["cilium.io"], "resources": ["ciliumnodes"],
-                              "verbs": ["get", "list", "watch"]},
-                             {"apiGroups": [""], "resources": ["nodes"],
-                              "verbs": ["get", "list", "watch"]},
-                             {"apiGroups": ["cilium.io"], "resources": ["ciliumpodippools"],
-                              "verbs": ["get", "list", "watch"]},
-                             {"apiGroups": ["nodecryptor.io"],
-                              "resources": ["encryptionexemptions"],
-                              "verbs": ["get", "list", "watch"]},
-                             {"apiGroups": [""], "resources": ["nodes/status"],
-                              "verbs": ["patch"]}]
+    assert role["rules"] == [
+        {
+            "apiGroups": ["cilium.io"],
+            "resources": ["ciliumnodes"],
+            "verbs": ["get", "list", "watch"],
+        },
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]},
+        {
+            "apiGroups": ["cilium.io"],
+            "resources": ["ciliumpodippools"],
+            "verbs": ["get", "list", "watch"],
+        },
+        {
+            "apiGroups": ["nodecryptor.io"],
+            "resources": ["encryptionexemptions"],
+            "verbs": ["get", "list", "watch"],
+        },
+        {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["patch"]},
+    ]
     # Cilium's configuration: the one ConfigMap, read only, in Cilium's namespace.
     config = find(docs, "Role", "nodecryptor-cilium-config")
     assert config["metadata"]["namespace"] == "kube-system"
-    assert config["rules"] == [{"apiGroups": [""], "resources": ["configmaps"],
-                                "resourceNames": ["cilium-config"],
-                                "verbs": ["get", "list", "watch"]}]
+    assert config["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": ["cilium-config"],
+            "verbs": ["get", "list", "watch"],
+        }
+    ]
     config_binding = find(docs, "RoleBinding", "nodecryptor-cilium-config")
     assert config_binding["roleRef"]["name"] == "nodecryptor-cilium-config"
     # Events: create only, in "default" (where Node events live), through a Role.
@@ -406,17 +475,27 @@ def test_rbac_reads_ciliumnodes_nodes_and_exemptions_writes_only_node_status_and
     assert events["metadata"]["namespace"] == "default"
     assert events["rules"] == [{"apiGroups": [""], "resources": ["events"], "verbs": ["create"]}]
     events_binding = find(docs, "RoleBinding", "nodecryptor-events")
-    assert events_binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
-                                         "kind": "Role", "name": events["metadata"]["name"]}
+    assert events_binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": events["metadata"]["name"],
+    }
     assert events_binding["metadata"]["namespace"] == "default"
     binding = find(docs, "ClusterRoleBinding", "nodecryptor")
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io",
-                                  "kind": "ClusterRole", "name": "nodecryptor"}
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": "nodecryptor",
+    }
     account = find(docs, "ServiceAccount", "nodecryptor")
     ds = agent_daemonset()
-    assert binding["subjects"] == [{"kind": "ServiceAccount",
-                                    "name": ds["spec"]["template"]["spec"]["serviceAccountName"],
-                                    "namespace": ds["metadata"]["namespace"]}]
+    assert binding["subjects"] == [
+        {
+            "kind": "ServiceAccount",
+            "name": ds["spec"]["template"]["spec"]["serviceAccountName"],
+            "namespace": ds["metadata"]["namespace"],
+        }
+    ]
     assert events_binding["subjects"] == binding["subjects"]
     assert account["metadata"]["namespace"] == ds["metadata"]["namespace"]
 

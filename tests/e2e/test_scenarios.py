@@ -83,15 +83,16 @@ def test_next_run_removes_a_crashed_lab(tmp_path):
     """A demo killed with SIGKILL (no clean-up at all) leaves its state file; the next lab
     built in the same state directory removes what it lists."""
     require_lab_tools("iprule")
-    code = ("import os, sys\n"
-            "from nodecryptor_testkit.lab.lab import Lab\n"
-            "from nodecryptor_testkit.lab.spec import make_spec\n"
-            f"lab = Lab(make_spec(2), datapath='iprule', state_dir={str(tmp_path)!r}, "
-            "start_agents=False).up()\n"
-            "print(lab.state.path, ' '.join(lab.state.netns), flush=True)\n"
-            "os.kill(os.getpid(), 9)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
+    code = (
+        "import os, sys\n"
+        "from nodecryptor_testkit.lab.lab import Lab\n"
+        "from nodecryptor_testkit.lab.spec import make_spec\n"
+        f"lab = Lab(make_spec(2), datapath='iprule', state_dir={str(tmp_path)!r}, "
+        "start_agents=False).up()\n"
+        "print(lab.state.path, ' '.join(lab.state.netns), flush=True)\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr[-2000:]
     path, *netns = proc.stdout.split()
     try:
@@ -116,8 +117,9 @@ def test_matrix_sees_the_leaks_without_nodecryptor():
     encrypted_rows = [r for r in result.rows if r.expected == "encrypted" and r not in ciliums]
     # Every such flow crossed the underlay in the clear. "leaked" is the same finding for a
     # flow whose reply did not come back in time (seen for a short IPv6 ping on a loaded host).
-    assert encrypted_rows and all(r.observed in ("clear", "leaked") and not r.ok
-                                  for r in encrypted_rows), report.table(result)
+    assert encrypted_rows and all(
+        r.observed in ("clear", "leaked") and not r.ok for r in encrypted_rows
+    ), report.table(result)
     assert all(r.ok for r in result.rows if r.expected == "clear"), report.table(result)
     assert not result.ok
 
@@ -126,9 +128,21 @@ def test_demo_command_json(tmp_path):
     """`nodecryptor-demo` end to end as a user runs it: JSON results, exit 0, nothing left."""
     require_lab_tools("iprule")
     before = set(os.listdir(state.STATE_DIR)) if os.path.isdir(state.STATE_DIR) else set()
-    proc = subprocess.run([sys.executable, "-m", "nodecryptor_testkit.demo", "--scenario",
-                           "matrix", "--datapath", "iprule", "--json"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nodecryptor_testkit.demo",
+            "--scenario",
+            "matrix",
+            "--datapath",
+            "iprule",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     assert out["ok"] and out["results"][0]["scenario"] == "matrix"

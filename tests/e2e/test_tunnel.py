@@ -50,9 +50,20 @@ def test_tunnel_udp_is_encrypted_and_pod_cidrs_not_destinations(tunnel_lab):
     """explain on a worker: VXLAN to a remote node address is encrypted, a remote pod address
     is no destination of nodecryptor's (Cilium's tunnel carries it), nothing is dropped."""
     w1, w2 = tunnel_lab.spec.workers[0], tunnel_lab.spec.workers[-1]
-    vxlan = tunnel_lab.nodecryptor(w1.name, "explain", "--dst", str(w2.ipv4), "--proto", "udp",
-                                   "--dport", "8472")
+    vxlan = tunnel_lab.nodecryptor(
+        w1.name, "explain", "--dst", str(w2.ipv4), "--proto", "udp", "--dport", "8472"
+    )
     assert vxlan["verdict"] == "encrypt", vxlan
-    pod = tunnel_lab.nodecryptor(w1.name, "explain", "--src", str(w1.pod_ipv4), "--dst",
-                                 str(w2.pod_ipv4), "--dport", "8080", "--device", "eth0")
+    pod = tunnel_lab.nodecryptor(
+        w1.name,
+        "explain",
+        "--src",
+        str(w1.pod_ipv4),
+        "--dst",
+        str(w2.pod_ipv4),
+        "--dport",
+        "8080",
+        "--device",
+        "eth0",
+    )
     assert pod["verdict"] == "pass" and "drop" not in pod["reason"], pod

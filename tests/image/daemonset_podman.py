@@ -20,22 +20,36 @@ from pathlib import Path
 # Fields that have no effect on how the container runs on its node, and why.
 _POD_IGNORED = {
     "serviceAccountName",  # API credentials: the lab hands the agent a kubeconfig instead
-    "priorityClassName", "tolerations",  # scheduling
+    "priorityClassName",
+    "tolerations",  # scheduling
 }
-_POD_TRANSLATED = {"hostNetwork", "hostPID", "hostIPC", "terminationGracePeriodSeconds",
-                   "containers", "volumes"}
+_POD_TRANSLATED = {
+    "hostNetwork",
+    "hostPID",
+    "hostIPC",
+    "terminationGracePeriodSeconds",
+    "containers",
+    "volumes",
+}
 _CONTAINER_IGNORED = {
-    "image", "imagePullPolicy",  # the image under test is given
+    "image",
+    "imagePullPolicy",  # the image under test is given
     "ports",  # informational with the host network
-    "startupProbe", "livenessProbe", "readinessProbe",  # the lab polls /readyz itself
+    "startupProbe",
+    "livenessProbe",
+    "readinessProbe",  # the lab polls /readyz itself
 }
 _CONTAINER_TRANSLATED = {"name", "args", "env", "resources", "securityContext", "volumeMounts"}
 
 # Kubernetes mount propagation -> the bind option that gives the same behaviour.
-_PROPAGATION = {None: "rprivate", "None": "rprivate", "HostToContainer": "rslave",
-                "Bidirectional": "rshared"}
+_PROPAGATION = {
+    None: "rprivate",
+    "None": "rprivate",
+    "HostToContainer": "rslave",
+    "Bidirectional": "rshared",
+}
 _QUANTITY = re.compile(r"^(\d+)(Ki|Mi|Gi)?$")
-_UNITS = {None: 1, "Ki": 1024, "Mi": 1024 ** 2, "Gi": 1024 ** 3}
+_UNITS = {None: 1, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}
 
 
 class Untranslatable(ValueError):
@@ -61,8 +75,16 @@ class ContainerRun:
 
 
 def _security_options(ctx: dict) -> list[str]:
-    known = {"privileged", "allowPrivilegeEscalation", "runAsUser", "runAsNonRoot",
-             "readOnlyRootFilesystem", "capabilities", "seccompProfile", "appArmorProfile"}
+    known = {
+        "privileged",
+        "allowPrivilegeEscalation",
+        "runAsUser",
+        "runAsNonRoot",
+        "readOnlyRootFilesystem",
+        "capabilities",
+        "seccompProfile",
+        "appArmorProfile",
+    }
     unknown = set(ctx) - known
     if unknown:
         raise Untranslatable(f"securityContext fields {sorted(unknown)}")
@@ -105,12 +127,12 @@ def _env(container: dict, node_name: str) -> dict[str, str]:
 
 def _expand(arg: str, env: dict[str, str]) -> str:
     """Kubernetes' $(VAR) expansion of container arguments."""
-    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
-                  lambda m: env.get(m.group(1), m.group(0)), arg)
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), arg)
 
 
-def translate(daemonset: dict, container_name: str, node_name: str,
-              host_paths: dict[str, str], scratch: Path) -> ContainerRun:
+def translate(
+    daemonset: dict, container_name: str, node_name: str, host_paths: dict[str, str], scratch: Path
+) -> ContainerRun:
     """The `podman run` options for ``container_name`` of ``daemonset`` on ``node_name``.
 
     ``host_paths`` maps each hostPath of the manifest to the path that stands for it here;
@@ -127,8 +149,9 @@ def translate(daemonset: dict, container_name: str, node_name: str,
     if unknown:
         # "command" among them: the image's entry point is what the test checks.
         raise Untranslatable(f"container fields {sorted(unknown)}")
-    if set(container.get("resources", {})) - {"requests", "limits"} \
-            or set(container.get("resources", {}).get("limits", {})) - {"memory"}:
+    if set(container.get("resources", {})) - {"requests", "limits"} or set(
+        container.get("resources", {}).get("limits", {})
+    ) - {"memory"}:
         raise Untranslatable(f"resources {container['resources']}")
     run = ContainerRun()
     if pod.get("hostNetwork"):
@@ -162,8 +185,10 @@ def translate(daemonset: dict, container_name: str, node_name: str,
             source = host_paths[source_in_manifest]
             if volume["hostPath"].get("type") == "Directory" and not os.path.isdir(source):
                 raise Untranslatable(f"hostPath {source_in_manifest} -> {source}: not a directory")
-            opts = ["ro" if mount.get("readOnly") else "rw",
-                    _PROPAGATION[mount.get("mountPropagation")]]
+            opts = [
+                "ro" if mount.get("readOnly") else "rw",
+                _PROPAGATION[mount.get("mountPropagation")],
+            ]
             run.options.append(f"--volume={source}:{target}:{','.join(opts)}")
             run.host_mounts[target] = source
         elif "emptyDir" in volume:

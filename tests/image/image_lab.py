@@ -59,24 +59,42 @@ def container_run(node: NodeHandle, scratch: Path) -> ContainerRun:
 def lab_args(args: list[str]) -> list[str]:
     """The DaemonSet's arguments with the lab's three differences (module docstring)."""
     kept = [a for a in args if not a.startswith(REPLACED_ARGS)]
-    return kept + [f"--health-probe-bind-address={HEALTH_BIND}",
-                   f"--metrics-server-bind-address={METRICS_BIND}",
-                   f"--kubeconfig={LAB_KUBECONFIG}"]
+    return kept + [
+        f"--health-probe-bind-address={HEALTH_BIND}",
+        f"--metrics-server-bind-address={METRICS_BIND}",
+        f"--kubeconfig={LAB_KUBECONFIG}",
+    ]
 
 
 def agent_command(name: str, scratch: Path):
     """A Lab agent_commands entry: the node's agent as container ``name`` of the image."""
+
     def command(node: NodeHandle, _usual_argv: list[str]) -> list[str]:
         run = container_run(node, scratch)
-        lab_mounts = [f"--volume={node.workdir}/kubeconfig:{LAB_KUBECONFIG}:ro",
-                      # The holder process's mount namespace owns the node's wireguard-go socket.
-                      f"--volume=/proc/{node.holder_pid}/root{WG_UAPI}:{WG_UAPI}:rw"]
-        return ["nsenter", f"--net=/run/netns/{node.netns}", *PODMAN_RUN, "--rm",
-                f"--name={name}", *run.options, *lab_mounts, IMAGE, *lab_args(run.args)]
+        lab_mounts = [
+            f"--volume={node.workdir}/kubeconfig:{LAB_KUBECONFIG}:ro",
+            # The holder process's mount namespace owns the node's wireguard-go socket.
+            f"--volume=/proc/{node.holder_pid}/root{WG_UAPI}:{WG_UAPI}:rw",
+        ]
+        return [
+            "nsenter",
+            f"--net=/run/netns/{node.netns}",
+            *PODMAN_RUN,
+            "--rm",
+            f"--name={name}",
+            *run.options,
+            *lab_mounts,
+            IMAGE,
+            *lab_args(run.args),
+        ]
+
     return command
 
 
 def remove_container(name: str) -> None:
     """Safety net after the lab stopped the agent: nothing of the test stays in podman."""
-    subprocess.run(["podman", "rm", "--force", "--ignore", "--time", "5", name],
-                   capture_output=True, timeout=60)
+    subprocess.run(
+        ["podman", "rm", "--force", "--ignore", "--time", "5", name],
+        capture_output=True,
+        timeout=60,
+    )

@@ -44,8 +44,14 @@ NAME = f"nodecryptor-image-measure-{os.getpid()}"
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo")
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     return f"{os.cpu_count()} CPU {cpu}, kernel {platform.release()}"
 
 
@@ -55,8 +61,9 @@ def time_to_ready(lab: Lab, timeout: float = 120.0) -> float:
     proc = lab.agents[NODE]
     while not lab.agent_ready(NODE):
         if proc.poll() is not None:
-            raise RuntimeError(f"agent exited ({proc.returncode}):\n"
-                               + lab.log_tail(f"{NODE}-agent"))
+            raise RuntimeError(
+                f"agent exited ({proc.returncode}):\n" + lab.log_tail(f"{NODE}-agent")
+            )
         if time.monotonic() - started > timeout:
             raise RuntimeError(f"not ready after {timeout} s")
         time.sleep(0.05)
@@ -66,27 +73,48 @@ def time_to_ready(lab: Lab, timeout: float = 120.0) -> float:
 def cleanup_from_image(lab: Lab, scratch: Path) -> None:
     node = lab.nodes[NODE]
     run = image_lab.container_run(node, scratch)
-    argv = ["nsenter", f"--net=/run/netns/{node.netns}", *image_lab.PODMAN_RUN, "--rm",
-            *run.options, image_lab.IMAGE, "cleanup", "--bpffs=/sys/fs/bpf"]
+    argv = [
+        "nsenter",
+        f"--net=/run/netns/{node.netns}",
+        *image_lab.PODMAN_RUN,
+        "--rm",
+        *run.options,
+        image_lab.IMAGE,
+        "cleanup",
+        "--bpffs=/sys/fs/bpf",
+    ]
     subprocess.run(argv, check=True, capture_output=True, timeout=120)
 
 
 def summary(values: list[float]) -> str:
-    return (f"median {statistics.median(values):.2f} s (min {min(values):.2f}, "
-            f"max {max(values):.2f}, {len(values)} runs)")
+    return (
+        f"median {statistics.median(values):.2f} s (min {min(values):.2f}, "
+        f"max {max(values):.2f}, {len(values)} runs)"
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3, metavar="N",
-                        help="starts per configuration (default: %(default)s)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        metavar="N",
+        help="starts per configuration (default: %(default)s)",
+    )
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds {args.rounds}: must be at least 1")
 
     subprocess.run(["bash", str(image_lab.REPO / "scripts" / "build-image.sh")], check=True)
-    inspect = json.loads(subprocess.run(["podman", "image", "inspect", image_lab.IMAGE],
-                                        capture_output=True, text=True, check=True).stdout)[0]
+    inspect = json.loads(
+        subprocess.run(
+            ["podman", "image", "inspect", image_lab.IMAGE],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )[0]
     archive = image_lab.REPO / "dist" / "nodecryptor-image.tar"
 
     scratch = Path(tempfile.mkdtemp(prefix="nodecryptor-image-measure-"))
@@ -113,8 +141,10 @@ def main() -> int:
             subprocess.run(["rm", "-rf", str(scratch)], check=False)
 
     print(f"machine: {machine()}")
-    print(f"image {image_lab.IMAGE}: {inspect['Size'] / 1e6:.0f} MB unpacked, "
-          f"{archive.stat().st_size / 1e6:.0f} MB as dist/{archive.name}")
+    print(
+        f"image {image_lab.IMAGE}: {inspect['Size'] / 1e6:.0f} MB unpacked, "
+        f"{archive.stat().st_size / 1e6:.0f} MB as dist/{archive.name}"
+    )
     for what, values in times.items():
         print(f"start to /readyz 200, {what}, node without pins: {summary(values)}")
     return 0

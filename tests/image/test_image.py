@@ -30,20 +30,32 @@ SITE = "/usr/local/lib/python3.11/dist-packages"
 SIZE_LIMIT = 500 * 1000 * 1000
 
 # Capability numbers of linux/capability.h, for reading /proc/<pid>/status inside the container.
-CAP_NUMBERS = {"NET_ADMIN": 12, "SYS_ADMIN": 21, "BPF": 39, "PERFMON": 38, "NET_RAW": 13,
-               "SYS_RESOURCE": 24, "CHOWN": 0, "DAC_OVERRIDE": 1, "SETUID": 7}
+CAP_NUMBERS = {
+    "NET_ADMIN": 12,
+    "SYS_ADMIN": 21,
+    "BPF": 39,
+    "PERFMON": 38,
+    "NET_RAW": 13,
+    "SYS_RESOURCE": 24,
+    "CHOWN": 0,
+    "DAC_OVERRIDE": 1,
+    "SETUID": 7,
+}
 
 
 def require_tools() -> None:
     require(os.geteuid() == 0, "needs root (podman's root storage, chroot, network namespaces)")
     for tool in ("podman", "buildah", "mmdebstrap", "runc"):
-        require(shutil.which(tool) is not None,
-                f"{tool} not installed (scripts/setup-image.sh installs it; make test runs it)")
+        require(
+            shutil.which(tool) is not None,
+            f"{tool} not installed (scripts/setup-image.sh installs it; make test runs it)",
+        )
 
 
 def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(["podman", *args], capture_output=True, text=True, check=check,
-                          timeout=timeout)
+    return subprocess.run(
+        ["podman", *args], capture_output=True, text=True, check=check, timeout=timeout
+    )
 
 
 def run_image(*args: str, entrypoint: str | None = None) -> subprocess.CompletedProcess:
@@ -55,8 +67,13 @@ def run_image(*args: str, entrypoint: str | None = None) -> subprocess.Completed
 
 
 def inputs_hash(repo: Path = REPO, env: dict | None = None) -> str:
-    out = subprocess.run(["bash", str(repo / "scripts" / "build-image.sh"), "--inputs-hash"],
-                         capture_output=True, text=True, check=True, env=env)
+    out = subprocess.run(
+        ["bash", str(repo / "scripts" / "build-image.sh"), "--inputs-hash"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
     return out.stdout.strip()
 
 
@@ -71,6 +88,7 @@ def image() -> dict:
 
 # ---- the build ------------------------------------------------------------------------------
 
+
 def test_image_carries_the_hash_of_the_current_inputs(image):
     assert image["Labels"]["org.nodecryptor.image.inputs"] == inputs_hash()
     assert (DIST / "nodecryptor-image.inputs").read_text().strip() == inputs_hash()
@@ -82,8 +100,9 @@ def test_inputs_hash_covers_what_ships_and_nothing_else(tmp_path):
     for part in ("pyproject.toml", "README.md", "nodecryptor", "bpf", "scripts", "tests/image"):
         src, dst = REPO / part, copy / part
         if src.is_dir():
-            shutil.copytree(src, dst, symlinks=True,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+            shutil.copytree(
+                src, dst, symlinks=True, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+            )
         else:
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, dst)
@@ -103,18 +122,31 @@ def test_inputs_hash_covers_what_ships_and_nothing_else(tmp_path):
 
 def source_date_epoch() -> int:
     """What the build used: the environment's, else the last commit's time."""
-    return int(os.environ.get("SOURCE_DATE_EPOCH") or subprocess.run(
-        ["git", "-C", str(REPO), "log", "-1", "--format=%ct"],
-        capture_output=True, text=True, check=True).stdout)
+    return int(
+        os.environ.get("SOURCE_DATE_EPOCH")
+        or subprocess.run(
+            ["git", "-C", str(REPO), "log", "-1", "--format=%ct"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
 
 
 def test_source_date_epoch_is_the_creation_time(image):
     epoch = source_date_epoch()
-    assert image["Labels"]["org.opencontainers.image.created"] == \
-        subprocess.run(["date", "-u", "-d", f"@{epoch}", "+%Y-%m-%dT%H:%M:%SZ"],
-                       capture_output=True, text=True, check=True).stdout.strip()
-    stamp = run_image("-c", "stat -c %Y /usr/bin/python3.11 /usr/local/bin/nodecryptor",
-                      entrypoint="/bin/sh")
+    assert (
+        image["Labels"]["org.opencontainers.image.created"]
+        == subprocess.run(
+            ["date", "-u", "-d", f"@{epoch}", "+%Y-%m-%dT%H:%M:%SZ"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
+    stamp = run_image(
+        "-c", "stat -c %Y /usr/bin/python3.11 /usr/local/bin/nodecryptor", entrypoint="/bin/sh"
+    )
     assert stamp.returncode == 0, stamp.stderr
     assert set(stamp.stdout.split()) == {str(epoch)}
 
@@ -129,8 +161,9 @@ def test_dist_holds_an_oci_archive_of_the_image(image):
         index = json.load(tar.extractfile("index.json"))
         manifest_digest = index["manifests"][0]["digest"].split(":", 1)[1]
         manifest = json.load(tar.extractfile(f"blobs/sha256/{manifest_digest}"))
-        config = json.load(tar.extractfile(
-            f"blobs/sha256/{manifest['config']['digest'].split(':', 1)[1]}"))
+        config = json.load(
+            tar.extractfile(f"blobs/sha256/{manifest['config']['digest'].split(':', 1)[1]}")
+        )
     assert config["config"]["Labels"] == image["Labels"]
     assert config["config"]["Entrypoint"] == ["nodecryptor"]
 
@@ -164,6 +197,7 @@ def test_image_is_under_the_size_limit(image):
 
 
 # ---- what is in it --------------------------------------------------------------------------
+
 
 def test_entry_point_is_the_cli_and_the_default_command_runs_the_agent(image):
     config = image["Config"]
@@ -217,17 +251,23 @@ def test_site_packages_hold_the_agent_and_nothing_of_the_lab(image):
 
 
 def test_bpf_sources_in_the_image_are_the_repositorys(image):
-    script = (f"import hashlib, pathlib; r = pathlib.Path('{SITE}/nodecryptor/datapath/bpf/csrc');"
-              "print('\\n'.join(f'{p.relative_to(r)} {hashlib.sha256(p.read_bytes()).hexdigest()}'"
-              " for p in sorted(r.rglob('*')) if p.is_file()))")
+    script = (
+        f"import hashlib, pathlib; r = pathlib.Path('{SITE}/nodecryptor/datapath/bpf/csrc');"
+        "print('\\n'.join(f'{p.relative_to(r)} {hashlib.sha256(p.read_bytes()).hexdigest()}'"
+        " for p in sorted(r.rglob('*')) if p.is_file()))"
+    )
     listed = run_image("-c", script, entrypoint="python3")
     assert listed.returncode == 0, listed.stderr
-    mine = "\n".join(f"{p.relative_to(REPO / 'bpf')} {hashlib.sha256(p.read_bytes()).hexdigest()}"
-                     for p in sorted((REPO / "bpf").rglob("*")) if p.is_file())
+    mine = "\n".join(
+        f"{p.relative_to(REPO / 'bpf')} {hashlib.sha256(p.read_bytes()).hexdigest()}"
+        for p in sorted((REPO / "bpf").rglob("*"))
+        if p.is_file()
+    )
     assert listed.stdout.strip() == mine
 
 
 # ---- the DaemonSet's security context, translated ---------------------------------------------
+
 
 def test_translation_takes_everything_from_the_manifest(tmp_path):
     ds = image_lab.daemonset()
@@ -236,24 +276,34 @@ def test_translation_takes_everything_from_the_manifest(tmp_path):
     container = ds["spec"]["template"]["spec"]["containers"][0]
     caps = container["securityContext"]["capabilities"]
     assert run.options.count("--cap-drop=all") == 1 and caps["drop"] == ["ALL"]
-    assert sorted(o.split("=", 1)[1] for o in run.options if o.startswith("--cap-add=")) == \
-        sorted(f"CAP_{c}" for c in caps["add"])
-    assert {"--network=host", "--read-only", "--read-only-tmpfs=false",
-            "--security-opt=no-new-privileges", "--user=0", "--env=NODE_NAME=w9"} \
-        <= set(run.options)
+    assert sorted(o.split("=", 1)[1] for o in run.options if o.startswith("--cap-add=")) == sorted(
+        f"CAP_{c}" for c in caps["add"]
+    )
+    assert {
+        "--network=host",
+        "--read-only",
+        "--read-only-tmpfs=false",
+        "--security-opt=no-new-privileges",
+        "--user=0",
+        "--env=NODE_NAME=w9",
+    } <= set(run.options)
     assert "--node-name=w9" in run.args and run.args[0] == "run"
-    assert run.host_mounts == {"/sys/fs/bpf": str(tmp_path), "/lib/modules": "/lib/modules",
-                               "/usr/src": "/usr/src"}
+    assert run.host_mounts == {
+        "/sys/fs/bpf": str(tmp_path),
+        "/lib/modules": "/lib/modules",
+        "/usr/src": "/usr/src",
+    }
     assert f"--volume={tmp_path}:/sys/fs/bpf:rw,rslave" in run.options
     # A host path the test was not told about, or a privileged container, is refused.
     with pytest.raises(Untranslatable):
         translate(ds, "nodecryptor", "w9", {"/sys/fs/bpf": str(tmp_path)}, tmp_path)
     # Each change edits a fresh DaemonSet (and its container), handed in as arguments.
-    for change in (lambda ds, c: c["securityContext"].update(privileged=True),
-                   lambda ds, c: c.update(command=["/bin/sh"]),
-                   lambda ds, c: ds["spec"]["template"]["spec"].update(hostPID=True),
-                   lambda ds, c: ds["spec"]["template"]["spec"].update(
-                       securityContext={"sysctls": []})):
+    for change in (
+        lambda ds, c: c["securityContext"].update(privileged=True),
+        lambda ds, c: c.update(command=["/bin/sh"]),
+        lambda ds, c: ds["spec"]["template"]["spec"].update(hostPID=True),
+        lambda ds, c: ds["spec"]["template"]["spec"].update(securityContext={"sysctls": []}),
+    ):
         ds = image_lab.daemonset()
         container = ds["spec"]["template"]["spec"]["containers"][0]
         change(ds, container)
@@ -278,8 +328,11 @@ def lab(image, tmp_path_factory):
     ok, why = have_bcc()
     require(ok, why)
     scratch = tmp_path_factory.mktemp("image-emptydirs")
-    the_lab = Lab(make_spec(3), datapath="bpf",
-                  agent_commands={NODE: image_lab.agent_command(CONTAINER_NAME, scratch)})
+    the_lab = Lab(
+        make_spec(3),
+        datapath="bpf",
+        agent_commands={NODE: image_lab.agent_command(CONTAINER_NAME, scratch)},
+    )
     try:
         the_lab.up()
         yield the_lab
@@ -296,9 +349,19 @@ def exec_in_agent(lab, *args: str) -> subprocess.CompletedProcess:
     """A command in the running agent container, as `kubectl exec` would run it. A host-network
     container has no network namespace of its own: the command gets the caller's, so podman is
     entered into the node's first (as the kubelet's runtime runs in the node's)."""
-    return subprocess.run(["nsenter", f"--net=/run/netns/{lab.nodes[NODE].netns}", "podman",
-                           "exec", CONTAINER_NAME, *args], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [
+            "nsenter",
+            f"--net=/run/netns/{lab.nodes[NODE].netns}",
+            "podman",
+            "exec",
+            CONTAINER_NAME,
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def cap_names(mask: int) -> set[str]:
@@ -315,8 +378,12 @@ def test_agent_container_runs_with_exactly_the_daemonsets_context(lab):
     status = exec_in_agent(lab, "cat", "/proc/1/status")
     assert status.returncode == 0, status.stderr
     fields = dict(line.split(":\t", 1) for line in status.stdout.splitlines() if ":\t" in line)
-    wanted = {c.upper() for c in image_lab.daemonset()["spec"]["template"]["spec"]
-              ["containers"][0]["securityContext"]["capabilities"]["add"]}
+    wanted = {
+        c.upper()
+        for c in image_lab.daemonset()["spec"]["template"]["spec"]["containers"][0][
+            "securityContext"
+        ]["capabilities"]["add"]
+    }
     for key in ("CapEff", "CapPrm", "CapBnd"):
         assert cap_names(int(fields[key], 16)) == wanted, key
     assert int(fields["CapAmb"], 16) == 0 and int(fields["CapInh"], 16) == 0
@@ -352,8 +419,12 @@ def test_bpf_dump_from_the_image_decodes_the_pinned_maps(lab):
     want = set()
     for other in ("cp1", "w2"):
         node = lab.spec.node(other)
-        want |= {f"{node.ipv4}/32", f"{node.ipv6}/128", str(node.pod_cidr_v4),
-                 str(node.pod_cidr_v6)}
+        want |= {
+            f"{node.ipv4}/32",
+            f"{node.ipv6}/128",
+            str(node.pod_cidr_v4),
+            str(node.pod_cidr_v6),
+        }
     assert {d["prefix"] for d in maps["destinations"]} == want, maps["destinations"]
 
 
@@ -366,8 +437,12 @@ def test_matrix_scenario_passes_with_the_agent_from_the_image(lab):
     assert result.ok, "\n" + report.table(result)
     # The agent under test really is the container's: the lab holds no agent process of its
     # own for the node, and the container is still the one running.
-    assert podman("container", "inspect", "--format", "{{.State.Running}}",
-                  CONTAINER_NAME).stdout.strip() == "true"
+    assert (
+        podman(
+            "container", "inspect", "--format", "{{.State.Running}}", CONTAINER_NAME
+        ).stdout.strip()
+        == "true"
+    )
 
 
 # Last: it restarts the node's agent, which changes the node's datapath.

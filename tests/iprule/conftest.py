@@ -31,14 +31,21 @@ def ifindex(ns: str, name: str) -> int:
 
 def ip_rules(ns: str) -> list[str]:
     """`ip rule` output of both families, one line per rule."""
-    return [line.strip() for fam in ("-4", "-6")
-            for line in sh(ns, "ip", fam, "rule", "show").splitlines() if line.strip()]
+    return [
+        line.strip()
+        for fam in ("-4", "-6")
+        for line in sh(ns, "ip", fam, "rule", "show").splitlines()
+        if line.strip()
+    ]
 
 
 def ip_routes(ns: str, table: str) -> list[str]:
-    return [line.strip() for fam in ("-4", "-6")
-            for line in sh(ns, "ip", fam, "route", "show", "table", table).splitlines()
-            if line.strip()]
+    return [
+        line.strip()
+        for fam in ("-4", "-6")
+        for line in sh(ns, "ip", fam, "route", "show", "table", table).splitlines()
+        if line.strip()
+    ]
 
 
 def dress_as_node(ns: str, node_name: str) -> int:
@@ -54,8 +61,19 @@ def dress_as_node(ns: str, node_name: str) -> int:
         plen = 24 if addr.version == 4 else 64
         sh(ns, "ip", "addr", "add", f"{addr}/{plen}", "dev", "eth0", "nodad")
         gateway = ipaddress.ip_network(f"{addr}/{plen}", strict=False).network_address + 1
-        sh(ns, "ip", f"-{addr.version}", "route", "add", "default", "via", str(gateway),
-           "dev", "eth0", "onlink")
+        sh(
+            ns,
+            "ip",
+            f"-{addr.version}",
+            "route",
+            "add",
+            "default",
+            "via",
+            str(gateway),
+            "dev",
+            "eth0",
+            "onlink",
+        )
     for key in ("net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"):
         sh(ns, "sysctl", "-q", "-w", key)
     return ifindex(ns, WG_IFNAME)
@@ -79,12 +97,9 @@ def foreign_state():
     def install(ns: str) -> tuple[list[str], list[str]]:
         sh(ns, "ip", "rule", "add", "priority", "100", "fwmark", "0x200", "lookup", "200")
         sh(ns, "ip", "rule", "add", "priority", "10299", "to", "10.99.0.0/16", "lookup", "main")
-        sh(ns, "ip", "rule", "add", "priority", "10400", "from", "10.98.0.0/16", "lookup",
-           "201")
-        sh(ns, "ip", "-6", "rule", "add", "priority", "10400", "to", "fd99::/64", "lookup",
-           "201")
-        sh(ns, "ip", "route", "add", "10.99.0.0/16", "via", "192.168.50.1", "dev", "eth0",
-           "onlink")
+        sh(ns, "ip", "rule", "add", "priority", "10400", "from", "10.98.0.0/16", "lookup", "201")
+        sh(ns, "ip", "-6", "rule", "add", "priority", "10400", "to", "fd99::/64", "lookup", "201")
+        sh(ns, "ip", "route", "add", "10.99.0.0/16", "via", "192.168.50.1", "dev", "eth0", "onlink")
         sh(ns, "ip", "route", "add", "10.97.0.0/16", "dev", "eth0", "table", "201")
         sh(ns, "ip", "route", "add", "unreachable", "10.96.0.0/16", "table", "200")
         return ip_rules(ns), snapshot_routes(ns)
@@ -94,10 +109,21 @@ def foreign_state():
 
 def snapshot_routes(ns: str) -> list[str]:
     """Every route of every table except nodecryptor's (2026, 2027) and the kernel's local table."""
-    out = subprocess.run(["ip", "netns", "exec", ns, "ip", "-j", "route", "show", "table",
-                          "all"], capture_output=True, text=True, check=True).stdout
-    out6 = subprocess.run(["ip", "netns", "exec", ns, "ip", "-6", "-j", "route", "show",
-                           "table", "all"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["ip", "netns", "exec", ns, "ip", "-j", "route", "show", "table", "all"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    out6 = subprocess.run(
+        ["ip", "netns", "exec", ns, "ip", "-6", "-j", "route", "show", "table", "all"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     routes = json.loads(out) + json.loads(out6)
-    return sorted(json.dumps(r, sort_keys=True) for r in routes
-                  if r.get("table") not in ("2026", "2027", "local"))
+    return sorted(
+        json.dumps(r, sort_keys=True)
+        for r in routes
+        if r.get("table") not in ("2026", "2027", "local")
+    )

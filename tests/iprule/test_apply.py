@@ -47,8 +47,11 @@ def nc_routes(ns: str) -> list[str]:
 
 
 def band_rules(ns: str) -> list[str]:
-    return [r for r in ip_rules(ns) if r.split(":")[0].isdigit()
-            and 10300 <= int(r.split(":")[0]) <= 10399]
+    return [
+        r
+        for r in ip_rules(ns)
+        if r.split(":")[0].isdigit() and 10300 <= int(r.split(":")[0]) <= 10399
+    ]
 
 
 def test_worker_rules_routes_and_idempotence(node_ns, foreign_state):
@@ -66,8 +69,10 @@ def test_worker_rules_routes_and_idempotence(node_ns, foreign_state):
         assert "192.168.50.22 dev cilium_wg0 proto static src 192.168.50.21 metric 100" in routes
         assert "unreachable 192.168.50.22 proto static metric 200" in routes
         assert "10.244.0.0/24 dev cilium_wg0 proto static src 192.168.50.21 metric 100" in routes
-        assert any(r.startswith("fd00:244:2::/64 dev cilium_wg0 proto static src fd00:50::21")
-                   for r in routes)
+        assert any(
+            r.startswith("fd00:244:2::/64 dev cilium_wg0 proto static src fd00:50::21")
+            for r in routes
+        )
         # Idempotent: a second apply changes nothing.
         datapath.apply(desired_for(case, wg))
         assert datapath.last_apply["rules_added"] == 0
@@ -81,7 +86,8 @@ def test_worker_rules_routes_and_idempotence(node_ns, foreign_state):
         assert "unreachable 192.168.50.22 proto static metric 200" in ip_routes(ns, "2026")
         # Foreign rules and routes are still there, unchanged.
         assert [r for r in ip_rules(ns) if r not in band_rules(ns)] == [
-            r for r in foreign_rules if r not in W1_RULES]
+            r for r in foreign_rules if r not in W1_RULES
+        ]
         assert snapshot_routes(ns) == foreign_routes
     finally:
         datapath.close()
@@ -130,8 +136,7 @@ def test_update_fail_modes_and_control_plane_replies(node_ns, foreign_state):
         assert len(routes) == 8 and not any(r.startswith("unreachable") for r in routes)
 
         # One destination uncovered, fail closed: only that one is unreachable.
-        uncovered = next(d.prefix for d in desired.destinations if str(d.prefix) ==
-                         "10.244.2.0/24")
+        uncovered = next(d.prefix for d in desired.destinations if str(d.prefix) == "10.244.2.0/24")
         datapath.apply(dataclasses.replace(desired, uncovered=frozenset({uncovered})))
         routes = nc_routes(ns)
         assert "unreachable 10.244.2.0/24 proto static metric 200" in routes
@@ -139,8 +144,9 @@ def test_update_fail_modes_and_control_plane_replies(node_ns, foreign_state):
         assert len(routes) == 15  # 7 through WireGuard + 8 guards
 
         # A node leaves: its routes go, nothing else changes.
-        plan = dataclasses.replace(desired.plan, destinations=tuple(
-            d for d in desired.destinations if d.node != "w2"))
+        plan = dataclasses.replace(
+            desired.plan, destinations=tuple(d for d in desired.destinations if d.node != "w2")
+        )
         datapath.apply(dataclasses.replace(desired, plan=plan))
         assert not any("192.168.50.22" in r or "10.244.2.0" in r for r in nc_routes(ns))
         assert len(nc_routes(ns)) == 8

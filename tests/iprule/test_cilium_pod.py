@@ -13,8 +13,13 @@ import pytest
 
 from nodecryptor.datapath.iprule import inspect
 from nodecryptor.datapath.iprule.backend import IpRuleDatapath
-from nodecryptor.datapath.iprule.spec import (MAIN_TABLE, OFFSET_CILIUM_NODES,
-                                              OFFSET_CILIUM_POD, desired_rules, guard_table)
+from nodecryptor.datapath.iprule.spec import (
+    MAIN_TABLE,
+    OFFSET_CILIUM_NODES,
+    OFFSET_CILIUM_POD,
+    desired_rules,
+    guard_table,
+)
 from tests.datapath_cases import CASES_BY_ID, WG_IFNAME, desired_for, settings_for
 
 from .conftest import sh
@@ -24,8 +29,11 @@ def _pod_rules(case_id: str):
     case = CASES_BY_ID[case_id]
     settings = settings_for(case)
     base = settings.iprule_priority_base
-    return settings, [r for r in desired_rules(desired_for(case), settings)
-                      if r.priority in (base + OFFSET_CILIUM_NODES, base + OFFSET_CILIUM_POD)]
+    return settings, [
+        r
+        for r in desired_rules(desired_for(case), settings)
+        if r.priority in (base + OFFSET_CILIUM_NODES, base + OFFSET_CILIUM_POD)
+    ]
 
 
 def test_pod_rules_by_default():

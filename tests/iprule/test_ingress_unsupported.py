@@ -27,8 +27,7 @@ def test_ingress_enforcement_reported_unsupported(node_ns, mode, ready):
     finally:
         datapath.close()
     try:
-        assert metrics.registry.get_sample_value(
-            "nodecryptor_ingress_enforcement_supported") == 0
+        assert metrics.registry.get_sample_value("nodecryptor_ingress_enforcement_supported") == 0
         report = obs.details["ingress_enforcement"]
         assert report["supported"] is False and report["requested"] == mode
         assert obs.ready is ready

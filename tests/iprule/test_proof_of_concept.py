@@ -81,8 +81,11 @@ def install_foreign(ns: str) -> None:
 
 
 def table(ns: str, number: str) -> list[str]:
-    return sorted(line.strip() for line in sh(ns, "ip", "route", "show", "table", number)
-                  .splitlines() if line.strip())
+    return sorted(
+        line.strip()
+        for line in sh(ns, "ip", "route", "show", "table", number).splitlines()
+        if line.strip()
+    )
 
 
 def nodecryptor(ns: str, *args: str):
@@ -135,18 +138,22 @@ def test_status_reports_and_cleanup_removes_exactly_the_proof_of_concept(node_ns
         after = ip_rules(ns)
         assert after == [r for r in before if not any(_is_poc(r, p) for p in POC_RULES)]
         assert len(before) - len(after) == len(POC_RULES)
-        assert table(ns, "100") == ["10.98.0.0/16 dev other0 scope link",
-                                    "default dev other0 scope link metric 500"]
+        assert table(ns, "100") == [
+            "10.98.0.0/16 dev other0 scope link",
+            "default dev other0 scope link metric 500",
+        ]
         links = sh(ns, "ip", "-o", "link", "show")
         assert "noop@other0" in links and "other0@noop" in links
         # nodecryptor's band is untouched and now decides.
         assert datapath.observe().ready
-        assert f"dev {WG_IFNAME} table {settings.iprule_table}" in route_get(ns,
-                                                                             "192.168.50.21")
+        assert f"dev {WG_IFNAME} table {settings.iprule_table}" in route_get(ns, "192.168.50.21")
 
         # Status no longer reports it; a second cleanup finds nothing.
-        status = json.loads(nodecryptor(ns, "status", "--json", "--wg-interface", WG_IFNAME,
-                                        "--bpffs", str(tmp_path)).stdout)
+        status = json.loads(
+            nodecryptor(
+                ns, "status", "--json", "--wg-interface", WG_IFNAME, "--bpffs", str(tmp_path)
+            ).stdout
+        )
         assert status["proof_of_concept"]["present"] is False
         again = json.loads(nodecryptor(ns, "cleanup", "--proof-of-concept", "--json").stdout)
         assert (again["rules"], again["routes"], again["noop_device"]) == ([], [], None)
@@ -162,8 +169,11 @@ def _is_poc(shown: str, poc: str) -> bool:
     selectors = " ".join(words[2:-2])
     shown_sel = shown.split(":", 1)[1].replace("from all", "").strip()
     shown_sel = shown_sel.rsplit(" lookup ", 1)[0].strip()
-    return (shown.startswith(f"{prio}:") and shown.endswith(f"lookup {words[-1]}")
-            and shown_sel == selectors)
+    return (
+        shown.startswith(f"{prio}:")
+        and shown.endswith(f"lookup {words[-1]}")
+        and shown_sel == selectors
+    )
 
 
 def test_a_foreign_rule_listed_first_with_the_same_selectors_keeps_its_twin(node_ns):
@@ -171,8 +181,20 @@ def test_a_foreign_rule_listed_first_with_the_same_selectors_keeps_its_twin(node
     priority that has all of a proof-of-concept rule's selectors (and one more) and comes
     first would be hit instead, so that proof-of-concept rule is left for the operator."""
     ns, _ = node_ns("w1")
-    sh(ns, "ip", "rule", "add", "priority", "220", "to", "192.168.50.22", "ipproto", "udp",
-       "lookup", "100")
+    sh(
+        ns,
+        "ip",
+        "rule",
+        "add",
+        "priority",
+        "220",
+        "to",
+        "192.168.50.22",
+        "ipproto",
+        "udp",
+        "lookup",
+        "100",
+    )
     sh(ns, "ip", "rule", "add", "priority", "220", "to", "192.168.50.22", "lookup", "100")
     sh(ns, "ip", "rule", "add", "priority", "220", "to", "192.168.50.10", "lookup", "100")
     sh(ns, "ip", "route", "add", "default", "dev", WG_IFNAME, "table", "100")

@@ -23,12 +23,15 @@ CP_LABEL = "node-role.kubernetes.io/control-plane"
 
 def cluster(workers: int, skip: frozenset[int] = frozenset()) -> dict[str, NodeInfo]:
     nodes = {
-        "cp1": NodeInfo("cp1", labels=((CP_LABEL, ""),), node_labels=((CP_LABEL, ""),),
-                        addresses=(("InternalIP", ipaddress.ip_address("192.168.50.10")),),
-                        node_addresses=(("InternalIP", ipaddress.ip_address("192.168.50.10")),),
-                        pod_cidrs=(ipaddress.ip_network("10.244.0.0/24"),)),
-        "w1": NodeInfo("w1", addresses=(("InternalIP",
-                                         ipaddress.ip_address("192.168.50.21")),)),
+        "cp1": NodeInfo(
+            "cp1",
+            labels=((CP_LABEL, ""),),
+            node_labels=((CP_LABEL, ""),),
+            addresses=(("InternalIP", ipaddress.ip_address("192.168.50.10")),),
+            node_addresses=(("InternalIP", ipaddress.ip_address("192.168.50.10")),),
+            pod_cidrs=(ipaddress.ip_network("10.244.0.0/24"),),
+        ),
+        "w1": NodeInfo("w1", addresses=(("InternalIP", ipaddress.ip_address("192.168.50.21")),)),
     }
     for i in range(workers):
         if i in skip:
@@ -36,16 +39,20 @@ def cluster(workers: int, skip: frozenset[int] = frozenset()) -> dict[str, NodeI
         name = f"worker-{i:05d}"
         address = ipaddress.ip_address(f"172.16.{i // 250}.{i % 250 + 1}")
         nodes[name] = NodeInfo(
-            name, addresses=(("InternalIP", address),), node_addresses=(("InternalIP", address),),
-            pod_cidrs=(ipaddress.ip_network(f"10.{100 + i // 256}.{i % 256}.0/24"),))
+            name,
+            addresses=(("InternalIP", address),),
+            node_addresses=(("InternalIP", address),),
+            pod_cidrs=(ipaddress.ip_network(f"10.{100 + i // 256}.{i % 256}.0/24"),),
+        )
     return nodes
 
 
 def test_5000_workers_constant_rules_fast_apply(node_ns):
     ns, wg = node_ns("w1")
     settings = Settings(node_name="w1")
-    wg_state = WgState(ifname="cilium_wg0", ifindex=wg, present=True, up=True,
-                       listen_port=51871, fwmark=0xE00)
+    wg_state = WgState(
+        ifname="cilium_wg0", ifindex=wg, present=True, up=True, listen_port=51871, fwmark=0xE00
+    )
 
     def desired(skip=frozenset(), workers=WORKERS):
         plan = compute_plan(cluster(workers, skip), "w1", settings)
@@ -57,8 +64,9 @@ def test_5000_workers_constant_rules_fast_apply(node_ns):
         started, cpu = time.monotonic(), time.process_time()
         datapath.apply(want)
         apply_seconds, apply_cpu = time.monotonic() - started, time.process_time() - cpu
-        routes = sum(int(sh(ns, "sh", "-c", f"ip route show table {t} | wc -l"))
-                     for t in (2026, 2027))
+        routes = sum(
+            int(sh(ns, "sh", "-c", f"ip route show table {t} | wc -l")) for t in (2026, 2027)
+        )
         # Each worker's address and pod CIDR plus cp1's, each with its fail-closed guard.
         assert routes == 2 * (2 * WORKERS + 2)
 
@@ -82,8 +90,10 @@ def test_5000_workers_constant_rules_fast_apply(node_ns):
         assert datapath.observe().details["rules"] == 10
     finally:
         datapath.close()
-    print(f"\n5000 workers: apply {apply_seconds:.2f}s wall / {apply_cpu:.2f}s cpu, "
-          f"update {update_seconds:.2f}s wall / {update_cpu:.2f}s cpu")
+    print(
+        f"\n5000 workers: apply {apply_seconds:.2f}s wall / {apply_cpu:.2f}s cpu, "
+        f"update {update_seconds:.2f}s wall / {update_cpu:.2f}s cpu"
+    )
     # CPU time (user + system, which includes the kernel's netlink work done in this process)
     # is the stable measure on a 2-core VM shared with other test runs; ~1 s when idle.
     # The wall-clock bound is only a backstop against hangs under heavy load.

@@ -32,18 +32,23 @@ def bpf_unavailable(settings, metrics):
 
 
 def info(metrics: Metrics) -> dict:
-    return {s.labels["datapath"]: s.labels["reason"]
-        for fam in metrics.registry.collect() if fam.name == "nodecryptor_datapath"
-        for s in fam.samples}
+    return {
+        s.labels["datapath"]: s.labels["reason"]
+        for fam in metrics.registry.collect()
+        if fam.name == "nodecryptor_datapath"
+        for s in fam.samples
+    }
 
 
 def test_auto_falls_back_when_bpf_is_unavailable(node_ns, bpffs, run_dir):
     ns, wg = node_ns("w1")
-    settings = dataclasses.replace(settings_for(CASE), datapath="auto", bpffs=bpffs,
-                                   run_dir=run_dir)
+    settings = dataclasses.replace(
+        settings_for(CASE), datapath="auto", bpffs=bpffs, run_dir=run_dir
+    )
     metrics = Metrics()
-    datapath, reason = select.choose_datapath(settings, metrics, netns=ns,
-                                              bpf_starter=bpf_unavailable)
+    datapath, reason = select.choose_datapath(
+        settings, metrics, netns=ns, bpf_starter=bpf_unavailable
+    )
     try:
         assert isinstance(datapath, select.HandOver)
         assert isinstance(datapath.backend, IpRuleDatapath)
@@ -63,8 +68,9 @@ def test_auto_falls_back_when_bcc_cannot_be_imported(node_ns, bpffs, run_dir, mo
     # A None entry makes "import nodecryptor.datapath.bpf.backend" raise ImportError, as on a
     # machine without bcc.
     monkeypatch.setitem(sys.modules, "nodecryptor.datapath.bpf.backend", None)
-    settings = dataclasses.replace(settings_for(CASE), datapath="auto", bpffs=bpffs,
-                                   run_dir=run_dir)
+    settings = dataclasses.replace(
+        settings_for(CASE), datapath="auto", bpffs=bpffs, run_dir=run_dir
+    )
     datapath, reason = select.choose_datapath(settings, None, netns=ns)
     datapath.close()
     assert datapath.name == "iprule"
@@ -73,8 +79,7 @@ def test_auto_falls_back_when_bcc_cannot_be_imported(node_ns, bpffs, run_dir, mo
 
 def test_bpf_requested_never_falls_back(node_ns, bpffs, run_dir):
     ns, _ = node_ns("w1")
-    settings = dataclasses.replace(settings_for(CASE), datapath="bpf", bpffs=bpffs,
-                                   run_dir=run_dir)
+    settings = dataclasses.replace(settings_for(CASE), datapath="bpf", bpffs=bpffs, run_dir=run_dir)
     with pytest.raises(NotSupported) as err:
         select.choose_datapath(settings, None, netns=ns, bpf_starter=bpf_unavailable)
     assert "no kernel headers (test)" in str(err.value)
@@ -82,8 +87,7 @@ def test_bpf_requested_never_falls_back(node_ns, bpffs, run_dir):
     assert last_choice(settings) is None
 
 
-@pytest.mark.parametrize("field,flag", [("datapath", "--datapath"),
-                                        ("fail_mode", "--fail-mode")])
+@pytest.mark.parametrize("field,flag", [("datapath", "--datapath"), ("fail_mode", "--fail-mode")])
 def test_unknown_mode_names_the_flag(field, flag):
     with pytest.raises(SettingsError) as err:
         dataclasses.replace(settings_for(CASE), **{field: "ebpf"})
@@ -97,8 +101,9 @@ def test_choosing_bpf_removes_ip_rules(node_ns, bpffs, run_dir, bcc_available):
     earlier.apply(desired_for(CASE, wg))
     earlier.close()
     assert inspect.active(settings, netns=ns)
-    datapath, reason = select.choose_datapath(dataclasses.replace(settings, datapath="auto"),
-                                              None, netns=ns)
+    datapath, reason = select.choose_datapath(
+        dataclasses.replace(settings, datapath="auto"), None, netns=ns
+    )
     try:
         assert datapath.name == "bpf", reason
         assert reason.startswith("auto: BPF")
@@ -116,11 +121,17 @@ def test_choosing_bpf_removes_ip_rules(node_ns, bpffs, run_dir, bcc_available):
         datapath.cleanup()
 
 
-@pytest.mark.parametrize("field,value", [("iprule_table", 254), ("iprule_table", 0),
-                                         ("iprule_table", 253),  # its guard table: main
-                                         ("iprule_table", 2**32 - 1),
-                                         ("iprule_priority_base", 32700),
-                                         ("iprule_priority_base", 0)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("iprule_table", 254),
+        ("iprule_table", 0),
+        ("iprule_table", 253),  # its guard table: main
+        ("iprule_table", 2**32 - 1),
+        ("iprule_priority_base", 32700),
+        ("iprule_priority_base", 0),
+    ],
+)
 def test_band_and_table_settings_are_checked(field, value):
     settings = dataclasses.replace(settings_for(CASE), **{field: value})
     with pytest.raises(SettingsError) as err:

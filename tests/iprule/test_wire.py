@@ -28,10 +28,18 @@ from .conftest import ifindex, sh
 pytestmark = [pytest.mark.privileged, pytest.mark.e2e]
 
 NODES = {
-    "w1": {"v4": "192.168.50.21", "v6": "fd00:50::21", "pod": None,
-           "allowed": "192.168.50.21/32,fd00:50::21/128,10.244.1.0/24,fd00:244:1::/64"},
-    "cp1": {"v4": "192.168.50.10", "v6": "fd00:50::10", "pod": "10.244.0.5",
-            "allowed": "192.168.50.10/32,fd00:50::10/128,10.244.0.0/24,fd00:244::/64"},
+    "w1": {
+        "v4": "192.168.50.21",
+        "v6": "fd00:50::21",
+        "pod": None,
+        "allowed": "192.168.50.21/32,fd00:50::21/128,10.244.1.0/24,fd00:244:1::/64",
+    },
+    "cp1": {
+        "v4": "192.168.50.10",
+        "v6": "fd00:50::10",
+        "pod": "10.244.0.5",
+        "allowed": "192.168.50.10/32,fd00:50::10/128,10.244.0.0/24,fd00:244::/64",
+    },
 }
 # Runs inside "ip netns exec", which already gives a private mount namespace: a tmpfs on
 # /var/run/wireguard there keeps each wireguard-go's UAPI socket apart from the other node's
@@ -51,10 +59,12 @@ wait
 
 
 def keypair(tmp_path, name: str) -> tuple[str, str]:
-    private = subprocess.run(["wg", "genkey"], capture_output=True, text=True,
-                             check=True).stdout.strip()
-    public = subprocess.run(["wg", "pubkey"], input=private, capture_output=True, text=True,
-                            check=True).stdout.strip()
+    private = subprocess.run(
+        ["wg", "genkey"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    public = subprocess.run(
+        ["wg", "pubkey"], input=private, capture_output=True, text=True, check=True
+    ).stdout.strip()
     path = tmp_path / f"{name}.key"
     path.write_text(private + "\n")
     os.chmod(path, 0o600)
@@ -65,8 +75,24 @@ def keypair(tmp_path, name: str) -> tuple[str, str]:
 def two_nodes(netns, wireguard_go, tmp_path):
     """{name: (namespace, cilium_wg0 ifindex)} with WireGuard up between the two."""
     spaces = {name: netns(f"wire-{name}") for name in NODES}
-    subprocess.run(["ip", "link", "add", "ulA", "netns", spaces["w1"], "type", "veth", "peer",
-                    "name", "ulB", "netns", spaces["cp1"]], check=True)
+    subprocess.run(
+        [
+            "ip",
+            "link",
+            "add",
+            "ulA",
+            "netns",
+            spaces["w1"],
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ulB",
+            "netns",
+            spaces["cp1"],
+        ],
+        check=True,
+    )
     keys = {name: keypair(tmp_path, name) for name in NODES}
     procs = []
     try:
@@ -77,16 +103,28 @@ def two_nodes(netns, wireguard_go, tmp_path):
             sh(ns, "ip", "addr", "add", f"{node['v6']}/64", "dev", dev, "nodad")
             if node["pod"]:
                 sh(ns, "ip", "addr", "add", f"{node['pod']}/32", "dev", "lo")
-            for key in ("net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0",
-                        "net.ipv4.ip_forward=1"):
+            for key in (
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.default.rp_filter=0",
+                "net.ipv4.ip_forward=1",
+            ):
                 sh(ns, "sysctl", "-q", "-w", key)
         for name in NODES:
             peer = "cp1" if name == "w1" else "w1"
-            script = WG_SCRIPT.format(ifname=WG_IFNAME, port=WG_PORT, key=keys[name][0],
-                                      peer_pub=keys[peer][1], peer_ip=NODES[peer]["v4"],
-                                      allowed=NODES[peer]["allowed"])
-            proc = subprocess.Popen(["ip", "netns", "exec", spaces[name], "sh", "-c", script],
-                                    stdout=subprocess.PIPE, text=True, start_new_session=True)
+            script = WG_SCRIPT.format(
+                ifname=WG_IFNAME,
+                port=WG_PORT,
+                key=keys[name][0],
+                peer_pub=keys[peer][1],
+                peer_ip=NODES[peer]["v4"],
+                allowed=NODES[peer]["allowed"],
+            )
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", spaces[name], "sh", "-c", script],
+                stdout=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
             procs.append(proc)
             assert proc.stdout.readline().strip() == "ready"
             sh(spaces[name], "sysctl", "-q", "-w", f"net.ipv4.conf.{WG_IFNAME}.rp_filter=0")
@@ -100,12 +138,19 @@ def two_nodes(netns, wireguard_go, tmp_path):
 def apply_node(name: str, ns: str, wg_index: int) -> IpRuleDatapath:
     settings = Settings(node_name=name)
     peer = "cp1" if name == "w1" else "w1"
-    allowed = tuple(ipaddress.ip_network(p)
-                    for p in NODES[peer]["allowed"].split(","))
-    wg = WgState(ifname=WG_IFNAME, ifindex=wg_index, present=True, up=True, mtu=1420,
-                 listen_port=WG_PORT, fwmark=0xE00,
-                 peers=(WgPeer(public_key="k", allowed_ips=allowed,
-                               endpoint=f"{NODES[peer]['v4']}:{WG_PORT}"),))
+    allowed = tuple(ipaddress.ip_network(p) for p in NODES[peer]["allowed"].split(","))
+    wg = WgState(
+        ifname=WG_IFNAME,
+        ifindex=wg_index,
+        present=True,
+        up=True,
+        mtu=1420,
+        listen_port=WG_PORT,
+        fwmark=0xE00,
+        peers=(
+            WgPeer(public_key="k", allowed_ips=allowed, endpoint=f"{NODES[peer]['v4']}:{WG_PORT}"),
+        ),
+    )
     plan = compute_plan(snapshot(), name, settings)
     datapath = IpRuleDatapath(settings, netns=ns).start()
     datapath.apply(compute_desired(plan, wg, (), settings))
@@ -113,9 +158,25 @@ def apply_node(name: str, ns: str, wg_index: int) -> IpRuleDatapath:
 
 
 def start_capture(ns: str, dev: str, path: str) -> subprocess.Popen:
-    proc = subprocess.Popen(["ip", "netns", "exec", ns, "tcpdump", "-i", dev, "-nn", "-U",
-                             "--immediate-mode",
-                             "-w", path, "ip or ip6"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "tcpdump",
+            "-i",
+            dev,
+            "-nn",
+            "-U",
+            "--immediate-mode",
+            "-w",
+            path,
+            "ip or ip6",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if "listening on" in proc.stderr.readline():
@@ -125,22 +186,28 @@ def start_capture(ns: str, dev: str, path: str) -> subprocess.Popen:
 
 
 def read_capture(path: str) -> list[str]:
-    out = subprocess.run(["tcpdump", "-nn", "-r", path], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        ["tcpdump", "-nn", "-r", path], capture_output=True, text=True, check=True
+    ).stdout
     return [line for line in out.splitlines() if line.strip()]
 
 
 def test_cluster_traffic_is_encrypted_and_bootstrap_is_not(two_nodes, tmp_path):
     (ns_a, wg_a), (ns_b, wg_b) = two_nodes["w1"], two_nodes["cp1"]
     datapaths = [apply_node("w1", ns_a, wg_a), apply_node("cp1", ns_b, wg_b)]
-    server = subprocess.Popen(["ip", "netns", "exec", ns_b, "nc", "-l", "-k", "-p", "6443"],
-                              stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", ns_b, "nc", "-l", "-k", "-p", "6443"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     pcap = str(tmp_path / "ulA.pcap")
     capture = start_capture(ns_a, "ulA", pcap)
     try:
-        for args in (["ping", "-c", "2", "-W", "2", "192.168.50.10"],
-                     ["ping", "-c", "2", "-W", "2", "10.244.0.5"],
-                     ["ping", "-6", "-c", "2", "-W", "2", "fd00:50::10"]):
+        for args in (
+            ["ping", "-c", "2", "-W", "2", "192.168.50.10"],
+            ["ping", "-c", "2", "-W", "2", "10.244.0.5"],
+            ["ping", "-6", "-c", "2", "-W", "2", "fd00:50::10"],
+        ):
             result = run_in(ns_a, *args)
             assert result.returncode == 0, (args, result.stdout, result.stderr)
         run_in(ns_a, "sh", "-c", "echo bootstrap | nc -N -w 3 192.168.50.10 6443")
@@ -156,13 +223,18 @@ def test_cluster_traffic_is_encrypted_and_bootstrap_is_not(two_nodes, tmp_path):
         for datapath in datapaths:
             datapath.close()
     lines = read_capture(pcap)
-    wireguard = [line for line in lines
-                 if f".{WG_PORT} > " in line and f".{WG_PORT}: UDP" in line]
-    exempt = [line for line in lines
-              if " Flags " in line and (".6443 >" in line or ".6443:" in line)]
+    wireguard = [line for line in lines if f".{WG_PORT} > " in line and f".{WG_PORT}: UDP" in line]
+    exempt = [
+        line for line in lines if " Flags " in line and (".6443 >" in line or ".6443:" in line)
+    ]
     # Everything else between cluster addresses would be a leak (link-local ND/MLD is not).
-    leaked = [line for line in lines if line not in wireguard and line not in exempt
-              and any(a in line for a in ("192.168.50.", "10.244.", "fd00:"))]
+    leaked = [
+        line
+        for line in lines
+        if line not in wireguard
+        and line not in exempt
+        and any(a in line for a in ("192.168.50.", "10.244.", "fd00:"))
+    ]
     assert len(wireguard) >= 12  # 3 × 2 pings and their replies, handshake, UDP, TCP 2381
     # Both directions of the bootstrap connection in the clear: A's SYN, B's SYN-ACK.
     assert any("192.168.50.21." in line.split(">")[0] and "Flags [S]" in line for line in exempt)
@@ -177,5 +249,6 @@ def test_cluster_traffic_is_encrypted_and_bootstrap_is_not(two_nodes, tmp_path):
 
 
 def run_in(ns: str, *cmd: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True,
-                          timeout=20)
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True, timeout=20
+    )

@@ -27,8 +27,13 @@ TOKEN = "test-token-k8s"
 def node(i: int, **kw) -> dict:
     """Worker ``n<i>`` with addresses and pod CIDRs derived from ``i`` (up to 65,535)."""
     hi, lo = divmod(i, 256)
-    return make_ciliumnode(f"n{i:05d}", ipv4=f"172.16.{hi}.{lo}", ipv6=f"fd50::{i:x}",
-                           pod_cidrs=[f"10.{hi}.{lo}.0/24"], **kw)
+    return make_ciliumnode(
+        f"n{i:05d}",
+        ipv4=f"172.16.{hi}.{lo}",
+        ipv6=f"fd50::{i:x}",
+        pod_cidrs=[f"10.{hi}.{lo}.0/24"],
+        **kw,
+    )
 
 
 def kube_node(i: int, **kw) -> dict:
@@ -38,8 +43,7 @@ def kube_node(i: int, **kw) -> dict:
 
 
 def restarts(metrics: Metrics, cause: str) -> float:
-    value = metrics.registry.get_sample_value("nodecryptor_watch_restarts_total",
-                                              {"cause": cause})
+    value = metrics.registry.get_sample_value("nodecryptor_watch_restarts_total", {"cause": cause})
     return value or 0.0
 
 
@@ -59,8 +63,13 @@ def kubeconfig(fake, tmp_path):
 @pytest.fixture
 def settings(kubeconfig):
     """Settings with timings small enough for tests (seconds, not minutes)."""
-    return Settings(kubeconfig=kubeconfig, list_page_size=50, watch_timeout_seconds=5,
-                    request_timeout_seconds=1.0, resync_seconds=3600)
+    return Settings(
+        kubeconfig=kubeconfig,
+        list_page_size=50,
+        watch_timeout_seconds=5,
+        request_timeout_seconds=1.0,
+        resync_seconds=3600,
+    )
 
 
 class Running:

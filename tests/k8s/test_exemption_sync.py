@@ -30,15 +30,16 @@ class Syncs:
     def __init__(self, settings: Settings):
         self.store = Store()
         self.metrics = Metrics()
-        fast = dict(backoff=Backoff(initial=0.05, maximum=0.2, jitter=0.2),
-                    read_timeout_margin=0.5)
+        fast = dict(backoff=Backoff(initial=0.05, maximum=0.2, jitter=0.2), read_timeout_margin=0.5)
         self.cilium = CiliumNodeSync(settings, self.store, self.metrics, **fast)
         self.roles = NodeRoleSync(settings, self.store, self.metrics, **fast)
         self.policies = ExemptionSync(settings, self.store, self.metrics, **fast)
         self.settings = settings
         self.stop = threading.Event()
-        self.threads = [threading.Thread(target=s.run, args=(self.stop,), daemon=True)
-                        for s in (self.cilium, self.roles, self.policies)]
+        self.threads = [
+            threading.Thread(target=s.run, args=(self.stop,), daemon=True)
+            for s in (self.cilium, self.roles, self.policies)
+        ]
 
     def start(self) -> "Syncs":
         for t in self.threads:
@@ -46,12 +47,16 @@ class Syncs:
         return self
 
     def plan(self, local: str):
-        return compute_plan(self.store.snapshot(), local, self.settings,
-                            policies=self.store.exemptions())
+        return compute_plan(
+            self.store.snapshot(), local, self.settings, policies=self.store.exemptions()
+        )
 
     def exempt(self, local: str) -> dict[str, list[str]]:
-        return {d.node: [f"{r.policy}:{r.first}" for r in d.exempt_ports]
-                for d in self.plan(local).destinations if d.kind == "node-ip"}
+        return {
+            d.node: [f"{r.policy}:{r.first}" for r in d.exempt_ports]
+            for d in self.plan(local).destinations
+            if d.kind == "node-ip"
+        }
 
     def halt(self) -> None:
         self.stop.set()
@@ -133,12 +138,18 @@ def test_missing_crd_is_reported_retried_and_the_builtin_policy_applies(fake, sy
     wait_for(lambda: s.policies.crd_missing, what="missing CRD noticed")
     assert s.metrics.exemption_crd_missing._value.get() == 1
     wait_for(lambda: s.policies.failures >= 2, what="retries")
-    assert s.exempt("n00001")["n00002"] == ["control-plane-bootstrap:2379",
-                                            "control-plane-bootstrap:6443"]
+    assert s.exempt("n00001")["n00002"] == [
+        "control-plane-bootstrap:2379",
+        "control-plane-bootstrap:6443",
+    ]
     # The CRD gets installed with a policy: it applies, the report clears.
-    fake.apply(make_exemption("rke2-supervisor",
-                              {"matchLabels": {"node-role.kubernetes.io/control-plane": ""}},
-                              [{"port": 9345}]))
+    fake.apply(
+        make_exemption(
+            "rke2-supervisor",
+            {"matchLabels": {"node-role.kubernetes.io/control-plane": ""}},
+            [{"port": 9345}],
+        )
+    )
     fake.exemptions_installed = True
     wait_for(lambda: not s.policies.crd_missing, what="CRD installed")
     wait_for(lambda: "rke2-supervisor:9345" in s.exempt("n00001")["n00002"], what="policy")
@@ -162,6 +173,7 @@ def test_readiness_notes_a_missing_crd_without_failing():
     from types import SimpleNamespace
 
     from nodecryptor.agent.wiring import Agent
+
     policies = SimpleNamespace(crd_missing=True)
     check = Agent._with_exemption_note(lambda: (True, "synced"), policies)
     ok, why = check()

@@ -23,8 +23,15 @@ from k8s_support import require_openssl, TOKEN, node, with_settings
 from k8s_support import fake, kubeconfig, settings  # noqa: F401 - pytest fixtures
 
 
-def call(fake, path: str, method: str = "GET", body=None, token: str | None = TOKEN,
-         ctype: str = "application/json", timeout: float = 5):
+def call(
+    fake,
+    path: str,
+    method: str = "GET",
+    body=None,
+    token: str | None = TOKEN,
+    ctype: str = "application/json",
+    timeout: float = 5,
+):
     """(status, parsed JSON body) of one request."""
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(fake.url + path, data=data, method=method)
@@ -77,17 +84,23 @@ def test_crud_and_resource_versions(fake):
     assert call(fake, COLLECTION, "POST", make_ciliumnode("a"))[0] == 409
 
     patch = {"metadata": {"annotations": {"network.cilium.io/wg-pub-key": "k" * 43 + "="}}}
-    status, patched = call(fake, COLLECTION + "/a", "PATCH", patch,
-                           ctype="application/merge-patch+json")
+    status, patched = call(
+        fake, COLLECTION + "/a", "PATCH", patch, ctype="application/merge-patch+json"
+    )
     assert status == 200 and int(patched["metadata"]["resourceVersion"]) > rv1
     assert patched["metadata"]["annotations"]["network.cilium.io/wg-pub-key"] == "k" * 43 + "="
     # Custom resources take no strategic merge patch.
-    assert call(fake, COLLECTION + "/a", "PATCH", patch,
-                ctype="application/strategic-merge-patch+json")[0] == 415
+    assert (
+        call(
+            fake, COLLECTION + "/a", "PATCH", patch, ctype="application/strategic-merge-patch+json"
+        )[0]
+        == 415
+    )
     # null removes a key (RFC 7386).
     removal = {"metadata": {"annotations": {"network.cilium.io/wg-pub-key": None}}}
-    _, patched = call(fake, COLLECTION + "/a", "PATCH", removal,
-                      ctype="application/merge-patch+json")
+    _, patched = call(
+        fake, COLLECTION + "/a", "PATCH", removal, ctype="application/merge-patch+json"
+    )
     assert "network.cilium.io/wg-pub-key" not in patched["metadata"]["annotations"]
 
     stale = dict(created)  # carries the first resourceVersion
@@ -153,8 +166,9 @@ def test_history_is_bounded():
     with FakeApiServer(token=TOKEN, history_limit=3) as small:
         for i in range(6):
             small.apply(node(i))
-        assert [e["type"] for e in watch_lines(small, "resourceVersion=3&timeoutSeconds=1")] \
-            == ["ADDED"] * 3
+        assert [e["type"] for e in watch_lines(small, "resourceVersion=3&timeoutSeconds=1")] == [
+            "ADDED"
+        ] * 3
         assert watch_lines(small, "resourceVersion=2&timeoutSeconds=1")[0]["type"] == "ERROR"
 
 
@@ -215,8 +229,10 @@ def test_control_actions_take_their_arguments(fake):
     assert call(fake, "/_fake/exemptions-installed", "POST", {"installed": False})[0] == 200
     assert call(fake, EXEMPTION_COLLECTION)[0] == 404
     status, body = call(fake, "/_fake/status-patches", "POST", {})
-    assert (status, body) == (200, {"ok": True, "action": "status-patches", "patches": 0,
-                                    "events": 0})
+    assert (status, body) == (
+        200,
+        {"ok": True, "action": "status-patches", "patches": 0, "events": 0},
+    )
     assert call(fake, "/_fake/apply", "POST", {"object": "not an object"})[0] == 400
     assert call(fake, "/_fake/stall-next", "POST", {"kind": "sideways"})[0] == 400
 
@@ -234,13 +250,28 @@ def test_standalone_process_serves_and_exits_on_sigterm(tmp_path):
     kc = tmp_path / "kc"
     objects = os.path.join(os.path.dirname(nodecryptor.__file__), "examples", "cluster.json")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nodecryptor_testkit.fakeapi", "--bind", "127.0.0.1:0",
-         "--objects", objects, "--token", "t0k", "--write-kubeconfig", str(kc)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "nodecryptor_testkit.fakeapi",
+            "--bind",
+            "127.0.0.1:0",
+            "--objects",
+            objects,
+            "--token",
+            "t0k",
+            "--write-kubeconfig",
+            str(kc),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         ready = proc.stdout.readline()
         assert ready.startswith("ready url=http://127.0.0.1:"), ready
         from nodecryptor.core.settings import Settings
+
         nodes, _ = snapshot_once(Settings(kubeconfig=str(kc)))
         assert sorted(nodes) == ["cp1", "w1", "w2", "w3"]
         proc.send_signal(signal.SIGTERM)
@@ -266,6 +297,7 @@ def test_initial_resource_version():
 
 def test_fake_serves_encryptionexemptions_and_can_pretend_the_crd_is_missing(fake):
     from nodecryptor_testkit.fakeapi import make_exemption
+
     path = "/apis/nodecryptor.io/v1alpha1/encryptionexemptions"
     status, created = call(fake, path, "POST", make_exemption("a", {}, [{"port": 1}]))
     assert status == 201 and created["kind"] == "EncryptionExemption"
@@ -275,8 +307,9 @@ def test_fake_serves_encryptionexemptions_and_can_pretend_the_crd_is_missing(fak
     changed = dict(created, spec={"nodeSelector": {}, "ports": [{"port": 2}]})
     status, replaced = call(fake, f"{path}/a", "PUT", changed)
     assert status == 200 and replaced["metadata"]["resourceVersion"] != rv
-    req = urllib.request.Request(f"{fake.url}{path}?watch=true&resourceVersion={rv}"
-                                 "&timeoutSeconds=1")
+    req = urllib.request.Request(
+        f"{fake.url}{path}?watch=true&resourceVersion={rv}&timeoutSeconds=1"
+    )
     req.add_header("Authorization", f"Bearer {TOKEN}")
     with urllib.request.urlopen(req, timeout=5) as resp:
         events = [json.loads(line) for line in resp.read().splitlines() if line.strip()]

@@ -33,8 +33,12 @@ DOWN = Condition("False", "WireGuardDown", "cilium_wg0 is down")
 def patch(fake, name, body, ctype="application/strategic-merge-patch+json"):
     conn = http.client.HTTPConnection(fake.host, fake.port, timeout=5)
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    conn.request("PATCH", f"/api/v1/nodes/{name}/status", body=data,
-                 headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": ctype})
+    conn.request(
+        "PATCH",
+        f"/api/v1/nodes/{name}/status",
+        body=data,
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": ctype},
+    )
     resp = conn.getresponse()
     out = json.loads(resp.read())
     conn.close()
@@ -46,6 +50,7 @@ def conditions(fake, name="w1"):
 
 
 # ---- the fake --------------------------------------------------------------------------------
+
 
 def test_strategic_merge_keeps_other_conditions(fake):
     fake.apply(make_node("w1"))
@@ -68,22 +73,31 @@ def test_json_merge_replaces_the_list_as_the_real_server_does(fake):
 
 def test_status_subresource_ignores_metadata_and_spec(fake):
     fake.apply(make_node("w1"))
-    body = {"metadata": {"labels": {"node-role.kubernetes.io/control-plane": ""}},
-            "spec": {"unschedulable": True}, "status": {"conditions": []}}
+    body = {
+        "metadata": {"labels": {"node-role.kubernetes.io/control-plane": ""}},
+        "spec": {"unschedulable": True},
+        "status": {"conditions": []},
+    }
     assert patch(fake, "w1", body)[0] == 200
     node = fake.nodes.get("w1")
     assert "node-role.kubernetes.io/control-plane" not in node["metadata"]["labels"]
     assert "unschedulable" not in node["spec"]
 
 
-@pytest.mark.parametrize("body,ctype,code", [
-    (b"{not json", "application/strategic-merge-patch+json", 400),
-    ([1, 2], "application/strategic-merge-patch+json", 400),
-    ({"status": {"conditions": [{"status": "True"}]}}, "application/strategic-merge-patch+json",
-     400),
-    ({"status": {"conditions": "x"}}, "application/merge-patch+json", 400),
-    ({"status": {}}, "text/plain", 415),
-])
+@pytest.mark.parametrize(
+    "body,ctype,code",
+    [
+        (b"{not json", "application/strategic-merge-patch+json", 400),
+        ([1, 2], "application/strategic-merge-patch+json", 400),
+        (
+            {"status": {"conditions": [{"status": "True"}]}},
+            "application/strategic-merge-patch+json",
+            400,
+        ),
+        ({"status": {"conditions": "x"}}, "application/merge-patch+json", 400),
+        ({"status": {}}, "text/plain", 415),
+    ],
+)
 def test_fake_refuses_malformed_patches(fake, body, ctype, code):
     fake.apply(make_node("w1"))
     before = fake.nodes.get("w1")
@@ -98,6 +112,7 @@ def test_fake_unknown_node_is_404(fake):
 
 # ---- the writer ------------------------------------------------------------------------------
 
+
 class Clock:
     def __init__(self):
         self.t = 1000.0
@@ -109,8 +124,9 @@ class Clock:
 def writer(settings, **kw):
     kw.setdefault("rng", random.Random(1))
     kw.setdefault("clock", Clock())
-    return NodeConditionWriter(dataclasses.replace(settings, node_name="w1"), CONDITION_TYPE,
-                               Metrics(), **kw)
+    return NodeConditionWriter(
+        dataclasses.replace(settings, node_name="w1"), CONDITION_TYPE, Metrics(), **kw
+    )
 
 
 @pytest.fixture
@@ -126,8 +142,10 @@ def test_writes_at_start_on_change_and_on_heartbeat_only(fake, settings, core):
     w = writer(settings, clock=clock, heartbeat_seconds=1800, jitter=0.1, min_interval=10)
     w.submit(READY)
     w.step(core)
-    assert len(fake.status_patches) == 1 and conditions(fake)[CONDITION_TYPE]["reason"] == \
-        "EncryptionReady"
+    assert (
+        len(fake.status_patches) == 1
+        and conditions(fake)[CONDITION_TYPE]["reason"] == "EncryptionReady"
+    )
     # A new message alone: no write, however often.
     for i in range(20):
         clock.t += 30
@@ -236,17 +254,25 @@ def test_conflicts_are_retried(fake, settings, core):
 def test_thread_retries_with_backoff_through_conflicts_and_an_outage(fake, settings):
     fake.apply(make_node("w1"))
     fake.fail_status_next(2, 409)
-    w = NodeConditionWriter(dataclasses.replace(settings, node_name="w1"), CONDITION_TYPE,
-                            Metrics(), min_interval=0,
-                            backoff=Backoff(initial=0.05, maximum=0.2, jitter=0.2))
+    w = NodeConditionWriter(
+        dataclasses.replace(settings, node_name="w1"),
+        CONDITION_TYPE,
+        Metrics(),
+        min_interval=0,
+        backoff=Backoff(initial=0.05, maximum=0.2, jitter=0.2),
+    )
     stop = threading.Event()
     t = threading.Thread(target=w.run, args=(stop,), daemon=True)
     t.start()
     try:
         w.submit(READY)
         wait_for(lambda: w.writes == 1, what="the first write after two conflicts")
-        assert w.metrics.registry.get_sample_value(
-            "nodecryptor_node_condition_writes_total", {"result": "error"}) == 2
+        assert (
+            w.metrics.registry.get_sample_value(
+                "nodecryptor_node_condition_writes_total", {"result": "error"}
+            )
+            == 2
+        )
         fake.refuse_connections()
         submitted = threading.Event()
 

@@ -51,14 +51,20 @@ def test_fake_serves_nodes_in_full_or_as_metadata(fake):
     assert status == 200 and full["kind"] == "NodeList"
     assert full["items"][0]["status"]["addresses"][0]["address"] == "192.0.2.1"
     status, meta = get(fake, NODE_COLLECTION, LIST_ACCEPT)
-    assert status == 200 and (meta["apiVersion"], meta["kind"]) == ("meta.k8s.io/v1",
-                                                                     "PartialObjectMetadataList")
+    assert status == 200 and (meta["apiVersion"], meta["kind"]) == (
+        "meta.k8s.io/v1",
+        "PartialObjectMetadataList",
+    )
     assert [set(i) for i in meta["items"]] == [{"apiVersion", "kind", "metadata"}] * 2
     assert meta["items"][0]["metadata"]["labels"][CP] == ""
     assert meta["metadata"]["resourceVersion"] == str(fake.resource_version)
     # A fallback clause after an unknown one is honoured; nothing acceptable is 406.
-    assert get(fake, NODE_COLLECTION, "application/vnd.kubernetes.protobuf;as=X;g=y;v=z,"
-                                      + LIST_ACCEPT)[1]["kind"] == "PartialObjectMetadataList"
+    assert (
+        get(
+            fake, NODE_COLLECTION, "application/vnd.kubernetes.protobuf;as=X;g=y;v=z," + LIST_ACCEPT
+        )[1]["kind"]
+        == "PartialObjectMetadataList"
+    )
     assert get(fake, NODE_COLLECTION, WATCH_ACCEPT)[0] == 406  # a list is not one object
     status, one = get(fake, f"{NODE_COLLECTION}/w1", WATCH_ACCEPT)
     assert status == 200 and one["kind"] == "PartialObjectMetadata"
@@ -72,11 +78,14 @@ def test_fake_node_watch_as_metadata(fake):
     fake.apply(make_node("w1", control_plane=True))
     fake.apply(node(1))  # a CiliumNode: not in the Node watch
     fake.delete_node("w1")
-    status, events = get(fake, f"{NODE_COLLECTION}?watch=true&resourceVersion={rv}"
-                               f"&timeoutSeconds=1", WATCH_ACCEPT)
+    status, events = get(
+        fake, f"{NODE_COLLECTION}?watch=true&resourceVersion={rv}&timeoutSeconds=1", WATCH_ACCEPT
+    )
     assert status == 200
     assert [(e["type"], e["object"]["kind"]) for e in events] == [
-        ("MODIFIED", "PartialObjectMetadata"), ("DELETED", "PartialObjectMetadata")]
+        ("MODIFIED", "PartialObjectMetadata"),
+        ("DELETED", "PartialObjectMetadata"),
+    ]
     assert "spec" not in events[0]["object"] and events[0]["object"]["metadata"]["labels"][CP] == ""
     # The List form is not what a watch sends.
     assert get(fake, f"{NODE_COLLECTION}?watch=true&timeoutSeconds=1", LIST_ACCEPT)[0] == 406
@@ -91,14 +100,15 @@ class Syncs:
     def __init__(self, settings: Settings):
         self.store = Store()
         self.metrics = Metrics()
-        fast = dict(backoff=Backoff(initial=0.05, maximum=0.4, jitter=0.2),
-                    read_timeout_margin=0.5)
+        fast = dict(backoff=Backoff(initial=0.05, maximum=0.4, jitter=0.2), read_timeout_margin=0.5)
         self.roles = NodeRoleSync(settings, self.store, self.metrics, **fast)
         self.cilium = CiliumNodeSync(settings, self.store, self.metrics, **fast)
         self.settings = settings
         self.stop = threading.Event()
-        self.threads = [threading.Thread(target=s.run, args=(self.stop,), daemon=True)
-                        for s in (self.cilium, self.roles)]
+        self.threads = [
+            threading.Thread(target=s.run, args=(self.stop,), daemon=True)
+            for s in (self.cilium, self.roles)
+        ]
 
     def start(self, threads=None) -> "Syncs":
         for t in threads or self.threads:
@@ -106,8 +116,11 @@ class Syncs:
         return self
 
     def control_plane(self) -> set[str]:
-        return {n for n, info in self.store.snapshot().items()
-                if node_is_control_plane(info, self.settings)}
+        return {
+            n
+            for n, info in self.store.snapshot().items()
+            if node_is_control_plane(info, self.settings)
+        }
 
     def halt(self) -> None:
         self.stop.set()
@@ -130,8 +143,8 @@ def syncs(settings):
 
 
 def test_roles_come_from_node_labels_and_follow_them(fake, syncs):
-    fake.apply(node(1, control_plane=True))   # CiliumNode labelled control-plane...
-    fake.apply(make_node("n00001"))            # ...but its Node is a worker
+    fake.apply(node(1, control_plane=True))  # CiliumNode labelled control-plane...
+    fake.apply(make_node("n00001"))  # ...but its Node is a worker
     fake.apply(node(2))
     fake.apply(make_node("n00002", control_plane=True, label_style="k3s"))
     s = syncs().start()
@@ -186,11 +199,17 @@ def test_paginated_list_and_410_relist(fake, settings, syncs):
     fake.drop_watches()
     fake.apply(make_node("n00001", control_plane=True))
     fake.compact()
-    wait_for(lambda: s.control_plane() == {"n00000", "n00001", "n00040", "n00080"},
-             what="re-list after 410")
+    wait_for(
+        lambda: s.control_plane() == {"n00000", "n00001", "n00040", "n00080"},
+        what="re-list after 410",
+    )
     assert s.roles.lists >= 2
-    assert s.metrics.registry.get_sample_value("nodecryptor_node_watch_restarts_total",
-                                               {"cause": "expired"}) >= 1
+    assert (
+        s.metrics.registry.get_sample_value(
+            "nodecryptor_node_watch_restarts_total", {"cause": "expired"}
+        )
+        >= 1
+    )
 
 
 def test_forbidden_nodes_keep_the_store_unsynced_and_are_retried(fake, settings, syncs):
@@ -206,20 +225,31 @@ def test_forbidden_nodes_keep_the_store_unsynced_and_are_retried(fake, settings,
         if not granted.is_set():
             refused[0] += 1
             from nodecryptor_testkit.fakeapi import ApiError
-            raise ApiError(403, "Forbidden", 'nodes is forbidden: User "system:serviceaccount:'
-                                             'kube-system:nodecryptor" cannot list resource')
+
+            raise ApiError(
+                403,
+                "Forbidden",
+                'nodes is forbidden: User "system:serviceaccount:'
+                'kube-system:nodecryptor" cannot list resource',
+            )
         return original(limit, token)
 
     fake.nodes.list_page = forbidden
     s = syncs().start()
-    wait_for(lambda: refused[0] >= 2 and s.cilium.lists >= 1,
-             what="Node list retries and the CiliumNode list")
+    wait_for(
+        lambda: refused[0] >= 2 and s.cilium.lists >= 1,
+        what="Node list retries and the CiliumNode list",
+    )
     assert not s.store.synced.is_set()
     granted.set()
     assert s.store.synced.wait(10) and s.control_plane() == {"n00001"}
     # Every refusal was counted once.
-    assert s.metrics.registry.get_sample_value("nodecryptor_node_watch_restarts_total",
-                                               {"cause": "forbidden"}) == refused[0]
+    assert (
+        s.metrics.registry.get_sample_value(
+            "nodecryptor_node_watch_restarts_total", {"cause": "forbidden"}
+        )
+        == refused[0]
+    )
 
 
 def test_plan_snapshot_merges_node_roles(fake, settings):

@@ -18,8 +18,9 @@ BOUND_SECONDS = 15.0
 
 def test_5000_ciliumnodes_list_and_sync(settings, run_sync, tmp_path):
     with FakeApiServer(token=TOKEN, objects=[node(i) for i in range(NODES)]) as big:
-        s = with_settings(settings, list_page_size=500,
-                          kubeconfig=big.write_kubeconfig(str(tmp_path / "big")))
+        s = with_settings(
+            settings, list_page_size=500, kubeconfig=big.write_kubeconfig(str(tmp_path / "big"))
+        )
         started = time.perf_counter()
         r = run_sync(s)
         elapsed = time.perf_counter() - started

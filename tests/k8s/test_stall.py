@@ -38,9 +38,14 @@ def test_default_watch_ends_before_the_stall_threshold(fake, settings, run_sync)
     defaults = Settings()
     assert defaults.watch_stall_seconds < 60
     fake.apply(node(1))
-    r = run_sync(with_settings(settings, watch_timeout_seconds=defaults.watch_timeout_seconds,
-                               watch_stall_seconds=defaults.watch_stall_seconds),
-                 read_timeout_margin=5.0)
+    r = run_sync(
+        with_settings(
+            settings,
+            watch_timeout_seconds=defaults.watch_timeout_seconds,
+            watch_stall_seconds=defaults.watch_stall_seconds,
+        ),
+        read_timeout_margin=5.0,
+    )
     wait_for(lambda: watch_timeouts(fake), what="the watch request")
     (timeout,) = watch_timeouts(fake)
     assert 0 < timeout <= defaults.watch_stall_seconds - 5
@@ -73,8 +78,11 @@ def test_server_that_accepts_but_never_answers(fake, settings, run_sync):
 
     fake.freeze()  # the open watch goes silent, and every new request hangs unanswered
     fake.apply(node(2))
-    wait_for(lambda: stalls(r.metrics) >= 2, timeout=6 * STALL,
-             what="the frozen watch and the unanswered new watch request both noticed")
+    wait_for(
+        lambda: stalls(r.metrics) >= 2,
+        timeout=6 * STALL,
+        what="the frozen watch and the unanswered new watch request both noticed",
+    )
     assert sorted(r.store.snapshot()) == ["n00001"]  # an outage is not an empty cluster
     assert r.thread.is_alive() and r.sync.alive()[0]
 
@@ -99,8 +107,11 @@ def test_a_raised_stall_threshold_raises_the_liveness_limit(settings):
     from nodecryptor.cluster.sync import CiliumNodeSync
     from nodecryptor.cluster.store import Store
 
-    sync = CiliumNodeSync(with_settings(settings, watch_stall_seconds=300,
-                                        request_timeout_seconds=15,
-                                        sync_stale_seconds=150), Store())
+    sync = CiliumNodeSync(
+        with_settings(
+            settings, watch_stall_seconds=300, request_timeout_seconds=15, sync_stale_seconds=150
+        ),
+        Store(),
+    )
     assert sync.alive(now=sync.heartbeat + 470)[0]  # 1.5 x (300 + 15) = 472.5
     assert not sync.alive(now=sync.heartbeat + 473)[0]

@@ -29,8 +29,11 @@ def names(store) -> list[str]:
 def requests_seen(fake) -> list[str]:
     """The fake's request log as "list" and "watch" words, in order (other requests left
     out), so a test asserts on what reached the server, not on the client's counters."""
-    return ["watch" if "watch=" in path else "list" for method, path in fake.cluster.requests
-            if method == "GET" and "/ciliumnodes" in path]
+    return [
+        "watch" if "watch=" in path else "list"
+        for method, path in fake.cluster.requests
+        if method == "GET" and "/ciliumnodes" in path
+    ]
 
 
 def test_paginated_list_of_1200_objects(fake, settings, run_sync):
@@ -55,8 +58,13 @@ def test_watch_add_modify_delete(fake, settings, run_sync):
     moved = node(2)
     moved["spec"]["addresses"] = [{"type": "InternalIP", "ip": "192.0.2.7"}]
     fake.apply(moved)
-    wait_for(lambda: r.store.snapshot()["n00002"].addresses ==
-             (("InternalIP", ipaddress.ip_address("192.0.2.7")),), what="MODIFIED")
+    wait_for(
+        lambda: (
+            r.store.snapshot()["n00002"].addresses
+            == (("InternalIP", ipaddress.ip_address("192.0.2.7")),)
+        ),
+        what="MODIFIED",
+    )
     fake.delete("n00001")
     wait_for(lambda: names(r.store) == ["n00002"], what="DELETED")
     assert r.sync.lists == 1  # all of it through the watch
@@ -111,7 +119,7 @@ def test_injected_410_error_event(fake, settings, run_sync):
     fake.apply(node(2))
     wait_for(lambda: "n00002" in r.store.snapshot(), what="watch after re-list")
     # The server saw the re-watch answered with 410, then a list, then a watch again.
-    after = requests_seen(fake)[len(before):]
+    after = requests_seen(fake)[len(before) :]
     assert after[:3] == ["watch", "list", "watch"], after
 
 
@@ -232,6 +240,7 @@ def test_5xx_burst_backs_off_then_converges(fake, settings, run_sync):
 
 def test_backoff_is_bounded_and_jittered():
     import random
+
     b = Backoff(initial=1, maximum=8, jitter=0.5)
     rng = random.Random(7)
     delays = [b.delay(n, rng) for n in range(1, 10)]
@@ -271,8 +280,11 @@ def test_stop_is_prompt_during_a_long_watch(fake, settings, run_sync):
 def test_malformed_objects_are_partly_applied(fake, settings, run_sync):
     good = node(1)
     bad = make_ciliumnode("bad", ipv4="10.9.0.1", pod_cidrs=["10.99.0.0/24"])
-    bad["spec"]["addresses"] += [{"type": "InternalIP", "ip": "300.1.1.1"},
-                                 {"type": "InternalIP", "ip": 17}, "not-a-map"]
+    bad["spec"]["addresses"] += [
+        {"type": "InternalIP", "ip": "300.1.1.1"},
+        {"type": "InternalIP", "ip": 17},
+        "not-a-map",
+    ]
     bad["spec"]["ipam"]["podCIDRs"] += ["10.98.0.0/33", None]
     bad["metadata"]["labels"]["x"] = 5
     nospec = make_ciliumnode("nospec", ipv4="10.9.0.2")
@@ -284,15 +296,21 @@ def test_malformed_objects_are_partly_applied(fake, settings, run_sync):
     r = run_sync(settings)
     nodes = r.store.snapshot()
     assert sorted(nodes) == ["bad", "n00001", "nospec", "wrongspec"]
-    assert nodes["bad"].addresses == (("InternalIP", ipaddress.ip_address("10.9.0.1")),
-                                      ("CiliumInternalIP", ipaddress.ip_address("10.99.0.1")))
+    assert nodes["bad"].addresses == (
+        ("InternalIP", ipaddress.ip_address("10.9.0.1")),
+        ("CiliumInternalIP", ipaddress.ip_address("10.99.0.1")),
+    )
     assert nodes["bad"].pod_cidrs == (ipaddress.ip_network("10.99.0.0/24"),)
     assert nodes["nospec"].addresses == () and nodes["wrongspec"].pod_cidrs == ()
     assert nodes["n00001"] == parse_ciliumnode(node(1))[0]
 
     def rejected(field):
-        return r.metrics.registry.get_sample_value("nodecryptor_invalid_entries_total",
-                                                   {"field": field}) or 0
+        return (
+            r.metrics.registry.get_sample_value(
+                "nodecryptor_invalid_entries_total", {"field": field}
+            )
+            or 0
+        )
 
     assert rejected("spec.addresses") == 3
     assert rejected("spec.ipam.podCIDRs") == 2
@@ -377,8 +395,9 @@ def test_replaced_api_server_forces_a_relist(fake, settings, run_sync, initial_r
     r = run_sync(settings)
     wait_for(lambda: fake.open_watches == 1, what="the watch")
     fake.stop()
-    with FakeApiServer(port=fake.port, token=fake.token, initial_rv=initial_rv,
-                       objects=[node(1), node(9)]) as replacement:
+    with FakeApiServer(
+        port=fake.port, token=fake.token, initial_rv=initial_rv, objects=[node(1), node(9)]
+    ) as replacement:
         wait_for(lambda: names(r.store) == ["n00001", "n00009"], what="convergence")
         assert restarts(r.metrics, cause) == 1 and r.sync.lists == 2
         replacement.apply(node(10))

@@ -20,8 +20,9 @@ def promtool() -> str:
 
 
 def run(promtool: str, *args: str, cwd=None, stdin: str | None = None):
-    return subprocess.run([promtool, *args], cwd=cwd, input=stdin, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [promtool, *args], cwd=cwd, input=stdin, capture_output=True, text=True, timeout=120
+    )
 
 
 def write_yaml(path, doc) -> str:
@@ -51,27 +52,35 @@ class ScrapedAgent:
         from nodecryptor.datapath.bpf import collector
         from nodecryptor_testkit.fakeapi import FakeApiServer
 
-        self.fake = FakeApiServer(token="monitoring", objects=[self.node(i)
-                                                               for i in range(1, workers + 1)])
+        self.fake = FakeApiServer(
+            token="monitoring", objects=[self.node(i) for i in range(1, workers + 1)]
+        )
         self.fake.start()
-        settings = Settings(node_name="w1", kubeconfig=self.fake.write_kubeconfig(
-                                str(tmp_path / "kubeconfig")),
-                            health_bind="127.0.0.1:0", metrics_bind="127.0.0.1:0",
-                            bpffs=str(tmp_path / "no-bpffs"), request_timeout_seconds=2.0,
-                            reconcile_seconds=5, debounce_seconds=0.05)
+        settings = Settings(
+            node_name="w1",
+            kubeconfig=self.fake.write_kubeconfig(str(tmp_path / "kubeconfig")),
+            health_bind="127.0.0.1:0",
+            metrics_bind="127.0.0.1:0",
+            bpffs=str(tmp_path / "no-bpffs"),
+            request_timeout_seconds=2.0,
+            reconcile_seconds=5,
+            debounce_seconds=0.05,
+        )
         self.agent = Agent(settings)
         collector.register(self.agent.metrics.registry, settings)
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.agent.run, args=(FakeDatapath(), self.stop),
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self.agent.run, args=(FakeDatapath(), self.stop), daemon=True
+        )
         self.thread.start()
 
     @staticmethod
     def node(i: int) -> dict:
         from nodecryptor_testkit.fakeapi import make_ciliumnode
 
-        return make_ciliumnode(f"w{i}", ipv4=f"192.0.2.{i}",
-                               pod_cidrs=[f"10.{i // 256}.{i % 256}.0/24"])
+        return make_ciliumnode(
+            f"w{i}", ipv4=f"192.0.2.{i}", pod_cidrs=[f"10.{i // 256}.{i % 256}.0/24"]
+        )
 
     def scrape(self) -> str:
         import urllib.request
@@ -84,8 +93,12 @@ class ScrapedAgent:
         """Sum of the samples of ``name`` in ``text``."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        return sum(s.value for fam in text_string_to_metric_families(text)
-                   for s in fam.samples if s.name == name)
+        return sum(
+            s.value
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+            if s.name == name
+        )
 
     def wait_nodes(self, count: int, timeout: float = 30.0) -> str:
         """Poll /metrics until the agent knows ``count`` CiliumNodes and a reconcile pass has
@@ -106,7 +119,8 @@ class ScrapedAgent:
             else:
                 passes_at_count = None
             assert time.monotonic() < deadline, (
-                f"agent never saw {count} CiliumNodes and a successful pass after it")
+                f"agent never saw {count} CiliumNodes and a successful pass after it"
+            )
             time.sleep(0.1)
 
     @staticmethod
@@ -114,9 +128,12 @@ class ScrapedAgent:
         """Successful reconcile passes so far (0 before the first)."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        return sum(s.value for fam in text_string_to_metric_families(text)
-                   for s in fam.samples
-                   if s.name == "nodecryptor_reconciles_total" and s.labels.get("result") == "ok")
+        return sum(
+            s.value
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+            if s.name == "nodecryptor_reconciles_total" and s.labels.get("result") == "ok"
+        )
 
     def close(self) -> None:
         self.stop.set()

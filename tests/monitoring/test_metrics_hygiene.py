@@ -11,8 +11,21 @@ from monitoring_support import ScrapedAgent, families, promtool, run  # noqa: F4
 
 # Label names whose values would be per-peer, per-address or per-node: one series each would
 # make every agent's series count grow with the cluster.
-UNBOUNDED_LABELS = {"peer", "node", "ip", "address", "addr", "prefix", "cidr", "key",
-                    "pubkey", "public_key", "endpoint", "name", "instance"}
+UNBOUNDED_LABELS = {
+    "peer",
+    "node",
+    "ip",
+    "address",
+    "addr",
+    "prefix",
+    "cidr",
+    "key",
+    "pubkey",
+    "public_key",
+    "endpoint",
+    "name",
+    "instance",
+}
 
 
 @pytest.fixture
@@ -26,7 +39,8 @@ def test_promtool_check_metrics_on_a_running_agent(agent, promtool):
     text = agent.wait_nodes(2)
     out = run(promtool, "check", "metrics", stdin=text)
     assert out.returncode == 0 and not out.stdout.strip() and not out.stderr.strip(), (
-        out.stdout + out.stderr)
+        out.stdout + out.stderr
+    )
     assert "nodecryptor_bpf_program_loads_total" in text  # the families below are the agent's
     assert "nodecryptor_cleartext_packets_total" in text
 
@@ -51,13 +65,17 @@ def test_help_text_and_label_names(agent):
 
 def test_series_do_not_grow_with_the_cluster(agent):
     def series(text):
-        return {(s.name, tuple(sorted(s.labels.items())))
-                for fam in families(text).values() for s in fam.samples
-                if not s.name.endswith("_created")}
+        return {
+            (s.name, tuple(sorted(s.labels.items())))
+            for fam in families(text).values()
+            for s in fam.samples
+            if not s.name.endswith("_created")
+        }
 
     small = series(agent.wait_nodes(2))
     for i in range(3, 43):
         agent.fake.apply(ScrapedAgent.node(i))
     large = series(agent.wait_nodes(42))
-    assert large == small, (f"new series with 40 more nodes: {sorted(large - small)}; "
-                            f"gone: {sorted(small - large)}")
+    assert large == small, (
+        f"new series with 40 more nodes: {sorted(large - small)}; gone: {sorted(small - large)}"
+    )

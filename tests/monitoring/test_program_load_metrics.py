@@ -30,19 +30,28 @@ def datapath(monkeypatch, tmp_path):
     monkeypatch.setattr(pins, "remove_generation", lambda bpffs, number: None)
     monkeypatch.setattr(loader, "_pin_maps", lambda loaded, pin_dir: None)
     pinned: set[str] = set()
-    monkeypatch.setattr(loader, "open_pinned", lambda bpffs, key: types.SimpleNamespace(
-        prog_id=1, pin_dir="", compile_seconds=0.0) if key in pinned else None)
+    monkeypatch.setattr(
+        loader,
+        "open_pinned",
+        lambda bpffs, key: (
+            types.SimpleNamespace(prog_id=1, pin_dir="", compile_seconds=0.0)
+            if key in pinned
+            else None
+        ),
+    )
     metrics = Metrics()
-    dp = BpfDatapath(Settings(bpffs=str(tmp_path), run_dir=str(tmp_path / "run")),
-                     metrics=metrics)
+    dp = BpfDatapath(Settings(bpffs=str(tmp_path), run_dir=str(tmp_path / "run")), metrics=metrics)
     return dp, metrics, pinned
 
 
-@pytest.mark.parametrize("error, result", [
-    (program.CompileFailed("compiling nodecryptor.c failed: boom"), "compile_error"),
-    (program.LoadFailed("loading nc_egress failed: Permission denied"), "load_error"),
-    (RuntimeError("anything else the child's start raises"), "load_error"),
-])
+@pytest.mark.parametrize(
+    "error, result",
+    [
+        (program.CompileFailed("compiling nodecryptor.c failed: boom"), "compile_error"),
+        (program.LoadFailed("loading nc_egress failed: Permission denied"), "load_error"),
+        (RuntimeError("anything else the child's start raises"), "load_error"),
+    ],
+)
 def test_failed_loads_are_counted_by_result(datapath, monkeypatch, error, result):
     dp, metrics, _ = datapath
 
@@ -54,13 +63,11 @@ def test_failed_loads_are_counted_by_result(datapath, monkeypatch, error, result
         dp._load_generation({4: 16, 6: 16})
     assert value(metrics, "nodecryptor_bpf_program_loads_total", result=result) == 1
     others = {"ok", "compile_error", "load_error"} - {result}
-    assert all(value(metrics, "nodecryptor_bpf_program_loads_total", result=r) == 0
-               for r in others)
+    assert all(value(metrics, "nodecryptor_bpf_program_loads_total", result=r) == 0 for r in others)
     assert value(metrics, "nodecryptor_bpf_program_loaded_timestamp_seconds") == 0
 
 
-def test_a_good_load_sets_count_time_and_duration_and_a_reuse_is_not_counted(datapath,
-                                                                             monkeypatch):
+def test_a_good_load_sets_count_time_and_duration_and_a_reuse_is_not_counted(datapath, monkeypatch):
     dp, metrics, pinned = datapath
 
     def compiled(bpffs, built, pin_dir):
@@ -82,5 +89,9 @@ def test_an_unknown_result_keeps_the_label_set_fixed():
     metrics = Metrics()
     metrics.record_program_load("segfault")
     assert value(metrics, "nodecryptor_bpf_program_loads_total", result="load_error") == 1
-    assert metrics.registry.get_sample_value("nodecryptor_bpf_program_loads_total",
-                                             {"result": "segfault"}) is None
+    assert (
+        metrics.registry.get_sample_value(
+            "nodecryptor_bpf_program_loads_total", {"result": "segfault"}
+        )
+        is None
+    )

@@ -27,8 +27,7 @@ def _unit_test(promtool, tmp_path, rule_doc) -> tuple[int, str]:
 
 def test_check_rules(promtool, tmp_path):
     shipped = write_yaml(tmp_path / "shipped.yaml", rules.rule_file())
-    lab = write_yaml(tmp_path / "lab.yaml", rules.lab_rule_file(hold_seconds=10,
-                                                                window_seconds=30))
+    lab = write_yaml(tmp_path / "lab.yaml", rules.lab_rule_file(hold_seconds=10, window_seconds=30))
     out = run(promtool, "check", "rules", shipped, lab)
     assert out.returncode == 0, out.stdout + out.stderr
     count = len(rules.alert_names())
@@ -67,8 +66,9 @@ def test_every_alert_fires_and_resolves():
         assert alert in cases, f"{alert} has no unit test"
         fires = cases[alert]["fires"]
         assert fires, f"{alert} never fires in the unit tests"
-        resolved = [(i, t) for i, t in cases[alert]["clear"]
-                    if any(fi == i and ft < t for fi, ft in fires)]
+        resolved = [
+            (i, t) for i, t in cases[alert]["clear"] if any(fi == i and ft < t for fi, ft in fires)
+        ]
         assert resolved, f"{alert} is never seen resolved after firing"
     assert not set(cases) - set(rules.alert_names()), "unit tests of alerts that do not exist"
 

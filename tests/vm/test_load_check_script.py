@@ -38,8 +38,15 @@ def run_step(tmp_path, result, rc: int, ci: bool = False) -> subprocess.Complete
 
 
 def test_a_rejection_fails_the_step_with_the_verifier_tail(tmp_path):
-    res = run_step(tmp_path, {"ok": False, "error": "DatapathError: load failed",
-                              "log_tail": ["back-edge from insn 412 to 88"]}, rc=1)
+    res = run_step(
+        tmp_path,
+        {
+            "ok": False,
+            "error": "DatapathError: load failed",
+            "log_tail": ["back-edge from insn 412 to 88"],
+        },
+        rc=1,
+    )
     assert res.returncode == 1
     assert "rejected" in res.stderr and "back-edge from insn 412" in res.stderr
 

@@ -25,18 +25,33 @@ def pcap():
     return module
 
 
-def ipv4(src: str, dst: str, proto: int, payload: bytes, frag: int = 0,
-         total: int | None = None) -> bytes:
+def ipv4(
+    src: str, dst: str, proto: int, payload: bytes, frag: int = 0, total: int | None = None
+) -> bytes:
     length = total if total is not None else 20 + len(payload)
-    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, length, 1, frag, 64, proto, 0,
-                         socket.inet_aton(src), socket.inet_aton(dst))
+    header = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        length,
+        1,
+        frag,
+        64,
+        proto,
+        0,
+        socket.inet_aton(src),
+        socket.inet_aton(dst),
+    )
     return header + payload
 
 
 def tcp(sport: int, dport: int, flags: int, options: bytes = b"", data: bytes = b"") -> bytes:
     doff = (20 + len(options)) // 4
-    return struct.pack("!HHIIBBHHH", sport, dport, 0, 0, doff << 4, flags, 65535, 0,
-                       0) + options + data
+    return (
+        struct.pack("!HHIIBBHHH", sport, dport, 0, 0, doff << 4, flags, 65535, 0, 0)
+        + options
+        + data
+    )
 
 
 def udp(sport: int, dport: int, data: bytes) -> bytes:
@@ -59,8 +74,16 @@ def test_ethernet_capture_decodes_tcp_udp_fragments_and_skips_other_frames(pcap,
     mss_nop_ws = b"\x02\x04\x05\xb4" + b"\x01" + b"\x03\x03\x07"
     frames = [
         ether(ipv4("192.168.50.1", "10.0.2.10", 6, tcp(40000, 8080, 0x02, mss_nop_ws))),
-        ether(ipv4("192.168.50.1", "192.168.50.2", 17, udp(51871, 51871, b"x" * 100),
-                   frag=0x2000, total=1500)),
+        ether(
+            ipv4(
+                "192.168.50.1",
+                "192.168.50.2",
+                17,
+                udp(51871, 51871, b"x" * 100),
+                frag=0x2000,
+                total=1500,
+            )
+        ),
         ether(ipv4("192.168.50.1", "192.168.50.2", 17, b"y" * 40, frag=185)),
         ether(b"\x00" * 28, ethertype=0x0806),  # ARP: not IP, skipped
         ether(ipv4("192.168.50.1", "192.168.50.2", 6, tcp(40001, 6443, 0x18, data=b"GET"))),

@@ -45,7 +45,8 @@ def node_from_json(obj: dict) -> NodeInfo:
         node_labels=labels,
         addresses=tuple(("InternalIP", ipaddress.ip_address(a)) for a in obj["addresses"]),
         pod_cidrs=tuple(ipaddress.ip_network(c) for c in obj.get("pod_cidrs", ())),
-        wg_public_key=obj.get("wg_public_key"))
+        wg_public_key=obj.get("wg_public_key"),
+    )
 
 
 def underlay_device(name: str) -> Device:
@@ -68,8 +69,12 @@ class Driver:
         self.cilium_dp = None
 
     def start(self, req: dict) -> dict:
-        self.settings = Settings(node_name=req["local"], bpffs=req["bpffs"],
-                                 devices=(req["device"],), datapath=req["datapath"])
+        self.settings = Settings(
+            node_name=req["local"],
+            bpffs=req["bpffs"],
+            devices=(req["device"],),
+            datapath=req["datapath"],
+        )
         self.snapshot = {n["name"]: node_from_json(n) for n in req["nodes"]}
         self.local = req["local"]
         self.device = req["device"]
@@ -77,11 +82,13 @@ class Driver:
         reply: dict = {"ok": True}
         if req["datapath"] == "bpf":
             from nodecryptor.datapath.bpf import syscall
+
             tcx_ok, tcx_why = syscall.tcx_supported()
             reply["tcx"] = {"supported": tcx_ok, "why": tcx_why}
             self.datapath, self.impl = self._bpf(reply)
         else:
             from nodecryptor.datapath.iprule.backend import IpRuleDatapath
+
             self.datapath, self.impl = IpRuleDatapath(self.settings), "nodecryptor"
             self.datapath.start()
         reply.update(impl=self.impl, start_seconds=round(time.monotonic() - started, 2))
@@ -105,19 +112,31 @@ class Driver:
             return wireguard.read_state(ifname), ""
         except Exception as e:  # recorded in the reply; the test marks it
             error = f"{type(e).__name__}: {e}"
-        dump = subprocess.run(["wg", "show", ifname, "dump"], capture_output=True, text=True,
-                              check=True).stdout.splitlines()
+        dump = subprocess.run(
+            ["wg", "show", ifname, "dump"], capture_output=True, text=True, check=True
+        ).stdout.splitlines()
         _, _, port, fwmark = dump[0].split("\t")
         peers = []
         for line in dump[1:]:
             fields = line.split("\t")
-            peers.append(WgPeer(public_key=fields[0], endpoint=fields[2],
-                                allowed_ips=tuple(ipaddress.ip_network(a)
-                                                  for a in fields[3].split(","))))
+            peers.append(
+                WgPeer(
+                    public_key=fields[0],
+                    endpoint=fields[2],
+                    allowed_ips=tuple(ipaddress.ip_network(a) for a in fields[3].split(",")),
+                )
+            )
         dev = underlay_device(ifname)
-        state = WgState(ifname=ifname, ifindex=dev.ifindex, present=True, up=True, mtu=dev.mtu,
-                        listen_port=int(port), fwmark=int(fwmark, 16) if fwmark != "off" else 0,
-                        peers=tuple(peers))
+        state = WgState(
+            ifname=ifname,
+            ifindex=dev.ifindex,
+            present=True,
+            up=True,
+            mtu=dev.mtu,
+            listen_port=int(port),
+            fwmark=int(fwmark, 16) if fwmark != "off" else 0,
+            peers=tuple(peers),
+        )
         return state, error
 
     def desired(self, clamp: bool):
@@ -133,21 +152,34 @@ class Driver:
         desired = self.desired(req.get("clamp", True))
         started = time.monotonic()
         self.datapath.apply(desired)
-        return {"ok": True, "apply_seconds": time.monotonic() - started,
-                "mss_v4": desired.mss_v4, "max_packet_v4": desired.max_packet_v4,
-                "wg": {"ifindex": desired.wg.ifindex, "mtu": desired.wg.mtu,
-                       "listen_port": desired.wg.listen_port, "fwmark": desired.wg.fwmark,
-                       "peers": len(desired.wg.peers or ())},
-                "destinations": [d.to_json() for d in desired.destinations],
-                "uncovered": sorted(str(p) for p in desired.uncovered),
-                "wireguard_reader_error": self.wg_error}
+        return {
+            "ok": True,
+            "apply_seconds": time.monotonic() - started,
+            "mss_v4": desired.mss_v4,
+            "max_packet_v4": desired.max_packet_v4,
+            "wg": {
+                "ifindex": desired.wg.ifindex,
+                "mtu": desired.wg.mtu,
+                "listen_port": desired.wg.listen_port,
+                "fwmark": desired.wg.fwmark,
+                "peers": len(desired.wg.peers or ()),
+            },
+            "destinations": [d.to_json() for d in desired.destinations],
+            "uncovered": sorted(str(p) for p in desired.uncovered),
+            "wireguard_reader_error": self.wg_error,
+        }
 
     def observe(self, _req: dict) -> dict:
         obs = self.datapath.observe()
-        return {"ok": True, "datapath": obs.datapath, "attached": obs.attached,
-                "ready": obs.ready, "reason": obs.reason,
-                "details": json.loads(json.dumps(obs.details, default=str)),
-                "counters": obs.counters}
+        return {
+            "ok": True,
+            "datapath": obs.datapath,
+            "attached": obs.attached,
+            "ready": obs.ready,
+            "reason": obs.reason,
+            "details": json.loads(json.dumps(obs.details, default=str)),
+            "counters": obs.counters,
+        }
 
     def cilium(self, req: dict) -> dict:
         """The Cilium stand-in on the underlay: start (tail of the hook), reload in place, stop."""
@@ -168,8 +200,11 @@ class Driver:
                 self.cilium_dp.close()
                 self.cilium_dp = None
             return {"ok": True}
-        out.update(ok=True, seconds=round(time.monotonic() - started, 2),
-                   prog_ids=self.cilium_dp.prog_ids())
+        out.update(
+            ok=True,
+            seconds=round(time.monotonic() - started, 2),
+            prog_ids=self.cilium_dp.prog_ids(),
+        )
         return out
 
     def cleanup(self, _req: dict) -> dict:
@@ -183,17 +218,25 @@ def main() -> int:
     # The agent's own structured logs (compile times, attach mode) go to the driver log.
     nclog.setup("text", "info", stream=sys.stderr)
     driver = Driver()
-    ops = {"start": driver.start, "apply": driver.apply, "observe": driver.observe,
-           "cleanup": driver.cleanup, "hello": lambda _req: {"ok": True},
-           "cilium": driver.cilium,
-           "quit": lambda _req: {"ok": True}}
+    ops = {
+        "start": driver.start,
+        "apply": driver.apply,
+        "observe": driver.observe,
+        "cleanup": driver.cleanup,
+        "hello": lambda _req: {"ok": True},
+        "cilium": driver.cilium,
+        "quit": lambda _req: {"ok": True},
+    }
     for line in sys.stdin:
         req = json.loads(line)
         try:
             reply = ops[req["op"]](req)
         except Exception as e:  # report every failure to the scenario, which records it
-            reply = {"ok": False, "error": f"{type(e).__name__}: {e}",
-                     "trace": traceback.format_exc(limit=6)}
+            reply = {
+                "ok": False,
+                "error": f"{type(e).__name__}: {e}",
+                "trace": traceback.format_exc(limit=6),
+            }
         print(json.dumps(reply), flush=True)
         if req["op"] == "quit":
             break

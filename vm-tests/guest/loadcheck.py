@@ -28,11 +28,15 @@ def main() -> int:
     except Exception as e:  # reported, the exit status says it failed
         result.update(ok=False, error=f"{type(e).__name__}: {e}")
     else:
-        result.update(ok=True, verified_insns={
-            "nc_egress": syscall.prog_verified_insns(loaded.prog_fd),
-            "nc_explain": syscall.prog_verified_insns(loaded.explain_fd),
-            "nc_ingress": syscall.prog_verified_insns(loaded.ingress_fd),
-            "nc_explain_ingress": syscall.prog_verified_insns(loaded.explain_ingress_fd)})
+        result.update(
+            ok=True,
+            verified_insns={
+                "nc_egress": syscall.prog_verified_insns(loaded.prog_fd),
+                "nc_explain": syscall.prog_verified_insns(loaded.explain_fd),
+                "nc_ingress": syscall.prog_verified_insns(loaded.ingress_fd),
+                "nc_explain_ingress": syscall.prog_verified_insns(loaded.explain_ingress_fd),
+            },
+        )
         loaded.close()
     result["seconds"] = round(time.monotonic() - started, 2)
     print(json.dumps(result), flush=True)

@@ -89,9 +89,14 @@ def _decode(ip: bytes) -> Packet | None:
     ihl = (ip[0] & 0x0F) * 4
     total, frag = struct.unpack_from("!H2xH", ip, 2)
     proto = ip[9]
-    fields = dict(src=str(ipaddress.IPv4Address(ip[12:16])),
-                  dst=str(ipaddress.IPv4Address(ip[16:20])), proto=proto, length=total,
-                  more_fragments=bool(frag & IP_MF), frag_offset=frag & IP_OFFSET_MASK)
+    fields = dict(
+        src=str(ipaddress.IPv4Address(ip[12:16])),
+        dst=str(ipaddress.IPv4Address(ip[16:20])),
+        proto=proto,
+        length=total,
+        more_fragments=bool(frag & IP_MF),
+        frag_offset=frag & IP_OFFSET_MASK,
+    )
     l4 = ip[ihl:]
     if fields["frag_offset"] == 0 and proto in (6, 17) and len(l4) >= 4:
         fields["sport"], fields["dport"] = struct.unpack_from("!HH", l4, 0)
@@ -122,7 +127,7 @@ def read(path: str) -> list[Packet]:
     packets, pos = [], 24
     while pos + 16 <= len(data):
         caplen = struct.unpack_from(endian + "I", data, pos + 8)[0]
-        frame = data[pos + 16:pos + 16 + caplen]
+        frame = data[pos + 16 : pos + 16 + caplen]
         pos += 16 + caplen
         offset = _ip_offset(linktype, frame)
         if offset is not None:

@@ -33,8 +33,7 @@ sys.path.insert(0, HERE)
 
 import lab as lab_mod
 from lab import A_IP, B_IP, POD_IP, WG_IFNAME, WG_PORT
-from traffic import (Capture, Processes, count, echo, echo_servers, iperf3, ping,
-                     wait_port)
+from traffic import Capture, Processes, count, echo, echo_servers, iperf3, ping, wait_port
 
 BPFFS = "/run/nc-vm-bpffs"  # /sys is remounted by `ip netns exec`; /run is shared with A
 IPERF_BYTES = "2M"
@@ -50,7 +49,12 @@ class DriverClient:
         with open(log_path, "w") as log:
             self.proc = subprocess.Popen(
                 ["ip", "netns", "exec", ns, sys.executable, os.path.join(HERE, "driver.py")],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                env=env,
+            )
         procs.procs.append(self.proc)
 
     def log_tail(self, lines: int = 12) -> list[str]:
@@ -80,6 +84,7 @@ def timed(timings: dict, name: str):
         def __exit__(self, *exc):
             timings[name] = round(time.monotonic() - self.t0, 2)
             return False
+
     return _Timer()
 
 
@@ -93,12 +98,21 @@ def flows():
     out = []
     for target, host in (("node", B_IP), ("pod", POD_IP)):
         out += [
-            (f"tcp_{target}", lambda p, h=host: p.proto == 6 and p.between(h)
-             and p.has_port(ECHO_TCP), lambda ns, h=host: echo(ns, "tcp", h, ECHO_TCP)),
-            (f"udp_{target}", lambda p, h=host: p.proto == 17 and p.between(h)
-             and p.has_port(ECHO_UDP), lambda ns, h=host: echo(ns, "udp", h, ECHO_UDP)),
-            (f"icmp_{target}", lambda p, h=host: p.proto == 1 and p.between(h),
-             lambda ns, h=host: ping(ns, h)),
+            (
+                f"tcp_{target}",
+                lambda p, h=host: p.proto == 6 and p.between(h) and p.has_port(ECHO_TCP),
+                lambda ns, h=host: echo(ns, "tcp", h, ECHO_TCP),
+            ),
+            (
+                f"udp_{target}",
+                lambda p, h=host: p.proto == 17 and p.between(h) and p.has_port(ECHO_UDP),
+                lambda ns, h=host: echo(ns, "udp", h, ECHO_UDP),
+            ),
+            (
+                f"icmp_{target}",
+                lambda p, h=host: p.proto == 1 and p.between(h),
+                lambda ns, h=host: ping(ns, h),
+            ),
         ]
     return out
 
@@ -110,9 +124,11 @@ def check_flows(lab, procs, workdir: str, tag: str) -> dict:
     cap_a.stop()
     cap_b.stop()
     underlay, peer = cap_a.packets(), cap_b.packets()
-    out = {"wireguard_packets_on_underlay": count(underlay, is_wireguard),
-           "clear_ip_on_underlay": count(underlay, lambda p: not is_wireguard(p)),
-           "flows": {}}
+    out = {
+        "wireguard_packets_on_underlay": count(underlay, is_wireguard),
+        "clear_ip_on_underlay": count(underlay, lambda p: not is_wireguard(p)),
+        "flows": {},
+    }
     for name, match, _ in flows():
         out["flows"][name] = {
             "delivered": delivered[name],
@@ -131,13 +147,16 @@ def check_exempt(lab, procs, workdir: str, tag: str) -> dict:
 
     def apiserver(p):
         return p.proto == 6 and p.between(B_IP) and p.has_port(APISERVER)
+
     underlay = cap_a.packets()
-    return {"delivered": delivered,
-            "clear_on_underlay": count(underlay, apiserver),
-            "clear_payload_on_underlay": count(
-                underlay, lambda p: apiserver(p) and p.dst == B_IP and p.payload > 0),
-            "via_wireguard_on_peer": count(cap_b.packets(),
-                                           lambda p: apiserver(p) and p.src == A_IP)}
+    return {
+        "delivered": delivered,
+        "clear_on_underlay": count(underlay, apiserver),
+        "clear_payload_on_underlay": count(
+            underlay, lambda p: apiserver(p) and p.dst == B_IP and p.payload > 0
+        ),
+        "via_wireguard_on_peer": count(cap_b.packets(), lambda p: apiserver(p) and p.src == A_IP),
+    }
 
 
 # Bulk transfers of the MTU experiment: (name, iperf3 server host, reverse). iperf3 -R makes the
@@ -150,10 +169,8 @@ def measure_mtu(lab, procs, workdir: str, tag: str, transfers=TRANSFERS) -> dict
     them are fragments, plus the MSS each side advertised (seen decrypted on B's cilium_wg0)."""
     out = {}
     for name, host, reverse in transfers:
-        cap_a = Capture(procs, lab.a, "eth0", f"{workdir}/{tag}-{name}-underlay.pcap",
-                        snaplen=96)
-        cap_b = Capture(procs, lab.b, WG_IFNAME, f"{workdir}/{tag}-{name}-peer-wg.pcap",
-                        snaplen=96)
+        cap_a = Capture(procs, lab.a, "eth0", f"{workdir}/{tag}-{name}-underlay.pcap", snaplen=96)
+        cap_b = Capture(procs, lab.b, WG_IFNAME, f"{workdir}/{tag}-{name}-peer-wg.pcap", snaplen=96)
         transfer = iperf3(lab.a, host, IPERF_BYTES, reverse=reverse)
         cap_a.stop()
         cap_b.stop()
@@ -161,8 +178,11 @@ def measure_mtu(lab, procs, workdir: str, tag: str, transfers=TRANSFERS) -> dict
         sent = [p for p in cap_a.packets() if p.src == sender and p.dst == receiver]
         wg_packets = count(sent, lambda p: p.proto == 17 and p.dport == WG_PORT)
         first = count(sent, lambda p: p.first_fragment)
-        syns = [p for p in cap_b.packets() if p.proto == 6 and p.tcp_flags & 0x02 and p.mss
-                and p.has_port(5201)]
+        syns = [
+            p
+            for p in cap_b.packets()
+            if p.proto == 6 and p.tcp_flags & 0x02 and p.mss and p.has_port(5201)
+        ]
         out[name] = {
             "transfer": transfer,
             "outer_packets": len(sent),
@@ -171,8 +191,9 @@ def measure_mtu(lab, procs, workdir: str, tag: str, transfers=TRANSFERS) -> dict
             "fragmented_packets": first,
             "fragmented_percent": round(100.0 * first / wg_packets, 1) if wg_packets else None,
             "largest_outer_packet": max((p.length for p in sent), default=0),
-            "clear_tcp_on_underlay": count(cap_a.packets(), lambda p: p.proto == 6
-                                           and p.has_port(5201)),
+            "clear_tcp_on_underlay": count(
+                cap_a.packets(), lambda p: p.proto == 6 and p.has_port(5201)
+            ),
             "mss_a_advertised": sorted({p.mss for p in syns if p.src == A_IP}),
             "mss_peer_advertised": sorted({p.mss for p in syns if p.src != A_IP}),
         }
@@ -180,8 +201,11 @@ def measure_mtu(lab, procs, workdir: str, tag: str, transfers=TRANSFERS) -> dict
 
 
 def tc_filters(ns: str, dev: str, direction: str) -> str:
-    return subprocess.run(["ip", "netns", "exec", ns, "tc", "filter", "show", "dev", dev,
-                           direction], capture_output=True, text=True).stdout
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, "tc", "filter", "show", "dev", dev, direction],
+        capture_output=True,
+        text=True,
+    ).stdout
 
 
 def tc_egress(ns: str) -> str:
@@ -194,31 +218,39 @@ def tc_ingress(ns: str) -> dict:
     return {dev: tc_filters(ns, dev, "ingress") for dev in ("eth0", WG_IFNAME)}
 
 
-def run_datapath(kind: str, driver: DriverClient, lab, procs, workdir: str,
-                 timings: dict) -> dict:
+def run_datapath(kind: str, driver: DriverClient, lab, procs, workdir: str, timings: dict) -> dict:
     res: dict = {"errors": []}
     try:
         with timed(timings, f"{kind}_start"):
             try:
-                res["start"] = driver.request(op="start", datapath=kind, nodes=lab.nodes(),
-                                              local="node-a", device="eth0", bpffs=BPFFS)
+                res["start"] = driver.request(
+                    op="start",
+                    datapath=kind,
+                    nodes=lab.nodes(),
+                    local="node-a",
+                    device="eth0",
+                    bpffs=BPFFS,
+                )
             except RuntimeError as e:
                 # BCC prints the verifier's log on stderr; its last lines name the rejected
                 # instruction and why, so the failing tests show them with the load error.
                 tail = "\n".join(driver.log_tail(8))
                 raise RuntimeError(f"{e}\ndriver log tail:\n{tail}") from e
         # The agent logs each compile+load with its duration (the probe and the real load).
-        res["start"]["load_log"] = [line for line in driver.log_tail(60)
-                                    if "program loaded" in line.lower()]
+        res["start"]["load_log"] = [
+            line for line in driver.log_tail(60) if "program loaded" in line.lower()
+        ]
         with timed(timings, f"{kind}_apply"):
             res["apply"] = driver.request(op="apply", clamp=True)
         res["observe"] = driver.request(op="observe")
         res["tc_egress"] = tc_egress(lab.a)
         res["tc_ingress"] = tc_ingress(lab.a)
-        res["a_rules"] = subprocess.run(["ip", "-n", lab.a, "rule", "show"], capture_output=True,
-                                        text=True).stdout
-        res["a_routes"] = subprocess.run(["ip", "-n", lab.a, "route", "show", "table", "all"],
-                                         capture_output=True, text=True).stdout
+        res["a_rules"] = subprocess.run(
+            ["ip", "-n", lab.a, "rule", "show"], capture_output=True, text=True
+        ).stdout
+        res["a_routes"] = subprocess.run(
+            ["ip", "-n", lab.a, "route", "show", "table", "all"], capture_output=True, text=True
+        ).stdout
         with timed(timings, f"{kind}_flows"):
             res["flows"] = check_flows(lab, procs, workdir, kind)
         if kind == "bpf":
@@ -235,8 +267,9 @@ def run_datapath(kind: str, driver: DriverClient, lab, procs, workdir: str,
         if kind == "bpf":
             res["apply_unclamped"] = driver.request(op="apply", clamp=False)
             with timed(timings, f"{kind}_mtu_unclamped"):
-                res["mtu_unclamped"] = measure_mtu(lab, procs, workdir, f"{kind}-unclamped",
-                                                   TRANSFERS[1:])
+                res["mtu_unclamped"] = measure_mtu(
+                    lab, procs, workdir, f"{kind}-unclamped", TRANSFERS[1:]
+                )
             driver.request(op="apply", clamp=True)
         res["observe_end"] = driver.request(op="observe")
     except Exception as e:  # record and go on: the next datapath still gets its chance
@@ -266,10 +299,15 @@ def scenario(out: dict, datapaths: list[str], workdir: str, logdir: str) -> None
         echo_servers(procs, lab.pod)
         procs.start(lab.pod, "iperf3", "-s")
         procs.start(lab.b, "iperf3", "-s")
-        for ns, proto, port in ((lab.b, "tcp", ECHO_TCP), (lab.b, "tcp", APISERVER),
-                                (lab.b, "udp", ECHO_UDP), (lab.pod, "tcp", ECHO_TCP),
-                                (lab.pod, "udp", ECHO_UDP), (lab.pod, "tcp", 5201),
-                                (lab.b, "tcp", 5201)):
+        for ns, proto, port in (
+            (lab.b, "tcp", ECHO_TCP),
+            (lab.b, "tcp", APISERVER),
+            (lab.b, "udp", ECHO_UDP),
+            (lab.pod, "tcp", ECHO_TCP),
+            (lab.pod, "udp", ECHO_UDP),
+            (lab.pod, "tcp", 5201),
+            (lab.b, "tcp", 5201),
+        ):
             wait_port(ns, proto, port)
         # Kernel WireGuard itself: A reaches B's node address through the tunnel by route.
         with timed(timings, "wireguard_check"):
@@ -282,8 +320,10 @@ def scenario(out: dict, datapaths: list[str], workdir: str, logdir: str) -> None
             driver.request(op="hello", timeout=180)
         # Cilium's cil_to_netdev stand-in at the tail of A's egress hook, for every datapath.
         with timed(timings, "cilium_start"):
-            out["cilium"] = {"start": driver.request(op="cilium", action="start"),
-                             "tc_egress_start": tc_egress(lab.a)}
+            out["cilium"] = {
+                "start": driver.request(op="cilium", action="start"),
+                "tc_egress_start": tc_egress(lab.a),
+            }
         for kind in datapaths:
             out["datapaths"][kind] = run_datapath(kind, driver, lab, procs, workdir, timings)
         out["cilium"]["stop"] = driver.request(op="cilium", action="stop", timeout=60)
@@ -303,35 +343,51 @@ def scenario(out: dict, datapaths: list[str], workdir: str, logdir: str) -> None
 def check_wireguard(lab) -> dict:
     """Kernel WireGuard alone, before nodecryptor: a handshake and a ping to the pod through
     the tunnel, using a temporary /32 route on A (B's endpoint stays reachable by eth0)."""
+
     def route(op: str) -> list[str]:
         return ["ip", "-n", lab.a, "route", op, f"{POD_IP}/32", "dev", WG_IFNAME]
+
     subprocess.run(route("add"), check=True)
     try:
         ok = ping(lab.a, POD_IP)
     finally:
         subprocess.run(route("del"), check=False)
-    shown = subprocess.run(["ip", "netns", "exec", lab.a, "wg", "show", WG_IFNAME,
-                            "latest-handshakes"], capture_output=True, text=True).stdout
+    shown = subprocess.run(
+        ["ip", "netns", "exec", lab.a, "wg", "show", WG_IFNAME, "latest-handshakes"],
+        capture_output=True,
+        text=True,
+    ).stdout
     handshake = any(p.split()[-1] != "0" for p in shown.splitlines() if p.split())
-    kind = subprocess.run(["ip", "-n", lab.a, "-d", "link", "show", WG_IFNAME],
-                          capture_output=True, text=True).stdout
-    return {"ping_through_tunnel": ok, "handshake": handshake,
-            "kernel_device": "wireguard" in kind and os.path.exists("/sys/module/wireguard")}
+    kind = subprocess.run(
+        ["ip", "-n", lab.a, "-d", "link", "show", WG_IFNAME], capture_output=True, text=True
+    ).stdout
+    return {
+        "ping_through_tunnel": ok,
+        "handshake": handshake,
+        "kernel_device": "wireguard" in kind and os.path.exists("/sys/module/wireguard"),
+    }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="where to write the result JSON")
-    ap.add_argument("--datapaths", default="bpf,iprule",
-                    help="comma-separated datapaths to run, in order (default: bpf,iprule)")
+    ap.add_argument(
+        "--datapaths",
+        default="bpf,iprule",
+        help="comma-separated datapaths to run, in order (default: bpf,iprule)",
+    )
     args = ap.parse_args()
     workdir = os.path.join("/tmp", f"nc-vm-{os.getpid()}")
     os.makedirs(workdir, exist_ok=True)
     out = {"kernel": os.uname().release, "timings": {}, "datapaths": {}, "errors": []}
     started = time.monotonic()
     try:
-        scenario(out, [d for d in args.datapaths.split(",") if d], workdir,
-                 os.path.dirname(os.path.abspath(args.out)))
+        scenario(
+            out,
+            [d for d in args.datapaths.split(",") if d],
+            workdir,
+            os.path.dirname(os.path.abspath(args.out)),
+        )
     except Exception as e:  # the JSON must be written whatever happened
         out["errors"].append(f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}")
     out["timings"]["guest_total"] = round(time.monotonic() - started, 2)

@@ -28,8 +28,13 @@ class Processes:
         self.procs: list[subprocess.Popen] = []
 
     def start(self, ns: str, *cmd: str, **kw) -> subprocess.Popen:
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *cmd],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            **kw,
+        )
         self.procs.append(proc)
         return proc
 
@@ -52,14 +57,31 @@ class Processes:
 class Capture:
     """tcpdump on one device of one namespace, written to a pcap file."""
 
-    def __init__(self, procs: Processes, ns: str, dev: str, path: str,
-                 direction: str | None = None, snaplen: int = 128):
+    def __init__(
+        self,
+        procs: Processes,
+        ns: str,
+        dev: str,
+        path: str,
+        direction: str | None = None,
+        snaplen: int = 128,
+    ):
         self.procs, self.path = procs, path
         # --immediate-mode: without it libpcap hands packets over in blocks retired every
         # second, and a capture stopped sooner loses the last block (short phases came back
         # empty). -U writes each packet to the file as it arrives.
-        cmd = ["tcpdump", "-i", dev, "-nn", "--immediate-mode", "-U", "-s", str(snaplen),
-               "-w", path]
+        cmd = [
+            "tcpdump",
+            "-i",
+            dev,
+            "-nn",
+            "--immediate-mode",
+            "-U",
+            "-s",
+            str(snaplen),
+            "-w",
+            path,
+        ]
         if direction:
             cmd += ["-Q", direction]
         self.proc = procs.start(ns, *cmd)
@@ -116,26 +138,40 @@ def echo(ns: str, proto: str, host: str, port: int, timeout: float = 20.0) -> bo
     """Send one line and expect it back: the flow works end to end."""
     address = f"{'TCP' if proto == 'tcp' else 'UDP'}:{host}:{port}"
     try:
-        out = subprocess.run(["ip", "netns", "exec", ns, "socat", "-t", "2", "-T", "8", "-",
-                              address], input=PROBE_TEXT + "\n", capture_output=True,
-                             text=True, timeout=timeout)
+        out = subprocess.run(
+            ["ip", "netns", "exec", ns, "socat", "-t", "2", "-T", "8", "-", address],
+            input=PROBE_TEXT + "\n",
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         return False
     return PROBE_TEXT in out.stdout
 
 
 def ping(ns: str, host: str, count: int = 3) -> bool:
-    out = netns.run("ping", "-c", str(count), "-i", "0.3", "-W", "5", host, netns=ns,
-                    check=False, timeout=30)
+    out = netns.run(
+        "ping", "-c", str(count), "-i", "0.3", "-W", "5", host, netns=ns, check=False, timeout=30
+    )
     return out.returncode == 0
 
 
-def iperf3(ns: str, host: str, nbytes: str, reverse: bool = False,
-           timeout: float = 120.0) -> dict:
+def iperf3(ns: str, host: str, nbytes: str, reverse: bool = False, timeout: float = 120.0) -> dict:
     """A bulk TCP transfer client → host (host → client with ``reverse``); returns iperf3's
     summary (bytes, seconds, bps)."""
-    out = netns.run("iperf3", "-c", host, "-n", nbytes, "-J", *(["-R"] if reverse else []),
-                    netns=ns, check=False, timeout=timeout)
+    out = netns.run(
+        "iperf3",
+        "-c",
+        host,
+        "-n",
+        nbytes,
+        "-J",
+        *(["-R"] if reverse else []),
+        netns=ns,
+        check=False,
+        timeout=timeout,
+    )
     try:
         data = json.loads(out.stdout)
     except json.JSONDecodeError:
@@ -143,6 +179,10 @@ def iperf3(ns: str, host: str, nbytes: str, reverse: bool = False,
     if "error" in data:
         return {"ok": False, "error": data["error"]}
     sent = data["end"]["sum_sent"]
-    return {"ok": True, "bytes": sent["bytes"], "seconds": round(sent["seconds"], 2),
-            "mbit_per_s": round(sent["bits_per_second"] / 1e6, 1),
-            "retransmits": sent.get("retransmits", 0)}
+    return {
+        "ok": True,
+        "bytes": sent["bytes"],
+        "seconds": round(sent["seconds"], 2),
+        "mbit_per_s": round(sent["bits_per_second"] / 1e6, 1),
+        "retransmits": sent.get("retransmits", 0),
+    }

@@ -65,18 +65,28 @@ class LpmV6(C.Structure):
 
 
 class DstInfo(C.Structure):
-    _fields_ = [("kind", C.c_uint8), ("flags", C.c_uint8), ("reserved", C.c_uint16),
-                ("serves", C.c_uint32), ("clients", C.c_uint32)]
+    _fields_ = [
+        ("kind", C.c_uint8),
+        ("flags", C.c_uint8),
+        ("reserved", C.c_uint16),
+        ("serves", C.c_uint32),
+        ("clients", C.c_uint32),
+    ]
 
 
 class PortRange(C.Structure):
-    _fields_ = [("protocol", C.c_uint8), ("flags", C.c_uint8), ("first", C.c_uint16),
-                ("last", C.c_uint16), ("policy", C.c_uint8), ("pad", C.c_uint8)]
+    _fields_ = [
+        ("protocol", C.c_uint8),
+        ("flags", C.c_uint8),
+        ("first", C.c_uint16),
+        ("last", C.c_uint16),
+        ("policy", C.c_uint8),
+        ("pad", C.c_uint8),
+    ]
 
 
 class ExemptRanges(C.Structure):
-    _fields_ = [("count", C.c_uint32), ("pad", C.c_uint32),
-                ("r", PortRange * EXEMPT_RANGES_MAX)]
+    _fields_ = [("count", C.c_uint32), ("pad", C.c_uint32), ("r", PortRange * EXEMPT_RANGES_MAX)]
 
 
 class AddrKey(C.Structure):
@@ -112,8 +122,14 @@ class Config(C.Structure):
 
 
 class FragKey(C.Structure):
-    _fields_ = [("family", C.c_uint8), ("protocol", C.c_uint8), ("pad", C.c_uint16),
-                ("id", C.c_uint32), ("src", C.c_uint8 * 16), ("dst", C.c_uint8 * 16)]
+    _fields_ = [
+        ("family", C.c_uint8),
+        ("protocol", C.c_uint8),
+        ("pad", C.c_uint16),
+        ("id", C.c_uint32),
+        ("src", C.c_uint8 * 16),
+        ("dst", C.c_uint8 * 16),
+    ]
 
 
 class FragVal(C.Structure):
@@ -121,9 +137,15 @@ class FragVal(C.Structure):
 
 
 class FlowKey(C.Structure):
-    _fields_ = [("family", C.c_uint8), ("protocol", C.c_uint8), ("local_port", C.c_uint16),
-                ("remote_port", C.c_uint16), ("pad", C.c_uint16),
-                ("local", C.c_uint8 * 16), ("remote", C.c_uint8 * 16)]
+    _fields_ = [
+        ("family", C.c_uint8),
+        ("protocol", C.c_uint8),
+        ("local_port", C.c_uint16),
+        ("remote_port", C.c_uint16),
+        ("pad", C.c_uint16),
+        ("local", C.c_uint8 * 16),
+        ("remote", C.c_uint8 * 16),
+    ]
 
 
 class FlowVal(C.Structure):
@@ -131,8 +153,12 @@ class FlowVal(C.Structure):
 
 
 class LeakKey(C.Structure):
-    _fields_ = [("family", C.c_uint8), ("protocol", C.c_uint8), ("dport", C.c_uint16),
-                ("src", C.c_uint8 * 16)]
+    _fields_ = [
+        ("family", C.c_uint8),
+        ("protocol", C.c_uint8),
+        ("dport", C.c_uint16),
+        ("src", C.c_uint8 * 16),
+    ]
 
 
 class LeakVal(C.Structure):
@@ -232,10 +258,13 @@ REASON_NAMES = {
     Reason.IN_LEAK_AUDIT: "ingress-cleartext-audited",
     Reason.IN_LEAK_DROP: "ingress-cleartext-dropped",
 }
-EVENT_NAMES = {Event.MSS_CLAMPED: "mss-clamped", Event.OVERSIZE: "oversize",
-               Event.REPLY_NO_FLOW: "exempt-reply-without-flow",
-               Event.FLOW_ADDED: "exempt-flow-added",
-               Event.IN_MSS_CLAMPED: "ingress-mss-clamped"}
+EVENT_NAMES = {
+    Event.MSS_CLAMPED: "mss-clamped",
+    Event.OVERSIZE: "oversize",
+    Event.REPLY_NO_FLOW: "exempt-reply-without-flow",
+    Event.FLOW_ADDED: "exempt-flow-added",
+    Event.IN_MSS_CLAMPED: "ingress-mss-clamped",
+}
 
 REASON_VERDICTS = {
     Reason.DISABLED: VERDICT_PASS,
@@ -343,30 +372,71 @@ LEAKS_MAP = "nc_leaks"
 SUMMARY_MAP = "nc_summary"
 
 MAP_SPECS = (
-    MapSpec(DST_V4_MAP, BPF_MAP_TYPE_HASH, LpmV4, DstInfo, "destinations_v4",
-            flags=BPF_F_NO_PREALLOC),
-    MapSpec(DST_V6_MAP, BPF_MAP_TYPE_HASH, LpmV6, DstInfo, "destinations_v6",
-            flags=BPF_F_NO_PREALLOC),
-    MapSpec(DST_LPM_V4_MAP, BPF_MAP_TYPE_LPM_TRIE, LpmV4, DstInfo, "destinations_v4",
-            flags=BPF_F_NO_PREALLOC),
-    MapSpec(DST_LPM_V6_MAP, BPF_MAP_TYPE_LPM_TRIE, LpmV6, DstInfo, "destinations_v6",
-            flags=BPF_F_NO_PREALLOC),
+    MapSpec(
+        DST_V4_MAP, BPF_MAP_TYPE_HASH, LpmV4, DstInfo, "destinations_v4", flags=BPF_F_NO_PREALLOC
+    ),
+    MapSpec(
+        DST_V6_MAP, BPF_MAP_TYPE_HASH, LpmV6, DstInfo, "destinations_v6", flags=BPF_F_NO_PREALLOC
+    ),
+    MapSpec(
+        DST_LPM_V4_MAP,
+        BPF_MAP_TYPE_LPM_TRIE,
+        LpmV4,
+        DstInfo,
+        "destinations_v4",
+        flags=BPF_F_NO_PREALLOC,
+    ),
+    MapSpec(
+        DST_LPM_V6_MAP,
+        BPF_MAP_TYPE_LPM_TRIE,
+        LpmV6,
+        DstInfo,
+        "destinations_v6",
+        flags=BPF_F_NO_PREALLOC,
+    ),
     MapSpec(EXEMPT_MAP, BPF_MAP_TYPE_ARRAY, C.c_uint32, ExemptRanges, None, fixed_entries=1),
     MapSpec(LOCAL_MAP, BPF_MAP_TYPE_HASH, AddrKey, C.c_uint32, "local_addresses"),
     MapSpec(CONFIG_MAP, BPF_MAP_TYPE_ARRAY, C.c_uint32, Config, None, fixed_entries=1),
-    MapSpec(COUNTERS_MAP, BPF_MAP_TYPE_PERCPU_ARRAY, C.c_uint32, Counter, None,
-            fixed_entries=COUNTER_MAX),
+    MapSpec(
+        COUNTERS_MAP,
+        BPF_MAP_TYPE_PERCPU_ARRAY,
+        C.c_uint32,
+        Counter,
+        None,
+        fixed_entries=COUNTER_MAX,
+    ),
     MapSpec(FRAGS_MAP, BPF_MAP_TYPE_LRU_HASH, FragKey, FragVal, "fragments"),
     # bpf/lib/cilium.h: local pod CIDRs whose traffic to remote pod CIDRs is Cilium's.
-    MapSpec(PODS_V4_MAP, BPF_MAP_TYPE_LPM_TRIE, LpmV4, C.c_uint32, None,
-            fixed_entries=PODS_MAX, flags=BPF_F_NO_PREALLOC),
-    MapSpec(PODS_V6_MAP, BPF_MAP_TYPE_LPM_TRIE, LpmV6, C.c_uint32, None,
-            fixed_entries=PODS_MAX, flags=BPF_F_NO_PREALLOC),
+    MapSpec(
+        PODS_V4_MAP,
+        BPF_MAP_TYPE_LPM_TRIE,
+        LpmV4,
+        C.c_uint32,
+        None,
+        fixed_entries=PODS_MAX,
+        flags=BPF_F_NO_PREALLOC,
+    ),
+    MapSpec(
+        PODS_V6_MAP,
+        BPF_MAP_TYPE_LPM_TRIE,
+        LpmV6,
+        C.c_uint32,
+        None,
+        fixed_entries=PODS_MAX,
+        flags=BPF_F_NO_PREALLOC,
+    ),
     # bpf/lib/flows.h and ingress.h: exempt bootstrap flows and the leak meter.
     MapSpec(FLOWS_MAP, BPF_MAP_TYPE_LRU_HASH, FlowKey, FlowVal, None, fixed_entries=FLOWS_MAX),
     MapSpec(LEAKS_MAP, BPF_MAP_TYPE_LRU_HASH, LeakKey, LeakVal, None, fixed_entries=LEAKS_MAX),
-    MapSpec(SUMMARY_MAP, BPF_MAP_TYPE_ARRAY, C.c_uint32, C.c_uint64, None,
-            fixed_entries=FILTER_WORDS, flags=BPF_F_MMAPABLE),
+    MapSpec(
+        SUMMARY_MAP,
+        BPF_MAP_TYPE_ARRAY,
+        C.c_uint32,
+        C.c_uint64,
+        None,
+        fixed_entries=FILTER_WORDS,
+        flags=BPF_F_MMAPABLE,
+    ),
 )
 DESTINATION_MAPS = {4: DST_V4_MAP, 6: DST_V6_MAP}
 """The maps whose capacity follows the cluster (grown by loading a new generation)."""

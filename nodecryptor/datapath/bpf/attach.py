@@ -102,11 +102,12 @@ def ifindex_of(ifname: str) -> int:
 
 # ---- tcx -----------------------------------------------------------------------------------
 
+
 def _tcx_position(ifindex: int, link_id: int, direction: str = EGRESS) -> tuple[int, list[int]]:
     chain = syscall.prog_query(ifindex, _tcx_type(direction))
     ids = chain["link_ids"]
     pos = ids.index(link_id) if link_id in ids else -1
-    return pos, chain["prog_ids"][:max(pos, 0)]
+    return pos, chain["prog_ids"][: max(pos, 0)]
 
 
 def tcx_observe(bpffs: str, ifname: str, direction: str = EGRESS) -> Attachment | None:
@@ -123,18 +124,24 @@ def tcx_observe(bpffs: str, ifname: str, direction: str = EGRESS) -> Attachment 
     current = ifindex_of(ifname)
     # A link whose device is gone reports ifindex 0; a re-created device has a new ifindex.
     defunct = info.tcx_ifindex == 0 or info.tcx_ifindex != current
-    att = Attachment(device=ifname, ifindex=info.tcx_ifindex, mode=MODE_TCX,
-                     prog_id=info.prog_id, link_id=info.id, defunct=defunct)
+    att = Attachment(
+        device=ifname,
+        ifindex=info.tcx_ifindex,
+        mode=MODE_TCX,
+        prog_id=info.prog_id,
+        link_id=info.id,
+        defunct=defunct,
+    )
     if defunct:
         return att
     pos, before = _tcx_position(current, info.id, direction)
-    shadow = (f"tcx program(s) {before} run before nodecryptor on {ifname} {direction}"
-              if pos > 0 else "")
+    shadow = (
+        f"tcx program(s) {before} run before nodecryptor on {ifname} {direction}" if pos > 0 else ""
+    )
     return Attachment(**{**asdict(att), "position": pos, "shadowed_by": shadow})
 
 
-def tcx_attach(bpffs: str, ifname: str, prog_fd: syscall.Fd,
-               direction: str = EGRESS) -> Attachment:
+def tcx_attach(bpffs: str, ifname: str, prog_fd: syscall.Fd, direction: str = EGRESS) -> Attachment:
     """Make ``prog_fd`` the program of ``ifname``'s pinned tcx link: swap it in place when the
     link is alive, else (re)create the link at the head of the chain and pin it."""
     ifindex = ifindex_of(ifname)
@@ -148,29 +155,40 @@ def tcx_attach(bpffs: str, ifname: str, prog_fd: syscall.Fd,
         with syscall.obj_get(path) as link:
             try:
                 syscall.link_update(link, prog_fd)
-                log.debug("tcx program swapped in place",
-                          extra=kv(device=ifname, link_id=current.link_id))
+                log.debug(
+                    "tcx program swapped in place", extra=kv(device=ifname, link_id=current.link_id)
+                )
                 return tcx_observe(bpffs, ifname, direction)
             except OSError as e:
                 if e.errno != errno.ENOLINK:
                     raise
     if current is not None:
-        log.info("pinned tcx link is defunct (device deleted or re-created); replacing it",
-                 extra=kv(device=ifname, old_link_id=current.link_id,
-                          old_ifindex=current.ifindex, ifindex=ifindex))
+        log.info(
+            "pinned tcx link is defunct (device deleted or re-created); replacing it",
+            extra=kv(
+                device=ifname,
+                old_link_id=current.link_id,
+                old_ifindex=current.ifindex,
+                ifindex=ifindex,
+            ),
+        )
         pins.unlink(path)
     # The pin becomes the link's only reference once this object is closed.
-    with syscall.tcx_link_create(prog_fd, ifindex, _tcx_type(direction),
-                                 syscall.BPF_F_BEFORE) as link:
+    with syscall.tcx_link_create(
+        prog_fd, ifindex, _tcx_type(direction), syscall.BPF_F_BEFORE
+    ) as link:
         try:
             syscall.obj_pin(link, path)
         except OSError:
             syscall.link_detach(link)
             raise
     att = tcx_observe(bpffs, ifname, direction)
-    log.info("tcx link created at the head of the chain",
-             extra=kv(device=ifname, direction=direction, ifindex=ifindex,
-                      link_id=att.link_id if att else 0))
+    log.info(
+        "tcx link created at the head of the chain",
+        extra=kv(
+            device=ifname, direction=direction, ifindex=ifindex, link_id=att.link_id if att else 0
+        ),
+    )
     return att
 
 
@@ -197,6 +215,7 @@ def tcx_detach(bpffs: str, ifname: str, direction: str = EGRESS) -> bool:
 
 # ---- legacy tc -----------------------------------------------------------------------------
 
+
 def _filters(ipr: IPRoute, ifindex: int, direction: str = EGRESS) -> list[dict]:
     """The hook's filters in classification order (headers without a handle left out)."""
     out = []
@@ -204,9 +223,15 @@ def _filters(ipr: IPRoute, ifindex: int, direction: str = EGRESS) -> list[dict]:
         if not msg["handle"]:
             continue
         name = msg.get_nested("TCA_OPTIONS", "TCA_BPF_NAME")
-        out.append({"prio": msg["info"] >> 16, "handle": msg["handle"],
-                    "kind": msg.get_attr("TCA_KIND"), "name": name,
-                    "prog_id": _tc_bpf_id(msg)})
+        out.append(
+            {
+                "prio": msg["info"] >> 16,
+                "handle": msg["handle"],
+                "kind": msg.get_attr("TCA_KIND"),
+                "name": name,
+                "prog_id": _tc_bpf_id(msg),
+            }
+        )
     return out
 
 
@@ -242,8 +267,9 @@ def _is_ours(f: dict) -> bool:
     return f["kind"] == "bpf" and f["handle"] == TC_HANDLE and f["name"] == TC_NAME
 
 
-def _tc_observe(ipr: IPRoute, ifname: str, ifindex: int, prog_id: int = 0,
-                direction: str = EGRESS) -> Attachment | None:
+def _tc_observe(
+    ipr: IPRoute, ifname: str, ifindex: int, prog_id: int = 0, direction: str = EGRESS
+) -> Attachment | None:
     try:
         filters = _filters(ipr, ifindex, direction)
     except NetlinkError as e:
@@ -254,16 +280,26 @@ def _tc_observe(ipr: IPRoute, ifname: str, ifindex: int, prog_id: int = 0,
     if not ours:
         return None
     pos = ours[0]
-    shadows = [f"filter prio {f['prio']} handle 0x{f['handle']:x} "
-               f"({' '.join(x for x in (f['kind'], f['name']) if x)})" for f in filters[:pos]]
+    shadows = [
+        f"filter prio {f['prio']} handle 0x{f['handle']:x} "
+        f"({' '.join(x for x in (f['kind'], f['name']) if x)})"
+        for f in filters[:pos]
+    ]
     ok, _ = syscall.tcx_supported()
     if ok:
         chain = syscall.prog_query(ifindex, _tcx_type(direction))
         if chain["prog_ids"]:
             shadows.append(f"tcx program(s) {chain['prog_ids']} (tcx runs before clsact)")
-    return Attachment(device=ifname, ifindex=ifindex, mode=MODE_TC, prog_id=prog_id,
-                      handle=TC_HANDLE, prio=TC_PRIO, position=pos,
-                      shadowed_by="; ".join(shadows))
+    return Attachment(
+        device=ifname,
+        ifindex=ifindex,
+        mode=MODE_TC,
+        prog_id=prog_id,
+        handle=TC_HANDLE,
+        prio=TC_PRIO,
+        position=pos,
+        shadowed_by="; ".join(shadows),
+    )
 
 
 def tc_observe(ifname: str, prog_id: int = 0, direction: str = EGRESS) -> Attachment | None:
@@ -274,8 +310,9 @@ def tc_observe(ifname: str, prog_id: int = 0, direction: str = EGRESS) -> Attach
         return _tc_observe(ipr, ifname, ifindex, prog_id, direction)
 
 
-def tc_attach(ifname: str, prog_fd: syscall.Fd, prog_id: int = 0,
-              direction: str = EGRESS) -> Attachment:
+def tc_attach(
+    ifname: str, prog_fd: syscall.Fd, prog_id: int = 0, direction: str = EGRESS
+) -> Attachment:
     """Ensure the clsact qdisc and replace nodecryptor's filter of ``direction`` in place."""
     ifindex = ifindex_of(ifname)
     if not ifindex:
@@ -289,17 +326,31 @@ def tc_attach(ifname: str, prog_fd: syscall.Fd, prog_id: int = 0,
         # "replace" would overwrite any filter with this handle and priority: refuse when it
         # is not nodecryptor's (another tool picked the same handle).
         try:
-            taken = [f for f in _filters(ipr, ifindex, direction)
-                     if f["handle"] == TC_HANDLE and f["prio"] == TC_PRIO and not _is_ours(f)]
+            taken = [
+                f
+                for f in _filters(ipr, ifindex, direction)
+                if f["handle"] == TC_HANDLE and f["prio"] == TC_PRIO and not _is_ours(f)
+            ]
         except NetlinkError:
             taken = []
         if taken:
-            raise OSError(errno.EEXIST, f"a foreign filter ({taken[0]['kind']} "
-                                        f"{taken[0]['name'] or 'unnamed'}) holds handle "
-                                        f"0x{TC_HANDLE:x} prio {TC_PRIO} on {ifname}")
-        ipr.tc("replace-filter", "bpf", ifindex, TC_HANDLE, fd=syscall.fd_number(prog_fd),
-               name=TC_NAME,
-               parent=_tc_parent(direction), prio=TC_PRIO, direct_action=True)
+            raise OSError(
+                errno.EEXIST,
+                f"a foreign filter ({taken[0]['kind']} "
+                f"{taken[0]['name'] or 'unnamed'}) holds handle "
+                f"0x{TC_HANDLE:x} prio {TC_PRIO} on {ifname}",
+            )
+        ipr.tc(
+            "replace-filter",
+            "bpf",
+            ifindex,
+            TC_HANDLE,
+            fd=syscall.fd_number(prog_fd),
+            name=TC_NAME,
+            parent=_tc_parent(direction),
+            prio=TC_PRIO,
+            direct_action=True,
+        )
         att = _tc_observe(ipr, ifname, ifindex, prog_id, direction)
     log.debug("tc filter replaced", extra=kv(device=ifname, handle=hex(TC_HANDLE)))
     return att
@@ -307,8 +358,7 @@ def tc_attach(ifname: str, prog_fd: syscall.Fd, prog_id: int = 0,
 
 def _tc_delete(ipr: IPRoute, ifindex: int, direction: str = EGRESS) -> None:
     try:
-        ipr.tc("del-filter", "bpf", ifindex, TC_HANDLE, parent=_tc_parent(direction),
-               prio=TC_PRIO)
+        ipr.tc("del-filter", "bpf", ifindex, TC_HANDLE, parent=_tc_parent(direction), prio=TC_PRIO)
     except NetlinkError as e:
         if e.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
             raise
@@ -358,12 +408,14 @@ def tc_detach(ifname: str, ifindex: int | None = None, direction: str = EGRESS) 
         if not any(_is_ours(f) for f in filters):
             return False
         _tc_delete(ipr, ifindex, direction)
-    log.info("tc filter removed", extra=kv(device=ifname, direction=direction,
-                                           handle=hex(TC_HANDLE)))
+    log.info(
+        "tc filter removed", extra=kv(device=ifname, direction=direction, handle=hex(TC_HANDLE))
+    )
     return True
 
 
 # ---- listing ---------------------------------------------------------------------------------
+
 
 def query(ifindex: int, direction: str = EGRESS) -> dict:
     """The whole hook of a device in ``direction``: the tcx chain in order (program and link
@@ -372,15 +424,19 @@ def query(ifindex: int, direction: str = EGRESS) -> dict:
     ok, why = syscall.tcx_supported()
     if ok:
         chain = syscall.prog_query(ifindex, _tcx_type(direction))
-        out["tcx"] = [{"position": i, "prog_id": prog, "link_id": link}
-                      for i, (prog, link) in enumerate(zip(chain["prog_ids"], chain["link_ids"]))]
+        out["tcx"] = [
+            {"position": i, "prog_id": prog, "link_id": link}
+            for i, (prog, link) in enumerate(zip(chain["prog_ids"], chain["link_ids"]))
+        ]
         out["tcx_revision"] = chain["revision"]
     else:
         out["tcx_unavailable"] = why
     with IPRoute() as ipr:
         try:
-            out["tc"] = [{**f, "handle": f"0x{f['handle']:x}", "ours": _is_ours(f)}
-                         for f in _filters(ipr, ifindex, direction)]
+            out["tc"] = [
+                {**f, "handle": f"0x{f['handle']:x}", "ours": _is_ours(f)}
+                for f in _filters(ipr, ifindex, direction)
+            ]
         except NetlinkError:
             out["tc"] = []
     return out

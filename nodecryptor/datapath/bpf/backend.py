@@ -77,8 +77,9 @@ class BpfDatapath:
 
         bpffs = self.settings.bpffs
         if not pins.is_bpffs(bpffs):
-            raise NotSupported("bpffs", f"{bpffs} is not a mounted bpf filesystem "
-                                        f"(mount -t bpf bpf {bpffs})")
+            raise NotSupported(
+                "bpffs", f"{bpffs} is not a mounted bpf filesystem (mount -t bpf bpf {bpffs})"
+            )
         tcx_ok, tcx_why = syscall.tcx_supported()
         if self.attach_mode == attach.MODE_TCX and not tcx_ok:
             raise NotSupported("tcx", tcx_why, minimum="Linux 6.6")
@@ -96,10 +97,17 @@ class BpfDatapath:
         self._attached_generation = pins.current_generation(bpffs)
         self._attached_key = loader.key_of_prog(bpffs, inspect.pinned_prog_id(self.settings))
         self._loaded = self._load_generation(capacities, restart=True)
-        log.info("bpf program loaded",
-                 extra=kv(prog_id=self._loaded.prog_id, mode=self.mode, why=self.mode_reason,
-                          pin_dir=self._loaded.pin_dir, capacity_v4=capacities[4],
-                          capacity_v6=capacities[6]))
+        log.info(
+            "bpf program loaded",
+            extra=kv(
+                prog_id=self._loaded.prog_id,
+                mode=self.mode,
+                why=self.mode_reason,
+                pin_dir=self._loaded.pin_dir,
+                capacity_v4=capacities[4],
+                capacity_v6=capacities[6],
+            ),
+        )
         if self.metrics is not None and not self._collector_registered:
             collector.register(self.metrics.registry, self.settings)
             self._collector_registered = True
@@ -114,8 +122,7 @@ class BpfDatapath:
         out = {4: sizes.destinations_v4, 6: sizes.destinations_v6}
         for family, name in abi.DESTINATION_MAPS.items():
             try:
-                pinned = syscall.obj_get(pins.map_path(self.settings.bpffs, name),
-                                         read_only=True)
+                pinned = syscall.obj_get(pins.map_path(self.settings.bpffs, name), read_only=True)
             except OSError:
                 continue
             with pinned:
@@ -127,8 +134,9 @@ class BpfDatapath:
         from its pins, or compiled in a child process)."""
         from nodecryptor.datapath.bpf import loader
 
-        self._generation, got = loader.load_generation(self.settings, capacities, restart,
-                                                       self.metrics)
+        self._generation, got = loader.load_generation(
+            self.settings, capacities, restart, self.metrics
+        )
         self._program = got.summary()
         return got.loaded
 
@@ -146,19 +154,27 @@ class BpfDatapath:
 
         counts = encode.destination_counts(desired)
         sizes = self.settings.map_sizes
-        capacities = {4: self._capacity_for(counts[4], sizes.destinations_v4),
-                      6: self._capacity_for(counts[6], sizes.destinations_v6)}
+        capacities = {
+            4: self._capacity_for(counts[4], sizes.destinations_v4),
+            6: self._capacity_for(counts[6], sizes.destinations_v6),
+        }
         old, old_generation = self._loaded, self._generation
-        log.info("destination maps too small; loading a larger generation",
-                 extra=kv(why=str(error), ipv4=counts[4], ipv6=counts[6],
-                          capacity_v4=capacities[4], capacity_v6=capacities[6]))
+        log.info(
+            "destination maps too small; loading a larger generation",
+            extra=kv(
+                why=str(error),
+                ipv4=counts[4],
+                ipv6=counts[6],
+                capacity_v4=capacities[4],
+                capacity_v6=capacities[6],
+            ),
+        )
         try:
             new = self._load_generation(capacities)
         except NotSupported as e:
             raise DatapathError(f"growing the maps failed: {e}") from e
         try:
-            diff.sync(new.map_fds, desired, now_ns=time.monotonic_ns(),
-                      capacities=new.capacities)
+            diff.sync(new.map_fds, desired, now_ns=time.monotonic_ns(), capacities=new.capacities)
         except Exception:
             new.close()
             pins.remove_generation(self.settings.bpffs, self._generation)
@@ -187,12 +203,17 @@ class BpfDatapath:
         if not over:
             self._capacity_problem = ""
             return
-        problem = ("desired state refused as a whole: " + ", ".join(
-            f"{n} IPv{f} destinations exceed the hard cap of {cap}" for f, n in over.items())
-            + "; the previous state keeps enforcing")
+        problem = (
+            "desired state refused as a whole: "
+            + ", ".join(
+                f"{n} IPv{f} destinations exceed the hard cap of {cap}" for f, n in over.items()
+            )
+            + "; the previous state keeps enforcing"
+        )
         if problem != self._capacity_problem:
-            log.error("datapath capacity exceeded",
-                      extra=kv(ipv4=counts[4], ipv6=counts[6], hard_cap=cap))
+            log.error(
+                "datapath capacity exceeded", extra=kv(ipv4=counts[4], ipv6=counts[6], hard_cap=cap)
+            )
         self._capacity_problem = problem
         if self.metrics is not None:
             self.metrics.capacity_refused.inc()
@@ -217,8 +238,12 @@ class BpfDatapath:
         try:
             try:
                 # CLOCK_MONOTONIC, the clock bpf_ktime_get_ns reads: the agent-alive timestamp.
-                diff.sync(self._loaded.map_fds, desired, now_ns=time.monotonic_ns(),
-                          capacities=self._loaded.capacities)
+                diff.sync(
+                    self._loaded.map_fds,
+                    desired,
+                    now_ns=time.monotonic_ns(),
+                    capacities=self._loaded.capacities,
+                )
             except diff.CapacityError as e:
                 self._grow(desired, e)
         except Exception as e:  # any failure here is retried by the reconcile loop
@@ -253,10 +278,10 @@ class BpfDatapath:
         try:
             self._detach_others(set(wanted), {tunnel} - {""})
             if inspect.pinned_prog_id(self.settings) != self._loaded.prog_id:
-                pins.pin_prog(self.settings.bpffs, self._loaded.prog_fd,
-                              self._loaded.explain_fd)
-                pins.pin_ingress_progs(self.settings.bpffs, self._loaded.ingress_fd,
-                                       self._loaded.explain_ingress_fd)
+                pins.pin_prog(self.settings.bpffs, self._loaded.prog_fd, self._loaded.explain_fd)
+                pins.pin_ingress_progs(
+                    self.settings.bpffs, self._loaded.ingress_fd, self._loaded.explain_ingress_fd
+                )
         except Exception as e:
             failures.append(f"detach/pin: {e}")
         self._last_error = "; ".join(failures)
@@ -271,13 +296,16 @@ class BpfDatapath:
         from nodecryptor.datapath.bpf.maps import diff
 
         try:
-            old = syscall.obj_get(pins.map_path(self.settings.bpffs, abi.COUNTERS_MAP),
-                                  read_only=True)
+            old = syscall.obj_get(
+                pins.map_path(self.settings.bpffs, abi.COUNTERS_MAP), read_only=True
+            )
         except OSError:
             return  # first start, or an agent of another ABI version: start from zero
         with old:
-            if syscall.map_info(old).id == syscall.map_info(
-                    self._loaded.map_fds[abi.COUNTERS_MAP]).id:
+            if (
+                syscall.map_info(old).id
+                == syscall.map_info(self._loaded.map_fds[abi.COUNTERS_MAP]).id
+            ):
                 return  # the new generation pins the same maps (a reused program set)
             try:
                 diff.copy_counters(old, self._loaded.map_fds[abi.COUNTERS_MAP])
@@ -293,8 +321,7 @@ class BpfDatapath:
                     copied = diff.copy_entries(old, self._loaded.map_fds[name], name)
                     log.info("map entries carried over", extra=kv(map=name, entries=copied))
                 except OSError as e:
-                    log.warning("cannot carry map entries over",
-                                extra=kv(map=name, error=str(e)))
+                    log.warning("cannot carry map entries over", extra=kv(map=name, error=str(e)))
 
     def _switch_generation(self) -> None:
         """After every device runs the new program: point ``current`` at its maps and remove
@@ -310,9 +337,12 @@ class BpfDatapath:
         if self._retired is not None:
             self._retired.close()
             self._retired = None
-        log.info("map generation attached",
-                 extra=kv(generation=self._generation, prog_id=self._loaded.prog_id,
-                          removed=len(removed)))
+        log.info(
+            "map generation attached",
+            extra=kv(
+                generation=self._generation, prog_id=self._loaded.prog_id, removed=len(removed)
+            ),
+        )
 
     def _attach(self, ifname: str) -> attach.Attachment:
         # Ingress first: the egress swap moves the generation, and both programs of one load
@@ -326,8 +356,7 @@ class BpfDatapath:
     def _attach_ingress(self, ifname: str) -> attach.Attachment:
         loaded = self._loaded
         if self.mode == attach.MODE_TCX:
-            return attach.tcx_attach(self.settings.bpffs, ifname, loaded.ingress_fd,
-                                     attach.INGRESS)
+            return attach.tcx_attach(self.settings.bpffs, ifname, loaded.ingress_fd, attach.INGRESS)
         return attach.tc_attach(ifname, loaded.ingress_fd, loaded.ingress_id, attach.INGRESS)
 
     def _detach_others(self, wanted: set[str], ingress_only: set[str] = frozenset()) -> None:
@@ -373,23 +402,43 @@ class BpfDatapath:
     def observe(self) -> Observation:
         # Called from the health server's thread too: work on a snapshot of the references.
         loaded, desired = self._loaded, self._desired
-        base = {"mode": self.mode, "mode_reason": self.mode_reason,
-                "prog_id": loaded.prog_id if loaded is not None else 0,
-                "pin_dir": loaded.pin_dir if loaded is not None else "",
-                "generation": self._generation, "program": dict(self._program),
-                "capacity": ({f"ipv{f}": c for f, c in loaded.capacities.items()}
-                             if loaded is not None else {})}
+        base = {
+            "mode": self.mode,
+            "mode_reason": self.mode_reason,
+            "prog_id": loaded.prog_id if loaded is not None else 0,
+            "pin_dir": loaded.pin_dir if loaded is not None else "",
+            "generation": self._generation,
+            "program": dict(self._program),
+            "capacity": (
+                {f"ipv{f}": c for f, c in loaded.capacities.items()} if loaded is not None else {}
+            ),
+        }
         if loaded is None:
-            return Observation(datapath=self.name, attached=False, ready=False,
-                               reason="bpf datapath not started", details=base)
+            return Observation(
+                datapath=self.name,
+                attached=False,
+                ready=False,
+                reason="bpf datapath not started",
+                details=base,
+            )
         if desired is None:
-            return Observation(datapath=self.name, attached=False, ready=False,
-                               reason="no desired state applied yet", details=base)
+            return Observation(
+                datapath=self.name,
+                attached=False,
+                ready=False,
+                reason="no desired state applied yet",
+                details=base,
+            )
         try:
             atts = self.attachments(desired)
         except Exception as e:  # observe never raises for an expected condition
-            return Observation(datapath=self.name, attached=False, ready=False,
-                               reason=f"cannot read attachments: {e}", details=base)
+            return Observation(
+                datapath=self.name,
+                attached=False,
+                ready=False,
+                reason=f"cannot read attachments: {e}",
+                details=base,
+            )
         problems = []
         by_name = {a.device: a for a in atts}
         for dev in desired.devices:
@@ -410,15 +459,22 @@ class BpfDatapath:
             problems.append(f"last apply: {self._last_error}")
         counters = {}
         try:
-            counters = {name: c["packets"]
-                        for name, c in decode.counters_of(
-                            loaded.map_fds[abi.COUNTERS_MAP]).items()}
+            counters = {
+                name: c["packets"]
+                for name, c in decode.counters_of(loaded.map_fds[abi.COUNTERS_MAP]).items()
+            }
         except (OSError, KeyError) as e:
             base["counters_error"] = str(e)
         details = {**base, "devices": [a.to_json() for a in atts]}
         attached = bool(atts) and all(not a.defunct for a in atts)
-        return Observation(datapath=self.name, attached=attached, ready=not problems,
-                           reason="; ".join(problems), details=details, counters=counters)
+        return Observation(
+            datapath=self.name,
+            attached=attached,
+            ready=not problems,
+            reason="; ".join(problems),
+            details=details,
+            counters=counters,
+        )
 
     # ---- shutdown ----------------------------------------------------------------------------
 
@@ -435,8 +491,10 @@ class BpfDatapath:
     def cleanup(self) -> None:
         self.close()
         removed = inspect.cleanup(self.settings)
-        log.info("bpf datapath removed", extra=kv(**{k: len(v) for k, v in removed.items()
-                                                    if isinstance(v, list)}))
+        log.info(
+            "bpf datapath removed",
+            extra=kv(**{k: len(v) for k, v in removed.items() if isinstance(v, list)}),
+        )
         self._desired = None
         self._swept = False
 

@@ -26,6 +26,7 @@ from nodecryptor.datapath.bpf.maps import decode
 
 log = logging.getLogger(__name__)
 
+
 def read_pinned_counters(bpffs: str) -> dict[str, dict]:
     """The pinned counters, summed over CPUs (maps.decode.counters_of)."""
     with syscall.obj_get(pins.map_path(bpffs, abi.COUNTERS_MAP), read_only=True) as counters:
@@ -54,15 +55,22 @@ class DatapathCollector:
         return []
 
     def collect(self):
-        packets = CounterMetricFamily("nodecryptor_datapath_packets",
-                                      "Packets seen by the BPF program, by verdict reason.",
-                                      labels=["reason", "verdict"])
-        nbytes = CounterMetricFamily("nodecryptor_datapath_bytes",
-                                     "Bytes seen by the BPF program, by verdict reason.",
-                                     labels=["reason", "verdict"])
-        events = CounterMetricFamily("nodecryptor_datapath_events",
-                                     "Datapath events counted besides the verdict (MSS clamped, "
-                                     "oversize packet redirected).", labels=["event"])
+        packets = CounterMetricFamily(
+            "nodecryptor_datapath_packets",
+            "Packets seen by the BPF program, by verdict reason.",
+            labels=["reason", "verdict"],
+        )
+        nbytes = CounterMetricFamily(
+            "nodecryptor_datapath_bytes",
+            "Bytes seen by the BPF program, by verdict reason.",
+            labels=["reason", "verdict"],
+        )
+        events = CounterMetricFamily(
+            "nodecryptor_datapath_events",
+            "Datapath events counted besides the verdict (MSS clamped, "
+            "oversize packet redirected).",
+            labels=["event"],
+        )
         try:
             counters = read_pinned_counters(self.bpffs)
         except (OSError, ValueError) as e:
@@ -79,12 +87,15 @@ class DatapathCollector:
         cleartext = CounterMetricFamily(
             "nodecryptor_cleartext_packets",
             "Cluster traffic seen in the clear: exempt bootstrap flows, audited and dropped "
-            "leaks from peers.", labels=["direction", "verdict"])
+            "leaks from peers.",
+            labels=["direction", "verdict"],
+        )
         if counters:
             for (direction, verdict), value in cleartext_totals(counters).items():
                 cleartext.add_metric([direction, verdict], value)
-        errors = CounterMetricFamily("nodecryptor_datapath_read_errors",
-                                     "Scrapes that failed to read the BPF counters map.")
+        errors = CounterMetricFamily(
+            "nodecryptor_datapath_read_errors", "Scrapes that failed to read the BPF counters map."
+        )
         with self._lock:
             errors.add_metric([], self._read_errors)
         yield packets

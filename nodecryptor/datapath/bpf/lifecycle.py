@@ -56,14 +56,20 @@ def remove_unknown(bpffs: str) -> list[str]:
     removed = []
     for name in pins.unknown_root_entries(bpffs):
         path = os.path.join(top, name)
-        paths = ([os.path.join(path, n) for n in sorted(os.listdir(path))]
-                 if os.path.isdir(path) and not os.path.islink(path) else [path])
+        paths = (
+            [os.path.join(path, n) for n in sorted(os.listdir(path))]
+            if os.path.isdir(path) and not os.path.islink(path)
+            else [path]
+        )
         for pin in paths:
             _detach_if_link(pin)
         removed += pins.remove_path(path)
-        log.warning("removed pins of a newer nodecryptor release this one does not know "
-                    "(rolled back?): its hooks are detached, so no program keeps running "
-                    "with maps nobody updates", extra=kv(entry=path))
+        log.warning(
+            "removed pins of a newer nodecryptor release this one does not know "
+            "(rolled back?): its hooks are detached, so no program keeps running "
+            "with maps nobody updates",
+            extra=kv(entry=path),
+        )
     return removed
 
 
@@ -141,8 +147,11 @@ def remove_unused_generations(bpffs: str) -> list[int]:
         pins.remove_generation(bpffs, number)
         removed.append(number)
     if removed:
-        log.info("removed map generations no program runs (left by agents that died before "
-                 "attaching them)", extra=kv(generations=removed, kept=keep))
+        log.info(
+            "removed map generations no program runs (left by agents that died before "
+            "attaching them)",
+            extra=kv(generations=removed, kept=keep),
+        )
     return removed
 
 
@@ -172,8 +181,11 @@ def repair_split(bpffs: str) -> list[str]:
             except OSError:
                 # No consistent pair to return to (an agent from before the ingress program):
                 # the next apply moves every hook to one new generation.
-                log.warning("hooks run programs of different map generations and no pinned "
-                            "pair to return to", extra=kv(missing=path))
+                log.warning(
+                    "hooks run programs of different map generations and no pinned "
+                    "pair to return to",
+                    extra=kv(missing=path),
+                )
                 return []
         ids = {d: syscall.prog_info(fd).id for d, fd in fds.items()}
         moved = []
@@ -185,10 +197,11 @@ def repair_split(bpffs: str) -> list[str]:
             else:
                 attach.tc_attach(name, fds[direction], ids[direction], direction)
             moved.append(f"{direction} {name}")
-        log.warning("hooks ran programs of different map generations (an agent was stopped "
-                    "between the ingress and the egress swap); put back on the pinned pair",
-                    extra=kv(moved=moved, egress_prog=ids[attach.EGRESS],
-                             ingress_prog=ids[attach.INGRESS]))
+        log.warning(
+            "hooks ran programs of different map generations (an agent was stopped "
+            "between the ingress and the egress swap); put back on the pinned pair",
+            extra=kv(moved=moved, egress_prog=ids[attach.EGRESS], ingress_prog=ids[attach.INGRESS]),
+        )
         return moved
     finally:
         for obj in fds.values():

@@ -167,8 +167,12 @@ def explain_ingress_prog_path(bpffs: str) -> str:
     return os.path.join(root(bpffs), "prog-explain-ingress")
 
 
-PROGRAM_PINS = {"nc_egress": "egress", "nc_explain": "explain", "nc_ingress": "ingress",
-                "nc_explain_ingress": "explain-ingress"}
+PROGRAM_PINS = {
+    "nc_egress": "egress",
+    "nc_explain": "explain",
+    "nc_ingress": "ingress",
+    "nc_explain_ingress": "explain-ingress",
+}
 """Entry function -> pin name inside a program key directory."""
 PROGRAM_MAPS = "maps"
 """Subdirectory of a program key directory pinning the maps its programs were loaded with."""
@@ -264,17 +268,24 @@ def check_dir(path: str) -> None:
     if mode & 0o022:
         problems.append("writable by group or others")
     if problems:
-        raise UnsafePinDir(f"refusing pin directory {path} (owner uid {st.st_uid}, mode "
-                           f"{mode:04o}): {', '.join(problems)}; nodecryptor's pin directories "
-                           "must be root-owned and not group/other writable (remove it, or "
-                           "chown root and chmod 0700)")
+        raise UnsafePinDir(
+            f"refusing pin directory {path} (owner uid {st.st_uid}, mode "
+            f"{mode:04o}): {', '.join(problems)}; nodecryptor's pin directories "
+            "must be root-owned and not group/other writable (remove it, or "
+            "chown root and chmod 0700)"
+        )
 
 
 def ensure_dirs(bpffs: str) -> None:
     """Create nodecryptor's pin directories 0700, or check the existing ones (UnsafePinDir
     when another user owns one or could write to it)."""
-    for d in (root(bpffs), abi_dir(bpffs), links_dir(bpffs), links_dir(bpffs, "ingress"),
-              programs_dir(bpffs)):
+    for d in (
+        root(bpffs),
+        abi_dir(bpffs),
+        links_dir(bpffs),
+        links_dir(bpffs, "ingress"),
+        programs_dir(bpffs),
+    ):
         try:
             os.mkdir(d, mode=0o700)
         except FileExistsError:
@@ -307,8 +318,10 @@ def pin_prog(bpffs: str, prog_fd: syscall.Fd, explain_fd: syscall.Fd = -1) -> No
 
 def pin_ingress_progs(bpffs: str, prog_fd: syscall.Fd, explain_fd: syscall.Fd) -> None:
     """(Re)pin the ingress program and its dry-run twin (inspection only, as pin_prog)."""
-    for fd, path in ((explain_fd, explain_ingress_prog_path(bpffs)),
-                     (prog_fd, ingress_prog_path(bpffs))):
+    for fd, path in (
+        (explain_fd, explain_ingress_prog_path(bpffs)),
+        (prog_fd, ingress_prog_path(bpffs)),
+    ):
         unlink(path)
         if _present(fd):
             syscall.obj_pin(fd, path)
@@ -321,8 +334,17 @@ def pinned_link_names(bpffs: str, direction: str = "egress") -> list[str]:
         return []
 
 
-KNOWN_ROOT_ENTRIES = frozenset({"links", "links-ingress", "prog", "prog-explain", "prog-ingress",
-                                "prog-explain-ingress", "programs"})
+KNOWN_ROOT_ENTRIES = frozenset(
+    {
+        "links",
+        "links-ingress",
+        "prog",
+        "prog-explain",
+        "prog-ingress",
+        "prog-explain-ingress",
+        "programs",
+    }
+)
 """Every name this release puts directly under the root, besides its v<ABI> directory. The
 compatibility rule (operator guide, "Upgrades and rollbacks"): a later release adds hooks only
 under new ``links-<hook>/`` directories and maps only under a new ``v<ABI>/``, so a release
@@ -336,8 +358,7 @@ def unknown_root_entries(bpffs: str) -> list[str]:
         names = os.listdir(root(bpffs))
     except FileNotFoundError:
         return []
-    return sorted(n for n in names
-                  if n not in KNOWN_ROOT_ENTRIES and not re.match(r"^v[0-9]+$", n))
+    return sorted(n for n in names if n not in KNOWN_ROOT_ENTRIES and not re.match(r"^v[0-9]+$", n))
 
 
 def remove_path(path: str) -> list[str]:

@@ -78,11 +78,18 @@ def inline_source(root: Path | None = None) -> str:
             if not match:
                 out.append(line)
                 continue
-            target = next((d / match.group(1) for d in [path.parent] + search
-                           if (d / match.group(1)).is_file()), None)
+            target = next(
+                (
+                    d / match.group(1)
+                    for d in [path.parent] + search
+                    if (d / match.group(1)).is_file()
+                ),
+                None,
+            )
             if target is None:
-                raise DatapathError(f"{path}:{number}: include {match.group(1)!r} not found "
-                                    f"under {root}")
+                raise DatapathError(
+                    f"{path}:{number}: include {match.group(1)!r} not found under {root}"
+                )
             target = target.resolve()
             if target not in seen:
                 seen.add(target)
@@ -92,8 +99,9 @@ def inline_source(root: Path | None = None) -> str:
 
     entry = root / ENTRY_FILE
     if not entry.is_file():
-        raise DatapathError(f"BPF source {entry} not found (the package is installed without "
-                            "its package data)")
+        raise DatapathError(
+            f"BPF source {entry} not found (the package is installed without its package data)"
+        )
     return "\n".join(expand(entry.resolve())) + "\n"
 
 
@@ -108,8 +116,10 @@ def cflags(settings: Settings, pin_dir: str | None = None, root: Path | None = N
         flags.append(f"-D{define}={value}")
     if pin_dir is not None:
         if '"' in pin_dir or "\\" in pin_dir:
-            raise DatapathError(f"pin directory {pin_dir!r} may not contain quotes or "
-                                "backslashes (it becomes a C string literal)")
+            raise DatapathError(
+                f"pin directory {pin_dir!r} may not contain quotes or "
+                "backslashes (it becomes a C string literal)"
+            )
         flags.append(f'-DNC_PIN_DIR="{pin_dir.rstrip("/")}"')
     return flags
 
@@ -149,8 +159,9 @@ def _import_bcc():
     try:
         import bcc  # the single import of bcc in nodecryptor
     except Exception as e:  # ImportError, or libbcc.so failing to load (OSError)
-        raise NotSupported("BCC", f"cannot import bcc: {e}",
-                           minimum="Debian package python3-bpfcc") from e
+        raise NotSupported(
+            "BCC", f"cannot import bcc: {e}", minimum="Debian package python3-bpfcc"
+        ) from e
     return bcc
 
 
@@ -160,8 +171,10 @@ def _headers_present() -> tuple[bool, str]:
     for path in (os.environ.get("BCC_KERNEL_SOURCE"), build, "/sys/kernel/kheaders.tar.xz"):
         if path and os.path.exists(path):
             return True, path
-    return False, (f"no kernel headers at {build} (nor BCC_KERNEL_SOURCE or "
-                   "/sys/kernel/kheaders.tar.xz); scripts/setup.sh links Debian's")
+    return False, (
+        f"no kernel headers at {build} (nor BCC_KERNEL_SOURCE or "
+        "/sys/kernel/kheaders.tar.xz); scripts/setup.sh links Debian's"
+    )
 
 
 class CompileFailed(DatapathError):
@@ -187,13 +200,22 @@ def load(settings: Settings, pin_dir: str | None = None) -> LoadedProgram:
     clang/LLVM never stays in its memory.
     """
     root = bpf_dir()
-    return load_text(inline_source(root), cflags(settings, pin_dir, root), root, pin_dir,
-                     capacities={4: settings.map_sizes.destinations_v4,
-                                 6: settings.map_sizes.destinations_v6})
+    return load_text(
+        inline_source(root),
+        cflags(settings, pin_dir, root),
+        root,
+        pin_dir,
+        capacities={4: settings.map_sizes.destinations_v4, 6: settings.map_sizes.destinations_v6},
+    )
 
 
-def load_text(text: str, flags: list[str], root: Path, pin_dir: str | None,
-              capacities: dict[int, int] | None = None) -> LoadedProgram:
+def load_text(
+    text: str,
+    flags: list[str],
+    root: Path,
+    pin_dir: str | None,
+    capacities: dict[int, int] | None = None,
+) -> LoadedProgram:
     """Compile ``text`` with ``flags`` (both from ``inline_source`` and ``cflags``) and load
     the four entry points; ``root`` only names the source in error messages."""
     bcc = _import_bcc()
@@ -222,14 +244,24 @@ def load_text(text: str, flags: list[str], root: Path, pin_dir: str | None,
         raise LoadFailed(f"loading {name.decode()} failed: {e}") from e
     elapsed = time.monotonic() - started
     prog_id = syscall.prog_info(fn.fd).id
-    log.info("BPF program loaded", extra=kv(prog_id=prog_id, seconds=round(elapsed, 3),
-                                             pin_dir=pin_dir or "-"))
-    return LoadedProgram(prog_fd=fn.fd, prog_id=prog_id, map_fds=map_fds,
-                         explain_fd=dry.fd, explain_id=syscall.prog_info(dry.fd).id,
-                         ingress_fd=ingress.fd, ingress_id=syscall.prog_info(ingress.fd).id,
-                         explain_ingress_fd=dry_ingress.fd,
-                         capacities=dict(capacities or {}),
-                         compile_seconds=elapsed, pin_dir=pin_dir, _bpf=module)
+    log.info(
+        "BPF program loaded",
+        extra=kv(prog_id=prog_id, seconds=round(elapsed, 3), pin_dir=pin_dir or "-"),
+    )
+    return LoadedProgram(
+        prog_fd=fn.fd,
+        prog_id=prog_id,
+        map_fds=map_fds,
+        explain_fd=dry.fd,
+        explain_id=syscall.prog_info(dry.fd).id,
+        ingress_fd=ingress.fd,
+        ingress_id=syscall.prog_info(ingress.fd).id,
+        explain_ingress_fd=dry_ingress.fd,
+        capacities=dict(capacities or {}),
+        compile_seconds=elapsed,
+        pin_dir=pin_dir,
+        _bpf=module,
+    )
 
 
 VERIFIER_TAIL_LINES = 4
@@ -263,7 +295,7 @@ def _load_func(module, name: bytes, prog_type):
             text = b"".join(chunks)
             view = memoryview(text)
             while view:
-                view = view[os.write(2, view):]
+                view = view[os.write(2, view) :]
     finally:
         os.close(saved)
         os.close(captured)
@@ -282,8 +314,13 @@ def load_empty() -> LoadedProgram:
     started = time.monotonic()
     module = bcc.BPF(text=b"#include <uapi/linux/pkt_cls.h>\n" + EMPTY_PROGRAM)
     fn = module.load_func(b"nc_empty", bcc.BPF.SCHED_CLS)
-    return LoadedProgram(prog_fd=fn.fd, prog_id=syscall.prog_info(fn.fd).id, map_fds={},
-                         compile_seconds=time.monotonic() - started, _bpf=module)
+    return LoadedProgram(
+        prog_fd=fn.fd,
+        prog_id=syscall.prog_info(fn.fd).id,
+        map_fds={},
+        compile_seconds=time.monotonic() - started,
+        _bpf=module,
+    )
 
 
 def probe(settings: Settings) -> tuple[bool, str]:
@@ -303,6 +340,7 @@ def probe(settings: Settings) -> tuple[bool, str]:
 
 # ---- the compile child -----------------------------------------------------------------------
 
+
 def compile_and_pin(request: dict) -> dict:
     """What the short-lived compile child does (loader.py starts it): compile the text of the
     request with its flags, load the four entry points (maps pinned in ``pin_dir``), pin the
@@ -310,14 +348,18 @@ def compile_and_pin(request: dict) -> dict:
     so a reader sees either no program set or a complete one. Returns the reply for the
     parent; raises what ``load_text`` raises. The maps are pinned in ``stage_dir`` as well,
     under ``maps_subdir``."""
-    loaded = load_text(request["text"], request["cflags"], Path(request["root"]),
-                       request["pin_dir"])
+    loaded = load_text(
+        request["text"], request["cflags"], Path(request["root"]), request["pin_dir"]
+    )
     try:
         stage = request["stage_dir"]
         os.mkdir(stage, mode=0o700)
-        fds = {ENTRY_FUNCTION: loaded.prog_fd, EXPLAIN_FUNCTION: loaded.explain_fd,
-               INGRESS_FUNCTION: loaded.ingress_fd,
-               EXPLAIN_INGRESS_FUNCTION: loaded.explain_ingress_fd}
+        fds = {
+            ENTRY_FUNCTION: loaded.prog_fd,
+            EXPLAIN_FUNCTION: loaded.explain_fd,
+            INGRESS_FUNCTION: loaded.ingress_fd,
+            EXPLAIN_INGRESS_FUNCTION: loaded.explain_ingress_fd,
+        }
         for function, pin_name in request["pins"].items():
             syscall.obj_pin(fds[function.encode()], os.path.join(stage, pin_name))
         # The maps too: the agent opens them by path, as BPF_MAP_GET_FD_BY_ID would need
@@ -326,8 +368,7 @@ def compile_and_pin(request: dict) -> dict:
         for name, fd in loaded.map_fds.items():
             syscall.obj_pin(fd, os.path.join(stage, request["maps_subdir"], name))
         os.rename(stage, request["key_dir"])
-        return {"ok": True, "compile_seconds": loaded.compile_seconds,
-                "prog_id": loaded.prog_id}
+        return {"ok": True, "compile_seconds": loaded.compile_seconds, "prog_id": loaded.prog_id}
     finally:
         loaded.close()
 
@@ -340,11 +381,20 @@ def _child_main() -> int:
     try:
         reply = compile_and_pin(json.load(sys.stdin))
     except NotSupported as e:
-        reply = {"ok": False, "kind": "not_supported", "feature": e.feature, "why": e.why,
-                 "minimum": e.minimum}
+        reply = {
+            "ok": False,
+            "kind": "not_supported",
+            "feature": e.feature,
+            "why": e.why,
+            "minimum": e.minimum,
+        }
     except Exception as e:  # CompileFailed, LoadFailed, or an OSError while pinning
-        reply = {"ok": False, "kind": "datapath", "message": str(e),
-                 "stage": getattr(e, "stage", "load_error")}
+        reply = {
+            "ok": False,
+            "kind": "datapath",
+            "message": str(e),
+            "stage": getattr(e, "stage", "load_error"),
+        }
     json.dump(reply, sys.stdout)
     sys.stdout.flush()
     return 0 if reply["ok"] else 1

@@ -115,22 +115,44 @@ def _addr(buf: Any) -> int:
 
 
 class _MapElemAttr(C.Structure):
-    _fields_ = [("map_fd", C.c_uint32), ("pad", C.c_uint32), ("key", C.c_uint64),
-                ("value", C.c_uint64), ("flags", C.c_uint64)]
+    _fields_ = [
+        ("map_fd", C.c_uint32),
+        ("pad", C.c_uint32),
+        ("key", C.c_uint64),
+        ("value", C.c_uint64),
+        ("flags", C.c_uint64),
+    ]
 
 
 class _ObjAttr(C.Structure):
-    _fields_ = [("pathname", C.c_uint64), ("bpf_fd", C.c_uint32), ("file_flags", C.c_uint32),
-                ("path_fd", C.c_int32), ("pad", C.c_uint32)]
+    _fields_ = [
+        ("pathname", C.c_uint64),
+        ("bpf_fd", C.c_uint32),
+        ("file_flags", C.c_uint32),
+        ("path_fd", C.c_int32),
+        ("pad", C.c_uint32),
+    ]
 
 
 class _TestRunAttr(C.Structure):
-    _fields_ = [("prog_fd", C.c_uint32), ("retval", C.c_uint32), ("data_size_in", C.c_uint32),
-                ("data_size_out", C.c_uint32), ("data_in", C.c_uint64), ("data_out", C.c_uint64),
-                ("repeat", C.c_uint32), ("duration", C.c_uint32), ("ctx_size_in", C.c_uint32),
-                ("ctx_size_out", C.c_uint32), ("ctx_in", C.c_uint64), ("ctx_out", C.c_uint64),
-                ("flags", C.c_uint32), ("cpu", C.c_uint32), ("batch_size", C.c_uint32),
-                ("pad", C.c_uint32)]
+    _fields_ = [
+        ("prog_fd", C.c_uint32),
+        ("retval", C.c_uint32),
+        ("data_size_in", C.c_uint32),
+        ("data_size_out", C.c_uint32),
+        ("data_in", C.c_uint64),
+        ("data_out", C.c_uint64),
+        ("repeat", C.c_uint32),
+        ("duration", C.c_uint32),
+        ("ctx_size_in", C.c_uint32),
+        ("ctx_size_out", C.c_uint32),
+        ("ctx_in", C.c_uint64),
+        ("ctx_out", C.c_uint64),
+        ("flags", C.c_uint32),
+        ("cpu", C.c_uint32),
+        ("batch_size", C.c_uint32),
+        ("pad", C.c_uint32),
+    ]
 
 
 class _GetIdAttr(C.Structure):
@@ -142,22 +164,41 @@ class _InfoAttr(C.Structure):
 
 
 class _QueryAttr(C.Structure):
-    _fields_ = [("target", C.c_uint32), ("attach_type", C.c_uint32), ("query_flags", C.c_uint32),
-                ("attach_flags", C.c_uint32), ("prog_ids", C.c_uint64), ("count", C.c_uint32),
-                ("pad", C.c_uint32), ("prog_attach_flags", C.c_uint64), ("link_ids", C.c_uint64),
-                ("link_attach_flags", C.c_uint64), ("revision", C.c_uint64)]
+    _fields_ = [
+        ("target", C.c_uint32),
+        ("attach_type", C.c_uint32),
+        ("query_flags", C.c_uint32),
+        ("attach_flags", C.c_uint32),
+        ("prog_ids", C.c_uint64),
+        ("count", C.c_uint32),
+        ("pad", C.c_uint32),
+        ("prog_attach_flags", C.c_uint64),
+        ("link_ids", C.c_uint64),
+        ("link_attach_flags", C.c_uint64),
+        ("revision", C.c_uint64),
+    ]
 
 
 class _LinkCreateAttr(C.Structure):
-    _fields_ = [("prog_fd", C.c_uint32), ("target_ifindex", C.c_uint32),
-                ("attach_type", C.c_uint32), ("flags", C.c_uint32),
-                ("relative", C.c_uint32), ("pad", C.c_uint32), ("expected_revision", C.c_uint64),
-                ("pad2", C.c_uint64 * 2)]
+    _fields_ = [
+        ("prog_fd", C.c_uint32),
+        ("target_ifindex", C.c_uint32),
+        ("attach_type", C.c_uint32),
+        ("flags", C.c_uint32),
+        ("relative", C.c_uint32),
+        ("pad", C.c_uint32),
+        ("expected_revision", C.c_uint64),
+        ("pad2", C.c_uint64 * 2),
+    ]
 
 
 class _LinkUpdateAttr(C.Structure):
-    _fields_ = [("link_fd", C.c_uint32), ("new_prog_fd", C.c_uint32), ("flags", C.c_uint32),
-                ("old_prog_fd", C.c_uint32)]
+    _fields_ = [
+        ("link_fd", C.c_uint32),
+        ("new_prog_fd", C.c_uint32),
+        ("flags", C.c_uint32),
+        ("old_prog_fd", C.c_uint32),
+    ]
 
 
 class _LinkDetachAttr(C.Structure):
@@ -165,32 +206,61 @@ class _LinkDetachAttr(C.Structure):
 
 
 class _MapCreateAttr(C.Structure):
-    _fields_ = [("map_type", C.c_uint32), ("key_size", C.c_uint32), ("value_size", C.c_uint32),
-                ("max_entries", C.c_uint32), ("map_flags", C.c_uint32),
-                ("inner_map_fd", C.c_uint32), ("numa_node", C.c_uint32),
-                ("map_name", C.c_char * 16)]
+    _fields_ = [
+        ("map_type", C.c_uint32),
+        ("key_size", C.c_uint32),
+        ("value_size", C.c_uint32),
+        ("max_entries", C.c_uint32),
+        ("map_flags", C.c_uint32),
+        ("inner_map_fd", C.c_uint32),
+        ("numa_node", C.c_uint32),
+        ("map_name", C.c_char * 16),
+    ]
 
 
 class ProgInfo(C.Structure):
-    _fields_ = [("type", C.c_uint32), ("id", C.c_uint32), ("tag", C.c_uint8 * 8),
-                ("jited_prog_len", C.c_uint32), ("xlated_prog_len", C.c_uint32),
-                ("jited_prog_insns", C.c_uint64), ("xlated_prog_insns", C.c_uint64),
-                ("load_time", C.c_uint64), ("created_by_uid", C.c_uint32),
-                ("nr_map_ids", C.c_uint32), ("map_ids", C.c_uint64), ("name", C.c_char * 16),
-                ("ifindex", C.c_uint32), ("_rest", C.c_uint8 * 160)]
+    _fields_ = [
+        ("type", C.c_uint32),
+        ("id", C.c_uint32),
+        ("tag", C.c_uint8 * 8),
+        ("jited_prog_len", C.c_uint32),
+        ("xlated_prog_len", C.c_uint32),
+        ("jited_prog_insns", C.c_uint64),
+        ("xlated_prog_insns", C.c_uint64),
+        ("load_time", C.c_uint64),
+        ("created_by_uid", C.c_uint32),
+        ("nr_map_ids", C.c_uint32),
+        ("map_ids", C.c_uint64),
+        ("name", C.c_char * 16),
+        ("ifindex", C.c_uint32),
+        ("_rest", C.c_uint8 * 160),
+    ]
 
 
 class MapInfo(C.Structure):
-    _fields_ = [("type", C.c_uint32), ("id", C.c_uint32), ("key_size", C.c_uint32),
-                ("value_size", C.c_uint32), ("max_entries", C.c_uint32),
-                ("map_flags", C.c_uint32), ("name", C.c_char * 16), ("ifindex", C.c_uint32),
-                ("_rest", C.c_uint8 * 64)]
+    _fields_ = [
+        ("type", C.c_uint32),
+        ("id", C.c_uint32),
+        ("key_size", C.c_uint32),
+        ("value_size", C.c_uint32),
+        ("max_entries", C.c_uint32),
+        ("map_flags", C.c_uint32),
+        ("name", C.c_char * 16),
+        ("ifindex", C.c_uint32),
+        ("_rest", C.c_uint8 * 64),
+    ]
 
 
 class LinkInfo(C.Structure):
-    _fields_ = [("type", C.c_uint32), ("id", C.c_uint32), ("prog_id", C.c_uint32),
-                ("pad", C.c_uint32), ("tcx_ifindex", C.c_uint32), ("tcx_attach_type", C.c_uint32),
-                ("_rest", C.c_uint8 * 64)]
+    _fields_ = [
+        ("type", C.c_uint32),
+        ("id", C.c_uint32),
+        ("prog_id", C.c_uint32),
+        ("pad", C.c_uint32),
+        ("tcx_ifindex", C.c_uint32),
+        ("tcx_attach_type", C.c_uint32),
+        ("_rest", C.c_uint8 * 64),
+    ]
 
 
 BPF_LINK_TYPE_TCX = 11
@@ -214,8 +284,10 @@ def obj_get(path: str, read_only: bool = False) -> BpfObject:
 
 
 def _info(fd: Fd, info: Any) -> Any:
-    _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd_number(fd), info_len=C.sizeof(info),
-                                            info=C.addressof(info)))
+    _bpf(
+        BPF_OBJ_GET_INFO_BY_FD,
+        _InfoAttr(bpf_fd=fd_number(fd), info_len=C.sizeof(info), info=C.addressof(info)),
+    )
     return info
 
 
@@ -238,7 +310,7 @@ def prog_map_ids(fd: Fd) -> list[int]:
     ids = (C.c_uint32 * max(count, 1))()
     info = ProgInfo(nr_map_ids=count, map_ids=C.addressof(ids))
     _info(fd, info)
-    return sorted(ids[:min(count, info.nr_map_ids)])
+    return sorted(ids[: min(count, info.nr_map_ids)])
 
 
 def map_info(fd: Fd) -> MapInfo:
@@ -263,20 +335,34 @@ def link_fd_by_id(link_id: int) -> BpfObject:
     return _owned(_bpf(BPF_LINK_GET_FD_BY_ID, _GetIdAttr(id=link_id)))
 
 
-def map_create(map_type: int, key_size: int, value_size: int, max_entries: int,
-               flags: int = 0, name: str = "") -> BpfObject:
-    return _owned(_bpf(BPF_MAP_CREATE, _MapCreateAttr(map_type=map_type, key_size=key_size,
-                                               value_size=value_size, max_entries=max_entries,
-                                               map_flags=flags, map_name=name.encode()[:15])))
+def map_create(
+    map_type: int, key_size: int, value_size: int, max_entries: int, flags: int = 0, name: str = ""
+) -> BpfObject:
+    return _owned(
+        _bpf(
+            BPF_MAP_CREATE,
+            _MapCreateAttr(
+                map_type=map_type,
+                key_size=key_size,
+                value_size=value_size,
+                max_entries=max_entries,
+                map_flags=flags,
+                map_name=name.encode()[:15],
+            ),
+        )
+    )
 
 
 # ---- map elements --------------------------------------------------------------------------
 
+
 def map_lookup(fd: Fd, key: Any, value: Any) -> bool:
     """Fill ``value`` (a ctypes object) from ``key``; False when the key is absent."""
     try:
-        _bpf(BPF_MAP_LOOKUP_ELEM, _MapElemAttr(map_fd=fd_number(fd), key=C.addressof(key),
-                                               value=C.addressof(value)))
+        _bpf(
+            BPF_MAP_LOOKUP_ELEM,
+            _MapElemAttr(map_fd=fd_number(fd), key=C.addressof(key), value=C.addressof(value)),
+        )
         return True
     except OSError as e:
         if e.errno == errno.ENOENT:
@@ -285,8 +371,12 @@ def map_lookup(fd: Fd, key: Any, value: Any) -> bool:
 
 
 def map_update(fd: Fd, key: Any, value: Any, flags: int = BPF_ANY) -> None:
-    _bpf(BPF_MAP_UPDATE_ELEM, _MapElemAttr(map_fd=fd_number(fd), key=C.addressof(key),
-                                           value=C.addressof(value), flags=flags))
+    _bpf(
+        BPF_MAP_UPDATE_ELEM,
+        _MapElemAttr(
+            map_fd=fd_number(fd), key=C.addressof(key), value=C.addressof(value), flags=flags
+        ),
+    )
 
 
 def map_delete(fd: Fd, key: Any) -> bool:
@@ -306,8 +396,10 @@ def map_keys(fd: Fd, key_type: type) -> Iterator[Any]:
     while True:
         nxt = key_type()
         try:
-            _bpf(BPF_MAP_GET_NEXT_KEY, _MapElemAttr(map_fd=fd_number(fd), key=_addr(key),
-                                                    value=C.addressof(nxt)))
+            _bpf(
+                BPF_MAP_GET_NEXT_KEY,
+                _MapElemAttr(map_fd=fd_number(fd), key=_addr(key), value=C.addressof(nxt)),
+            )
         except OSError as e:
             if e.errno == errno.ENOENT:
                 return
@@ -339,10 +431,14 @@ def percpu_lookup(fd: Fd, key: Any, value_type: type[Any]) -> list[Any]:
     ncpu = possible_cpus()
     stride = (C.sizeof(value_type) + 7) & ~7
     buf = (C.c_uint8 * (stride * ncpu))()
-    _bpf(BPF_MAP_LOOKUP_ELEM, _MapElemAttr(map_fd=fd_number(fd), key=C.addressof(key),
-                                           value=C.addressof(buf)))
-    return [value_type.from_buffer_copy(bytes(buf[i * stride:i * stride + C.sizeof(value_type)]))
-            for i in range(ncpu)]
+    _bpf(
+        BPF_MAP_LOOKUP_ELEM,
+        _MapElemAttr(map_fd=fd_number(fd), key=C.addressof(key), value=C.addressof(buf)),
+    )
+    return [
+        value_type.from_buffer_copy(bytes(buf[i * stride : i * stride + C.sizeof(value_type)]))
+        for i in range(ncpu)
+    ]
 
 
 def percpu_update(fd: Fd, key: Any, values: list[Any]) -> None:
@@ -355,42 +451,66 @@ def percpu_update(fd: Fd, key: Any, values: list[Any]) -> None:
     buf = (C.c_uint8 * (stride * ncpu))()
     for i, value in enumerate(values[:ncpu]):
         C.memmove(C.addressof(buf) + i * stride, C.addressof(value), C.sizeof(value_type))
-    _bpf(BPF_MAP_UPDATE_ELEM, _MapElemAttr(map_fd=fd_number(fd), key=C.addressof(key),
-                                           value=C.addressof(buf)))
+    _bpf(
+        BPF_MAP_UPDATE_ELEM,
+        _MapElemAttr(map_fd=fd_number(fd), key=C.addressof(key), value=C.addressof(buf)),
+    )
 
 
 # ---- programs, tcx links -------------------------------------------------------------------
 
-def prog_test_run(prog_fd: Fd, data: bytes, ctx_in: bytes | None = None,
-                  ctx_out_size: int = 0, repeat: int = 1) -> tuple[int, bytes, bytes, int]:
+
+def prog_test_run(
+    prog_fd: Fd, data: bytes, ctx_in: bytes | None = None, ctx_out_size: int = 0, repeat: int = 1
+) -> tuple[int, bytes, bytes, int]:
     """BPF_PROG_TEST_RUN. Returns (retval, data_out, ctx_out, duration_ns per run)."""
     din = C.create_string_buffer(data, len(data))
     dout = C.create_string_buffer(len(data) + 256)
     cin = C.create_string_buffer(ctx_in, len(ctx_in)) if ctx_in else None
     cout = C.create_string_buffer(ctx_out_size) if ctx_out_size else None
-    attr = _TestRunAttr(prog_fd=fd_number(prog_fd), data_size_in=len(data),
-                        data_size_out=C.sizeof(dout),
-                        data_in=C.addressof(din), data_out=C.addressof(dout), repeat=repeat,
-                        ctx_size_in=len(ctx_in) if ctx_in else 0,
-                        ctx_size_out=ctx_out_size, ctx_in=_addr(cin), ctx_out=_addr(cout))
+    attr = _TestRunAttr(
+        prog_fd=fd_number(prog_fd),
+        data_size_in=len(data),
+        data_size_out=C.sizeof(dout),
+        data_in=C.addressof(din),
+        data_out=C.addressof(dout),
+        repeat=repeat,
+        ctx_size_in=len(ctx_in) if ctx_in else 0,
+        ctx_size_out=ctx_out_size,
+        ctx_in=_addr(cin),
+        ctx_out=_addr(cout),
+    )
     _bpf(BPF_PROG_TEST_RUN, attr)
     # A signed view of retval: TCX_NEXT / TC_ACT_UNSPEC is -1.
     retval = C.c_int32(attr.retval).value
-    return (retval, dout.raw[:attr.data_size_out],
-            cout.raw[:attr.ctx_size_out] if cout else b"", attr.duration)
+    return (
+        retval,
+        dout.raw[: attr.data_size_out],
+        cout.raw[: attr.ctx_size_out] if cout else b"",
+        attr.duration,
+    )
 
 
-def prog_query(ifindex: int, attach_type: int = BPF_TCX_EGRESS,
-               max_count: int = 64) -> dict[str, Any]:
+def prog_query(
+    ifindex: int, attach_type: int = BPF_TCX_EGRESS, max_count: int = 64
+) -> dict[str, Any]:
     """BPF_PROG_QUERY on a device hook: program ids and link ids in chain order, revision."""
     prog_ids = (C.c_uint32 * max_count)()
     link_ids = (C.c_uint32 * max_count)()
-    attr = _QueryAttr(target=ifindex, attach_type=attach_type, prog_ids=C.addressof(prog_ids),
-                      count=max_count, link_ids=C.addressof(link_ids))
+    attr = _QueryAttr(
+        target=ifindex,
+        attach_type=attach_type,
+        prog_ids=C.addressof(prog_ids),
+        count=max_count,
+        link_ids=C.addressof(link_ids),
+    )
     _bpf(BPF_PROG_QUERY, attr)
     n = attr.count
-    return {"prog_ids": list(prog_ids[:n]), "link_ids": list(link_ids[:n]),
-            "revision": attr.revision}
+    return {
+        "prog_ids": list(prog_ids[:n]),
+        "link_ids": list(link_ids[:n]),
+        "revision": attr.revision,
+    }
 
 
 def tcx_supported(ifindex: int = 1) -> tuple[bool, str]:
@@ -402,14 +522,28 @@ def tcx_supported(ifindex: int = 1) -> tuple[bool, str]:
         return False, f"BPF_PROG_QUERY with BPF_TCX_EGRESS failed: {error_text(e)}"
 
 
-def tcx_link_create(prog_fd: Fd, ifindex: int, attach_type: int = BPF_TCX_EGRESS,
-                    flags: int = BPF_F_BEFORE, relative: int = 0) -> BpfObject:
+def tcx_link_create(
+    prog_fd: Fd,
+    ifindex: int,
+    attach_type: int = BPF_TCX_EGRESS,
+    flags: int = BPF_F_BEFORE,
+    relative: int = 0,
+) -> BpfObject:
     """Attach ``prog_fd`` to the device's tcx hook; with BPF_F_BEFORE and no anchor the
     program goes to the head of the chain. Returns the link (unpinned, it lives as long as
     this object stays open)."""
-    return _owned(_bpf(BPF_LINK_CREATE, _LinkCreateAttr(
-        prog_fd=fd_number(prog_fd), target_ifindex=ifindex, attach_type=attach_type, flags=flags,
-        relative=relative)))
+    return _owned(
+        _bpf(
+            BPF_LINK_CREATE,
+            _LinkCreateAttr(
+                prog_fd=fd_number(prog_fd),
+                target_ifindex=ifindex,
+                attach_type=attach_type,
+                flags=flags,
+                relative=relative,
+            ),
+        )
+    )
 
 
 def link_update(link_fd: Fd, new_prog_fd: Fd, old_prog_fd: Fd | None = None) -> None:

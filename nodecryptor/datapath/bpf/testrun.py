@@ -33,8 +33,13 @@ IPPROTO_AH = 51
 IPPROTO_NONE = 59
 IPPROTO_DSTOPTS = 60
 PROTO_NUMBERS = IP_PROTOCOLS
-EXT_HEADERS = {"hop": IPPROTO_HOPOPTS, "routing": IPPROTO_ROUTING, "dest": IPPROTO_DSTOPTS,
-               "frag": IPPROTO_FRAGMENT, "ah": IPPROTO_AH}
+EXT_HEADERS = {
+    "hop": IPPROTO_HOPOPTS,
+    "routing": IPPROTO_ROUTING,
+    "dest": IPPROTO_DSTOPTS,
+    "frag": IPPROTO_FRAGMENT,
+    "ah": IPPROTO_AH,
+}
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
 ETH_P_8021Q = 0x8100
@@ -51,6 +56,7 @@ SKB_OFF_CB = 48
 
 
 # ---- checksums -----------------------------------------------------------------------------
+
 
 def inet_checksum(data: bytes) -> int:
     """RFC 1071 ones' complement sum, folded and inverted."""
@@ -91,8 +97,18 @@ def crc32c(data: bytes) -> int:
 
 # ---- L4 ------------------------------------------------------------------------------------
 
-def tcp_segment(src, dst, sport: int, dport: int, flags: str = "S", mss: int | None = None,
-                payload: bytes = b"", seq: int = 1000, ack: int = 0) -> bytes:
+
+def tcp_segment(
+    src,
+    dst,
+    sport: int,
+    dport: int,
+    flags: str = "S",
+    mss: int | None = None,
+    payload: bytes = b"",
+    seq: int = 1000,
+    ack: int = 0,
+) -> bytes:
     """A TCP segment; with ``mss`` the options are MSS, SACK-permitted, timestamps, window
     scale — the order Linux sends on a SYN."""
     src, dst = ipaddress.ip_address(src), ipaddress.ip_address(dst)
@@ -103,11 +119,19 @@ def tcp_segment(src, dst, sport: int, dport: int, flags: str = "S", mss: int | N
         bits |= TCP_FLAG_BITS[letter]
     options = b""
     if mss is not None:
-        options = (struct.pack("!BBH", 2, 4, mss) + b"\x04\x02"
-                   + struct.pack("!BBII", 8, 10, 12345, 0) + b"\x01\x03\x03\x07")
+        options = (
+            struct.pack("!BBH", 2, 4, mss)
+            + b"\x04\x02"
+            + struct.pack("!BBII", 8, 10, 12345, 0)
+            + b"\x01\x03\x03\x07"
+        )
     doff = (20 + len(options)) // 4
-    header = struct.pack("!HHIIBBHHH", sport, dport, seq, ack if bits & 0x10 else 0,
-                         doff << 4, bits, 64240, 0, 0) + options
+    header = (
+        struct.pack(
+            "!HHIIBBHHH", sport, dport, seq, ack if bits & 0x10 else 0, doff << 4, bits, 64240, 0, 0
+        )
+        + options
+    )
     segment = header + payload
     check = inet_checksum(_pseudo_header(src, dst, IPPROTO_TCP, len(segment)) + segment)
     return segment[:16] + struct.pack("!H", check) + segment[18:]
@@ -145,16 +169,26 @@ def icmpv6_message(src, dst, icmp_type: int, code: int = 0, payload: bytes = b""
 
 # ---- L3, L2 --------------------------------------------------------------------------------
 
-def ipv4_packet(src, dst, proto: int, payload: bytes, ident: int = 0x4242,
-                frag_offset: int = 0, more_fragments: bool = False, ttl: int = 64,
-                total_length: int | None = None) -> bytes:
+
+def ipv4_packet(
+    src,
+    dst,
+    proto: int,
+    payload: bytes,
+    ident: int = 0x4242,
+    frag_offset: int = 0,
+    more_fragments: bool = False,
+    ttl: int = 64,
+    total_length: int | None = None,
+) -> bytes:
     if frag_offset % 8:
         raise ValueError(f"fragment offset {frag_offset} is not a multiple of 8")
     src, dst = ipaddress.IPv4Address(src), ipaddress.IPv4Address(dst)
     frag = (frag_offset // 8) | (0x2000 if more_fragments else 0)
     length = total_length if total_length is not None else 20 + len(payload)
-    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, length, ident, frag, ttl, proto, 0,
-                         src.packed, dst.packed)
+    header = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, length, ident, frag, ttl, proto, 0, src.packed, dst.packed
+    )
     header = header[:10] + struct.pack("!H", inet_checksum(header)) + header[12:]
     return header + payload
 
@@ -177,8 +211,15 @@ def ipv6_ext_header(name: str, next_header: int, frag: dict | None = None) -> by
     raise ValueError(f"unknown IPv6 extension header {name!r} (one of {sorted(EXT_HEADERS)})")
 
 
-def ipv6_packet(src, dst, proto: int, payload: bytes, ext: tuple[str, ...] = (),
-                frag: dict | None = None, hop_limit: int = 64) -> bytes:
+def ipv6_packet(
+    src,
+    dst,
+    proto: int,
+    payload: bytes,
+    ext: tuple[str, ...] = (),
+    frag: dict | None = None,
+    hop_limit: int = 64,
+) -> bytes:
     src, dst = ipaddress.IPv6Address(src), ipaddress.IPv6Address(dst)
     headers = b""
     next_header = proto
@@ -186,8 +227,9 @@ def ipv6_packet(src, dst, proto: int, payload: bytes, ext: tuple[str, ...] = (),
         headers = ipv6_ext_header(name, next_header, frag) + headers
         next_header = EXT_HEADERS[name]
     body = headers + payload
-    fixed = struct.pack("!IHBB16s16s", 6 << 28, len(body), next_header, hop_limit, src.packed,
-                        dst.packed)
+    fixed = struct.pack(
+        "!IHBB16s16s", 6 << 28, len(body), next_header, hop_limit, src.packed, dst.packed
+    )
     return fixed + body
 
 
@@ -198,9 +240,18 @@ def ethernet(ethertype: int, payload: bytes, vlan: int | None = None) -> bytes:
 
 # ---- whole frames --------------------------------------------------------------------------
 
-def l4_payload(src, dst, proto: str, sport: int = 40000, dport: int = 80,
-               tcp_flags: str = "S", tcp_mss: int | None = None, icmp_type: int = 8,
-               payload: bytes = b"") -> tuple[int, bytes]:
+
+def l4_payload(
+    src,
+    dst,
+    proto: str,
+    sport: int = 40000,
+    dport: int = 80,
+    tcp_flags: str = "S",
+    tcp_mss: int | None = None,
+    icmp_type: int = 8,
+    payload: bytes = b"",
+) -> tuple[int, bytes]:
     """(protocol number, L4 bytes with a valid checksum)."""
     if proto == "tcp":
         return IPPROTO_TCP, tcp_segment(src, dst, sport, dport, tcp_flags, tcp_mss, payload)
@@ -215,11 +266,21 @@ def l4_payload(src, dst, proto: str, sport: int = 40000, dport: int = 80,
     raise ValueError(f"unknown protocol {proto!r} (one of {sorted(PROTO_NUMBERS)})")
 
 
-def build_frame(src: str, dst: str, proto: str = "tcp", sport: int = 40000, dport: int = 80,
-                tcp_flags: str = "S", tcp_mss: int | None = None, icmp_type: int = 8,
-                payload_len: int = 16, ipv6_ext: tuple[str, ...] = (),
-                frag: dict | None = None, truncate_l4: bool = False,
-                vlan: int | None = None) -> bytes:
+def build_frame(
+    src: str,
+    dst: str,
+    proto: str = "tcp",
+    sport: int = 40000,
+    dport: int = 80,
+    tcp_flags: str = "S",
+    tcp_mss: int | None = None,
+    icmp_type: int = 8,
+    payload_len: int = 16,
+    ipv6_ext: tuple[str, ...] = (),
+    frag: dict | None = None,
+    truncate_l4: bool = False,
+    vlan: int | None = None,
+) -> bytes:
     """An Ethernet frame carrying one IP packet.
 
     ``frag`` (offset, more, id) makes it a fragment of a datagram whose L4 part is built
@@ -230,8 +291,7 @@ def build_frame(src: str, dst: str, proto: str = "tcp", sport: int = 40000, dpor
     if src_ip.version != dst_ip.version:
         raise ValueError(f"source {src} and destination {dst} are of different families")
     payload = bytes(i % 256 for i in range(payload_len))
-    number, l4 = l4_payload(src, dst, proto, sport, dport, tcp_flags, tcp_mss, icmp_type,
-                            payload)
+    number, l4 = l4_payload(src, dst, proto, sport, dport, tcp_flags, tcp_mss, icmp_type, payload)
     if truncate_l4:
         l4 = l4[:4]
     if frag is not None:
@@ -239,12 +299,18 @@ def build_frame(src: str, dst: str, proto: str = "tcp", sport: int = 40000, dpor
         # A later fragment carries the datagram's bytes from ``offset``; pad the datagram
         # so the fragment is not empty.
         whole = l4 + b"\xab" * max(0, offset + 64 - len(l4))
-        l4 = whole[offset:offset + 64] if offset else whole[:max(len(l4), 8)]
+        l4 = whole[offset : offset + 64] if offset else whole[: max(len(l4), 8)]
     if dst_ip.version == 4:
         if frag is not None:
-            packet = ipv4_packet(src, dst, number, l4, ident=frag.get("id", 0x4242) & 0xFFFF,
-                                 frag_offset=frag.get("offset", 0),
-                                 more_fragments=bool(frag.get("more")))
+            packet = ipv4_packet(
+                src,
+                dst,
+                number,
+                l4,
+                ident=frag.get("id", 0x4242) & 0xFFFF,
+                frag_offset=frag.get("offset", 0),
+                more_fragments=bool(frag.get("more")),
+            )
         else:
             packet = ipv4_packet(src, dst, number, l4)
         return ethernet(ETH_P_IP, packet, vlan)
@@ -256,11 +322,19 @@ def build_frame(src: str, dst: str, proto: str = "tcp", sport: int = 40000, dpor
 
 def packet_for_query(q: PacketQuery, src: str) -> bytes:
     """The frame ``nodecryptor explain`` sends for a query (``src`` already resolved)."""
-    return build_frame(src, q.dst, proto=q.proto, sport=q.sport, dport=q.dport,
-                       tcp_flags=q.tcp_flags, icmp_type=q.icmp_type)
+    return build_frame(
+        src,
+        q.dst,
+        proto=q.proto,
+        sport=q.sport,
+        dport=q.dport,
+        tcp_flags=q.tcp_flags,
+        icmp_type=q.icmp_type,
+    )
 
 
 # ---- running -------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Result:
@@ -291,8 +365,9 @@ def skb_context(mark: int = 0, ifindex: int = 0, cb: tuple[int, ...] = ()) -> by
     return bytes(ctx)
 
 
-def run(prog_fd: syscall.Fd, packet: bytes, mark: int = 0, ifindex: int = 0,
-        cb: tuple[int, ...] = ()) -> Result:
+def run(
+    prog_fd: syscall.Fd, packet: bytes, mark: int = 0, ifindex: int = 0, cb: tuple[int, ...] = ()
+) -> Result:
     """Run ``packet`` through the program once. ``ifindex`` must name an existing device of
     the caller's network namespace (0: loopback). ``cb`` pre-fills skb->cb[] (the program
     must not care). The attached entry point (nc_egress) updates counters and the fragment LRU
@@ -300,16 +375,21 @@ def run(prog_fd: syscall.Fd, packet: bytes, mark: int = 0, ifindex: int = 0,
     Raises DatapathError when the program recorded no verdict."""
     try:
         retval, data_out, ctx_out, _ = syscall.prog_test_run(
-            prog_fd, packet, ctx_in=skb_context(mark, ifindex, cb),
-            ctx_out_size=SKB_CTX_SIZE)
+            prog_fd, packet, ctx_in=skb_context(mark, ifindex, cb), ctx_out_size=SKB_CTX_SIZE
+        )
     except OSError as e:
         raise DatapathError(f"BPF_PROG_TEST_RUN failed: {e.strerror}") from e
     cb0, cb1 = struct.unpack_from("<II", ctx_out, SKB_OFF_CB + 4 * abi.CB_REASON)
     if cb0 & 0xFFFF0000 != abi.CB_MAGIC or (cb0 & 0xFFFF) not in abi.REASON_VALUES:
         raise DatapathError(f"program recorded no verdict (cb[0]={cb0:#x}, retval {retval})")
     reason = abi.Reason(cb0 & 0xFFFF)
-    return Result(retval=retval, reason=reason, verdict=abi.REASON_VERDICTS[reason],
-                  target=cb1, data_out=data_out)
+    return Result(
+        retval=retval,
+        reason=reason,
+        verdict=abi.REASON_VERDICTS[reason],
+        target=cb1,
+        data_out=data_out,
+    )
 
 
 def time_per_packet(prog_fd: syscall.Fd, packet: bytes, repeat: int = 100_000) -> float:

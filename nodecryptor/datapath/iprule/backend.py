@@ -22,9 +22,17 @@ from nodecryptor.core.settings import DatapathMode, Settings
 from nodecryptor.datapath.base import Observation
 from nodecryptor.datapath.iprule import kernel, noop
 from nodecryptor.datapath.iprule.bulk import RouteTable
-from nodecryptor.datapath.iprule.spec import (MAIN_TABLE, OFFSET_LOOKUP, OFFSET_PROBE, RuleSpec,
-                                              band, desired_guard_routes, desired_routes,
-                                              desired_rules, guard_table)
+from nodecryptor.datapath.iprule.spec import (
+    MAIN_TABLE,
+    OFFSET_LOOKUP,
+    OFFSET_PROBE,
+    RuleSpec,
+    band,
+    desired_guard_routes,
+    desired_routes,
+    desired_rules,
+    guard_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +47,7 @@ def remove_all(ipr, settings: Settings, netns: str | None = None) -> dict:
     for number in (settings.iprule_table, guard_table(settings)):
         with RouteTable(number, netns) as table:
             removed_routes += table.delete_routes(table.read())
-    out = {"datapath": "iprule", "rules_removed": removed_rules,
-           "routes_removed": removed_routes}
+    out = {"datapath": "iprule", "rules_removed": removed_rules, "routes_removed": removed_routes}
     out.update(noop.remove(ipr))
     return out
 
@@ -50,10 +57,16 @@ def ingress_report(settings: Settings) -> dict:
     packet leaves, it cannot classify what arrives. Reported as unsupported, never pretended;
     with ``enforce`` requested the node is not ready, since nothing is being refused."""
     requested = str(settings.ingress_enforcement)
-    reason = ("ingress enforcement unsupported: the ip-rule datapath cannot classify arriving "
-              f"packets (--ingress-enforcement={requested} has no effect)")
-    return {"supported": False, "requested": requested, "reason": reason,
-            "blocks_readiness": requested == "enforce"}
+    reason = (
+        "ingress enforcement unsupported: the ip-rule datapath cannot classify arriving "
+        f"packets (--ingress-enforcement={requested} has no effect)"
+    )
+    return {
+        "supported": False,
+        "requested": requested,
+        "reason": reason,
+        "blocks_readiness": requested == "enforce",
+    }
 
 
 class IpRuleDatapath:
@@ -97,10 +110,15 @@ class IpRuleDatapath:
         self._ipr = ipr
         if self.metrics is not None:
             self.metrics.ingress_supported.set(0)
-        log.info("ip-rule datapath started", extra=kv(
-            band=f"{self.settings.iprule_priority_base}-"
-                 f"{self.settings.iprule_priority_base + 99}",
-            table=self.settings.iprule_table, netns=self.netns or "-"))
+        log.info(
+            "ip-rule datapath started",
+            extra=kv(
+                band=f"{self.settings.iprule_priority_base}-"
+                f"{self.settings.iprule_priority_base + 99}",
+                table=self.settings.iprule_table,
+                netns=self.netns or "-",
+            ),
+        )
         return self
 
     def _check_settings(self) -> None:
@@ -108,32 +126,48 @@ class IpRuleDatapath:
         # unspec, default, main and local belong to the kernel and everybody else; the next
         # id is the guard table (spec.guard_table).
         if {table, table + 1} & {0, 253, 254, 255} or not 0 < table < 2**32 - 1:
-            raise SettingsError("iprule_table", table, "must be an unused table id whose "
-                                "successor (the guard table) is unused too, neither being "
-                                "0 (unspec), 253 (default), 254 (main) or 255 (local)")
+            raise SettingsError(
+                "iprule_table",
+                table,
+                "must be an unused table id whose "
+                "successor (the guard table) is unused too, neither being "
+                "0 (unspec), 253 (default), 254 (main) or 255 (local)",
+            )
         # The whole band must sit between the local table's rule (0) and main's (32766).
         if not 0 < base or base + OFFSET_PROBE >= 32766:
-            raise SettingsError("iprule_priority_base", base,
-                                f"the band {base}..{base + OFFSET_PROBE} must lie within "
-                                "1..32765")
+            raise SettingsError(
+                "iprule_priority_base",
+                base,
+                f"the band {base}..{base + OFFSET_PROBE} must lie within 1..32765",
+            )
 
     def _probe(self, ipr) -> None:
         try:
             list(ipr.rule("dump"))
         except NetlinkError as e:
-            raise NotSupported("policy routing", f"listing ip rules failed: {e}",
-                               minimum="CONFIG_IP_MULTIPLE_TABLES") from e
+            raise NotSupported(
+                "policy routing",
+                f"listing ip rules failed: {e}",
+                minimum="CONFIG_IP_MULTIPLE_TABLES",
+            ) from e
         # A rule with ipproto and a port range, at the band's reserved probe priority: the
         # exemptions need both (Linux 4.17); without ipproto a dport rule would match every
         # protocol.
-        probe = RuleSpec(4, self.settings.iprule_priority_base + OFFSET_PROBE, MAIN_TABLE,
-                         dst="192.0.2.255/32", ip_proto=6, dport=(1, 1))
+        probe = RuleSpec(
+            4,
+            self.settings.iprule_priority_base + OFFSET_PROBE,
+            MAIN_TABLE,
+            dst="192.0.2.255/32",
+            ip_proto=6,
+            dport=(1, 1),
+        )
         try:
             kernel.add_rule(ipr, probe)
             kernel.delete_rule(ipr, probe)
         except DatapathError as e:
-            raise NotSupported("ip rule ipproto/dport selectors", str(e),
-                               minimum="Linux 4.17") from e
+            raise NotSupported(
+                "ip rule ipproto/dport selectors", str(e), minimum="Linux 4.17"
+            ) from e
 
     def _handle(self):
         if self._ipr is None:
@@ -157,8 +191,10 @@ class IpRuleDatapath:
         ipr = self._handle()
         started = time.monotonic()
         want_rules = set(desired_rules(desired, self.settings))
-        wanted = {self.settings.iprule_table: {r.key: r for r in desired_routes(desired)},
-                  guard_table(self.settings): {r.key: r for r in desired_guard_routes(desired)}}
+        wanted = {
+            self.settings.iprule_table: {r.key: r for r in desired_routes(desired)},
+            guard_table(self.settings): {r.key: r for r in desired_guard_routes(desired)},
+        }
         try:
             have_rules = set(kernel.read_rules(ipr, band(self.settings)))
             added_rules = sum(kernel.add_rule(ipr, r) for r in sorted(want_rules - have_rules))
@@ -171,14 +207,14 @@ class IpRuleDatapath:
                     new = [r for k, r in want_routes.items() if have_routes.get(k) != r]
                     table.set_routes(new)
                     changed += new
-                    stale.append((number, [r for k, r in have_routes.items()
-                                           if k not in want_routes]))
+                    stale.append(
+                        (number, [r for k, r in have_routes.items() if k not in want_routes])
+                    )
             removed_routes = 0
             for number, routes in stale:
                 with RouteTable(number, self.netns) as table:
                     removed_routes += table.delete_routes(routes)
-            removed_rules = sum(kernel.delete_rule(ipr, r)
-                                for r in sorted(have_rules - want_rules))
+            removed_rules = sum(kernel.delete_rule(ipr, r) for r in sorted(have_rules - want_rules))
             if self.settings.noop_route:
                 noop_state = noop.ensure(ipr)
                 self._noop_checked = False  # a later pass without the flag removes it
@@ -200,9 +236,12 @@ class IpRuleDatapath:
         self._applied = True
         self._error = ""
         self.last_apply = {
-            "rules": len(want_rules), "routes": sum(len(w) for w in wanted.values()),
-            "rules_added": added_rules, "rules_removed": removed_rules,
-            "routes_set": len(changed), "routes_removed": removed_routes,
+            "rules": len(want_rules),
+            "routes": sum(len(w) for w in wanted.values()),
+            "rules_added": added_rules,
+            "rules_removed": removed_rules,
+            "routes_set": len(changed),
+            "routes_removed": removed_routes,
             "seconds": round(time.monotonic() - started, 3),
         }
         if noop_state:
@@ -222,8 +261,12 @@ class IpRuleDatapath:
                 with RouteTable(number, self.netns) as table:
                     routes += table.read()
         except (DatapathError, NotSupported, NetlinkError) as e:
-            return Observation(datapath=self.name, attached=False, ready=False,
-                               reason=f"cannot read rules/routes: {e}")
+            return Observation(
+                datapath=self.name,
+                attached=False,
+                ready=False,
+                reason=f"cannot read rules/routes: {e}",
+            )
         lookup_prio = self.settings.iprule_priority_base + OFFSET_LOOKUP
         lookup_families = sorted({r.family for r in rules if r.priority == lookup_prio})
         attached = bool(lookup_families)
@@ -240,16 +283,30 @@ class IpRuleDatapath:
         for route in routes:
             kinds[route.kind] = kinds.get(route.kind, 0) + 1
         return Observation(
-            datapath=self.name, attached=attached, ready=attached and self._applied
-            and not self._error and not ingress["blocks_readiness"], reason=reason,
-            details={"rules": len(rules), "routes": len(routes), "routes_by_kind": kinds,
-                     "table": self.settings.iprule_table,
-                     "priority_band": [self.settings.iprule_priority_base,
-                                       self.settings.iprule_priority_base + 99],
-                     "lookup_rule_families": lookup_families,
-                     "noop_route": noop.present(ipr), "last_apply": self.last_apply,
-                     "ingress_enforcement": {k: v for k, v in ingress.items()
-                                             if k != "blocks_readiness"}})
+            datapath=self.name,
+            attached=attached,
+            ready=attached
+            and self._applied
+            and not self._error
+            and not ingress["blocks_readiness"],
+            reason=reason,
+            details={
+                "rules": len(rules),
+                "routes": len(routes),
+                "routes_by_kind": kinds,
+                "table": self.settings.iprule_table,
+                "priority_band": [
+                    self.settings.iprule_priority_base,
+                    self.settings.iprule_priority_base + 99,
+                ],
+                "lookup_rule_families": lookup_families,
+                "noop_route": noop.present(ipr),
+                "last_apply": self.last_apply,
+                "ingress_enforcement": {
+                    k: v for k, v in ingress.items() if k != "blocks_readiness"
+                },
+            },
+        )
 
     def cleanup(self) -> None:
         with self._lock:

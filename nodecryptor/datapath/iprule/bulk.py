@@ -34,8 +34,12 @@ RTPROT_STATIC = 4
 RT_SCOPE_UNIVERSE, RT_SCOPE_NOWHERE = 0, 255
 RTN_UNICAST, RTN_UNREACHABLE = 1, 7
 TYPE_OF_KIND = {ROUTE_UNICAST: RTN_UNICAST, ROUTE_UNREACHABLE: RTN_UNREACHABLE}
-KIND_OF_TYPE = {RTN_UNICAST: ROUTE_UNICAST, RTN_UNREACHABLE: ROUTE_UNREACHABLE,
-                6: "blackhole", 8: "prohibit"}
+KIND_OF_TYPE = {
+    RTN_UNICAST: ROUTE_UNICAST,
+    RTN_UNREACHABLE: ROUTE_UNREACHABLE,
+    6: "blackhole",
+    8: "prohibit",
+}
 AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 FAMILY_OF_AF = {socket.AF_INET: 4, socket.AF_INET6: 6}
 BATCH = 512
@@ -60,8 +64,17 @@ def _route_body(route: RouteSpec, table: int, delete: bool) -> bytes:
     scope = RT_SCOPE_NOWHERE if delete else RT_SCOPE_UNIVERSE
     protocol = 0 if delete else RTPROT_STATIC
     # rtm_table is 8 bits; RTA_TABLE carries the real id (0 = RT_TABLE_UNSPEC here).
-    body = _RTMSG.pack(AF[route.family], net.prefixlen, 0, 0, table if table < 256 else 0,
-                       protocol, scope, rtm_type, 0)
+    body = _RTMSG.pack(
+        AF[route.family],
+        net.prefixlen,
+        0,
+        0,
+        table if table < 256 else 0,
+        protocol,
+        scope,
+        rtm_type,
+        0,
+    )
     body += _attr(RTA_TABLE, struct.pack("=I", table))
     body += _attr(RTA_DST, net.network_address.packed)
     body += _attr(RTA_PRIORITY, struct.pack("=I", route.metric))
@@ -79,9 +92,13 @@ class RouteTable:
         self.table = table
         self._seq = 0
         try:
-            self._sock = create_socket(netns, family=socket.AF_NETLINK,
-                                       socket_type=socket.SOCK_RAW, proto=NETLINK_ROUTE,
-                                       flags=0)
+            self._sock = create_socket(
+                netns,
+                family=socket.AF_NETLINK,
+                socket_type=socket.SOCK_RAW,
+                proto=NETLINK_ROUTE,
+                flags=0,
+            )
             self._sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
             self._sock.bind((0, 0))
@@ -109,16 +126,17 @@ class RouteTable:
             length, msg_type, _flags, seq, _pid = _NLMSGHDR.unpack_from(data, offset)
             if length < _NLMSGHDR.size:
                 break
-            yield msg_type, seq, data[offset + _NLMSGHDR.size:offset + length]
+            yield msg_type, seq, data[offset + _NLMSGHDR.size : offset + length]
             offset += (length + 3) & ~3
 
-    def _batch(self, requests: list[tuple[bytes, RouteSpec]], tolerated: tuple[int, ...],
-               what: str) -> int:
+    def _batch(
+        self, requests: list[tuple[bytes, RouteSpec]], tolerated: tuple[int, ...], what: str
+    ) -> int:
         """Send requests, wait for every ack; return how many succeeded (tolerated errors are
         not counted); raise DatapathError naming the first route that failed otherwise."""
         done = 0
         for start in range(0, len(requests), BATCH):
-            chunk = requests[start:start + BATCH]
+            chunk = requests[start : start + BATCH]
             pending: dict[int, RouteSpec] = {}
             data = bytearray()
             for message, route in chunk:
@@ -139,23 +157,27 @@ class RouteTable:
                         failure = (route, code)
             if failure is not None:
                 route, code = failure
-                raise DatapathError(f"cannot {what} route {route.kind} {route.dst} in table "
-                                    f"{self.table}: {os.strerror(code)} "
-                                    f"({errno.errorcode.get(code, code)})")
+                raise DatapathError(
+                    f"cannot {what} route {route.kind} {route.dst} in table "
+                    f"{self.table}: {os.strerror(code)} "
+                    f"({errno.errorcode.get(code, code)})"
+                )
         return done
 
     def set_routes(self, routes: list[RouteSpec]) -> int:
         """Create or replace each route (NLM_F_REPLACE: atomic per prefix)."""
         flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE
-        requests = [(_message(RTM_NEWROUTE, flags, 0, _route_body(r, self.table, False)), r)
-                     for r in routes]
+        requests = [
+            (_message(RTM_NEWROUTE, flags, 0, _route_body(r, self.table, False)), r) for r in routes
+        ]
         return self._batch(requests, (), "set")
 
     def delete_routes(self, routes: list[RouteSpec]) -> int:
         """Delete each (prefix, metric) from the table; a missing one is success."""
         flags = NLM_F_REQUEST | NLM_F_ACK
-        requests = [(_message(RTM_DELROUTE, flags, 0, _route_body(r, self.table, True)), r)
-                    for r in routes]
+        requests = [
+            (_message(RTM_DELROUTE, flags, 0, _route_body(r, self.table, True)), r) for r in routes
+        ]
         return self._batch(requests, (errno.ENOENT, errno.ESRCH), "delete")
 
     def read(self) -> list[RouteSpec]:
@@ -176,8 +198,9 @@ class RouteTable:
                     elif msg_type == NLMSG_ERROR:
                         code = -struct.unpack_from("=i", payload)[0]
                         if code:
-                            raise DatapathError(f"cannot list table {self.table}: "
-                                                f"{os.strerror(code)}")
+                            raise DatapathError(
+                                f"cannot list table {self.table}: {os.strerror(code)}"
+                            )
                         finished = True
                     elif msg_type == RTM_NEWROUTE:
                         route = self._parse(payload)
@@ -193,7 +216,7 @@ class RouteTable:
             length, kind = _RTATTR.unpack_from(payload, offset)
             if length < _RTATTR.size:
                 break
-            attrs[kind] = payload[offset + _RTATTR.size:offset + length]
+            attrs[kind] = payload[offset + _RTATTR.size : offset + length]
             offset += (length + 3) & ~3
         table = struct.unpack("=I", attrs[RTA_TABLE])[0] if RTA_TABLE in attrs else rtm_table
         version = FAMILY_OF_AF.get(family)

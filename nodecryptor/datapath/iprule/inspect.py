@@ -14,14 +14,30 @@ import ipaddress
 
 from nodecryptor.core.ports import IP_PROTOCOLS, PORTED_NUMBERS
 from nodecryptor.core.settings import DatapathMode, FailMode, Settings
-from nodecryptor.datapath.base import (VERDICT_DROP, VERDICT_ENCRYPT, VERDICT_EXEMPT, VERDICT_PASS, Explanation,
-                    PacketQuery)
+from nodecryptor.datapath.base import (
+    VERDICT_DROP,
+    VERDICT_ENCRYPT,
+    VERDICT_EXEMPT,
+    VERDICT_PASS,
+    Explanation,
+    PacketQuery,
+)
 from nodecryptor.datapath.iprule import kernel, noop
 from nodecryptor.datapath.iprule.backend import remove_all
 from nodecryptor.datapath.iprule.bulk import RouteTable
-from nodecryptor.datapath.iprule.spec import (OFFSET_CILIUM_POD, OFFSET_EXEMPT_DPORT, OFFSET_EXEMPT_SPORT, OFFSET_LOOKUP,
-                   OFFSET_WG_MARK, OFFSET_WG_PORT, ROUTE_UNICAST, RouteSpec, RuleSpec, band,
-                   guard_table)
+from nodecryptor.datapath.iprule.spec import (
+    OFFSET_CILIUM_POD,
+    OFFSET_EXEMPT_DPORT,
+    OFFSET_EXEMPT_SPORT,
+    OFFSET_LOOKUP,
+    OFFSET_WG_MARK,
+    OFFSET_WG_PORT,
+    ROUTE_UNICAST,
+    RouteSpec,
+    RuleSpec,
+    band,
+    guard_table,
+)
 
 DATAPATH = DatapathMode.IPRULE
 PORTED = PORTED_NUMBERS
@@ -72,8 +88,13 @@ def status(settings: Settings, netns: str | None = None) -> dict:
     if not families:
         ready, reason = False, "no lookup rule in nodecryptor's band: nothing is sent to its table"
     elif not wg_index:
-        ready, reason = False, (f"WireGuard device {settings.wg_interface!r} absent: cluster "
-                                "traffic is dropped (fail-closed) or clear (fail-open)")
+        ready, reason = (
+            False,
+            (
+                f"WireGuard device {settings.wg_interface!r} absent: cluster "
+                "traffic is dropped (fail-closed) or clear (fail-open)"
+            ),
+        )
     from nodecryptor.datapath.iprule.backend import ingress_report
 
     ingress = ingress_report(settings)
@@ -113,8 +134,9 @@ def _longest_match(routes: list[RouteSpec], dst) -> RouteSpec | None:
     return best
 
 
-def _rule_matches(rule: RuleSpec, family: int, dst, src, proto: int, sport: int, dport: int,
-                  mark: int) -> bool:
+def _rule_matches(
+    rule: RuleSpec, family: int, dst, src, proto: int, sport: int, dport: int, mark: int
+) -> bool:
     if rule.family != family:
         return False
     if rule.fwmark is not None and (mark & (rule.fwmask or 0xFFFFFFFF)) != rule.fwmark:
@@ -132,17 +154,38 @@ def _rule_matches(rule: RuleSpec, family: int, dst, src, proto: int, sport: int,
     return True
 
 
-def _with_protocol_rules(answer: dict, rules: list[RuleSpec], base: int, family: int, dst,
-                         src, proto: int, q: PacketQuery) -> dict:
+def _with_protocol_rules(
+    answer: dict,
+    rules: list[RuleSpec],
+    base: int,
+    family: int,
+    dst,
+    src,
+    proto: int,
+    q: PacketQuery,
+) -> dict:
     """Complete a protocol-less kernel answer: a band rule for this protocol that matches and
     comes before the catch-all lookup sends the packet to main."""
-    used = next((r for r in rules if r.ip_proto == proto and r.priority < base + OFFSET_LOOKUP
-                 and _rule_matches(r, family, dst, src, proto, q.sport, q.dport, q.mark)),
-                None)
+    used = next(
+        (
+            r
+            for r in rules
+            if r.ip_proto == proto
+            and r.priority < base + OFFSET_LOOKUP
+            and _rule_matches(r, family, dst, src, proto, q.sport, q.dport, q.mark)
+        ),
+        None,
+    )
     if used is None:
         return answer
-    return {"ok": True, "table": used.table, "oif": 0, "type": "unicast", "prefsrc": None,
-            "note": f"protocol {proto} matched in user space: {used.describe()}"}
+    return {
+        "ok": True,
+        "table": used.table,
+        "oif": 0,
+        "type": "unicast",
+        "prefsrc": None,
+        "note": f"protocol {proto} matched in user space: {used.describe()}",
+    }
 
 
 def explain(settings: Settings, q: PacketQuery, netns: str | None = None) -> Explanation:
@@ -162,45 +205,61 @@ def explain(settings: Settings, q: PacketQuery, netns: str | None = None) -> Exp
         forwarded = src is not None and src not in local
         iif = kernel.link_index(ipr, "lo") if forwarded else 0
         queryable = proto in QUERYABLE
-        answer = kernel.query_route(ipr, family, str(dst), src=str(src) if src else None,
-                                    iif=iif, ip_proto=proto if queryable else 0,
-                                    sport=q.sport if queryable and proto in PORTED else 0,
-                                    dport=q.dport if queryable and proto in PORTED else 0,
-                                    mark=q.mark)
+        answer = kernel.query_route(
+            ipr,
+            family,
+            str(dst),
+            src=str(src) if src else None,
+            iif=iif,
+            ip_proto=proto if queryable else 0,
+            sport=q.sport if queryable and proto in PORTED else 0,
+            dport=q.dport if queryable and proto in PORTED else 0,
+            mark=q.mark,
+        )
         rules = kernel.read_rules(ipr, band(settings))
         routes = read_routes(settings, netns)
         names = kernel.link_names(ipr)
         wg_index = kernel.link_index(ipr, settings.wg_interface)
         wg_up = bool(wg_index) and any(
-            msg["flags"] & 1 for msg in ipr.get_links(wg_index))  # IFF_UP
+            msg["flags"] & 1 for msg in ipr.get_links(wg_index)
+        )  # IFF_UP
     table_route = _longest_match(routes, dst)
     if not queryable:
         answer = _with_protocol_rules(answer, rules, base, family, dst, src, proto, q)
-    details = {"kernel": answer, "lookup": "forwarded" if forwarded else "output",
-               "table_route": (None if table_route is None else
-                               {"dst": table_route.dst, "kind": table_route.kind,
-                                "metric": table_route.metric})}
+    details = {
+        "kernel": answer,
+        "lookup": "forwarded" if forwarded else "output",
+        "table_route": (
+            None
+            if table_route is None
+            else {"dst": table_route.dst, "kind": table_route.kind, "metric": table_route.metric}
+        ),
+    }
     device = names.get(answer.get("oif", 0)) if answer.get("ok") else None
 
     if not answer["ok"]:
         if table_route is not None and table_route.kind != ROUTE_UNICAST:
-            reason = ("wireguard-down-fail-closed" if not wg_up
-                      else "no-peer-covers-fail-closed")
+            reason = "wireguard-down-fail-closed" if not wg_up else "no-peer-covers-fail-closed"
             return Explanation(VERDICT_DROP, reason, DATAPATH, None, details)
-        return Explanation(VERDICT_DROP, f"no-route ({answer['error']})", DATAPATH, None,
-                           details)
+        return Explanation(VERDICT_DROP, f"no-route ({answer['error']})", DATAPATH, None, details)
     if answer["table"] == settings.iprule_table:
         if answer["oif"] == wg_index and wg_index:
-            return Explanation(VERDICT_ENCRYPT, "cluster-destination", DATAPATH, device,
-                               details)
-        return Explanation(VERDICT_DROP, "table-route-not-through-wireguard", DATAPATH,
-                           device, details)
+            return Explanation(VERDICT_ENCRYPT, "cluster-destination", DATAPATH, device, details)
+        return Explanation(
+            VERDICT_DROP, "table-route-not-through-wireguard", DATAPATH, device, details
+        )
     # Rules that look up nodecryptor's own table did not decide here: the answer came from
     # elsewhere (e.g. the pod rule's suppressed lookup fell through to the next rule).
-    used = next((r for r in rules if r.priority != base + OFFSET_LOOKUP
-                 and r.table not in (settings.iprule_table, guard_table(settings))
-                 and _rule_matches(
-        r, family, dst, src, proto, q.sport, q.dport, q.mark)), None)
+    used = next(
+        (
+            r
+            for r in rules
+            if r.priority != base + OFFSET_LOOKUP
+            and r.table not in (settings.iprule_table, guard_table(settings))
+            and _rule_matches(r, family, dst, src, proto, q.sport, q.dport, q.mark)
+        ),
+        None,
+    )
     details["rule"] = used.describe() if used else None
     if used is not None and used.priority - base == OFFSET_WG_MARK:
         return Explanation(VERDICT_PASS, "wireguard-output", DATAPATH, device, details)
@@ -211,7 +270,6 @@ def explain(settings: Settings, q: PacketQuery, netns: str | None = None) -> Exp
             reason = "not-cluster-destination-or-wireguard-down-fail-open"
         return Explanation(VERDICT_PASS, reason, DATAPATH, device, details)
     if used is not None:
-        verdict, reason = REASON_BY_OFFSET.get(used.priority - base,
-                                               (VERDICT_PASS, "band-rule"))
+        verdict, reason = REASON_BY_OFFSET.get(used.priority - base, (VERDICT_PASS, "band-rule"))
         return Explanation(verdict, reason, DATAPATH, device, details)
     return Explanation(VERDICT_PASS, "main-table", DATAPATH, device, details)

@@ -25,8 +25,14 @@ from nodecryptor.datapath.iprule.spec import RuleSpec
 AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 FAMILY_OF_AF = {socket.AF_INET: 4, socket.AF_INET6: 6}
 FR_ACT_TO_TBL = 1
-RTN_TYPE_NAMES = {1: "unicast", 2: "local", 3: "broadcast", 6: "blackhole", 7: "unreachable",
-                  8: "prohibit"}
+RTN_TYPE_NAMES = {
+    1: "unicast",
+    2: "local",
+    3: "broadcast",
+    6: "blackhole",
+    7: "unreachable",
+    8: "prohibit",
+}
 # rtm_flags of a route query: report the table the fib lookup used (otherwise the kernel
 # echoes the requested table, main), as iproute2's "ip route get" does.
 RTM_F_LOOKUP_TABLE = 0x1000
@@ -103,8 +109,7 @@ def rule_from_msg(msg) -> RuleSpec | None:
         sport=_parse_range(msg.get_attr("FRA_SPORT_RANGE")),
         dport=_parse_range(msg.get_attr("FRA_DPORT_RANGE")),
         # The kernel reports 0xffffffff (-1) for "not set".
-        suppress_prefixlen=(suppress if suppress is not None and suppress != 0xFFFFFFFF
-                            else None),
+        suppress_prefixlen=(suppress if suppress is not None and suppress != 0xFFFFFFFF else None),
     )
 
 
@@ -185,9 +190,18 @@ def local_addresses(ipr: IPRoute) -> set[str]:
     return {msg.get_attr("IFA_ADDRESS") for msg in ipr.get_addr()}
 
 
-def query_route(ipr: IPRoute, family: int, dst: str, *, src: str | None = None,
-                iif: int = 0, ip_proto: int = 0, sport: int = 0, dport: int = 0,
-                mark: int = 0) -> dict:
+def query_route(
+    ipr: IPRoute,
+    family: int,
+    dst: str,
+    *,
+    src: str | None = None,
+    iif: int = 0,
+    ip_proto: int = 0,
+    sport: int = 0,
+    dport: int = 0,
+    mark: int = 0,
+) -> dict:
     """Ask the kernel's own fib lookup (rules included) where a flow would go.
 
     ``iif`` 0 asks for an output route (a locally generated packet; ``src`` must then be a
@@ -217,8 +231,10 @@ def query_route(ipr: IPRoute, family: int, dst: str, *, src: str | None = None,
     # pyroute2 0.9's synchronous nlm_request cannot be used with a custom message class;
     # the asynchronous core can, on the handle's own event loop.
     async def collect():
-        return [reply async for reply in
-                await ipr.asyncore.nlm_request(msg, RTM_GETROUTE, NLM_F_REQUEST)]
+        return [
+            reply
+            async for reply in await ipr.asyncore.nlm_request(msg, RTM_GETROUTE, NLM_F_REQUEST)
+        ]
 
     try:
         replies = ipr.asyncore.event_loop.run_until_complete(collect())

@@ -37,9 +37,13 @@ MAIN_TABLE = 254
 
 
 def _noop_routes(ipr: IPRoute) -> list:
-    return [msg for msg in ipr.route("dump", family=socket.AF_INET, table=MAIN_TABLE)
-            if msg.get_attr("RTA_DST") == NOOP_ADDRESS and msg["dst_len"] == 32
-            and msg["proto"] == NOOP_PROTO]
+    return [
+        msg
+        for msg in ipr.route("dump", family=socket.AF_INET, table=MAIN_TABLE)
+        if msg.get_attr("RTA_DST") == NOOP_ADDRESS
+        and msg["dst_len"] == 32
+        and msg["proto"] == NOOP_PROTO
+    ]
 
 
 def present(ipr: IPRoute) -> bool:
@@ -63,8 +67,7 @@ def ensure(ipr: IPRoute) -> dict:
         mode = "blackhole"
         route = {"type": "blackhole"}
     try:
-        ipr.route("replace", dst=f"{NOOP_ADDRESS}/32", table=MAIN_TABLE, proto=NOOP_PROTO,
-                  **route)
+        ipr.route("replace", dst=f"{NOOP_ADDRESS}/32", table=MAIN_TABLE, proto=NOOP_PROTO, **route)
     except NetlinkError as e:
         raise DatapathError(f"cannot add noop route {NOOP_ADDRESS}/32: {e}") from e
     return {"noop_route": NOOP_ADDRESS, "mode": mode, "changed": True}
@@ -75,8 +78,13 @@ def remove(ipr: IPRoute) -> dict:
     removed = 0
     for msg in _noop_routes(ipr):
         try:
-            ipr.route("del", dst=f"{NOOP_ADDRESS}/32", table=MAIN_TABLE, proto=NOOP_PROTO,
-                      type=msg["type"])
+            ipr.route(
+                "del",
+                dst=f"{NOOP_ADDRESS}/32",
+                table=MAIN_TABLE,
+                proto=NOOP_PROTO,
+                type=msg["type"],
+            )
             removed += 1
         except NetlinkError as e:
             if e.code not in (errno.ENOENT, errno.ESRCH):

@@ -99,8 +99,12 @@ class PocRule:
 
     def request(self) -> dict:
         """The arguments of a netlink request naming every selector of this rule."""
-        kw: dict = {"family": kernel.AF[self.family], "priority": self.priority,
-                    "table": self.table, "action": FR_ACT_TO_TBL}
+        kw: dict = {
+            "family": kernel.AF[self.family],
+            "priority": self.priority,
+            "table": self.table,
+            "action": FR_ACT_TO_TBL,
+        }
         if self.dst:
             addr, _, length = self.dst.partition("/")
             kw["dst"], kw["dst_len"] = addr, int(length)
@@ -124,7 +128,8 @@ def _selectors(msg) -> set[str] | None:
             continue
         if name == "UNKNOWN":
             if _PORT_MASK_TYPES.get(value.get("header", {}).get("type")) in {
-                    n for n, _ in msg["attrs"]}:
+                n for n, _ in msg["attrs"]
+            }:
                 continue
             return None
         names.add(name)
@@ -143,10 +148,16 @@ def _as_poc_rule(msg) -> PocRule | None:
     if (msg.get_attr("FRA_TABLE") or msg["table"]) != table or _selectors(msg) != wanted:
         return None
     dst = msg.get_attr("FRA_DST")
-    rule = PocRule(family=family, priority=priority, table=table,
-                   dst=f"{dst}/{msg['dst_len']}" if dst else None,
-                   fwmark=msg.get_attr("FRA_FWMARK"), iif=msg.get_attr("FRA_IIFNAME"),
-                   sport=msg.get_attr("FRA_SPORT_RANGE"), dport=msg.get_attr("FRA_DPORT_RANGE"))
+    rule = PocRule(
+        family=family,
+        priority=priority,
+        table=table,
+        dst=f"{dst}/{msg['dst_len']}" if dst else None,
+        fwmark=msg.get_attr("FRA_FWMARK"),
+        iif=msg.get_attr("FRA_IIFNAME"),
+        sport=msg.get_attr("FRA_SPORT_RANGE"),
+        dport=msg.get_attr("FRA_DPORT_RANGE"),
+    )
     if priority == 0 and (rule.fwmark != POC_FWMARK or msg.get_attr("FRA_FWMASK") != FULL_MASK):
         return None
     if priority == 201 and rule.iif != "lo":
@@ -164,15 +175,20 @@ def _ambiguous(rule: PocRule, earlier: list) -> bool:
     first rule that matches, which would be that one; ``rule`` is then left for the operator."""
     req = rule.request()
     for msg in earlier:
-        if (msg.get_attr("FRA_PRIORITY") or 0) != rule.priority or \
-                FAMILIES.get(msg["family"]) != rule.family:
+        if (msg.get_attr("FRA_PRIORITY") or 0) != rule.priority or FAMILIES.get(
+            msg["family"]
+        ) != rule.family:
             continue
-        seen = {"table": msg.get_attr("FRA_TABLE") or msg["table"],
-                "dst": msg.get_attr("FRA_DST"), "dst_len": msg["dst_len"],
-                "iifname": msg.get_attr("FRA_IIFNAME"),
-                "sport_range": msg.get_attr("FRA_SPORT_RANGE"),
-                "dport_range": msg.get_attr("FRA_DPORT_RANGE"),
-                "fwmark": msg.get_attr("FRA_FWMARK"), "fwmask": msg.get_attr("FRA_FWMASK")}
+        seen = {
+            "table": msg.get_attr("FRA_TABLE") or msg["table"],
+            "dst": msg.get_attr("FRA_DST"),
+            "dst_len": msg["dst_len"],
+            "iifname": msg.get_attr("FRA_IIFNAME"),
+            "sport_range": msg.get_attr("FRA_SPORT_RANGE"),
+            "dport_range": msg.get_attr("FRA_DPORT_RANGE"),
+            "fwmark": msg.get_attr("FRA_FWMARK"),
+            "fwmask": msg.get_attr("FRA_FWMASK"),
+        }
         if all(seen[k] == v for k, v in req.items() if k in seen):
             return True
     return False
@@ -187,15 +203,26 @@ def _wg_default_routes(ipr: IPRoute) -> list[dict]:
         except NetlinkError as e:
             raise DatapathError(f"cannot list table {POC_TABLE}: {e}") from e
         for msg in routes:
-            if ((msg.get_attr("RTA_TABLE") or msg["table"]) != POC_TABLE or msg["dst_len"]
-                    or msg["type"] != 1 or msg.get_attr("RTA_GATEWAY")
-                    or not index or msg.get_attr("RTA_OIF") != index):
+            if (
+                (msg.get_attr("RTA_TABLE") or msg["table"]) != POC_TABLE
+                or msg["dst_len"]
+                or msg["type"] != 1
+                or msg.get_attr("RTA_GATEWAY")
+                or not index
+                or msg.get_attr("RTA_OIF") != index
+            ):
                 continue
-            found.append({"family": family, "oif": index,
-                          "priority": msg.get_attr("RTA_PRIORITY"),
-                          "scope": msg["scope"], "proto": msg["proto"],
-                          "describe": f"default dev {POC_WG_DEVICE} table {POC_TABLE}"
-                                      + ("" if family == 4 else " (IPv6)")})
+            found.append(
+                {
+                    "family": family,
+                    "oif": index,
+                    "priority": msg.get_attr("RTA_PRIORITY"),
+                    "scope": msg["scope"],
+                    "proto": msg["proto"],
+                    "describe": f"default dev {POC_WG_DEVICE} table {POC_TABLE}"
+                    + ("" if family == 4 else " (IPv6)"),
+                }
+            )
     return found
 
 
@@ -209,9 +236,14 @@ def _noop_device(ipr: IPRoute) -> dict | None:
     info = links[0].get_attr("IFLA_LINKINFO") if links else None
     if info is None or info.get_attr("IFLA_INFO_KIND") != "dummy":
         return None
-    routes = [m for af in FAMILIES for m in ipr.route("dump", family=af, table=MAIN_TABLE)
-              if m.get_attr("RTA_OIF") == index and m["proto"] != RTPROT_KERNEL
-              and (m.get_attr("RTA_TABLE") or m["table"]) == MAIN_TABLE]
+    routes = [
+        m
+        for af in FAMILIES
+        for m in ipr.route("dump", family=af, table=MAIN_TABLE)
+        if m.get_attr("RTA_OIF") == index
+        and m["proto"] != RTPROT_KERNEL
+        and (m.get_attr("RTA_TABLE") or m["table"]) == MAIN_TABLE
+    ]
     if len(routes) > 1:
         return None
     return {"name": POC_NOOP_DEVICE, "ifindex": index, "routes": len(routes)}
@@ -288,9 +320,15 @@ def remove(netns: str | None = None) -> dict:
             removed["rules"].append(rule.describe())
         for route in found["routes"]:
             # Every field as dumped: the kernel then deletes this route and no other.
-            kw = {"family": kernel.AF[route["family"]], "table": POC_TABLE, "dst_len": 0,
-                  "oif": route["oif"], "type": "unicast", "scope": route["scope"],
-                  "proto": route["proto"]}
+            kw = {
+                "family": kernel.AF[route["family"]],
+                "table": POC_TABLE,
+                "dst_len": 0,
+                "oif": route["oif"],
+                "type": "unicast",
+                "scope": route["scope"],
+                "proto": route["proto"],
+            }
             if route["priority"] is not None:
                 kw["priority"] = route["priority"]
             try:

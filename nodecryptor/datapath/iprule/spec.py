@@ -173,26 +173,44 @@ def desired_rules(desired: DesiredState, settings: Settings) -> list[RuleSpec]:
     if not desired.enabled:
         return []
     base = settings.iprule_priority_base
-    plan = desired.plan
     rules: list[RuleSpec] = []
     for family in FAMILIES:
         # WireGuard's encrypted UDP must reach the underlay through main; without this it
         # would be routed back into the WireGuard device. The mask covers Cilium's 0x1E00
         # (<= 1.17) and 0x0E00 (>= 1.18) marks; the seed's exact match broke <= 1.17.
-        rules.append(RuleSpec(family, base + OFFSET_WG_MARK, MAIN_TABLE,
-                              fwmark=desired.wg_mark, fwmask=desired.wg_mark_mask,
-                              purpose="wireguard-output"))
+        rules.append(
+            RuleSpec(
+                family,
+                base + OFFSET_WG_MARK,
+                MAIN_TABLE,
+                fwmark=desired.wg_mark,
+                fwmask=desired.wg_mark_mask,
+                purpose="wireguard-output",
+            )
+        )
         port = desired.wg_port
         if port:
             # Mirrors the BPF program: WireGuard-to-WireGuard UDP without a mark (e.g. a
             # userspace implementation that does not set one) is never re-encrypted.
-            rules.append(RuleSpec(family, base + OFFSET_WG_PORT, MAIN_TABLE, ip_proto=UDP,
-                                  sport=(port, port), dport=(port, port),
-                                  purpose="wireguard-port"))
-        rules.append(RuleSpec(family, base + OFFSET_LOOKUP, settings.iprule_table,
-                              purpose="cluster-destinations"))
-        rules.append(RuleSpec(family, base + OFFSET_GUARDS, guard_table(settings),
-                              purpose="pod-cidr-guards"))
+            rules.append(
+                RuleSpec(
+                    family,
+                    base + OFFSET_WG_PORT,
+                    MAIN_TABLE,
+                    ip_proto=UDP,
+                    sport=(port, port),
+                    dport=(port, port),
+                    purpose="wireguard-port",
+                )
+            )
+        rules.append(
+            RuleSpec(
+                family, base + OFFSET_LOOKUP, settings.iprule_table, purpose="cluster-destinations"
+            )
+        )
+        rules.append(
+            RuleSpec(family, base + OFFSET_GUARDS, guard_table(settings), purpose="pod-cidr-guards")
+        )
     rules += exemption_rules(desired, settings)
     rules += cilium_pod_rules(desired, settings)
     return sorted(set(rules))
@@ -219,28 +237,55 @@ def exemption_rules(desired: DesiredState, settings: Settings) -> list[RuleSpec]
         if dest.kind != KIND_NODE_IP:
             continue
         for proto, first, last in _ranges(dest.exempt_ports):
-            rules.append(RuleSpec(dest.prefix.version, base + OFFSET_EXEMPT_DPORT, MAIN_TABLE,
-                                  dst=str(dest.prefix), ip_proto=proto, dport=(first, last),
-                                  purpose="exempt-control-plane-port"))
-    everyone = {r.policy for r in plan.serves
-                if all(r.policy in d.client_of for d in plan.destinations)}
+            rules.append(
+                RuleSpec(
+                    dest.prefix.version,
+                    base + OFFSET_EXEMPT_DPORT,
+                    MAIN_TABLE,
+                    dst=str(dest.prefix),
+                    ip_proto=proto,
+                    dport=(first, last),
+                    purpose="exempt-control-plane-port",
+                )
+            )
+    everyone = {
+        r.policy for r in plan.serves if all(r.policy in d.client_of for d in plan.destinations)
+    }
     for addr in plan.local_addresses:
         # Matched by source address, never by "iif lo" alone: a pod's reply from an exempt
         # port would otherwise leave in the clear too.
         src = _host_prefix(addr)
         for proto, first, last in _ranges(r for r in plan.serves if r.policy in everyone):
-            rules.append(RuleSpec(addr.version, base + OFFSET_EXEMPT_SPORT, MAIN_TABLE,
-                                  src=src, ip_proto=proto, sport=(first, last),
-                                  purpose="exempt-control-plane-reply"))
+            rules.append(
+                RuleSpec(
+                    addr.version,
+                    base + OFFSET_EXEMPT_SPORT,
+                    MAIN_TABLE,
+                    src=src,
+                    ip_proto=proto,
+                    sport=(first, last),
+                    purpose="exempt-control-plane-reply",
+                )
+            )
         for dest in plan.destinations:
             if dest.prefix.version != addr.version:
                 continue
-            restricted = [r for r in plan.serves
-                          if r.policy not in everyone and r.policy in dest.client_of]
+            restricted = [
+                r for r in plan.serves if r.policy not in everyone and r.policy in dest.client_of
+            ]
             for proto, first, last in _ranges(restricted):
-                rules.append(RuleSpec(addr.version, base + OFFSET_EXEMPT_SPORT, MAIN_TABLE,
-                                      src=src, dst=str(dest.prefix), ip_proto=proto,
-                                      sport=(first, last), purpose="exempt-control-plane-reply"))
+                rules.append(
+                    RuleSpec(
+                        addr.version,
+                        base + OFFSET_EXEMPT_SPORT,
+                        MAIN_TABLE,
+                        src=src,
+                        dst=str(dest.prefix),
+                        ip_proto=proto,
+                        sport=(first, last),
+                        purpose="exempt-control-plane-reply",
+                    )
+                )
     return rules
 
 
@@ -257,11 +302,25 @@ def cilium_pod_rules(desired: DesiredState, settings: Settings) -> list[RuleSpec
     base = settings.iprule_priority_base
     rules = []
     for cidr in desired.cilium_pod_cidrs:
-        rules.append(RuleSpec(cidr.version, base + OFFSET_CILIUM_NODES, settings.iprule_table,
-                              src=str(cidr), suppress_prefixlen=cidr.max_prefixlen - 1,
-                              purpose="pod-to-remote-node"))
-        rules.append(RuleSpec(cidr.version, base + OFFSET_CILIUM_POD, MAIN_TABLE,
-                              src=str(cidr), purpose="cilium-pod-to-pod"))
+        rules.append(
+            RuleSpec(
+                cidr.version,
+                base + OFFSET_CILIUM_NODES,
+                settings.iprule_table,
+                src=str(cidr),
+                suppress_prefixlen=cidr.max_prefixlen - 1,
+                purpose="pod-to-remote-node",
+            )
+        )
+        rules.append(
+            RuleSpec(
+                cidr.version,
+                base + OFFSET_CILIUM_POD,
+                MAIN_TABLE,
+                src=str(cidr),
+                purpose="cilium-pod-to-pod",
+            )
+        )
     return rules
 
 
@@ -302,23 +361,32 @@ def _all_routes(desired: DesiredState) -> list[RouteSpec]:
     prefsrc = {}
     for addr in desired.plan.local_addresses:
         prefsrc.setdefault(addr.version, str(addr))
-    local = [(p.version, int(p.network_address), int(p.broadcast_address))
-             for p in local_prefixes(desired)]
+    local = [
+        (p.version, int(p.network_address), int(p.broadcast_address))
+        for p in local_prefixes(desired)
+    ]
     routes = []
     for dest in desired.destinations:
         prefix = dest.prefix
         first, last = int(prefix.network_address), int(prefix.broadcast_address)
-        if any(v == prefix.version and f <= last and first <= l for v, f, l in local):
+        if any(v == prefix.version and f <= last and first <= end for v, f, end in local):
             # Admission already rejects such claims; this guard keeps the table from ever
             # capturing the local node's own traffic whatever a plan says: the lookup rule
             # runs before main, so a route covering the local pod CIDR would send
             # host-to-local-pod traffic (kubelet probes, forwarding) into WireGuard or drop it.
             continue
         if usable and prefix not in desired.uncovered:
-            routes.append(RouteSpec(prefix.version, str(prefix), ROUTE_UNICAST,
-                                    oif=desired.wg.ifindex,
-                                    prefsrc=prefsrc.get(prefix.version)))
+            routes.append(
+                RouteSpec(
+                    prefix.version,
+                    str(prefix),
+                    ROUTE_UNICAST,
+                    oif=desired.wg.ifindex,
+                    prefsrc=prefsrc.get(prefix.version),
+                )
+            )
         if closed:
-            routes.append(RouteSpec(prefix.version, str(prefix), ROUTE_UNREACHABLE,
-                                    metric=METRIC_GUARD))
+            routes.append(
+                RouteSpec(prefix.version, str(prefix), ROUTE_UNREACHABLE, metric=METRIC_GUARD)
+            )
     return sorted(routes)

@@ -31,9 +31,14 @@ RESOLVE_SECONDS = 120.0
 
 
 def _row(result: Result, label: str, took: float | None, limit: float) -> None:
-    result.rows.append(Row(label, f"<= {limit:.0f} s",
-                           f"<= {limit:.0f} s" if took is not None else "timed out",
-                           "" if took is None else f"{took:.1f} s"))
+    result.rows.append(
+        Row(
+            label,
+            f"<= {limit:.0f} s",
+            f"<= {limit:.0f} s" if took is not None else "timed out",
+            "" if took is None else f"{took:.1f} s",
+        )
+    )
     result.facts[label] = "timed out" if took is None else f"{took:.1f} s"
 
 
@@ -42,11 +47,22 @@ def _promtool_row(result: Result, prom: LabPrometheus, node: str) -> None:
     if promtool is None:
         result.rows.append(Row(f"{node}: promtool check metrics", "clean", "promtool missing"))
         return
-    out = subprocess.run([promtool, "check", "metrics"], input=prom.scrape(node),
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=prom.scrape(node),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     text = (out.stdout + out.stderr).strip()
-    result.rows.append(Row(f"{node}: promtool check metrics on the agent's /metrics", "clean",
-                           "clean" if out.returncode == 0 and not text else "problems", text))
+    result.rows.append(
+        Row(
+            f"{node}: promtool check metrics on the agent's /metrics",
+            "clean",
+            "clean" if out.returncode == 0 and not text else "problems",
+            text,
+        )
+    )
 
 
 class _Sender:
@@ -90,25 +106,33 @@ def run(lab, ports: PortAllocator) -> Result:
         _promtool_row(result, prom, target.name)
 
         lab.signal_standin(victim.name, signal.SIGUSR2)
-        wait_for(lambda: not lab.wg_public_key(victim.name), 10,
-                 f"cilium_wg0 to go on {victim.name}")
+        wait_for(
+            lambda: not lab.wg_public_key(victim.name), 10, f"cilium_wg0 to go on {victim.name}"
+        )
         want = {("NodecryptorWireGuardDown", victim.name)}
         if cleartext:
             rogue_ns = _build_rogue(lab, victim, target)
             sender = _Sender(rogue_ns, str(victim.ipv4), str(target.ipv4))
             want.add(("NodecryptorCleartextAccepted", target.name))
         else:
-            result.facts["clear text half"] = ("not run: the ip-rule datapath does not "
-                                               "classify ingress clear text (no counters)")
+            result.facts["clear text half"] = (
+                "not run: the ip-rule datapath does not classify ingress clear text (no counters)"
+            )
         took = timeline.wait(lambda firing: want <= firing, FIRE_SECONDS, "the alerts to fire")
-        _row(result, "fire: " + ", ".join(f"{a}{{node={n}}}" for a, n in sorted(want)), took,
-             FIRE_SECONDS)
+        _row(
+            result,
+            "fire: " + ", ".join(f"{a}{{node={n}}}" for a, n in sorted(want)),
+            took,
+            FIRE_SECONDS,
+        )
         firing = timeline.poll()
-        wrong = sorted(f"{a}{{node={n}}}" for a, n in firing
-                       if (a == "NodecryptorWireGuardDown" and n != victim.name)
-                       or (a == "NodecryptorCleartextAccepted" and n != target.name))
-        result.rows.append(Row("those alerts on no other node", "none",
-                               ", ".join(wrong) or "none"))
+        wrong = sorted(
+            f"{a}{{node={n}}}"
+            for a, n in firing
+            if (a == "NodecryptorWireGuardDown" and n != victim.name)
+            or (a == "NodecryptorCleartextAccepted" and n != target.name)
+        )
+        result.rows.append(Row("those alerts on no other node", "none", ", ".join(wrong) or "none"))
         if cleartext:
             _promtool_row(result, prom, target.name)  # with the leak counters non-zero
 
@@ -116,10 +140,10 @@ def run(lab, ports: PortAllocator) -> Result:
             sender.close()
             sender = None
         lab.signal_standin(victim.name, signal.SIGUSR2)
-        wait_for(lambda: lab.wg_public_key(victim.name), 10,
-                 f"cilium_wg0 to return on {victim.name}")
-        took = timeline.wait(lambda firing: not firing, RESOLVE_SECONDS,
-                             "every alert to resolve")
+        wait_for(
+            lambda: lab.wg_public_key(victim.name), 10, f"cilium_wg0 to return on {victim.name}"
+        )
+        took = timeline.wait(lambda firing: not firing, RESOLVE_SECONDS, "every alert to resolve")
         _row(result, "repair: every alert resolved", took, RESOLVE_SECONDS)
         leftover = sorted(f"{a}{{node={n}}}" for a, n in timeline.current)
         if leftover:

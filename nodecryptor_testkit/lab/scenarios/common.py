@@ -21,9 +21,15 @@ def poll_flow(lab, flow: Flow, ports: PortAllocator, timeout: float) -> float | 
     start = time.monotonic()
     deadline = start + timeout
     while time.monotonic() < deadline:
-        req = {"id": 0, "proto": flow.proto, "dst": lab.address_of(flow.dst, flow.family),
-               "src": lab.address_of(flow.src, flow.family), "dport": flow.dport,
-               "sport": ports.take(), "timeout": 0.5}
+        req = {
+            "id": 0,
+            "proto": flow.proto,
+            "dst": lab.address_of(flow.dst, flow.family),
+            "src": lab.address_of(flow.src, flow.family),
+            "dport": flow.dport,
+            "sport": ports.take(),
+            "timeout": 0.5,
+        }
         if lab.run_flows(lab.netns_of(flow.src), [req])[0]["ok"]:
             return time.monotonic() - start
     return None
@@ -33,7 +39,8 @@ def annotation(lab, node: str) -> str:
     for obj in lab.api().list_ciliumnodes():
         if obj["metadata"]["name"] == node:
             return (obj["metadata"].get("annotations") or {}).get(
-                "network.cilium.io/wg-pub-key", "")
+                "network.cilium.io/wg-pub-key", ""
+            )
     return ""
 
 
@@ -43,11 +50,15 @@ def installed_text(lab, name: str) -> str:
     few milliseconds rather than to the start-up time of a CLI process."""
     if lab.datapath == "bpf":
         from nodecryptor.datapath.bpf import inspect as bpf_inspect
+
         return json.dumps(bpf_inspect.dump(Settings(bpffs=lab.nodes[name].bpffs)), default=str)
     # Both of its tables: its own and the guard table of remote pod CIDRs (iprule_table + 1).
     tables = (str(Settings().iprule_table), str(Settings().iprule_table + 1))
-    return "\n".join(lab.run_in(name, "ip", fam, "route", "show", "table", table)
-                     for fam in ("-4", "-6") for table in tables)
+    return "\n".join(
+        lab.run_in(name, "ip", fam, "route", "show", "table", table)
+        for fam in ("-4", "-6")
+        for table in tables
+    )
 
 
 def cli_text(lab, name: str) -> str:
@@ -58,8 +69,9 @@ def cli_text(lab, name: str) -> str:
     return json.dumps(lab.nodecryptor(name, "status")) + installed_text(lab, name)
 
 
-def seconds_until(nodes: list[str], check, since: float, timeout: float,
-                   interval: float) -> tuple[dict[str, float], list[str]]:
+def seconds_until(
+    nodes: list[str], check, since: float, timeout: float, interval: float
+) -> tuple[dict[str, float], list[str]]:
     """Poll ``check(node)`` for every node in parallel; return the seconds from ``since`` until
     it first held, per node, and the nodes for which it never did within ``timeout``."""
     took: dict[str, float] = {}
@@ -95,8 +107,12 @@ def wait_condition(api, nodes: list[str], want, timeout: float) -> float | None:
     """Seconds until every node's condition satisfies ``want``; None on timeout."""
     start = time.monotonic()
     try:
-        wait_for(lambda: all(want(condition(api, n)) for n in nodes), timeout,
-                 "NodeEncryptionReady", interval=0.2)
+        wait_for(
+            lambda: all(want(condition(api, n)) for n in nodes),
+            timeout,
+            "NodeEncryptionReady",
+            interval=0.2,
+        )
     except WaitTimeout:
         return None
     return time.monotonic() - start

@@ -56,42 +56,64 @@ def run(lab, ports: PortAllocator) -> Result:
     try:
         own = copy.deepcopy(originals[w1.name])
         own["spec"]["ipam"]["podCIDRs"] += ["10.244.0.0/16", str(UNDERLAY_V4), str(UNDERLAY_V6)]
-        own["spec"]["addresses"] += [{"type": "InternalIP", "ip": str(n.ipv4)}
-                                     for n in (cp, w2)]
+        own["spec"]["addresses"] += [{"type": "InternalIP", "ip": str(n.ipv4)} for n in (cp, w2)]
         _apply(lab, own)
         remote = copy.deepcopy(originals[w2.name])
-        remote["spec"]["addresses"] += [{"type": "InternalIP", "ip": str(spec.external(f))}
-                                        for f in (4, 6)]
+        remote["spec"]["addresses"] += [
+            {"type": "InternalIP", "ip": str(spec.external(f))} for f in (4, 6)
+        ]
         _apply(lab, remote)
-        ghost = {"apiVersion": "cilium.io/v2", "kind": "CiliumNode",
-                 "metadata": {"name": GHOST, "labels": {}, "annotations": {}},
-                 "spec": {"addresses": [], "ipam": {"podCIDRs": [f"{victim_pod}/32"]}}}
+        ghost = {
+            "apiVersion": "cilium.io/v2",
+            "kind": "CiliumNode",
+            "metadata": {"name": GHOST, "labels": {}, "annotations": {}},
+            "spec": {"addresses": [], "ipam": {"podCIDRs": [f"{victim_pod}/32"]}},
+        }
         _apply(lab, ghost)
         since = time.monotonic()
-        _apply(lab, {"apiVersion": "v1", "kind": "Node",
-                     "metadata": {"name": MARKER, "labels": {}},
-                     "status": {"addresses": [{"type": "InternalIP", "address": MARKER_IP}]}})
-        _apply(lab, {"apiVersion": "cilium.io/v2", "kind": "CiliumNode",
-                     "metadata": {"name": MARKER, "labels": {}, "annotations": {}},
-                     "spec": {"addresses": [{"type": "InternalIP", "ip": MARKER_IP}],
-                              "ipam": {"podCIDRs": []}}})
+        _apply(
+            lab,
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": MARKER, "labels": {}},
+                "status": {"addresses": [{"type": "InternalIP", "address": MARKER_IP}]},
+            },
+        )
+        _apply(
+            lab,
+            {
+                "apiVersion": "cilium.io/v2",
+                "kind": "CiliumNode",
+                "metadata": {"name": MARKER, "labels": {}, "annotations": {}},
+                "spec": {
+                    "addresses": [{"type": "InternalIP", "ip": MARKER_IP}],
+                    "ipam": {"podCIDRs": []},
+                },
+            },
+        )
         took = _follow_time(lab, [cp.name, w1.name], [MARKER_IP], True, since, timeout=30.0)
         result.facts["attacks seen by every agent"] = ", ".join(
-            f"{n} {s:.2f} s" for n, s in sorted(took.items()))
+            f"{n} {s:.2f} s" for n, s in sorted(took.items())
+        )
         result.rows = observe(lab, matrix_flows(lab), ports, "forged-claims")
         ext = str(spec.external(4))
         for name in (cp.name, w1.name):
             held = ext in installed_text(lab, name)
-            result.rows.append(Row(f"{name}: external host {ext} not a destination", "absent",
-                                   "present" if held else "absent"))
+            result.rows.append(
+                Row(
+                    f"{name}: external host {ext} not a destination",
+                    "absent",
+                    "present" if held else "absent",
+                )
+            )
     finally:
         for obj in originals.values():
             _apply(lab, obj)
         for name in (GHOST, MARKER):
             try:
                 lab.api().delete(name)
-            except Exception:  # noqa: BLE001 - not created: the attack stopped before it
+            except Exception:
                 pass
         lab.api().fake_control("delete-node", {"name": MARKER})
     return result
-

@@ -27,16 +27,41 @@ def matrix_flows(lab) -> list[Flow]:
             Flow(w1, f"{w2}/pod", fam, "tcp", SERVICE_TCP_PORT, ENCRYPTED, "node to remote pod"),
             Flow(f"{w1}/pod", w2, fam, "tcp", SERVICE_TCP_PORT, ENCRYPTED, "pod to remote node"),
             Flow(f"{w1}/pod", f"{w2}/pod", fam, "tcp", SERVICE_TCP_PORT, ENCRYPTED, "pod to pod"),
-            Flow(w1, cp, fam, "tcp", API_PORT, CLEAR, "apiserver, exempt",
-                 connect_only=_api_flow(fam)),
+            Flow(
+                w1,
+                cp,
+                fam,
+                "tcp",
+                API_PORT,
+                CLEAR,
+                "apiserver, exempt",
+                connect_only=_api_flow(fam),
+            ),
             Flow(w1, cp, fam, "tcp", 2379, CLEAR, "etcd client, exempt"),
             Flow(w1, cp, fam, "tcp", 2380, CLEAR, "etcd peer, exempt"),
             # In tunnel mode Cilium carries pod traffic to other nodes in VXLAN between node
             # addresses, which nodecryptor encrypts whatever is inside: no exemption for pods.
-            Flow(f"{w1}/pod", cp, fam, "tcp", API_PORT, CLEAR, "pod to apiserver, exempt",
-                 connect_only=_api_flow(fam)) if getattr(lab, "routing", "native") == "native"
-            else Flow(f"{w1}/pod", cp, fam, "tcp", API_PORT, ENCRYPTED,
-                      "pod to apiserver, inside Cilium's tunnel", connect_only=_api_flow(fam)),
+            Flow(
+                f"{w1}/pod",
+                cp,
+                fam,
+                "tcp",
+                API_PORT,
+                CLEAR,
+                "pod to apiserver, exempt",
+                connect_only=_api_flow(fam),
+            )
+            if getattr(lab, "routing", "native") == "native"
+            else Flow(
+                f"{w1}/pod",
+                cp,
+                fam,
+                "tcp",
+                API_PORT,
+                ENCRYPTED,
+                "pod to apiserver, inside Cilium's tunnel",
+                connect_only=_api_flow(fam),
+            ),
             Flow(w1, cp, fam, "tcp", SERVICE_TCP_PORT, ENCRYPTED, "non-exempt port on cp"),
             Flow(w1, cp, fam, "udp", API_PORT, ENCRYPTED, "exemption is TCP only"),
             Flow(cp, w1, fam, "tcp", SERVICE_TCP_PORT, ENCRYPTED, "cp to worker"),

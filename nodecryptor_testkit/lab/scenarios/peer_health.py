@@ -25,10 +25,18 @@ def run(lab, ports: PortAllocator) -> Result:
     started, patches0 = time.monotonic(), patches(api)
 
     def row(label: str, took: float | None, limit: float) -> None:
-        result.rows.append(Row(label, f"<= {limit:.0f} s",
-                               f"<= {limit:.0f} s" if took is not None and took <= limit
-                               else "timed out" if took is None else f"{took:.1f} s",
-                               "" if took is None else f"{took:.1f} s"))
+        result.rows.append(
+            Row(
+                label,
+                f"<= {limit:.0f} s",
+                f"<= {limit:.0f} s"
+                if took is not None and took <= limit
+                else "timed out"
+                if took is None
+                else f"{took:.1f} s",
+                "" if took is None else f"{took:.1f} s",
+            )
+        )
         result.facts[label] = "timed out" if took is None else f"{took:.1f} s"
 
     took = wait_condition(api, names, lambda c: c.get("status") == "True", 60)
@@ -40,8 +48,12 @@ def run(lab, ports: PortAllocator) -> Result:
     try:
         old_key = lab.wg_public_key(victim)
         lab.signal_standin(victim, signal.SIGUSR1)
-        wait_for(lambda: lab.wg_public_key(victim) not in ("", old_key), 15,
-                 f"{victim}'s device to come back with a new key")
+        wait_for(
+            lambda: lab.wg_public_key(victim) not in ("", old_key),
+            15,
+            f"{victim}'s device to come back with a new key",
+        )
+
         # SIGHUP releases the held-back key; one that lands between the new device and the
         # stand-in arming its hold is lost, so repeat it until the key is published.
         def published() -> bool:
@@ -53,13 +65,21 @@ def run(lab, ports: PortAllocator) -> Result:
         # Half a second between repeats, giving the stand-in time to act on each signal.
         wait_for(published, 15, f"{victim} to publish its new key", interval=0.5)
         limit = KEY_MISMATCH_HOLD + 30
-        took = wait_condition(api, others, lambda c: c.get("reason") == "PeerKeyMismatch"
-                               and victim in (c.get("message") or ""), limit)
-        row(f"other nodes: PeerKeyMismatch naming {victim} (hold {KEY_MISMATCH_HOLD:.0f} s)",
-            took, limit)
+        took = wait_condition(
+            api,
+            others,
+            lambda c: c.get("reason") == "PeerKeyMismatch" and victim in (c.get("message") or ""),
+            limit,
+        )
+        row(
+            f"other nodes: PeerKeyMismatch naming {victim} (hold {KEY_MISMATCH_HOLD:.0f} s)",
+            took,
+            limit,
+        )
         sample = condition(api, others[0])
-        result.facts[f"{others[0]} condition during the mismatch"] = \
+        result.facts[f"{others[0]} condition during the mismatch"] = (
             f"{sample.get('status')}/{sample.get('reason')}: {sample.get('message')}"
+        )
     finally:
         for n in others:
             lab.signal_standin(n, signal.SIGCONT)
@@ -78,6 +98,7 @@ def run(lab, ports: PortAllocator) -> Result:
     row(f"{victim}: cilium_wg0 back -> True", took, 30)
     seconds = time.monotonic() - started
     count = patches(api) - patches0
-    result.facts["nodes/status PATCHes during the scenario"] = \
+    result.facts["nodes/status PATCHes during the scenario"] = (
         f"{count} in {seconds:.0f} s on {len(names)} nodes ({count / seconds:.3f}/s)"
+    )
     return result

@@ -43,13 +43,24 @@ def run(lab, ports: PortAllocator) -> Result:
     leaked = leaks(packets, lab.spec)
     for sig, begin, end, ready, failed in phases:
         n = sum(1 for p in leaked if begin - 0.05 <= p.ts <= end + 0.05)
-        result.rows.append(Row(f"{signal.Signals(sig).name} nodecryptor on {', '.join(names)}, "
-                               f"restart", "0 clear", f"{n} clear",
-                               ", ".join(str(p) for p in leaked[:3])))
+        result.rows.append(
+            Row(
+                f"{signal.Signals(sig).name} nodecryptor on {', '.join(names)}, restart",
+                "0 clear",
+                f"{n} clear",
+                ", ".join(str(p) for p in leaked[:3]),
+            )
+        )
         result.facts[f"{signal.Signals(sig).name}: restart to all ready"] = f"{ready:.1f} s"
         result.facts[f"{signal.Signals(sig).name}: flows that failed meanwhile"] = str(failed)
-    result.rows.append(Row("whole run: non-exempt packets in the clear", "0", str(len(leaked)),
-                           ", ".join(str(p) for p in leaked[:3])))
+    result.rows.append(
+        Row(
+            "whole run: non-exempt packets in the clear",
+            "0",
+            str(len(leaked)),
+            ", ".join(str(p) for p in leaked[:3]),
+        )
+    )
     result.facts["flows tried"] = str(traffic.attempts)
     for error, example in list(traffic.errors.items())[:3]:
         result.facts[f"failure seen ({example})"] = error

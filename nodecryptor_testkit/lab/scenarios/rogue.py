@@ -46,6 +46,7 @@ def _listen(netns: str) -> socket.socket:
         s.bind(("0.0.0.0", ROGUE_PORT))
         s.settimeout(0.2)
         return s
+
     return topo.call_in_netns(netns, make)
 
 
@@ -64,10 +65,22 @@ def _build_rogue(lab, impersonated, target) -> str:
     ns = topo.make_netns(lab.state, "rogue")
     topo.plug(lab.underlay, ns, "n-rogue", str(impersonated.ipv4), str(impersonated.ipv6))
     topo.sh("ip", "link", "set", "eth0", "arp", "off", netns=ns)
-    link = json.loads(topo.sh("ip", "-j", "link", "show", "eth0",
-                              netns=lab.nodes[target.name].netns).stdout)[0]
-    topo.sh("ip", "neigh", "replace", str(target.ipv4), "lladdr", link["address"], "dev", "eth0",
-            "nud", "permanent", netns=ns)
+    link = json.loads(
+        topo.sh("ip", "-j", "link", "show", "eth0", netns=lab.nodes[target.name].netns).stdout
+    )[0]
+    topo.sh(
+        "ip",
+        "neigh",
+        "replace",
+        str(target.ipv4),
+        "lladdr",
+        link["address"],
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+        netns=ns,
+    )
     return ns
 
 
@@ -80,6 +93,7 @@ def _send(ns: str, src: str, dst: str, tag: str) -> None:
                 s.sendto(f"rogue {tag} {i}".encode(), (dst, ROGUE_PORT))
         finally:
             s.close()
+
     topo.call_in_netns(ns, send)
 
 
@@ -87,17 +101,25 @@ def _leak_rows(lab, target: str, src: str, mode: str) -> tuple[list[Row], int]:
     report = lab.nodecryptor(target, "status", "--leaks")
     mine = [r for r in report.get("leaks", []) if r["src"] == src and r["dport"] == ROGUE_PORT]
     packets = mine[0]["packets"] if mine else 0
-    rows = [Row(f"{target}: status --leaks lists {src} udp/{ROGUE_PORT} ({mode})", "listed",
-                "listed" if mine else "absent", f"{packets} packets" if mine else "")]
+    rows = [
+        Row(
+            f"{target}: status --leaks lists {src} udp/{ROGUE_PORT} ({mode})",
+            "listed",
+            "listed" if mine else "absent",
+            f"{packets} packets" if mine else "",
+        )
+    ]
     return rows, packets
 
 
 def _bootstrap_flows(lab) -> list[Flow]:
     cp = lab.spec.control_plane[0].name
     w1 = lab.spec.workers[0].name
-    return [Flow(w1, cp, 4, "tcp", API_PORT, CLEAR, "apiserver, exempt", connect_only=True),
-            Flow(w1, cp, 4, "tcp", 2379, CLEAR, "etcd client, exempt"),
-            Flow(w1, cp, 6, "tcp", 2380, CLEAR, "etcd peer, exempt")]
+    return [
+        Flow(w1, cp, 4, "tcp", API_PORT, CLEAR, "apiserver, exempt", connect_only=True),
+        Flow(w1, cp, 4, "tcp", 2379, CLEAR, "etcd client, exempt"),
+        Flow(w1, cp, 6, "tcp", 2380, CLEAR, "etcd peer, exempt"),
+    ]
 
 
 def run(lab, ports: PortAllocator) -> Result:
@@ -118,49 +140,95 @@ def run(lab, ports: PortAllocator) -> Result:
             _send(rogue_ns, src, dst, mode)
             got = _received(sock)
             if lab.datapath != "bpf":
-                result.rows.append(Row(f"rogue {src} -> {dst} udp/{ROGUE_PORT} ({mode}, "
-                                       "unsupported)", "arrives",
-                                       "arrives" if got else "refused",
-                                       f"{got}/{DATAGRAMS} datagrams received"))
+                result.rows.append(
+                    Row(
+                        f"rogue {src} -> {dst} udp/{ROGUE_PORT} ({mode}, unsupported)",
+                        "arrives",
+                        "arrives" if got else "refused",
+                        f"{got}/{DATAGRAMS} datagrams received",
+                    )
+                )
                 status = lab.nodecryptor(target.name, "status")
                 ingress = status.get("ingress_enforcement", {})
-                result.rows.append(Row(f"{target.name}: status ingress_enforcement.supported",
-                                       "False", str(ingress.get("supported")),
-                                       ingress.get("reason", "")))
+                result.rows.append(
+                    Row(
+                        f"{target.name}: status ingress_enforcement.supported",
+                        "False",
+                        str(ingress.get("supported")),
+                        ingress.get("reason", ""),
+                    )
+                )
                 leaks = lab.nodecryptor(target.name, "status", "--leaks")
-                result.rows.append(Row(f"{target.name}: status --leaks", "not available",
-                                       "not available" if not leaks["supported"] else "listed"))
-                result.facts["enforce with ip rules"] = ("not run: the node would not become "
-                                                         "ready (ingress unsupported)")
+                result.rows.append(
+                    Row(
+                        f"{target.name}: status --leaks",
+                        "not available",
+                        "not available" if not leaks["supported"] else "listed",
+                    )
+                )
+                result.facts["enforce with ip rules"] = (
+                    "not run: the node would not become ready (ingress unsupported)"
+                )
                 continue
             expected = "arrives" if mode == "audit" else "refused"
-            result.rows.append(Row(f"rogue {src} -> {dst} udp/{ROGUE_PORT} ({mode})",
-                                   expected, "arrives" if got else "refused",
-                                   f"{got}/{DATAGRAMS} datagrams received"))
+            result.rows.append(
+                Row(
+                    f"rogue {src} -> {dst} udp/{ROGUE_PORT} ({mode})",
+                    expected,
+                    "arrives" if got else "refused",
+                    f"{got}/{DATAGRAMS} datagrams received",
+                )
+            )
             rows, packets = _leak_rows(lab, target.name, src, mode)
             result.rows += rows
-            result.rows.append(Row(f"{target.name}: leak counter grew ({mode})", "yes",
-                                   "yes" if packets >= before + DATAGRAMS else "no",
-                                   f"{before} -> {packets}"))
+            result.rows.append(
+                Row(
+                    f"{target.name}: leak counter grew ({mode})",
+                    "yes",
+                    "yes" if packets >= before + DATAGRAMS else "no",
+                    f"{before} -> {packets}",
+                )
+            )
             before = packets
-            explain = lab.nodecryptor(target.name, "explain", "--direction", "ingress", "--src",
-                                      src, "--dst", dst, "--proto", "udp", "--dport",
-                                      str(ROGUE_PORT))
-            want = ("pass" if mode == "audit" else "drop")
-            result.rows.append(Row(f"{target.name}: explain --direction ingress ({mode})", want,
-                                   explain["verdict"], explain["reason"]))
+            explain = lab.nodecryptor(
+                target.name,
+                "explain",
+                "--direction",
+                "ingress",
+                "--src",
+                src,
+                "--dst",
+                dst,
+                "--proto",
+                "udp",
+                "--dport",
+                str(ROGUE_PORT),
+            )
+            want = "pass" if mode == "audit" else "drop"
+            result.rows.append(
+                Row(
+                    f"{target.name}: explain --direction ingress ({mode})",
+                    want,
+                    explain["verdict"],
+                    explain["reason"],
+                )
+            )
             if mode == "enforce":
                 # Every flow of the matrix with every node enforcing: the exempt flows a pod
                 # opens to the control plane (its replies come back in the clear) included.
-                result.rows += [Row(f"enforce: {r.label}", r.expected, r.observed, r.detail)
-                                for r in observe(lab, matrix_flows(lab), ports, "rogue-matrix")]
+                result.rows += [
+                    Row(f"enforce: {r.label}", r.expected, r.observed, r.detail)
+                    for r in observe(lab, matrix_flows(lab), ports, "rogue-matrix")
+                ]
             else:
                 result.rows += observe(lab, _bootstrap_flows(lab), ports, f"rogue-{mode}")
         if lab.datapath == "bpf":
             # A control-plane node rebooting with a new key, with every node enforcing.
             boot = bootstrap.run(lab, ports)
-            result.rows += [Row(f"bootstrap under enforce: {r.label}", r.expected, r.observed,
-                                r.detail) for r in boot.rows]
+            result.rows += [
+                Row(f"bootstrap under enforce: {r.label}", r.expected, r.observed, r.detail)
+                for r in boot.rows
+            ]
             if boot.error:
                 result.error = f"bootstrap under enforce: {boot.error}"
     finally:

@@ -31,14 +31,20 @@ class Traffic:
         targets = [n for n in lab.nodes if n != src.split("/")[0]]
         while not self.stop_event.is_set():
             batch = []
-            for i, dst in enumerate(targets):
+            for dst in targets:
                 for fam in FAMILIES:
                     for end in (dst, f"{dst}/pod"):
-                        batch.append({"id": len(batch), "proto": "tcp",
-                                      "src": lab.address_of(src, fam),
-                                      "dst": lab.address_of(end, fam),
-                                      "dport": SERVICE_TCP_PORT, "sport": self.ports.take(),
-                                      "timeout": 1.0})
+                        batch.append(
+                            {
+                                "id": len(batch),
+                                "proto": "tcp",
+                                "src": lab.address_of(src, fam),
+                                "dst": lab.address_of(end, fam),
+                                "dport": SERVICE_TCP_PORT,
+                                "sport": self.ports.take(),
+                                "timeout": 1.0,
+                            }
+                        )
             try:
                 results = lab.run_flows(lab.netns_of(src), batch)
             except (LabError, OSError) as e:

@@ -38,15 +38,24 @@ def run(lab, ports: PortAllocator) -> Result:
         packets_down = cap.stop()
     leaked = leaks(packets_down, lab.spec)
     result.rows += [Row("down: " + r.label, r.expected, r.observed, r.detail) for r in rows]
-    result.rows.append(Row("down: non-exempt packets in the clear", "0", str(len(leaked)),
-                           ", ".join(str(p) for p in leaked[:3])))
+    result.rows.append(
+        Row(
+            "down: non-exempt packets in the clear",
+            "0",
+            str(len(leaked)),
+            ", ".join(str(p) for p in leaked[:3]),
+        )
+    )
     lab.signal_standin(victim, signal.SIGUSR2)
     wait_for(lambda: lab.wg_public_key(victim), 10, f"cilium_wg0 to return on {victim}")
     took = poll_flow(lab, Flow(victim, peer, 4, "tcp", SERVICE_TCP_PORT, ENCRYPTED), ports, 30)
-    result.facts["device back to traffic flowing"] = f"{took:.2f} s" if took is not None else \
-        "did not recover within 30 s"
-    back = [Flow(victim, peer, fam, "tcp", SERVICE_TCP_PORT, ENCRYPTED, "device back")
-            for fam in FAMILIES]
+    result.facts["device back to traffic flowing"] = (
+        f"{took:.2f} s" if took is not None else "did not recover within 30 s"
+    )
+    back = [
+        Flow(victim, peer, fam, "tcp", SERVICE_TCP_PORT, ENCRYPTED, "device back")
+        for fam in FAMILIES
+    ]
     back += [Flow(peer, f"{victim}/pod", 4, "tcp", SERVICE_TCP_PORT, ENCRYPTED, "device back")]
     result.rows += observe(lab, back, ports, "wg-down-back")
     return result

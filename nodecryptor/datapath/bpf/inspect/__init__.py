@@ -14,5 +14,15 @@ from nodecryptor.datapath.bpf.inspect.pin_cleanup import cleanup
 from nodecryptor.datapath.bpf.inspect.pinned import active, attachments, pinned_prog_id
 from nodecryptor.datapath.bpf.inspect.status_report import read_leaks, status
 
-__all__ = ["active", "attachments", "cleanup", "destinations", "dump", "explain",
-           "explain_ingress", "pinned_prog_id", "read_leaks", "status"]
+__all__ = [
+    "active",
+    "attachments",
+    "cleanup",
+    "destinations",
+    "dump",
+    "explain",
+    "explain_ingress",
+    "pinned_prog_id",
+    "read_leaks",
+    "status",
+]

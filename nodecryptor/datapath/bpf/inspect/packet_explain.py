@@ -102,13 +102,24 @@ def explain(settings: Settings, q: PacketQuery) -> Explanation:
     if src is None:
         raise LookupError(f"no local source address for {q.dst}; pass --src")
     q = dataclasses.replace(q, src=src, device=device)
-    base = {"src": src, "dst": q.dst, "proto": q.proto, "sport": q.sport, "dport": q.dport,
-            "mark": f"0x{q.mark:x}"}
+    base = {
+        "src": src,
+        "dst": q.dst,
+        "proto": q.proto,
+        "sport": q.sport,
+        "dport": q.dport,
+        "mark": f"0x{q.mark:x}",
+    }
     ifindex = attach.ifindex_of(device) if device else 0
     prog_id, mode, link_id = _prog_for_device(settings, device) if device else (0, "", 0)
     if not prog_id:
-        return Explanation(VERDICT_PASS, f"not-attached: nodecryptor has no program on {device}",
-                           "bpf", device, base)
+        return Explanation(
+            VERDICT_PASS,
+            f"not-attached: nodecryptor has no program on {device}",
+            "bpf",
+            device,
+            base,
+        )
     try:
         prog = _open_prog(settings, prog_id)
     except OSError as e:
@@ -128,8 +139,14 @@ def explain(settings: Settings, q: PacketQuery) -> Explanation:
             if twin is not None:
                 twin.close()
     reason = abi.REASON_NAMES.get(abi.Reason(result.reason), str(result.reason))
-    details = {**base, "prog_id": prog_id, "mode": mode, "retval": result.retval,
-               "explain_prog_id": explain_id, "counted": explain_id == 0}
+    details = {
+        **base,
+        "prog_id": prog_id,
+        "mode": mode,
+        "retval": result.retval,
+        "explain_prog_id": explain_id,
+        "counted": explain_id == 0,
+    }
     if link_id:
         details["link_id"] = link_id
     if result.target:
@@ -147,29 +164,49 @@ def explain_ingress(settings: Settings, q: PacketQuery) -> Explanation:
 
     if q.src is None:
         raise LookupError("--direction ingress needs --src (the peer the packet comes from)")
-    base = {"direction": "ingress", "src": q.src, "dst": q.dst, "proto": q.proto,
-            "sport": q.sport, "dport": q.dport}
+    base = {
+        "direction": "ingress",
+        "src": q.src,
+        "dst": q.dst,
+        "proto": q.proto,
+        "sport": q.sport,
+        "dport": q.dport,
+    }
     prog_id = pinned_prog_id(settings)
     if not prog_id:
-        return Explanation(VERDICT_PASS, "not-attached: nodecryptor has no program pinned",
-                           "bpf", None, base)
+        return Explanation(
+            VERDICT_PASS, "not-attached: nodecryptor has no program pinned", "bpf", None, base
+        )
     try:
         twin = syscall.obj_get(pins.explain_ingress_prog_path(settings.bpffs))
     except OSError:
-        return Explanation(VERDICT_PASS, "not-attached: no ingress program pinned (an agent "
-                           "from before ingress classification)", "bpf", None, base)
+        return Explanation(
+            VERDICT_PASS,
+            "not-attached: no ingress program pinned (an agent from before ingress classification)",
+            "bpf",
+            None,
+            base,
+        )
     with twin:
         with _open_prog(settings, prog_id) as prog:
             # The twin must read the attached program's maps, not a stale generation's.
             if not set(syscall.prog_map_ids(twin)) <= set(syscall.prog_map_ids(prog)):
-                return Explanation(VERDICT_PASS, "not-attached: the pinned ingress twin belongs "
-                                   "to another map generation", "bpf", None, base)
+                return Explanation(
+                    VERDICT_PASS,
+                    "not-attached: the pinned ingress twin belongs to another map generation",
+                    "bpf",
+                    None,
+                    base,
+                )
         result = testrun.run(twin, testrun.packet_for_query(q, q.src))
         twin_id = syscall.prog_info(twin).id
     reason = abi.REASON_NAMES.get(abi.Reason(result.reason), str(result.reason))
-    details = {**base, "prog_id": prog_id, "explain_prog_id": twin_id, "retval": result.retval,
-               "counted": False}
+    details = {
+        **base,
+        "prog_id": prog_id,
+        "explain_prog_id": twin_id,
+        "retval": result.retval,
+        "counted": False,
+    }
     devices = pins.pinned_link_names(settings.bpffs, "ingress")
     return Explanation(result.verdict, reason, "bpf", ",".join(devices) or None, details)
-
-

@@ -20,8 +20,11 @@ def active(settings: Settings) -> bool:
     """True when nodecryptor's BPF datapath is installed here: a link or the program pinned
     under its root, or its legacy tc filter on a device. (Maps alone, left by an agent that
     died before attaching, enforce nothing; ``cleanup`` removes them all the same.)"""
-    if (pins.pinned_link_names(settings.bpffs) or os.path.exists(pins.prog_path(settings.bpffs))
-            or pins.pinned_link_names(settings.bpffs, "ingress")):
+    if (
+        pins.pinned_link_names(settings.bpffs)
+        or os.path.exists(pins.prog_path(settings.bpffs))
+        or pins.pinned_link_names(settings.bpffs, "ingress")
+    ):
         return True
     from nodecryptor.datapath.bpf import attach
 
@@ -33,8 +36,14 @@ def attachments(settings: Settings) -> tuple[str, list[Any]]:
     from nodecryptor.datapath.bpf import attach
 
     prog_id = pinned_prog_id(settings)
-    found = [a for a in (attach.tcx_observe(settings.bpffs, name)
-                         for name in pins.pinned_link_names(settings.bpffs)) if a]
+    found = [
+        a
+        for a in (
+            attach.tcx_observe(settings.bpffs, name)
+            for name in pins.pinned_link_names(settings.bpffs)
+        )
+        if a
+    ]
     found += [a for a in (attach.tc_observe(name, prog_id) for name in attach.tc_devices()) if a]
     modes = sorted({a.mode for a in found})
     return "+".join(modes), found
@@ -52,8 +61,7 @@ def pinned_prog_id(settings: Settings) -> int:
 def read_config(settings: Settings) -> dict[str, Any] | None:
     """The pinned configuration entry, decoded by maps.decode; None when absent."""
     try:
-        config_map = syscall.obj_get(pins.map_path(settings.bpffs, abi.CONFIG_MAP),
-                                     read_only=True)
+        config_map = syscall.obj_get(pins.map_path(settings.bpffs, abi.CONFIG_MAP), read_only=True)
     except OSError:
         return None
     with config_map:

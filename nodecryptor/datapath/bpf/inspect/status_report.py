@@ -22,10 +22,17 @@ def _wireguard(ifname: str) -> dict[str, Any]:
     except ImportError:
         return _link_only(ifname)
     state = read_state(ifname)
-    return {"ifname": state.ifname, "ifindex": state.ifindex, "present": state.present,
-            "up": state.up, "mtu": state.mtu, "listen_port": state.listen_port,
-            "fwmark": f"0x{state.fwmark:x}", "error": state.error,
-            "peers": None if state.peers is None else len(state.peers)}
+    return {
+        "ifname": state.ifname,
+        "ifindex": state.ifindex,
+        "present": state.present,
+        "up": state.up,
+        "mtu": state.mtu,
+        "listen_port": state.listen_port,
+        "fwmark": f"0x{state.fwmark:x}",
+        "error": state.error,
+        "peers": None if state.peers is None else len(state.peers),
+    }
 
 
 def _link_only(ifname: str) -> dict[str, Any]:
@@ -49,10 +56,14 @@ def status(settings: Settings) -> dict[str, Any]:
     mode, atts = attachments(settings)
     prog_id = pinned_prog_id(settings)
     config = read_config(settings)
-    out: dict[str, Any] = {"datapath": "bpf", "active": bool(atts) or bool(prog_id),
-                           "mode": mode or None, "prog_id": prog_id,
-                           "pin_dir": pins.maps_dir(settings.bpffs),
-                           "devices": [a.to_json() for a in atts]}
+    out: dict[str, Any] = {
+        "datapath": "bpf",
+        "active": bool(atts) or bool(prog_id),
+        "mode": mode or None,
+        "prog_id": prog_id,
+        "pin_dir": pins.maps_dir(settings.bpffs),
+        "devices": [a.to_json() for a in atts],
+    }
     problems = []
     if not atts:
         problems.append("not attached to any device")
@@ -68,27 +79,45 @@ def status(settings: Settings) -> dict[str, Any]:
     else:
         alive_ns = config["agent_alive_ns"]
         age = (time.monotonic_ns() - alive_ns) / 1e9 if alive_ns else None
-        out["config"] = {key: config[key] for key in (
-            "enabled", "wg_ifindex", "wg_up", "wg_port", "fail_mode", "local_role",
-            "max_packet_v4", "max_packet_v6", "prefix_lengths")}
-        out["config"].update(wg_mark=f"0x{config['wg_mark']:x}",
-                             wg_mark_mask=f"0x{config['wg_mark_mask']:x}")
+        out["config"] = {
+            key: config[key]
+            for key in (
+                "enabled",
+                "wg_ifindex",
+                "wg_up",
+                "wg_port",
+                "fail_mode",
+                "local_role",
+                "max_packet_v4",
+                "max_packet_v6",
+                "prefix_lengths",
+            )
+        }
+        out["config"].update(
+            wg_mark=f"0x{config['wg_mark']:x}", wg_mark_mask=f"0x{config['wg_mark_mask']:x}"
+        )
         out["mss"] = {"v4": config["mss_v4"], "v6": config["mss_v6"]}
         out["ingress_enforcement"] = {
-            "supported": True, "mode": config["ingress_mode"],
-            "attached": pins.pinned_link_names(settings.bpffs, "ingress")}
+            "supported": True,
+            "mode": config["ingress_mode"],
+            "attached": pins.pinned_link_names(settings.bpffs, "ingress"),
+        }
         out["agent_alive_age_seconds"] = round(age, 3) if age is not None else None
         if not config["enabled"]:
             problems.append("program disabled (no configuration written yet)")
         if wg.get("ifindex") and config["wg_ifindex"] != wg["ifindex"]:
-            problems.append(f"program redirects to ifindex {config['wg_ifindex']} but "
-                            f"{settings.wg_interface} is ifindex {wg['ifindex']}")
+            problems.append(
+                f"program redirects to ifindex {config['wg_ifindex']} but "
+                f"{settings.wg_interface} is ifindex {wg['ifindex']}"
+            )
         if age is not None and age > settings.heartbeat_stale_seconds:
             # Still enforcing (fail-static), but nobody keeps the maps current.
             problems.append(f"agent last applied {age:.0f}s ago")
     try:
-        out["counters"] = {name: {"packets": c["packets"], "bytes": c["bytes"]}
-                           for name, c in collector.read_pinned_counters(settings.bpffs).items()}
+        out["counters"] = {
+            name: {"packets": c["packets"], "bytes": c["bytes"]}
+            for name, c in collector.read_pinned_counters(settings.bpffs).items()
+        }
     except OSError as e:
         out["counters_error"] = syscall.error_text(e)
     out["ready"] = not problems
@@ -101,16 +130,23 @@ def read_leaks(settings: Settings, limit: int = 100) -> dict[str, Any]:
     (source, protocol, destination port) from cluster peers, newest first, with packets and
     seconds since the last one; plus the ingress mode the program runs with."""
     try:
-        leaks_map = syscall.obj_get(pins.map_path(settings.bpffs, abi.LEAKS_MAP),
-                                    read_only=True)
+        leaks_map = syscall.obj_get(pins.map_path(settings.bpffs, abi.LEAKS_MAP), read_only=True)
     except OSError as e:
-        return {"datapath": "bpf", "supported": False,
-                "reason": f"no leak meter pinned ({syscall.error_text(e)}): no agent with "
-                          "ingress classification has run here", "leaks": []}
+        return {
+            "datapath": "bpf",
+            "supported": False,
+            "reason": f"no leak meter pinned ({syscall.error_text(e)}): no agent with "
+            "ingress classification has run here",
+            "leaks": [],
+        }
     with leaks_map:
         rows = decode.read_leaks(leaks_map)
     config = read_config(settings) or {}
-    return {"datapath": "bpf", "supported": True,
-            "ingress_enforcement": config.get("ingress_mode", "unknown"),
-            "capacity": abi.LEAKS_MAX,
-            "entries": len(rows), "leaks": rows[:limit]}
+    return {
+        "datapath": "bpf",
+        "supported": True,
+        "ingress_enforcement": config.get("ingress_mode", "unknown"),
+        "capacity": abi.LEAKS_MAX,
+        "entries": len(rows),
+        "leaks": rows[:limit],
+    }

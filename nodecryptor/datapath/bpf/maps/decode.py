@@ -30,13 +30,19 @@ def read_destinations(map_fds: Mapping[str, Fd]) -> list[dict]:
     for name in (*abi.DESTINATION_MAPS.values(), *abi.LPM_MAPS.values()):
         spec = abi.MAPS_BY_NAME[name]
         for key, value in syscall.map_items(fd_of(map_fds, name), spec.key, spec.value):
-            out.append({"prefix": _prefix_of(key),
-                        "kind": _KIND_NAMES.get(value.kind, f"unknown-{value.kind}"),
-                        "control_plane": bool(value.flags & abi.DST_F_CONTROL_PLANE),
-                        "uncovered": bool(value.flags & abi.DST_F_UNCOVERED),
-                        "serves_mask": value.serves, "clients_mask": value.clients})
-    out.sort(key=lambda d: (ipaddress.ip_network(d["prefix"]).version,
-                            ipaddress.ip_network(d["prefix"])))
+            out.append(
+                {
+                    "prefix": _prefix_of(key),
+                    "kind": _KIND_NAMES.get(value.kind, f"unknown-{value.kind}"),
+                    "control_plane": bool(value.flags & abi.DST_F_CONTROL_PLANE),
+                    "uncovered": bool(value.flags & abi.DST_F_UNCOVERED),
+                    "serves_mask": value.serves,
+                    "clients_mask": value.clients,
+                }
+            )
+    out.sort(
+        key=lambda d: (ipaddress.ip_network(d["prefix"]).version, ipaddress.ip_network(d["prefix"]))
+    )
     return out
 
 
@@ -44,12 +50,17 @@ def read_exempt_ports(map_fds: Mapping[str, Fd]) -> list[dict]:
     ranges = abi.ExemptRanges()
     syscall.map_lookup(fd_of(map_fds, abi.EXEMPT_MAP), C.c_uint32(0), ranges)
     out = []
-    for r in ranges.r[:min(ranges.count, abi.EXEMPT_RANGES_MAX)]:
-        out.append({"protocol": PROTOCOL_NAMES.get(r.protocol, str(r.protocol)),
-                    "first": r.first, "last": r.last,
-                    "dport": bool(r.flags & abi.EXEMPT_DPORT),
-                    "sport": bool(r.flags & abi.EXEMPT_SPORT),
-                    "policy_bit": r.policy})
+    for r in ranges.r[: min(ranges.count, abi.EXEMPT_RANGES_MAX)]:
+        out.append(
+            {
+                "protocol": PROTOCOL_NAMES.get(r.protocol, str(r.protocol)),
+                "first": r.first,
+                "last": r.last,
+                "dport": bool(r.flags & abi.EXEMPT_DPORT),
+                "sport": bool(r.flags & abi.EXEMPT_SPORT),
+                "policy_bit": r.policy,
+            }
+        )
     return out
 
 
@@ -74,17 +85,20 @@ def read_cilium_pods(map_fds: Mapping[str, Fd]) -> list[str]:
 def decode_config(cfg: abi.Config) -> dict:
     """The configuration entry as plain data: the one decoding of it (``bpf dump``, ``status``
     and the agent all read it through here)."""
-    out = {field[0]: getattr(cfg, field[0]) for field in abi.Config._fields_
-           if not field[0].startswith(("pad", "plen_", "n_plen_", "lpm_"))}
-    out["local_role"] = ("control-plane" if cfg.local_role == abi.ROLE_CONTROL_PLANE
-                         else "worker")
+    out = {
+        field[0]: getattr(cfg, field[0])
+        for field in abi.Config._fields_
+        if not field[0].startswith(("pad", "plen_", "n_plen_", "lpm_"))
+    }
+    out["local_role"] = "control-plane" if cfg.local_role == abi.ROLE_CONTROL_PLANE else "worker"
     out["fail_mode"] = "open" if cfg.fail_mode == abi.FAIL_OPEN else "closed"
     out["enabled"] = bool(cfg.enabled)
     out["ingress_mode"] = _INGRESS_NAMES.get(cfg.ingress_mode, f"unknown-{cfg.ingress_mode}")
     out["wg_up"] = bool(cfg.wg_up)
     out["prefix_lengths"] = {
-        "v4": list(cfg.plen_v4[:min(cfg.n_plen_v4, abi.PLEN_SLOTS)]),
-        "v6": list(cfg.plen_v6[:min(cfg.n_plen_v6, abi.PLEN_SLOTS)])}
+        "v4": list(cfg.plen_v4[: min(cfg.n_plen_v4, abi.PLEN_SLOTS)]),
+        "v6": list(cfg.plen_v6[: min(cfg.n_plen_v6, abi.PLEN_SLOTS)]),
+    }
     out["lpm"] = {"v4": bool(cfg.lpm_v4), "v6": bool(cfg.lpm_v6)}
     return out
 
@@ -101,8 +115,7 @@ def counters_of(fd: Fd) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for index in range(abi.COUNTER_MAX):
         per_cpu = syscall.percpu_lookup(fd, C.c_uint32(index), abi.Counter)
-        entry = {"packets": sum(c.packets for c in per_cpu),
-                 "bytes": sum(c.bytes for c in per_cpu)}
+        entry = {"packets": sum(c.packets for c in per_cpu), "bytes": sum(c.bytes for c in per_cpu)}
         if index in abi.REASON_VALUES:
             reason = abi.Reason(index)
             entry.update(kind="reason", verdict=abi.REASON_VERDICTS[reason])
@@ -121,8 +134,10 @@ def read(map_fds: Mapping[str, Fd]) -> dict:
     """Every map decoded (what ``nodecryptor bpf dump`` prints)."""
     try:
         frag_spec = abi.MAPS_BY_NAME[abi.FRAGS_MAP]
-        capacity = {f"v{family}": syscall.map_info(fd_of(map_fds, name)).max_entries
-                    for family, name in abi.DESTINATION_MAPS.items()}
+        capacity = {
+            f"v{family}": syscall.map_info(fd_of(map_fds, name)).max_entries
+            for family, name in abi.DESTINATION_MAPS.items()
+        }
         return {
             "destination_capacity": capacity,
             "config": read_config(map_fds),
@@ -131,12 +146,21 @@ def read(map_fds: Mapping[str, Fd]) -> dict:
             "local_addresses": read_local_addresses(map_fds),
             "cilium_pod_cidrs": read_cilium_pods(map_fds),
             "counters": read_counters(map_fds),
-            "fragments_tracked": sum(1 for _ in syscall.map_keys(fd_of(map_fds, frag_spec.name),
-                                                                  frag_spec.key)),
-            "exempt_flows_tracked": sum(1 for _ in syscall.map_keys(
-                fd_of(map_fds, abi.FLOWS_MAP), abi.MAPS_BY_NAME[abi.FLOWS_MAP].key)),
-            "leaks_tracked": sum(1 for _ in syscall.map_keys(
-                fd_of(map_fds, abi.LEAKS_MAP), abi.MAPS_BY_NAME[abi.LEAKS_MAP].key)),
+            "fragments_tracked": sum(
+                1 for _ in syscall.map_keys(fd_of(map_fds, frag_spec.name), frag_spec.key)
+            ),
+            "exempt_flows_tracked": sum(
+                1
+                for _ in syscall.map_keys(
+                    fd_of(map_fds, abi.FLOWS_MAP), abi.MAPS_BY_NAME[abi.FLOWS_MAP].key
+                )
+            ),
+            "leaks_tracked": sum(
+                1
+                for _ in syscall.map_keys(
+                    fd_of(map_fds, abi.LEAKS_MAP), abi.MAPS_BY_NAME[abi.LEAKS_MAP].key
+                )
+            ),
         }
     except OSError as e:
         raise DatapathError(f"reading BPF maps failed: {syscall.error_text(e)}") from e
@@ -148,13 +172,21 @@ def read_leaks(leaks_map: Fd, now_ns: int | None = None) -> list[dict[str, Any]]
     if now_ns is None:
         now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # what bpf_ktime_get_ns reads
     spec = abi.MAPS_BY_NAME[abi.LEAKS_MAP]
-    items = sorted(syscall.map_items(leaks_map, spec.key, spec.value),
-                   key=lambda item: item[1].last_ns, reverse=True)
+    items = sorted(
+        syscall.map_items(leaks_map, spec.key, spec.value),
+        key=lambda item: item[1].last_ns,
+        reverse=True,
+    )
     rows = []
     for key, val in items:
         size = 4 if key.family == 4 else 16
-        rows.append({"src": str(ipaddress.ip_address(bytes(key.src)[:size])),
-                     "protocol": IP_PROTOCOL_NAMES.get(key.protocol, str(key.protocol)),
-                     "dport": key.dport, "packets": val.packets,
-                     "seconds_ago": round(max(0, now_ns - val.last_ns) / 1e9, 1)})
+        rows.append(
+            {
+                "src": str(ipaddress.ip_address(bytes(key.src)[:size])),
+                "protocol": IP_PROTOCOL_NAMES.get(key.protocol, str(key.protocol)),
+                "dport": key.dport,
+                "packets": val.packets,
+                "seconds_ago": round(max(0, now_ns - val.last_ns) / 1e9, 1),
+            }
+        )
     return rows

@@ -36,8 +36,10 @@ class CapacityError(DatapathError):
 
     def __init__(self, family: int, needed: int, capacity: int):
         self.family, self.needed, self.capacity = family, needed, capacity
-        super().__init__(f"IPv{family} destinations: {needed} entries needed during the update, "
-                         f"map capacity {capacity}")
+        super().__init__(
+            f"IPv{family} destinations: {needed} entries needed during the update, "
+            f"map capacity {capacity}"
+        )
 
 
 @dataclass(frozen=True)
@@ -49,16 +51,18 @@ class SyncStats:
     removed: int = 0
 
     def __add__(self, other: "SyncStats") -> "SyncStats":
-        return SyncStats(self.added + other.added, self.updated + other.updated,
-                         self.removed + other.removed)
+        return SyncStats(
+            self.added + other.added, self.updated + other.updated, self.removed + other.removed
+        )
 
 
 def _current(fd: Fd, spec: abi.MapSpec) -> dict[bytes, bytes]:
     return {bytes(k): bytes(v) for k, v in syscall.map_items(fd, spec.key, spec.value)}
 
 
-def _upsert(fd: Fd, spec: abi.MapSpec, want: dict[bytes, bytes],
-            have: dict[bytes, bytes]) -> tuple[int, int]:
+def _upsert(
+    fd: Fd, spec: abi.MapSpec, want: dict[bytes, bytes], have: dict[bytes, bytes]
+) -> tuple[int, int]:
     added = updated = 0
     for key, value in want.items():
         old = have.get(key)
@@ -72,8 +76,7 @@ def _upsert(fd: Fd, spec: abi.MapSpec, want: dict[bytes, bytes],
     return added, updated
 
 
-def _prune(fd: Fd, spec: abi.MapSpec, want: dict[bytes, bytes],
-           have: dict[bytes, bytes]) -> int:
+def _prune(fd: Fd, spec: abi.MapSpec, want: dict[bytes, bytes], have: dict[bytes, bytes]) -> int:
     removed = 0
     for key in have.keys() - want.keys():
         if syscall.map_delete(fd, spec.key.from_buffer_copy(key)):
@@ -88,12 +91,13 @@ class _Filter:
     def __init__(self, fd: Fd):
         size = abi.FILTER_WORDS * 8
         size += -size % mmap.PAGESIZE
-        self._mm = mmap.mmap(syscall.fd_number(fd), size, mmap.MAP_SHARED,
-                             mmap.PROT_READ | mmap.PROT_WRITE)
+        self._mm = mmap.mmap(
+            syscall.fd_number(fd), size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+        )
         self.words = memoryview(self._mm).cast("Q")
 
     def read(self) -> list[int]:
-        return self.words[:abi.FILTER_WORDS].tolist()
+        return self.words[: abi.FILTER_WORDS].tolist()
 
     def write(self, have: list[int], want: list[int]) -> None:
         for i, (old, new) in enumerate(zip(have, want)):
@@ -105,8 +109,12 @@ class _Filter:
         self._mm.close()
 
 
-def sync(map_fds: Mapping[str, Fd], desired: DesiredState, now_ns: int | None = None,
-         capacities: dict[int, int] | None = None) -> SyncStats:
+def sync(
+    map_fds: Mapping[str, Fd],
+    desired: DesiredState,
+    now_ns: int | None = None,
+    capacities: dict[int, int] | None = None,
+) -> SyncStats:
     """Make the maps hold exactly ``desired``. Idempotent; a second call changes nothing but
     the config entry's agent_alive_ns. ``capacities`` ({4: n, 6: n}, default: read from the
     maps) bounds what the destination maps may hold while old and new entries coexist:
@@ -119,25 +127,28 @@ def sync(map_fds: Mapping[str, Fd], desired: DesiredState, now_ns: int | None = 
     tables = [(abi.MAPS_BY_NAME[name], want) for name, want in dests.items()]
     tables.append((abi.MAPS_BY_NAME[abi.LOCAL_MAP], encode.desired_locals(desired)))
     pods = encode.desired_cilium_pods(desired)
-    tables += [(abi.MAPS_BY_NAME[abi.PODS_V4_MAP], pods[4]),
-               (abi.MAPS_BY_NAME[abi.PODS_V6_MAP], pods[6])]
+    tables += [
+        (abi.MAPS_BY_NAME[abi.PODS_V4_MAP], pods[4]),
+        (abi.MAPS_BY_NAME[abi.PODS_V6_MAP], pods[6]),
+    ]
     added = updated = removed = 0
     filters = None
     try:
         current = [_current(fd_of(map_fds, spec.name), spec) for spec, _ in tables]
-        family_of = {name: f for maps_ in (abi.DESTINATION_MAPS, abi.LPM_MAPS)
-                     for f, name in maps_.items()}
+        family_of = {
+            name: f for maps_ in (abi.DESTINATION_MAPS, abi.LPM_MAPS) for f, name in maps_.items()
+        }
         for (spec, want), have in zip(tables, current):
             needed = len(have.keys() | want.keys())
             if spec.name in family_of:
                 family = family_of[spec.name]
-                capacity = ((capacities or {}).get(family)
-                            or syscall.map_info(fd_of(map_fds, spec.name)).max_entries)
+                capacity = (capacities or {}).get(family) or syscall.map_info(
+                    fd_of(map_fds, spec.name)
+                ).max_entries
                 if needed > capacity:
                     raise CapacityError(family, needed, capacity)
             elif needed > (held := syscall.map_info(fd_of(map_fds, spec.name)).max_entries):
-                raise DatapathError(f"{len(want)} entries for {spec.name}; the map holds "
-                                    f"{held}")
+                raise DatapathError(f"{len(want)} entries for {spec.name}; the map holds {held}")
         filters = _Filter(fd_of(map_fds, abi.SUMMARY_MAP))
         filter_have = filters.read()
         filter_want = encode.desired_filter(desired)

@@ -35,8 +35,9 @@ def desired_destinations(desired: DesiredState) -> dict[str, dict[bytes, bytes]]
     goes to its family's hash when its prefix length has a slot (the PLEN_SLOTS longest
     lengths of the family), else to the family's trie."""
     out: dict[str, dict[bytes, bytes]] = {
-        name: {} for name in (*abi.DESTINATION_MAPS.values(), *abi.LPM_MAPS.values())}
-    slots = {family: set(prefix_lengths(desired, family)[:abi.PLEN_SLOTS]) for family in (4, 6)}
+        name: {} for name in (*abi.DESTINATION_MAPS.values(), *abi.LPM_MAPS.values())
+    }
+    slots = {family: set(prefix_lengths(desired, family)[: abi.PLEN_SLOTS]) for family in (4, 6)}
     bits = policy_bits(desired)
     for dest in desired.destinations:
         flags = 0
@@ -53,8 +54,9 @@ def desired_destinations(desired: DesiredState) -> dict[str, dict[bytes, bytes]]
             clients |= 1 << bits[name]
         value = abi.DstInfo(kind=kind, flags=flags, serves=serves, clients=clients)
         family = dest.prefix.version
-        table = (abi.DESTINATION_MAPS if dest.prefix.prefixlen in slots[family]
-                 else abi.LPM_MAPS)[family]
+        table = (abi.DESTINATION_MAPS if dest.prefix.prefixlen in slots[family] else abi.LPM_MAPS)[
+            family
+        ]
         out[table][bytes(_dst_key(dest.prefix))] = bytes(value)
     return out
 
@@ -71,8 +73,9 @@ def policy_bits(desired: DesiredState) -> dict[str, int]:
     """Policy name -> its bit in the destination masks and exempt ranges (the plan's order)."""
     names = desired.plan.policies
     if len(names) > abi.POLICIES_MAX:
-        raise DatapathError(f"{len(names)} exemption policies; the program holds at most "
-                            f"{abi.POLICIES_MAX}")
+        raise DatapathError(
+            f"{len(names)} exemption policies; the program holds at most {abi.POLICIES_MAX}"
+        )
     return {name: i for i, name in enumerate(names)}
 
 
@@ -96,21 +99,28 @@ def desired_exempt(desired: DesiredState) -> abi.ExemptRanges:
     node's addresses, when the destination's ``clients`` mask has it)."""
     ranges = policy_ranges(desired)
     if len(ranges) > abi.EXEMPT_RANGES_MAX:
-        raise DatapathError(f"{len(ranges)} exempt port ranges; the program holds at most "
-                            f"{abi.EXEMPT_RANGES_MAX}")
+        raise DatapathError(
+            f"{len(ranges)} exempt port ranges; the program holds at most {abi.EXEMPT_RANGES_MAX}"
+        )
     bits = policy_bits(desired)
     out = abi.ExemptRanges(count=len(ranges))
     for i, rng in enumerate(ranges):
-        out.r[i] = abi.PortRange(protocol=rng.range.proto_number,
-                                 flags=abi.EXEMPT_DPORT | abi.EXEMPT_SPORT,
-                                 first=rng.first, last=rng.last, policy=bits[rng.policy])
+        out.r[i] = abi.PortRange(
+            protocol=rng.range.proto_number,
+            flags=abi.EXEMPT_DPORT | abi.EXEMPT_SPORT,
+            first=rng.first,
+            last=rng.last,
+            policy=bits[rng.policy],
+        )
     return out
 
 
 def prefix_lengths(desired: DesiredState, family: int) -> list[int]:
     """Distinct prefix lengths of one family, longest first: the order the program tries."""
-    return sorted({d.prefix.prefixlen for d in desired.destinations
-                   if d.prefix.version == family}, reverse=True)
+    return sorted(
+        {d.prefix.prefixlen for d in desired.destinations if d.prefix.version == family},
+        reverse=True,
+    )
 
 
 def _fold(top32: int) -> int:
@@ -144,7 +154,7 @@ def bloom_bits(prefix) -> tuple[int, int]:
     else:
         # The program mixes the address words as it loads them: in the machine's byte order.
         packed = prefix.network_address.packed
-        words = [int.from_bytes(packed[i:i + 4], sys.byteorder) for i in range(0, 16, 4)]
+        words = [int.from_bytes(packed[i : i + 4], sys.byteorder) for i in range(0, 16, 4)]
         mixed = plen
         for word, k in zip(words, (abi.HASH_K0, abi.HASH_K1, abi.HASH_K2, abi.HASH_K3)):
             mixed ^= (word * k) & _U32
@@ -189,8 +199,9 @@ def desired_config(desired: DesiredState, now_ns: int) -> abi.Config:
     return abi.Config(
         wg_ifindex=wg.ifindex if wg.present else 0,
         enabled=1 if desired.enabled else 0,
-        local_role=(abi.ROLE_CONTROL_PLANE if desired.plan.role == ROLE_CONTROL_PLANE
-                    else abi.ROLE_WORKER),
+        local_role=(
+            abi.ROLE_CONTROL_PLANE if desired.plan.role == ROLE_CONTROL_PLANE else abi.ROLE_WORKER
+        ),
         fail_mode=abi.FAIL_OPEN if desired.fail_mode == FailMode.OPEN else abi.FAIL_CLOSED,
         wg_up=1 if wg.usable else 0,
         mss_v4=desired.mss_v4,
@@ -218,5 +229,5 @@ def _netmask_words(lengths: list[int]) -> list[int]:
     out = []
     for plen in lengths:
         packed = ipaddress.IPv6Network(f"::/{plen}").netmask.packed
-        out += [int.from_bytes(packed[i:i + 4], sys.byteorder) for i in range(0, 16, 4)]
+        out += [int.from_bytes(packed[i : i + 4], sys.byteorder) for i in range(0, 16, 4)]
     return out
