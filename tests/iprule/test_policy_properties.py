@@ -156,7 +156,8 @@ def loaded_program():
 @pytest.mark.bpf
 @pytest.mark.parametrize("node", NODES)
 def test_both_datapaths_agree_on_generated_policies(loaded_program, node_ns, node):
-    from nodecryptor.datapath.bpf import maps, testrun
+    from nodecryptor.datapath.bpf import testrun
+    from nodecryptor.datapath.bpf.maps import diff
 
     ns, wg_index = node_ns(node)
     case = case_on(node)
@@ -170,7 +171,7 @@ def test_both_datapaths_agree_on_generated_policies(loaded_program, node_ns, nod
     def check(objs):
         desired = dc.desired_for(case, wg_ifindex=wg_index, policy_objs=objs)
         datapath.apply(desired)
-        maps.sync(loaded_program.map_fds, desired)
+        diff.sync(loaded_program.map_fds, desired)
         for query in client_queries(objs, node):
             src = dc.source_address(case_on(node, query.dst))
             bpf = testrun.run(loaded_program.prog_fd, testrun.packet_for_query(query, src))

@@ -36,14 +36,17 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 
 
 def node_from_json(obj: dict) -> NodeInfo:
-    # The guest has no API server: the labels stand for the node's CiliumNode and its v1 Node
-    # alike (roles come from the Node's labels by default, --role-source node).
+    # The guest has no API server: one JSON object stands for the node's CiliumNode and its v1
+    # Node alike: its labels (roles come from the Node's labels by default) and its addresses
+    # (node addresses are trusted only as the v1 Node's status.addresses list them).
     labels = tuple(sorted(obj.get("labels", {}).items()))
+    addresses = tuple(("InternalIP", ipaddress.ip_address(a)) for a in obj["addresses"])
     return NodeInfo(
         name=obj["name"],
         labels=labels,
         node_labels=labels,
-        addresses=tuple(("InternalIP", ipaddress.ip_address(a)) for a in obj["addresses"]),
+        addresses=addresses,
+        node_addresses=addresses,
         pod_cidrs=tuple(ipaddress.ip_network(c) for c in obj.get("pod_cidrs", ())),
         wg_public_key=obj.get("wg_public_key"),
     )
